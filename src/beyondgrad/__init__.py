@@ -1,0 +1,49 @@
+"""beyondgrad: more than the gradient, for any PyTorch model, in about one backward pass.
+
+Public API::
+
+    import beyondgrad as bg
+    res = bg.compute(model, loss_fn, X, y, bg.BatchGrad(), bg.BatchL2())
+    res[bg.BatchL2]["fc.weight"]
+"""
+
+from .engine import (
+    SUPPORTED_LOSSES,
+    Coverage,
+    Result,
+    Session,
+    capture,
+    compute,
+    coverage,
+    loss_vectors,
+)
+from .quantities import (
+    BatchDot,
+    BatchGrad,
+    BatchL2,
+    Grad,
+    Quantity,
+    SumGradSquared,
+    Variance,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SUPPORTED_LOSSES",
+    "BatchDot",
+    "BatchGrad",
+    "BatchL2",
+    "Coverage",
+    "Grad",
+    "Quantity",
+    "Result",
+    "Session",
+    "SumGradSquared",
+    "Variance",
+    "__version__",
+    "capture",
+    "compute",
+    "coverage",
+    "loss_vectors",
+]

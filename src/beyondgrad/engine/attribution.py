@@ -1,0 +1,109 @@
+"""Attribution: prove that every use of every parameter happens inside a recorded call of a unit
+that serves it, by walking the autograd graph once before the backward pass.
+
+A parameter enters the graph through edges ``node -> AccumulateGrad(parameter)``. The *region* of
+a recorded call is the set of graph nodes between its outputs and its inputs. A use is attributed
+when its node lies in the region of a call of a unit serving that parameter. A use inside a
+generic unit's call, of a parameter of one of its submodules that no call of the submodule
+explains (``nn.MultiheadAttention`` uses ``out_proj.weight`` without calling ``out_proj``), moves
+the parameter to that generic unit. Any other use (e.g. ``F.linear(h, self.emb.weight)`` outside
+the embedding's forward) raises: its contribution would otherwise be silently lost.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
+
+from .capture import Call, Unit
+
+
+def _region(call: Call) -> set:
+    stop = {get_gradient_edge(t).node for t in call.inputs_requiring_grad()}
+    stack = [e.node for e in call.edges if e is not None and e.node not in stop]
+    seen = set(stack)
+    while stack:
+        node = stack.pop()
+        for nxt, _ in node.next_functions:
+            if nxt is not None and nxt not in seen and nxt not in stop:
+                seen.add(nxt)
+                stack.append(nxt)
+    return seen
+
+
+def _parameter_uses(loss: Tensor, params: set[int]) -> list[tuple[object, nn.Parameter]]:
+    """All edges ``(node, parameter)`` from a graph node into a parameter of interest."""
+    if loss.grad_fn is None:
+        return []
+    uses = []
+    stack, seen = [loss.grad_fn], {loss.grad_fn}
+    while stack:
+        node = stack.pop()
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            variable = getattr(nxt, "variable", None)
+            if variable is not None and id(variable) in params:
+                uses.append((node, variable))
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return uses
+
+
+def attribute(loss: Tensor, units: list[Unit], names: dict[int, str]) -> None:
+    """Check (and where needed re-assign, see the module docstring) the units serving each
+    parameter; ``names`` maps ``id(parameter)`` to its public name. Raises ``RuntimeError`` on a
+    use that no unit explains."""
+    serving: dict[int, list[Unit]] = {}
+    for unit in units:
+        for p in unit.params.values():
+            serving.setdefault(id(p), []).append(unit)
+    uses = _parameter_uses(loss, set(serving))
+    if not uses:
+        return
+    regions: dict[int, list[tuple[Unit, set]]] = {}
+    for unit in units:
+        for call in unit.calls:
+            region = _region(call)
+            for node in region:
+                regions.setdefault(id(node), []).append((unit, region))
+
+    moved = False
+    for node, param in uses:
+        pid = id(param)
+        around = regions.get(id(node), [])
+        if any(unit in serving[pid] for unit, _ in around):
+            continue
+        # a generic unit whose call contains the use and whose subtree owns the parameter
+        candidates = [
+            (len(region), unit)
+            for unit, region in around
+            if unit.rule is None and any(q is param for q in unit.module.parameters())
+        ]
+        if not candidates:
+            owners = ", ".join(repr(u.name) for u in serving[pid])
+            raise RuntimeError(
+                f"parameter '{names[pid]}' is used outside the forward of the module(s) that "
+                f"own it ({owners}), e.g. `F.linear(h, self.embedding.weight)` in a parent's "
+                "forward. beyondgrad attributes gradients to module calls only, so this use "
+                "would be lost. Fix: call a module instead (for tied weights, "
+                "`self.head = nn.Linear(d, V, bias=False); self.head.weight = "
+                "self.embedding.weight`), or wrap the functional use in an nn.Module."
+            )
+        target = min(candidates, key=lambda c: c[0])[1]
+        local = next(n for n, q in target.module.named_parameters() if q is param)
+        for unit in serving[pid]:
+            unit.params = {n: q for n, q in unit.params.items() if q is not param}
+        target.params[local] = param  # type: ignore[assignment]
+        serving[pid] = [target]
+        moved = True
+
+    if moved:  # uses attributed before a move must still be explained by the new owner
+        for node, param in uses:
+            if not any(unit in serving[id(param)] for unit, _ in regions.get(id(node), [])):
+                raise RuntimeError(
+                    f"parameter '{names[id(param)]}' is used both inside and outside the "
+                    f"generic module '{serving[id(param)][0].name}'; beyondgrad cannot split "
+                    "its per-sample gradients between them."
+                )

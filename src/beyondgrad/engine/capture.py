@@ -1,0 +1,155 @@
+"""Capture: which module serves each parameter (units), and forward hooks recording every call.
+
+A *unit* is a module that owns trainable parameters, with the rule that serves them. Each call of
+a unit's module during the forward pass is recorded as a :class:`Call`: its arguments and a
+gradient edge of each output. Gradient edges (``torch.autograd.graph.get_gradient_edge``) stay
+valid when the output is later modified in place (``nn.ReLU(inplace=True)``), so no output is
+copied. A layer called several times (tied weights, loops) yields several calls; all count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ..rules import Rule, find_rule
+
+
+@dataclass
+class Call:
+    """One recorded call of a unit's module.
+
+    ``outputs``: the tensor leaves of the returned value (pytree order); ``edges[i]`` the
+    gradient edge to differentiate for ``outputs[i]`` (``None`` if it does not require grad);
+    ``edge_shapes[i]`` the shape to view that gradient as (the edge may belong to the base of a
+    view output).
+    """
+
+    args: tuple
+    kwargs: dict
+    output: Any
+    outputs: list[Any]
+    edges: list[GradientEdge | None]
+    edge_shapes: list[torch.Size | None]
+    input_versions: list[tuple[Tensor, int]]
+
+    @property
+    def x(self) -> Tensor:
+        return self.args[0]
+
+    def inputs_requiring_grad(self) -> list[Tensor]:
+        leaves = tree_flatten((self.args, self.kwargs))[0]
+        return [t for t in leaves if isinstance(t, Tensor) and t.requires_grad]
+
+
+@dataclass
+class Unit:
+    """A module with the parameters it serves (``{name relative to module: parameter}``)."""
+
+    name: str
+    module: nn.Module
+    rule: Rule | None  # None: the generic rule
+    params: dict[str, nn.Parameter]
+    calls: list[Call] = field(default_factory=list)
+
+    @property
+    def rule_name(self) -> str:
+        return self.rule.name if self.rule is not None else "generic"
+
+
+def plan_units(model: nn.Module) -> list[Unit]:
+    """One unit per module that owns trainable parameters directly."""
+    units = []
+    for name, module in model.named_modules():
+        own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+        if own:
+            units.append(Unit(name, module, find_rule(module), own))
+    if not units:
+        raise ValueError(f"{type(model).__name__} has no trainable parameters (requires_grad=True)")
+    return units
+
+
+def _edge_of(out: Tensor) -> tuple[Tensor | None, torch.Size | None]:
+    """The tensor whose gradient edge stands for ``out`` (``out`` itself, or its base when
+    ``out`` is a view of all of it; in-place ops on a view re-route the view's own history).
+    ``None`` when ``out`` must be replaced by a copy (a partial view)."""
+    base = out._base
+    if base is None:
+        return out, None
+    if base.numel() == out.numel() and base.is_contiguous() and out.is_contiguous():
+        return base, out.shape
+    return None, None
+
+
+class Recorder:
+    """Forward hooks on every unit's module; use as a context manager. Records nothing while
+    ``paused()`` or when grad mode is off."""
+
+    def __init__(self, units: list[Unit]):
+        self.units = units
+        self.enabled = True
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> Recorder:
+        try:
+            for unit in self.units:
+                self._handles.append(
+                    unit.module.register_forward_hook(self._hook(unit), with_kwargs=True)
+                )
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        previous, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+    def _hook(self, unit: Unit):  # noqa: ANN202
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            if not self.enabled or not torch.is_grad_enabled():
+                return None
+            leaves, spec = tree_flatten(output)
+            edges: list[GradientEdge | None] = []
+            shapes: list[torch.Size | None] = []
+            replaced = False
+            for i, leaf in enumerate(leaves):
+                if not (isinstance(leaf, Tensor) and leaf.requires_grad):
+                    edges.append(None)
+                    shapes.append(None)
+                    continue
+                target, shape = _edge_of(leaf)
+                if target is None:  # partial view: hand the model a copy we can track
+                    leaf = leaves[i] = leaf.clone()
+                    target, replaced = leaf, True
+                edges.append(get_gradient_edge(target))
+                shapes.append(shape)
+            versions = [
+                (t, t._version)
+                for t in tree_flatten((args, kwargs))[0]
+                if isinstance(t, Tensor)
+            ]
+            new_output = tree_unflatten(leaves, spec) if replaced else output
+            unit.calls.append(Call(args, kwargs, new_output, leaves, edges, shapes, versions))
+            return new_output if replaced else None
+
+        return hook

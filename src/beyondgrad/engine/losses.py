@@ -1,0 +1,193 @@
+"""Supported losses and the output-space vectors the engine backpropagates.
+
+For ``L = sum_n l_n(f_n)`` (the reduction factor ``R`` folded into ``l_n``) the vectors ``V`` have
+shape ``[K, *f.shape]`` and satisfy, per sample ``n``:
+
+* ``kind="grad"`` (K = 1): ``V[0] = dL/df``.
+* ``kind="exact"`` (K = outputs per sample, e.g. C): ``sum_k V[k, n] V[k, n]^T = d^2 L / df_n^2``
+  (a symmetric square-root factor of the loss Hessian, reduction included).
+* ``kind="mc"`` (K = M samples): ``V[m, n] = sqrt(1/M) * (-d log p(y~ | f_n) / df_n)`` scaled like
+  the loss, with ``y~ ~ p(. | f_n)`` the model's predictive distribution; the expectation of
+  ``sum_m V V^T`` is the exact factor's product (the Fisher equals the GGN for these losses).
+
+Supported: ``nn.MSELoss``, ``nn.CrossEntropyLoss`` (class indices or probabilities, extra axes
+``[N, C, d1, ...]``, ``ignore_index``, ``weight``, ``label_smoothing``) and
+``nn.BCEWithLogitsLoss`` (``weight``; ``pos_weight`` for ``grad``/``exact``), with
+``reduction`` ``"mean"`` or ``"sum"``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+SUPPORTED_LOSSES: tuple[type[nn.Module], ...] = (
+    nn.MSELoss,
+    nn.CrossEntropyLoss,
+    nn.BCEWithLogitsLoss,
+)
+VECTOR_KINDS = ("grad", "exact", "mc")
+
+
+def check_loss_fn(loss_fn: object) -> nn.Module:
+    """Raise a clear error unless ``loss_fn`` is a supported loss module with a supported
+    reduction; return it."""
+    names = ", ".join(f"nn.{t.__name__}" for t in SUPPORTED_LOSSES)
+    if not isinstance(loss_fn, SUPPORTED_LOSSES):
+        raise TypeError(
+            f"unsupported loss {loss_fn!r}: beyondgrad needs the structure of the loss. "
+            f"Supported: {names} (as module instances, with reduction 'mean' or 'sum')."
+        )
+    base = next(t for t in SUPPORTED_LOSSES if isinstance(loss_fn, t))
+    if type(loss_fn).forward is not base.forward:
+        raise TypeError(
+            f"{type(loss_fn).__name__} overrides forward() of nn.{base.__name__}; beyondgrad "
+            "cannot know what it computes. Use the stock loss module."
+        )
+    reduction = loss_fn.reduction  # type: ignore[union-attr]
+    if reduction not in ("mean", "sum"):
+        raise ValueError(
+            f"{type(loss_fn).__name__}(reduction={reduction!r}) is not supported: the loss must "
+            "be a scalar; use reduction='mean' or 'sum'."
+        )
+    return loss_fn
+
+
+def check_target(loss_fn: nn.Module, output: Tensor, target: Tensor) -> None:
+    """Shape checks that torch itself does not make (it broadcasts MSE/BCE silently)."""
+    if isinstance(loss_fn, (nn.MSELoss, nn.BCEWithLogitsLoss)) and target.shape != output.shape:
+        raise ValueError(
+            f"{type(loss_fn).__name__}: target shape {tuple(target.shape)} differs from the "
+            f"model output shape {tuple(output.shape)} (torch would broadcast it)"
+        )
+    if output.ndim == 0 or target.ndim == 0:
+        raise ValueError("model output and target need a leading sample axis")
+    if target.shape[0] != output.shape[0]:
+        raise ValueError(
+            f"batch sizes disagree: model output has {output.shape[0]} samples, target has "
+            f"{target.shape[0]}"
+        )
+
+
+def loss_vectors(
+    loss_fn: nn.Module,
+    output: Tensor,
+    target: Tensor,
+    kind: str,
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The output-space vectors ``[K, *output.shape]`` of ``kind`` (see the module docstring)."""
+    check_loss_fn(loss_fn)
+    check_target(loss_fn, output, target)
+    output = output.detach()
+    if kind == "grad":
+        f = output.clone().requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(loss_fn(f, target), f)
+        return g.unsqueeze(0)
+    if kind not in VECTOR_KINDS:
+        raise ValueError(f"kind must be one of {VECTOR_KINDS}, got {kind!r}")
+    if kind == "mc" and (not isinstance(mc_samples, int) or mc_samples < 1):
+        raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
+    if isinstance(loss_fn, nn.MSELoss):
+        return _mse_vectors(loss_fn, output, kind, mc_samples, generator)
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        return _ce_vectors(loss_fn, output, target, kind, mc_samples, generator)
+    return _bce_vectors(loss_fn, output, target, kind, mc_samples, generator)  # type: ignore[arg-type]
+
+
+def _diagonal_sqrt(scale: Tensor, output: Tensor) -> Tensor:
+    """Vectors ``V[k, n] = sqrt(scale[n, k]) e_k`` for a Hessian diagonal ``scale`` (output shape)."""
+    N = output.shape[0]
+    K = output[0].numel()
+    eye = torch.eye(K, dtype=output.dtype, device=output.device)  # [K, K]
+    V = eye.unsqueeze(1) * scale.reshape(N, K).clamp_min(0).sqrt().unsqueeze(0)  # [K, N, K]
+    return V.reshape(K, *output.shape)
+
+
+def _mse_vectors(
+    loss_fn: nn.Module, output: Tensor, kind: str, M: int, generator: torch.Generator | None
+) -> Tensor:
+    R = 1.0 / output.numel() if loss_fn.reduction == "mean" else 1.0  # type: ignore[union-attr]
+    if kind == "exact":
+        return _diagonal_sqrt(torch.full_like(output, 2.0 * R), output)
+    # y~ ~ N(f, 1/2) (the likelihood of which (f - y)^2 is the negative log, up to constants):
+    # -dlog p/df = 2 (f - y~) = sqrt(2) xi, xi ~ N(0, 1).
+    xi = torch.randn(
+        (M, *output.shape), generator=generator, dtype=output.dtype, device=output.device
+    )
+    return xi * math.sqrt(2.0 * R / M)
+
+
+def _bce_vectors(
+    loss_fn: nn.BCEWithLogitsLoss,
+    output: Tensor,
+    target: Tensor,
+    kind: str,
+    M: int,
+    generator: torch.Generator | None,
+) -> Tensor:
+    R = 1.0 / output.numel() if loss_fn.reduction == "mean" else 1.0
+    prob = torch.sigmoid(output)
+    weight = torch.ones_like(output) if loss_fn.weight is None else loss_fn.weight.expand_as(output)
+    if kind == "exact":
+        h = prob * (1 - prob) * weight
+        if loss_fn.pos_weight is not None:
+            h = h * (loss_fn.pos_weight * target + 1 - target)
+        return _diagonal_sqrt(R * h, output)
+    if loss_fn.pos_weight is not None:
+        raise NotImplementedError(
+            "BCEWithLogitsLoss with pos_weight is not a likelihood; its MC-Fisher vectors are "
+            "undefined. Use exact (type-2) quantities instead."
+        )
+    u = torch.rand((M, *output.shape), generator=generator, dtype=output.dtype, device=output.device)
+    sample = (u < prob).to(output.dtype)
+    return (prob - sample) * (R * weight / M).sqrt()
+
+
+def _ce_vectors(
+    loss_fn: nn.CrossEntropyLoss,
+    output: Tensor,
+    target: Tensor,
+    kind: str,
+    M: int,
+    generator: torch.Generator | None,
+) -> Tensor:
+    if output.ndim == 1:
+        raise ValueError("CrossEntropyLoss: the model output needs a sample axis: [N, C, ...]")
+    C = output.shape[1]
+    logits = output.movedim(1, -1)  # [N, *d, C]
+    prob = logits.softmax(-1)
+    eps = loss_fn.label_smoothing
+    w = loss_fn.weight
+    if target.is_floating_point():  # probability targets
+        probs_t = target.movedim(1, -1)
+        if eps > 0:
+            probs_t = probs_t * (1 - eps) + eps / C
+        alpha = (probs_t * (w if w is not None else 1.0)).sum(-1)  # [N, *d]
+        denom = float(alpha[..., 0].numel()) if loss_fn.reduction == "mean" else 1.0
+    else:
+        keep = target != loss_fn.ignore_index
+        safe = torch.where(keep, target, torch.zeros_like(target))
+        w_y = w[safe] if w is not None else torch.ones_like(prob[..., 0])
+        w_sum = w.sum() if w is not None else torch.tensor(float(C), dtype=prob.dtype)
+        alpha = ((1 - eps) * w_y + eps / C * w_sum) * keep
+        denom_t = (w_y * keep).sum() if loss_fn.reduction == "mean" else None
+        denom = float(denom_t) if denom_t is not None else 1.0
+    scale = alpha / denom  # [N, *d]: Hessian of L w.r.t. the logits = scale * (diag p - p p^T)
+    if kind == "exact":
+        # S = diag(sqrt p) - p sqrt(p)^T satisfies S S^T = diag p - p p^T; column c is
+        # sqrt(p_c) (e_c - p).
+        eye = torch.eye(C, dtype=prob.dtype, device=prob.device)
+        sqrt_p = prob.sqrt()
+        V = sqrt_p.unsqueeze(-1) * (eye - prob.unsqueeze(-2))  # [N, *d, c(vector), C]
+        V = V * scale.clamp_min(0).sqrt()[..., None, None]
+        return V.movedim(-2, 0).movedim(-1, 2)  # [c, N, C, *d]
+    flat = prob.reshape(-1, C)
+    draws = torch.multinomial(flat, M, replacement=True, generator=generator)  # [P, M]
+    onehot = torch.nn.functional.one_hot(draws.T, C).to(prob.dtype)  # [M, P, C]
+    V = (flat.unsqueeze(0) - onehot) * (scale.reshape(1, -1, 1) / M).clamp_min(0).sqrt()
+    return V.reshape(M, *logits.shape).movedim(-1, 2)  # [M, N, C, *d]

@@ -1,0 +1,81 @@
+"""The table of rules: which function turns a layer's captured ``(x, g)`` into per-sample
+gradient forms.
+
+A *fast rule* serves a module whose type is in :data:`FAST_RULES`, whose ``forward`` is the
+stock one (a subclass that overrides ``forward`` is not trusted) and whose trainable parameters
+are the ones the rule knows. Every other module that owns trainable parameters is served by the
+generic rule (:func:`~beyondgrad.rules.generic.generic_forms`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from .embedding import embedding_forms
+from .forms import Form, OuterForm, SampleForm, ScatterForm, SumForm, merge_forms
+from .generic import generic_forms
+from .linear import linear_forms
+from .norm import (
+    batch_norm_forms,
+    group_norm_forms,
+    layer_norm_forms,
+    rms_norm_forms,
+    uses_batch_statistics,
+)
+
+__all__ = [
+    "FAST_RULES",
+    "GENERIC",
+    "Form",
+    "OuterForm",
+    "Rule",
+    "SampleForm",
+    "ScatterForm",
+    "SumForm",
+    "find_rule",
+    "generic_forms",
+    "merge_forms",
+    "uses_batch_statistics",
+]
+
+GENERIC = "generic"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A fast rule: ``forms(module, x, g)`` maps one call's input ``x`` (the first positional
+    argument) and output gradient ``g`` to ``{local parameter name: Form}``."""
+
+    name: str
+    module_type: type[nn.Module]
+    forms: Callable[[nn.Module, Tensor, Tensor], dict[str, Form]]
+    params: frozenset[str] = frozenset({"weight", "bias"})
+
+    def serves(self, module: nn.Module) -> bool:
+        if not isinstance(module, self.module_type):
+            return False
+        if type(module).forward is not self.module_type.forward:
+            return False
+        own = {n for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+        return own <= self.params
+
+
+FAST_RULES: tuple[Rule, ...] = (
+    Rule("linear", nn.Linear, linear_forms),  # type: ignore[arg-type]
+    Rule("embedding", nn.Embedding, embedding_forms, frozenset({"weight"})),  # type: ignore[arg-type]
+    Rule("layer_norm", nn.LayerNorm, layer_norm_forms),  # type: ignore[arg-type]
+    Rule("rms_norm", nn.RMSNorm, rms_norm_forms, frozenset({"weight"})),
+    Rule("group_norm", nn.GroupNorm, group_norm_forms),  # type: ignore[arg-type]
+    Rule("batch_norm", nn.modules.batchnorm._BatchNorm, batch_norm_forms),  # type: ignore[arg-type]
+)
+
+
+def find_rule(module: nn.Module) -> Rule | None:
+    """The fast rule serving ``module``, or ``None`` (the generic rule)."""
+    for rule in FAST_RULES:
+        if rule.serves(module):
+            return rule
+    return None

@@ -1,0 +1,139 @@
+"""The generic rule: per-sample VJPs of a module w.r.t. its own parameters, vmapped.
+
+For a captured call ``out = module(*args, **kwargs)`` with output gradients ``g`` the per-sample
+gradient of sample ``n`` is ``vjp_theta(module(args_n), g_n)``. Each sample is evaluated as a batch
+of one (the sample axis is re-inserted with length 1), so modules written for batched inputs work
+unchanged; ``torch.func.vmap`` runs all samples at once.
+
+Which axis of each tensor is the sample axis: by default a tensor argument is batched along axis
+0 if its length there equals the number of samples ``N``, and shared otherwise (a mask, a
+lookup table). ``nn.MultiheadAttention`` knows its own layout (``batch_first``, masks).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vjp, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .forms import Form, SampleForm
+
+AxisFn = Callable[[nn.Module, str, Tensor, int], "int | None"]
+
+
+def _default_axis(module: nn.Module, name: str, t: Tensor, N: int) -> int | None:
+    return 0 if t.ndim > 0 and t.shape[0] == N else None
+
+
+def _mha_axis(module: nn.Module, name: str, t: Tensor, N: int) -> int | None:
+    if name in ("query", "key", "value"):
+        return 0 if module.batch_first else 1  # type: ignore[union-attr]
+    if name == "key_padding_mask":
+        return 0
+    if name == "attn_mask":
+        if t.ndim == 3:
+            raise NotImplementedError(
+                f"{type(module).__name__}: a 3-d attn_mask ([N*num_heads, L, S]) is not "
+                "supported for per-sample quantities; pass a 2-d attn_mask or key_padding_mask"
+            )
+        return None
+    return _default_axis(module, name, t, N)
+
+
+def _mha_output_axes(module: nn.Module, outputs: list[Tensor | None]) -> list[int | None]:
+    first = 0 if module.batch_first else 1  # type: ignore[union-attr]
+    return [first, 0][: len(outputs)]
+
+
+_INPUT_AXES: dict[type, AxisFn] = {nn.MultiheadAttention: _mha_axis}
+
+
+def _positional_names(module: nn.Module, count: int) -> list[str]:
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    names = [
+        p.name
+        for p in params
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return [names[i] if i < len(names) else f"arg{i}" for i in range(count)]
+
+
+def generic_forms(
+    module: nn.Module,
+    params: dict[str, nn.Parameter],
+    args: tuple,
+    kwargs: dict,
+    output: Any,
+    output_grads: list[Tensor | None],
+    num_samples: int,
+) -> dict[str, Form]:
+    """Per-sample gradients of ``params`` (names relative to ``module``) for one call.
+
+    ``output_grads`` lists, for each tensor leaf of ``output`` (pytree order), the gradient of
+    the loss w.r.t. it (``None`` where it does not reach the loss).
+    """
+    N = num_samples
+    axis_fn = next((f for t, f in _INPUT_AXES.items() if isinstance(module, t)), _default_axis)
+
+    names = _positional_names(module, len(args)) + list(kwargs)
+    flat_in, in_spec = tree_flatten((args, kwargs))
+    leaf_names: list[str] = []
+    for name, value in zip(names, [*args, *kwargs.values()]):
+        leaf_names += [name] * len(tree_flatten(value)[0])
+    in_axes = [
+        axis_fn(module, name, leaf, N) if isinstance(leaf, Tensor) else None
+        for name, leaf in zip(leaf_names, flat_in)
+    ]
+
+    flat_out, _ = tree_flatten(output)
+    if isinstance(module, nn.MultiheadAttention):
+        out_axes = _mha_output_axes(module, flat_out)
+    else:
+        out_axes = [
+            _default_axis(module, "", t, N) if isinstance(t, Tensor) else None for t in flat_out
+        ]
+    used = [i for i, g in enumerate(output_grads) if g is not None]
+    for i in used:
+        if out_axes[i] is None:
+            raise RuntimeError(
+                f"generic rule for {type(module).__name__}: output {i} of shape "
+                f"{tuple(flat_out[i].shape)} has no sample axis of length {N}; per-sample "
+                "gradients are undefined for it"
+            )
+    grads = tuple(output_grads[i] for i in used)
+    grad_axes = tuple(out_axes[i] for i in used)
+    primals = {name: p.detach() for name, p in params.items()}
+
+    def per_sample(flat_in_n: list, grads_n: tuple) -> dict[str, Tensor]:
+        flat_b = [
+            leaf.unsqueeze(ax) if ax is not None else leaf for leaf, ax in zip(flat_in_n, in_axes)
+        ]
+        call_args, call_kwargs = tree_unflatten(flat_b, in_spec)
+
+        def f(p: dict[str, Tensor]) -> tuple[Tensor, ...]:
+            out = tree_flatten(functional_call(module, p, tuple(call_args), call_kwargs))[0]
+            return tuple(out[i] for i in used)
+
+        _, vjp_fn = vjp(f, primals)
+        cot = tuple(g.unsqueeze(ax) for g, ax in zip(grads_n, grad_axes))
+        return vjp_fn(cot)[0]
+
+    try:
+        per_sample_grads = vmap(per_sample, in_dims=(in_axes, grad_axes))(flat_in, grads)
+    except RuntimeError as err:
+        if "random" in str(err).lower():
+            raise RuntimeError(
+                f"{type(module).__name__} draws random numbers in its forward (e.g. dropout in "
+                "training mode); its per-sample gradients cannot be recomputed exactly. Call "
+                "model.eval() or disable the randomness for this computation."
+            ) from err
+        raise
+    return {name: SampleForm(v) for name, v in per_sample_grads.items()}
