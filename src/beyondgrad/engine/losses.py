@@ -168,7 +168,7 @@ def _ce_vectors(
         if eps > 0:
             probs_t = probs_t * (1 - eps) + eps / C
         alpha = (probs_t * (w if w is not None else 1.0)).sum(-1)  # [N, *d]
-        denom = float(alpha[..., 0].numel()) if loss_fn.reduction == "mean" else 1.0
+        denom = float(alpha.numel()) if loss_fn.reduction == "mean" else 1.0
     else:
         keep = target != loss_fn.ignore_index
         safe = torch.where(keep, target, torch.zeros_like(target))
@@ -185,7 +185,13 @@ def _ce_vectors(
         sqrt_p = prob.sqrt()
         V = sqrt_p.unsqueeze(-1) * (eye - prob.unsqueeze(-2))  # [N, *d, c(vector), C]
         V = V * scale.clamp_min(0).sqrt()[..., None, None]
-        return V.movedim(-2, 0).movedim(-1, 2)  # [c, N, C, *d]
+        # positions of one sample need their own vectors (no cross-position terms):
+        # vector (q, c) is non-zero at position q only -> [P * C, N, C, *d]
+        N, P = V.shape[0], scale[0].numel()
+        V = V.reshape(N, P, C, C)
+        eye_p = torch.eye(P, dtype=V.dtype, device=V.device)
+        V = torch.einsum("npvc,pq->pvncq", V, eye_p).reshape(P * C, N, C, *logits.shape[1:-1])
+        return V
     flat = prob.reshape(-1, C)
     draws = torch.multinomial(flat, M, replacement=True, generator=generator)  # [P, M]
     onehot = torch.nn.functional.one_hot(draws.T, C).to(prob.dtype)  # [M, P, C]

@@ -1,0 +1,114 @@
+"""The backpropagated output-space vectors (grad / exact / mc) of every supported loss against
+``torch.func.hessian`` and autograd, in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from loss_cases import loss_cases
+from torch import nn
+
+import beyondgrad as bg
+
+CASES = loss_cases()
+
+
+def output_for(shape, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def per_sample_hessians(loss_fn, f, y):
+    """[N, K, K] diagonal blocks of d2L/df2, asserting the off-diagonal blocks vanish."""
+    N = f.shape[0]
+    K = f[0].numel()
+    H = torch.func.hessian(lambda out: loss_fn(out, y))(f).reshape(N, K, N, K)
+    blocks = torch.stack([H[n, :, n] for n in range(N)])
+    off = H.clone()
+    for n in range(N):
+        off[n, :, n] = 0
+    assert off.abs().max() < 1e-12, "samples interact through the loss"
+    return blocks
+
+
+def vv(V):
+    K = V.shape[0]
+    N = V.shape[1]
+    flat = V.reshape(K, N, -1)
+    return torch.einsum("kni,knj->nij", flat, flat)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_grad_vectors(name):
+    loss_fn, shape, y = CASES[name]
+    f = output_for(shape).requires_grad_(True)
+    (expected,) = torch.autograd.grad(loss_fn(f, y), f)
+    V = bg.loss_vectors(loss_fn, f, y, "grad")
+    assert V.shape == (1, *shape)
+    torch.testing.assert_close(V[0], expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_exact_vectors_factor_the_loss_hessian(name):
+    loss_fn, shape, y = CASES[name]
+    f = output_for(shape)
+    V = bg.loss_vectors(loss_fn, f, y, "exact")
+    assert V.shape[1:] == shape
+    torch.testing.assert_close(vv(V), per_sample_hessians(loss_fn, f, y), rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(CASES) if "posweight" not in n])
+def test_mc_vectors_are_seeded_and_converge(name):
+    loss_fn, shape, y = CASES[name]
+    f = output_for(shape)
+    V1 = bg.loss_vectors(loss_fn, f, y, "mc", mc_samples=3, generator=torch.Generator().manual_seed(3))
+    V2 = bg.loss_vectors(loss_fn, f, y, "mc", mc_samples=3, generator=torch.Generator().manual_seed(3))
+    assert V1.shape == (3, *shape)
+    assert torch.equal(V1, V2)
+    exact = per_sample_hessians(loss_fn, f, y)
+    errors = []
+    for M in (100, 10000):
+        V = bg.loss_vectors(loss_fn, f, y, "mc", mc_samples=M, generator=torch.Generator().manual_seed(0))
+        errors.append(((vv(V) - exact).norm() / exact.norm()).item())
+    assert errors[1] < 0.06, errors  # ~ 1/sqrt(M) with a generous constant
+    assert errors[1] < errors[0]
+
+
+def test_mc_rejects_pos_weight_and_bad_samples():
+    loss_fn, shape, y = CASES["bce-posweight-mean"]
+    with pytest.raises(NotImplementedError, match="pos_weight"):
+        bg.loss_vectors(loss_fn, output_for(shape), y, "mc")
+    loss_fn, shape, y = CASES["ce-mean"]
+    with pytest.raises(ValueError, match="mc_samples"):
+        bg.loss_vectors(loss_fn, output_for(shape), y, "mc", mc_samples=0)
+    with pytest.raises(ValueError, match="kind"):
+        bg.loss_vectors(loss_fn, output_for(shape), y, "hessian")
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_first_order_quantities_for_every_loss(name):
+    """Per-sample quantities through a small MLP for every loss configuration."""
+    from oracles.first_order import reference
+
+    loss_fn, shape, y = CASES[name]
+    torch.manual_seed(0)
+    out = 1
+    for s in shape[1:]:
+        out *= s
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1 = nn.Linear(2, 4)
+            self.l2 = nn.Linear(4, out)
+
+        def forward(self, x):
+            return self.l2(torch.tanh(self.l1(x))).reshape(x.shape[0], *shape[1:])
+
+    model = Net().double()
+    X = torch.randn(shape[0], 2, dtype=torch.float64)
+    qs = [bg.Grad(), bg.BatchGrad(), bg.BatchL2(), bg.SumGradSquared(), bg.Variance()]
+    res = bg.compute(model, loss_fn, X, y, *qs)
+    ref = reference(model, loss_fn, X, y)
+    for q in qs:
+        for k, v in ref[q.key].items():
+            torch.testing.assert_close(res[q][k], v, rtol=1e-9, atol=1e-13, msg=f"{q.key}[{k}]")
