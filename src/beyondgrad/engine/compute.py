@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from ..quantities import Grad, Quantity, ReduceContext
+from ..quantities import BatchGrad, Grad, Quantity, ReduceContext
 from ..rules import Form, generic_forms, merge_forms, uses_batch_statistics
 from .attribution import attribute
 from .capture import Call, Recorder, Unit, plan_units
@@ -212,6 +212,8 @@ class Session:
 
         ctx = ReduceContext(N, self.loss_fn.reduction)  # type: ignore[arg-type]
         values: dict[Quantity, dict[str, Tensor]] = {q: {} for q in self.quantities}
+        # per-sample gradients first: once materialized, the other reductions read them
+        order = sorted(self.quantities, key=lambda q: not isinstance(q, BatchGrad))
         rules = _rules_by_name(self.units, names)
         for name, param in self.model.named_parameters():
             if name not in rules:
@@ -223,7 +225,7 @@ class Session:
                 continue
             form = merge_forms(form_list)
             selected = form.select(index) if index is not None else form
-            for q in self.quantities:
+            for q in order:
                 values[q][name] = q.reduce(selected if q.per_sample else form, ctx)
         return Result(loss.detach(), output.detach(), values, rules, index)
 
@@ -241,7 +243,7 @@ class Session:
                     f"input {tuple(call.x.shape)} and output {tuple(g.shape)}. beyondgrad treats "
                     "the leading axis of every layer's input as the sample axis."
                 )
-            local = unit.rule.forms(unit.module, call.x, g)
+            local = unit.rule.forms(unit.module, call.x.detach(), g)
             return {k: v for k, v in local.items() if k in unit.params}
         with self.recorder.paused(), torch.enable_grad():
             return generic_forms(

@@ -32,7 +32,13 @@ _CHUNK_ELEMENTS = 1 << 24
 
 
 class Form(ABC):
-    """Per-sample gradients of one parameter of shape ``shape`` for ``num_samples`` samples."""
+    """Per-sample gradients of one parameter of shape ``shape`` for ``num_samples`` samples.
+
+    The public reductions are memoized per form, so several quantities requested together
+    share work (e.g. ``Variance`` reuses ``Grad`` and ``SumGradSquared``); once the per-sample
+    gradients are materialized, the other reductions read them instead of recomputing.
+    Subclasses implement the ``_``-prefixed methods.
+    """
 
     shape: torch.Size
     num_samples: int
@@ -41,25 +47,59 @@ class Form(ABC):
     def select(self, index: Tensor) -> Form:
         """The form restricted to the samples ``index`` (a 1-d long tensor)."""
 
-    @abstractmethod
+    def _memo(self, key: str, fn) -> Tensor:  # noqa: ANN001
+        cache = self.__dict__.setdefault("_cache", {})
+        if key not in cache:
+            cache[key] = fn()
+        return cache[key]
+
+    @property
+    def materialized(self) -> bool:
+        return "batch_grad" in self.__dict__.get("_cache", {})
+
     def batch_grad(self) -> Tensor:
         """Per-sample gradients, ``[N, *shape]``."""
+        return self._memo("batch_grad", self._batch_grad)
 
     def grad(self) -> Tensor:
         """Sum of the per-sample gradients, ``shape``."""
-        return self.batch_grad().sum(0)
+        if self.materialized:
+            return self._memo("grad", lambda: self.batch_grad().sum(0))
+        return self._memo("grad", self._grad)
 
     def batch_l2(self) -> Tensor:
         """Squared Euclidean norms of the per-sample gradients, ``[N]``."""
-        return self.batch_grad().flatten(1).pow(2).sum(1)
+        if self.materialized:
+            return self._memo("batch_l2", lambda: Form._batch_l2(self))
+        return self._memo("batch_l2", self._batch_l2)
 
     def batch_dot(self) -> Tensor:
         """Inner products of per-sample gradients, ``[N, N]``."""
-        flat = self.batch_grad().flatten(1)
-        return flat @ flat.T
+        if self.materialized:
+            return self._memo("batch_dot", lambda: Form._batch_dot(self))
+        return self._memo("batch_dot", self._batch_dot)
 
     def sum_grad_squared(self) -> Tensor:
         """Sum over samples of the element-wise squared per-sample gradients, ``shape``."""
+        if self.materialized:
+            return self._memo("sgs", lambda: Form._sum_grad_squared(self))
+        return self._memo("sgs", self._sum_grad_squared)
+
+    # -- defaults from materialized per-sample gradients --------------------------------------
+    @abstractmethod
+    def _batch_grad(self) -> Tensor: ...
+
+    def _grad(self) -> Tensor:
+        return self.batch_grad().sum(0)
+
+    def _batch_l2(self) -> Tensor:
+        return self.batch_grad().flatten(1).pow(2).sum(1)
+
+    def _batch_dot(self) -> Tensor:
+        flat = self.batch_grad().flatten(1)
+        return flat @ flat.T
+
+    def _sum_grad_squared(self) -> Tensor:
         return self.batch_grad().pow(2).sum(0)
 
 
@@ -74,10 +114,10 @@ class SampleForm(Form):
     def select(self, index: Tensor) -> SampleForm:
         return SampleForm(self.values.index_select(0, index))
 
-    def batch_grad(self) -> Tensor:
+    def _batch_grad(self) -> Tensor:
         return self.values
 
-    def grad(self) -> Tensor:
+    def _grad(self) -> Tensor:
         return self.values.sum(0)
 
 
@@ -103,7 +143,7 @@ class OuterForm(Form):
     def select(self, index: Tensor) -> OuterForm:
         return OuterForm(self.A.index_select(0, index), self.G.index_select(0, index), self.shape)
 
-    def batch_grad(self) -> Tensor:
+    def _batch_grad(self) -> Tensor:
         N, S, I, O = self._sizes
         if S == 1:
             out = self.G.reshape(N, O, 1) * self.A.reshape(N, 1, I)
@@ -111,11 +151,11 @@ class OuterForm(Form):
             out = torch.bmm(self.G.transpose(1, 2), self.A)
         return out.reshape(N, *self.shape)
 
-    def grad(self) -> Tensor:
+    def _grad(self) -> Tensor:
         N, S, I, O = self._sizes
         return (self.G.reshape(N * S, O).T @ self.A.reshape(N * S, I)).reshape(self.shape)
 
-    def batch_l2(self) -> Tensor:
+    def _batch_l2(self) -> Tensor:
         N, S, I, O = self._sizes
         if S == 1:
             return self.A.reshape(N, I).pow(2).sum(1) * self.G.reshape(N, O).pow(2).sum(1)
@@ -123,18 +163,18 @@ class OuterForm(Form):
             gram_a = torch.bmm(self.A, self.A.transpose(1, 2))
             gram_g = torch.bmm(self.G, self.G.transpose(1, 2))
             return (gram_a * gram_g).sum((1, 2))
-        return self.batch_grad().flatten(1).pow(2).sum(1)
+        return Form._batch_l2(self)
 
-    def batch_dot(self) -> Tensor:
+    def _batch_dot(self) -> Tensor:
         N, S, I, O = self._sizes
         gram_cost = (N * S) ** 2 * (I + O)
         materialize_cost = N * S * I * O + N * N * I * O
         if gram_cost <= materialize_cost:
             A, G = self.A.reshape(N * S, I), self.G.reshape(N * S, O)
             return ((A @ A.T) * (G @ G.T)).reshape(N, S, N, S).sum((1, 3))
-        return super().batch_dot()
+        return Form._batch_dot(self)
 
-    def sum_grad_squared(self) -> Tensor:
+    def _sum_grad_squared(self) -> Tensor:
         N, S, I, O = self._sizes
         if S == 1:
             return (self.G.reshape(N, O).pow(2).T @ self.A.reshape(N, I).pow(2)).reshape(
@@ -170,29 +210,29 @@ class ScatterForm(Form):
         N, S = self.index.shape
         return self.index.reshape(N * S), self.G.reshape(N * S, -1)
 
-    def grad(self) -> Tensor:
+    def _grad(self) -> Tensor:
         idx, G = self._flat()
         return G.new_zeros(self.shape).index_add_(0, idx, G)
 
-    def batch_grad(self) -> Tensor:
+    def _batch_grad(self) -> Tensor:
         N, S = self.index.shape
         idx, G = self._flat()
         sample = torch.arange(N, device=idx.device).repeat_interleave(S)
         out = G.new_zeros(N * self.num, G.shape[1]).index_add_(0, sample * self.num + idx, G)
         return out.reshape(N, *self.shape)
 
-    def batch_l2(self) -> Tensor:
+    def _batch_l2(self) -> Tensor:
         same = self.index.unsqueeze(2) == self.index.unsqueeze(1)
         gram_g = torch.bmm(self.G, self.G.transpose(1, 2))
         return (gram_g * same).sum((1, 2))
 
-    def batch_dot(self) -> Tensor:
+    def _batch_dot(self) -> Tensor:
         N, S = self.index.shape
         idx, G = self._flat()
         same = idx.unsqueeze(1) == idx.unsqueeze(0)
         return ((G @ G.T) * same).reshape(N, S, N, S).sum((1, 3))
 
-    def sum_grad_squared(self) -> Tensor:
+    def _sum_grad_squared(self) -> Tensor:
         N, S = self.index.shape
         idx, G = self._flat()
         sample = torch.arange(N, device=idx.device).repeat_interleave(S)
@@ -213,10 +253,10 @@ class SumForm(Form):
     def select(self, index: Tensor) -> SumForm:
         return SumForm([p.select(index) for p in self.parts])
 
-    def grad(self) -> Tensor:
+    def _grad(self) -> Tensor:
         return sum((p.grad() for p in self.parts[1:]), self.parts[0].grad())
 
-    def batch_grad(self) -> Tensor:
+    def _batch_grad(self) -> Tensor:
         return sum((p.batch_grad() for p in self.parts[1:]), self.parts[0].batch_grad())
 
 

@@ -85,6 +85,7 @@ def generic_forms(
 
     names = _positional_names(module, len(args)) + list(kwargs)
     flat_in, in_spec = tree_flatten((args, kwargs))
+    flat_in = [t.detach() if isinstance(t, Tensor) else t for t in flat_in]
     leaf_names: list[str] = []
     for name, value in zip(names, [*args, *kwargs.values()]):
         leaf_names += [name] * len(tree_flatten(value)[0])

@@ -1,0 +1,169 @@
+"""The ``beyondgrad`` console command.
+
+``beyondgrad demo``      every quantity on a built-in problem, with its cost relative to one
+                         plain forward+backward, checked against torch.func.
+``beyondgrad coverage``  which rule serves each parameter of a built-in problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from . import __version__
+from .engine import compute, coverage
+from .problems import PROBLEMS, Problem, make_problem
+from .quantities import BatchDot, BatchGrad, BatchL2, Grad, Quantity, SumGradSquared, Variance
+
+DEMO_QUANTITIES: tuple[Quantity, ...] = (
+    Grad(), BatchGrad(), BatchL2(), BatchDot(), SumGradSquared(), Variance()
+)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _paired_times(
+    candidate: Callable[[], object], baseline: Callable[[], object], reps: int, device: torch.device
+) -> tuple[float, float]:
+    """Median times of ``candidate`` and ``baseline``, measured alternately rep by rep."""
+
+    def once(fn: Callable[[], object]) -> float:
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        return time.perf_counter() - start
+
+    candidate(), baseline()
+    pairs = [(once(candidate), once(baseline)) for _ in range(reps)]
+    return statistics.median(c for c, _ in pairs), statistics.median(b for _, b in pairs)
+
+
+def _reference_per_sample(p: Problem, count: int) -> dict[str, torch.Tensor]:
+    """torch.func per-sample gradients of the first ``count`` samples, with the batch's loss
+    normalization (mean over N samples: the per-sample loss is divided by N)."""
+    from torch.func import functional_call, grad, vmap
+
+    params = {n: t.detach() for n, t in p.model.named_parameters()}
+    N = p.X.shape[0]
+
+    def loss_one(prm: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = functional_call(p.model, prm, (x.unsqueeze(0),))
+        return p.loss_fn(out, y.unsqueeze(0)) / N
+
+    return vmap(grad(loss_one), in_dims=(None, 0, 0))(params, p.X[:count], p.y[:count])
+
+
+def demo(problem: str, device: str, reps: int, threads: int | None) -> int:
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    p = make_problem(problem).to(dev)
+    model, loss_fn, X, y = p.model, p.loss_fn, p.X, p.y
+    print(
+        f"beyondgrad {__version__} demo: problem '{problem}' ({p.num_params:,} parameters, "
+        f"batch {X.shape[0]}), torch {torch.__version__}, {dev}, {torch.get_num_threads()} threads"
+    )
+
+    def plain() -> None:
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(X), y).backward()
+
+    res = compute(model, loss_fn, X, y, *DEMO_QUANTITIES)
+    check = min(4, X.shape[0])
+    ref = _reference_per_sample(p, check)
+    err = max(
+        float((res[BatchGrad][n][:check] - r).norm() / r.norm().clamp_min(1e-30))
+        for n, r in ref.items()
+    )
+
+    rows = []
+    bases = []
+    for q in DEMO_QUANTITIES:
+        t, b = _paired_times(lambda q=q: compute(model, loss_fn, X, y, q), plain, reps, dev)
+        first = next(iter(res[q].values()))
+        rows.append((q.key, t, b, "x".join(map(str, first.shape)), f"{len(res[q])} tensors"))
+        bases.append(b)
+    t, b = _paired_times(lambda: compute(model, loss_fn, X, y, *DEMO_QUANTITIES), plain, reps, dev)
+    rows.append(("all of the above, one call", t, b, "-", "one forward, one backward"))
+    bases.append(b)
+    model.zero_grad(set_to_none=True)
+    base = statistics.median(bases)
+    rows.insert(0, ("plain forward+backward", base, base, "-", "the reference"))
+
+    print(f"\n{'quantity':<28} {'time [ms]':>10} {'x fwd+bwd':>10}  {'first tensor':<16} notes")
+    for name, t, b, shape, note in rows:
+        print(f"{name:<28} {t * 1e3:>10.1f} {t / b:>10.2f}  {shape:<16} {note}")
+    cov = coverage(model, loss_fn, X, y).by_rule()
+    print("\nrules serving the parameters: " + ", ".join(f"{k}: {v}" for k, v in sorted(cov.items())))
+    print(f"per-sample gradients of {check} samples vs torch.func (vmap(grad)): "
+          f"max relative error {err:.2e}")
+    return 0 if err < 1e-3 else 1
+
+
+def _coverage(problem: str) -> int:
+    p = make_problem(problem)
+    print(coverage(p.model, p.loss_fn, p.X, p.y))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="beyondgrad",
+        description="More than the gradient for any PyTorch model: per-sample gradients, their "
+        "statistics and curvature, in about one backward pass.",
+    )
+    parser.add_argument("--version", action="version", version=f"beyondgrad {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p_demo = sub.add_parser(
+        "demo",
+        help="compute every quantity on a built-in problem and print costs",
+        description="Compute every available quantity for a built-in model on generated data "
+        "(nothing is downloaded) and print each one's cost relative to one plain "
+        "forward+backward, with a check of the per-sample gradients against torch.func.",
+    )
+    p_demo.add_argument("--problem", choices=PROBLEMS, default="transformer",
+                        help="built-in problem (default: transformer)")
+    p_demo.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p_demo.add_argument("--reps", type=_positive_int, default=5,
+                        help="timing repetitions per row, median reported (default: 5)")
+    p_demo.add_argument("--threads", type=_positive_int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
+    p_cov = sub.add_parser("coverage", help="which rule serves each parameter of a problem")
+    p_cov.add_argument("--problem", choices=PROBLEMS, default="transformer")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if args.command == "demo":
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: CUDA is not available on this machine")
+        return demo(args.problem, args.device, args.reps, args.threads)
+    return _coverage(args.problem)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""The README opens with the two set-up commands; CI runs exactly the test command."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from beyondgrad.cli import main
+
+ROOT = Path(__file__).parents[1]
+
+
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    return re.findall(r"```bash\n(.+?)\n```", text)[:2]
+
+
+def test_ci_runs_the_readme_test_command():
+    main_job, tests = readme_commands()
+    assert "beyondgrad demo" in main_job
+    assert "pytest" in tests
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert tests in ci, "the README's test command and .ci/run differ"
+
+
+def test_cli_help_and_errors(capsys):
+    assert main([]) == 0
+    assert "demo" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--problem", "nope"])
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "--reps", "0"])
+    assert "positive integer" in capsys.readouterr().err
+
+
+def test_cli_coverage(capsys):
+    assert main(["coverage", "--problem", "mlp"]) == 0
+    out = capsys.readouterr().out
+    assert "0.weight" in out and "linear" in out
+
+
+def test_cli_demo_runs_end_to_end(capsys):
+    assert main(["demo", "--problem", "mlp", "--reps", "1"]) == 0
+    out = capsys.readouterr().out
+    for name in ("BatchGrad", "BatchL2", "Variance", "max relative error"):
+        assert name in out
