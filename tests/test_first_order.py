@@ -31,6 +31,16 @@ def test_all_quantities_match_oracle(case):
                                                  model(**X) if isinstance(X, dict) else model(X), y))
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_each_quantity_alone_matches_oracle(case):
+    """Requested alone, each quantity takes its own contraction path (Gram tricks, cross terms
+    of tied weights) instead of reading materialized per-sample gradients."""
+    model, X, y, loss_fn = CASES[case]()
+    ref = reference(model, loss_fn, X, y)
+    for q in QUANTITIES:
+        assert_close(bg.compute(model, loss_fn, X, y, q)[q], ref[q.key], f"{case}/{q.key}/alone")
+
+
 @pytest.mark.parametrize("case", ["mlp", "gpt", "rnn", "two_inputs"])
 def test_subsampling(case):
     model, X, y, loss_fn = CASES[case]()

@@ -269,15 +269,14 @@ def _rules_by_name(units: list[Unit], names: dict[int, str]) -> dict[str, str]:
 
 
 def _check_finite(grads: Sequence[Tensor | None], edges: list) -> None:
-    present = [g for g in grads if g is not None]
-    if not present:
+    """Raise on a non-finite output gradient. One reduction per tensor (a sum is non-finite if
+    any entry is); only on failure is each tensor inspected element-wise."""
+    present = [(i, g) for i, g in enumerate(grads) if g is not None]
+    if not present or bool(torch.stack([g.sum() for _, g in present]).isfinite().all()):
         return
-    ok = torch.stack([torch.isfinite(g).all() for g in present]).all()
-    if not bool(ok):
-        bad = next(
-            u.name for (u, _, _), g in zip(edges, grads) if g is not None and not torch.isfinite(g).all()
-        )
-        raise FloatingPointError(f"non-finite gradient backpropagated to module '{bad}'")
+    for i, g in present:
+        if not bool(torch.isfinite(g).all()):
+            raise FloatingPointError(f"non-finite gradient backpropagated to module '{edges[i][0].name}'")
 
 
 def _check_versions(unit: Unit, call: Call) -> None:

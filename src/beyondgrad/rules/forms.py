@@ -259,6 +259,29 @@ class SumForm(Form):
     def _batch_grad(self) -> Tensor:
         return sum((p.batch_grad() for p in self.parts[1:]), self.parts[0].batch_grad())
 
+    def _batch_l2(self) -> Tensor:
+        """``|sum_i a_i|^2 = sum_i |a_i|^2 + 2 sum_{i<j} <a_i, a_j>`` with cross terms that avoid
+        materializing where a contraction exists (outer x scatter: a tied embedding)."""
+        total = sum((p.batch_l2() for p in self.parts[1:]), self.parts[0].batch_l2())
+        for i, a in enumerate(self.parts):
+            for b in self.parts[i + 1 :]:
+                total = total + 2 * _cross_dot(a, b)
+        return total
+
+
+def _cross_dot(a: Form, b: Form) -> Tensor:
+    """Per-sample inner products ``<a_n, b_n>``, ``[N]``."""
+    if isinstance(a, ScatterForm) and isinstance(b, OuterForm):
+        a, b = b, a
+    if isinstance(a, OuterForm) and isinstance(b, ScatterForm):
+        # <sum_t G_t A_t^T, sum_s onehot(I_s) E_s^T> = sum_{t,s} G[t, I_s] (A_t . E_s)
+        N, T, O = a.G.shape
+        S = b.index.shape[1]
+        inner = torch.bmm(a.A, b.G.transpose(1, 2))  # [N, T, S]
+        picked = a.G.gather(2, b.index.unsqueeze(1).expand(N, T, S))  # G[n, t, I[n, s]]
+        return (inner * picked).sum((1, 2))
+    return (a.batch_grad() * b.batch_grad()).flatten(1).sum(1)
+
 
 def merge_forms(forms: Sequence[Form]) -> Form:
     """One form for the sum of ``forms`` (all of one parameter, same samples).
