@@ -118,3 +118,20 @@ def test_unused_parameter_gets_zeros():
     assert res[bg.BatchGrad]["unused.weight"].shape == (4, 2, 3)
     assert res[bg.BatchL2]["unused.weight"].abs().max() == 0
     assert {r.parameter: r.rule for r in bg.coverage(model, nn.MSELoss(), X, y)}["unused.weight"] == "unused"
+
+
+@pytest.mark.parametrize("case", ["mlp", "gpt", "rnn"])
+def test_out_reuses_per_sample_memory(case):
+    model, X, y, loss_fn = CASES[case]()
+    first = bg.compute(model, loss_fn, X, y, bg.BatchGrad(), bg.BatchL2())
+    kept = {k: v.clone() for k, v in first[bg.BatchGrad].items()}
+    ptrs = {k: v.data_ptr() for k, v in first[bg.BatchGrad].items()}
+    second = bg.compute(model, loss_fn, X, y, bg.BatchGrad(), bg.BatchL2(), out=first)
+    for k, v in second[bg.BatchGrad].items():
+        torch.testing.assert_close(v, kept[k], rtol=1e-12, atol=1e-15)
+        if v.numel() > 0 and not k.endswith("bias"):
+            assert v.data_ptr() == ptrs[k], k
+    # a result of other shapes is ignored, not written into
+    sub = bg.compute(model, loss_fn, X, y, bg.BatchGrad(), subsampling=[1], out=first)
+    for k, v in sub[bg.BatchGrad].items():
+        torch.testing.assert_close(v[0], kept[k][1], rtol=1e-12, atol=1e-15)

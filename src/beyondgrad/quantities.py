@@ -37,7 +37,8 @@ class Quantity:
 
     per_sample: ClassVar[bool] = True
 
-    def reduce(self, form: Form, ctx: ReduceContext) -> Tensor:
+    def reduce(self, form: Form, ctx: ReduceContext, out: Tensor | None = None) -> Tensor:
+        """The quantity for one parameter; ``out``: a tensor the result may be written into."""
         raise NotImplementedError
 
     @property
@@ -51,7 +52,7 @@ class Grad(Quantity):
 
     per_sample: ClassVar[bool] = False
 
-    def reduce(self, form: Form, ctx: ReduceContext) -> Tensor:
+    def reduce(self, form: Form, ctx: ReduceContext, out: Tensor | None = None) -> Tensor:
         return form.grad()
 
 
@@ -59,8 +60,8 @@ class Grad(Quantity):
 class BatchGrad(Quantity):
     """Per-sample gradients ``[N, *shape]``; they sum to :class:`Grad`."""
 
-    def reduce(self, form: Form, ctx: ReduceContext) -> Tensor:
-        return form.batch_grad()
+    def reduce(self, form: Form, ctx: ReduceContext, out: Tensor | None = None) -> Tensor:
+        return form.batch_grad(out)
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class BatchL2(Quantity):
     parameters for the norm of the whole per-sample gradient. Computed without materializing
     per-sample gradients where that is cheaper (Gram trick)."""
 
-    def reduce(self, form: Form, ctx: ReduceContext) -> Tensor:
+    def reduce(self, form: Form, ctx: ReduceContext, out: Tensor | None = None) -> Tensor:
         return form.batch_l2()
 
 
@@ -77,7 +78,7 @@ class BatchL2(Quantity):
 class BatchDot(Quantity):
     """Inner products ``<g_n, g_m>`` of per-sample gradients of each parameter, ``[N, N]``."""
 
-    def reduce(self, form: Form, ctx: ReduceContext) -> Tensor:
+    def reduce(self, form: Form, ctx: ReduceContext, out: Tensor | None = None) -> Tensor:
         return form.batch_dot()
 
 
@@ -86,7 +87,7 @@ class SumGradSquared(Quantity):
     """``sum_n g_n ** 2`` (element-wise), parameter-shaped: the second moment used by Adam-like
     methods and the diagonal of the empirical Fisher of the loss."""
 
-    def reduce(self, form: Form, ctx: ReduceContext) -> Tensor:
+    def reduce(self, form: Form, ctx: ReduceContext, out: Tensor | None = None) -> Tensor:
         return form.sum_grad_squared()
 
 
@@ -100,11 +101,12 @@ class Variance(Quantity):
     ``c^2 * sum_n g_n^2 / S - (c * sum_n g_n / S)^2``, clamped at 0 against round-off.
     """
 
-    def reduce(self, form: Form, ctx: ReduceContext) -> Tensor:
+    def reduce(self, form: Form, ctx: ReduceContext, out: Tensor | None = None) -> Tensor:
         c = float(ctx.num_samples) if ctx.reduction == "mean" else 1.0
         S = form.num_samples
-        mean = form.grad() * (c / S)
-        return (form.sum_grad_squared() * (c * c / S) - mean.pow(2)).clamp_min(0)
+        g = form.grad()
+        var = form.sum_grad_squared().mul(c * c / S)
+        return var.addcmul_(g, g, value=-((c / S) ** 2)).clamp_min_(0)
 
 
 FIRST_ORDER: tuple[type[Quantity], ...] = (

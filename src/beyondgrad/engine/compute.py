@@ -177,8 +177,9 @@ class Session:
             raise RuntimeError("loss_fn was called more than once inside the capture block")
         return matches[0]
 
-    def compute(self, loss: Tensor) -> Result:
-        """Backpropagate ``loss`` once and reduce every requested quantity."""
+    def compute(self, loss: Tensor, out: Result | None = None) -> Result:
+        """Backpropagate ``loss`` once and reduce every requested quantity. ``out``: a previous
+        result whose per-sample tensors (``BatchGrad``) may be overwritten to save allocation."""
         self.__exit__()
         output, target = self._loss_record(loss)
         check_target(self.loss_fn, output, target)
@@ -226,7 +227,8 @@ class Session:
             form = merge_forms(form_list)
             selected = form.select(index) if index is not None else form
             for q in order:
-                values[q][name] = q.reduce(selected if q.per_sample else form, ctx)
+                buffer = _buffer(out, q, name, (selected.num_samples, *param.shape), param)
+                values[q][name] = q.reduce(selected if q.per_sample else form, ctx, buffer)
         return Result(loss.detach(), output.detach(), values, rules, index)
 
     def _call_forms(
@@ -249,6 +251,18 @@ class Session:
             return generic_forms(
                 unit.module, unit.params, call.args, call.kwargs, call.output, gs, N
             )
+
+
+def _buffer(
+    out: Result | None, q: Quantity, name: str, shape: tuple[int, ...], param: Tensor
+) -> Tensor | None:
+    """The tensor of ``out`` that may receive quantity ``q`` of parameter ``name``."""
+    if out is None or not isinstance(q, BatchGrad) or q not in out:
+        return None
+    buf = out[q].get(name)
+    if buf is None or buf.shape != shape or buf.dtype != param.dtype or buf.device != param.device:
+        return None
+    return buf
 
 
 def _zeros(q: Quantity, param: Tensor, S: int, ctx: ReduceContext) -> Tensor:
@@ -329,6 +343,7 @@ def compute(
     subsampling: Sequence[int] | Tensor | None = None,
     generator: torch.Generator | None = None,
     accumulate_grad: bool = False,
+    out: Result | None = None,
 ) -> Result:
     """One forward and one backward pass of ``loss_fn(model(X), y)``; every quantity.
 
@@ -336,7 +351,9 @@ def compute(
     the leading axis of its tensors and of ``y`` is the sample axis. ``subsampling``: sample
     indices for per-sample quantities. ``generator``: for Monte-Carlo quantities.
     ``accumulate_grad``: also add the gradient to ``param.grad`` (needs ``bg.Grad()``);
-    otherwise parameters and their ``.grad`` are left untouched.
+    otherwise parameters and their ``.grad`` are left untouched. ``out``: a previous result
+    of the same shapes whose per-sample gradients are overwritten instead of allocating new
+    memory (a large fresh allocation costs more than computing per-sample gradients).
     """
     if accumulate_grad and Grad() not in quantities:
         raise ValueError("accumulate_grad=True needs bg.Grad() among the quantities")
@@ -352,7 +369,7 @@ def compute(
         model, loss_fn, *quantities, subsampling=subsampling, generator=generator
     ) as session:
         loss = loss_fn(_call_model(model, X), y)
-    result = session.compute(loss)
+    result = session.compute(loss, out=out)
     if accumulate_grad:
         params = dict(model.named_parameters())
         for name, g in result.grad.items():

@@ -57,9 +57,15 @@ class Form(ABC):
     def materialized(self) -> bool:
         return "batch_grad" in self.__dict__.get("_cache", {})
 
-    def batch_grad(self) -> Tensor:
-        """Per-sample gradients, ``[N, *shape]``."""
-        return self._memo("batch_grad", self._batch_grad)
+    def batch_grad(self, out: Tensor | None = None) -> Tensor:
+        """Per-sample gradients, ``[N, *shape]``; written into ``out`` if given (memory reuse
+        across calls: a fresh allocation of this size costs more than computing it)."""
+        if out is None:
+            return self._memo("batch_grad", self._batch_grad)
+        if out.shape != (self.num_samples, *self.shape):
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected {(self.num_samples, *self.shape)}")
+        self.__dict__.setdefault("_cache", {})["batch_grad"] = self._batch_grad(out)
+        return out
 
     def grad(self) -> Tensor:
         """Sum of the per-sample gradients, ``shape``."""
@@ -87,7 +93,7 @@ class Form(ABC):
 
     # -- defaults from materialized per-sample gradients --------------------------------------
     @abstractmethod
-    def _batch_grad(self) -> Tensor: ...
+    def _batch_grad(self, out: Tensor | None = None) -> Tensor: ...
 
     def _grad(self) -> Tensor:
         return self.batch_grad().sum(0)
@@ -114,8 +120,8 @@ class SampleForm(Form):
     def select(self, index: Tensor) -> SampleForm:
         return SampleForm(self.values.index_select(0, index))
 
-    def _batch_grad(self) -> Tensor:
-        return self.values
+    def _batch_grad(self, out: Tensor | None = None) -> Tensor:
+        return self.values if out is None else out.copy_(self.values)
 
     def _grad(self) -> Tensor:
         return self.values.sum(0)
@@ -143,13 +149,14 @@ class OuterForm(Form):
     def select(self, index: Tensor) -> OuterForm:
         return OuterForm(self.A.index_select(0, index), self.G.index_select(0, index), self.shape)
 
-    def _batch_grad(self) -> Tensor:
+    def _batch_grad(self, out: Tensor | None = None) -> Tensor:
         N, S, I, O = self._sizes
+        target = None if out is None else out.view(N, O, I)
         if S == 1:
-            out = self.G.reshape(N, O, 1) * self.A.reshape(N, 1, I)
+            res = torch.mul(self.G.reshape(N, O, 1), self.A.reshape(N, 1, I), out=target)
         else:
-            out = torch.bmm(self.G.transpose(1, 2), self.A)
-        return out.reshape(N, *self.shape)
+            res = torch.bmm(self.G.transpose(1, 2), self.A, out=target)
+        return res.reshape(N, *self.shape)
 
     def _grad(self) -> Tensor:
         N, S, I, O = self._sizes
@@ -214,12 +221,13 @@ class ScatterForm(Form):
         idx, G = self._flat()
         return G.new_zeros(self.shape).index_add_(0, idx, G)
 
-    def _batch_grad(self) -> Tensor:
+    def _batch_grad(self, out: Tensor | None = None) -> Tensor:
         N, S = self.index.shape
         idx, G = self._flat()
         sample = torch.arange(N, device=idx.device).repeat_interleave(S)
-        out = G.new_zeros(N * self.num, G.shape[1]).index_add_(0, sample * self.num + idx, G)
-        return out.reshape(N, *self.shape)
+        res = G.new_zeros(N * self.num, G.shape[1]) if out is None else out.view(N * self.num, -1).zero_()
+        res.index_add_(0, sample * self.num + idx, G)
+        return res.reshape(N, *self.shape)
 
     def _batch_l2(self) -> Tensor:
         same = self.index.unsqueeze(2) == self.index.unsqueeze(1)
@@ -256,8 +264,13 @@ class SumForm(Form):
     def _grad(self) -> Tensor:
         return sum((p.grad() for p in self.parts[1:]), self.parts[0].grad())
 
-    def _batch_grad(self) -> Tensor:
-        return sum((p.batch_grad() for p in self.parts[1:]), self.parts[0].batch_grad())
+    def _batch_grad(self, out: Tensor | None = None) -> Tensor:
+        first = self.parts[0]._batch_grad(out)
+        if out is None:
+            first = first.clone()
+        for p in self.parts[1:]:
+            first += p.batch_grad()
+        return first
 
     def _batch_l2(self) -> Tensor:
         """``|sum_i a_i|^2 = sum_i |a_i|^2 + 2 sum_{i<j} <a_i, a_j>`` with cross terms that avoid
