@@ -21,12 +21,24 @@ def loss_cases() -> dict[str, tuple[nn.Module, tuple[int, ...], torch.Tensor]]:
     weight = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
     cases = {}
     for red in ("mean", "sum"):
-        cases[f"mse-{red}"] = (nn.MSELoss(reduction=red), (N, C), torch.randn(N, C, generator=g, dtype=torch.float64))
-        cases[f"mse-seq-{red}"] = (nn.MSELoss(reduction=red), (N, 2, C), torch.randn(N, 2, C, generator=g, dtype=torch.float64))
+        cases[f"mse-{red}"] = (
+            nn.MSELoss(reduction=red),
+            (N, C),
+            torch.randn(N, C, generator=g, dtype=torch.float64),
+        )
+        cases[f"mse-seq-{red}"] = (
+            nn.MSELoss(reduction=red),
+            (N, 2, C),
+            torch.randn(N, 2, C, generator=g, dtype=torch.float64),
+        )
         cases[f"ce-{red}"] = (nn.CrossEntropyLoss(reduction=red), (N, C), cls)
         cases[f"ce-weight-{red}"] = (nn.CrossEntropyLoss(weight=weight, reduction=red), (N, C), cls)
         cases[f"ce-ignore-{red}"] = (nn.CrossEntropyLoss(reduction=red), (N, C), ignore)
-        cases[f"ce-smooth-{red}"] = (nn.CrossEntropyLoss(label_smoothing=0.2, reduction=red), (N, C), cls)
+        cases[f"ce-smooth-{red}"] = (
+            nn.CrossEntropyLoss(label_smoothing=0.2, reduction=red),
+            (N, C),
+            cls,
+        )
         cases[f"ce-all-options-seq-{red}"] = (
             nn.CrossEntropyLoss(weight=weight, ignore_index=7, label_smoothing=0.1, reduction=red),
             (N, C, 2),
@@ -34,18 +46,24 @@ def loss_cases() -> dict[str, tuple[nn.Module, tuple[int, ...], torch.Tensor]]:
         )
         cases[f"ce-probs-{red}"] = (nn.CrossEntropyLoss(reduction=red), (N, C), probs)
         cases[f"ce-probs-weight-smooth-{red}"] = (
-            nn.CrossEntropyLoss(weight=weight, label_smoothing=0.3, reduction=red), (N, C), probs
+            nn.CrossEntropyLoss(weight=weight, label_smoothing=0.3, reduction=red),
+            (N, C),
+            probs,
         )
         cases[f"ce-seq-{red}"] = (nn.CrossEntropyLoss(reduction=red), (N, C, 2), cls_seq)
         binary = (torch.rand(N, C, generator=g) > 0.5).double()
         cases[f"bce-{red}"] = (nn.BCEWithLogitsLoss(reduction=red), (N, C), binary)
         cases[f"bce-weight-{red}"] = (
-            nn.BCEWithLogitsLoss(weight=torch.rand(C, generator=g, dtype=torch.float64) + 0.5, reduction=red),
+            nn.BCEWithLogitsLoss(
+                weight=torch.rand(C, generator=g, dtype=torch.float64) + 0.5, reduction=red
+            ),
             (N, C),
             binary,
         )
         cases[f"bce-posweight-{red}"] = (
-            nn.BCEWithLogitsLoss(pos_weight=torch.tensor([0.5, 2.0, 3.0], dtype=torch.float64), reduction=red),
+            nn.BCEWithLogitsLoss(
+                pos_weight=torch.tensor([0.5, 2.0, 3.0], dtype=torch.float64), reduction=red
+            ),
             (N, C),
             binary,
         )

@@ -118,8 +118,14 @@ class TinyGPT(nn.Module):
     """Token + position embeddings, pre-LN blocks, final LN, head tied to the token embedding.
     Returns logits ``[N, V, T]`` (class axis second, as ``CrossEntropyLoss`` expects)."""
 
-    def __init__(self, vocab: int = 11, d: int = 8, heads: int = 2, T: int = 4,
-                 attention: tuple[str, ...] = ("hand", "torch")):
+    def __init__(
+        self,
+        vocab: int = 11,
+        d: int = 8,
+        heads: int = 2,
+        T: int = 4,
+        attention: tuple[str, ...] = ("hand", "torch"),
+    ):
         super().__init__()
         self.tok = nn.Embedding(vocab, d)
         self.pos = nn.Embedding(T, d)
@@ -206,16 +212,32 @@ def _init(model: nn.Module, seed: int) -> nn.Module:
 
 def case_mlp(seed: int = 0):
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Sigmoid(), nn.Linear(5, 3))
-    return _init(model, seed), torch.randn(N, 4, dtype=torch.float64), torch.randint(0, 3, (N,)), nn.CrossEntropyLoss()
+    model = nn.Sequential(
+        nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Sigmoid(), nn.Linear(5, 3)
+    )
+    return (
+        _init(model, seed),
+        torch.randn(N, 4, dtype=torch.float64),
+        torch.randint(0, 3, (N,)),
+        nn.CrossEntropyLoss(),
+    )
 
 
 def case_inplace_relu(seed: int = 0):
     torch.manual_seed(seed)
     model = nn.Sequential(
-        nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 6), nn.ReLU(inplace=True), nn.Linear(6, 3)
+        nn.Linear(4, 6),
+        nn.ReLU(inplace=True),
+        nn.Linear(6, 6),
+        nn.ReLU(inplace=True),
+        nn.Linear(6, 3),
     )
-    return _init(model, seed), torch.randn(N, 4, dtype=torch.float64), torch.randint(0, 3, (N,)), nn.CrossEntropyLoss()
+    return (
+        _init(model, seed),
+        torch.randn(N, 4, dtype=torch.float64),
+        torch.randint(0, 3, (N,)),
+        nn.CrossEntropyLoss(),
+    )
 
 
 def case_seq_linear(seed: int = 0):
@@ -235,7 +257,12 @@ def case_resnet(seed: int = 0):
 def case_mlp_resnet(seed: int = 0):
     torch.manual_seed(seed)
     X = torch.randn(N, 4, dtype=torch.float64)
-    return _init(MLPResNet(), seed), X, torch.randint(0, 3, (N,)), nn.CrossEntropyLoss(reduction="sum")
+    return (
+        _init(MLPResNet(), seed),
+        X,
+        torch.randint(0, 3, (N,)),
+        nn.CrossEntropyLoss(reduction="sum"),
+    )
 
 
 def case_gpt(seed: int = 0, attention: tuple[str, ...] = ("hand", "torch")):
@@ -258,12 +285,22 @@ def case_rnn(seed: int = 0):
 def case_two_inputs(seed: int = 0):
     torch.manual_seed(seed)
     X = (torch.randn(N, 6, dtype=torch.float64), torch.randn(N, 2, dtype=torch.float64))
-    return _init(TwoInputs(), seed), X, torch.randn(N, 3, dtype=torch.float64), nn.MSELoss(reduction="sum")
+    return (
+        _init(TwoInputs(), seed),
+        X,
+        torch.randn(N, 3, dtype=torch.float64),
+        nn.MSELoss(reduction="sum"),
+    )
 
 
 def case_dict_inputs(seed: int = 0):
     torch.manual_seed(seed)
-    X = {"inputs": {"x": torch.randn(N, 6, dtype=torch.float64), "side": torch.randn(N, 2, dtype=torch.float64)}}
+    X = {
+        "inputs": {
+            "x": torch.randn(N, 6, dtype=torch.float64),
+            "side": torch.randn(N, 2, dtype=torch.float64),
+        }
+    }
     y = (torch.rand(N, 3, dtype=torch.float64) > 0.5).double()
     return _init(DictModel(), seed), X, y, nn.BCEWithLogitsLoss()
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from models import CASES, N
 from torch import nn
 
 import beyondgrad as bg
+from models import CASES, N
 
 
 def mlp():
@@ -32,17 +32,23 @@ def test_loss_called_twice():
         session.compute(loss)
 
 
-@pytest.mark.parametrize("loss_fn", [nn.MSELoss(reduction="none"), nn.CrossEntropyLoss(reduction="none")])
+@pytest.mark.parametrize(
+    "loss_fn", [nn.MSELoss(reduction="none"), nn.CrossEntropyLoss(reduction="none")]
+)
 def test_reduction_none(loss_fn):
     model, X, y, _ = mlp()
     with pytest.raises(ValueError, match="reduction='mean' or 'sum'"):
         bg.compute(model, loss_fn, X, y, bg.BatchGrad())
 
 
-@pytest.mark.parametrize("loss_fn", [nn.L1Loss(), nn.NLLLoss(), F.cross_entropy, lambda f, y: f.sum()])
+@pytest.mark.parametrize(
+    "loss_fn", [nn.L1Loss(), nn.NLLLoss(), F.cross_entropy, lambda f, y: f.sum()]
+)
 def test_unsupported_loss_lists_supported(loss_fn):
     model, X, y, _ = mlp()
-    with pytest.raises(TypeError, match=r"nn\.MSELoss, nn\.CrossEntropyLoss, nn\.BCEWithLogitsLoss"):
+    with pytest.raises(
+        TypeError, match=r"nn\.MSELoss, nn\.CrossEntropyLoss, nn\.BCEWithLogitsLoss"
+    ):
         bg.compute(model, loss_fn, X, y, bg.BatchGrad())
 
 
@@ -87,9 +93,14 @@ def test_non_finite_loss_and_gradients():
             return torch.sqrt(self.lin(x) * 0)
 
     model = Inf().double()
-    with pytest.raises(FloatingPointError, match="non-finite gradient.*'lin'"):
-        bg.compute(model, nn.MSELoss(), torch.randn(3, 2, dtype=torch.float64),
-                   torch.zeros(3, 2, dtype=torch.float64), bg.BatchGrad())
+    with pytest.raises(FloatingPointError, match=r"non-finite gradient.*'lin"):
+        bg.compute(
+            model,
+            nn.MSELoss(),
+            torch.randn(3, 2, dtype=torch.float64),
+            torch.zeros(3, 2, dtype=torch.float64),
+            bg.BatchGrad(),
+        )
 
 
 def test_batch_sizes_disagree():
@@ -143,7 +154,13 @@ def test_sample_axis_not_first_is_refused():
 
     X = torch.randn(N, 4, 3, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="sample axis"):
-        bg.compute(SeqFirst().double(), nn.MSELoss(), X, torch.zeros(N, 2, dtype=torch.float64), bg.BatchL2())
+        bg.compute(
+            SeqFirst().double(),
+            nn.MSELoss(),
+            X,
+            torch.zeros(N, 2, dtype=torch.float64),
+            bg.BatchL2(),
+        )
 
 
 def test_dropout_in_generic_module_is_refused():
@@ -157,8 +174,13 @@ def test_dropout_in_generic_module_is_refused():
 
     model = Drop().double().train()
     with pytest.raises(RuntimeError, match="random numbers"):
-        bg.compute(model, nn.MSELoss(), torch.randn(N, 3, dtype=torch.float64),
-                   torch.zeros(N, 3, dtype=torch.float64), bg.BatchGrad())
+        bg.compute(
+            model,
+            nn.MSELoss(),
+            torch.randn(N, 3, dtype=torch.float64),
+            torch.zeros(N, 3, dtype=torch.float64),
+            bg.BatchGrad(),
+        )
 
 
 def test_input_modified_in_place_after_use():
@@ -173,8 +195,13 @@ def test_input_modified_in_place_after_use():
             return out + h.mul_(2).sum()  # modifies the Linear's input after the call
 
     with pytest.raises(RuntimeError, match="modified in place"):
-        bg.compute(Sneaky().double(), nn.MSELoss(), torch.randn(N, 3, dtype=torch.float64),
-                   torch.zeros(N, 3, dtype=torch.float64), bg.BatchGrad())
+        bg.compute(
+            Sneaky().double(),
+            nn.MSELoss(),
+            torch.randn(N, 3, dtype=torch.float64),
+            torch.zeros(N, 3, dtype=torch.float64),
+            bg.BatchGrad(),
+        )
 
 
 def test_bad_quantity_arguments():
@@ -188,7 +215,9 @@ def test_bad_quantity_arguments():
 
 
 def test_scale_grad_by_freq_embedding():
-    model = nn.Sequential(nn.Embedding(6, 3, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(6, 2)).double()
+    model = nn.Sequential(
+        nn.Embedding(6, 3, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(6, 2)
+    ).double()
     idx = torch.tensor([[1, 1], [2, 1], [3, 3], [1, 0], [5, 5]])
     y = torch.randint(0, 2, (5,))
     with pytest.raises(RuntimeError, match="scale_grad_by_freq"):

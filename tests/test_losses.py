@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from loss_cases import loss_cases
 from torch import nn
 
 import beyondgrad as bg
+from loss_cases import loss_cases
 
 CASES = loss_cases()
 
@@ -60,14 +60,20 @@ def test_exact_vectors_factor_the_loss_hessian(name):
 def test_mc_vectors_are_seeded_and_converge(name):
     loss_fn, shape, y = CASES[name]
     f = output_for(shape)
-    V1 = bg.loss_vectors(loss_fn, f, y, "mc", mc_samples=3, generator=torch.Generator().manual_seed(3))
-    V2 = bg.loss_vectors(loss_fn, f, y, "mc", mc_samples=3, generator=torch.Generator().manual_seed(3))
+    V1 = bg.loss_vectors(
+        loss_fn, f, y, "mc", mc_samples=3, generator=torch.Generator().manual_seed(3)
+    )
+    V2 = bg.loss_vectors(
+        loss_fn, f, y, "mc", mc_samples=3, generator=torch.Generator().manual_seed(3)
+    )
     assert V1.shape == (3, *shape)
     assert torch.equal(V1, V2)
     exact = per_sample_hessians(loss_fn, f, y)
     errors = []
     for M in (100, 10000):
-        V = bg.loss_vectors(loss_fn, f, y, "mc", mc_samples=M, generator=torch.Generator().manual_seed(0))
+        V = bg.loss_vectors(
+            loss_fn, f, y, "mc", mc_samples=M, generator=torch.Generator().manual_seed(0)
+        )
         errors.append(((vv(V) - exact).norm() / exact.norm()).item())
     assert errors[1] < 0.06, errors  # ~ 1/sqrt(M) with a generous constant
     assert errors[1] < errors[0]

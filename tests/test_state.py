@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import CASES
 from torch import nn
 
 import beyondgrad as bg
+from models import CASES
 
 
 def hook_counts(model: nn.Module) -> list[int]:
@@ -24,7 +24,11 @@ def snapshot(model):
 @pytest.mark.parametrize("case", ["gpt", "resnet"])
 def test_leaves_model_untouched(case):
     model, X, y, loss_fn = CASES[case]()
-    before, hooks, modes = snapshot(model), hook_counts(model), [m.training for m in model.modules()]
+    before, hooks, modes = (
+        snapshot(model),
+        hook_counts(model),
+        [m.training for m in model.modules()],
+    )
     bg.compute(model, loss_fn, X, y, bg.Grad(), bg.BatchGrad(), bg.Variance())
     assert hook_counts(model) == hooks
     assert [m.training for m in model.modules()] == modes
@@ -71,8 +75,16 @@ def test_padding_idx_gets_no_gradient():
     model = nn.Sequential(nn.Embedding(6, 3, padding_idx=2), nn.Flatten(), nn.Linear(9, 2)).double()
     idx = torch.tensor([[2, 1, 2], [0, 2, 5], [4, 4, 2], [2, 2, 2]])
     y = torch.randint(0, 2, (4,))
-    res = bg.compute(model, nn.CrossEntropyLoss(), idx, y, bg.BatchGrad(), bg.BatchL2(), bg.BatchDot(),
-                     bg.SumGradSquared())
+    res = bg.compute(
+        model,
+        nn.CrossEntropyLoss(),
+        idx,
+        y,
+        bg.BatchGrad(),
+        bg.BatchL2(),
+        bg.BatchDot(),
+        bg.SumGradSquared(),
+    )
     from oracles.first_order import reference
 
     ref = reference(model, nn.CrossEntropyLoss(), idx, y)
@@ -117,7 +129,9 @@ def test_unused_parameter_gets_zeros():
     res = bg.compute(model, nn.MSELoss(), X, y, bg.BatchGrad(), bg.BatchL2())
     assert res[bg.BatchGrad]["unused.weight"].shape == (4, 2, 3)
     assert res[bg.BatchL2]["unused.weight"].abs().max() == 0
-    assert {r.parameter: r.rule for r in bg.coverage(model, nn.MSELoss(), X, y)}["unused.weight"] == "unused"
+    assert {r.parameter: r.rule for r in bg.coverage(model, nn.MSELoss(), X, y)}[
+        "unused.weight"
+    ] == "unused"
 
 
 @pytest.mark.parametrize("case", ["mlp", "gpt", "rnn"])

@@ -21,7 +21,12 @@ from .problems import PROBLEMS, Problem, make_problem
 from .quantities import BatchDot, BatchGrad, BatchL2, Grad, Quantity, SumGradSquared, Variance
 
 DEMO_QUANTITIES: tuple[Quantity, ...] = (
-    Grad(), BatchGrad(), BatchL2(), BatchDot(), SumGradSquared(), Variance()
+    Grad(),
+    BatchGrad(),
+    BatchL2(),
+    BatchDot(),
+    SumGradSquared(),
+    Variance(),
 )
 
 
@@ -103,9 +108,13 @@ def demo(problem: str, device: str, reps: int, threads: int | None) -> int:
     for name, t, b, shape, note in rows:
         print(f"{name:<28} {t * 1e3:>10.1f} {t / b:>10.2f}  {shape:<16} {note}")
     cov = coverage(model, loss_fn, X, y).by_rule()
-    print("\nrules serving the parameters: " + ", ".join(f"{k}: {v}" for k, v in sorted(cov.items())))
-    print(f"per-sample gradients of {check} samples vs torch.func (vmap(grad)): "
-          f"max relative error {err:.2e}")
+    print(
+        "\nrules serving the parameters: " + ", ".join(f"{k}: {v}" for k, v in sorted(cov.items()))
+    )
+    print(
+        f"per-sample gradients of {check} samples vs torch.func (vmap(grad)): "
+        f"max relative error {err:.2e}"
+    )
     return 0 if err < 1e-3 else 1
 
 
@@ -130,13 +139,25 @@ def build_parser() -> argparse.ArgumentParser:
         "(nothing is downloaded) and print each one's cost relative to one plain "
         "forward+backward, with a check of the per-sample gradients against torch.func.",
     )
-    p_demo.add_argument("--problem", choices=PROBLEMS, default="transformer",
-                        help="built-in problem (default: transformer)")
+    p_demo.add_argument(
+        "--problem",
+        choices=PROBLEMS,
+        default="transformer",
+        help="built-in problem (default: transformer)",
+    )
     p_demo.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p_demo.add_argument("--reps", type=_positive_int, default=5,
-                        help="timing repetitions per row, median reported (default: 5)")
-    p_demo.add_argument("--threads", type=_positive_int, default=None,
-                        help="torch CPU threads (default: torch's choice)")
+    p_demo.add_argument(
+        "--reps",
+        type=_positive_int,
+        default=5,
+        help="timing repetitions per row, median reported (default: 5)",
+    )
+    p_demo.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="torch CPU threads (default: torch's choice)",
+    )
     p_cov = sub.add_parser("coverage", help="which rule serves each parameter of a problem")
     p_cov.add_argument("--problem", choices=PROBLEMS, default="transformer")
     return parser

@@ -28,8 +28,13 @@ class Problem:
     y: Tensor
 
     def to(self, device: str | torch.device) -> Problem:
-        return Problem(self.name, self.model.to(device), self.loss_fn.to(device),
-                       self.X.to(device), self.y.to(device))
+        return Problem(
+            self.name,
+            self.model.to(device),
+            self.loss_fn.to(device),
+            self.X.to(device),
+            self.y.to(device),
+        )
 
     @property
     def num_params(self) -> int:
@@ -70,8 +75,9 @@ class GPTBlock(nn.Module):
 class TinyGPT(nn.Module):
     """Returns logits ``[N, vocab, T]`` (class axis second, for ``nn.CrossEntropyLoss``)."""
 
-    def __init__(self, vocab: int = 256, d: int = 128, heads: int = 4, layers: int = 2,
-                 max_len: int = 64):
+    def __init__(
+        self, vocab: int = 256, d: int = 128, heads: int = 4, layers: int = 2, max_len: int = 64
+    ):
         super().__init__()
         self.tok = nn.Embedding(vocab, d)
         self.pos = nn.Embedding(max_len, d)
@@ -92,11 +98,23 @@ class TinyGPT(nn.Module):
 def c3d3(num_classes: int = 10) -> nn.Sequential:
     """DeepOBS 3C3D (TF 'same' max-pool padding = bottom/right zero padding on even sizes)."""
     return nn.Sequential(
-        nn.Conv2d(3, 64, 5), nn.ReLU(), nn.ZeroPad2d((0, 1, 0, 1)), nn.MaxPool2d(3, 2),
-        nn.Conv2d(64, 96, 3), nn.ReLU(), nn.ZeroPad2d((0, 1, 0, 1)), nn.MaxPool2d(3, 2),
-        nn.Conv2d(96, 128, 3, padding=1), nn.ReLU(), nn.ZeroPad2d((0, 1, 0, 1)),
-        nn.MaxPool2d(3, 2), nn.Flatten(),
-        nn.Linear(128 * 3 * 3, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(),
+        nn.Conv2d(3, 64, 5),
+        nn.ReLU(),
+        nn.ZeroPad2d((0, 1, 0, 1)),
+        nn.MaxPool2d(3, 2),
+        nn.Conv2d(64, 96, 3),
+        nn.ReLU(),
+        nn.ZeroPad2d((0, 1, 0, 1)),
+        nn.MaxPool2d(3, 2),
+        nn.Conv2d(96, 128, 3, padding=1),
+        nn.ReLU(),
+        nn.ZeroPad2d((0, 1, 0, 1)),
+        nn.MaxPool2d(3, 2),
+        nn.Flatten(),
+        nn.Linear(128 * 3 * 3, 512),
+        nn.ReLU(),
+        nn.Linear(512, 256),
+        nn.ReLU(),
         nn.Linear(256, num_classes),
     )
 

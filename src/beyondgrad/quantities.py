@@ -104,8 +104,8 @@ class Variance(Quantity):
     def reduce(self, form: Form, ctx: ReduceContext, out: Tensor | None = None) -> Tensor:
         c = float(ctx.num_samples) if ctx.reduction == "mean" else 1.0
         S = form.num_samples
-        g = form.grad()
         var = form.sum_grad_squared().mul(c * c / S)
+        g = form.grad()
         return var.addcmul_(g, g, value=-((c / S) ** 2)).clamp_min_(0)
 
 

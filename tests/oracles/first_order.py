@@ -48,7 +48,9 @@ def per_sample_grads(model: nn.Module, loss_fn: nn.Module, X: Any, y: Tensor) ->
     return result
 
 
-def reference(model: nn.Module, loss_fn: nn.Module, X: Any, y: Tensor, index=None) -> dict[str, dict[str, Tensor]]:
+def reference(
+    model: nn.Module, loss_fn: nn.Module, X: Any, y: Tensor, index=None
+) -> dict[str, dict[str, Tensor]]:
     """All first-order quantities from the per-sample gradients, keyed by quantity name."""
     bg = per_sample_grads(model, loss_fn, X, y)
     N = y.shape[0]
@@ -63,9 +65,7 @@ def reference(model: nn.Module, loss_fn: nn.Module, X: Any, y: Tensor, index=Non
         "BatchL2": {k: v.flatten(1).pow(2).sum(1) for k, v in bg.items()},
         "BatchDot": {k: v.flatten(1) @ v.flatten(1).T for k, v in bg.items()},
         "SumGradSquared": {k: v.pow(2).sum(0) for k, v in bg.items()},
-        "Variance": {
-            k: (c * v).pow(2).mean(0) - (c * v).mean(0).pow(2) for k, v in bg.items()
-        },
+        "Variance": {k: (c * v).pow(2).mean(0) - (c * v).mean(0).pow(2) for k, v in bg.items()},
     }
     del S
     return out

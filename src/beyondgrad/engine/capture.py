@@ -124,10 +124,12 @@ class Recorder:
         finally:
             self.enabled = previous
 
-    def _hook(self, unit: Unit):  # noqa: ANN202
+    def _hook(self, unit: Unit):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             if not self.enabled or not torch.is_grad_enabled():
                 return None
+            if unit.rule is not None and isinstance(output, Tensor) and args:
+                return self._record_simple(unit, args, kwargs, output)
             leaves, spec = tree_flatten(output)
             edges: list[GradientEdge | None] = []
             shapes: list[torch.Size | None] = []
@@ -144,12 +146,26 @@ class Recorder:
                 edges.append(get_gradient_edge(target))
                 shapes.append(shape)
             versions = [
-                (t, t._version)
-                for t in tree_flatten((args, kwargs))[0]
-                if isinstance(t, Tensor)
+                (t, t._version) for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)
             ]
             new_output = tree_unflatten(leaves, spec) if replaced else output
             unit.calls.append(Call(args, kwargs, new_output, leaves, edges, shapes, versions))
             return new_output if replaced else None
 
         return hook
+
+    @staticmethod
+    def _record_simple(unit: Unit, args: tuple, kwargs: dict, output: Tensor) -> Tensor | None:
+        """Fast path for a fast-rule layer: one tensor in (``args[0]``), one tensor out."""
+        x = args[0]
+        versions = [(x, x._version)] if isinstance(x, Tensor) else []
+        if not output.requires_grad:
+            unit.calls.append(Call(args, kwargs, output, [output], [None], [None], versions))
+            return None
+        target, shape = _edge_of(output)
+        replaced = target is None
+        if replaced:
+            output = target = output.clone()
+        edge = get_gradient_edge(target)
+        unit.calls.append(Call(args, kwargs, output, [output], [edge], [shape], versions))
+        return output if replaced else None

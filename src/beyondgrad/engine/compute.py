@@ -111,14 +111,18 @@ def _check_samples_independent(model: nn.Module) -> None:
             )
 
 
-def _index(subsampling: Sequence[int] | Tensor | None, N: int, device: torch.device) -> Tensor | None:
+def _index(
+    subsampling: Sequence[int] | Tensor | None, N: int, device: torch.device
+) -> Tensor | None:
     if subsampling is None:
         return None
     idx = torch.as_tensor(subsampling, dtype=torch.long, device=device).reshape(-1)
     if idx.numel() == 0:
         raise ValueError("subsampling is empty")
     if int(idx.min()) < -N or int(idx.max()) >= N:
-        raise IndexError(f"subsampling index out of range for a batch of {N} samples: {idx.tolist()}")
+        raise IndexError(
+            f"subsampling index out of range for a batch of {N} samples: {idx.tolist()}"
+        )
     return idx % N
 
 
@@ -187,48 +191,63 @@ class Session:
             raise FloatingPointError(f"the loss is not finite ({loss.item()})")
         N = output.shape[0]
         names = {id(p): n for n, p in self.model.named_parameters()}
-        attribute(loss, self.units, names)
+        want_grad = Grad() in self.quantities
+        only_grad = self.quantities == [Grad()]
+        if not only_grad:  # a plain gradient needs no attribution to layer calls
+            attribute(loss, self.units, names)
         index = _index(self.subsampling, N, loss.device) if self.per_sample else None
 
-        calls = [(u, c) for u in self.units for c in u.calls]
+        # one backward pass: to every recorded layer output, and to the parameters only when
+        # the gradient itself is requested (autograd forms it at the cost of a plain backward)
+        calls = [] if only_grad else [(u, c) for u in self.units for c in u.calls]
         edges = [(u, c, i) for u, c in calls for i, e in enumerate(c.edges) if e is not None]
-        grads = torch.autograd.grad(
-            loss, [c.edges[i] for _, c, i in edges], allow_unused=True, materialize_grads=False
-        ) if edges else ()
-        _check_finite(grads, edges)
-        out_grads: dict[int, list[Tensor | None]] = {id(c): [None] * len(c.outputs) for _, c in calls}
+        params = _served_parameters(self.units) if want_grad else []
+        targets = [c.edges[i] for _, c, i in edges] + params
+        grads = torch.autograd.grad(loss, targets, allow_unused=True) if targets else ()
+        _check_finite(grads, [u.name for u, _, _ in edges] + [names[id(p)] for p in params])
+        param_grads = {id(p): g for p, g in zip(params, grads[len(edges) :])}
+        out_grads: dict[int, list[Tensor | None]] = {
+            id(c): [None] * len(c.outputs) for _, c in calls
+        }
         for (_, c, i), g in zip(edges, grads):
             if g is not None:
                 shape = c.edge_shapes[i]
                 out_grads[id(c)][i] = g.view(shape) if shape is not None else g
 
         forms: dict[int, list[Form]] = {}
-        for unit in self.units:
-            for call in unit.calls:
-                gs = out_grads[id(call)]
-                if all(g is None for g in gs):
-                    continue
-                for local, form in self._call_forms(unit, call, gs, N).items():
-                    forms.setdefault(id(unit.params[local]), []).append(form)
+        for unit, call in calls:
+            gs = out_grads[id(call)]
+            if all(g is None for g in gs):
+                continue
+            for local, form in self._call_forms(unit, call, gs, N).items():
+                forms.setdefault(id(unit.params[local]), []).append(form)
 
         ctx = ReduceContext(N, self.loss_fn.reduction)  # type: ignore[arg-type]
         values: dict[Quantity, dict[str, Tensor]] = {q: {} for q in self.quantities}
         # per-sample gradients first: once materialized, the other reductions read them
-        order = sorted(self.quantities, key=lambda q: not isinstance(q, BatchGrad))
+        order = [q for q in self.quantities if not isinstance(q, Grad)]
+        order.sort(key=lambda q: not isinstance(q, BatchGrad))
         rules = _rules_by_name(self.units, names)
         for name, param in self.model.named_parameters():
             if name not in rules:
                 continue
+            if want_grad:
+                g = param_grads.get(id(param))
+                values[Grad()][name] = g if g is not None else torch.zeros_like(param)
+            if not order:
+                continue
             form_list = forms.get(id(param))
             if not form_list:
-                for q in self.quantities:
+                for q in order:
                     values[q][name] = _zeros(q, param, N if index is None else len(index), ctx)
                 continue
             form = merge_forms(form_list)
+            if want_grad and index is None:
+                form.seed("grad", values[Grad()][name])
             selected = form.select(index) if index is not None else form
             for q in order:
                 buffer = _buffer(out, q, name, (selected.num_samples, *param.shape), param)
-                values[q][name] = q.reduce(selected if q.per_sample else form, ctx, buffer)
+                values[q][name] = q.reduce(selected, ctx, buffer)
         return Result(loss.detach(), output.detach(), values, rules, index)
 
     def _call_forms(
@@ -282,15 +301,23 @@ def _rules_by_name(units: list[Unit], names: dict[int, str]) -> dict[str, str]:
     return rules
 
 
-def _check_finite(grads: Sequence[Tensor | None], edges: list) -> None:
-    """Raise on a non-finite output gradient. One reduction per tensor (a sum is non-finite if
-    any entry is); only on failure is each tensor inspected element-wise."""
+def _served_parameters(units: list[Unit]) -> list[nn.Parameter]:
+    seen: dict[int, nn.Parameter] = {}
+    for unit in units:
+        for p in unit.params.values():
+            seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def _check_finite(grads: Sequence[Tensor | None], where: list[str]) -> None:
+    """Raise on a non-finite gradient. One reduction per tensor (a sum is non-finite if any
+    entry is); only on failure is each tensor inspected element-wise."""
     present = [(i, g) for i, g in enumerate(grads) if g is not None]
     if not present or bool(torch.stack([g.sum() for _, g in present]).isfinite().all()):
         return
     for i, g in present:
         if not bool(torch.isfinite(g).all()):
-            raise FloatingPointError(f"non-finite gradient backpropagated to module '{edges[i][0].name}'")
+            raise FloatingPointError(f"non-finite gradient backpropagated to '{where[i]}'")
 
 
 def _check_versions(unit: Unit, call: Call) -> None:

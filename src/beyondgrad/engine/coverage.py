@@ -35,8 +35,13 @@ class Coverage(list):
     def __str__(self) -> str:
         header = ("parameter", "shape", "module(s)", "rule", "calls")
         lines = [
-            (r.parameter, "x".join(map(str, r.shape)) or "scalar", ", ".join(r.modules) or "-",
-             r.rule, str(r.calls))
+            (
+                r.parameter,
+                "x".join(map(str, r.shape)) or "scalar",
+                ", ".join(r.modules) or "-",
+                r.rule,
+                str(r.calls),
+            )
             for r in self
         ]
         widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
@@ -65,8 +70,11 @@ def coverage(model: nn.Module, loss_fn: nn.Module, X: Any, y: Tensor) -> Coverag
         rule = rules.pop() if len(rules) == 1 else "mixed(" + "+".join(sorted(rules)) + ")"
         rows.append(
             CoverageRow(
-                name, tuple(param.shape), tuple(u.name or "<root>" for u in serving),
-                rule if calls else "unused", calls,
+                name,
+                tuple(param.shape),
+                tuple(u.name or "<root>" for u in serving),
+                rule if calls else "unused",
+                calls,
             )
         )
     return Coverage(rows)

@@ -100,7 +100,8 @@ def loss_vectors(
 
 
 def _diagonal_sqrt(scale: Tensor, output: Tensor) -> Tensor:
-    """Vectors ``V[k, n] = sqrt(scale[n, k]) e_k`` for a Hessian diagonal ``scale`` (output shape)."""
+    """Vectors ``V[k, n] = sqrt(scale[n, k]) e_k`` for a Hessian diagonal ``scale``
+    (output-shaped)."""
     N = output.shape[0]
     K = output[0].numel()
     eye = torch.eye(K, dtype=output.dtype, device=output.device)  # [K, K]
@@ -143,7 +144,9 @@ def _bce_vectors(
             "BCEWithLogitsLoss with pos_weight is not a likelihood; its MC-Fisher vectors are "
             "undefined. Use exact (type-2) quantities instead."
         )
-    u = torch.rand((M, *output.shape), generator=generator, dtype=output.dtype, device=output.device)
+    u = torch.rand(
+        (M, *output.shape), generator=generator, dtype=output.dtype, device=output.device
+    )
     sample = (u < prob).to(output.dtype)
     return (prob - sample) * (R * weight / M).sqrt()
 

@@ -47,11 +47,15 @@ class Form(ABC):
     def select(self, index: Tensor) -> Form:
         """The form restricted to the samples ``index`` (a 1-d long tensor)."""
 
-    def _memo(self, key: str, fn) -> Tensor:  # noqa: ANN001
+    def _memo(self, key: str, fn) -> Tensor:
         cache = self.__dict__.setdefault("_cache", {})
         if key not in cache:
             cache[key] = fn()
         return cache[key]
+
+    def seed(self, key: str, value: Tensor) -> None:
+        """Provide a reduction computed elsewhere (e.g. the gradient from autograd)."""
+        self.__dict__.setdefault("_cache", {})[key] = value
 
     @property
     def materialized(self) -> bool:
@@ -63,7 +67,9 @@ class Form(ABC):
         if out is None:
             return self._memo("batch_grad", self._batch_grad)
         if out.shape != (self.num_samples, *self.shape):
-            raise ValueError(f"out has shape {tuple(out.shape)}, expected {(self.num_samples, *self.shape)}")
+            raise ValueError(
+                f"out has shape {tuple(out.shape)}, expected {(self.num_samples, *self.shape)}"
+            )
         self.__dict__.setdefault("_cache", {})["batch_grad"] = self._batch_grad(out)
         return out
 
@@ -184,15 +190,19 @@ class OuterForm(Form):
     def _sum_grad_squared(self) -> Tensor:
         N, S, I, O = self._sizes
         if S == 1:
-            return (self.G.reshape(N, O).pow(2).T @ self.A.reshape(N, I).pow(2)).reshape(
-                self.shape
-            )
+            return (self.G.reshape(N, O).pow(2).T @ self.A.reshape(N, I).pow(2)).reshape(self.shape)
+        # materialize per-sample gradients chunk by chunk; their sum is the gradient, kept
+        # for free (Variance needs both)
         chunk = max(1, _CHUNK_ELEMENTS // max(1, I * O))
         total = self.A.new_zeros(O, I)
+        grad = self.A.new_zeros(O, I)
         for start in range(0, N, chunk):
             stop = min(N, start + chunk)
             per_sample = torch.bmm(self.G[start:stop].transpose(1, 2), self.A[start:stop])
-            total += per_sample.pow(2).sum(0)
+            grad += per_sample.sum(0)
+            total += per_sample.square_().sum(0)
+        if "grad" not in self.__dict__.get("_cache", {}):
+            self.seed("grad", grad.reshape(self.shape))
         return total.reshape(self.shape)
 
 
@@ -225,7 +235,11 @@ class ScatterForm(Form):
         N, S = self.index.shape
         idx, G = self._flat()
         sample = torch.arange(N, device=idx.device).repeat_interleave(S)
-        res = G.new_zeros(N * self.num, G.shape[1]) if out is None else out.view(N * self.num, -1).zero_()
+        res = (
+            G.new_zeros(N * self.num, G.shape[1])
+            if out is None
+            else out.view(N * self.num, -1).zero_()
+        )
         res.index_add_(0, sample * self.num + idx, G)
         return res.reshape(N, *self.shape)
 
@@ -288,7 +302,7 @@ def _cross_dot(a: Form, b: Form) -> Tensor:
         a, b = b, a
     if isinstance(a, OuterForm) and isinstance(b, ScatterForm):
         # <sum_t G_t A_t^T, sum_s onehot(I_s) E_s^T> = sum_{t,s} G[t, I_s] (A_t . E_s)
-        N, T, O = a.G.shape
+        N, T, _ = a.G.shape
         S = b.index.shape[1]
         inner = torch.bmm(a.A, b.G.transpose(1, 2))  # [N, T, S]
         picked = a.G.gather(2, b.index.unsqueeze(1).expand(N, T, S))  # G[n, t, I[n, s]]

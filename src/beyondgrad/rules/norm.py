@@ -66,7 +66,9 @@ def uses_batch_statistics(module: nn.Module) -> bool:
     return module.training or module.running_mean is None  # type: ignore[union-attr]
 
 
-def batch_norm_forms(module: nn.modules.batchnorm._BatchNorm, x: Tensor, g: Tensor) -> dict[str, Form]:
+def batch_norm_forms(
+    module: nn.modules.batchnorm._BatchNorm, x: Tensor, g: Tensor
+) -> dict[str, Form]:
     if uses_batch_statistics(module):
         # Only the summed gradient is requested here (the engine rejects per-sample
         # quantities); with batch statistics, x_hat uses the mean/variance of this batch.
