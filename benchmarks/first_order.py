@@ -17,7 +17,7 @@ Protocol (DESIGN.md section 6):
   another for the baseline, so hooks one library leaves on a model cannot slow down the other.
 * Warm-up, then the peak memory of one call of each, then calibration: each timed sample
   averages ``k`` calls so that it lasts at least ``--target-ms``. Then ``reps`` samples of the
-  baseline and the candidate, alternated rep by rep. Reported: median candidate time, median
+  baseline and the candidate, alternated rep by rep (ABBA). Reported: median candidate time, median
   candidate / median baseline, and the median of the per-rep ratios ("paired").
 * Baseline: ``model.zero_grad(set_to_none=True); loss_fn(model(X), y).backward()``.
 * Set-up a user pays once per model (BackPACK ``extend``, Opacus wrapping) runs once in the
@@ -600,12 +600,16 @@ def measure_cell(problem: str, spec: CellSpec, cfg: Config, memory: CpuMemory | 
             bs: list[float] = []
             cs: list[float] = []
             gc.collect()
-            for _ in range(reps):
-                bs.append(time_sample(base.call, k_b, device))
-                cs.append(time_sample(cand.call, k_c, device))
+            for rep in range(reps):  # ABBA order: drift within a rep favours neither side
+                if rep % 2 == 0:
+                    bs.append(time_sample(base.call, k_b, device))
+                    cs.append(time_sample(cand.call, k_c, device))
+                else:
+                    cs.append(time_sample(cand.call, k_c, device))
+                    bs.append(time_sample(base.call, k_b, device))
     except Exception as exc:
         row.status = "error"
-        row.note = f"error: {type(exc).__name__}: {_short(str(exc))}"
+        row.note = "; ".join([f"error: {type(exc).__name__}: {_short(str(exc))}", *notes])
         return row
 
     row.samples_ms = [c * 1e3 for c in cs]
@@ -704,22 +708,25 @@ def compare(a: dict[str, Tensor], b: dict[str, Tensor]) -> tuple[float, float, d
 
 
 def fill_check(check: Check, a: dict[str, Tensor], b: dict[str, Tensor], tol: float,
-               n_total: int, extra: str = "") -> Check:
-    """Compare and record: relative errors, the tensors above ``tol``, the coverage."""
+               n_total: int, extra: str = "", flag: bool = True) -> Check:
+    """Compare and record: relative errors, the tensors above ``tol``, the coverage.
+    ``flag``: whether mismatching tensors flag the table rows (off for sums over parameters,
+    whose per-parameter check flags them by name)."""
     check.max_abs, check.rel, per = compare(a, b)
-    check.mismatch = sorted(n for n, r in per.items() if r > tol)
+    bad = sorted(n for n, r in per.items() if r > tol)
+    check.mismatch = bad if flag else []
     parts = [extra] if extra else []
     if len(per) < n_total:
         parts.append(f"on {len(per)}/{n_total} tensors")
-    if check.mismatch:
-        worst = ", ".join(f"{n}: {per[n]:.2g}" for n in check.mismatch[:4])
+    if bad:
+        worst = ", ".join(f"{n}: {per[n]:.2g}" for n in bad[:4])
         parts.append(f"MISMATCH (rel > {tol:g}) {worst}")
     check.detail = "; ".join(parts)
     return check
 
 
 def total(d: dict[str, Tensor], names: list[str] | None = None) -> dict[str, Tensor]:
-    """``{"sum": sum over the named tensors}`` (per-sample norms summed over parameters)."""
+    """The named tensors summed into one entry (per-sample norms summed over parameters)."""
     keys = names if names is not None else list(d)
     return {"sum over params": torch.stack([d[n] for n in keys]).sum(0)}
 
@@ -772,7 +779,7 @@ def agreement(problem: str, cfg: Config) -> dict[str, Any]:
         sq = {n: g.flatten(1).pow(2).sum(1) for n, g in func.items()}
         attempt(Check("BatchL2 summed over params: beyondgrad vs torch.func", "beyondgrad",
                       ["batch_l2", "grad_batch_l2"]),
-                lambda c: fill_check(c, total(ours["BatchL2"]), total(sq), tol, 1))
+                lambda c: fill_check(c, total(ours["BatchL2"]), total(sq), tol, 1, flag=False))
         attempt(Check("BatchL2 per param: beyondgrad vs torch.func", "beyondgrad",
                       ["batch_l2", "grad_batch_l2"]),
                 lambda c: fill_check(c, ours["BatchL2"], sq, tol, len(names)))
@@ -789,6 +796,7 @@ def agreement(problem: str, cfg: Config) -> dict[str, Any]:
                 lambda c: fill_check(c, _batch_dot(p), gram, tol, len(names)))
 
     if not cfg.only_beyondgrad:
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
         if _has_module("backpack") is None:
             backpack_checks(p, ours, N, len(names), tol, attempt)
         if _has_module("opacus") is None:
@@ -826,7 +834,7 @@ def backpack_checks(p: Problem, ours: dict[str, dict[str, Tensor]], N: int, n_to
     attempt(Check("BatchL2 summed over the params BackPACK covers: vs BackPACK batch_l2",
                   "backpack", ["batch_l2"]),
             lambda c: fill_check(c, total(ours["BatchL2"], list(l2)), total(l2), tol, 1,
-                                 f"{len(l2)}/{n_total} tensors covered"))
+                                 f"{len(l2)}/{n_total} tensors covered", flag=False))
     attempt(Check("BatchL2 per param: beyondgrad vs BackPACK batch_l2", "backpack", ["batch_l2"]),
             lambda c: fill_check(c, ours["BatchL2"], l2, tol, n_total))
     attempt(Check("SumGradSquared: beyondgrad vs BackPACK", "backpack", ["sgs"]),
@@ -856,7 +864,7 @@ def opacus_checks(problem: str, cfg: Config, ours: dict[str, dict[str, Tensor]],
         norms = cand.call()
         assert isinstance(norms, Tensor)
         ref = total({"x": (norms / N).pow(2)})
-        c = fill_check(c, total(ours["BatchL2"]), ref, tol, 1)
+        c = fill_check(c, total(ours["BatchL2"]), ref, tol, 1, flag=False)
         per = {n: (t._norm_sample / N).pow(2) for n, t in q.model.named_parameters()
                if getattr(t, "_norm_sample", None) is not None}
         _, _, rels = compare(ours["BatchL2"], per)
@@ -964,9 +972,11 @@ def render(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
         f"{meta['threads']} (interop {meta['interop_threads']}).",
         "* **Libraries**: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",
         f"* **Timing**: {meta['warmup']} warm-up call(s); each sample averages k calls so that "
-        f"it lasts >= {meta['target_ms']:g} ms; {meta['reps']} samples (fewer if a cell would "
-        f"exceed {meta['max_cell_s']:g} s, at least 3) of the baseline and of the candidate, "
-        "alternated rep by rep. *time*: median of the candidate's samples. *x fwd+bwd*: its "
+        f"it lasts >= {meta['target_ms']:g} ms; {meta['reps']} samples of the baseline and of the "
+        f"candidate (fewer, but at least {min(3, meta['reps'])}, where a cell's timing would "
+        f"exceed {meta['max_cell_s']:g} s), "
+        "alternated rep by rep (order swapped every other rep). *time*: median of the "
+        "candidate's samples. *x fwd+bwd*: its "
         "median / the baseline's median, the baseline re-measured in the same process. "
         "*paired x*: median of the per-rep ratios.",
         f"* **Memory**: {meta['memory_method']}; one call of each, after warm-up, from a clean "
@@ -994,7 +1004,9 @@ def render_summary(results: list[dict[str, Any]]) -> list[str]:
         return []
     head = "| quantity | " + " | ".join(
         f"{r['problem']}: beyondgrad | {r['problem']}: best peer" for r in results) + " |"
-    lines = ["## Summary (time x fwd+bwd)", "", head,
+    lines = ["## Summary (time x fwd+bwd)", "",
+             "Best peer: the fastest peer row that ran, marked where it skipped parameters "
+             "(partial) or failed the agreement check (disagrees).", "", head,
              "|---|" + "---:|---|" * len(results)]
     for group, label in GROUPS.items():
         if group == "baseline":
@@ -1008,7 +1020,11 @@ def render_summary(results: list[dict[str, Any]]) -> list[str]:
                          else (ours[0]["status"] if ours else ""))
             if peers:
                 best = min(peers, key=lambda x: x["ratio"])
-                mark = " (partial)" if "PARTIAL" in best["note"] else ""
+                marks = [m for m, bad in (
+                    ("partial", "PARTIAL" in best["note"]),
+                    ("disagrees", bool(flags_for(best, r["agreement"].get("checks", [])))),
+                ) if bad]
+                mark = f" ({', '.join(marks)})" if marks else ""
                 cells.append(f"{fmt(best['ratio'])} {best['library']}{mark}")
             else:
                 cells.append("-")
