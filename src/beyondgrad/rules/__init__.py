@@ -14,8 +14,18 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from .conv import conv_forms, conv_transpose_forms
 from .embedding import embedding_forms
-from .forms import Form, OuterForm, SampleForm, ScatterForm, SumForm, merge_forms
+from .forms import (
+    ConcatForm,
+    Form,
+    OuterForm,
+    PermutedForm,
+    SampleForm,
+    ScatterForm,
+    SumForm,
+    merge_forms,
+)
 from .generic import generic_forms
 from .linear import linear_forms
 from .norm import (
@@ -28,6 +38,8 @@ from .norm import (
 
 __all__ = [
     "FAST_RULES",
+    "ConcatForm",
+    "PermutedForm",
     "GENERIC",
     "Form",
     "OuterForm",
@@ -47,29 +59,35 @@ GENERIC = "generic"
 @dataclass(frozen=True)
 class Rule:
     """A fast rule: ``forms(module, x, g)`` maps one call's input ``x`` (the first positional
-    argument) and output gradient ``g`` to ``{local parameter name: Form}``."""
+    argument) and output gradient ``g`` to ``{local parameter name: Form}``. It serves
+    instances of ``module_types`` whose ``forward`` is that of the matching type."""
 
     name: str
-    module_type: type[nn.Module]
+    module_types: tuple[type[nn.Module], ...]
     forms: Callable[[nn.Module, Tensor, Tensor], dict[str, Form]]
     params: frozenset[str] = frozenset({"weight", "bias"})
 
     def serves(self, module: nn.Module) -> bool:
-        if not isinstance(module, self.module_type):
-            return False
-        if type(module).forward is not self.module_type.forward:
+        base = next((t for t in self.module_types if isinstance(module, t)), None)
+        if base is None or type(module).forward is not base.forward:
             return False
         own = {n for n, p in module.named_parameters(recurse=False) if p.requires_grad}
         return own <= self.params
 
 
 FAST_RULES: tuple[Rule, ...] = (
-    Rule("linear", nn.Linear, linear_forms),  # type: ignore[arg-type]
-    Rule("embedding", nn.Embedding, embedding_forms, frozenset({"weight"})),  # type: ignore[arg-type]
-    Rule("layer_norm", nn.LayerNorm, layer_norm_forms),  # type: ignore[arg-type]
-    Rule("rms_norm", nn.RMSNorm, rms_norm_forms, frozenset({"weight"})),
-    Rule("group_norm", nn.GroupNorm, group_norm_forms),  # type: ignore[arg-type]
-    Rule("batch_norm", nn.modules.batchnorm._BatchNorm, batch_norm_forms),  # type: ignore[arg-type]
+    Rule("linear", (nn.Linear,), linear_forms),  # type: ignore[arg-type]
+    Rule("conv", (nn.Conv1d, nn.Conv2d, nn.Conv3d), conv_forms),  # type: ignore[arg-type]
+    Rule(
+        "conv_transpose",
+        (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
+        conv_transpose_forms,  # type: ignore[arg-type]
+    ),
+    Rule("embedding", (nn.Embedding,), embedding_forms, frozenset({"weight"})),  # type: ignore[arg-type]
+    Rule("layer_norm", (nn.LayerNorm,), layer_norm_forms),  # type: ignore[arg-type]
+    Rule("rms_norm", (nn.RMSNorm,), rms_norm_forms, frozenset({"weight"})),
+    Rule("group_norm", (nn.GroupNorm,), group_norm_forms),  # type: ignore[arg-type]
+    Rule("batch_norm", (nn.modules.batchnorm._BatchNorm,), batch_norm_forms),  # type: ignore[arg-type]
 )
 
 

@@ -296,6 +296,65 @@ class SumForm(Form):
         return total
 
 
+class ConcatForm(Form):
+    """A parameter whose leading axis is the concatenation of the parts' parameters (the
+    groups of a grouped convolution)."""
+
+    def __init__(self, parts: Sequence[Form]):
+        self.parts = list(parts)
+        first = self.parts[0].shape
+        self.shape = torch.Size((sum(p.shape[0] for p in self.parts), *first[1:]))
+        self.num_samples = self.parts[0].num_samples
+
+    def select(self, index: Tensor) -> ConcatForm:
+        return ConcatForm([p.select(index) for p in self.parts])
+
+    def _batch_grad(self, out: Tensor | None = None) -> Tensor:
+        return torch.cat([p.batch_grad() for p in self.parts], 1, out=out)
+
+    def _grad(self) -> Tensor:
+        return torch.cat([p.grad() for p in self.parts], 0)
+
+    def _batch_l2(self) -> Tensor:
+        return sum((p.batch_l2() for p in self.parts[1:]), self.parts[0].batch_l2())
+
+    def _batch_dot(self) -> Tensor:
+        return sum((p.batch_dot() for p in self.parts[1:]), self.parts[0].batch_dot())
+
+    def _sum_grad_squared(self) -> Tensor:
+        return torch.cat([p.sum_grad_squared() for p in self.parts], 0)
+
+
+class PermutedForm(Form):
+    """The parameter is ``base``'s parameter with its axes permuted by ``perm`` (the weight of
+    a transposed convolution, ``[C_in, C_out, *K]``, from an outer form over
+    ``[C_out, C_in, *K]``)."""
+
+    def __init__(self, base: Form, perm: Sequence[int]):
+        self.base, self.perm = base, tuple(perm)
+        self.shape = torch.Size(base.shape[p] for p in self.perm)
+        self.num_samples = base.num_samples
+
+    def select(self, index: Tensor) -> PermutedForm:
+        return PermutedForm(self.base.select(index), self.perm)
+
+    def _batch_grad(self, out: Tensor | None = None) -> Tensor:
+        res = self.base.batch_grad().permute(0, *(p + 1 for p in self.perm))
+        return res if out is None else out.copy_(res)
+
+    def _grad(self) -> Tensor:
+        return self.base.grad().permute(self.perm)
+
+    def _batch_l2(self) -> Tensor:
+        return self.base.batch_l2()
+
+    def _batch_dot(self) -> Tensor:
+        return self.base.batch_dot()
+
+    def _sum_grad_squared(self) -> Tensor:
+        return self.base.sum_grad_squared().permute(self.perm)
+
+
 def _cross_dot(a: Form, b: Form) -> Tensor:
     """Per-sample inner products ``<a_n, b_n>``, ``[N]``."""
     if isinstance(a, ScatterForm) and isinstance(b, OuterForm):
@@ -334,6 +393,10 @@ def merge_forms(forms: Sequence[Form]) -> Form:
             torch.cat([f.G for f in forms], 1),  # type: ignore[attr-defined]
             first.num,  # type: ignore[attr-defined]
         )
+    if all(isinstance(f, ConcatForm) for f in forms) and len({len(f.parts) for f in forms}) == 1:  # type: ignore[attr-defined]
+        return ConcatForm([merge_forms(parts) for parts in zip(*(f.parts for f in forms))])  # type: ignore[attr-defined]
+    if all(isinstance(f, PermutedForm) for f in forms) and len({f.perm for f in forms}) == 1:  # type: ignore[attr-defined]
+        return PermutedForm(merge_forms([f.base for f in forms]), forms[0].perm)  # type: ignore[attr-defined]
     if all(isinstance(f, SampleForm) for f in forms):
         return SampleForm(sum((f.values for f in forms[1:]), forms[0].values))  # type: ignore[attr-defined]
     return SumForm(forms)

@@ -1,0 +1,91 @@
+"""Rules for ``Conv{1,2,3}d`` and ``ConvTranspose{1,2,3}d`` (any stride, padding, dilation,
+groups, bias, and padding mode).
+
+The weight gradient of sample ``n`` is ``G_n^T U_n`` per group, with ``U_n`` the unfolded
+input ``[O, C_in/G * prod(K)]`` (one row per output position: the shared axis) and ``G_n`` the
+output gradient ``[O, C_out/G]``, i.e. an :class:`~beyondgrad.rules.forms.OuterForm`; the form
+chooses between the Gram trick and materializing per-sample gradients by their costs.
+Non-zero padding modes (``reflect``, ``replicate``, ``circular``) and ``padding="same"`` are
+handled exactly by padding the input first, as the layer itself does, and unfolding without
+padding.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..conv import unfold, unfold_transpose
+from .forms import ConcatForm, Form, OuterForm, PermutedForm, SampleForm
+
+
+def _check_batched(module: nn.Module, x: Tensor, d: int) -> None:
+    if x.ndim != d + 2:
+        raise RuntimeError(
+            f"{type(module).__name__} got input of shape {tuple(x.shape)}; per-sample "
+            f"quantities need a batched input [N, C, *spatial] with {d} spatial dims"
+        )
+
+
+def _grouped_outer(
+    U: Tensor, g: Tensor, groups: int, shape_per_group: tuple[int, ...], perm: tuple[int, ...] | None
+) -> Form:
+    """Forms for weight gradients ``G_g^T U_g`` of each group; ``U``: ``[N, C*K, O]``,
+    ``g``: ``[N, F, O]``."""
+    N, rows, O = U.shape
+    F_out = g.shape[1]
+    parts: list[Form] = []
+    for gr in range(groups):
+        A = U[:, gr * rows // groups : (gr + 1) * rows // groups].transpose(1, 2)
+        G = g[:, gr * F_out // groups : (gr + 1) * F_out // groups].transpose(1, 2)
+        form: Form = OuterForm(A, G, shape_per_group)
+        parts.append(PermutedForm(form, perm) if perm is not None else form)
+    return parts[0] if groups == 1 else ConcatForm(parts)
+
+
+def _bias_form(module: nn.Module, g: Tensor) -> dict[str, Form]:
+    if module.bias is not None and module.bias.requires_grad:
+        return {"bias": SampleForm(g.reshape(g.shape[0], g.shape[1], -1).sum(2))}
+    return {}
+
+
+def conv_forms(module: nn.modules.conv._ConvNd, x: Tensor, g: Tensor) -> dict[str, Form]:
+    d = len(module.kernel_size)
+    _check_batched(module, x, d)
+    widths = module._reversed_padding_repeated_twice
+    if any(widths):
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, widths, mode=mode)
+    forms = _bias_form(module, g)
+    if module.weight.requires_grad:
+        U = unfold(x, module.kernel_size, module.dilation, 0, module.stride)
+        N, F_out = g.shape[:2]
+        shape = (F_out // module.groups, *module.weight.shape[1:])
+        forms["weight"] = _grouped_outer(U, g.reshape(N, F_out, -1), module.groups, shape, None)
+    return forms
+
+
+def conv_transpose_forms(
+    module: nn.modules.conv._ConvTransposeNd, x: Tensor, g: Tensor
+) -> dict[str, Form]:
+    d = len(module.kernel_size)
+    _check_batched(module, x, d)
+    forms = _bias_form(module, g)
+    if module.weight.requires_grad:
+        # output_padding as realized (forward(input, output_size) may choose it)
+        out_pad = tuple(
+            o - ((i - 1) * s - 2 * p + dl * (k - 1) + 1)
+            for o, i, s, p, dl, k in zip(
+                g.shape[2:], x.shape[2:], module.stride, module.padding, module.dilation,
+                module.kernel_size,
+            )
+        )
+        U = unfold_transpose(
+            x, module.kernel_size, module.dilation, module.padding, module.stride, out_pad
+        )
+        N, F_out = g.shape[:2]
+        C_in = x.shape[1]
+        shape = (F_out // module.groups, C_in // module.groups, *module.kernel_size)
+        perm = (1, 0, *range(2, 2 + d))
+        forms["weight"] = _grouped_outer(U, g.reshape(N, F_out, -1), module.groups, shape, perm)
+    return forms
