@@ -81,6 +81,8 @@ class Config:
     cell_timeout_s: float
     only_beyondgrad: bool
     quick: bool
+    noise_spread: float = 1.5
+    noise_retries: int = 2
 
     @property
     def isolate(self) -> bool:
@@ -140,6 +142,7 @@ class Row:
     k: int | None = None
     k_base: int | None = None
     reps: int | None = None
+    spread: float | None = None
     samples_ms: list[float] = field(default_factory=list)
     base_samples_ms: list[float] = field(default_factory=list)
     wall_s: float | None = None
@@ -553,6 +556,46 @@ def summarize_warnings(caught: list[warnings.WarningMessage], limit: int = 2) ->
     return out[:limit]
 
 
+@dataclass
+class Timing:
+    """Interleaved samples (seconds per call) of the baseline and the candidate."""
+
+    base: list[float]
+    cand: list[float]
+    k_base: int
+    k_cand: int
+    reps: int
+
+    @property
+    def spread(self) -> float:
+        """Max/min ratio of the noisier of the two sample series (1 = perfectly steady)."""
+        return max(max(x) / min(x) for x in (self.base, self.cand))
+
+
+def timed_reps(base: Callable[[], object], cand: Callable[[], object], cfg: Config) -> Timing:
+    """Calibrate ``k`` (calls per sample, so that a sample lasts >= the target), then take
+    ``reps`` samples of each, alternated rep by rep in ABBA order (drift within a rep favours
+    neither side). Reps are cut (to at least 3) where they would exceed the cell's budget."""
+    device = cfg.device
+    t_b = time_sample(base, 1, device)
+    t_c = time_sample(cand, 1, device)
+    k_b = max(1, math.ceil(cfg.target_s / max(t_b, 1e-9)))
+    k_c = max(1, math.ceil(cfg.target_s / max(t_c, 1e-9)))
+    per_rep = k_b * t_b + k_c * t_c
+    reps = min(cfg.reps, max(min(3, cfg.reps), int(cfg.max_cell_s / max(per_rep, 1e-9))))
+    bs: list[float] = []
+    cs: list[float] = []
+    gc.collect()
+    for rep in range(reps):
+        if rep % 2 == 0:
+            bs.append(time_sample(base, k_b, device))
+            cs.append(time_sample(cand, k_c, device))
+        else:
+            cs.append(time_sample(cand, k_c, device))
+            bs.append(time_sample(base, k_b, device))
+    return Timing(bs, cs, k_b, k_c, reps)
+
+
 def measure_cell(problem: str, spec: CellSpec, cfg: Config, memory: CpuMemory | None) -> Row:
     """Set up, warm up, measure memory, calibrate and time one cell against the baseline."""
     assert spec.setup is not None
@@ -587,31 +630,24 @@ def measure_cell(problem: str, spec: CellSpec, cfg: Config, memory: CpuMemory | 
             row.mem_mib = peak(cand.call)
             cand.reset()
 
-            # calibration: k calls per sample so that a sample lasts >= target
-            t_b = time_sample(base.call, 1, device)
-            t_c = time_sample(cand.call, 1, device)
-            k_b = max(1, math.ceil(cfg.target_s / max(t_b, 1e-9)))
-            k_c = max(1, math.ceil(cfg.target_s / max(t_c, 1e-9)))
-            per_rep = k_b * t_b + k_c * t_c
-            reps = min(cfg.reps, max(min(3, cfg.reps), int(cfg.max_cell_s / max(per_rep, 1e-9))))
-            if reps < cfg.reps:
-                notes.append(f"{reps} reps (time cap)")
-
-            bs: list[float] = []
-            cs: list[float] = []
-            gc.collect()
-            for rep in range(reps):  # ABBA order: drift within a rep favours neither side
-                if rep % 2 == 0:
-                    bs.append(time_sample(base.call, k_b, device))
-                    cs.append(time_sample(cand.call, k_c, device))
-                else:
-                    cs.append(time_sample(cand.call, k_c, device))
-                    bs.append(time_sample(base.call, k_b, device))
+            # re-time (recalibrating) while the samples are implausibly spread: the machine
+            # was disturbed; keep the steadiest attempt
+            attempts = [timed_reps(base.call, cand.call, cfg)]
+            while attempts[-1].spread > cfg.noise_spread and len(attempts) <= cfg.noise_retries:
+                attempts.append(timed_reps(base.call, cand.call, cfg))
+            best = min(attempts, key=lambda t: t.spread)
+            if len(attempts) > 1:
+                notes.append(f"re-timed {len(attempts) - 1}x (noisy machine)")
+            if best.spread > cfg.noise_spread:
+                notes.append(f"NOISY: samples spread {best.spread:.2g}x (max/min)")
+            if best.reps < cfg.reps:
+                notes.append(f"{best.reps} reps (time cap)")
     except Exception as exc:
         row.status = "error"
         row.note = "; ".join([f"error: {type(exc).__name__}: {_short(str(exc))}", *notes])
         return row
 
+    bs, cs = best.base, best.cand
     row.samples_ms = [c * 1e3 for c in cs]
     row.base_samples_ms = [b * 1e3 for b in bs]
     row.time_ms = statistics.median(row.samples_ms)
@@ -620,7 +656,7 @@ def measure_cell(problem: str, spec: CellSpec, cfg: Config, memory: CpuMemory | 
     row.paired = statistics.median(c / b for c, b in zip(cs, bs))
     if row.base_mem_mib and row.base_mem_mib > 0 and row.mem_mib is not None:
         row.mem_ratio = row.mem_mib / row.base_mem_mib
-    row.k, row.k_base, row.reps = k_c, k_b, reps
+    row.k, row.k_base, row.reps, row.spread = best.k_cand, best.k_base, best.reps, best.spread
     row.note = "; ".join(notes)
     return row
 
@@ -978,7 +1014,10 @@ def render(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
         "alternated rep by rep (order swapped every other rep). *time*: median of the "
         "candidate's samples. *x fwd+bwd*: its "
         "median / the baseline's median, the baseline re-measured in the same process. "
-        "*paired x*: median of the per-rep ratios.",
+        "*paired x*: median of the per-rep ratios. A cell whose samples (baseline or "
+        f"candidate) spread more than {meta['noise_spread']:g}x (max/min) is re-timed, "
+        f"recalibrated, up to {meta['noise_retries']} more times; the steadiest attempt is kept "
+        "and marked NOISY if still above.",
         f"* **Memory**: {meta['memory_method']}; one call of each, after warm-up, from a clean "
         "state (results of earlier calls dropped); the outputs are alive when the peak is "
         "read. *mem x*: over the baseline's peak in the same process.",
@@ -1148,6 +1187,8 @@ def main(argv: list[str] | None = None) -> int:
         "target_ms": cfg.target_s * 1e3,
         "max_cell_s": cfg.max_cell_s,
         "tol": cfg.tol,
+        "noise_spread": cfg.noise_spread,
+        "noise_retries": cfg.noise_retries,
         "quick": cfg.quick,
         "only_beyondgrad": cfg.only_beyondgrad,
         "memory_method": (memory.method() if memory is not None else

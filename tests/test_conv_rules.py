@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from oracles.first_order import reference
-from test_first_order import QUANTITIES, assert_close
 from torch import nn
 
 import beyondgrad as bg
+from oracles.first_order import reference
+from test_first_order import QUANTITIES, assert_close
 
 N = 3
 
@@ -23,7 +23,11 @@ SETTINGS = [
     ("1d-reflect", lambda: nn.Conv1d(2, 3, 3, padding=2, padding_mode="reflect"), (6,)),
     ("1d-circular", lambda: nn.Conv1d(2, 3, 3, padding=1, padding_mode="circular"), (6,)),
     ("2d-plain", lambda: nn.Conv2d(2, 3, 3), (5, 6)),
-    ("2d-rect-hyper", lambda: nn.Conv2d(2, 4, (2, 3), stride=(2, 1), padding=(1, 2), dilation=(1, 2)), (6, 7)),
+    (
+        "2d-rect-hyper",
+        lambda: nn.Conv2d(2, 4, (2, 3), stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
+        (6, 7),
+    ),
     ("2d-groups", lambda: nn.Conv2d(4, 6, 3, groups=2, padding=1), (4, 5)),
     ("2d-depthwise", lambda: nn.Conv2d(3, 6, 3, groups=3), (5, 5)),
     ("2d-valid", lambda: nn.Conv2d(2, 3, 2, padding="valid"), (4, 4)),
@@ -32,14 +36,40 @@ SETTINGS = [
     ("2d-1x1", lambda: nn.Conv2d(3, 4, 1), (3, 4)),
     ("2d-reflect", lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), (4, 5)),
     ("2d-replicate", lambda: nn.Conv2d(2, 3, 3, padding=(2, 1), padding_mode="replicate"), (4, 5)),
-    ("2d-circular-groups", lambda: nn.Conv2d(4, 4, 3, padding=1, groups=2, padding_mode="circular"), (4, 4)),
+    (
+        "2d-circular-groups",
+        lambda: nn.Conv2d(4, 4, 3, padding=1, groups=2, padding_mode="circular"),
+        (4, 4),
+    ),
     ("3d-plain", lambda: nn.Conv3d(2, 3, 2), (3, 4, 3)),
-    ("3d-hyper", lambda: nn.Conv3d(2, 4, (2, 1, 2), stride=(1, 2, 1), padding=1, dilation=(2, 1, 1), groups=2), (4, 4, 3)),
+    (
+        "3d-hyper",
+        lambda: nn.Conv3d(
+            2, 4, (2, 1, 2), stride=(1, 2, 1), padding=1, dilation=(2, 1, 1), groups=2
+        ),
+        (4, 4, 3),
+    ),
     ("1d-transpose", lambda: nn.ConvTranspose1d(2, 3, 3, stride=2), (4,)),
-    ("1d-transpose-outpad", lambda: nn.ConvTranspose1d(2, 4, 3, stride=3, padding=1, output_padding=2, groups=2), (4,)),
-    ("2d-transpose", lambda: nn.ConvTranspose2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2)), (3, 4)),
-    ("2d-transpose-groups-nobias", lambda: nn.ConvTranspose2d(4, 6, 2, stride=2, groups=2, bias=False), (3, 3)),
-    ("3d-transpose", lambda: nn.ConvTranspose3d(2, 2, 2, stride=(1, 2, 1), output_padding=(0, 1, 0)), (2, 3, 2)),
+    (
+        "1d-transpose-outpad",
+        lambda: nn.ConvTranspose1d(2, 4, 3, stride=3, padding=1, output_padding=2, groups=2),
+        (4,),
+    ),
+    (
+        "2d-transpose",
+        lambda: nn.ConvTranspose2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2)),
+        (3, 4),
+    ),
+    (
+        "2d-transpose-groups-nobias",
+        lambda: nn.ConvTranspose2d(4, 6, 2, stride=2, groups=2, bias=False),
+        (3, 3),
+    ),
+    (
+        "3d-transpose",
+        lambda: nn.ConvTranspose3d(2, 2, 2, stride=(1, 2, 1), output_padding=(0, 1, 0)),
+        (2, 3, 2),
+    ),
 ]
 
 
@@ -96,26 +126,59 @@ def test_conv_transpose_with_output_size_argument():
 
 def c3d3_small(classes=3):
     return nn.Sequential(
-        nn.Conv2d(3, 4, 5), nn.ReLU(), nn.ZeroPad2d((0, 1, 0, 1)), nn.MaxPool2d(3, 2),
-        nn.Conv2d(4, 5, 3), nn.ReLU(), nn.ZeroPad2d((0, 1, 0, 1)), nn.MaxPool2d(3, 2),
-        nn.Conv2d(5, 6, 3, padding=1), nn.ReLU(), nn.Flatten(),
-        nn.Linear(6 * 2 * 2, 8), nn.ReLU(), nn.Linear(8, classes),
+        nn.Conv2d(3, 4, 5),
+        nn.ReLU(),
+        nn.ZeroPad2d((0, 1, 0, 1)),
+        nn.MaxPool2d(3, 2),
+        nn.Conv2d(4, 5, 3),
+        nn.ReLU(),
+        nn.ZeroPad2d((0, 1, 0, 1)),
+        nn.MaxPool2d(3, 2),
+        nn.Conv2d(5, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 2 * 2, 8),
+        nn.ReLU(),
+        nn.Linear(8, classes),
     )
 
 
 CNNS = {
     "3c3d": (c3d3_small, (3, 16, 16)),
-    "cnn1d": (lambda: nn.Sequential(
-        nn.Conv1d(2, 4, 3, padding=1, padding_mode="reflect"), nn.ReLU(inplace=True),
-        nn.Conv1d(4, 4, 3, stride=2, groups=2), nn.GELU(), nn.AdaptiveAvgPool1d(2),
-        nn.Flatten(), nn.Linear(8, 3)), (2, 9)),
-    "cnn3d": (lambda: nn.Sequential(
-        nn.Conv3d(1, 3, 2, padding=1), nn.BatchNorm3d(3).eval(), nn.ReLU(),
-        nn.Conv3d(3, 2, 2, stride=2, padding_mode="circular", padding=1), nn.Flatten(),
-        nn.LazyLinear(3)), (1, 3, 4, 3)),
-    "unet-ish": (lambda: nn.Sequential(
-        nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.GroupNorm(2, 4), nn.ReLU(),
-        nn.ConvTranspose2d(4, 2, 2, stride=2), nn.Flatten(), nn.LazyLinear(3)), (2, 6, 6)),
+    "cnn1d": (
+        lambda: nn.Sequential(
+            nn.Conv1d(2, 4, 3, padding=1, padding_mode="reflect"),
+            nn.ReLU(inplace=True),
+            nn.Conv1d(4, 4, 3, stride=2, groups=2),
+            nn.GELU(),
+            nn.AdaptiveAvgPool1d(2),
+            nn.Flatten(),
+            nn.Linear(8, 3),
+        ),
+        (2, 9),
+    ),
+    "cnn3d": (
+        lambda: nn.Sequential(
+            nn.Conv3d(1, 3, 2, padding=1),
+            nn.BatchNorm3d(3).eval(),
+            nn.ReLU(),
+            nn.Conv3d(3, 2, 2, stride=2, padding_mode="circular", padding=1),
+            nn.Flatten(),
+            nn.LazyLinear(3),
+        ),
+        (1, 3, 4, 3),
+    ),
+    "unet-ish": (
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 4, 3, stride=2, padding=1),
+            nn.GroupNorm(2, 4),
+            nn.ReLU(),
+            nn.ConvTranspose2d(4, 2, 2, stride=2),
+            nn.Flatten(),
+            nn.LazyLinear(3),
+        ),
+        (2, 6, 6),
+    ),
 }
 
 

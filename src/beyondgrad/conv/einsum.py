@@ -232,7 +232,9 @@ def input_vjp_expression(
         axis = 3
         for dim in dims:
             if simplify and dim.trivial:  # [.., O, K] -> zeros [.., O, S] -> O*S -> I
-                t = F.pad(t, [0, 0] * (t.ndim - axis - 2) + [0, dim.S - dim.K]).flatten(axis, axis + 1)
+                t = F.pad(t, [0, 0] * (t.ndim - axis - 2) + [0, dim.S - dim.K]).flatten(
+                    axis, axis + 1
+                )
                 length = t.shape[axis]
                 if length >= dim.I:
                     t = t.narrow(axis, 0, dim.I)
@@ -330,12 +332,16 @@ def forward(x: Tensor, weight: Tensor, **kwargs: object) -> Tensor:
     return forward_expression(x, weight, **kwargs)()  # type: ignore[arg-type]
 
 
-def weight_vjp(x: Tensor, grad_output: Tensor, kernel_size: int | Sequence[int], **kwargs: object) -> Tensor:
+def weight_vjp(
+    x: Tensor, grad_output: Tensor, kernel_size: int | Sequence[int], **kwargs: object
+) -> Tensor:
     """Evaluate :func:`weight_vjp_expression`."""
     return weight_vjp_expression(x, grad_output, kernel_size, **kwargs)()  # type: ignore[arg-type]
 
 
-def input_vjp(grad_output: Tensor, weight: Tensor, input_size: Sequence[int], **kwargs: object) -> Tensor:
+def input_vjp(
+    grad_output: Tensor, weight: Tensor, input_size: Sequence[int], **kwargs: object
+) -> Tensor:
     """Evaluate :func:`input_vjp_expression`."""
     return input_vjp_expression(grad_output, weight, input_size, **kwargs)()  # type: ignore[arg-type]
 

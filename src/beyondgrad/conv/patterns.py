@@ -49,7 +49,9 @@ def conv_output_size(
     input_size: int, kernel_size: int, stride: int = 1, padding: Padding = 0, dilation: int = 1
 ) -> int:
     """Output length of a convolution along one dimension."""
-    _check_positive(input_size=input_size, kernel_size=kernel_size, stride=stride, dilation=dilation)
+    _check_positive(
+        input_size=input_size, kernel_size=kernel_size, stride=stride, dilation=dilation
+    )
     left, right = _pair_padding(padding, kernel_size, dilation)
     if isinstance(padding, str) and padding == "same" and stride != 1:
         raise ValueError("padding='same' needs stride 1 (as in PyTorch)")
@@ -71,12 +73,16 @@ def conv_transpose_output_size(
     output_padding: int = 0,
 ) -> int:
     """Output length of a transposed convolution along one dimension."""
-    _check_positive(input_size=input_size, kernel_size=kernel_size, stride=stride, dilation=dilation)
+    _check_positive(
+        input_size=input_size, kernel_size=kernel_size, stride=stride, dilation=dilation
+    )
     if not 0 <= output_padding < max(stride, dilation):
         raise ValueError(
             f"output_padding must be smaller than stride or dilation, got {output_padding}"
         )
-    out = (input_size - 1) * stride - 2 * padding + dilation * (kernel_size - 1) + output_padding + 1
+    out = (
+        (input_size - 1) * stride - 2 * padding + dilation * (kernel_size - 1) + output_padding + 1
+    )
     if out < 1:
         raise ValueError(f"transposed convolution output would be empty ({out})")
     return out

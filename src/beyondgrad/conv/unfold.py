@@ -25,7 +25,9 @@ from .patterns import Padding, _pair_padding, as_paddings, as_tuple, conv_transp
 
 def _spatial_dims(x: Tensor, name: str) -> int:
     if x.ndim < 3:
-        raise ValueError(f"{name}: expected input [N, C, *spatial] with >= 1 spatial dim, got {tuple(x.shape)}")
+        raise ValueError(
+            f"{name}: expected input [N, C, *spatial] with >= 1 spatial dim, got {tuple(x.shape)}"
+        )
     return x.ndim - 2
 
 
@@ -39,7 +41,9 @@ def _pad_widths(
     return widths
 
 
-def _patches(x: Tensor, kernel: tuple[int, ...], dilation: tuple[int, ...], stride: tuple[int, ...]) -> Tensor:
+def _patches(
+    x: Tensor, kernel: tuple[int, ...], dilation: tuple[int, ...], stride: tuple[int, ...]
+) -> Tensor:
     """``[N, C, O_1..O_d, K_1..K_d]`` strided view of an already padded input."""
     d = len(kernel)
     u = x

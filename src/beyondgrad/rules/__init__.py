@@ -38,11 +38,11 @@ from .norm import (
 
 __all__ = [
     "FAST_RULES",
-    "ConcatForm",
-    "PermutedForm",
     "GENERIC",
+    "ConcatForm",
     "Form",
     "OuterForm",
+    "PermutedForm",
     "Rule",
     "SampleForm",
     "ScatterForm",

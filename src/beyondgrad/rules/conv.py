@@ -28,7 +28,11 @@ def _check_batched(module: nn.Module, x: Tensor, d: int) -> None:
 
 
 def _grouped_outer(
-    U: Tensor, g: Tensor, groups: int, shape_per_group: tuple[int, ...], perm: tuple[int, ...] | None
+    U: Tensor,
+    g: Tensor,
+    groups: int,
+    shape_per_group: tuple[int, ...],
+    perm: tuple[int, ...] | None,
 ) -> Form:
     """Forms for weight gradients ``G_g^T U_g`` of each group; ``U``: ``[N, C*K, O]``,
     ``g``: ``[N, F, O]``."""
@@ -76,7 +80,11 @@ def conv_transpose_forms(
         out_pad = tuple(
             o - ((i - 1) * s - 2 * p + dl * (k - 1) + 1)
             for o, i, s, p, dl, k in zip(
-                g.shape[2:], x.shape[2:], module.stride, module.padding, module.dilation,
+                g.shape[2:],
+                x.shape[2:],
+                module.stride,
+                module.padding,
+                module.dilation,
                 module.kernel_size,
             )
         )
