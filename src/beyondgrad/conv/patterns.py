@@ -5,7 +5,8 @@
 
     Pi[k, o, i] = [i == o * s - p + k * d]
 
-and for the transposed convolution (the adjoint map, ``O_t = (I - 1) s - 2 p + d (K - 1) + op + 1``)::
+and for the transposed convolution (the adjoint map, with output length
+``O_t = (I - 1) s - 2 p + d (K - 1) + op + 1``)::
 
     Pi_t[k, o, i] = [o == i * s - p + k * d]
 

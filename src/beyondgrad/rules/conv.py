@@ -36,7 +36,7 @@ def _grouped_outer(
 ) -> Form:
     """Forms for weight gradients ``G_g^T U_g`` of each group; ``U``: ``[N, C*K, O]``,
     ``g``: ``[N, F, O]``."""
-    N, rows, O = U.shape
+    rows = U.shape[1]
     F_out = g.shape[1]
     parts: list[Form] = []
     for gr in range(groups):
