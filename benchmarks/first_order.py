@@ -19,6 +19,9 @@ Protocol (DESIGN.md section 6):
   averages ``k`` calls so that it lasts at least ``--target-ms``. Then ``reps`` samples of the
   baseline and the candidate, alternated rep by rep (ABBA). Reported: median candidate time, median
   candidate / median baseline, and the median of the per-rep ratios ("paired").
+* A cell is re-timed while the machine looks disturbed (samples spread > 1.5x, its baseline
+  1.5x slower than the problem's fastest so far, or other processes using > 20 % of the CPUs);
+  the attempt with the fastest baseline is kept, marked NOISY if it was still disturbed.
 * Baseline: ``model.zero_grad(set_to_none=True); loss_fn(model(X), y).backward()``.
 * Set-up a user pays once per model (BackPACK ``extend``, Opacus wrapping) runs once in the
   cell's set-up and is not timed. Everything else is inside the timed call, such as the
@@ -51,6 +54,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +87,8 @@ class Config:
     quick: bool
     noise_spread: float = 1.5
     noise_retries: int = 2
+    max_foreign_load: float = 0.2
+    retry_wait_s: float = 2.0
 
     @property
     def isolate(self) -> bool:
@@ -143,6 +149,7 @@ class Row:
     k_base: int | None = None
     reps: int | None = None
     spread: float | None = None
+    foreign_load: float | None = None
     samples_ms: list[float] = field(default_factory=list)
     base_samples_ms: list[float] = field(default_factory=list)
     wall_s: float | None = None
@@ -282,8 +289,9 @@ def backpack_setup(extension: str) -> Setup:
                 f"'{savefield}' ({detail}); BackPACK only warns"
             ]
 
-        return Candidate(call, reset=reset, inspect=inspect,
-                         notes=["extend() once in set-up (not timed)"])
+        return Candidate(
+            call, reset=reset, inspect=inspect, notes=["extend() once in set-up (not timed)"]
+        )
 
     return setup
 
@@ -325,7 +333,10 @@ def opacus_ghost_setup(p: Problem) -> Candidate:
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
 
     gsm = GradSampleModuleFastGradientClipping(
-        p.model, batch_first=True, loss_reduction="mean", max_grad_norm=1.0,
+        p.model,
+        batch_first=True,
+        loss_reduction="mean",
+        max_grad_norm=1.0,
         use_ghost_clipping=True,
     )
     loss_fn, X, y = p.loss_fn, p.X, p.y
@@ -335,8 +346,11 @@ def opacus_ghost_setup(p: Problem) -> Candidate:
         loss_fn(gsm(X), y).backward()
         return gsm.get_norm_sample()
 
-    return Candidate(call, reset=lambda: gsm.zero_grad(set_to_none=True),
-                     notes=["GradSampleModuleFastGradientClipping once in set-up (not timed)"])
+    return Candidate(
+        call,
+        reset=lambda: gsm.zero_grad(set_to_none=True),
+        notes=["GradSampleModuleFastGradientClipping once in set-up (not timed)"],
+    )
 
 
 # -- torch.func -------------------------------------------------------------------------------
@@ -352,8 +366,9 @@ def func_per_sample_fn(p: Problem) -> Callable[[], dict[str, Tensor]]:
 
     model, loss_fn = p.model, p.loss_fn
 
-    def loss_one(params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor,
-                 t: Tensor) -> Tensor:
+    def loss_one(
+        params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor, t: Tensor
+    ) -> Tensor:
         out = functional_call(model, (params, buffers), (x.unsqueeze(0),))
         return loss_fn(out, t.unsqueeze(0))
 
@@ -395,8 +410,9 @@ def cell_specs(cfg: Config) -> list[CellSpec]:
     no_op = _has_module("opacus")
 
     def bp(ext: str, group: str) -> CellSpec:
-        return CellSpec(group, "backpack", None if no_bp else backpack_setup(ext),
-                        no_bp or f"extensions.{ext}")
+        return CellSpec(
+            group, "backpack", None if no_bp else backpack_setup(ext), no_bp or f"extensions.{ext}"
+        )
 
     def op(group: str, setup: Setup, note: str, library: str = "opacus") -> CellSpec:
         return CellSpec(group, library, None if no_op else setup, no_op or note)
@@ -410,8 +426,9 @@ def cell_specs(cfg: Config) -> list[CellSpec]:
         CellSpec("batch_grad", "beyondgrad", bgs(bg.BatchGrad), "", False),
         bp("BatchGrad", "batch_grad"),
         op("batch_grad", opacus_setup(norms=False), "GradSampleModule"),
-        CellSpec("batch_grad", "torch.func", func_setup(norms=False),
-                 "vmap(grad) + functional_call"),
+        CellSpec(
+            "batch_grad", "torch.func", func_setup(norms=False), "vmap(grad) + functional_call"
+        ),
         CellSpec("batch_l2", "beyondgrad", bgs(bg.BatchL2), "", False),
         bp("BatchL2Grad", "batch_l2"),
         op("batch_l2", opacus_ghost_setup, "ghost clipping norms", "opacus ghost"),
@@ -420,23 +437,35 @@ def cell_specs(cfg: Config) -> list[CellSpec]:
         CellSpec("grad_batch_l2", "beyondgrad", bgs(bg.Grad, bg.BatchL2), "", False),
         na("grad_batch_l2", "backpack", "same call as its BatchL2 row (fills .grad too)"),
         na("grad_batch_l2", "opacus", "same call as its BatchL2 rows (fills .grad too)"),
-        na("grad_batch_l2", "torch.func",
-           "no separate API (the gradient is the sum of its per-sample gradients)"),
+        na(
+            "grad_batch_l2",
+            "torch.func",
+            "no separate API (the gradient is the sum of its per-sample gradients)",
+        ),
         CellSpec("sgs", "beyondgrad", bgs(bg.SumGradSquared), "", False),
         bp("SumGradSquared", "sgs"),
         na("sgs", "opacus", "no API"),
-        na("sgs", "torch.func",
-           "no API (reduce the per-sample gradients: at least its BatchGrad cost)"),
+        na(
+            "sgs",
+            "torch.func",
+            "no API (reduce the per-sample gradients: at least its BatchGrad cost)",
+        ),
         CellSpec("variance", "beyondgrad", bgs(bg.Variance), "", False),
         bp("Variance", "variance"),
         na("variance", "opacus", "no API"),
-        na("variance", "torch.func",
-           "no API (reduce the per-sample gradients: at least its BatchGrad cost)"),
+        na(
+            "variance",
+            "torch.func",
+            "no API (reduce the per-sample gradients: at least its BatchGrad cost)",
+        ),
         CellSpec("batch_dot", "beyondgrad", bgs(bg.BatchDot), "", False),
         na("batch_dot", "backpack", "no extension for per-sample gradient inner products"),
         na("batch_dot", "opacus", "no API"),
-        na("batch_dot", "torch.func",
-           "no API (Gram of the per-sample gradients: at least its BatchGrad cost)"),
+        na(
+            "batch_dot",
+            "torch.func",
+            "no API (Gram of the per-sample gradients: at least its BatchGrad cost)",
+        ),
         CellSpec("grad", "beyondgrad", bgs(bg.Grad), "", False),
         na("grad", "peers", "plain autograd is the baseline row"),
     ]
@@ -479,11 +508,15 @@ class CpuMemory:
     def method(self) -> str:
         """How the peak is measured, for the table header."""
         if self.resettable:
-            return ("resident-set high-water mark (VmHWM, reset via /proc/self/clear_refs) above "
-                    "the resident set before the call, after gc + malloc_trim")
-        return ("FALLBACK: clear_refs reset not permitted; ru_maxrss after the call minus the "
-                "resident set before it (an upper bound when the call did not raise the "
-                "process's high-water mark)")
+            return (
+                "resident-set high-water mark (VmHWM, reset via /proc/self/clear_refs) above "
+                "the resident set before the call, after gc + malloc_trim"
+            )
+        return (
+            "FALLBACK: clear_refs reset not permitted; ru_maxrss after the call minus the "
+            "resident set before it (an upper bound when the call did not raise the "
+            "process's high-water mark)"
+        )
 
     def peak_mib(self, fn: Callable[[], object]) -> float:
         gc.collect()
@@ -565,11 +598,64 @@ class Timing:
     k_base: int
     k_cand: int
     reps: int
+    foreign_load: float | None  # share of all CPUs that other processes used (CPU only)
 
     @property
     def spread(self) -> float:
         """Max/min ratio of the noisier of the two sample series (1 = perfectly steady)."""
         return max(max(x) / min(x) for x in (self.base, self.cand))
+
+    @property
+    def base_median(self) -> float:
+        return statistics.median(self.base)
+
+    def disturbances(self, cfg: Config, ref_base_s: float | None) -> list[str]:
+        """Why these samples look disturbed (empty: they look fine)."""
+        out = []
+        if self.spread > cfg.noise_spread:
+            out.append(f"samples spread {self.spread:.2g}x (max/min)")
+        if ref_base_s is not None and self.base_median > cfg.noise_spread * ref_base_s:
+            out.append(
+                f"baseline {self.base_median / ref_base_s:.2g}x slower than the problem's fastest"
+            )
+        if self.foreign_load is not None and self.foreign_load > cfg.max_foreign_load:
+            out.append(f"other processes used {self.foreign_load:.0%} of the CPUs")
+        return out
+
+
+class ForeignLoad:
+    """Share of the machine's CPU time used by other processes between ``start`` and ``stop``
+    (from ``/proc/stat``, minus this process's own CPU time)."""
+
+    def __init__(self) -> None:
+        self._t0 = self._busy0 = self._own0 = 0.0
+
+    @staticmethod
+    def _busy_s() -> float | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own_s() -> float:
+        t = os.times()
+        return t.user + t.system
+
+    def start(self) -> None:
+        self._t0, self._own0 = time.perf_counter(), self._own_s()
+        self._busy0 = self._busy_s() or 0.0
+
+    def stop(self) -> float | None:
+        busy = self._busy_s()
+        wall = time.perf_counter() - self._t0
+        if busy is None or wall <= 0:
+            return None
+        foreign = (busy - self._busy0) - (self._own_s() - self._own0)
+        return max(0.0, foreign) / (wall * (os.cpu_count() or 1))
 
 
 def timed_reps(base: Callable[[], object], cand: Callable[[], object], cfg: Config) -> Timing:
@@ -586,6 +672,8 @@ def timed_reps(base: Callable[[], object], cand: Callable[[], object], cfg: Conf
     bs: list[float] = []
     cs: list[float] = []
     gc.collect()
+    load = ForeignLoad()
+    load.start()
     for rep in range(reps):
         if rep % 2 == 0:
             bs.append(time_sample(base, k_b, device))
@@ -593,11 +681,21 @@ def timed_reps(base: Callable[[], object], cand: Callable[[], object], cfg: Conf
         else:
             cs.append(time_sample(cand, k_c, device))
             bs.append(time_sample(base, k_b, device))
-    return Timing(bs, cs, k_b, k_c, reps)
+    foreign = load.stop() if device == "cpu" else None
+    return Timing(bs, cs, k_b, k_c, reps, foreign)
 
 
-def measure_cell(problem: str, spec: CellSpec, cfg: Config, memory: CpuMemory | None) -> Row:
-    """Set up, warm up, measure memory, calibrate and time one cell against the baseline."""
+def measure_cell(
+    problem: str,
+    spec: CellSpec,
+    cfg: Config,
+    memory: CpuMemory | None,
+    ref_base_s: float | None = None,
+) -> Row:
+    """Set up, warm up, measure memory, calibrate and time one cell against the baseline.
+
+    ``ref_base_s``: the fastest baseline median seen so far on this problem; a cell whose own
+    baseline is much slower ran on a disturbed machine and is re-timed."""
     assert spec.setup is not None
     row = Row(spec.group, spec.library, "ok")
     notes: list[str] = [spec.note] if spec.note else []
@@ -630,16 +728,17 @@ def measure_cell(problem: str, spec: CellSpec, cfg: Config, memory: CpuMemory | 
             row.mem_mib = peak(cand.call)
             cand.reset()
 
-            # re-time (recalibrating) while the samples are implausibly spread: the machine
-            # was disturbed; keep the steadiest attempt
+            # re-time (recalibrating) while the machine looks disturbed; keep the attempt
+            # with the fastest baseline (contention only ever slows things down)
             attempts = [timed_reps(base.call, cand.call, cfg)]
-            while attempts[-1].spread > cfg.noise_spread and len(attempts) <= cfg.noise_retries:
+            while attempts[-1].disturbances(cfg, ref_base_s) and len(attempts) <= cfg.noise_retries:
+                time.sleep(cfg.retry_wait_s)
                 attempts.append(timed_reps(base.call, cand.call, cfg))
-            best = min(attempts, key=lambda t: t.spread)
+            best = min(attempts, key=lambda t: t.base_median)
             if len(attempts) > 1:
-                notes.append(f"re-timed {len(attempts) - 1}x (noisy machine)")
-            if best.spread > cfg.noise_spread:
-                notes.append(f"NOISY: samples spread {best.spread:.2g}x (max/min)")
+                notes.append(f"re-timed {len(attempts) - 1}x (disturbed machine)")
+            if issues := best.disturbances(cfg, ref_base_s):
+                notes.append("NOISY: " + ", ".join(issues))
             if best.reps < cfg.reps:
                 notes.append(f"{best.reps} reps (time cap)")
     except Exception as exc:
@@ -657,6 +756,7 @@ def measure_cell(problem: str, spec: CellSpec, cfg: Config, memory: CpuMemory | 
     if row.base_mem_mib and row.base_mem_mib > 0 and row.mem_mib is not None:
         row.mem_ratio = row.mem_mib / row.base_mem_mib
     row.k, row.k_base, row.reps, row.spread = best.k_cand, best.k_base, best.reps, best.spread
+    row.foreign_load = best.foreign_load
     row.note = "; ".join(notes)
     return row
 
@@ -743,8 +843,15 @@ def compare(a: dict[str, Tensor], b: dict[str, Tensor]) -> tuple[float, float, d
     return max_abs, (max_abs / max_ref if max_ref > 0 else 0.0), per
 
 
-def fill_check(check: Check, a: dict[str, Tensor], b: dict[str, Tensor], tol: float,
-               n_total: int, extra: str = "", flag: bool = True) -> Check:
+def fill_check(
+    check: Check,
+    a: dict[str, Tensor],
+    b: dict[str, Tensor],
+    tol: float,
+    n_total: int,
+    extra: str = "",
+    flag: bool = True,
+) -> Check:
     """Compare and record: relative errors, the tensors above ``tol``, the coverage.
     ``flag``: whether mismatching tensors flag the table rows (off for sums over parameters,
     whose per-parameter check flags them by name)."""
@@ -809,27 +916,51 @@ def agreement(problem: str, cfg: Config) -> dict[str, Any]:
         func.update({n: g / N for n, g in func_per_sample_fn(p)().items()})
         return fill_check(c, ours["BatchGrad"], func, tol, len(names))
 
-    attempt(Check("BatchGrad: beyondgrad vs torch.func vmap(grad) / N", "beyondgrad",
-                  ["batch_grad"]), func_checks)
+    attempt(
+        Check("BatchGrad: beyondgrad vs torch.func vmap(grad) / N", "beyondgrad", ["batch_grad"]),
+        func_checks,
+    )
     if func:
         sq = {n: g.flatten(1).pow(2).sum(1) for n, g in func.items()}
-        attempt(Check("BatchL2 summed over params: beyondgrad vs torch.func", "beyondgrad",
-                      ["batch_l2", "grad_batch_l2"]),
-                lambda c: fill_check(c, total(ours["BatchL2"]), total(sq), tol, 1, flag=False))
-        attempt(Check("BatchL2 per param: beyondgrad vs torch.func", "beyondgrad",
-                      ["batch_l2", "grad_batch_l2"]),
-                lambda c: fill_check(c, ours["BatchL2"], sq, tol, len(names)))
+        attempt(
+            Check(
+                "BatchL2 summed over params: beyondgrad vs torch.func",
+                "beyondgrad",
+                ["batch_l2", "grad_batch_l2"],
+            ),
+            lambda c: fill_check(c, total(ours["BatchL2"]), total(sq), tol, 1, flag=False),
+        )
+        attempt(
+            Check(
+                "BatchL2 per param: beyondgrad vs torch.func",
+                "beyondgrad",
+                ["batch_l2", "grad_batch_l2"],
+            ),
+            lambda c: fill_check(c, ours["BatchL2"], sq, tol, len(names)),
+        )
         sgs = {n: g.pow(2).sum(0) for n, g in func.items()}
-        attempt(Check("SumGradSquared: beyondgrad vs torch.func", "beyondgrad", ["sgs"]),
-                lambda c: fill_check(c, ours["SumGradSquared"], sgs, tol, len(names)))
+        attempt(
+            Check("SumGradSquared: beyondgrad vs torch.func", "beyondgrad", ["sgs"]),
+            lambda c: fill_check(c, ours["SumGradSquared"], sgs, tol, len(names)),
+        )
         var = {n: (N * g).pow(2).mean(0) - (N * g).mean(0).pow(2) for n, g in func.items()}
-        attempt(Check("Variance: beyondgrad vs torch.func (of the N-scaled per-sample grads)",
-                      "beyondgrad", ["variance"]),
-                lambda c: fill_check(c, ours["Variance"], var, tol, len(names)))
+        attempt(
+            Check(
+                "Variance: beyondgrad vs torch.func (of the N-scaled per-sample grads)",
+                "beyondgrad",
+                ["variance"],
+            ),
+            lambda c: fill_check(c, ours["Variance"], var, tol, len(names)),
+        )
         gram = {n: g.flatten(1) @ g.flatten(1).T for n, g in func.items()}
-        attempt(Check("BatchDot: beyondgrad vs torch.func (Gram of per-sample grads)",
-                      "beyondgrad", ["batch_dot"]),
-                lambda c: fill_check(c, _batch_dot(p), gram, tol, len(names)))
+        attempt(
+            Check(
+                "BatchDot: beyondgrad vs torch.func (Gram of per-sample grads)",
+                "beyondgrad",
+                ["batch_dot"],
+            ),
+            lambda c: fill_check(c, _batch_dot(p), gram, tol, len(names)),
+        )
 
     if not cfg.only_beyondgrad:
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -847,8 +978,14 @@ def _batch_dot(p: Problem) -> dict[str, Tensor]:
 AttemptFn = Callable[[Check, Callable[[Check], Check]], None]
 
 
-def backpack_checks(p: Problem, ours: dict[str, dict[str, Tensor]], N: int, n_total: int,
-                    tol: float, attempt: AttemptFn) -> None:
+def backpack_checks(
+    p: Problem,
+    ours: dict[str, dict[str, Tensor]],
+    N: int,
+    n_total: int,
+    tol: float,
+    attempt: AttemptFn,
+) -> None:
     """BackPACK with reduction mean uses the 1/N-scaled per-sample gradients, like ours."""
     import backpack
     import backpack.extensions as ext
@@ -857,41 +994,77 @@ def backpack_checks(p: Problem, ours: dict[str, dict[str, Tensor]], N: int, n_to
     model, loss_fn = backpack.extend(q.model), backpack.extend(q.loss_fn)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with backpack.backpack(ext.BatchGrad(), ext.BatchL2Grad(), ext.SumGradSquared(),
-                               ext.Variance()):
+        with backpack.backpack(
+            ext.BatchGrad(), ext.BatchL2Grad(), ext.SumGradSquared(), ext.Variance()
+        ):
             loss_fn(model(q.X), q.y).backward()
 
     def field_of(attr: str) -> dict[str, Tensor]:
         return {n: getattr(t, attr) for n, t in model.named_parameters() if hasattr(t, attr)}
 
     gb, l2 = field_of("grad_batch"), field_of("batch_l2")
-    attempt(Check("BatchGrad: beyondgrad vs BackPACK grad_batch (directly)", "backpack",
-                  ["batch_grad"]), lambda c: fill_check(c, ours["BatchGrad"], gb, tol, n_total))
-    attempt(Check("BatchL2 summed over the params BackPACK covers: vs BackPACK batch_l2",
-                  "backpack", ["batch_l2"]),
-            lambda c: fill_check(c, total(ours["BatchL2"], list(l2)), total(l2), tol, 1,
-                                 f"{len(l2)}/{n_total} tensors covered", flag=False))
-    attempt(Check("BatchL2 per param: beyondgrad vs BackPACK batch_l2", "backpack", ["batch_l2"]),
-            lambda c: fill_check(c, ours["BatchL2"], l2, tol, n_total))
-    attempt(Check("SumGradSquared: beyondgrad vs BackPACK", "backpack", ["sgs"]),
-            lambda c: fill_check(c, ours["SumGradSquared"], field_of("sum_grad_squared"), tol,
-                                 n_total))
+    attempt(
+        Check(
+            "BatchGrad: beyondgrad vs BackPACK grad_batch (directly)", "backpack", ["batch_grad"]
+        ),
+        lambda c: fill_check(c, ours["BatchGrad"], gb, tol, n_total),
+    )
+    attempt(
+        Check(
+            "BatchL2 summed over the params BackPACK covers: vs BackPACK batch_l2",
+            "backpack",
+            ["batch_l2"],
+        ),
+        lambda c: fill_check(
+            c,
+            total(ours["BatchL2"], list(l2)),
+            total(l2),
+            tol,
+            1,
+            f"{len(l2)}/{n_total} tensors covered",
+            flag=False,
+        ),
+    )
+    attempt(
+        Check("BatchL2 per param: beyondgrad vs BackPACK batch_l2", "backpack", ["batch_l2"]),
+        lambda c: fill_check(c, ours["BatchL2"], l2, tol, n_total),
+    )
+    attempt(
+        Check("SumGradSquared: beyondgrad vs BackPACK", "backpack", ["sgs"]),
+        lambda c: fill_check(c, ours["SumGradSquared"], field_of("sum_grad_squared"), tol, n_total),
+    )
     ours_var = {n: v / N**2 for n, v in ours["Variance"].items()}
-    attempt(Check("Variance: beyondgrad / N^2 vs BackPACK (BackPACK: variance of the "
-                  "1/N-scaled per-sample grads)", "backpack", ["variance"]),
-            lambda c: fill_check(c, ours_var, field_of("variance"), tol, n_total))
+    attempt(
+        Check(
+            "Variance: beyondgrad / N^2 vs BackPACK (BackPACK: variance of the "
+            "1/N-scaled per-sample grads)",
+            "backpack",
+            ["variance"],
+        ),
+        lambda c: fill_check(c, ours_var, field_of("variance"), tol, n_total),
+    )
 
 
-def opacus_checks(problem: str, cfg: Config, ours: dict[str, dict[str, Tensor]], N: int,
-                  n_total: int, tol: float, attempt: AttemptFn) -> None:
+def opacus_checks(
+    problem: str,
+    cfg: Config,
+    ours: dict[str, dict[str, Tensor]],
+    N: int,
+    n_total: int,
+    tol: float,
+    attempt: AttemptFn,
+) -> None:
     """Opacus (reduction mean) scales per-sample gradients by N: compare grad_sample / N."""
 
     def per_sample(c: Check) -> Check:
         q = fresh_problem(problem, cfg.device)
         cand = opacus_setup(norms=False)(q)
         cand.call()
-        gs = {n: t.grad_sample / N for n, t in q.model.named_parameters()
-              if getattr(t, "grad_sample", None) is not None}
+        gs = {
+            n: t.grad_sample / N
+            for n, t in q.model.named_parameters()
+            if getattr(t, "grad_sample", None) is not None
+        }
         return fill_check(c, ours["BatchGrad"], gs, tol, n_total)
 
     def ghost(c: Check) -> Check:
@@ -901,20 +1074,38 @@ def opacus_checks(problem: str, cfg: Config, ours: dict[str, dict[str, Tensor]],
         assert isinstance(norms, Tensor)
         ref = total({"x": (norms / N).pow(2)})
         c = fill_check(c, total(ours["BatchL2"]), ref, tol, 1, flag=False)
-        per = {n: (t._norm_sample / N).pow(2) for n, t in q.model.named_parameters()
-               if getattr(t, "_norm_sample", None) is not None}
+        per = {
+            n: (t._norm_sample / N).pow(2)
+            for n, t in q.model.named_parameters()
+            if getattr(t, "_norm_sample", None) is not None
+        }
         _, _, rels = compare(ours["BatchL2"], per)
         bad = sorted(n for n, r in rels.items() if r > tol)
         if bad:
             c.mismatch = bad
-            c.detail = "; ".join(filter(None, [c.detail, "per-param MISMATCH " + ", ".join(
-                f"{n}: {rels[n]:.2g}" for n in bad[:4])]))
+            c.detail = "; ".join(
+                filter(
+                    None,
+                    [
+                        c.detail,
+                        "per-param MISMATCH " + ", ".join(f"{n}: {rels[n]:.2g}" for n in bad[:4]),
+                    ],
+                )
+            )
         return c
 
-    attempt(Check("BatchGrad: beyondgrad vs Opacus grad_sample / N", "opacus", ["batch_grad"]),
-            per_sample)
-    attempt(Check("BatchL2 summed over params: beyondgrad vs (Opacus ghost norm / N)^2",
-                  "opacus ghost", ["batch_l2"]), ghost)
+    attempt(
+        Check("BatchGrad: beyondgrad vs Opacus grad_sample / N", "opacus", ["batch_grad"]),
+        per_sample,
+    )
+    attempt(
+        Check(
+            "BatchL2 summed over params: beyondgrad vs (Opacus ghost norm / N)^2",
+            "opacus ghost",
+            ["batch_l2"],
+        ),
+        ghost,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -950,16 +1141,25 @@ def run_problem(problem: str, cfg: Config, memory: CpuMemory | None) -> dict[str
             continue
         tc = time.perf_counter()
         try:
-            row = run_isolated(lambda s=spec: measure_cell(problem, s, cfg, memory),
-                               cfg.cell_timeout_s, cfg.isolate)
+            ref = min((r.base_ms for r in rows if r.base_ms is not None), default=None)
+            ref_s = ref / 1e3 if ref is not None else None
+            row = run_isolated(
+                partial(measure_cell, problem, spec, cfg, memory, ref_s),
+                cfg.cell_timeout_s,
+                cfg.isolate,
+            )
         except Exception as exc:
-            row = Row(spec.group, spec.library, "error",
-                      f"error: {_short(str(exc).splitlines()[0])}")
+            row = Row(
+                spec.group, spec.library, "error", f"error: {_short(str(exc).splitlines()[0])}"
+            )
         row.wall_s = time.perf_counter() - tc
         rows.append(row)
         if row.status == "ok":
-            print(f"{label}: {row.time_ms:.3g} ms, x{row.ratio:.3g} (paired x{row.paired:.3g}), "
-                  f"mem {row.mem_mib:.3g} MiB  [{row.wall_s:.0f} s]", file=sys.stderr)
+            print(
+                f"{label}: {row.time_ms:.3g} ms, x{row.ratio:.3g} (paired x{row.paired:.3g}), "
+                f"mem {row.mem_mib:.3g} MiB  [{row.wall_s:.0f} s]",
+                file=sys.stderr,
+            )
         else:
             print(f"{label}: {row.note}", file=sys.stderr)
     try:
@@ -990,8 +1190,12 @@ def flags_for(row: dict[str, Any], checks: list[dict[str, Any]]) -> list[str]:
     out = []
     for c in checks:
         if c["library"] == row["library"] and row["group"] in c["groups"] and c["mismatch"]:
-            out.append("DISAGREES on " + ", ".join(c["mismatch"][:3])
-                       + (" ..." if len(c["mismatch"]) > 3 else "") + " (see agreement)")
+            out.append(
+                "DISAGREES on "
+                + ", ".join(c["mismatch"][:3])
+                + (" ..." if len(c["mismatch"]) > 3 else "")
+                + " (see agreement)"
+            )
     return sorted(set(out))
 
 
@@ -1014,10 +1218,12 @@ def render(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
         "alternated rep by rep (order swapped every other rep). *time*: median of the "
         "candidate's samples. *x fwd+bwd*: its "
         "median / the baseline's median, the baseline re-measured in the same process. "
-        "*paired x*: median of the per-rep ratios. A cell whose samples (baseline or "
-        f"candidate) spread more than {meta['noise_spread']:g}x (max/min) is re-timed, "
-        f"recalibrated, up to {meta['noise_retries']} more times; the steadiest attempt is kept "
-        "and marked NOISY if still above.",
+        "*paired x*: median of the per-rep ratios. A cell is re-timed (recalibrated) up to "
+        f"{meta['noise_retries']} more times while the machine looks disturbed: samples "
+        f"spread more than {meta['noise_spread']:g}x (max/min), its baseline median "
+        f"{meta['noise_spread']:g}x slower than the problem's fastest so far, or other "
+        f"processes using more than {meta['max_foreign_load']:.0%} of the CPUs (CPU only). "
+        "The attempt with the fastest baseline is kept; NOISY says it was still disturbed.",
         f"* **Memory**: {meta['memory_method']}; one call of each, after warm-up, from a clean "
         "state (results of earlier calls dropped); the outputs are alive when the peak is "
         "read. *mem x*: over the baseline's peak in the same process.",
@@ -1041,28 +1247,46 @@ def render_summary(results: list[dict[str, Any]]) -> list[str]:
     """beyondgrad's time ratio per quantity and problem, next to the fastest peer."""
     if not results:
         return []
-    head = "| quantity | " + " | ".join(
-        f"{r['problem']}: beyondgrad | {r['problem']}: best peer" for r in results) + " |"
-    lines = ["## Summary (time x fwd+bwd)", "",
-             "Best peer: the fastest peer row that ran, marked where it skipped parameters "
-             "(partial) or failed the agreement check (disagrees).", "", head,
-             "|---|" + "---:|---|" * len(results)]
+    head = (
+        "| quantity | "
+        + " | ".join(f"{r['problem']}: beyondgrad | {r['problem']}: best peer" for r in results)
+        + " |"
+    )
+    lines = [
+        "## Summary (time x fwd+bwd)",
+        "",
+        "Best peer: the fastest peer row that ran, marked where it skipped parameters "
+        "(partial) or failed the agreement check (disagrees).",
+        "",
+        head,
+        "|---|" + "---:|---|" * len(results),
+    ]
     for group, label in GROUPS.items():
         if group == "baseline":
             continue
         cells = []
         for r in results:
             ours = [x for x in r["rows"] if x["group"] == group and x["library"] == "beyondgrad"]
-            peers = [x for x in r["rows"] if x["group"] == group and x["status"] == "ok"
-                     and x["library"] != "beyondgrad"]
-            cells.append(fmt(ours[0]["ratio"]) if ours and ours[0]["status"] == "ok"
-                         else (ours[0]["status"] if ours else ""))
+            peers = [
+                x
+                for x in r["rows"]
+                if x["group"] == group and x["status"] == "ok" and x["library"] != "beyondgrad"
+            ]
+            cells.append(
+                fmt(ours[0]["ratio"])
+                if ours and ours[0]["status"] == "ok"
+                else (ours[0]["status"] if ours else "")
+            )
             if peers:
                 best = min(peers, key=lambda x: x["ratio"])
-                marks = [m for m, bad in (
-                    ("partial", "PARTIAL" in best["note"]),
-                    ("disagrees", bool(flags_for(best, r["agreement"].get("checks", [])))),
-                ) if bad]
+                marks = [
+                    m
+                    for m, bad in (
+                        ("partial", "PARTIAL" in best["note"]),
+                        ("disagrees", bool(flags_for(best, r["agreement"].get("checks", [])))),
+                    )
+                    if bad
+                ]
                 mark = f" ({', '.join(marks)})" if marks else ""
                 cells.append(f"{fmt(best['ratio'])} {best['library']}{mark}")
             else:
@@ -1079,18 +1303,25 @@ def render_problem(res: dict[str, Any], meta: dict[str, Any]) -> list[str]:
     lines = [f"## {res['problem']} ({meta['device']})", ""]
     if info:
         tied = info.get("tied") or {}
-        tied_s = (f"; tied weights: {', '.join(tied)} (one tensor used by "
-                  f"{max(tied.values())} modules)") if tied else ""
-        lines.append(f"Batch {info['batch']}, {info['num_params']:,} parameters in "
-                     f"{info['param_tensors']} tensors{tied_s}.")
+        tied_s = (
+            (f"; tied weights: {', '.join(tied)} (one tensor used by {max(tied.values())} modules)")
+            if tied
+            else ""
+        )
+        lines.append(
+            f"Batch {info['batch']}, {info['num_params']:,} parameters in "
+            f"{info['param_tensors']} tensors{tied_s}."
+        )
     if base:
         b_ms = statistics.median(r["base_ms"] for r in base)
         b_mem = [r["base_mem_mib"] for r in base if r["base_mem_mib"] is not None]
-        lines.append(f"Baseline fwd+bwd: **{fmt(b_ms)} ms** (median over the cells' "
-                     f"processes, range {fmt(min(r['base_ms'] for r in base))}-"
-                     f"{fmt(max(r['base_ms'] for r in base))} ms), peak memory "
-                     f"{fmt(statistics.median(b_mem)) if b_mem else '?'} MiB. "
-                     f"Wall time {res['wall_s']:.0f} s.")
+        lines.append(
+            f"Baseline fwd+bwd: **{fmt(b_ms)} ms** (median over the cells' "
+            f"processes, range {fmt(min(r['base_ms'] for r in base))}-"
+            f"{fmt(max(r['base_ms'] for r in base))} ms), peak memory "
+            f"{fmt(statistics.median(b_mem)) if b_mem else '?'} MiB. "
+            f"Wall time {res['wall_s']:.0f} s."
+        )
     lines += [
         "",
         "| quantity | library | time [ms] | x fwd+bwd (median ratio) | paired x | "
@@ -1102,45 +1333,73 @@ def render_problem(res: dict[str, Any], meta: dict[str, Any]) -> list[str]:
         notes += flags_for(r, checks)
         note = "; ".join(notes).replace("|", "\\|")
         if r["status"] == "ok":
-            cols = [fmt(r["time_ms"]), f"**{fmt(r['ratio'])}**", fmt(r["paired"]),
-                    fmt(r["mem_mib"]), fmt(r["mem_ratio"])]
+            cols = [
+                fmt(r["time_ms"]),
+                f"**{fmt(r['ratio'])}**",
+                fmt(r["paired"]),
+                fmt(r["mem_mib"]),
+                fmt(r["mem_ratio"]),
+            ]
         else:
             cols = [r["status"], r["status"], "", "", ""]
-        lines.append(f"| {GROUPS[r['group']]} | {r['library']} | " + " | ".join(cols)
-                     + f" | {note} |")
-    lines += ["", f"### Agreement ({res['problem']}, float32, flagged above rel {meta['tol']:g})",
-              "", "relative = max abs difference / max abs reference value, over all compared "
-              "tensors together; per-tensor mismatches are listed in *detail*.", "",
-              "| check | max abs diff | relative | detail |", "|---|---:|---:|---|"]
+        lines.append(
+            f"| {GROUPS[r['group']]} | {r['library']} | " + " | ".join(cols) + f" | {note} |"
+        )
+    lines += [
+        "",
+        f"### Agreement ({res['problem']}, float32, flagged above rel {meta['tol']:g})",
+        "",
+        "relative = max abs difference / max abs reference value, over all compared "
+        "tensors together; per-tensor mismatches are listed in *detail*.",
+        "",
+        "| check | max abs diff | relative | detail |",
+        "|---|---:|---:|---|",
+    ]
     if "error" in res["agreement"]:
         lines.append(f"| agreement run | error | | {res['agreement']['error']} |")
     for c in checks:
         if c["status"] != "ok":
             lines.append(f"| {c['name']} | error | | {c['detail']} |")
         else:
-            lines.append(f"| {c['name']} | {c['max_abs']:.3g} | {c['rel']:.3g} | "
-                         f"{c['detail']} |")
+            lines.append(f"| {c['name']} | {c['max_abs']:.3g} | {c['rel']:.3g} | {c['detail']} |")
     return [*lines, ""]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=PROBLEMS)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--reps", type=int, default=7, help="timed samples per cell (default 7)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    ap.add_argument("--out", type=Path, default=None,
-                    help="markdown output (default benchmarks/results/first_order_{device}.md); "
-                         "the JSON goes next to it")
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke test: 2 reps, 1 warm-up, short samples")
-    ap.add_argument("--only-beyondgrad", action="store_true",
-                    help="skip the peers (BackPACK, Opacus, torch.func rows)")
-    ap.add_argument("--target-ms", type=float, default=None,
-                    help="minimum duration of one timed sample (default 50 on CPU, 20 on CUDA)")
-    ap.add_argument("--max-cell-s", type=float, default=None,
-                    help="timing budget per cell before reps are cut (default 25 CPU, 10 CUDA)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="markdown output (default benchmarks/results/first_order_{device}.md); "
+        "the JSON goes next to it",
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke test: 2 reps, 1 warm-up, short samples"
+    )
+    ap.add_argument(
+        "--only-beyondgrad",
+        action="store_true",
+        help="skip the peers (BackPACK, Opacus, torch.func rows)",
+    )
+    ap.add_argument(
+        "--target-ms",
+        type=float,
+        default=None,
+        help="minimum duration of one timed sample (default 50 on CPU, 20 on CUDA)",
+    )
+    ap.add_argument(
+        "--max-cell-s",
+        type=float,
+        default=None,
+        help="timing budget per cell before reps are cut (default 25 CPU, 10 CUDA)",
+    )
     return ap.parse_args(argv)
 
 
@@ -1180,8 +1439,9 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
-        "versions": {pkg: version(pkg) for pkg in
-                     ("beyondgrad", "backpack-for-pytorch", "opacus", "numpy")},
+        "versions": {
+            pkg: version(pkg) for pkg in ("beyondgrad", "backpack-for-pytorch", "opacus", "numpy")
+        },
         "reps": cfg.reps,
         "warmup": cfg.warmup,
         "target_ms": cfg.target_s * 1e3,
@@ -1189,13 +1449,20 @@ def main(argv: list[str] | None = None) -> int:
         "tol": cfg.tol,
         "noise_spread": cfg.noise_spread,
         "noise_retries": cfg.noise_retries,
+        "max_foreign_load": cfg.max_foreign_load,
         "quick": cfg.quick,
         "only_beyondgrad": cfg.only_beyondgrad,
-        "memory_method": (memory.method() if memory is not None else
-                          "torch.cuda.max_memory_allocated (after reset_peak_memory_stats) "
-                          "above torch.cuda.memory_allocated before the call"),
-        "isolation": ("each cell in its own forked child process" if cfg.isolate else
-                      "all cells in one process, one after the other"),
+        "memory_method": (
+            memory.method()
+            if memory is not None
+            else "torch.cuda.max_memory_allocated (after reset_peak_memory_stats) "
+            "above torch.cuda.memory_allocated before the call"
+        ),
+        "isolation": (
+            "each cell in its own forked child process"
+            if cfg.isolate
+            else "all cells in one process, one after the other"
+        ),
     }
     if cfg.only_beyondgrad:
         meta["versions"] = {"beyondgrad": meta["versions"]["beyondgrad"]}
@@ -1206,8 +1473,9 @@ def main(argv: list[str] | None = None) -> int:
     meta["wall_s"] = time.perf_counter() - t0
     out.write_text(render(meta, results))
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    print(f"wrote {out} and {out.with_suffix('.json').name} "
-          f"({meta['wall_s']:.0f} s)", file=sys.stderr)
+    print(
+        f"wrote {out} and {out.with_suffix('.json').name} ({meta['wall_s']:.0f} s)", file=sys.stderr
+    )
     return 0
 
 

@@ -18,11 +18,14 @@ from .engine import (
     loss_vectors,
 )
 from .quantities import (
+    BatchDiagGGN,
     BatchDot,
     BatchGrad,
     BatchL2,
+    DiagGGN,
     Grad,
     Quantity,
+    SqrtGGN,
     SumGradSquared,
     Variance,
 )
@@ -31,14 +34,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SUPPORTED_LOSSES",
+    "BatchDiagGGN",
     "BatchDot",
     "BatchGrad",
     "BatchL2",
     "Coverage",
+    "DiagGGN",
     "Grad",
     "Quantity",
     "Result",
     "Session",
+    "SqrtGGN",
     "SumGradSquared",
     "Variance",
     "__version__",

@@ -45,6 +45,12 @@ class Quantity:
     def key(self) -> str:
         return type(self).__name__
 
+    @property
+    def vectors(self) -> tuple[str, int]:
+        """Which output-space vectors the engine backpropagates for it: ``("grad", 1)`` (the
+        loss gradient), ``("exact", 0)`` (loss-Hessian square-root columns) or ``("mc", M)``."""
+        return ("grad", 1)
+
 
 @dataclass(frozen=True)
 class Grad(Quantity):
@@ -109,6 +115,58 @@ class Variance(Quantity):
         return var.addcmul_(g, g, value=-((c / S) ** 2)).clamp_min_(0)
 
 
+@dataclass(frozen=True)
+class _Curvature(Quantity):
+    """Base of the GGN-family quantities. ``mc_samples=None``: exact, the type-2 Fisher (the
+    GGN), backpropagating one loss-Hessian square-root column per model output per sample;
+    ``mc_samples=M``: the Monte-Carlo Fisher from M sampled labels per sample (seeded by the
+    ``generator`` passed to ``compute``; quantities with the same M share their draws).
+    ``max_vectors``: exact quantities refuse (with a clear error suggesting MC) when a sample
+    has more outputs than this, e.g. a vocabulary times a sequence length."""
+
+    mc_samples: int | None = None
+    max_vectors: int = 256
+
+    def __post_init__(self) -> None:
+        if self.mc_samples is not None and (
+            not isinstance(self.mc_samples, int) or self.mc_samples < 1
+        ):
+            raise ValueError(f"mc_samples must be None or a positive int, got {self.mc_samples!r}")
+
+    @property
+    def vectors(self) -> tuple[str, int]:
+        return ("exact", 0) if self.mc_samples is None else ("mc", self.mc_samples)
+
+
+@dataclass(frozen=True)
+class DiagGGN(_Curvature):
+    """Diagonal of the GGN (exact, ``mc_samples=None``) or of the MC Fisher, parameter-shaped:
+    ``sum_{n,k} g_{k,n}^2`` for the backpropagated vectors ``k`` (reduction included)."""
+
+    per_sample: ClassVar[bool] = False
+
+    def reduce(self, form: Form, ctx: ReduceContext, out: Tensor | None = None) -> Tensor:
+        return form.sum_grad_squared()
+
+
+@dataclass(frozen=True)
+class BatchDiagGGN(_Curvature):
+    """Per-sample GGN (or MC Fisher) diagonals, ``[N, *shape]``; they sum to :class:`DiagGGN`."""
+
+    def reduce(self, form: Form, ctx: ReduceContext, out: Tensor | None = None) -> Tensor:
+        return form.batch_sum_grad_squared()
+
+
+@dataclass(frozen=True)
+class SqrtGGN(_Curvature):
+    """The GGN factor ``V`` with ``GGN = V V^T`` (the basis of ViViT), per parameter
+    ``[K, N, *shape]``: K = outputs per sample (exact) or ``mc_samples`` (MC). Flattening the
+    first two axes and the parameters, ``V^T V`` is the Gram matrix of the GGN."""
+
+    def reduce(self, form: Form, ctx: ReduceContext, out: Tensor | None = None) -> Tensor:
+        return form.batch_grad().reshape(form.vectors, form.num_samples, *form.shape)
+
+
 FIRST_ORDER: tuple[type[Quantity], ...] = (
     Grad,
     BatchGrad,
@@ -117,3 +175,5 @@ FIRST_ORDER: tuple[type[Quantity], ...] = (
     SumGradSquared,
     Variance,
 )
+
+SECOND_ORDER: tuple[type[Quantity], ...] = (DiagGGN, BatchDiagGGN, SqrtGGN)

@@ -19,7 +19,7 @@ from ..quantities import BatchGrad, Grad, Quantity, ReduceContext
 from ..rules import Form, generic_forms, merge_forms, uses_batch_statistics
 from .attribution import attribute
 from .capture import Call, Recorder, Unit, plan_units
-from .losses import check_loss_fn, check_target
+from .losses import check_loss_fn, check_target, loss_vectors
 
 
 class Result:
@@ -182,8 +182,8 @@ class Session:
         return matches[0]
 
     def compute(self, loss: Tensor, out: Result | None = None) -> Result:
-        """Backpropagate ``loss`` once and reduce every requested quantity. ``out``: a previous
-        result whose per-sample tensors (``BatchGrad``) may be overwritten to save allocation."""
+        """Backpropagate once and reduce every requested quantity. ``out``: a previous result
+        whose per-sample tensors (``BatchGrad``) may be overwritten to save allocation."""
         self.__exit__()
         output, target = self._loss_record(loss)
         check_target(self.loss_fn, output, target)
@@ -196,31 +196,63 @@ class Session:
         if not only_grad:  # a plain gradient needs no attribution to layer calls
             attribute(loss, self.units, names)
         index = _index(self.subsampling, N, loss.device) if self.per_sample else None
+        kinds = list(dict.fromkeys(q.vectors for q in self.quantities if not isinstance(q, Grad)))
+        second_order = any(kind[0] != "grad" for kind in kinds)
+        if second_order and want_grad and ("grad", 1) not in kinds:
+            kinds.insert(0, ("grad", 1))
 
-        # one backward pass: to every recorded layer output, and to the parameters only when
-        # the gradient itself is requested (autograd forms it at the cost of a plain backward)
         calls = [] if only_grad else [(u, c) for u in self.units for c in u.calls]
         edges = [(u, c, i) for u, c in calls for i, e in enumerate(c.edges) if e is not None]
-        params = _served_parameters(self.units) if want_grad else []
-        targets = [c.edges[i] for _, c, i in edges] + params
-        grads = torch.autograd.grad(loss, targets, allow_unused=True) if targets else ()
-        _check_finite(grads, [u.name for u, _, _ in edges] + [names[id(p)] for p in params])
-        param_grads = {id(p): g for p, g in zip(params, grads[len(edges) :])}
-        out_grads: dict[int, list[Tensor | None]] = {
-            id(c): [None] * len(c.outputs) for _, c in calls
-        }
-        for (_, c, i), g in zip(edges, grads):
-            if g is not None:
-                shape = c.edge_shapes[i]
-                out_grads[id(c)][i] = g.view(shape) if shape is not None else g
+        targets = [c.edges[i] for _, c, i in edges]
+        where = [u.name for u, _, _ in edges]
+        if not second_order:
+            # one backward pass of the loss: to every recorded layer output, and to the
+            # parameters only when the gradient itself is requested (autograd forms it at
+            # the cost of a plain backward)
+            params = _served_parameters(self.units) if want_grad else []
+            grads = torch.autograd.grad(loss, targets + params, allow_unused=True)
+            _check_finite(grads, where + [names[id(p)] for p in params])
+            param_grads = {id(p): g for p, g in zip(params, grads[len(edges) :])}
+            per_kind = (
+                {kinds[0]: [None if g is None else g.unsqueeze(0) for g in grads[: len(edges)]]}
+                if kinds
+                else {}
+            )
+        else:
+            # one vectorized backward pass of all output-space vectors from the model output
+            blocks = [self._vectors(kind, output, target) for kind in kinds]
+            stacked = torch.cat(blocks, 0)
+            grads = (
+                torch.autograd.grad(
+                    output, targets, grad_outputs=stacked, is_grads_batched=True, allow_unused=True
+                )
+                if targets
+                else ()
+            )
+            _check_finite(grads, where)
+            param_grads = {}
+            per_kind, start = {}, 0
+            for kind, block in zip(kinds, blocks):
+                K = block.shape[0]
+                per_kind[kind] = [None if g is None else g[start : start + K] for g in grads]
+                start += K
 
-        forms: dict[int, list[Form]] = {}
-        for unit, call in calls:
-            gs = out_grads[id(call)]
-            if all(g is None for g in gs):
-                continue
-            for local, form in self._call_forms(unit, call, gs, N).items():
-                forms.setdefault(id(unit.params[local]), []).append(form)
+        forms: dict[tuple[str, int], dict[int, list[Form]]] = {}
+        for kind, kind_grads in per_kind.items():
+            out_grads: dict[int, list[Tensor | None]] = {
+                id(c): [None] * len(c.outputs) for _, c in calls
+            }
+            for (_, c, i), g in zip(edges, kind_grads):
+                if g is not None:
+                    shape = c.edge_shapes[i]
+                    out_grads[id(c)][i] = g.view(g.shape[0], *shape) if shape is not None else g
+            kind_forms: dict[int, list[Form]] = forms.setdefault(kind, {})
+            for unit, call in calls:
+                gs = out_grads[id(call)]
+                if all(g is None for g in gs):
+                    continue
+                for local, form in self._call_forms(unit, call, gs, N).items():
+                    kind_forms.setdefault(id(unit.params[local]), []).append(form)
 
         ctx = ReduceContext(N, self.loss_fn.reduction)  # type: ignore[arg-type]
         values: dict[Quantity, dict[str, Tensor]] = {q: {} for q in self.quantities}
@@ -231,44 +263,72 @@ class Session:
         for name, param in self.model.named_parameters():
             if name not in rules:
                 continue
+            merged: dict[tuple[str, int], Form | None] = {}
+            for kind, kind_forms in forms.items():
+                form_list = kind_forms.get(id(param))
+                merged[kind] = merge_forms(form_list) if form_list else None
             if want_grad:
-                g = param_grads.get(id(param))
+                if second_order:
+                    form = merged.get(("grad", 1))
+                    g = form.grad() if form is not None else None
+                else:
+                    g = param_grads.get(id(param))
                 values[Grad()][name] = g if g is not None else torch.zeros_like(param)
-            if not order:
-                continue
-            form_list = forms.get(id(param))
-            if not form_list:
-                for q in order:
-                    values[q][name] = _zeros(q, param, N if index is None else len(index), ctx)
-                continue
-            form = merge_forms(form_list)
-            if want_grad and index is None:
-                form.seed("grad", values[Grad()][name])
-            selected = form.select(index) if index is not None else form
+            selected: dict[tuple[str, int], Form | None] = {}
             for q in order:
-                buffer = _buffer(out, q, name, (selected.num_samples, *param.shape), param)
-                values[q][name] = q.reduce(selected, ctx, buffer)
+                form = merged.get(q.vectors)
+                if form is None:
+                    S = N if index is None or not q.per_sample else len(index)
+                    values[q][name] = _zeros(q, param, S, ctx)
+                    continue
+                if want_grad and index is None and q.vectors == ("grad", 1):
+                    form.seed("grad", values[Grad()][name])
+                if q.per_sample and index is not None:
+                    if q.vectors not in selected:
+                        selected[q.vectors] = form.select(index)
+                    form = selected[q.vectors]
+                buffer = _buffer(out, q, name, (form.rows, *param.shape), param)
+                values[q][name] = q.reduce(form, ctx, buffer)
         return Result(loss.detach(), output.detach(), values, rules, index)
+
+    def _vectors(self, kind: tuple[str, int], output: Tensor, target: Tensor) -> Tensor:
+        """The output-space vectors of ``kind`` (``("grad", 1)``, ``("exact", 0)``,
+        ``("mc", M)``), after checking that exact ones stay affordable."""
+        name, M = kind
+        if name == "exact":
+            per_sample = output[0].numel()
+            limit = min(q.max_vectors for q in self.quantities if q.vectors == kind)  # type: ignore[attr-defined]
+            if per_sample > limit:
+                raise RuntimeError(
+                    f"exact (type-2) curvature backpropagates one vector per model output per "
+                    f"sample: {per_sample} here (e.g. classes x positions), i.e. about "
+                    f"{per_sample} backward passes. Use the Monte-Carlo variant "
+                    f"(e.g. mc_samples=1) or raise max_vectors (now {limit}) explicitly."
+                )
+        return loss_vectors(self.loss_fn, output, target, name, max(M, 1), self.generator)
 
     def _call_forms(
         self, unit: Unit, call: Call, gs: list[Tensor | None], N: int
     ) -> dict[str, Form]:
+        """Forms of one call; ``gs[i]``: ``[K, *outputs[i].shape]`` gradients of K vectors."""
         _check_versions(unit, call)
+        K = next(g.shape[0] for g in gs if g is not None)
         if unit.rule is not None:
             g = gs[0]
             if g is None or not unit.params:
                 return {}
-            if call.x.ndim == 0 or call.x.shape[0] != N or g.shape[0] != N:
+            if call.x.ndim == 0 or call.x.shape[0] != N or g.shape[1] != N:
                 raise RuntimeError(
                     f"module '{unit.name}': expected the sample axis (length {N}) first, got "
-                    f"input {tuple(call.x.shape)} and output {tuple(g.shape)}. beyondgrad treats "
-                    "the leading axis of every layer's input as the sample axis."
+                    f"input {tuple(call.x.shape)} and output {tuple(g.shape[1:])}. beyondgrad "
+                    "treats the leading axis of every layer's input as the sample axis."
                 )
-            local = unit.rule.forms(unit.module, call.x.detach(), g)
+            g = g.reshape(K * N, *g.shape[2:])
+            local = unit.rule.forms(unit.module, call.x.detach(), g, K)
             return {k: v for k, v in local.items() if k in unit.params}
         with self.recorder.paused(), torch.enable_grad():
             return generic_forms(
-                unit.module, unit.params, call.args, call.kwargs, call.output, gs, N
+                unit.module, unit.params, call.args, call.kwargs, call.output, gs, N, K
             )
 
 

@@ -58,13 +58,14 @@ GENERIC = "generic"
 
 @dataclass(frozen=True)
 class Rule:
-    """A fast rule: ``forms(module, x, g)`` maps one call's input ``x`` (the first positional
-    argument) and output gradient ``g`` to ``{local parameter name: Form}``. It serves
-    instances of ``module_types`` whose ``forward`` is that of the matching type."""
+    """A fast rule: ``forms(module, x, g, K)`` maps one call's input ``x`` ``[N, ...]`` (the
+    first positional argument) and the output gradients ``g`` ``[K N, ...]`` of ``K``
+    backpropagated vectors to ``{local parameter name: Form}``. It serves instances of
+    ``module_types`` whose ``forward`` is that of the matching type."""
 
     name: str
     module_types: tuple[type[nn.Module], ...]
-    forms: Callable[[nn.Module, Tensor, Tensor], dict[str, Form]]
+    forms: Callable[[nn.Module, Tensor, Tensor, int], dict[str, Form]]
     params: frozenset[str] = frozenset({"weight", "bias"})
 
     def serves(self, module: nn.Module) -> bool:

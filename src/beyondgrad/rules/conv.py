@@ -33,48 +33,52 @@ def _grouped_outer(
     groups: int,
     shape_per_group: tuple[int, ...],
     perm: tuple[int, ...] | None,
+    vectors: int,
 ) -> Form:
     """Forms for weight gradients ``G_g^T U_g`` of each group; ``U``: ``[N, C*K, O]``,
-    ``g``: ``[N, F, O]``."""
+    ``g``: ``[K N, F, O]``."""
     rows = U.shape[1]
     F_out = g.shape[1]
     parts: list[Form] = []
     for gr in range(groups):
         A = U[:, gr * rows // groups : (gr + 1) * rows // groups].transpose(1, 2)
         G = g[:, gr * F_out // groups : (gr + 1) * F_out // groups].transpose(1, 2)
-        form: Form = OuterForm(A, G, shape_per_group)
+        form: Form = OuterForm(A, G, shape_per_group, vectors)
         parts.append(PermutedForm(form, perm) if perm is not None else form)
     return parts[0] if groups == 1 else ConcatForm(parts)
 
 
-def _bias_form(module: nn.Module, g: Tensor) -> dict[str, Form]:
+def _bias_form(module: nn.Module, g: Tensor, vectors: int) -> dict[str, Form]:
     if module.bias is not None and module.bias.requires_grad:
-        return {"bias": SampleForm(g.reshape(g.shape[0], g.shape[1], -1).sum(2))}
+        return {"bias": SampleForm(g.reshape(g.shape[0], g.shape[1], -1).sum(2), vectors)}
     return {}
 
 
-def conv_forms(module: nn.modules.conv._ConvNd, x: Tensor, g: Tensor) -> dict[str, Form]:
+def conv_forms(
+    module: nn.modules.conv._ConvNd, x: Tensor, g: Tensor, vectors: int = 1
+) -> dict[str, Form]:
     d = len(module.kernel_size)
     _check_batched(module, x, d)
     widths = module._reversed_padding_repeated_twice
     if any(widths):
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         x = F.pad(x, widths, mode=mode)
-    forms = _bias_form(module, g)
+    forms = _bias_form(module, g, vectors)
     if module.weight.requires_grad:
         U = unfold(x, module.kernel_size, module.dilation, 0, module.stride)
-        N, F_out = g.shape[:2]
+        R, F_out = g.shape[:2]
         shape = (F_out // module.groups, *module.weight.shape[1:])
-        forms["weight"] = _grouped_outer(U, g.reshape(N, F_out, -1), module.groups, shape, None)
+        G = g.reshape(R, F_out, -1)
+        forms["weight"] = _grouped_outer(U, G, module.groups, shape, None, vectors)
     return forms
 
 
 def conv_transpose_forms(
-    module: nn.modules.conv._ConvTransposeNd, x: Tensor, g: Tensor
+    module: nn.modules.conv._ConvTransposeNd, x: Tensor, g: Tensor, vectors: int = 1
 ) -> dict[str, Form]:
     d = len(module.kernel_size)
     _check_batched(module, x, d)
-    forms = _bias_form(module, g)
+    forms = _bias_form(module, g, vectors)
     if module.weight.requires_grad:
         # output_padding as realized (forward(input, output_size) may choose it)
         out_pad = tuple(
@@ -91,9 +95,10 @@ def conv_transpose_forms(
         U = unfold_transpose(
             x, module.kernel_size, module.dilation, module.padding, module.stride, out_pad
         )
-        N, F_out = g.shape[:2]
+        R, F_out = g.shape[:2]
         C_in = x.shape[1]
         shape = (F_out // module.groups, C_in // module.groups, *module.kernel_size)
         perm = (1, 0, *range(2, 2 + d))
-        forms["weight"] = _grouped_outer(U, g.reshape(N, F_out, -1), module.groups, shape, perm)
+        G = g.reshape(R, F_out, -1)
+        forms["weight"] = _grouped_outer(U, G, module.groups, shape, perm, vectors)
     return forms

@@ -2,52 +2,72 @@
 
 A rule turns what the engine captured for a layer (its inputs ``x`` and the backpropagated output
 gradients ``g``) into one form per parameter. A form knows how to reduce itself to every
-first-order quantity, choosing the cheapest contraction for its shapes; most never build the
-``[N, *shape]`` tensor of per-sample gradients unless it is asked for.
+quantity, choosing the cheapest contraction for its shapes; most never build the tensor of
+per-sample gradients unless it is asked for.
 
-Three forms cover every layer:
+**Rows.** The engine backpropagates ``K`` output-space vectors per sample (``K = 1`` for the
+loss gradient; ``C`` loss-Hessian columns for exact curvature; ``M`` Monte-Carlo draws). A form
+holds the ``K * N`` per-(vector, sample) gradients ``g_{k,n}``, ordered vector-major: row
+``k * N + n``. For ``K = 1`` the rows are the per-sample gradients. The layer input is shared by
+the ``K`` vectors of a sample and is never repeated.
 
-* :class:`OuterForm` -- ``grad_n = sum_s G[n, s]^T A[n, s]`` (``nn.Linear`` weights; later the
-  unfolded convolutions). ``s`` runs over the *shared axis* (sequence positions, several calls).
-* :class:`ScatterForm` -- ``grad_n = sum_s onehot(I[n, s]) G[n, s]^T`` (``nn.Embedding``).
-* :class:`SampleForm` -- the per-sample gradients themselves, ``[N, *shape]`` (biases,
-  normalization layers, the generic rule, and sums of forms of different kinds).
+Forms:
 
-Conventions: ``N`` is the number of samples (the leading axis of the model input); the per-sample
-gradients sum to the gradient of the loss as ``loss_fn`` defines it (so they carry the reduction
-factor, e.g. 1/N for ``reduction="mean"``).
+* :class:`OuterForm` -- ``g_{k,n} = sum_s G[k n, s]^T A[n, s]`` (``nn.Linear``, unfolded
+  convolutions); ``s`` runs over the *shared axis* (sequence or spatial positions, calls).
+* :class:`ScatterForm` -- ``g_{k,n} = sum_s onehot(I[n, s]) G[k n, s]^T`` (``nn.Embedding``).
+* :class:`SampleForm` -- the rows themselves, ``[K N, *shape]`` (biases, normalization layers,
+  the generic rule).
+* :class:`SumForm`, :class:`ConcatForm`, :class:`PermutedForm` -- compositions (tied weights,
+  grouped convolutions, transposed-convolution weights).
+
+Conventions: the rows sum (over ``n``) to the gradient of the loss as ``loss_fn`` defines it when
+``K = 1``; with loss-Hessian vectors, ``sum_{k,n} g_{k,n} g_{k,n}^T`` is the GGN.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-# Chunking bound for temporaries of per-sample gradients that are reduced right away
-# (sum of squares with a shared axis): number of elements per chunk.
+# Chunking bound for temporaries of per-row gradients that are reduced right away: number of
+# elements per chunk.
 _CHUNK_ELEMENTS = 1 << 24
 
 
+def _row_index(index: Tensor, vectors: int, num_samples: int) -> Tensor:
+    """Rows ``k * N + index[j]`` for every vector ``k`` (vector-major)."""
+    if vectors == 1:
+        return index
+    offsets = torch.arange(vectors, device=index.device).unsqueeze(1) * num_samples
+    return (offsets + index.unsqueeze(0)).reshape(-1)
+
+
 class Form(ABC):
-    """Per-sample gradients of one parameter of shape ``shape`` for ``num_samples`` samples.
+    """Per-row gradients of one parameter of shape ``shape``: ``vectors`` (K) vectors for each
+    of ``num_samples`` (N) samples.
 
     The public reductions are memoized per form, so several quantities requested together
-    share work (e.g. ``Variance`` reuses ``Grad`` and ``SumGradSquared``); once the per-sample
-    gradients are materialized, the other reductions read them instead of recomputing.
-    Subclasses implement the ``_``-prefixed methods.
+    share work; once the rows are materialized, the other reductions read them instead of
+    recomputing. Subclasses implement the ``_``-prefixed methods.
     """
 
     shape: torch.Size
     num_samples: int
+    vectors: int
+
+    @property
+    def rows(self) -> int:
+        return self.vectors * self.num_samples
 
     @abstractmethod
     def select(self, index: Tensor) -> Form:
-        """The form restricted to the samples ``index`` (a 1-d long tensor)."""
+        """The form restricted to the samples ``index`` (1-d long tensor), all vectors kept."""
 
-    def _memo(self, key: str, fn) -> Tensor:
+    def _memo(self, key: str, fn: Callable[[], Tensor]) -> Tensor:
         cache = self.__dict__.setdefault("_cache", {})
         if key not in cache:
             cache[key] = fn()
@@ -62,42 +82,51 @@ class Form(ABC):
         return "batch_grad" in self.__dict__.get("_cache", {})
 
     def batch_grad(self, out: Tensor | None = None) -> Tensor:
-        """Per-sample gradients, ``[N, *shape]``; written into ``out`` if given (memory reuse
-        across calls: a fresh allocation of this size costs more than computing it)."""
+        """The rows, ``[K N, *shape]``; written into ``out`` if given (memory reuse across
+        calls: a fresh allocation of this size costs more than computing it)."""
         if out is None:
             return self._memo("batch_grad", self._batch_grad)
-        if out.shape != (self.num_samples, *self.shape):
+        if out.shape != (self.rows, *self.shape):
             raise ValueError(
-                f"out has shape {tuple(out.shape)}, expected {(self.num_samples, *self.shape)}"
+                f"out has shape {tuple(out.shape)}, expected {(self.rows, *self.shape)}"
             )
-        self.__dict__.setdefault("_cache", {})["batch_grad"] = self._batch_grad(out)
+        self.seed("batch_grad", self._batch_grad(out))
         return out
 
     def grad(self) -> Tensor:
-        """Sum of the per-sample gradients, ``shape``."""
+        """Sum of the rows, ``shape``."""
         if self.materialized:
             return self._memo("grad", lambda: self.batch_grad().sum(0))
         return self._memo("grad", self._grad)
 
     def batch_l2(self) -> Tensor:
-        """Squared Euclidean norms of the per-sample gradients, ``[N]``."""
+        """Squared Euclidean norms of the rows, ``[K N]``."""
         if self.materialized:
             return self._memo("batch_l2", lambda: Form._batch_l2(self))
         return self._memo("batch_l2", self._batch_l2)
 
     def batch_dot(self) -> Tensor:
-        """Inner products of per-sample gradients, ``[N, N]``."""
+        """Inner products of the rows, ``[K N, K N]`` (for ``K > 1``: the Gram matrix of the
+        GGN factor, whose nonzero eigenvalues are the GGN's)."""
         if self.materialized:
             return self._memo("batch_dot", lambda: Form._batch_dot(self))
         return self._memo("batch_dot", self._batch_dot)
 
     def sum_grad_squared(self) -> Tensor:
-        """Sum over samples of the element-wise squared per-sample gradients, ``shape``."""
+        """Sum over rows of their element-wise squares, ``shape`` (for loss-Hessian vectors:
+        the GGN diagonal)."""
         if self.materialized:
             return self._memo("sgs", lambda: Form._sum_grad_squared(self))
         return self._memo("sgs", self._sum_grad_squared)
 
-    # -- defaults from materialized per-sample gradients --------------------------------------
+    def batch_sum_grad_squared(self) -> Tensor:
+        """Per sample, the sum over its ``K`` rows of their element-wise squares,
+        ``[N, *shape]`` (per-sample GGN diagonals)."""
+        if self.materialized:
+            return self._memo("bsgs", lambda: Form._batch_sum_grad_squared(self))
+        return self._memo("bsgs", self._batch_sum_grad_squared)
+
+    # -- defaults from materialized rows -------------------------------------------------------
     @abstractmethod
     def _batch_grad(self, out: Tensor | None = None) -> Tensor: ...
 
@@ -105,7 +134,7 @@ class Form(ABC):
         return self.batch_grad().sum(0)
 
     def _batch_l2(self) -> Tensor:
-        return self.batch_grad().flatten(1).pow(2).sum(1)
+        return torch.linalg.vector_norm(self.batch_grad().flatten(1), dim=1).square()
 
     def _batch_dot(self) -> Tensor:
         flat = self.batch_grad().flatten(1)
@@ -114,17 +143,22 @@ class Form(ABC):
     def _sum_grad_squared(self) -> Tensor:
         return self.batch_grad().pow(2).sum(0)
 
+    def _batch_sum_grad_squared(self) -> Tensor:
+        squares = self.batch_grad().pow(2)
+        return squares.reshape(self.vectors, self.num_samples, *self.shape).sum(0)
+
 
 class SampleForm(Form):
-    """Materialized per-sample gradients ``values`` of shape ``[N, *shape]``."""
+    """Materialized rows ``values`` of shape ``[K N, *shape]``."""
 
-    def __init__(self, values: Tensor):
-        self.values = values
+    def __init__(self, values: Tensor, vectors: int = 1):
+        self.values, self.vectors = values, vectors
         self.shape = values.shape[1:]
-        self.num_samples = values.shape[0]
+        self.num_samples = values.shape[0] // vectors
 
     def select(self, index: Tensor) -> SampleForm:
-        return SampleForm(self.values.index_select(0, index))
+        rows = _row_index(index, self.vectors, self.num_samples)
+        return SampleForm(self.values.index_select(0, rows), self.vectors)
 
     def _batch_grad(self, out: Tensor | None = None) -> Tensor:
         return self.values if out is None else out.copy_(self.values)
@@ -134,133 +168,169 @@ class SampleForm(Form):
 
 
 class OuterForm(Form):
-    """``grad_n = sum_s G[n, s]^T A[n, s]`` reshaped to ``shape``.
+    """``g_{k,n} = sum_s G[k N + n, s]^T A[n, s]`` reshaped to ``shape``.
 
-    ``A``: ``[N, S, I]`` (layer inputs, the *input side*), ``G``: ``[N, S, O]`` (output
+    ``A``: ``[N, S, I]`` (layer inputs, the *input side*), ``G``: ``[K N, S, O]`` (output
     gradients, the *output side*), with ``prod(shape) == O * I`` and the row-major layout
     ``[O, I]`` of ``nn.Linear.weight``.
     """
 
-    def __init__(self, A: Tensor, G: Tensor, shape: torch.Size):
-        if A.shape[:2] != G.shape[:2]:
+    def __init__(self, A: Tensor, G: Tensor, shape: Sequence[int], vectors: int = 1):
+        if G.shape[0] != vectors * A.shape[0] or A.shape[1] != G.shape[1]:
             raise ValueError(f"OuterForm: A {tuple(A.shape)} and G {tuple(G.shape)} disagree")
-        self.A, self.G, self.shape = A, G, torch.Size(shape)
+        self.A, self.G, self.shape, self.vectors = A, G, torch.Size(shape), vectors
         self.num_samples = A.shape[0]
 
     @property
-    def _sizes(self) -> tuple[int, int, int, int]:
+    def _sizes(self) -> tuple[int, int, int, int, int]:
         N, S, I = self.A.shape
-        return N, S, I, self.G.shape[2]
+        return self.vectors, N, S, I, self.G.shape[2]
 
     def select(self, index: Tensor) -> OuterForm:
-        return OuterForm(self.A.index_select(0, index), self.G.index_select(0, index), self.shape)
+        rows = _row_index(index, self.vectors, self.num_samples)
+        return OuterForm(
+            self.A.index_select(0, index), self.G.index_select(0, rows), self.shape, self.vectors
+        )
+
+    def _per_row(self, G: Tensor, A: Tensor, out: Tensor | None = None) -> Tensor:
+        """``[k, n, O, I]`` products for ``G`` ``[k, n, S, O]`` and ``A`` ``[n, S, I]``."""
+        k, n, S, O = G.shape
+        I = A.shape[2]
+        if S == 1:
+            return torch.mul(G.reshape(k, n, O, 1), A.reshape(1, n, 1, I), out=out)
+        if k == 1:
+            res = torch.bmm(G[0].transpose(1, 2), A, out=None if out is None else out[0])
+            return res.unsqueeze(0)
+        return torch.matmul(G.transpose(-1, -2), A.unsqueeze(0), out=out)
 
     def _batch_grad(self, out: Tensor | None = None) -> Tensor:
-        N, S, I, O = self._sizes
-        target = None if out is None else out.view(N, O, I)
-        if S == 1:
-            res = torch.mul(self.G.reshape(N, O, 1), self.A.reshape(N, 1, I), out=target)
-        else:
-            res = torch.bmm(self.G.transpose(1, 2), self.A, out=target)
-        return res.reshape(N, *self.shape)
+        K, N, S, I, O = self._sizes
+        target = None if out is None else out.view(K, N, O, I)
+        res = self._per_row(self.G.view(K, N, S, O), self.A, target)
+        return res.reshape(K * N, *self.shape)
 
     def _grad(self) -> Tensor:
-        N, S, I, O = self._sizes
-        return (self.G.reshape(N * S, O).T @ self.A.reshape(N * S, I)).reshape(self.shape)
+        K, N, S, I, O = self._sizes
+        G = self.G.reshape(K, N * S, O).sum(0) if K > 1 else self.G.reshape(N * S, O)
+        return (G.T @ self.A.reshape(N * S, I)).reshape(self.shape)
 
     def _batch_l2(self) -> Tensor:
-        N, S, I, O = self._sizes
+        K, N, S, I, O = self._sizes
         if S == 1:
-            return self.A.reshape(N, I).pow(2).sum(1) * self.G.reshape(N, O).pow(2).sum(1)
+            a2 = self.A.reshape(1, N, I).pow(2).sum(2)
+            return (self.G.reshape(K, N, O).pow(2).sum(2) * a2).reshape(K * N)
         if S * (I + O) <= I * O:  # Gram trick: sum_{s,t} (A_s . A_t)(G_s . G_t)
             gram_a = torch.bmm(self.A, self.A.transpose(1, 2))
-            gram_g = torch.bmm(self.G, self.G.transpose(1, 2))
-            return (gram_a * gram_g).sum((1, 2))
+            gram_g = torch.bmm(self.G, self.G.transpose(1, 2)).view(K, N, S, S)
+            return (gram_a * gram_g).sum((2, 3)).reshape(K * N)
         return Form._batch_l2(self)
 
     def _batch_dot(self) -> Tensor:
-        N, S, I, O = self._sizes
-        gram_cost = (N * S) ** 2 * (I + O)
-        materialize_cost = N * S * I * O + N * N * I * O
+        K, N, S, I, O = self._sizes
+        R = K * N
+        gram_cost = (R * S) ** 2 * (I + O)
+        materialize_cost = R * S * I * O + R * R * I * O
         if gram_cost <= materialize_cost:
-            A, G = self.A.reshape(N * S, I), self.G.reshape(N * S, O)
-            return ((A @ A.T) * (G @ G.T)).reshape(N, S, N, S).sum((1, 3))
+            A, G = self.A.reshape(N * S, I), self.G.reshape(R * S, O)
+            gram_a = (A @ A.T).view(1, N, S, 1, N, S)
+            gram_g = (G @ G.T).view(K, N, S, K, N, S)
+            return (gram_g * gram_a).sum((2, 5)).reshape(R, R)
         return Form._batch_dot(self)
 
+    def _chunks(self, per_chunk: int) -> list[tuple[int, int]]:
+        K, N, S, I, O = self._sizes
+        step = max(1, _CHUNK_ELEMENTS // max(1, K * I * O * per_chunk))
+        return [(a, min(N, a + step)) for a in range(0, N, step)]
+
     def _sum_grad_squared(self) -> Tensor:
-        N, S, I, O = self._sizes
+        K, N, S, I, O = self._sizes
         if S == 1:
-            return (self.G.reshape(N, O).pow(2).T @ self.A.reshape(N, I).pow(2)).reshape(self.shape)
-        # materialize per-sample gradients chunk by chunk; their sum is the gradient, kept
-        # for free (Variance needs both)
-        chunk = max(1, _CHUNK_ELEMENTS // max(1, I * O))
+            g2 = self.G.reshape(K, N, O).pow(2).sum(0)
+            return (g2.T @ self.A.reshape(N, I).pow(2)).reshape(self.shape)
+        # materialize rows chunk by chunk; their sum is the gradient, kept for free
+        G = self.G.view(K, N, S, O)
         total = self.A.new_zeros(O, I)
         grad = self.A.new_zeros(O, I)
-        for start in range(0, N, chunk):
-            stop = min(N, start + chunk)
-            per_sample = torch.bmm(self.G[start:stop].transpose(1, 2), self.A[start:stop])
-            grad += per_sample.sum(0)
-            total += per_sample.square_().sum(0)
+        for a, b in self._chunks(1):
+            rows = self._per_row(G[:, a:b], self.A[a:b])
+            grad += rows.sum((0, 1))
+            total += rows.square_().sum((0, 1))
         if "grad" not in self.__dict__.get("_cache", {}):
             self.seed("grad", grad.reshape(self.shape))
         return total.reshape(self.shape)
 
+    def _batch_sum_grad_squared(self) -> Tensor:
+        K, N, S, I, O = self._sizes
+        if S == 1:
+            g2 = self.G.reshape(K, N, O).pow(2).sum(0)
+            a2 = self.A.reshape(N, I).pow(2)
+            return (g2.unsqueeze(2) * a2.unsqueeze(1)).reshape(N, *self.shape)
+        G = self.G.view(K, N, S, O)
+        parts = [self._per_row(G[:, a:b], self.A[a:b]).square_().sum(0) for a, b in self._chunks(1)]
+        return torch.cat(parts, 0).reshape(N, *self.shape)
+
 
 class ScatterForm(Form):
-    """``grad_n[v] = sum_{s : I[n, s] = v} G[n, s]``: an embedding table ``[num, d]``.
+    """``g_{k,n}[v] = sum_{s : I[n, s] = v} G[k N + n, s]``: an embedding table ``[num, d]``.
 
-    ``index``: ``[N, S]`` long, ``G``: ``[N, S, d]``. Rows of ``G`` whose index must not receive
-    gradient (``padding_idx``) are expected to be zeroed by the rule.
+    ``index``: ``[N, S]`` long, ``G``: ``[K N, S, d]``. Rows of ``G`` whose index must not
+    receive gradient (``padding_idx``) are expected to be zeroed by the rule.
     """
 
-    def __init__(self, index: Tensor, G: Tensor, num: int):
-        self.index, self.G, self.num = index, G, num
+    def __init__(self, index: Tensor, G: Tensor, num: int, vectors: int = 1):
+        self.index, self.G, self.num, self.vectors = index, G, num, vectors
         self.shape = torch.Size((num, G.shape[-1]))
         self.num_samples = index.shape[0]
 
     def select(self, index: Tensor) -> ScatterForm:
+        rows = _row_index(index, self.vectors, self.num_samples)
         return ScatterForm(
-            self.index.index_select(0, index), self.G.index_select(0, index), self.num
+            self.index.index_select(0, index), self.G.index_select(0, rows), self.num, self.vectors
         )
 
+    @property
+    def _row_indices(self) -> Tensor:
+        """The index of every row, ``[K N, S]``."""
+        return self.index if self.vectors == 1 else self.index.repeat(self.vectors, 1)
+
     def _flat(self) -> tuple[Tensor, Tensor]:
-        N, S = self.index.shape
-        return self.index.reshape(N * S), self.G.reshape(N * S, -1)
+        return self._row_indices.reshape(-1), self.G.reshape(-1, self.G.shape[-1])
 
     def _grad(self) -> Tensor:
         idx, G = self._flat()
         return G.new_zeros(self.shape).index_add_(0, idx, G)
 
     def _batch_grad(self, out: Tensor | None = None) -> Tensor:
-        N, S = self.index.shape
+        R, S = self.rows, self.index.shape[1]
         idx, G = self._flat()
-        sample = torch.arange(N, device=idx.device).repeat_interleave(S)
+        row = torch.arange(R, device=idx.device).repeat_interleave(S)
         res = (
-            G.new_zeros(N * self.num, G.shape[1])
+            G.new_zeros(R * self.num, G.shape[1])
             if out is None
-            else out.view(N * self.num, -1).zero_()
+            else out.view(R * self.num, -1).zero_()
         )
-        res.index_add_(0, sample * self.num + idx, G)
-        return res.reshape(N, *self.shape)
+        res.index_add_(0, row * self.num + idx, G)
+        return res.reshape(R, *self.shape)
 
     def _batch_l2(self) -> Tensor:
-        same = self.index.unsqueeze(2) == self.index.unsqueeze(1)
+        index = self._row_indices
+        same = index.unsqueeze(2) == index.unsqueeze(1)
         gram_g = torch.bmm(self.G, self.G.transpose(1, 2))
         return (gram_g * same).sum((1, 2))
 
     def _batch_dot(self) -> Tensor:
-        N, S = self.index.shape
+        R, S = self.rows, self.index.shape[1]
         idx, G = self._flat()
         same = idx.unsqueeze(1) == idx.unsqueeze(0)
-        return ((G @ G.T) * same).reshape(N, S, N, S).sum((1, 3))
+        return ((G @ G.T) * same).reshape(R, S, R, S).sum((1, 3))
 
     def _sum_grad_squared(self) -> Tensor:
-        N, S = self.index.shape
+        R, S = self.rows, self.index.shape[1]
         idx, G = self._flat()
-        sample = torch.arange(N, device=idx.device).repeat_interleave(S)
-        keys, inverse = torch.unique(sample * self.num + idx, return_inverse=True)
-        rows = G.new_zeros(keys.numel(), G.shape[1]).index_add_(0, inverse, G)
-        return G.new_zeros(self.shape).index_add_(0, keys % self.num, rows.pow(2))
+        row = torch.arange(R, device=idx.device).repeat_interleave(S)
+        keys, inverse = torch.unique(row * self.num + idx, return_inverse=True)
+        sums = G.new_zeros(keys.numel(), G.shape[1]).index_add_(0, inverse, G)
+        return G.new_zeros(self.shape).index_add_(0, keys % self.num, sums.pow(2))
 
 
 class SumForm(Form):
@@ -271,6 +341,7 @@ class SumForm(Form):
         self.parts = list(parts)
         self.shape = self.parts[0].shape
         self.num_samples = self.parts[0].num_samples
+        self.vectors = self.parts[0].vectors
 
     def select(self, index: Tensor) -> SumForm:
         return SumForm([p.select(index) for p in self.parts])
@@ -302,9 +373,9 @@ class ConcatForm(Form):
 
     def __init__(self, parts: Sequence[Form]):
         self.parts = list(parts)
-        first = self.parts[0].shape
-        self.shape = torch.Size((sum(p.shape[0] for p in self.parts), *first[1:]))
-        self.num_samples = self.parts[0].num_samples
+        first = self.parts[0]
+        self.shape = torch.Size((sum(p.shape[0] for p in self.parts), *first.shape[1:]))
+        self.num_samples, self.vectors = first.num_samples, first.vectors
 
     def select(self, index: Tensor) -> ConcatForm:
         return ConcatForm([p.select(index) for p in self.parts])
@@ -324,6 +395,9 @@ class ConcatForm(Form):
     def _sum_grad_squared(self) -> Tensor:
         return torch.cat([p.sum_grad_squared() for p in self.parts], 0)
 
+    def _batch_sum_grad_squared(self) -> Tensor:
+        return torch.cat([p.batch_sum_grad_squared() for p in self.parts], 1)
+
 
 class PermutedForm(Form):
     """The parameter is ``base``'s parameter with its axes permuted by ``perm`` (the weight of
@@ -333,13 +407,16 @@ class PermutedForm(Form):
     def __init__(self, base: Form, perm: Sequence[int]):
         self.base, self.perm = base, tuple(perm)
         self.shape = torch.Size(base.shape[p] for p in self.perm)
-        self.num_samples = base.num_samples
+        self.num_samples, self.vectors = base.num_samples, base.vectors
 
     def select(self, index: Tensor) -> PermutedForm:
         return PermutedForm(self.base.select(index), self.perm)
 
+    def _leading(self, t: Tensor) -> Tensor:
+        return t.permute(0, *(p + 1 for p in self.perm))
+
     def _batch_grad(self, out: Tensor | None = None) -> Tensor:
-        res = self.base.batch_grad().permute(0, *(p + 1 for p in self.perm))
+        res = self._leading(self.base.batch_grad())
         return res if out is None else out.copy_(res)
 
     def _grad(self) -> Tensor:
@@ -354,49 +431,63 @@ class PermutedForm(Form):
     def _sum_grad_squared(self) -> Tensor:
         return self.base.sum_grad_squared().permute(self.perm)
 
+    def _batch_sum_grad_squared(self) -> Tensor:
+        return self._leading(self.base.batch_sum_grad_squared())
+
 
 def _cross_dot(a: Form, b: Form) -> Tensor:
-    """Per-sample inner products ``<a_n, b_n>``, ``[N]``."""
+    """Row-wise inner products ``<a_r, b_r>``, ``[K N]``."""
     if isinstance(a, ScatterForm) and isinstance(b, OuterForm):
         a, b = b, a
     if isinstance(a, OuterForm) and isinstance(b, ScatterForm):
         # <sum_t G_t A_t^T, sum_s onehot(I_s) E_s^T> = sum_{t,s} G[t, I_s] (A_t . E_s)
-        N, T, _ = a.G.shape
+        K, N = a.vectors, a.num_samples
+        R, T, _ = a.G.shape
         S = b.index.shape[1]
-        inner = torch.bmm(a.A, b.G.transpose(1, 2))  # [N, T, S]
-        picked = a.G.gather(2, b.index.unsqueeze(1).expand(N, T, S))  # G[n, t, I[n, s]]
+        E = b.G.view(K, N, S, -1)
+        inner = torch.matmul(a.A.unsqueeze(0), E.transpose(-1, -2)).reshape(R, T, S)
+        picked = a.G.gather(2, b._row_indices.unsqueeze(1).expand(R, T, S))  # G[r, t, I[r, s]]
         return (inner * picked).sum((1, 2))
     return (a.batch_grad() * b.batch_grad()).flatten(1).sum(1)
 
 
 def merge_forms(forms: Sequence[Form]) -> Form:
-    """One form for the sum of ``forms`` (all of one parameter, same samples).
+    """One form for the sum of ``forms`` (all of one parameter, same samples and vectors).
 
     Outer and scatter forms of equal feature sizes are merged by concatenating their shared
-    axes (exact: the per-sample gradient is a sum over that axis); anything else becomes a
-    :class:`SumForm`.
+    axes (exact: the per-row gradient is a sum over that axis); compositions merge part by
+    part; anything else becomes a :class:`SumForm`.
     """
     if len(forms) == 1:
         return forms[0]
     first = forms[0]
+    K = first.vectors
     if all(isinstance(f, OuterForm) for f in forms):
-        feats = {(f.A.shape[2], f.G.shape[2]) for f in forms}  # type: ignore[attr-defined]
-        if len(feats) == 1:
+        outer: list[OuterForm] = forms  # type: ignore[assignment]
+        if len({(f.A.shape[2], f.G.shape[2]) for f in outer}) == 1:
             return OuterForm(
-                torch.cat([f.A for f in forms], 1),  # type: ignore[attr-defined]
-                torch.cat([f.G for f in forms], 1),  # type: ignore[attr-defined]
+                torch.cat([f.A for f in outer], 1),
+                torch.cat([f.G for f in outer], 1),
                 first.shape,
+                K,
             )
     if all(isinstance(f, ScatterForm) for f in forms):
+        scatter: list[ScatterForm] = forms  # type: ignore[assignment]
         return ScatterForm(
-            torch.cat([f.index for f in forms], 1),  # type: ignore[attr-defined]
-            torch.cat([f.G for f in forms], 1),  # type: ignore[attr-defined]
-            first.num,  # type: ignore[attr-defined]
+            torch.cat([f.index for f in scatter], 1),
+            torch.cat([f.G for f in scatter], 1),
+            scatter[0].num,
+            K,
         )
-    if all(isinstance(f, ConcatForm) for f in forms) and len({len(f.parts) for f in forms}) == 1:  # type: ignore[attr-defined]
-        return ConcatForm([merge_forms(parts) for parts in zip(*(f.parts for f in forms))])  # type: ignore[attr-defined]
-    if all(isinstance(f, PermutedForm) for f in forms) and len({f.perm for f in forms}) == 1:  # type: ignore[attr-defined]
-        return PermutedForm(merge_forms([f.base for f in forms]), forms[0].perm)  # type: ignore[attr-defined]
+    if all(isinstance(f, ConcatForm) for f in forms):
+        concat: list[ConcatForm] = forms  # type: ignore[assignment]
+        if len({len(f.parts) for f in concat}) == 1:
+            return ConcatForm([merge_forms(parts) for parts in zip(*(f.parts for f in concat))])
+    if all(isinstance(f, PermutedForm) for f in forms):
+        permuted: list[PermutedForm] = forms  # type: ignore[assignment]
+        if len({f.perm for f in permuted}) == 1:
+            return PermutedForm(merge_forms([f.base for f in permuted]), permuted[0].perm)
     if all(isinstance(f, SampleForm) for f in forms):
-        return SampleForm(sum((f.values for f in forms[1:]), forms[0].values))  # type: ignore[attr-defined]
+        samples: list[SampleForm] = forms  # type: ignore[assignment]
+        return SampleForm(sum((f.values for f in samples[1:]), samples[0].values), K)
     return SumForm(forms)

@@ -69,11 +69,13 @@ def generic_forms(
     output: Any,
     output_grads: list[Tensor | None],
     num_samples: int,
+    vectors: int = 1,
 ) -> dict[str, Form]:
-    """Per-sample gradients of ``params`` (names relative to ``module``) for one call.
+    """Per-row gradients of ``params`` (names relative to ``module``) for one call.
 
-    ``output_grads`` lists, for each tensor leaf of ``output`` (pytree order), the gradient of
-    the loss w.r.t. it (``None`` where it does not reach the loss).
+    ``output_grads`` lists, for each tensor leaf of ``output`` (pytree order), the ``K``
+    backpropagated vectors' gradients w.r.t. it, ``[K, *leaf.shape]`` (``None`` where they do
+    not reach the loss).
     """
     N = num_samples
     axis_fn = next((f for t, f in _INPUT_AXES.items() if isinstance(module, t)), _default_axis)
@@ -122,8 +124,13 @@ def generic_forms(
         cot = tuple(g.unsqueeze(ax) for g, ax in zip(grads_n, grad_axes))
         return vjp_fn(cot)[0]
 
+    batched = vmap(per_sample, in_dims=(in_axes, grad_axes))
+    if vectors > 1:  # one more vmap over the vectors (leading axis of each gradient)
+        batched = vmap(batched, in_dims=(None, 0))
+    else:
+        grads = tuple(g[0] for g in grads)  # type: ignore[index]
     try:
-        per_sample_grads = vmap(per_sample, in_dims=(in_axes, grad_axes))(flat_in, grads)
+        per_sample_grads = batched(flat_in, grads)
     except RuntimeError as err:
         if "random" in str(err).lower():
             raise RuntimeError(
@@ -132,4 +139,7 @@ def generic_forms(
                 "model.eval() or disable the randomness for this computation."
             ) from err
         raise
-    return {name: SampleForm(v) for name, v in per_sample_grads.items()}
+    return {
+        name: SampleForm(v.reshape(vectors * N, *v.shape[1 + (vectors > 1) :]), vectors)
+        for name, v in per_sample_grads.items()
+    }

@@ -8,13 +8,14 @@ from torch import Tensor, nn
 from .forms import Form, OuterForm, SampleForm
 
 
-def linear_forms(module: nn.Linear, x: Tensor, g: Tensor) -> dict[str, Form]:
+def linear_forms(module: nn.Linear, x: Tensor, g: Tensor, vectors: int = 1) -> dict[str, Form]:
+    """``x``: ``[N, *, in]``; ``g``: ``[K N, *, out]`` (K backpropagated vectors, vector-major)."""
     N = x.shape[0]
     A = x.reshape(N, -1, module.in_features)
-    G = g.reshape(N, -1, module.out_features)
+    G = g.reshape(vectors * N, -1, module.out_features)
     forms: dict[str, Form] = {}
     if module.weight.requires_grad:
-        forms["weight"] = OuterForm(A, G, module.weight.shape)
+        forms["weight"] = OuterForm(A, G, module.weight.shape, vectors)
     if module.bias is not None and module.bias.requires_grad:
-        forms["bias"] = SampleForm(G.sum(1))
+        forms["bias"] = SampleForm(G.sum(1), vectors)
     return forms

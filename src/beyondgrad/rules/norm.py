@@ -15,8 +15,11 @@ from torch import Tensor, nn
 from .forms import Form, SampleForm
 
 
-def _affine_forms(module: nn.Module, x_hat: Tensor, g: Tensor, channel_dim: int) -> dict[str, Form]:
-    """Per-sample forms of ``weight``/``bias`` for ``z = x_hat * w + b``.
+def _affine_forms(
+    module: nn.Module, x_hat: Tensor, g: Tensor, channel_dim: int, vectors: int
+) -> dict[str, Form]:
+    """Per-row forms of ``weight``/``bias`` for ``z = x_hat * w + b``; ``x_hat`` ``[N, ...]``,
+    ``g`` ``[K N, ...]``.
 
     ``channel_dim``: ``-1`` when the parameters cover the trailing ``w.ndim`` axes (LayerNorm,
     RMSNorm), ``1`` when they cover axis 1 (GroupNorm, BatchNorm).
@@ -39,25 +42,30 @@ def _affine_forms(module: nn.Module, x_hat: Tensor, g: Tensor, channel_dim: int)
             return t.reshape(N, -1, *shape).sum(1)
 
     if isinstance(weight, nn.Parameter) and weight.requires_grad:
-        forms["weight"] = SampleForm(reduce(g * x_hat))
+        product = (g.view(vectors, -1, *g.shape[1:]) * x_hat).view(g.shape)
+        forms["weight"] = SampleForm(reduce(product), vectors)
     if isinstance(bias, nn.Parameter) and bias.requires_grad:
-        forms["bias"] = SampleForm(reduce(g))
+        forms["bias"] = SampleForm(reduce(g), vectors)
     return forms
 
 
-def layer_norm_forms(module: nn.LayerNorm, x: Tensor, g: Tensor) -> dict[str, Form]:
+def layer_norm_forms(
+    module: nn.LayerNorm, x: Tensor, g: Tensor, vectors: int = 1
+) -> dict[str, Form]:
     x_hat = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
-    return _affine_forms(module, x_hat, g, -1)
+    return _affine_forms(module, x_hat, g, -1, vectors)
 
 
-def rms_norm_forms(module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Form]:
+def rms_norm_forms(module: nn.Module, x: Tensor, g: Tensor, vectors: int = 1) -> dict[str, Form]:
     x_hat = F.rms_norm(x, module.normalized_shape, None, module.eps)  # type: ignore[arg-type]
-    return _affine_forms(module, x_hat, g, -1)
+    return _affine_forms(module, x_hat, g, -1, vectors)
 
 
-def group_norm_forms(module: nn.GroupNorm, x: Tensor, g: Tensor) -> dict[str, Form]:
+def group_norm_forms(
+    module: nn.GroupNorm, x: Tensor, g: Tensor, vectors: int = 1
+) -> dict[str, Form]:
     x_hat = F.group_norm(x, module.num_groups, None, None, module.eps)
-    return _affine_forms(module, x_hat, g, 1)
+    return _affine_forms(module, x_hat, g, 1, vectors)
 
 
 def uses_batch_statistics(module: nn.Module) -> bool:
@@ -67,7 +75,7 @@ def uses_batch_statistics(module: nn.Module) -> bool:
 
 
 def batch_norm_forms(
-    module: nn.modules.batchnorm._BatchNorm, x: Tensor, g: Tensor
+    module: nn.modules.batchnorm._BatchNorm, x: Tensor, g: Tensor, vectors: int = 1
 ) -> dict[str, Form]:
     if uses_batch_statistics(module):
         # Only the summed gradient is requested here (the engine rejects per-sample
@@ -77,4 +85,4 @@ def batch_norm_forms(
         x_hat = F.batch_norm(
             x, module.running_mean, module.running_var, None, None, False, 0.0, module.eps
         )
-    return _affine_forms(module, x_hat, g, 1)
+    return _affine_forms(module, x_hat, g, 1, vectors)
