@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import CASES
-from oracles.curvature import batch_diag_ggn, diag_ggn, ggn, split
-from test_first_order import assert_close
 from torch import nn
 
 import beyondgrad as bg
+from models import CASES
+from oracles.curvature import batch_diag_ggn, diag_ggn, ggn, split
+from test_first_order import assert_close
 
 CURVATURE_CASES = sorted(CASES)
 
@@ -105,15 +105,16 @@ def test_ggn_for_every_loss():
             out *= s
 
         class Net(nn.Module):
-            def __init__(self):
+            def __init__(self, out: int, shape: tuple[int, ...]):
                 super().__init__()
+                self.shape = shape
                 self.l1 = nn.Linear(2, 3)
                 self.l2 = nn.Linear(3, out)
 
             def forward(self, x):
-                return self.l2(torch.tanh(self.l1(x))).reshape(x.shape[0], *shape[1:])
+                return self.l2(torch.tanh(self.l1(x))).reshape(x.shape[0], *self.shape[1:])
 
-        model = Net().double()
+        model = Net(out, shape).double()
         X = torch.randn(shape[0], 2, dtype=torch.float64)
         ref = ggn(model, loss_fn, X, y)
         res = bg.compute(model, loss_fn, X, y, bg.DiagGGN(), bg.BatchDiagGGN())

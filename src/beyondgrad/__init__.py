@@ -17,7 +17,9 @@ from .engine import (
     coverage,
     loss_vectors,
 )
+from .factors import DiagonalFactors, KroneckerFactors
 from .quantities import (
+    KFAC,
     BatchDiagGGN,
     BatchDot,
     BatchGrad,
@@ -33,6 +35,7 @@ from .quantities import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "KFAC",
     "SUPPORTED_LOSSES",
     "BatchDiagGGN",
     "BatchDot",
@@ -40,7 +43,9 @@ __all__ = [
     "BatchL2",
     "Coverage",
     "DiagGGN",
+    "DiagonalFactors",
     "Grad",
+    "KroneckerFactors",
     "Quantity",
     "Result",
     "Session",

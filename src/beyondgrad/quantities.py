@@ -167,6 +167,51 @@ class SqrtGGN(_Curvature):
         return form.batch_grad().reshape(form.vectors, form.num_samples, *form.shape)
 
 
+FISHER_TYPES = ("type-2", "mc", "empirical", "forward-only")
+KFAC_APPROX = ("expand", "reduce")
+
+
+@dataclass(frozen=True)
+class KFAC(Quantity):
+    """Kronecker-factored curvature, one block per module (keyed by module name):
+    :class:`~beyondgrad.factors.KroneckerFactors` for Linear, Conv1/2/3d and Embedding
+    layers, :class:`~beyondgrad.factors.DiagonalFactors` (the diagonal of the same curvature)
+    for every other layer with parameters.
+
+    ``fisher_type``: ``"type-2"`` (exact loss-Hessian vectors: KFLR / the GGN), ``"mc"``
+    (``mc_samples`` sampled labels), ``"empirical"`` (the observed labels' gradients),
+    ``"forward-only"`` (``B = I``). ``kfac_approx``: ``"expand"`` treats a weight-sharing axis
+    (sequence positions, conv positions) as data; ``"reduce"`` averages inputs and sums output
+    gradients over it first (conv inputs via index patterns, never unfolding). ``bias``:
+    ``"joint"`` (the bias extends ``A``) or ``"separate"``. Scales: see
+    :mod:`beyondgrad.factors`.
+    """
+
+    fisher_type: str = "mc"
+    kfac_approx: str = "expand"
+    mc_samples: int = 1
+    bias: str = "joint"
+    max_vectors: int = 256
+
+    per_sample: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if self.fisher_type not in FISHER_TYPES:
+            raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {self.fisher_type!r}")
+        if self.kfac_approx not in KFAC_APPROX:
+            raise ValueError(f"kfac_approx must be one of {KFAC_APPROX}, got {self.kfac_approx!r}")
+        if self.bias not in ("joint", "separate"):
+            raise ValueError(f"bias must be 'joint' or 'separate', got {self.bias!r}")
+        if not isinstance(self.mc_samples, int) or self.mc_samples < 1:
+            raise ValueError(f"mc_samples must be a positive int, got {self.mc_samples!r}")
+
+    @property
+    def vectors(self) -> tuple[str, int]:
+        return {"type-2": ("exact", 0), "mc": ("mc", self.mc_samples)}.get(
+            self.fisher_type, ("grad", 1)
+        )
+
+
 FIRST_ORDER: tuple[type[Quantity], ...] = (
     Grad,
     BatchGrad,
@@ -176,4 +221,4 @@ FIRST_ORDER: tuple[type[Quantity], ...] = (
     Variance,
 )
 
-SECOND_ORDER: tuple[type[Quantity], ...] = (DiagGGN, BatchDiagGGN, SqrtGGN)
+SECOND_ORDER: tuple[type[Quantity], ...] = (DiagGGN, BatchDiagGGN, SqrtGGN, KFAC)

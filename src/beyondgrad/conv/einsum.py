@@ -354,3 +354,23 @@ def kfac_expand(x: Tensor, kernel_size: int | Sequence[int], **kwargs: object) -
 def kfac_reduce(x: Tensor, kernel_size: int | Sequence[int], **kwargs: object) -> Tensor:
     """Evaluate :func:`kfac_reduce_expression`."""
     return kfac_reduce_expression(x, kernel_size, **kwargs)()  # type: ignore[arg-type]
+
+
+def averaged_patches(
+    x: Tensor,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: Padding | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+) -> Tensor:
+    """``mean_o unfold(x)[:, :, o]``, ``[N, C * prod(K)]``: each index pattern is summed over
+    its output axis before it meets ``x``, so the unfolded input is never formed (the input
+    vectors of KFAC-reduce)."""
+    d = x.ndim - 2
+    N, _C = x.shape[:2]
+    dims = _dims(x.shape[2:], kernel_size, stride, padding, dilation)
+    k, o, i = _letters(d, 3)
+    xs, subs, pats = _spatial_side(x, 2, dims, k, o, i, simplify=True, reduce_o=True)
+    eq = ",".join(["nc" + subs, *(s for s, _ in pats)]) + "->nc" + k
+    scale = 1.0 / math.prod(dim.O for dim in dims)
+    return torch.einsum(eq, xs, *(p for _, p in pats)).reshape(N, -1) * scale

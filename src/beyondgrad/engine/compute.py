@@ -15,11 +15,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from ..quantities import BatchGrad, Grad, Quantity, ReduceContext
+from ..factors import DiagonalFactors, KroneckerFactors
+from ..quantities import KFAC, BatchGrad, Grad, Quantity, ReduceContext
 from ..rules import Form, generic_forms, merge_forms, uses_batch_statistics
 from .attribution import attribute
 from .capture import Call, Recorder, Unit, plan_units
-from .losses import check_loss_fn, check_target, loss_vectors
+from .losses import check_loss_fn, check_target, loss_vectors, reduction_factor
 
 
 class Result:
@@ -238,6 +239,7 @@ class Session:
                 start += K
 
         forms: dict[tuple[str, int], dict[int, list[Form]]] = {}
+        call_grads: dict[tuple[str, int], dict[int, list[Tensor | None]]] = {}
         for kind, kind_grads in per_kind.items():
             out_grads: dict[int, list[Tensor | None]] = {
                 id(c): [None] * len(c.outputs) for _, c in calls
@@ -246,6 +248,7 @@ class Session:
                 if g is not None:
                     shape = c.edge_shapes[i]
                     out_grads[id(c)][i] = g.view(g.shape[0], *shape) if shape is not None else g
+            call_grads[kind] = out_grads
             kind_forms: dict[int, list[Form]] = forms.setdefault(kind, {})
             for unit, call in calls:
                 gs = out_grads[id(call)]
@@ -257,7 +260,7 @@ class Session:
         ctx = ReduceContext(N, self.loss_fn.reduction)  # type: ignore[arg-type]
         values: dict[Quantity, dict[str, Tensor]] = {q: {} for q in self.quantities}
         # per-sample gradients first: once materialized, the other reductions read them
-        order = [q for q in self.quantities if not isinstance(q, Grad)]
+        order = [q for q in self.quantities if not isinstance(q, (Grad, KFAC))]
         order.sort(key=lambda q: not isinstance(q, BatchGrad))
         rules = _rules_by_name(self.units, names)
         for name, param in self.model.named_parameters():
@@ -289,7 +292,63 @@ class Session:
                     form = selected[q.vectors]
                 buffer = _buffer(out, q, name, (form.rows, *param.shape), param)
                 values[q][name] = q.reduce(form, ctx, buffer)
+        R = reduction_factor(self.loss_fn, output, target)
+        for q in self.quantities:
+            if isinstance(q, KFAC):
+                values[q] = self._kfac(q, call_grads[q.vectors], forms[q.vectors], names, N, R)
         return Result(loss.detach(), output.detach(), values, rules, index)
+
+    def _kfac(
+        self,
+        q: KFAC,
+        grads: dict[int, list[Tensor | None]],
+        forms: dict[int, list[Form]],
+        names: dict[int, str],
+        N: int,
+        R: float,
+    ) -> dict[str, Any]:
+        """One block per module: Kronecker factors where the rule has them, else the
+        diagonal of the same curvature (see :mod:`beyondgrad.factors`)."""
+        blocks: dict[str, Any] = {}
+        for unit in self.units:
+            if not unit.params:
+                continue
+            kron = unit.rule.kronecker if unit.rule is not None else None
+            param_names = tuple(names[id(p)] for p in unit.params.values())
+            if kron is not None and "weight" in unit.params:
+                stats = None
+                for call in unit.calls:
+                    g = grads.get(id(call), [None])[0]
+                    if g is None:
+                        continue
+                    K = g.shape[0]
+                    part = kron(
+                        unit.module,
+                        call.x.detach(),
+                        g.reshape(K * N, *g.shape[2:]),
+                        K,
+                        q.kfac_approx,
+                    )
+                    stats = part if stats is None else stats + part
+                if stats is None:
+                    continue
+                blocks[unit.name] = _kronecker_factors(q, stats, unit, param_names, N, R)
+                continue
+            if q.fisher_type == "forward-only":
+                raise NotImplementedError(
+                    f"KFAC(fisher_type='forward-only') has no fallback for module "
+                    f"'{unit.name}' ({type(unit.module).__name__}, rule {unit.rule_name}); "
+                    "use another fisher_type"
+                )
+            diag = {}
+            for _local, p in unit.params.items():
+                form_list = forms.get(id(p))
+                value = (
+                    merge_forms(form_list).sum_grad_squared() if form_list else torch.zeros_like(p)
+                )
+                diag[names[id(p)]] = value / R if q.fisher_type == "empirical" else value
+            blocks[unit.name] = DiagonalFactors(diag, q.fisher_type, R, N)
+        return blocks
 
     def _vectors(self, kind: tuple[str, int], output: Tensor, target: Tensor) -> Tensor:
         """The output-space vectors of ``kind`` (``("grad", 1)``, ``("exact", 0)``,
@@ -330,6 +389,36 @@ class Session:
             return generic_forms(
                 unit.module, unit.params, call.args, call.kwargs, call.output, gs, N, K
             )
+
+
+def _kronecker_factors(
+    q: KFAC, stats: Any, unit: Unit, param_names: tuple[str, ...], N: int, R: float
+) -> KroneckerFactors:
+    A = stats.A_sum / stats.count
+    B = stats.B_sum
+    if q.fisher_type == "empirical":  # the loss-gradient vectors carry R twice
+        B = B / R
+    elif q.fisher_type == "forward-only":
+        B = torch.eye(B.shape[-1], dtype=B.dtype, device=B.device).expand_as(B).clone()
+    has_bias = "bias" in unit.params
+    bias_mode: str | None = q.bias if has_bias else None
+    bias_block = None
+    if bias_mode == "separate":
+        bias_block = B * A[:, -1:, -1:]
+        A = A[:, :-1, :-1]
+    squeeze = A.shape[0] == 1
+    return KroneckerFactors(
+        A[0] if squeeze else A,
+        B[0] if squeeze else B,
+        stats.order,
+        param_names,
+        bias_mode,
+        q.fisher_type,
+        q.kfac_approx,
+        R,
+        N,
+        (bias_block[0] if squeeze else bias_block) if bias_block is not None else None,
+    )
 
 
 def _buffer(

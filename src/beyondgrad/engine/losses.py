@@ -71,6 +71,23 @@ def check_target(loss_fn: nn.Module, output: Tensor, target: Tensor) -> None:
         )
 
 
+def reduction_factor(loss_fn: nn.Module, output: Tensor, target: Tensor) -> float:
+    """The factor ``R`` with ``L = R * sum_n l_n``: 1 for ``reduction="sum"``; for ``"mean"``
+    one over the number of averaged terms (elements for MSE/BCE, positions for cross-entropy
+    with probabilities, the summed class weights of non-ignored targets for class indices)."""
+    if loss_fn.reduction == "sum":  # type: ignore[union-attr]
+        return 1.0
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        if target.is_floating_point():
+            return 1.0 / (output.numel() // output.shape[1])
+        keep = target != loss_fn.ignore_index
+        if loss_fn.weight is None:
+            return 1.0 / float(keep.sum())
+        safe = torch.where(keep, target, torch.zeros_like(target))
+        return 1.0 / float((loss_fn.weight[safe] * keep).sum())
+    return 1.0 / output.numel()
+
+
 def loss_vectors(
     loss_fn: nn.Module,
     output: Tensor,

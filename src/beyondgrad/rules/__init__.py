@@ -27,6 +27,7 @@ from .forms import (
     merge_forms,
 )
 from .generic import generic_forms
+from .kronecker import KronStats, conv_kron, embedding_kron, linear_kron
 from .linear import linear_forms
 from .norm import (
     batch_norm_forms,
@@ -67,6 +68,7 @@ class Rule:
     module_types: tuple[type[nn.Module], ...]
     forms: Callable[[nn.Module, Tensor, Tensor, int], dict[str, Form]]
     params: frozenset[str] = frozenset({"weight", "bias"})
+    kronecker: Callable[[nn.Module, Tensor, Tensor, int, str], KronStats] | None = None
 
     def serves(self, module: nn.Module) -> bool:
         base = next((t for t in self.module_types if isinstance(module, t)), None)
@@ -77,14 +79,14 @@ class Rule:
 
 
 FAST_RULES: tuple[Rule, ...] = (
-    Rule("linear", (nn.Linear,), linear_forms),  # type: ignore[arg-type]
-    Rule("conv", (nn.Conv1d, nn.Conv2d, nn.Conv3d), conv_forms),  # type: ignore[arg-type]
+    Rule("linear", (nn.Linear,), linear_forms, kronecker=linear_kron),  # type: ignore[arg-type]
+    Rule("conv", (nn.Conv1d, nn.Conv2d, nn.Conv3d), conv_forms, kronecker=conv_kron),  # type: ignore[arg-type]
     Rule(
         "conv_transpose",
         (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
         conv_transpose_forms,  # type: ignore[arg-type]
     ),
-    Rule("embedding", (nn.Embedding,), embedding_forms, frozenset({"weight"})),  # type: ignore[arg-type]
+    Rule("embedding", (nn.Embedding,), embedding_forms, frozenset({"weight"}), embedding_kron),  # type: ignore[arg-type]
     Rule("layer_norm", (nn.LayerNorm,), layer_norm_forms),  # type: ignore[arg-type]
     Rule("rms_norm", (nn.RMSNorm,), rms_norm_forms, frozenset({"weight"})),
     Rule("group_norm", (nn.GroupNorm,), group_norm_forms),  # type: ignore[arg-type]

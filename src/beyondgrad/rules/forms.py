@@ -238,7 +238,7 @@ class OuterForm(Form):
         return Form._batch_dot(self)
 
     def _chunks(self, per_chunk: int) -> list[tuple[int, int]]:
-        K, N, S, I, O = self._sizes
+        K, N, _S, I, O = self._sizes
         step = max(1, _CHUNK_ELEMENTS // max(1, K * I * O * per_chunk))
         return [(a, min(N, a + step)) for a in range(0, N, step)]
 

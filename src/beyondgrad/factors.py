@@ -1,0 +1,162 @@
+"""Curvature blocks returned per layer by :class:`~beyondgrad.KFAC`.
+
+:class:`KroneckerFactors` -- a block ``B kron A`` (row-major flattening of a weight ``[O, I]``:
+output side ``B`` first) or ``A kron B`` (an embedding table ``[V, d]`` whose rows are the input
+side), possibly block-diagonal over convolution groups (leading group axis on ``A`` and ``B``).
+
+:class:`DiagonalFactors` -- the documented fallback for layers without Kronecker structure
+(normalization layers, the generic rule): the diagonal of the same curvature.
+
+Scaling (KFAC-tutorial convention, adapted so that the factors need no further scaling):
+``A`` is the input second moment averaged over the data (``(1/(N S)) sum_{n,s} a a^T`` for
+KFAC-expand, ``(1/N) sum_n abar abar^T`` with ``abar`` the mean over the shared axis for
+KFAC-reduce) and ``B`` sums the output-gradient outer products of all backpropagated vectors,
+which carry the loss reduction factor ``R``. With one sample and no shared axis,
+``B kron A`` is exactly the GGN (type-2) block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class KroneckerFactors:
+    """A Kronecker-factored curvature block of one layer.
+
+    ``A``: input side ``[I, I]`` (``[G, I, I]`` for G groups); with ``bias="joint"`` the last
+    row/column belongs to the bias (inputs augmented by a constant 1). ``B``: output side
+    ``[O, O]`` (``[G, O, O]``). ``order``: ``"B kron A"`` (weight ``[O, I]`` row-major, e.g.
+    Linear/conv; a conv weight ``[O, C, *K]`` is ``[O, C*prod(K)]``) or ``"A kron B"``
+    (embedding ``[V, d]``). ``params``: the parameter names covered (weight, then bias).
+    ``bias``: ``"joint"`` (bias in ``A``), ``"separate"`` (``bias_block`` holds ``B`` times the
+    bias's ``A``-scalar), or ``None``. ``R``: the loss reduction factor; ``num_data``: N.
+    """
+
+    A: Tensor
+    B: Tensor
+    order: str
+    params: tuple[str, ...]
+    bias: str | None
+    fisher_type: str
+    kfac_approx: str
+    R: float
+    num_data: int
+    bias_block: Tensor | None = None
+    _eig: tuple[Tensor, Tensor, Tensor, Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def groups(self) -> int:
+        return self.A.shape[0] if self.A.ndim == 3 else 1
+
+    def _ordered(self, left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
+        """(first, second) Kronecker operands in ``order``."""
+        return (right, left) if self.order == "A kron B" else (left, right)
+
+    def to_dense(self) -> Tensor:
+        """The block as a matrix over the flattened covered parameters (weight ``[O, I]``
+        row-major; with a joint bias over ``[O, I + 1]``; groups block-diagonal)."""
+        if self.A.ndim == 3:
+            return torch.block_diag(
+                *(torch.kron(*self._ordered(b, a)) for a, b in zip(self.A, self.B))
+            )
+        return torch.kron(*self._ordered(self.B, self.A))
+
+    def eigh(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Eigendecompositions ``(lambda_A, Q_A, lambda_B, Q_B)`` (batched over groups);
+        cached."""
+        if self._eig is None:
+            la, qa = torch.linalg.eigh(self.A)
+            lb, qb = torch.linalg.eigh(self.B)
+            self._eig = (la, qa, lb, qb)
+        return self._eig
+
+    def _matrix(self, V: Tensor) -> Tensor:
+        """View ``V`` (flattened ``[P]``, ``[P, k]`` or parameter-shaped ``[O, I]``) as
+        ``[G, left, right, k]`` in the Kronecker order."""
+        left = self.B.shape[-1] if self.order == "B kron A" else self.A.shape[-1]
+        right = self.A.shape[-1] if self.order == "B kron A" else self.B.shape[-1]
+        return V.reshape(self.groups, left, right, -1)
+
+    def _apply(self, V: Tensor, fn: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Tensor:
+        M = self._matrix(V)
+        return fn(
+            M,
+            *self._ordered(
+                self.B if self.B.ndim == 3 else self.B[None],
+                self.A if self.A.ndim == 3 else self.A[None],
+            ),
+        ).reshape(V.shape)
+
+    def __matmul__(self, V: Tensor) -> Tensor:
+        """``(first kron second) vec_r(V)`` for ``V`` of ``P`` entries (or ``[P, k]``)."""
+        return self._apply(V, lambda M, L, Rt: torch.einsum("gij,gjkc,glk->gilc", L, M, Rt))
+
+    def inverse(self, damping: float = 0.0) -> Callable[[Tensor], Tensor]:
+        """``V -> (first kron second + damping I)^{-1} V``, exactly (eigendecompositions)."""
+        la, qa, lb, qb = self.eigh()
+        lam_first, q_first, lam_second, q_second = (
+            (la, qa, lb, qb) if self.order == "A kron B" else (lb, qb, la, qa)
+        )
+        if lam_first.ndim == 1:
+            lam_first, q_first, lam_second, q_second = (
+                lam_first[None],
+                q_first[None],
+                lam_second[None],
+                q_second[None],
+            )
+        denom = lam_first.unsqueeze(2) * lam_second.unsqueeze(1) + damping  # [G, l, r]
+        if bool((denom <= 0).any()):
+            raise ValueError("the damped block is singular or indefinite; increase damping")
+
+        def apply(V: Tensor) -> Tensor:
+            M = self._matrix(V)
+            rot = torch.einsum("gji,gjkc,gkl->gilc", q_first, M, q_second)
+            rot = rot / denom.unsqueeze(-1)
+            return torch.einsum("gij,gjkc,glk->gilc", q_first, rot, q_second).reshape(V.shape)
+
+        return apply
+
+    def logdet(self, damping: float = 0.0) -> Tensor:
+        """``log det(first kron second + damping I)``."""
+        la, _, lb, _ = self.eigh()
+        if la.ndim == 1:
+            la, lb = la[None], lb[None]
+        terms = la.unsqueeze(2) * lb.unsqueeze(1) + damping
+        if bool((terms <= 0).any()):
+            raise ValueError("the damped block is singular or indefinite; increase damping")
+        return terms.log().sum()
+
+
+@dataclass
+class DiagonalFactors:
+    """Fallback block for layers without Kronecker structure: the diagonal of the same
+    curvature (``fisher_type``), parameter-shaped, per covered parameter."""
+
+    diagonal: dict[str, Tensor]
+    fisher_type: str
+    R: float
+    num_data: int
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return tuple(self.diagonal)
+
+    def to_dense(self) -> Tensor:
+        return torch.diag(torch.cat([d.reshape(-1) for d in self.diagonal.values()]))
+
+    def inverse(self, damping: float = 0.0) -> Callable[[Tensor], Tensor]:
+        flat = torch.cat([d.reshape(-1) for d in self.diagonal.values()]) + damping
+        if bool((flat <= 0).any()):
+            raise ValueError("the damped diagonal is not positive; increase damping")
+        return lambda V: V / flat.reshape(-1, *([1] * (V.ndim - 1)))
+
+    def logdet(self, damping: float = 0.0) -> Tensor:
+        return (torch.cat([d.reshape(-1) for d in self.diagonal.values()]) + damping).log().sum()
+
+
+__all__ = ["DiagonalFactors", "KroneckerFactors"]

@@ -1,0 +1,122 @@
+"""Kronecker statistics of the layers with Kronecker structure (KFAC).
+
+For one call with input ``x`` ``[N, ...]`` and output gradients ``g`` ``[K N, ...]`` of ``K``
+backpropagated vectors, each function returns :class:`KronStats`: the input-side sum
+``A_sum`` and its count (A = A_sum / count), the output-side sum ``B_sum``, all with a leading
+group axis for grouped convolutions. Inputs are augmented by a constant 1 when the layer has a
+trainable bias (the last row/column of ``A``).
+
+* KFAC-expand: the shared axis (sequence/spatial positions) is treated like more data:
+  ``A_sum = sum_{n,s} a a^T`` (count ``N S``), ``B_sum = sum_{k,n,s} g g^T``.
+* KFAC-reduce: ``A_sum = sum_n abar abar^T`` with ``abar`` the mean of ``a`` over the shared
+  axis (count ``N``), ``B_sum = sum_{k,n} gsum gsum^T`` with ``gsum`` the sum of ``g`` over it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..conv import unfold
+from ..conv.einsum import averaged_patches
+
+
+@dataclass
+class KronStats:
+    A_sum: Tensor  # [G, I(+1), I(+1)]
+    count: int
+    B_sum: Tensor  # [G, O, O]
+    order: str = "B kron A"
+
+    def __add__(self, other: KronStats) -> KronStats:
+        return KronStats(
+            self.A_sum + other.A_sum, self.count + other.count, self.B_sum + other.B_sum, self.order
+        )
+
+
+def _has_bias(module: nn.Module) -> bool:
+    bias = getattr(module, "bias", None)
+    return bias is not None and bias.requires_grad
+
+
+def _augment(a: Tensor, bias: bool) -> Tensor:
+    return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], -1) if bias else a
+
+
+def _gram(rows: Tensor) -> Tensor:
+    """``rows^T rows`` over all leading axes: ``[..., D] -> [D, D]``."""
+    flat = rows.reshape(-1, rows.shape[-1])
+    return flat.T @ flat
+
+
+def _stats(A_in: Tensor, G: Tensor, approx: str, bias: bool) -> KronStats:
+    """``A_in`` ``[N, S, I]``, ``G`` ``[K, N, S, O]`` (one group)."""
+    N, S, _ = A_in.shape
+    if approx == "expand":
+        a = _augment(A_in, bias)
+        return KronStats(_gram(a)[None], N * S, _gram(G)[None])
+    a = _augment(A_in.mean(1), bias)
+    return KronStats(_gram(a)[None], N, _gram(G.sum(2))[None])
+
+
+def linear_kron(module: nn.Linear, x: Tensor, g: Tensor, vectors: int, approx: str) -> KronStats:
+    N = x.shape[0]
+    A_in = x.reshape(N, -1, module.in_features)
+    G = g.reshape(vectors, N, -1, module.out_features)
+    return _stats(A_in, G, approx, _has_bias(module))
+
+
+def conv_kron(
+    module: nn.modules.conv._ConvNd, x: Tensor, g: Tensor, vectors: int, approx: str
+) -> KronStats:
+    widths = module._reversed_padding_repeated_twice
+    if any(widths):
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, widths, mode=mode)
+    N, _C = x.shape[:2]
+    Gr = module.groups
+    F_out = g.shape[1]
+    G = (
+        g.reshape(vectors, N, Gr, F_out // Gr, -1).movedim(2, 0).transpose(-1, -2)
+    )  # [Gr, K, N, O, F]
+    bias = _has_bias(module)
+    A_sums, B_sums = [], []
+    if approx == "expand":
+        U = unfold(x, module.kernel_size, module.dilation, 0, module.stride)  # [N, C*K, O]
+        U = U.reshape(N, Gr, -1, U.shape[-1]).transpose(-1, -2)  # [N, Gr, O, C/G*K]
+        count = N * U.shape[2]
+        for gr in range(Gr):
+            A_sums.append(_gram(_augment(U[:, gr], bias)))
+            B_sums.append(_gram(G[gr]))
+    else:  # index patterns summed over the output axis: the unfolded input is never formed
+        abar = averaged_patches(x, module.kernel_size, module.stride, 0, module.dilation)
+        abar = abar.reshape(N, Gr, -1)
+        count = N
+        for gr in range(Gr):
+            A_sums.append(_gram(_augment(abar[:, gr], bias)))
+            B_sums.append(_gram(G[gr].sum(2)))
+    return KronStats(torch.stack(A_sums), count, torch.stack(B_sums))
+
+
+def embedding_kron(
+    module: nn.Embedding, x: Tensor, g: Tensor, vectors: int, approx: str
+) -> KronStats:
+    """The input side is one-hot: ``A`` is diagonal (index frequencies); weight ``[V, d]`` has
+    the input side first (order ``A kron B``)."""
+    N = x.shape[0]
+    index = x.reshape(N, -1)
+    G = g.reshape(vectors, N, index.shape[1], module.embedding_dim)
+    keep = torch.ones_like(index, dtype=torch.bool)
+    if module.padding_idx is not None:  # padding positions receive no gradient: not data
+        keep = index != module.padding_idx
+        G = G * keep.unsqueeze(-1).to(G.dtype)
+    V = module.num_embeddings
+    if approx == "expand":
+        counts = torch.bincount(index[keep], minlength=V).to(g.dtype)
+        return KronStats(torch.diag(counts)[None], int(keep.sum()), _gram(G)[None], "A kron B")
+    onehot = F.one_hot(index, V).to(g.dtype) * keep.unsqueeze(-1).to(g.dtype)
+    onehot_mean = onehot.mean(1)  # [N, V]
+    return KronStats(_gram(onehot_mean)[None], N, _gram(G.sum(2))[None], "A kron B")
