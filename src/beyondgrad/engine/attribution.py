@@ -31,14 +31,18 @@ def _region(call: Call) -> set:
     return seen
 
 
-def _parameter_uses(loss: Tensor, params: set[int]) -> list[tuple[object, nn.Parameter]]:
-    """All edges ``(node, parameter)`` from a graph node into a parameter of interest."""
+def _parameter_uses(
+    loss: Tensor, params: set[int], kinds: set[str]
+) -> list[tuple[object, nn.Parameter]]:
+    """All edges ``(node, parameter)`` from a graph node into a parameter of interest; the
+    type names of all nodes are added to ``kinds``."""
     if loss.grad_fn is None:
         return []
     uses = []
     stack, seen = [loss.grad_fn], {loss.grad_fn}
     while stack:
         node = stack.pop()
+        kinds.add(type(node).__name__)
         for nxt, _ in node.next_functions:
             if nxt is None:
                 continue
@@ -51,17 +55,18 @@ def _parameter_uses(loss: Tensor, params: set[int]) -> list[tuple[object, nn.Par
     return uses
 
 
-def attribute(loss: Tensor, units: list[Unit], names: dict[int, str]) -> None:
+def attribute(loss: Tensor, units: list[Unit], names: dict[int, str]) -> set[str]:
     """Check (and where needed re-assign, see the module docstring) the units serving each
     parameter; ``names`` maps ``id(parameter)`` to its public name. Raises ``RuntimeError`` on a
-    use that no unit explains."""
+    use that no unit explains. Returns the type names of the graph's nodes."""
     serving: dict[int, list[Unit]] = {}
     for unit in units:
         for p in unit.params.values():
             serving.setdefault(id(p), []).append(unit)
-    uses = _parameter_uses(loss, set(serving))
+    kinds: set[str] = set()
+    uses = _parameter_uses(loss, set(serving), kinds)
     if not uses:
-        return
+        return kinds
     regions: dict[int, list[tuple[Unit, set]]] = {}
     for unit in units:
         for call in unit.calls:
@@ -107,3 +112,4 @@ def attribute(loss: Tensor, units: list[Unit], names: dict[int, str]) -> None:
                     f"generic module '{serving[id(param)][0].name}'; beyondgrad cannot split "
                     "its per-sample gradients between them."
                 )
+    return kinds

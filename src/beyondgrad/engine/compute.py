@@ -194,8 +194,9 @@ class Session:
         names = {id(p): n for n, p in self.model.named_parameters()}
         want_grad = Grad() in self.quantities
         only_grad = self.quantities == [Grad()]
+        node_kinds: set[str] = set()
         if not only_grad:  # a plain gradient needs no attribution to layer calls
-            attribute(loss, self.units, names)
+            node_kinds = attribute(loss, self.units, names)
         index = _index(self.subsampling, N, loss.device) if self.per_sample else None
         kinds = list(dict.fromkeys(q.vectors for q in self.quantities if not isinstance(q, Grad)))
         second_order = any(kind[0] != "grad" for kind in kinds)
@@ -223,13 +224,7 @@ class Session:
             # one vectorized backward pass of all output-space vectors from the model output
             blocks = [self._vectors(kind, output, target) for kind in kinds]
             stacked = torch.cat(blocks, 0)
-            grads = (
-                torch.autograd.grad(
-                    output, targets, grad_outputs=stacked, is_grads_batched=True, allow_unused=True
-                )
-                if targets
-                else ()
-            )
+            grads = _backprop_vectors(output, targets, stacked, node_kinds)
             _check_finite(grads, where)
             param_grads = {}
             per_kind, start = {}, 0
@@ -448,6 +443,35 @@ def _rules_by_name(units: list[Unit], names: dict[int, str]) -> dict[str, str]:
                 unit.rule_name if name not in rules or rules[name] == unit.rule_name else "mixed"
             )
     return rules
+
+
+# autograd nodes without a vmap batching rule (torch 2.13): vectorized backward passes through
+# them fall back to a slow per-vector loop plus concatenation, slower than plain passes
+_UNBATCHED_NODES = frozenset({"ConvolutionBackward0", "ConvolutionBackwardBackward0"})
+
+
+def _backprop_vectors(
+    output: Tensor, targets: list[Any], vectors: Tensor, node_kinds: set[str]
+) -> tuple[Tensor | None, ...]:
+    """Gradients ``[K, *target.shape]`` of ``<vectors[k], output>`` w.r.t. every target: one
+    vectorized backward pass, or one pass per vector where vmap has no batching rule."""
+    if not targets:
+        return ()
+    K = vectors.shape[0]
+    if K > 1 and not (node_kinds & _UNBATCHED_NODES):
+        return torch.autograd.grad(
+            output, targets, grad_outputs=vectors, is_grads_batched=True, allow_unused=True
+        )
+    per_vector = [
+        torch.autograd.grad(
+            output, targets, grad_outputs=v, retain_graph=k < K - 1, allow_unused=True
+        )
+        for k, v in enumerate(vectors)
+    ]
+    return tuple(
+        None if parts[0] is None else torch.stack(parts)  # type: ignore[misc]
+        for parts in zip(*per_vector)
+    )
 
 
 def _served_parameters(units: list[Unit]) -> list[nn.Parameter]:

@@ -201,7 +201,10 @@ class OuterForm(Form):
         if k == 1:
             res = torch.bmm(G[0].transpose(1, 2), A, out=None if out is None else out[0])
             return res.unsqueeze(0)
-        return torch.matmul(G.transpose(-1, -2), A.unsqueeze(0), out=out)
+        # all vectors of a sample in one product, A never repeated: [n, S, k O]^T [n, S, I]
+        stacked = G.permute(1, 2, 0, 3).reshape(n, S, k * O)
+        res = torch.bmm(stacked.transpose(1, 2), A).view(n, k, O, I).transpose(0, 1)
+        return res if out is None else out.copy_(res)
 
     def _batch_grad(self, out: Tensor | None = None) -> Tensor:
         K, N, S, I, O = self._sizes
