@@ -25,12 +25,14 @@ from .quantities import (
     BatchGrad,
     BatchL2,
     DiagGGN,
+    GGNEigen,
     Grad,
     Quantity,
     SqrtGGN,
     SumGradSquared,
     Variance,
 )
+from .vivit import GGNEigenResult
 
 __version__ = "0.1.0"
 
@@ -44,6 +46,8 @@ __all__ = [
     "Coverage",
     "DiagGGN",
     "DiagonalFactors",
+    "GGNEigen",
+    "GGNEigenResult",
     "Grad",
     "KroneckerFactors",
     "Quantity",

@@ -167,6 +167,23 @@ class SqrtGGN(_Curvature):
         return form.batch_grad().reshape(form.vectors, form.num_samples, *form.shape)
 
 
+@dataclass(frozen=True)
+class GGNEigen(_Curvature):
+    """ViViT: exact eigenpairs of the GGN (or MC Fisher) from the Gram matrix of its factor,
+    with per-sample first/second directional derivatives and the damped Newton step along
+    them (:class:`~beyondgrad.vivit.GGNEigenResult`).
+
+    ``top_k``: keep the leading eigenpairs (default: all nonzero ones). ``param_groups``:
+    tuples of parameter names, one eigenproblem each (default: the whole model, key
+    ``"model"``; groups are keyed ``"group0"``, ...). With ``subsampling`` (and MC) the GGN is
+    that of the selected samples' rows (unchanged scale): a cheaper approximation. The result
+    maps each group key to a ``GGNEigenResult``.
+    """
+
+    top_k: int | None = None
+    param_groups: tuple[tuple[str, ...], ...] | None = None
+
+
 FISHER_TYPES = ("type-2", "mc", "empirical", "forward-only")
 KFAC_APPROX = ("expand", "reduce")
 
@@ -221,4 +238,4 @@ FIRST_ORDER: tuple[type[Quantity], ...] = (
     Variance,
 )
 
-SECOND_ORDER: tuple[type[Quantity], ...] = (DiagGGN, BatchDiagGGN, SqrtGGN, KFAC)
+SECOND_ORDER: tuple[type[Quantity], ...] = (DiagGGN, BatchDiagGGN, SqrtGGN, KFAC, GGNEigen)

@@ -16,8 +16,9 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from ..factors import DiagonalFactors, KroneckerFactors
-from ..quantities import KFAC, BatchGrad, Grad, Quantity, ReduceContext
+from ..quantities import KFAC, BatchGrad, GGNEigen, Grad, Quantity, ReduceContext
 from ..rules import Form, generic_forms, merge_forms, uses_batch_statistics
+from ..vivit import GGNEigenResult, ggn_eigen
 from .attribution import attribute
 from .capture import Call, Recorder, Unit, plan_units
 from .losses import check_loss_fn, check_target, loss_vectors, reduction_factor
@@ -200,7 +201,8 @@ class Session:
         index = _index(self.subsampling, N, loss.device) if self.per_sample else None
         kinds = list(dict.fromkeys(q.vectors for q in self.quantities if not isinstance(q, Grad)))
         second_order = any(kind[0] != "grad" for kind in kinds)
-        if second_order and want_grad and ("grad", 1) not in kinds:
+        wants_grad_vectors = want_grad or any(isinstance(q, GGNEigen) for q in self.quantities)
+        if second_order and wants_grad_vectors and ("grad", 1) not in kinds:
             kinds.insert(0, ("grad", 1))
 
         calls = [] if only_grad else [(u, c) for u in self.units for c in u.calls]
@@ -255,7 +257,7 @@ class Session:
         ctx = ReduceContext(N, self.loss_fn.reduction)  # type: ignore[arg-type]
         values: dict[Quantity, dict[str, Tensor]] = {q: {} for q in self.quantities}
         # per-sample gradients first: once materialized, the other reductions read them
-        order = [q for q in self.quantities if not isinstance(q, (Grad, KFAC))]
+        order = [q for q in self.quantities if not isinstance(q, (Grad, KFAC, GGNEigen))]
         order.sort(key=lambda q: not isinstance(q, BatchGrad))
         rules = _rules_by_name(self.units, names)
         for name, param in self.model.named_parameters():
@@ -291,6 +293,8 @@ class Session:
         for q in self.quantities:
             if isinstance(q, KFAC):
                 values[q] = self._kfac(q, call_grads[q.vectors], forms[q.vectors], names, N, R)
+            if isinstance(q, GGNEigen):
+                values[q] = self._eigen(q, forms, names, index)
         return Result(loss.detach(), output.detach(), values, rules, index)
 
     def _kfac(
@@ -344,6 +348,36 @@ class Session:
                 diag[names[id(p)]] = value / R if q.fisher_type == "empirical" else value
             blocks[unit.name] = DiagonalFactors(diag, q.fisher_type, R, N)
         return blocks
+
+    def _eigen(
+        self,
+        q: GGNEigen,
+        forms: dict[tuple[str, int], dict[int, list[Form]]],
+        names: dict[int, str],
+        index: Tensor | None,
+    ) -> dict[str, GGNEigenResult]:
+        params = dict(self.model.named_parameters())
+        served = {names[id(p)] for u in self.units for p in u.params.values()}
+        groups = q.param_groups or (tuple(n for n in params if n in served),)
+        out: dict[str, GGNEigenResult] = {}
+        for i, group in enumerate(groups):
+            curvature, gradient = {}, {}
+            for name in group:
+                if name not in params:
+                    raise KeyError(f"GGNEigen: unknown parameter {name!r}")
+                pid = id(params[name])
+                c_list, g_list = forms[q.vectors].get(pid), forms[("grad", 1)].get(pid)
+                if not c_list or not g_list:
+                    continue
+                c, g = merge_forms(c_list), merge_forms(g_list)
+                if index is not None:
+                    c, g = c.select(index), g.select(index)
+                curvature[name], gradient[name] = c, g
+            if not curvature:
+                raise ValueError(f"GGNEigen: no parameter of group {i} reaches the loss")
+            key = "model" if q.param_groups is None else f"group{i}"
+            out[key] = ggn_eigen(curvature, gradient, q.top_k)
+        return out
 
     def _vectors(self, kind: tuple[str, int], output: Tensor, target: Tensor) -> Tensor:
         """The output-space vectors of ``kind`` (``("grad", 1)``, ``("exact", 0)``,

@@ -126,7 +126,24 @@ class Form(ABC):
             return self._memo("bsgs", lambda: Form._batch_sum_grad_squared(self))
         return self._memo("bsgs", self._batch_sum_grad_squared)
 
+    def cross_dot(self, other: Form) -> Tensor:
+        """Inner products of this form's rows with ``other``'s rows (same parameter, same
+        layer inputs, other backpropagated vectors), ``[rows, other.rows]``."""
+        return self._cross_dot(other)
+
+    def combine(self, coefficients: Tensor) -> Tensor:
+        """Linear combinations of the rows, ``sum_r coefficients[r, j] g_r``: ``[c, *shape]``
+        for ``coefficients`` ``[rows, c]`` (e.g. GGN eigenvectors ``V u``)."""
+        return self._combine(coefficients)
+
     # -- defaults from materialized rows -------------------------------------------------------
+    def _cross_dot(self, other: Form) -> Tensor:
+        return self.batch_grad().flatten(1) @ other.batch_grad().flatten(1).T
+
+    def _combine(self, coefficients: Tensor) -> Tensor:
+        flat = self.batch_grad().flatten(1)
+        return (coefficients.T @ flat).reshape(-1, *self.shape)
+
     @abstractmethod
     def _batch_grad(self, out: Tensor | None = None) -> Tensor: ...
 
@@ -239,6 +256,25 @@ class OuterForm(Form):
             gram_g = (G @ G.T).view(K, N, S, K, N, S)
             return (gram_g * gram_a).sum((2, 5)).reshape(R, R)
         return Form._batch_dot(self)
+
+    def _cross_dot(self, other: Form) -> Tensor:
+        if not (isinstance(other, OuterForm) and other.A.shape == self.A.shape):
+            return Form._cross_dot(self, other)
+        _, N, S, I, O = self._sizes
+        R1, R2 = self.rows, other.rows
+        A = self.A.reshape(N * S, I)
+        gram_a = (A @ A.T).view(1, N, S, 1, N, S)
+        gram_g = (self.G.reshape(R1 * S, O) @ other.G.reshape(R2 * S, O).T).view(
+            self.vectors, N, S, other.vectors, N, S
+        )
+        return (gram_g * gram_a).sum((2, 5)).reshape(R1, R2)
+
+    def _combine(self, coefficients: Tensor) -> Tensor:
+        K, N, S, _I, O = self._sizes
+        weighted = torch.einsum(
+            "knc,knso->cnso", coefficients.view(K, N, -1), self.G.view(K, N, S, O)
+        )
+        return torch.einsum("cnso,nsi->coi", weighted, self.A).reshape(-1, *self.shape)
 
     def _chunks(self, per_chunk: int) -> list[tuple[int, int]]:
         K, N, _S, I, O = self._sizes
@@ -360,6 +396,11 @@ class SumForm(Form):
             first += p.batch_grad()
         return first
 
+    def _combine(self, coefficients: Tensor) -> Tensor:
+        return sum(
+            (p.combine(coefficients) for p in self.parts[1:]), self.parts[0].combine(coefficients)
+        )
+
     def _batch_l2(self) -> Tensor:
         """``|sum_i a_i|^2 = sum_i |a_i|^2 + 2 sum_{i<j} <a_i, a_j>`` with cross terms that avoid
         materializing where a contraction exists (outer x scatter: a tied embedding)."""
@@ -401,6 +442,17 @@ class ConcatForm(Form):
     def _batch_sum_grad_squared(self) -> Tensor:
         return torch.cat([p.batch_sum_grad_squared() for p in self.parts], 1)
 
+    def _cross_dot(self, other: Form) -> Tensor:
+        if isinstance(other, ConcatForm) and len(other.parts) == len(self.parts):
+            return sum(
+                (a.cross_dot(b) for a, b in zip(self.parts[1:], other.parts[1:])),
+                self.parts[0].cross_dot(other.parts[0]),
+            )
+        return Form._cross_dot(self, other)
+
+    def _combine(self, coefficients: Tensor) -> Tensor:
+        return torch.cat([p.combine(coefficients) for p in self.parts], 1)
+
 
 class PermutedForm(Form):
     """The parameter is ``base``'s parameter with its axes permuted by ``perm`` (the weight of
@@ -436,6 +488,14 @@ class PermutedForm(Form):
 
     def _batch_sum_grad_squared(self) -> Tensor:
         return self._leading(self.base.batch_sum_grad_squared())
+
+    def _cross_dot(self, other: Form) -> Tensor:
+        if isinstance(other, PermutedForm) and other.perm == self.perm:
+            return self.base.cross_dot(other.base)
+        return Form._cross_dot(self, other)
+
+    def _combine(self, coefficients: Tensor) -> Tensor:
+        return self._leading(self.base.combine(coefficients))
 
 
 def _cross_dot(a: Form, b: Form) -> Tensor:

@@ -1,0 +1,66 @@
+"""ViViT (GGNEigen): eigenpairs, directional derivatives and Newton steps against the dense
+float64 GGN."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import beyondgrad as bg
+from models import CASES
+from oracles.curvature import ggn
+from oracles.first_order import per_sample_grads
+
+
+def flat(d: dict, names) -> torch.Tensor:
+    return torch.cat([d[n].reshape(d[n].shape[0], -1) for n in names], 1)
+
+
+@pytest.mark.parametrize("case", ["mlp", "gpt", "resnet", "seq_linear", "dict_inputs"])
+def test_eigenpairs_and_directional_derivatives(case):
+    model, X, y, loss_fn = CASES[case]()
+    ref = ggn(model, loss_fn, X, y)
+    names = ref["names"]
+    res = bg.compute(model, loss_fn, X, y, bg.GGNEigen())[bg.GGNEigen]["model"]
+    dense = ref["full"]
+    expected = torch.linalg.eigvalsh(dense).flip(0)
+    k = res.eigenvalues.numel()
+    torch.testing.assert_close(res.eigenvalues, expected[:k], rtol=1e-8, atol=1e-10)
+    assert expected[k:].abs().max() < 1e-8 * expected[0]  # every nonzero eigenvalue found
+    E = flat(res.eigenvectors, names)  # [k, P]
+    torch.testing.assert_close(E @ dense, res.eigenvalues[:, None] * E, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(E @ E.T, torch.eye(k, dtype=E.dtype), rtol=1e-7, atol=1e-7)
+    grads = flat(per_sample_grads(model, loss_fn, X, y), names)  # [N, P]
+    torch.testing.assert_close(res.first_derivatives, grads @ E.T, rtol=1e-7, atol=1e-10)
+    second = torch.einsum("kp,npq,kq->nk", E, ref["per_sample"], E)
+    torch.testing.assert_close(res.second_derivatives, second, rtol=1e-7, atol=1e-10)
+    damping = 0.1
+    step = flat({n: v.unsqueeze(0) for n, v in res.newton_step(damping).items()}, names)[0]
+    g = grads.sum(0)
+    expected_step = -((E @ g) / (res.eigenvalues + damping)) @ E
+    torch.testing.assert_close(step, expected_step, rtol=1e-7, atol=1e-10)
+
+
+def test_top_k_groups_subsampling_and_mc():
+    model, X, y, loss_fn = CASES["mlp"]()
+    ref = ggn(model, loss_fn, X, y)
+    q = bg.GGNEigen(top_k=3, param_groups=(("0.weight", "0.bias"), ("4.weight",)))
+    res = bg.compute(model, loss_fn, X, y, q)[q]
+    assert set(res) == {"group0", "group1"}
+    names = ref["names"]
+    idx = next(i for i, n in enumerate(names) if n == "4.weight")
+    start = sum(ref["shapes"][i].numel() for i in range(idx))
+    size = ref["shapes"][idx].numel()
+    block = ref["full"][start : start + size, start : start + size]
+    torch.testing.assert_close(res["group1"].eigenvalues, torch.linalg.eigvalsh(block).flip(0)[:3])
+    # subsampling: the GGN of the selected samples' rows
+    sub = bg.compute(model, loss_fn, X, y, bg.GGNEigen(), subsampling=[0, 2])[bg.GGNEigen]["model"]
+    dense_sub = ref["per_sample"][[0, 2]].sum(0)
+    k = sub.eigenvalues.numel()
+    torch.testing.assert_close(sub.eigenvalues, torch.linalg.eigvalsh(dense_sub).flip(0)[:k])
+    assert sub.first_derivatives.shape == (2, k)
+    q = bg.GGNEigen(mc_samples=2)
+    mc = bg.compute(model, loss_fn, X, y, q, generator=torch.Generator().manual_seed(0))[q]["model"]
+    assert mc.eigenvalues.numel() <= 2 * X.shape[0] and bool((mc.eigenvalues > 0).all())
+    with pytest.raises(KeyError, match="unknown parameter"):
+        bg.compute(model, loss_fn, X, y, bg.GGNEigen(param_groups=(("nope",),)))
