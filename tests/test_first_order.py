@@ -34,6 +34,7 @@ def test_all_quantities_match_oracle(case):
     ref = reference(model, loss_fn, X, y)
     for q in QUANTITIES:
         assert_close(res[q], ref[q.key], f"{case}/{q.key}")
+        assert not any(v.requires_grad for v in res[q].values()), "results hold a graph"
     # the per-sample gradients sum to the ordinary autograd gradient
     assert_close(res.grad, autograd_grad(model, loss_fn, X, y), f"{case}/autograd")
     torch.testing.assert_close(

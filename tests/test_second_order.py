@@ -24,6 +24,8 @@ def test_exact_ggn_quantities(case):
     )
     assert_close(res[bg.DiagGGN], diag_ggn(ref), f"{case}/DiagGGN")
     assert_close(res[bg.BatchDiagGGN], batch_diag_ggn(ref), f"{case}/BatchDiagGGN")
+    for q in (bg.DiagGGN(), bg.BatchDiagGGN(), bg.SqrtGGN()):
+        assert not any(v.requires_grad for v in res[q].values()), "results hold a graph"
     # V V^T is the GGN
     V = torch.cat([v.flatten(2) for v in res[bg.SqrtGGN].values()], 2)  # [K, N, P]
     K, N, P = V.shape

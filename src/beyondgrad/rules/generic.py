@@ -109,6 +109,12 @@ def generic_forms(
     grads = tuple(output_grads[i] for i in used)
     grad_axes = tuple(out_axes[i] for i in used)
     primals = {name: p.detach() for name, p in params.items()}
+    # every other parameter/buffer of the module enters as a constant (no graph is built)
+    constants = {
+        name: t.detach()
+        for name, t in [*module.named_parameters(), *module.named_buffers()]
+        if name not in primals
+    }
 
     def per_sample(flat_in_n: list, grads_n: tuple) -> dict[str, Tensor]:
         flat_b = [
@@ -117,7 +123,8 @@ def generic_forms(
         call_args, call_kwargs = tree_unflatten(flat_b, in_spec)
 
         def f(p: dict[str, Tensor]) -> tuple[Tensor, ...]:
-            out = tree_flatten(functional_call(module, p, tuple(call_args), call_kwargs))[0]
+            state = {**constants, **p}
+            out = tree_flatten(functional_call(module, state, tuple(call_args), call_kwargs))[0]
             return tuple(out[i] for i in used)
 
         _, vjp_fn = vjp(f, primals)
