@@ -184,6 +184,29 @@ class GGNEigen(_Curvature):
     param_groups: tuple[tuple[str, ...], ...] | None = None
 
 
+@dataclass(frozen=True)
+class DiagHessian(Quantity):
+    """The exact diagonal of the Hessian, parameter-shaped, for models whose nonlinearities
+    are element-wise (activations such as tanh, sigmoid, ELU, softplus, GELU; piecewise-linear
+    ops; residual adds; pooling; products of factors with disjoint parameters): the GGN
+    diagonal plus the residual terms of every element-wise nonlinearity, backpropagated
+    through the same engine (so residual networks work). Any other nonlinearity between the
+    parameters and the output (LayerNorm, attention, gating) raises an error naming it.
+    ``max_vectors`` bounds both the loss-Hessian vectors and the ``2 x units`` residual
+    vectors of each nonlinearity per sample."""
+
+    max_vectors: int = 4096
+    per_sample: ClassVar[bool] = False
+
+    @property
+    def vectors(self) -> tuple[str, int]:
+        return ("exact", 0)
+
+    def reduce(self, form: Form, ctx: ReduceContext, out: Tensor | None = None) -> Tensor:
+        """The GGN part; the engine adds the residual terms."""
+        return form.sum_grad_squared()
+
+
 FISHER_TYPES = ("type-2", "mc", "empirical", "forward-only")
 KFAC_APPROX = ("expand", "reduce")
 

@@ -16,11 +16,13 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from ..factors import DiagonalFactors, KroneckerFactors
-from ..quantities import KFAC, BatchGrad, GGNEigen, Grad, Quantity, ReduceContext
+from ..quantities import KFAC, BatchGrad, DiagHessian, GGNEigen, Grad, Quantity, ReduceContext
 from ..rules import Form, generic_forms, merge_forms, uses_batch_statistics
 from ..vivit import GGNEigenResult, ggn_eigen
+from .attribution import _region as _region_of
 from .attribution import attribute
 from .capture import Call, Recorder, Unit, plan_units
+from .hessian import residual_sites
 from .losses import check_loss_fn, check_target, loss_vectors, reduction_factor
 
 
@@ -217,12 +219,17 @@ class Session:
             grads = torch.autograd.grad(loss, targets + params, allow_unused=True)
             _check_finite(grads, where + [names[id(p)] for p in params])
             param_grads = {id(p): g for p, g in zip(params, grads[len(edges) :])}
+            residual = {}
             per_kind = (
                 {kinds[0]: [None if g is None else g.unsqueeze(0) for g in grads[: len(edges)]]}
                 if kinds
                 else {}
             )
         else:
+            residual = {}
+            for q in self.quantities:
+                if isinstance(q, DiagHessian):  # before the main pass frees the graph
+                    residual = self._hessian_residuals(q, loss, output, calls, edges, node_kinds, N)
             # one vectorized backward pass of all output-space vectors from the model output
             blocks = [self._vectors(kind, output, target) for kind in kinds]
             stacked = torch.cat(blocks, 0)
@@ -238,26 +245,12 @@ class Session:
         forms: dict[tuple[str, int], dict[int, list[Form]]] = {}
         call_grads: dict[tuple[str, int], dict[int, list[Tensor | None]]] = {}
         for kind, kind_grads in per_kind.items():
-            out_grads: dict[int, list[Tensor | None]] = {
-                id(c): [None] * len(c.outputs) for _, c in calls
-            }
-            for (_, c, i), g in zip(edges, kind_grads):
-                if g is not None:
-                    shape = c.edge_shapes[i]
-                    out_grads[id(c)][i] = g.view(g.shape[0], *shape) if shape is not None else g
-            call_grads[kind] = out_grads
-            kind_forms: dict[int, list[Form]] = forms.setdefault(kind, {})
-            for unit, call in calls:
-                gs = out_grads[id(call)]
-                if all(g is None for g in gs):
-                    continue
-                for local, form in self._call_forms(unit, call, gs, N).items():
-                    kind_forms.setdefault(id(unit.params[local]), []).append(form)
+            call_grads[kind], forms[kind] = self._forms(calls, edges, kind_grads, N)
 
-        ctx = ReduceContext(N, self.loss_fn.reduction)  # type: ignore[arg-type]
         values: dict[Quantity, dict[str, Tensor]] = {q: {} for q in self.quantities}
         # per-sample gradients first: once materialized, the other reductions read them
         order = [q for q in self.quantities if not isinstance(q, (Grad, KFAC, GGNEigen))]
+        ctx = ReduceContext(N, self.loss_fn.reduction)  # type: ignore[arg-type]
         order.sort(key=lambda q: not isinstance(q, BatchGrad))
         rules = _rules_by_name(self.units, names)
         for name, param in self.model.named_parameters():
@@ -289,6 +282,9 @@ class Session:
                     form = selected[q.vectors]
                 buffer = _buffer(out, q, name, (form.rows, *param.shape), param)
                 values[q][name] = q.reduce(form, ctx, buffer)
+            for q in order:
+                if isinstance(q, DiagHessian) and id(param) in residual:
+                    values[q][name] = values[q][name] + residual[id(param)]
         R = reduction_factor(self.loss_fn, output, target)
         for q in self.quantities:
             if isinstance(q, KFAC):
@@ -296,6 +292,85 @@ class Session:
             if isinstance(q, GGNEigen):
                 values[q] = self._eigen(q, forms, names, index)
         return Result(loss.detach(), output.detach(), values, rules, index)
+
+    def _forms(
+        self,
+        calls: list[tuple[Unit, Call]],
+        edges: list[tuple[Unit, Call, int]],
+        grads: Sequence[Tensor | None],
+        N: int,
+    ) -> tuple[dict[int, list[Tensor | None]], dict[int, list[Form]]]:
+        """Per call, the output gradients ``[K, *shape]`` of one set of vectors, and per
+        parameter (by id) the forms of all its calls."""
+        out_grads: dict[int, list[Tensor | None]] = {
+            id(c): [None] * len(c.outputs) for _, c in calls
+        }
+        for (_, c, i), g in zip(edges, grads):
+            if g is not None:
+                shape = c.edge_shapes[i]
+                out_grads[id(c)][i] = g.view(g.shape[0], *shape) if shape is not None else g
+        forms: dict[int, list[Form]] = {}
+        for unit, call in calls:
+            gs = out_grads[id(call)]
+            if all(g is None for g in gs):
+                continue
+            for local, form in self._call_forms(unit, call, gs, N).items():
+                forms.setdefault(id(unit.params[local]), []).append(form)
+        return out_grads, forms
+
+    def _hessian_residuals(
+        self,
+        q: DiagHessian,
+        loss: Tensor,
+        output: Tensor,
+        calls: list[tuple[Unit, Call]],
+        edges: list[tuple[Unit, Call, int]],
+        node_kinds: set[str],
+        N: int,
+    ) -> dict[int, Tensor]:
+        """Per parameter (by id), the residual part of the Hessian diagonal (see
+        :mod:`beyondgrad.engine.hessian`); runs before the main backward pass."""
+        params = {id(p) for u in self.units for p in u.params.values()}
+        regions = [(u.name, _region_of(c)) for u, c in calls]
+
+        def where(node: Any) -> str:
+            inside = [(len(r), name) for name, r in regions if node in r]
+            return (
+                f"module '{min(inside)[1]}'"
+                if inside
+                else "the model (outside any layer with parameters)"
+            )
+
+        sites = residual_sites(output, params, where)
+        if not sites:
+            return {}
+        deltas = torch.autograd.grad(loss, [s.output_edge for s in sites], retain_graph=True)
+        targets = [c.edges[i] for _, c, i in edges]
+        residual: dict[int, Tensor] = {}
+        for site, delta in zip(sites, deltas):
+            d = (delta * site.second).reshape(N, -1)  # [N, units]
+            K = d.shape[1]
+            if 2 * K > q.max_vectors:
+                raise RuntimeError(
+                    f"DiagHessian: the element-wise nonlinearity {site.name} has {K} units per "
+                    f"sample; its exact residual term backpropagates {2 * K} vectors (limit "
+                    f"max_vectors={q.max_vectors}). Raise max_vectors explicitly, or use DiagGGN."
+                )
+            eye = torch.eye(K, dtype=d.dtype, device=d.device)
+            signed = []
+            for part in (d.clamp_min(0), (-d).clamp_min(0)):
+                vectors = (eye.unsqueeze(1) * part.sqrt().unsqueeze(0)).reshape(K, *delta.shape)
+                grads = _backprop_vectors(
+                    site.input_edge, targets, vectors, node_kinds, retain=True
+                )
+                _, part_forms = self._forms(calls, edges, grads, N)
+                signed.append(
+                    {pid: merge_forms(f).sum_grad_squared() for pid, f in part_forms.items()}
+                )
+            for pid in signed[0].keys() | signed[1].keys():
+                value = signed[0].get(pid, 0) - signed[1].get(pid, 0)
+                residual[pid] = residual[pid] + value if pid in residual else value
+        return residual
 
     def _kfac(
         self,
@@ -485,20 +560,30 @@ _UNBATCHED_NODES = frozenset({"ConvolutionBackward0", "ConvolutionBackwardBackwa
 
 
 def _backprop_vectors(
-    output: Tensor, targets: list[Any], vectors: Tensor, node_kinds: set[str]
+    output: Any, targets: list[Any], vectors: Tensor, node_kinds: set[str], retain: bool = False
 ) -> tuple[Tensor | None, ...]:
-    """Gradients ``[K, *target.shape]`` of ``<vectors[k], output>`` w.r.t. every target: one
-    vectorized backward pass, or one pass per vector where vmap has no batching rule."""
+    """Gradients ``[K, *target.shape]`` of ``<vectors[k], output>`` (a tensor or gradient
+    edge) w.r.t. every target: one vectorized backward pass, or one pass per vector where vmap
+    has no batching rule."""
     if not targets:
         return ()
     K = vectors.shape[0]
     if K > 1 and not (node_kinds & _UNBATCHED_NODES):
         return torch.autograd.grad(
-            output, targets, grad_outputs=vectors, is_grads_batched=True, allow_unused=True
+            [output],
+            targets,
+            grad_outputs=[vectors],
+            is_grads_batched=True,
+            allow_unused=True,
+            retain_graph=retain,
         )
     per_vector = [
         torch.autograd.grad(
-            output, targets, grad_outputs=v, retain_graph=k < K - 1, allow_unused=True
+            [output],
+            targets,
+            grad_outputs=[v],
+            retain_graph=retain or k < K - 1,
+            allow_unused=True,
         )
         for k, v in enumerate(vectors)
     ]

@@ -1,0 +1,252 @@
+"""Residual terms of the Hessian for networks whose nonlinearities are element-wise.
+
+For ``L(f(theta))`` built from operations that are linear in each argument (layers, sums,
+views, pooling, piecewise-linear activations, products of factors depending on *disjoint*
+parameter sets) and element-wise nonlinearities ``a = sigma(z)``, the Hessian is::
+
+    H = GGN + sum_l J_{z_l}^T diag(delta_l * sigma''(z_l)) J_{z_l},   delta_l = dL/da_l
+
+and the cross terms of a product whose factors depend on disjoint parameters lie off the
+diagonal. So the Hessian diagonal is the GGN diagonal plus, per element-wise nonlinearity,
+signed squared gradients of the one-hot vectors ``sqrt(|delta sigma''|) e_i`` backpropagated
+from ``z_l`` (this module finds the ``z_l``; the engine backpropagates). Any other operation
+between the parameters and the model output (normalization, softmax attention, a product of
+factors that share parameters, a division by a parameter-dependent tensor) makes the
+decomposition inexact: :func:`residual_sites` raises, naming the operation and the module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.graph import GradientEdge
+
+# operations that are linear (or piecewise linear) in their differentiable inputs
+_LINEAR = {
+    "AddBackward0",
+    "AddBackward1",
+    "SubBackward0",
+    "SubBackward1",
+    "NegBackward0",
+    "ViewBackward0",
+    "UnsafeViewBackward0",
+    "ReshapeAliasBackward0",
+    "TBackward0",
+    "TransposeBackward0",
+    "TransposeBackward1",
+    "PermuteBackward0",
+    "ExpandBackward0",
+    "SqueezeBackward0",
+    "SqueezeBackward1",
+    "SqueezeBackward2",
+    "SqueezeBackward4",
+    "UnsqueezeBackward0",
+    "SumBackward0",
+    "SumBackward1",
+    "MeanBackward0",
+    "MeanBackward1",
+    "CloneBackward0",
+    "CatBackward0",
+    "SplitBackward0",
+    "SplitWithSizesBackward0",
+    "UnbindBackward0",
+    "StackBackward0",
+    "SelectBackward0",
+    "SliceBackward0",
+    "IndexBackward0",
+    "IndexSelectBackward0",
+    "GatherBackward0",
+    "ConstantPadNdBackward0",
+    "ReflectionPad1DBackward0",
+    "ReflectionPad2DBackward0",
+    "ReflectionPad3DBackward0",
+    "ReplicationPad1DBackward0",
+    "ReplicationPad2DBackward0",
+    "ReplicationPad3DBackward0",
+    "MaxPool1DWithIndicesBackward0",
+    "MaxPool2DWithIndicesBackward0",
+    "MaxPool3DWithIndicesBackward0",
+    "AvgPool2DBackward0",
+    "AvgPool3DBackward0",
+    "AdaptiveAvgPool2DBackward0",
+    "AdaptiveAvgPool3DBackward0",
+    "AdaptiveMaxPool2DBackward0",
+    "AdaptiveMaxPool3DBackward0",
+    "ReluBackward0",
+    "ThresholdBackward0",
+    "LeakyReluBackward0",
+    "HardtanhBackward0",
+    "AsStridedBackward0",
+    "FlipBackward0",
+    "RollBackward0",
+    "RepeatBackward0",
+    "EmbeddingBackward0",
+    "ToCopyBackward0",
+    "MaskedFillBackward0",
+    "WhereBackward0",
+    "NativeDropoutBackward0",
+    "CumsumBackward0",
+    "AccumulateGrad",
+    "MulBackward1",
+    "DivBackward1",
+    "NarrowBackward0",
+    "ExpandAsBackward0",
+    "AliasBackward0",
+    "ReluBackward1",
+    "Im2ColBackward0",
+    "Col2ImBackward0",
+    "SliceBackward1",
+    "SelectBackward1",
+    "UnfoldBackward0",
+}
+# products: bilinear, fine when the factors depend on disjoint parameter sets
+_BILINEAR = {
+    "MmBackward0",
+    "AddmmBackward0",
+    "BmmBackward0",
+    "MulBackward0",
+    "ConvolutionBackward0",
+    "DotBackward0",
+    "MvBackward0",
+    "BaddbmmBackward0",
+    "AddmvBackward0",
+    "NativeBatchNormBackward0",
+    "CudnnBatchNormBackward0",
+    "MiopenBatchNormBackward0",
+}
+
+
+def _from_result(fn: Callable[[Tensor], Tensor]) -> Callable[[Any], Tensor]:
+    return lambda node: fn(node._saved_result)
+
+
+def _via_autograd(make: Callable[[Any], Callable[[Tensor], Tensor]]) -> Callable[[Any], Tensor]:
+    """sigma'' by differentiating the element-wise function twice at the saved input."""
+
+    def second(node: Any) -> Tensor:
+        f = make(node)
+        z = node._saved_self
+        flat = z.detach().reshape(-1)
+        d2 = torch.func.vmap(torch.func.grad(torch.func.grad(f)))(flat)
+        return d2.reshape(z.shape)
+
+    return second
+
+
+# second derivatives sigma''(z) of element-wise nonlinearities, from the node's saved tensors
+_SECOND: dict[str, Callable[[Any], Tensor]] = {
+    "TanhBackward0": _from_result(lambda r: -2 * r * (1 - r * r)),
+    "SigmoidBackward0": _from_result(lambda s: s * (1 - s) * (1 - 2 * s)),
+    "ExpBackward0": _from_result(lambda r: r),
+    "SqrtBackward0": _from_result(lambda r: -0.25 / r.pow(3)),
+    "LogBackward0": lambda node: -1.0 / node._saved_self.pow(2),
+    "SinBackward0": lambda node: -torch.sin(node._saved_self),
+    "CosBackward0": lambda node: -torch.cos(node._saved_self),
+    "PowBackward0": lambda node: (
+        node._saved_exponent
+        * (node._saved_exponent - 1)
+        * node._saved_self.pow(node._saved_exponent - 2)
+    ),
+    "GeluBackward0": _via_autograd(lambda n: lambda t: F.gelu(t, approximate=n._saved_approximate)),
+    "SiluBackward0": _via_autograd(lambda n: F.silu),
+    "SoftplusBackward0": _via_autograd(
+        lambda n: lambda t: F.softplus(t, n._saved_beta, n._saved_threshold)
+    ),
+    "EluBackward0": _via_autograd(
+        lambda n: lambda t: n._saved_scale * F.elu(t * n._saved_input_scale, n._saved_alpha)
+    ),
+}
+
+
+@dataclass
+class ResidualSite:
+    """An element-wise nonlinearity ``a = sigma(z)`` with parameters upstream: ``output_edge``
+    (gradient w.r.t. ``a``), ``input_edge`` (to backpropagate from ``z``), ``second`` =
+    ``sigma''(z)``."""
+
+    name: str
+    output_edge: GradientEdge
+    input_edge: GradientEdge
+    second: Tensor
+
+
+def residual_sites(
+    output: Tensor, params: set[int], where: Callable[[Any], str]
+) -> list[ResidualSite]:
+    """Classify every graph node between the parameters and ``output``; return the
+    element-wise nonlinearities, raise on anything that breaks the decomposition. ``where``
+    names the module of a node (for messages)."""
+    if output.grad_fn is None:
+        return []
+    # parameter masks: which parameters each node depends on (bit i: the i-th parameter)
+    bits: dict[int, int] = {}
+    order: list[Any] = []
+    mask: dict[Any, int] = {}
+    stack: list[tuple[Any, bool]] = [(output.grad_fn, False)]
+    while stack:
+        node, done = stack.pop()
+        if done:
+            m = 0
+            variable = getattr(node, "variable", None)
+            if variable is not None and id(variable) in params:
+                m = 1 << bits.setdefault(id(variable), len(bits))
+            for nxt, _ in node.next_functions:
+                if nxt is not None:
+                    m |= mask[nxt]
+            mask[node] = m
+            order.append(node)
+            continue
+        if node in mask:
+            continue
+        mask[node] = 0  # placeholder against revisits while pending
+        stack.append((node, True))
+        for nxt, _ in node.next_functions:
+            if nxt is not None and nxt not in mask:
+                stack.append((nxt, False))
+    sites: list[ResidualSite] = []
+    for node in order:
+        if mask[node] == 0:
+            continue  # nothing trainable upstream
+        kind = type(node).__name__
+        inputs = [mask[n] for n, _ in node.next_functions if n is not None]
+        if kind in _LINEAR:
+            continue
+        if kind in _BILINEAR:
+            if kind == "NativeBatchNormBackward0" and getattr(node, "_saved_training", False):
+                raise RuntimeError(
+                    f"DiagHessian: batch normalization in training mode in {where(node)} is not "
+                    "element-wise; call model.eval()"
+                )
+            seen = 0
+            for m in inputs:
+                if seen & m:
+                    raise RuntimeError(
+                        f"DiagHessian: {kind} in {where(node)} multiplies factors that depend "
+                        "on the same parameters (e.g. gating or attention); its curvature is "
+                        "not element-wise, so the exact Hessian diagonal is not available "
+                        "through this engine. Use DiagGGN or the Hessian operators."
+                    )
+                seen |= m
+            continue
+        if kind in _SECOND:
+            z_node = node.next_functions[0]
+            if z_node[0] is None or mask[z_node[0]] == 0:
+                continue
+            sites.append(
+                ResidualSite(
+                    kind, GradientEdge(node, 0), GradientEdge(*z_node), _SECOND[kind](node)
+                )
+            )
+            continue
+        raise RuntimeError(
+            f"DiagHessian: operation {kind} in {where(node)} is not element-wise or linear "
+            "(e.g. LayerNorm, softmax attention, division by a learned quantity); the exact "
+            "Hessian diagonal is not available through this engine. Use DiagGGN, or the "
+            "Hessian operators."
+        )
+    return sites
