@@ -18,15 +18,38 @@ import torch
 from . import __version__
 from .engine import compute, coverage
 from .problems import PROBLEMS, Problem, make_problem
-from .quantities import BatchDot, BatchGrad, BatchL2, Grad, Quantity, SumGradSquared, Variance
+from .quantities import (
+    KFAC,
+    BatchDiagGGN,
+    BatchDot,
+    BatchGrad,
+    BatchL2,
+    DiagGGN,
+    DiagHessian,
+    GGNEigen,
+    Grad,
+    Quantity,
+    SumGradSquared,
+    Variance,
+)
 
-DEMO_QUANTITIES: tuple[Quantity, ...] = (
+FIRST_ORDER_DEMO: tuple[Quantity, ...] = (
     Grad(),
     BatchGrad(),
     BatchL2(),
     BatchDot(),
     SumGradSquared(),
     Variance(),
+)
+SECOND_ORDER_DEMO: tuple[Quantity, ...] = (
+    DiagGGN(mc_samples=1),
+    BatchDiagGGN(mc_samples=1),
+    KFAC(fisher_type="mc"),
+    KFAC(fisher_type="empirical"),
+    GGNEigen(mc_samples=1, top_k=8),
+    DiagGGN(),
+    KFAC(fisher_type="type-2"),
+    DiagHessian(),
 )
 
 
@@ -50,6 +73,36 @@ def _paired_times(
     candidate(), baseline()
     pairs = [(once(candidate), once(baseline)) for _ in range(reps)]
     return statistics.median(c for c, _ in pairs), statistics.median(b for _, b in pairs)
+
+
+def _label(q: Quantity) -> str:
+    fields = {k: v for k, v in vars(q).items() if v is not None and k != "max_vectors"}
+    defaults = {"kfac_approx": "expand", "bias": "joint", "mc_samples": 1}
+    shown = [
+        f"{k}={v!r}"
+        for k, v in fields.items()
+        if not (
+            k in defaults
+            and v == defaults[k]
+            and not (k == "mc_samples" and not isinstance(q, KFAC))
+        )
+    ]
+    return f"{q.key}({', '.join(shown)})"
+
+
+def _first_sentence(err: BaseException) -> str:
+    text = str(err).split(". ")[0]
+    return text if len(text) < 90 else text[:87] + "..."
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, dict) and value:
+        first = next(iter(value.values()))
+        if isinstance(first, torch.Tensor):
+            return f"{len(value)} tensors"
+        kinds = sorted({type(v).__name__ for v in value.values()})
+        return f"{len(value)} blocks: " + ", ".join(kinds)
+    return type(value).__name__
 
 
 def _reference_per_sample(p: Problem, count: int) -> dict[str, torch.Tensor]:
@@ -82,7 +135,7 @@ def demo(problem: str, device: str, reps: int, threads: int | None) -> int:
         model.zero_grad(set_to_none=True)
         loss_fn(model(X), y).backward()
 
-    res = compute(model, loss_fn, X, y, *DEMO_QUANTITIES)
+    res = compute(model, loss_fn, X, y, *FIRST_ORDER_DEMO)
     check = min(4, X.shape[0])
     ref = _reference_per_sample(p, check)
     err = max(
@@ -92,21 +145,37 @@ def demo(problem: str, device: str, reps: int, threads: int | None) -> int:
 
     rows = []
     bases = []
-    for q in DEMO_QUANTITIES:
+    for q in FIRST_ORDER_DEMO:
         t, b = _paired_times(lambda q=q: compute(model, loss_fn, X, y, q), plain, reps, dev)
         first = next(iter(res[q].values()))
         rows.append((q.key, t, b, "x".join(map(str, first.shape)), f"{len(res[q])} tensors"))
         bases.append(b)
-    t, b = _paired_times(lambda: compute(model, loss_fn, X, y, *DEMO_QUANTITIES), plain, reps, dev)
-    rows.append(("all of the above, one call", t, b, "-", "one forward, one backward"))
+    t, b = _paired_times(lambda: compute(model, loss_fn, X, y, *FIRST_ORDER_DEMO), plain, reps, dev)
+    rows.append(("first-order, all in one call", t, b, "-", "one forward, one backward"))
     bases.append(b)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for q in SECOND_ORDER_DEMO:
+        label = _label(q)
+        try:
+            value = compute(model, loss_fn, X, y, q, generator=gen)[q]
+        except (RuntimeError, NotImplementedError) as refusal:
+            rows.append((label, float("nan"), 1.0, "-", "refused: " + _first_sentence(refusal)))
+            continue
+        t, b = _paired_times(
+            lambda q=q: compute(model, loss_fn, X, y, q, generator=gen), plain, reps, dev
+        )
+        rows.append((label, t, b, "-", _describe(value)))
+        bases.append(b)
     model.zero_grad(set_to_none=True)
     base = statistics.median(bases)
     rows.insert(0, ("plain forward+backward", base, base, "-", "the reference"))
 
-    print(f"\n{'quantity':<28} {'time [ms]':>10} {'x fwd+bwd':>10}  {'first tensor':<16} notes")
+    print(f"\n{'quantity':<40} {'time [ms]':>10} {'x fwd+bwd':>10}  {'first tensor':<16} notes")
     for name, t, b, shape, note in rows:
-        print(f"{name:<28} {t * 1e3:>10.1f} {t / b:>10.2f}  {shape:<16} {note}")
+        if t != t:  # refused
+            print(f"{name:<40} {'-':>10} {'-':>10}  {shape:<16} {note}")
+            continue
+        print(f"{name:<40} {t * 1e3:>10.1f} {t / b:>10.2f}  {shape:<16} {note}")
     cov = coverage(model, loss_fn, X, y).by_rule()
     print(
         "\nrules serving the parameters: " + ", ".join(f"{k}: {v}" for k, v in sorted(cov.items()))
