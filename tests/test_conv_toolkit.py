@@ -102,6 +102,9 @@ def test_unfold_fold_and_kfac_factors(case, simplify):
     mean = Ug.mean(-1)
     reduce = torch.einsum("ngi,ngj->gij", mean, mean)
     kw = dict(h, groups=groups, simplify=simplify)
+    torch.testing.assert_close(ce.kfac_expand_expression(x, case["K"], **kw)(), expand)
+    torch.testing.assert_close(ce.kfac_reduce_expression(x, case["K"], **kw)(), reduce)
+    kw.pop("simplify")
     torch.testing.assert_close(ce.kfac_expand(x, case["K"], **kw), expand)
     torch.testing.assert_close(ce.kfac_reduce(x, case["K"], **kw), reduce)
 

@@ -267,3 +267,27 @@ def test_kronecker_factors_linear_algebra(order, groups):
         kf.inverse(damping)(V), torch.linalg.solve(dense + damping * torch.eye(P), V)
     )
     torch.testing.assert_close(kf.logdet(damping), torch.logdet(dense + damping * torch.eye(P)))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_single_conv_transpose_with_mse_expand_is_exact(groups):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ConvTranspose1d(2, 4, 3, stride=2, padding=1, groups=groups))
+    X = torch.randn(3, 2, 4)
+    y = torch.randn(3, 4, 7)
+    ref = ggn(model, nn.MSELoss(), X, y)
+    q = bg.KFAC(fisher_type="type-2")
+    kf = bg.compute(model, nn.MSELoss(), X, y, q)[q]["0"]
+    assert kf.weight_perm == (1, 0, 2)
+    # dense GGN over [W.permute(1, 0, 2) per group | b], block-diagonal over groups
+    W = model[0].weight  # [C_in, C_out/G, K]
+    C_in, Fg, _ = W.shape
+    Cg = C_in // groups
+    index = torch.arange(W.numel()).view(W.shape)
+    blocks = []
+    for g in range(groups):
+        w_idx = index[g * Cg : (g + 1) * Cg].permute(1, 0, 2).reshape(Fg, -1)  # [Fg, Cg*K]
+        b_idx = W.numel() + g * Fg + torch.arange(Fg)
+        idx = torch.cat([w_idx, b_idx.unsqueeze(1)], 1).reshape(-1)
+        blocks.append(ref["full"][idx][:, idx])
+    torch.testing.assert_close(kf.to_dense(), torch.block_diag(*blocks))

@@ -123,3 +123,28 @@ def test_ggn_for_every_loss():
         assert_close(res[bg.DiagGGN], diag_ggn(ref), f"{name}/DiagGGN")
         assert_close(res[bg.BatchDiagGGN], batch_diag_ggn(ref), f"{name}/BatchDiagGGN")
     assert split  # helper used by other tests
+
+
+CONV_SETTINGS = [
+    "1d-stride-pad-dil",
+    "1d-reflect",
+    "2d-groups",
+    "2d-same-dil",
+    "2d-patchify",
+    "3d-hyper",
+    "1d-transpose-outpad",
+    "2d-transpose-groups-nobias",
+]
+
+
+@pytest.mark.parametrize("setting", CONV_SETTINGS)
+def test_conv_families_exact_and_per_sample_diagonals(setting):
+    from test_conv_rules import SETTINGS, make
+
+    factory, spatial = next((f, s) for n, f, s in SETTINGS if n == setting)
+    model, X, y = make(factory, spatial)
+    loss_fn = nn.CrossEntropyLoss()
+    ref = ggn(model, loss_fn, X, y)
+    res = bg.compute(model, loss_fn, X, y, bg.DiagGGN(), bg.BatchDiagGGN())
+    assert_close(res[bg.DiagGGN], diag_ggn(ref), f"{setting}/DiagGGN")
+    assert_close(res[bg.BatchDiagGGN], batch_diag_ggn(ref), f"{setting}/BatchDiagGGN")

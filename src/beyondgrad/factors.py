@@ -35,6 +35,9 @@ class KroneckerFactors:
     (embedding ``[V, d]``). ``params``: the parameter names covered (weight, then bias).
     ``bias``: ``"joint"`` (bias in ``A``), ``"separate"`` (``bias_block`` holds ``B`` times the
     bias's ``A``-scalar), or ``None``. ``R``: the loss reduction factor; ``num_data``: N.
+    ``weight_perm``: when set, the block refers to ``weight.permute(weight_perm)`` (transposed
+    convolutions: ``[C_out/G, C_in, *K]`` from ``[C_in, C_out/G, *K]``; with groups, per
+    group), which ``to_dense``/``@``/``inverse`` expect flattened row-major.
     """
 
     A: Tensor
@@ -47,6 +50,7 @@ class KroneckerFactors:
     R: float
     num_data: int
     bias_block: Tensor | None = None
+    weight_perm: tuple[int, ...] | None = None
     _eig: tuple[Tensor, Tensor, Tensor, Tensor] | None = field(default=None, repr=False)
 
     @property

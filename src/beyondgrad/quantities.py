@@ -214,8 +214,9 @@ KFAC_APPROX = ("expand", "reduce")
 @dataclass(frozen=True)
 class KFAC(Quantity):
     """Kronecker-factored curvature, one block per module (keyed by module name):
-    :class:`~beyondgrad.factors.KroneckerFactors` for Linear, Conv1/2/3d and Embedding
-    layers, :class:`~beyondgrad.factors.DiagonalFactors` (the diagonal of the same curvature)
+    :class:`~beyondgrad.factors.KroneckerFactors` for Linear, Conv1/2/3d, ConvTranspose1/2/3d
+    and Embedding layers, :class:`~beyondgrad.factors.DiagonalFactors` (the diagonal of the
+    same curvature)
     for every other layer with parameters.
 
     ``fisher_type``: ``"type-2"`` (exact loss-Hessian vectors: KFLR / the GGN), ``"mc"``

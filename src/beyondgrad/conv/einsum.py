@@ -346,14 +346,40 @@ def input_vjp(
     return input_vjp_expression(grad_output, weight, input_size, **kwargs)()  # type: ignore[arg-type]
 
 
-def kfac_expand(x: Tensor, kernel_size: int | Sequence[int], **kwargs: object) -> Tensor:
-    """Evaluate :func:`kfac_expand_expression`."""
-    return kfac_expand_expression(x, kernel_size, **kwargs)()  # type: ignore[arg-type]
+def kfac_expand(
+    x: Tensor,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: Padding | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+) -> Tensor:
+    """The value of :func:`kfac_expand_expression`, computed as unfold (strided views) then one
+    matrix product per group (faster than the two-copy einsum on every shape we measured)."""
+    from .unfold import unfold
+
+    N = x.shape[0]
+    U = unfold(x, kernel_size, dilation, padding, stride)  # [N, C*K, O]
+    U = U.reshape(N, groups, -1, U.shape[-1]).transpose(0, 1)  # [G, N, Cg*K, O]
+    U = U.transpose(2, 3).reshape(groups, -1, U.shape[2])  # [G, N*O, Cg*K]
+    return U.transpose(1, 2) @ U
 
 
-def kfac_reduce(x: Tensor, kernel_size: int | Sequence[int], **kwargs: object) -> Tensor:
-    """Evaluate :func:`kfac_reduce_expression`."""
-    return kfac_reduce_expression(x, kernel_size, **kwargs)()  # type: ignore[arg-type]
+def kfac_reduce(
+    x: Tensor,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: Padding | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+) -> Tensor:
+    """The value of :func:`kfac_reduce_expression`, computed as :func:`averaged_patches` (each
+    pattern summed over its outputs before meeting ``x``: the unfolded input is never formed,
+    and ``x`` is contracted once) followed by one Gram matrix per group."""
+    N = x.shape[0]
+    u = averaged_patches(x, kernel_size, stride, padding, dilation).reshape(N, groups, -1)
+    u = u.transpose(0, 1)  # [G, N, Cg*K]
+    return u.transpose(1, 2) @ u
 
 
 def averaged_patches(

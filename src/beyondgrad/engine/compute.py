@@ -522,6 +522,7 @@ def _kronecker_factors(
         R,
         N,
         (bias_block[0] if squeeze else bias_block) if bias_block is not None else None,
+        stats.weight_perm,
     )
 
 

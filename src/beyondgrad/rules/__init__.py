@@ -27,7 +27,7 @@ from .forms import (
     merge_forms,
 )
 from .generic import generic_forms
-from .kronecker import KronStats, conv_kron, embedding_kron, linear_kron
+from .kronecker import KronStats, conv_kron, conv_transpose_kron, embedding_kron, linear_kron
 from .linear import linear_forms
 from .norm import (
     batch_norm_forms,
@@ -85,6 +85,7 @@ FAST_RULES: tuple[Rule, ...] = (
         "conv_transpose",
         (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
         conv_transpose_forms,  # type: ignore[arg-type]
+        kronecker=conv_transpose_kron,  # type: ignore[arg-type]
     ),
     Rule("embedding", (nn.Embedding,), embedding_forms, frozenset({"weight"}), embedding_kron),  # type: ignore[arg-type]
     Rule("layer_norm", (nn.LayerNorm,), layer_norm_forms),  # type: ignore[arg-type]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..conv import unfold
+from ..conv import unfold, unfold_transpose
 from ..conv.einsum import averaged_patches
 
 
@@ -30,10 +30,15 @@ class KronStats:
     count: int
     B_sum: Tensor  # [G, O, O]
     order: str = "B kron A"
+    weight_perm: tuple[int, ...] | None = None
 
     def __add__(self, other: KronStats) -> KronStats:
         return KronStats(
-            self.A_sum + other.A_sum, self.count + other.count, self.B_sum + other.B_sum, self.order
+            self.A_sum + other.A_sum,
+            self.count + other.count,
+            self.B_sum + other.B_sum,
+            self.order,
+            self.weight_perm,
         )
 
 
@@ -99,6 +104,43 @@ def conv_kron(
             A_sums.append(_gram(_augment(abar[:, gr], bias)))
             B_sums.append(_gram(G[gr].sum(2)))
     return KronStats(torch.stack(A_sums), count, torch.stack(B_sums))
+
+
+def conv_transpose_kron(
+    module: nn.modules.conv._ConvTransposeNd, x: Tensor, g: Tensor, vectors: int, approx: str
+) -> KronStats:
+    """Transposed convolutions: per group the weight gradient is ``G^T U`` over
+    ``[C_out/G, C_in/G * prod(K)]``, i.e. the weight ``[C_in, C_out/G, *K]`` with its first two
+    axes swapped (``weight_perm``). Both approximations use the unfolded input here."""
+    d = len(module.kernel_size)
+    out_pad = tuple(
+        o - ((i - 1) * s - 2 * p + dl * (k - 1) + 1)
+        for o, i, s, p, dl, k in zip(
+            g.shape[2:],
+            x.shape[2:],
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.kernel_size,
+        )
+    )
+    U = unfold_transpose(
+        x, module.kernel_size, module.dilation, module.padding, module.stride, out_pad
+    )
+    N = x.shape[0]
+    Gr = module.groups
+    F_out = g.shape[1]
+    G = g.reshape(vectors, N, Gr, F_out // Gr, -1).movedim(2, 0).transpose(-1, -2)
+    U = U.reshape(N, Gr, -1, U.shape[-1]).transpose(-1, -2)  # [N, Gr, O, C/G*K]
+    bias = _has_bias(module)
+    A_sums, B_sums = [], []
+    for gr in range(Gr):
+        stats = _stats(U[:, gr], G[gr], approx, bias)
+        A_sums.append(stats.A_sum[0])
+        B_sums.append(stats.B_sum[0])
+    count = N * U.shape[2] if approx == "expand" else N
+    perm = (1, 0, *range(2, 2 + d))
+    return KronStats(torch.stack(A_sums), count, torch.stack(B_sums), "B kron A", perm)
 
 
 def embedding_kron(
