@@ -217,7 +217,12 @@ class Session:
             # the cost of a plain backward)
             params = _served_parameters(self.units) if want_grad else []
             grads = torch.autograd.grad(loss, targets + params, allow_unused=True)
-            _check_finite(grads, where + [names[id(p)] for p in params])
+            # layer-output gradients suffice (parameter gradients are products of them with
+            # finite inputs); without layer outputs, the parameter gradients are checked
+            if edges:
+                _check_finite(grads[: len(edges)], where)
+            else:
+                _check_finite(grads, [names[id(p)] for p in params])
             param_grads = {id(p): g for p, g in zip(params, grads[len(edges) :])}
             residual = {}
             per_kind = (
