@@ -276,6 +276,16 @@ def curvlinops_setup(fisher_type: str, kfac_approx: str = "expand") -> Setup:
         ]
         if len(params) < n_total:
             notes.append(f"PARTIAL: {len(params)}/{n_total} parameter tensors (Linear/Conv2d only)")
+        passed = {id(q) for q in params}
+        shared = sorted(
+            f"{n} (also used by {type(m).__name__} '{mn}')"
+            for mn, m in p.model.named_modules()
+            if not isinstance(m, CURVLINOPS_MODULES)
+            for n, q in p.model.named_parameters()
+            if id(q) in passed and any(q is r for r in m.parameters(recurse=False))
+        )
+        if shared:
+            notes.append("tied: " + ", ".join(shared) + ": only its Linear use is modelled")
         return Candidate(lambda: curvlinops_operator(p, fisher_type, kfac_approx), notes=notes)
 
     return setup
@@ -313,7 +323,7 @@ def brute_force_diag_ggn_fn(p: Problem) -> Callable[[], dict[str, Tensor]]:
         out = {}
         for n, Jn in J.items():
             Jf = Jn.flatten(2)  # [N, C, P]
-            out[n] = torch.einsum("ncp,ncd,ndp->p", Jf, H, Jf).view(params[n].shape)
+            out[n] = (Jf * torch.bmm(H, Jf)).sum((0, 1)).view(params[n].shape)
         return out
 
     return run
@@ -327,7 +337,7 @@ def brute_force_setup(p: Problem) -> Candidate:
     return Candidate(
         run,
         notes=[
-            "vmap(jacrev) per-sample Jacobians, then einsum with the CE Hessian; "
+            "vmap(jacrev) per-sample Jacobians J, then sum of J ⊙ (H J) (H: CE Hessian); "
             f"materializes N·C·P = {n}·{C}·{P:,} floats ({n * C * P * 4 / 2**20:,.0f} MiB)"
         ],
     )

@@ -7,6 +7,7 @@ Public API::
     res[bg.BatchL2]["fc.weight"]
 """
 
+from . import conv, linalg, linops
 from .engine import (
     SUPPORTED_LOSSES,
     Coverage,
@@ -61,6 +62,9 @@ __all__ = [
     "__version__",
     "capture",
     "compute",
+    "conv",
     "coverage",
+    "linalg",
+    "linops",
     "loss_vectors",
 ]

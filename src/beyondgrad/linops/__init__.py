@@ -1,0 +1,16 @@
+"""Curvature matrices over a data set as linear operators (``A @ v``, ``A @ V``, compose,
+``to_scipy``, ``to_dense``) and structured operators with closed-form inverses."""
+
+from .base import DenseOperator, LinearOperator
+from .curvature import GGN, CurvatureOperator, Diagonal, EmpiricalFisher, Fisher, Hessian
+
+__all__ = [
+    "GGN",
+    "CurvatureOperator",
+    "DenseOperator",
+    "Diagonal",
+    "EmpiricalFisher",
+    "Fisher",
+    "Hessian",
+    "LinearOperator",
+]

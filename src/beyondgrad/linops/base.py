@@ -1,0 +1,155 @@
+"""Linear operators on flat parameter-space vectors, in PyTorch.
+
+:class:`LinearOperator` needs one method, ``_matmat(M)`` for a block ``M`` of shape ``[n, k]``;
+everything else is inherited: ``A @ v`` (``[n]``), ``A @ V`` (``[n, k]``), ``A @ B`` (another
+operator), ``+``, ``-``, scalar ``*``, ``.T``, ``to_dense()`` and ``to_scipy()`` (a
+``scipy.sparse.linalg.LinearOperator`` for SciPy's solvers, float64 on the host).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+class LinearOperator:
+    """A linear map ``R^n -> R^m`` of shape ``(m, n)`` acting on ``dtype``/``device`` tensors."""
+
+    symmetric: bool = False
+
+    def __init__(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device):
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.dtype, self.device = dtype, device
+
+    # -- to implement --------------------------------------------------------------------------
+    def _matmat(self, M: Tensor) -> Tensor:
+        """``A @ M`` for ``M`` of shape ``[n, k]``."""
+        raise NotImplementedError
+
+    def _rmatmat(self, M: Tensor) -> Tensor:
+        """``A^T @ M`` for ``M`` of shape ``[m, k]``."""
+        if self.symmetric:
+            return self._matmat(M)
+        raise NotImplementedError(f"{type(self).__name__} has no transpose product")
+
+    # -- inherited -----------------------------------------------------------------------------
+    def __matmul__(self, other: Tensor | LinearOperator) -> Tensor | LinearOperator:
+        if isinstance(other, LinearOperator):
+            return _Product(self, other)
+        if other.ndim not in (1, 2) or other.shape[0] != self.shape[1]:
+            n = self.shape[1]
+            raise ValueError(f"expected a vector [{n}] or block [{n}, k], got {tuple(other.shape)}")
+        M = other.to(self.dtype) if other.dtype != self.dtype else other
+        out = self._matmat(M if M.ndim == 2 else M.unsqueeze(1))
+        return out if other.ndim == 2 else out.squeeze(1)
+
+    def __add__(self, other: LinearOperator) -> LinearOperator:
+        return _Sum([self, other], [1.0, 1.0])
+
+    def __sub__(self, other: LinearOperator) -> LinearOperator:
+        return _Sum([self, other], [1.0, -1.0])
+
+    def __mul__(self, scalar: float) -> LinearOperator:
+        return _Sum([self], [float(scalar)])
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> LinearOperator:
+        return _Sum([self], [-1.0])
+
+    @property
+    def T(self) -> LinearOperator:
+        return self if self.symmetric else _Transposed(self)
+
+    def to_dense(self, chunk: int = 256) -> Tensor:
+        """The matrix, built from products with identity blocks (small problems)."""
+        n = self.shape[1]
+        cols = []
+        for start in range(0, n, chunk):
+            width = min(chunk, n - start)
+            block = torch.zeros(n, width, dtype=self.dtype, device=self.device)
+            idx = torch.arange(width, device=self.device)
+            block[start + idx, idx] = 1.0
+            cols.append(self._matmat(block))
+        return torch.cat(cols, 1)
+
+    def to_scipy(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy in and out)."""
+        from scipy.sparse.linalg import LinearOperator as ScipyOperator
+
+        def mat(x: np.ndarray) -> np.ndarray:
+            t = torch.as_tensor(np.asarray(x), dtype=self.dtype, device=self.device)
+            return (self @ t).detach().cpu().double().numpy()
+
+        def rmat(x: np.ndarray) -> np.ndarray:
+            t = torch.as_tensor(np.asarray(x), dtype=self.dtype, device=self.device)
+            t2 = t if t.ndim == 2 else t.unsqueeze(1)
+            out = self._rmatmat(t2)
+            return (out if t.ndim == 2 else out.squeeze(1)).detach().cpu().double().numpy()
+
+        return ScipyOperator(
+            self.shape, matvec=mat, matmat=mat, rmatvec=rmat, rmatmat=rmat, dtype=np.float64
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype})"
+
+
+class _Sum(LinearOperator):
+    def __init__(self, ops: Sequence[LinearOperator], weights: Sequence[float]):
+        first = ops[0]
+        if any(op.shape != first.shape for op in ops):
+            raise ValueError(f"shapes differ: {[op.shape for op in ops]}")
+        super().__init__(first.shape, first.dtype, first.device)
+        self.ops, self.weights = list(ops), list(weights)
+        self.symmetric = all(op.symmetric for op in ops)
+
+    def _matmat(self, M: Tensor) -> Tensor:
+        return sum(w * op._matmat(M) for op, w in zip(self.ops, self.weights))  # type: ignore[return-value]
+
+    def _rmatmat(self, M: Tensor) -> Tensor:
+        return sum(w * op._rmatmat(M) for op, w in zip(self.ops, self.weights))  # type: ignore[return-value]
+
+
+class _Product(LinearOperator):
+    def __init__(self, left: LinearOperator, right: LinearOperator):
+        if left.shape[1] != right.shape[0]:
+            raise ValueError(f"cannot compose {left.shape} with {right.shape}")
+        super().__init__((left.shape[0], right.shape[1]), left.dtype, left.device)
+        self.left, self.right = left, right
+
+    def _matmat(self, M: Tensor) -> Tensor:
+        return self.left._matmat(self.right._matmat(M))
+
+    def _rmatmat(self, M: Tensor) -> Tensor:
+        return self.right._rmatmat(self.left._rmatmat(M))
+
+
+class _Transposed(LinearOperator):
+    def __init__(self, op: LinearOperator):
+        super().__init__((op.shape[1], op.shape[0]), op.dtype, op.device)
+        self.op = op
+
+    def _matmat(self, M: Tensor) -> Tensor:
+        return self.op._rmatmat(M)
+
+    def _rmatmat(self, M: Tensor) -> Tensor:
+        return self.op._matmat(M)
+
+
+class DenseOperator(LinearOperator):
+    """A matrix as an operator (tests, small problems)."""
+
+    def __init__(self, matrix: Tensor, symmetric: bool | None = None):
+        super().__init__(tuple(matrix.shape), matrix.dtype, matrix.device)  # type: ignore[arg-type]
+        self.matrix = matrix
+        self.symmetric = bool(torch.allclose(matrix, matrix.T)) if symmetric is None else symmetric
+
+    def _matmat(self, M: Tensor) -> Tensor:
+        return self.matrix @ M
+
+    def _rmatmat(self, M: Tensor) -> Tensor:
+        return self.matrix.T @ M

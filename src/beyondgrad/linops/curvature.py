@@ -1,0 +1,287 @@
+"""Curvature matrices of a loss over a whole data set, as linear operators.
+
+``Op(model, loss_fn, data, params=None, num_data=None)``: ``data`` is any iterable of
+``(X, y)`` batches (a ``DataLoader``, a list; ``X`` a tensor, tuple or dict as in
+:func:`beyondgrad.compute`). The operator is the curvature of the data-set loss
+``L = R_D * sum_n l_n`` with ``R_D = 1/num_data`` for ``reduction="mean"`` (1 for ``"sum"``),
+i.e. a batch of ``N_b`` samples enters with weight ``N_b / num_data`` (mean) or 1 (sum); uneven
+last batches are handled, ``num_data`` defaults to the number of samples seen in a first pass.
+(For a mean over tokens or class weights, the batch weight assumes equal normalizers per
+sample.) Products act on flat vectors over the chosen parameters (``params``: names, default
+all trainable ones, in ``model.named_parameters()`` order) and take a block of ``k`` vectors in
+one pass over the data.
+
+* :class:`Hessian` -- Hessian-vector products by reverse-over-reverse AD (double backward; the
+  forward-over-reverse ``jvp(jacrev)`` route gives wrong products for ``nn.LayerNorm`` weights
+  in current PyTorch).
+* :class:`GGN` -- ``J^T H_f J`` products (exact), by a double-vjp Jacobian product, the loss
+  Hessian, and a vjp.
+* :class:`EmpiricalFisher` -- ``R_D sum_n grad l_n grad l_n^T`` from per-sample gradients.
+* :class:`Fisher` -- the Monte-Carlo Fisher from ``mc_samples`` sampled labels per sample
+  (needs a fixed data order and an explicit generator).
+* :class:`Diagonal` -- a diagonal from the engine (``DiagGGN``, ``DiagHessian``, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._pytree import tree_flatten
+
+from ..engine import compute
+from ..engine.compute import _call_model
+from ..engine.losses import check_loss_fn, check_target
+from ..quantities import BatchGrad, Quantity, SqrtGGN
+from .base import LinearOperator
+
+
+def _batch_size(X: Any) -> int:
+    leaves = [t for t in tree_flatten(X)[0] if isinstance(t, Tensor) and t.ndim > 0]
+    if not leaves:
+        raise ValueError("a batch has no tensor with a leading sample axis")
+    return leaves[0].shape[0]
+
+
+class CurvatureOperator(LinearOperator):
+    """Base of the data-set curvature operators (see the module docstring)."""
+
+    symmetric = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        data: Iterable[tuple[Any, Tensor]],
+        params: Sequence[str] | None = None,
+        num_data: int | None = None,
+        progressbar: bool = False,
+    ):
+        check_loss_fn(loss_fn)
+        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if params is None:
+            params = list(named)
+        missing = [n for n in params if n not in named]
+        if missing:
+            raise KeyError(f"unknown or frozen parameters: {missing}")
+        if not params:
+            raise ValueError("no parameters selected")
+        self.model, self.loss_fn, self.data = model, loss_fn, data
+        self.names = list(params)
+        self.params = [named[n] for n in self.names]
+        self.sizes = [p.numel() for p in self.params]
+        self.progressbar = progressbar
+        if num_data is None:
+            num_data = sum(_batch_size(X) for X, _ in data)
+        if num_data < 1:
+            raise ValueError("the data set is empty")
+        self.num_data = int(num_data)
+        first = self.params[0]
+        super().__init__((sum(self.sizes),) * 2, first.dtype, first.device)  # type: ignore[arg-type]
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _weight(self, N: int) -> float:
+        return N / self.num_data if self.loss_fn.reduction == "mean" else 1.0  # type: ignore[union-attr]
+
+    def _batches(self) -> Iterable[tuple[Any, Tensor]]:
+        if self.progressbar:
+            from tqdm.auto import tqdm
+
+            return tqdm(self.data, desc=type(self).__name__, leave=False)
+        return self.data
+
+    def split(self, M: Tensor) -> list[Tensor]:
+        """``[P, k]`` -> per parameter ``[k, *shape]``."""
+        blocks = torch.split(M, self.sizes, 0)
+        return [b.T.reshape(M.shape[1], *p.shape) for b, p in zip(blocks, self.params)]
+
+    @staticmethod
+    def join(blocks: Sequence[Tensor]) -> Tensor:
+        """Per parameter ``[k, *shape]`` -> ``[P, k]``."""
+        return torch.cat([b.reshape(b.shape[0], -1) for b in blocks], 1).T
+
+    def _matmat(self, M: Tensor) -> Tensor:
+        out = torch.zeros_like(M)
+        V = self.split(M)
+        for X, y in self._batches():
+            out += self._weight(_batch_size(X)) * self.join(self._batch_products(X, y, V))
+        return out
+
+    def _batch_products(self, X: Any, y: Tensor, V: list[Tensor]) -> list[Tensor]:
+        raise NotImplementedError
+
+    def _loss(self, X: Any, y: Tensor) -> tuple[Tensor, Tensor]:
+        # fused attention kernels lack double backward: products of second derivatives run
+        # the attention through PyTorch's composite (math) implementation
+        with sdpa_kernel([SDPBackend.MATH]):
+            out = _call_model(self.model, X)
+        check_target(self.loss_fn, out, y)
+        return self.loss_fn(out, y), out
+
+
+def _batched_grad(outputs: Any, inputs: Any, vectors: Any, **kwargs: Any) -> tuple[Tensor, ...]:
+    """``autograd.grad`` with a leading batch axis on the cotangents; falls back to a loop
+    over it for operations without vmap batching rules."""
+    kwargs = {**kwargs, "retain_graph": True}  # a failed batched attempt must not free it
+    try:
+        return torch.autograd.grad(outputs, inputs, vectors, is_grads_batched=True, **kwargs)
+    except RuntimeError:
+        k = (vectors[0] if isinstance(vectors, (list, tuple)) else vectors).shape[0]
+        parts = [
+            torch.autograd.grad(
+                outputs,
+                inputs,
+                [v[i] for v in vectors] if isinstance(vectors, (list, tuple)) else vectors[i],
+                **kwargs,
+            )
+            for i in range(k)
+        ]
+        return tuple(torch.stack(p) for p in zip(*parts))
+
+
+class Hessian(CurvatureOperator):
+    """The Hessian of the data-set loss (reverse-over-reverse products)."""
+
+    def _batch_products(self, X: Any, y: Tensor, V: list[Tensor]) -> list[Tensor]:
+        with torch.enable_grad():
+            loss, _ = self._loss(X, y)
+            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+            used = [(g, v, p) for g, v, p in zip(grads, V, self.params) if g is not None]
+            if not used:
+                return [torch.zeros_like(v) for v in V]
+            hv = _batched_grad(
+                [g for g, _, _ in used], self.params, [v for _, v, _ in used], allow_unused=True
+            )
+        return [h if h is not None else torch.zeros_like(v) for h, v in zip(hv, V)]
+
+
+class GGN(CurvatureOperator):
+    """The generalized Gauss-Newton ``sum_n J_n^T (d2 l / df2) J_n`` of the data-set loss."""
+
+    def _batch_products(self, X: Any, y: Tensor, V: list[Tensor]) -> list[Tensor]:
+        with torch.enable_grad():
+            _, out = self._loss(X, y)
+            # J V by differentiating the vjp u -> J^T u (linear in u) w.r.t. u
+            u = torch.zeros_like(out, requires_grad=True)
+            jt_u = torch.autograd.grad(out, self.params, u, create_graph=True, allow_unused=True)
+            pairs = [(j, v) for j, v in zip(jt_u, V) if j is not None]
+            (jv,) = _batched_grad(
+                [j for j, _ in pairs], [u], [v for _, v in pairs], retain_graph=True
+            )
+            # loss Hessian (reduction included) times J V, by double backward on the output
+            o = out.detach().requires_grad_(True)
+            (g_o,) = torch.autograd.grad(self.loss_fn(o, y), o, create_graph=True)
+            (hjv,) = _batched_grad([g_o], [o], [jv])
+            res = _batched_grad([out], self.params, [hjv], allow_unused=True)
+        return [r if r is not None else torch.zeros_like(v) for r, v in zip(res, V)]
+
+
+class _RowsOperator(CurvatureOperator):
+    """``sum_r g_r g_r^T`` for engine rows ``g_r`` (per-sample gradients or GGN-factor rows),
+    times ``scale(batch)``."""
+
+    quantity: Quantity
+
+    def _rows(self, X: Any, y: Tensor) -> tuple[list[Tensor], float]:
+        raise NotImplementedError
+
+    def _batch_products(self, X: Any, y: Tensor, V: list[Tensor]) -> list[Tensor]:
+        rows, scale = self._rows(X, y)
+        flat = torch.cat([r.reshape(r.shape[0], -1) for r in rows], 1)  # [R, P]
+        Vf = self.join(V)  # [P, k]
+        return self.split(flat.T @ (flat @ Vf) * scale)
+
+
+class EmpiricalFisher(_RowsOperator):
+    """``R_D sum_n grad l_n grad l_n^T`` (the KFAC tutorial's empirical Fisher), from the
+    engine's per-sample gradients (any model)."""
+
+    def _rows(self, X: Any, y: Tensor) -> tuple[list[Tensor], float]:
+        from ..engine.losses import reduction_factor
+
+        res = compute(self.model, self.loss_fn, X, y, BatchGrad())
+        R = reduction_factor(self.loss_fn, res.output, y)
+        return [res[BatchGrad][n] for n in self.names], 1.0 / R
+
+
+class Fisher(_RowsOperator):
+    """The Monte-Carlo Fisher with ``mc_samples`` labels per sample, from the engine's GGN-factor
+    rows. Draws come from ``generator`` in data order: a shuffled loader changes the operator."""
+
+    def __init__(
+        self,
+        *args: Any,
+        mc_samples: int = 1,
+        generator: torch.Generator | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(*args, **kwargs)
+        self.quantity = SqrtGGN(mc_samples=mc_samples)
+        self.generator = generator
+
+    def _rows(self, X: Any, y: Tensor) -> tuple[list[Tensor], float]:
+        res = compute(self.model, self.loss_fn, X, y, self.quantity, generator=self.generator)
+        rows = [res[self.quantity][n].flatten(0, 1) for n in self.names]
+        return rows, 1.0
+
+
+class Diagonal(LinearOperator):
+    """A diagonal operator from per-parameter diagonals (e.g. the engine's ``DiagGGN`` summed
+    over a data set), with closed-form ``inverse``, ``logdet`` and ``trace``."""
+
+    symmetric = True
+
+    def __init__(self, diagonal: Mapping[str, Tensor] | Tensor):
+        values = (
+            diagonal
+            if isinstance(diagonal, Tensor)
+            else torch.cat([d.reshape(-1) for d in diagonal.values()])
+        )
+        super().__init__((values.numel(),) * 2, values.dtype, values.device)  # type: ignore[arg-type]
+        self.values = values
+
+    def _matmat(self, M: Tensor) -> Tensor:
+        return self.values.unsqueeze(1) * M
+
+    def inverse(self, damping: float = 0.0) -> Diagonal:
+        d = self.values + damping
+        if bool((d == 0).any()):
+            raise ValueError("singular diagonal; add damping")
+        return Diagonal(1.0 / d)
+
+    def logdet(self, damping: float = 0.0) -> Tensor:
+        return (self.values + damping).log().sum()
+
+    def trace(self) -> Tensor:
+        return self.values.sum()
+
+    @classmethod
+    def from_engine(
+        cls,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        data: Iterable[tuple[Any, Tensor]],
+        quantity: Quantity,
+        params: Sequence[str] | None = None,
+        num_data: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Diagonal:
+        """Sum a diagonal quantity (``DiagGGN``, ``DiagGGN(mc_samples=M)``, ``DiagHessian``)
+        over the batches with the data-set weights of :class:`CurvatureOperator`."""
+        names = params or [n for n, p in model.named_parameters() if p.requires_grad]
+        batches = list(data)
+        if num_data is None:
+            num_data = sum(_batch_size(X) for X, _ in batches)
+        total: dict[str, Tensor] = {}
+        for X, y in batches:
+            weight = _batch_size(X) / num_data if loss_fn.reduction == "mean" else 1.0  # type: ignore[union-attr]
+            values = compute(model, loss_fn, X, y, quantity, generator=generator)[quantity]
+            for n in names:
+                total[n] = total.get(n, 0) + weight * values[n]
+        return cls({n: total[n] for n in names})
+
+
+Builder = Callable[..., LinearOperator]

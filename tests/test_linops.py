@@ -1,0 +1,158 @@
+"""Data-set curvature operators against dense float64 matrices (torch.func Hessians, J^T H J,
+per-sample gradients), normalization over uneven batches, composition, SciPy export, and the
+matrix-free algorithms."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import beyondgrad as bg
+from beyondgrad import linalg
+from beyondgrad.linops import GGN, Diagonal, EmpiricalFisher, Fisher, Hessian
+from models import CASES
+from oracles.curvature import ggn
+from oracles.first_order import call, per_sample_grads
+
+
+def dense_hessian(model, loss_fn, X, y):
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    flat = torch.cat([p.detach().reshape(-1) for _, p in named])
+
+    def f(theta):
+        params, start = {}, 0
+        for n, p in named:
+            params[n] = theta[start : start + p.numel()].view(p.shape)
+            start += p.numel()
+        return loss_fn(call(model, params, X), y)
+
+    # reverse-over-reverse: torch.func.hessian (forward-over-reverse) is wrong for LayerNorm
+    # weights in current torch; fused attention has no double backward (math kernel instead)
+    with sdpa_kernel([SDPBackend.MATH]):
+        try:
+            return torch.autograd.functional.hessian(f, flat, vectorize=True)
+        except RuntimeError:  # an op without vmap support: one backward per row
+            return torch.autograd.functional.hessian(f, flat)
+
+
+def batches(X, y, sizes):
+    out, start = [], 0
+    for s in sizes:
+        sl = slice(start, start + s)
+        Xb = (
+            {k: {kk: vv[sl] for kk, vv in v.items()} for k, v in X.items()}
+            if isinstance(X, dict)
+            else (tuple(t[sl] for t in X) if isinstance(X, tuple) else X[sl])
+        )
+        out.append((Xb, y[sl]))
+        start += s
+    return out
+
+
+@pytest.mark.parametrize("case", ["mlp", "gpt", "resnet", "two_inputs"])
+def test_hessian_and_ggn_operators_match_dense(case):
+    model, X, y, loss_fn = CASES[case]()
+    data = batches(X, y, [3, 2])  # uneven batches: the full-batch matrices
+    H = Hessian(model, loss_fn, data)
+    torch.testing.assert_close(
+        H.to_dense(), dense_hessian(model, loss_fn, X, y), rtol=1e-8, atol=1e-10
+    )
+    G = GGN(model, loss_fn, data)
+    torch.testing.assert_close(
+        G.to_dense(), ggn(model, loss_fn, X, y)["full"], rtol=1e-8, atol=1e-10
+    )
+    v = torch.randn(H.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(H @ v, H @ v.unsqueeze(1).squeeze(1))
+
+
+def test_layernorm_hessian_products_are_right():
+    """jvp(jacrev) is wrong for LayerNorm weights in current torch; double backward is not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)).double()
+    X, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    H = Hessian(model, nn.MSELoss(), [(X, y)])
+    torch.testing.assert_close(H.to_dense(), dense_hessian(model, nn.MSELoss(), X, y))
+
+
+def test_empirical_fisher_fisher_and_sum_reduction():
+    model, X, y, loss_fn = CASES["mlp"]()
+    data = batches(X, y, [2, 2, 1])
+    EF = EmpiricalFisher(model, loss_fn, data)
+    g = per_sample_grads(model, loss_fn, X, y)
+    G = torch.cat([g[n].reshape(g[n].shape[0], -1) for n, _ in model.named_parameters()], 1)
+    N = X.shape[0]
+    torch.testing.assert_close(EF.to_dense(), G.T @ G * N)  # R_D sum grad l grad l^T, grad l = N g
+    ref = ggn(model, loss_fn, X, y)["full"]
+    F = Fisher(
+        model, loss_fn, [(X, y)], mc_samples=3000, generator=torch.Generator().manual_seed(0)
+    )
+    err = (F.to_dense() - ref).norm() / ref.norm()
+    assert err < 0.1, err
+    sum_loss = nn.CrossEntropyLoss(reduction="sum")
+    torch.testing.assert_close(
+        GGN(model, sum_loss, data).to_dense(), ggn(model, sum_loss, X, y)["full"]
+    )
+
+
+def test_parameter_subsets_composition_and_scipy():
+    model, X, y, loss_fn = CASES["mlp"]()
+    data = [(X, y)]
+    H = Hessian(model, loss_fn, data, params=["2.weight", "2.bias"])
+    full = dense_hessian(model, loss_fn, X, y)
+    names = [n for n, _ in model.named_parameters()]
+    sizes = [p.numel() for _, p in model.named_parameters()]
+    start = sum(sizes[: names.index("2.weight")])
+    block = full[start : start + sizes[2] + sizes[3], start : start + sizes[2] + sizes[3]]
+    torch.testing.assert_close(H.to_dense(), block)
+    G = GGN(model, loss_fn, data, params=["2.weight", "2.bias"])
+    combo = 2.0 * H - G + H @ G
+    Hd, Gd = H.to_dense(), G.to_dense()
+    torch.testing.assert_close(combo.to_dense(), 2 * Hd - Gd + Hd @ Gd)
+    torch.testing.assert_close((H @ G).T.to_dense(), (Hd @ Gd).T)
+    sp = H.to_scipy()
+    v = np.random.default_rng(0).standard_normal(H.shape[0])
+    np.testing.assert_allclose(sp @ v, (Hd @ torch.from_numpy(v)).numpy(), rtol=1e-10)
+    with pytest.raises(KeyError, match="unknown"):
+        Hessian(model, loss_fn, data, params=["nope"])
+
+
+def test_diagonal_operator_from_engine():
+    model, X, y, loss_fn = CASES["mlp"]()
+    D = Diagonal.from_engine(model, loss_fn, batches(X, y, [3, 2]), bg.DiagGGN())
+    ref = torch.diagonal(ggn(model, loss_fn, X, y)["full"])
+    torch.testing.assert_close(D.values, ref)
+    torch.testing.assert_close(D.trace(), ref.sum())
+    torch.testing.assert_close(D.inverse(0.5) @ ref, ref / (ref + 0.5))
+    torch.testing.assert_close(D.logdet(0.5), (ref + 0.5).log().sum())
+
+
+def test_algorithms_on_curvature_operators():
+    model, X, y, loss_fn = CASES["mlp"]()
+    H = Hessian(model, loss_fn, [(X, y)])
+    dense = H.to_dense()
+    lam = torch.linalg.eigvalsh(dense)
+    top, vec = linalg.eigsh(H, 2, tol=1e-10, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(top, lam.flip(0)[:2], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(dense @ vec, vec * top, rtol=1e-5, atol=1e-7)
+    low, _ = linalg.eigsh(
+        H, 1, which="smallest", tol=1e-10, generator=torch.Generator().manual_seed(0)
+    )
+    torch.testing.assert_close(low, lam[:1], rtol=1e-6, atol=1e-9)
+    b = torch.randn(H.shape[0], dtype=torch.float64)
+    x = linalg.solve(H, b, method="minres", damping=0.1)
+    torch.testing.assert_close(dense @ x + 0.1 * x, b, rtol=1e-6, atol=1e-8)
+    G = GGN(model, loss_fn, [(X, y)])
+    x = linalg.solve(G, b, method="cg", damping=0.1)
+    torch.testing.assert_close(G.to_dense() @ x + 0.1 * x, b, rtol=1e-6, atol=1e-8)
+    exact = torch.trace(G.to_dense())
+    errors = []
+    for m in (6, 60):
+        est, _ = linalg.trace(G, m, method="hutch++", generator=torch.Generator().manual_seed(2))
+        errors.append(float((est - exact).abs() / exact))
+    assert errors[1] < errors[0] and errors[1] < 0.05, errors
+    d = linalg.diagonal(G, 2000, generator=torch.Generator().manual_seed(3))
+    ref = torch.diagonal(G.to_dense())
+    assert (d - ref).norm() / ref.norm() < 0.2
