@@ -3,9 +3,11 @@
 
 from .base import DenseOperator, LinearOperator
 from .curvature import GGN, CurvatureOperator, Diagonal, EmpiricalFisher, Fisher, Hessian
+from .kfac import KFAC
 
 __all__ = [
     "GGN",
+    "KFAC",
     "CurvatureOperator",
     "DenseOperator",
     "Diagonal",
