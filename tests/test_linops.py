@@ -195,3 +195,30 @@ def test_kfac_operator(case):
             [o * I + i if i < I else O * I + o for o in range(O) for i in range(I + 1)]
         )
         torch.testing.assert_close(sub[idx][:, idx], block.to_dense())
+
+
+def test_spectral_density_matches_the_spectrum():
+    torch.manual_seed(0)
+    n = 60
+    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
+    lam = torch.cat([torch.full((40,), 1.0), torch.full((20,), 5.0)]).double()
+    A = bg.linops.DenseOperator(Q @ torch.diag(lam) @ Q.T)
+    grid, density = linalg.spectral_density(
+        A, num_probes=20, lanczos_steps=20, sigma=0.1, generator=torch.Generator().manual_seed(0)
+    )
+    dx = grid[1] - grid[0]
+    torch.testing.assert_close(
+        (density * dx).sum(), torch.tensor(1.0, dtype=torch.float64), rtol=1e-3, atol=1e-3
+    )
+    near = lambda c: float((density * dx)[(grid - c).abs() < 0.5].sum())  # noqa: E731
+    assert abs(near(1.0) - 40 / 60) < 0.1 and abs(near(5.0) - 20 / 60) < 0.1
+
+
+def test_jacobian_and_transpose():
+    model, X, y, loss_fn = CASES["mlp"]()
+    J = bg.linops.Jacobian(model, batches(X, y, [3, 2]))
+    ref = ggn(model, loss_fn, X, y)["J"]  # [N, K, P]
+    dense = ref.reshape(-1, ref.shape[-1])
+    torch.testing.assert_close(J.to_dense(), dense)
+    u = torch.randn(J.shape[0], 3, dtype=torch.float64)
+    torch.testing.assert_close(J.T @ u, dense.T @ u)

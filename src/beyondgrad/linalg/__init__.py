@@ -5,5 +5,6 @@ trace and diagonal estimators, and linear solvers."""
 from .eigen import eigsh
 from .estimators import diagonal, trace
 from .solve import cg, minres, solve
+from .spectral import spectral_density
 
-__all__ = ["cg", "diagonal", "eigsh", "minres", "solve", "trace"]
+__all__ = ["cg", "diagonal", "eigsh", "minres", "solve", "spectral_density", "trace"]

@@ -2,7 +2,15 @@
 ``to_scipy``, ``to_dense``) and structured operators with closed-form inverses."""
 
 from .base import DenseOperator, LinearOperator
-from .curvature import GGN, CurvatureOperator, Diagonal, EmpiricalFisher, Fisher, Hessian
+from .curvature import (
+    GGN,
+    CurvatureOperator,
+    Diagonal,
+    EmpiricalFisher,
+    Fisher,
+    Hessian,
+    Jacobian,
+)
 from .kfac import KFAC
 
 __all__ = [
@@ -14,5 +22,6 @@ __all__ = [
     "EmpiricalFisher",
     "Fisher",
     "Hessian",
+    "Jacobian",
     "LinearOperator",
 ]

@@ -285,3 +285,73 @@ class Diagonal(LinearOperator):
 
 
 Builder = Callable[..., LinearOperator]
+
+
+class Jacobian(LinearOperator):
+    """The Jacobian of the model outputs over the data set w.r.t. the parameters,
+    ``[sum_b numel(f(X_b)), P]`` (outputs flattened batch by batch, in data order; ``.T`` is
+    its transpose). The data must be iterated in a fixed order (not a shuffled loader): the
+    first pass records the output sizes, and every product checks them."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Iterable[tuple[Any, Tensor]],
+        params: Sequence[str] | None = None,
+    ):
+        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.names = list(params) if params is not None else list(named)
+        missing = [n for n in self.names if n not in named]
+        if missing:
+            raise KeyError(f"unknown or frozen parameters: {missing}")
+        self.model, self.data = model, data
+        self.params = [named[n] for n in self.names]
+        self.sizes = [p.numel() for p in self.params]
+        with torch.no_grad():
+            self.out_sizes = [_call_model(model, X).numel() for X, _ in data]
+        first = self.params[0]
+        super().__init__((sum(self.out_sizes), sum(self.sizes)), first.dtype, first.device)
+
+    def _outputs(self) -> Iterable[tuple[int, Tensor]]:
+        for (X, _), size in zip(self.data, self.out_sizes):
+            with sdpa_kernel([SDPBackend.MATH]):
+                out = _call_model(self.model, X)
+            if out.numel() != size:
+                raise RuntimeError("the data changed between passes (shuffled loader?)")
+            yield size, out
+
+    def _matmat(self, M: Tensor) -> Tensor:
+        V = [
+            b.T.reshape(M.shape[1], *p.shape)
+            for b, p in zip(torch.split(M, self.sizes, 0), self.params)
+        ]
+        rows = []
+        for _, out in self._outputs():
+            with torch.enable_grad():
+                u = torch.zeros_like(out, requires_grad=True)
+                jt_u = torch.autograd.grad(
+                    out, self.params, u, create_graph=True, allow_unused=True
+                )
+                pairs = [(j, v) for j, v in zip(jt_u, V) if j is not None]
+                (jv,) = _batched_grad([j for j, _ in pairs], [u], [v for _, v in pairs])
+            rows.append(jv.reshape(M.shape[1], -1).T)
+        return torch.cat(rows, 0)
+
+    def _rmatmat(self, M: Tensor) -> Tensor:
+        out_total = torch.zeros(self.shape[1], M.shape[1], dtype=M.dtype, device=M.device)
+        start = 0
+        for size, out in self._outputs():
+            U = M[start : start + size].T.reshape(M.shape[1], *out.shape)
+            start += size
+            with torch.enable_grad():
+                grads = _batched_grad([out], self.params, [U], allow_unused=True)
+            out_total += torch.cat(
+                [
+                    (
+                        g if g is not None else torch.zeros(M.shape[1], *p.shape, dtype=M.dtype)
+                    ).reshape(M.shape[1], -1)
+                    for g, p in zip(grads, self.params)
+                ],
+                1,
+            ).T
+        return out_total
