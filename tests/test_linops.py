@@ -222,3 +222,57 @@ def test_jacobian_and_transpose():
     torch.testing.assert_close(J.to_dense(), dense)
     u = torch.randn(J.shape[0], 3, dtype=torch.float64)
     torch.testing.assert_close(J.T @ u, dense.T @ u)
+
+
+@pytest.mark.parametrize("fisher_type", ["type-2", "empirical"])
+def test_ekfac_corrected_eigenvalues_are_the_exact_diagonal_in_the_kronecker_basis(fisher_type):
+    model, X, y, loss_fn = CASES["mlp"]()
+    data = batches(X, y, [3, 2])
+    E = bg.linops.EKFAC(model, loss_fn, data, fisher_type=fisher_type)
+    if fisher_type == "type-2":
+        full = ggn(model, loss_fn, X, y)["full"]
+    else:
+        full = EmpiricalFisher(model, loss_fn, data).to_dense()
+    names = [n for n, _ in model.named_parameters()]
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    for layer in ("0", "2", "4"):
+        W = dict(model.named_parameters())[f"{layer}.weight"]
+        O, I = W.shape
+        start = sum(sizes[n] for n in names[: names.index(f"{layer}.weight")])
+        idx = torch.tensor(
+            [
+                start + o * I + i if i < I else start + O * I + o
+                for o in range(O)
+                for i in range(I + 1)
+            ]
+        )
+        block = full[idx][:, idx]  # [W | b] in the [O, I + 1] layout
+        QA, QB = E.bases[layer]
+        Q = torch.kron(QB[0], QA[0])
+        torch.testing.assert_close(
+            torch.diagonal(Q.T @ block @ Q), E.eigenvalues[layer].reshape(-1)
+        )
+    dense = E.to_dense()
+    P = dense.shape[0]
+    eye = torch.eye(P, dtype=dense.dtype)
+    torch.testing.assert_close(
+        E.inverse(0.2).to_dense(), torch.linalg.inv(dense + 0.2 * eye), rtol=1e-6, atol=1e-8
+    )
+    torch.testing.assert_close(E.logdet(0.2), torch.logdet(dense + 0.2 * eye))
+    torch.testing.assert_close(E.trace(), torch.trace(dense))
+
+
+def test_ekfac_conv_and_embedding_blocks_use_the_generic_rotation():
+    model, X, y, loss_fn = CASES["resnet"]()
+    E = bg.linops.EKFAC(model, loss_fn, [(X, y)], fisher_type="type-2")
+    full = ggn(model, loss_fn, X, y)["full"]
+    names = [n for n, _ in model.named_parameters()]
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    W = model.block.conv1.weight  # no bias: the block is [O, C*K]
+    start = sum(sizes[n] for n in names[: names.index("block.conv1.weight")])
+    block = full[start : start + W.numel(), start : start + W.numel()]
+    QA, QB = E.bases["block.conv1"]
+    Q = torch.kron(QB[0], QA[0])
+    torch.testing.assert_close(
+        torch.diagonal(Q.T @ block @ Q), E.eigenvalues["block.conv1"].reshape(-1)
+    )

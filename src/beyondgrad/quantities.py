@@ -207,6 +207,24 @@ class DiagHessian(Quantity):
         return form.sum_grad_squared()
 
 
+@dataclass(frozen=True)
+class Forms(Quantity):
+    """Library-internal escape hatch: the merged per-row gradient form of each parameter
+    (:mod:`beyondgrad.rules.forms`) for the vectors ``kind`` (``("grad", 1)``,
+    ``("exact", 0)``, ``("mc", M)``), for algorithms that contract them further (EKFAC)."""
+
+    kind: tuple[str, int] = ("grad", 1)
+    max_vectors: int = 256
+    per_sample: ClassVar[bool] = False
+
+    @property
+    def vectors(self) -> tuple[str, int]:
+        return self.kind
+
+    def reduce(self, form: Form, ctx: ReduceContext, out: Tensor | None = None) -> Form:  # type: ignore[override]
+        return form
+
+
 FISHER_TYPES = ("type-2", "mc", "empirical", "forward-only")
 KFAC_APPROX = ("expand", "reduce")
 

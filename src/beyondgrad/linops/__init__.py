@@ -11,9 +11,11 @@ from .curvature import (
     Hessian,
     Jacobian,
 )
+from .ekfac import EKFAC
 from .kfac import KFAC
 
 __all__ = [
+    "EKFAC",
     "GGN",
     "KFAC",
     "CurvatureOperator",
