@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -26,15 +27,16 @@ def eigsh(
 
     Lanczos with full reorthogonalization grows a Krylov basis until the residual norms
     ``|beta_m s_mi|`` of the wanted Ritz pairs fall below ``tol * max|theta|`` (or the basis
-    spans the space, or ``max_iter`` products, default ``min(n, max(20, 10 k))``). Starts from a
-    random vector drawn with ``generator``.
+    spans the space, or ``max_iter`` products, default ``min(n, max(100, 20 k))``; a
+    ``RuntimeWarning`` reports pairs that did not converge). Starts from a random vector drawn
+    with ``generator``.
     """
     n, dtype, device = _like(A)
     if which not in ("largest", "smallest"):
         raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
-    m_max = min(n, max_iter or max(20, 10 * k))
+    m_max = min(n, max_iter or max(100, 20 * k))
     Q = torch.zeros(n, m_max + 1, dtype=dtype, device=device)
     alpha = torch.zeros(m_max, dtype=dtype, device=device)
     beta = torch.zeros(m_max, dtype=dtype, device=device)
@@ -46,6 +48,7 @@ def eigsh(
     Q[:, 0] = q / q.norm()
     m = 0
     theta = S = None
+    converged = False
     for j in range(m_max):
         w = A @ Q[:, j]
         alpha[j] = Q[:, j] @ w
@@ -60,11 +63,19 @@ def eigsh(
             residual = (beta[j] * S[-1, order]).abs()
             scale = theta.abs().max().clamp_min(torch.finfo(dtype).tiny)
             if bool((residual <= tol * scale).all()) or beta[j] <= torch.finfo(dtype).eps * scale:
+                converged = True
                 break
         if beta[j] == 0:
             break
         Q[:, j + 1] = w / beta[j]
     assert theta is not None and S is not None
+    if not converged and m < n:
+        warnings.warn(
+            f"eigsh: {k} Ritz pair(s) not converged to tol={tol} after {m} products; raise "
+            "max_iter or tol",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     order = torch.arange(m - 1, m - 1 - k, -1) if which == "largest" else torch.arange(k)
     vectors = Q[:, :m] @ S[:, order]
     return theta[order], vectors
