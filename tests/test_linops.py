@@ -276,3 +276,43 @@ def test_ekfac_conv_and_embedding_blocks_use_the_generic_rotation():
     torch.testing.assert_close(
         torch.diagonal(Q.T @ block @ Q), E.eigenvalues["block.conv1"].reshape(-1)
     )
+
+
+def test_train_mode_shuffled_loader_and_helpers():
+    model, X, y, loss_fn = CASES["resnet"]()
+    model.train()
+    with pytest.raises(RuntimeError, match="model.eval"):
+        GGN(model, loss_fn, [(X, y)])
+    GGN(model, loss_fn, [(X, y)], allow_train_mode=True)  # the documented switch
+    model.eval()
+    model, X, y, loss_fn = CASES["mlp"]()
+
+    class Shuffled:
+        def __init__(self):
+            self.calls = 0
+
+        def __iter__(self):
+            self.calls += 1
+            order = [(X[:3], y[:3]), (X[3:], y[3:])]
+            return iter(order if self.calls % 2 else order[::-1])
+
+    F = Fisher(model, loss_fn, Shuffled(), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match="fixed order"):
+        F @ torch.ones(F.shape[0], dtype=torch.float64)
+    # a shuffled loader is fine for order-independent operators
+    G = GGN(model, loss_fn, Shuffled())
+    torch.testing.assert_close(G.to_dense(), ggn(model, loss_fn, X, y)["full"])
+    dense = G.to_dense()
+    est, _ = linalg.frobenius_norm_squared(G, 3000, generator=torch.Generator().manual_seed(0))
+    assert abs(float(est) / float(dense.pow(2).sum()) - 1) < 0.1
+    b = torch.randn(G.shape[0], dtype=torch.float64)
+    lam_max = float(torch.linalg.eigvalsh(dense)[-1]) + 1.0
+    x = linalg.neumann(G, b, damping=1.0, scale=1.0 / lam_max, terms=400)
+    torch.testing.assert_close(dense @ x + x, b, rtol=1e-6, atol=1e-8)
+    inv = linalg.InverseOperator(G, damping=1.0)
+    torch.testing.assert_close(
+        inv @ b,
+        torch.linalg.solve(dense + torch.eye(dense.shape[0], dtype=dense.dtype), b),
+        rtol=1e-6,
+        atol=1e-8,
+    )

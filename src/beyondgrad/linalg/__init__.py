@@ -3,8 +3,19 @@
 trace and diagonal estimators, and linear solvers."""
 
 from .eigen import eigsh
-from .estimators import diagonal, trace
-from .solve import cg, minres, solve
+from .estimators import diagonal, frobenius_norm_squared, trace
+from .solve import InverseOperator, cg, minres, neumann, solve
 from .spectral import spectral_density
 
-__all__ = ["cg", "diagonal", "eigsh", "minres", "solve", "spectral_density", "trace"]
+__all__ = [
+    "InverseOperator",
+    "cg",
+    "diagonal",
+    "eigsh",
+    "frobenius_norm_squared",
+    "minres",
+    "neumann",
+    "solve",
+    "spectral_density",
+    "trace",
+]

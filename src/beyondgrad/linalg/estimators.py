@@ -74,3 +74,19 @@ def diagonal(
     dtype, device = getattr(A, "dtype", torch.float64), getattr(A, "device", torch.device("cpu"))
     Z = _probes(n, num_matvecs, dtype, device, generator, distribution)
     return (Z * (A @ Z)).mean(1)
+
+
+def frobenius_norm_squared(
+    A: Any,
+    num_matvecs: int = 30,
+    generator: torch.Generator | None = None,
+    distribution: str = "rademacher",
+) -> tuple[Tensor, Tensor | None]:
+    """Estimate ``|A|_F^2 = E |A z|^2`` with ``num_matvecs`` probes: ``(estimate, standard
+    error)``."""
+    n = A.shape[1]
+    dtype, device = getattr(A, "dtype", torch.float64), getattr(A, "device", torch.device("cpu"))
+    Z = _probes(n, num_matvecs, dtype, device, generator, distribution)
+    samples = (A @ Z).pow(2).sum(0)
+    err = samples.std() / num_matvecs**0.5 if num_matvecs > 1 else None
+    return samples.mean(), err

@@ -103,3 +103,35 @@ def solve(A: Any, b: Tensor, method: str = "cg", damping: float = 0.0, **kwargs:
     if method == "minres":
         return minres(A, b, damping, **kwargs)[0]
     raise ValueError(f"method must be 'cg' or 'minres', got {method!r}")
+
+
+def neumann(A: Any, b: Tensor, damping: float = 0.0, scale: float = 1.0, terms: int = 50) -> Tensor:
+    """Truncated Neumann series ``scale * sum_{j<terms} (I - scale (A + damping I))^j b`` for
+    ``(A + damping I)^{-1} b``; converges when ``0 < scale * lambda < 2`` for every eigenvalue
+    ``lambda`` of ``A + damping I`` (e.g. ``scale = 1 / lambda_max``)."""
+    term = scale * b
+    total = term.clone()
+    for _ in range(terms - 1):
+        term = term - scale * _apply(A, term, damping)
+        total = total + term
+    return total
+
+
+class InverseOperator:
+    """``(A + damping I)^{-1}`` as an operator whose products run a solver (``"cg"`` for
+    positive definite, ``"minres"`` for indefinite systems) column by column."""
+
+    def __init__(self, A: Any, damping: float = 0.0, method: str = "cg", **kwargs: Any):
+        if method not in ("cg", "minres"):
+            raise ValueError(f"method must be 'cg' or 'minres', got {method!r}")
+        self.A, self.damping, self.method, self.kwargs = A, damping, method, kwargs
+        self.shape = A.shape
+        self.dtype = getattr(A, "dtype", torch.float64)
+        self.device = getattr(A, "device", torch.device("cpu"))
+
+    def __matmul__(self, b: Tensor) -> Tensor:
+        if b.ndim == 1:
+            return solve(self.A, b, self.method, self.damping, **self.kwargs)
+        return torch.stack(
+            [solve(self.A, col, self.method, self.damping, **self.kwargs) for col in b.T], 1
+        )

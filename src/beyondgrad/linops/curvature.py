@@ -39,6 +39,27 @@ from ..quantities import BatchGrad, Quantity, SqrtGGN
 from .base import LinearOperator
 
 
+def _check_eval_mode(model: nn.Module) -> None:
+    """Batch statistics and dropout make the curvature depend on how the data is batched and
+    on random draws: refuse unless the caller opts in."""
+    for name, m in model.named_modules():
+        batch_stats = isinstance(m, nn.modules.batchnorm._BatchNorm) and (
+            m.training or m.running_mean is None
+        )
+        dropout = isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
+        if batch_stats or dropout:
+            raise RuntimeError(
+                f"module '{name}' ({type(m).__name__}) behaves differently per batch in "
+                "training mode, so the data-set curvature is ill-defined. Call model.eval(), or "
+                "pass allow_train_mode=True to use the batch-wise behaviour as is."
+            )
+
+
+def _fingerprint(data: Iterable[tuple[Any, Tensor]]) -> list[float]:
+    """A cheap signature of the data order (sum of the first target entries per batch)."""
+    return [float(y.reshape(-1)[: min(8, y.numel())].double().sum()) for _, y in data]
+
+
 def _batch_size(X: Any) -> int:
     leaves = [t for t in tree_flatten(X)[0] if isinstance(t, Tensor) and t.ndim > 0]
     if not leaves:
@@ -59,8 +80,11 @@ class CurvatureOperator(LinearOperator):
         params: Sequence[str] | None = None,
         num_data: int | None = None,
         progressbar: bool = False,
+        allow_train_mode: bool = False,
     ):
         check_loss_fn(loss_fn)
+        if not allow_train_mode:
+            _check_eval_mode(model)
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if params is None:
             params = list(named)
@@ -221,6 +245,15 @@ class Fisher(_RowsOperator):
         super().__init__(*args, **kwargs)
         self.quantity = SqrtGGN(mc_samples=mc_samples)
         self.generator = generator
+        self.order = _fingerprint(self.data)
+
+    def _matmat(self, M: Tensor) -> Tensor:
+        if _fingerprint(self.data) != self.order:
+            raise RuntimeError(
+                "Fisher (MC) needs the data in a fixed order: the batches changed between "
+                "passes (a shuffled loader?). Use a fixed-order loader."
+            )
+        return super()._matmat(M)
 
     def _rows(self, X: Any, y: Tensor) -> tuple[list[Tensor], float]:
         res = compute(self.model, self.loss_fn, X, y, self.quantity, generator=self.generator)
