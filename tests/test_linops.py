@@ -281,7 +281,7 @@ def test_ekfac_conv_and_embedding_blocks_use_the_generic_rotation():
 def test_train_mode_shuffled_loader_and_helpers():
     model, X, y, loss_fn = CASES["resnet"]()
     model.train()
-    with pytest.raises(RuntimeError, match="model.eval"):
+    with pytest.raises(RuntimeError, match=r"model\.eval"):
         GGN(model, loss_fn, [(X, y)])
     GGN(model, loss_fn, [(X, y)], allow_train_mode=True)  # the documented switch
     model.eval()
