@@ -316,3 +316,24 @@ def test_train_mode_shuffled_loader_and_helpers():
         rtol=1e-6,
         atol=1e-8,
     )
+
+
+def test_kpm_spectral_density():
+    torch.manual_seed(0)
+    n = 60
+    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
+    lam = torch.cat([torch.full((40,), 1.0), torch.full((20,), 5.0)]).double()
+    A = bg.linops.DenseOperator(Q @ torch.diag(lam) @ Q.T)
+    grid, density = linalg.spectral_density(
+        A,
+        num_probes=30,
+        lanczos_steps=80,
+        method="kpm",
+        bounds=(0.0, 6.0),
+        generator=torch.Generator().manual_seed(0),
+    )
+    dx = grid[1] - grid[0]
+    mass = float((density * dx).sum())
+    assert abs(mass - 1) < 0.05, mass
+    near = lambda c: float((density * dx)[(grid - c).abs() < 0.6].sum())  # noqa: E731
+    assert abs(near(1.0) - 40 / 60) < 0.1 and abs(near(5.0) - 20 / 60) < 0.1

@@ -39,16 +39,25 @@ def spectral_density(
     num_points: int = 512,
     sigma: float | None = None,
     generator: torch.Generator | None = None,
+    method: str = "slq",
+    bounds: tuple[float, float] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Eigenvalue density of ``A`` (``n x n``, symmetric) by stochastic Lanczos quadrature:
-    ``(grid, density)``, the density integrating to 1 over the grid (a histogram of the ``n``
-    eigenvalues, smoothed by a Gaussian of width ``sigma``, default 1% of the spectral range).
-
-    Each of ``num_probes`` Rademacher probes runs ``lanczos_steps`` Lanczos steps; the
-    tridiagonal's eigenvalues are quadrature nodes, their first eigenvector components squared
-    the weights. Costs ``num_probes * lanczos_steps`` products. Plot with
+    """Eigenvalue density of ``A`` (``n x n``, symmetric): ``(grid, density)``, the density
+    integrating to 1 (a normalized histogram of the ``n`` eigenvalues). Plot with
     ``plt.semilogy(grid, density)``.
+
+    ``method="slq"`` (stochastic Lanczos quadrature): each of ``num_probes`` Rademacher probes
+    runs ``lanczos_steps`` Lanczos steps; the tridiagonal's eigenvalues are quadrature nodes,
+    their first eigenvector components squared the weights, smoothed by a Gaussian of width
+    ``sigma`` (default 1% of the spectral range). ``method="kpm"`` (kernel polynomial method):
+    ``lanczos_steps`` Chebyshev moments per probe on ``bounds`` (default: from a short
+    Lanczos run, widened by 5%), Jackson-damped. Both cost ``num_probes * lanczos_steps``
+    products.
     """
+    if method == "kpm":
+        return _kpm(A, num_probes, lanczos_steps, grid, num_points, generator, bounds)
+    if method != "slq":
+        raise ValueError(f"method must be 'slq' or 'kpm', got {method!r}")
     n = A.shape[0]
     dtype = getattr(A, "dtype", torch.float64)
     device = getattr(A, "device", torch.device("cpu"))
@@ -76,3 +85,53 @@ def spectral_density(
     kernel = torch.exp(-0.5 * ((grid.unsqueeze(1) - theta.unsqueeze(0)) / width) ** 2)
     density = (kernel * tau).sum(1) / (width * math.sqrt(2 * math.pi))
     return grid, density
+
+
+def _kpm(
+    A: Any,
+    num_probes: int,
+    degree: int,
+    grid: Tensor | None,
+    num_points: int,
+    generator: torch.Generator | None,
+    bounds: tuple[float, float] | None,
+) -> tuple[Tensor, Tensor]:
+    n = A.shape[0]
+    dtype = getattr(A, "dtype", torch.float64)
+    device = getattr(A, "device", torch.device("cpu"))
+    if bounds is None:
+        z = (2 * torch.randint(0, 2, (n,), generator=generator, device=device) - 1).to(dtype)
+        alpha, beta = _lanczos_tridiagonal(A, z / math.sqrt(n), min(20, n))
+        T = torch.diag(alpha) + torch.diag(beta, 1) + torch.diag(beta, -1)
+        theta = torch.linalg.eigvalsh(T)
+        lo, hi = float(theta[0]), float(theta[-1])
+        pad = 0.05 * max(hi - lo, 1e-12)
+        lo, hi = lo - pad, hi + pad
+    else:
+        lo, hi = bounds
+    center, half = (hi + lo) / 2, (hi - lo) / 2
+    moments = torch.zeros(degree, dtype=dtype, device=device)
+    for _ in range(num_probes):
+        z = (2 * torch.randint(0, 2, (n,), generator=generator, device=device) - 1).to(dtype)
+        t_prev, t_cur = z, (A @ z - center * z) / half
+        moments[0] += z @ z
+        if degree > 1:
+            moments[1] += z @ t_cur
+        for k in range(2, degree):
+            t_next = 2 * (A @ t_cur - center * t_cur) / half - t_prev
+            moments[k] += z @ t_next
+            t_prev, t_cur = t_cur, t_next
+    moments /= num_probes * n
+    k = torch.arange(degree, dtype=dtype, device=device)
+    M = degree + 1
+    jackson = (
+        (M - k) * torch.cos(math.pi * k / M) + torch.sin(math.pi * k / M) / math.tan(math.pi / M)
+    ) / M
+    if grid is None:
+        grid = torch.linspace(lo, hi, num_points, dtype=dtype, device=device)
+    x = ((grid - center) / half).clamp(-1 + 1e-9, 1 - 1e-9)
+    cheb = torch.cos(k.unsqueeze(0) * torch.arccos(x).unsqueeze(1))  # [points, degree]
+    coeff = moments * jackson
+    coeff[1:] *= 2
+    density = (cheb @ coeff) / (math.pi * torch.sqrt(1 - x * x)) / half
+    return grid, density.clamp_min(0)
