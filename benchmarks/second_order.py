@@ -787,7 +787,8 @@ def _cell(row: dict[str, Any]) -> str:
     """``time x (mem x)`` of an ok row, else its status."""
     if row["status"] != "ok":
         return row["status"]
-    return f"{fmt(row['ratio'])} ({fmt(row['mem_ratio'])})"
+    noisy = " NOISY" if "NOISY" in row["note"] else ""
+    return f"{fmt(row['ratio'])} ({fmt(row['mem_ratio'])}){noisy}"
 
 
 def render(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
@@ -837,7 +838,8 @@ def render_summary(results: list[dict[str, Any]]) -> list[str]:
         "## Summary: time x fwd+bwd (peak memory x fwd+bwd)",
         "",
         "Best peer: the fastest peer row that ran, marked where it skipped parameters "
-        "(partial) or failed an agreement check (disagrees).",
+        "(partial) or failed an agreement check (disagrees). NOISY: the machine was still "
+        "disturbed on the last re-timing (see the row's note); read that ratio with care.",
         "",
         f"| quantity | {head} |",
         "|---|" + "---:|---|" * len(results),
