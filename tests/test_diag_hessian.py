@@ -135,3 +135,27 @@ def test_residual_vector_limit():
     X, y = torch.randn(2, 3, dtype=torch.float64), torch.randint(0, 2, (2,))
     with pytest.raises(RuntimeError, match="max_vectors"):
         bg.compute(model, nn.CrossEntropyLoss(), X, y, bg.DiagHessian(max_vectors=20))
+
+
+def test_hesscale_is_exact_in_the_last_layer_and_a_heuristic_elsewhere():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.Sigmoid(), nn.Linear(4, 3)
+    ).double()
+    X, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
+    loss_fn = nn.CrossEntropyLoss()
+    q = bg.DiagHessian(method="hesscale")
+    res = bg.compute(model, loss_fn, X, y, q, bg.DiagHessian())
+    exact = hessian_diagonal(model, loss_fn, X, y)
+    torch.testing.assert_close(res[q]["4.weight"], exact["4.weight"])
+    torch.testing.assert_close(res[q]["4.bias"], exact["4.bias"])
+    torch.testing.assert_close(res[bg.DiagHessian()]["0.weight"], exact["0.weight"])
+    # earlier layers: an approximation of the right magnitude, not exact
+    approx, true = res[q]["0.weight"], exact["0.weight"]
+    assert not torch.allclose(approx, true)
+    assert 0.1 < float(approx.abs().sum() / true.abs().sum()) < 10
+    with pytest.raises(NotImplementedError, match="Sequential"):
+        model2, X2, y2, loss2 = CASES["mlp_resnet"]()
+        bg.compute(model2, loss2, X2, y2, q)
+    with pytest.raises(ValueError, match="method"):
+        bg.DiagHessian(method="bl89")

@@ -193,10 +193,19 @@ class DiagHessian(Quantity):
     through the same engine (so residual networks work). Any other nonlinearity between the
     parameters and the output (LayerNorm, attention, gating) raises an error naming it.
     ``max_vectors`` bounds both the loss-Hessian vectors and the ``2 x units`` residual
-    vectors of each nonlinearity per sample."""
+    vectors of each nonlinearity per sample.
+
+    ``method="hesscale"``: the HesScale approximation instead (a heuristic, exact only for the
+    last layer; ``nn.Sequential`` of Linear/Tanh/Sigmoid/ReLU/Flatten; needs ``bg.compute``):
+    about the cost of one backward pass, no error bound."""
 
     max_vectors: int = 4096
+    method: str = "exact"
     per_sample: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if self.method not in ("exact", "hesscale"):
+            raise ValueError(f"method must be 'exact' or 'hesscale', got {self.method!r}")
 
     @property
     def vectors(self) -> tuple[str, int]:

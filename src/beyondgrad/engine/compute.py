@@ -22,7 +22,7 @@ from ..vivit import GGNEigenResult, ggn_eigen
 from .attribution import _region as _region_of
 from .attribution import attribute
 from .capture import Call, Recorder, Unit, plan_units
-from .hessian import residual_sites
+from .hessian import hesscale, residual_sites
 from .losses import check_loss_fn, check_target, loss_vectors, reduction_factor
 
 
@@ -233,6 +233,8 @@ class Session:
         else:
             residual = {}
             for q in self.quantities:
+                if isinstance(q, DiagHessian) and q.method == "hesscale":
+                    raise NotImplementedError("DiagHessian(method='hesscale') needs bg.compute")
                 if isinstance(q, DiagHessian):  # before the main pass frees the graph
                     residual = self._hessian_residuals(q, loss, output, calls, edges, node_kinds, N)
             # one vectorized backward pass of all output-space vectors from the model output
@@ -682,6 +684,34 @@ def compute(
     """
     if accumulate_grad and Grad() not in quantities:
         raise ValueError("accumulate_grad=True needs bg.Grad() among the quantities")
+    approximate = [q for q in quantities if isinstance(q, DiagHessian) and q.method == "hesscale"]
+    if approximate:  # a separate recursion, not the engine's exact backward
+        rest = [q for q in quantities if q not in approximate]
+        result = (
+            compute(
+                model,
+                loss_fn,
+                X,
+                y,
+                *rest,
+                subsampling=subsampling,
+                generator=generator,
+                accumulate_grad=accumulate_grad,
+                out=out,
+            )
+            if rest
+            else None
+        )
+        check_loss_fn(loss_fn)
+        values = hesscale(model, loss_fn, X, y)
+        if result is None:
+            with torch.no_grad():
+                output = _call_model(model, X)
+                loss = loss_fn(output, y)
+            result = Result(loss, output, {}, {n: "hesscale" for n in values}, None)
+        for q in approximate:
+            result._values[q] = values
+        return result
     n_x = _leading_size(X)
     if n_x is None:
         raise ValueError("X contains no tensor with a leading sample axis")
