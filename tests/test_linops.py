@@ -337,3 +337,32 @@ def test_kpm_spectral_density():
     assert abs(mass - 1) < 0.05, mass
     near = lambda c: float((density * dx)[(grid - c).abs() < 0.6].sum())  # noqa: E731
     assert abs(near(1.0) - 40 / 60) < 0.1 and abs(near(5.0) - 20 / 60) < 0.1
+
+
+def test_low_rank_operator_from_vivit():
+    model, X, y, loss_fn = CASES["mlp"]()
+    eig = bg.compute(model, loss_fn, X, y, bg.GGNEigen())[bg.GGNEigen]["model"]
+    names = [n for n, _ in model.named_parameters()]
+    L = bg.linops.LowRank.from_eigen(eig, names)
+    dense = ggn(model, loss_fn, X, y)["full"]
+    torch.testing.assert_close(L.to_dense(), dense, rtol=1e-7, atol=1e-9)
+    eye = torch.eye(dense.shape[0], dtype=dense.dtype)
+    torch.testing.assert_close(
+        L.inverse(0.5).to_dense(), torch.linalg.inv(dense + 0.5 * eye), rtol=1e-6, atol=1e-8
+    )
+    torch.testing.assert_close(L.logdet(0.5), torch.logdet(dense + 0.5 * eye))
+    torch.testing.assert_close(L.trace(), torch.trace(dense))
+
+
+def test_dataloader_with_drop_last_and_dict_inputs():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, X, y, loss_fn = CASES["mlp"]()
+    loader = DataLoader(TensorDataset(X, y), batch_size=2, drop_last=True)  # uses 4 of 5
+    G = GGN(model, loss_fn, loader)
+    assert G.num_data == 4
+    torch.testing.assert_close(G.to_dense(), ggn(model, loss_fn, X[:4], y[:4])["full"])
+    model, X, y, loss_fn = CASES["dict_inputs"]()
+    data = batches(X, y, [2, 3])
+    G = GGN(model, loss_fn, data, batch_size_fn=lambda inputs: inputs["inputs"]["x"].shape[0])
+    torch.testing.assert_close(G.to_dense(), ggn(model, loss_fn, X, y)["full"])

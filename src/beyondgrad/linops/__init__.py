@@ -13,6 +13,7 @@ from .curvature import (
 )
 from .ekfac import EKFAC
 from .kfac import KFAC
+from .lowrank import LowRank
 
 __all__ = [
     "EKFAC",
@@ -26,4 +27,5 @@ __all__ = [
     "Hessian",
     "Jacobian",
     "LinearOperator",
+    "LowRank",
 ]

@@ -7,7 +7,8 @@
 i.e. a batch of ``N_b`` samples enters with weight ``N_b / num_data`` (mean) or 1 (sum); uneven
 last batches are handled, ``num_data`` defaults to the number of samples seen in a first pass.
 (For a mean over tokens or class weights, the batch weight assumes equal normalizers per
-sample.) Products act on flat vectors over the chosen parameters (``params``: names, default
+sample.) ``batch_size_fn(X)`` tells the number of samples of a batch whose inputs have no leading
+sample axis in their first tensor (default: the first tensor leaf's leading size). Products act on flat vectors over the chosen parameters (``params``: names, default
 all trainable ones, in ``model.named_parameters()`` order) and take a block of ``k`` vectors in
 one pass over the data.
 
@@ -81,6 +82,7 @@ class CurvatureOperator(LinearOperator):
         num_data: int | None = None,
         progressbar: bool = False,
         allow_train_mode: bool = False,
+        batch_size_fn: Callable[[Any], int] | None = None,
     ):
         check_loss_fn(loss_fn)
         if not allow_train_mode:
@@ -98,8 +100,9 @@ class CurvatureOperator(LinearOperator):
         self.params = [named[n] for n in self.names]
         self.sizes = [p.numel() for p in self.params]
         self.progressbar = progressbar
+        self.batch_size_fn = batch_size_fn or _batch_size
         if num_data is None:
-            num_data = sum(_batch_size(X) for X, _ in data)
+            num_data = sum(self.batch_size_fn(X) for X, _ in data)
         if num_data < 1:
             raise ValueError("the data set is empty")
         self.num_data = int(num_data)
@@ -131,7 +134,7 @@ class CurvatureOperator(LinearOperator):
         out = torch.zeros_like(M)
         V = self.split(M)
         for X, y in self._batches():
-            out += self._weight(_batch_size(X)) * self.join(self._batch_products(X, y, V))
+            out += self._weight(self.batch_size_fn(X)) * self.join(self._batch_products(X, y, V))
         return out
 
     def _batch_products(self, X: Any, y: Tensor, V: list[Tensor]) -> list[Tensor]:
