@@ -7,10 +7,10 @@
 i.e. a batch of ``N_b`` samples enters with weight ``N_b / num_data`` (mean) or 1 (sum); uneven
 last batches are handled, ``num_data`` defaults to the number of samples seen in a first pass.
 (For a mean over tokens or class weights, the batch weight assumes equal normalizers per
-sample.) ``batch_size_fn(X)`` tells the number of samples of a batch whose inputs have no leading
-sample axis in their first tensor (default: the first tensor leaf's leading size). Products act on flat vectors over the chosen parameters (``params``: names, default
-all trainable ones, in ``model.named_parameters()`` order) and take a block of ``k`` vectors in
-one pass over the data.
+sample.) ``batch_size_fn(X)`` gives a batch's number of samples when its first tensor leaf
+does not lead with the sample axis. Products act on flat vectors over the chosen parameters
+(``params``: names, default all trainable ones, in ``model.named_parameters()`` order) and take
+a block of ``k`` vectors in one pass over the data.
 
 * :class:`Hessian` -- Hessian-vector products by reverse-over-reverse AD (double backward; the
   forward-over-reverse ``jvp(jacrev)`` route gives wrong products for ``nn.LayerNorm`` weights
