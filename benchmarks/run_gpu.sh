@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Regenerate the CUDA tables on a GPU machine whose python3 has torch (no network): install the
+# peers from wheels in .whl/ (see benchmarks/README.md), then run each benchmark with a time cap.
+# Usage: OUT=<dir> bash benchmarks/run_gpu.sh
+set -u
+export PYTHONUNBUFFERED=1
+out=${OUT:-benchmarks/results}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+  export PYTHONPATH=src:/tmp/site
+else
+  export PYTHONPATH=src
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+timeout 60 python3 -m beyondgrad.cli demo --device cuda --reps 5 2>&1 | grep -v Warning | tee "$out/demo_cuda.txt"
+timeout 200 python3 benchmarks/first_order.py --device cuda --reps 5 --out "$out/first_order_cuda.md"
+timeout 200 python3 benchmarks/second_order.py --device cuda --reps 5 --out "$out/second_order_cuda.md"
+timeout 110 python3 benchmarks/conv_toolkit.py --device cuda --reps 5 --out "$out/conv_toolkit_cuda.md"
+ls -la "$out"
