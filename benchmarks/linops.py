@@ -1,0 +1,1688 @@
+"""Benchmark beyondgrad's curvature operators and their linear algebra against peers.
+
+One command regenerates ``benchmarks/results/linops_{device}.md`` and a JSON file with the raw
+numbers next to it::
+
+    python benchmarks/linops.py                      # CPU, all problems, all sections
+    python benchmarks/linops.py --device cuda        # GPU
+    python benchmarks/linops.py --quick --problems mlp --out /tmp/linops.md   # smoke test
+
+Sections (per problem: ``mlp``, ``cnn``, ``transformer``; data ``[(X, y)]``, one batch):
+
+* **products**: one matvec ``A @ v`` and one 16-column block ``A @ V`` of ``bg.linops``
+  ``Hessian``, ``GGN``, ``EmpiricalFisher``, ``KFAC`` and ``EKFAC`` (MC, one sample; the product
+  only, construction time in the notes), as ratios to one plain forward+backward. Peers:
+  curvlinops (``HessianLinearOperator``, ``GGNLinearOperator``, ``EFLinearOperator``,
+  ``KFACLinearOperator``, ``EKFACLinearOperator``), torch.func (HVP as ``jvp(grad)``; GGN as
+  ``jvp`` -> loss Hessian -> ``vjp``), plain double backward, PyHessian. Protocol and helpers
+  are those of ``first_order.py`` (imported): forked child per cell, interleaved baseline and
+  candidate reps, medians, VmHWM peak memory, re-timing on a disturbed machine.
+* **eigen**: the top Hessian eigenvalue to 1e-3 relative accuracy, against a tight reference
+  (``bg.linalg.eigsh(tol=1e-10)``, its residual reported): ``bg.linalg.eigsh`` (Lanczos) vs
+  PyHessian's power iteration. Per seed: products and time until the estimate is within 1e-3,
+  and where each method's own stopping rule ends.
+* **trace**: the Hessian trace to 5 %: ``bg.linalg.trace(method="hutch++")`` vs PyHessian's
+  Hutchinson, against the exact trace (sum of ``bg.DiagHessian``) or, where that raises (the
+  transformer), a 600-product Hutch++ estimate.
+
+Agreement checks (float32) compare every product with a reference (double backward for the
+Hessian, torch.func for the GGN and the empirical Fisher, curvlinops for KFAC/EKFAC).
+See ``benchmarks/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import beyondgrad as bg
+from beyondgrad.problems import PROBLEMS, Problem
+from first_order import (
+    Candidate,
+    CellSpec,
+    Check,
+    Config,
+    CpuMemory,
+    ForeignLoad,
+    Row,
+    Setup,
+    _has_module,
+    _short,
+    _sync,
+    baseline_setup,
+    cpu_model,
+    cuda_peak_mib,
+    fill_check,
+    flags_for,
+    fmt,
+    fresh_problem,
+    func_per_sample_fn,
+    measure_cell,
+    owner_types,
+    run_isolated,
+    time_sample,
+    version,
+)
+from second_order import REFUSED, Refused, curvlinops_params
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+K = 16  # columns of the block products
+
+GROUPS: dict[str, str] = {
+    "baseline": "fwd+bwd (baseline re-measured)",
+    "hvp": "Hessian @ v",
+    "hmp": f"Hessian @ V ({K} columns)",
+    "ggnvp": "GGN @ v",
+    "ggnmp": f"GGN @ V ({K} columns)",
+    "efvp": "empirical Fisher @ v",
+    "efmp": f"empirical Fisher @ V ({K} columns)",
+    "kfacvp": "KFAC (MC) @ v, product only",
+    "kfacmp": f"KFAC (MC) @ V ({K} columns), product only",
+    "ekfacvp": "EKFAC (MC) @ v, product only",
+    "ekfacmp": f"EKFAC (MC) @ V ({K} columns), product only",
+}
+
+EIG_TARGET = 1e-3  # relative accuracy of the top eigenvalue
+TRACE_TARGET = 0.05  # relative accuracy of the trace
+PYHESSIAN_TOL = 1e-3  # PyHessian's default stopping tolerance (eigenvalues() and trace())
+PYHESSIAN_MAX_ITER = 100  # and its default maxIter
+EIGSH_OWN_TOL = 1e-3  # the tolerance our eigsh's own stopping rule runs with
+REF_SEED = 10_000
+
+# --------------------------------------------------------------------------------------------
+# Vectors and small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    """Trainable parameters in ``named_parameters()`` order (a tied tensor once): the order
+    of beyondgrad's flat vectors, of curvlinops' and of PyHessian's lists."""
+    return [q for q in model.parameters() if q.requires_grad]
+
+
+def probe(n: int, k: int, device: str | torch.device, seed: int = 0) -> Tensor:
+    """A seeded Gaussian vector ``[n]`` (k == 1) or block ``[n, k]``."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    shape = (n,) if k == 1 else (n, k)
+    return torch.randn(shape, generator=g, device=device)
+
+
+def split_flat(v: Tensor, params: list[nn.Parameter]) -> list[Tensor]:
+    """A flat ``[P]`` vector as parameter-shaped tensors, or a ``[P, k]`` block as
+    ``[k, *shape]`` tensors (the leading batch axis of ``is_grads_batched`` and ``vmap``)."""
+    parts = torch.split(v, [q.numel() for q in params], 0)
+    if v.ndim == 1:
+        return [t.view(q.shape) for t, q in zip(parts, params)]
+    return [t.T.reshape(v.shape[1], *q.shape).contiguous() for t, q in zip(parts, params)]
+
+
+def named(parts: list[Tensor] | tuple[Tensor, ...], model: nn.Module) -> dict[str, Tensor]:
+    """Per-parameter tensors keyed by name (``named_parameters`` order)."""
+    names = [n for n, q in model.named_parameters() if q.requires_grad]
+    return dict(zip(names, parts))
+
+
+def generator(device: str | torch.device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def is_tying_refusal(exc: Exception) -> bool:
+    """beyondgrad's KFAC/EKFAC refusal of a parameter shared by two modules."""
+    return "weight tying" in str(exc) or "cover every parameter" in str(exc)
+
+
+def baseline_ms(p: Problem, n: int = 3) -> float:
+    """Median of a few plain forward+backward calls on ``p`` (for set-up notes only)."""
+    base = baseline_setup(p)
+    base.call()
+    ms = statistics.median(time_sample(base.call, 1, str(p.X.device)) for _ in range(n)) * 1e3
+    base.reset()
+    return ms
+
+
+# --------------------------------------------------------------------------------------------
+# Product cells: beyondgrad
+# --------------------------------------------------------------------------------------------
+
+OURS = {
+    "H": ("Hessian", "bg.linops.Hessian"),
+    "GGN": ("GGN", "bg.linops.GGN"),
+    "EF": ("EmpiricalFisher", "bg.linops.EmpiricalFisher"),
+    "KFAC": ("KFAC", 'bg.linops.KFAC(fisher_type="mc")'),
+    "EKFAC": ("EKFAC", 'bg.linops.EKFAC(fisher_type="mc")'),
+}
+
+
+def build_ours(p: Problem, kind: str) -> Any:
+    """One beyondgrad operator over ``[(X, y)]`` (KFAC/EKFAC: MC, seeded generator)."""
+    cls = getattr(bg.linops, OURS[kind][0])
+    data = [(p.X, p.y)]
+    if kind in ("KFAC", "EKFAC"):
+        try:
+            return cls(
+                p.model, p.loss_fn, data, fisher_type="mc", generator=generator(p.X.device, 0)
+            )
+        except RuntimeError as exc:
+            if is_tying_refusal(exc):
+                raise Refused(str(exc)) from exc
+            raise
+    return cls(p.model, p.loss_fn, data)
+
+
+def ours_setup(kind: str, k: int) -> Setup:
+    """``A @ v`` / ``A @ V`` of a beyondgrad operator built in set-up (not timed)."""
+
+    def setup(p: Problem) -> Candidate:
+        notes = []
+        if kind in ("KFAC", "EKFAC"):
+            build_ours(p, kind)  # warm-up build
+            t0 = time.perf_counter()
+            op = build_ours(p, kind)
+            build = (time.perf_counter() - t0) * 1e3
+            base = baseline_ms(fresh_problem(p.name, str(p.X.device)))
+            notes.append(
+                f"construction (one pass, in set-up): {fmt(build)} ms = "
+                f"{fmt(build / base)}x fwd+bwd"
+            )
+        else:
+            op = build_ours(p, kind)
+            notes.append("operator built in set-up (no pass over the data)")
+        v = probe(op.shape[1], k, p.X.device)
+        return Candidate(lambda: op @ v, notes=notes)
+
+    return setup
+
+
+# --------------------------------------------------------------------------------------------
+# Product cells: peers
+# --------------------------------------------------------------------------------------------
+
+CURVLINOPS = {
+    "H": "HessianLinearOperator",
+    "GGN": "GGNLinearOperator",
+    "EF": "EFLinearOperator",
+    "KFAC": "KFACLinearOperator",
+    "EKFAC": "EKFACLinearOperator",
+}
+
+
+def build_curvlinops(p: Problem, kind: str, fisher_type: str = "mc") -> tuple[Any, list[str]]:
+    """A curvlinops operator (``check_deterministic=False``; KFAC/EKFAC: Linear/Conv2d
+    parameters only, joint weight and bias, factors computed) and notes on its coverage."""
+    import curvlinops
+
+    cls = getattr(curvlinops, CURVLINOPS[kind])
+    data = [(p.X, p.y)]
+    if kind not in ("KFAC", "EKFAC"):
+        return cls(p.model, p.loss_fn, trainable(p.model), data, check_deterministic=False), []
+    params, n_total = curvlinops_params(p.model)
+    op = cls(
+        p.model,
+        p.loss_fn,
+        params,
+        data,
+        check_deterministic=False,
+        fisher_type=fisher_type,
+        mc_samples=1,
+        separate_weight_and_bias=False,
+    )
+    op.compute_kronecker_factors()
+    if kind == "EKFAC":
+        op.compute_eigenvalue_correction()
+    notes = []
+    if len(params) < n_total:
+        notes.append(f"PARTIAL: {len(params)}/{n_total} parameter tensors (Linear/Conv2d only)")
+    return op, notes
+
+
+def curvlinops_setup(kind: str, k: int) -> Setup:
+    def setup(p: Problem) -> Candidate:
+        notes = [f"{CURVLINOPS[kind]}(check_deterministic=False)"]
+        if kind in ("KFAC", "EKFAC"):
+            build_curvlinops(p, kind)  # warm-up build
+            t0 = time.perf_counter()
+            op, extra = build_curvlinops(p, kind)
+            build = (time.perf_counter() - t0) * 1e3
+            base = baseline_ms(fresh_problem(p.name, str(p.X.device)))
+            notes = [
+                f"{CURVLINOPS[kind]}(fisher_type='mc', separate_weight_and_bias=False)",
+                *extra,
+                f"construction + factors (in set-up): {fmt(build)} ms = "
+                f"{fmt(build / base)}x fwd+bwd",
+            ]
+        else:
+            op, _ = build_curvlinops(p, kind)
+        v = probe(op.shape[1], k, p.X.device)
+        return Candidate(lambda: op @ v, notes=notes)
+
+    return setup
+
+
+def func_hvp_fn(p: Problem) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
+    """torch.func forward-over-reverse HVP ``jvp(grad(loss))`` (tied weights tied)."""
+    from torch.func import functional_call, grad, jvp
+
+    model, loss_fn, X, y = p.model, p.loss_fn, p.X, p.y
+
+    def loss(params: dict[str, Tensor]) -> Tensor:
+        return loss_fn(functional_call(model, params, (X,)), y)
+
+    def hvp(tangents: dict[str, Tensor]) -> dict[str, Tensor]:
+        params = {n: q.detach() for n, q in model.named_parameters()}
+        return jvp(grad(loss), (params,), (tangents,))[1]
+
+    return hvp
+
+
+def func_ggnvp_fn(p: Problem) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
+    """torch.func GGN-vector product: ``J v`` by ``jvp``, the loss Hessian on it by
+    ``jvp(grad)`` w.r.t. the output, then ``J^T`` by ``vjp``."""
+    from torch.func import functional_call, grad, jvp, vjp
+
+    model, loss_fn, X, y = p.model, p.loss_fn, p.X, p.y
+
+    def f(params: dict[str, Tensor]) -> Tensor:
+        return functional_call(model, params, (X,))
+
+    def loss_grad(out: Tensor) -> Tensor:
+        return grad(lambda o: loss_fn(o, y))(out)
+
+    def ggnvp(tangents: dict[str, Tensor]) -> dict[str, Tensor]:
+        params = {n: q.detach() for n, q in model.named_parameters()}
+        out, jv = jvp(f, (params,), (tangents,))
+        _, hjv = jvp(loss_grad, (out,), (jv,))
+        _, pullback = vjp(f, params)
+        return pullback(hjv)[0]
+
+    return ggnvp
+
+
+def func_setup(which: str, k: int) -> Setup:
+    """torch.func HVP (``which="hvp"``) or GGNvp (``"ggnvp"``); ``vmap`` over the block."""
+
+    def setup(p: Problem) -> Candidate:
+        from torch.func import vmap
+
+        fn = func_hvp_fn(p) if which == "hvp" else func_ggnvp_fn(p)
+        params = trainable(p.model)
+        v = probe(sum(q.numel() for q in params), k, p.X.device)
+        tangents = named(split_flat(v, params), p.model)
+        call = fn if k == 1 else vmap(fn)
+        note = "jvp(grad(loss))" if which == "hvp" else "jvp -> loss-Hessian jvp(grad) -> vjp"
+        if k > 1:
+            note = f"vmap over {k} columns of " + note
+        return Candidate(lambda: call(tangents), notes=[note])
+
+    return setup
+
+
+def double_backward_setup(k: int) -> Setup:
+    """Plain reverse-over-reverse HVP: ``grad(grad(loss), v)`` (``is_grads_batched`` for a
+    block)."""
+
+    def setup(p: Problem) -> Candidate:
+        params = trainable(p.model)
+        vs = split_flat(probe(sum(q.numel() for q in params), k, p.X.device), params)
+
+        def call() -> tuple[Tensor, ...]:
+            loss = p.loss_fn(p.model(p.X), p.y)
+            g = torch.autograd.grad(loss, params, create_graph=True)
+            return torch.autograd.grad(g, params, vs, is_grads_batched=k > 1)
+
+        note = "autograd.grad(create_graph) then autograd.grad(g, v)"
+        if k > 1:
+            note += ", is_grads_batched"
+        return Candidate(call, notes=[note])
+
+    return setup
+
+
+def pyhessian_setup(mode: str) -> Setup:
+    """PyHessian: ``"build+1"`` (``hessian()``: fwd+bwd with ``create_graph``, then one HVP),
+    ``"cached"`` (one HVP on the graph built in set-up: the cost of each further product) or
+    ``"build+k"`` (``hessian()``, then ``K`` HVPs one by one: no block API)."""
+
+    def setup(p: Problem) -> Candidate:
+        from pyhessian import hessian
+        from pyhessian.utils import hessian_vector_product
+
+        cuda = p.X.device.type == "cuda"
+        params = trainable(p.model)
+        n = sum(q.numel() for q in params)
+        k = K if mode == "build+k" else 1
+        vs = [split_flat(probe(n, 1, p.X.device, seed=j), params) for j in range(k)]
+        notes = {
+            "build+1": "hessian(): fwd+bwd(create_graph), then 1 HVP",
+            "cached": "1 HVP on the gradient graph cached in set-up (the cost of each further "
+            "product; excludes its fwd+bwd)",
+            "build+k": f"hessian(), then {K} HVPs one by one (no block API)",
+        }[mode]
+
+        def reset() -> None:
+            p.model.zero_grad(set_to_none=True)
+
+        if mode == "cached":
+            H = hessian(p.model, p.loss_fn, data=(p.X, p.y), cuda=cuda)
+            return Candidate(
+                lambda: hessian_vector_product(H.gradsH, H.params, vs[0]), notes=[notes]
+            )
+
+        def call() -> list[tuple[Tensor, ...]]:
+            reset()
+            H = hessian(p.model, p.loss_fn, data=(p.X, p.y), cuda=cuda)
+            return [hessian_vector_product(H.gradsH, H.params, v) for v in vs]
+
+        return Candidate(call, reset=reset, notes=[notes])
+
+    return setup
+
+
+# --------------------------------------------------------------------------------------------
+# Product cells: the table
+# --------------------------------------------------------------------------------------------
+
+
+def cell_specs(problem: str) -> list[CellSpec]:
+    """Every product row, in table order; missing peers get a reason."""
+    no_cl = _has_module("curvlinops")
+    no_ph = _has_module("pyhessian")
+
+    def ours(group: str, kind: str, k: int) -> CellSpec:
+        return CellSpec(group, "beyondgrad", ours_setup(kind, k), OURS[kind][1], False)
+
+    def cl(group: str, kind: str, k: int) -> CellSpec:
+        return CellSpec(
+            group, "curvlinops", None if no_cl else curvlinops_setup(kind, k), no_cl or ""
+        )
+
+    def ph(group: str, mode: str) -> CellSpec:
+        label = "pyhessian (cached graph)" if mode == "cached" else "pyhessian"
+        return CellSpec(group, label, None if no_ph else pyhessian_setup(mode), no_ph or "")
+
+    specs = [CellSpec("baseline", "torch", baseline_setup, "loss.backward(); noise level", False)]
+    for k, (h, g, e, kf, ek) in (
+        (1, ("hvp", "ggnvp", "efvp", "kfacvp", "ekfacvp")),
+        (K, ("hmp", "ggnmp", "efmp", "kfacmp", "ekfacmp")),
+    ):
+        specs += [
+            ours(h, "H", k),
+            cl(h, "H", k),
+            CellSpec(h, "torch.func", func_setup("hvp", k)),
+            CellSpec(h, "double backward", double_backward_setup(k)),
+        ]
+        specs += [ph(h, "build+1"), ph(h, "cached")] if k == 1 else [ph(h, "build+k")]
+        specs += [
+            ours(g, "GGN", k),
+            cl(g, "GGN", k),
+            CellSpec(g, "torch.func", func_setup("ggnvp", k)),
+            ours(e, "EF", k),
+            cl(e, "EF", k),
+            ours(kf, "KFAC", k),
+            cl(kf, "KFAC", k),
+            ours(ek, "EKFAC", k),
+            cl(ek, "EKFAC", k),
+        ]
+    return specs
+
+
+def slow_cfg(cfg: Config, group: str) -> Config:
+    """Block products cost up to ~K matvecs: one warm-up call (the first, untimed call)."""
+    return replace(cfg, warmup=min(cfg.warmup, 1)) if group.endswith("mp") else cfg
+
+
+def run_products(problem: str, cfg: Config, memory: CpuMemory | None) -> list[Row]:
+    """Every product cell of one problem (``first_order.measure_cell`` in a forked child)."""
+    rows: list[Row] = []
+    for spec in cell_specs(problem):
+        label = f"[{problem}] {GROUPS[spec.group]} / {spec.library}"
+        if spec.setup is None:
+            rows.append(Row(spec.group, spec.library, "n/a", spec.note))
+            continue
+        tc = time.perf_counter()
+        ref = min((r.base_ms for r in rows if r.base_ms is not None), default=None)
+        try:
+            row = run_isolated(
+                partial(
+                    measure_cell,
+                    problem,
+                    spec,
+                    slow_cfg(cfg, spec.group),
+                    memory,
+                    ref / 1e3 if ref else None,
+                ),
+                cfg.cell_timeout_s,
+                cfg.isolate,
+            )
+        except Exception as exc:
+            row = Row(
+                spec.group, spec.library, "error", f"error: {_short(str(exc).splitlines()[0])}"
+            )
+        marker = f"error: {Refused.__name__}: "
+        if row.status == "error" and marker in row.note:
+            row.status = "refused"
+            row.note = f"{spec.note}; {REFUSED}: {row.note.split(marker, 1)[1][:160]}"
+        row.wall_s = time.perf_counter() - tc
+        rows.append(row)
+        if row.status == "ok":
+            print(
+                f"{label}: {row.time_ms:.3g} ms, x{row.ratio:.3g} (paired x{row.paired:.3g}), "
+                f"mem {row.mem_mib:.3g} MiB  [{row.wall_s:.0f} s]",
+                file=sys.stderr,
+            )
+        else:
+            print(f"{label}: {row.note[:200]}", file=sys.stderr)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Agreement checks (products)
+# --------------------------------------------------------------------------------------------
+
+
+def module_kinds(model: nn.Module, names: list[str]) -> str:
+    """``"LayerNorm: 5, Linear: 1"`` for the owners of the named parameters."""
+    owners = owner_types(model)
+    by_name = dict(model.named_parameters())
+    kinds: dict[str, int] = {}
+    for n in names:
+        t = owners.get(id(by_name[n]), "?")
+        kinds[t] = kinds.get(t, 0) + 1
+    return ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items()))
+
+
+def agreement(problem: str, cfg: Config) -> dict[str, Any]:
+    """Problem facts and float32 agreement of every product with a reference."""
+    p = fresh_problem(problem, cfg.device)
+    model = p.model
+    params = trainable(model)
+    names = [n for n, q in model.named_parameters() if q.requires_grad]
+    P = sum(q.numel() for q in params)
+    info = {"batch": p.X.shape[0], "num_params": P, "param_tensors": len(names)}
+    tol = cfg.tol
+    checks: list[Check] = []
+    v = probe(P, 1, cfg.device, seed=1)
+    V = probe(P, 4, cfg.device, seed=2)
+
+    def attempt(check: Check, body: Callable[[Check], Check]) -> None:
+        try:
+            check = body(check)
+        except Exception as exc:
+            check.status = "error"
+            check.detail = f"error: {type(exc).__name__}: {_short(str(exc))}"
+        if check.mismatch:
+            check.detail += (
+                f" (mismatching tensors belong to {module_kinds(model, check.mismatch)})"
+            )
+        checks.append(check)
+        print(
+            f"[{problem}] check {check.name}: rel {check.rel} {check.detail[:160]}", file=sys.stderr
+        )
+
+    def flat_named(x: Tensor) -> dict[str, Tensor]:
+        return named(split_flat(x, params), model)
+
+    # references: double backward (Hessian), torch.func (GGN)
+    loss = p.loss_fn(model(p.X), p.y)
+    g = torch.autograd.grad(loss, params, create_graph=True)
+    ref_hv = named(torch.autograd.grad(g, params, split_flat(v, params), retain_graph=True), model)
+    ref_hV = named(
+        torch.autograd.grad(g, params, split_flat(V, params), is_grads_batched=True), model
+    )
+    del loss, g
+
+    def vs(op_result: Tensor, ref: dict[str, Tensor]) -> Callable[[Check], Check]:
+        return lambda c: fill_check(c, flat_named(op_result), ref, tol, len(names))
+
+    H = bg.linops.Hessian(model, p.loss_fn, [(p.X, p.y)])
+    attempt(
+        Check("Hessian @ v: beyondgrad vs double backward", "beyondgrad", ["hvp"]),
+        vs(H @ v, ref_hv),
+    )
+    attempt(
+        Check("Hessian @ V (4 columns): beyondgrad vs double backward", "beyondgrad", ["hmp"]),
+        vs(H @ V, ref_hV),
+    )
+    tangents = named(split_flat(v, params), model)
+    attempt(
+        Check("Hessian @ v: torch.func jvp(grad) vs double backward", "torch.func", ["hvp", "hmp"]),
+        lambda c: fill_check(c, func_hvp_fn(p)(tangents), ref_hv, tol, len(names)),
+    )
+    if _has_module("pyhessian") is None:
+
+        def pyh(c: Check) -> Check:
+            from pyhessian import hessian
+            from pyhessian.utils import hessian_vector_product
+
+            q = fresh_problem(problem, cfg.device)
+            Hq = hessian(q.model, q.loss_fn, data=(q.X, q.y), cuda=cfg.device == "cuda")
+            out = hessian_vector_product(Hq.gradsH, Hq.params, split_flat(v, trainable(q.model)))
+            return fill_check(c, named(out, q.model), ref_hv, tol, len(names))
+
+        for lib in ("pyhessian", "pyhessian (cached graph)"):
+            attempt(Check(f"Hessian @ v: {lib} vs double backward", lib, ["hvp", "hmp"]), pyh)
+
+    func_g = func_ggnvp_fn(p)(tangents)
+    attempt(
+        Check("GGN @ v: beyondgrad vs torch.func", "beyondgrad", ["ggnvp"]),
+        vs(bg.linops.GGN(model, p.loss_fn, [(p.X, p.y)]) @ v, func_g),
+    )
+
+    ef_ref = empirical_fisher_ref(p, v)
+    attempt(
+        Check(
+            "EmpiricalFisher @ v: beyondgrad vs torch.func per-sample grads (1/N sum g g^T v)",
+            "beyondgrad",
+            ["efvp", "efmp"],
+        ),
+        vs(bg.linops.EmpiricalFisher(model, p.loss_fn, [(p.X, p.y)]) @ v, ef_ref),
+    )
+
+    if _has_module("curvlinops") is None:
+
+        def cl_vs(kind: str, ref: dict[str, Tensor], x: Tensor = v) -> Callable[[Check], Check]:
+            def body(c: Check) -> Check:
+                op, _ = build_curvlinops(fresh_problem(problem, cfg.device), kind)
+                return fill_check(c, flat_named(op @ x), ref, tol, len(names))
+
+            return body
+
+        attempt(
+            Check("Hessian @ v: curvlinops vs double backward", "curvlinops", ["hvp"]),
+            cl_vs("H", ref_hv),
+        )
+        attempt(
+            Check("Hessian @ V (4 columns): curvlinops vs double backward", "curvlinops", ["hmp"]),
+            cl_vs("H", ref_hV, V),
+        )
+        attempt(
+            Check("GGN @ v: curvlinops vs torch.func", "curvlinops", ["ggnvp", "ggnmp"]),
+            cl_vs("GGN", func_g),
+        )
+        attempt(
+            Check(
+                "EmpiricalFisher @ v: curvlinops vs torch.func per-sample grads",
+                "curvlinops",
+                ["efvp", "efmp"],
+            ),
+            cl_vs("EF", ef_ref),
+        )
+        kfac_checks(problem, cfg, v, attempt)
+    return {"info": info, "checks": [asdict(c) for c in checks]}
+
+
+def empirical_fisher_ref(p: Problem, v: Tensor) -> dict[str, Tensor]:
+    """``(1/N) sum_n g_n g_n^T v`` with ``g_n`` the gradient of sample n's own loss (its mean
+    over tokens on the transformer), from torch.func ``vmap(grad)``."""
+    gs = func_per_sample_fn(p)()
+    N = p.X.shape[0]
+    names = [n for n, q in p.model.named_parameters() if q.requires_grad]
+    flat = torch.cat([gs[n].reshape(N, -1) for n in names], 1)  # [N, P]
+    out = flat.T @ (flat @ v) / N
+    return named(split_flat(out, trainable(p.model)), p.model)
+
+
+def kfac_checks(
+    problem: str, cfg: Config, v: Tensor, attempt: Callable[[Check, Callable[[Check], Check]], None]
+) -> None:
+    """KFAC / EKFAC products against curvlinops, both with the empirical Fisher (deterministic;
+    the timed rows use one MC sample, whose draws differ between the libraries)."""
+
+    def body(kind: str) -> Callable[[Check], Check]:
+        def run(c: Check) -> Check:
+            p = fresh_problem(problem, cfg.device)
+            cls = getattr(bg.linops, kind)
+            try:
+                ours = cls(p.model, p.loss_fn, [(p.X, p.y)], fisher_type="empirical")
+            except RuntimeError as exc:
+                if is_tying_refusal(exc):
+                    raise Refused(f"beyondgrad {REFUSED}: " + _short(str(exc), 120)) from exc
+                raise
+            op, _ = build_curvlinops(fresh_problem(problem, cfg.device), kind, "empirical")
+            params = trainable(p.model)
+            names = [n for n, q in p.model.named_parameters() if q.requires_grad]
+            return fill_check(
+                c,
+                named(split_flat(ours @ v, params), p.model),
+                named(split_flat(op @ v, params), p.model),
+                cfg.tol,
+                len(names),
+                "empirical Fisher (the timed rows use MC)",
+            )
+
+        return run
+
+    for kind, groups in (("KFAC", ["kfacvp", "kfacmp"]), ("EKFAC", ["ekfacvp", "ekfacmp"])):
+        attempt(
+            Check(f"{kind} (empirical) @ v: curvlinops vs beyondgrad", "curvlinops", groups),
+            body(kind),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Algorithms: shared machinery
+# --------------------------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    """Raised from a product hook to end a run once its trajectory has what it needs."""
+
+
+@dataclass
+class Opts:
+    """Settings of the eigenvalue and trace sections."""
+
+    seeds: list[int]
+    eig_cap: int
+    ref_iters: int
+    trace_cap: int
+    trace_ref_matvecs: int
+
+
+class Baseline:
+    """Plain forward+backward samples in the algorithm's own process, before and after."""
+
+    def __init__(self, problem: str, cfg: Config):
+        self.cfg = cfg
+        self.base = baseline_setup(fresh_problem(problem, cfg.device))
+        for _ in range(2):
+            self.base.call()
+        t = time_sample(self.base.call, 1, cfg.device)
+        self.k = max(1, math.ceil(cfg.target_s / max(t, 1e-9)))
+        self.samples: list[float] = []
+
+    def sample(self, n: int = 3) -> None:
+        self.samples += [time_sample(self.base.call, self.k, self.cfg.device) for _ in range(n)]
+        self.base.reset()
+
+    @property
+    def ms(self) -> float:
+        return statistics.median(self.samples) * 1e3
+
+
+def measured(
+    fn: Callable[[], Any], cfg: Config, memory: CpuMemory | None
+) -> tuple[Any, float, float]:
+    """``(result, wall seconds, peak memory MiB)`` of one call (memory as in the cells)."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        _sync(cfg.device)
+        t0 = time.perf_counter()
+        out["result"] = fn()
+        _sync(cfg.device)
+        out["s"] = time.perf_counter() - t0
+
+    peak = memory.peak_mib if memory is not None else cuda_peak_mib
+    mib = peak(run)
+    return out["result"], out["s"], mib
+
+
+@contextlib.contextmanager
+def pyhessian_hook(on_hvp: Callable[[tuple[Tensor, ...], list[Tensor]], None]) -> Iterator[None]:
+    """Observe every HVP PyHessian computes (its module-level ``hessian_vector_product``).
+    The hook adds one inner product per HVP, which PyHessian computes anyway."""
+    import pyhessian.hessian as ph
+
+    original = ph.hessian_vector_product
+
+    def hooked(gradsH: Any, params: Any, v: list[Tensor]) -> tuple[Tensor, ...]:
+        hv = original(gradsH, params, v)
+        on_hvp(hv, v)
+        return hv
+
+    ph.hessian_vector_product = hooked
+    try:
+        yield
+    finally:
+        ph.hessian_vector_product = original
+
+
+def dot(a: list[Tensor] | tuple[Tensor, ...], b: list[Tensor] | tuple[Tensor, ...]) -> float:
+    return float(sum((x * y).sum() for x, y in zip(a, b)))
+
+
+def fallback_runs(p: Problem, kind: str, cap: int, on_hvp: Callable[..., None]) -> None:
+    """Without PyHessian: the same algorithms on double-backward HVPs over one cached gradient
+    graph (power iteration from a normalized Gaussian vector; Rademacher Hutchinson)."""
+    params = trainable(p.model)
+    g = torch.autograd.grad(p.loss_fn(p.model(p.X), p.y), params, create_graph=True)
+    v = [torch.randn_like(q) for q in params]
+    if kind == "eigen":
+        s = math.sqrt(dot(v, v))
+        v = [x / s for x in v]
+    for _ in range(cap):
+        if kind == "trace":
+            v = [torch.randint_like(q, 2) * 2 - 1 for q in params]
+        hv = torch.autograd.grad(g, params, v, retain_graph=True)
+        on_hvp(hv, v)
+        if kind == "eigen":
+            s = math.sqrt(dot(hv, hv))
+            v = [x / (s + 1e-6) for x in hv]
+
+
+def peer_label() -> str:
+    return "pyhessian" if _has_module("pyhessian") is None else "own (double backward)"
+
+
+# --------------------------------------------------------------------------------------------
+# Top eigenvalue
+# --------------------------------------------------------------------------------------------
+
+
+class RitzRecorder(bg.linops.LinearOperator):
+    """Wraps the operator ``eigsh`` runs on and rebuilds its Lanczos matrix on the fly:
+    ``alpha_j = q_j . A q_j`` and ``beta_j = q_{j+1} . A q_j`` (exact under eigsh's full
+    reorthogonalization), so the top Ritz value after each product is known without extra
+    products (two inner products per step)."""
+
+    symmetric = True
+
+    def __init__(self, A: bg.linops.LinearOperator, on_step: Callable[[RitzRecorder], None]):
+        super().__init__(A.shape, A.dtype, A.device)
+        self.A, self.on_step = A, on_step
+        self.alpha: list[float] = []
+        self.beta: list[float] = []
+        self.times: list[float] = []
+        self.estimates: list[float] = []
+        self._prev: Tensor | None = None
+
+    def _matmat(self, M: Tensor) -> Tensor:
+        W = self.A @ M
+        q, w = M[:, 0], W[:, 0]
+        if self._prev is not None:
+            self.beta.append(float(q @ self._prev))
+        self.alpha.append(float(q @ w))
+        self._prev = w
+        self.times.append(time.perf_counter())
+        m = len(self.alpha)
+        T = torch.diag(torch.tensor(self.alpha, dtype=torch.float64))
+        if m > 1:
+            b = torch.tensor(self.beta[: m - 1], dtype=torch.float64)
+            T += torch.diag(b, 1) + torch.diag(b, -1)
+        self.estimates.append(float(torch.linalg.eigvalsh(T)[-1]))
+        self.on_step(self)
+        return W
+
+
+def first_within(estimates: list[float], ref: float, target: float) -> int | None:
+    """1-based index of the first estimate within ``target`` relative error, or None."""
+    for i, e in enumerate(estimates):
+        if abs(e - ref) <= target * abs(ref):
+            return i + 1
+    return None
+
+
+def eig_ours(
+    problem: str, cfg: Config, memory: CpuMemory | None, ref: float, seed: int, cap: int
+) -> dict[str, Any]:
+    """``bg.linalg.eigsh(k=1, tol=1e-3)`` with its default ``max_iter``: products and time
+    until the Ritz value is within 1e-3 of the reference, and where its own rule stops. If it
+    stops first, a second run (``tol=0``, ``max_iter=cap``) finds the products needed."""
+
+    def run(
+        tol: float, max_iter: int | None, abort: bool
+    ) -> tuple[RitzRecorder, float, float, float]:
+        p = fresh_problem(problem, cfg.device)
+        rec: list[RitzRecorder] = []
+
+        def on_step(r: RitzRecorder) -> None:
+            if abort and first_within(r.estimates[-1:], ref, EIG_TARGET):
+                raise _Stop
+
+        def call() -> float:
+            t0 = time.perf_counter()
+            rec.append(RitzRecorder(bg.linops.Hessian(p.model, p.loss_fn, [(p.X, p.y)]), on_step))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                with contextlib.suppress(_Stop):
+                    bg.linalg.eigsh(
+                        rec[0],
+                        k=1,
+                        tol=tol,
+                        max_iter=max_iter,
+                        generator=generator(cfg.device, seed),
+                    )
+            return t0
+
+        t0, wall, mib = measured(call, cfg, memory)
+        return rec[0], t0, wall, mib
+
+    rec, t0, wall, mib = run(EIGSH_OWN_TOL, None, abort=False)
+    reach = first_within(rec.estimates, ref, EIG_TARGET)
+    out: dict[str, Any] = {
+        "own_stop": {
+            "matvecs": len(rec.alpha),
+            "s": wall,
+            "estimate": rec.estimates[-1],
+            "rel_err": abs(rec.estimates[-1] - ref) / abs(ref),
+            "rule": f"eigsh(tol={EIGSH_OWN_TOL:g}) residual test, default max_iter",
+        },
+        "mem_mib": mib,
+        "trajectory": rec.estimates,
+    }
+    if reach is None:
+        rec, t0, wall, _ = run(0.0, cap, abort=True)
+        reach = first_within(rec.estimates, ref, EIG_TARGET)
+        out["trajectory"] = rec.estimates
+        out["rerun"] = f"own rule stopped before 1e-3; re-run with tol=0, max_iter={cap}"
+    out["matvecs"] = reach
+    out["s"] = rec.times[reach - 1] - t0 if reach else None
+    out["cap"] = cap if reach is None else None
+    return out
+
+
+def eig_peer(
+    problem: str, cfg: Config, memory: CpuMemory | None, ref: float, seed: int, cap: int
+) -> dict[str, Any]:
+    """PyHessian ``hessian(...).eigenvalues(maxIter=cap, tol=0)`` (power iteration on the
+    cached gradient graph), observed per HVP: products and time (from before ``hessian()``,
+    which builds the graph) until the Rayleigh quotient is within 1e-3; its own rule
+    (``tol=1e-3``: relative change between iterates; default ``maxIter=100``) evaluated on
+    the same iterates. Ends once both are known or at ``cap``."""
+    p = fresh_problem(problem, cfg.device)
+    est: list[float] = []
+    times: list[float] = []
+    own: dict[str, Any] = {}
+
+    def on_hvp(hv: tuple[Tensor, ...], v: list[Tensor]) -> None:
+        est.append(dot(hv, v))
+        times.append(time.perf_counter())
+        i = len(est)
+        if not own and i >= 2 and abs(est[-2] - est[-1]) / (abs(est[-2]) + 1e-6) < PYHESSIAN_TOL:
+            own.update(matvecs=i, estimate=est[-2], s=times[-1] - t0[0])
+        if not own and i == PYHESSIAN_MAX_ITER:
+            own.update(matvecs=i, estimate=est[-1], s=times[-1] - t0[0], note="maxIter reached")
+        if (own or i >= PYHESSIAN_MAX_ITER) and (first_within(est, ref, EIG_TARGET) or i >= cap):
+            raise _Stop
+
+    t0 = [0.0]
+
+    def call() -> None:
+        torch.manual_seed(seed)  # PyHessian draws its start vector from the global generator
+        t0[0] = time.perf_counter()
+        with contextlib.suppress(_Stop):
+            if _has_module("pyhessian") is None:
+                from pyhessian import hessian
+
+                with pyhessian_hook(on_hvp):
+                    H = hessian(p.model, p.loss_fn, data=(p.X, p.y), cuda=cfg.device == "cuda")
+                    H.eigenvalues(maxIter=cap, tol=0.0)
+            else:
+                fallback_runs(p, "eigen", cap, on_hvp)
+        p.model.zero_grad(set_to_none=True)
+
+    _, _, mib = measured(call, cfg, memory)
+    reach = first_within(est, ref, EIG_TARGET)
+    if own:
+        own["rel_err"] = abs(own["estimate"] - ref) / abs(ref)
+        own["rule"] = f"relative change < {PYHESSIAN_TOL:g} (maxIter {PYHESSIAN_MAX_ITER})"
+    return {
+        "matvecs": reach,
+        "s": times[reach - 1] - t0[0] if reach else None,
+        "cap": cap if reach is None else None,
+        "final_rel_err": abs(est[-1] - ref) / abs(ref) if est else None,
+        "own_stop": own or None,
+        "mem_mib": mib,
+        "trajectory": est,
+    }
+
+
+def run_eigen(problem: str, cfg: Config, opts: Opts, memory: CpuMemory | None) -> dict[str, Any]:
+    """Reference, then both methods for every seed (one process; baseline before and after)."""
+    load = ForeignLoad()
+    load.start()
+    base = Baseline(problem, cfg)
+    base.sample()
+    p = fresh_problem(problem, cfg.device)
+    A = bg.linops.Hessian(p.model, p.loss_fn, [(p.X, p.y)])
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lam, vec = bg.linalg.eigsh(
+            A, k=1, tol=1e-10, max_iter=opts.ref_iters, generator=generator(cfg.device, REF_SEED)
+        )
+    x = vec[:, 0] / vec[:, 0].norm()
+    ref = float(lam[0])
+    residual = float((A @ x - ref * x).norm()) / abs(ref)
+    ref_s = time.perf_counter() - t0
+    del A, vec, x, p
+    print(
+        f"[{problem}] eigen reference {ref:.6g} (residual {residual:.2g}, {ref_s:.0f} s)",
+        file=sys.stderr,
+    )
+    runs = []
+    for seed in opts.seeds:
+        for method, fn in (("beyondgrad", eig_ours), (peer_label(), eig_peer)):
+            res = fn(problem, cfg, memory, ref, seed, opts.eig_cap)
+            res.update(method=method, seed=seed)
+            runs.append(res)
+            print(
+                f"[{problem}] eigen {method} seed {seed}: {res['matvecs']} matvecs, "
+                f"{res['s'] if res['s'] is None else round(res['s'], 2)} s, own stop "
+                f"{(res['own_stop'] or {}).get('matvecs')} "
+                f"({(res['own_stop'] or {}).get('rel_err', float('nan')):.2g})",
+                file=sys.stderr,
+            )
+    base.sample()
+    return {
+        "reference": {
+            "value": ref,
+            "rel_residual": residual,
+            "method": f"bg.linalg.eigsh(k=1, tol=1e-10, max_iter={opts.ref_iters}), float32",
+            "s": ref_s,
+        },
+        "base_ms": base.ms,
+        "foreign_load": load.stop() if cfg.device == "cpu" else None,
+        "runs": runs,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Trace
+# --------------------------------------------------------------------------------------------
+
+
+class Chunked(bg.linops.LinearOperator):
+    """Apply an operator to a block a few columns at a time (bounds memory; reference only)."""
+
+    symmetric = True
+
+    def __init__(self, A: bg.linops.LinearOperator, chunk: int):
+        super().__init__(A.shape, A.dtype, A.device)
+        self.A, self.chunk = A, chunk
+
+    def _matmat(self, M: Tensor) -> Tensor:
+        return torch.cat([self.A @ c for c in M.split(self.chunk, 1)], 1)
+
+
+def trace_grid(cap: int) -> list[int]:
+    """Budgets 3, 6, 12, ... up to ``cap`` (multiples of 3: Hutch++ splits them in thirds)."""
+    out, m = [], 3
+    while m <= cap:
+        out.append(m)
+        m *= 2
+    return out
+
+
+def reached_at(grid: list[int], estimates: list[float], ref: float) -> int | None:
+    """The smallest budget whose estimate and the next budget's are both within 5 %."""
+    ok = [abs(e - ref) <= TRACE_TARGET * abs(ref) for e in estimates]
+    for i in range(len(ok) - 1):
+        if ok[i] and ok[i + 1]:
+            return grid[i]
+    return None
+
+
+def trace_ours(
+    problem: str, cfg: Config, memory: CpuMemory | None, ref: float, seed: int, cap: int
+) -> dict[str, Any]:
+    """``bg.linalg.trace(Hessian, m, "hutch++")`` for budgets m = 3, 6, 12, ... (one clean call
+    each, the operator built inside it), until two consecutive budgets are within 5 %."""
+    grid = trace_grid(cap)
+    p = fresh_problem(problem, cfg.device)
+    calls = []
+    for m in grid:
+
+        def call(m: int = m) -> tuple[Tensor, Tensor | None]:
+            A = bg.linops.Hessian(p.model, p.loss_fn, [(p.X, p.y)])
+            return bg.linalg.trace(A, m, method="hutch++", generator=generator(cfg.device, seed))
+
+        (est, err), s, mib = measured(call, cfg, memory)
+        calls.append(
+            {
+                "matvecs": m,
+                "estimate": float(est),
+                "stderr": None if err is None else float(err),
+                "s": s,
+                "mem_mib": mib,
+            }
+        )
+        if reached_at(grid, [c["estimate"] for c in calls], ref):
+            break
+    reach = reached_at(grid, [c["estimate"] for c in calls], ref)
+    at = next((c for c in calls if c["matvecs"] == reach), None)
+    return {
+        "matvecs": reach,
+        "s": at["s"] if at else None,
+        "mem_mib": at["mem_mib"] if at else max(c["mem_mib"] for c in calls),
+        "stderr_rel": (at["stderr"] / abs(ref)) if at and at["stderr"] is not None else None,
+        "cap": cap if reach is None else None,
+        "calls": calls,
+    }
+
+
+def trace_peer(
+    problem: str, cfg: Config, memory: CpuMemory | None, ref: float, seed: int, cap: int
+) -> dict[str, Any]:
+    """PyHessian ``hessian(...).trace(maxIter=cap, tol=0)`` (Rademacher Hutchinson, one HVP
+    per probe on the cached graph), observed per HVP: the running mean at the same budgets and
+    rule as ours; time from before ``hessian()`` to the budget's last HVP. Its own rule
+    (``tol=1e-3`` on the change of the running mean; default ``maxIter=100``) on the same
+    samples."""
+    grid = trace_grid(cap)
+    p = fresh_problem(problem, cfg.device)
+    samples: list[float] = []
+    times: list[float] = []
+    own: dict[str, Any] = {}
+    t0 = [0.0]
+
+    def means() -> list[float]:
+        return [statistics.fmean(samples[:m]) for m in grid if m <= len(samples)]
+
+    def on_hvp(hv: tuple[Tensor, ...], v: list[Tensor]) -> None:
+        samples.append(dot(hv, v))
+        times.append(time.perf_counter())
+        i = len(samples)
+        if not own and i >= 2:
+            prev, cur = statistics.fmean(samples[:-1]), statistics.fmean(samples)
+            if abs(cur - prev) / (prev + 1e-6) < PYHESSIAN_TOL:
+                own.update(matvecs=i, estimate=cur, s=times[-1] - t0[0])
+        if not own and i == PYHESSIAN_MAX_ITER:
+            own.update(
+                matvecs=i,
+                estimate=statistics.fmean(samples),
+                s=times[-1] - t0[0],
+                note="maxIter reached",
+            )
+        if (own or i >= PYHESSIAN_MAX_ITER) and (reached_at(grid, means(), ref) or i >= cap):
+            raise _Stop
+
+    def call() -> None:
+        torch.manual_seed(seed)  # PyHessian draws its probes from the global generator
+        t0[0] = time.perf_counter()
+        with contextlib.suppress(_Stop):
+            if _has_module("pyhessian") is None:
+                from pyhessian import hessian
+
+                with pyhessian_hook(on_hvp):
+                    H = hessian(p.model, p.loss_fn, data=(p.X, p.y), cuda=cfg.device == "cuda")
+                    H.trace(maxIter=cap, tol=0.0)
+            else:
+                fallback_runs(p, "trace", cap, on_hvp)
+        p.model.zero_grad(set_to_none=True)
+
+    _, _, mib = measured(call, cfg, memory)
+    reach = reached_at(grid, means(), ref)
+    if own:
+        own["rel_err"] = abs(own["estimate"] - ref) / abs(ref)
+        own["rule"] = f"running-mean change < {PYHESSIAN_TOL:g} (maxIter {PYHESSIAN_MAX_ITER})"
+    sd = statistics.stdev(samples[:reach]) if reach and reach > 1 else None
+    return {
+        "matvecs": reach,
+        "s": times[reach - 1] - t0[0] if reach else None,
+        "mem_mib": mib,
+        "stderr_rel": sd / math.sqrt(reach) / abs(ref) if sd is not None and reach else None,
+        "cap": cap if reach is None else None,
+        "own_stop": own or None,
+        "estimates": dict(zip([m for m in grid if m <= len(samples)], means())),
+        "samples": samples,
+    }
+
+
+def run_trace(problem: str, cfg: Config, opts: Opts, memory: CpuMemory | None) -> dict[str, Any]:
+    load = ForeignLoad()
+    load.start()
+    base = Baseline(problem, cfg)
+    base.sample()
+    p = fresh_problem(problem, cfg.device)
+    t0 = time.perf_counter()
+    try:
+        diag = bg.compute(p.model, p.loss_fn, p.X, p.y, bg.DiagHessian())[bg.DiagHessian]
+        reference = {
+            "value": float(sum(t.double().sum() for t in diag.values())),
+            "method": "exact: sum of bg.compute(..., bg.DiagHessian())",
+            "stderr_rel": 0.0,
+        }
+    except RuntimeError as exc:
+        A = Chunked(bg.linops.Hessian(p.model, p.loss_fn, [(p.X, p.y)]), 16)
+        est, err = bg.linalg.trace(
+            A, opts.trace_ref_matvecs, method="hutch++", generator=generator(cfg.device, REF_SEED)
+        )
+        reference = {
+            "value": float(est),
+            "method": f"hutch++ with {opts.trace_ref_matvecs} products (Rademacher, 16 "
+            f"columns per pass); DiagHessian raises: {_short(str(exc), 140)}",
+            "stderr_rel": float(err) / abs(float(est)) if err is not None else None,
+        }
+    reference["s"] = time.perf_counter() - t0
+    ref = reference["value"]
+    del p
+    print(
+        f"[{problem}] trace reference {ref:.6g} ({reference['method'][:40]}, "
+        f"{reference['s']:.0f} s)",
+        file=sys.stderr,
+    )
+    runs = []
+    for seed in opts.seeds:
+        for method, fn in (("beyondgrad", trace_ours), (peer_label(), trace_peer)):
+            res = fn(problem, cfg, memory, ref, seed, opts.trace_cap)
+            res.update(method=method, seed=seed)
+            runs.append(res)
+            print(
+                f"[{problem}] trace {method} seed {seed}: {res['matvecs']} matvecs, "
+                f"{res['s'] if res['s'] is None else round(res['s'], 2)} s",
+                file=sys.stderr,
+            )
+    base.sample()
+    return {
+        "reference": reference,
+        "base_ms": base.ms,
+        "foreign_load": load.stop() if cfg.device == "cpu" else None,
+        "runs": runs,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+
+
+def run_problem(
+    problem: str, cfg: Config, opts: Opts, sections: list[str], memory: CpuMemory | None
+) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {"problem": problem}
+
+    def isolated(fn: Callable[[], Any]) -> Any:
+        try:
+            return run_isolated(fn, cfg.cell_timeout_s, cfg.isolate)
+        except Exception as exc:
+            print(f"[{problem}] error: {_short(str(exc), 300)}", file=sys.stderr)
+            return {"error": _short(str(exc).splitlines()[0] if str(exc) else repr(exc), 300)}
+
+    if "products" in sections:
+        out["rows"] = [asdict(r) for r in run_products(problem, cfg, memory)]
+        out["agreement"] = isolated(lambda: agreement(problem, cfg))
+    if "eigen" in sections:
+        out["eigen"] = isolated(lambda: run_eigen(problem, cfg, opts, memory))
+    if "trace" in sections:
+        out["trace"] = isolated(lambda: run_trace(problem, cfg, opts, memory))
+    out["wall_s"] = time.perf_counter() - t0
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------
+
+
+def _cell(row: dict[str, Any]) -> str:
+    if row["status"] != "ok":
+        return row["status"]
+    noisy = " NOISY" if "NOISY" in row["note"] else ""
+    return f"{fmt(row['ratio'])} ({fmt(row['mem_ratio'])}){noisy}"
+
+
+def _median(xs: list[float | None]) -> float | None:
+    ys = [x for x in xs if x is not None]
+    return statistics.median(ys) if ys else None
+
+
+def algo_summary(sec: dict[str, Any], method: str) -> dict[str, Any]:
+    """Seed medians of one method's runs (None where a seed did not reach the target)."""
+    runs = [r for r in sec["runs"] if r["method"] == method]
+    reached = [r for r in runs if r["matvecs"] is not None]
+    own = [r["own_stop"] for r in runs if r.get("own_stop")]
+    return {
+        "n": len(runs),
+        "reached": len(reached),
+        "matvecs": [r["matvecs"] for r in runs],
+        "caps": sorted({r["cap"] for r in runs if r.get("cap")}),
+        "med_matvecs": _median([r["matvecs"] for r in reached]),
+        "med_s": _median([r["s"] for r in reached]),
+        "med_ratio": _median([r["s"] * 1e3 / sec["base_ms"] for r in reached]),
+        "med_mem": _median([r["mem_mib"] for r in runs]),
+        "own_matvecs": _median([o["matvecs"] for o in own]),
+        "own_err": _median([o["rel_err"] for o in own]),
+        "own_errs": [o["rel_err"] for o in own],
+        "own_s": _median([o["s"] for o in own]),
+    }
+
+
+def _reach(s: dict[str, Any]) -> str:
+    if s["reached"] == 0:
+        return f"not within {s['caps'][0] if s['caps'] else '?'}"
+    txt = f"{fmt(s['med_matvecs'])} mv, {fmt(s['med_ratio'])}x"
+    if s["reached"] < s["n"]:
+        txt += f" ({s['reached']}/{s['n']} seeds)"
+    return txt
+
+
+def render(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
+    lines = [
+        f"# Curvature operators and their linear algebra: beyondgrad vs peers ({meta['device']})",
+        "",
+        f"*Generated {meta['date']} by `{meta['command']}`.*",
+        "",
+        f"* **Machine**: {meta['machine']}; Python {meta['python']}.",
+        f"* **torch {meta['torch']}**, device `{meta['device']}`, torch threads "
+        f"{meta['threads']} (interop {meta['interop_threads']}).",
+        "* **Libraries**: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",
+        "* **Products** (protocol of `first_order.py`, its functions imported): "
+        f"{meta['warmup']} warm-up call(s) (1 for the {K}-column blocks); samples of >= "
+        f"{meta['target_ms']:g} ms (k calls averaged); {meta['reps']} samples of the baseline and "
+        f"of the candidate, alternated (at least {min(3, meta['reps'])} where a cell's timing "
+        f"would exceed {meta['max_cell_s']:g} s); medians. *x fwd+bwd*: median candidate / median "
+        "baseline, re-measured in the same forked child. Operators are built in set-up (not "
+        "timed); KFAC/EKFAC construction (one pass over the data) is in the notes. Each library "
+        "takes its native vector format (flat tensor: beyondgrad, curvlinops; per-parameter "
+        "list/dict: double backward, torch.func, PyHessian), prepared in set-up.",
+        f"* **Memory**: {meta['memory_method']}; *mem x*: over the baseline's peak.",
+        f"* **Eigenvalue / trace**: one process per problem and section; the fwd+bwd baseline is "
+        "sampled there before and after the runs (its median is the denominator). Time of a "
+        "run: from before the operator (beyondgrad) or `hessian()` (PyHessian, which builds "
+        "the gradient graph) to the product at which the target was reached. Seeds: "
+        f"{meta['seeds']}; tables give seed medians over the seeds that reached the target.",
+        "",
+    ]
+    lines += render_summary(results)
+    for res in results:
+        lines += render_products(res, meta)
+        lines += render_eigen(res)
+        lines += render_trace(res)
+    return "\n".join(lines) + "\n"
+
+
+def render_summary(results: list[dict[str, Any]]) -> list[str]:
+    lines: list[str] = []
+    with_rows = [r for r in results if "rows" in r]
+    if with_rows:
+        head = " | ".join(
+            f"{r['problem']}: beyondgrad | {r['problem']}: best peer" for r in with_rows
+        )
+        lines += [
+            "## Summary: products, time x fwd+bwd (peak memory x fwd+bwd)",
+            "",
+            "Best peer: the fastest peer row that ran (PyHessian's cached-graph row excluded: it "
+            "leaves out the forward+backward every other row pays), marked where it covers only "
+            "some parameters (partial) or failed an agreement check (disagrees).",
+            "",
+            f"| quantity | {head} |",
+            "|---|" + "---:|---|" * len(with_rows),
+        ]
+        for group, label in GROUPS.items():
+            if group == "baseline":
+                continue
+            cells = []
+            for r in with_rows:
+                checks = r.get("agreement", {}).get("checks", [])
+                mine = [
+                    x for x in r["rows"] if x["group"] == group and x["library"] == "beyondgrad"
+                ]
+                peers = [
+                    x
+                    for x in r["rows"]
+                    if x["group"] == group
+                    and x["status"] == "ok"
+                    and x["library"] not in ("beyondgrad", "pyhessian (cached graph)")
+                ]
+                cells.append(_cell(mine[0]) if mine else "")
+                if peers:
+                    best = min(peers, key=lambda x: x["ratio"])
+                    marks = [
+                        m
+                        for m, bad in (
+                            ("partial", "PARTIAL" in best["note"]),
+                            ("disagrees", bool(flags_for(best, checks))),
+                        )
+                        if bad
+                    ]
+                    mark = f", {', '.join(marks)}" if marks else ""
+                    cells.append(f"{_cell(best)} {best['library']}{mark}")
+                else:
+                    failed = sorted(
+                        {
+                            x["library"]
+                            for x in r["rows"]
+                            if x["group"] == group and x["status"] == "error"
+                        }
+                    )
+                    cells.append("- (" + ", ".join(failed) + " failed)" if failed else "-")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    algo = [r for r in results if isinstance(r.get("eigen"), dict) and "runs" in r["eigen"]] + [
+        r for r in results if isinstance(r.get("trace"), dict) and "runs" in r["trace"]
+    ]
+    if algo:
+        lines += [
+            "## Summary: top eigenvalue (1e-3) and trace (5 %)",
+            "",
+            "Products (mv) and time x fwd+bwd to reach the target, seed medians; *own stop*: "
+            "where the method's own stopping rule ends and its relative error there (median "
+            "over seeds).",
+            "",
+            "| problem | task | beyondgrad | peer | beyondgrad own stop | peer own stop |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in results:
+            for task, key, ours_label in (
+                ("top eigenvalue", "eigen", "eigsh (Lanczos)"),
+                ("trace", "trace", "hutch++"),
+            ):
+                sec = r.get(key)
+                if not isinstance(sec, dict) or "runs" not in sec:
+                    continue
+                peer = next(x["method"] for x in sec["runs"] if x["method"] != "beyondgrad")
+                s_o, s_p = algo_summary(sec, "beyondgrad"), algo_summary(sec, peer)
+                peer_label_ = "power iteration" if key == "eigen" else "Hutchinson"
+
+                def own(s: dict[str, Any]) -> str:
+                    if s["own_matvecs"] is None:
+                        return "-"
+                    return f"{fmt(s['own_matvecs'])} mv, err {fmt(s['own_err'], 2)}"
+
+                lines.append(
+                    f"| {r['problem']} | {task} | {ours_label}: {_reach(s_o)} | {peer} "
+                    f"{peer_label_}: {_reach(s_p)} | "
+                    + (own(s_o) if key == "eigen" else "-")
+                    + f" | {own(s_p)} |"
+                )
+        lines.append("")
+    return lines
+
+
+def render_products(res: dict[str, Any], meta: dict[str, Any]) -> list[str]:
+    if "rows" not in res:
+        return []
+    agree = res.get("agreement", {})
+    info = agree.get("info", {})
+    checks = agree.get("checks", [])
+    base = [r for r in res["rows"] if r["status"] == "ok" and r["base_ms"] is not None]
+    lines = [f"## {res['problem']}: products ({meta['device']})", ""]
+    if info:
+        lines.append(
+            f"Batch {info['batch']}, {info['num_params']:,} parameters in "
+            f"{info['param_tensors']} tensors."
+        )
+    if base:
+        lines.append(
+            f"Baseline fwd+bwd: **{fmt(statistics.median(r['base_ms'] for r in base))} ms** "
+            f"(median over the cells' processes, range {fmt(min(r['base_ms'] for r in base))}-"
+            f"{fmt(max(r['base_ms'] for r in base))} ms). Wall time {res['wall_s']:.0f} s "
+            "(all sections)."
+        )
+    lines += [
+        "",
+        "| quantity | library | time [ms] | x fwd+bwd | paired x | peak mem [MiB] | "
+        "mem x fwd+bwd | notes |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in res["rows"]:
+        note = "; ".join(x for x in [r["note"], *flags_for(r, checks)] if x).replace("|", "\\|")
+        if r["status"] == "ok":
+            cols = [
+                fmt(r["time_ms"]),
+                f"**{fmt(r['ratio'])}**",
+                fmt(r["paired"]),
+                fmt(r["mem_mib"]),
+                fmt(r["mem_ratio"]),
+            ]
+        else:
+            cols = [r["status"], r["status"], "", "", ""]
+        lines.append(
+            f"| {GROUPS[r['group']]} | {r['library']} | " + " | ".join(cols) + f" | {note} |"
+        )
+    lines += [
+        "",
+        f"### Agreement ({res['problem']}, float32, flagged above rel {meta['tol']:g})",
+        "",
+        "relative = max abs difference / max abs reference value over all compared tensors; "
+        "per-tensor mismatches in *detail*, with the module types owning them.",
+        "",
+        "| check | max abs diff | relative | detail |",
+        "|---|---:|---:|---|",
+    ]
+    if "error" in agree:
+        lines.append(f"| agreement run | error | | {agree['error']} |")
+    for c in checks:
+        detail = c["detail"].replace("|", "\\|")
+        if c["status"] != "ok":
+            lines.append(f"| {c['name']} | error | | {detail} |")
+        else:
+            lines.append(f"| {c['name']} | {c['max_abs']:.3g} | {c['rel']:.3g} | {detail} |")
+    return [*lines, ""]
+
+
+def _noise_note(sec: dict[str, Any]) -> str:
+    fl = sec.get("foreign_load")
+    if fl is None:
+        return ""
+    return f" Other processes used {fl:.0%} of the CPUs meanwhile" + (
+        " (NOISY)." if fl > 0.2 else "."
+    )
+
+
+def render_eigen(res: dict[str, Any]) -> list[str]:
+    sec = res.get("eigen")
+    if sec is None:
+        return []
+    lines = [f"## {res['problem']}: top Hessian eigenvalue to {EIG_TARGET:g} relative accuracy", ""]
+    if "error" in sec:
+        return [*lines, f"error: {sec['error']}", ""]
+    ref = sec["reference"]
+    lines += [
+        f"Reference λ_max = {ref['value']:.7g} from {ref['method']} ({ref['s']:.0f} s); its "
+        f"relative residual ‖Hx − λx‖/|λ| = {ref['rel_residual']:.2g} bounds its own error. "
+        f"Baseline fwd+bwd in this process: {fmt(sec['base_ms'])} ms.{_noise_note(sec)}",
+        "",
+        "| method | seed | products to 1e-3 | time to 1e-3 [s] | x fwd+bwd | peak mem [MiB] | "
+        "own stop: products | own stop: rel. error | own stop: time [s] | notes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in sec["runs"]:
+        own = r.get("own_stop") or {}
+        label = (
+            "beyondgrad eigsh (Lanczos)"
+            if r["method"] == "beyondgrad"
+            else f"{r['method']} power iteration"
+        )
+        notes = [x for x in (own.get("rule"), own.get("note"), r.get("rerun")) if x]
+        if r["matvecs"] is None:
+            notes.append(
+                f"not within {r['cap']} products (rel. error there "
+                f"{r.get('final_rel_err', float('nan')):.2g})"
+            )
+        lines.append(
+            f"| {label} | {r['seed']} | {r['matvecs'] or '-'} | {fmt(r['s'])} | "
+            f"{fmt(r['s'] * 1e3 / sec['base_ms']) if r['s'] else '-'} | {fmt(r['mem_mib'])} | "
+            f"{own.get('matvecs', '-')} | {fmt(own.get('rel_err'), 2) if own else '-'} | "
+            f"{fmt(own.get('s')) if own else '-'} | {'; '.join(notes)} |"
+        )
+    return [*lines, ""]
+
+
+def render_trace(res: dict[str, Any]) -> list[str]:
+    sec = res.get("trace")
+    if sec is None:
+        return []
+    lines = [f"## {res['problem']}: Hessian trace to {TRACE_TARGET:.0%}", ""]
+    if "error" in sec:
+        return [*lines, f"error: {sec['error']}", ""]
+    ref = sec["reference"]
+    err = f" (relative standard error {ref['stderr_rel']:.2g})" if ref.get("stderr_rel") else ""
+    lines += [
+        f"Reference trace = {ref['value']:.7g}, {ref['method']}{err}; {ref['s']:.0f} s. "
+        f"Budgets 3, 6, 12, ...; *products to 5 %*: the smallest budget whose estimate and "
+        "the next budget's are both within 5 % (Hutchinson: running means of one probe "
+        "sequence; Hutch++: independent calls). Baseline fwd+bwd in this process: "
+        f"{fmt(sec['base_ms'])} ms.{_noise_note(sec)}",
+        "",
+        "| method | seed | products to 5 % | time [s] | x fwd+bwd | peak mem [MiB] | "
+        "its std. error (rel.) | own stop: products | own stop: rel. error | "
+        "estimates by budget (rel. error) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in sec["runs"]:
+        own = r.get("own_stop") or {}
+        if r["method"] == "beyondgrad":
+            label = "beyondgrad trace(hutch++)"
+            by = {c["matvecs"]: c["estimate"] for c in r["calls"]}
+        else:
+            label = f"{r['method']} Hutchinson"
+            by = {int(m): e for m, e in r["estimates"].items()}
+        traj = ", ".join(
+            f"{m}: {abs(e - ref['value']) / abs(ref['value']):.2g}" for m, e in sorted(by.items())
+        )
+        reach = r["matvecs"] if r["matvecs"] else f"> {r['cap']}"
+        lines.append(
+            f"| {label} | {r['seed']} | {reach} | {fmt(r['s'])} | "
+            f"{fmt(r['s'] * 1e3 / sec['base_ms']) if r['s'] else '-'} | {fmt(r['mem_mib'])} | "
+            f"{fmt(r.get('stderr_rel'), 2)} | {own.get('matvecs', '-')} | "
+            f"{fmt(own.get('rel_err'), 2) if own else '-'} | {traj} |"
+        )
+    return [*lines, ""]
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+SECTIONS = ("products", "eigen", "trace")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=PROBLEMS)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument(
+        "--reps", type=int, default=7, help="timed samples per product cell (default 7)"
+    )
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="markdown output (default benchmarks/results/linops_{device}.md); JSON next to it",
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: 2 reps, 1 warm-up, short samples, 2 seeds, small caps",
+    )
+    ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    ap.add_argument(
+        "--seeds", type=int, default=None, help="seeds per eigen/trace method (3; quick 2)"
+    )
+    ap.add_argument(
+        "--eig-cap", type=int, default=None, help="most products per eigen run (200; quick 40)"
+    )
+    ap.add_argument(
+        "--trace-cap", type=int, default=None, help="largest trace budget (192; quick 48)"
+    )
+    ap.add_argument(
+        "--ref-iters",
+        type=int,
+        default=None,
+        help="products of the eigen reference (100; quick 40)",
+    )
+    ap.add_argument(
+        "--trace-ref-matvecs",
+        type=int,
+        default=None,
+        help="Hutch++ products of the trace reference where DiagHessian raises (600; quick 60)",
+    )
+    ap.add_argument(
+        "--target-ms", type=float, default=None, help="minimum sample length (50 CPU / 20 CUDA)"
+    )
+    ap.add_argument(
+        "--max-cell-s", type=float, default=None, help="per-cell timing budget (8 CPU / 5 CUDA)"
+    )
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: CUDA is not available", file=sys.stderr)
+        return 2
+    cpu = args.device == "cpu"
+    q = args.quick
+    cfg = Config(
+        device=args.device,
+        reps=2 if q else args.reps,
+        threads=args.threads,
+        warmup=1 if q else 3,
+        target_s=(args.target_ms or (20.0 if q else (50.0 if cpu else 20.0))) / 1e3,
+        max_cell_s=args.max_cell_s or (8.0 if cpu else 5.0),
+        cell_timeout_s=900.0,
+        only_beyondgrad=False,
+        quick=q,
+    )
+    opts = Opts(
+        seeds=list(range(args.seeds or (2 if q else 3))),
+        eig_cap=args.eig_cap or (40 if q else 200),
+        ref_iters=args.ref_iters or (40 if q else 100),
+        trace_cap=args.trace_cap or (48 if q else 192),
+        trace_ref_matvecs=args.trace_ref_matvecs or (60 if q else 600),
+    )
+    torch.set_num_threads(cfg.threads)
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(cfg.threads)
+    memory = CpuMemory() if cpu else None
+    out = args.out or RESULTS_DIR / f"linops_{args.device}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    machine = f"{cpu_model()}, {os.cpu_count()} logical CPUs"
+    if not cpu:
+        machine = f"{torch.cuda.get_device_name()} (host: {machine})"
+    packages = ("beyondgrad", "curvlinops-for-pytorch", "pyhessian", "numpy")
+    meta: dict[str, Any] = {
+        "date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]),
+        "device": args.device,
+        "machine": machine,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "versions": {pkg: version(pkg) for pkg in packages},
+        "reps": cfg.reps,
+        "warmup": cfg.warmup,
+        "target_ms": cfg.target_s * 1e3,
+        "max_cell_s": cfg.max_cell_s,
+        "tol": cfg.tol,
+        "quick": q,
+        "sections": args.sections,
+        "seeds": opts.seeds,
+        "opts": asdict(opts),
+        "memory_method": (
+            memory.method()
+            if memory is not None
+            else "torch.cuda.max_memory_allocated above torch.cuda.memory_allocated before the call"
+        ),
+    }
+    results = []
+    t0 = time.perf_counter()
+    for problem in args.problems:
+        results.append(run_problem(problem, cfg, opts, args.sections, memory))
+    meta["wall_s"] = time.perf_counter() - t0
+    out.write_text(render(meta, results))
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    print(
+        f"wrote {out} and {out.with_suffix('.json').name} ({meta['wall_s']:.0f} s)", file=sys.stderr
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
