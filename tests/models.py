@@ -194,6 +194,44 @@ class DictModel(TwoInputs):
         return super().forward(inputs["x"], inputs["side"])
 
 
+class LSTMNet(nn.Module):
+    """nn.LSTM (batch_first) through the generic rule (vmap cannot run it: per-sample loop)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(3, 4, batch_first=True)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, _ = self.lstm(x)
+        return self.out(h[:, -1])
+
+
+class GRUSeqFirst(nn.Module):
+    """nn.GRU with the sequence axis first: the generic rule knows its layout."""
+
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(3, 4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, _ = self.gru(x.transpose(0, 1))
+        return self.out(h[-1])
+
+
+class EncoderLayerNet(nn.Module):
+    """nn.TransformerEncoderLayer (its own attention, LayerNorms and Linears)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.enc(x).mean(1))
+
+
 def _init(model: nn.Module, seed: int) -> nn.Module:
     """Give BatchNorm non-trivial running statistics and affine parameters."""
     g = torch.Generator().manual_seed(seed)
@@ -305,6 +343,24 @@ def case_dict_inputs(seed: int = 0):
     return _init(DictModel(), seed), X, y, nn.BCEWithLogitsLoss()
 
 
+def case_lstm(seed: int = 0):
+    torch.manual_seed(seed)
+    X = torch.randn(N, 4, 3, dtype=torch.float64)
+    return _init(LSTMNet(), seed), X, torch.randint(0, 3, (N,)), nn.CrossEntropyLoss()
+
+
+def case_gru_seq_first(seed: int = 0):
+    torch.manual_seed(seed)
+    X = torch.randn(N, 4, 3, dtype=torch.float64)
+    return _init(GRUSeqFirst(), seed), X, torch.randint(0, 3, (N,)), nn.CrossEntropyLoss()
+
+
+def case_encoder_layer(seed: int = 0):
+    torch.manual_seed(seed)
+    X = torch.randn(N, 3, 8, dtype=torch.float64)
+    return _init(EncoderLayerNet(), seed), X, torch.randint(0, 3, (N,)), nn.CrossEntropyLoss()
+
+
 CASES = {
     "mlp": case_mlp,
     "inplace_relu": case_inplace_relu,
@@ -316,4 +372,7 @@ CASES = {
     "rnn": case_rnn,
     "two_inputs": case_two_inputs,
     "dict_inputs": case_dict_inputs,
+    "lstm": case_lstm,
+    "gru_seq_first": case_gru_seq_first,
+    "encoder_layer": case_encoder_layer,
 }

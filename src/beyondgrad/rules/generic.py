@@ -16,6 +16,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -49,7 +50,20 @@ def _mha_output_axes(module: nn.Module, outputs: list[Tensor | None]) -> list[in
     return [first, 0][: len(outputs)]
 
 
-_INPUT_AXES: dict[type, AxisFn] = {nn.MultiheadAttention: _mha_axis}
+def _rnn_axis(module: nn.Module, name: str, t: Tensor, N: int) -> int | None:
+    if name == "input":
+        return 0 if module.batch_first else 1  # type: ignore[union-attr]
+    if name == "hx":  # [layers * directions, N, H] (a tuple of two for LSTM)
+        return 1
+    return _default_axis(module, name, t, N)
+
+
+def _rnn_output_axes(module: nn.Module, outputs: list[Tensor | None]) -> list[int | None]:
+    first = 0 if module.batch_first else 1  # type: ignore[union-attr]
+    return [first] + [1] * (len(outputs) - 1)  # output, then h_n (and c_n)
+
+
+_INPUT_AXES: dict[type, AxisFn] = {nn.MultiheadAttention: _mha_axis, nn.RNNBase: _rnn_axis}
 
 
 def _positional_names(module: nn.Module, count: int) -> list[str]:
@@ -59,6 +73,31 @@ def _positional_names(module: nn.Module, count: int) -> list[str]:
         params = []
     names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return [names[i] if i < len(names) else f"arg{i}" for i in range(count)]
+
+
+def _loop(
+    per_sample: Callable[[list, tuple], dict[str, Tensor]],
+    flat_in: list,
+    in_axes: list[int | None],
+    grads: tuple,
+    grad_axes: tuple,
+    N: int,
+    vectors: int,
+) -> dict[str, Tensor]:
+    """``per_sample`` evaluated sample by sample (and vector by vector); stacked like vmap."""
+    rows: list[dict[str, Tensor]] = []
+    for k in range(vectors):
+        grads_k = grads if vectors == 1 else tuple(g[k] for g in grads)
+        for n in range(N):
+            inputs_n = [
+                leaf.select(ax, n) if ax is not None else leaf for leaf, ax in zip(flat_in, in_axes)
+            ]
+            grads_n = tuple(g.select(ax, n) for g, ax in zip(grads_k, grad_axes))
+            rows.append(per_sample(inputs_n, grads_n))
+    stacked = {name: torch.stack([r[name] for r in rows]) for name in rows[0]}
+    if vectors > 1:
+        stacked = {name: v.reshape(vectors, N, *v.shape[1:]) for name, v in stacked.items()}
+    return stacked
 
 
 def generic_forms(
@@ -94,6 +133,8 @@ def generic_forms(
     flat_out, _ = tree_flatten(output)
     if isinstance(module, nn.MultiheadAttention):
         out_axes = _mha_output_axes(module, flat_out)
+    elif isinstance(module, nn.RNNBase):
+        out_axes = _rnn_output_axes(module, flat_out)
     else:
         out_axes = [
             _default_axis(module, "", t, N) if isinstance(t, Tensor) else None for t in flat_out
@@ -145,7 +186,9 @@ def generic_forms(
                 "training mode); its per-sample gradients cannot be recomputed exactly. Call "
                 "model.eval() or disable the randomness for this computation."
             ) from err
-        raise
+        # modules that vmap cannot run (e.g. recurrent layers writing batched values into
+        # fresh buffers in place): the same per-sample VJPs, one sample at a time
+        per_sample_grads = _loop(per_sample, flat_in, in_axes, grads, grad_axes, N, vectors)
     return {
         name: SampleForm(v.reshape(vectors * N, *v.shape[1 + (vectors > 1) :]), vectors)
         for name, v in per_sample_grads.items()
