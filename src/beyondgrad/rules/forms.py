@@ -284,7 +284,8 @@ class OuterForm(Form):
     def _sum_grad_squared(self) -> Tensor:
         K, N, S, I, O = self._sizes
         if S == 1:
-            g2 = self.G.reshape(K, N, O).pow(2).sum(0)
+            g2 = self.G.reshape(K, N, O).pow(2)
+            g2 = g2.sum(0) if K > 1 else g2[0]
             return (g2.T @ self.A.reshape(N, I).pow(2)).reshape(self.shape)
         # materialize rows chunk by chunk; their sum is the gradient, kept for free
         G = self.G.view(K, N, S, O)
@@ -301,7 +302,8 @@ class OuterForm(Form):
     def _batch_sum_grad_squared(self) -> Tensor:
         K, N, S, I, O = self._sizes
         if S == 1:
-            g2 = self.G.reshape(K, N, O).pow(2).sum(0)
+            g2 = self.G.reshape(K, N, O).pow(2)
+            g2 = g2.sum(0) if K > 1 else g2[0]
             a2 = self.A.reshape(N, I).pow(2)
             return (g2.unsqueeze(2) * a2.unsqueeze(1)).reshape(N, *self.shape)
         G = self.G.view(K, N, S, O)

@@ -17,5 +17,5 @@ def linear_forms(module: nn.Linear, x: Tensor, g: Tensor, vectors: int = 1) -> d
     if module.weight.requires_grad:
         forms["weight"] = OuterForm(A, G, module.weight.shape, vectors)
     if module.bias is not None and module.bias.requires_grad:
-        forms["bias"] = SampleForm(G.sum(1), vectors)
+        forms["bias"] = SampleForm(G[:, 0] if G.shape[1] == 1 else G.sum(1), vectors)
     return forms
