@@ -54,15 +54,40 @@ def _bias_form(module: nn.Module, g: Tensor, vectors: int) -> dict[str, Form]:
     return {}
 
 
+def padded_input(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
+    """The input as the convolution sees it after its own padding (any ``padding_mode``,
+    ``"same"`` included), so that the rest uses padding 0."""
+    widths = module._reversed_padding_repeated_twice
+    if any(widths):
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, widths, mode=mode)
+    return x
+
+
+def realized_output_padding(
+    module: nn.modules.conv._ConvTransposeNd, x: Tensor, g: Tensor
+) -> tuple[int, ...]:
+    """``output_padding`` as realized by the call (``forward(input, output_size)`` may choose
+    it), from the input and output-gradient shapes."""
+    return tuple(
+        o - ((i - 1) * s - 2 * p + dl * (k - 1) + 1)
+        for o, i, s, p, dl, k in zip(
+            g.shape[2:],
+            x.shape[2:],
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.kernel_size,
+        )
+    )
+
+
 def conv_forms(
     module: nn.modules.conv._ConvNd, x: Tensor, g: Tensor, vectors: int = 1
 ) -> dict[str, Form]:
     d = len(module.kernel_size)
     _check_batched(module, x, d)
-    widths = module._reversed_padding_repeated_twice
-    if any(widths):
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x = F.pad(x, widths, mode=mode)
+    x = padded_input(module, x)
     forms = _bias_form(module, g, vectors)
     if module.weight.requires_grad:
         U = unfold(x, module.kernel_size, module.dilation, 0, module.stride)
@@ -80,18 +105,7 @@ def conv_transpose_forms(
     _check_batched(module, x, d)
     forms = _bias_form(module, g, vectors)
     if module.weight.requires_grad:
-        # output_padding as realized (forward(input, output_size) may choose it)
-        out_pad = tuple(
-            o - ((i - 1) * s - 2 * p + dl * (k - 1) + 1)
-            for o, i, s, p, dl, k in zip(
-                g.shape[2:],
-                x.shape[2:],
-                module.stride,
-                module.padding,
-                module.dilation,
-                module.kernel_size,
-            )
-        )
+        out_pad = realized_output_padding(module, x, g)
         U = unfold_transpose(
             x, module.kernel_size, module.dilation, module.padding, module.stride, out_pad
         )

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..conv import unfold, unfold_transpose
 from ..conv.einsum import averaged_patches
+from .conv import padded_input, realized_output_padding
 
 
 @dataclass
@@ -77,11 +78,8 @@ def linear_kron(module: nn.Linear, x: Tensor, g: Tensor, vectors: int, approx: s
 def conv_kron(
     module: nn.modules.conv._ConvNd, x: Tensor, g: Tensor, vectors: int, approx: str
 ) -> KronStats:
-    widths = module._reversed_padding_repeated_twice
-    if any(widths):
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x = F.pad(x, widths, mode=mode)
-    N, _C = x.shape[:2]
+    x = padded_input(module, x)
+    N = x.shape[0]
     Gr = module.groups
     F_out = g.shape[1]
     G = (
@@ -113,17 +111,7 @@ def conv_transpose_kron(
     ``[C_out/G, C_in/G * prod(K)]``, i.e. the weight ``[C_in, C_out/G, *K]`` with its first two
     axes swapped (``weight_perm``). Both approximations use the unfolded input here."""
     d = len(module.kernel_size)
-    out_pad = tuple(
-        o - ((i - 1) * s - 2 * p + dl * (k - 1) + 1)
-        for o, i, s, p, dl, k in zip(
-            g.shape[2:],
-            x.shape[2:],
-            module.stride,
-            module.padding,
-            module.dilation,
-            module.kernel_size,
-        )
-    )
+    out_pad = realized_output_padding(module, x, g)
     U = unfold_transpose(
         x, module.kernel_size, module.dilation, module.padding, module.stride, out_pad
     )
