@@ -91,7 +91,8 @@ class BatchDot(Quantity):
 @dataclass(frozen=True)
 class SumGradSquared(Quantity):
     """``sum_n g_n ** 2`` (element-wise), parameter-shaped: the second moment used by Adam-like
-    methods and the diagonal of the empirical Fisher of the loss."""
+    methods; divided by the loss reduction factor ``R`` it is the empirical-Fisher diagonal
+    ``R sum_n (grad l_n)^2`` (KFAC-tutorial convention)."""
 
     def reduce(self, form: Form, ctx: ReduceContext, out: Tensor | None = None) -> Tensor:
         return form.sum_grad_squared()
