@@ -55,6 +55,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import beyondgrad as bg
+import first_order
 from beyondgrad.problems import PROBLEMS, Problem
 from first_order import (
     Candidate,
@@ -84,6 +85,13 @@ from first_order import (
 )
 from second_order import REFUSED, Refused, curvlinops_params
 
+# warnings that say nothing about the measured call (notes stay short)
+first_order.IGNORED_WARNINGS = (
+    *first_order.IGNORED_WARNINGS,
+    "torch.jit.script` is deprecated",  # raised once by torch.func / curvlinops imports
+    "will create a reference cycle",  # PyHessian's backward(create_graph=True)
+)
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 K = 16  # columns of the block products
 
@@ -107,6 +115,11 @@ PYHESSIAN_TOL = 1e-3  # PyHessian's default stopping tolerance (eigenvalues() an
 PYHESSIAN_MAX_ITER = 100  # and its default maxIter
 EIGSH_OWN_TOL = 1e-3  # the tolerance our eigsh's own stopping rule runs with
 REF_SEED = 10_000
+EF_NOTE = "DIFFERENT MATRIX: {ours} empirical Fisher ({other}; see agreement)"
+# largest trace budget per problem (CPU time): the mlp's products are cheap; a 5 % trace of the
+# cnn needs thousands of products (its trace is small next to its Frobenius norm), so its runs
+# stop early and the table projects the budget from the observed variance
+TRACE_CAPS = {"mlp": 768, "cnn": 24, "transformer": 96}
 
 # --------------------------------------------------------------------------------------------
 # Vectors and small helpers
@@ -206,6 +219,8 @@ def ours_setup(kind: str, k: int) -> Setup:
         else:
             op = build_ours(p, kind)
             notes.append("operator built in set-up (no pass over the data)")
+        if kind == "EF" and p.y[0].numel() > 1:
+            notes.append(EF_NOTE.format(ours="per-sequence", other="curvlinops: per-token"))
         v = probe(op.shape[1], k, p.X.device)
         return Candidate(lambda: op @ v, notes=notes)
 
@@ -271,6 +286,8 @@ def curvlinops_setup(kind: str, k: int) -> Setup:
             ]
         else:
             op, _ = build_curvlinops(p, kind)
+        if kind == "EF" and p.y[0].numel() > 1:
+            notes.append(EF_NOTE.format(ours="per-token", other="beyondgrad: per-sequence"))
         v = probe(op.shape[1], k, p.X.device)
         return Candidate(lambda: op @ v, notes=notes)
 
@@ -445,8 +462,11 @@ def cell_specs(problem: str) -> list[CellSpec]:
 
 
 def slow_cfg(cfg: Config, group: str) -> Config:
-    """Block products cost up to ~K matvecs: one warm-up call (the first, untimed call)."""
-    return replace(cfg, warmup=min(cfg.warmup, 1)) if group.endswith("mp") else cfg
+    """Block products cost up to ~K matvecs: one warm-up call (the first, untimed call) and
+    at most one re-timing on a disturbed machine."""
+    if not group.endswith("mp"):
+        return cfg
+    return replace(cfg, warmup=min(cfg.warmup, 1), noise_retries=min(cfg.noise_retries, 1))
 
 
 def run_products(problem: str, cfg: Config, memory: CpuMemory | None) -> list[Row]:
@@ -525,6 +545,9 @@ def agreement(problem: str, cfg: Config) -> dict[str, Any]:
     def attempt(check: Check, body: Callable[[Check], Check]) -> None:
         try:
             check = body(check)
+        except Refused as exc:
+            check.status = "refused"
+            check.detail = _short(str(exc))
         except Exception as exc:
             check.status = "error"
             check.detail = f"error: {type(exc).__name__}: {_short(str(exc))}"
@@ -586,14 +609,15 @@ def agreement(problem: str, cfg: Config) -> dict[str, Any]:
         vs(bg.linops.GGN(model, p.loss_fn, [(p.X, p.y)]) @ v, func_g),
     )
 
-    ef_ref = empirical_fisher_ref(p, v)
+    ef_sample, ef_term = empirical_fisher_refs(p, v)
     attempt(
         Check(
-            "EmpiricalFisher @ v: beyondgrad vs torch.func per-sample grads (1/N sum g g^T v)",
+            "EmpiricalFisher @ v: beyondgrad vs torch.func, per-sample EF "
+            "1/(NT) Σ_n G_n G_nᵀ v (G_n: gradient of sample n's summed loss terms)",
             "beyondgrad",
             ["efvp", "efmp"],
         ),
-        vs(bg.linops.EmpiricalFisher(model, p.loss_fn, [(p.X, p.y)]) @ v, ef_ref),
+        vs(bg.linops.EmpiricalFisher(model, p.loss_fn, [(p.X, p.y)]) @ v, ef_sample),
     )
 
     if _has_module("curvlinops") is None:
@@ -619,25 +643,66 @@ def agreement(problem: str, cfg: Config) -> dict[str, Any]:
         )
         attempt(
             Check(
-                "EmpiricalFisher @ v: curvlinops vs torch.func per-sample grads",
+                "EmpiricalFisher @ v: curvlinops vs torch.func, per-term EF "
+                "1/(NT) Σ_{n,t} g_nt g_ntᵀ v (g_nt: gradient of one loss term)",
                 "curvlinops",
                 ["efvp", "efmp"],
             ),
-            cl_vs("EF", ef_ref),
+            cl_vs("EF", ef_term),
         )
+        if p.y[0].numel() > 1:
+            ours_ef = flat_named(bg.linops.EmpiricalFisher(model, p.loss_fn, [(p.X, p.y)]) @ v)
+            attempt(
+                Check(
+                    "EmpiricalFisher @ v: curvlinops vs beyondgrad (informational: per-term vs "
+                    "per-sample definitions, different matrices when T > 1)",
+                    "curvlinops",
+                    [],
+                ),
+                cl_vs("EF", ours_ef),
+            )
         kfac_checks(problem, cfg, v, attempt)
     return {"info": info, "checks": [asdict(c) for c in checks]}
 
 
-def empirical_fisher_ref(p: Problem, v: Tensor) -> dict[str, Tensor]:
-    """``(1/N) sum_n g_n g_n^T v`` with ``g_n`` the gradient of sample n's own loss (its mean
-    over tokens on the transformer), from torch.func ``vmap(grad)``."""
-    gs = func_per_sample_fn(p)()
-    N = p.X.shape[0]
-    names = [n for n, q in p.model.named_parameters() if q.requires_grad]
-    flat = torch.cat([gs[n].reshape(N, -1) for n in names], 1)  # [N, P]
-    out = flat.T @ (flat @ v) / N
-    return named(split_flat(out, trainable(p.model)), p.model)
+def empirical_fisher_refs(p: Problem, v: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Two empirical Fishers times ``v`` from torch.func per-sample gradients, for a mean
+    loss over N samples of T terms each (T tokens; 1 for the mlp and cnn), which agree for T=1:
+
+    * per sample (beyondgrad's): ``1/(N T) sum_n G_n G_n^T`` with ``G_n`` the gradient of
+      sample n's summed loss terms;
+    * per term (curvlinops'): ``1/(N T) sum_{n,t} g_nt g_nt^T`` with ``g_nt`` the gradient of
+      one term (the transformer: one token's loss; a loop over positions)."""
+    from torch.func import functional_call, grad, vmap
+
+    model, loss_fn, X, y = p.model, p.loss_fn, p.X, p.y
+    params = trainable(model)
+    names = [n for n, q in model.named_parameters() if q.requires_grad]
+    N, T = X.shape[0], y[0].numel()
+
+    def apply(gs: dict[str, Tensor]) -> Tensor:  # sum_n g_n g_n^T v for per-sample grads
+        flat = torch.cat([gs[n].reshape(N, -1) for n in names], 1)
+        return flat.T @ (flat @ v)
+
+    per_sample = apply(func_per_sample_fn(p)()) * T * T / (N * T)  # G_n = T g_n
+    if T == 1:
+        per_term = per_sample
+    else:
+        detached = {n: q.detach() for n, q in model.named_parameters()}
+
+        def term_loss(prm: dict[str, Tensor], x: Tensor, yt: Tensor, t: int) -> Tensor:
+            out = functional_call(model, prm, (x.unsqueeze(0),))
+            return loss_fn(out[..., t], yt.unsqueeze(0))
+
+        per_term = torch.zeros_like(v)
+        for t in range(y.shape[-1]):
+            gs = vmap(grad(term_loss), in_dims=(None, 0, 0, None))(detached, X, y[..., t], t)
+            per_term += apply(gs)
+        per_term /= N * T
+    return (
+        named(split_flat(per_sample, params), model),
+        named(split_flat(per_term, params), model),
+    )
 
 
 def kfac_checks(
@@ -654,7 +719,7 @@ def kfac_checks(
                 ours = cls(p.model, p.loss_fn, [(p.X, p.y)], fisher_type="empirical")
             except RuntimeError as exc:
                 if is_tying_refusal(exc):
-                    raise Refused(f"beyondgrad {REFUSED}: " + _short(str(exc), 120)) from exc
+                    raise Refused(f"beyondgrad {REFUSED}: " + _short(str(exc), 140)) from exc
                 raise
             op, _ = build_curvlinops(fresh_problem(problem, cfg.device), kind, "empirical")
             params = trainable(p.model)
@@ -693,8 +758,11 @@ class Opts:
     seeds: list[int]
     eig_cap: int
     ref_iters: int
-    trace_cap: int
+    trace_cap: int | None  # None: TRACE_CAPS per problem
     trace_ref_matvecs: int
+
+    def cap_for(self, problem: str) -> int:
+        return self.trace_cap or TRACE_CAPS.get(problem, 48)
 
 
 class Baseline:
@@ -740,8 +808,9 @@ def measured(
 def pyhessian_hook(on_hvp: Callable[[tuple[Tensor, ...], list[Tensor]], None]) -> Iterator[None]:
     """Observe every HVP PyHessian computes (its module-level ``hessian_vector_product``).
     The hook adds one inner product per HVP, which PyHessian computes anyway."""
-    import pyhessian.hessian as ph
+    import pyhessian  # noqa: F401  (its package attribute `hessian` is the class)
 
+    ph = sys.modules["pyhessian.hessian"]
     original = ph.hessian_vector_product
 
     def hooked(gradsH: Any, params: Any, v: list[Tensor]) -> tuple[Tensor, ...]:
@@ -939,6 +1008,7 @@ def eig_peer(
         "matvecs": reach,
         "s": times[reach - 1] - t0[0] if reach else None,
         "cap": cap if reach is None else None,
+        "final": est[-1] if est else None,
         "final_rel_err": abs(est[-1] - ref) / abs(ref) if est else None,
         "own_stop": own or None,
         "mem_mib": mib,
@@ -958,11 +1028,13 @@ def run_eigen(problem: str, cfg: Config, opts: Opts, memory: CpuMemory | None) -
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         lam, vec = bg.linalg.eigsh(
-            A, k=1, tol=1e-10, max_iter=opts.ref_iters, generator=generator(cfg.device, REF_SEED)
+            A, k=2, tol=1e-10, max_iter=opts.ref_iters, generator=generator(cfg.device, REF_SEED)
         )
     x = vec[:, 0] / vec[:, 0].norm()
-    ref = float(lam[0])
-    residual = float((A @ x - ref * x).norm()) / abs(ref)
+    ref, second = float(lam[0]), float(lam[1])
+    r = float((A @ x - ref * x).norm())
+    residual = r / abs(ref)
+    bound = r * r / (ref - second) / abs(ref) if ref > second else math.inf
     ref_s = time.perf_counter() - t0
     del A, vec, x, p
     print(
@@ -986,8 +1058,10 @@ def run_eigen(problem: str, cfg: Config, opts: Opts, memory: CpuMemory | None) -
     return {
         "reference": {
             "value": ref,
+            "second": second,
             "rel_residual": residual,
-            "method": f"bg.linalg.eigsh(k=1, tol=1e-10, max_iter={opts.ref_iters}), float32",
+            "rel_bound": bound,
+            "method": f"bg.linalg.eigsh(k=2, tol=1e-10, max_iter={opts.ref_iters}), float32",
             "s": ref_s,
         },
         "base_ms": base.ms,
@@ -1060,7 +1134,15 @@ def trace_ours(
             break
     reach = reached_at(grid, [c["estimate"] for c in calls], ref)
     at = next((c for c in calls if c["matvecs"] == reach), None)
+    last = calls[-1]
+    projected = None
+    if last["stderr"] is not None:
+        # the deflated part's per-probe spread at the largest budget, g = m - 2 (m // 3) probes
+        g = last["matvecs"] - 2 * (last["matvecs"] // 3)
+        sd = last["stderr"] * math.sqrt(g)
+        projected = 3 * math.ceil((sd / (TRACE_TARGET * abs(ref))) ** 2)
     return {
+        "projected": projected,
         "matvecs": reach,
         "s": at["s"] if at else None,
         "mem_mib": at["mem_mib"] if at else max(c["mem_mib"] for c in calls),
@@ -1106,19 +1188,34 @@ def trace_peer(
         if (own or i >= PYHESSIAN_MAX_ITER) and (reached_at(grid, means(), ref) or i >= cap):
             raise _Stop
 
+    early: dict[str, int] = {}
+
     def call() -> None:
         torch.manual_seed(seed)  # PyHessian draws its probes from the global generator
         t0[0] = time.perf_counter()
-        with contextlib.suppress(_Stop):
+        try:
             if _has_module("pyhessian") is None:
                 from pyhessian import hessian
 
                 with pyhessian_hook(on_hvp):
                     H = hessian(p.model, p.loss_fn, data=(p.X, p.y), cuda=cfg.device == "cuda")
                     H.trace(maxIter=cap, tol=0.0)
+                # returned by itself before maxIter: its test divides by the signed running
+                # mean, so a negative running mean ends it whatever tol says
+                if len(samples) < cap:
+                    early["probes"] = len(samples)
             else:
                 fallback_runs(p, "trace", cap, on_hvp)
+        except _Stop:
+            pass
         p.model.zero_grad(set_to_none=True)
+        if early:  # the same estimator on double-backward HVPs, to get its budget anyway
+            samples.clear()
+            times.clear()
+            torch.manual_seed(seed)
+            t0[0] = time.perf_counter()
+            with contextlib.suppress(_Stop):
+                fallback_runs(p, "trace", cap, on_hvp)
 
     _, _, mib = measured(call, cfg, memory)
     reach = reached_at(grid, means(), ref)
@@ -1126,13 +1223,25 @@ def trace_peer(
         own["rel_err"] = abs(own["estimate"] - ref) / abs(ref)
         own["rule"] = f"running-mean change < {PYHESSIAN_TOL:g} (maxIter {PYHESSIAN_MAX_ITER})"
     sd = statistics.stdev(samples[:reach]) if reach and reach > 1 else None
+    sd_all = statistics.stdev(samples) if len(samples) > 1 else None
     return {
+        "projected": (
+            math.ceil((sd_all / (TRACE_TARGET * abs(ref))) ** 2) if sd_all is not None else None
+        ),
         "matvecs": reach,
         "s": times[reach - 1] - t0[0] if reach else None,
         "mem_mib": mib,
         "stderr_rel": sd / math.sqrt(reach) / abs(ref) if sd is not None and reach else None,
         "cap": cap if reach is None else None,
         "own_stop": own or None,
+        "note": (
+            f"PyHessian's trace() returned after {early['probes']} probes (its relative-change "
+            "test divides by the signed running mean, so it stops as soon as that is "
+            "negative); products and time from the same Hutchinson on double-backward HVPs "
+            "over a cached graph (this script)"
+            if early
+            else ""
+        ),
         "estimates": dict(zip([m for m in grid if m <= len(samples)], means())),
         "samples": samples,
     }
@@ -1174,7 +1283,7 @@ def run_trace(problem: str, cfg: Config, opts: Opts, memory: CpuMemory | None) -
     runs = []
     for seed in opts.seeds:
         for method, fn in (("beyondgrad", trace_ours), (peer_label(), trace_peer)):
-            res = fn(problem, cfg, memory, ref, seed, opts.trace_cap)
+            res = fn(problem, cfg, memory, ref, seed, opts.cap_for(problem))
             res.update(method=method, seed=seed)
             runs.append(res)
             print(
@@ -1255,16 +1364,26 @@ def algo_summary(sec: dict[str, Any], method: str) -> dict[str, Any]:
         "own_err": _median([o["rel_err"] for o in own]),
         "own_errs": [o["rel_err"] for o in own],
         "own_s": _median([o["s"] for o in own]),
+        "projected": _median([r.get("projected") for r in runs]),
     }
 
 
-def _reach(s: dict[str, Any]) -> str:
+def _reach(s: dict[str, Any], projected: bool = False) -> str:
     if s["reached"] == 0:
-        return f"not within {s['caps'][0] if s['caps'] else '?'}"
+        txt = f"not within {s['caps'][0] if s['caps'] else '?'} mv"
+        if projected and s["projected"] is not None:
+            txt += f" (projected {fmt(s['projected'])})"
+        return txt
     txt = f"{fmt(s['med_matvecs'])} mv, {fmt(s['med_ratio'])}x"
     if s["reached"] < s["n"]:
         txt += f" ({s['reached']}/{s['n']} seeds)"
     return txt
+
+
+def _own(s: dict[str, Any]) -> str:
+    if s["own_matvecs"] is None:
+        return "-"
+    return f"{fmt(s['own_matvecs'])} mv, err {fmt(s['own_err'], 2)}"
 
 
 def render(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
@@ -1276,7 +1395,11 @@ def render(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
         f"* **Machine**: {meta['machine']}; Python {meta['python']}.",
         f"* **torch {meta['torch']}**, device `{meta['device']}`, torch threads "
         f"{meta['threads']} (interop {meta['interop_threads']}).",
-        "* **Libraries**: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",
+        "* **Libraries**: "
+        + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
+        + (f" (beyondgrad at commit {meta['git']})" if meta.get("git") else "")
+        + ".",
+        *(f"* **Correction after the run**: {c}" for c in meta.get("corrections", [])),
         "* **Products** (protocol of `first_order.py`, its functions imported): "
         f"{meta['warmup']} warm-up call(s) (1 for the {K}-column blocks); samples of >= "
         f"{meta['target_ms']:g} ms (k calls averaged); {meta['reps']} samples of the baseline and "
@@ -1291,7 +1414,9 @@ def render(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
         "sampled there before and after the runs (its median is the denominator). Time of a "
         "run: from before the operator (beyondgrad) or `hessian()` (PyHessian, which builds "
         "the gradient graph) to the product at which the target was reached. Seeds: "
-        f"{meta['seeds']}; tables give seed medians over the seeds that reached the target.",
+        f"{meta['seeds']}; tables give seed medians over the seeds that reached the target. "
+        "Hooks observe each product (eigsh: two inner products per step on its strided basis "
+        "columns, which inflates its times a little; PyHessian: one inner product per HVP).",
         "",
     ]
     lines += render_summary(results)
@@ -1343,6 +1468,7 @@ def render_summary(results: list[dict[str, Any]]) -> list[str]:
                         for m, bad in (
                             ("partial", "PARTIAL" in best["note"]),
                             ("disagrees", bool(flags_for(best, checks))),
+                            ("different matrix", "DIFFERENT MATRIX" in best["note"]),
                         )
                         if bad
                     ]
@@ -1359,45 +1485,83 @@ def render_summary(results: list[dict[str, Any]]) -> list[str]:
                     cells.append("- (" + ", ".join(failed) + " failed)" if failed else "-")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
-    algo = [r for r in results if isinstance(r.get("eigen"), dict) and "runs" in r["eigen"]] + [
-        r for r in results if isinstance(r.get("trace"), dict) and "runs" in r["trace"]
-    ]
-    if algo:
+    eig = [r for r in results if isinstance(r.get("eigen"), dict) and "runs" in r["eigen"]]
+    if eig:
         lines += [
-            "## Summary: top eigenvalue (1e-3) and trace (5 %)",
+            f"## Summary: top Hessian eigenvalue to {EIG_TARGET:g} relative accuracy",
             "",
-            "Products (mv) and time x fwd+bwd to reach the target, seed medians; *own stop*: "
-            "where the method's own stopping rule ends and its relative error there (median "
-            "over seeds).",
+            "Products (mv) and time x fwd+bwd until the estimate is within 1e-3 of the "
+            "reference (seed medians); *own stop*: where the method's own stopping rule ends "
+            "(eigsh: residual tol=1e-3; PyHessian: relative change < 1e-3) and the median "
+            "relative error there.",
             "",
-            "| problem | task | beyondgrad | peer | beyondgrad own stop | peer own stop |",
-            "|---|---|---|---|---|---|",
+            "| problem | λ_max | beyondgrad eigsh (Lanczos) | peer power iteration | "
+            "eigsh own stop | peer own stop |",
+            "|---|---:|---|---|---|---|",
         ]
-        for r in results:
-            for task, key, ours_label in (
-                ("top eigenvalue", "eigen", "eigsh (Lanczos)"),
-                ("trace", "trace", "hutch++"),
-            ):
-                sec = r.get(key)
-                if not isinstance(sec, dict) or "runs" not in sec:
-                    continue
-                peer = next(x["method"] for x in sec["runs"] if x["method"] != "beyondgrad")
-                s_o, s_p = algo_summary(sec, "beyondgrad"), algo_summary(sec, peer)
-                peer_label_ = "power iteration" if key == "eigen" else "Hutchinson"
-
-                def own(s: dict[str, Any]) -> str:
-                    if s["own_matvecs"] is None:
-                        return "-"
-                    return f"{fmt(s['own_matvecs'])} mv, err {fmt(s['own_err'], 2)}"
-
-                lines.append(
-                    f"| {r['problem']} | {task} | {ours_label}: {_reach(s_o)} | {peer} "
-                    f"{peer_label_}: {_reach(s_p)} | "
-                    + (own(s_o) if key == "eigen" else "-")
-                    + f" | {own(s_p)} |"
-                )
+        for r in eig:
+            sec = r["eigen"]
+            peer = next(x["method"] for x in sec["runs"] if x["method"] != "beyondgrad")
+            s_o, s_p = algo_summary(sec, "beyondgrad"), algo_summary(sec, peer)
+            lines.append(
+                f"| {r['problem']} | {sec['reference']['value']:.5g} | {_reach(s_o)} | "
+                f"{peer}: {_reach(s_p)} | {_own(s_o)} | {_own(s_p)} |"
+            )
+        lines.append("")
+    tr = [r for r in results if isinstance(r.get("trace"), dict) and "runs" in r["trace"]]
+    if tr:
+        lines += [
+            f"## Summary: Hessian trace to {TRACE_TARGET:.0%}",
+            "",
+            "Products (mv) and time x fwd+bwd to reach 5 % (seed medians), or the budget cap "
+            "and the budget projected from the observed variance for a 5 % standard error; "
+            "the median relative error of both at the largest budget every run evaluated; "
+            "PyHessian's own stopping rule (running-mean change < 1e-3).",
+            "",
+            "| problem | trace (reference) | beyondgrad hutch++ | peer Hutchinson | "
+            "rel. error at equal budget (ours / peer) | peer own stop |",
+            "|---|---:|---|---|---|---|",
+        ]
+        for r in tr:
+            sec = r["trace"]
+            peer = next(x["method"] for x in sec["runs"] if x["method"] != "beyondgrad")
+            s_o, s_p = algo_summary(sec, "beyondgrad"), algo_summary(sec, peer)
+            budget, e_o, e_p = equal_budget_errors(sec, peer)
+            ref = sec["reference"]
+            kind = "exact" if ref.get("stderr_rel") == 0.0 else "hutch++"
+            lines.append(
+                f"| {r['problem']} | {ref['value']:.5g} ({kind}) | {_reach(s_o, True)} | "
+                f"{peer}: {_reach(s_p, True)} | at {budget} mv: {fmt(e_o, 2)} / {fmt(e_p, 2)} | "
+                f"{_own(s_p)} |"
+            )
         lines.append("")
     return lines
+
+
+def trace_estimates(run: dict[str, Any]) -> dict[int, float]:
+    """Estimate per budget of one trace run (ours: one call each; peer: running means)."""
+    if run["method"] == "beyondgrad":
+        return {c["matvecs"]: c["estimate"] for c in run["calls"]}
+    return {int(m): e for m, e in run["estimates"].items()}
+
+
+def equal_budget_errors(sec: dict[str, Any], peer: str) -> tuple[int, float | None, float | None]:
+    """The largest budget every run evaluated and each method's median relative error there."""
+    ref = sec["reference"]["value"]
+    budget = min((max(trace_estimates(r), default=0) for r in sec["runs"]), default=0)
+    if budget == 0:
+        return 0, None, None
+
+    def err(method: str) -> float | None:
+        return _median(
+            [
+                abs(trace_estimates(r)[budget] - ref) / abs(ref)
+                for r in sec["runs"]
+                if r["method"] == method
+            ]
+        )
+
+    return budget, err("beyondgrad"), err(peer)
 
 
 def render_products(res: dict[str, Any], meta: dict[str, Any]) -> list[str]:
@@ -1456,7 +1620,7 @@ def render_products(res: dict[str, Any], meta: dict[str, Any]) -> list[str]:
     for c in checks:
         detail = c["detail"].replace("|", "\\|")
         if c["status"] != "ok":
-            lines.append(f"| {c['name']} | error | | {detail} |")
+            lines.append(f"| {c['name']} | {c['status']} | | {detail} |")
         else:
             lines.append(f"| {c['name']} | {c['max_abs']:.3g} | {c['rel']:.3g} | {detail} |")
     return [*lines, ""]
@@ -1480,8 +1644,10 @@ def render_eigen(res: dict[str, Any]) -> list[str]:
         return [*lines, f"error: {sec['error']}", ""]
     ref = sec["reference"]
     lines += [
-        f"Reference λ_max = {ref['value']:.7g} from {ref['method']} ({ref['s']:.0f} s); its "
-        f"relative residual ‖Hx − λx‖/|λ| = {ref['rel_residual']:.2g} bounds its own error. "
+        f"Reference λ_max = {ref['value']:.7g} from {ref['method']} ({ref['s']:.0f} s; next "
+        f"Ritz value {ref['second']:.5g}). Relative residual ‖Hx − λx‖/|λ| = "
+        f"{ref['rel_residual']:.2g}; the reference's relative error is at most about "
+        f"‖r‖²/(gap·|λ|) = {ref['rel_bound']:.2g} (gap from the next Ritz value). "
         f"Baseline fwd+bwd in this process: {fmt(sec['base_ms'])} ms.{_noise_note(sec)}",
         "",
         "| method | seed | products to 1e-3 | time to 1e-3 [s] | x fwd+bwd | peak mem [MiB] | "
@@ -1501,6 +1667,12 @@ def render_eigen(res: dict[str, Any]) -> list[str]:
                 f"not within {r['cap']} products (rel. error there "
                 f"{r.get('final_rel_err', float('nan')):.2g})"
             )
+            final = r.get("final")
+            if final is not None and abs(final) > abs(ref["value"]) * (1 + EIG_TARGET):
+                notes.append(
+                    f"converges to {final:.5g}: power iteration finds the eigenvalue of "
+                    "largest magnitude, here a negative one"
+                )
         lines.append(
             f"| {label} | {r['seed']} | {r['matvecs'] or '-'} | {fmt(r['s'])} | "
             f"{fmt(r['s'] * 1e3 / sec['base_ms']) if r['s'] else '-'} | {fmt(r['mem_mib'])} | "
@@ -1523,22 +1695,23 @@ def render_trace(res: dict[str, Any]) -> list[str]:
         f"Reference trace = {ref['value']:.7g}, {ref['method']}{err}; {ref['s']:.0f} s. "
         f"Budgets 3, 6, 12, ...; *products to 5 %*: the smallest budget whose estimate and "
         "the next budget's are both within 5 % (Hutchinson: running means of one probe "
-        "sequence; Hutch++: independent calls). Baseline fwd+bwd in this process: "
+        "sequence; Hutch++: independent calls). *its std. error*: at that budget, from "
+        "the method's own sample variance. *projected for 5 %*: products for a 5 % standard "
+        "error from the variance seen at the largest budget (Hutch++: of its deflated part, "
+        "with the range sketch no better than there: pessimistic). Baseline fwd+bwd in this "
+        "process: "
         f"{fmt(sec['base_ms'])} ms.{_noise_note(sec)}",
         "",
         "| method | seed | products to 5 % | time [s] | x fwd+bwd | peak mem [MiB] | "
-        "its std. error (rel.) | own stop: products | own stop: rel. error | "
-        "estimates by budget (rel. error) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "its std. error (rel.) | projected for 5 % | own stop: products | "
+        "own stop: rel. error | relative error by budget | notes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in sec["runs"]:
         own = r.get("own_stop") or {}
-        if r["method"] == "beyondgrad":
-            label = "beyondgrad trace(hutch++)"
-            by = {c["matvecs"]: c["estimate"] for c in r["calls"]}
-        else:
-            label = f"{r['method']} Hutchinson"
-            by = {int(m): e for m, e in r["estimates"].items()}
+        hpp = r["method"] == "beyondgrad"
+        label = "beyondgrad trace(hutch++)" if hpp else f"{r['method']} Hutchinson"
+        by = trace_estimates(r)
         traj = ", ".join(
             f"{m}: {abs(e - ref['value']) / abs(ref['value']):.2g}" for m, e in sorted(by.items())
         )
@@ -1546,8 +1719,9 @@ def render_trace(res: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {label} | {r['seed']} | {reach} | {fmt(r['s'])} | "
             f"{fmt(r['s'] * 1e3 / sec['base_ms']) if r['s'] else '-'} | {fmt(r['mem_mib'])} | "
-            f"{fmt(r.get('stderr_rel'), 2)} | {own.get('matvecs', '-')} | "
-            f"{fmt(own.get('rel_err'), 2) if own else '-'} | {traj} |"
+            f"{fmt(r.get('stderr_rel'), 2)} | {fmt(r.get('projected'))} | "
+            f"{own.get('matvecs', '-')} | "
+            f"{fmt(own.get('rel_err'), 2) if own else '-'} | {traj} | {r.get('note', '')} |"
         )
     return [*lines, ""]
 
@@ -1557,6 +1731,23 @@ def render_trace(res: dict[str, Any]) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 SECTIONS = ("products", "eigen", "trace")
+
+
+def git_revision() -> str | None:
+    """The checkout's commit (``+dirty`` with uncommitted changes), or None outside git."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "src"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        return None
+    return (rev + ("+dirty src" if dirty else "")) or None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -1582,13 +1773,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     ap.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        help="only re-render the markdown of a finished run's JSON (to --out or next to it)",
+    )
+    ap.add_argument(
         "--seeds", type=int, default=None, help="seeds per eigen/trace method (3; quick 2)"
     )
     ap.add_argument(
-        "--eig-cap", type=int, default=None, help="most products per eigen run (200; quick 40)"
+        "--eig-cap", type=int, default=None, help="most products per eigen run (150; quick 40)"
     )
     ap.add_argument(
-        "--trace-cap", type=int, default=None, help="largest trace budget (192; quick 48)"
+        "--trace-cap",
+        type=int,
+        default=None,
+        help=f"largest trace budget (default per problem {TRACE_CAPS}; quick 24)",
     )
     ap.add_argument(
         "--ref-iters",
@@ -1600,7 +1800,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--trace-ref-matvecs",
         type=int,
         default=None,
-        help="Hutch++ products of the trace reference where DiagHessian raises (600; quick 60)",
+        help="Hutch++ products of the trace reference where DiagHessian raises (300; quick 60)",
     )
     ap.add_argument(
         "--target-ms", type=float, default=None, help="minimum sample length (50 CPU / 20 CUDA)"
@@ -1613,6 +1813,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_json is not None:  # re-render a finished run
+        data = json.loads(args.from_json.read_text())
+        out = args.out or args.from_json.with_suffix(".md")
+        out.write_text(render(data["meta"], data["results"]))
+        print(f"wrote {out}", file=sys.stderr)
+        return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: CUDA is not available", file=sys.stderr)
         return 2
@@ -1631,10 +1837,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     opts = Opts(
         seeds=list(range(args.seeds or (2 if q else 3))),
-        eig_cap=args.eig_cap or (40 if q else 200),
+        eig_cap=args.eig_cap or (40 if q else 150),
         ref_iters=args.ref_iters or (40 if q else 100),
-        trace_cap=args.trace_cap or (48 if q else 192),
-        trace_ref_matvecs=args.trace_ref_matvecs or (60 if q else 600),
+        trace_cap=args.trace_cap or (24 if q else None),
+        trace_ref_matvecs=args.trace_ref_matvecs or (60 if q else 300),
     )
     torch.set_num_threads(cfg.threads)
     with contextlib.suppress(RuntimeError):
@@ -1656,6 +1862,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
         "versions": {pkg: version(pkg) for pkg in packages},
+        "git": git_revision(),
         "reps": cfg.reps,
         "warmup": cfg.warmup,
         "target_ms": cfg.target_s * 1e3,
@@ -1676,8 +1883,8 @@ def main(argv: list[str] | None = None) -> int:
     for problem in args.problems:
         results.append(run_problem(problem, cfg, opts, args.sections, memory))
     meta["wall_s"] = time.perf_counter() - t0
-    out.write_text(render(meta, results))
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    out.write_text(render(meta, results))
     print(
         f"wrote {out} and {out.with_suffix('.json').name} ({meta['wall_s']:.0f} s)", file=sys.stderr
     )
