@@ -37,7 +37,7 @@ def eigsh(
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
     m_max = min(n, max_iter or max(100, 20 * k))
-    Q = torch.zeros(n, m_max + 1, dtype=dtype, device=device)
+    Q = torch.zeros(m_max + 1, n, dtype=dtype, device=device)  # rows: basis vectors
     alpha = torch.zeros(m_max, dtype=dtype, device=device)
     beta = torch.zeros(m_max, dtype=dtype, device=device)
     q = (
@@ -45,15 +45,15 @@ def eigsh(
         if generator is not None
         else torch.randn(n, dtype=dtype, device=device)
     )
-    Q[:, 0] = q / q.norm()
+    Q[0] = q / q.norm()
     m = 0
     theta = S = None
     converged = False
     for j in range(m_max):
-        w = A @ Q[:, j]
-        alpha[j] = Q[:, j] @ w
-        w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)  # full reorthogonalization, twice
-        w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
+        w = A @ Q[j]
+        alpha[j] = Q[j] @ w
+        w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)  # full reorthogonalization, twice
+        w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
         beta[j] = w.norm()
         m = j + 1
         if m >= k:
@@ -67,7 +67,7 @@ def eigsh(
                 break
         if beta[j] == 0:
             break
-        Q[:, j + 1] = w / beta[j]
+        Q[j + 1] = w / beta[j]
     assert theta is not None and S is not None
     if not converged and m < n:
         warnings.warn(
@@ -77,5 +77,5 @@ def eigsh(
             stacklevel=2,
         )
     order = torch.arange(m - 1, m - 1 - k, -1) if which == "largest" else torch.arange(k)
-    vectors = Q[:, :m] @ S[:, order]
+    vectors = Q[:m].T @ S[:, order]
     return theta[order], vectors

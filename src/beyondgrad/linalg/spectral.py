@@ -13,21 +13,21 @@ def _lanczos_tridiagonal(A: Any, q: Tensor, steps: int) -> tuple[Tensor, Tensor]
     """``steps`` Lanczos steps (full reorthogonalization) from the unit vector ``q``: the
     tridiagonal's diagonal and off-diagonal."""
     n = q.shape[0]
-    Q = torch.zeros(n, steps + 1, dtype=q.dtype, device=q.device)
-    Q[:, 0] = q
+    Q = torch.zeros(steps + 1, n, dtype=q.dtype, device=q.device)  # rows: basis vectors
+    Q[0] = q
     alpha = torch.zeros(steps, dtype=q.dtype, device=q.device)
     beta = torch.zeros(steps, dtype=q.dtype, device=q.device)
     m = steps
     for j in range(steps):
-        w = A @ Q[:, j]
-        alpha[j] = Q[:, j] @ w
-        w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
-        w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
+        w = A @ Q[j]
+        alpha[j] = Q[j] @ w
+        w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
+        w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
         beta[j] = w.norm()
         if beta[j] <= torch.finfo(q.dtype).eps * alpha[: j + 1].abs().max().clamp_min(1.0):
             m = j + 1
             break
-        Q[:, j + 1] = w / beta[j]
+        Q[j + 1] = w / beta[j]
     return alpha[:m], beta[: m - 1]
 
 

@@ -153,6 +153,11 @@ def _batched_grad(outputs: Any, inputs: Any, vectors: Any, **kwargs: Any) -> tup
     """``autograd.grad`` with a leading batch axis on the cotangents; falls back to a loop
     over it for operations without vmap batching rules."""
     kwargs = {**kwargs, "retain_graph": True}  # a failed batched attempt must not free it
+    first = vectors[0] if isinstance(vectors, (list, tuple)) else vectors
+    if first.shape[0] == 1:  # one column: a plain backward pass is cheaper than vmap's
+        single = [v[0] for v in vectors] if isinstance(vectors, (list, tuple)) else vectors[0]
+        grads = torch.autograd.grad(outputs, inputs, single, **kwargs)
+        return tuple(None if g is None else g.unsqueeze(0) for g in grads)
     try:
         return torch.autograd.grad(outputs, inputs, vectors, is_grads_batched=True, **kwargs)
     except RuntimeError:
