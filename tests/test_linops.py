@@ -366,3 +366,18 @@ def test_dataloader_with_drop_last_and_dict_inputs():
     data = batches(X, y, [2, 3])
     G = GGN(model, loss_fn, data, batch_size_fn=lambda inputs: inputs["inputs"]["x"].shape[0])
     torch.testing.assert_close(G.to_dense(), ggn(model, loss_fn, X, y)["full"])
+
+
+@pytest.mark.parametrize("case", ["gpt", "resnet", "two_inputs"])
+def test_empirical_fisher_matrix_free_on_every_form(case):
+    """EF products contract per-row gradients with the vectors (project, combine) without
+    forming them; checked against the dense EF from per-sample gradients."""
+    model, X, y, loss_fn = CASES[case]()
+    EF = EmpiricalFisher(model, loss_fn, [(X, y)])
+    g = per_sample_grads(model, loss_fn, X, y)
+    G = torch.cat([g[n].reshape(g[n].shape[0], -1) for n in EF.names], 1)
+    from beyondgrad.engine.losses import reduction_factor
+
+    out = model(*X) if isinstance(X, tuple) else model(X)
+    R = reduction_factor(loss_fn, out, y)
+    torch.testing.assert_close(EF.to_dense(), G.T @ G / R)

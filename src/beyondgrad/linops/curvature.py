@@ -36,7 +36,7 @@ from torch.utils._pytree import tree_flatten
 from ..engine import compute
 from ..engine.compute import _call_model
 from ..engine.losses import check_loss_fn, check_target
-from ..quantities import BatchGrad, Quantity, SqrtGGN
+from ..quantities import Forms, Quantity
 from .base import LinearOperator
 
 
@@ -212,31 +212,29 @@ class GGN(CurvatureOperator):
 
 
 class _RowsOperator(CurvatureOperator):
-    """``sum_r g_r g_r^T`` for engine rows ``g_r`` (per-sample gradients or GGN-factor rows),
-    times ``scale(batch)``."""
+    """``scale * sum_r g_r g_r^T`` for the engine's per-row gradients ``g_r`` (per-sample
+    gradients or GGN-factor rows), applied without forming them: the rows' inner products
+    with the vectors (``Form.project``), then their combination (``Form.combine``)."""
 
-    quantity: Quantity
-
-    def _rows(self, X: Any, y: Tensor) -> tuple[list[Tensor], float]:
+    def _forms(self, X: Any, y: Tensor) -> tuple[dict[str, Any], float]:
         raise NotImplementedError
 
     def _batch_products(self, X: Any, y: Tensor, V: list[Tensor]) -> list[Tensor]:
-        rows, scale = self._rows(X, y)
-        flat = torch.cat([r.reshape(r.shape[0], -1) for r in rows], 1)  # [R, P]
-        Vf = self.join(V)  # [P, k]
-        return self.split(flat.T @ (flat @ Vf) * scale)
+        forms, scale = self._forms(X, y)
+        coeff = sum(forms[n].project(v) for n, v in zip(self.names, V))  # [rows, k]
+        return [forms[n].combine(coeff) * scale for n in self.names]
 
 
 class EmpiricalFisher(_RowsOperator):
     """``R_D sum_n grad l_n grad l_n^T`` (the KFAC tutorial's empirical Fisher), from the
     engine's per-sample gradients (any model)."""
 
-    def _rows(self, X: Any, y: Tensor) -> tuple[list[Tensor], float]:
+    def _forms(self, X: Any, y: Tensor) -> tuple[dict[str, Any], float]:
         from ..engine.losses import reduction_factor
 
-        res = compute(self.model, self.loss_fn, X, y, BatchGrad())
-        R = reduction_factor(self.loss_fn, res.output, y)
-        return [res[BatchGrad][n] for n in self.names], 1.0 / R
+        q = Forms(("grad", 1))
+        res = compute(self.model, self.loss_fn, X, y, q)
+        return res[q], 1.0 / reduction_factor(self.loss_fn, res.output, y)
 
 
 class Fisher(_RowsOperator):
@@ -251,7 +249,7 @@ class Fisher(_RowsOperator):
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
-        self.quantity = SqrtGGN(mc_samples=mc_samples)
+        self.quantity = Forms(("mc", mc_samples))
         self.generator = generator
         self.order = _fingerprint(self.data)
 
@@ -263,10 +261,9 @@ class Fisher(_RowsOperator):
             )
         return super()._matmat(M)
 
-    def _rows(self, X: Any, y: Tensor) -> tuple[list[Tensor], float]:
+    def _forms(self, X: Any, y: Tensor) -> tuple[dict[str, Any], float]:
         res = compute(self.model, self.loss_fn, X, y, self.quantity, generator=self.generator)
-        rows = [res[self.quantity][n].flatten(0, 1) for n in self.names]
-        return rows, 1.0
+        return res[self.quantity], 1.0
 
 
 class Diagonal(LinearOperator):

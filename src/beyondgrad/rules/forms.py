@@ -136,6 +136,11 @@ class Form(ABC):
         for ``coefficients`` ``[rows, c]`` (e.g. GGN eigenvectors ``V u``)."""
         return self._combine(coefficients)
 
+    def project(self, vectors: Tensor) -> Tensor:
+        """Inner products of the rows with ``vectors`` ``[c, *shape]``: ``[rows, c]`` (with
+        :meth:`combine`, products with ``sum_r g_r g_r^T`` without forming the rows)."""
+        return self._project(vectors)
+
     # -- defaults from materialized rows -------------------------------------------------------
     def _cross_dot(self, other: Form) -> Tensor:
         return self.batch_grad().flatten(1) @ other.batch_grad().flatten(1).T
@@ -143,6 +148,9 @@ class Form(ABC):
     def _combine(self, coefficients: Tensor) -> Tensor:
         flat = self.batch_grad().flatten(1)
         return (coefficients.T @ flat).reshape(-1, *self.shape)
+
+    def _project(self, vectors: Tensor) -> Tensor:
+        return self.batch_grad().flatten(1) @ vectors.reshape(vectors.shape[0], -1).T
 
     @abstractmethod
     def _batch_grad(self, out: Tensor | None = None) -> Tensor: ...
@@ -268,6 +276,13 @@ class OuterForm(Form):
             self.vectors, N, S, other.vectors, N, S
         )
         return (gram_g * gram_a).sum((2, 5)).reshape(R1, R2)
+
+    def _project(self, vectors: Tensor) -> Tensor:
+        # <G_r^T A_n, V_c> = sum_s G[r, s] . (V_c A[n, s]): never forms the rows
+        K, N, S, I, O = self._sizes
+        AV = torch.einsum("nsi,coi->nsco", self.A, vectors.reshape(-1, O, I))
+        G = self.G.view(K, N, S, O)
+        return torch.einsum("knso,nsco->knc", G, AV).reshape(K * N, -1)
 
     def _combine(self, coefficients: Tensor) -> Tensor:
         K, N, S, _I, O = self._sizes
@@ -455,6 +470,14 @@ class ConcatForm(Form):
     def _combine(self, coefficients: Tensor) -> Tensor:
         return torch.cat([p.combine(coefficients) for p in self.parts], 1)
 
+    def _project(self, vectors: Tensor) -> Tensor:
+        out, start = 0, 0
+        for p in self.parts:
+            size = p.shape[0]
+            out = out + p.project(vectors[:, start : start + size])
+            start += size
+        return out  # type: ignore[return-value]
+
 
 class PermutedForm(Form):
     """The parameter is ``base``'s parameter with its axes permuted by ``perm`` (the weight of
@@ -498,6 +521,12 @@ class PermutedForm(Form):
 
     def _combine(self, coefficients: Tensor) -> Tensor:
         return self._leading(self.base.combine(coefficients))
+
+    def _project(self, vectors: Tensor) -> Tensor:
+        inverse = [0] * len(self.perm)
+        for i, p in enumerate(self.perm):
+            inverse[p] = i
+        return self.base.project(vectors.permute(0, *(p + 1 for p in inverse)))
 
 
 def _cross_dot(a: Form, b: Form) -> Tensor:
