@@ -17,4 +17,5 @@ timeout 60 python3 -m beyondgrad.cli demo --device cuda --reps 5 2>&1 | grep -v 
 timeout 200 python3 benchmarks/first_order.py --device cuda --reps 5 --out "$out/first_order_cuda.md"
 timeout 200 python3 benchmarks/second_order.py --device cuda --reps 5 --out "$out/second_order_cuda.md"
 timeout 110 python3 benchmarks/conv_toolkit.py --device cuda --reps 5 --out "$out/conv_toolkit_cuda.md"
+timeout ${LINOPS_S:-240} python3 benchmarks/linops.py --device cuda --reps 5 --out "$out/linops_cuda.md"
 ls -la "$out"
