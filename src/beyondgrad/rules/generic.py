@@ -13,6 +13,7 @@ lookup table). ``nn.MultiheadAttention`` knows its own layout (``batch_first``, 
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -178,7 +179,10 @@ def generic_forms(
     else:
         grads = tuple(g[0] for g in grads)  # type: ignore[index]
     try:
-        per_sample_grads = batched(flat_in, grads)
+        with warnings.catch_warnings():
+            # torch's note that some fused kernels (attention) run without a batching rule
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            per_sample_grads = batched(flat_in, grads)
     except RuntimeError as err:
         if "random" in str(err).lower():
             raise RuntimeError(
