@@ -381,3 +381,19 @@ def test_empirical_fisher_matrix_free_on_every_form(case):
     out = model(*X) if isinstance(X, tuple) else model(X)
     R = reduction_factor(loss_fn, out, y)
     torch.testing.assert_close(EF.to_dense(), G.T @ G / R)
+
+
+def test_hessian_reuse_graph():
+    model, X, y, loss_fn = CASES["mlp"]()
+    data = batches(X, y, [3, 2])
+    H = Hessian(model, loss_fn, data, reuse_graph=True)
+    dense = dense_hessian(model, loss_fn, X, y)
+    v = torch.randn(H.shape[0], dtype=torch.float64)
+    for _ in range(2):  # the second product runs on the kept graphs
+        torch.testing.assert_close(H @ v, dense @ v)
+    top, _ = linalg.eigsh(H, 1, tol=1e-10, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(top, torch.linalg.eigvalsh(dense)[-1:], rtol=1e-6, atol=1e-9)
+    with torch.no_grad():
+        model[0].weight.add_(0.1)
+    with pytest.raises(RuntimeError, match="changed in place"):
+        H @ v

@@ -175,12 +175,35 @@ def _batched_grad(outputs: Any, inputs: Any, vectors: Any, **kwargs: Any) -> tup
 
 
 class Hessian(CurvatureOperator):
-    """The Hessian of the data-set loss (reverse-over-reverse products)."""
+    """The Hessian of the data-set loss (reverse-over-reverse products).
+
+    ``reuse_graph=True`` keeps each batch's gradient graph (built with ``create_graph``) between
+    products, so every further product costs one backward pass instead of a forward and two
+    (what iterative algorithms like ``eigsh`` and ``trace`` want); it holds that memory until
+    the operator is dropped, and assumes the parameters do not change meanwhile (checked)."""
+
+    def __init__(self, *args: Any, reuse_graph: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.reuse_graph = reuse_graph
+        self._graphs: dict[int, tuple[tuple[Tensor | None, ...], list[int]]] = {}
+
+    def _gradients(self, X: Any, y: Tensor) -> tuple[Tensor | None, ...]:
+        key = id(X)
+        versions = [p._version for p in self.params]
+        if self.reuse_graph and key in self._graphs:
+            grads, seen = self._graphs[key]
+            if seen != versions:
+                raise RuntimeError("Hessian(reuse_graph=True): the parameters changed in place")
+            return grads
+        loss, _ = self._loss(X, y)
+        grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+        if self.reuse_graph:
+            self._graphs[key] = (grads, versions)
+        return grads
 
     def _batch_products(self, X: Any, y: Tensor, V: list[Tensor]) -> list[Tensor]:
         with torch.enable_grad():
-            loss, _ = self._loss(X, y)
-            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+            grads = self._gradients(X, y)
             used = [(g, v, p) for g, v, p in zip(grads, V, self.params) if g is not None]
             if not used:
                 return [torch.zeros_like(v) for v in V]
