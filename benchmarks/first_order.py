@@ -1403,11 +1403,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: CUDA is not available", file=sys.stderr)
-        return 2
+def configure(args: argparse.Namespace, cell_timeout_s: float) -> tuple[Config, CpuMemory | None]:
+    """The run's :class:`Config` from the shared command-line options; sets torch's threads."""
     cpu = args.device == "cpu"
     cfg = Config(
         device=args.device,
@@ -1416,21 +1413,29 @@ def main(argv: list[str] | None = None) -> int:
         warmup=1 if args.quick else 3,
         target_s=(args.target_ms or (20.0 if args.quick else (50.0 if cpu else 20.0))) / 1e3,
         max_cell_s=args.max_cell_s or (25.0 if cpu else 10.0),
-        cell_timeout_s=600.0,
+        cell_timeout_s=cell_timeout_s,
         only_beyondgrad=args.only_beyondgrad,
         quick=args.quick,
     )
     torch.set_num_threads(cfg.threads)
     with contextlib.suppress(RuntimeError):
         torch.set_num_interop_threads(cfg.threads)
-    memory = CpuMemory() if cpu else None
-    out = args.out or RESULTS_DIR / f"first_order_{args.device}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    return cfg, (CpuMemory() if cpu else None)
 
+
+def run_meta(
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    cfg: Config,
+    memory: CpuMemory | None,
+    packages: tuple[str, ...],
+) -> dict[str, Any]:
+    """What the markdown header and the JSON record about the run (machine, versions,
+    protocol)."""
     machine = f"{cpu_model()}, {os.cpu_count()} logical CPUs"
-    if not cpu:
+    if args.device != "cpu":
         machine = f"{torch.cuda.get_device_name()} (host: {machine})"
-    meta: dict[str, Any] = {
+    return {
         "date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]),
         "device": args.device,
@@ -1439,9 +1444,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
-        "versions": {
-            pkg: version(pkg) for pkg in ("beyondgrad", "backpack-for-pytorch", "opacus", "numpy")
-        },
+        "versions": {pkg: version(pkg) for pkg in packages[: 1 if cfg.only_beyondgrad else None]},
         "reps": cfg.reps,
         "warmup": cfg.warmup,
         "target_ms": cfg.target_s * 1e3,
@@ -1464,8 +1467,18 @@ def main(argv: list[str] | None = None) -> int:
             else "all cells in one process, one after the other"
         ),
     }
-    if cfg.only_beyondgrad:
-        meta["versions"] = {"beyondgrad": meta["versions"]["beyondgrad"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: CUDA is not available", file=sys.stderr)
+        return 2
+    cfg, memory = configure(args, cell_timeout_s=600.0)
+    out = args.out or RESULTS_DIR / f"first_order_{args.device}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    packages = ("beyondgrad", "backpack-for-pytorch", "opacus", "numpy")
+    meta = run_meta(args, argv, cfg, memory, packages)
     results = []
     t0 = time.perf_counter()
     for problem in args.problems:

@@ -34,12 +34,8 @@ their Frobenius inner products (never formed). See ``benchmarks/README.md``.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime as _dt
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -67,7 +63,7 @@ from first_order import (
     Setup,
     _has_module,
     _short,
-    cpu_model,
+    configure,
     fill_check,
     flags_for,
     fmt,
@@ -75,7 +71,7 @@ from first_order import (
     measure_cell,
     owner_types,
     run_isolated,
-    version,
+    run_meta,
 )
 from first_order import baseline_setup as _baseline_setup
 
@@ -990,59 +986,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: CUDA is not available", file=sys.stderr)
         return 2
-    cpu = args.device == "cpu"
-    cfg = Config(
-        device=args.device,
-        reps=2 if args.quick else args.reps,
-        threads=args.threads,
-        warmup=1 if args.quick else 3,
-        target_s=(args.target_ms or (20.0 if args.quick else (50.0 if cpu else 20.0))) / 1e3,
-        max_cell_s=args.max_cell_s or (25.0 if cpu else 10.0),
-        cell_timeout_s=900.0,
-        only_beyondgrad=args.only_beyondgrad,
-        quick=args.quick,
-    )
-    torch.set_num_threads(cfg.threads)
-    with contextlib.suppress(RuntimeError):
-        torch.set_num_interop_threads(cfg.threads)
-    memory = CpuMemory() if cpu else None
+    cfg, memory = configure(args, cell_timeout_s=900.0)
     out = args.out or RESULTS_DIR / f"second_order_{args.device}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    machine = f"{cpu_model()}, {os.cpu_count()} logical CPUs"
-    if not cpu:
-        machine = f"{torch.cuda.get_device_name()} (host: {machine})"
     packages = ("beyondgrad", "backpack-for-pytorch", "curvlinops-for-pytorch", "numpy")
-    meta: dict[str, Any] = {
-        "date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]),
-        "device": args.device,
-        "machine": machine,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "interop_threads": torch.get_num_interop_threads(),
-        "versions": {pkg: version(pkg) for pkg in packages[: 1 if cfg.only_beyondgrad else None]},
-        "reps": cfg.reps,
-        "warmup": cfg.warmup,
-        "target_ms": cfg.target_s * 1e3,
-        "max_cell_s": cfg.max_cell_s,
-        "tol": cfg.tol,
-        "noise_spread": cfg.noise_spread,
-        "noise_retries": cfg.noise_retries,
-        "max_foreign_load": cfg.max_foreign_load,
-        "quick": cfg.quick,
-        "only_beyondgrad": cfg.only_beyondgrad,
-        "memory_method": (
-            memory.method()
-            if memory is not None
-            else "torch.cuda.max_memory_allocated above torch.cuda.memory_allocated before the call"
-        ),
-        "isolation": (
-            "each cell in its own forked child process"
-            if cfg.isolate
-            else "all cells in one process, one after the other"
-        ),
-    }
+    meta = run_meta(args, argv, cfg, memory, packages)
     results = []
     t0 = time.perf_counter()
     for problem in args.problems:
