@@ -7,7 +7,7 @@ Public API::
     res[bg.BatchL2]["fc.weight"]
 """
 
-from . import conv, linalg, linops
+from . import conv, linalg, linops, optim
 from .engine import (
     SUPPORTED_LOSSES,
     Coverage,
@@ -67,4 +67,5 @@ __all__ = [
     "linalg",
     "linops",
     "loss_vectors",
+    "optim",
 ]

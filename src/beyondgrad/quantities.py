@@ -252,7 +252,8 @@ class KFAC(Quantity):
     ``"forward-only"`` (``B = I``). ``kfac_approx``: ``"expand"`` treats a weight-sharing axis
     (sequence positions, conv positions) as data; ``"reduce"`` averages inputs and sums output
     gradients over it first (conv inputs via index patterns, never unfolding). ``bias``:
-    ``"joint"`` (the bias extends ``A``) or ``"separate"``. Scales: see
+    ``"joint"`` (the bias extends ``A``) or ``"separate"``. ``diagonal_fallback=False``: skip
+    layers without Kronecker structure (no block, and no backward work for them). Scales: see
     :mod:`beyondgrad.factors`.
     """
 
@@ -261,6 +262,7 @@ class KFAC(Quantity):
     mc_samples: int = 1
     bias: str = "joint"
     max_vectors: int = 256
+    diagonal_fallback: bool = True
 
     per_sample: ClassVar[bool] = False
 

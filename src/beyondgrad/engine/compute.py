@@ -185,9 +185,13 @@ class Session:
             raise RuntimeError("loss_fn was called more than once inside the capture block")
         return matches[0]
 
-    def compute(self, loss: Tensor, out: Result | None = None) -> Result:
+    def compute(
+        self, loss: Tensor, out: Result | None = None, retain_graph: bool = False
+    ) -> Result:
         """Backpropagate once and reduce every requested quantity. ``out``: a previous result
-        whose per-sample tensors (``BatchGrad``) may be overwritten to save allocation."""
+        whose per-sample tensors (``BatchGrad``) may be overwritten to save allocation.
+        ``retain_graph``: keep the forward graph so that ``loss.backward()`` can still run
+        (optimizers collect statistics this way before the ordinary backward pass)."""
         self.__exit__()
         output, target = self._loss_record(loss)
         check_target(self.loss_fn, output, target)
@@ -208,6 +212,9 @@ class Session:
             kinds.insert(0, ("grad", 1))
 
         calls = [] if only_grad else [(u, c) for u in self.units for c in u.calls]
+        if all(isinstance(q, KFAC) and not q.diagonal_fallback for q in self.quantities):
+            # Kronecker blocks only: layers without a Kronecker rule need no backward
+            calls = [(u, c) for u, c in calls if _has_kronecker(u)]
         edges = [(u, c, i) for u, c in calls for i, e in enumerate(c.edges) if e is not None]
         targets = [c.edges[i] for _, c, i in edges]
         where = [u.name for u, _, _ in edges]
@@ -216,7 +223,9 @@ class Session:
             # parameters only when the gradient itself is requested (autograd forms it at
             # the cost of a plain backward)
             params = _served_parameters(self.units) if want_grad else []
-            grads = torch.autograd.grad(loss, targets + params, allow_unused=True)
+            grads = torch.autograd.grad(
+                loss, targets + params, allow_unused=True, retain_graph=retain_graph
+            )
             # layer-output gradients suffice (parameter gradients are products of them with
             # finite inputs); without layer outputs, the parameter gradients are checked
             if edges:
@@ -240,7 +249,7 @@ class Session:
             # one vectorized backward pass of all output-space vectors from the model output
             blocks = [self._vectors(kind, output, target) for kind in kinds]
             stacked = torch.cat(blocks, 0)
-            grads = _backprop_vectors(output, targets, stacked, node_kinds)
+            grads = _backprop_vectors(output, targets, stacked, node_kinds, retain_graph)
             _check_finite(grads, where)
             param_grads = {}
             per_kind, start = {}, 0
@@ -396,6 +405,8 @@ class Session:
                 continue
             kron = unit.rule.kronecker if unit.rule is not None else None
             param_names = tuple(names[id(p)] for p in unit.params.values())
+            if not _has_kronecker(unit) and not q.diagonal_fallback:
+                continue
             if kron is not None and "weight" in unit.params:
                 stats = None
                 for call in unit.calls:
@@ -565,6 +576,10 @@ def _rules_by_name(units: list[Unit], names: dict[int, str]) -> dict[str, str]:
 # autograd nodes without a vmap batching rule (torch 2.13): vectorized backward passes through
 # them fall back to a slow per-vector loop plus concatenation, slower than plain passes
 _UNBATCHED_NODES = frozenset({"ConvolutionBackward0", "ConvolutionBackwardBackward0"})
+
+
+def _has_kronecker(unit: Unit) -> bool:
+    return unit.rule is not None and unit.rule.kronecker is not None and "weight" in unit.params
 
 
 def _backprop_vectors(
