@@ -1,0 +1,574 @@
+"""beyondgrad.optim against dense reference implementations written here (float64)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import beyondgrad as bg
+from beyondgrad.optim import KFAC, SINGD, STRUCTURES, SIRFShampoo, structure
+
+torch.set_default_dtype(torch.float64)
+
+
+def _data(N: int = 16, D: int = 5, C: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(N, D, generator=g), torch.randint(0, C, (N,), generator=g)
+
+
+def _mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.LayerNorm(6), nn.Linear(6, 3))
+
+
+def _train(opt, model, loss_fn, batches, scaler=None):
+    losses = []
+    for X, y in batches:
+        opt.zero_grad()
+        with opt.capture():
+            loss = loss_fn(model(X), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _flat_grads(model, names):
+    params = dict(model.named_parameters())
+    return torch.cat([params[n].grad.reshape(-1) for n in names])
+
+
+# -- structures ------------------------------------------------------------------------------
+
+
+def _random_member(s, n, gen):
+    return s.project(torch.randn(n, n, generator=gen)) + s.eye(n, torch.float64)
+
+
+@pytest.mark.parametrize("name", STRUCTURES)
+@pytest.mark.parametrize("n", [1, 5, 7])
+def test_structure_algebra_matches_dense(name, n):
+    s, gen = structure(name), torch.Generator().manual_seed(n)
+    assert torch.equal(s.to_dense(s.eye(n, torch.float64), n), torch.eye(n))
+    a, b = _random_member(s, n, gen), _random_member(s, n, gen)
+    A, B = s.to_dense(a, n), s.to_dense(b, n)
+    pattern = s.to_dense(s.project(torch.ones(n, n)), n) != 0
+    # the product stays in the pattern: closure, so mul is exact
+    assert not (A @ B)[~pattern].abs().gt(1e-12).any()
+    torch.testing.assert_close(s.to_dense(s.mul(a, b, n), n), A @ B)
+    X = torch.randn(n, 4, generator=gen)
+    torch.testing.assert_close(s.apply(a, X), A @ X)
+    torch.testing.assert_close(s.apply(a, X, transpose=True), A.T @ X)
+    S = torch.randn(n, n, generator=gen)
+    S = S @ S.T
+    P = s.to_dense(s.inner(a, n, S), n)
+    torch.testing.assert_close(P, s.to_dense(s.project(A.T @ S @ A), n))
+    torch.testing.assert_close(s.to_dense(s.gram(X), n), s.to_dense(s.project(X @ X.T), n))
+    torch.testing.assert_close(s.trace(a, n), torch.trace(A))
+    # the projection is idempotent and orthogonal (residual orthogonal to the pattern)
+    M = torch.randn(n, n, generator=gen)
+    proj = s.to_dense(s.project(M), n)
+    torch.testing.assert_close(s.to_dense(s.project(proj), n), proj)
+    torch.testing.assert_close(((M - proj) * A).sum(), torch.zeros(()), atol=1e-10, rtol=0)
+
+
+def test_structure_storage_and_names():
+    assert structure("diagonal").numel(100) == 100
+    assert structure("triltoeplitz").numel(100) == 100
+    assert structure("block10diagonal").numel(100) == 1000
+    with pytest.raises(ValueError, match="unknown structure"):
+        structure("banded")
+
+
+# -- KFAC ------------------------------------------------------------------------------------
+
+
+class _Embed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(self.emb(x).mean(1))
+
+
+def _kfac_cases():
+    torch.manual_seed(1)
+    conv = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(48, 3))
+    convt = nn.Sequential(
+        nn.ConvTranspose2d(2, 4, 2, stride=2, groups=2), nn.Flatten(), nn.Linear(64, 3)
+    )
+    g = torch.Generator().manual_seed(2)
+    return {
+        "mlp": (_mlp(), *_data()),
+        "conv": (
+            conv,
+            torch.randn(6, 2, 4, 4, generator=g),
+            torch.randint(0, 3, (6,), generator=g),
+        ),
+        "convT": (
+            convt,
+            torch.randn(5, 2, 2, 2, generator=g),
+            torch.randint(0, 3, (5,), generator=g),
+        ),
+        "embedding": (
+            _Embed(),
+            torch.randint(0, 7, (6, 5), generator=g),
+            torch.randint(0, 3, (6,), generator=g),
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", ["mlp", "conv", "convT", "embedding"])
+@pytest.mark.parametrize("mode", ["eigen", "pi"])
+def test_kfac_step_is_damped_natural_gradient(case, mode):
+    model, X, y = _kfac_cases()[case]
+    loss_fn, lr, damping = nn.CrossEntropyLoss(), 0.3, 0.05
+    res = bg.compute(model, loss_fn, X, y, bg.Grad(), bg.KFAC(fisher_type="type-2"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = KFAC(
+        model,
+        loss_fn,
+        lr=lr,
+        momentum=0.0,
+        damping=damping,
+        fisher_type="type-2",
+        kl_clip=None,
+        damping_mode=mode,
+    )
+    _train(opt, model, loss_fn, [(X, y)])
+    blocks = {
+        n: b
+        for n, b in res[bg.KFAC(fisher_type="type-2")].items()
+        if isinstance(b, bg.KroneckerFactors)
+    }
+    assert blocks and set(blocks) == set(opt.layers)
+    for name, block in blocks.items():
+        names = block.params
+        g = torch.cat(
+            [_grad_in_block(res.grad[n], block, i) for i, n in enumerate(names)], -1
+        ).reshape(-1)
+        if mode == "eigen":
+            F = block.to_dense() + damping * torch.eye(g.numel())
+        else:
+            A, B = (
+                (block.A if block.A.ndim == 3 else block.A[None]),
+                (block.B if block.B.ndim == 3 else block.B[None]),
+            )
+            pi = (
+                (torch.diagonal(A, dim1=1, dim2=2).mean(-1))
+                / torch.diagonal(B, dim1=1, dim2=2).mean(-1)
+            ).sqrt()
+            A = A + (pi * damping**0.5)[:, None, None] * torch.eye(A.shape[-1])
+            B = B + (damping**0.5 / pi)[:, None, None] * torch.eye(B.shape[-1])
+            first, second = (A, B) if block.order == "A kron B" else (B, A)
+            F = torch.block_diag(*(torch.kron(f, s) for f, s in zip(first, second)))
+        expected = -lr * torch.linalg.solve(F, g)
+        params = dict(model.named_parameters())
+        got = torch.cat(
+            [_grad_in_block(params[n].detach() - before[n], block, i) for i, n in enumerate(names)],
+            -1,
+        ).reshape(-1)
+        torch.testing.assert_close(got, expected)
+    for name, p in model.named_parameters():  # nothing left untrained
+        assert not torch.equal(p, before[name]), name
+
+
+def _grad_in_block(t, block, i):
+    """A weight/bias tensor in the block's ``[G, left, right]`` layout (bias: one column)."""
+    from beyondgrad.optim.base import grad_matrix
+
+    G = block.groups
+    if i == 1:
+        return t.reshape(G, -1, 1)
+    return grad_matrix(t, None, block.order, block.weight_perm, G)
+
+
+def test_kfac_ema_refresh_and_kl_clip():
+    model, (X, y) = _mlp(), _data(32)
+    loss_fn = nn.CrossEntropyLoss()
+    opt = KFAC(model, loss_fn, fisher_type="type-2", ema=0.8, refresh_every=2, kl_clip=1e-6)
+    batches = [(X[:16], y[:16]), (X[16:], y[16:])]
+    stats = []
+    for Xb, yb in batches:
+        res = bg.compute(model, loss_fn, Xb, yb, bg.KFAC(fisher_type="type-2"))
+        stats.append(res[bg.KFAC(fisher_type="type-2")]["3"])
+        _train(opt, model, loss_fn, [(Xb, yb)])
+        if len(stats) == 1:
+            eig_first = opt.layers["3"]["eig"][0].clone()
+    A = 0.8 * stats[0].A + 0.2 * stats[1].A
+    torch.testing.assert_close(opt.layers["3"]["A"], A)
+    torch.testing.assert_close(opt.layers["3"]["B"], 0.8 * stats[0].B + 0.2 * stats[1].B)
+    # refresh_every=2: the second step reused the first step's eigendecomposition
+    torch.testing.assert_close(opt.layers["3"]["eig"][0], eig_first)
+    # the KL clip bounds lr^2 d.g
+    p = dict(model.named_parameters())["3.weight"]
+    assert opt.state[p]["momentum_buffer"].abs().max() < 1.0
+
+
+def test_kfac_routes_tied_and_unsupported_to_adamw():
+    from beyondgrad.problems import make_problem
+
+    model = make_problem("transformer").model
+    opt = KFAC(model, nn.CrossEntropyLoss())
+    routes = opt.routes
+    tied = [n for n, (t, why) in routes.items() if "tied" in why]
+    assert tied and all(routes[n][0] == "adamw" for n in tied)
+    assert any(t == "kfac" for t, _ in routes.values())
+    assert "adamw" in opt.routing() and "LayerNorm" in opt.routing()
+
+
+def test_adamw_fallback_matches_torch_adamw():
+    model, (X, y) = _mlp(), _data()
+    twin = _mlp()
+    loss_fn = nn.CrossEntropyLoss()
+    ln = [model[2].weight, model[2].bias]
+    opt = KFAC(model, loss_fn, adam_lr=0.01, weight_decay=0.1, adam_betas=(0.8, 0.9))
+    ref = torch.optim.AdamW(
+        [twin[2].weight, twin[2].bias], lr=0.01, weight_decay=0.1, betas=(0.8, 0.9)
+    )
+    for step in range(3):
+        _train(opt, model, loss_fn, [(X, y)])
+        ref.zero_grad()
+        loss_fn(twin(X), y).backward()
+        ref.step()
+        if step == 0:  # identical models, so identical first gradients of the LayerNorm
+            torch.testing.assert_close(ln[0], twin[2].weight)
+            torch.testing.assert_close(ln[1], twin[2].bias)
+    assert not torch.equal(ln[0], torch.ones(6))  # trained
+
+
+def test_param_group_routed_to_adamw_is_trained():
+    model, (X, y) = _mlp(), _data()
+    loss_fn = nn.CrossEntropyLoss()
+    groups = [
+        {"params": list(model[0].parameters()), "precondition": False},
+        {"params": list(model[2].parameters()) + list(model[3].parameters())},
+    ]
+    opt = SINGD(model, loss_fn, groups)
+    assert opt.routes["0.weight"] == ("adamw", "its param group has precondition=False")
+    assert opt.routes["3.weight"][0] == "singd"
+    before = model[0].weight.detach().clone()
+    _train(opt, model, loss_fn, [(X, y)] * 2)
+    assert not torch.equal(model[0].weight, before)
+
+
+# -- SINGD -----------------------------------------------------------------------------------
+
+
+def _singd_dense_reference(A, B, G, K, C, mK, mC, damping, alpha1, lr_cov, kfac_like):
+    """One SINGD factor update and direction with dense matrices, written from the paper."""
+    dk, dc = K.shape[0], C.shape[0]
+    HK, HC = K.T @ A @ K, C.T @ B @ C
+    if kfac_like:
+        cC = cK = dC = dK = 1.0
+    else:
+        cC, cK = torch.trace(HC) / dc, torch.trace(HK) / dk
+        dC, dK = torch.trace(C.T @ C) / dc, torch.trace(K.T @ K) / dk
+    mK = alpha1 * mK + 0.5 * (cC * HK + damping * dC * K.T @ K - torch.eye(dk))
+    mC = alpha1 * mC + 0.5 * (cK * HC + damping * dK * C.T @ C - torch.eye(dc))
+    K, C = K @ (torch.eye(dk) - lr_cov * mK), C @ (torch.eye(dc) - lr_cov * mC)
+    return K, C, mK, mC, C @ C.T @ G @ K @ K.T
+
+
+@pytest.mark.parametrize("kfac_like", [False, True])
+def test_singd_dense_matches_reference(kfac_like):
+    model = nn.Sequential(nn.Linear(5, 4))
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    X, y = _data(8, 5, 4)
+    kw = dict(damping=0.1, alpha1=0.5, lr_cov=0.05, kfac_like=kfac_like)
+    opt = SINGD(model, loss_fn, lr=0.1, momentum=0.0, T=1, fisher_type="type-2", **kw)
+    K, C, mK, mC = torch.eye(6), torch.eye(4), torch.zeros(6, 6), torch.zeros(4, 4)
+    for step in range(3):
+        res = bg.compute(model, loss_fn, X, y, bg.Grad(), bg.KFAC(fisher_type="type-2"))
+        block = res[bg.KFAC(fisher_type="type-2")]["0"]
+        G = torch.cat([res.grad["0.weight"], res.grad["0.bias"][:, None]], 1)
+        K, C, mK, mC, D = _singd_dense_reference(block.A, block.B, G, K, C, mK, mC, **kw)
+        w_before = model[0].weight.detach().clone()
+        _train(opt, model, loss_fn, [(X, y)])
+        torch.testing.assert_close(opt.layers["0"]["K"], K)
+        torch.testing.assert_close(opt.layers["0"]["C"], C)
+        torch.testing.assert_close(model[0].weight - w_before, -0.1 * D[:, :-1])
+
+
+def test_ikfac_fixed_point_is_damped_inverse():
+    """With fixed statistics, IKFAC's K K^T converges to (A + damping I)^{-1}."""
+    model = nn.Sequential(nn.Linear(3, 2))
+    opt = SINGD(model, nn.MSELoss(), kfac_like=True, alpha1=0.0, lr_cov=0.2, damping=0.1)
+    state, group = opt.layers["0"], opt.param_groups[0]
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(20, 4, generator=g)
+    A, B = a.T @ a / 20, torch.tensor([[1.5, 0.2], [0.2, 0.7]])
+    s = structure("dense")
+    for _ in range(400):
+        opt._update_factors(state, group, s, s, A, B)
+    K, C = state["K"], state["C"]
+    torch.testing.assert_close(
+        K @ K.T, torch.linalg.inv(A + 0.1 * torch.eye(4)), atol=1e-6, rtol=1e-6
+    )
+    torch.testing.assert_close(
+        C @ C.T, torch.linalg.inv(B + 0.1 * torch.eye(2)), atol=1e-6, rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize("name", STRUCTURES)
+def test_singd_structures_keep_their_pattern_and_train(name):
+    model, (X, y) = _mlp(), _data(32)
+    loss_fn = nn.CrossEntropyLoss()
+    opt = SINGD(model, loss_fn, lr=0.05, T=1, structures=name, lr_cov=0.1)
+    losses = _train(opt, model, loss_fn, [(X, y)] * 15)
+    assert losses[-1] < losses[0]
+    s = structure(name)
+    for state in opt.layers.values():
+        for key, dim in (("K", state["dims"][0]), ("C", state["dims"][1])):
+            dense = s.to_dense(state[key], dim)
+            pattern = s.to_dense(s.project(torch.ones(dim, dim)), dim) != 0
+            assert not dense[~pattern].any()
+            assert not torch.allclose(dense, torch.eye(dim))  # it was updated
+
+
+def test_singd_diagonal_uses_less_memory_than_adamw():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    X, y = torch.randn(16, 64), torch.randint(0, 10, (16,))
+    loss_fn = nn.CrossEntropyLoss()
+    singd = SINGD(model, loss_fn, structures="diagonal", momentum=0.9)
+    _train(singd, model, loss_fn, [(X, y)])
+    adamw = torch.optim.AdamW(model.parameters())
+    loss_fn(model(X), y).backward()
+    adamw.step()
+    adam_bytes = sum(
+        t.numel() * t.element_size()
+        for s in adamw.state.values()
+        for t in s.values()
+        if torch.is_tensor(t) and t.ndim
+    )
+    assert singd.optimizer_state_bytes() < adam_bytes
+
+
+# -- SIRFShampoo -----------------------------------------------------------------------------
+
+
+def test_sirfshampoo_matches_dense_reference():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    X, y = _data(10, 4, 3)
+    loss_fn = nn.CrossEntropyLoss()
+    kw = dict(damping=0.1, alpha2=0.3, lr_cov=0.2)
+    opt = SIRFShampoo(model, lr=0.1, momentum=0.0, **kw)
+    Ks = {"0.weight": [torch.eye(3), torch.eye(4)], "0.bias": [torch.eye(3)]}
+    ms = {k: [torch.zeros_like(K) for K in v] for k, v in Ks.items()}
+    for _ in range(3):
+        model.zero_grad()
+        with opt.capture():  # the forward pre-hook counts the batch
+            loss = loss_fn(model(X), y)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        expected = {}
+        for name, G in grads.items():
+            K, m = Ks[name], ms[name]
+            Ghat = G * 10**0.5
+            for n, Kn in enumerate(K):
+                Ghat = torch.movedim(torch.tensordot(Kn.T, Ghat.movedim(n, 0), 1), 0, n)
+            dims = G.shape
+            total = G.numel()
+            newK = []
+            for n, Kn in enumerate(K):
+                others = 1.0
+                for j, Kj in enumerate(K):
+                    if j != n:
+                        others *= torch.trace(Kj.T @ Kj) / dims[j]
+                U = Ghat.movedim(n, 0).reshape(dims[n], -1)
+                step = 0.5 * (
+                    0.1 * others * Kn.T @ Kn + U @ U.T / (total // dims[n]) - torch.eye(dims[n])
+                )
+                m[n] = 0.3 * m[n] + 0.7 * step
+                newK.append(Kn - 0.2 / max(1.0, float(torch.linalg.matrix_norm(m[n]))) * Kn @ m[n])
+            Ks[name] = newK
+            D = G
+            for n, Kn in enumerate(newK):
+                D = torch.movedim(torch.tensordot(Kn @ Kn.T, D.movedim(n, 0), 1), 0, n)
+            expected[name] = D
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.step()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p - before[name], -0.1 * expected[name])
+
+
+def test_sirfshampoo_any_shape_and_big_dims_diagonal():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 3))
+    opt = SIRFShampoo(
+        model,
+        structures={4: ("dense", "diagonal", "dense", "dense"), 2: "triltoeplitz", 1: "dense"},
+        max_dense=3,
+    )
+    assert opt.layers["0.weight"]["structures"] == ("dense", "diagonal", "dense", "dense")
+    assert opt.layers["2.weight"]["structures"] == ("triltoeplitz", "diagonal")
+    X, y = torch.randn(8, 2, 4, 4), torch.randint(0, 3, (8,))
+    losses = _train(opt, model, nn.CrossEntropyLoss(), [(X, y)] * 10)
+    assert losses[-1] < losses[0]
+    with pytest.raises(ValueError, match="order 4"):
+        SIRFShampoo(model, structures={2: "dense"})
+
+
+# -- the torch shell: resume, accumulation, precision, errors --------------------------------
+
+
+def _make(kind, model, loss_fn, **kw):
+    if kind == "kfac":
+        return KFAC(model, loss_fn, fisher_type="mc", refresh_every=2, **kw)
+    if kind == "singd":
+        return SINGD(model, loss_fn, T=2, structures=("diagonal", "dense"), fisher_type="mc", **kw)
+    return SIRFShampoo(model, T=2, **kw)
+
+
+@pytest.mark.parametrize("kind", ["kfac", "singd", "sirf"])
+def test_resume_is_bit_identical(kind):
+    loss_fn = nn.CrossEntropyLoss()
+    batches = [_data(16, seed=s) for s in range(7)]
+    model = _mlp()
+    opt = _make(kind, model, loss_fn, seed=3)
+    _train(opt, model, loss_fn, batches)
+    straight = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    model = _mlp()
+    opt = _make(kind, model, loss_fn, seed=3)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)
+    _train(opt, model, loss_fn, batches[:3])
+    buf = io.BytesIO()
+    torch.save(
+        {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, buf
+    )
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=False)
+    model2 = _mlp(seed=9)
+    model2.load_state_dict(ckpt["model"])
+    opt2 = _make(kind, model2, loss_fn, seed=3)
+    opt2.load_state_dict(ckpt["opt"])
+    _train(opt2, model2, loss_fn, batches[3:])
+    for name, p in model2.named_parameters():
+        assert torch.equal(p, straight[name]), name
+
+
+@pytest.mark.parametrize("kind", ["kfac", "singd"])
+def test_gradient_accumulation_equals_full_batch(kind):
+    loss_fn = nn.CrossEntropyLoss()
+    X, y = _data(16)
+    model_a, model_b = _mlp(), _mlp()
+    opt_a = (
+        _make(kind, model_a, loss_fn)
+        if kind != "kfac"
+        else KFAC(model_a, loss_fn, fisher_type="type-2")
+    )
+    opt_b = (
+        _make(kind, model_b, loss_fn)
+        if kind != "kfac"
+        else KFAC(model_b, loss_fn, fisher_type="type-2")
+    )
+    if kind == "singd":
+        opt_a = SINGD(model_a, loss_fn, T=1, fisher_type="type-2")
+        opt_b = SINGD(model_b, loss_fn, T=1, fisher_type="type-2")
+    _train(opt_a, model_a, loss_fn, [(X, y)])
+    opt_b.zero_grad()
+    for half in (slice(0, 8), slice(8, 16)):
+        with opt_b.capture():
+            loss = loss_fn(model_b(X[half]), y[half]) / 2
+        loss.backward()
+    opt_b.step()
+    for (n, p), q in zip(model_a.named_parameters(), model_b.parameters()):
+        torch.testing.assert_close(p, q, msg=n)
+
+
+@pytest.mark.parametrize("kind", ["singd", "sirf"])
+def test_bfloat16_factors_and_autocast_stay_finite(kind):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3)).float()
+    X, y = _data(32)
+    X = X.float()
+    loss_fn = nn.CrossEntropyLoss()
+    if kind == "singd":
+        opt = SINGD(model, loss_fn, T=1, lr=0.01, preconditioner_dtype=torch.bfloat16)
+    else:
+        opt = SIRFShampoo(model, lr=0.01, preconditioner_dtype=torch.bfloat16)
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16), opt.capture():
+            loss = loss_fn(model(X), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    state = next(iter(opt.layers.values()))
+    factor = state["K"][0] if kind == "sirf" else state["K"]
+    assert factor.dtype == torch.bfloat16
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+def test_grad_scaler_steps_and_skips_inf():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)).float()
+    X, y = _data(8)
+    X = X.float()
+    loss_fn = nn.CrossEntropyLoss()
+    opt = SINGD(model, loss_fn, T=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    before = model[0].weight.detach().clone()
+    for _ in range(2):
+        opt.zero_grad()
+        with opt.capture():
+            loss = loss_fn(model(X), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    assert not torch.equal(model[0].weight, before)
+    # an overflowing step is skipped by the scaler, the weights stay
+    opt.zero_grad()
+    with opt.capture():
+        loss = loss_fn(model(X), y)
+    scaler.scale(loss * float("inf")).backward()
+    w = model[0].weight.detach().clone()
+    scaler.step(opt)
+    assert torch.equal(model[0].weight, w)
+
+
+def test_non_finite_gradients_raise_and_keep_state():
+    model, (X, y) = _mlp(), _data()
+    loss_fn = nn.CrossEntropyLoss()
+    opt = KFAC(model, loss_fn)
+    _train(opt, model, loss_fn, [(X, y)])
+    A = opt.layers["3"]["A"].clone()
+    opt.zero_grad()
+    with opt.capture():
+        loss = loss_fn(model(X), y)
+    loss.backward()
+    model[3].weight.grad[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="3.weight"):
+        opt.step()
+    assert torch.equal(opt.layers["3"]["A"], A)
+
+
+def test_errors_are_clear():
+    model = _mlp()
+    loss_fn = nn.CrossEntropyLoss()
+    with pytest.raises(ValueError, match="damping_mode"):
+        KFAC(model, loss_fn, damping_mode="tikhonov")
+    with pytest.raises(ValueError, match="structure"):
+        SINGD(model, loss_fn, structures="banded")
+    with pytest.raises(ValueError, match="momentum"):
+        SIRFShampoo(model, momentum=1.5)
+    with pytest.raises(ValueError, match="belong to `model`"):
+        KFAC(model, loss_fn, params=[nn.Parameter(torch.zeros(2))])
+    opt = KFAC(model, loss_fn)
+    X, y = _data()
+    loss_fn(model(X), y).backward()  # no capture(): no statistics
+    with pytest.raises(RuntimeError, match="capture"):
+        opt.step()
+    with pytest.raises(ValueError, match="KFAC state_dict"):
+        opt.load_state_dict(SINGD(model, loss_fn).state_dict())
+    with pytest.raises(RuntimeError, match="loss_fn was not called"), opt.capture():
+        model(X)
