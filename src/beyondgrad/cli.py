@@ -17,6 +17,7 @@ import torch
 
 from . import __version__
 from .engine import compute, coverage
+from .optim_bench import OPTIMIZERS
 from .problems import PROBLEMS, Problem, make_problem
 from .quantities import (
     KFAC,
@@ -32,6 +33,7 @@ from .quantities import (
     SumGradSquared,
     Variance,
 )
+from .tasks import TASKS
 
 FIRST_ORDER_DEMO: tuple[Quantity, ...] = (
     Grad(),
@@ -229,6 +231,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_cov = sub.add_parser("coverage", help="which rule serves each parameter of a problem")
     p_cov.add_argument("--problem", choices=PROBLEMS, default="transformer")
+    p_bench = sub.add_parser("bench", help="regenerate a benchmark table")
+    bench_sub = p_bench.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+    p_optim = bench_sub.add_parser(
+        "optim",
+        help="optimizers' time to target (AlgoPerf-style) vs AdamW, Muon, SOAP",
+        description="Random search with the same budget for every optimizer, then several "
+        "seeds of the best configuration; median wall-clock time to each task's target, "
+        "ms/step, state memory, divergences and the geometric mean of time ratios to AdamW "
+        "(see beyondgrad.optim_bench).",
+    )
+    p_optim.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    p_optim.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS))
+    p_optim.add_argument("--trials", type=_positive_int, default=4, help="random-search trials")
+    p_optim.add_argument("--seeds", type=_positive_int, default=2, help="seeds of the best")
+    p_optim.add_argument(
+        "--max-seconds", type=float, default=20.0, help="training-time budget per run"
+    )
+    p_optim.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p_optim.add_argument("--threads", type=_positive_int, default=None)
+    p_optim.add_argument(
+        "--out",
+        default=None,
+        help="markdown file (default: benchmarks/results/optim_<device type>.md; a .json with "
+        "the raw numbers is written beside it)",
+    )
     return parser
 
 
@@ -252,7 +279,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             parser.error(f"--device {args.device}: CUDA is not available on this machine")
         return demo(args.problem, args.device, args.reps, args.threads)
+    if args.command == "bench":
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: CUDA is not available on this machine")
+        return _bench_optim(args)
     return _coverage(args.problem)
+
+
+def _bench_optim(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .optim_bench import benchmark, render
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out or f"benchmarks/results/optim_{torch.device(args.device).type}.md")
+    results = benchmark(
+        tuple(args.tasks),
+        tuple(args.optimizers),
+        args.trials,
+        args.seeds,
+        args.max_seconds,
+        args.device,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(results))
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    print(render(results))
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    return 0
 
 
 if __name__ == "__main__":

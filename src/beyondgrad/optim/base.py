@@ -169,7 +169,10 @@ class CurvatureOptimizer(Optimizer):
             )
         result = session.compute(session.loss_calls[-1][2], retain_graph=True)
         self._pending.setdefault("_calls", []).append(1)
-        for name, block in result[quantity].items():
+        blocks = result[quantity]
+        if self.steps == 0 and len(self._pending["_calls"]) == 1:
+            self._drop_layers_without_stats(blocks)
+        for name, block in blocks.items():
             if name in self.layers and isinstance(block, KroneckerFactors):
                 N = block.num_data
                 part = [block.A * N, block.B * N, N]
@@ -179,6 +182,13 @@ class CurvatureOptimizer(Optimizer):
                 )
                 self.layers[name].setdefault("order", block.order)
                 self.layers[name].setdefault("weight_perm", block.weight_perm)
+
+    def _drop_layers_without_stats(self, blocks: dict[str, Any]) -> None:
+        """After the first captured forward pass: layers that got no Kronecker block (not
+        called as modules, e.g. applied functionally by a parent) go to the AdamW fallback."""
+        for name in [n for n in self.layers if not isinstance(blocks.get(n), KroneckerFactors)]:
+            for pname in self.layers.pop(name)["params"]:
+                self.routes[pname] = ("adamw", "no Kronecker statistics in the first step")
 
     def _consume_stats(self) -> dict[str, tuple[Tensor, Tensor]]:
         """The statistics since the last step, averaged over samples (and ranks); checked."""
@@ -351,10 +361,15 @@ def kronecker_layers(
         for p in u.params.values():
             counts[id(p)] = counts.get(id(p), 0) + 1
     names = {id(p): n for n, p in model.named_parameters()}
+    inside_attention = {
+        id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)
+    }
     layers, refused = {}, {}
     for u in units:
         kind = type(u.module).__name__
-        if u.rule is None or u.rule.name not in rules or "weight" not in u.params:
+        if id(u.module) in inside_attention:
+            reason = "MultiheadAttention.out_proj is applied functionally (no layer call)"
+        elif u.rule is None or u.rule.name not in rules or "weight" not in u.params:
             reason = f"no Kronecker rule for {kind}"
         elif set(u.params) - {"weight", "bias"}:
             reason = f"{kind} has parameters besides weight and bias"

@@ -1,0 +1,389 @@
+"""Time to target, AlgoPerf-style, for beyondgrad's optimizers and their peers
+(``beyondgrad bench optim``).
+
+Protocol (every optimizer, AdamW included, gets the same budget):
+
+1. ``trials`` random configurations from the optimizer's documented search space
+   (:data:`SEARCH_SPACES`; log-uniform ranges, one fixed RNG per optimizer), each run once
+   (seed 0) for at most ``max_seconds`` of training time;
+2. the configuration that reaches the task's target fastest (or, if none does, gets the best
+   validation metric) is rerun with ``seeds`` new seeds;
+3. reported per task: the median wall-clock training time to target over those seeds (a run
+   that never reaches it counts as the budget plus one second), median steps to target, median
+   ms per step, optimizer-state memory, how many seeds reached the target, divergences
+   (non-finite loss or a refused step); the ratio of the median time to AdamW's and the
+   geometric mean of these ratios over the tasks.
+
+Evaluation time is excluded from the training time; the first step (warm-up, torch.compile in
+peers) is included. SINGD and SIRFShampoo are also rerun with bfloat16 preconditioner factors
+(the chosen fp32 configuration) to compare their time to target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .optim import KFAC, SINGD, SIRFShampoo
+from .tasks import TASKS, make_task
+
+
+def _log_uniform(lo: float, hi: float) -> Callable[[torch.Generator], float]:
+    def sample(g: torch.Generator) -> float:
+        u = float(torch.rand((), generator=g, dtype=torch.float64))
+        return float(10 ** (math.log10(lo) + u * (math.log10(hi) - math.log10(lo))))
+
+    return sample
+
+
+SEARCH_SPACES: dict[str, dict[str, Callable[[torch.Generator], float]]] = {
+    "adamw": {"lr": _log_uniform(3e-4, 1e-2), "weight_decay": _log_uniform(1e-5, 1e-1)},
+    "kfac": {
+        "lr": _log_uniform(3e-2, 1.0),
+        "damping": _log_uniform(1e-3, 1e-1),
+        "weight_decay": _log_uniform(1e-5, 1e-1),
+    },
+    "singd": {
+        "lr": _log_uniform(3e-3, 3e-1),
+        "damping": _log_uniform(1e-3, 1e-1),
+        "weight_decay": _log_uniform(1e-5, 1e-1),
+    },
+    "sirfshampoo": {
+        "lr": _log_uniform(3e-4, 3e-2),
+        "damping": _log_uniform(1e-4, 1e-1),
+        "weight_decay": _log_uniform(1e-5, 1e-1),
+    },
+    "muon": {"lr": _log_uniform(3e-3, 1e-1), "weight_decay": _log_uniform(1e-5, 1e-1)},
+    "soap": {"lr": _log_uniform(3e-4, 1e-2), "weight_decay": _log_uniform(1e-5, 1e-1)},
+}
+"""The random-search space per optimizer (fixed hyperparameters are in :func:`build`)."""
+
+OPTIMIZERS = tuple(SEARCH_SPACES)
+
+
+class _Chain:
+    """Several torch optimizers stepped together (Muon for matrices + AdamW for the rest)."""
+
+    def __init__(self, *opts: torch.optim.Optimizer):
+        self.opts = opts
+        self.state = {k: v for o in opts for k, v in o.state.items()}
+
+    def zero_grad(self) -> None:
+        for o in self.opts:
+            o.zero_grad()
+
+    def step(self) -> None:
+        for o in self.opts:
+            o.step()
+        self.state = {k: v for o in self.opts for k, v in o.state.items()}
+
+
+def build(
+    name: str, model: nn.Module, loss_fn: nn.Module, hp: dict[str, float], bf16: bool = False
+) -> Any:
+    """Optimizer ``name`` with hyperparameters ``hp`` (fixed choices documented here: KFAC
+    MC Fisher, statistics every 2 steps, refresh every 10; SINGD diagonal-free dense factors,
+    T=5; SIRFShampoo T=2; the AdamW fallback at lr 1e-3)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    dtype = torch.bfloat16 if bf16 else None
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
+    if name == "kfac":
+        return KFAC(
+            model, loss_fn, lr=hp["lr"], damping=hp["damping"], weight_decay=hp["weight_decay"],
+            stats_every=2, refresh_every=10,
+        )  # fmt: skip
+    if name == "singd":
+        return SINGD(
+            model, loss_fn, lr=hp["lr"], damping=hp["damping"], weight_decay=hp["weight_decay"],
+            T=5, preconditioner_dtype=dtype,
+        )  # fmt: skip
+    if name == "sirfshampoo":
+        return SIRFShampoo(
+            model, lr=hp["lr"], damping=hp["damping"], weight_decay=hp["weight_decay"], T=2,
+            preconditioner_dtype=dtype, max_dense=512,
+        )  # fmt: skip
+    if name == "muon":
+        matrices = [p for p in params if p.ndim == 2]
+        rest = [p for p in params if p.ndim != 2]
+        opts = [torch.optim.Muon(matrices, lr=hp["lr"], weight_decay=hp["weight_decay"])]
+        if rest:
+            opts.append(torch.optim.AdamW(rest, lr=1e-3, weight_decay=hp["weight_decay"]))
+        return _Chain(*opts)
+    if name == "soap":
+        import heavyball  # optional peer
+
+        heavyball.utils.compile_mode = None  # eager, like every other optimizer here
+        heavyball.utils.compile_mode_recommended_to_none = None
+        return heavyball.SOAP(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
+    raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+
+
+def available(name: str) -> bool:
+    if name == "soap":
+        try:
+            import heavyball  # noqa: F401
+        except ImportError:
+            return False
+    if name == "muon":
+        return hasattr(torch.optim, "Muon")
+    return True
+
+
+def state_bytes(opt: Any) -> int:
+    if hasattr(opt, "optimizer_state_bytes"):
+        return int(opt.optimizer_state_bytes())
+    total = 0
+    for state in opt.state.values():
+        for v in state.values() if isinstance(state, dict) else ():
+            if torch.is_tensor(v) and v.ndim > 0:
+                total += v.numel() * v.element_size()
+    return total
+
+
+@dataclass
+class Run:
+    reached: bool
+    seconds: float  # training time to target (or until the budget ran out)
+    steps: int
+    ms_per_step: float
+    state_bytes: int
+    diverged: bool
+    metric: float
+    history: list[tuple[int, float, float]] = field(default_factory=list)  # step, s, metric
+
+
+def run(
+    task_name: str,
+    opt_name: str,
+    hp: dict[str, float],
+    seed: int,
+    max_seconds: float,
+    max_steps: int = 100_000,
+    eval_every: int = 10,
+    device: str = "cpu",
+    bf16: bool = False,
+) -> Run:
+    """Train until the task's target, ``max_seconds`` of training time or ``max_steps``."""
+    task = make_task(task_name, seed)
+    model = task.model.to(device)
+    loss_fn = task.loss_fn
+    opt = build(opt_name, model, loss_fn, hp, bf16)
+    capture = getattr(opt, "capture", contextlib.nullcontext)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    elapsed, steps, metric, history = 0.0, 0, -math.inf, []
+    diverged = False
+    batches = task.batches(seed)
+    while steps < max_steps and elapsed < max_seconds:
+        X, y = next(batches)
+        X, y = X.to(device), y.to(device)
+        start = time.perf_counter()
+        try:
+            opt.zero_grad()
+            with capture():
+                loss = loss_fn(model(X), y)
+            loss.backward()
+            if not bool(torch.isfinite(loss)):
+                raise FloatingPointError("non-finite loss")
+            opt.step()
+        except FloatingPointError:
+            diverged = True
+            break
+        sync()
+        elapsed += time.perf_counter() - start
+        steps += 1
+        if steps % eval_every == 0:
+            metric = task.evaluate(model)
+            history.append((steps, elapsed, metric))
+            if not math.isfinite(metric):
+                diverged = True
+                break
+            if metric >= task.target:
+                return Run(
+                    True,
+                    elapsed,
+                    steps,
+                    1e3 * elapsed / steps,
+                    state_bytes(opt),
+                    False,
+                    metric,
+                    history,
+                )
+    return Run(
+        False,
+        elapsed,
+        steps,
+        1e3 * elapsed / max(steps, 1),
+        state_bytes(opt),
+        diverged,
+        metric,
+        history,
+    )
+
+
+def _score(r: Run, budget: float) -> float:
+    return r.seconds if r.reached else budget + 1.0
+
+
+@dataclass
+class Cell:
+    hp: dict[str, float]
+    runs: list[Run]
+    budget: float
+
+    @property
+    def median_seconds(self) -> float:
+        return statistics.median(_score(r, self.budget) for r in self.runs)
+
+    def summary(self) -> dict[str, Any]:
+        reached = [r for r in self.runs if r.reached]
+        return {
+            "hp": self.hp,
+            "median_seconds": self.median_seconds,
+            "median_steps": statistics.median(r.steps for r in reached) if reached else None,
+            "ms_per_step": statistics.median(r.ms_per_step for r in self.runs),
+            "state_mib": max(r.state_bytes for r in self.runs) / 2**20,
+            "reached": f"{len(reached)}/{len(self.runs)}",
+            "diverged": sum(r.diverged for r in self.runs),
+        }
+
+
+def tune_and_measure(
+    task: str,
+    opt_name: str,
+    trials: int,
+    seeds: int,
+    max_seconds: float,
+    device: str = "cpu",
+    progress: Callable[[str], None] = print,
+) -> tuple[Cell, list[Run]]:
+    """Random search (``trials`` configurations, seed 0), then ``seeds`` reruns of the best."""
+    g = torch.Generator().manual_seed(sum(map(ord, opt_name)))
+    space = SEARCH_SPACES[opt_name]
+    best: tuple[float, float, dict[str, float]] | None = None
+    search: list[Run] = []
+    for t in range(trials):
+        hp = {k: sample(g) for k, sample in space.items()}
+        r = run(task, opt_name, hp, 0, max_seconds, device=device)
+        search.append(r)
+        key = (_score(r, max_seconds), -r.metric if math.isfinite(r.metric) else math.inf)
+        progress(f"  {task} {opt_name} trial {t}: {_fmt_hp(hp)} -> {_fmt_run(r)}")
+        if best is None or key < best[:2]:
+            best = (*key, hp)
+    assert best is not None
+    hp = best[2]
+    runs = [run(task, opt_name, hp, s, max_seconds, device=device) for s in range(1, seeds + 1)]
+    for s, r in enumerate(runs, 1):
+        progress(f"  {task} {opt_name} seed {s}: {_fmt_run(r)}")
+    return Cell(hp, runs, max_seconds), search
+
+
+def _fmt_hp(hp: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.2g}" for k, v in hp.items())
+
+
+def _fmt_run(r: Run) -> str:
+    state = (
+        f"reached in {r.seconds:.1f}s/{r.steps} steps" if r.reached else f"metric {r.metric:.4f}"
+    )
+    return state + (" DIVERGED" if r.diverged else "")
+
+
+def benchmark(
+    tasks: tuple[str, ...] = TASKS,
+    optimizers: tuple[str, ...] = OPTIMIZERS,
+    trials: int = 4,
+    seeds: int = 2,
+    max_seconds: float = 20.0,
+    device: str = "cpu",
+    bf16: bool = True,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Every (task, optimizer) cell; returns a JSON-able dict (see :func:`render`)."""
+    results: dict[str, Any] = {
+        "meta": {
+            "torch": torch.__version__,
+            "device": device if device == "cpu" else torch.cuda.get_device_name(),
+            "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+            "trials": trials,
+            "seeds": seeds,
+            "max_seconds": max_seconds,
+        },
+        "tasks": {},
+    }
+    for task in tasks:
+        cells: dict[str, Any] = {}
+        for name in optimizers:
+            if not available(name):
+                progress(f"  {name}: not installed, skipped")
+                continue
+            cell, _ = tune_and_measure(task, name, trials, seeds, max_seconds, device, progress)
+            cells[name] = cell.summary()
+            if bf16 and name in ("singd", "sirfshampoo"):
+                runs = [
+                    run(task, name, cell.hp, s, max_seconds, device=device, bf16=True)
+                    for s in range(1, seeds + 1)
+                ]
+                cells[name + "-bf16"] = Cell(cell.hp, runs, max_seconds).summary()
+                progress(f"  {task} {name}-bf16: {[_fmt_run(r) for r in runs]}")
+        results["tasks"][task] = {"target": make_task(task).target, "cells": cells}
+    return results
+
+
+def render(results: dict[str, Any]) -> str:
+    """Markdown tables: one per task, then the geometric means of time ratios to AdamW."""
+    meta = results["meta"]
+    lines = [
+        "# Optimizers: time to target (AlgoPerf-style)",
+        "",
+        f"torch {meta['torch']}, {meta['device']}, {meta['threads']} threads; random search "
+        f"with {meta['trials']} trials per optimizer, then {meta['seeds']} seeds of the best "
+        f"configuration; budget {meta['max_seconds']:.0f} s of training per run (a run that "
+        "misses the target counts as budget + 1 s). Regenerate: `beyondgrad bench optim`.",
+        "",
+    ]
+    ratios: dict[str, list[float]] = {}
+    for task, entry in results["tasks"].items():
+        cells = entry["cells"]
+        base = cells.get("adamw", {}).get("median_seconds")
+        lines += [
+            f"## {task} (target {entry['target']})",
+            "",
+            "| optimizer | config | median s to target | ratio to AdamW | median steps | "
+            "ms/step | state MiB | reached | diverged |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, c in cells.items():
+            ratio = c["median_seconds"] / base if base else float("nan")
+            ratios.setdefault(name, []).append(ratio)
+            steps = "–" if c["median_steps"] is None else f"{c['median_steps']:.0f}"
+            lines.append(
+                f"| {name} | {_fmt_hp(c['hp'])} | {c['median_seconds']:.1f} | {ratio:.2f} | "
+                f"{steps} | {c['ms_per_step']:.1f} | {c['state_mib']:.2f} | {c['reached']} | "
+                f"{c['diverged']} |"
+            )
+        lines.append("")
+    lines += [
+        "## Geometric mean over tasks of the time ratio to AdamW",
+        "",
+        "| optimizer | geometric mean | tasks |",
+        "|---|---|---|",
+    ]
+    for name, rs in ratios.items():
+        finite = [r for r in rs if math.isfinite(r) and r > 0]
+        gm = math.exp(sum(map(math.log, finite)) / len(finite)) if finite else float("nan")
+        lines.append(f"| {name} | {gm:.2f} | {len(finite)} |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["OPTIMIZERS", "SEARCH_SPACES", "benchmark", "build", "render", "run"]
