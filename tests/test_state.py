@@ -149,3 +149,30 @@ def test_out_reuses_per_sample_memory(case):
     sub = bg.compute(model, loss_fn, X, y, bg.BatchGrad(), subsampling=[1], out=first)
     for k, v in sub[bg.BatchGrad].items():
         torch.testing.assert_close(v[0], kept[k][1], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_quantities_from_the_ordinary_backward_equal_compute(case, scale):
+    """capture(from_backward=True) reuses loss.backward()'s layer-output gradients."""
+    model, X, y, loss_fn = CASES[case]()
+    qs = (bg.Grad(), bg.BatchL2(), bg.SumGradSquared(), bg.BatchDot(), bg.Variance())
+    ref = bg.compute(model, loss_fn, X, y, *qs)
+    model.zero_grad()
+    with bg.capture(model, loss_fn, *qs, from_backward=True) as session:
+        loss = loss_fn(_call(model, X), y)
+        (scale * loss).backward()
+    res = session.compute(loss)
+    for q in qs:
+        for name, value in ref[q].items():
+            torch.testing.assert_close(res[q][name], value, msg=f"{q} {name}")
+    for name, p in model.named_parameters():  # the ordinary backward still filled .grad
+        torch.testing.assert_close(p.grad, scale * ref.grad[name])
+
+
+def _call(model, X):
+    if isinstance(X, dict):
+        return model(**X)
+    if isinstance(X, (tuple, list)):
+        return model(*X)
+    return model(X)

@@ -155,11 +155,46 @@ class Session:
         self.recorder = Recorder(self.units)
         self.loss_calls: list[tuple[Tensor, Tensor, Tensor]] = []
         self._loss_handle: Any = None
+        self.watch_backward = False
+        self._seen: dict[tuple[int, int], Tensor] = {}
+        self._seed: Tensor | None = None  # d(backpropagated)/d(loss) of the watched backward
+        self._node_kinds: set[str] | None = None
+        self._node_handles: list[Any] = []
 
     # -- forward ------------------------------------------------------------------------------
     def _loss_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         if torch.is_grad_enabled() and self.recorder.enabled:
             self.loss_calls.append((args[0], args[1], output))
+            if self.watch_backward and output.requires_grad:
+                self._watch(output)
+
+    def _watch(self, loss: Tensor) -> None:
+        """Record every layer-output gradient of the next ordinary ``loss.backward()`` (node
+        pre-hooks at the recorded gradient edges), so that first-order quantities need no
+        backward pass of their own. Attribution runs when that backward starts."""
+        nodes: dict[int, tuple[Any, set[int]]] = {}
+        for unit in self.units:
+            for call in unit.calls:
+                for edge in call.edges:
+                    if edge is not None:
+                        nodes.setdefault(id(edge.node), (edge.node, set()))[1].add(
+                            edge.output_nr
+                        )
+        for key, (node, nrs) in nodes.items():
+
+            def pre(grad_outputs: tuple, key: int = key, nrs: set[int] = nrs) -> None:
+                for nr in nrs:
+                    if grad_outputs[nr] is not None:
+                        self._seen[(key, nr)] = grad_outputs[nr]
+
+            self._node_handles.append(node.register_prehook(pre))
+        names = {id(p): n for n, p in self.model.named_parameters()}
+
+        def on_loss(grad: Tensor) -> None:
+            self._seed = grad.detach()
+            self._node_kinds = attribute(loss, self.units, names)
+
+        loss.register_hook(on_loss)
 
     def __enter__(self) -> Session:
         self.recorder.__enter__()
@@ -168,6 +203,9 @@ class Session:
 
     def __exit__(self, *exc: object) -> None:
         self.recorder.remove()
+        for handle in self._node_handles:
+            handle.remove()
+        self._node_handles.clear()
         if self._loss_handle is not None:
             self._loss_handle.remove()
             self._loss_handle = None
@@ -202,7 +240,10 @@ class Session:
         want_grad = Grad() in self.quantities
         only_grad = self.quantities == [Grad()]
         node_kinds: set[str] = set()
-        if not only_grad:  # a plain gradient needs no attribution to layer calls
+        watched = self._seed is not None  # the layer-output gradients of loss.backward()
+        if watched:
+            node_kinds = self._node_kinds or set()
+        elif not only_grad:  # a plain gradient needs no attribution to layer calls
             node_kinds = attribute(loss, self.units, names)
         index = _index(self.subsampling, N, loss.device) if self.per_sample else None
         kinds = list(dict.fromkeys(q.vectors for q in self.quantities if not isinstance(q, Grad)))
@@ -211,14 +252,34 @@ class Session:
         if second_order and wants_grad_vectors and ("grad", 1) not in kinds:
             kinds.insert(0, ("grad", 1))
 
-        calls = [] if only_grad else [(u, c) for u in self.units for c in u.calls]
+        if watched and want_grad and ("grad", 1) not in kinds:
+            kinds.insert(0, ("grad", 1))
+        calls = [] if only_grad and not watched else [(u, c) for u in self.units for c in u.calls]
         if all(isinstance(q, KFAC) and not q.diagonal_fallback for q in self.quantities):
             # Kronecker blocks only: layers without a Kronecker rule need no backward
             calls = [(u, c) for u, c in calls if _has_kronecker(u)]
         edges = [(u, c, i) for u, c in calls for i, e in enumerate(c.edges) if e is not None]
         targets = [c.edges[i] for _, c, i in edges]
         where = [u.name for u, _, _ in edges]
-        if not second_order:
+        if watched:
+            if second_order:
+                raise RuntimeError(
+                    "second-order quantities need their own backward pass: compute them before "
+                    "loss.backward()"
+                )
+            seed = self._seed
+            grads = tuple(
+                None
+                if (g := self._seen.get((id(e.node), e.output_nr))) is None
+                else (g / seed if not bool((seed == 1).all()) else g)
+                for e in targets
+            )
+            _check_finite(grads, where)
+            param_grads, residual = {}, {}
+            per_kind = (
+                {kinds[0]: [None if g is None else g.unsqueeze(0) for g in grads]} if kinds else {}
+            )
+        elif not second_order:
             # one backward pass of the loss: to every recorded layer output, and to the
             # parameters only when the gradient itself is requested (autograd forms it at
             # the cost of a plain backward)
@@ -277,7 +338,7 @@ class Session:
                 form_list = kind_forms.get(id(param))
                 merged[kind] = merge_forms(form_list) if form_list else None
             if want_grad:
-                if second_order:
+                if second_order or watched:
                     form = merged.get(("grad", 1))
                     g = form.grad() if form is not None else None
                 else:
@@ -652,6 +713,7 @@ def capture(
     *quantities: Quantity,
     subsampling: Sequence[int] | Tensor | None = None,
     generator: torch.Generator | None = None,
+    from_backward: bool = False,
 ) -> Iterator[Session]:
     """Record an ordinary forward pass, then compute quantities from its loss::
 
@@ -661,9 +723,20 @@ def capture(
 
     The loss must be the tensor ``loss_fn`` returned (not scaled or modified afterwards). Hooks
     are removed when the block exits, also on errors.
+
+    ``from_backward=True``: the block also runs the ordinary ``loss.backward()`` (or
+    ``(c * loss).backward()`` for a constant ``c``, e.g. a gradient scaler's scale), and
+    first-order quantities are then computed from the layer-output gradients of that backward
+    pass, with no backward pass of their own::
+
+        with bg.capture(model, loss_fn, bg.BatchL2(), from_backward=True) as session:
+            loss = loss_fn(model(X), y)
+            loss.backward()
+        res = session.compute(loss)
     """
     check_loss_fn(loss_fn)
     session = Session(model, loss_fn, _check_quantities(quantities), subsampling, generator)
+    session.watch_backward = from_backward
     with session:
         yield session
 
