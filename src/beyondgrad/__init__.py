@@ -7,7 +7,7 @@ Public API::
     res[bg.BatchL2]["fc.weight"]
 """
 
-from . import conv, linalg, linops, optim
+from . import cockpit, conv, linalg, linops, optim
 from .engine import (
     SUPPORTED_LOSSES,
     Coverage,
@@ -61,6 +61,7 @@ __all__ = [
     "Variance",
     "__version__",
     "capture",
+    "cockpit",
     "compute",
     "conv",
     "coverage",

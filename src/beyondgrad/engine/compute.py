@@ -23,7 +23,13 @@ from .attribution import _region as _region_of
 from .attribution import attribute
 from .capture import Call, Recorder, Unit, plan_units
 from .hessian import hesscale, residual_sites
-from .losses import check_loss_fn, check_target, loss_vectors, reduction_factor
+from .losses import (
+    check_loss_fn,
+    check_target,
+    is_internal_loss_call,
+    loss_vectors,
+    reduction_factor,
+)
 
 
 class Result:
@@ -163,7 +169,7 @@ class Session:
 
     # -- forward ------------------------------------------------------------------------------
     def _loss_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
-        if torch.is_grad_enabled() and self.recorder.enabled:
+        if torch.is_grad_enabled() and self.recorder.enabled and not is_internal_loss_call():
             self.loss_calls.append((args[0], args[1], output))
             if self.watch_backward and output.requires_grad:
                 self._watch(output)
@@ -177,9 +183,7 @@ class Session:
             for call in unit.calls:
                 for edge in call.edges:
                     if edge is not None:
-                        nodes.setdefault(id(edge.node), (edge.node, set()))[1].add(
-                            edge.output_nr
-                        )
+                        nodes.setdefault(id(edge.node), (edge.node, set()))[1].add(edge.output_nr)
         for key, (node, nrs) in nodes.items():
 
             def pre(grad_outputs: tuple, key: int = key, nrs: set[int] = nrs) -> None:

@@ -19,6 +19,8 @@ Supported: ``nn.MSELoss``, ``nn.CrossEntropyLoss`` (class indices or probabiliti
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -88,6 +90,23 @@ def reduction_factor(loss_fn: nn.Module, output: Tensor, target: Tensor) -> floa
     return 1.0 / output.numel()
 
 
+_INTERNAL = [0]
+
+
+@contextmanager
+def internal_loss_call() -> Iterator[None]:
+    """Calls of ``loss_fn`` made by beyondgrad itself: capture sessions do not record them."""
+    _INTERNAL[0] += 1
+    try:
+        yield
+    finally:
+        _INTERNAL[0] -= 1
+
+
+def is_internal_loss_call() -> bool:
+    return _INTERNAL[0] > 0
+
+
 def loss_vectors(
     loss_fn: nn.Module,
     output: Tensor,
@@ -102,7 +121,7 @@ def loss_vectors(
     output = output.detach()
     if kind == "grad":
         f = output.clone().requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), internal_loss_call():
             (g,) = torch.autograd.grad(loss_fn(f, target), f)
         return g.unsqueeze(0)
     if kind not in VECTOR_KINDS:

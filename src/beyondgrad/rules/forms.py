@@ -67,6 +67,16 @@ class Form(ABC):
     def select(self, index: Tensor) -> Form:
         """The form restricted to the samples ``index`` (1-d long tensor), all vectors kept."""
 
+    def entries(self, rows: Tensor, flat: Tensor) -> Tensor:
+        """Single entries of the rows: ``g_{rows[e]}[flat[e]]`` (flattened index into
+        ``shape``), ``[E]``. Default: materialize the distinct rows asked for."""
+        distinct, where = torch.unique(rows, return_inverse=True)
+        sample = distinct % self.num_samples
+        picked = (
+            self.select(sample).batch_grad() if self.vectors == 1 else self.batch_grad()[distinct]
+        )
+        return picked.reshape(picked.shape[0], -1)[where, flat]
+
     def _memo(self, key: str, fn: Callable[[], Tensor]) -> Tensor:
         cache = self.__dict__.setdefault("_cache", {})
         if key not in cache:
@@ -210,6 +220,15 @@ class OuterForm(Form):
     def _sizes(self) -> tuple[int, int, int, int, int]:
         N, S, I = self.A.shape
         return self.vectors, N, S, I, self.G.shape[2]
+
+    def entries(self, rows: Tensor, flat: Tensor) -> Tensor:
+        """``sum_s G[r, s, o] A[r mod N, s, i]`` for ``(o, i) = divmod(flat, I)``: no row is
+        materialized."""
+        I = self.A.shape[2]
+        o, i = flat // I, flat % I
+        g = self.G[rows, :, o]  # [E, S]
+        a = self.A[rows % self.num_samples, :, i]  # [E, S]
+        return (g * a).sum(1)
 
     def select(self, index: Tensor) -> OuterForm:
         rows = _row_index(index, self.vectors, self.num_samples)
