@@ -56,7 +56,8 @@ class Cockpit:
     ``log_dir/dashboard.png`` every that many tracked steps. Histograms: ``hist_bins`` bins,
     ``hist_entries`` random per-sample gradient entries per layer from ``hist_samples``
     samples. ``spectra_k``: GGN eigenvalues per layer (LayerSpectra). ``hess_iters``: Lanczos
-    iterations for HessMaxEV.
+    iterations for HessMaxEV. ``curvature_mc``: Monte-Carlo samples of the GGN diagonal and
+    spectra (``None``: exact, one backward pass per model output).
     """
 
     def __init__(
@@ -73,6 +74,7 @@ class Cockpit:
         hist_samples: int = 8,
         spectra_k: int = 4,
         hess_iters: int = 20,
+        curvature_mc: int | None = 1,
         seed: int = 0,
     ):
         if isinstance(config, str):
@@ -93,7 +95,7 @@ class Cockpit:
         self.config = config if isinstance(config, str) else "custom"
         self.schedule = schedule or every(1)
         self.hist_bins, self.hist_entries, self.hist_samples = hist_bins, hist_entries, hist_samples
-        self.spectra_k, self.hess_iters = spectra_k, hess_iters
+        self.spectra_k, self.hess_iters, self.curvature_mc = spectra_k, hess_iters, curvature_mc
         self.generator = torch.Generator().manual_seed(seed)
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.initial = (
@@ -236,7 +238,8 @@ class Cockpit:
         if need_entries:
             sgs = torch.cat(sgs_all)
             lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None
-            stats = ins.entry_statistics(B, grad.double(), sgs.double(), float(loss), lr)
+            eps = torch.finfo(grad.dtype).eps
+            stats = ins.entry_statistics(B, grad.double(), sgs.double(), float(loss), lr, eps)
             record.update({k: v for k, v in stats.items() if k in want})
             if "diag" in extra:
                 diag = torch.cat([extra["diag"][n].reshape(-1) for n in forms])
@@ -332,11 +335,15 @@ class Cockpit:
     def _curvature_hooks(self, stack: ExitStack, extra: dict[str, Any]) -> None:
         quantities: list[Any] = []
         if self.instruments & set(ins.CURVATURE):
-            quantities.append(DiagGGN(mc_samples=1))
+            quantities.append(DiagGGN(mc_samples=self.curvature_mc))
         modules = _layer_groups(self.model, self.params)
         if "LayerSpectra" in self.instruments:
             quantities.append(
-                GGNEigen(mc_samples=1, top_k=self.spectra_k, param_groups=tuple(modules.values()))
+                GGNEigen(
+                    mc_samples=self.curvature_mc,
+                    top_k=self.spectra_k,
+                    param_groups=tuple(modules.values()),
+                )
             )
         session = (
             stack.enter_context(

@@ -25,7 +25,7 @@ GradNoiseScale     ``tr(Sigma) / ||g||^2`` with ``tr(Sigma) = sum_n ||g_n - g||^
 GradHist1d         histogram of per-sample gradient entries (a random subset of       economy
                    ``hist_entries`` entries per layer from ``hist_samples`` samples)
 MeanGSNR           mean over entries of ``g_j^2 / var_j``, ``var_j = mean_n g_nj^2 -   business
-                   g_j^2`` (entries with zero variance skipped)
+                   g_j^2`` (round-off entries skipped)
 EarlyStopping      ``1 - (B/D) sum_j g_j^2 / s_j^2`` (sample variance ``s_j^2``);     business
                    positive: stop (Mahsereci et al. 2017)
 CABS               ``lr * sum_j var_j / loss`` (Balles et al. 2017), ``lr`` of the     business
@@ -91,12 +91,15 @@ def gradient_tests(B: int, l2: Tensor, dots: Tensor, grad_sq: float) -> dict[str
 
 
 def entry_statistics(
-    B: int, grad: Tensor, sgs: Tensor, loss: float, lr: float | None
+    B: int, grad: Tensor, sgs: Tensor, loss: float, lr: float | None, eps: float = 1e-16
 ) -> dict[str, float]:
-    """MeanGSNR / EarlyStopping / CABS from the mean gradient and ``sum_n g_n^2`` (flat)."""
+    """MeanGSNR / EarlyStopping / CABS from the mean gradient and ``sum_n g_n^2`` (flat).
+    ``eps``: the machine epsilon of the gradients; entries that are round-off (second moment
+    below ``(10 eps)^2`` of the largest) or whose variance is round-off (below ``10 eps`` of
+    their second moment) are skipped by MeanGSNR and EarlyStopping."""
     second = sgs / B  # mean_n g_nj^2
     var = (second - grad**2).clamp(min=0)
-    keep = var > 0
+    keep = (var > 10 * eps * second) & (second > (10 * eps) ** 2 * float(second.max()))
     out = {"MeanGSNR": float((grad[keep] ** 2 / var[keep]).mean()) if keep.any() else math.nan}
     if B > 1:
         s2 = var[keep] * B / (B - 1)
