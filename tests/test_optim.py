@@ -147,7 +147,7 @@ def test_kfac_step_is_damped_natural_gradient(case, mode):
         if isinstance(b, bg.KroneckerFactors)
     }
     assert blocks and set(blocks) == set(opt.layers)
-    for name, block in blocks.items():
+    for _name, block in blocks.items():
         names = block.params
         g = torch.cat(
             [_grad_in_block(res.grad[n], block, i) for i, n in enumerate(names)], -1
@@ -283,7 +283,7 @@ def test_singd_dense_matches_reference(kfac_like):
     kw = dict(damping=0.1, alpha1=0.5, lr_cov=0.05, kfac_like=kfac_like)
     opt = SINGD(model, loss_fn, lr=0.1, momentum=0.0, T=1, fisher_type="type-2", **kw)
     K, C, mK, mC = torch.eye(6), torch.eye(4), torch.zeros(6, 6), torch.zeros(4, 4)
-    for step in range(3):
+    for _ in range(3):
         res = bg.compute(model, loss_fn, X, y, bg.Grad(), bg.KFAC(fisher_type="type-2"))
         block = res[bg.KFAC(fisher_type="type-2")]["0"]
         G = torch.cat([res.grad["0.weight"], res.grad["0.bias"][:, None]], 1)
@@ -547,7 +547,7 @@ def test_non_finite_gradients_raise_and_keep_state():
         loss = loss_fn(model(X), y)
     loss.backward()
     model[3].weight.grad[0, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match="3.weight"):
+    with pytest.raises(FloatingPointError, match=r"3\.weight"):
         opt.step()
     assert torch.equal(opt.layers["3"]["A"], A)
 
@@ -561,7 +561,7 @@ def test_errors_are_clear():
         SINGD(model, loss_fn, structures="banded")
     with pytest.raises(ValueError, match="momentum"):
         SIRFShampoo(model, momentum=1.5)
-    with pytest.raises(ValueError, match="belong to `model`"):
+    with pytest.raises(ValueError, match=r"belong to `model`"):
         KFAC(model, loss_fn, params=[nn.Parameter(torch.zeros(2))])
     opt = KFAC(model, loss_fn)
     X, y = _data()

@@ -3,6 +3,9 @@
 ``beyondgrad demo``      every quantity on a built-in problem, with its cost relative to one
                          plain forward+backward, checked against torch.func.
 ``beyondgrad coverage``  which rule serves each parameter of a built-in problem.
+``beyondgrad train``     the main job: a built-in task trained with the Cockpit attached.
+``beyondgrad plot``      redraw a run's Cockpit dashboard from its log.
+``beyondgrad bench``     regenerate a benchmark table (``bench optim``).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from .quantities import (
     Variance,
 )
 from .tasks import TASKS
+from .train import OPTIMIZERS as TRAIN_OPTIMIZERS
 
 FIRST_ORDER_DEMO: tuple[Quantity, ...] = (
     Grad(),
@@ -231,6 +235,54 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_cov = sub.add_parser("coverage", help="which rule serves each parameter of a problem")
     p_cov.add_argument("--problem", choices=PROBLEMS, default="transformer")
+    p_train = sub.add_parser(
+        "train",
+        help="train a built-in task with the Cockpit attached (the main job)",
+        description="Train a built-in task on built-in data (nothing is downloaded) with a "
+        "chosen optimizer and the Cockpit attached; writes a run directory with config.json, "
+        "cockpit.jsonl, dashboard.png/.svg and summary.json.",
+    )
+    p_train.add_argument(
+        "--task", choices=TASKS, default="digits-mlp", help="(default: digits-mlp)"
+    )
+    p_train.add_argument(
+        "--optimizer", choices=TRAIN_OPTIMIZERS, default="kfac", help="(default: kfac)"
+    )
+    p_train.add_argument(
+        "--cockpit",
+        choices=("economy", "business", "full", "none"),
+        default="economy",
+        help="instrument preset (default: economy)",
+    )
+    p_train.add_argument("--steps", type=_positive_int, default=300, help="(default: 300)")
+    p_train.add_argument(
+        "--lr", type=_positive_float, default=None, help="learning rate (default: per optimizer)"
+    )
+    p_train.add_argument("--weight-decay", type=_nonnegative_float, default=0.0)
+    p_train.add_argument(
+        "--track-every", type=_positive_int, default=1, help="cockpit schedule (default: 1)"
+    )
+    p_train.add_argument("--eval-every", type=_positive_int, default=25)
+    p_train.add_argument(
+        "--plot-every",
+        type=_positive_int,
+        default=100,
+        help="redraw the dashboard every k tracked steps",
+    )
+    p_train.add_argument("--seed", type=int, default=0)
+    p_train.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p_train.add_argument("--out", default=None, help="run directory (default: runs/TASK-OPT-TIME)")
+    p_train.add_argument(
+        "--tensorboard", action="store_true", help="also write TensorBoard scalars"
+    )
+    p_train.add_argument("--quiet", action="store_true", help="no progress bar")
+    p_plot = sub.add_parser(
+        "plot",
+        help="redraw a run's dashboard from its log",
+        description="Redraw the Cockpit dashboard (PNG and SVG) from RUN_DIR/cockpit.jsonl.",
+    )
+    p_plot.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (or a cockpit.jsonl)")
+    p_plot.add_argument("--out", default=None, help="image path (default: RUN_DIR/dashboard.png)")
     p_bench = sub.add_parser("bench", help="regenerate a benchmark table")
     bench_sub = p_bench.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
     p_optim = bench_sub.add_parser(
@@ -259,6 +311,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -279,11 +351,71 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             parser.error(f"--device {args.device}: CUDA is not available on this machine")
         return demo(args.problem, args.device, args.reps, args.threads)
+    if args.command == "train":
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: CUDA is not available on this machine")
+        return _train(args)
+    if args.command == "plot":
+        return _plot(parser, args)
     if args.command == "bench":
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             parser.error(f"--device {args.device}: CUDA is not available on this machine")
         return _bench_optim(args)
     return _coverage(args.problem)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    config = TrainConfig(
+        task=args.task,
+        optimizer=args.optimizer,
+        cockpit=args.cockpit,
+        steps=args.steps,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        track_every=args.track_every,
+        eval_every=args.eval_every,
+        plot_every=args.plot_every,
+        seed=args.seed,
+        device=args.device,
+        out=args.out,
+        tensorboard=args.tensorboard,
+        progress=not args.quiet,
+    )
+    summary = train(config)
+    metric = next(k for k in summary if k.startswith("val"))
+    reached = summary["target_reached"]
+    print(
+        f"{summary['task']} with {summary['optimizer']}: {metric} {summary[metric]:.4f} "
+        f"(target {summary['target']}"
+        + (
+            f", reached at step {reached['step']} after {reached['seconds']:.1f} s"
+            if reached
+            else ", not reached"
+        )
+        + f"), final loss {summary['final_loss']:.4g}, {summary['ms_per_step']:.1f} ms/step"
+    )
+    print(
+        f"run directory: {summary['out']} (config.json, cockpit.jsonl, dashboard.png, summary.json)"
+    )
+    return 0
+
+
+def _plot(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .cockpit import draw, load
+
+    try:
+        records = load(args.run_dir)
+    except FileNotFoundError as err:
+        parser.error(str(err))
+    run = Path(args.run_dir)
+    out = Path(args.out) if args.out else (run if run.is_dir() else run.parent) / "dashboard.png"
+    for path in draw(records, out, title=f"Cockpit: {run}"):
+        print(f"wrote {path}")
+    return 0
 
 
 def _bench_optim(args: argparse.Namespace) -> int:

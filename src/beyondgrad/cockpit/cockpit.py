@@ -141,6 +141,9 @@ class Cockpit:
         self._resolve_update(step)
         scheduled = bool(self.schedule(step))
         if not (scheduled or self._alpha_end(step)):
+            if info:  # logged even when the instruments are not read
+                self.records.append({"step": step, **info})
+                self._emit(self.records[-1])
             yield None
             return
         record: dict[str, Any] = {"step": step, **info}

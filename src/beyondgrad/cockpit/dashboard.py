@@ -120,8 +120,9 @@ def draw(records: Sequence[dict[str, Any]], path: str | Path, title: str = "Cock
     last2d = next((r for r in reversed(records) if "GradHist2d" in r), None)
     if last2d:
         h = last2d["GradHist2d"]
-        ax.imshow(np.log1p(np.asarray(h["counts"]).T), aspect="auto", origin="lower", cmap="magma",
-                  extent=(-h["param_limit"], h["param_limit"], -h["grad_limit"], h["grad_limit"]))  # fmt: skip
+        extent = (-h["param_limit"], h["param_limit"], -h["grad_limit"], h["grad_limit"])
+        counts = np.log1p(np.asarray(h["counts"]).T)
+        ax.imshow(counts, aspect="auto", origin="lower", cmap="magma", extent=extent)
         ax.set_xlabel("parameter value")
         ax.set_ylabel("per-sample gradient")
         ax.set_title(f"Parameters vs gradients (step {last2d['step']})", fontsize=9)
