@@ -245,3 +245,27 @@ def test_errors_are_clear():
         loss_fn(model(X), y)
     with pytest.raises(RuntimeError, match="loss_fn was not called"), cockpit(1):
         model(X)
+
+
+def test_train_command_end_to_end(tmp_path, capsys):
+    from beyondgrad.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "--steps", "12", "--eval-every", "5", "--plot-every", "100", "--quiet"]
+    assert main([*argv, "--out", str(out), "--optimizer", "singd", "--cockpit", "business"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["optimizer"] == "singd"
+    assert "singd" in summary["routing"]
+    records = bg.cockpit.load(out)
+    assert [r["step"] for r in records] == list(range(12))
+    assert all("HessTrace" in r and "NormTest" in r for r in records)
+    assert sum("val_accuracy" in r for r in records) == 4  # steps 0, 5, 10, 11
+    assert (out / "dashboard.png").exists() and (out / "dashboard.svg").exists()
+    assert json.loads((out / "config.json").read_text())["cockpit"] == "business"
+    assert "run directory" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["train", "--steps", "0"])
+    with pytest.raises(SystemExit):
+        main(["train", "--optimizer", "lbfgs"])
+    with pytest.raises(SystemExit):
+        main(["plot", str(tmp_path / "missing")])

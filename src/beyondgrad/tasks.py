@@ -23,6 +23,7 @@ returning the validation metric (higher is better; ``kron-lsq``: ``1 - excess/in
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -41,6 +42,14 @@ class Task:
     target: float
     evaluate: Callable[[nn.Module], float]
     batch_size: int
+
+    def __post_init__(self) -> None:
+        self.model = self.model.float()  # data are float32, whatever the default dtype
+
+    @property
+    def metric_key(self) -> str:
+        """The validation metric's name in logs, e.g. ``val_accuracy``."""
+        return "val_" + re.sub(r"[^a-z0-9]+", "_", self.metric.lower()).strip("_")
 
     def batches(self, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
         """An endless stream of shuffled mini-batches (epochs reshuffled with ``seed``)."""
@@ -132,7 +141,7 @@ def make_task(name: str, seed: int = 0) -> Task:
             nn.CrossEntropyLoss(),
             (Xtr, ytr),
             (Xva, yva),
-            "val accuracy",
+            "accuracy",
             0.98 if name == "digits-mlp" else 0.985,
             lambda m: _accuracy(m, Xva, yva),
             64,
@@ -148,7 +157,7 @@ def make_task(name: str, seed: int = 0) -> Task:
             nn.CrossEntropyLoss(),
             (Xtr, Xtr.sort(1).values),
             (Xva, Xva.sort(1).values),
-            "val token accuracy",
+            "token accuracy",
             0.99,
             lambda m: _accuracy(m, Xva, Xva.sort(1).values),
             64,

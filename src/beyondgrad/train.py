@@ -106,7 +106,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         info: dict[str, Any] = {}
         if step % config.eval_every == 0 or step == config.steps - 1:
             metric = task.evaluate(model)
-            info[f"val_{task.metric.replace(' ', '_')}"] = metric
+            info[task.metric_key] = metric
             if reached is None and metric >= task.target:
                 reached = {"step": step, "seconds": elapsed}
         X, y = next(batches)
@@ -132,7 +132,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "task": config.task,
         "optimizer": config.optimizer,
         "final_loss": loss_value,
-        task.metric: metric,
+        task.metric_key: metric,
         "target": task.target,
         "target_reached": reached,
         "steps": config.steps,
