@@ -17,8 +17,11 @@ STEPS = 3
 
 
 def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.LayerNorm(6), nn.Linear(6, 3)).double()
+    torch.manual_seed(0)  # float64 at creation: the same draws whatever the default dtype
+    kw = {"dtype": torch.float64}
+    return nn.Sequential(
+        nn.Linear(5, 6, **kw), nn.Tanh(), nn.LayerNorm(6, **kw), nn.Linear(6, 3, **kw)
+    )
 
 
 def _batches():

@@ -19,7 +19,7 @@ def readme_commands() -> list[str]:
 
 def test_ci_runs_the_readme_test_command():
     main_job, tests = readme_commands()
-    assert "beyondgrad demo" in main_job
+    assert "beyondgrad train" in main_job
     assert "pytest" in tests
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert tests in ci, "the README's test command and .ci/run differ"

@@ -91,8 +91,8 @@ def build(
     name: str, model: nn.Module, loss_fn: nn.Module, hp: dict[str, float], bf16: bool = False
 ) -> Any:
     """Optimizer ``name`` with hyperparameters ``hp`` (fixed choices documented here: KFAC
-    MC Fisher, statistics every 2 steps, refresh every 10; SINGD diagonal-free dense factors,
-    T=5; SIRFShampoo T=2; the AdamW fallback at lr 1e-3)."""
+    MC Fisher, statistics and refresh every 10 steps; SINGD dense factors, T=10; SIRFShampoo
+    dense factors up to 512, T=10; the AdamW fallback at lr 1e-3)."""
     params = [p for p in model.parameters() if p.requires_grad]
     dtype = torch.bfloat16 if bf16 else None
     if name == "adamw":
@@ -100,16 +100,16 @@ def build(
     if name == "kfac":
         return KFAC(
             model, loss_fn, lr=hp["lr"], damping=hp["damping"], weight_decay=hp["weight_decay"],
-            stats_every=2, refresh_every=10,
+            stats_every=10, refresh_every=10,
         )  # fmt: skip
     if name == "singd":
         return SINGD(
             model, loss_fn, lr=hp["lr"], damping=hp["damping"], weight_decay=hp["weight_decay"],
-            T=5, preconditioner_dtype=dtype,
+            T=10, preconditioner_dtype=dtype,
         )  # fmt: skip
     if name == "sirfshampoo":
         return SIRFShampoo(
-            model, lr=hp["lr"], damping=hp["damping"], weight_decay=hp["weight_decay"], T=2,
+            model, lr=hp["lr"], damping=hp["damping"], weight_decay=hp["weight_decay"], T=10,
             preconditioner_dtype=dtype, max_dense=512,
         )  # fmt: skip
     if name == "muon":
@@ -140,14 +140,24 @@ def available(name: str) -> bool:
 
 
 def state_bytes(opt: Any) -> int:
+    """Bytes of optimizer state (tensors found anywhere in ``opt.state``, nested or not)."""
     if hasattr(opt, "optimizer_state_bytes"):
         return int(opt.optimizer_state_bytes())
-    total = 0
-    for state in opt.state.values():
-        for v in state.values() if isinstance(state, dict) else ():
-            if torch.is_tensor(v) and v.ndim > 0:
-                total += v.numel() * v.element_size()
-    return total
+    seen: set[int] = set()
+
+    def walk(v: Any) -> int:
+        if torch.is_tensor(v):
+            if v.ndim == 0 or id(v) in seen:
+                return 0
+            seen.add(id(v))
+            return v.numel() * v.element_size()
+        if isinstance(v, dict):
+            return sum(walk(x) for x in v.values())
+        if isinstance(v, (list, tuple)):
+            return sum(walk(x) for x in v)
+        return 0
+
+    return walk(dict(opt.state))
 
 
 @dataclass

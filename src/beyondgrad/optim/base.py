@@ -245,15 +245,18 @@ class CurvatureOptimizer(Optimizer):
         return loss
 
     def _check_grads(self) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-                    raise FloatingPointError(
-                        f"{type(self).__name__}: non-finite gradient of "
-                        f"'{self.names[id(p)]}'; the optimizer state was left unchanged (with "
-                        "mixed precision, step through torch.amp.GradScaler.step, which skips "
-                        "such steps)"
-                    )
+        named = [(p, p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not named:
+            return
+        finite = torch.stack([torch.isfinite(grad).all() for _, grad in named])
+        if bool(finite.all()):  # one synchronization for all parameters
+            return
+        bad = [self.names[id(p)] for (p, _), ok in zip(named, finite.tolist()) if not ok]
+        raise FloatingPointError(
+            f"{type(self).__name__}: non-finite gradient of {', '.join(repr(b) for b in bad)}; "
+            "the optimizer state was left unchanged (with mixed precision, step through "
+            "torch.amp.GradScaler.step, which skips such steps)"
+        )
 
     def _precondition_step(self, stats: dict[str, tuple[Tensor, Tensor]]) -> None:
         raise NotImplementedError

@@ -146,12 +146,12 @@ class KFAC(CurvatureOptimizer):
             for p, d in zip(members, parts):
                 directions.append((p, d, group))
         scale = 1.0
-        if self.kl_clip is not None and directions:
-            vg = sum(float((d * p.grad).sum()) * group["lr"] ** 2 for p, d, group in directions)
+        if self.kl_clip is not None and directions:  # one synchronization
+            vg = float(sum((d * p.grad).sum() * group["lr"] ** 2 for p, d, group in directions))
             if vg != 0:
                 scale = min(1.0, (self.kl_clip / abs(vg)) ** 0.5)
         if self.max_update_norm is not None and directions:
-            norm = sum(float(d.square().sum()) * group["lr"] ** 2 for _, d, group in directions)
+            norm = float(sum(d.square().sum() * group["lr"] ** 2 for _, d, group in directions))
             norm = scale * norm**0.5
             if norm > self.max_update_norm:
                 scale *= self.max_update_norm / norm
