@@ -154,6 +154,7 @@ class Cockpit:
             self.instruments & {*ins.CURVATURE, "HessMaxEV", "LayerSpectra"}
         )
         extra: dict[str, Any] = {}
+        before = {n: None if p.grad is None else p.grad.clone() for n, p in self.params.items()}
         with ExitStack() as stack:
             if curvature:  # first, so that it runs before the ordinary backward is watched
                 self._curvature_hooks(stack, extra)
@@ -171,8 +172,22 @@ class Cockpit:
                 "Cockpit: call loss.backward() inside the `with cockpit(step):` block"
             )
         forms = session.compute(loss)[Forms()]
+        seed = session._seed
+        grad_of_loss = {  # this backward's contribution to .grad, per unit of loss
+            n: (p.grad if before[n] is None else p.grad - before[n]) / seed
+            for n, p in self.params.items()
+            if p.grad is not None
+        }
         self._measure(
-            record, forms, output.detach(), target, loss.detach(), scheduled, extra, optimizer
+            record,
+            forms,
+            grad_of_loss,
+            output.detach(),
+            target,
+            loss.detach(),
+            scheduled,
+            extra,
+            optimizer,
         )
         self.records.append(record)
         self._emit(record)
@@ -182,6 +197,7 @@ class Cockpit:
         self,
         record: dict[str, Any],
         forms: dict[str, Any],
+        grad_of_loss: dict[str, Tensor],
         output: Tensor,
         target: Tensor,
         loss: Tensor,
@@ -212,11 +228,13 @@ class Cockpit:
         hist_values: list[Tensor] = []
         hist_pairs: list[tuple[Tensor, Tensor]] = []
         for name, form in forms.items():
+            if name in grad_of_loss:  # the ordinary backward already formed it
+                form.seed("grad", grad_of_loss[name])
             g = form.grad() * (c / B)  # mean_n g_n
             per_layer_norm[name] = float(g.norm())
             grads.append(g.reshape(-1))
             l2 += (form.batch_l2() * c**2).double().cpu()
-            dots += (form.project(g[None])[:, 0] * c).double().cpu()
+            dots += (form.dots_with_sum() * (c * c / B)).double().cpu()
             if need_entries:
                 sgs_all.append((form.sum_grad_squared() * c**2).reshape(-1))
             if want & {"GradHist1d", "GradHist2d"}:

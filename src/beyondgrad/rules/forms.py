@@ -67,6 +67,10 @@ class Form(ABC):
     def select(self, index: Tensor) -> Form:
         """The form restricted to the samples ``index`` (1-d long tensor), all vectors kept."""
 
+    def dots_with_sum(self) -> Tensor:
+        """``<g_r, sum_q g_q>`` per row, ``[rows]`` (the cockpit's gradient tests)."""
+        return self._memo("dots_with_sum", lambda: self.project(self.grad()[None])[:, 0])
+
     def entries(self, rows: Tensor, flat: Tensor) -> Tensor:
         """Single entries of the rows: ``g_{rows[e]}[flat[e]]`` (flattened index into
         ``shape``), ``[E]``. Default: materialize the distinct rows asked for."""
@@ -271,6 +275,12 @@ class OuterForm(Form):
             gram_g = torch.bmm(self.G, self.G.transpose(1, 2)).view(K, N, S, S)
             return (gram_a * gram_g).sum((2, 3)).reshape(K * N)
         return Form._batch_l2(self)
+
+    def dots_with_sum(self) -> Tensor:
+        K, N, S, I, O = self._sizes
+        if (K * N * S) ** 2 * (I + O) < K * N * S * I * O:  # the Gram matrix is cheaper
+            return self._memo("dots_with_sum", lambda: self.batch_dot().sum(1))
+        return Form.dots_with_sum(self)
 
     def _batch_dot(self) -> Tensor:
         K, N, S, I, O = self._sizes
