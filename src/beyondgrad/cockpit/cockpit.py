@@ -173,10 +173,12 @@ class Cockpit:
             )
         forms = session.compute(loss)[Forms()]
         seed = session._seed
+        unit = bool((seed == 1).all())
         grad_of_loss = {  # this backward's contribution to .grad, per unit of loss
-            n: (p.grad if before[n] is None else p.grad - before[n]) / seed
+            n: (g if unit else g / seed)
             for n, p in self.params.items()
             if p.grad is not None
+            for g in [p.grad if before[n] is None else p.grad - before[n]]
         }
         self._measure(
             record,
@@ -221,20 +223,22 @@ class Cockpit:
             self._alpha_start = None
         if not scheduled:
             return
-        l2 = torch.zeros(B, dtype=torch.float64)
-        dots = torch.zeros(B, dtype=torch.float64)
-        grads, sgs_all, per_layer_norm = [], [], {}
+        l2: Tensor | float = 0.0
+        dots: Tensor | float = 0.0
+        grads, sgs_all = [], []
         need_entries = bool(want & {"MeanGSNR", "EarlyStopping", "CABS", *ins.CURVATURE})
+        need_tests = bool(want & {"NormTest", "InnerTest", "OrthoTest", "GradNoiseScale"})
+        reduce = need_entries or need_tests or want & {"GradNorm", "GradHist1d", "GradHist2d"}
         hist_values: list[Tensor] = []
         hist_pairs: list[tuple[Tensor, Tensor]] = []
-        for name, form in forms.items():
+        for name, form in forms.items() if reduce else ():
             if name in grad_of_loss:  # the ordinary backward already formed it
                 form.seed("grad", grad_of_loss[name])
             g = form.grad() * (c / B)  # mean_n g_n
-            per_layer_norm[name] = float(g.norm())
             grads.append(g.reshape(-1))
-            l2 += (form.batch_l2() * c**2).double().cpu()
-            dots += (form.dots_with_sum() * (c * c / B)).double().cpu()
+            if need_tests:
+                l2 = l2 + form.batch_l2() * c**2
+                dots = dots + form.dots_with_sum() * (c * c / B)
             if need_entries:
                 sgs_all.append((form.sum_grad_squared() * c**2).reshape(-1))
             if want & {"GradHist1d", "GradHist2d"}:
@@ -245,18 +249,25 @@ class Cockpit:
                     hist_pairs.append(
                         (self.params[name].detach().reshape(-1)[flat].cpu(), values.cpu())
                     )
-        grad = torch.cat(grads)
-        grad_sq = float(grad.double().pow(2).sum())
-        if "GradNorm" in want:
-            record["GradNorm"] = grad_sq**0.5
-            record["GradNorm_layers"] = per_layer_norm
-        tests = ins.gradient_tests(B, l2, dots, grad_sq)
-        record.update({k: v for k, v in tests.items() if k in want})
+        if grads:
+            norms = torch.stack(torch._foreach_norm(grads)).double().cpu()  # one sync
+            grad_sq = float((norms**2).sum())
+            if "GradNorm" in want:
+                record["GradNorm"] = grad_sq**0.5
+                record["GradNorm_layers"] = dict(zip(forms, norms.tolist()))
+        if need_tests:
+            l2_t, dots_t = torch.as_tensor(l2).double().cpu(), torch.as_tensor(dots).double().cpu()
+            tests = ins.gradient_tests(B, l2_t, dots_t, grad_sq)
+            record.update({k: v for k, v in tests.items() if k in want})
         if "Distance" in want:
-            dist = {n: float((p.detach() - self.initial[n]).norm()) for n, p in self.params.items()}
-            record["Distance"] = math.sqrt(sum(d**2 for d in dist.values()))
-            record["Distance_layers"] = dist
+            names = list(self.params)
+            current = [self.params[n].detach() for n in names]
+            moved = torch._foreach_sub(current, [self.initial[n] for n in names])
+            dist = torch.stack(torch._foreach_norm(moved)).double().cpu()
+            record["Distance"] = float(dist.pow(2).sum().sqrt())
+            record["Distance_layers"] = dict(zip(names, dist.tolist()))
         if need_entries:
+            grad = torch.cat(grads)
             sgs = torch.cat(sgs_all)
             lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None
             eps = torch.finfo(grad.dtype).eps
@@ -336,11 +347,15 @@ class Cockpit:
         record = pending["record"]
         if step is not None and step != record["step"] + 1:
             return  # too late: the parameters moved more than one step
-        delta = {n: p.detach() - pending["before"][n] for n, p in self.params.items()}
+        names = list(self.params)
+        diffs = torch._foreach_sub(
+            [self.params[n].detach() for n in names], [pending["before"][n] for n in names]
+        )
+        delta = dict(zip(names, diffs))
         if "UpdateSize" in self.instruments:
-            sizes = {n: float(d.norm()) for n, d in delta.items()}
-            record["UpdateSize"] = math.sqrt(sum(s**2 for s in sizes.values()))
-            record["UpdateSize_layers"] = sizes
+            sizes = torch.stack(torch._foreach_norm(diffs)).double().cpu()
+            record["UpdateSize"] = float(sizes.pow(2).sum().sqrt())
+            record["UpdateSize_layers"] = dict(zip(names, sizes.tolist()))
             if self._log_file is not None:  # the record was written before the update
                 self._emit({"step": record["step"], "UpdateSize": record["UpdateSize"]})
         if pending["forms"] is not None:

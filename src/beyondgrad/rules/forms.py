@@ -309,9 +309,9 @@ class OuterForm(Form):
     def _project(self, vectors: Tensor) -> Tensor:
         # <G_r^T A_n, V_c> = sum_s G[r, s] . (V_c A[n, s]): never forms the rows
         K, N, S, I, O = self._sizes
-        AV = torch.einsum("nsi,coi->nsco", self.A, vectors.reshape(-1, O, I))
-        G = self.G.view(K, N, S, O)
-        return torch.einsum("knso,nsco->knc", G, AV).reshape(K * N, -1)
+        V = vectors.reshape(-1, I)  # [c O, I]
+        AV = (self.A.reshape(N * S, I) @ V.T).view(1, N, S, -1, O)  # one GEMM
+        return (self.G.view(K, N, S, 1, O) * AV).sum((2, 4)).reshape(K * N, -1)
 
     def _combine(self, coefficients: Tensor) -> Tensor:
         K, N, S, _I, O = self._sizes
