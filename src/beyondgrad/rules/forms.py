@@ -310,7 +310,9 @@ class OuterForm(Form):
         # <G_r^T A_n, V_c> = sum_s G[r, s] . (V_c A[n, s]): never forms the rows
         K, N, S, I, O = self._sizes
         V = vectors.reshape(-1, I)  # [c O, I]
-        AV = (self.A.reshape(N * S, I) @ V.T).view(1, N, S, -1, O)  # one GEMM
+        # the inputs as a matrix, copied once if they are a strided view (conv patches)
+        A = self._memo("A_matrix", lambda: self.A.reshape(N * S, I))
+        AV = (A @ V.T).view(1, N, S, -1, O)  # one GEMM
         return (self.G.view(K, N, S, 1, O) * AV).sum((2, 4)).reshape(K * N, -1)
 
     def _combine(self, coefficients: Tensor) -> Tensor:
