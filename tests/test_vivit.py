@@ -71,3 +71,17 @@ def test_top_k_groups_subsampling_and_mc():
     assert mc.eigenvalues.numel() <= 2 * X.shape[0] and bool((mc.eigenvalues > 0).all())
     with pytest.raises(KeyError, match="unknown parameter"):
         bg.compute(model, loss_fn, X, y, bg.GGNEigen(param_groups=(("nope",),)))
+
+
+@pytest.mark.parametrize("S", [1, 50])
+def test_outer_form_cross_dot_gram_and_materialized_paths_agree(S):
+    """Large weight-sharing axes fall back to materialized rows (the Gram matrix over
+    (N S)^2 entries would not fit for a CNN); both paths give the same inner products."""
+    from beyondgrad.rules.forms import Form, OuterForm
+
+    g = torch.Generator().manual_seed(S)
+    A = torch.randn(3, S, 4, generator=g, dtype=torch.float64)
+    f1 = OuterForm(A, torch.randn(6, S, 2, generator=g, dtype=torch.float64), (2, 4), vectors=2)
+    f2 = OuterForm(A, torch.randn(3, S, 2, generator=g, dtype=torch.float64), (2, 4))
+    torch.testing.assert_close(f1.cross_dot(f2), Form._cross_dot(f1, f2))
+    torch.testing.assert_close(f1.project(f2.grad()[None]), Form._project(f1, f2.grad()[None]))

@@ -299,6 +299,9 @@ class OuterForm(Form):
             return Form._cross_dot(self, other)
         _, N, S, I, O = self._sizes
         R1, R2 = self.rows, other.rows
+        gram_entries = (R1 * S) * (R2 * S)
+        if gram_entries * (I + O) > (R1 + R2) * S * I * O or gram_entries > (R1 + R2) * I * O:
+            return Form._cross_dot(self, other)  # materializing the rows is cheaper
         A = self.A.reshape(N * S, I)
         gram_a = (A @ A.T).view(1, N, S, 1, N, S)
         gram_g = (self.G.reshape(R1 * S, O) @ other.G.reshape(R2 * S, O).T).view(
