@@ -23,7 +23,7 @@ from .optim import KFAC, SINGD, SIRFShampoo
 from .tasks import make_task
 
 OPTIMIZERS = ("adamw", "sgd", "kfac", "singd", "sirfshampoo")
-DEFAULT_LR = {"adamw": 3e-3, "sgd": 0.05, "kfac": 0.1, "singd": 0.02, "sirfshampoo": 3e-3}
+DEFAULT_LR = {"adamw": 3e-3, "sgd": 0.05, "kfac": 0.05, "singd": 0.02, "sirfshampoo": 3e-3}
 """Learning rates that train every built-in task (``--lr`` overrides)."""
 
 
@@ -53,7 +53,7 @@ def make_optimizer(name: str, model: torch.nn.Module, loss_fn: torch.nn.Module, 
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
     if name == "kfac":
-        return KFAC(model, loss_fn, lr=lr, weight_decay=weight_decay, damping=1e-2, stats_every=2)
+        return KFAC(model, loss_fn, lr=lr, weight_decay=weight_decay, damping=5e-2, stats_every=2)
     if name == "singd":
         return SINGD(model, loss_fn, lr=lr, weight_decay=weight_decay, damping=1e-2, T=5)
     if name == "sirfshampoo":
