@@ -156,6 +156,49 @@ def test_algorithms_on_curvature_operators():
     d = linalg.diagonal(G, 2000, generator=torch.Generator().manual_seed(3))
     ref = torch.diagonal(G.to_dense())
     assert (d - ref).norm() / ref.norm() < 0.2
+    # the GGN of N samples with C outputs has rank <= N C: XTrace / XDiag are exact beyond
+    rank = int(torch.linalg.matrix_rank(G.to_dense()))
+    budget = 2 * (rank + 1)
+    est, err = linalg.trace(G, budget, method="xtrace", generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(est, exact)
+    assert float(err) < 1e-8 * float(exact)
+    dx = linalg.diagonal(G, budget, method="xdiag", generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(dx, ref)
+
+
+def _decaying(n: int = 50, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return U @ torch.diag(torch.logspace(0, -3, n, dtype=torch.float64)) @ U.T
+
+
+def test_xtrace_and_xdiag_converge_with_the_budget():
+    A = _decaying()
+    exact_t, exact_d = torch.trace(A), torch.diagonal(A)
+    trace_err, diag_err, reported = [], [], []
+    for m in (8, 24, 60):
+        t_errs, d_errs, r = [], [], []
+        for seed in range(10):
+            est, err = linalg.trace(
+                A, m, method="xtrace", generator=torch.Generator().manual_seed(seed)
+            )
+            d = linalg.diagonal(A, m, method="xdiag", generator=torch.Generator().manual_seed(seed))
+            t_errs.append(float((est - exact_t).abs() / exact_t))
+            d_errs.append(float((d - exact_d).norm() / exact_d.norm()))
+            r.append(float(err / exact_t))
+        trace_err.append(sum(t_errs) / 10)
+        diag_err.append(sum(d_errs) / 10)
+        reported.append(sum(r) / 10)
+    assert trace_err[0] > trace_err[1] > trace_err[2], trace_err
+    assert diag_err[0] > diag_err[1] > diag_err[2], diag_err
+    assert trace_err[2] < 0.01 and diag_err[2] < 0.05
+    # the reported standard error is of the right order (within 10x of the actual error)
+    for actual, rep in zip(trace_err, reported):
+        assert rep / 10 < actual + 1e-12 < 10 * rep + 1e-12, (actual, rep)
+    with pytest.raises(ValueError, match="xdiag"):
+        linalg.diagonal(A, 10, method="xtrace")
+    with pytest.raises(ValueError, match="at least 4"):
+        linalg.trace(A, 3, method="xtrace")
 
 
 @pytest.mark.parametrize("case", ["mlp", "gpt_seq_first", "resnet"])

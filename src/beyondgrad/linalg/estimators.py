@@ -37,6 +37,11 @@ def trace(
     variance). ``"hutch++"`` (Meyer et al. 2021): a third of the budget sketches the dominant
     range ``Q``, ``trace(Q^T A Q)`` is exact on it and Hutchinson handles the rest (error from
     the residual part's sample variance); far fewer products for decaying spectra.
+    ``"xtrace"`` (Epperly, Tropp & Webber 2024; symmetric ``A``): half the budget sketches
+    ``Y = A Omega``, the other half forms ``A Q``; for every probe ``i`` the sketch without it
+    gives an exact low-rank part plus a Hutchinson term on ``omega_i`` (exchangeable
+    leave-one-out), and the estimates are averaged (error from their spread). Exact when the
+    rank of ``A`` is below half the budget.
     """
     n = A.shape[0]
     dtype, device = getattr(A, "dtype", torch.float64), getattr(A, "device", torch.device("cpu"))
@@ -47,8 +52,12 @@ def trace(
         samples = (Z * (A @ Z)).sum(0)
         err = samples.std() / num_matvecs**0.5 if num_matvecs > 1 else None
         return samples.mean(), err
+    if method == "xtrace":
+        ests, _ = _leave_one_out(A, num_matvecs, dtype, device, generator, distribution, False)
+        m = ests.shape[0]
+        return ests.mean(), ests.std() / m**0.5
     if method != "hutch++":
-        raise ValueError(f"method must be 'hutchinson' or 'hutch++', got {method!r}")
+        raise ValueError(f"method must be 'hutchinson', 'hutch++' or 'xtrace', got {method!r}")
     if num_matvecs < 3:
         raise ValueError("hutch++ needs at least 3 products")
     s = num_matvecs // 3
@@ -68,12 +77,66 @@ def diagonal(
     num_matvecs: int = 30,
     generator: torch.Generator | None = None,
     distribution: str = "rademacher",
+    method: str = "hutchinson",
 ) -> Tensor:
-    """Hutchinson's diagonal estimator ``mean(z * (A z))`` over ``num_matvecs`` probes."""
+    """Estimate ``diag(A)`` with ``num_matvecs`` products. ``method="hutchinson"``:
+    ``mean(z * (A z))``. ``"xdiag"`` (Epperly, Tropp & Webber 2024; symmetric ``A``): the
+    leave-one-out construction of ``trace(method="xtrace")`` applied to the diagonal, exact
+    for rank below half the budget."""
     n = A.shape[0]
     dtype, device = getattr(A, "dtype", torch.float64), getattr(A, "device", torch.device("cpu"))
+    if method == "xdiag":
+        ests, _ = _leave_one_out(A, num_matvecs, dtype, device, generator, distribution, True)
+        return ests.mean(0)
+    if method != "hutchinson":
+        raise ValueError(f"method must be 'hutchinson' or 'xdiag', got {method!r}")
     Z = _probes(n, num_matvecs, dtype, device, generator, distribution)
     return (Z * (A @ Z)).mean(1)
+
+
+def _leave_one_out(
+    A: Any,
+    num_matvecs: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    generator: torch.Generator | None,
+    distribution: str,
+    diagonal: bool,
+) -> tuple[Tensor, int]:
+    """Per-probe exchangeable estimates (XTrace / XDiag) for symmetric ``A``: ``[m]`` traces
+    or ``[m, n]`` diagonals, from ``2 m <= num_matvecs`` products.
+
+    With ``Y = A Omega = Q R`` and ``Z = A Q``, the sketch without probe ``i`` spans
+    ``Q C_i`` (``C_i``: orthonormal basis of ``R`` without column ``i``), so every needed
+    product with ``A`` is a small matrix expression in ``Z``, ``Y`` and ``Q``:
+    ``trace(P_i A P_i) + w^T A w`` with ``w = (I - P_i) omega_i`` for the trace, and
+    ``diag(P_i A) + omega_i * ((I - P_i) A omega_i)`` for the diagonal.
+    """
+    m = num_matvecs // 2
+    if m < 2:
+        raise ValueError("xtrace/xdiag need at least 4 products")
+    n = A.shape[0]
+    Om = _probes(n, m, dtype, device, generator, distribution)
+    Y = A @ Om
+    Q, R = torch.linalg.qr(Y)
+    Z = A @ Q
+    H = Q.T @ Z
+    H = (H + H.T) / 2
+    QtOm, ZtOm, QtY = Q.T @ Om, Z.T @ Om, Q.T @ Y
+    ests = []
+    for i in range(m):
+        others = [j for j in range(m) if j != i]
+        C, _ = torch.linalg.qr(R[:, others])  # [m, m - 1]
+        Pc = C @ C.T  # the projector P_i in Q coordinates
+        if diagonal:
+            low_rank = ((Q @ Pc) * Z).sum(1)  # diag(Q Pc Q^T A) = diag(P_i A)
+            residual = Om[:, i] * (Y[:, i] - Q @ (Pc @ QtY[:, i]))
+            ests.append(low_rank + residual)
+        else:
+            u = QtOm[:, i]
+            quad = Om[:, i] @ Y[:, i] - 2 * (ZtOm[:, i] @ (Pc @ u)) + (Pc @ u) @ H @ (Pc @ u)
+            ests.append(torch.trace(C.T @ H @ C) + quad)
+    return torch.stack(ests), 2 * m
 
 
 def frobenius_norm_squared(
