@@ -440,3 +440,20 @@ def test_hessian_reuse_graph():
         model[0].weight.add_(0.1)
     with pytest.raises(RuntimeError, match="changed in place"):
         H @ v
+
+
+@pytest.mark.parametrize("which", ["largest", "smallest"])
+def test_lobpcg_agrees_with_dense_eigh(which):
+    model, X, y, loss_fn = CASES["mlp"]()
+    H = Hessian(model, loss_fn, [(X, y)])
+    dense = H.to_dense()
+    lam = torch.linalg.eigvalsh(dense)
+    ref = lam.flip(0)[:2] if which == "largest" else lam[:2]
+    vals, V = linalg.eigsh(
+        H, 2, which=which, method="lobpcg", tol=1e-9, max_iter=500,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    torch.testing.assert_close(vals, ref, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(dense @ V, V * vals, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="lobpcg"):
+        linalg.eigsh(H, 1, method="arnoldi")

@@ -1,4 +1,5 @@
-"""Extreme eigenpairs of symmetric operators by Lanczos with full reorthogonalization."""
+"""Extreme eigenpairs of symmetric operators: Lanczos with full reorthogonalization, or
+LOBPCG (block products: one pass over the data serves the whole block)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ def eigsh(
     tol: float = 1e-6,
     max_iter: int | None = None,
     generator: torch.Generator | None = None,
+    method: str = "lanczos",
 ) -> tuple[Tensor, Tensor]:
     """The ``k`` largest (``which="largest"``, algebraically) or smallest eigenpairs of the
     symmetric operator ``A`` of shape ``(n, n)``: ``(eigenvalues [k], eigenvectors [n, k])``,
@@ -30,12 +32,21 @@ def eigsh(
     spans the space, or ``max_iter`` products, default ``min(n, max(100, 20 k))``; a
     ``RuntimeWarning`` reports pairs that did not converge). Starts from a random vector drawn
     with ``generator``.
+
+    ``method="lobpcg"`` (Knyazev 2001): a block of ``k + 2`` vectors, Rayleigh-Ritz on
+    ``[X, R, P]`` (iterates, residuals, previous directions) every iteration; one block product
+    per iteration (a single pass over the data for data-set operators), ``max_iter``
+    iterations (default 200); same stopping rule and warning.
     """
     n, dtype, device = _like(A)
     if which not in ("largest", "smallest"):
         raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
+    if method == "lobpcg":
+        return _lobpcg(A, k, which, tol, max_iter or 200, generator, n, dtype, device)
+    if method != "lanczos":
+        raise ValueError(f"method must be 'lanczos' or 'lobpcg', got {method!r}")
     m_max = min(n, max_iter or max(100, 20 * k))
     Q = torch.zeros(m_max + 1, n, dtype=dtype, device=device)  # rows: basis vectors
     alpha = torch.zeros(m_max, dtype=dtype, device=device)
@@ -79,3 +90,66 @@ def eigsh(
     order = torch.arange(m - 1, m - 1 - k, -1) if which == "largest" else torch.arange(k)
     vectors = Q[:m].T @ S[:, order]
     return theta[order], vectors
+
+
+def _lobpcg(
+    A: Any,
+    k: int,
+    which: str,
+    tol: float,
+    max_iter: int,
+    generator: torch.Generator | None,
+    n: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[Tensor, Tensor]:
+    sign = 1.0 if which == "largest" else -1.0  # work on sign * A, always "largest"
+    b = min(n, k + 2)
+
+    def apply(M: Tensor) -> Tensor:
+        return sign * (A @ M)
+
+    X = torch.randn(n, b, generator=generator, dtype=dtype, device=device)
+    X, _ = torch.linalg.qr(X)
+    AX = apply(X)
+    P = AP = None
+    theta = X.new_zeros(b)
+    converged = False
+    for _ in range(max_iter):
+        H = X.T @ AX
+        theta, C = torch.linalg.eigh((H + H.T) / 2)
+        theta, C = theta.flip(0), C.flip(1)
+        X, AX = X @ C, AX @ C
+        R = AX - X * theta
+        res = R[:, :k].norm(dim=0)
+        if bool((res <= tol * theta[:k].abs().max().clamp(min=1e-300)).all()):
+            converged = True
+            break
+        W = R - X @ (X.T @ R)  # residuals, orthogonal to the iterates
+        W = W / W.norm(dim=0).clamp(min=1e-300)
+        AW = apply(W)
+        S = torch.cat([X, W] + ([P] if P is not None else []), 1)
+        AS = torch.cat([AX, AW] + ([AP] if AP is not None else []), 1)
+        # Rayleigh-Ritz on span(S): whiten S^T S, dropping directions lost to round-off
+        G = S.T @ S
+        g, V = torch.linalg.eigh((G + G.T) / 2)
+        keep = g > g.max() * torch.finfo(dtype).eps * 1e3
+        T = V[:, keep] / g[keep].sqrt()
+        M = T.T @ (S.T @ AS) @ T
+        _, U = torch.linalg.eigh((M + M.T) / 2)
+        coef = T @ U.flip(1)[:, :b]  # the b largest Ritz pairs
+        X_new, AX_new = S @ coef, AS @ coef
+        P = S[:, b:] @ coef[b:]  # the new directions: the part outside the old iterates
+        AP = AS[:, b:] @ coef[b:]
+        norms = X_new.norm(dim=0).clamp(min=1e-300)
+        X, AX = X_new / norms, AX_new / norms
+        pn = P.norm(dim=0).clamp(min=1e-300)
+        P, AP = P / pn, AP / pn
+    if not converged:
+        warnings.warn(
+            f"eigsh(method='lobpcg'): not all {k} eigenpairs converged to tol={tol} in "
+            f"{max_iter} iterations",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return sign * theta[:k], X[:, :k]
