@@ -457,3 +457,32 @@ def test_lobpcg_agrees_with_dense_eigh(which):
     torch.testing.assert_close(dense @ V, V * vals, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="lobpcg"):
         linalg.eigsh(H, 1, method="arnoldi")
+
+
+@pytest.mark.parametrize("case", ["mlp", "resnet"])
+def test_kfac_operator_on_a_parameter_subset_is_the_principal_sub_block(case):
+    model, X, y, loss_fn = CASES[case]()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    full = bg.linops.KFAC(model, loss_fn, [(X, y)], fisher_type="type-2")
+    weights_first = [n for n in names if n.endswith("weight")][:2]
+    subset = weights_first + [n for n in names if n.endswith("bias")][-1:]
+    if f"{subset[-1].rsplit('.', 1)[0]}.weight" not in subset:  # keep the bias's weight
+        subset.append(f"{subset[-1].rsplit('.', 1)[0]}.weight")
+    K = bg.linops.KFAC(model, loss_fn, [(X, y)], fisher_type="type-2", params=subset)
+    sizes = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    offsets, start = {}, 0
+    for n in names:
+        offsets[n] = start
+        start += sizes[n]
+    idx = torch.cat([torch.arange(offsets[n], offsets[n] + sizes[n]) for n in K.names])
+    assert K.names == [n for n in names if n in subset]
+    torch.testing.assert_close(K.to_dense(), full.to_dense()[idx][:, idx])
+    torch.testing.assert_close(
+        K.inverse(0.2).to_dense(), torch.linalg.inv(K.to_dense() + 0.2 * torch.eye(len(idx)))
+    )
+    bias_only = [n for n in names if n.endswith("bias")][:1]
+    if bias_only and f"{bias_only[0].rsplit('.', 1)[0]}.weight" in names:
+        with pytest.raises(ValueError, match="add the weight"):
+            bg.linops.KFAC(model, loss_fn, [(X, y)], fisher_type="type-2", params=bias_only)
+    with pytest.raises(ValueError, match="unknown"):
+        bg.linops.KFAC(model, loss_fn, [(X, y)], params=["nope"])

@@ -22,8 +22,11 @@ class KFAC(LinearOperator):
     mc_samples=1, num_data=None, generator=None)``: the engine's KFAC blocks accumulated over
     the data set (``A`` averaged over all samples, ``B`` summed with the data-set reduction
     ``N_b / num_data`` for mean losses), acting on flat vectors over all trainable parameters
-    in ``model.named_parameters()`` order. ``blocks`` holds the per-module factors.
-    ``inverse(damping)``, ``logdet(damping)`` and ``trace()`` are exact for the structure."""
+    in ``model.named_parameters()`` order, or over ``params`` (names, kept in that order): the
+    principal sub-block of the same KFAC matrix (whole blocks; a weight without its joint bias
+    keeps ``B kron A`` with ``A`` restricted to the weight; a bias without its weight raises).
+    ``blocks`` holds the per-module factors. ``inverse(damping)``, ``logdet(damping)`` and
+    ``trace()`` are exact for the structure."""
 
     symmetric = True
 
@@ -37,6 +40,7 @@ class KFAC(LinearOperator):
         mc_samples: int = 1,
         num_data: int | None = None,
         generator: torch.Generator | None = None,
+        params: Iterable[str] | None = None,
     ):
         q = KFACQuantity(fisher_type=fisher_type, kfac_approx=kfac_approx, mc_samples=mc_samples)
         batches = list(data)
@@ -74,16 +78,24 @@ class KFAC(LinearOperator):
                             sums[name].diagonal[n] += v
                     else:
                         sums[name] = DiagonalFactors(diag, fisher_type, block.R, num_data)
-        self.blocks: dict[str, KroneckerFactors | DiagonalFactors] = sums
-        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-        self.params = dict(model.named_parameters())
-        self.sizes = [self.params[n].numel() for n in self.names]
+        all_names = [n for n, p in model.named_parameters() if p.requires_grad]
         covered = [p for b in sums.values() for p in b.params]
-        if sorted(covered) != sorted(self.names):
+        if sorted(covered) != sorted(all_names):
             raise RuntimeError(
                 "KFAC blocks do not cover every parameter exactly once (weight tying across "
                 "modules gives a parameter several blocks); the operator is undefined there"
             )
+        if params is not None:
+            wanted = set(params)
+            unknown = wanted - set(all_names)
+            if unknown:
+                raise ValueError(f"unknown or frozen parameters: {sorted(unknown)}")
+            sums = {k: b for k, b in ((k, _restrict(b, wanted)) for k, b in sums.items()) if b}
+            all_names = [n for n in all_names if n in wanted]
+        self.blocks: dict[str, KroneckerFactors | DiagonalFactors] = sums
+        self.names = all_names
+        self.params = dict(model.named_parameters())
+        self.sizes = [self.params[n].numel() for n in self.names]
         first = self.params[self.names[0]]
         super().__init__((sum(self.sizes),) * 2, first.dtype, first.device)  # type: ignore[arg-type]
 
@@ -198,3 +210,27 @@ class KFAC(LinearOperator):
                 if b.bias_block is not None:
                     total = total + torch.diagonal(b.bias_block, dim1=-2, dim2=-1).sum()
         return total
+
+
+def _restrict(
+    block: KroneckerFactors | DiagonalFactors, wanted: set[str]
+) -> KroneckerFactors | DiagonalFactors | None:
+    """The principal sub-block of ``block`` over the parameters in ``wanted`` (None: none)."""
+    keep = [p for p in block.params if p in wanted]
+    if not keep:
+        return None
+    if len(keep) == len(block.params):
+        return block
+    if isinstance(block, DiagonalFactors):
+        diag = {n: v for n, v in block.diagonal.items() if n in wanted}
+        return DiagonalFactors(diag, block.fisher_type, block.R, block.num_data)
+    if keep[0] != block.params[0] or block.bias != "joint":
+        raise ValueError(
+            f"a subset with the bias {keep} but not the weight {block.params[0]!r} of its "
+            "Kronecker block is not supported; add the weight"
+        )
+    A = block.A[..., :-1, :-1]  # the weight rows/columns of the joint A
+    return KroneckerFactors(
+        A.clone(), block.B, block.order, tuple(keep), None, block.fisher_type,
+        block.kfac_approx, block.R, block.num_data, None, block.weight_perm,
+    )  # fmt: skip
