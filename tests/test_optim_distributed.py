@@ -64,8 +64,10 @@ def _worker(rank: int, world: int, path: str, kind: str, wrap: bool, out: str) -
         _run(net, opt, loss_fn, half)
         if rank == 0:
             torch.save({n: p.detach() for n, p in model.named_parameters()}, out)
+        dist.barrier()  # no rank tears down gloo while the other still talks to it
     finally:
         dist.destroy_process_group()
+    open(f"{out}.done{rank}", "w").close()
 
 
 @pytest.mark.parametrize(
@@ -77,7 +79,13 @@ def test_two_ranks_equal_one_process_with_double_batch(kind, wrap):
     _run(model, _optimizer(kind, model, loss_fn), loss_fn, _batches())
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "params.pt")
-        mp.spawn(_worker, args=(2, os.path.join(tmp, "init"), kind, wrap, out), nprocs=2)
+        try:
+            mp.spawn(_worker, args=(2, os.path.join(tmp, "init"), kind, wrap, out), nprocs=2)
+        except mp.ProcessExitedException:
+            # gloo's threads occasionally abort at interpreter exit ("terminate called without
+            # an active exception") after the work is done; only that case is tolerated
+            if not all(os.path.exists(f"{out}.done{r}") for r in range(2)):
+                raise
         got = torch.load(out)
     for name, p in model.named_parameters():
         torch.testing.assert_close(got[name], p.detach(), msg=name)
