@@ -486,3 +486,24 @@ def test_kfac_operator_on_a_parameter_subset_is_the_principal_sub_block(case):
             bg.linops.KFAC(model, loss_fn, [(X, y)], fisher_type="type-2", params=bias_only)
     with pytest.raises(ValueError, match="unknown"):
         bg.linops.KFAC(model, loss_fn, [(X, y)], params=["nope"])
+
+
+def test_kfac_operator_grouped_transposed_conv_layout():
+    """Each group's slice of the ConvTranspose weight [C_in, C_out/G, K] is permuted on its own
+    (the layout of the engine's block); checked against explicit parameter indices."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ConvTranspose1d(4, 4, 3, stride=2, padding=1, groups=2))
+    X, y = torch.randn(3, 4, 4), torch.randn(3, 4, 7)
+    K = bg.linops.KFAC(model, nn.MSELoss(), [(X, y)], fisher_type="type-2")
+    block = K.blocks["0"]
+    W = model[0].weight
+    C_in, Fg, _ = W.shape
+    Cg = C_in // 2
+    index = torch.arange(W.numel()).view(W.shape)
+    expected = torch.zeros(K.shape, dtype=block.A.dtype)
+    for g in range(2):
+        w_idx = index[g * Cg : (g + 1) * Cg].permute(1, 0, 2).reshape(Fg, -1)
+        b_idx = W.numel() + g * Fg + torch.arange(Fg)
+        idx = torch.cat([w_idx, b_idx.unsqueeze(1)], 1).reshape(-1)
+        expected[idx[:, None], idx[None, :]] = torch.kron(block.B[g], block.A[g])
+    torch.testing.assert_close(K.to_dense(), expected)

@@ -180,12 +180,12 @@ def test_kfac_step_is_damped_natural_gradient(case, mode):
 
 def _grad_in_block(t, block, i):
     """A weight/bias tensor in the block's ``[G, left, right]`` layout (bias: one column)."""
-    from beyondgrad.optim.base import grad_matrix
+    from beyondgrad.factors import to_block_layout
 
     G = block.groups
     if i == 1:
         return t.reshape(G, -1, 1)
-    return grad_matrix(t, None, block.order, block.weight_perm, G)
+    return to_block_layout(t[None], None, block.order, block.weight_perm, G)[0]
 
 
 def test_kfac_ema_refresh_and_kl_clip():

@@ -163,4 +163,52 @@ class DiagonalFactors:
         return (torch.cat([d.reshape(-1) for d in self.diagonal.values()]) + damping).log().sum()
 
 
-__all__ = ["DiagonalFactors", "KroneckerFactors"]
+def to_block_layout(
+    W: Tensor, b: Tensor | None, order: str, weight_perm: tuple[int, ...] | None, groups: int
+) -> Tensor:
+    """Weight-shaped tensors ``W [k, *weight.shape]`` (and a joint bias ``b [k, *bias.shape]``)
+    as ``[k, G, rows, cols]`` in the layout of a :class:`KroneckerFactors` block: row-major
+    ``[O, I]`` per group with the bias as the last column, the embedding table as is, and for
+    ``weight_perm`` (transposed convolutions) each group's slice of the leading axis permuted."""
+    k = W.shape[0]
+    if order == "A kron B":
+        return W.reshape(k, 1, W.shape[1], -1)
+    if weight_perm is not None:
+        w = W.reshape(k, groups, W.shape[1] // groups, *W.shape[2:])
+        w = w.permute(0, 1, *(i + 2 for i in weight_perm))
+        M = w.reshape(k, groups, w.shape[2], -1)
+    else:
+        M = W.reshape(k, groups, W.shape[1] // groups, -1)
+    if b is not None:
+        M = torch.cat([M, b.reshape(k, groups, -1, 1)], -1)
+    return M
+
+
+def from_block_layout(
+    M: Tensor,
+    weight_shape: tuple[int, ...],
+    bias_shape: tuple[int, ...] | None,
+    order: str,
+    weight_perm: tuple[int, ...] | None,
+    groups: int,
+) -> tuple[Tensor, Tensor | None]:
+    """Inverse of :func:`to_block_layout`: ``M [k, G, rows, cols]`` to ``(W [k, *weight_shape],
+    b [k, *bias_shape] or None)``."""
+    k = M.shape[0]
+    if order == "A kron B":
+        return M.reshape(k, *weight_shape), None
+    b = None
+    if bias_shape is not None:
+        M, b = M[..., :-1], M[..., -1].reshape(k, *bias_shape)
+    if weight_perm is None:
+        return M.reshape(k, *weight_shape), b
+    per_group = (groups, weight_shape[0] // groups, *weight_shape[1:])
+    permuted = [per_group[0]] + [per_group[i + 1] for i in weight_perm]
+    inverse = [0] * len(weight_perm)
+    for i, j in enumerate(weight_perm):
+        inverse[j] = i
+    w = M.reshape(k, *permuted).permute(0, 1, *(i + 2 for i in inverse))
+    return w.reshape(k, *weight_shape), b
+
+
+__all__ = ["DiagonalFactors", "KroneckerFactors", "from_block_layout", "to_block_layout"]

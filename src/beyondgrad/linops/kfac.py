@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..engine import compute
-from ..factors import DiagonalFactors, KroneckerFactors
+from ..factors import DiagonalFactors, KroneckerFactors, from_block_layout, to_block_layout
 from ..quantities import KFAC as KFACQuantity
 from .base import LinearOperator
 from .curvature import _batch_size
@@ -109,37 +109,27 @@ class KFAC(LinearOperator):
         return torch.cat([parts[n].reshape(parts[n].shape[0], -1) for n in self.names], 1).T
 
     def _block_matrix(self, block: KroneckerFactors, parts: dict[str, Tensor]) -> Tensor:
-        """The covered parameters (``[k, ...]`` each) as ``[G, rows, cols, k]`` flattened in the
-        block's layout."""
-        k = next(iter(parts.values())).shape[0]
-        W = parts[block.params[0]]
-        if block.weight_perm is not None:
-            W = W.permute(0, *(p + 1 for p in block.weight_perm))
-        G = block.groups
-        W = W.reshape(k, G, W.shape[1] // G, -1)  # [k, G, rows, cols]
-        if block.bias == "joint":
-            b = parts[block.params[1]].reshape(k, G, -1, 1)
-            W = torch.cat([W, b], 3)
-        return W.permute(1, 2, 3, 0)
+        """The covered parameters (``[k, ...]`` each) as ``[G, rows, cols, k]`` in the block's
+        layout (:func:`~beyondgrad.factors.to_block_layout`)."""
+        bias = parts[block.params[1]] if block.bias == "joint" else None
+        M = to_block_layout(
+            parts[block.params[0]], bias, block.order, block.weight_perm, block.groups
+        )
+        return M.permute(1, 2, 3, 0)
 
     def _unblock(self, block: KroneckerFactors, M: Tensor, k: int) -> dict[str, Tensor]:
         """Inverse of :meth:`_block_matrix`."""
-        out: dict[str, Tensor] = {}
-        M = M.permute(3, 0, 1, 2)  # [k, G, rows, cols]
-        if block.bias == "joint":
-            out[block.params[1]] = M[..., -1].reshape(k, -1)
-            M = M[..., :-1]
-        W = M.reshape(k, -1, M.shape[-1])
-        name = block.params[0]
-        shape = self.params[name].shape
-        if block.weight_perm is not None:
-            permuted = tuple(shape[p] for p in block.weight_perm)
-            inverse = [0] * len(block.weight_perm)
-            for i, p in enumerate(block.weight_perm):
-                inverse[p] = i
-            W = W.reshape(k, *permuted).permute(0, *(p + 1 for p in inverse))
-        out[name] = W.reshape(k, *shape)
-        return out
+        weight = block.params[0]
+        bias = block.params[1] if block.bias == "joint" else None
+        W, b = from_block_layout(
+            M.permute(3, 0, 1, 2),
+            tuple(self.params[weight].shape),
+            None if bias is None else tuple(self.params[bias].shape),
+            block.order,
+            block.weight_perm,
+            block.groups,
+        )
+        return {weight: W} if bias is None else {weight: W, bias: b}
 
     def _apply(self, M: Tensor, kron: str, damping: float = 0.0) -> Tensor:
         parts = self._split(M)

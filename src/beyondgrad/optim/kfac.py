@@ -27,8 +27,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..factors import from_block_layout, to_block_layout
 from ..quantities import KFAC as KFACQuantity
-from .base import CurvatureOptimizer, grad_matrix, kronecker_layers, split_matrix
+from .base import CurvatureOptimizer, kronecker_layers
 
 KFAC_RULES = ("linear", "conv", "conv_transpose", "embedding")
 
@@ -133,16 +134,13 @@ class KFAC(CurvatureOptimizer):
             if refresh or "eig" not in state:
                 state["eig"] = self._decompose(state, group["damping"])
             weight, bias = members[0], (members[1] if len(members) > 1 else None)
-            G = self._groups(state)
-            M = grad_matrix(
-                weight.grad,
-                None if bias is None else bias.grad,
-                state["order"],
-                state["weight_perm"],
-                G,
-            )
+            layout = (state["order"], state["weight_perm"], self._groups(state))
+            grad_bias = None if bias is None else bias.grad[None]
+            M = to_block_layout(weight.grad[None], grad_bias, *layout)[0]
             D = self._solve(state["eig"], M, group["damping"])
-            parts = split_matrix(D, weight, bias, state["order"], state["weight_perm"], G)
+            bias_shape = None if bias is None else tuple(bias.shape)
+            W, b = from_block_layout(D[None], tuple(weight.shape), bias_shape, *layout)
+            parts = [W[0]] if b is None else [W[0], b[0]]
             for p, d in zip(members, parts):
                 directions.append((p, d, group))
         scale = 1.0

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..quantities import KFAC as KFACQuantity
-from .base import CurvatureOptimizer, grad_matrix, kronecker_layers, split_matrix
+from .base import CurvatureOptimizer, kronecker_layers
 from .structures import Structure, structure
 
 SINGD_RULES = ("linear", "conv")
@@ -155,9 +155,14 @@ class SINGD(CurvatureOptimizer):
             if members[0].grad is None:
                 continue
             weight, bias = members[0], (members[1] if len(members) > 1 else None)
-            M = grad_matrix(weight.grad, None if bias is None else bias.grad, "B kron A", None, 1)
-            D = self._precondition(state, sk, sc, M[0])
-            for p, d in zip(members, split_matrix(D[None], weight, bias, "B kron A", None, 1)):
+            G = weight.grad.reshape(weight.shape[0], -1)  # [O, I] (+ the bias column)
+            if bias is not None:
+                G = torch.cat([G, bias.grad[:, None]], 1)
+            D = self._precondition(state, sk, sc, G)
+            parts = [D[:, : weight[0].numel()].reshape(weight.shape)]
+            if bias is not None:
+                parts.append(D[:, -1])
+            for p, d in zip(members, parts):
                 self._apply(p, d, group)
 
     @staticmethod
