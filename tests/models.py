@@ -15,6 +15,15 @@ from torch import Tensor, nn
 N = 5
 
 
+def call_model(model: nn.Module, X):
+    """``model(X)`` for tensor, tuple/list (``model(*X)``) or dict (``model(**X)``) inputs."""
+    if isinstance(X, dict):
+        return model(**X)
+    if isinstance(X, (tuple, list)):
+        return model(*X)
+    return model(X)
+
+
 class ResidualBlock(nn.Module):
     """Conv -> BN -> ReLU -> Conv -> BN, plus identity, in-place ReLU (torchvision style)."""
 

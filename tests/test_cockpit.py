@@ -13,19 +13,11 @@ from torch import nn
 import beyondgrad as bg
 from beyondgrad.cockpit import Cockpit, every, logarithmic
 from beyondgrad.cockpit import instruments as ins
-from models import CASES
+from models import CASES, call_model
 from oracles.curvature import ggn
 from oracles.first_order import per_sample_grads
 
 torch.set_default_dtype(torch.float64)
-
-
-def _call(model, X):
-    if isinstance(X, dict):
-        return model(**X)
-    if isinstance(X, (tuple, list)):
-        return model(*X)
-    return model(X)
 
 
 def _track(cockpit, model, loss_fn, X, y, step=0, optimizer=None):
@@ -34,7 +26,7 @@ def _track(cockpit, model, loss_fn, X, y, step=0, optimizer=None):
     else:
         model.zero_grad()
     with cockpit(step, optimizer=optimizer):
-        loss = loss_fn(_call(model, X), y)
+        loss = loss_fn(call_model(model, X), y)
         loss.backward()
     if optimizer is not None:
         optimizer.step()
@@ -59,7 +51,7 @@ def test_first_order_instruments_match_per_sample_loops(case):
     N, D = G.shape
     g = G.mean(0)
     g2 = float(g @ g)
-    assert rec["Loss"] == pytest.approx(float(loss_fn(_call(model, X), y).detach()), rel=1e-12)
+    assert rec["Loss"] == pytest.approx(float(loss_fn(call_model(model, X), y).detach()), rel=1e-12)
     assert rec["GradNorm"] == pytest.approx(g2**0.5, rel=1e-9)
     dev = G - g
     assert rec["NormTest"] == pytest.approx(

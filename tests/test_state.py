@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import beyondgrad as bg
-from models import CASES
+from models import CASES, call_model
 
 
 def hook_counts(model: nn.Module) -> list[int]:
@@ -160,7 +160,7 @@ def test_quantities_from_the_ordinary_backward_equal_compute(case, scale):
     ref = bg.compute(model, loss_fn, X, y, *qs)
     model.zero_grad()
     with bg.capture(model, loss_fn, *qs, from_backward=True) as session:
-        loss = loss_fn(_call(model, X), y)
+        loss = loss_fn(call_model(model, X), y)
         (scale * loss).backward()
     res = session.compute(loss)
     for q in qs:
@@ -168,11 +168,3 @@ def test_quantities_from_the_ordinary_backward_equal_compute(case, scale):
             torch.testing.assert_close(res[q][name], value, msg=f"{q} {name}")
     for name, p in model.named_parameters():  # the ordinary backward still filled .grad
         torch.testing.assert_close(p.grad, scale * ref.grad[name])
-
-
-def _call(model, X):
-    if isinstance(X, dict):
-        return model(**X)
-    if isinstance(X, (tuple, list)):
-        return model(*X)
-    return model(X)

@@ -167,12 +167,12 @@ class Cockpit:
                 "Cockpit: loss_fn was not called inside the `with cockpit(...)` block"
             )
         output, target, loss = session.loss_calls[-1]
-        if session._seed is None:
+        if session.backward_seed is None:
             raise RuntimeError(
                 "Cockpit: call loss.backward() inside the `with cockpit(step):` block"
             )
         forms = session.compute(loss)[Forms()]
-        seed = session._seed
+        seed = session.backward_seed
         unit = bool((seed == 1).all())
         grad_of_loss = {  # this backward's contribution to .grad, per unit of loss
             n: (g if unit else g / seed)

@@ -163,7 +163,7 @@ class Session:
         self._loss_handle: Any = None
         self.watch_backward = False
         self._seen: dict[tuple[int, int], Tensor] = {}
-        self._seed: Tensor | None = None  # d(backpropagated)/d(loss) of the watched backward
+        self.backward_seed: Tensor | None = None  # d(backpropagated)/d(loss), watched backward
         self._node_kinds: set[str] | None = None
         self._node_handles: list[Any] = []
 
@@ -195,7 +195,7 @@ class Session:
         names = {id(p): n for n, p in self.model.named_parameters()}
 
         def on_loss(grad: Tensor) -> None:
-            self._seed = grad.detach()
+            self.backward_seed = grad.detach()
             self._node_kinds = attribute(loss, self.units, names)
 
         loss.register_hook(on_loss)
@@ -244,7 +244,7 @@ class Session:
         want_grad = Grad() in self.quantities
         only_grad = self.quantities == [Grad()]
         node_kinds: set[str] = set()
-        watched = self._seed is not None  # the layer-output gradients of loss.backward()
+        watched = self.backward_seed is not None  # the layer-output gradients of loss.backward()
         if watched:
             node_kinds = self._node_kinds or set()
         elif not only_grad:  # a plain gradient needs no attribution to layer calls
@@ -271,11 +271,12 @@ class Session:
                     "second-order quantities need their own backward pass: compute them before "
                     "loss.backward()"
                 )
-            seed = self._seed
+            seed = self.backward_seed
+            unit = bool((seed == 1).all())  # once, not per layer output
             grads = tuple(
                 None
                 if (g := self._seen.get((id(e.node), e.output_nr))) is None
-                else (g / seed if not bool((seed == 1).all()) else g)
+                else (g if unit else g / seed)
                 for e in targets
             )
             _check_finite(grads, where)
