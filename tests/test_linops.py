@@ -507,3 +507,176 @@ def test_kfac_operator_grouped_transposed_conv_layout():
         idx = torch.cat([w_idx, b_idx.unsqueeze(1)], 1).reshape(-1)
         expected[idx[:, None], idx[None, :]] = torch.kron(block.B[g], block.A[g])
     torch.testing.assert_close(K.to_dense(), expected)
+
+
+def _forward_counter(model):
+    calls = [0]
+
+    def hook(*_):
+        calls[0] += 1
+
+    return calls, model.register_forward_pre_hook(hook)
+
+
+def _operator(kind, model, loss_fn, data, **kwargs):
+    if kind == "fisher":
+        return Fisher(
+            model, loss_fn, data, mc_samples=2, generator=torch.Generator().manual_seed(3), **kwargs
+        )
+    return {"hessian": Hessian, "ggn": GGN, "ef": EmpiricalFisher}[kind](
+        model, loss_fn, data, **kwargs
+    )
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn", "ef", "fisher"])
+def test_repeated_products_keep_the_per_batch_state(kind):
+    model, X, y, loss_fn = CASES["mlp"]()
+    data = batches(X, y, [3, 2])
+    A = _operator(kind, model, loss_fn, data, cache_batches=2)
+    dense = A.to_dense()
+    if kind != "fisher":  # the other operators are checked against oracles above
+        ref = dense_hessian(model, loss_fn, X, y) if kind == "hessian" else None
+        if ref is not None:
+            torch.testing.assert_close(dense, ref)
+    V1 = torch.randn(A.shape[0], 3, dtype=torch.float64)
+    V2 = torch.randn(A.shape[0], 2, dtype=torch.float64)
+    calls, handle = _forward_counter(model)
+    try:
+        with A.repeated_products():
+            torch.testing.assert_close(A @ V1, dense @ V1)
+            after_first = calls[0]
+            assert after_first > 0
+            torch.testing.assert_close(A @ V2, dense @ V2)  # on the kept state
+            torch.testing.assert_close(A @ V1[:, 0], dense @ V1[:, 0])
+            assert calls[0] == after_first, "a repeated product ran the model again"
+        assert A._cache is None  # released on exit
+        A @ V1
+        assert calls[0] == 2 * after_first
+        # only the first batch kept: the second one runs its forward every time
+        B = _operator(kind, model, loss_fn, data, cache_batches=1)
+        with B.repeated_products():
+            B @ V1
+            before = calls[0]
+            torch.testing.assert_close(B @ V2, dense @ V2)
+            assert 0 < calls[0] - before < after_first
+    finally:
+        handle.remove()
+    with A.repeated_products():
+        A @ V1
+        with torch.no_grad():
+            model[0].weight.mul_(1.01)
+        with pytest.raises(RuntimeError, match="changed in place"):
+            A @ V1
+
+
+def test_repeated_products_with_a_loader_that_yields_new_tensors():
+    """Batches are recognized by identity: fresh tensors every pass are never mistaken for kept
+    ones (ids of freed tensors get reused)."""
+    model, X, y, loss_fn = CASES["mlp"]()
+
+    class Fresh:
+        def __iter__(self):
+            for Xb, yb in batches(X, y, [3, 2]):
+                yield Xb.clone(), yb.clone()
+
+    H = Hessian(model, loss_fn, Fresh())
+    dense = dense_hessian(model, loss_fn, X, y)
+    top, _ = linalg.eigsh(H, 1, tol=1e-10, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(top, torch.linalg.eigvalsh(dense)[-1:], rtol=1e-6, atol=1e-9)
+
+
+def test_algorithms_enter_the_repeated_products_context():
+    model, X, y, loss_fn = CASES["mlp"]()
+    data = batches(X, y, [3, 2])
+    G = GGN(model, loss_fn, data, cache_batches=None)
+    dense = G.to_dense()
+    calls, handle = _forward_counter(model)
+    try:
+        vals, _ = linalg.eigsh(G, 2, tol=1e-10, generator=torch.Generator().manual_seed(0))
+        assert calls[0] == 2  # one forward per batch for the whole Lanczos run
+        torch.testing.assert_close(vals, torch.linalg.eigvalsh(dense).flip(0)[:2])
+        b = torch.randn(G.shape[0], dtype=torch.float64)
+        x = linalg.solve(G, b, damping=0.1)
+        assert calls[0] == 4
+        torch.testing.assert_close(dense @ x + 0.1 * x, b)
+        composite = 2.0 * G + G  # composites forward the context to their parts
+        linalg.trace(composite, 6, method="hutchinson", generator=torch.Generator())
+        assert calls[0] == 6  # two operators (same object) -> one cache, entered once
+    finally:
+        handle.remove()
+
+
+def test_mc_fisher_is_one_matrix_across_passes():
+    """Every pass over the data draws the same labels: products with single columns, blocks and
+    the dense matrix built in several passes agree (and it is symmetric)."""
+    model, X, y, loss_fn = CASES["mlp"]()
+    F = _operator("fisher", model, loss_fn, batches(X, y, [3, 2]))
+    one_pass = F.to_dense()
+    several = F.to_dense(chunk=5)
+    torch.testing.assert_close(several, one_pass)
+    torch.testing.assert_close(one_pass, one_pass.T)
+    v = torch.randn(F.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(F @ v, one_pass @ v)
+    torch.testing.assert_close(F.diagonal(), torch.diagonal(one_pass))
+    G = Fisher(model, loss_fn, batches(X, y, [3, 2]), mc_samples=2, generator=torch.Generator())
+    assert not torch.allclose(G.to_dense(), one_pass)  # another seed, another sample
+
+
+@pytest.mark.parametrize("case", ["mlp", "resnet"])
+def test_exact_diagonal_and_trace_of_the_curvature_operators(case):
+    model, X, y, loss_fn = CASES[case]()
+    data = batches(X, y, [3, 2])
+    references = {
+        "hessian": dense_hessian(model, loss_fn, X, y),
+        "ggn": ggn(model, loss_fn, X, y)["full"],
+        "ef": EmpiricalFisher(model, loss_fn, data).to_dense(),
+    }
+    for kind, ref in references.items():
+        A = _operator(kind, model, loss_fn, data)
+        torch.testing.assert_close(A.diagonal(), torch.diagonal(ref), rtol=1e-8, atol=1e-11)
+        torch.testing.assert_close(A.trace(), torch.trace(ref))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    subset = names[-2:]
+    G = GGN(model, loss_fn, data, params=subset)
+    torch.testing.assert_close(G.diagonal(), torch.diagonal(G.to_dense()))
+
+
+def test_hessian_diagonal_refuses_models_outside_diag_hessian():
+    model, X, y, loss_fn = CASES["gpt"]()
+    H = Hessian(model, loss_fn, [(X, y)])
+    with pytest.raises(RuntimeError, match="xdiag"):
+        H.diagonal()
+
+
+def test_ekfac_operator_on_a_parameter_subset():
+    import copy
+
+    model, X, y, loss_fn = CASES["mlp"]()
+    data = batches(X, y, [3, 2])
+    names = [n for n, _ in model.named_parameters()]
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    offsets = {n: sum(sizes[m] for m in names[: names.index(n)]) for n in names}
+
+    def index(ns):
+        return torch.cat([torch.arange(offsets[n], offsets[n] + sizes[n]) for n in ns])
+
+    full = bg.linops.EKFAC(model, loss_fn, data, fisher_type="type-2")
+    whole = ["2.weight", "2.bias", "4.weight", "4.bias"]
+    E = bg.linops.EKFAC(model, loss_fn, data, fisher_type="type-2", params=whole)
+    idx = index(whole)
+    torch.testing.assert_close(E.to_dense(), full.to_dense()[idx][:, idx])
+    torch.testing.assert_close(E.trace(), torch.trace(full.to_dense()[idx][:, idx]))
+    # a weight without its bias: the EKFAC of the model with that bias frozen
+    E0 = bg.linops.EKFAC(model, loss_fn, data, fisher_type="type-2", params=["0.weight"])
+    frozen = copy.deepcopy(model)
+    frozen[0].bias.requires_grad_(False)
+    F0 = bg.linops.EKFAC(frozen, loss_fn, data, fisher_type="type-2")
+    n0 = sizes["0.weight"]
+    torch.testing.assert_close(E0.to_dense(), F0.to_dense()[:n0, :n0])
+    # its corrected eigenvalues: the exact GGN diagonal in its own Kronecker basis
+    block = ggn(model, loss_fn, X, y)["full"][:n0, :n0]
+    QA, QB = E0.bases["0"]
+    Q = torch.kron(QB[0], QA[0])
+    torch.testing.assert_close(torch.diagonal(Q.T @ block @ Q), E0.eigenvalues["0"].reshape(-1))
+    with pytest.raises(ValueError, match="add the weight"):
+        bg.linops.EKFAC(model, loss_fn, data, params=["0.bias"])

@@ -1,6 +1,8 @@
 """Matrix-free algorithms on any :class:`~beyondgrad.linops.LinearOperator` (or anything with
 ``@`` on ``[n]``/``[n, k]`` tensors and a ``shape``), in PyTorch: eigenpairs (Lanczos),
-trace and diagonal estimators, and linear solvers."""
+trace and diagonal estimators, and linear solvers. Each algorithm runs inside the operator's
+``repeated_products()`` context where it has one (data-set curvature operators then keep their
+per-batch graphs/forms between the algorithm's products)."""
 
 from .eigen import eigsh
 from .estimators import diagonal, frobenius_norm_squared, trace

@@ -9,11 +9,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._repeat import with_repeated_products
+
 
 def _like(A: Any) -> tuple[int, torch.dtype, torch.device]:
     return A.shape[0], getattr(A, "dtype", torch.float64), getattr(A, "device", torch.device("cpu"))
 
 
+@with_repeated_products
 def eigsh(
     A: Any,
     k: int = 1,
@@ -48,7 +51,9 @@ def eigsh(
     if method != "lanczos":
         raise ValueError(f"method must be 'lanczos' or 'lobpcg', got {method!r}")
     m_max = min(n, max_iter or max(100, 20 * k))
-    Q = torch.zeros(m_max + 1, n, dtype=dtype, device=device)  # rows: basis vectors
+    # rows: basis vectors; grown by doubling (a full [m_max + 1, n] buffer up front costs
+    # more than the products on large models)
+    Q = torch.empty(min(m_max + 1, max(2 * k + 8, 24)), n, dtype=dtype, device=device)
     alpha = torch.zeros(m_max, dtype=dtype, device=device)
     beta = torch.zeros(m_max, dtype=dtype, device=device)
     q = (
@@ -63,9 +68,16 @@ def eigsh(
     for j in range(m_max):
         w = A @ Q[j]
         alpha[j] = Q[j] @ w
-        w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)  # full reorthogonalization, twice
-        w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
+        # full reorthogonalization; a second pass only when the first removed most of w
+        # (Kahan-Parlett "twice is enough"): on large models these passes over the basis are
+        # memory-bound and cost as much as a product
+        before = w.norm()
+        basis = Q[: j + 1]
+        w = torch.addmv(w, basis.T, basis @ w, alpha=-1)
         beta[j] = w.norm()
+        if beta[j] < 0.7 * before:
+            w = torch.addmv(w, basis.T, basis @ w, alpha=-1)
+            beta[j] = w.norm()
         m = j + 1
         if m >= k:
             T = torch.diag(alpha[:m]) + torch.diag(beta[: m - 1], 1) + torch.diag(beta[: m - 1], -1)
@@ -78,6 +90,8 @@ def eigsh(
                 break
         if beta[j] == 0:
             break
+        if j + 1 == Q.shape[0]:
+            Q = torch.cat([Q, torch.empty_like(Q[: min(Q.shape[0], m_max + 1 - Q.shape[0])])])
         Q[j + 1] = w / beta[j]
     assert theta is not None and S is not None
     if not converged and m < n:

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._repeat import with_repeated_products
+
 
 def _probes(
     n: int,
@@ -24,6 +26,7 @@ def _probes(
     raise ValueError(f"probe distribution must be 'rademacher' or 'normal', got {kind!r}")
 
 
+@with_repeated_products
 def trace(
     A: Any,
     num_matvecs: int = 30,
@@ -72,6 +75,7 @@ def trace(
     return exact + samples.mean(), err
 
 
+@with_repeated_products
 def diagonal(
     A: Any,
     num_matvecs: int = 30,
@@ -139,6 +143,7 @@ def _leave_one_out(
     return torch.stack(ests), 2 * m
 
 
+@with_repeated_products
 def frobenius_norm_squared(
     A: Any,
     num_matvecs: int = 30,

@@ -7,12 +7,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._repeat import repeated, with_repeated_products
+
 
 def _apply(A: Any, x: Tensor, damping: float) -> Tensor:
     out = A @ x
     return out + damping * x if damping else out
 
 
+@with_repeated_products
 def cg(
     A: Any,
     b: Tensor,
@@ -50,6 +53,7 @@ def cg(
     return x, {"iterations": iterations, "residual": float(rs.sqrt() / bnorm)}
 
 
+@with_repeated_products
 def minres(
     A: Any, b: Tensor, damping: float = 0.0, tol: float = 1e-8, max_iter: int | None = None
 ) -> tuple[Tensor, dict]:
@@ -105,6 +109,7 @@ def solve(A: Any, b: Tensor, method: str = "cg", damping: float = 0.0, **kwargs:
     raise ValueError(f"method must be 'cg' or 'minres', got {method!r}")
 
 
+@with_repeated_products
 def neumann(A: Any, b: Tensor, damping: float = 0.0, scale: float = 1.0, terms: int = 50) -> Tensor:
     """Truncated Neumann series ``scale * sum_{j<terms} (I - scale (A + damping I))^j b`` for
     ``(A + damping I)^{-1} b``; converges when ``0 < scale * lambda < 2`` for every eigenvalue
@@ -132,6 +137,7 @@ class InverseOperator:
     def __matmul__(self, b: Tensor) -> Tensor:
         if b.ndim == 1:
             return solve(self.A, b, self.method, self.damping, **self.kwargs)
-        return torch.stack(
-            [solve(self.A, col, self.method, self.damping, **self.kwargs) for col in b.T], 1
-        )
+        with repeated(self.A):
+            return torch.stack(
+                [solve(self.A, col, self.method, self.damping, **self.kwargs) for col in b.T], 1
+            )

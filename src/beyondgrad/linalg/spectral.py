@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._repeat import with_repeated_products
+
 
 def _lanczos_tridiagonal(A: Any, q: Tensor, steps: int) -> tuple[Tensor, Tensor]:
     """``steps`` Lanczos steps (full reorthogonalization) from the unit vector ``q``: the
@@ -31,6 +33,7 @@ def _lanczos_tridiagonal(A: Any, q: Tensor, steps: int) -> tuple[Tensor, Tensor]
     return alpha[:m], beta[: m - 1]
 
 
+@with_repeated_products
 def spectral_density(
     A: Any,
     num_probes: int = 10,

@@ -8,7 +8,8 @@ operator), ``+``, ``-``, scalar ``*``, ``.T``, ``to_dense()`` and ``to_scipy()``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 
 import numpy as np
 import torch
@@ -36,6 +37,18 @@ class LinearOperator:
         raise NotImplementedError(f"{type(self).__name__} has no transpose product")
 
     # -- inherited -----------------------------------------------------------------------------
+    @contextmanager
+    def repeated_products(self) -> Iterator[LinearOperator]:
+        """A context for many products in a row (iterative algorithms enter it): operators
+        with reusable per-batch state (graphs, forms) keep it meanwhile. No-op here."""
+        with ExitStack() as stack:
+            for child in self._children():
+                stack.enter_context(child.repeated_products())
+            yield self
+
+    def _children(self) -> Sequence[LinearOperator]:
+        return ()
+
     def __matmul__(self, other: Tensor | LinearOperator) -> Tensor | LinearOperator:
         if isinstance(other, LinearOperator):
             return _Product(self, other)
@@ -107,6 +120,9 @@ class _Sum(LinearOperator):
         self.ops, self.weights = list(ops), list(weights)
         self.symmetric = all(op.symmetric for op in ops)
 
+    def _children(self) -> Sequence[LinearOperator]:
+        return self.ops
+
     def _matmat(self, M: Tensor) -> Tensor:
         return sum(w * op._matmat(M) for op, w in zip(self.ops, self.weights))  # type: ignore[return-value]
 
@@ -121,6 +137,9 @@ class _Product(LinearOperator):
         super().__init__((left.shape[0], right.shape[1]), left.dtype, left.device)
         self.left, self.right = left, right
 
+    def _children(self) -> Sequence[LinearOperator]:
+        return (self.left, self.right)
+
     def _matmat(self, M: Tensor) -> Tensor:
         return self.left._matmat(self.right._matmat(M))
 
@@ -132,6 +151,9 @@ class _Transposed(LinearOperator):
     def __init__(self, op: LinearOperator):
         super().__init__((op.shape[1], op.shape[0]), op.dtype, op.device)
         self.op = op
+
+    def _children(self) -> Sequence[LinearOperator]:
+        return (self.op,)
 
     def _matmat(self, M: Tensor) -> Tensor:
         return self.op._rmatmat(M)

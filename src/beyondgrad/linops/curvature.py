@@ -25,7 +25,8 @@ a block of ``k`` vectors in one pass over the data.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -83,8 +84,11 @@ class CurvatureOperator(LinearOperator):
         progressbar: bool = False,
         allow_train_mode: bool = False,
         batch_size_fn: Callable[[Any], int] | None = None,
+        cache_batches: int | None = 1,
     ):
         check_loss_fn(loss_fn)
+        if cache_batches is not None and cache_batches < 0:
+            raise ValueError(f"cache_batches must be >= 0 or None, got {cache_batches}")
         if not allow_train_mode:
             _check_eval_mode(model)
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -106,6 +110,8 @@ class CurvatureOperator(LinearOperator):
         if num_data < 1:
             raise ValueError("the data set is empty")
         self.num_data = int(num_data)
+        self.cache_batches = cache_batches
+        self._cache: dict[int, tuple[Any, Tensor, list[int], Any]] | None = None
         first = self.params[0]
         super().__init__((sum(self.sizes),) * 2, first.dtype, first.device)  # type: ignore[arg-type]
 
@@ -121,7 +127,7 @@ class CurvatureOperator(LinearOperator):
         return self.data
 
     def split(self, M: Tensor) -> list[Tensor]:
-        """``[P, k]`` -> per parameter ``[k, *shape]``."""
+        """``[P, k]`` -> per parameter ``[k, *shape]`` (strided views of ``M``)."""
         blocks = torch.split(M, self.sizes, 0)
         return [b.T.reshape(M.shape[1], *p.shape) for b, p in zip(blocks, self.params)]
 
@@ -130,15 +136,107 @@ class CurvatureOperator(LinearOperator):
         """Per parameter ``[k, *shape]`` -> ``[P, k]``."""
         return torch.cat([b.reshape(b.shape[0], -1) for b in blocks], 1).T
 
-    def _matmat(self, M: Tensor) -> Tensor:
-        out = torch.zeros_like(M)
-        V = self.split(M)
-        for X, y in self._batches():
-            out += self._weight(self.batch_size_fn(X)) * self.join(self._batch_products(X, y, V))
+    def _accumulate(self, out: Tensor | None, blocks: Sequence[Tensor], weight: float) -> Tensor:
+        """``out += weight * join(blocks)`` written parameter by parameter into ``out``
+        ``[P, k]`` (allocated on the first batch): one transposing pass, no concatenation."""
+        k = blocks[0].shape[0]
+        first = out is None
+        if out is None:
+            out = torch.empty(self.shape[0], k, dtype=blocks[0].dtype, device=blocks[0].device)
+        start = 0
+        for b, size in zip(blocks, self.sizes):
+            # transposed views of [size, k]: for k = 1 both are plain vectors (fast copies)
+            target, src = out[start : start + size].T, b.reshape(k, size)
+            start += size
+            if first:
+                target.copy_(src)
+                if weight != 1.0:
+                    target.mul_(weight)
+            else:
+                target.add_(src, alpha=weight)
         return out
 
-    def _batch_products(self, X: Any, y: Tensor, V: list[Tensor]) -> list[Tensor]:
+    def _matmat(self, M: Tensor) -> Tensor:
+        V = self.split(M)
+        out = None
+        for position, (X, y) in enumerate(self._batches()):
+            state = self._state(position, X, y)
+            out = self._accumulate(
+                out, self._batch_products(state, y, V), self._weight(self.batch_size_fn(X))
+            )
+        assert out is not None, "the data set is empty"
+        return out
+
+    # -- per-batch state, kept between products inside repeated_products() ---------------------
+    @contextmanager
+    def repeated_products(self) -> Iterator[CurvatureOperator]:
+        """Within this context, the per-batch state that does not depend on the vectors (the
+        Hessian's gradient graph, the GGN's forward and Jacobian graphs, the engine's
+        per-sample forms for the Fisher types) is kept for the first ``cache_batches``
+        batches, so that a further product on them skips the forward pass (and, for the
+        Fisher types, all of autograd). Iterative algorithms (``bg.linalg.eigsh``, ``trace``,
+        ``solve``, ...) enter it themselves. Batches are recognized by position and identity
+        (a loader that yields new tensors each pass gets no reuse); parameters changed in
+        place meanwhile raise. The memory is released when the context exits."""
+        outer = self._cache is not None
+        if not outer:
+            self._cache = {}
+        try:
+            yield self
+        finally:
+            if not outer:
+                self._cache = None
+
+    def _state(self, position: int, X: Any, y: Tensor) -> Any:
+        cache = self._cache
+        if cache is None or (self.cache_batches is not None and position >= self.cache_batches):
+            return self._prepare(position, X, y)
+        versions = [p._version for p in self.params]
+        hit = cache.get(position)
+        if hit is not None and hit[0] is X and hit[1] is y:
+            if hit[2] != versions:
+                raise RuntimeError(
+                    f"{type(self).__name__}: the parameters changed in place while per-batch "
+                    "state was kept for repeated products; build the operator anew"
+                )
+            return hit[3]
+        state = self._prepare(position, X, y)
+        cache[position] = (X, y, versions, state)
+        return state
+
+    def _prepare(self, position: int, X: Any, y: Tensor) -> Any:
+        """The vector-independent state of one batch (graphs, forms)."""
         raise NotImplementedError
+
+    def _batch_products(self, state: Any, y: Tensor, V: list[Tensor]) -> list[Tensor]:
+        """One batch's products with the vectors ``V`` (per parameter ``[k, *shape]``),
+        without the batch weight."""
+        raise NotImplementedError
+
+    # -- exact diagonal and trace ----------------------------------------------------------------
+    def diagonal(self) -> Tensor:
+        """The exact diagonal ``[P]`` in one pass over the data (from the engine)."""
+        out: Tensor | None = None
+        for position, (X, y) in enumerate(self._batches()):
+            d = torch.cat([t.reshape(-1) for t in self._batch_diagonal(position, X, y)])
+            part = self._weight(self.batch_size_fn(X)) * d
+            out = part if out is None else out + part
+        assert out is not None, "the data set is empty"
+        return out
+
+    def trace(self) -> Tensor:
+        """The exact trace (sum of :meth:`diagonal`)."""
+        return self.diagonal().sum()
+
+    def _batch_diagonal(self, position: int, X: Any, y: Tensor) -> list[Tensor]:
+        raise NotImplementedError(
+            f"{type(self).__name__} has no exact diagonal; estimate it with "
+            "bg.linalg.diagonal(A, ...) or its trace with bg.linalg.trace(A, ...)"
+        )
+
+    def _engine_diagonal(self, X: Any, y: Tensor, quantity: Quantity) -> list[Tensor]:
+        values = compute(self.model, self.loss_fn, X, y, quantity)[quantity]
+        return [values[n] for n in self.names]
 
     def _loss(self, X: Any, y: Tensor) -> tuple[Tensor, Tensor]:
         # fused attention kernels lack double backward: products of second derivatives run
@@ -177,82 +275,112 @@ def _batched_grad(outputs: Any, inputs: Any, vectors: Any, **kwargs: Any) -> tup
 class Hessian(CurvatureOperator):
     """The Hessian of the data-set loss (reverse-over-reverse products).
 
-    ``reuse_graph=True`` keeps each batch's gradient graph (built with ``create_graph``) between
-    products, so every further product costs one backward pass instead of a forward and two
-    (what iterative algorithms like ``eigsh`` and ``trace`` want); it holds that memory until
-    the operator is dropped, and assumes the parameters do not change meanwhile (checked)."""
+    Each product runs a forward pass and a backward pass with ``create_graph`` per batch, then
+    the backward of the gradient graph. Inside :meth:`repeated_products` (entered by the
+    ``bg.linalg`` algorithms) the gradient graph is kept, so a further product costs only the
+    last backward. ``reuse_graph=True`` keeps every batch's graph for the operator's lifetime
+    (holding that memory until the operator is dropped); parameters changed in place raise.
+    :meth:`diagonal` / :meth:`trace` are exact from the engine's ``DiagHessian`` where its
+    rules cover the model (element-wise nonlinearities; it raises on e.g. LayerNorm)."""
 
     def __init__(self, *args: Any, reuse_graph: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.reuse_graph = reuse_graph
-        self._graphs: dict[int, tuple[tuple[Tensor | None, ...], list[int]]] = {}
+        if reuse_graph:
+            self.cache_batches = None
+            self._cache = {}
 
-    def _gradients(self, X: Any, y: Tensor) -> tuple[Tensor | None, ...]:
-        key = id(X)
-        versions = [p._version for p in self.params]
-        if self.reuse_graph and key in self._graphs:
-            grads, seen = self._graphs[key]
-            if seen != versions:
-                raise RuntimeError("Hessian(reuse_graph=True): the parameters changed in place")
-            return grads
-        loss, _ = self._loss(X, y)
-        grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
-        if self.reuse_graph:
-            self._graphs[key] = (grads, versions)
-        return grads
-
-    def _batch_products(self, X: Any, y: Tensor, V: list[Tensor]) -> list[Tensor]:
+    def _prepare(self, position: int, X: Any, y: Tensor) -> tuple[Tensor | None, ...]:
         with torch.enable_grad():
-            grads = self._gradients(X, y)
-            used = [(g, v, p) for g, v, p in zip(grads, V, self.params) if g is not None]
-            if not used:
-                return [torch.zeros_like(v) for v in V]
+            loss, _ = self._loss(X, y)
+            return torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+
+    def _batch_products(
+        self, state: tuple[Tensor | None, ...], y: Tensor, V: list[Tensor]
+    ) -> list[Tensor]:
+        used = [(g, v) for g, v in zip(state, V) if g is not None]
+        if not used:
+            return [torch.zeros_like(v) for v in V]
+        with torch.enable_grad():
             hv = _batched_grad(
-                [g for g, _, _ in used], self.params, [v for _, v, _ in used], allow_unused=True
+                [g for g, _ in used], self.params, [v for _, v in used], allow_unused=True
             )
         return [h if h is not None else torch.zeros_like(v) for h, v in zip(hv, V)]
 
+    def _batch_diagonal(self, position: int, X: Any, y: Tensor) -> list[Tensor]:
+        from ..quantities import DiagHessian
+
+        try:
+            return self._engine_diagonal(X, y, DiagHessian())
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"Hessian.diagonal(): the engine's exact DiagHessian does not cover this model "
+                f"({str(err).split('. ')[0]}); estimate the diagonal with "
+                "bg.linalg.diagonal(H, num_matvecs, method='xdiag') or the trace with "
+                "bg.linalg.trace(H, num_matvecs, method='xtrace')"
+            ) from err
+
 
 class GGN(CurvatureOperator):
-    """The generalized Gauss-Newton ``sum_n J_n^T (d2 l / df2) J_n`` of the data-set loss."""
+    """The generalized Gauss-Newton ``sum_n J_n^T (d2 l / df2) J_n`` of the data-set loss.
 
-    def _batch_products(self, X: Any, y: Tensor, V: list[Tensor]) -> list[Tensor]:
+    Products: ``J V`` by differentiating the vjp ``u -> J^T u`` w.r.t. ``u``, the loss Hessian
+    by double backward on the outputs, then one vjp. Inside :meth:`repeated_products` the
+    forward and vjp graphs are kept. :meth:`diagonal` / :meth:`trace` are exact from the
+    engine's ``DiagGGN`` (it refuses outputs with more than ``max_vectors`` entries per sample;
+    estimate with ``bg.linalg`` there)."""
+
+    def _prepare(self, position: int, X: Any, y: Tensor) -> tuple[Any, ...]:
         with torch.enable_grad():
             _, out = self._loss(X, y)
-            # J V by differentiating the vjp u -> J^T u (linear in u) w.r.t. u
             u = torch.zeros_like(out, requires_grad=True)
             jt_u = torch.autograd.grad(out, self.params, u, create_graph=True, allow_unused=True)
-            pairs = [(j, v) for j, v in zip(jt_u, V) if j is not None]
-            (jv,) = _batched_grad(
-                [j for j, _ in pairs], [u], [v for _, v in pairs], retain_graph=True
-            )
-            # loss Hessian (reduction included) times J V, by double backward on the output
             o = out.detach().requires_grad_(True)
             (g_o,) = torch.autograd.grad(self.loss_fn(o, y), o, create_graph=True)
+        return out, u, jt_u, o, g_o
+
+    def _batch_products(self, state: Any, y: Tensor, V: list[Tensor]) -> list[Tensor]:
+        out, u, jt_u, o, g_o = state
+        with torch.enable_grad():
+            # J V by differentiating the vjp u -> J^T u (linear in u) w.r.t. u
+            pairs = [(j, v) for j, v in zip(jt_u, V) if j is not None]
+            (jv,) = _batched_grad([j for j, _ in pairs], [u], [v for _, v in pairs])
+            # loss Hessian (reduction included) times J V, by double backward on the output
             (hjv,) = _batched_grad([g_o], [o], [jv])
             res = _batched_grad([out], self.params, [hjv], allow_unused=True)
         return [r if r is not None else torch.zeros_like(v) for r, v in zip(res, V)]
+
+    def _batch_diagonal(self, position: int, X: Any, y: Tensor) -> list[Tensor]:
+        from ..quantities import DiagGGN
+
+        return self._engine_diagonal(X, y, DiagGGN())
 
 
 class _RowsOperator(CurvatureOperator):
     """``scale * sum_r g_r g_r^T`` for the engine's per-row gradients ``g_r`` (per-sample
     gradients or GGN-factor rows), applied without forming them: the rows' inner products
-    with the vectors (``Form.project``), then their combination (``Form.combine``)."""
+    with the vectors (``Form.project``), then their combination (``Form.combine``). The forms
+    (layer inputs and output gradients) are the per-batch state kept inside
+    :meth:`repeated_products`: a further product then runs no autograd at all. The diagonal
+    is exact (the forms' sums of squared rows)."""
 
-    def _forms(self, X: Any, y: Tensor) -> tuple[dict[str, Any], float]:
-        raise NotImplementedError
-
-    def _batch_products(self, X: Any, y: Tensor, V: list[Tensor]) -> list[Tensor]:
-        forms, scale = self._forms(X, y)
+    def _batch_products(
+        self, state: tuple[dict[str, Any], float], y: Tensor, V: list[Tensor]
+    ) -> list[Tensor]:
+        forms, scale = state
         coeff = sum(forms[n].project(v) for n, v in zip(self.names, V))  # [rows, k]
         return [forms[n].combine(coeff) * scale for n in self.names]
+
+    def _batch_diagonal(self, position: int, X: Any, y: Tensor) -> list[Tensor]:
+        forms, scale = self._state(position, X, y)
+        return [forms[n].sum_grad_squared() * scale for n in self.names]
 
 
 class EmpiricalFisher(_RowsOperator):
     """``R_D sum_n grad l_n grad l_n^T`` (the KFAC tutorial's empirical Fisher), from the
     engine's per-sample gradients (any model)."""
 
-    def _forms(self, X: Any, y: Tensor) -> tuple[dict[str, Any], float]:
+    def _prepare(self, position: int, X: Any, y: Tensor) -> tuple[dict[str, Any], float]:
         from ..engine.losses import reduction_factor
 
         q = Forms(("grad", 1))
@@ -262,7 +390,10 @@ class EmpiricalFisher(_RowsOperator):
 
 class Fisher(_RowsOperator):
     """The Monte-Carlo Fisher with ``mc_samples`` labels per sample, from the engine's GGN-factor
-    rows. Draws come from ``generator`` in data order: a shuffled loader changes the operator."""
+    rows. One seed is drawn from ``generator`` (default: the global generator) when the
+    operator is built; batch ``b``'s labels come from a generator seeded with ``seed + b``, so
+    every product (and :meth:`diagonal`) sees the same matrix. That needs the data in a fixed
+    order: a shuffled loader raises."""
 
     def __init__(
         self,
@@ -273,19 +404,28 @@ class Fisher(_RowsOperator):
     ):
         super().__init__(*args, **kwargs)
         self.quantity = Forms(("mc", mc_samples))
-        self.generator = generator
+        device = generator.device if generator is not None else torch.device("cpu")
+        self.seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
         self.order = _fingerprint(self.data)
 
-    def _matmat(self, M: Tensor) -> Tensor:
+    def _check_order(self) -> None:
         if _fingerprint(self.data) != self.order:
             raise RuntimeError(
                 "Fisher (MC) needs the data in a fixed order: the batches changed between "
                 "passes (a shuffled loader?). Use a fixed-order loader."
             )
+
+    def _matmat(self, M: Tensor) -> Tensor:
+        self._check_order()
         return super()._matmat(M)
 
-    def _forms(self, X: Any, y: Tensor) -> tuple[dict[str, Any], float]:
-        res = compute(self.model, self.loss_fn, X, y, self.quantity, generator=self.generator)
+    def diagonal(self) -> Tensor:
+        self._check_order()
+        return super().diagonal()
+
+    def _prepare(self, position: int, X: Any, y: Tensor) -> tuple[dict[str, Any], float]:
+        generator = torch.Generator(device=self.device).manual_seed(self.seed + position)
+        res = compute(self.model, self.loss_fn, X, y, self.quantity, generator=generator)
         return res[self.quantity], 1.0
 
 

@@ -33,10 +33,16 @@ def _kind(fisher_type: str, mc_samples: int) -> tuple[str, int]:
 
 class EKFAC(KFAC):
     """``bg.linops.EKFAC(model, loss_fn, data, fisher_type="mc", kfac_approx="expand",
-    mc_samples=1, num_data=None, generator=None)``: two passes over the data (KFAC factors,
-    then corrected eigenvalues). Products, ``inverse(damping)``, ``logdet(damping)`` and
-    ``trace()`` are exact for the structure. ``fisher_type`` in ``"type-2"``, ``"mc"``,
-    ``"empirical"``."""
+    mc_samples=1, num_data=None, generator=None, params=None)``: two passes over the data (KFAC
+    factors, then corrected eigenvalues). Products, ``inverse(damping)``, ``logdet(damping)``
+    and ``trace()`` are exact for the structure. ``fisher_type`` in ``"type-2"``, ``"mc"``,
+    ``"empirical"``.
+
+    ``params`` (names) restricts the operator to a parameter subset: whole blocks are the
+    principal sub-blocks of the full EKFAC; a weight without its joint bias gets the EKFAC of
+    its own bias-free KFAC block (eigenbasis of ``A`` without the bias row, corrected
+    eigenvalues from the weight's rows alone), i.e. the EKFAC of the model with the other
+    parameters frozen. A bias without its weight raises."""
 
     def __init__(
         self,
@@ -48,6 +54,7 @@ class EKFAC(KFAC):
         mc_samples: int = 1,
         num_data: int | None = None,
         generator: torch.Generator | None = None,
+        params: Iterable[str] | None = None,
     ):
         if fisher_type not in ("type-2", "mc", "empirical"):
             raise ValueError(
@@ -55,7 +62,15 @@ class EKFAC(KFAC):
             )
         batches = list(data)
         super().__init__(
-            model, loss_fn, batches, fisher_type, kfac_approx, mc_samples, num_data, generator
+            model,
+            loss_fn,
+            batches,
+            fisher_type,
+            kfac_approx,
+            mc_samples,
+            num_data,
+            generator,
+            params,
         )
         N_total = sum(_batch_size(X) for X, _ in batches) if num_data is None else num_data
         self.bases: dict[str, tuple[Tensor, Tensor]] = {}
