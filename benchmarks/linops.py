@@ -874,6 +874,9 @@ class RitzRecorder(bg.linops.LinearOperator):
         self.estimates: list[float] = []
         self._prev: Tensor | None = None
 
+    def _children(self) -> list[bg.linops.LinearOperator]:
+        return [self.A]  # eigsh's repeated_products() reaches the Hessian
+
     def _matmat(self, M: Tensor) -> Tensor:
         W = self.A @ M
         q, w = M[:, 0], W[:, 0]
@@ -1084,6 +1087,9 @@ class Chunked(bg.linops.LinearOperator):
         super().__init__(A.shape, A.dtype, A.device)
         self.A, self.chunk = A, chunk
 
+    def _children(self) -> list[bg.linops.LinearOperator]:
+        return [self.A]
+
     def _matmat(self, M: Tensor) -> Tensor:
         return torch.cat([self.A @ c for c in M.split(self.chunk, 1)], 1)
 
@@ -1107,18 +1113,26 @@ def reached_at(grid: list[int], estimates: list[float], ref: float) -> int | Non
 
 
 def trace_ours(
-    problem: str, cfg: Config, memory: CpuMemory | None, ref: float, seed: int, cap: int
+    problem: str,
+    cfg: Config,
+    memory: CpuMemory | None,
+    ref: float,
+    seed: int,
+    cap: int,
+    method: str = "hutch++",
 ) -> dict[str, Any]:
-    """``bg.linalg.trace(Hessian, m, "hutch++")`` for budgets m = 3, 6, 12, ... (one clean call
+    """``bg.linalg.trace(Hessian, m, method)`` for budgets m = 3, 6, 12, ... (one clean call
     each, the operator built inside it), until two consecutive budgets are within 5 %."""
     grid = trace_grid(cap)
+    if method == "xtrace":
+        grid = [m for m in grid if m >= 6]  # xtrace needs 2 probes
     p = fresh_problem(problem, cfg.device)
     calls = []
     for m in grid:
 
         def call(m: int = m) -> tuple[Tensor, Tensor | None]:
             A = bg.linops.Hessian(p.model, p.loss_fn, [(p.X, p.y)])
-            return bg.linalg.trace(A, m, method="hutch++", generator=generator(cfg.device, seed))
+            return bg.linalg.trace(A, m, method=method, generator=generator(cfg.device, seed))
 
         (est, err), s, mib = measured(call, cfg, memory)
         calls.append(
@@ -1136,7 +1150,7 @@ def trace_ours(
     at = next((c for c in calls if c["matvecs"] == reach), None)
     last = calls[-1]
     projected = None
-    if last["stderr"] is not None:
+    if last["stderr"] is not None and method == "hutch++":
         # the deflated part's per-probe spread at the largest budget, g = m - 2 (m // 3) probes
         g = last["matvecs"] - 2 * (last["matvecs"] // 3)
         sd = last["stderr"] * math.sqrt(g)
@@ -1149,6 +1163,30 @@ def trace_ours(
         "stderr_rel": (at["stderr"] / abs(ref)) if at and at["stderr"] is not None else None,
         "cap": cap if reach is None else None,
         "calls": calls,
+    }
+
+
+def trace_exact(
+    problem: str, cfg: Config, memory: CpuMemory | None, ref: float, seed: int, cap: int
+) -> dict[str, Any]:
+    """``bg.linops.Hessian(...).trace()``: exact, one pass with the engine's ``DiagHessian``
+    (raises on models outside its rules, e.g. LayerNorm)."""
+    p = fresh_problem(problem, cfg.device)
+
+    def call() -> Tensor:
+        return bg.linops.Hessian(p.model, p.loss_fn, [(p.X, p.y)]).trace()
+
+    try:
+        value, s, mib = measured(call, cfg, memory)
+    except RuntimeError as exc:
+        return {"matvecs": None, "s": None, "mem_mib": None, "cap": None, "error": str(exc)}
+    return {
+        "matvecs": 0,
+        "s": s,
+        "mem_mib": mib,
+        "estimate": float(value),
+        "rel_err": abs(float(value) - ref) / abs(ref),
+        "cap": None,
     }
 
 
@@ -1282,7 +1320,14 @@ def run_trace(problem: str, cfg: Config, opts: Opts, memory: CpuMemory | None) -
     )
     runs = []
     for seed in opts.seeds:
-        for method, fn in (("beyondgrad", trace_ours), (peer_label(), trace_peer)):
+        for method, fn in (
+            ("beyondgrad", trace_ours),
+            ("beyondgrad xtrace", partial(trace_ours, method="xtrace")),
+            ("beyondgrad exact", trace_exact),
+            (peer_label(), trace_peer),
+        ):
+            if method == "beyondgrad exact" and seed != opts.seeds[0]:
+                continue  # deterministic: one run
             res = fn(problem, cfg, memory, ref, seed, opts.cap_for(problem))
             res.update(method=method, seed=seed)
             runs.append(res)
@@ -1501,7 +1546,9 @@ def render_summary(results: list[dict[str, Any]]) -> list[str]:
         ]
         for r in eig:
             sec = r["eigen"]
-            peer = next(x["method"] for x in sec["runs"] if x["method"] != "beyondgrad")
+            peer = next(
+                x["method"] for x in sec["runs"] if not x["method"].startswith("beyondgrad")
+            )
             s_o, s_p = algo_summary(sec, "beyondgrad"), algo_summary(sec, peer)
             lines.append(
                 f"| {r['problem']} | {sec['reference']['value']:.5g} | {_reach(s_o)} | "
@@ -1518,50 +1565,68 @@ def render_summary(results: list[dict[str, Any]]) -> list[str]:
             "the median relative error of both at the largest budget every run evaluated; "
             "PyHessian's own stopping rule (running-mean change < 1e-3).",
             "",
-            "| problem | trace (reference) | beyondgrad hutch++ | peer Hutchinson | "
-            "rel. error at equal budget (ours / peer) | peer own stop |",
-            "|---|---:|---|---|---|---|",
+            "| problem | trace (reference) | beyondgrad exact `Hessian.trace()` | "
+            "beyondgrad hutch++ | beyondgrad xtrace | peer Hutchinson | "
+            "rel. error at equal budget (hutch++ / xtrace / peer) | peer own stop |",
+            "|---|---:|---|---|---|---|---|---|",
         ]
         for r in tr:
             sec = r["trace"]
-            peer = next(x["method"] for x in sec["runs"] if x["method"] != "beyondgrad")
+            peer = next(
+                x["method"] for x in sec["runs"] if not x["method"].startswith("beyondgrad")
+            )
             s_o, s_p = algo_summary(sec, "beyondgrad"), algo_summary(sec, peer)
-            budget, e_o, e_p = equal_budget_errors(sec, peer)
+            s_x = algo_summary(sec, "beyondgrad xtrace")
+            budget, errs = equal_budget_errors(sec, ["beyondgrad", "beyondgrad xtrace", peer])
             ref = sec["reference"]
             kind = "exact" if ref.get("stderr_rel") == 0.0 else "hutch++"
             lines.append(
-                f"| {r['problem']} | {ref['value']:.5g} ({kind}) | {_reach(s_o, True)} | "
-                f"{peer}: {_reach(s_p, True)} | at {budget} mv: {fmt(e_o, 2)} / {fmt(e_p, 2)} | "
-                f"{_own(s_p)} |"
+                f"| {r['problem']} | {ref['value']:.5g} ({kind}) | {_exact(sec)} | "
+                f"{_reach(s_o, True)} | {_reach(s_x) if s_x['n'] else '-'} | "
+                f"{peer}: {_reach(s_p, True)} | at {budget} mv: "
+                + " / ".join(fmt(e, 2) for e in errs)
+                + f" | {_own(s_p)} |"
             )
         lines.append("")
     return lines
 
 
+def _exact(sec: dict[str, Any]) -> str:
+    run = next((r for r in sec["runs"] if r["method"] == "beyondgrad exact"), None)
+    if run is None:
+        return "-"
+    if run.get("error"):
+        return "raises (" + _short(run["error"].split("(")[0], 60) + ")"
+    return f"1 pass, {fmt(run['s'] * 1e3 / sec['base_ms'])}x (err {fmt(run['rel_err'], 2)})"
+
+
 def trace_estimates(run: dict[str, Any]) -> dict[int, float]:
-    """Estimate per budget of one trace run (ours: one call each; peer: running means)."""
-    if run["method"] == "beyondgrad":
+    """Estimate per budget of one trace run (ours: one call each; peer: running means; the
+    exact trace: none)."""
+    if "calls" in run:
         return {c["matvecs"]: c["estimate"] for c in run["calls"]}
-    return {int(m): e for m, e in run["estimates"].items()}
+    return {int(m): e for m, e in run.get("estimates", {}).items()}
 
 
-def equal_budget_errors(sec: dict[str, Any], peer: str) -> tuple[int, float | None, float | None]:
-    """The largest budget every run evaluated and each method's median relative error there."""
+def equal_budget_errors(sec: dict[str, Any], methods: list[str]) -> tuple[int, list[float | None]]:
+    """The largest budget every estimator run evaluated and each method's median relative
+    error there."""
     ref = sec["reference"]["value"]
-    budget = min((max(trace_estimates(r), default=0) for r in sec["runs"]), default=0)
+    runs = [r for r in sec["runs"] if r["method"] in methods and trace_estimates(r)]
+    budget = min((max(trace_estimates(r)) for r in runs), default=0)
     if budget == 0:
-        return 0, None, None
+        return 0, [None] * len(methods)
 
     def err(method: str) -> float | None:
         return _median(
             [
                 abs(trace_estimates(r)[budget] - ref) / abs(ref)
-                for r in sec["runs"]
-                if r["method"] == method
+                for r in runs
+                if r["method"] == method and budget in trace_estimates(r)
             ]
         )
 
-    return budget, err("beyondgrad"), err(peer)
+    return budget, [err(m) for m in methods]
 
 
 def render_products(res: dict[str, Any], meta: dict[str, Any]) -> list[str]:
@@ -1709,8 +1774,22 @@ def render_trace(res: dict[str, Any]) -> list[str]:
     ]
     for r in sec["runs"]:
         own = r.get("own_stop") or {}
-        hpp = r["method"] == "beyondgrad"
-        label = "beyondgrad trace(hutch++)" if hpp else f"{r['method']} Hutchinson"
+        label = {
+            "beyondgrad": "beyondgrad trace(hutch++)",
+            "beyondgrad xtrace": "beyondgrad trace(xtrace)",
+            "beyondgrad exact": "beyondgrad Hessian.trace() (exact, DiagHessian)",
+        }.get(r["method"], f"{r['method']} Hutchinson")
+        if r["method"] == "beyondgrad exact":
+            if r.get("error"):
+                lines.append(
+                    f"| {label} | - | - | | - | | | | | | | raises: {_short(r['error'], 160)} |"
+                )
+            else:
+                lines.append(
+                    f"| {label} | - | 0 | {fmt(r['s'])} | {fmt(r['s'] * 1e3 / sec['base_ms'])} | "
+                    f"{fmt(r['mem_mib'])} | | | | | exact: {r['rel_err']:.2g} | one pass |"
+                )
+            continue
         by = trace_estimates(r)
         traj = ", ".join(
             f"{m}: {abs(e - ref['value']) / abs(ref['value']):.2g}" for m, e in sorted(by.items())

@@ -137,15 +137,16 @@ class CurvatureOperator(LinearOperator):
         return torch.cat([b.reshape(b.shape[0], -1) for b in blocks], 1).T
 
     def _accumulate(self, out: Tensor | None, blocks: Sequence[Tensor], weight: float) -> Tensor:
-        """``out += weight * join(blocks)`` written parameter by parameter into ``out``
-        ``[P, k]`` (allocated on the first batch): one transposing pass, no concatenation."""
+        """``out += weight * join(blocks)``, parameter by parameter, into ``out`` ``[P, k]``
+        (allocated on the first batch). ``out`` is column-major (the transpose of a
+        contiguous ``[k, P]``): every parameter's block is then a contiguous copy, where a
+        row-major ``[P, k]`` would cost a transposing pass over all ``P k`` entries."""
         k = blocks[0].shape[0]
         first = out is None
         if out is None:
-            out = torch.empty(self.shape[0], k, dtype=blocks[0].dtype, device=blocks[0].device)
+            out = torch.empty(k, self.shape[0], dtype=blocks[0].dtype, device=blocks[0].device).T
         start = 0
         for b, size in zip(blocks, self.sizes):
-            # transposed views of [size, k]: for k = 1 both are plain vectors (fast copies)
             target, src = out[start : start + size].T, b.reshape(k, size)
             start += size
             if first:
