@@ -680,3 +680,53 @@ def test_ekfac_operator_on_a_parameter_subset():
     torch.testing.assert_close(torch.diagonal(Q.T @ block @ Q), E0.eigenvalues["0"].reshape(-1))
     with pytest.raises(ValueError, match="add the weight"):
         bg.linops.EKFAC(model, loss_fn, data, params=["0.bias"])
+
+
+def _check_eigh(op, dense):
+    lam = torch.linalg.eigvalsh(dense)
+    torch.testing.assert_close(op.eigvalsh(), lam, rtol=1e-8, atol=1e-10)
+    for which, ref in (("largest", lam.flip(0)[:4]), ("smallest", lam[:4])):
+        vals, U = op.eigh(4, which=which)
+        torch.testing.assert_close(vals, ref, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(dense @ U, U * vals, rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(U.T @ U, torch.eye(4, dtype=U.dtype), rtol=0, atol=1e-10)
+    vals, U = op.eigh()  # all pairs: the full decomposition
+    torch.testing.assert_close(U @ torch.diag(vals) @ U.T, dense, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("case", ["mlp", "resnet", "gpt"])
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_structured_operators_eigh_in_closed_form(case, kind):
+    model, X, y, loss_fn = CASES[case]()
+    data = [(X, y)]
+    if kind == "kfac":
+        kwargs = {"fisher_type": "type-2"} if case != "gpt" else {"fisher_type": "mc"}
+        try:
+            op = bg.linops.KFAC(model, loss_fn, data, **kwargs)
+        except RuntimeError as err:  # tied embedding/head: the operator is undefined
+            assert "exactly once" in str(err)
+            names = [n for n, _ in model.named_parameters()]
+            op = bg.linops.KFAC(model, loss_fn, data, params=names[-4:], **kwargs)
+    else:
+        fisher = "type-2" if case != "gpt" else "empirical"
+        try:
+            op = bg.linops.EKFAC(model, loss_fn, data, fisher_type=fisher)
+        except RuntimeError as err:
+            assert "exactly once" in str(err)
+            names = [n for n, _ in model.named_parameters()]
+            op = bg.linops.EKFAC(model, loss_fn, data, fisher_type=fisher, params=names[-4:])
+    _check_eigh(op, op.to_dense())
+
+
+def test_diagonal_and_low_rank_eigh():
+    values = torch.tensor([3.0, -1.0, 2.0, 0.5, 4.0, 1.5], dtype=torch.float64)
+    _check_eigh(Diagonal(values), torch.diag(values))
+    Q, _ = torch.linalg.qr(torch.randn(6, 3, dtype=torch.float64))
+    lr = bg.linops.LowRank(torch.tensor([5.0, 1.0, 3.0], dtype=torch.float64), Q)
+    dense = lr.to_dense()
+    torch.testing.assert_close(lr.eigvalsh(), torch.linalg.eigvalsh(dense), atol=1e-10, rtol=0)
+    vals, U = lr.eigh(2)
+    torch.testing.assert_close(vals, torch.tensor([5.0, 3.0], dtype=torch.float64))
+    torch.testing.assert_close(dense @ U, U * vals)
+    with pytest.raises(ValueError, match="k must be"):
+        lr.eigh(4)

@@ -19,8 +19,13 @@ a block of ``k`` vectors in one pass over the data.
   Hessian, and a vjp.
 * :class:`EmpiricalFisher` -- ``R_D sum_n grad l_n grad l_n^T`` from per-sample gradients.
 * :class:`Fisher` -- the Monte-Carlo Fisher from ``mc_samples`` sampled labels per sample
-  (needs a fixed data order and an explicit generator).
+  (one fixed sample: per-batch seeds; needs a fixed data order).
 * :class:`Diagonal` -- a diagonal from the engine (``DiagGGN``, ``DiagHessian``, ...).
+
+Products with a block ``M`` ``[P, k]`` return a column-major ``[P, k]`` result. Iterative
+algorithms run inside :meth:`CurvatureOperator.repeated_products`, which keeps each batch's
+vector-independent state (graphs, forms) between products. ``diagonal()`` and ``trace()`` are
+exact (one pass, from the engine) for all four operators where the engine covers the model.
 """
 
 from __future__ import annotations
@@ -459,6 +464,20 @@ class Diagonal(LinearOperator):
 
     def trace(self) -> Tensor:
         return self.values.sum()
+
+    def eigvalsh(self) -> Tensor:
+        """All eigenvalues, ascending."""
+        return torch.sort(self.values).values
+
+    def eigh(self, k: int | None = None, which: str = "largest") -> tuple[Tensor, Tensor]:
+        """The ``k`` largest/smallest eigenpairs ``(values [k], unit vectors [P, k])``
+        (``k=None``: all, dense)."""
+        from .kfac import _select
+
+        idx = _select(self.values, k, which, self.shape[0])
+        U = torch.zeros(self.shape[0], idx.numel(), dtype=self.dtype, device=self.device)
+        U[idx, torch.arange(idx.numel(), device=self.device)] = 1.0
+        return self.values[idx], U
 
     @classmethod
     def from_engine(

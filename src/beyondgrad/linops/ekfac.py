@@ -138,6 +138,11 @@ class EKFAC(KFAC):
                 raise NotImplementedError("EKFAC supports bias='joint' blocks only")
         return self._join(result)
 
+    def _kron_spectrum(self, name: str, block: KroneckerFactors) -> tuple[Tensor, Tensor, Tensor]:
+        QA, QB = self.bases[name]
+        left, right = (QB, QA) if block.order == "B kron A" else (QA, QB)
+        return self.eigenvalues[name], left, right
+
     def logdet(self, damping: float = 0.0) -> Tensor:
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         for name, block in self.blocks.items():

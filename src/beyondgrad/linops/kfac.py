@@ -4,7 +4,7 @@ the diagonal of the same curvature; see :class:`beyondgrad.KFAC`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -79,17 +79,19 @@ class KFAC(LinearOperator):
                     else:
                         sums[name] = DiagonalFactors(diag, fisher_type, block.R, num_data)
         all_names = [n for n, p in model.named_parameters() if p.requires_grad]
-        covered = [p for b in sums.values() for p in b.params]
-        if sorted(covered) != sorted(all_names):
+        wanted = set(all_names if params is None else params)
+        unknown = wanted - set(all_names)
+        if unknown:
+            raise ValueError(f"unknown or frozen parameters: {sorted(unknown)}")
+        covered = [p for b in sums.values() for p in b.params if p in wanted]
+        if sorted(covered) != sorted(wanted):
+            bad = sorted(n for n in wanted if covered.count(n) != 1)
             raise RuntimeError(
-                "KFAC blocks do not cover every parameter exactly once (weight tying across "
-                "modules gives a parameter several blocks); the operator is undefined there"
+                f"KFAC blocks do not cover the parameters {bad} exactly once (weight tying "
+                "across modules gives a parameter several blocks); the operator is undefined "
+                "there (pass params=... without them)"
             )
         if params is not None:
-            wanted = set(params)
-            unknown = wanted - set(all_names)
-            if unknown:
-                raise ValueError(f"unknown or frozen parameters: {sorted(unknown)}")
             sums = {k: b for k, b in ((k, _restrict(b, wanted)) for k, b in sums.items()) if b}
             all_names = [n for n in all_names if n in wanted]
         self.blocks: dict[str, KroneckerFactors | DiagonalFactors] = sums
@@ -188,6 +190,93 @@ class KFAC(LinearOperator):
                 total = total + torch.logdet(mat + damping * eye)
         return total
 
+    # -- closed-form eigendecomposition ---------------------------------------------------------
+    def _kron_spectrum(self, name: str, block: KroneckerFactors) -> tuple[Tensor, Tensor, Tensor]:
+        """``(values [G, rows, cols], left [G, rows, rows], right [G, cols, cols])``: the block's
+        eigenvalues and eigenbases in its layout (eigenvector ``(g, i, j)``:
+        ``left[g][:, i] right[g][:, j]^T``)."""
+        la, qa, lb, qb = block.eigh()
+        if la.ndim == 1:
+            la, qa, lb, qb = la[None], qa[None], lb[None], qb[None]
+        (l_left, left), (l_right, right) = (
+            ((lb, qb), (la, qa)) if block.order == "B kron A" else ((la, qa), (lb, qb))
+        )
+        return l_left.unsqueeze(2) * l_right.unsqueeze(1), left, right
+
+    def _spectra(self) -> list[tuple[Tensor, Callable[[Tensor], dict[str, Tensor]]]]:
+        """Per block: its eigenvalues (flat) and a builder of the eigenvectors for selected
+        flat indices ``[m]`` as per-parameter ``[m, *shape]`` tensors."""
+        out: list[tuple[Tensor, Callable[[Tensor], dict[str, Tensor]]]] = []
+        for name, block in self.blocks.items():
+            if isinstance(block, DiagonalFactors):
+                names = list(block.diagonal)
+                flat = torch.cat([block.diagonal[n].reshape(-1) for n in names])
+
+                def unit(idx: Tensor, names: list[str] = names, n_all: int = flat.numel()):
+                    E = torch.zeros(idx.numel(), n_all, dtype=self.dtype, device=self.device)
+                    E[torch.arange(idx.numel()), idx] = 1.0
+                    parts = torch.split(E, [self.params[n].numel() for n in names], 1)
+                    return {n: e.reshape(-1, *self.params[n].shape) for n, e in zip(names, parts)}
+
+                out.append((flat, unit))
+                continue
+            values, left, right = self._kron_spectrum(name, block)
+            G, rows, cols = values.shape
+
+            def vectors(idx: Tensor, block=block, left=left, right=right, dims=(G, rows, cols)):
+                G_, r_, c_ = dims
+                g, rem = idx // (r_ * c_), idx % (r_ * c_)
+                i, j = rem // c_, rem % c_
+                outer = left[g, :, i].unsqueeze(2) * right[g, :, j].unsqueeze(1)  # [m, r, c]
+                M = torch.zeros(idx.numel(), G_, r_, c_, dtype=self.dtype, device=self.device)
+                M[torch.arange(idx.numel()), g] = outer
+                return self._unblock(block, M.permute(1, 2, 3, 0), idx.numel())
+
+            out.append((values.reshape(-1), vectors))
+            if block.bias == "separate" and block.bias_block is not None:
+                bb = block.bias_block
+                mat = torch.block_diag(*bb) if bb.ndim == 3 else bb
+                lam, Q = torch.linalg.eigh(mat)
+                bias = block.params[1]
+
+                def bias_vectors(idx: Tensor, Q=Q, bias=bias):
+                    return {bias: Q[:, idx].T.reshape(idx.numel(), *self.params[bias].shape)}
+
+                out.append((lam, bias_vectors))
+        return out
+
+    def eigvalsh(self) -> Tensor:
+        """All ``P`` eigenvalues, ascending, in closed form (products of the factors'
+        eigenvalues; corrected eigenvalues for EKFAC; the diagonal of diagonal blocks)."""
+        return torch.sort(torch.cat([v for v, _ in self._spectra()])).values
+
+    def eigh(self, k: int | None = None, which: str = "largest") -> tuple[Tensor, Tensor]:
+        """The ``k`` largest (or smallest) eigenpairs in closed form: ``(eigenvalues [k],
+        eigenvectors [P, k])``, in ``which`` order (like :func:`beyondgrad.linalg.eigsh`).
+        Eigenvectors are the Kronecker products of the factors' eigenvectors, laid out over
+        the operator's parameters (zero outside their block). ``k=None``: all ``P`` pairs (a
+        dense ``[P, P]`` matrix: small models only)."""
+        spectra = self._spectra()
+        values = torch.cat([v for v, _ in spectra])
+        owner = torch.cat(
+            [torch.full((v.numel(),), b, device=v.device) for b, (v, _) in enumerate(spectra)]
+        )
+        starts = torch.cumsum(torch.tensor([0] + [v.numel() for v, _ in spectra[:-1]]), 0)
+        chosen = _select(values, k, which, self.shape[0])
+        offsets, start = {}, 0
+        for n, size in zip(self.names, self.sizes):
+            offsets[n] = (start, size)
+            start += size
+        U = torch.zeros(self.shape[0], chosen.numel(), dtype=self.dtype, device=self.device)
+        for b, (_, build) in enumerate(spectra):
+            cols = (owner[chosen] == b).nonzero().flatten()
+            if cols.numel() == 0:
+                continue
+            for n, vec in build(chosen[cols] - int(starts[b])).items():
+                a, size = offsets[n]
+                U[a : a + size, cols] = vec.reshape(cols.numel(), size).T
+        return values[chosen], U
+
     def trace(self) -> Tensor:
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         for b in self.blocks.values():
@@ -200,6 +289,16 @@ class KFAC(LinearOperator):
                 if b.bias_block is not None:
                     total = total + torch.diagonal(b.bias_block, dim1=-2, dim2=-1).sum()
         return total
+
+
+def _select(values: Tensor, k: int | None, which: str, P: int) -> Tensor:
+    """Indices of the ``k`` largest/smallest entries of ``values`` in ``which`` order."""
+    if which not in ("largest", "smallest"):
+        raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")
+    k = P if k is None else k
+    if not 1 <= k <= P:
+        raise ValueError(f"k must be in [1, {P}], got {k}")
+    return torch.sort(values, descending=which == "largest", stable=True).indices[:k]
 
 
 def _restrict(

@@ -58,3 +58,18 @@ class LowRank(LinearOperator):
 
     def trace(self) -> Tensor:
         return self.eigenvalues.sum()
+
+    def eigvalsh(self) -> Tensor:
+        """All ``P`` eigenvalues, ascending (the ``P - k`` outside the range are 0)."""
+        P, k = self.U.shape
+        zeros = self.eigenvalues.new_zeros(P - k)
+        return torch.sort(torch.cat([self.eigenvalues, zeros])).values
+
+    def eigh(self, k: int | None = None, which: str = "largest") -> tuple[Tensor, Tensor]:
+        """The ``k`` largest/smallest of the stored eigenpairs (``k=None``: all of them),
+        ``(values [k], vectors [P, k])`` in ``which`` order. Pairs of the null space (value 0)
+        are not represented: ``k`` is at most the rank."""
+        from .kfac import _select
+
+        idx = _select(self.eigenvalues, k, which, self.eigenvalues.numel())
+        return self.eigenvalues[idx], self.U[:, idx]
