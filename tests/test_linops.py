@@ -359,6 +359,16 @@ def test_train_mode_shuffled_loader_and_helpers():
         rtol=1e-6,
         atol=1e-8,
     )
+    B = torch.randn(G.shape[0], 3, dtype=torch.float64)
+    series = linalg.InverseOperator(
+        G, damping=1.0, method="neumann", scale=1.0 / lam_max, terms=400
+    )
+    torch.testing.assert_close(
+        series @ B,
+        torch.linalg.solve(dense + torch.eye(dense.shape[0], dtype=dense.dtype), B),
+        rtol=1e-6,
+        atol=1e-8,
+    )
 
 
 def test_kpm_spectral_density():
@@ -730,3 +740,33 @@ def test_diagonal_and_low_rank_eigh():
     torch.testing.assert_close(dense @ U, U * vals)
     with pytest.raises(ValueError, match="k must be"):
         lr.eigh(4)
+
+
+@pytest.mark.parametrize("rank", [30, 5])
+def test_xtrace_xdiag_leave_one_out_estimates_follow_the_definition(rank):
+    """Every leave-one-out estimate from its definition with dense n x n projectors (the
+    full-rank sketch takes the O(m^3) downdate, the rank-deficient one the per-probe QRs)."""
+    n, m = 30, 8
+    g = torch.Generator().manual_seed(5)
+    B = torch.randn(n, rank, dtype=torch.float64, generator=g)
+    A = B @ torch.diag(torch.linspace(-1, 3, rank, dtype=torch.float64)) @ B.T
+    op = bg.linops.DenseOperator(A, symmetric=True)
+    est, err = linalg.trace(op, 2 * m, method="xtrace", generator=torch.Generator().manual_seed(1))
+    diag = linalg.diagonal(op, 2 * m, method="xdiag", generator=torch.Generator().manual_seed(1))
+    Om = (2 * torch.randint(0, 2, (n, m), generator=torch.Generator().manual_seed(1)) - 1).double()
+    Y = A @ Om
+    traces, diags = [], []
+    for i in range(m):
+        others = [j for j in range(m) if j != i]
+        Qi, _ = torch.linalg.qr(Y[:, others])
+        Qi = Qi[:, : min(m - 1, torch.linalg.matrix_rank(Y[:, others]))]
+        P = Qi @ Qi.T
+        w = Om[:, i] - P @ Om[:, i]
+        traces.append(torch.trace(P @ A @ P) + w @ A @ w)
+        diags.append(torch.diagonal(P @ A) + Om[:, i] * ((torch.eye(n) - P) @ A @ Om[:, i]))
+    traces = torch.stack(traces)
+    torch.testing.assert_close(est, traces.mean())
+    torch.testing.assert_close(err, traces.std() / m**0.5)
+    torch.testing.assert_close(diag, torch.stack(diags).mean(0))
+    if rank < m:  # exact once the sketch captures the range
+        torch.testing.assert_close(est, torch.trace(A))

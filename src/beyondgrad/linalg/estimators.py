@@ -127,7 +127,22 @@ def _leave_one_out(
     H = Q.T @ Z
     H = (H + H.T) / 2
     QtOm, ZtOm, QtY = Q.T @ Om, Z.T @ Om, Q.T @ Y
-    ests = []
+    d = torch.diagonal(R).abs()
+    if bool((d > d.max() * torch.finfo(dtype).eps * m * 10).all()):
+        # range(R without column i) is the orthogonal complement of s_i = R^{-T} e_i, so
+        # P_i = I - s_i s_i^T (normalized) in Q coordinates: all m estimates in O(m^3)
+        eye = torch.eye(m, dtype=dtype, device=device)
+        S = torch.linalg.solve_triangular(R.T, eye, upper=False)
+        S = S / S.norm(dim=0, keepdim=True)
+        if diagonal:
+            low_rank = (Q * Z).sum(1, keepdim=True) - (Q @ S) * (Z @ S)  # diag(P_i A) per i
+            PQtY = QtY - S * (S * QtY).sum(0, keepdim=True)
+            residual = Om * (Y - Q @ PQtY)
+            return (low_rank + residual).T, 2 * m
+        PU = QtOm - S * (S * QtOm).sum(0, keepdim=True)  # P_i u_i, column i
+        quad = (Om * Y).sum(0) - 2 * (ZtOm * PU).sum(0) + (PU * (H @ PU)).sum(0)
+        return torch.trace(H) - (S * (H @ S)).sum(0) + quad, 2 * m
+    ests = []  # a rank-deficient sketch: an orthonormal basis per left-out probe
     for i in range(m):
         others = [j for j in range(m) if j != i]
         C, _ = torch.linalg.qr(R[:, others])  # [m, m - 1]

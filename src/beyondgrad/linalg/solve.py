@@ -100,13 +100,16 @@ def minres(
 
 
 def solve(A: Any, b: Tensor, method: str = "cg", damping: float = 0.0, **kwargs: Any) -> Tensor:
-    """Solve ``(A + damping I) x = b`` (``b``: ``[n]``) with ``method`` ``"cg"`` or
-    ``"minres"`` (indefinite systems)."""
+    """Solve ``(A + damping I) x = b`` (``b``: ``[n]``) with ``method`` ``"cg"``,
+    ``"minres"`` (indefinite systems) or ``"neumann"`` (a truncated series: ``scale``,
+    ``terms``; see :func:`neumann`)."""
     if method == "cg":
         return cg(A, b, damping, **kwargs)[0]
     if method == "minres":
         return minres(A, b, damping, **kwargs)[0]
-    raise ValueError(f"method must be 'cg' or 'minres', got {method!r}")
+    if method == "neumann":
+        return neumann(A, b, damping, **kwargs)
+    raise ValueError(f"method must be 'cg', 'minres' or 'neumann', got {method!r}")
 
 
 @with_repeated_products
@@ -124,18 +127,20 @@ def neumann(A: Any, b: Tensor, damping: float = 0.0, scale: float = 1.0, terms: 
 
 class InverseOperator:
     """``(A + damping I)^{-1}`` as an operator whose products run a solver (``"cg"`` for
-    positive definite, ``"minres"`` for indefinite systems) column by column."""
+    positive definite, ``"minres"`` for indefinite systems, column by column) or a truncated
+    Neumann series (``"neumann"``, ``scale``/``terms`` keyword arguments; a whole block at
+    once)."""
 
     def __init__(self, A: Any, damping: float = 0.0, method: str = "cg", **kwargs: Any):
-        if method not in ("cg", "minres"):
-            raise ValueError(f"method must be 'cg' or 'minres', got {method!r}")
+        if method not in ("cg", "minres", "neumann"):
+            raise ValueError(f"method must be 'cg', 'minres' or 'neumann', got {method!r}")
         self.A, self.damping, self.method, self.kwargs = A, damping, method, kwargs
         self.shape = A.shape
         self.dtype = getattr(A, "dtype", torch.float64)
         self.device = getattr(A, "device", torch.device("cpu"))
 
     def __matmul__(self, b: Tensor) -> Tensor:
-        if b.ndim == 1:
+        if b.ndim == 1 or self.method == "neumann":
             return solve(self.A, b, self.method, self.damping, **self.kwargs)
         with repeated(self.A):
             return torch.stack(
