@@ -136,16 +136,11 @@ class CurvatureOperator(LinearOperator):
         blocks = torch.split(M, self.sizes, 0)
         return [b.T.reshape(M.shape[1], *p.shape) for b, p in zip(blocks, self.params)]
 
-    @staticmethod
-    def join(blocks: Sequence[Tensor]) -> Tensor:
-        """Per parameter ``[k, *shape]`` -> ``[P, k]``."""
-        return torch.cat([b.reshape(b.shape[0], -1) for b in blocks], 1).T
-
     def _accumulate(self, out: Tensor | None, blocks: Sequence[Tensor], weight: float) -> Tensor:
-        """``out += weight * join(blocks)``, parameter by parameter, into ``out`` ``[P, k]``
-        (allocated on the first batch). ``out`` is column-major (the transpose of a
-        contiguous ``[k, P]``): every parameter's block is then a contiguous copy, where a
-        row-major ``[P, k]`` would cost a transposing pass over all ``P k`` entries."""
+        """``out += weight * blocks`` (per parameter ``[k, *shape]``), parameter by parameter,
+        into ``out`` ``[P, k]`` (allocated on the first batch). ``out`` is column-major (the
+        transpose of a contiguous ``[k, P]``): every parameter's block is then a contiguous
+        copy, where a row-major ``[P, k]`` would cost a transposing pass over all entries."""
         k = blocks[0].shape[0]
         first = out is None
         if out is None:
@@ -163,7 +158,9 @@ class CurvatureOperator(LinearOperator):
         return out
 
     def _matmat(self, M: Tensor) -> Tensor:
-        V = self.split(M)
+        # contiguous per-parameter blocks: one copy here is cheaper than the strided reads
+        # of every batch's vmapped products (free when M is column-major, e.g. a result)
+        V = [v.contiguous() for v in self.split(M)]
         out = None
         for position, (X, y) in enumerate(self._batches()):
             state = self._state(position, X, y)
