@@ -770,3 +770,44 @@ def test_xtrace_xdiag_leave_one_out_estimates_follow_the_definition(rank):
     torch.testing.assert_close(diag, torch.stack(diags).mean(0))
     if rank < m:  # exact once the sketch captures the range
         torch.testing.assert_close(est, torch.trace(A))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_partial_reorthogonalization_keeps_the_basis_semi_orthogonal(dtype):
+    """Simon's recurrence: far fewer full passes than steps, yet |Q Q^T - I| stays near
+    sqrt(eps) and no ghost copies of converged eigenvalues appear (plain Lanczos without
+    reorthogonalization duplicates the well-separated top eigenvalues here)."""
+    from beyondgrad.linalg.lanczos import Lanczos, tridiagonal
+
+    n = 2000
+    g = torch.Generator().manual_seed(0)
+    top = torch.tensor([100.0, 90.0, 80.0, 70.0, 60.0], dtype=torch.float64)
+    lam = torch.cat([top, torch.rand(n - 5, dtype=torch.float64, generator=g)])
+    Q0, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=g))
+    A = ((Q0 * lam) @ Q0.T).to(dtype)
+    q = torch.randn(n, dtype=dtype, generator=g)
+    runs = {}
+    for mode in ("partial", "full"):
+        lz = Lanczos(bg.linops.DenseOperator(A, symmetric=True), q / q.norm(), 120, mode)
+        while lz.step():
+            pass
+        runs[mode] = lz
+        Q = lz.basis()
+        loss = (Q @ Q.T - torch.eye(lz.m, dtype=dtype)).abs().max()
+        assert loss < 50 * torch.finfo(dtype).eps ** 0.5, (mode, float(loss))
+        ritz = torch.linalg.eigvalsh(tridiagonal(lz.alpha[: lz.m], lz.beta[: lz.m - 1]).double())
+        # the five top Ritz values are the eigenvalues, each once (a ghost would repeat 100)
+        torch.testing.assert_close(ritz.flip(0)[:5], top, rtol=1e-5, atol=0)
+        assert float(ritz.flip(0)[5]) < 1.0 + 1e-3
+    assert runs["full"].reorthogonalizations == 120
+    assert runs["partial"].reorthogonalizations < 120 * 0.75
+    vals, vecs = linalg.eigsh(
+        bg.linops.DenseOperator(A, symmetric=True), 5, tol=1e-5, generator=torch.Generator()
+    )
+    torch.testing.assert_close(vals.double(), top, rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        vecs.T @ vecs,
+        torch.eye(5, dtype=dtype),
+        atol=1e-4 if dtype == torch.float32 else 1e-8,
+        rtol=0,
+    )

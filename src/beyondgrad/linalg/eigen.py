@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ._repeat import with_repeated_products
+from .lanczos import Lanczos, tridiagonal
 
 
 def _like(A: Any) -> tuple[int, torch.dtype, torch.device]:
@@ -25,16 +26,19 @@ def eigsh(
     max_iter: int | None = None,
     generator: torch.Generator | None = None,
     method: str = "lanczos",
+    reorthogonalize: str = "partial",
 ) -> tuple[Tensor, Tensor]:
     """The ``k`` largest (``which="largest"``, algebraically) or smallest eigenpairs of the
     symmetric operator ``A`` of shape ``(n, n)``: ``(eigenvalues [k], eigenvectors [n, k])``,
     eigenvalues sorted in the order of ``which``.
 
-    Lanczos with full reorthogonalization grows a Krylov basis until the residual norms
+    Lanczos grows a Krylov basis until the residual norms
     ``|beta_m s_mi|`` of the wanted Ritz pairs fall below ``tol * max|theta|`` (or the basis
     spans the space, or ``max_iter`` products, default ``min(n, max(100, 20 k))``; a
     ``RuntimeWarning`` reports pairs that did not converge). Starts from a random vector drawn
-    with ``generator``.
+    with ``generator``. ``reorthogonalize="partial"`` (Simon's recurrence: a full pass over the
+    basis only when the estimated loss of orthogonality exceeds ``sqrt(eps)``) or ``"full"``
+    (every step); see :mod:`beyondgrad.linalg.lanczos`.
 
     ``method="lobpcg"`` (Knyazev 2001): a block of ``k + 2`` vectors, Rayleigh-Ritz on
     ``[X, R, P]`` (iterates, residuals, previous directions) every iteration; one block product
@@ -51,49 +55,36 @@ def eigsh(
     if method != "lanczos":
         raise ValueError(f"method must be 'lanczos' or 'lobpcg', got {method!r}")
     m_max = min(n, max_iter or max(100, 20 * k))
-    # rows: basis vectors; grown by doubling (a full [m_max + 1, n] buffer up front costs
-    # more than the products on large models)
-    Q = torch.empty(min(m_max + 1, max(2 * k + 8, 24)), n, dtype=dtype, device=device)
-    alpha = torch.zeros(m_max, dtype=dtype, device=device)
-    beta = torch.zeros(m_max, dtype=dtype, device=device)
     q = (
         torch.randn(n, generator=generator, dtype=dtype, device=device)
         if generator is not None
         else torch.randn(n, dtype=dtype, device=device)
     )
-    Q[0] = q / q.norm()
+    lanczos = Lanczos(A, q / q.norm(), m_max, reorthogonalize)
     m = 0
     theta = S = None
     converged = False
-    for j in range(m_max):
-        w = A @ Q[j]
-        alpha[j] = Q[j] @ w
-        # full reorthogonalization; a second pass only when the first removed most of w
-        # (Kahan-Parlett "twice is enough"): on large models these passes over the basis are
-        # memory-bound and cost as much as a product
-        before = w.norm()
-        basis = Q[: j + 1]
-        w = torch.addmv(w, basis.T, basis @ w, alpha=-1)
-        beta[j] = w.norm()
-        if beta[j] < 0.7 * before:
-            w = torch.addmv(w, basis.T, basis @ w, alpha=-1)
-            beta[j] = w.norm()
-        m = j + 1
+    while True:
+        more = lanczos.step()
+        m = lanczos.m
         if m >= k:
-            T = torch.diag(alpha[:m]) + torch.diag(beta[: m - 1], 1) + torch.diag(beta[: m - 1], -1)
+            T = tridiagonal(lanczos.alpha[:m], lanczos.beta[: m - 1])
             theta, S = torch.linalg.eigh(T)
             order = torch.arange(m - 1, m - 1 - k, -1) if which == "largest" else torch.arange(k)
-            residual = (beta[j] * S[-1, order]).abs()
+            residual = (lanczos.beta[m - 1] * S[-1, order]).abs()
             scale = theta.abs().max().clamp_min(torch.finfo(dtype).tiny)
-            if bool((residual <= tol * scale).all()) or beta[j] <= torch.finfo(dtype).eps * scale:
+            if bool((residual <= tol * scale).all()):
                 converged = True
                 break
-        if beta[j] == 0:
+        if not more:
+            converged = converged or m < m_max  # an invariant subspace: exact
             break
-        if j + 1 == Q.shape[0]:
-            Q = torch.cat([Q, torch.empty_like(Q[: min(Q.shape[0], m_max + 1 - Q.shape[0])])])
-        Q[j + 1] = w / beta[j]
-    assert theta is not None and S is not None
+    if theta is None or S is None:
+        raise ValueError(
+            f"eigsh: the Krylov space of the start vector has dimension {m} < k={k} (A has "
+            f"only {m} distinct eigenvalues along it); ask for fewer pairs or use "
+            "method='lobpcg'"
+        )
     if not converged and m < n:
         warnings.warn(
             f"eigsh: {k} Ritz pair(s) not converged to tol={tol} after {m} products; raise "
@@ -102,7 +93,7 @@ def eigsh(
             stacklevel=2,
         )
     order = torch.arange(m - 1, m - 1 - k, -1) if which == "largest" else torch.arange(k)
-    vectors = Q[:m].T @ S[:, order]
+    vectors = lanczos.basis(m).T @ S[:, order]
     return theta[order], vectors
 
 

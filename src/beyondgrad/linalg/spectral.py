@@ -9,28 +9,17 @@ import torch
 from torch import Tensor
 
 from ._repeat import with_repeated_products
+from .lanczos import Lanczos
 
 
 def _lanczos_tridiagonal(A: Any, q: Tensor, steps: int) -> tuple[Tensor, Tensor]:
-    """``steps`` Lanczos steps (full reorthogonalization) from the unit vector ``q``: the
-    tridiagonal's diagonal and off-diagonal."""
-    n = q.shape[0]
-    Q = torch.zeros(steps + 1, n, dtype=q.dtype, device=q.device)  # rows: basis vectors
-    Q[0] = q
-    alpha = torch.zeros(steps, dtype=q.dtype, device=q.device)
-    beta = torch.zeros(steps, dtype=q.dtype, device=q.device)
-    m = steps
-    for j in range(steps):
-        w = A @ Q[j]
-        alpha[j] = Q[j] @ w
-        w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
-        w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
-        beta[j] = w.norm()
-        if beta[j] <= torch.finfo(q.dtype).eps * alpha[: j + 1].abs().max().clamp_min(1.0):
-            m = j + 1
-            break
-        Q[j + 1] = w / beta[j]
-    return alpha[:m], beta[: m - 1]
+    """``steps`` Lanczos steps (partial reorthogonalization) from the unit vector ``q``: the
+    tridiagonal's diagonal and off-diagonal (fewer at an invariant subspace)."""
+    lanczos = Lanczos(A, q, steps)
+    while lanczos.step():
+        pass
+    m = lanczos.m
+    return lanczos.alpha[:m], lanczos.beta[: m - 1]
 
 
 @with_repeated_products
