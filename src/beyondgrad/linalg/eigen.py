@@ -1,4 +1,4 @@
-"""Extreme eigenpairs of symmetric operators: Lanczos with full reorthogonalization, or
+"""Extreme eigenpairs of symmetric operators: Lanczos (partial or full reorthogonalization), or
 LOBPCG (block products: one pass over the data serves the whole block)."""
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ def eigsh(
     spans the space, or ``max_iter`` products, default ``min(n, max(100, 20 k))``; a
     ``RuntimeWarning`` reports pairs that did not converge). Starts from a random vector drawn
     with ``generator``. ``reorthogonalize="partial"`` (Simon's recurrence: a full pass over the
-    basis only when the estimated loss of orthogonality exceeds ``sqrt(eps)``) or ``"full"``
-    (every step); see :mod:`beyondgrad.linalg.lanczos`.
+    basis only when the estimated loss of orthogonality exceeds ``min(sqrt(eps), tol)``) or
+    ``"full"`` (every step); see :mod:`beyondgrad.linalg.lanczos`.
 
     ``method="lobpcg"`` (Knyazev 2001): a block of ``k + 2`` vectors, Rayleigh-Ritz on
     ``[X, R, P]`` (iterates, residuals, previous directions) every iteration; one block product
@@ -50,7 +50,9 @@ def eigsh(
         raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
-    if method == "lobpcg":
+    if max_iter is not None and max_iter < k:
+        raise ValueError(f"max_iter={max_iter} must be at least k={k}")
+    if method == "lobpcg":  # (reorthogonalize applies to Lanczos only)
         return _lobpcg(A, k, which, tol, max_iter or 200, generator, n, dtype, device)
     if method != "lanczos":
         raise ValueError(f"method must be 'lanczos' or 'lobpcg', got {method!r}")
@@ -60,7 +62,10 @@ def eigsh(
         if generator is not None
         else torch.randn(n, dtype=dtype, device=device)
     )
-    lanczos = Lanczos(A, q / q.norm(), m_max, reorthogonalize)
+    # Ritz vectors are about as accurate as the basis is orthogonal: reorthogonalize at the
+    # requested tolerance when it is below sqrt(eps)
+    eps = torch.finfo(dtype).eps
+    lanczos = Lanczos(A, q / q.norm(), m_max, reorthogonalize, min(eps**0.5, max(tol, eps)))
     m = 0
     theta = S = None
     converged = False

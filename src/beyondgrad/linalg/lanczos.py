@@ -25,9 +25,17 @@ class Lanczos:
 
     After ``m`` calls of :meth:`step`, ``alpha[:m]``/``beta[:m]`` hold the tridiagonal
     (``beta[m-1]``: the norm of the next residual) and ``basis(m)`` the ``[m, n]`` Lanczos
-    vectors. ``reorthogonalizations`` counts the full passes over the basis."""
+    vectors. ``reorthogonalizations`` counts the full passes over the basis. ``threshold``
+    (default ``sqrt(eps)``): the estimated loss of orthogonality that triggers a full pass."""
 
-    def __init__(self, A: Any, q: Tensor, max_steps: int, reorthogonalize: str = "partial"):
+    def __init__(
+        self,
+        A: Any,
+        q: Tensor,
+        max_steps: int,
+        reorthogonalize: str = "partial",
+        threshold: float | None = None,
+    ):
         if reorthogonalize not in ("partial", "full"):
             raise ValueError(
                 f"reorthogonalize must be 'partial' or 'full', got {reorthogonalize!r}"
@@ -43,6 +51,9 @@ class Lanczos:
         self.beta = torch.zeros(max_steps, dtype=dtype, device=device)
         self.m = 0
         self.eps = torch.finfo(dtype).eps
+        # semi-orthogonality keeps Ritz values at working precision, Ritz vectors at about
+        # the threshold: callers wanting more accurate vectors pass a smaller one
+        self.threshold = self.eps**0.5 if threshold is None else max(threshold, self.eps)
         self.reorthogonalizations = 0
         self._alpha: list[float] = []  # host copies for the omega recurrence
         self._beta: list[float] = []
@@ -70,9 +81,12 @@ class Lanczos:
         if j >= self.max_steps:
             return False
         q = self.Q[j]
-        w = self.A @ q
-        # in place: on large operators every temporary vector is a fresh allocation
-        w = w.clone() if w.data_ptr() == q.data_ptr() or not w.is_contiguous() else w
+        w = (self.A @ q).detach()
+        # updated in place (on large operators every temporary is a fresh allocation), so the
+        # product must be ours to modify: beyondgrad operators return new tensors
+        fresh = getattr(self.A, "returns_new_tensors", False) and w.data_ptr() != q.data_ptr()
+        if not fresh or not w.is_contiguous():
+            w = w.clone()
         if j > 0:
             w.add_(self.Q[j - 1], alpha=-self._beta[-1])
         a = float(q @ w)
@@ -82,7 +96,7 @@ class Lanczos:
         reorth = self.full or self._force
         if not reorth and j > 0:
             omega = self._next_omega(j, a, float(w.norm()))
-            reorth = max(abs(x) for x in omega[: j + 1]) > self.eps**0.5
+            reorth = max(abs(x) for x in omega[: j + 1]) > self.threshold
         if reorth:
             w = self._reorthogonalize(w, j + 1)
         b = float(w.norm())
@@ -112,7 +126,7 @@ class Lanczos:
         ``b``: the norm of the new residual before normalization."""
         alpha, beta = [*self._alpha, a], self._beta
         om, om_prev = self._omega, self._omega_prev  # omega_{j, .}, omega_{j-1, .}
-        b = max(b, self.eps * max(self._norm, 1.0))
+        b = max(b, self.eps * max(self._norm, torch.finfo(torch.float64).tiny))
         noise = self.eps * max(self._norm, abs(a))
         out = []
         for k in range(j):

@@ -139,6 +139,10 @@ class InverseOperator:
         self.dtype = getattr(A, "dtype", torch.float64)
         self.device = getattr(A, "device", torch.device("cpu"))
 
+    def repeated_products(self) -> Any:
+        """Forwarded to ``A``: algorithms on the inverse keep ``A``'s per-batch state."""
+        return repeated(self.A)
+
     def __matmul__(self, b: Tensor) -> Tensor:
         if b.ndim == 1 or self.method == "neumann":
             return solve(self.A, b, self.method, self.damping, **self.kwargs)

@@ -20,6 +20,9 @@ class LinearOperator:
     """A linear map ``R^n -> R^m`` of shape ``(m, n)`` acting on ``dtype``/``device`` tensors."""
 
     symmetric: bool = False
+    #: ``_matmat`` returns tensors nobody else holds, so algorithms may update them in place
+    #: (``bg.linalg``'s Lanczos does); a subclass returning a buffer it keeps must set False
+    returns_new_tensors: bool = True
 
     def __init__(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device):
         self.shape = (int(shape[0]), int(shape[1]))
@@ -40,7 +43,8 @@ class LinearOperator:
     @contextmanager
     def repeated_products(self) -> Iterator[LinearOperator]:
         """A context for many products in a row (iterative algorithms enter it): operators
-        with reusable per-batch state (graphs, forms) keep it meanwhile. No-op here."""
+        with reusable per-batch state (graphs, forms) keep it meanwhile; composite operators
+        enter it on their parts."""
         with ExitStack() as stack:
             for child in self._children():
                 stack.enter_context(child.repeated_products())

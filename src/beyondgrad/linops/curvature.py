@@ -116,7 +116,8 @@ class CurvatureOperator(LinearOperator):
             raise ValueError("the data set is empty")
         self.num_data = int(num_data)
         self.cache_batches = cache_batches
-        self._cache: dict[int, tuple[Any, Tensor, list[int], Any]] | None = None
+        self._cache: dict[int, tuple[Any, Tensor, tuple[Any, ...], Any]] | None = None
+        self._uncacheable: set[int] = set()
         first = self.params[0]
         super().__init__((sum(self.sizes),) * 2, first.dtype, first.device)  # type: ignore[arg-type]
 
@@ -159,7 +160,7 @@ class CurvatureOperator(LinearOperator):
 
     def _matmat(self, M: Tensor) -> Tensor:
         # contiguous per-parameter blocks: one copy here is cheaper than the strided reads
-        # of every batch's vmapped products (free when M is column-major, e.g. a result)
+        # of every batch's vmapped products (free for a single vector)
         V = [v.contiguous() for v in self.split(M)]
         out = None
         for position, (X, y) in enumerate(self._batches()):
@@ -167,7 +168,8 @@ class CurvatureOperator(LinearOperator):
             out = self._accumulate(
                 out, self._batch_products(state, y, V), self._weight(self.batch_size_fn(X))
             )
-        assert out is not None, "the data set is empty"
+        if out is None:
+            raise ValueError("the data set is empty")
         return out
 
     # -- per-batch state, kept between products inside repeated_products() ---------------------
@@ -178,33 +180,62 @@ class CurvatureOperator(LinearOperator):
         per-sample forms for the Fisher types) is kept for the first ``cache_batches``
         batches, so that a further product on them skips the forward pass (and, for the
         Fisher types, all of autograd). Iterative algorithms (``bg.linalg.eigsh``, ``trace``,
-        ``solve``, ...) enter it themselves. Batches are recognized by position and identity
-        (a loader that yields new tensors each pass gets no reuse); parameters changed in
-        place meanwhile raise. The memory is released when the context exits."""
+        ``solve``, ...) enter it themselves. Batches are recognized by position and identity:
+        a loader that yields new tensors each pass gets no reuse (after the first miss its
+        positions are no longer kept). A change of the model's parameters or buffers (in
+        place or by ``p.data = ...``), of its train/eval mode or of a kept batch's tensors
+        meanwhile raises. The memory is released when the context exits."""
         outer = self._cache is not None
         if not outer:
-            self._cache = {}
+            self._cache, self._uncacheable = {}, set()
         try:
             yield self
         finally:
             if not outer:
                 self._cache = None
 
+    def _signature(self, X: Any, y: Tensor) -> tuple[Any, ...]:
+        """What the kept state depends on besides the batch's identity: the storage and
+        version counters of every parameter and (eval-mode) buffer of the model (in-place
+        updates bump the versions, ``p.data = ...`` changes the storage), the batch tensors'
+        versions (a prefetcher rewriting one buffer) and the train/eval mode."""
+        buffers = [  # a module in training mode updates its buffers in every forward
+            b for m in self.model.modules() if not m.training for b in m.buffers(recurse=False)
+        ]
+        tensors = [*self.model.parameters(), *buffers]
+        batch = [t for t in tree_flatten((X, y))[0] if isinstance(t, Tensor)]
+        return (
+            tuple((t.data_ptr(), t._version) for t in tensors),
+            tuple(t._version for t in batch),
+            tuple(m.training for m in self.model.modules()),
+        )
+
     def _state(self, position: int, X: Any, y: Tensor) -> Any:
         cache = self._cache
-        if cache is None or (self.cache_batches is not None and position >= self.cache_batches):
+        if (
+            cache is None
+            or (self.cache_batches is not None and position >= self.cache_batches)
+            or position in self._uncacheable
+        ):
             return self._prepare(position, X, y)
-        versions = [p._version for p in self.params]
+        signature = self._signature(X, y)
         hit = cache.get(position)
-        if hit is not None and hit[0] is X and hit[1] is y:
-            if hit[2] != versions:
+        if hit is not None:
+            if hit[0] is not X or hit[1] is not y:
+                # a loader yielding new tensors every pass: keeping its state buys nothing
+                del cache[position]
+                self._uncacheable.add(position)
+                return self._prepare(position, X, y)
+            if hit[2] != signature:
                 raise RuntimeError(
-                    f"{type(self).__name__}: the parameters changed in place while per-batch "
-                    "state was kept for repeated products; build the operator anew"
+                    f"{type(self).__name__}: the model (parameters, buffers, train/eval mode) "
+                    "or the batch changed while per-batch state was kept for repeated "
+                    "products; build the operator anew (or leave the repeated_products() "
+                    "context first)"
                 )
             return hit[3]
         state = self._prepare(position, X, y)
-        cache[position] = (X, y, versions, state)
+        cache[position] = (X, y, self._signature(X, y), state)
         return state
 
     def _prepare(self, position: int, X: Any, y: Tensor) -> Any:
@@ -224,7 +255,8 @@ class CurvatureOperator(LinearOperator):
             d = torch.cat([t.reshape(-1) for t in self._batch_diagonal(position, X, y)])
             part = self._weight(self.batch_size_fn(X)) * d
             out = part if out is None else out + part
-        assert out is not None, "the data set is empty"
+        if out is None:
+            raise ValueError("the data set is empty")
         return out
 
     def trace(self) -> Tensor:
@@ -316,6 +348,8 @@ class Hessian(CurvatureOperator):
         try:
             return self._engine_diagonal(X, y, DiagHessian())
         except RuntimeError as err:
+            if "out of memory" in str(err):
+                raise
             raise RuntimeError(
                 f"Hessian.diagonal(): the engine's exact DiagHessian does not cover this model "
                 f"({str(err).split('. ')[0]}); estimate the diagonal with "

@@ -233,16 +233,6 @@ class KFAC(LinearOperator):
                 return self._unblock(block, M.permute(1, 2, 3, 0), idx.numel())
 
             out.append((values.reshape(-1), vectors))
-            if block.bias == "separate" and block.bias_block is not None:
-                bb = block.bias_block
-                mat = torch.block_diag(*bb) if bb.ndim == 3 else bb
-                lam, Q = torch.linalg.eigh(mat)
-                bias = block.params[1]
-
-                def bias_vectors(idx: Tensor, Q=Q, bias=bias):
-                    return {bias: Q[:, idx].T.reshape(idx.numel(), *self.params[bias].shape)}
-
-                out.append((lam, bias_vectors))
         return out
 
     def eigvalsh(self) -> Tensor:
