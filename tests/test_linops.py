@@ -259,12 +259,27 @@ def test_spectral_density_matches_the_spectrum():
 
 def test_jacobian_and_transpose():
     model, X, y, loss_fn = CASES["mlp"]()
-    J = bg.linops.Jacobian(model, batches(X, y, [3, 2]))
+    J = bg.linops.Jacobian(model, batches(X, y, [3, 2]), cache_batches=None)
     ref = ggn(model, loss_fn, X, y)["J"]  # [N, K, P]
     dense = ref.reshape(-1, ref.shape[-1])
     torch.testing.assert_close(J.to_dense(), dense)
     u = torch.randn(J.shape[0], 3, dtype=torch.float64)
     torch.testing.assert_close(J.T @ u, dense.T @ u)
+    V = torch.randn(J.shape[1], 2, dtype=torch.float64)
+    calls, handle = _forward_counter(model)
+    try:
+        with J.repeated_products():  # one forward per batch for all the products
+            for _ in range(2):
+                torch.testing.assert_close(J @ V, dense @ V)
+                torch.testing.assert_close(J.T @ u, dense.T @ u)
+        assert calls[0] == 2
+    finally:
+        handle.remove()
+    data = batches(X, y, [3, 2])
+    J2 = bg.linops.Jacobian(model, data)
+    data.append(data[0])  # one more batch than when the operator was built
+    with pytest.raises(RuntimeError, match="data changed"):
+        J2 @ V
 
 
 @pytest.mark.parametrize("fisher_type", ["type-2", "empirical"])

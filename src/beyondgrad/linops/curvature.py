@@ -74,107 +74,28 @@ def _batch_size(X: Any) -> int:
     return leaves[0].shape[0]
 
 
-class CurvatureOperator(LinearOperator):
-    """Base of the data-set curvature operators (see the module docstring)."""
+class _KeptBatchState:
+    """Per-batch state kept between products inside :meth:`repeated_products` (shared by the
+    curvature operators and :class:`Jacobian`). Needs ``model``, ``cache_batches``,
+    ``_cache``/``_uncacheable`` (see :meth:`_init_kept_state`) and ``_prepare``."""
 
-    symmetric = True
+    model: nn.Module
+    cache_batches: int | None
+    _cache: dict[int, tuple[Any, Tensor, tuple[Any, ...], Any]] | None
+    _uncacheable: set[int]
 
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: nn.Module,
-        data: Iterable[tuple[Any, Tensor]],
-        params: Sequence[str] | None = None,
-        num_data: int | None = None,
-        progressbar: bool = False,
-        allow_train_mode: bool = False,
-        batch_size_fn: Callable[[Any], int] | None = None,
-        cache_batches: int | None = 1,
-    ):
-        check_loss_fn(loss_fn)
+    def _init_kept_state(self, cache_batches: int | None) -> None:
         if cache_batches is not None and cache_batches < 0:
             raise ValueError(f"cache_batches must be >= 0 or None, got {cache_batches}")
-        if not allow_train_mode:
-            _check_eval_mode(model)
-        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        if params is None:
-            params = list(named)
-        missing = [n for n in params if n not in named]
-        if missing:
-            raise KeyError(f"unknown or frozen parameters: {missing}")
-        if not params:
-            raise ValueError("no parameters selected")
-        self.model, self.loss_fn, self.data = model, loss_fn, data
-        self.names = list(params)
-        self.params = [named[n] for n in self.names]
-        self.sizes = [p.numel() for p in self.params]
-        self.progressbar = progressbar
-        self.batch_size_fn = batch_size_fn or _batch_size
-        if num_data is None:
-            num_data = sum(self.batch_size_fn(X) for X, _ in data)
-        if num_data < 1:
-            raise ValueError("the data set is empty")
-        self.num_data = int(num_data)
         self.cache_batches = cache_batches
-        self._cache: dict[int, tuple[Any, Tensor, tuple[Any, ...], Any]] | None = None
-        self._uncacheable: set[int] = set()
-        first = self.params[0]
-        super().__init__((sum(self.sizes),) * 2, first.dtype, first.device)  # type: ignore[arg-type]
+        self._cache = None
+        self._uncacheable = set()
 
-    # -- helpers -------------------------------------------------------------------------------
-    def _weight(self, N: int) -> float:
-        return N / self.num_data if self.loss_fn.reduction == "mean" else 1.0  # type: ignore[union-attr]
+    def _prepare(self, position: int, X: Any, y: Tensor) -> Any:
+        raise NotImplementedError
 
-    def _batches(self) -> Iterable[tuple[Any, Tensor]]:
-        if self.progressbar:
-            from tqdm.auto import tqdm
-
-            return tqdm(self.data, desc=type(self).__name__, leave=False)
-        return self.data
-
-    def split(self, M: Tensor) -> list[Tensor]:
-        """``[P, k]`` -> per parameter ``[k, *shape]`` (strided views of ``M``)."""
-        blocks = torch.split(M, self.sizes, 0)
-        return [b.T.reshape(M.shape[1], *p.shape) for b, p in zip(blocks, self.params)]
-
-    def _accumulate(self, out: Tensor | None, blocks: Sequence[Tensor], weight: float) -> Tensor:
-        """``out += weight * blocks`` (per parameter ``[k, *shape]``), parameter by parameter,
-        into ``out`` ``[P, k]`` (allocated on the first batch). ``out`` is column-major (the
-        transpose of a contiguous ``[k, P]``): every parameter's block is then a contiguous
-        copy, where a row-major ``[P, k]`` would cost a transposing pass over all entries."""
-        k = blocks[0].shape[0]
-        first = out is None
-        if out is None:
-            out = torch.empty(k, self.shape[0], dtype=blocks[0].dtype, device=blocks[0].device).T
-        start = 0
-        for b, size in zip(blocks, self.sizes):
-            target, src = out[start : start + size].T, b.reshape(k, size)
-            start += size
-            if first:
-                target.copy_(src)
-                if weight != 1.0:
-                    target.mul_(weight)
-            else:
-                target.add_(src, alpha=weight)
-        return out
-
-    def _matmat(self, M: Tensor) -> Tensor:
-        # contiguous per-parameter blocks: one copy here is cheaper than the strided reads
-        # of every batch's vmapped products (free for a single vector)
-        V = [v.contiguous() for v in self.split(M)]
-        out = None
-        for position, (X, y) in enumerate(self._batches()):
-            state = self._state(position, X, y)
-            out = self._accumulate(
-                out, self._batch_products(state, y, V), self._weight(self.batch_size_fn(X))
-            )
-        if out is None:
-            raise ValueError("the data set is empty")
-        return out
-
-    # -- per-batch state, kept between products inside repeated_products() ---------------------
     @contextmanager
-    def repeated_products(self) -> Iterator[CurvatureOperator]:
+    def repeated_products(self) -> Iterator[Any]:
         """Within this context, the per-batch state that does not depend on the vectors (the
         Hessian's gradient graph, the GGN's forward and Jacobian graphs, the engine's
         per-sample forms for the Fisher types) is kept for the first ``cache_batches``
@@ -237,6 +158,101 @@ class CurvatureOperator(LinearOperator):
         state = self._prepare(position, X, y)
         cache[position] = (X, y, self._signature(X, y), state)
         return state
+
+
+class CurvatureOperator(_KeptBatchState, LinearOperator):
+    """Base of the data-set curvature operators (see the module docstring)."""
+
+    symmetric = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        data: Iterable[tuple[Any, Tensor]],
+        params: Sequence[str] | None = None,
+        num_data: int | None = None,
+        progressbar: bool = False,
+        allow_train_mode: bool = False,
+        batch_size_fn: Callable[[Any], int] | None = None,
+        cache_batches: int | None = 1,
+    ):
+        check_loss_fn(loss_fn)
+        self._init_kept_state(cache_batches)
+        if not allow_train_mode:
+            _check_eval_mode(model)
+        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if params is None:
+            params = list(named)
+        missing = [n for n in params if n not in named]
+        if missing:
+            raise KeyError(f"unknown or frozen parameters: {missing}")
+        if not params:
+            raise ValueError("no parameters selected")
+        self.model, self.loss_fn, self.data = model, loss_fn, data
+        self.names = list(params)
+        self.params = [named[n] for n in self.names]
+        self.sizes = [p.numel() for p in self.params]
+        self.progressbar = progressbar
+        self.batch_size_fn = batch_size_fn or _batch_size
+        if num_data is None:
+            num_data = sum(self.batch_size_fn(X) for X, _ in data)
+        if num_data < 1:
+            raise ValueError("the data set is empty")
+        self.num_data = int(num_data)
+        first = self.params[0]
+        super().__init__((sum(self.sizes),) * 2, first.dtype, first.device)  # type: ignore[arg-type]
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _weight(self, N: int) -> float:
+        return N / self.num_data if self.loss_fn.reduction == "mean" else 1.0  # type: ignore[union-attr]
+
+    def _batches(self) -> Iterable[tuple[Any, Tensor]]:
+        if self.progressbar:
+            from tqdm.auto import tqdm
+
+            return tqdm(self.data, desc=type(self).__name__, leave=False)
+        return self.data
+
+    def split(self, M: Tensor) -> list[Tensor]:
+        """``[P, k]`` -> per parameter ``[k, *shape]`` (strided views of ``M``)."""
+        blocks = torch.split(M, self.sizes, 0)
+        return [b.T.reshape(M.shape[1], *p.shape) for b, p in zip(blocks, self.params)]
+
+    def _accumulate(self, out: Tensor | None, blocks: Sequence[Tensor], weight: float) -> Tensor:
+        """``out += weight * blocks`` (per parameter ``[k, *shape]``), parameter by parameter,
+        into ``out`` ``[P, k]`` (allocated on the first batch). ``out`` is column-major (the
+        transpose of a contiguous ``[k, P]``): every parameter's block is then a contiguous
+        copy, where a row-major ``[P, k]`` would cost a transposing pass over all entries."""
+        k = blocks[0].shape[0]
+        first = out is None
+        if out is None:
+            out = torch.empty(k, self.shape[0], dtype=blocks[0].dtype, device=blocks[0].device).T
+        start = 0
+        for b, size in zip(blocks, self.sizes):
+            target, src = out[start : start + size].T, b.reshape(k, size)
+            start += size
+            if first:
+                target.copy_(src)
+                if weight != 1.0:
+                    target.mul_(weight)
+            else:
+                target.add_(src, alpha=weight)
+        return out
+
+    def _matmat(self, M: Tensor) -> Tensor:
+        # contiguous per-parameter blocks: one copy here is cheaper than the strided reads
+        # of every batch's vmapped products (free for a single vector)
+        V = [v.contiguous() for v in self.split(M)]
+        out = None
+        for position, (X, y) in enumerate(self._batches()):
+            state = self._state(position, X, y)
+            out = self._accumulate(
+                out, self._batch_products(state, y, V), self._weight(self.batch_size_fn(X))
+            )
+        if out is None:
+            raise ValueError("the data set is empty")
+        return out
 
     def _prepare(self, position: int, X: Any, y: Tensor) -> Any:
         """The vector-independent state of one batch (graphs, forms)."""
@@ -539,23 +555,31 @@ class Diagonal(LinearOperator):
 Builder = Callable[..., LinearOperator]
 
 
-class Jacobian(LinearOperator):
+class Jacobian(_KeptBatchState, LinearOperator):
     """The Jacobian of the model outputs over the data set w.r.t. the parameters,
     ``[sum_b numel(f(X_b)), P]`` (outputs flattened batch by batch, in data order; ``.T`` is
     its transpose). The data must be iterated in a fixed order (not a shuffled loader): the
-    first pass records the output sizes, and every product checks them."""
+    first pass records the output sizes, and every product checks them. Inside
+    :meth:`repeated_products` each of the first ``cache_batches`` batches keeps its forward
+    graph (and, once ``J @ V`` was asked, the vjp graph it differentiates)."""
+
+    symmetric = False
 
     def __init__(
         self,
         model: nn.Module,
         data: Iterable[tuple[Any, Tensor]],
         params: Sequence[str] | None = None,
+        cache_batches: int | None = 1,
     ):
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.names = list(params) if params is not None else list(named)
         missing = [n for n in self.names if n not in named]
         if missing:
             raise KeyError(f"unknown or frozen parameters: {missing}")
+        if not self.names:
+            raise ValueError("no parameters selected")
+        self._init_kept_state(cache_batches)
         self.model, self.data = model, data
         self.params = [named[n] for n in self.names]
         self.sizes = [p.numel() for p in self.params]
@@ -564,46 +588,61 @@ class Jacobian(LinearOperator):
         first = self.params[0]
         super().__init__((sum(self.out_sizes), sum(self.sizes)), first.dtype, first.device)
 
-    def _outputs(self) -> Iterable[tuple[int, Tensor]]:
-        for (X, _), size in zip(self.data, self.out_sizes):
-            with sdpa_kernel([SDPBackend.MATH]):
-                out = _call_model(self.model, X)
-            if out.numel() != size:
-                raise RuntimeError("the data changed between passes (shuffled loader?)")
-            yield size, out
+    def _prepare(self, position: int, X: Any, y: Tensor) -> dict[str, Any]:
+        with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
+            out = _call_model(self.model, X)
+        if out.numel() != self.out_sizes[position]:
+            raise RuntimeError("the data changed between passes (shuffled loader?)")
+        return {"out": out}
+
+    def _states(self) -> Iterable[dict[str, Any]]:
+        count = 0
+        for position, (X, y) in enumerate(self.data):
+            if position >= len(self.out_sizes):
+                raise RuntimeError("the data changed between passes (more batches than before)")
+            count += 1
+            yield self._state(position, X, y)
+        if count != len(self.out_sizes):
+            raise RuntimeError("the data changed between passes (shuffled loader?)")
 
     def _matmat(self, M: Tensor) -> Tensor:
+        k = M.shape[1]
         V = [
-            b.T.reshape(M.shape[1], *p.shape)
+            b.T.reshape(k, *p.shape).contiguous()
             for b, p in zip(torch.split(M, self.sizes, 0), self.params)
         ]
         rows = []
-        for _, out in self._outputs():
+        for state in self._states():
+            out = state["out"]
             with torch.enable_grad():
-                u = torch.zeros_like(out, requires_grad=True)
-                jt_u = torch.autograd.grad(
-                    out, self.params, u, create_graph=True, allow_unused=True
-                )
-                pairs = [(j, v) for j, v in zip(jt_u, V) if j is not None]
-                (jv,) = _batched_grad([j for j, _ in pairs], [u], [v for _, v in pairs])
-            rows.append(jv.reshape(M.shape[1], -1).T)
+                if "jt_u" not in state:  # J V by differentiating the vjp u -> J^T u
+                    u = torch.zeros_like(out, requires_grad=True)
+                    state["u"] = u
+                    state["jt_u"] = torch.autograd.grad(
+                        out, self.params, u, create_graph=True, allow_unused=True
+                    )
+                pairs = [(j, v) for j, v in zip(state["jt_u"], V) if j is not None]
+                if not pairs:
+                    rows.append(M.new_zeros(out.numel(), k))
+                    continue
+                (jv,) = _batched_grad([j for j, _ in pairs], [state["u"]], [v for _, v in pairs])
+            rows.append(jv.reshape(k, -1).T)
         return torch.cat(rows, 0)
 
     def _rmatmat(self, M: Tensor) -> Tensor:
-        out_total = torch.zeros(self.shape[1], M.shape[1], dtype=M.dtype, device=M.device)
+        k = M.shape[1]
+        out_total = M.new_zeros(self.shape[1], k)
         start = 0
-        for size, out in self._outputs():
-            U = M[start : start + size].T.reshape(M.shape[1], *out.shape)
+        for state in self._states():
+            out = state["out"]
+            size = out.numel()
+            U = M[start : start + size].T.reshape(k, *out.shape)
             start += size
             with torch.enable_grad():
                 grads = _batched_grad([out], self.params, [U], allow_unused=True)
-            out_total += torch.cat(
-                [
-                    (
-                        g if g is not None else torch.zeros(M.shape[1], *p.shape, dtype=M.dtype)
-                    ).reshape(M.shape[1], -1)
-                    for g, p in zip(grads, self.params)
-                ],
-                1,
-            ).T
+            offset = 0
+            for g, n in zip(grads, self.sizes):
+                if g is not None:
+                    out_total[offset : offset + n] += g.reshape(k, n).T
+                offset += n
         return out_total
