@@ -214,7 +214,7 @@ class KFAC(LinearOperator):
 
                 def unit(idx: Tensor, names: list[str] = names, n_all: int = flat.numel()):
                     E = torch.zeros(idx.numel(), n_all, dtype=self.dtype, device=self.device)
-                    E[torch.arange(idx.numel()), idx] = 1.0
+                    E[torch.arange(idx.numel(), device=idx.device), idx] = 1.0
                     parts = torch.split(E, [self.params[n].numel() for n in names], 1)
                     return {n: e.reshape(-1, *self.params[n].shape) for n, e in zip(names, parts)}
 
@@ -229,7 +229,7 @@ class KFAC(LinearOperator):
                 i, j = rem // c_, rem % c_
                 outer = left[g, :, i].unsqueeze(2) * right[g, :, j].unsqueeze(1)  # [m, r, c]
                 M = torch.zeros(idx.numel(), G_, r_, c_, dtype=self.dtype, device=self.device)
-                M[torch.arange(idx.numel()), g] = outer
+                M[torch.arange(idx.numel(), device=idx.device), g] = outer
                 return self._unblock(block, M.permute(1, 2, 3, 0), idx.numel())
 
             out.append((values.reshape(-1), vectors))
