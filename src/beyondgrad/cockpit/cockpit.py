@@ -120,6 +120,8 @@ class Cockpit:
         self._hooked: set[int] = set()
         self._update_pending: dict[str, Any] | None = None  # after a tracked step, until update
         self._alpha_start: dict[str, Any] | None = None  # start point of the last update
+        self._buffers: list[dict[str, Tensor] | None] = [None, None]  # parameter snapshots
+        self._flip = 0
 
     # -- schedule -----------------------------------------------------------------------------
     def tracks(self, step: int) -> bool:
@@ -234,7 +236,9 @@ class Cockpit:
         for name, form in forms.items() if reduce else ():
             if name in grad_of_loss:  # the ordinary backward already formed it
                 form.seed("grad", grad_of_loss[name])
-            g = form.grad() * (c / B)  # mean_n g_n
+            g = form.grad()  # mean_n g_n (scaled below only for sum losses: no copy)
+            if c != B:
+                g = g * (c / B)
             grads.append(g.reshape(-1))
             if need_tests:
                 l2 = l2 + form.batch_l2() * c**2
@@ -305,7 +309,7 @@ class Cockpit:
         if want & {"UpdateSize", "Alpha"}:
             self._update_pending = {
                 "record": record,
-                "before": {n: p.detach().clone() for n, p in self.params.items()},
+                "before": self._snapshot(),
                 "forms": forms if "Alpha" in want else None,
                 "losses": losses,
                 "c": c,
@@ -314,6 +318,26 @@ class Cockpit:
                 return
         else:
             self._update_pending = None
+
+    def _snapshot(self) -> dict[str, Tensor]:
+        """The parameters copied into one of two reused buffer sets (fresh large allocations
+        cost page faults every step; two sets because the previous update stays in use as
+        Alpha's direction until the next tracked step has been measured)."""
+        self._flip = 1 - self._flip
+        buf = self._buffers[self._flip]
+        if buf is None or any(
+            buf[n].shape != p.shape or buf[n].dtype != p.dtype or buf[n].device != p.device
+            for n, p in self.params.items()
+        ):
+            buf = {
+                n: torch.empty_like(p, memory_format=torch.contiguous_format)
+                for n, p in self.params.items()
+            }
+            self._buffers[self._flip] = buf
+        torch._foreach_copy_(
+            [buf[n] for n in self.params], [p.detach() for p in self.params.values()]
+        )
+        return buf
 
     def _sample_entries(self, form: Any, B: int, D: int) -> tuple[Tensor, Tensor]:
         samples = torch.randperm(B, generator=self.generator)[: self.hist_samples]
@@ -348,9 +372,10 @@ class Cockpit:
         if step is not None and step != record["step"] + 1:
             return  # too late: the parameters moved more than one step
         names = list(self.params)
-        diffs = torch._foreach_sub(
-            [self.params[n].detach() for n in names], [pending["before"][n] for n in names]
-        )
+        # the update, formed in the snapshot's buffers: before - after, negated
+        diffs = [pending["before"][n] for n in names]
+        torch._foreach_sub_(diffs, [self.params[n].detach() for n in names])
+        torch._foreach_neg_(diffs)
         delta = dict(zip(names, diffs))
         if "UpdateSize" in self.instruments:
             sizes = torch.stack(torch._foreach_norm(diffs)).double().cpu()
