@@ -85,3 +85,30 @@ def test_outer_form_cross_dot_gram_and_materialized_paths_agree(S):
     f2 = OuterForm(A, torch.randn(3, S, 2, generator=g, dtype=torch.float64), (2, 4))
     torch.testing.assert_close(f1.cross_dot(f2), Form._cross_dot(f1, f2))
     torch.testing.assert_close(f1.project(f2.grad()[None]), Form._project(f1, f2.grad()[None]))
+
+
+@pytest.mark.parametrize("S", [1, 5])
+def test_outer_form_reductions_from_materialized_rows_agree(S):
+    """Once the rows are materialized (the cockpit does so for conv layers), every reduction
+    reads them; each must equal its factor-based value, checked against explicit rows."""
+    from beyondgrad.rules.forms import OuterForm
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(3, S, 4, generator=g, dtype=torch.float64)
+    G = torch.randn(6, S, 2, generator=g, dtype=torch.float64)
+    rows = torch.einsum("knso,nsi->knoi", G.view(2, 3, S, 2), A).reshape(6, 2, 4)
+    V = torch.randn(3, 2, 4, generator=g, dtype=torch.float64)
+    C = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    r_idx, flat = torch.tensor([0, 5, 3, 3]), torch.tensor([1, 7, 0, 4])
+    factors = OuterForm(A, G, (2, 4), vectors=2)
+    stored = OuterForm(A, G, (2, 4), vectors=2)
+    assert stored.worth_materializing(10**6) == (S > 1)
+    stored.batch_grad()
+    assert stored.materialized
+    flat_rows = rows.reshape(6, -1)
+    for form in (factors, stored):
+        torch.testing.assert_close(form.project(V), flat_rows @ V.reshape(3, -1).T)
+        torch.testing.assert_close(form.combine(C), (C.T @ flat_rows).reshape(3, 2, 4))
+        torch.testing.assert_close(form.entries(r_idx, flat), flat_rows[r_idx, flat])
+        torch.testing.assert_close(form.dots_with_sum(), flat_rows @ flat_rows.sum(0))
+        torch.testing.assert_close(form.batch_l2(), flat_rows.pow(2).sum(1))

@@ -41,6 +41,10 @@ from ..quantities import DiagGGN, Forms, GGNEigen
 from . import instruments as ins
 from .schedules import every
 
+#: per-sample gradients of a layer with positions (convolutions) are materialized once for all
+#: statistics when they take at most this many elements (64 MiB in float32)
+_MATERIALIZE_BUDGET = 1 << 24
+
 Schedule = Callable[[int], bool]
 
 
@@ -233,9 +237,17 @@ class Cockpit:
         reduce = need_entries or need_tests or want & {"GradNorm", "GradHist1d", "GradHist2d"}
         hist_values: list[Tensor] = []
         hist_pairs: list[tuple[Tensor, Tensor]] = []
+        reductions = (  # per-sample reductions this step asks of every form
+            2 * need_tests
+            + need_entries
+            + ("Alpha" in want)
+            + bool(want & {"GradHist1d", "GradHist2d"})
+        )
         for name, form in forms.items() if reduce else ():
             if name in grad_of_loss:  # the ordinary backward already formed it
                 form.seed("grad", grad_of_loss[name])
+            if reductions > 1 and form.worth_materializing(_MATERIALIZE_BUDGET):
+                form.batch_grad()  # (conv layers) one GEMM instead of one per statistic
             g = form.grad()  # mean_n g_n (scaled below only for sum losses: no copy)
             if c != B:
                 g = g * (c / B)

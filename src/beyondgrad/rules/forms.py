@@ -71,9 +71,18 @@ class Form(ABC):
         """``<g_r, sum_q g_q>`` per row, ``[rows]`` (the cockpit's gradient tests)."""
         return self._memo("dots_with_sum", lambda: self.project(self.grad()[None])[:, 0])
 
+    def worth_materializing(self, budget: int) -> bool:
+        """Whether several reductions of this form (norms, dots, projections, entries) are
+        cheaper from the materialized rows than each from the factors, with the rows taking at
+        most ``budget`` elements. Default: no (forms without a cheaper closed form materialize
+        on demand anyway)."""
+        return False
+
     def entries(self, rows: Tensor, flat: Tensor) -> Tensor:
         """Single entries of the rows: ``g_{rows[e]}[flat[e]]`` (flattened index into
         ``shape``), ``[E]``. Default: materialize the distinct rows asked for."""
+        if self.materialized:
+            return self.batch_grad().reshape(self.rows, -1)[rows, flat]
         distinct, where = torch.unique(rows, return_inverse=True)
         sample = distinct % self.num_samples
         picked = (
@@ -148,11 +157,15 @@ class Form(ABC):
     def combine(self, coefficients: Tensor) -> Tensor:
         """Linear combinations of the rows, ``sum_r coefficients[r, j] g_r``: ``[c, *shape]``
         for ``coefficients`` ``[rows, c]`` (e.g. GGN eigenvectors ``V u``)."""
+        if self.materialized:
+            return Form._combine(self, coefficients)
         return self._combine(coefficients)
 
     def project(self, vectors: Tensor) -> Tensor:
         """Inner products of the rows with ``vectors`` ``[c, *shape]``: ``[rows, c]`` (with
         :meth:`combine`, products with ``sum_r g_r g_r^T`` without forming the rows)."""
+        if self.materialized:
+            return Form._project(self, vectors)
         return self._project(vectors)
 
     # -- defaults from materialized rows -------------------------------------------------------
@@ -225,9 +238,18 @@ class OuterForm(Form):
         N, S, I = self.A.shape
         return self.vectors, N, S, I, self.G.shape[2]
 
+    def worth_materializing(self, budget: int) -> bool:
+        """With ``S > 1`` positions each reduction from the factors costs a GEMM over all
+        positions (``K N S I O``), like materializing the rows once; without positions the
+        closed forms are cheaper than any materialization."""
+        K, N, S, I, O = self._sizes
+        return S > 1 and K * N * I * O <= budget
+
     def entries(self, rows: Tensor, flat: Tensor) -> Tensor:
         """``sum_s G[r, s, o] A[r mod N, s, i]`` for ``(o, i) = divmod(flat, I)``: no row is
         materialized."""
+        if self.materialized:
+            return Form.entries(self, rows, flat)
         I = self.A.shape[2]
         o, i = flat // I, flat % I
         g = self.G[rows, :, o]  # [E, S]
@@ -278,6 +300,8 @@ class OuterForm(Form):
 
     def dots_with_sum(self) -> Tensor:
         K, N, S, I, O = self._sizes
+        if self.materialized:
+            return Form.dots_with_sum(self)
         if (K * N * S) ** 2 * (I + O) < K * N * S * I * O:  # the Gram matrix is cheaper
             return self._memo("dots_with_sum", lambda: self.batch_dot().sum(1))
         return Form.dots_with_sum(self)
