@@ -874,3 +874,23 @@ def test_partial_reorthogonalization_keeps_the_basis_semi_orthogonal(dtype, scal
         atol=1e-4 if dtype == torch.float32 else 1e-8,
         rtol=0,
     )
+
+
+def test_bad_arguments_of_the_new_options_raise():
+    model, X, y, loss_fn = CASES["mlp"]()
+    with pytest.raises(ValueError, match="cache_batches"):
+        GGN(model, loss_fn, [(X, y)], cache_batches=-1)
+    with pytest.raises(ValueError, match="cache_batches"):
+        bg.linops.Jacobian(model, [(X, y)], cache_batches=-2)
+    H = Hessian(model, loss_fn, [(X, y)])
+    with pytest.raises(ValueError, match="max_iter"):
+        linalg.eigsh(H, 3, max_iter=2)
+    with pytest.raises(ValueError, match="reorthogonalize"):
+        linalg.eigsh(H, 1, reorthogonalize="sometimes")
+    K = bg.linops.KFAC(model, loss_fn, [(X, y)], fisher_type="type-2")
+    with pytest.raises(ValueError, match="which"):
+        K.eigh(2, which="middle")
+    with pytest.raises(ValueError, match="k must be"):
+        K.eigh(K.shape[0] + 1)
+    with pytest.raises(ValueError, match="neumann"):
+        linalg.InverseOperator(H, method="jacobi")
