@@ -356,24 +356,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
     from .train import TrainConfig, train
 
-    config = TrainConfig(
-        task=args.task,
-        optimizer=args.optimizer,
-        cockpit=args.cockpit,
-        steps=args.steps,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        track_every=args.track_every,
-        eval_every=args.eval_every,
-        plot_every=args.plot_every,
-        seed=args.seed,
-        device=args.device,
-        out=args.out,
-        tensorboard=args.tensorboard,
-        progress=not args.quiet,
-    )
+    # the subcommand's options carry the config's field names (``--quiet`` negates progress)
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    config = TrainConfig(**given, progress=not args.quiet)
     summary = train(config)
     metric = next(k for k in summary if k.startswith("val"))
     reached = summary["target_reached"]

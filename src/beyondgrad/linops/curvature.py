@@ -139,7 +139,6 @@ class _KeptBatchState:
             or position in self._uncacheable
         ):
             return self._prepare(position, X, y)
-        signature = self._signature(X, y)
         hit = cache.get(position)
         if hit is not None:
             if hit[0] is not X or hit[1] is not y:
@@ -147,7 +146,7 @@ class _KeptBatchState:
                 del cache[position]
                 self._uncacheable.add(position)
                 return self._prepare(position, X, y)
-            if hit[2] != signature:
+            if hit[2] != self._signature(X, y):
                 raise RuntimeError(
                     f"{type(self).__name__}: the model (parameters, buffers, train/eval mode) "
                     "or the batch changed while per-batch state was kept for repeated "
