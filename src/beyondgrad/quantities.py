@@ -19,7 +19,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from .rules.forms import Form
+from .forms import Form
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .rules.forms import Form
+from .forms import Form
 
 
 @dataclass

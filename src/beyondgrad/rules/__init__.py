@@ -14,9 +14,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from .conv import conv_forms, conv_transpose_forms
-from .embedding import embedding_forms
-from .forms import (
+from ..forms import (
     ConcatForm,
     Form,
     OuterForm,
@@ -26,6 +24,8 @@ from .forms import (
     SumForm,
     merge_forms,
 )
+from .conv import conv_forms, conv_transpose_forms
+from .embedding import embedding_forms
 from .generic import generic_forms
 from .kronecker import KronStats, conv_kron, conv_transpose_kron, embedding_kron, linear_kron
 from .linear import linear_forms

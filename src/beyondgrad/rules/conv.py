@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..conv import unfold, unfold_transpose
-from .forms import ConcatForm, Form, OuterForm, PermutedForm, SampleForm
+from ..forms import ConcatForm, Form, OuterForm, PermutedForm, SampleForm
 
 
 def _check_batched(module: nn.Module, x: Tensor, d: int) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .forms import Form, ScatterForm
+from ..forms import Form, ScatterForm
 
 
 def embedding_forms(

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .forms import Form, SampleForm
+from ..forms import Form, SampleForm
 
 AxisFn = Callable[[nn.Module, str, Tensor, int], "int | None"]
 

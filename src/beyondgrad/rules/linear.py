@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .forms import Form, OuterForm, SampleForm
+from ..forms import Form, OuterForm, SampleForm
 
 
 def linear_forms(module: nn.Linear, x: Tensor, g: Tensor, vectors: int = 1) -> dict[str, Form]:

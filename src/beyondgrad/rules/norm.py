@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .forms import Form, SampleForm
+from ..forms import Form, SampleForm
 
 
 def _affine_forms(

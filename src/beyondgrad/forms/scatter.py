@@ -1,0 +1,71 @@
+"""The scatter form of embeddings: rows are one-hot scatters of output gradients."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import Form, row_index
+
+
+class ScatterForm(Form):
+    """``g_{k,n}[v] = sum_{s : I[n, s] = v} G[k N + n, s]``: an embedding table ``[num, d]``.
+
+    ``index``: ``[N, S]`` long, ``G``: ``[K N, S, d]``. Rows of ``G`` whose index must not
+    receive gradient (``padding_idx``) are expected to be zeroed by the rule.
+    """
+
+    def __init__(self, index: Tensor, G: Tensor, num: int, vectors: int = 1):
+        self.index, self.G, self.num, self.vectors = index, G, num, vectors
+        self.shape = torch.Size((num, G.shape[-1]))
+        self.num_samples = index.shape[0]
+
+    def select(self, index: Tensor) -> ScatterForm:
+        rows = row_index(index, self.vectors, self.num_samples)
+        return ScatterForm(
+            self.index.index_select(0, index), self.G.index_select(0, rows), self.num, self.vectors
+        )
+
+    @property
+    def _row_indices(self) -> Tensor:
+        """The index of every row, ``[K N, S]``."""
+        return self.index if self.vectors == 1 else self.index.repeat(self.vectors, 1)
+
+    def _flat(self) -> tuple[Tensor, Tensor]:
+        return self._row_indices.reshape(-1), self.G.reshape(-1, self.G.shape[-1])
+
+    def _grad(self) -> Tensor:
+        idx, G = self._flat()
+        return G.new_zeros(self.shape).index_add_(0, idx, G)
+
+    def _batch_grad(self, out: Tensor | None = None) -> Tensor:
+        R, S = self.rows, self.index.shape[1]
+        idx, G = self._flat()
+        row = torch.arange(R, device=idx.device).repeat_interleave(S)
+        res = (
+            G.new_zeros(R * self.num, G.shape[1])
+            if out is None
+            else out.view(R * self.num, -1).zero_()
+        )
+        res.index_add_(0, row * self.num + idx, G)
+        return res.reshape(R, *self.shape)
+
+    def _batch_l2(self) -> Tensor:
+        index = self._row_indices
+        same = index.unsqueeze(2) == index.unsqueeze(1)
+        gram_g = torch.bmm(self.G, self.G.transpose(1, 2))
+        return (gram_g * same).sum((1, 2))
+
+    def _batch_dot(self) -> Tensor:
+        R, S = self.rows, self.index.shape[1]
+        idx, G = self._flat()
+        same = idx.unsqueeze(1) == idx.unsqueeze(0)
+        return ((G @ G.T) * same).reshape(R, S, R, S).sum((1, 3))
+
+    def _sum_grad_squared(self) -> Tensor:
+        R, S = self.rows, self.index.shape[1]
+        idx, G = self._flat()
+        row = torch.arange(R, device=idx.device).repeat_interleave(S)
+        keys, inverse = torch.unique(row * self.num + idx, return_inverse=True)
+        sums = G.new_zeros(keys.numel(), G.shape[1]).index_add_(0, inverse, G)
+        return G.new_zeros(self.shape).index_add_(0, keys % self.num, sums.pow(2))
