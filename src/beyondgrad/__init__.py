@@ -28,13 +28,13 @@ from .quantities import (
     DiagGGN,
     DiagHessian,
     GGNEigen,
+    GGNEigenResult,
     Grad,
     Quantity,
     SqrtGGN,
     SumGradSquared,
     Variance,
 )
-from .vivit import GGNEigenResult
 
 __version__ = "0.1.0"
 

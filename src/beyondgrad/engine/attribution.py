@@ -18,7 +18,8 @@ from torch.autograd.graph import get_gradient_edge
 from .capture import Call, Unit
 
 
-def _region(call: Call) -> set:
+def region(call: Call) -> set:
+    """The autograd nodes between a call's outputs and its inputs."""
     stop = {get_gradient_edge(t).node for t in call.inputs_requiring_grad()}
     stack = [e.node for e in call.edges if e is not None and e.node not in stop]
     seen = set(stack)
@@ -70,9 +71,9 @@ def attribute(loss: Tensor, units: list[Unit], names: dict[int, str]) -> set[str
     regions: dict[int, list[tuple[Unit, set]]] = {}
     for unit in units:
         for call in unit.calls:
-            region = _region(call)
-            for node in region:
-                regions.setdefault(id(node), []).append((unit, region))
+            nodes = region(call)
+            for node in nodes:
+                regions.setdefault(id(node), []).append((unit, nodes))
 
     moved = False
     for node, param in uses:
@@ -82,8 +83,8 @@ def attribute(loss: Tensor, units: list[Unit], names: dict[int, str]) -> set[str
             continue
         # a generic unit whose call contains the use and whose subtree owns the parameter
         candidates = [
-            (len(region), unit)
-            for unit, region in around
+            (len(nodes), unit)
+            for unit, nodes in around
             if unit.rule is None and any(q is param for q in unit.module.parameters())
         ]
         if not candidates:

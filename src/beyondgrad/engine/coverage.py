@@ -7,9 +7,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..quantities import Grad
 from .attribution import attribute
-from .compute import _call_model, capture
+from .backprop import GRAD
+from .compute import call_model
+from .session import capture
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,8 @@ def coverage(model: nn.Module, loss_fn: nn.Module, X: Any, y: Tensor) -> Coverag
     the rule that serves it (``linear``, ``embedding``, ``layer_norm``, ``rms_norm``,
     ``group_norm``, ``batch_norm``, ``generic``, or ``unused`` when it does not reach the loss).
     Raises like :func:`compute` for parameters used where no module call explains them."""
-    with capture(model, loss_fn, Grad()) as session:
-        loss = loss_fn(_call_model(model, X), y)
+    with capture(model, loss_fn, vectors=[GRAD]) as session:
+        loss = loss_fn(call_model(model, X), y)
     names = {id(p): n for n, p in model.named_parameters()}
     attribute(loss, session.units, names)
     rows = []

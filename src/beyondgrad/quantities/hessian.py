@@ -19,12 +19,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
+
+from ..engine import Backprop, ReduceContext, Statistics, VectorKind
+from ..engine.losses import loss_vectors
+from ..forms import Form
+from .base import Quantity
 
 # operations that are linear (or piecewise linear) in their differentiable inputs
 _LINEAR = {
@@ -269,8 +274,6 @@ def hesscale(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> dict
     ``nn.Linear``, ``h_z = s'(z)^2 h_a + s''(z) dL/da`` through ``Tanh``/``Sigmoid``/``ReLU``),
     and ``h_W = h_z (x*x)^T``. Exact for the last layer's parameters; otherwise an
     approximation with no error bound."""
-    from .losses import loss_vectors
-
     if not isinstance(model, nn.Sequential):
         raise NotImplementedError("DiagHessian(method='hesscale') supports nn.Sequential models")
     layers = list(model.named_children())
@@ -311,3 +314,98 @@ def hesscale(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> dict
             delta_a = deltas[i]
             h_diag = d1.pow(2) * h_diag + (d2 * delta_a if delta_a is not None else 0)
     return result
+
+
+@dataclass(frozen=True)
+class DiagHessian(Quantity):
+    """The exact diagonal of the Hessian, parameter-shaped, for models whose nonlinearities
+    are element-wise (activations such as tanh, sigmoid, ELU, softplus, GELU; piecewise-linear
+    ops; residual adds; pooling; products of factors with disjoint parameters): the GGN
+    diagonal plus the residual terms of every element-wise nonlinearity, backpropagated
+    through the same engine (so residual networks work). Any other nonlinearity between the
+    parameters and the output (LayerNorm, attention, gating) raises an error naming it.
+
+    Args:
+        max_vectors: bounds both the loss-Hessian vectors and the ``2 x units`` residual
+            vectors of each nonlinearity per sample.
+        method: ``"exact"``, or ``"hesscale"`` for the HesScale approximation (a heuristic,
+            exact only for the last layer; ``nn.Sequential`` of Linear/Tanh/Sigmoid/ReLU/
+            Flatten; needs ``bg.compute``): about the cost of one backward pass, no error bound.
+    """
+
+    max_vectors: int = 4096
+    method: str = "exact"
+    per_sample: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if self.method not in ("exact", "hesscale"):
+            raise ValueError(f"method must be 'exact' or 'hesscale', got {self.method!r}")
+
+    @property
+    def vectors(self) -> VectorKind:
+        """Exact loss-Hessian vectors."""
+        return ("exact", 0)
+
+    @property
+    def separate_pass(self) -> bool:
+        """HesScale runs its own recursion."""
+        return self.method == "hesscale"
+
+    def reduce(self, form: Form, ctx: ReduceContext, out: Tensor | None = None) -> Tensor:
+        """The GGN part; :meth:`compute` adds the residual terms."""
+        return form.sum_grad_squared()
+
+    def prepare(
+        self, graph: Backprop, loss: Tensor, output: Tensor, names: dict[int, str]
+    ) -> dict[str, Tensor]:
+        """Per parameter name, the residual part of the Hessian diagonal (the signed squared
+        gradients of the one-hot vectors of every element-wise nonlinearity), computed on the
+        live graph before the engine's main backward pass."""
+        params = {id(p) for u, _ in graph.calls for p in u.params.values()}
+        sites = residual_sites(output, params, graph.locate)
+        if not sites:
+            return {}
+        deltas = torch.autograd.grad(loss, [s.output_edge for s in sites], retain_graph=True)
+        residual: dict[str, Tensor] = {}
+        for site, delta in zip(sites, deltas):
+            for pid, value in self._site_residual(graph, site, delta).items():
+                name = names[pid]
+                residual[name] = residual[name] + value if name in residual else value
+        return residual
+
+    def _site_residual(self, graph: Backprop, site: ResidualSite, delta: Tensor) -> dict:
+        N = graph.num_samples
+        d = (delta * site.second).reshape(N, -1)  # [N, units]
+        K = d.shape[1]
+        if 2 * K > self.max_vectors:
+            raise RuntimeError(
+                f"DiagHessian: the element-wise nonlinearity {site.name} has {K} units per "
+                f"sample; its exact residual term backpropagates {2 * K} vectors (limit "
+                f"max_vectors={self.max_vectors}). Raise max_vectors explicitly, or use DiagGGN."
+            )
+        eye = torch.eye(K, dtype=d.dtype, device=d.device)
+        signed = []
+        for part in (d.clamp_min(0), (-d).clamp_min(0)):
+            vectors = (eye.unsqueeze(1) * part.sqrt().unsqueeze(0)).reshape(K, *delta.shape)
+            forms = graph.merged_forms(site.input_edge, vectors)
+            signed.append({pid: f.sum_grad_squared() for pid, f in forms.items()})
+        return {
+            pid: signed[0].get(pid, 0) - signed[1].get(pid, 0)
+            for pid in signed[0].keys() | signed[1].keys()
+        }
+
+    def compute(
+        self, stats: Statistics, prepared: Any = None, out: dict | None = None
+    ) -> dict[str, Any]:
+        """GGN diagonal plus the residual terms."""
+        values = super().compute(stats)
+        for name, value in (prepared or {}).items():
+            if name in values:
+                values[name] = values[name] + value
+        return values
+
+    def compute_separately(
+        self, model: nn.Module, loss_fn: nn.Module, X: Any, y: Tensor
+    ) -> dict[str, Tensor]:
+        """HesScale."""
+        return hesscale(model, loss_fn, X, y)

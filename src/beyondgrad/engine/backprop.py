@@ -1,0 +1,157 @@
+"""Backprop: output-space vectors to every recorded layer output, in one vectorized pass.
+
+The loss supplies ``K`` vectors per sample (``grad``, ``exact`` or ``mc``; see
+:func:`~beyondgrad.engine.losses.loss_vectors`). :class:`Backprop` holds the recorded calls of
+one forward pass and backpropagates a block of vectors ``[K, *output.shape]`` from the model
+output (or from any gradient edge inside the graph) to every recorded layer output with one
+``torch.autograd.grad(..., is_grads_batched=True)``, giving each call its output gradients
+``[K, N, ...]``; the layer rules turn those into per-parameter forms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..forms import Form, merge_forms
+from .attribution import region
+from .capture import Call, Unit
+
+VectorKind = tuple[str, int]
+"""Which output-space vectors: ``("grad", 1)`` (the loss gradient), ``("exact", 0)`` (columns
+of the loss-Hessian square root) or ``("mc", M)`` (M sampled gradients per sample)."""
+
+GRAD: VectorKind = ("grad", 1)
+
+# autograd nodes without a vmap batching rule (torch 2.13): vectorized backward passes through
+# them fall back to a slow per-vector loop plus concatenation, slower than plain passes
+UNBATCHED_NODES = frozenset({"ConvolutionBackward0", "ConvolutionBackwardBackward0"})
+
+CallGradients = dict[int, list[Tensor | None]]
+"""Per recorded call (by ``id``), the gradients ``[K, *output.shape]`` of each of its outputs."""
+
+FormsOfCall = Callable[[Unit, Call, list[Tensor | None]], dict[str, Form]]
+
+
+def backprop_vectors(
+    output: Any, targets: list[Any], vectors: Tensor, node_kinds: set[str], retain: bool = False
+) -> tuple[Tensor | None, ...]:
+    """Gradients ``[K, *target.shape]`` of ``<vectors[k], output>`` w.r.t. every target.
+
+    Args:
+        output: a tensor or gradient edge to start from.
+        targets: gradient edges (or tensors) to differentiate w.r.t.
+        vectors: ``[K, *output.shape]``.
+        node_kinds: autograd node type names of the graph (selects per-vector passes where
+            vmap has no batching rule).
+        retain: keep the graph.
+
+    Returns:
+        One tensor ``[K, *target.shape]`` per target (``None`` where it is not reached).
+    """
+    if not targets:
+        return ()
+    K = vectors.shape[0]
+    if K > 1 and not (node_kinds & UNBATCHED_NODES):
+        return torch.autograd.grad(
+            [output],
+            targets,
+            grad_outputs=[vectors],
+            is_grads_batched=True,
+            allow_unused=True,
+            retain_graph=retain,
+        )
+    per_vector = [
+        torch.autograd.grad(
+            [output], targets, grad_outputs=[v], retain_graph=retain or k < K - 1, allow_unused=True
+        )
+        for k, v in enumerate(vectors)
+    ]
+    return tuple(
+        None if parts[0] is None else torch.stack(parts)  # type: ignore[misc]
+        for parts in zip(*per_vector)
+    )
+
+
+def check_finite(grads: Sequence[Tensor | None], where: list[str]) -> None:
+    """Raise ``FloatingPointError`` naming the first layer with a non-finite gradient. One
+    reduction per tensor (a sum is non-finite if any entry is); only on failure is each tensor
+    inspected element-wise."""
+    present = [(i, g) for i, g in enumerate(grads) if g is not None]
+    if not present or bool(torch.stack([g.sum() for _, g in present]).isfinite().all()):
+        return
+    for i, g in present:
+        if not bool(torch.isfinite(g).all()):
+            raise FloatingPointError(f"non-finite gradient backpropagated to '{where[i]}'")
+
+
+class Backprop:
+    """The recorded layer calls of one forward pass as backpropagation targets.
+
+    Args:
+        calls: ``(unit, call)`` pairs whose outputs receive gradients.
+        node_kinds: autograd node type names of the graph.
+        num_samples: ``N``.
+        forms_of_call: the rule step, ``(unit, call, [K, ...] gradients) -> {local name: Form}``.
+    """
+
+    def __init__(
+        self,
+        calls: list[tuple[Unit, Call]],
+        node_kinds: set[str],
+        num_samples: int,
+        forms_of_call: FormsOfCall,
+    ):
+        self.calls, self.node_kinds, self.num_samples = calls, node_kinds, num_samples
+        self.forms_of_call = forms_of_call
+        self.edges = [(u, c, i) for u, c in calls for i, e in enumerate(c.edges) if e is not None]
+        self.targets = [c.edges[i] for _, c, i in self.edges]
+        self.where = [u.name for u, _, _ in self.edges]
+
+    def gradients(
+        self, start: Any, vectors: Tensor, retain: bool = False
+    ) -> tuple[Tensor | None, ...]:
+        """``[K, *output.shape]`` gradients of ``vectors`` from ``start`` at every recorded
+        layer output (flat, in :attr:`edges` order), checked to be finite."""
+        grads = backprop_vectors(start, self.targets, vectors, self.node_kinds, retain)
+        check_finite(grads, self.where)
+        return grads
+
+    def per_call(self, grads: Sequence[Tensor | None]) -> CallGradients:
+        """Group flat edge gradients by call, each viewed as ``[K, *output shape]``."""
+        out: CallGradients = {id(c): [None] * len(c.outputs) for _, c in self.calls}
+        for (_, c, i), g in zip(self.edges, grads):
+            if g is not None:
+                shape = c.edge_shapes[i]
+                out[id(c)][i] = g.view(g.shape[0], *shape) if shape is not None else g
+        return out
+
+    def forms(self, per_call: CallGradients) -> dict[int, list[Form]]:
+        """Per parameter (by ``id``), the forms of every call that reached it."""
+        forms: dict[int, list[Form]] = {}
+        for unit, call in self.calls:
+            gs = per_call.get(id(call))
+            if gs is None or all(g is None for g in gs):
+                continue
+            for local, form in self.forms_of_call(unit, call, gs).items():
+                forms.setdefault(id(unit.params[local]), []).append(form)
+        return forms
+
+    def locate(self, node: Any) -> str:
+        """Where an autograd node of the graph lies, for error messages: the innermost
+        recorded call whose region contains it."""
+        if not hasattr(self, "_regions"):
+            self._regions = [(u.name, region(c)) for u, c in self.calls]
+        inside = [(len(r), name) for name, r in self._regions if node in r]
+        if inside:
+            return f"module '{min(inside)[1]}'"
+        return "the model (outside any layer with parameters)"
+
+    def merged_forms(self, start: Any, vectors: Tensor) -> dict[int, Form]:
+        """Backpropagate ``vectors`` from ``start`` (graph kept) and merge each parameter's
+        forms: ``{id(parameter): Form}``."""
+        per_call = self.per_call(self.gradients(start, vectors, retain=True))
+        return {pid: merge_forms(f) for pid, f in self.forms(per_call).items()}

@@ -1,0 +1,482 @@
+"""``bg.capture``: hooks during an ordinary forward pass, then one backward pass and the
+requested quantities, reduced from the engine's :class:`~beyondgrad.engine.stats.Statistics`.
+
+The session knows quantities only through the small plug-in protocol :class:`QuantityLike`
+(what each needs, an optional step before the backward pass, a reduction of the statistics);
+it imports none of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from ..forms import Form
+from ..rules import generic_forms, uses_batch_statistics
+from .attribution import attribute
+from .backprop import GRAD, Backprop, CallGradients, VectorKind, check_finite
+from .capture import Call, Recorder, Unit, plan_units
+from .losses import (
+    check_loss_fn,
+    check_target,
+    is_internal_loss_call,
+    loss_vectors,
+    reduction_factor,
+)
+from .result import Result
+from .stats import Needs, Statistics
+
+
+class QuantityLike(Protocol):
+    """What the engine asks of a quantity (see :class:`beyondgrad.Quantity`)."""
+
+    per_sample: ClassVar[bool]
+    order: ClassVar[int]
+
+    def needs(self) -> Needs: ...
+
+    def prepare(self, graph: Backprop, loss: Tensor, output: Tensor, names: dict) -> Any: ...
+
+    def compute(
+        self, stats: Statistics, prepared: Any = None, out: dict | None = None
+    ) -> dict[str, Any]: ...
+
+    @property
+    def separate_pass(self) -> bool: ...
+
+
+def check_quantities(quantities: Sequence[Any], vectors: Sequence[VectorKind]) -> list[Any]:
+    """Instances only, deduplicated, at least one (or explicit ``vectors``)."""
+    out: list[Any] = []
+    for q in quantities:
+        if isinstance(q, type):
+            raise TypeError(f"pass an instance, e.g. bg.{q.__name__}(), not the class")
+        if not callable(getattr(q, "needs", None)) or not hasattr(q, "compute"):
+            raise TypeError(f"{q!r} is not a beyondgrad quantity")
+        if q not in out:
+            out.append(q)
+    if not out and not vectors:
+        raise ValueError("no quantities requested (e.g. bg.BatchGrad(), bg.BatchL2())")
+    return out
+
+
+def check_samples_independent(model: nn.Module) -> None:
+    """Refuse modules that couple the samples (per-sample quantities are undefined)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and uses_batch_statistics(module):
+            raise RuntimeError(
+                f"module '{name}' ({type(module).__name__}) normalizes with batch statistics "
+                "(training mode or track_running_stats=False), which couples the samples: "
+                "per-sample quantities are undefined. Call model.eval() first."
+            )
+        if isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
+            raise RuntimeError(
+                f"module '{name}' (Embedding with scale_grad_by_freq=True) scales gradients by "
+                "batch-wide counts, which couples the samples: per-sample quantities are "
+                "undefined."
+            )
+
+
+def subsample_index(
+    subsampling: Sequence[int] | Tensor | None, N: int, device: torch.device
+) -> Tensor | None:
+    """Validated sample indices (negative ones wrapped), or ``None``."""
+    if subsampling is None:
+        return None
+    idx = torch.as_tensor(subsampling, dtype=torch.long, device=device).reshape(-1)
+    if idx.numel() == 0:
+        raise ValueError("subsampling is empty")
+    if int(idx.min()) < -N or int(idx.max()) >= N:
+        raise IndexError(
+            f"subsampling index out of range for a batch of {N} samples: {idx.tolist()}"
+        )
+    return idx % N
+
+
+class Plan:
+    """The union of the quantities' needs (and extra ``vectors``): which vector kinds to
+    backpropagate, whether the autograd gradient is wanted, which layers need gradients."""
+
+    def __init__(self, quantities: list[Any], vectors: Sequence[VectorKind], max_vectors: int):
+        needs: list[Needs] = [q.needs() for q in quantities]
+        extra = Needs(kinds=tuple(vectors), max_vectors=max_vectors) if vectors else None
+        if extra is not None:
+            needs.append(extra)
+        self.kinds: list[VectorKind] = list(dict.fromkeys(k for n in needs for k in n.kinds))
+        self.gradient = any(n.gradient for n in needs)
+        self.second_order = any(k[0] != "grad" for k in self.kinds)
+        if (self.second_order or not self.kinds) and self.gradient and GRAD not in self.kinds:
+            self.kinds.insert(0, GRAD)
+        self.only_gradient = self.kinds == [GRAD] and all(
+            not n.kinds for n in needs
+        )  # the autograd gradient alone: no layer-output gradients
+        self.kronecker_only = bool(needs) and all(n.kronecker_only for n in needs)
+        limits = [n.max_vectors for n in needs if ("exact", 0) in n.kinds and n.max_vectors]
+        self.max_vectors = min(limits) if limits else max_vectors
+
+
+class Session:
+    """Returned by :func:`capture`; see there."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        quantities: list[Any],
+        subsampling: Sequence[int] | Tensor | None,
+        generator: torch.Generator | None,
+        vectors: Sequence[VectorKind] = (),
+        max_vectors: int = 256,
+    ):
+        self.model, self.loss_fn, self.quantities = model, loss_fn, quantities
+        self.subsampling, self.generator = subsampling, generator
+        self.plan = Plan(quantities, vectors, max_vectors)
+        self.per_sample = any(q.per_sample for q in quantities)
+        if self.per_sample:
+            check_samples_independent(model)
+        self.units = plan_units(model)
+        self.recorder = Recorder(self.units)
+        self.loss_calls: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._loss_handle: Any = None
+        self.watch_backward = False
+        self._seen: dict[tuple[int, int], Tensor] = {}
+        self.backward_seed: Tensor | None = None  # d(backpropagated)/d(loss), watched backward
+        self._node_kinds: set[str] | None = None
+        self._node_handles: list[Any] = []
+
+    # -- forward ------------------------------------------------------------------------------
+    def _loss_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        if torch.is_grad_enabled() and self.recorder.enabled and not is_internal_loss_call():
+            self.loss_calls.append((args[0], args[1], output))
+            if self.watch_backward and output.requires_grad:
+                self._watch(output)
+
+    def _watch(self, loss: Tensor) -> None:
+        """Record every layer-output gradient of the next ordinary ``loss.backward()`` (node
+        pre-hooks at the recorded gradient edges), so that first-order quantities need no
+        backward pass of their own. Attribution runs when that backward starts."""
+        nodes: dict[int, tuple[Any, set[int]]] = {}
+        for unit in self.units:
+            for call in unit.calls:
+                for edge in call.edges:
+                    if edge is not None:
+                        nodes.setdefault(id(edge.node), (edge.node, set()))[1].add(edge.output_nr)
+        for key, (node, nrs) in nodes.items():
+
+            def pre(grad_outputs: tuple, key: int = key, nrs: set[int] = nrs) -> None:
+                for nr in nrs:
+                    if grad_outputs[nr] is not None:
+                        self._seen[(key, nr)] = grad_outputs[nr]
+
+            self._node_handles.append(node.register_prehook(pre))
+        names = {id(p): n for n, p in self.model.named_parameters()}
+
+        def on_loss(grad: Tensor) -> None:
+            self.backward_seed = grad.detach()
+            self._node_kinds = attribute(loss, self.units, names)
+
+        loss.register_hook(on_loss)
+
+    def __enter__(self) -> Session:
+        self.recorder.__enter__()
+        self._loss_handle = self.loss_fn.register_forward_hook(self._loss_hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.recorder.remove()
+        for handle in self._node_handles:
+            handle.remove()
+        self._node_handles.clear()
+        if self._loss_handle is not None:
+            self._loss_handle.remove()
+            self._loss_handle = None
+
+    # -- backward and reduction ---------------------------------------------------------------
+    def _loss_record(self, loss: Tensor) -> tuple[Tensor, Tensor]:
+        matches = [(f, y) for f, y, out in self.loss_calls if out is loss]
+        if not matches:
+            raise RuntimeError(
+                "the loss passed to compute() was not produced directly by loss_fn inside the "
+                "capture block (was it scaled, summed or modified afterwards?). Quantities "
+                "refer to the loss exactly as loss_fn defines it; change loss_fn instead."
+            )
+        if len(self.loss_calls) > 1:
+            raise RuntimeError("loss_fn was called more than once inside the capture block")
+        return matches[0]
+
+    def statistics(self, loss: Tensor, retain_graph: bool = False) -> Statistics:
+        """Backpropagate once and return the engine's :class:`Statistics` (no quantity is
+        reduced; :meth:`compute` does both)."""
+        return self._run(loss, retain_graph)[0]
+
+    def compute(
+        self, loss: Tensor, out: Result | None = None, retain_graph: bool = False
+    ) -> Result:
+        """Backpropagate once and reduce every requested quantity.
+
+        Args:
+            loss: the tensor ``loss_fn`` returned inside the capture block.
+            out: a previous result whose per-sample tensors (``BatchGrad``) may be
+                overwritten to save allocation.
+            retain_graph: keep the forward graph so that ``loss.backward()`` can still run
+                (optimizers collect statistics this way before the ordinary backward pass).
+
+        Returns:
+            A :class:`Result`; ``result.stats`` holds the :class:`Statistics`.
+        """
+        stats, prepared = self._run(loss, retain_graph)
+        order = sorted(self.quantities, key=lambda q: q.order)
+        values: dict[Any, dict[str, Any]] = {}
+        for q in order:
+            previous = out._values.get(q) if out is not None and q in out._values else None
+            values[q] = q.compute(stats, prepared.get(q), previous)
+        values = {q: values[q] for q in self.quantities}
+        return Result(stats.loss, stats.output, values, stats.rules, stats.subsampling, stats)
+
+    def _run(self, loss: Tensor, retain_graph: bool) -> tuple[Statistics, dict[Any, Any]]:
+        self.__exit__()
+        if not loss.requires_grad:
+            raise RuntimeError(
+                "the loss does not require grad (computed under torch.no_grad() or "
+                "torch.inference_mode(), or no parameter requires grad)"
+            )
+        output, target = self._loss_record(loss)
+        check_target(self.loss_fn, output, target)
+        if not bool(torch.isfinite(loss)):
+            raise FloatingPointError(f"the loss is not finite ({loss.item()})")
+        N = output.shape[0]
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        plan, watched = self.plan, self.backward_seed is not None
+        node_kinds: set[str] = set()
+        if watched:
+            node_kinds = self._node_kinds or set()
+        elif not plan.only_gradient:  # a plain gradient needs no attribution to layer calls
+            node_kinds = attribute(loss, self.units, names)
+        calls = [] if plan.only_gradient and not watched else self._calls()
+        graph = Backprop(calls, node_kinds, N, self._forms_of_call(N))
+        prepared = {}
+        if plan.second_order and not watched:  # before the main pass frees the graph
+            for q in self.quantities:
+                if q.separate_pass:
+                    raise NotImplementedError(f"{q!r} needs bg.compute")
+                prepared[q] = q.prepare(graph, loss, output, names)
+        grads, param_grads = self._backward(graph, loss, output, target, retain_graph, watched)
+        stats = Statistics(
+            loss=loss.detach(),
+            output=output.detach(),
+            num_samples=N,
+            reduction=self.loss_fn.reduction,  # type: ignore[arg-type]
+            reduction_factor=reduction_factor(self.loss_fn, output, target),
+            subsampling=subsample_index(self.subsampling, N, loss.device)
+            if self.per_sample
+            else None,
+            kinds=tuple(grads),
+            rules=_rules_by_name(self.units, names),
+            model=self.model,
+            units=self.units,
+            backprop=graph,
+            call_gradients=grads,
+            parameter_gradients=param_grads,
+        )
+        return stats, prepared
+
+    def _calls(self) -> list[tuple[Unit, Call]]:
+        calls = [(u, c) for u in self.units for c in u.calls]
+        if self.plan.kronecker_only:  # Kronecker blocks only: other layers need no backward
+            calls = [(u, c) for u, c in calls if _has_kronecker(u)]
+        return calls
+
+    def _backward(
+        self,
+        graph: Backprop,
+        loss: Tensor,
+        output: Tensor,
+        target: Tensor,
+        retain_graph: bool,
+        watched: bool,
+    ) -> tuple[dict[VectorKind, CallGradients], dict[int, Tensor]]:
+        """The layer-output gradients per vector kind, and the parameter gradients where
+        autograd formed them."""
+        plan = self.plan
+        if watched:
+            if plan.second_order:
+                raise RuntimeError(
+                    "second-order quantities need their own backward pass: compute them before "
+                    "loss.backward()"
+                )
+            return {plan.kinds[0]: graph.per_call(self._watched_gradients(graph))}, {}
+        if not plan.second_order:
+            return self._first_order_backward(graph, loss, retain_graph)
+        blocks = [self._vectors(kind, output, target) for kind in plan.kinds]
+        grads = graph.gradients(output, torch.cat(blocks, 0), retain_graph)
+        per_kind, start = {}, 0
+        for kind, block in zip(plan.kinds, blocks):
+            K = block.shape[0]
+            part = [None if g is None else g[start : start + K] for g in grads]
+            per_kind[kind] = graph.per_call(part)
+            start += K
+        return per_kind, {}
+
+    def _watched_gradients(self, graph: Backprop) -> list[Tensor | None]:
+        seed = self.backward_seed
+        unit = bool((seed == 1).all())  # once, not per layer output
+        grads = [
+            None
+            if (g := self._seen.get((id(e.node), e.output_nr))) is None
+            else (g if unit else g / seed)
+            for e in graph.targets
+        ]
+        check_finite(grads, graph.where)
+        return [None if g is None else g.unsqueeze(0) for g in grads]
+
+    def _first_order_backward(
+        self, graph: Backprop, loss: Tensor, retain_graph: bool
+    ) -> tuple[dict[VectorKind, CallGradients], dict[int, Tensor]]:
+        """One backward pass of the loss: to every recorded layer output, and to the
+        parameters only when the gradient itself is requested (autograd forms it at the
+        cost of a plain backward)."""
+        params = _served_parameters(self.units) if self.plan.gradient else []
+        n = len(graph.targets)
+        grads = torch.autograd.grad(
+            loss, graph.targets + params, allow_unused=True, retain_graph=retain_graph
+        )
+        # layer-output gradients suffice (parameter gradients are products of them with
+        # finite inputs); without layer outputs, the parameter gradients are checked
+        if n:
+            check_finite(grads[:n], graph.where)
+        else:
+            names = {id(p): name for name, p in self.model.named_parameters()}
+            check_finite(grads, [names[id(p)] for p in params])
+        param_grads = {id(p): g for p, g in zip(params, grads[n:]) if g is not None}
+        if not self.plan.kinds:
+            return {}, param_grads
+        layer = [None if g is None else g.unsqueeze(0) for g in grads[:n]]
+        return {self.plan.kinds[0]: graph.per_call(layer)}, param_grads
+
+    def _vectors(self, kind: VectorKind, output: Tensor, target: Tensor) -> Tensor:
+        """The output-space vectors of ``kind``, after checking that exact ones stay
+        affordable."""
+        name, M = kind
+        if name == "exact":
+            per_sample = output[0].numel()
+            limit = self.plan.max_vectors
+            if per_sample > limit:
+                raise RuntimeError(
+                    f"exact (type-2) curvature backpropagates one vector per model output per "
+                    f"sample: {per_sample} here (e.g. classes x positions), i.e. about "
+                    f"{per_sample} backward passes. Use the Monte-Carlo variant "
+                    f"(e.g. mc_samples=1) or raise max_vectors (now {limit}) explicitly."
+                )
+        return loss_vectors(self.loss_fn, output, target, name, max(M, 1), self.generator)
+
+    def _forms_of_call(self, N: int):
+        def forms_of_call(unit: Unit, call: Call, gs: list[Tensor | None]) -> dict[str, Form]:
+            """Forms of one call; ``gs[i]``: ``[K, *outputs[i].shape]`` gradients."""
+            _check_versions(unit, call)
+            K = next(g.shape[0] for g in gs if g is not None)
+            if unit.rule is not None:
+                g = gs[0]
+                if g is None or not unit.params:
+                    return {}
+                if call.x.ndim == 0 or call.x.shape[0] != N or g.shape[1] != N:
+                    raise RuntimeError(
+                        f"module '{unit.name}': expected the sample axis (length {N}) first, "
+                        f"got input {tuple(call.x.shape)} and output {tuple(g.shape[1:])}. "
+                        "beyondgrad treats the leading axis of every layer's input as the "
+                        "sample axis."
+                    )
+                g = g.reshape(K * N, *g.shape[2:])
+                local = unit.rule.forms(unit.module, call.x.detach(), g, K)
+                return {k: v for k, v in local.items() if k in unit.params}
+            with self.recorder.paused(), torch.enable_grad():
+                return generic_forms(
+                    unit.module, unit.params, call.args, call.kwargs, call.output, gs, N, K
+                )
+
+        return forms_of_call
+
+
+def _rules_by_name(units: list[Unit], names: dict[int, str]) -> dict[str, str]:
+    rules: dict[str, str] = {}
+    for unit in units:
+        for p in unit.params.values():
+            name = names[id(p)]
+            rules[name] = (
+                unit.rule_name if name not in rules or rules[name] == unit.rule_name else "mixed"
+            )
+    return rules
+
+
+def _has_kronecker(unit: Unit) -> bool:
+    return unit.rule is not None and unit.rule.kronecker is not None and "weight" in unit.params
+
+
+def _served_parameters(units: list[Unit]) -> list[nn.Parameter]:
+    seen: dict[int, nn.Parameter] = {}
+    for unit in units:
+        for p in unit.params.values():
+            seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def _check_versions(unit: Unit, call: Call) -> None:
+    for t, version in call.input_versions:
+        if t._version != version:
+            raise RuntimeError(
+                f"an input of module '{unit.name}' was modified in place after the module "
+                "used it; its recorded value is no longer valid. Avoid the in-place operation "
+                "(e.g. use nn.ReLU(inplace=False) on that tensor)."
+            )
+
+
+@contextmanager
+def capture(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    *quantities: Any,
+    subsampling: Sequence[int] | Tensor | None = None,
+    generator: torch.Generator | None = None,
+    from_backward: bool = False,
+    vectors: Sequence[VectorKind] = (),
+    max_vectors: int = 256,
+) -> Iterator[Session]:
+    """Record an ordinary forward pass, then compute quantities from its loss::
+
+        with bg.capture(model, loss_fn, bg.BatchL2()) as session:
+            loss = loss_fn(model(X), y)
+        res = session.compute(loss)
+
+    Args:
+        model: any ``nn.Module``.
+        loss_fn: a supported loss module (see ``bg.SUPPORTED_LOSSES``).
+        *quantities: quantity instances (``bg.BatchGrad()``, ...).
+        subsampling: sample indices for per-sample quantities.
+        generator: for Monte-Carlo vectors.
+        from_backward: the block also runs the ordinary ``loss.backward()`` (or
+            ``(c * loss).backward()`` for a constant ``c``, e.g. a gradient scaler's scale),
+            and first-order quantities are computed from the layer-output gradients of that
+            backward pass, with no backward pass of their own.
+        vectors: extra vector kinds to backpropagate for :meth:`Session.statistics` (e.g.
+            ``[("mc", 1)]``) when no quantity asks for them.
+        max_vectors: the limit on exact vectors per sample for ``vectors``.
+
+    The loss must be the tensor ``loss_fn`` returned (not scaled or modified afterwards). Hooks
+    are removed when the block exits, also on errors.
+    """
+    check_loss_fn(loss_fn)
+    session = Session(
+        model,
+        loss_fn,
+        check_quantities(quantities, vectors),
+        subsampling,
+        generator,
+        vectors,
+        max_vectors,
+    )
+    session.watch_backward = from_backward
+    with session:
+        yield session

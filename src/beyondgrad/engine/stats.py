@@ -1,0 +1,198 @@
+"""The engine's product: :class:`Statistics` of one batch, what every quantity reduces.
+
+Per parameter, the merged per-row gradient forms (:mod:`beyondgrad.forms`) for each kind of
+backpropagated vectors; per module, the raw (unnormalized) Kronecker sums of its calls; the loss,
+its reduction, the reduction factor ``R`` and the sample count ``N``; the subsampling. Forms and
+Kronecker sums are built lazily, on first request, and cached: a quantity that reads only
+Kronecker sums never builds forms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..forms import Form, SampleForm, merge_forms
+from ..rules.kronecker import KronStats
+from .backprop import GRAD, Backprop, CallGradients, VectorKind
+from .capture import Unit
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a quantity asks the engine for.
+
+    Attributes:
+        kinds: vector kinds to backpropagate (``("grad", 1)``, ``("exact", 0)``, ``("mc", M)``).
+        gradient: the ordinary batch gradient (from autograd where that is cheapest).
+        kronecker_only: only layers with Kronecker statistics need output gradients.
+        max_vectors: for ``("exact", 0)``: refuse when a sample has more outputs than this.
+    """
+
+    kinds: tuple[VectorKind, ...] = ()
+    gradient: bool = False
+    kronecker_only: bool = False
+    max_vectors: int | None = None
+
+
+@dataclass(frozen=True)
+class ReduceContext:
+    """What per-parameter reductions may need besides the form: the batch size ``N`` of the
+    loss and its reduction (``"mean"`` or ``"sum"``)."""
+
+    num_samples: int
+    reduction: str
+
+
+@dataclass
+class Statistics:
+    """Everything the engine extracted from one forward and backward pass.
+
+    Attributes:
+        loss: the scalar loss (detached).
+        output: the model output (detached), ``[N, ...]``.
+        num_samples: ``N``, the length of the sample axis.
+        reduction: the loss reduction, ``"mean"`` or ``"sum"``.
+        reduction_factor: ``R`` with ``loss = R * sum_n l_n`` (``1/N`` or ``1/(N S)`` for a
+            mean, 1 for a sum).
+        subsampling: the sample indices of per-sample forms, or ``None`` (all samples).
+        kinds: the vector kinds that were backpropagated.
+        rules: per parameter name, the rule that serves it (``"linear"``, ``"generic"``, ...).
+    """
+
+    loss: Tensor
+    output: Tensor
+    num_samples: int
+    reduction: str
+    reduction_factor: float
+    subsampling: Tensor | None
+    kinds: tuple[VectorKind, ...]
+    rules: dict[str, str]
+    model: nn.Module
+    units: list[Unit]
+    backprop: Backprop
+    call_gradients: dict[VectorKind, CallGradients]
+    parameter_gradients: dict[int, Tensor] = field(default_factory=dict)
+    _forms: dict[VectorKind, dict[int, list[Form]]] = field(default_factory=dict)
+    _merged: dict[tuple, Form | None] = field(default_factory=dict)
+    _kron: dict[tuple, KronStats | None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._params = dict(self.model.named_parameters())
+        self._units = {u.name: u for u in self.units if u.params}
+
+    @property
+    def context(self) -> ReduceContext:
+        """``(N, reduction)`` for per-parameter reductions."""
+        return ReduceContext(self.num_samples, self.reduction)
+
+    @property
+    def parameters(self) -> list[str]:
+        """Names of the parameters served by a rule, in ``model.named_parameters()`` order."""
+        return [n for n in self._params if n in self.rules]
+
+    def parameter(self, name: str) -> nn.Parameter:
+        """The parameter called ``name``."""
+        return self._params[name]
+
+    # -- forms ---------------------------------------------------------------------------------
+    def form(self, name: str, kind: VectorKind = GRAD, per_sample: bool = False) -> Form | None:
+        """The merged form of parameter ``name`` for vectors ``kind`` (``None`` when no
+        recorded call reached it). ``per_sample=True``: restricted to :attr:`subsampling`."""
+        key = (name, kind, per_sample and self.subsampling is not None)
+        if key not in self._merged:
+            self._merged[key] = self._build_form(name, kind, key[2])
+        return self._merged[key]
+
+    def forms(self, kind: VectorKind = GRAD, per_sample: bool = False) -> dict[str, Form]:
+        """:meth:`form` of every parameter reached."""
+        out = {n: self.form(n, kind, per_sample) for n in self.parameters}
+        return {n: f for n, f in out.items() if f is not None}
+
+    def zero_form(self, name: str, per_sample: bool = False) -> Form:
+        """A form of zero rows (one vector) for a parameter that no call reached."""
+        p = self._params[name]
+        S = self.num_samples
+        if per_sample and self.subsampling is not None:
+            S = len(self.subsampling)
+        return SampleForm(p.new_zeros(S, *p.shape))
+
+    def gradient(self, name: str) -> Tensor:
+        """The batch gradient of the loss w.r.t. parameter ``name`` (zeros if unreached)."""
+        p = self._params[name]
+        g = self.parameter_gradients.get(id(p))
+        if g is None and GRAD in self.call_gradients:
+            form = self.form(name, GRAD)
+            g = form.grad() if form is not None else None
+        return g if g is not None else torch.zeros_like(p)
+
+    def _build_form(self, name: str, kind: VectorKind, select: bool) -> Form | None:
+        if select:
+            full = self.form(name, kind)
+            return None if full is None else full.select(self.subsampling)  # type: ignore[arg-type]
+        if kind not in self.call_gradients:
+            raise KeyError(f"vectors {kind} were not backpropagated; available: {self.kinds}")
+        if kind not in self._forms:
+            self._forms[kind] = self.backprop.forms(self.call_gradients[kind])
+        p = self._params[name]
+        parts = self._forms[kind].get(id(p))
+        if not parts:
+            return None
+        merged = merge_forms(parts)
+        if kind == GRAD and id(p) in self.parameter_gradients:
+            merged.seed("grad", self.parameter_gradients[id(p)])
+        return merged
+
+    # -- modules and Kronecker sums ------------------------------------------------------------
+    @property
+    def modules(self) -> list[str]:
+        """Names of the modules that own served parameters, in ``named_modules`` order."""
+        return list(self._units)
+
+    def module_parameters(self, module: str) -> dict[str, str]:
+        """``{name relative to the module: full parameter name}`` for ``module``."""
+        names = {id(p): n for n, p in self._params.items()}
+        return {local: names[id(p)] for local, p in self._units[module].params.items()}
+
+    def has_kronecker(self, module: str) -> bool:
+        """Whether ``module``'s rule has Kronecker statistics (Linear, convolutions, Embedding)."""
+        unit = self._units[module]
+        return unit.rule is not None and unit.rule.kronecker is not None and "weight" in unit.params
+
+    def rule_name(self, module: str) -> str:
+        """The rule serving ``module``."""
+        return self._units[module].rule_name
+
+    def kronecker(
+        self, module: str, kind: VectorKind, kfac_approx: str = "expand"
+    ) -> KronStats | None:
+        """The raw Kronecker sums of ``module`` over its calls for vectors ``kind``:
+        ``A_sum`` ``[G, I(+1), I(+1)]`` with its ``count`` (``A = A_sum / count``) and
+        ``B_sum`` ``[G, O, O]`` (the vectors carry the loss's reduction factor, so ``B_sum``
+        is on the loss's scale for ``exact``/``mc`` and carries ``R`` twice for ``grad``).
+        ``None`` when no call of the module reached the loss."""
+        key = (module, kind, kfac_approx)
+        if key not in self._kron:
+            self._kron[key] = self._kronecker_sums(module, kind, kfac_approx)
+        return self._kron[key]
+
+    def _kronecker_sums(self, module: str, kind: VectorKind, approx: str) -> KronStats | None:
+        if not self.has_kronecker(module):
+            raise ValueError(f"module '{module}' has no Kronecker statistics")
+        unit, N = self._units[module], self.num_samples
+        kron: Callable = unit.rule.kronecker  # type: ignore[union-attr,assignment]
+        grads = self.call_gradients.get(kind)
+        if grads is None:
+            raise KeyError(f"vectors {kind} were not backpropagated; available: {self.kinds}")
+        total = None
+        for call in unit.calls:
+            g = grads.get(id(call), [None])[0]
+            if g is None:
+                continue
+            K = g.shape[0]
+            part = kron(unit.module, call.x.detach(), g.reshape(K * N, *g.shape[2:]), K, approx)
+            total = part if total is None else total + part
+        return total

@@ -1,0 +1,97 @@
+"""First-order quantities: the gradient, per-sample gradients and their statistics, all from
+the loss-gradient vectors (``("grad", 1)``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+from ..engine import Needs, ReduceContext, Statistics
+from ..forms import Form
+from .base import Quantity
+
+
+@dataclass(frozen=True)
+class Grad(Quantity):
+    """The gradient of the loss, parameter-shaped (always over the whole batch); from autograd
+    where that is cheapest."""
+
+    per_sample: ClassVar[bool] = False
+
+    def needs(self) -> Needs:
+        """Only the ordinary gradient."""
+        return Needs(gradient=True)
+
+    def reduce(self, form: Form, ctx: ReduceContext, out: Tensor | None = None) -> Tensor:
+        """The sum of the form's rows."""
+        return form.grad()
+
+    def compute(
+        self, stats: Statistics, prepared: Any = None, out: dict[str, Tensor] | None = None
+    ) -> dict[str, Any]:
+        """``{name: gradient}`` for every served parameter (zeros where unreached)."""
+        return {name: stats.gradient(name) for name in stats.parameters}
+
+
+@dataclass(frozen=True)
+class BatchGrad(Quantity):
+    """Per-sample gradients ``[N, *shape]``; they sum to :class:`Grad`."""
+
+    order: ClassVar[int] = 0
+    reuses_out: ClassVar[bool] = True
+
+    def reduce(self, form: Form, ctx: ReduceContext, out: Tensor | None = None) -> Tensor:
+        """The form's rows."""
+        return form.batch_grad(out)
+
+
+@dataclass(frozen=True)
+class BatchL2(Quantity):
+    """Squared L2 norms of the per-sample gradients of each parameter, ``[N]``. Sum over
+    parameters for the norm of the whole per-sample gradient. Computed without materializing
+    per-sample gradients where that is cheaper (Gram trick)."""
+
+    def reduce(self, form: Form, ctx: ReduceContext, out: Tensor | None = None) -> Tensor:
+        """Squared row norms."""
+        return form.batch_l2()
+
+
+@dataclass(frozen=True)
+class BatchDot(Quantity):
+    """Inner products ``<g_n, g_m>`` of per-sample gradients of each parameter, ``[N, N]``."""
+
+    def reduce(self, form: Form, ctx: ReduceContext, out: Tensor | None = None) -> Tensor:
+        """The Gram matrix of the rows."""
+        return form.batch_dot()
+
+
+@dataclass(frozen=True)
+class SumGradSquared(Quantity):
+    """``sum_n g_n ** 2`` (element-wise), parameter-shaped: the second moment used by Adam-like
+    methods; divided by the loss reduction factor ``R`` it is the empirical-Fisher diagonal
+    ``R sum_n (grad l_n)^2`` (KFAC-tutorial convention)."""
+
+    def reduce(self, form: Form, ctx: ReduceContext, out: Tensor | None = None) -> Tensor:
+        """Sum of squared rows."""
+        return form.sum_grad_squared()
+
+
+@dataclass(frozen=True)
+class Variance(Quantity):
+    """Element-wise variance of the individual gradients across the samples, parameter-shaped.
+
+    The individual gradient of sample ``n`` is ``c * g_n`` with ``c = N`` for
+    ``reduction="mean"`` (so it is the gradient of the per-sample loss, and their mean is the
+    batch gradient) and ``c = 1`` for ``"sum"``. Biased (1/S) estimator over the S (sub)samples:
+    ``c^2 * sum_n g_n^2 / S - (c * sum_n g_n / S)^2``, clamped at 0 against round-off.
+    """
+
+    def reduce(self, form: Form, ctx: ReduceContext, out: Tensor | None = None) -> Tensor:
+        """Second moment minus squared mean, clamped at zero."""
+        c = float(ctx.num_samples) if ctx.reduction == "mean" else 1.0
+        S = form.num_samples
+        var = form.sum_grad_squared().mul(c * c / S)
+        g = form.grad()
+        return var.addcmul_(g, g, value=-((c / S) ** 2)).clamp_min_(0)

@@ -1,0 +1,136 @@
+"""ViViT: exact GGN eigenpairs, directional derivatives and damped Newton steps from the Gram
+matrix of the GGN factor.
+
+With ``GGN = V V^T`` (``V``: ``[P, R]``, one column per backpropagated vector and sample, the
+rows of the forms) the nonzero eigenvalues of the GGN are those of the ``R x R`` Gram matrix
+``V^T V = U diag(lambda) U^T``, accumulated parameter by parameter from the forms (Gram tricks,
+``V`` never stored), and the eigenvectors are ``e_j = V u_j / sqrt(lambda_j)``. Along ``e_j``:
+
+* first directional derivatives of the per-sample losses: ``gamma_nj = <g_n, e_j>`` (``g_n`` the
+  per-sample gradients, reduction included, so ``sum_n gamma_nj = <grad, e_j>``);
+* second: ``lambda_nj = e_j^T GGN_n e_j = lambda_j sum_k u_{(k,n),j}^2`` (sum over n: lambda_j);
+* the damped Newton step in the subspace: ``-sum_j <grad, e_j> / (lambda_j + damping) e_j``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..engine import GRAD, Needs, ReduceContext, Statistics
+from ..forms import Form
+from .curvature import Curvature
+
+
+@dataclass
+class GGNEigenResult:
+    """Eigenpairs of the GGN of one parameter group (eigenvalues descending)."""
+
+    eigenvalues: Tensor  # [k]
+    eigenvectors: dict[str, Tensor]  # name -> [k, *shape]
+    first_derivatives: Tensor  # [N, k]
+    second_derivatives: Tensor  # [N, k]
+
+    @property
+    def gradient_projection(self) -> Tensor:
+        """``<grad, e_j>`` (over the samples used), ``[k]``."""
+        return self.first_derivatives.sum(0)
+
+    def newton_step(self, damping: float = 0.0) -> dict[str, Tensor]:
+        """``-sum_j <grad, e_j> / (lambda_j + damping) e_j`` per parameter."""
+        denom = self.eigenvalues + damping
+        if bool((denom <= 0).any()):
+            raise ValueError("eigenvalues + damping must be positive")
+        coeff = -self.gradient_projection / denom
+        return {n: torch.tensordot(coeff, e, dims=1) for n, e in self.eigenvectors.items()}
+
+
+def ggn_eigen(
+    curvature: dict[str, Form],
+    gradient: dict[str, Form],
+    top_k: int | None,
+) -> GGNEigenResult:
+    """Eigen-decomposition for the parameters in ``curvature`` (name -> form of the curvature
+    vectors) with per-sample gradient forms ``gradient`` (same names, one vector)."""
+    forms = list(curvature.values())
+    gram = sum((f.batch_dot() for f in forms[1:]), forms[0].batch_dot())
+    lam, U = torch.linalg.eigh(gram)
+    lam, U = lam.flip(0), U.flip(1)
+    tol = (
+        lam.abs().max().clamp_min(torch.finfo(lam.dtype).tiny)
+        * torch.finfo(lam.dtype).eps
+        * gram.shape[0]
+    )
+    keep = int((lam > tol).sum())
+    if top_k is not None:
+        keep = min(keep, top_k)
+    lam, U = lam[:keep], U[:, :keep]
+    scaled = U / lam.sqrt()
+    vectors = {n: f.combine(scaled) for n, f in curvature.items()}
+    K, N = forms[0].vectors, forms[0].num_samples
+    cross = sum(gradient[n].cross_dot(f) for n, f in curvature.items())  # [N, R]
+    first = cross @ scaled
+    second = U.reshape(K, N, keep).pow(2).sum(0) * lam
+    return GGNEigenResult(lam, vectors, first, second)
+
+
+@dataclass(frozen=True)
+class SqrtGGN(Curvature):
+    """The GGN factor ``V`` with ``GGN = V V^T`` (the basis of ViViT), per parameter
+    ``[K, N, *shape]``: K = outputs per sample (exact) or ``mc_samples`` (MC). Flattening the
+    first two axes and the parameters, ``V^T V`` is the Gram matrix of the GGN."""
+
+    def reduce(self, form: Form, ctx: ReduceContext, out: Tensor | None = None) -> Tensor:
+        """The rows, split into vectors and samples."""
+        return form.batch_grad().reshape(form.vectors, form.num_samples, *form.shape)
+
+
+@dataclass(frozen=True)
+class GGNEigen(Curvature):
+    """ViViT: exact eigenpairs of the GGN (or MC Fisher) from the Gram matrix of its factor,
+    with per-sample first/second directional derivatives and the damped Newton step along
+    them (:class:`GGNEigenResult`).
+
+    ``top_k``: keep the leading eigenpairs (default: all nonzero ones). ``param_groups``:
+    tuples of parameter names, one eigenproblem each (default: the whole model, key
+    ``"model"``; groups are keyed ``"group0"``, ...). With ``subsampling`` (and MC) the GGN is
+    that of the selected samples' rows (unchanged scale): a cheaper approximation. The result
+    maps each group key to a ``GGNEigenResult``.
+    """
+
+    top_k: int | None = None
+    param_groups: tuple[tuple[str, ...], ...] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"top_k must be None or a positive int, got {self.top_k!r}")
+
+    def needs(self) -> Needs:
+        """The curvature vectors and the loss gradient (for the directional derivatives)."""
+        return Needs(kinds=(self.vectors, GRAD), max_vectors=self.max_vectors)
+
+    def compute(
+        self, stats: Statistics, prepared: Any = None, out: dict | None = None
+    ) -> dict[str, GGNEigenResult]:
+        """One :class:`GGNEigenResult` per parameter group."""
+        served = stats.parameters
+        groups = self.param_groups or (tuple(served),)
+        result: dict[str, GGNEigenResult] = {}
+        for i, group in enumerate(groups):
+            curvature, gradient = {}, {}
+            for name in group:
+                if name not in served and name not in dict(stats.model.named_parameters()):
+                    raise KeyError(f"GGNEigen: unknown parameter {name!r}")
+                c = stats.form(name, self.vectors, True) if name in served else None
+                g = stats.form(name, GRAD, True) if name in served else None
+                if c is not None and g is not None:
+                    curvature[name], gradient[name] = c, g
+            if not curvature:
+                raise ValueError(f"GGNEigen: no parameter of group {i} reaches the loss")
+            key = "model" if self.param_groups is None else f"group{i}"
+            result[key] = ggn_eigen(curvature, gradient, self.top_k)
+        return result
