@@ -188,7 +188,20 @@ def residual_sites(
     names the module of a node (for messages)."""
     if output.grad_fn is None:
         return []
-    # parameter masks: which parameters each node depends on (bit i: the i-th parameter)
+    order, mask = _parameter_masks(output, params)
+    sites: list[ResidualSite] = []
+    for node in order:
+        if mask[node] == 0:
+            continue  # nothing trainable upstream
+        site = _classify(node, mask, where)
+        if site is not None:
+            sites.append(site)
+    return sites
+
+
+def _parameter_masks(output: Tensor, params: set[int]) -> tuple[list[Any], dict[Any, int]]:
+    """Graph nodes in post-order, and per node a bit mask of the parameters it depends on
+    (bit i: the i-th parameter met)."""
     bits: dict[int, int] = {}
     order: list[Any] = []
     mask: dict[Any, int] = {}
@@ -213,48 +226,43 @@ def residual_sites(
         for nxt, _ in node.next_functions:
             if nxt is not None and nxt not in mask:
                 stack.append((nxt, False))
-    sites: list[ResidualSite] = []
-    for node in order:
-        if mask[node] == 0:
-            continue  # nothing trainable upstream
-        kind = type(node).__name__
-        inputs = [mask[n] for n, _ in node.next_functions if n is not None]
-        if kind in _LINEAR:
-            continue
-        if kind in _BILINEAR:
-            if kind == "NativeBatchNormBackward0" and getattr(node, "_saved_training", False):
-                raise RuntimeError(
-                    f"DiagHessian: batch normalization in training mode in {where(node)} is not "
-                    "element-wise; call model.eval()"
-                )
-            seen = 0
-            for m in inputs:
-                if seen & m:
-                    raise RuntimeError(
-                        f"DiagHessian: {kind} in {where(node)} multiplies factors that depend "
-                        "on the same parameters (e.g. gating or attention); its curvature is "
-                        "not element-wise, so the exact Hessian diagonal is not available "
-                        "through this engine. Use DiagGGN or the Hessian operators."
-                    )
-                seen |= m
-            continue
-        if kind in _SECOND:
-            z_node = node.next_functions[0]
-            if z_node[0] is None or mask[z_node[0]] == 0:
-                continue
-            sites.append(
-                ResidualSite(
-                    kind, GradientEdge(node, 0), GradientEdge(*z_node), _SECOND[kind](node)
-                )
+    return order, mask
+
+
+def _classify(node: Any, mask: dict[Any, int], where: Callable[[Any], str]) -> ResidualSite | None:
+    """``None`` for a (piecewise) linear or admissible bilinear node, a site for an
+    element-wise nonlinearity; raise for anything else."""
+    kind = type(node).__name__
+    if kind in _LINEAR:
+        return None
+    if kind in _BILINEAR:
+        if kind == "NativeBatchNormBackward0" and getattr(node, "_saved_training", False):
+            raise RuntimeError(
+                f"DiagHessian: batch normalization in training mode in {where(node)} is not "
+                "element-wise; call model.eval()"
             )
-            continue
-        raise RuntimeError(
-            f"DiagHessian: operation {kind} in {where(node)} is not element-wise or linear "
-            "(e.g. LayerNorm, softmax attention, division by a learned quantity); the exact "
-            "Hessian diagonal is not available through this engine. Use DiagGGN, or the "
-            "Hessian operators."
-        )
-    return sites
+        seen = 0
+        for m in (mask[n] for n, _ in node.next_functions if n is not None):
+            if seen & m:
+                raise RuntimeError(
+                    f"DiagHessian: {kind} in {where(node)} multiplies factors that depend "
+                    "on the same parameters (e.g. gating or attention); its curvature is "
+                    "not element-wise, so the exact Hessian diagonal is not available "
+                    "through this engine. Use DiagGGN or the Hessian operators."
+                )
+            seen |= m
+        return None
+    if kind in _SECOND:
+        z_node = node.next_functions[0]
+        if z_node[0] is None or mask[z_node[0]] == 0:
+            return None
+        return ResidualSite(kind, GradientEdge(node, 0), GradientEdge(*z_node), _SECOND[kind](node))
+    raise RuntimeError(
+        f"DiagHessian: operation {kind} in {where(node)} is not element-wise or linear "
+        "(e.g. LayerNorm, softmax attention, division by a learned quantity); the exact "
+        "Hessian diagonal is not available through this engine. Use DiagGGN, or the "
+        "Hessian operators."
+    )
 
 
 _HESSCALE_ACTIVATIONS = {

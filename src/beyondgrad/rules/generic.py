@@ -118,28 +118,9 @@ def generic_forms(
     not reach the loss).
     """
     N = num_samples
-    axis_fn = next((f for t, f in _INPUT_AXES.items() if isinstance(module, t)), _default_axis)
-
-    names = _positional_names(module, len(args)) + list(kwargs)
-    flat_in, in_spec = tree_flatten((args, kwargs))
-    flat_in = [t.detach() if isinstance(t, Tensor) else t for t in flat_in]
-    leaf_names: list[str] = []
-    for name, value in zip(names, [*args, *kwargs.values()]):
-        leaf_names += [name] * len(tree_flatten(value)[0])
-    in_axes = [
-        axis_fn(module, name, leaf, N) if isinstance(leaf, Tensor) else None
-        for name, leaf in zip(leaf_names, flat_in)
-    ]
-
+    flat_in, in_spec, in_axes = _input_axes(module, args, kwargs, N)
     flat_out, _ = tree_flatten(output)
-    if isinstance(module, nn.MultiheadAttention):
-        out_axes = _mha_output_axes(module, flat_out)
-    elif isinstance(module, nn.RNNBase):
-        out_axes = _rnn_output_axes(module, flat_out)
-    else:
-        out_axes = [
-            _default_axis(module, "", t, N) if isinstance(t, Tensor) else None for t in flat_out
-        ]
+    out_axes = _output_axes(module, flat_out, N)
     used = [i for i, g in enumerate(output_grads) if g is not None]
     for i in used:
         if out_axes[i] is None:
@@ -173,11 +154,30 @@ def generic_forms(
         cot = tuple(g.unsqueeze(ax) for g, ax in zip(grads_n, grad_axes))
         return vjp_fn(cot)[0]
 
+    per_sample_grads = _vmapped(module, per_sample, flat_in, in_axes, grads, grad_axes, N, vectors)
+    return {
+        name: SampleForm(v.reshape(vectors * N, *v.shape[1 + (vectors > 1) :]), vectors)
+        for name, v in per_sample_grads.items()
+    }
+
+
+def _vmapped(
+    module: nn.Module,
+    per_sample: Any,
+    flat_in: list,
+    in_axes: list,
+    grads: tuple,
+    grad_axes: tuple,
+    N: int,
+    vectors: int,
+) -> dict[str, Tensor]:
+    """``per_sample`` vmapped over the samples (and the vectors), or looped where vmap
+    cannot run the module."""
     batched = vmap(per_sample, in_dims=(in_axes, grad_axes))
     if vectors > 1:  # one more vmap over the vectors (leading axis of each gradient)
         batched = vmap(batched, in_dims=(None, 0))
     else:
-        grads = tuple(g[0] for g in grads)  # type: ignore[index]
+        grads = tuple(g[0] for g in grads)
     try:
         with warnings.catch_warnings():
             # torch's note that some fused kernels (attention) run without a batching rule
@@ -193,7 +193,32 @@ def generic_forms(
         # modules that vmap cannot run (e.g. recurrent layers writing batched values into
         # fresh buffers in place): the same per-sample VJPs, one sample at a time
         per_sample_grads = _loop(per_sample, flat_in, in_axes, grads, grad_axes, N, vectors)
-    return {
-        name: SampleForm(v.reshape(vectors * N, *v.shape[1 + (vectors > 1) :]), vectors)
-        for name, v in per_sample_grads.items()
-    }
+    return per_sample_grads
+
+
+def _input_axes(
+    module: nn.Module, args: tuple, kwargs: dict, N: int
+) -> tuple[list, Any, list[int | None]]:
+    """The call's flattened (detached) inputs, their pytree spec and each leaf's sample
+    axis (``None``: shared by all samples)."""
+    axis_fn = next((f for t, f in _INPUT_AXES.items() if isinstance(module, t)), _default_axis)
+    names = _positional_names(module, len(args)) + list(kwargs)
+    flat_in, in_spec = tree_flatten((args, kwargs))
+    flat_in = [t.detach() if isinstance(t, Tensor) else t for t in flat_in]
+    leaf_names: list[str] = []
+    for name, value in zip(names, [*args, *kwargs.values()]):
+        leaf_names += [name] * len(tree_flatten(value)[0])
+    in_axes = [
+        axis_fn(module, name, leaf, N) if isinstance(leaf, Tensor) else None
+        for name, leaf in zip(leaf_names, flat_in)
+    ]
+    return flat_in, in_spec, in_axes
+
+
+def _output_axes(module: nn.Module, flat_out: list, N: int) -> list[int | None]:
+    """Each output leaf's sample axis."""
+    if isinstance(module, nn.MultiheadAttention):
+        return _mha_output_axes(module, flat_out)
+    if isinstance(module, nn.RNNBase):
+        return _rnn_output_axes(module, flat_out)
+    return [_default_axis(module, "", t, N) if isinstance(t, Tensor) else None for t in flat_out]
