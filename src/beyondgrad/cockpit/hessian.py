@@ -79,6 +79,19 @@ def second_derivative_obstacle(roots: list[Any]) -> str | None:
     return None
 
 
+def _probe(params: list[Tensor], grads: list[Tensor]) -> str:
+    """The error autograd raises on one Hessian-vector product (it names the operation),
+    as a suffix for a message; empty if none is raised."""
+    outs = [g for g in grads if g.requires_grad]
+    try:
+        torch.autograd.grad(
+            outs, params, [torch.ones_like(g) for g in outs], retain_graph=True, allow_unused=True
+        )
+    except RuntimeError as err:
+        return f" ({err})"
+    return ""
+
+
 class HessianOfGraph(LinearOperator):
     """Hessian-vector products by double backward through a kept gradient graph.
 
@@ -140,7 +153,8 @@ def largest_eigenvalue(
     obstacle = second_derivative_obstacle([loss.grad_fn, *(g.grad_fn for g in full)])
     if obstacle is not None:
         raise HessianUnavailable(
-            f"Hessian-vector products through this model are not exact: its graph holds {obstacle}"
+            f"Hessian-vector products through this model are not exact: its graph holds "
+            f"{obstacle}{_probe(params, full)}"
         )
     if not any(g.requires_grad for g in full):
         return 0.0  # the loss is linear in the parameters
