@@ -14,8 +14,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import beyondgrad as bg
-from beyondgrad.cockpit import Cockpit, Instrument
-from beyondgrad.cockpit import _engine
+from beyondgrad.cockpit import Cockpit, Instrument, _engine
 from beyondgrad.cockpit import reductions as red
 from models import CASES
 from oracles.curvature import ggn
@@ -125,7 +124,7 @@ def test_batchnorm_train_mode_update_size_still_logged_and_raise_mode():
     assert rec0["UpdateSize"] == pytest.approx(float(step.norm()), rel=1e-10)
     assert rec1["Distance"] == pytest.approx(float(step.norm()), rel=1e-10)
     strict = Cockpit(model, loss_fn, config="economy", on_undefined="raise")
-    with pytest.raises(RuntimeError, match="NormTest.*couples the samples"), strict(0):
+    with pytest.raises(RuntimeError, match=r"NormTest.*couples the samples"), strict(0):
         pass
     model.eval()  # running statistics: samples independent again, everything logged
     assert "NormTest" in _track(strict, model, loss_fn, X, y, step=0)
@@ -180,11 +179,11 @@ def test_hess_max_ev_refused_through_once_differentiable_op():
     rec = _track(cockpit, exact, loss_fn, X, y)
     assert rec["HessMaxEV"] == pytest.approx(_hessian_max_ev(exact, loss_fn, X, y), rel=1e-6)
     cockpit = Cockpit(once, loss_fn, config=["Loss", "GradNorm", "HessMaxEV"], hess_iters=200)
-    with pytest.warns(RuntimeWarning, match="_OnceTanh.*once_differentiable"):
+    with pytest.warns(RuntimeWarning, match=r"_OnceTanh.*once_differentiable"):
         rec = _track(cockpit, once, loss_fn, X, y)
     assert "HessMaxEV" not in rec and rec["dropped"] == ["HessMaxEV"] and "GradNorm" in rec
     strict = Cockpit(once, loss_fn, config=["HessMaxEV"], on_undefined="raise")
-    with pytest.raises(RuntimeError, match="HessMaxEV not computed.*once_differentiable"):
+    with pytest.raises(RuntimeError, match=r"HessMaxEV not computed.*once_differentiable"):
         _track(strict, once, loss_fn, X, y)
 
 
