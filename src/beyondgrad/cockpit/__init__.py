@@ -1,10 +1,12 @@
 """Cockpit: training instruments computed from the engine's per-layer reductions during an
 ordinary training step, logged as JSON lines (and TensorBoard scalars) and drawn as a
-dashboard. See :class:`Cockpit` and :mod:`beyondgrad.cockpit.instruments`."""
+dashboard. See :class:`Cockpit`, :class:`Instrument` and
+:mod:`beyondgrad.cockpit.instruments`."""
 
 from .cockpit import Cockpit
 from .dashboard import draw, load
-from .instruments import BUSINESS, ECONOMY, FULL, INSTRUMENTS, PRESETS
+from .instruments import BUSINESS, ECONOMY, FULL, INSTRUMENTS, PRESETS, REGISTRY, Instrument
+from .panels import Panel
 from .schedules import every, logarithmic
 
 __all__ = [
@@ -13,7 +15,10 @@ __all__ = [
     "FULL",
     "INSTRUMENTS",
     "PRESETS",
+    "REGISTRY",
     "Cockpit",
+    "Instrument",
+    "Panel",
     "draw",
     "every",
     "load",

@@ -18,57 +18,87 @@ products for HessMaxEV) when ``loss_fn`` returns, before the ordinary backward. 
 ``optimizer=`` the update (UpdateSize, Alpha's start point) is measured by a step post-hook;
 without it, at the next tracked step. Alpha needs the step after a tracked step, which is
 then tracked too (loss and Alpha only). Untracked steps cost nothing.
+
+Each instrument (:class:`~beyondgrad.cockpit.instruments.Instrument`) declares the shared
+reductions it needs; per tracked step the Cockpit computes the union of those once
+(:mod:`~beyondgrad.cockpit.reductions`), then evaluates every instrument's formula.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..engine.compute import capture as engine_capture
-from ..linalg import eigsh
-from ..linops.base import LinearOperator
-from ..quantities import DiagGGN, Forms, GGNEigen
-from . import instruments as ins
+from . import curvature as cv
+from . import reductions as r
+from ._engine import SamplesCoupled, StepWatch, samples_coupled, watch_step
+from .instruments import REGISTRY, Instrument, resolve
+from .runlog import RunLog
 from .schedules import every
-
-#: per-sample gradients of a layer with positions (convolutions) are materialized once for all
-#: statistics when they take at most this many elements (64 MiB in float32)
-_MATERIALIZE_BUDGET = 1 << 24
+from .updates import UpdateTracker
 
 Schedule = Callable[[int], bool]
+_LOSS = REGISTRY["Loss"]  # logged on every tracked step
+#: reductions read from the per-sample rows after the backward (not the curvature ones)
+_ROW_NEEDS = r.PER_SAMPLE - r.CURVATURE
+#: reductions formed in one pass over the layers
+_LAYER_NEEDS = frozenset({r.GRAD, r.BATCH_L2, r.DOTS, r.SGS, r.ENTRIES})
+
+
+@dataclass
+class _Plan:
+    """What one tracked step computes: the instruments kept and the union of their needs."""
+
+    scheduled: bool
+    instruments: list[Instrument]
+    needs: frozenset[str]
+    coupled: bool
+    dropped: dict[str, str] = field(default_factory=dict)
 
 
 class Cockpit:
     """Training instruments for any model the engine supports.
 
-    ``config``: ``"economy"``, ``"business"``, ``"full"`` or an iterable of instrument names
-    (:data:`~beyondgrad.cockpit.instruments.INSTRUMENTS`). ``schedule``: which steps to track
-    (a callable ``step -> bool``, e.g. :func:`~beyondgrad.cockpit.every` or
-    :func:`~beyondgrad.cockpit.logarithmic`; default every step). ``log_dir``: write
-    ``cockpit.jsonl`` there (one JSON record per tracked step); ``tensorboard=True`` also
-    writes TensorBoard scalars (needs the ``tensorboard`` package). ``plot_every``: redraw
-    ``log_dir/dashboard.png`` every that many tracked steps. Histograms: ``hist_bins`` bins,
-    ``hist_entries`` random per-sample gradient entries per layer from ``hist_samples``
-    samples. ``spectra_k``: GGN eigenvalues per layer (LayerSpectra). ``hess_iters``: Lanczos
-    iterations for HessMaxEV. ``curvature_mc``: Monte-Carlo samples of the GGN diagonal and
-    spectra (``None``: exact, one backward pass per model output).
+    Args:
+        model: the trained model.
+        loss_fn: its loss module (``reduction="mean"`` or ``"sum"``).
+        config: ``"economy"``, ``"business"``, ``"full"`` or an iterable of instrument names
+            (:data:`~beyondgrad.cockpit.instruments.INSTRUMENTS`) and/or
+            :class:`~beyondgrad.cockpit.instruments.Instrument` objects.
+        schedule: which steps to track (``step -> bool``, e.g. :func:`~beyondgrad.cockpit.every`
+            or :func:`~beyondgrad.cockpit.logarithmic`; default every step).
+        log_dir: write ``cockpit.jsonl`` there (one JSON record per tracked step).
+        tensorboard: also write TensorBoard scalars (needs the ``tensorboard`` package).
+        plot_every: redraw ``log_dir/dashboard.png`` every that many tracked steps.
+        hist_bins: bins of the gradient histograms.
+        hist_entries: random per-sample gradient entries per layer in the histograms ...
+        hist_samples: ... drawn from that many samples.
+        spectra_k: GGN eigenvalues per layer (LayerSpectra).
+        hess_iters: Lanczos iterations for HessMaxEV.
+        curvature_mc: Monte-Carlo samples of the GGN diagonal and spectra (``None``: exact,
+            one backward pass per model output).
+        seed: seeds the Cockpit's own generator (histogram entries, MC vectors, Lanczos).
+        on_undefined: what to do on a step where an instrument is undefined or cannot be
+            computed exactly (per-sample instruments on a model that couples its samples,
+            e.g. BatchNorm in train mode; HessMaxEV through an operation without an exact
+            second derivative): ``"drop"`` (default) leaves it out of that step's record,
+            lists it under the record's ``"dropped"`` key and in :attr:`dropped`, and warns
+            once per reason; ``"raise"`` raises a ``RuntimeError`` naming the reason.
     """
 
     def __init__(
         self,
         model: nn.Module,
         loss_fn: nn.Module,
-        config: str | Iterable[str] = "economy",
+        config: str | Iterable[str | Instrument] = "economy",
         schedule: Schedule | None = None,
         log_dir: str | Path | None = None,
         tensorboard: bool = False,
@@ -80,60 +110,46 @@ class Cockpit:
         hess_iters: int = 20,
         curvature_mc: int | None = 1,
         seed: int = 0,
+        on_undefined: str = "drop",
     ):
-        if isinstance(config, str):
-            if config not in ins.PRESETS:
-                raise ValueError(
-                    f"unknown config {config!r}; use one of {sorted(ins.PRESETS)} or a list of "
-                    "instrument names"
-                )
-            names = ins.PRESETS[config]
-        else:
-            names = tuple(config)
-            unknown = [n for n in names if n not in ins.INSTRUMENTS]
-            if unknown:
-                raise ValueError(f"unknown instruments {unknown}; choose from {ins.INSTRUMENTS}")
+        selected = resolve(config)
         if loss_fn.reduction not in ("mean", "sum"):  # type: ignore[operator]
             raise ValueError("the Cockpit needs a loss reduced by 'mean' or 'sum'")
-        self.model, self.loss_fn, self.instruments = model, loss_fn, frozenset(names)
+        if on_undefined not in ("drop", "raise"):
+            raise ValueError(f"on_undefined must be 'drop' or 'raise', got {on_undefined!r}")
+        self.model, self.loss_fn, self.selected = model, loss_fn, selected
+        self.instruments = frozenset(i.name for i in selected)
         self.config = config if isinstance(config, str) else "custom"
         self.schedule = schedule or every(1)
-        self.hist_bins, self.hist_entries, self.hist_samples = hist_bins, hist_entries, hist_samples
-        self.spectra_k, self.hess_iters, self.curvature_mc = spectra_k, hess_iters, curvature_mc
+        self.on_undefined = on_undefined
+        self.settings = r.Settings(hist_bins, hist_entries, hist_samples)
+        self.curvature = cv.CurvatureSettings(spectra_k, hess_iters, curvature_mc)
         self.generator = torch.Generator().manual_seed(seed)
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        wants_distance = any(r.DISTANCE in i.needs for i in selected)
         self.initial = (
-            {n: p.detach().clone() for n, p in self.params.items()} if ("Distance" in names) else {}
+            {n: p.detach().clone() for n, p in self.params.items()} if wants_distance else {}
         )
         self.records: list[dict[str, Any]] = []
+        #: instruments left out at the last step that dropped any, with the reason
+        self.dropped: dict[str, str] = {}
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.plot_every = plot_every
-        self._log_file = None
-        self._tb = None
-        if self.log_dir is not None:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            self._log_file = open(self.log_dir / "cockpit.jsonl", "a")
-            if tensorboard:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-                except ImportError as err:
-                    raise ImportError(
-                        "tensorboard=True needs the tensorboard package (pip install tensorboard)"
-                    ) from err
-                self._tb = SummaryWriter(str(self.log_dir))
+        self._log = RunLog(self.log_dir, tensorboard) if self.log_dir is not None else None
+        self._warned: set[str] = set()
         self._hooked: set[int] = set()
-        self._update_pending: dict[str, Any] | None = None  # after a tracked step, until update
+        self._updates = UpdateTracker(self.params)
         self._alpha_start: dict[str, Any] | None = None  # start point of the last update
-        self._buffers: list[dict[str, Tensor] | None] = [None, None]  # parameter snapshots
-        self._flip = 0
 
     # -- schedule -----------------------------------------------------------------------------
     def tracks(self, step: int) -> bool:
         """Whether ``step`` is tracked (by the schedule, or as Alpha's end point)."""
-        return bool(self.schedule(step)) or self._alpha_end(step)
+        return bool(self.schedule(step)) or self._next_step_end(step)
 
-    def _alpha_end(self, step: int) -> bool:
-        return "Alpha" in self.instruments and step > 0 and bool(self.schedule(step - 1))
+    def _next_step_end(self, step: int) -> bool:
+        return (
+            any(i.next_step for i in self.selected) and step > 0 and bool(self.schedule(step - 1))
+        )
 
     # -- the context ----------------------------------------------------------------------------
     @contextmanager
@@ -141,12 +157,18 @@ class Cockpit:
         self, step: int, optimizer: torch.optim.Optimizer | None = None, **info: Any
     ) -> Iterator[dict[str, Any] | None]:
         """Track ``step`` (if scheduled) around the forward pass and ``loss.backward()``.
-        ``optimizer``: measure the update after ``optimizer.step()`` (and log its ``lr``).
-        ``info``: extra numbers logged with the step (e.g. ``val_accuracy=...``). Yields the
-        step's record (filled when the block exits) or None if the step is not tracked."""
+
+        Args:
+            step: the training step (the schedule's argument).
+            optimizer: measure the update after ``optimizer.step()`` (and log its ``lr``).
+            **info: extra numbers logged with the step (e.g. ``val_accuracy=...``).
+
+        Yields:
+            The step's record (filled when the block exits), or None if not tracked.
+        """
         self._resolve_update(step)
         scheduled = bool(self.schedule(step))
-        if not (scheduled or self._alpha_end(step)):
+        if not (scheduled or self._next_step_end(step)):
             if info:  # logged even when the instruments are not read
                 self.records.append({"step": step, **info})
                 self._emit(self.records[-1])
@@ -156,218 +178,119 @@ class Cockpit:
         if optimizer is not None:
             record["lr"] = optimizer.param_groups[0]["lr"]
             self._hook_optimizer(optimizer)
-        curvature = scheduled and bool(
-            self.instruments & {*ins.CURVATURE, "HessMaxEV", "LayerSpectra"}
-        )
-        extra: dict[str, Any] = {}
+        plan = self._plan(scheduled)
         before = {n: None if p.grad is None else p.grad.clone() for n, p in self.params.items()}
         with ExitStack() as stack:
-            if curvature:  # first, so that it runs before the ordinary backward is watched
-                self._curvature_hooks(stack, extra)
-            session = stack.enter_context(
-                engine_capture(self.model, self.loss_fn, Forms(), from_backward=True)
-            )
+            pending = None
+            if plan.needs & r.CURVATURE:  # first: runs before the ordinary backward is watched
+                pending = cv.attach(
+                    stack, self.model, self.loss_fn, self.params, plan.needs & r.CURVATURE,
+                    self.curvature, self.generator,
+                )  # fmt: skip
+            rows = bool(plan.needs & _ROW_NEEDS) or (r.GRAD in plan.needs and not plan.coupled)
+            watch = stack.enter_context(watch_step(self.model, self.loss_fn, rows))
             yield record
-        if not session.loss_calls:
-            raise RuntimeError(
-                "Cockpit: loss_fn was not called inside the `with cockpit(...)` block"
-            )
-        output, target, loss = session.loss_calls[-1]
-        if session.backward_seed is None:
-            raise RuntimeError(
-                "Cockpit: call loss.backward() inside the `with cockpit(step):` block"
-            )
-        forms = session.compute(loss)[Forms()]
-        seed = session.backward_seed
-        unit = bool((seed == 1).all())
-        grad_of_loss = {  # this backward's contribution to .grad, per unit of loss
-            n: (g if unit else g / seed)
-            for n, p in self.params.items()
-            if p.grad is not None
-            for g in [p.grad if before[n] is None else p.grad - before[n]]
-        }
-        self._measure(
-            record,
-            forms,
-            grad_of_loss,
-            output.detach(),
-            target,
-            loss.detach(),
-            scheduled,
-            extra,
-            optimizer,
-        )
+        self._measure(record, plan, watch, before, pending, optimizer)
         self.records.append(record)
         self._emit(record)
+
+    def _plan(self, scheduled: bool) -> _Plan:
+        """The instruments of this step; per-sample ones left out if the samples are coupled."""
+        wanted = list(self.selected) if scheduled else [i for i in self.selected if i.next_step]
+        if _LOSS not in wanted:
+            wanted.insert(0, _LOSS)
+        reason = None
+        if any(i.per_sample for i in wanted):
+            reason = samples_coupled(self.model, self.loss_fn)
+        plan = _Plan(scheduled, wanted, frozenset(), coupled=reason is not None)
+        if reason is not None:
+            self._drop(plan, [i for i in wanted if i.per_sample], reason)
+        plan.needs = frozenset().union(*(i.needs for i in plan.instruments))
+        return plan
+
+    def _drop(self, plan: _Plan, instruments: list[Instrument], reason: str) -> None:
+        if not instruments:
+            return
+        names = [i.name for i in instruments]
+        message = f"Cockpit: {', '.join(names)} not computed: {reason}"
+        if self.on_undefined == "raise":
+            raise RuntimeError(message)
+        plan.instruments = [i for i in plan.instruments if i not in instruments]
+        plan.dropped.update(dict.fromkeys(names, reason))
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
 
     # -- measurement ----------------------------------------------------------------------------
     def _measure(
         self,
         record: dict[str, Any],
-        forms: dict[str, Any],
-        grad_of_loss: dict[str, Tensor],
+        plan: _Plan,
+        watch: StepWatch,
+        before: dict[str, Tensor | None],
+        pending: cv.Pending | None,
+        optimizer: torch.optim.Optimizer | None,
+    ) -> None:
+        output, target, loss = watch.loss_call()
+        grad_of_loss = _grad_of_loss(self.params, before, watch.seed())
+        B = output.shape[0]
+        c = float(B) if self.loss_fn.reduction == "mean" else 1.0  # type: ignore[operator]
+        data = r.StepData(record["step"], self.settings, B, c, float(loss.detach()))
+        data.lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None
+        if pending is not None:
+            for need, why in pending.dropped.items():
+                self._drop(plan, [i for i in plan.instruments if need in i.needs], why)
+            cv.fill(data, pending)
+        rows = self._gather(data, plan, watch, output, target, loss, grad_of_loss)
+        if r.DISTANCE in plan.needs:
+            data.distance = r.layer_norms(
+                {n: p.detach() - self.initial[n] for n, p in self.params.items()}
+            )
+        for instrument in plan.instruments:
+            record.update(instrument.evaluate(data))
+        if plan.dropped:
+            record["dropped"] = sorted(plan.dropped)
+            self.dropped = dict(plan.dropped)
+        alpha = any(i.next_step for i in plan.instruments)
+        if plan.scheduled and r.UPDATE in plan.needs:
+            self._updates.arm(record, rows if alpha else None, data.losses, c)
+        else:
+            self._updates.armed = None
+
+    def _gather(
+        self,
+        data: r.StepData,
+        plan: _Plan,
+        watch: StepWatch,
         output: Tensor,
         target: Tensor,
         loss: Tensor,
-        scheduled: bool,
-        extra: dict[str, Any],
-        optimizer: torch.optim.Optimizer | None,
-    ) -> None:
-        want = self.instruments if scheduled else frozenset({"Loss", "Alpha"})
-        B = output.shape[0]
-        c = float(B) if self.loss_fn.reduction == "mean" else 1.0  # type: ignore[operator]
-        losses = _individual_losses(self.loss_fn, output, target, loss) * c
-        record["Loss"] = float(loss)
-        if (
-            "Alpha" in want
-            and self._alpha_start is not None
-            and self._alpha_start["step"] == record["step"] - 1
-        ):
-            start = self._alpha_start
-            df1 = self._directional(forms, start["direction"]) * c
-            record["Alpha"] = ins.alpha(start["losses"], start["derivatives"], losses, df1)
-            self._alpha_start = None
-        if not scheduled:
-            return
-        l2: Tensor | float = 0.0
-        dots: Tensor | float = 0.0
-        grads, sgs_all = [], []
-        need_entries = bool(want & {"MeanGSNR", "EarlyStopping", "CABS", *ins.CURVATURE})
-        need_tests = bool(want & {"NormTest", "InnerTest", "OrthoTest", "GradNoiseScale"})
-        reduce = need_entries or need_tests or want & {"GradNorm", "GradHist1d", "GradHist2d"}
-        hist_values: list[Tensor] = []
-        hist_pairs: list[tuple[Tensor, Tensor]] = []
-        reductions = (  # per-sample reductions this step asks of every form
-            2 * need_tests
-            + need_entries
-            + ("Alpha" in want)
-            + bool(want & {"GradHist1d", "GradHist2d"})
-        )
-        for name, form in forms.items() if reduce else ():
-            if name in grad_of_loss:  # the ordinary backward already formed it
-                form.seed("grad", grad_of_loss[name])
-            if reductions > 1 and form.worth_materializing(_MATERIALIZE_BUDGET):
-                form.batch_grad()  # (conv layers) one GEMM instead of one per statistic
-            g = form.grad()  # mean_n g_n (scaled below only for sum losses: no copy)
-            if c != B:
-                g = g * (c / B)
-            grads.append(g.reshape(-1))
-            if need_tests:
-                l2 = l2 + form.batch_l2() * c**2
-                dots = dots + form.dots_with_sum() * (c * c / B)
-            if need_entries:
-                sgs_all.append((form.sum_grad_squared() * c**2).reshape(-1))
-            if want & {"GradHist1d", "GradHist2d"}:
-                rows, flat = self._sample_entries(form, B, g.numel())
-                values = form.entries(rows, flat) * c
-                hist_values.append(values.detach().cpu())
-                if "GradHist2d" in want:
-                    hist_pairs.append(
-                        (self.params[name].detach().reshape(-1)[flat].cpu(), values.cpu())
-                    )
-        if grads:
-            norms = torch.stack(torch._foreach_norm(grads)).double().cpu()  # one sync
-            grad_sq = float((norms**2).sum())
-            if "GradNorm" in want:
-                record["GradNorm"] = grad_sq**0.5
-                record["GradNorm_layers"] = dict(zip(forms, norms.tolist()))
-        if need_tests:
-            l2_t, dots_t = torch.as_tensor(l2).double().cpu(), torch.as_tensor(dots).double().cpu()
-            tests = ins.gradient_tests(B, l2_t, dots_t, grad_sq)
-            record.update({k: v for k, v in tests.items() if k in want})
-        if "Distance" in want:
-            names = list(self.params)
-            current = [self.params[n].detach() for n in names]
-            moved = torch._foreach_sub(current, [self.initial[n] for n in names])
-            dist = torch.stack(torch._foreach_norm(moved)).double().cpu()
-            record["Distance"] = float(dist.pow(2).sum().sqrt())
-            record["Distance_layers"] = dict(zip(names, dist.tolist()))
-        if need_entries:
-            grad = torch.cat(grads)
-            sgs = torch.cat(sgs_all)
-            lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None
-            eps = torch.finfo(grad.dtype).eps
-            stats = ins.entry_statistics(B, grad.double(), sgs.double(), float(loss), lr, eps)
-            record.update({k: v for k, v in stats.items() if k in want})
-            if "diag" in extra:
-                diag = torch.cat([extra["diag"][n].reshape(-1) for n in forms])
-                curv = ins.curvature_statistics(sgs.double(), B, diag.double())
-                record.update({k: v for k, v in curv.items() if k in want})
-                record["HessTrace_layers"] = {n: float(extra["diag"][n].sum()) for n in forms}
-        for key in ("HessMaxEV", "LayerSpectra", "LayerEffectiveRank"):
-            if key in extra:
-                record[key] = extra[key]
-        if hist_values:
-            values = torch.cat(hist_values)
-            limit = float(values.abs().max()) or 1.0
-            if "GradHist1d" in want:
-                record["GradHist1d"] = ins.histogram(values, self.hist_bins, limit)
-            if "GradHist2d" in want:
-                theta = torch.cat([p for p, _ in hist_pairs])
-                gvals = torch.cat([v for _, v in hist_pairs])
-                t_lim = float(theta.abs().max()) or 1.0
-                counts = torch.histogramdd(
-                    torch.stack(
-                        [theta.float().clamp(-t_lim, t_lim), gvals.float().clamp(-limit, limit)], 1
-                    ),
-                    bins=[self.hist_bins, self.hist_bins],
-                    range=[-t_lim, t_lim, -limit, limit],
-                ).hist
-                record["GradHist2d"] = {
-                    "param_limit": t_lim,
-                    "grad_limit": limit,
-                    "counts": counts.tolist(),
-                }
-        if want & {"UpdateSize", "Alpha"}:
-            self._update_pending = {
-                "record": record,
-                "before": self._snapshot(),
-                "forms": forms if "Alpha" in want else None,
-                "losses": losses,
-                "c": c,
-            }
-            if optimizer is None:
-                return
-        else:
-            self._update_pending = None
-
-    def _snapshot(self) -> dict[str, Tensor]:
-        """The parameters copied into one of two reused buffer sets (fresh large allocations
-        cost page faults every step; two sets because the previous update stays in use as
-        Alpha's direction until the next tracked step has been measured)."""
-        self._flip = 1 - self._flip
-        buf = self._buffers[self._flip]
-        if buf is None or any(
-            buf[n].shape != p.shape or buf[n].dtype != p.dtype or buf[n].device != p.device
-            for n, p in self.params.items()
-        ):
-            buf = {
-                n: torch.empty_like(p, memory_format=torch.contiguous_format)
-                for n, p in self.params.items()
-            }
-            self._buffers[self._flip] = buf
-        torch._foreach_copy_(
-            [buf[n] for n in self.params], [p.detach() for p in self.params.values()]
-        )
-        return buf
-
-    def _sample_entries(self, form: Any, B: int, D: int) -> tuple[Tensor, Tensor]:
-        samples = torch.randperm(B, generator=self.generator)[: self.hist_samples]
-        E = min(self.hist_entries, len(samples) * D)
-        rows = samples[torch.randint(len(samples), (E,), generator=self.generator)]
-        flat = torch.randint(D, (E,), generator=self.generator)
-        device = next(iter(self.params.values())).device
-        return rows.to(device), flat.to(device)
-
-    @staticmethod
-    def _directional(forms: dict[str, Any], direction: dict[str, Tensor]) -> Tensor:
-        """Per-row inner products with ``direction`` (a tensor per parameter), summed."""
-        total = None
-        for name, form in forms.items():
-            part = form.project(direction[name][None])[:, 0].double()
-            total = part if total is None else total + part
-        assert total is not None
-        return total.cpu()
+        grad_of_loss: dict[str, Tensor],
+    ) -> dict[str, Any] | None:
+        """Fill ``data`` with the step's reductions; returns the per-sample rows (or None)."""
+        rows = None
+        if plan.needs & _ROW_NEEDS or (r.GRAD in plan.needs and not plan.coupled):
+            try:
+                rows = watch.rows()
+            except SamplesCoupled as err:
+                self._drop(plan, [i for i in plan.instruments if i.per_sample], str(err))
+                plan.needs = frozenset().union(*(i.needs for i in plan.instruments))
+                plan.coupled = True
+        if r.LOSSES in plan.needs:
+            data.losses = (
+                _individual_losses(self.loss_fn, output.detach(), target, loss.detach()) * data.c
+            )
+        start = self._alpha_start
+        if rows is not None and start is not None and start["step"] == data.step - 1:
+            if r.DIRECTIONAL in plan.needs:
+                data.alpha_start = start
+                data.directional = r.directional(rows, start["direction"]) * data.c
+                self._alpha_start = None
+        if rows is not None and plan.needs & _LAYER_NEEDS:
+            r.gather_rows(data, plan.needs, rows, grad_of_loss, self.params, self.generator)
+        elif r.GRAD in plan.needs:
+            r.gather_grads(data, grad_of_loss, self.params)
+        return rows
 
     def _hook_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         if id(optimizer) in self._hooked:
@@ -377,102 +300,27 @@ class Cockpit:
 
     def _resolve_update(self, step: int | None) -> None:
         """After the update of a tracked step: UpdateSize and Alpha's start point."""
-        pending, self._update_pending = self._update_pending, None
-        if pending is None:
+        update = self._updates.resolve(step)
+        if update is None:
             return
-        record = pending["record"]
-        if step is not None and step != record["step"] + 1:
-            return  # too late: the parameters moved more than one step
-        names = list(self.params)
-        # the update, formed in the snapshot's buffers: before - after, negated
-        diffs = [pending["before"][n] for n in names]
-        torch._foreach_sub_(diffs, [self.params[n].detach() for n in names])
-        torch._foreach_neg_(diffs)
-        delta = dict(zip(names, diffs))
-        if "UpdateSize" in self.instruments:
-            sizes = torch.stack(torch._foreach_norm(diffs)).double().cpu()
-            record["UpdateSize"] = float(sizes.pow(2).sum().sqrt())
-            record["UpdateSize_layers"] = dict(zip(names, sizes.tolist()))
-            if self._log_file is not None:  # the record was written before the update
-                self._emit({"step": record["step"], "UpdateSize": record["UpdateSize"]})
-        if pending["forms"] is not None:
-            derivatives = self._directional(pending["forms"], delta) * pending["c"]
-            self._alpha_start = {
-                "step": record["step"],
-                "direction": delta,
-                "losses": pending["losses"],
-                "derivatives": derivatives,
-            }
-
-    # -- curvature (before the ordinary backward) -------------------------------------------------
-    def _curvature_hooks(self, stack: ExitStack, extra: dict[str, Any]) -> None:
-        quantities: list[Any] = []
-        if self.instruments & set(ins.CURVATURE):
-            quantities.append(DiagGGN(mc_samples=self.curvature_mc))
-        modules = _layer_groups(self.model, self.params)
-        if "LayerSpectra" in self.instruments:
-            quantities.append(
-                GGNEigen(
-                    mc_samples=self.curvature_mc,
-                    top_k=self.spectra_k,
-                    param_groups=tuple(modules.values()),
-                )
-            )
-        session = (
-            stack.enter_context(
-                engine_capture(self.model, self.loss_fn, *quantities, generator=self.generator)
-            )
-            if quantities
-            else None
-        )
-
-        def on_loss(module: nn.Module, args: tuple, loss: Tensor) -> None:
-            if not torch.is_grad_enabled() or "done" in extra:
-                return
-            extra["done"] = True
-            if session is not None:
-                res = session.compute(loss, retain_graph=True)
-                if quantities and isinstance(quantities[0], DiagGGN):
-                    extra["diag"] = {n: v.detach() for n, v in res[quantities[0]].items()}
-                if "LayerSpectra" in self.instruments:
-                    eig = res[quantities[-1]]
-                    names = list(modules)
-                    extra["LayerSpectra"] = (
-                        {names[i]: r.eigenvalues.tolist() for i, r in enumerate(eig.values())}
-                        if isinstance(eig, dict)
-                        else {}
-                    )
-                    extra["LayerEffectiveRank"] = {
-                        k: ins.effective_rank(torch.tensor(v))
-                        for k, v in extra["LayerSpectra"].items()
-                    }
-            if "HessMaxEV" in self.instruments:
-                extra["HessMaxEV"] = self._hess_max_ev(loss)
-
-        handle = self.loss_fn.register_forward_hook(on_loss)
-        stack.callback(handle.remove)
-
-    def _hess_max_ev(self, loss: Tensor) -> float:
-        params = list(self.params.values())
-        try:
-            grads = torch.autograd.grad(loss, params, create_graph=True)
-        except RuntimeError:
-            return float("nan")  # e.g. kernels without double backward
-        op = _HessianOfGraph(params, grads)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            values, _ = eigsh(op, k=1, tol=1e-3, max_iter=self.hess_iters, generator=self.generator)
-        return float(values[0])
+        record = update.record
+        data = r.StepData(record["step"], self.settings)
+        data.update, data.update_norms = update.delta, update.norms
+        values: dict[str, Any] = {}
+        for instrument in self.selected:
+            if r.UPDATE in instrument.needs:
+                values.update(instrument.evaluate(data))
+        record.update(values)
+        scalars = {k: v for k, v in values.items() if isinstance(v, (int, float))}
+        if scalars and self._log is not None:  # the record was written before the update
+            self._emit({"step": record["step"], **scalars})
+        if update.alpha_start is not None:
+            self._alpha_start = update.alpha_start
 
     # -- outputs --------------------------------------------------------------------------------
     def _emit(self, record: dict[str, Any]) -> None:
-        if self._log_file is not None:
-            self._log_file.write(json.dumps(record) + "\n")
-            self._log_file.flush()
-        if self._tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
-                    self._tb.add_scalar(f"cockpit/{key}", value, record["step"])
+        if self._log is not None:
+            self._log.write(record)
         if (
             self.plot_every
             and self.log_dir is not None
@@ -485,54 +333,37 @@ class Cockpit:
     def output(self) -> dict[int, dict[str, Any]]:
         """All tracked steps: ``{step: record}`` (later partial records merged in)."""
         out: dict[int, dict[str, Any]] = {}
-        for r in self.records:
-            out.setdefault(r["step"], {}).update(r)
+        for rec in self.records:
+            out.setdefault(rec["step"], {}).update(rec)
         return out
 
     def plot(self, path: str | Path, title: str | None = None) -> list[Path]:
-        """Draw the dashboard to ``path`` (PNG) and the same name with ``.svg``."""
+        """Draw the dashboard to ``path`` (PNG) and the same name with ``.svg``.
+
+        Returns:
+            The two files written.
+        """
         from .dashboard import draw
 
         return draw(list(self.output().values()), path, title=title or f"Cockpit ({self.config})")
 
     def close(self) -> None:
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        """Close the log files."""
+        if self._log is not None:
+            self._log.close()
 
 
-class _HessianOfGraph(LinearOperator):
-    """Hessian-vector products by double backward through a kept gradient graph."""
-
-    symmetric = True
-
-    def __init__(self, params: list[Tensor], grads: tuple[Tensor, ...]):
-        n = sum(p.numel() for p in params)
-        super().__init__((n, n), params[0].dtype, params[0].device)
-        self.params, self.grads = params, grads
-
-    def _matmat(self, M: Tensor) -> Tensor:
-        cols = []
-        for v in M.T:
-            pieces, start = [], 0
-            for p in self.params:
-                pieces.append(v[start : start + p.numel()].view_as(p))
-                start += p.numel()
-            hv = torch.autograd.grad(self.grads, self.params, pieces, retain_graph=True)
-            cols.append(torch.cat([h.reshape(-1) for h in hv]))
-        return torch.stack(cols, 1)
-
-
-def _layer_groups(model: nn.Module, params: dict[str, Tensor]) -> dict[str, tuple[str, ...]]:
-    """Parameter names grouped by the module that owns them (module name -> names)."""
-    groups: dict[str, list[str]] = {}
-    for name in params:
-        module = name.rsplit(".", 1)[0] if "." in name else ""
-        groups.setdefault(module, []).append(name)
-    return {k: tuple(v) for k, v in groups.items()}
+def _grad_of_loss(
+    params: dict[str, Tensor], before: dict[str, Tensor | None], seed: Tensor
+) -> dict[str, Tensor]:
+    """This backward's contribution to ``.grad``, per unit of loss (a loss scale removed)."""
+    unit = bool((seed == 1).all())
+    return {
+        n: (g if unit else g / seed)
+        for n, p in params.items()
+        if p.grad is not None
+        for g in [p.grad if before[n] is None else p.grad - before[n]]
+    }
 
 
 def _individual_losses(loss_fn: nn.Module, output: Tensor, target: Tensor, loss: Tensor) -> Tensor:

@@ -1,10 +1,22 @@
-"""The instruments: one table, each entry a formula over per-step statistics.
+"""The instruments: small self-contained objects, each with its needs, formula and panel.
+
+An :class:`Instrument` declares which of the step's shared reductions it reads (``needs``,
+names from :mod:`beyondgrad.cockpit.reductions`), a pure ``formula`` from those reductions
+to the values it logs, and the dashboard :class:`~beyondgrad.cockpit.panels.Panel` it is
+drawn in. The Cockpit gathers the union of its instruments' needs, computes each reduction
+once per tracked step, then evaluates the formulas. Adding an instrument is one object here
+and its name in a preset (or pass the object itself in ``Cockpit(config=[...])``).
 
 Notation (one tracked step, batch of ``B`` samples, ``D`` parameters): ``g_n`` the gradient
 of sample ``n``'s loss ``l_n``, scaled so that the mini-batch loss is ``mean_n l_n`` and its
 gradient ``g = mean_n g_n`` (for ``reduction="sum"`` losses the same per-sample gradients are
 used, so ``g`` is the sum divided by ``B``). All statistics are reduced layer by layer from the
-engine's forms; per-sample gradients are never all materialized.
+engine's per-sample rows; per-sample gradients are never all materialized.
+
+When the model couples its samples (BatchNorm in train mode, ``Embedding(scale_grad_by_freq=
+True)``), per-sample gradients are undefined: the instruments that read them (every one but
+Loss, GradNorm, Distance, UpdateSize and HessMaxEV) are not logged for that step, with a
+warning (``Cockpit(on_undefined="raise")`` raises instead).
 
 =================  =================================================================  ========
 instrument         value                                                              preset
@@ -43,11 +55,213 @@ LayerSpectra       per layer: top GGN eigenvalues (MC, ViViT) and their effectiv
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from . import panels as pn
+from . import reductions as r
+from .formulas import (
+    alpha,
+    curvature_statistics,
+    effective_rank,
+    entry_statistics,
+    gradient_tests,
+    histogram,
+    histogram2d,
+)
+from .reductions import StepData
+
+Formula = Callable[[StepData], dict[str, Any]]
+
+
+@dataclass(frozen=True, eq=False)
+class Instrument:
+    """One training instrument.
+
+    Args:
+        name: the key it logs (its formula may add per-layer keys such as
+            ``f"{name}_layers"``).
+        needs: the shared reductions it reads (:mod:`beyondgrad.cockpit.reductions`).
+        formula: ``StepData -> {key: value}``, pure; an empty dict logs nothing.
+        panel: the dashboard panel it is drawn in (None: logged, not drawn).
+        next_step: it also needs the step after a tracked step (tracked then too, for the
+            loss and such instruments only), e.g. Alpha.
+    """
+
+    name: str
+    needs: frozenset[str]
+    formula: Formula
+    panel: pn.Panel | None = None
+    next_step: bool = False
+
+    @property
+    def per_sample(self) -> bool:
+        """Whether it reads per-sample statistics (undefined when samples are coupled)."""
+        return bool(self.needs & r.PER_SAMPLE)
+
+    def evaluate(self, data: StepData) -> dict[str, Any]:
+        """The values to log for ``data``."""
+        return self.formula(data)
+
+
+def _needs(*names: str) -> frozenset[str]:
+    return frozenset(names)
+
+
+# -- formulas reading the shared reductions ----------------------------------------------------
+def _tests(data: StepData) -> dict[str, float]:
+    assert data.batch_l2 is not None and data.dots is not None
+    return data.shared(
+        "gradient_tests", lambda: gradient_tests(data.B, data.batch_l2, data.dots, data.grad_sq)
+    )
+
+
+def _entries(data: StepData) -> dict[str, float]:
+    def compute() -> dict[str, float]:
+        assert data.sgs is not None
+        grad = torch.cat(data.grads)
+        eps = torch.finfo(grad.dtype).eps
+        return entry_statistics(data.B, grad.double(), data.sgs.double(), data.loss, data.lr, eps)
+
+    return data.shared("entry_statistics", compute)
+
+
+def _diag(data: StepData) -> Tensor:
+    def compute() -> Tensor:
+        assert data.ggn_diag is not None
+        return torch.cat([data.ggn_diag[n].reshape(-1) for n in data.layers]).double()
+
+    return data.shared("ggn_diag_flat", compute)
+
+
+def _curvature(data: StepData) -> dict[str, float]:
+    def compute() -> dict[str, float]:
+        assert data.sgs is not None
+        return curvature_statistics(data.sgs.double(), data.B, _diag(data))
+
+    return data.shared("curvature_statistics", compute)
+
+
+def _pick(shared: Callable[[StepData], dict[str, float]], key: str) -> Formula:
+    return lambda data: {key: shared(data)[key]}
+
+
+def _grad_norm(data: StepData) -> dict[str, Any]:
+    assert data.grad_norms is not None
+    return {
+        "GradNorm": data.grad_sq**0.5,
+        "GradNorm_layers": dict(zip(data.layers, data.grad_norms.tolist())),
+    }
+
+
+def _layer_sizes(name: str, field: str) -> Formula:
+    def formula(data: StepData) -> dict[str, Any]:
+        layers = getattr(data, field)
+        if layers is None:
+            return {}
+        total = torch.tensor(list(layers.values()), dtype=torch.float64).pow(2).sum().sqrt()
+        return {name: float(total), f"{name}_layers": layers}
+
+    return formula
+
+
+def _alpha(data: StepData) -> dict[str, float]:
+    start = data.alpha_start
+    if start is None or data.losses is None or data.directional is None:
+        return {}
+    return {"Alpha": alpha(start["losses"], start["derivatives"], data.losses, data.directional)}
+
+
+def _hist1d(data: StepData) -> dict[str, Any]:
+    if data.hist_values is None:
+        return {}
+    return {"GradHist1d": histogram(data.hist_values, data.settings.hist_bins, _limit(data))}
+
+
+def _hist2d(data: StepData) -> dict[str, Any]:
+    if data.hist_values is None or data.hist_params is None:
+        return {}
+    bins = data.settings.hist_bins
+    return {"GradHist2d": histogram2d(data.hist_params, data.hist_values, bins, _limit(data))}
+
+
+def _limit(data: StepData) -> float:
+    assert data.hist_values is not None
+    return data.shared("hist_limit", lambda: float(data.hist_values.abs().max()) or 1.0)
+
+
+def _hess_trace(data: StepData) -> dict[str, Any]:
+    assert data.ggn_diag is not None
+    return {
+        "HessTrace": float(_diag(data).sum()),
+        "HessTrace_layers": {n: float(data.ggn_diag[n].sum()) for n in data.layers},
+    }
+
+
+def _hess_max_ev(data: StepData) -> dict[str, float]:
+    return {} if data.hess_max_ev is None else {"HessMaxEV": data.hess_max_ev}
+
+
+def _spectra(data: StepData) -> dict[str, Any]:
+    if data.ggn_spectra is None:
+        return {}
+    return {
+        "LayerSpectra": data.ggn_spectra,
+        "LayerEffectiveRank": {
+            k: effective_rank(torch.tensor(v)) for k, v in data.ggn_spectra.items()
+        },
+    }
+
+
+# -- panels ------------------------------------------------------------------------------------
+_ALPHA = pn.Panel((0, 0), "Alpha", pn.alpha_histogram)
+_SIZES = pn.Panel((1, 0), "Distance / update size", log=True)
+_NORM = pn.Panel((2, 0), "Gradient norm", log=True)
+_TESTS = pn.Panel((0, 1), "Gradient tests", log=True)
+_HIST1 = pn.Panel((1, 1), "Gradient histogram (log counts)", pn.histogram_over_time)
+_HIST2 = pn.Panel((2, 1), "Parameters vs gradients", pn.last_histogram2d)
+_MAXEV = pn.Panel((0, 2), "Largest Hessian eigenvalue", log=True)
+_TRACE = pn.Panel((1, 2), "Curvature trace (GGN diagonal)", log=True)
+_TIC = pn.Panel((2, 2), "Takeuchi information criterion", log=True)
+_LOSS = pn.Panel((3, 0), "Mini-batch loss", log=True)
+
+_TEST_NEEDS = _needs(r.GRAD, r.BATCH_L2, r.DOTS)
+_ENTRY_NEEDS = _needs(r.GRAD, r.SGS, r.LR)
+_TIC_NEEDS = _needs(r.GRAD, r.SGS, r.GGN_DIAG)
+
+#: every built-in instrument, in dashboard/preset order
+REGISTRY: dict[str, Instrument] = {
+    i.name: i
+    for i in (
+        Instrument("Loss", _needs(r.LOSS), lambda d: {"Loss": d.loss}, _LOSS),
+        Instrument("GradNorm", _needs(r.GRAD), _grad_norm, _NORM),
+        Instrument("Distance", _needs(r.DISTANCE), _layer_sizes("Distance", "distance"), _SIZES),
+        Instrument(
+            "UpdateSize", _needs(r.UPDATE), _layer_sizes("UpdateSize", "update_norms"), _SIZES
+        ),
+        Instrument(
+            "Alpha", _needs(r.LOSSES, r.DIRECTIONAL, r.UPDATE), _alpha, _ALPHA, next_step=True
+        ),
+        Instrument("NormTest", _TEST_NEEDS, _pick(_tests, "NormTest"), _TESTS),
+        Instrument("InnerTest", _TEST_NEEDS, _pick(_tests, "InnerTest"), _TESTS),
+        Instrument("OrthoTest", _TEST_NEEDS, _pick(_tests, "OrthoTest"), _TESTS),
+        Instrument("GradNoiseScale", _TEST_NEEDS, _pick(_tests, "GradNoiseScale")),
+        Instrument("GradHist1d", _needs(r.GRAD, r.ENTRIES), _hist1d, _HIST1),
+        Instrument("MeanGSNR", _ENTRY_NEEDS, _pick(_entries, "MeanGSNR")),
+        Instrument("EarlyStopping", _ENTRY_NEEDS, _pick(_entries, "EarlyStopping")),
+        Instrument("CABS", _ENTRY_NEEDS, _pick(_entries, "CABS")),
+        Instrument("HessTrace", _needs(r.GRAD, r.GGN_DIAG), _hess_trace, _TRACE),
+        Instrument("TICDiag", _TIC_NEEDS, _pick(_curvature, "TICDiag"), _TIC),
+        Instrument("TICTrace", _TIC_NEEDS, _pick(_curvature, "TICTrace"), _TIC),
+        Instrument("HessMaxEV", _needs(r.HESS_MAX_EV), _hess_max_ev, _MAXEV),
+        Instrument("GradHist2d", _needs(r.GRAD, r.ENTRIES, r.ENTRY_PARAMS), _hist2d, _HIST2),
+        Instrument("LayerSpectra", _needs(r.GGN_SPECTRA), _spectra),
+    )
+}
 
 ECONOMY = (
     "Loss",
@@ -68,99 +282,48 @@ INSTRUMENTS = FULL
 CURVATURE = ("HessTrace", "TICDiag", "TICTrace")  # need the GGN diagonal
 
 
-def _safe_div(a: float, b: float) -> float:
-    return a / b if b != 0 else float("nan")
+def resolve(config: str | Any) -> tuple[Instrument, ...]:
+    """The instruments of a preset name or of an iterable of names and/or instruments.
+
+    Args:
+        config: ``"economy"``, ``"business"``, ``"full"``, or an iterable whose items are
+            instrument names (:data:`INSTRUMENTS`) or :class:`Instrument` objects.
+
+    Returns:
+        The instruments, without duplicates, in the given order.
+
+    Raises:
+        ValueError: an unknown preset or instrument name.
+    """
+    if isinstance(config, str):
+        if config not in PRESETS:
+            raise ValueError(
+                f"unknown config {config!r}; use one of {sorted(PRESETS)} or a list of "
+                "instrument names"
+            )
+        return tuple(REGISTRY[n] for n in PRESETS[config])
+    items = list(config)
+    unknown = [i for i in items if not isinstance(i, Instrument) and i not in REGISTRY]
+    if unknown:
+        raise ValueError(f"unknown instruments {unknown}; choose from {INSTRUMENTS}")
+    out = [i if isinstance(i, Instrument) else REGISTRY[i] for i in items]
+    return tuple(dict.fromkeys(out))
 
 
-def gradient_tests(B: int, l2: Tensor, dots: Tensor, grad_sq: float) -> dict[str, float]:
-    """NormTest / InnerTest / OrthoTest / GradNoiseScale from ``||g_n||^2`` ``[B]``,
-    ``g_n . g`` ``[B]`` and ``||g||^2``."""
-    if B < 2:
-        nan = float("nan")
-        return {"NormTest": nan, "InnerTest": nan, "OrthoTest": nan, "GradNoiseScale": nan}
-    norm_dev = float(l2.sum()) - B * grad_sq  # sum_n ||g_n - g||^2
-    inner_dev = float(((dots - grad_sq) ** 2).sum())
-    ortho = float((l2 - dots**2 / grad_sq).sum()) if grad_sq > 0 else float("nan")
-    denom = B * (B - 1)
-    return {
-        "NormTest": _safe_div(math.sqrt(max(norm_dev, 0.0) / denom), math.sqrt(grad_sq)),
-        "InnerTest": _safe_div(math.sqrt(inner_dev / denom), grad_sq),
-        "OrthoTest": _safe_div(math.sqrt(max(ortho, 0.0) / denom), math.sqrt(grad_sq)),
-        "GradNoiseScale": _safe_div(max(norm_dev, 0.0) / (B - 1), grad_sq),
-    }
-
-
-def entry_statistics(
-    B: int, grad: Tensor, sgs: Tensor, loss: float, lr: float | None, eps: float = 1e-16
-) -> dict[str, float]:
-    """MeanGSNR / EarlyStopping / CABS from the mean gradient and ``sum_n g_n^2`` (flat).
-    ``eps``: the machine epsilon of the gradients; entries that are round-off (second moment
-    below ``(10 eps)^2`` of the largest) or whose variance is round-off (below ``10 eps`` of
-    their second moment) are skipped by MeanGSNR and EarlyStopping."""
-    second = sgs / B  # mean_n g_nj^2
-    var = (second - grad**2).clamp(min=0)
-    keep = (var > 10 * eps * second) & (second > (10 * eps) ** 2 * float(second.max()))
-    out = {"MeanGSNR": float((grad[keep] ** 2 / var[keep]).mean()) if keep.any() else math.nan}
-    if B > 1:
-        s2 = var[keep] * B / (B - 1)
-        D = grad.numel()
-        out["EarlyStopping"] = 1.0 - B / D * float((grad[keep] ** 2 / s2).sum())
-    else:
-        out["EarlyStopping"] = math.nan
-    out["CABS"] = lr * float(var.sum()) / loss if lr is not None and loss > 0 else math.nan
-    return out
-
-
-def curvature_statistics(sgs: Tensor, B: int, diag: Tensor, eps: float = 1e-7) -> dict[str, float]:
-    """HessTrace / TICDiag / TICTrace from ``sum_n g_n^2`` and a curvature diagonal (flat)."""
-    second = sgs / B
-    trace = float(diag.sum())
-    return {
-        "HessTrace": trace,
-        "TICDiag": float((second / (diag + eps)).sum()),
-        "TICTrace": _safe_div(float(second.sum()), trace),
-    }
-
-
-def alpha(f0: Tensor, df0: Tensor, f1: Tensor, df1: Tensor) -> float:
-    """Normalized step length from per-sample losses and directional derivatives at the start
-    (``f0``, ``df0``, ``[B0]``) and end (``f1``, ``df1``) of the step ``s`` (derivatives along
-    ``s``, so the step is ``tau = 0 -> 1``). Fits ``q(tau) = a tau^2 + b tau + c`` to the four
-    means by least squares weighted with the inverse variances of the means, then returns
-    ``1/tau* - 1`` with ``tau* = -b / (2a)`` the minimizer. Without a valley (``a <= 0``):
-    ``-1`` when the fit still descends at the start, else ``1``; ``1`` when ``tau* <= 0``
-    (the step went uphill)."""
-
-    def mean_var(x: Tensor) -> tuple[float, float]:
-        n = x.numel()
-        v = float(x.var()) / n if n > 1 else 1.0
-        return float(x.mean()), max(v, 1e-12)
-
-    (m0, v0), (d0, w0), (m1, v1), (d1, w1) = map(mean_var, (f0, df0, f1, df1))
-    # rows: q(0) = c, q'(0) = b, q(1) = a + b + c, q'(1) = 2a + b; unknowns (a, b, c)
-    M = torch.tensor([[0, 0, 1], [0, 1, 0], [1, 1, 1], [2, 1, 0]], dtype=torch.float64)
-    y = torch.tensor([m0, d0, m1, d1], dtype=torch.float64)
-    w = torch.tensor([1 / v0, 1 / w0, 1 / v1, 1 / w1], dtype=torch.float64).sqrt()
-    sol = torch.linalg.lstsq(M * w[:, None], y * w).solution
-    a, b = float(sol[0]), float(sol[1])
-    if a <= 0:  # no curvature along the step: the fit has no valley floor
-        return -1.0 if b < 0 else 1.0
-    tau = -b / (2 * a)
-    if tau <= 0:  # the step went uphill from the start
-        return 1.0
-    return 1.0 / tau - 1.0
-
-
-def effective_rank(eigenvalues: Tensor) -> float:
-    ev = eigenvalues.clamp(min=0)
-    total = float(ev.sum())
-    return total**2 / float((ev**2).sum()) if total > 0 else 0.0
-
-
-def histogram(values: Tensor, bins: int, limit: float) -> dict[str, Any]:
-    """Counts of ``values`` in ``bins`` equal bins over ``[-limit, limit]`` (clamped)."""
-    counts = torch.histc(values.float().clamp(-limit, limit), bins=bins, min=-limit, max=limit)
-    return {"limit": limit, "counts": counts.tolist()}
-
-
-__all__ = ["BUSINESS", "ECONOMY", "FULL", "INSTRUMENTS", "PRESETS"]
+__all__ = [
+    "BUSINESS",
+    "ECONOMY",
+    "FULL",
+    "INSTRUMENTS",
+    "PRESETS",
+    "REGISTRY",
+    "Instrument",
+    "alpha",
+    "curvature_statistics",
+    "effective_rank",
+    "entry_statistics",
+    "gradient_tests",
+    "histogram",
+    "histogram2d",
+    "resolve",
+]

@@ -1,0 +1,295 @@
+"""The Cockpit's one door into the engine's internals.
+
+Everything the Cockpit reads from the engine passes through this module: the per-row gradient
+forms (the hidden ``Forms`` pseudo-quantity and the form methods), the capture session
+(``engine.compute.capture``, its recorded loss call and backward seed), the curvature
+quantities computed before the ordinary backward, and the engine's verdict on whether the
+samples of a model are independent. When the engine's public statistics object replaces the
+forms, only this file changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..engine.compute import Session, capture
+from ..engine.losses import is_internal_loss_call
+from ..quantities import DiagGGN, Forms, GGNEigen
+
+#: per-sample gradients of a layer with positions (convolutions) are materialized once for all
+#: statistics when they take at most this many elements (64 MiB in float32)
+MATERIALIZE_BUDGET = 1 << 24
+
+
+class SamplesCoupled(RuntimeError):
+    """The model couples its samples (e.g. BatchNorm in train mode): per-sample statistics
+    are undefined. The message names the module and the reason."""
+
+
+@dataclass(frozen=True)
+class _RowForms(Forms):
+    """The forms, declared per-sample so that the engine checks that samples are independent."""
+
+    per_sample: ClassVar[bool] = True
+
+
+def _coupling_message(err: BaseException) -> str | None:
+    text = str(err)
+    return text if "couples the samples" in text else None
+
+
+def samples_coupled(model: nn.Module, loss_fn: nn.Module) -> str | None:
+    """Why per-sample statistics of ``model`` are undefined (the engine's message), or None.
+
+    Args:
+        model: the monitored model, in the mode of the coming step.
+        loss_fn: its loss module.
+
+    Returns:
+        The engine's reason (naming the module), or None when samples are independent.
+    """
+    try:
+        Session(model, loss_fn, [_RowForms()], None, None)
+    except RuntimeError as err:
+        reason = _coupling_message(err)
+        if reason is None:
+            raise
+        return reason
+    return None
+
+
+class Rows:
+    """The per-sample gradient rows ``g_n`` of one parameter (as the engine's loss defines
+    them: they sum to the gradient of the mini-batch loss), read through reductions only."""
+
+    def __init__(self, form: Any):
+        self._form = form
+
+    def seed_grad(self, grad: Tensor) -> None:
+        """Hand over the already computed sum of the rows (the parameter's gradient)."""
+        self._form.seed("grad", grad)
+
+    def prepare(self, reductions: int) -> None:
+        """Materialize the rows once (one GEMM for convolutions) when ``reductions`` per-row
+        reductions will read them and they fit :data:`MATERIALIZE_BUDGET`."""
+        if reductions > 1 and self._form.worth_materializing(MATERIALIZE_BUDGET):
+            self._form.batch_grad()
+
+    def grad(self) -> Tensor:
+        """``sum_n g_n``, parameter-shaped."""
+        return self._form.grad()
+
+    def batch_l2(self) -> Tensor:
+        """``||g_n||^2``, ``[N]``."""
+        return self._form.batch_l2()
+
+    def dots_with_sum(self) -> Tensor:
+        """``g_n . sum_m g_m``, ``[N]``."""
+        return self._form.dots_with_sum()
+
+    def sum_grad_squared(self) -> Tensor:
+        """``sum_n g_n^2`` element-wise, parameter-shaped."""
+        return self._form.sum_grad_squared()
+
+    def entries(self, rows: Tensor, flat: Tensor) -> Tensor:
+        """``g_{rows[i]}[flat[i]]`` (flat parameter index), ``[E]``."""
+        return self._form.entries(rows, flat)
+
+    def project(self, direction: Tensor) -> Tensor:
+        """``g_n . direction`` (``direction`` parameter-shaped), ``[N]``."""
+        return self._form.project(direction[None])[:, 0]
+
+
+class StepWatch:
+    """What one watched training step left: the loss call, the backward seed and, when
+    requested, the per-sample rows (computed from the ordinary backward's layer-output
+    gradients, with no backward pass of their own)."""
+
+    def __init__(self, session: Any, quantity: Forms | None):
+        self._session, self._quantity = session, quantity
+
+    def loss_call(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(output, target, loss)`` of the step's (last) ``loss_fn`` call."""
+        if not self._session.loss_calls:
+            raise RuntimeError(
+                "Cockpit: loss_fn was not called inside the `with cockpit(...)` block"
+            )
+        return self._session.loss_calls[-1]
+
+    def seed(self) -> Tensor:
+        """``d(backpropagated)/d(loss)`` of the ordinary backward (1, or a loss scale)."""
+        if self._session.backward_seed is None:
+            raise RuntimeError(
+                "Cockpit: call loss.backward() inside the `with cockpit(step):` block"
+            )
+        return self._session.backward_seed
+
+    def rows(self) -> dict[str, Rows]:
+        """Per-sample rows of every parameter the engine serves (model order).
+
+        Raises:
+            SamplesCoupled: the engine found that the samples are coupled.
+        """
+        if self._quantity is None:
+            raise RuntimeError("this step was watched without per-sample rows")
+        loss = self.loss_call()[2]
+        try:
+            forms = self._session.compute(loss)[self._quantity]
+        except RuntimeError as err:
+            reason = _coupling_message(err)
+            if reason is None:
+                raise
+            raise SamplesCoupled(reason) from err
+        return {name: Rows(form) for name, form in forms.items()}
+
+
+class _LightSession:
+    """Records the loss call and the backward seed only (no layer hooks)."""
+
+    def __init__(self) -> None:
+        self.loss_calls: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.backward_seed: Tensor | None = None
+
+    def on_loss(self, module: nn.Module, args: tuple, loss: Tensor) -> None:
+        if torch.is_grad_enabled() and not is_internal_loss_call():
+            self.loss_calls.append((args[0], args[1], loss))
+            if loss.requires_grad:
+                loss.register_hook(self._on_seed)
+
+    def _on_seed(self, grad: Tensor) -> None:
+        self.backward_seed = grad.detach()
+
+
+@contextmanager
+def watch_step(model: nn.Module, loss_fn: nn.Module, rows: bool) -> Iterator[StepWatch]:
+    """Watch the forward pass and the ordinary ``loss.backward()`` of one step.
+
+    Args:
+        model: the monitored model.
+        loss_fn: its loss module.
+        rows: also keep what per-sample rows need (layer inputs and output gradients).
+
+    Yields:
+        The :class:`StepWatch`, readable once the block has run.
+
+    Raises:
+        SamplesCoupled: ``rows=True`` on a model whose samples are coupled.
+    """
+    if not rows:
+        light = _LightSession()
+        handle = loss_fn.register_forward_hook(light.on_loss)
+        try:
+            yield StepWatch(light, None)
+        finally:
+            handle.remove()
+        return
+    quantity = _RowForms()
+    with ExitStack() as stack:
+        try:
+            session = stack.enter_context(capture(model, loss_fn, quantity, from_backward=True))
+        except RuntimeError as err:
+            reason = _coupling_message(err)
+            if reason is None:
+                raise
+            raise SamplesCoupled(reason) from err
+        yield StepWatch(session, quantity)
+
+
+@dataclass
+class CurvatureResult:
+    """Per parameter the GGN (or MC Fisher) diagonal; per layer group the top eigenvalues."""
+
+    diag: dict[str, Tensor] | None = None
+    spectra: dict[str, list[float]] | None = None
+
+
+class CurvatureSession:
+    """GGN diagonal and per-layer GGN spectra of the step's loss, computed by the engine's own
+    backward pass before the ordinary one (the graph is kept for it)."""
+
+    def __init__(
+        self,
+        session: Any,
+        diag: DiagGGN | None,
+        eigen: GGNEigen | None,
+        groups: tuple[str, ...],
+    ):
+        self._session, self._diag, self._eigen, self._groups = session, diag, eigen, groups
+
+    def compute(self, loss: Tensor) -> CurvatureResult:
+        """Backpropagate the curvature vectors of ``loss`` (keeping its graph).
+
+        Raises:
+            SamplesCoupled: the engine found that the samples are coupled.
+        """
+        try:
+            res = self._session.compute(loss, retain_graph=True)
+        except RuntimeError as err:
+            reason = _coupling_message(err)
+            if reason is None:
+                raise
+            raise SamplesCoupled(reason) from err
+        out = CurvatureResult()
+        if self._diag is not None:
+            out.diag = {n: v.detach() for n, v in res[self._diag].items()}
+        if self._eigen is not None:
+            eig = res[self._eigen]
+            out.spectra = (
+                {self._groups[i]: r.eigenvalues.tolist() for i, r in enumerate(eig.values())}
+                if isinstance(eig, dict)
+                else {}
+            )
+        return out
+
+
+@contextmanager
+def curvature_session(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    diagonal: bool,
+    spectra: tuple[int, dict[str, tuple[str, ...]]] | None,
+    mc_samples: int | None,
+    generator: torch.Generator,
+) -> Iterator[CurvatureSession]:
+    """Record the forward pass for the curvature quantities.
+
+    Args:
+        model: the monitored model.
+        loss_fn: its loss module.
+        diagonal: compute the GGN diagonal.
+        spectra: ``(top_k, {group name: parameter names})`` for the top GGN eigenvalues of
+            each group, or None.
+        mc_samples: Monte-Carlo samples of both (``None``: exact).
+        generator: for the Monte-Carlo draws.
+
+    Yields:
+        The :class:`CurvatureSession`; call ``compute(loss)`` once the loss exists.
+    """
+    diag = DiagGGN(mc_samples=mc_samples) if diagonal else None
+    eigen, groups = None, ()
+    if spectra is not None:
+        top_k, by_group = spectra
+        groups = tuple(by_group)
+        eigen = GGNEigen(mc_samples=mc_samples, top_k=top_k, param_groups=tuple(by_group.values()))
+    quantities = [q for q in (diag, eigen) if q is not None]
+    with capture(model, loss_fn, *quantities, generator=generator) as session:
+        yield CurvatureSession(session, diag, eigen, groups)
+
+
+__all__ = [
+    "MATERIALIZE_BUDGET",
+    "CurvatureResult",
+    "CurvatureSession",
+    "Rows",
+    "SamplesCoupled",
+    "StepWatch",
+    "curvature_session",
+    "samples_coupled",
+    "watch_step",
+]

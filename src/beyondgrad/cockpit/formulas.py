@@ -1,0 +1,131 @@
+"""The instruments' formulas: small pure functions of one step's reductions.
+
+Notation as in :mod:`beyondgrad.cockpit.instruments` (batch of ``B`` samples, ``g_n`` the
+per-sample gradients scaled so that the batch gradient is ``g = mean_n g_n``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def _safe_div(a: float, b: float) -> float:
+    return a / b if b != 0 else float("nan")
+
+
+def gradient_tests(B: int, l2: Tensor, dots: Tensor, grad_sq: float) -> dict[str, float]:
+    """NormTest / InnerTest / OrthoTest / GradNoiseScale from ``||g_n||^2`` ``[B]``,
+    ``g_n . g`` ``[B]`` and ``||g||^2``."""
+    if B < 2:
+        nan = float("nan")
+        return {"NormTest": nan, "InnerTest": nan, "OrthoTest": nan, "GradNoiseScale": nan}
+    norm_dev = float(l2.sum()) - B * grad_sq  # sum_n ||g_n - g||^2
+    inner_dev = float(((dots - grad_sq) ** 2).sum())
+    ortho = float((l2 - dots**2 / grad_sq).sum()) if grad_sq > 0 else float("nan")
+    denom = B * (B - 1)
+    return {
+        "NormTest": _safe_div(math.sqrt(max(norm_dev, 0.0) / denom), math.sqrt(grad_sq)),
+        "InnerTest": _safe_div(math.sqrt(inner_dev / denom), grad_sq),
+        "OrthoTest": _safe_div(math.sqrt(max(ortho, 0.0) / denom), math.sqrt(grad_sq)),
+        "GradNoiseScale": _safe_div(max(norm_dev, 0.0) / (B - 1), grad_sq),
+    }
+
+
+def entry_statistics(
+    B: int, grad: Tensor, sgs: Tensor, loss: float, lr: float | None, eps: float = 1e-16
+) -> dict[str, float]:
+    """MeanGSNR / EarlyStopping / CABS from the mean gradient and ``sum_n g_n^2`` (flat).
+    ``eps``: the machine epsilon of the gradients; entries that are round-off (second moment
+    below ``(10 eps)^2`` of the largest) or whose variance is round-off (below ``10 eps`` of
+    their second moment) are skipped by MeanGSNR and EarlyStopping."""
+    second = sgs / B  # mean_n g_nj^2
+    var = (second - grad**2).clamp(min=0)
+    keep = (var > 10 * eps * second) & (second > (10 * eps) ** 2 * float(second.max()))
+    out = {"MeanGSNR": float((grad[keep] ** 2 / var[keep]).mean()) if keep.any() else math.nan}
+    if B > 1:
+        s2 = var[keep] * B / (B - 1)
+        D = grad.numel()
+        out["EarlyStopping"] = 1.0 - B / D * float((grad[keep] ** 2 / s2).sum())
+    else:
+        out["EarlyStopping"] = math.nan
+    out["CABS"] = lr * float(var.sum()) / loss if lr is not None and loss > 0 else math.nan
+    return out
+
+
+def curvature_statistics(sgs: Tensor, B: int, diag: Tensor, eps: float = 1e-7) -> dict[str, float]:
+    """HessTrace / TICDiag / TICTrace from ``sum_n g_n^2`` and a curvature diagonal (flat)."""
+    second = sgs / B
+    trace = float(diag.sum())
+    return {
+        "HessTrace": trace,
+        "TICDiag": float((second / (diag + eps)).sum()),
+        "TICTrace": _safe_div(float(second.sum()), trace),
+    }
+
+
+def alpha(f0: Tensor, df0: Tensor, f1: Tensor, df1: Tensor) -> float:
+    """Normalized step length from per-sample losses and directional derivatives at the start
+    (``f0``, ``df0``, ``[B0]``) and end (``f1``, ``df1``) of the step ``s`` (derivatives along
+    ``s``, so the step is ``tau = 0 -> 1``). Fits ``q(tau) = a tau^2 + b tau + c`` to the four
+    means by least squares weighted with the inverse variances of the means, then returns
+    ``1/tau* - 1`` with ``tau* = -b / (2a)`` the minimizer. Without a valley (``a <= 0``):
+    ``-1`` when the fit still descends at the start, else ``1``; ``1`` when ``tau* <= 0``
+    (the step went uphill)."""
+
+    def mean_var(x: Tensor) -> tuple[float, float]:
+        n = x.numel()
+        v = float(x.var()) / n if n > 1 else 1.0
+        return float(x.mean()), max(v, 1e-12)
+
+    (m0, v0), (d0, w0), (m1, v1), (d1, w1) = map(mean_var, (f0, df0, f1, df1))
+    # rows: q(0) = c, q'(0) = b, q(1) = a + b + c, q'(1) = 2a + b; unknowns (a, b, c)
+    M = torch.tensor([[0, 0, 1], [0, 1, 0], [1, 1, 1], [2, 1, 0]], dtype=torch.float64)
+    y = torch.tensor([m0, d0, m1, d1], dtype=torch.float64)
+    w = torch.tensor([1 / v0, 1 / w0, 1 / v1, 1 / w1], dtype=torch.float64).sqrt()
+    sol = torch.linalg.lstsq(M * w[:, None], y * w).solution
+    a, b = float(sol[0]), float(sol[1])
+    if a <= 0:  # no curvature along the step: the fit has no valley floor
+        return -1.0 if b < 0 else 1.0
+    tau = -b / (2 * a)
+    if tau <= 0:  # the step went uphill from the start
+        return 1.0
+    return 1.0 / tau - 1.0
+
+
+def effective_rank(eigenvalues: Tensor) -> float:
+    """``(sum l)^2 / sum l^2`` of the eigenvalues clamped at 0 (0 when all vanish)."""
+    ev = eigenvalues.clamp(min=0)
+    total = float(ev.sum())
+    return total**2 / float((ev**2).sum()) if total > 0 else 0.0
+
+
+def histogram(values: Tensor, bins: int, limit: float) -> dict[str, Any]:
+    """Counts of ``values`` in ``bins`` equal bins over ``[-limit, limit]`` (clamped)."""
+    counts = torch.histc(values.float().clamp(-limit, limit), bins=bins, min=-limit, max=limit)
+    return {"limit": limit, "counts": counts.tolist()}
+
+
+def histogram2d(params: Tensor, values: Tensor, bins: int, limit: float) -> dict[str, Any]:
+    """Counts of the pairs ``(params[i], values[i])`` in ``bins x bins`` equal bins over
+    ``[-p, p] x [-limit, limit]`` with ``p = max |params|`` (clamped)."""
+    p_lim = float(params.abs().max()) or 1.0
+    pairs = torch.stack(
+        [params.float().clamp(-p_lim, p_lim), values.float().clamp(-limit, limit)], 1
+    )
+    counts = torch.histogramdd(pairs, bins=[bins, bins], range=[-p_lim, p_lim, -limit, limit]).hist
+    return {"param_limit": p_lim, "grad_limit": limit, "counts": counts.tolist()}
+
+
+__all__ = [
+    "alpha",
+    "curvature_statistics",
+    "effective_rank",
+    "entry_statistics",
+    "gradient_tests",
+    "histogram",
+    "histogram2d",
+]

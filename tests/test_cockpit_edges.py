@@ -1,0 +1,325 @@
+"""Cockpit edges (float64 oracles): models that couple their samples, Hessian-vector products
+that autograd cannot form exactly, fused attention, per-instrument oracles not covered by
+test_cockpit.py, and the instrument objects (needs computed once, custom instruments)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import beyondgrad as bg
+from beyondgrad.cockpit import Cockpit, Instrument, _engine
+from beyondgrad.cockpit import reductions as red
+from models import CASES
+from oracles.curvature import ggn
+from oracles.first_order import per_sample_grads
+
+torch.set_default_dtype(torch.float64)
+
+
+def _track(cockpit, model, loss_fn, X, y, step=0, optimizer=None):
+    (optimizer or model).zero_grad()
+    with cockpit(step, optimizer=optimizer):
+        loss = loss_fn(model(X), y)
+        loss.backward()
+    if optimizer is not None:
+        optimizer.step()
+    return cockpit.output()[step]
+
+
+def _hessian_max_ev(model, loss_fn, X, y) -> float:
+    """Largest eigenvalue of the dense Hessian of the mini-batch loss (torch.func)."""
+    params = dict(model.named_parameters())
+    names, shapes = list(params), [p.shape for p in params.values()]
+    flat = torch.cat([p.detach().reshape(-1) for p in params.values()])
+
+    def loss_of(theta):
+        chunks = dict(
+            zip(
+                names, (c.view(s) for c, s in zip(theta.split([s.numel() for s in shapes]), shapes))
+            )
+        )
+        return loss_fn(torch.func.functional_call(model, chunks, (X,)), y)
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        H = torch.func.hessian(loss_of)(flat)
+    return float(torch.linalg.eigvalsh(H)[-1])
+
+
+def _finite_difference_max_ev(model, loss_fn, X, y, eps: float = 1e-5) -> float:
+    """Largest eigenvalue of the Hessian by central differences of autograd's gradient (an
+    oracle independent of double backward; torch.func's hessian through batch_norm in
+    training mode is off by ~3% on torch 2.13)."""
+    params = list(model.parameters())
+
+    def grad_at(shift):
+        pieces = [c.view_as(p) for c, p in zip(shift.split([p.numel() for p in params]), params)]
+        with torch.no_grad():
+            torch._foreach_add_(params, pieces)
+        loss = loss_fn(model(X), y)
+        g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, params)])
+        with torch.no_grad():
+            torch._foreach_sub_(params, pieces)
+        return g
+
+    n = sum(p.numel() for p in params)
+    cols = [(grad_at(eps * e) - grad_at(-eps * e)) / (2 * eps) for e in torch.eye(n)]
+    H = torch.stack(cols, 1)
+    return float(torch.linalg.eigvalsh((H + H.T) / 2)[-1])
+
+
+# -- samples coupled by BatchNorm ---------------------------------------------------------------
+def _batchnorm_mlp(track_running_stats: bool = False):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(4, 6), nn.BatchNorm1d(6, track_running_stats=track_running_stats), nn.Tanh(),
+        nn.Linear(6, 3),
+    ).train()  # fmt: skip
+    return model, torch.randn(6, 4), torch.randint(0, 3, (6,)), nn.CrossEntropyLoss()
+
+
+PER_SAMPLE = {
+    "Alpha", "NormTest", "InnerTest", "OrthoTest", "GradNoiseScale", "GradHist1d", "MeanGSNR",
+    "EarlyStopping", "CABS", "HessTrace", "TICDiag", "TICTrace", "GradHist2d", "LayerSpectra",
+}  # fmt: skip
+
+
+def test_batchnorm_in_train_mode_drops_per_sample_instruments_and_keeps_exact_ones():
+    model, X, y, loss_fn = _batchnorm_mlp()
+    cockpit = Cockpit(model, loss_fn, config="full", curvature_mc=None, hess_iters=200)
+    with pytest.warns(RuntimeWarning, match="couples the samples"):
+        rec = _track(cockpit, model, loss_fn, X, y)
+    assert set(rec["dropped"]) == PER_SAMPLE
+    assert not PER_SAMPLE & set(rec)  # nothing undefined is logged
+    assert set(cockpit.dropped) == PER_SAMPLE and "BatchNorm1d" in cockpit.dropped["NormTest"]
+    # what is defined is exact: loss, gradient norm (batch statistics as the function they
+    # are), and the largest Hessian eigenvalue of the mini-batch loss
+    loss = loss_fn(model(X), y)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert rec["Loss"] == pytest.approx(float(loss.detach()), rel=1e-12)
+    assert rec["GradNorm"] == pytest.approx(
+        float(torch.cat([g.reshape(-1) for g in grads]).norm()), rel=1e-10
+    )
+    assert rec["HessMaxEV"] == pytest.approx(
+        _finite_difference_max_ev(model, loss_fn, X, y), rel=1e-6
+    )
+
+
+def test_batchnorm_train_mode_update_size_still_logged_and_raise_mode():
+    model, X, y, loss_fn = _batchnorm_mlp(track_running_stats=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cockpit = Cockpit(model, loss_fn, config="economy")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(RuntimeWarning, match="BatchNorm1d"):
+        rec0 = _track(cockpit, model, loss_fn, X, y, step=0, optimizer=opt)
+        step = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(model.parameters(), before)])
+        rec1 = _track(cockpit, model, loss_fn, X, y, step=1, optimizer=opt)
+    assert "NormTest" not in rec0 and "Alpha" not in rec1
+    assert rec0["UpdateSize"] == pytest.approx(float(step.norm()), rel=1e-10)
+    assert rec1["Distance"] == pytest.approx(float(step.norm()), rel=1e-10)
+    strict = Cockpit(model, loss_fn, config="economy", on_undefined="raise")
+    with pytest.raises(RuntimeError, match=r"NormTest.*couples the samples"), strict(0):
+        pass
+    model.eval()  # running statistics: samples independent again, everything logged
+    assert "NormTest" in _track(strict, model, loss_fn, X, y, step=0)
+    with pytest.raises(ValueError, match="on_undefined"):
+        Cockpit(model, loss_fn, on_undefined="ignore")
+
+
+def test_batchnorm_resnet_in_train_mode_logs_no_gradient_tests():
+    """Issue: NormTest / GradNoiseScale were logged (and wrong) on a training ResNet."""
+    model, X, y, loss_fn = CASES["resnet"]()
+    model.train()
+    cockpit = Cockpit(model, loss_fn, config="economy")
+    with pytest.warns(RuntimeWarning):
+        rec = _track(cockpit, model, loss_fn, X, y)
+    assert "NormTest" not in rec and "GradNoiseScale" not in rec and "GradNorm" in rec
+
+
+# -- Hessian-vector products that autograd cannot form exactly -------------------------------------
+class _OnceTanh(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        out = torch.tanh(x)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        return grad * (1 - out**2)
+
+
+class _TanhNet(nn.Module):
+    def __init__(self, once: bool):
+        super().__init__()
+        self.once, self.a, self.b = once, nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(_OnceTanh.apply(h) if self.once else torch.tanh(h))
+
+
+def test_hess_max_ev_refused_through_once_differentiable_op():
+    """Issue: HessMaxEV came out 5.3 instead of 1.18: autograd silently drops the second
+    derivative of a @once_differentiable function."""
+    torch.manual_seed(0)
+    X, y, loss_fn = torch.randn(8, 4), torch.randint(0, 3, (8,)), nn.CrossEntropyLoss()
+    exact = _TanhNet(once=False)
+    once = _TanhNet(once=True)
+    once.load_state_dict(exact.state_dict())
+    cockpit = Cockpit(exact, loss_fn, config=["Loss", "HessMaxEV"], hess_iters=200)
+    rec = _track(cockpit, exact, loss_fn, X, y)
+    assert rec["HessMaxEV"] == pytest.approx(_hessian_max_ev(exact, loss_fn, X, y), rel=1e-6)
+    cockpit = Cockpit(once, loss_fn, config=["Loss", "GradNorm", "HessMaxEV"], hess_iters=200)
+    with pytest.warns(RuntimeWarning, match=r"_OnceTanh.*once_differentiable"):
+        rec = _track(cockpit, once, loss_fn, X, y)
+    assert "HessMaxEV" not in rec and rec["dropped"] == ["HessMaxEV"] and "GradNorm" in rec
+    strict = Cockpit(once, loss_fn, config=["HessMaxEV"], on_undefined="raise")
+    with pytest.raises(RuntimeError, match=r"HessMaxEV not computed.*once_differentiable"):
+        _track(strict, once, loss_fn, X, y)
+
+
+def test_hess_max_ev_refused_without_double_backward_formula():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Hardsigmoid(), nn.Linear(6, 3))
+    X, y, loss_fn = torch.randn(8, 4), torch.randint(0, 3, (8,)), nn.CrossEntropyLoss()
+    cockpit = Cockpit(model, loss_fn, config=["Loss", "HessMaxEV"])
+    with pytest.warns(RuntimeWarning, match="hardsigmoid_backward"):
+        rec = _track(cockpit, model, loss_fn, X, y)
+    assert "HessMaxEV" not in rec and math.isfinite(rec["Loss"])
+
+
+class _SDPANet(nn.Module):
+    """Causal attention through F.scaled_dot_product_attention (fused kernel by default)."""
+
+    def __init__(self, d: int = 8, heads: int = 2, classes: int = 3):
+        super().__init__()
+        self.heads, self.qkv, self.out = heads, nn.Linear(d, 3 * d), nn.Linear(d, classes)
+
+    def forward(self, x):
+        N, T, d = x.shape
+        q, k, v = self.qkv(x).view(N, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        h = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(h.transpose(1, 2).reshape(N, T, d).mean(1))
+
+
+def test_full_config_on_sdpa_attention_uses_a_twice_differentiable_kernel():
+    """Issue: config="full" died with "derivative for ..._flash_attention_..._backward is not
+    implemented"."""
+    torch.manual_seed(0)
+    model = _SDPANet()
+    X, y, loss_fn = torch.randn(5, 4, 8), torch.randint(0, 3, (5,)), nn.CrossEntropyLoss()
+    cockpit = Cockpit(model, loss_fn, config="full", curvature_mc=None, hess_iters=200)
+    rec = _track(cockpit, model, loss_fn, X, y)
+    assert "dropped" not in rec
+    assert rec["HessMaxEV"] == pytest.approx(_hessian_max_ev(model, loss_fn, X, y), rel=1e-6)
+    dense = ggn(model, loss_fn, X, y)["full"]
+    assert rec["HessTrace"] == pytest.approx(float(torch.diagonal(dense).sum()), rel=1e-8)
+    G = (
+        torch.cat([v.reshape(5, -1) for v in per_sample_grads(model, loss_fn, X, y).values()], 1)
+        * 5
+    )
+    g = G.mean(0)
+    assert rec["GradNoiseScale"] == pytest.approx(
+        float(((G - g) ** 2).sum()) / 4 / float(g @ g), rel=1e-8
+    )
+
+
+# -- per-instrument oracles not covered elsewhere -------------------------------------------------
+def test_cabs_and_per_layer_values_match_brute_force():
+    model, X, y, loss_fn = CASES["mlp"]()
+    opt = torch.optim.SGD(model.parameters(), lr=0.03)
+    cockpit = Cockpit(model, loss_fn, config="business", curvature_mc=None)
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    per = per_sample_grads(model, loss_fn, X, y)
+    N = y.shape[0]
+    G = torch.cat([v.reshape(N, -1) for v in per.values()], 1) * N
+    loss = float(loss_fn(model(X), y))
+    diag = torch.diagonal(ggn(model, loss_fn, X, y)["full"])
+    rec = _track(cockpit, model, loss_fn, X, y, optimizer=opt)
+    var = (G**2).mean(0) - G.mean(0) ** 2
+    assert rec["CABS"] == pytest.approx(0.03 * float(var.sum()) / loss, rel=1e-8)
+    start = 0
+    for name, v in per.items():
+        size = v[0].numel()
+        assert rec["GradNorm_layers"][name] == pytest.approx(float(v.sum(0).norm()), rel=1e-9)
+        assert rec["HessTrace_layers"][name] == pytest.approx(
+            float(diag[start : start + size].sum()), rel=1e-8
+        )
+        moved = model.get_parameter(name).detach() - theta0[name]
+        assert rec["UpdateSize_layers"][name] == pytest.approx(float(moved.norm()), rel=1e-10)
+        start += size
+
+
+def test_gradient_histograms_count_the_sampled_per_sample_entries():
+    """Re-draw the Cockpit's entries (same seed, same order) and histogram the true entries."""
+    model, X, y, loss_fn = CASES["mlp"]()
+    bins, entries, samples = 7, 20, 3
+    cockpit = Cockpit(
+        model, loss_fn, config=["GradHist1d", "GradHist2d"], hist_bins=bins,
+        hist_entries=entries, hist_samples=samples, seed=3,
+    )  # fmt: skip
+    rec = _track(cockpit, model, loss_fn, X, y)
+    N = y.shape[0]
+    g = torch.Generator().manual_seed(3)
+    values, thetas = [], []
+    for name, v in per_sample_grads(model, loss_fn, X, y).items():
+        D = v[0].numel()
+        chosen = torch.randperm(N, generator=g)[:samples]
+        rows = chosen[torch.randint(len(chosen), (min(entries, samples * D),), generator=g)]
+        flat = torch.randint(D, (len(rows),), generator=g)
+        values.append(v.reshape(N, -1)[rows, flat] * N)
+        thetas.append(model.get_parameter(name).detach().reshape(-1)[flat])
+    values, thetas = torch.cat(values), torch.cat(thetas)
+    limit = float(values.abs().max())
+    assert rec["GradHist1d"]["limit"] == pytest.approx(limit, rel=1e-12)
+    expected = torch.histc(values, bins=bins, min=-limit, max=limit)
+    assert rec["GradHist1d"]["counts"] == expected.tolist()
+    t_lim = float(thetas.abs().max())
+    expected2 = torch.histogramdd(
+        torch.stack([thetas, values], 1), bins=[bins, bins], range=[-t_lim, t_lim, -limit, limit]
+    ).hist
+    assert rec["GradHist2d"]["counts"] == expected2.tolist()
+
+
+# -- instruments as objects ------------------------------------------------------------------------
+def test_shared_reductions_are_computed_once_per_step(monkeypatch):
+    model, X, y, loss_fn = CASES["mlp"]()
+    calls = {"batch_l2": 0, "dots_with_sum": 0, "sum_grad_squared": 0}
+    for method in calls:
+        original = getattr(_engine.Rows, method)
+
+        def counted(self, *args, _m=method, _f=original):
+            calls[_m] += 1
+            return _f(self, *args)
+
+        monkeypatch.setattr(_engine.Rows, method, counted)
+    cockpit = Cockpit(model, loss_fn, config="business")  # 4 tests share l2/dots, 5 share sgs
+    _track(cockpit, model, loss_fn, X, y)
+    layers = len(list(model.parameters()))
+    assert calls == {"batch_l2": layers, "dots_with_sum": layers, "sum_grad_squared": layers}
+
+
+def test_a_custom_instrument_is_one_object():
+    model, X, y, loss_fn = CASES["mlp"]()
+
+    def grad_max(data):
+        return {"GradMax": float(torch.cat(data.grads).abs().max())}
+
+    custom = Instrument("GradMax", frozenset({red.GRAD}), grad_max)
+    cockpit = Cockpit(model, loss_fn, config=["Loss", custom, "NormTest"])
+    rec = _track(cockpit, model, loss_fn, X, y)
+    grads = torch.autograd.grad(loss_fn(model(X), y), list(model.parameters()))
+    assert rec["GradMax"] == pytest.approx(
+        float(torch.cat([g.reshape(-1) for g in grads]).abs().max()), rel=1e-12
+    )
+    assert "NormTest" in rec and not custom.per_sample
+    assert all(name in bg.cockpit.REGISTRY for name in bg.cockpit.INSTRUMENTS)
