@@ -13,14 +13,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..engine.compute import Session, capture
+from ..engine import GRAD, SamplesCoupledError, capture, check_samples_independent
 from ..engine.losses import is_internal_loss_call
-from ..quantities import DiagGGN, Forms, GGNEigen
+from ..quantities import DiagGGN, GGNEigen
 
 #: per-sample gradients of a layer with positions (convolutions) are materialized once for all
 #: statistics when they take at most this many elements (64 MiB in float32)
@@ -30,18 +30,6 @@ MATERIALIZE_BUDGET = 1 << 24
 class SamplesCoupled(RuntimeError):
     """The model couples its samples (e.g. BatchNorm in train mode): per-sample statistics
     are undefined. The message names the module and the reason."""
-
-
-@dataclass(frozen=True)
-class _RowForms(Forms):
-    """The forms, declared per-sample so that the engine checks that samples are independent."""
-
-    per_sample: ClassVar[bool] = True
-
-
-def _coupling_message(err: BaseException) -> str | None:
-    text = str(err)
-    return text if "couples the samples" in text else None
 
 
 def samples_coupled(model: nn.Module, loss_fn: nn.Module) -> str | None:
@@ -55,12 +43,9 @@ def samples_coupled(model: nn.Module, loss_fn: nn.Module) -> str | None:
         The engine's reason (naming the module), or None when samples are independent.
     """
     try:
-        Session(model, loss_fn, [_RowForms()], None, None)
-    except RuntimeError as err:
-        reason = _coupling_message(err)
-        if reason is None:
-            raise
-        return reason
+        check_samples_independent(model)
+    except SamplesCoupledError as err:
+        return str(err)
     return None
 
 
@@ -111,8 +96,8 @@ class StepWatch:
     requested, the per-sample rows (computed from the ordinary backward's layer-output
     gradients, with no backward pass of their own)."""
 
-    def __init__(self, session: Any, quantity: Forms | None):
-        self._session, self._quantity = session, quantity
+    def __init__(self, session: Any, rows: bool):
+        self._session, self._rows = session, rows
 
     def loss_call(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(output, target, loss)`` of the step's (last) ``loss_fn`` call."""
@@ -136,16 +121,13 @@ class StepWatch:
         Raises:
             SamplesCoupled: the engine found that the samples are coupled.
         """
-        if self._quantity is None:
+        if not self._rows:
             raise RuntimeError("this step was watched without per-sample rows")
         loss = self.loss_call()[2]
         try:
-            forms = self._session.compute(loss)[self._quantity]
-        except RuntimeError as err:
-            reason = _coupling_message(err)
-            if reason is None:
-                raise
-            raise SamplesCoupled(reason) from err
+            forms = self._session.statistics(loss).forms(GRAD, per_sample=True)
+        except SamplesCoupledError as err:
+            raise SamplesCoupled(str(err)) from err
         return {name: Rows(form) for name, form in forms.items()}
 
 
@@ -185,20 +167,18 @@ def watch_step(model: nn.Module, loss_fn: nn.Module, rows: bool) -> Iterator[Ste
         light = _LightSession()
         handle = loss_fn.register_forward_hook(light.on_loss)
         try:
-            yield StepWatch(light, None)
+            yield StepWatch(light, False)
         finally:
             handle.remove()
         return
-    quantity = _RowForms()
     with ExitStack() as stack:
         try:
-            session = stack.enter_context(capture(model, loss_fn, quantity, from_backward=True))
-        except RuntimeError as err:
-            reason = _coupling_message(err)
-            if reason is None:
-                raise
-            raise SamplesCoupled(reason) from err
-        yield StepWatch(session, quantity)
+            session = stack.enter_context(
+                capture(model, loss_fn, vectors=[GRAD], per_sample=True, from_backward=True)
+            )
+        except SamplesCoupledError as err:
+            raise SamplesCoupled(str(err)) from err
+        yield StepWatch(session, True)
 
 
 @dataclass
@@ -230,11 +210,8 @@ class CurvatureSession:
         """
         try:
             res = self._session.compute(loss, retain_graph=True)
-        except RuntimeError as err:
-            reason = _coupling_message(err)
-            if reason is None:
-                raise
-            raise SamplesCoupled(reason) from err
+        except SamplesCoupledError as err:
+            raise SamplesCoupled(str(err)) from err
         out = CurvatureResult()
         if self._diag is not None:
             out.diag = {n: v.detach() for n, v in res[self._diag].items()}

@@ -10,7 +10,7 @@ from .compute import call_model, compute
 from .coverage import Coverage, CoverageRow, coverage
 from .losses import SUPPORTED_LOSSES, check_loss_fn, loss_vectors, reduction_factor
 from .result import Result
-from .session import Session, capture
+from .session import SamplesCoupledError, Session, capture, check_samples_independent
 from .stats import Needs, ReduceContext, Statistics
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "Needs",
     "ReduceContext",
     "Result",
+    "SamplesCoupledError",
     "Session",
     "Statistics",
     "VectorKind",
@@ -29,6 +30,7 @@ __all__ = [
     "call_model",
     "capture",
     "check_loss_fn",
+    "check_samples_independent",
     "compute",
     "coverage",
     "loss_vectors",

@@ -64,17 +64,22 @@ def check_quantities(quantities: Sequence[Any], vectors: Sequence[VectorKind]) -
     return out
 
 
+class SamplesCoupledError(RuntimeError):
+    """The model couples its samples (e.g. BatchNorm in training mode): per-sample quantities
+    are undefined. The message names the module and the fix."""
+
+
 def check_samples_independent(model: nn.Module) -> None:
-    """Refuse modules that couple the samples (per-sample quantities are undefined)."""
+    """Raise :class:`SamplesCoupledError` for modules that couple the samples."""
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and uses_batch_statistics(module):
-            raise RuntimeError(
+            raise SamplesCoupledError(
                 f"module '{name}' ({type(module).__name__}) normalizes with batch statistics "
                 "(training mode or track_running_stats=False), which couples the samples: "
                 "per-sample quantities are undefined. Call model.eval() first."
             )
         if isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
-            raise RuntimeError(
+            raise SamplesCoupledError(
                 f"module '{name}' (Embedding with scale_grad_by_freq=True) scales gradients by "
                 "batch-wide counts, which couples the samples: per-sample quantities are "
                 "undefined."
@@ -131,11 +136,12 @@ class Session:
         generator: torch.Generator | None,
         vectors: Sequence[VectorKind] = (),
         max_vectors: int = 256,
+        per_sample: bool = False,
     ):
         self.model, self.loss_fn, self.quantities = model, loss_fn, quantities
         self.subsampling, self.generator = subsampling, generator
         self.plan = Plan(quantities, vectors, max_vectors)
-        self.per_sample = any(q.per_sample for q in quantities)
+        self.per_sample = per_sample or any(q.per_sample for q in quantities)
         if self.per_sample:
             check_samples_independent(model)
         self.units = plan_units(model)
@@ -443,6 +449,7 @@ def capture(
     from_backward: bool = False,
     vectors: Sequence[VectorKind] = (),
     max_vectors: int = 256,
+    per_sample: bool = False,
 ) -> Iterator[Session]:
     """Record an ordinary forward pass, then compute quantities from its loss::
 
@@ -463,6 +470,8 @@ def capture(
         vectors: extra vector kinds to backpropagate for :meth:`Session.statistics` (e.g.
             ``[("mc", 1)]``) when no quantity asks for them.
         max_vectors: the limit on exact vectors per sample for ``vectors``.
+        per_sample: the statistics will be read per sample (subsampling applies, and
+            models that couple their samples raise :class:`SamplesCoupledError`).
 
     The loss must be the tensor ``loss_fn`` returned (not scaled or modified afterwards). Hooks
     are removed when the block exits, also on errors.
@@ -476,6 +485,7 @@ def capture(
         generator,
         vectors,
         max_vectors,
+        per_sample,
     )
     session.watch_backward = from_backward
     with session:
