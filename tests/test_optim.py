@@ -281,7 +281,7 @@ def test_singd_dense_matches_reference(kfac_like):
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     X, y = _data(8, 5, 4)
     kw = dict(damping=0.1, alpha1=0.5, lr_cov=0.05, kfac_like=kfac_like)
-    opt = SINGD(model, loss_fn, lr=0.1, momentum=0.0, T=1, fisher_type="type-2", **kw)
+    opt = SINGD(model, loss_fn, lr=0.1, momentum=0.0, refresh_every=1, fisher_type="type-2", **kw)
     K, C, mK, mC = torch.eye(6), torch.eye(4), torch.zeros(6, 6), torch.zeros(4, 4)
     for _ in range(3):
         res = bg.compute(model, loss_fn, X, y, bg.Grad(), bg.KFAC(fisher_type="type-2"))
@@ -319,7 +319,7 @@ def test_ikfac_fixed_point_is_damped_inverse():
 def test_singd_structures_keep_their_pattern_and_train(name):
     model, (X, y) = _mlp(), _data(32)
     loss_fn = nn.CrossEntropyLoss()
-    opt = SINGD(model, loss_fn, lr=0.05, T=1, structures=name, lr_cov=0.1)
+    opt = SINGD(model, loss_fn, lr=0.05, refresh_every=1, structures=name, lr_cov=0.1)
     losses = _train(opt, model, loss_fn, [(X, y)] * 15)
     assert losses[-1] < losses[0]
     s = structure(name)
@@ -423,36 +423,71 @@ def _make(kind, model, loss_fn, **kw):
     if kind == "kfac":
         return KFAC(model, loss_fn, fisher_type="mc", refresh_every=2, **kw)
     if kind == "singd":
-        return SINGD(model, loss_fn, T=2, structures=("diagonal", "dense"), fisher_type="mc", **kw)
-    return SIRFShampoo(model, T=2, **kw)
+        return SINGD(
+            model,
+            loss_fn,
+            refresh_every=2,
+            structures=("diagonal", "dense"),
+            fisher_type="mc",
+            **kw,
+        )
+    return SIRFShampoo(model, refresh_every=2, **kw)
+
+
+def _scheduled_run(kind, batches, model=None, opt_state=None, sched_state=None):
+    """Train on ``batches`` with a StepLR stepped after every step; optionally start from a
+    checkpoint (model parameters, optimizer and scheduler states) loaded into fresh objects."""
+    loss_fn = nn.CrossEntropyLoss()
+    fresh = _mlp(seed=9 if model is not None else 0)
+    if model is not None:
+        fresh.load_state_dict(model)
+    opt = _make(kind, fresh, loss_fn, seed=3)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+        sched.load_state_dict(sched_state)
+    for X, y in batches:
+        _train(opt, fresh, loss_fn, [(X, y)])
+        sched.step()
+    return fresh, opt, sched
 
 
 @pytest.mark.parametrize("kind", ["kfac", "singd", "sirf"])
-def test_resume_is_bit_identical(kind):
-    loss_fn = nn.CrossEntropyLoss()
+def test_resume_with_lr_scheduler_is_bit_identical(kind):
+    """Stop after 3 steps, save model, optimizer and scheduler, build everything afresh, load,
+    continue: exactly the parameters of the uninterrupted run (the preconditioned layers
+    follow the loaded param groups and the scheduler; the fallback too)."""
     batches = [_data(16, seed=s) for s in range(7)]
-    model = _mlp()
-    opt = _make(kind, model, loss_fn, seed=3)
-    _train(opt, model, loss_fn, batches)
-    straight = {n: p.detach().clone() for n, p in model.named_parameters()}
-
-    model = _mlp()
-    opt = _make(kind, model, loss_fn, seed=3)
-    sched = torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)
-    _train(opt, model, loss_fn, batches[:3])
+    straight, _, _ = _scheduled_run(kind, batches)
+    model, opt, sched = _scheduled_run(kind, batches[:3])
     buf = io.BytesIO()
     torch.save(
         {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, buf
     )
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=False)
-    model2 = _mlp(seed=9)
-    model2.load_state_dict(ckpt["model"])
-    opt2 = _make(kind, model2, loss_fn, seed=3)
-    opt2.load_state_dict(ckpt["opt"])
-    _train(opt2, model2, loss_fn, batches[3:])
-    for name, p in model2.named_parameters():
-        assert torch.equal(p, straight[name]), name
+    resumed, opt2, _ = _scheduled_run(kind, batches[3:], ckpt["model"], ckpt["opt"], ckpt["sched"])
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] / 4  # the schedule went on
+    for (name, p), q in zip(resumed.named_parameters(), straight.parameters()):
+        assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("kind", ["kfac", "singd", "sirf"])
+def test_loaded_param_group_settings_reach_preconditioned_layers(kind):
+    """After load_state_dict, a changed group setting (here lr = 0) acts on every layer."""
+    loss_fn = nn.CrossEntropyLoss()
+    X, y = _data()
+    model = _mlp()
+    opt = _make(kind, model, loss_fn)
+    _train(opt, model, loss_fn, [(X, y)])
+    fresh = _make(kind, model, loss_fn)
+    fresh.load_state_dict(opt.state_dict())
+    fresh.param_groups[0]["lr"] = 0.0
+    fresh.param_groups[0]["adam_lr"] = 0.0
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _train(fresh, model, loss_fn, [(X, y)])
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
 
 
 @pytest.mark.parametrize("kind", ["kfac", "singd"])
@@ -471,8 +506,8 @@ def test_gradient_accumulation_equals_full_batch(kind):
         else KFAC(model_b, loss_fn, fisher_type="type-2")
     )
     if kind == "singd":
-        opt_a = SINGD(model_a, loss_fn, T=1, fisher_type="type-2")
-        opt_b = SINGD(model_b, loss_fn, T=1, fisher_type="type-2")
+        opt_a = SINGD(model_a, loss_fn, refresh_every=1, fisher_type="type-2")
+        opt_b = SINGD(model_b, loss_fn, refresh_every=1, fisher_type="type-2")
     _train(opt_a, model_a, loss_fn, [(X, y)])
     opt_b.zero_grad()
     for half in (slice(0, 8), slice(8, 16)):
@@ -492,7 +527,7 @@ def test_bfloat16_factors_and_autocast_stay_finite(kind):
     X = X.float()
     loss_fn = nn.CrossEntropyLoss()
     if kind == "singd":
-        opt = SINGD(model, loss_fn, T=1, lr=0.01, preconditioner_dtype=torch.bfloat16)
+        opt = SINGD(model, loss_fn, refresh_every=1, lr=0.01, preconditioner_dtype=torch.bfloat16)
     else:
         opt = SIRFShampoo(model, lr=0.01, preconditioner_dtype=torch.bfloat16)
     losses = []
@@ -515,7 +550,7 @@ def test_grad_scaler_steps_and_skips_inf():
     X, y = _data(8)
     X = X.float()
     loss_fn = nn.CrossEntropyLoss()
-    opt = SINGD(model, loss_fn, T=1)
+    opt = SINGD(model, loss_fn, refresh_every=1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     before = model[0].weight.detach().clone()
     for _ in range(2):
@@ -572,3 +607,133 @@ def test_errors_are_clear():
         opt.load_state_dict(SINGD(model, loss_fn).state_dict())
     with pytest.raises(RuntimeError, match="loss_fn was not called"), opt.capture():
         model(X)
+
+
+# -- checkpoints: what load_state_dict keeps and what it refuses -----------------------------
+
+
+def test_fallback_step_counter_is_not_cast_to_bfloat16():
+    """The AdamW counter stays exact after loading into a bfloat16 model (a bf16 counter
+    stops at 256: 300 + 1 rounds to 300)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3)).to(torch.bfloat16)
+    X, y = _data(8)
+    X = X.to(torch.bfloat16)
+    loss_fn = nn.CrossEntropyLoss()
+    opt = SINGD(model, loss_fn, refresh_every=1)
+    _train(opt, model, loss_fn, [(X, y)])
+    sd = opt.state_dict()
+    index = [id(p) for g in opt.param_groups for p in g["params"]].index(id(model[1].weight))
+    sd["state"][index]["adam_step"] = torch.tensor(300.0, dtype=torch.float64)  # a long run
+    fresh = SINGD(model, loss_fn, refresh_every=1)
+    fresh.load_state_dict(sd)
+    _train(fresh, model, loss_fn, [(X, y)])
+    counter = fresh.state[model[1].weight]["adam_step"]
+    assert not (torch.is_tensor(counter) and counter.dtype == torch.bfloat16)
+    assert int(counter) == 301
+
+
+@pytest.mark.parametrize("kind", ["kfac", "singd", "sirf"])
+def test_load_refuses_a_model_of_other_widths(kind):
+    loss_fn = nn.CrossEntropyLoss()
+    X, y = _data()
+    model = _mlp()
+    opt = _make(kind, model, loss_fn)
+    _train(opt, model, loss_fn, [(X, y)])
+    torch.manual_seed(0)
+    wider = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.LayerNorm(7), nn.Linear(7, 3))
+    other = _make(kind, wider, loss_fn)
+    before = other.state_dict()
+    with pytest.raises(ValueError, match=r"another model.*'0\.weight' has shape \[7, 5\]"):
+        other.load_state_dict(opt.state_dict())
+    assert other.state_dict()["param_groups"] == before["param_groups"]  # nothing loaded
+    assert other.steps == 0 and not other.state
+
+
+@pytest.mark.parametrize("kind", ["kfac", "singd", "sirf"])
+def test_routing_is_saved_and_checked_on_load(kind):
+    loss_fn = nn.CrossEntropyLoss()
+    X, y = _data()
+    model = _mlp()
+    opt = _make(kind, model, loss_fn)
+    _train(opt, model, loss_fn, [(X, y)])
+    saved = opt.state_dict()["beyondgrad"]["params"]
+    assert [(n, t) for n, _, t, _ in saved] == [(n, opt.routes[n][0]) for n in opt.routes]
+    everything_adamw = [{"params": list(model.parameters()), "precondition": False}]
+    other = _make(kind, model, loss_fn, params=everything_adamw)
+    with pytest.raises(ValueError, match=r"'0\.weight' goes to adamw, in the state_dict to"):
+        other.load_state_dict(opt.state_dict())
+    with pytest.raises(ValueError, match=r"goes to (kfac|singd|sirfshampoo), in the state_dict"):
+        _make(kind, model, loss_fn).load_state_dict(other.state_dict())
+
+
+class _Unused(nn.Module):
+    """``lin`` is never called: no Kronecker statistics, moved to AdamW at step 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(5, 3)
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.mark.parametrize("kind", ["kfac", "singd"])
+def test_layer_moved_to_fallback_in_the_first_step_resumes(kind):
+    loss_fn = nn.CrossEntropyLoss()
+    batches = [_data(8, seed=s) for s in range(4)]
+
+    def fresh():
+        torch.manual_seed(0)
+        model = _Unused()
+        return model, _make(kind, model, loss_fn)
+
+    model, opt = fresh()
+    assert opt.routes["lin.weight"][0] == kind
+    _train(opt, model, loss_fn, batches)
+    straight = [p.detach().clone() for p in model.parameters()]
+    model, opt = fresh()
+    _train(opt, model, loss_fn, batches[:2])
+    assert opt.routes["lin.weight"] == ("adamw", "no Kronecker statistics in the first step")
+    ckpt = {"model": model.state_dict(), "opt": opt.state_dict()}
+    model, opt = fresh()
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    assert opt.routes["lin.weight"][0] == "adamw" and "lin" not in opt.layers
+    _train(opt, model, loss_fn, batches[2:])
+    for p, q in zip(model.parameters(), straight):
+        assert torch.equal(p, q)
+
+
+def _hooks(model):
+    return [
+        (name, kind)
+        for name, m in model.named_modules()
+        for kind in ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks")
+        if getattr(m, kind)
+    ]
+
+
+@pytest.mark.parametrize("kind", ["kfac", "singd", "sirf"])
+def test_no_hook_is_left_on_the_model(kind):
+    loss_fn = nn.CrossEntropyLoss()
+    X, y = _data()
+    model = _mlp()
+    opt = _make(kind, model, loss_fn)
+    assert _hooks(model) == []
+    _train(opt, model, loss_fn, [(X, y)] * 2)
+    assert _hooks(model) == []
+    with pytest.raises(ZeroDivisionError), opt.capture():
+        assert _hooks(model)  # hooks exist while recording
+        raise ZeroDivisionError
+    assert _hooks(model) == []
+
+
+def test_sirfshampoo_factor_update_needs_a_counted_batch():
+    model, (X, y) = _mlp(), _data()
+    loss_fn = nn.CrossEntropyLoss()
+    opt = SIRFShampoo(model)
+    loss_fn(model(X), y).backward()  # no capture(): the batch size is unknown
+    with pytest.raises(RuntimeError, match="capture"):
+        opt.step()
