@@ -60,8 +60,8 @@ def test_structure_algebra_matches_dense(name, n):
     assert not (A @ B)[~pattern].abs().gt(1e-12).any()
     torch.testing.assert_close(s.to_dense(s.mul(a, b, n), n), A @ B)
     X = torch.randn(n, 4, generator=gen)
-    torch.testing.assert_close(s.apply(a, X), A @ X)
-    torch.testing.assert_close(s.apply(a, X, transpose=True), A.T @ X)
+    torch.testing.assert_close(s.matmul(a, X), A @ X)
+    torch.testing.assert_close(s.matmul(a, X, transpose=True), A.T @ X)
     S = torch.randn(n, n, generator=gen)
     S = S @ S.T
     P = s.to_dense(s.inner(a, n, S), n)
@@ -737,3 +737,191 @@ def test_sirfshampoo_factor_update_needs_a_counted_batch():
     loss_fn(model(X), y).backward()  # no capture(): the batch size is unknown
     with pytest.raises(RuntimeError, match="capture"):
         opt.step()
+
+
+# -- the shared components -------------------------------------------------------------------
+
+
+def test_moving_averages():
+    from beyondgrad.optim.averages import decayed_sum, decayed_sum_, ema_
+
+    a, b = torch.tensor([1.0, 2.0]), torch.tensor([3.0, -1.0])
+    first = ema_(None, a, 0.9)
+    assert torch.equal(first, a) and first is not a  # the first value initializes
+    out = ema_(first, b, 0.9)
+    assert out is first  # in place
+    torch.testing.assert_close(out, 0.9 * a + 0.1 * b)
+    torch.testing.assert_close(decayed_sum(a, b, 0.5), 0.5 * a + b)
+    torch.testing.assert_close(decayed_sum(a, b, 0.3, 0.7), 0.3 * a + 0.7 * b)
+    buf = decayed_sum_(None, a, 0.9)
+    assert torch.equal(buf, a)
+    assert decayed_sum_(buf, b, 0.9) is buf
+    torch.testing.assert_close(buf, 0.9 * a + b)
+
+
+def test_refresh_schedule_and_deprecated_spellings():
+    from beyondgrad.optim.schedule import check_every, is_due
+
+    assert [s for s in range(7) if is_due(s, 3)] == [0, 3, 6]
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="refresh_every"):
+            check_every("refresh_every", bad)
+    model, loss_fn = _mlp(), nn.CrossEntropyLoss()
+    with pytest.warns(DeprecationWarning, match=r"SINGD\(T=...\) is deprecated"):
+        opt = SINGD(model, loss_fn, T=3)
+    assert opt.param_groups[0]["refresh_every"] == 3
+    with pytest.warns(DeprecationWarning, match="SINGD.T is deprecated"):
+        assert opt.T == 3
+    with pytest.warns(DeprecationWarning, match=r"SIRFShampoo\(T=...\)"):
+        assert SIRFShampoo(model, T=4).param_groups[0]["refresh_every"] == 4
+    with pytest.warns(DeprecationWarning, match="param-group key 'T'"):
+        opt = SIRFShampoo(model, [{"params": list(model.parameters()), "T": 5}])
+    assert opt.param_groups[0]["refresh_every"] == 5 and "T" not in opt.param_groups[0]
+    with (
+        pytest.raises(ValueError, match="give refresh_every only"),
+        pytest.warns(DeprecationWarning),
+    ):
+        SINGD(model, loss_fn, T=3, refresh_every=4)
+    with pytest.raises(ValueError, match="refresh_every must be a positive int"):
+        KFAC(model, loss_fn, refresh_every=0)
+    with pytest.warns(DeprecationWarning, match="Structure.apply is deprecated"):
+        X = torch.randn(3, 2)
+        torch.testing.assert_close(structure("dense").apply(torch.eye(3), X), X)
+
+
+def test_refresh_every_is_a_param_group_setting():
+    """KFAC recomputes each layer's eigenbasis on its own group's schedule."""
+    model, loss_fn = _mlp(), nn.CrossEntropyLoss()
+    groups = [
+        {"params": list(model[0].parameters()), "refresh_every": 1},
+        {"params": list(model[2].parameters()) + list(model[3].parameters()), "refresh_every": 3},
+    ]
+    opt = KFAC(model, loss_fn, groups, fisher_type="type-2")
+    eigs = []
+    for X, y in [_data(16, seed=s) for s in range(3)]:
+        _train(opt, model, loss_fn, [(X, y)])
+        eigs.append({n: opt.layers[n]["eig"][0].clone() for n in ("0", "3")})
+    assert not torch.equal(eigs[0]["0"], eigs[1]["0"])  # refreshed every step
+    assert torch.equal(eigs[0]["3"], eigs[1]["3"]) and torch.equal(eigs[1]["3"], eigs[2]["3"])
+
+
+def test_add_param_group_after_construction_is_refused():
+    model, loss_fn = _mlp(), nn.CrossEntropyLoss()
+    opt = KFAC(model, loss_fn, params=list(model[0].parameters()))
+    with pytest.raises(RuntimeError, match="constructor"):
+        opt.add_param_group({"params": list(model[3].parameters())})
+
+
+def test_damping_components_match_dense():
+    from beyondgrad.optim.damping import eigen_damped_solve, trace_coupled
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(7, 3, generator=g), torch.randn(7, 2, generator=g)
+    A, B = a.T @ a, b.T @ b
+    M = torch.randn(2, 3, generator=g)
+    la, qa = torch.linalg.eigh(A)
+    lb, qb = torch.linalg.eigh(B)
+    got = eigen_damped_solve((lb[None], qb[None], la[None], qa[None]), M[None], 0.1)[0]
+    F = torch.kron(B, A) + 0.1 * torch.eye(6)  # row-major vec(M): B kron A
+    torch.testing.assert_close(got.reshape(-1), torch.linalg.solve(F, M.reshape(-1)))
+    assert trace_coupled([2.0, 3.0, 5.0], 0.1) == pytest.approx([1.5, 1.0, 0.6])
+    assert trace_coupled([2.0, 3.0], 1.0) == [3.0, 2.0]
+
+
+def test_clip_scale_matches_definition():
+    from beyondgrad.optim.clipping import clip_scale
+
+    g = torch.Generator().manual_seed(0)
+    d = [torch.randn(3, generator=g), torch.randn(2, 2, generator=g)]
+    gr = [torch.randn(3, generator=g), torch.randn(2, 2, generator=g)]
+    lrs = [0.1, 0.2]
+    items = list(zip(d, gr, lrs))
+    vg = sum(lr**2 * float((x * y).sum()) for x, y, lr in items)
+    assert clip_scale(items, 1e-6, None) == pytest.approx(min(1.0, (1e-6 / abs(vg)) ** 0.5))
+    assert clip_scale(items, None, None) == 1.0 and clip_scale([], 1e-6, 1e-6) == 1.0
+    norm = sum(lr**2 * float(x.square().sum()) for x, _, lr in items) ** 0.5
+    assert clip_scale(items, None, norm / 4) == pytest.approx(0.25)
+    assert clip_scale(items, None, norm * 2) == 1.0
+
+
+@pytest.mark.parametrize("kind", ["kfac", "singd", "sirf"])
+def test_max_update_norm_caps_every_method(kind):
+    model, (X, y) = _mlp(), _data()
+    loss_fn = nn.CrossEntropyLoss()
+    groups = [{"params": [p for n, p in model.named_parameters() if not n.startswith("2.")]}]
+    groups.append({"params": list(model[2].parameters()), "precondition": False})
+    opt = _make(kind, model, loss_fn, params=groups, max_update_norm=1e-5, momentum=0.0)
+    before = [p.detach().clone() for p in groups[0]["params"]]
+    _train(opt, model, loss_fn, [(X, y)])
+    step = torch.cat([(p - q).reshape(-1) for p, q in zip(groups[0]["params"], before)])
+    torch.testing.assert_close(step.norm(), torch.tensor(1e-5))
+
+
+def _step_and_record(opt, model, loss_fn, X, y):
+    """One step; returns the gradients and the direction ``(p_new - p_old) / -lr``."""
+    opt.zero_grad()
+    with opt.capture():
+        loss = loss_fn(model(X), y)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    lr = opt.param_groups[0]["lr"]
+    return grads, {n: (p.detach() - start[n]) / -lr for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("kind", ["kfac", "singd", "sirf"])
+@pytest.mark.parametrize("grafting", ["sgd", "adam"])
+def test_grafting_takes_the_norm_of_the_grafted_method(kind, grafting):
+    """In the second step every preconditioned parameter moves along the ungrafted direction
+    (a twin loaded from the same state with ``grafting=None`` in its param groups) with the
+    norm of the grafted method's direction (SGD: the gradient; Adam: bias-corrected RMSprop
+    over both steps' gradients)."""
+    loss_fn, (X, y) = nn.CrossEntropyLoss(), _data()
+    kw = {"momentum": 0.0, "lr": 0.1, "grafting": grafting}
+    kw |= {"kl_clip": None} if kind == "kfac" else {}
+    model = _mlp()
+    opt = _make(kind, model, loss_fn, **kw)
+    first, _ = _step_and_record(opt, model, loss_fn, X, y)
+    twin = _mlp(seed=5)
+    twin.load_state_dict(model.state_dict())
+    plain_opt = _make(kind, twin, loss_fn, **kw)
+    plain_opt.load_state_dict(opt.state_dict())
+    for group in plain_opt.param_groups:
+        group["grafting"] = None
+    grads, steps = _step_and_record(opt, model, loss_fn, X, y)
+    _, plain = _step_and_record(plain_opt, twin, loss_fn, X, y)
+    beta2, eps = opt.param_groups[0]["adam_betas"][1], opt.param_groups[0]["adam_eps"]
+    preconditioned = [n for n, (target, _) in opt.routes.items() if target != "adamw"]
+    assert preconditioned
+    for name in preconditioned:
+        g = grads[name]
+        if grafting == "sgd":
+            reference = g
+        else:
+            v = (1 - beta2) * (beta2 * first[name] ** 2 + g**2)
+            reference = g / ((v / (1 - beta2**2)).sqrt() + eps)
+        d = plain[name]
+        assert not torch.allclose(d, reference)  # the preconditioner did something
+        torch.testing.assert_close(steps[name], d * reference.norm() / d.norm())
+
+
+def test_engine_adapter_gives_raw_kronecker_sums():
+    """The optimizers read raw sums over samples (the adapter undoes the engine's average)."""
+    from beyondgrad.optim._engine import kronecker_quantity, record_kronecker_sums
+
+    model, (X, y) = _mlp(), _data(12)
+    loss_fn = nn.CrossEntropyLoss()
+    quantity = kronecker_quantity("type-2", "expand", 1)
+    with record_kronecker_sums(model, loss_fn, quantity, torch.Generator(), "test") as rec:
+        loss_fn(model(X), y)
+    blocks = bg.compute(model, loss_fn, X, y, bg.KFAC(fisher_type="type-2"))[
+        bg.KFAC(fisher_type="type-2")
+    ]
+    assert set(rec.sums) == {"0", "3"}
+    for name, sums in rec.sums.items():
+        assert sums.count == 12
+        torch.testing.assert_close(sums.A, blocks[name].A * 12)
+        torch.testing.assert_close(sums.B, blocks[name].B * 12)
+    with pytest.raises(ValueError, match="forward-only"):
+        kronecker_quantity("forward-only", "expand", 1)
