@@ -925,3 +925,43 @@ def test_engine_adapter_gives_raw_kronecker_sums():
         torch.testing.assert_close(sums.B, blocks[name].B * 12)
     with pytest.raises(ValueError, match="forward-only"):
         kronecker_quantity("forward-only", "expand", 1)
+
+
+def _as_older_format(sd, kind):
+    """A state_dict as the previous version wrote it: no signature, tensor step counters,
+    no refresh_every/grafting group keys (SIRFShampoo: a per-group T), fewer layer keys."""
+    sd = {**sd, "beyondgrad": dict(sd["beyondgrad"])}
+    extra = sd["beyondgrad"]
+    del extra["params"]
+    for state in extra["layers"].values():
+        state.pop("structures" if kind == "singd" else "", None)
+        if kind == "sirf":
+            del state["params"]
+    for group in sd["param_groups"]:
+        every = group.pop("refresh_every")
+        del group["grafting"]
+        if kind == "sirf":
+            group["T"] = every
+    for state in sd["state"].values():
+        if "adam_step" in state:
+            state["adam_step"] = torch.tensor(float(state["adam_step"]), dtype=torch.float64)
+    return sd
+
+
+@pytest.mark.parametrize("kind", ["kfac", "singd", "sirf"])
+def test_older_state_dicts_still_load_and_resume(kind):
+    loss_fn = nn.CrossEntropyLoss()
+    batches = [_data(16, seed=s) for s in range(4)]
+    model = _mlp()
+    _train(_make(kind, model, loss_fn), model, loss_fn, batches)
+    model2 = _mlp()
+    opt = _make(kind, model2, loss_fn)
+    _train(opt, model2, loss_fn, batches[:2])
+    fresh = _make(kind, model2, loss_fn)
+    fresh.load_state_dict(_as_older_format(opt.state_dict(), kind))
+    _train(fresh, model2, loss_fn, batches[2:])
+    for p, q in zip(model2.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+    wider = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.LayerNorm(7), nn.Linear(7, 3))
+    with pytest.raises(ValueError, match="another model"):
+        _make(kind, wider, loss_fn).load_state_dict(_as_older_format(opt.state_dict(), kind))

@@ -306,7 +306,11 @@ class CurvatureOptimizer(Optimizer):
                 f"{None if extra is None else extra.get('method')!r})"
             )
         dropped = self._check_compatible(sd, extra)
-        sd["param_groups"] = [_migrate_group(g) for g in sd["param_groups"]]
+        if len(sd["param_groups"]) == len(self.param_groups):
+            sd["param_groups"] = [
+                _migrate_group(saved, now)
+                for saved, now in zip(sd["param_groups"], self.param_groups)
+            ]
         for group in sd["param_groups"]:
             self._validate_group(group)
         sd["state"] = {k: step_counter_as_int(v) for k, v in sd["state"].items()}
@@ -362,12 +366,16 @@ def _nbytes(value: Any) -> int:
     return 0
 
 
-def _migrate_group(group: dict[str, Any]) -> dict[str, Any]:
-    """A saved param group with deprecated keys renamed (older state_dicts)."""
-    out = dict(group)
+def _migrate_group(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """A saved param group with deprecated keys renamed and settings it lacks (older
+    state_dicts, e.g. ``refresh_every`` or ``grafting``) taken from the current group."""
+    out = dict(saved)
     for old, new in RENAMED_GROUP_KEYS.items():
         if old in out:
             out.setdefault(new, out.pop(old))
+    for key, value in current.items():
+        if key != "params":
+            out.setdefault(key, value)
     return out
 
 
