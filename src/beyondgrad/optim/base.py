@@ -100,7 +100,7 @@ class CurvatureOptimizer(Optimizer):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
-        for key, value in {**ADAMW_DEFAULTS, "grafting": None}.items():
+        for key, value in {**ADAMW_DEFAULTS, "grafting": None, "refresh_every": 1}.items():
             defaults.setdefault(key, value)
         self._groups_complete = False
         super().__init__(params, defaults)

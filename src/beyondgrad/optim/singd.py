@@ -174,7 +174,9 @@ class SINGD(KroneckerOptimizer):
         )
 
     def _statistics_due(self) -> bool:
-        return any(is_due(self.steps, g["refresh_every"]) for g in self.param_groups)
+        return any(
+            is_due(self.steps, g["refresh_every"]) for g in self.param_groups if g["precondition"]
+        )
 
     def _update_preconditioner(
         self,
