@@ -49,9 +49,11 @@ class Structure:
 
     # -- storage ------------------------------------------------------------------------------
     def eye(self, n: int, dtype: torch.dtype, device: torch.device | str | None = None) -> Tensor:
+        """The ``n x n`` identity in this structure's storage."""
         return self.project(torch.eye(n, dtype=dtype, device=device))
 
     def to_dense(self, t: Tensor, n: int) -> Tensor:
+        """The stored matrix ``t`` as a dense ``[n, n]`` tensor."""
         return t
 
     def project(self, M: Tensor) -> Tensor:
@@ -88,9 +90,11 @@ class Structure:
         return self.project(X @ X.T)
 
     def trace(self, t: Tensor, n: int) -> Tensor:
+        """``tr(K)`` (a 0-d tensor)."""
         return torch.diagonal(self.to_dense(t, n)).sum()
 
     def frobenius(self, t: Tensor, n: int) -> Tensor:
+        """``||K||_F`` in float32 (a 0-d tensor)."""
         return torch.linalg.matrix_norm(self.to_dense(t, n).float())
 
     def numel(self, n: int) -> int:
