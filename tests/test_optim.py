@@ -772,6 +772,9 @@ def test_refresh_schedule_and_deprecated_spellings():
     assert opt.param_groups[0]["refresh_every"] == 3
     with pytest.warns(DeprecationWarning, match="SINGD.T is deprecated"):
         assert opt.T == 3
+    with pytest.warns(DeprecationWarning, match="SINGD.T is deprecated"):
+        opt.T = 6
+    assert opt.param_groups[0]["refresh_every"] == 6
     with pytest.warns(DeprecationWarning, match=r"SIRFShampoo\(T=...\)"):
         assert SIRFShampoo(model, T=4).param_groups[0]["refresh_every"] == 4
     with pytest.warns(DeprecationWarning, match="param-group key 'T'"):

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from .averages import decayed_sum
 from .damping import check_damping, trace_coupled
 from .kronecker import KroneckerOptimizer
-from .schedule import deprecated_alias, is_due
+from .schedule import check_every, deprecated_alias, is_due
 from .structures import Structure, structure
 
 SINGD_RULES = ("linear", "conv")
@@ -143,6 +143,16 @@ class SINGD(KroneckerOptimizer):
             stacklevel=2,
         )
         return self.param_groups[0]["refresh_every"]
+
+    @T.setter
+    def T(self, value: int) -> None:
+        warnings.warn(
+            "SINGD.T is deprecated; set param_groups[i]['refresh_every']",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        for group in self.param_groups:
+            group["refresh_every"] = check_every("refresh_every", value)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
