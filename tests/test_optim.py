@@ -60,8 +60,8 @@ def test_structure_algebra_matches_dense(name, n):
     assert not (A @ B)[~pattern].abs().gt(1e-12).any()
     torch.testing.assert_close(s.to_dense(s.mul(a, b, n), n), A @ B)
     X = torch.randn(n, 4, generator=gen)
-    torch.testing.assert_close(s.apply(a, X), A @ X)
-    torch.testing.assert_close(s.apply(a, X, transpose=True), A.T @ X)
+    torch.testing.assert_close(s.matmul(a, X), A @ X)
+    torch.testing.assert_close(s.matmul(a, X, transpose=True), A.T @ X)
     S = torch.randn(n, n, generator=gen)
     S = S @ S.T
     P = s.to_dense(s.inner(a, n, S), n)
@@ -281,7 +281,7 @@ def test_singd_dense_matches_reference(kfac_like):
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     X, y = _data(8, 5, 4)
     kw = dict(damping=0.1, alpha1=0.5, lr_cov=0.05, kfac_like=kfac_like)
-    opt = SINGD(model, loss_fn, lr=0.1, momentum=0.0, T=1, fisher_type="type-2", **kw)
+    opt = SINGD(model, loss_fn, lr=0.1, momentum=0.0, refresh_every=1, fisher_type="type-2", **kw)
     K, C, mK, mC = torch.eye(6), torch.eye(4), torch.zeros(6, 6), torch.zeros(4, 4)
     for _ in range(3):
         res = bg.compute(model, loss_fn, X, y, bg.Grad(), bg.KFAC(fisher_type="type-2"))
@@ -319,7 +319,7 @@ def test_ikfac_fixed_point_is_damped_inverse():
 def test_singd_structures_keep_their_pattern_and_train(name):
     model, (X, y) = _mlp(), _data(32)
     loss_fn = nn.CrossEntropyLoss()
-    opt = SINGD(model, loss_fn, lr=0.05, T=1, structures=name, lr_cov=0.1)
+    opt = SINGD(model, loss_fn, lr=0.05, refresh_every=1, structures=name, lr_cov=0.1)
     losses = _train(opt, model, loss_fn, [(X, y)] * 15)
     assert losses[-1] < losses[0]
     s = structure(name)
@@ -423,36 +423,71 @@ def _make(kind, model, loss_fn, **kw):
     if kind == "kfac":
         return KFAC(model, loss_fn, fisher_type="mc", refresh_every=2, **kw)
     if kind == "singd":
-        return SINGD(model, loss_fn, T=2, structures=("diagonal", "dense"), fisher_type="mc", **kw)
-    return SIRFShampoo(model, T=2, **kw)
+        return SINGD(
+            model,
+            loss_fn,
+            refresh_every=2,
+            structures=("diagonal", "dense"),
+            fisher_type="mc",
+            **kw,
+        )
+    return SIRFShampoo(model, refresh_every=2, **kw)
+
+
+def _scheduled_run(kind, batches, model=None, opt_state=None, sched_state=None):
+    """Train on ``batches`` with a StepLR stepped after every step; optionally start from a
+    checkpoint (model parameters, optimizer and scheduler states) loaded into fresh objects."""
+    loss_fn = nn.CrossEntropyLoss()
+    fresh = _mlp(seed=9 if model is not None else 0)
+    if model is not None:
+        fresh.load_state_dict(model)
+    opt = _make(kind, fresh, loss_fn, seed=3)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+        sched.load_state_dict(sched_state)
+    for X, y in batches:
+        _train(opt, fresh, loss_fn, [(X, y)])
+        sched.step()
+    return fresh, opt, sched
 
 
 @pytest.mark.parametrize("kind", ["kfac", "singd", "sirf"])
-def test_resume_is_bit_identical(kind):
-    loss_fn = nn.CrossEntropyLoss()
+def test_resume_with_lr_scheduler_is_bit_identical(kind):
+    """Stop after 3 steps, save model, optimizer and scheduler, build everything afresh, load,
+    continue: exactly the parameters of the uninterrupted run (the preconditioned layers
+    follow the loaded param groups and the scheduler; the fallback too)."""
     batches = [_data(16, seed=s) for s in range(7)]
-    model = _mlp()
-    opt = _make(kind, model, loss_fn, seed=3)
-    _train(opt, model, loss_fn, batches)
-    straight = {n: p.detach().clone() for n, p in model.named_parameters()}
-
-    model = _mlp()
-    opt = _make(kind, model, loss_fn, seed=3)
-    sched = torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)
-    _train(opt, model, loss_fn, batches[:3])
+    straight, _, _ = _scheduled_run(kind, batches)
+    model, opt, sched = _scheduled_run(kind, batches[:3])
     buf = io.BytesIO()
     torch.save(
         {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, buf
     )
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=False)
-    model2 = _mlp(seed=9)
-    model2.load_state_dict(ckpt["model"])
-    opt2 = _make(kind, model2, loss_fn, seed=3)
-    opt2.load_state_dict(ckpt["opt"])
-    _train(opt2, model2, loss_fn, batches[3:])
-    for name, p in model2.named_parameters():
-        assert torch.equal(p, straight[name]), name
+    resumed, opt2, _ = _scheduled_run(kind, batches[3:], ckpt["model"], ckpt["opt"], ckpt["sched"])
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] / 4  # the schedule went on
+    for (name, p), q in zip(resumed.named_parameters(), straight.parameters()):
+        assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("kind", ["kfac", "singd", "sirf"])
+def test_loaded_param_group_settings_reach_preconditioned_layers(kind):
+    """After load_state_dict, a changed group setting (here lr = 0) acts on every layer."""
+    loss_fn = nn.CrossEntropyLoss()
+    X, y = _data()
+    model = _mlp()
+    opt = _make(kind, model, loss_fn)
+    _train(opt, model, loss_fn, [(X, y)])
+    fresh = _make(kind, model, loss_fn)
+    fresh.load_state_dict(opt.state_dict())
+    fresh.param_groups[0]["lr"] = 0.0
+    fresh.param_groups[0]["adam_lr"] = 0.0
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _train(fresh, model, loss_fn, [(X, y)])
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
 
 
 @pytest.mark.parametrize("kind", ["kfac", "singd"])
@@ -471,8 +506,8 @@ def test_gradient_accumulation_equals_full_batch(kind):
         else KFAC(model_b, loss_fn, fisher_type="type-2")
     )
     if kind == "singd":
-        opt_a = SINGD(model_a, loss_fn, T=1, fisher_type="type-2")
-        opt_b = SINGD(model_b, loss_fn, T=1, fisher_type="type-2")
+        opt_a = SINGD(model_a, loss_fn, refresh_every=1, fisher_type="type-2")
+        opt_b = SINGD(model_b, loss_fn, refresh_every=1, fisher_type="type-2")
     _train(opt_a, model_a, loss_fn, [(X, y)])
     opt_b.zero_grad()
     for half in (slice(0, 8), slice(8, 16)):
@@ -492,7 +527,7 @@ def test_bfloat16_factors_and_autocast_stay_finite(kind):
     X = X.float()
     loss_fn = nn.CrossEntropyLoss()
     if kind == "singd":
-        opt = SINGD(model, loss_fn, T=1, lr=0.01, preconditioner_dtype=torch.bfloat16)
+        opt = SINGD(model, loss_fn, refresh_every=1, lr=0.01, preconditioner_dtype=torch.bfloat16)
     else:
         opt = SIRFShampoo(model, lr=0.01, preconditioner_dtype=torch.bfloat16)
     losses = []
@@ -515,7 +550,7 @@ def test_grad_scaler_steps_and_skips_inf():
     X, y = _data(8)
     X = X.float()
     loss_fn = nn.CrossEntropyLoss()
-    opt = SINGD(model, loss_fn, T=1)
+    opt = SINGD(model, loss_fn, refresh_every=1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     before = model[0].weight.detach().clone()
     for _ in range(2):
@@ -572,3 +607,364 @@ def test_errors_are_clear():
         opt.load_state_dict(SINGD(model, loss_fn).state_dict())
     with pytest.raises(RuntimeError, match="loss_fn was not called"), opt.capture():
         model(X)
+
+
+# -- checkpoints: what load_state_dict keeps and what it refuses -----------------------------
+
+
+def test_fallback_step_counter_is_not_cast_to_bfloat16():
+    """The AdamW counter stays exact after loading into a bfloat16 model (a bf16 counter
+    stops at 256: 300 + 1 rounds to 300)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3)).to(torch.bfloat16)
+    X, y = _data(8)
+    X = X.to(torch.bfloat16)
+    loss_fn = nn.CrossEntropyLoss()
+    opt = SINGD(model, loss_fn, refresh_every=1)
+    _train(opt, model, loss_fn, [(X, y)])
+    sd = opt.state_dict()
+    index = [id(p) for g in opt.param_groups for p in g["params"]].index(id(model[1].weight))
+    sd["state"][index]["adam_step"] = torch.tensor(300.0, dtype=torch.float64)  # a long run
+    fresh = SINGD(model, loss_fn, refresh_every=1)
+    fresh.load_state_dict(sd)
+    _train(fresh, model, loss_fn, [(X, y)])
+    counter = fresh.state[model[1].weight]["adam_step"]
+    assert not (torch.is_tensor(counter) and counter.dtype == torch.bfloat16)
+    assert int(counter) == 301
+
+
+@pytest.mark.parametrize("kind", ["kfac", "singd", "sirf"])
+def test_load_refuses_a_model_of_other_widths(kind):
+    loss_fn = nn.CrossEntropyLoss()
+    X, y = _data()
+    model = _mlp()
+    opt = _make(kind, model, loss_fn)
+    _train(opt, model, loss_fn, [(X, y)])
+    torch.manual_seed(0)
+    wider = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.LayerNorm(7), nn.Linear(7, 3))
+    other = _make(kind, wider, loss_fn)
+    before = other.state_dict()
+    with pytest.raises(ValueError, match=r"another model.*'0\.weight' has shape \[7, 5\]"):
+        other.load_state_dict(opt.state_dict())
+    assert other.state_dict()["param_groups"] == before["param_groups"]  # nothing loaded
+    assert other.steps == 0 and not other.state
+
+
+@pytest.mark.parametrize("kind", ["kfac", "singd", "sirf"])
+def test_routing_is_saved_and_checked_on_load(kind):
+    loss_fn = nn.CrossEntropyLoss()
+    X, y = _data()
+    model = _mlp()
+    opt = _make(kind, model, loss_fn)
+    _train(opt, model, loss_fn, [(X, y)])
+    saved = opt.state_dict()["beyondgrad"]["params"]
+    assert [(n, t) for n, _, t, _ in saved] == [(n, opt.routes[n][0]) for n in opt.routes]
+    everything_adamw = [{"params": list(model.parameters()), "precondition": False}]
+    other = _make(kind, model, loss_fn, params=everything_adamw)
+    with pytest.raises(ValueError, match=r"'0\.weight' goes to adamw, in the state_dict to"):
+        other.load_state_dict(opt.state_dict())
+    with pytest.raises(ValueError, match=r"goes to (kfac|singd|sirfshampoo), in the state_dict"):
+        _make(kind, model, loss_fn).load_state_dict(other.state_dict())
+
+
+class _Unused(nn.Module):
+    """``lin`` is never called: no Kronecker statistics, moved to AdamW at step 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(5, 3)
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.mark.parametrize("kind", ["kfac", "singd"])
+def test_layer_moved_to_fallback_in_the_first_step_resumes(kind):
+    loss_fn = nn.CrossEntropyLoss()
+    batches = [_data(8, seed=s) for s in range(4)]
+
+    def fresh():
+        torch.manual_seed(0)
+        model = _Unused()
+        return model, _make(kind, model, loss_fn)
+
+    model, opt = fresh()
+    assert opt.routes["lin.weight"][0] == kind
+    _train(opt, model, loss_fn, batches)
+    straight = [p.detach().clone() for p in model.parameters()]
+    model, opt = fresh()
+    _train(opt, model, loss_fn, batches[:2])
+    assert opt.routes["lin.weight"] == ("adamw", "no Kronecker statistics in the first step")
+    ckpt = {"model": model.state_dict(), "opt": opt.state_dict()}
+    model, opt = fresh()
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    assert opt.routes["lin.weight"][0] == "adamw" and "lin" not in opt.layers
+    _train(opt, model, loss_fn, batches[2:])
+    for p, q in zip(model.parameters(), straight):
+        assert torch.equal(p, q)
+
+
+def _hooks(model):
+    return [
+        (name, kind)
+        for name, m in model.named_modules()
+        for kind in ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks")
+        if getattr(m, kind)
+    ]
+
+
+@pytest.mark.parametrize("kind", ["kfac", "singd", "sirf"])
+def test_no_hook_is_left_on_the_model(kind):
+    loss_fn = nn.CrossEntropyLoss()
+    X, y = _data()
+    model = _mlp()
+    opt = _make(kind, model, loss_fn)
+    assert _hooks(model) == []
+    _train(opt, model, loss_fn, [(X, y)] * 2)
+    assert _hooks(model) == []
+    with pytest.raises(ZeroDivisionError), opt.capture():
+        assert _hooks(model)  # hooks exist while recording
+        raise ZeroDivisionError
+    assert _hooks(model) == []
+
+
+def test_sirfshampoo_factor_update_needs_a_counted_batch():
+    model, (X, y) = _mlp(), _data()
+    loss_fn = nn.CrossEntropyLoss()
+    opt = SIRFShampoo(model)
+    loss_fn(model(X), y).backward()  # no capture(): the batch size is unknown
+    with pytest.raises(RuntimeError, match="capture"):
+        opt.step()
+
+
+# -- the shared components -------------------------------------------------------------------
+
+
+def test_moving_averages():
+    from beyondgrad.optim.averages import decayed_sum, decayed_sum_, ema_
+
+    a, b = torch.tensor([1.0, 2.0]), torch.tensor([3.0, -1.0])
+    first = ema_(None, a, 0.9)
+    assert torch.equal(first, a) and first is not a  # the first value initializes
+    out = ema_(first, b, 0.9)
+    assert out is first  # in place
+    torch.testing.assert_close(out, 0.9 * a + 0.1 * b)
+    torch.testing.assert_close(decayed_sum(a, b, 0.5), 0.5 * a + b)
+    torch.testing.assert_close(decayed_sum(a, b, 0.3, 0.7), 0.3 * a + 0.7 * b)
+    buf = decayed_sum_(None, a, 0.9)
+    assert torch.equal(buf, a)
+    assert decayed_sum_(buf, b, 0.9) is buf
+    torch.testing.assert_close(buf, 0.9 * a + b)
+
+
+def test_refresh_schedule_and_deprecated_spellings():
+    from beyondgrad.optim.schedule import check_every, is_due
+
+    assert [s for s in range(7) if is_due(s, 3)] == [0, 3, 6]
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="refresh_every"):
+            check_every("refresh_every", bad)
+    model, loss_fn = _mlp(), nn.CrossEntropyLoss()
+    with pytest.warns(DeprecationWarning, match=r"SINGD\(T=...\) is deprecated"):
+        opt = SINGD(model, loss_fn, T=3)
+    assert opt.param_groups[0]["refresh_every"] == 3
+    with pytest.warns(DeprecationWarning, match="SINGD.T is deprecated"):
+        assert opt.T == 3
+    with pytest.warns(DeprecationWarning, match="SINGD.T is deprecated"):
+        opt.T = 6
+    assert opt.param_groups[0]["refresh_every"] == 6
+    with pytest.warns(DeprecationWarning, match=r"SIRFShampoo\(T=...\)"):
+        assert SIRFShampoo(model, T=4).param_groups[0]["refresh_every"] == 4
+    with pytest.warns(DeprecationWarning, match="param-group key 'T'"):
+        opt = SIRFShampoo(model, [{"params": list(model.parameters()), "T": 5}])
+    assert opt.param_groups[0]["refresh_every"] == 5 and "T" not in opt.param_groups[0]
+    with (
+        pytest.raises(ValueError, match="give refresh_every only"),
+        pytest.warns(DeprecationWarning),
+    ):
+        SINGD(model, loss_fn, T=3, refresh_every=4)
+    with pytest.raises(ValueError, match="refresh_every must be a positive int"):
+        KFAC(model, loss_fn, refresh_every=0)
+    with pytest.warns(DeprecationWarning, match="Structure.apply is deprecated"):
+        X = torch.randn(3, 2)
+        torch.testing.assert_close(structure("dense").apply(torch.eye(3), X), X)
+
+
+def test_refresh_every_is_a_param_group_setting():
+    """KFAC recomputes each layer's eigenbasis on its own group's schedule."""
+    model, loss_fn = _mlp(), nn.CrossEntropyLoss()
+    groups = [
+        {"params": list(model[0].parameters()), "refresh_every": 1},
+        {"params": list(model[2].parameters()) + list(model[3].parameters()), "refresh_every": 3},
+    ]
+    opt = KFAC(model, loss_fn, groups, fisher_type="type-2")
+    eigs = []
+    for X, y in [_data(16, seed=s) for s in range(3)]:
+        _train(opt, model, loss_fn, [(X, y)])
+        eigs.append({n: opt.layers[n]["eig"][0].clone() for n in ("0", "3")})
+    assert not torch.equal(eigs[0]["0"], eigs[1]["0"])  # refreshed every step
+    assert torch.equal(eigs[0]["3"], eigs[1]["3"]) and torch.equal(eigs[1]["3"], eigs[2]["3"])
+
+
+def test_add_param_group_after_construction_is_refused():
+    model, loss_fn = _mlp(), nn.CrossEntropyLoss()
+    opt = KFAC(model, loss_fn, params=list(model[0].parameters()))
+    with pytest.raises(RuntimeError, match="constructor"):
+        opt.add_param_group({"params": list(model[3].parameters())})
+
+
+def test_damping_components_match_dense():
+    from beyondgrad.optim.damping import eigen_damped_solve, trace_coupled
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(7, 3, generator=g), torch.randn(7, 2, generator=g)
+    A, B = a.T @ a, b.T @ b
+    M = torch.randn(2, 3, generator=g)
+    la, qa = torch.linalg.eigh(A)
+    lb, qb = torch.linalg.eigh(B)
+    got = eigen_damped_solve((lb[None], qb[None], la[None], qa[None]), M[None], 0.1)[0]
+    F = torch.kron(B, A) + 0.1 * torch.eye(6)  # row-major vec(M): B kron A
+    torch.testing.assert_close(got.reshape(-1), torch.linalg.solve(F, M.reshape(-1)))
+    assert trace_coupled([2.0, 3.0, 5.0], 0.1) == pytest.approx([1.5, 1.0, 0.6])
+    assert trace_coupled([2.0, 3.0], 1.0) == [3.0, 2.0]
+
+
+def test_clip_scale_matches_definition():
+    from beyondgrad.optim.clipping import clip_scale
+
+    g = torch.Generator().manual_seed(0)
+    d = [torch.randn(3, generator=g), torch.randn(2, 2, generator=g)]
+    gr = [torch.randn(3, generator=g), torch.randn(2, 2, generator=g)]
+    lrs = [0.1, 0.2]
+    items = list(zip(d, gr, lrs))
+    vg = sum(lr**2 * float((x * y).sum()) for x, y, lr in items)
+    assert clip_scale(items, 1e-6, None) == pytest.approx(min(1.0, (1e-6 / abs(vg)) ** 0.5))
+    assert clip_scale(items, None, None) == 1.0 and clip_scale([], 1e-6, 1e-6) == 1.0
+    norm = sum(lr**2 * float(x.square().sum()) for x, _, lr in items) ** 0.5
+    assert clip_scale(items, None, norm / 4) == pytest.approx(0.25)
+    assert clip_scale(items, None, norm * 2) == 1.0
+
+
+@pytest.mark.parametrize("kind", ["kfac", "singd", "sirf"])
+def test_max_update_norm_caps_every_method(kind):
+    model, (X, y) = _mlp(), _data()
+    loss_fn = nn.CrossEntropyLoss()
+    groups = [{"params": [p for n, p in model.named_parameters() if not n.startswith("2.")]}]
+    groups.append({"params": list(model[2].parameters()), "precondition": False})
+    opt = _make(kind, model, loss_fn, params=groups, max_update_norm=1e-5, momentum=0.0)
+    before = [p.detach().clone() for p in groups[0]["params"]]
+    _train(opt, model, loss_fn, [(X, y)])
+    step = torch.cat([(p - q).reshape(-1) for p, q in zip(groups[0]["params"], before)])
+    torch.testing.assert_close(step.norm(), torch.tensor(1e-5))
+
+
+def _step_and_record(opt, model, loss_fn, X, y):
+    """One step; returns the gradients and the direction ``(p_new - p_old) / -lr``."""
+    opt.zero_grad()
+    with opt.capture():
+        loss = loss_fn(model(X), y)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    lr = opt.param_groups[0]["lr"]
+    return grads, {n: (p.detach() - start[n]) / -lr for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("kind", ["kfac", "singd", "sirf"])
+@pytest.mark.parametrize("grafting", ["sgd", "adam"])
+def test_grafting_takes_the_norm_of_the_grafted_method(kind, grafting):
+    """In the second step every preconditioned parameter moves along the ungrafted direction
+    (a twin loaded from the same state with ``grafting=None`` in its param groups) with the
+    norm of the grafted method's direction (SGD: the gradient; Adam: bias-corrected RMSprop
+    over both steps' gradients)."""
+    loss_fn, (X, y) = nn.CrossEntropyLoss(), _data()
+    kw = {"momentum": 0.0, "lr": 0.1, "grafting": grafting}
+    kw |= {"kl_clip": None} if kind == "kfac" else {}
+    model = _mlp()
+    opt = _make(kind, model, loss_fn, **kw)
+    first, _ = _step_and_record(opt, model, loss_fn, X, y)
+    twin = _mlp(seed=5)
+    twin.load_state_dict(model.state_dict())
+    plain_opt = _make(kind, twin, loss_fn, **kw)
+    plain_opt.load_state_dict(opt.state_dict())
+    for group in plain_opt.param_groups:
+        group["grafting"] = None
+    grads, steps = _step_and_record(opt, model, loss_fn, X, y)
+    _, plain = _step_and_record(plain_opt, twin, loss_fn, X, y)
+    beta2, eps = opt.param_groups[0]["adam_betas"][1], opt.param_groups[0]["adam_eps"]
+    preconditioned = [n for n, (target, _) in opt.routes.items() if target != "adamw"]
+    assert preconditioned
+    for name in preconditioned:
+        g = grads[name]
+        if grafting == "sgd":
+            reference = g
+        else:
+            v = (1 - beta2) * (beta2 * first[name] ** 2 + g**2)
+            reference = g / ((v / (1 - beta2**2)).sqrt() + eps)
+        d = plain[name]
+        assert not torch.allclose(d, reference)  # the preconditioner did something
+        torch.testing.assert_close(steps[name], d * reference.norm() / d.norm())
+
+
+def test_engine_adapter_gives_raw_kronecker_sums():
+    """The optimizers read raw sums over samples (the adapter undoes the engine's average)."""
+    from beyondgrad.optim._engine import kronecker_quantity, record_kronecker_sums
+
+    model, (X, y) = _mlp(), _data(12)
+    loss_fn = nn.CrossEntropyLoss()
+    quantity = kronecker_quantity("type-2", "expand", 1)
+    with record_kronecker_sums(model, loss_fn, quantity, torch.Generator(), "test") as rec:
+        loss_fn(model(X), y)
+    blocks = bg.compute(model, loss_fn, X, y, bg.KFAC(fisher_type="type-2"))[
+        bg.KFAC(fisher_type="type-2")
+    ]
+    assert set(rec.sums) == {"0", "3"}
+    for name, sums in rec.sums.items():
+        assert sums.count == 12
+        torch.testing.assert_close(sums.A, blocks[name].A * 12)
+        torch.testing.assert_close(sums.B, blocks[name].B * 12)
+    with pytest.raises(ValueError, match="forward-only"):
+        kronecker_quantity("forward-only", "expand", 1)
+
+
+def _as_older_format(sd, kind):
+    """A state_dict as the previous version wrote it: no signature, tensor step counters,
+    no refresh_every/grafting group keys (SIRFShampoo: a per-group T), fewer layer keys."""
+    sd = {**sd, "beyondgrad": dict(sd["beyondgrad"])}
+    extra = sd["beyondgrad"]
+    del extra["params"]
+    for state in extra["layers"].values():
+        state.pop("structures" if kind == "singd" else "", None)
+        if kind == "sirf":
+            del state["params"]
+    for group in sd["param_groups"]:
+        every = group.pop("refresh_every")
+        del group["grafting"]
+        if kind == "sirf":
+            group["T"] = every
+    for state in sd["state"].values():
+        if "adam_step" in state:
+            state["adam_step"] = torch.tensor(float(state["adam_step"]), dtype=torch.float64)
+    return sd
+
+
+@pytest.mark.parametrize("kind", ["kfac", "singd", "sirf"])
+def test_older_state_dicts_still_load_and_resume(kind):
+    loss_fn = nn.CrossEntropyLoss()
+    batches = [_data(16, seed=s) for s in range(4)]
+    model = _mlp()
+    _train(_make(kind, model, loss_fn), model, loss_fn, batches)
+    model2 = _mlp()
+    opt = _make(kind, model2, loss_fn)
+    _train(opt, model2, loss_fn, batches[:2])
+    fresh = _make(kind, model2, loss_fn)
+    fresh.load_state_dict(_as_older_format(opt.state_dict(), kind))
+    _train(fresh, model2, loss_fn, batches[2:])
+    for p, q in zip(model2.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+    wider = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.LayerNorm(7), nn.Linear(7, 3))
+    with pytest.raises(ValueError, match="another model"):
+        _make(kind, wider, loss_fn).load_state_dict(_as_older_format(opt.state_dict(), kind))

@@ -39,7 +39,7 @@ def _optimizer(kind: str, model: nn.Module, loss_fn: nn.Module):
     if kind == "kfac":
         return KFAC(model, loss_fn, fisher_type="type-2", refresh_every=1)
     if kind == "singd":
-        return SINGD(model, loss_fn, T=1, fisher_type="type-2", lr=0.05)
+        return SINGD(model, loss_fn, refresh_every=1, fisher_type="type-2", lr=0.05)
     return SIRFShampoo(model, lr=0.05)
 
 

@@ -1,7 +1,18 @@
 """Second-order optimizers that consume the engine's statistics (:class:`KFAC`,
 :class:`SINGD`) or only gradients (:class:`SIRFShampoo`); all are ``torch.optim.Optimizer``
-subclasses sharing one shell (:mod:`beyondgrad.optim.base`): routing to an AdamW fallback,
-``capture()`` for statistics, data-parallel reduction, bit-identical ``state_dict`` resume.
+subclasses composed from small shared components:
+
+- :mod:`.base`: the shell (param groups read at every step, ``capture()``, the step
+  pipeline, ``state_dict`` that resumes bit-identically and refuses a foreign state);
+- :mod:`.kronecker`: engine Kronecker statistics for KFAC and SINGD;
+- :mod:`.statistics`: accumulation over capture blocks and ranks, batch counting;
+- :mod:`.averages`: moving averages (factor averages, Riemannian momenta, momentum);
+- :mod:`.schedule`: the refresh schedule (``refresh_every``; ``T`` deprecated);
+- :mod:`.damping`, :mod:`.clipping`, :mod:`.grafting`, :mod:`.update`;
+- :mod:`.fallback` and :mod:`.routing`: the AdamW fallback and where each parameter goes;
+- :mod:`.structures`: structured factors of the inverse-free methods.
+
+See ``docs/optim.md``.
 """
 
 from .base import CurvatureOptimizer

@@ -1,10 +1,22 @@
-"""What KFAC, SINGD and SIRFShampoo share: the torch optimizer shell, routing of parameters to
-the preconditioner or to an AdamW fallback, collection of Kronecker statistics from the
-engine, data-parallel reduction, the parameter update (decoupled weight decay, momentum) and
-a ``state_dict`` that resumes bit-identically.
+"""The torch optimizer shell that KFAC, SINGD and SIRFShampoo share.
+
+It composes the components of this package into one step::
+
+    gradients averaged over ranks (without DDP)          statistics.average_gradients_over_ranks
+    statistics since the last step, averaged, checked    statistics (subclass: _collect_statistics)
+    gradients checked finite
+    per preconditioned layer, with its param group read now (schedulers, checkpoints):
+        fold statistics in, refresh when due            subclass: _update_preconditioner
+                                                         (averages, schedule, damping)
+        precondition the gradients                      subclass: _preconditioned_gradients
+        graft                                            grafting.graft
+    one scale for all directions                         clipping.clip_scale
+    momentum, decoupled weight decay, learning rate      update.descend_
+    AdamW for every other parameter                      fallback.adamw_
 
 The training loop is the ordinary one plus one ``with`` line around the forward pass (which
-records the layer inputs and, on statistics steps, backpropagates the curvature vectors)::
+records what the method needs: the layer inputs and, on statistics steps, the curvature
+vectors' backward; SIRFShampoo: the batch size)::
 
     for X, y in loader:
         opt.zero_grad()
@@ -18,7 +30,7 @@ statistics are averaged over all their samples. ``torch.amp.GradScaler``: use
 ``scaler.step(opt)`` as usual (the statistics come from the unscaled loss). Data parallel
 (``torch.distributed`` initialized): statistics are averaged over ranks, weighted by their
 sample counts; gradients too unless the model is wrapped in ``DistributedDataParallel``
-(which already averages them).
+(which already averages them). ``capture`` leaves no hook on the model after the block.
 """
 
 from __future__ import annotations
@@ -29,38 +41,50 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ..engine.capture import plan_units
-from ..engine.compute import capture as engine_capture
-from ..factors import KroneckerFactors
-from ..quantities import KFAC as KFACQuantity
+from .clipping import check_clip, clip_scale
+from .fallback import ADAMW_DEFAULTS, adamw_, check_adamw, step_counter_as_int
+from .grafting import check_grafting, graft
+from .routing import (
+    NO_STATISTICS,
+    Signature,
+    check_signature,
+    kronecker_layers,
+    parameter_signature,
+    routing_table,
+)
+from .schedule import RENAMED_GROUP_KEYS, check_every, is_due, rename_group_keys
+from .statistics import average_gradients_over_ranks, distributed_world
+from .update import descend_
 
-ADAMW_DEFAULTS: dict[str, Any] = {
-    "adam_lr": 1e-3,
-    "adam_betas": (0.9, 0.999),
-    "adam_eps": 1e-8,
-    "precondition": True,
-}
-
-
-def distributed_world() -> int:
-    """Number of ranks when ``torch.distributed`` is initialized, else 1."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _is_ddp(model: nn.Module) -> bool:
-    return isinstance(model, nn.parallel.DistributedDataParallel)
+Directions = list[tuple[Tensor, Tensor, dict[str, Any]]]
+"""``(parameter, direction, param group)`` per preconditioned parameter of a step."""
 
 
 class CurvatureOptimizer(Optimizer):
-    """Base class (not used directly). ``model``: the network (module hooks record layer
-    inputs). ``params``: parameters or param groups (default: all of ``model``'s trainable
-    parameters); a group with ``precondition=False`` goes to the AdamW fallback. Every
-    parameter the method cannot precondition also goes there, never left untrained;
-    :meth:`routing` reports where each one went and why."""
+    """Base class of :class:`~beyondgrad.optim.KFAC`, :class:`~beyondgrad.optim.SINGD` and
+    :class:`~beyondgrad.optim.SIRFShampoo` (not used directly).
+
+    Args:
+        model: the network (hooks on its modules record what the method needs).
+        params: parameters or param groups (default: all of ``model``'s trainable
+            parameters); a group with ``precondition=False`` goes to the AdamW fallback.
+            Every parameter the method cannot precondition also goes there, never left
+            untrained; :meth:`routing` reports where each one went and why.
+        defaults: param-group defaults (``lr``, ``momentum``, ``weight_decay``,
+            ``refresh_every``, ``grafting``, the method's own; the fallback's are added).
+        loss_fn: the loss module, for methods that backpropagate curvature vectors.
+        seed: seeds the Monte-Carlo draws (per step, so that a resume draws the same).
+
+    Attributes:
+        steps: completed steps (saved by ``state_dict``).
+        layers: per preconditioned layer (module or parameter name) its state; ``"params"``
+            holds the names of the parameters it covers.
+        routes: parameter name -> ``(target, reason)``.
+        kl_clip, max_update_norm: the clipping bounds (None: off).
+    """
 
     method = "base"
 
@@ -76,31 +100,62 @@ class CurvatureOptimizer(Optimizer):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
-        for key, value in ADAMW_DEFAULTS.items():
+        for key, value in {**ADAMW_DEFAULTS, "grafting": None, "refresh_every": 1}.items():
             defaults.setdefault(key, value)
+        self._groups_complete = False
         super().__init__(params, defaults)
+        self._groups_complete = True
         self.model, self.loss_fn, self.seed = model, loss_fn, seed
         self.names = {id(p): n for n, p in model.named_parameters()}
         for group in self.param_groups:
-            for p in group["params"]:
-                if id(p) not in self.names:
-                    raise ValueError("every optimized parameter must belong to `model`")
-            _check_common(group)
+            if any(id(p) not in self.names for p in group["params"]):
+                raise ValueError("every optimized parameter must belong to `model`")
+            self._validate_group(group)
         self.steps = 0
-        self.layers: dict[str, dict[str, Any]] = {}  # per-layer preconditioner state
-        self._pending: dict[str, list[Any]] = {}  # statistics since the last step
-        self.routes: dict[str, tuple[str, str]] = {}  # parameter name -> (target, reason)
-        self._group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        self.layers: dict[str, dict[str, Any]] = {}
+        self.routes: dict[str, tuple[str, str]] = {}
+        self.kl_clip: float | None = None
+        self.max_update_norm: float | None = None
+        self._group_index = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
         self._refused: dict[str, str] = {}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group (only while constructing: a group added later is not routed).
+        Deprecated keys (``T``) are renamed with a ``DeprecationWarning``."""
+        if getattr(self, "_groups_complete", False):
+            raise RuntimeError(
+                f"{type(self).__name__}: give every param group to the constructor (a group "
+                "added later would not be routed to the preconditioner or the fallback)"
+            )
+        if isinstance(param_group, dict):
+            rename_group_keys(param_group, type(self).__name__)
+        super().add_param_group(param_group)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        """Check (and normalize in place) one param group's settings; subclasses extend it.
+        Runs at construction and on the groups of a state_dict before it is loaded."""
+        _check_common(group)
+        check_adamw(group)
+        check_grafting(group["grafting"])
+        check_every("refresh_every", group["refresh_every"])
+
+    def group_of(self, p: Tensor) -> dict[str, Any]:
+        """The param group of ``p`` as it is now (after schedulers and ``load_state_dict``)."""
+        return self.param_groups[self._group_index[id(p)]]
+
+    def _set_clipping(self, kl_clip: float | None, max_update_norm: float | None) -> None:
+        """Validate and set the global clipping bounds (see :mod:`.clipping`)."""
+        check_clip("kl_clip", kl_clip)
+        check_clip("max_update_norm", max_update_norm)
+        self.kl_clip, self.max_update_norm = kl_clip, max_update_norm
+
+    def _refresh_due(self, group: dict[str, Any]) -> bool:
+        return is_due(self.steps, group["refresh_every"])
 
     # -- routing ------------------------------------------------------------------------------
     def routing(self) -> str:
         """A table: every optimized parameter, where it goes (the method or ``adamw``), why."""
-        width = max((len(n) for n in self.routes), default=4)
-        lines = [f"{'parameter':<{width}}  {'update':<12}  reason"]
-        for name, (target, reason) in self.routes.items():
-            lines.append(f"{name:<{width}}  {target:<12}  {reason}")
-        return "\n".join(lines)
+        return routing_table(self.routes)
 
     def _route(self, preconditioned: dict[str, str]) -> None:
         """``preconditioned``: parameter name -> reason, for those the method takes."""
@@ -117,118 +172,49 @@ class CurvatureOptimizer(Optimizer):
     def _why_not(self, name: str) -> str:
         return self._refused.get(name, f"{self.method} has no rule for it")
 
-    def _take_layers(self, layers: dict[str, tuple[str, ...]], refused: dict[str, str]) -> None:
-        """Precondition these layers (module name -> weight and bias names) when all their
-        parameters are optimized in one group with ``precondition=True``; route the rest."""
-        self._refused = dict(refused)
-        named = dict(self.model.named_parameters())
-        taken: dict[str, str] = {}
-        for name, pnames in layers.items():
-            members = [named[n] for n in pnames]
-            groups = {id(self._group_of[id(p)]) for p in members if id(p) in self._group_of}
-            if len(groups) != 1 or any(id(p) not in self._group_of for p in members):
-                for n in pnames:
-                    self._refused[n] = "its layer's weight and bias are not in one param group"
-                continue
-            if not self._group_of[id(members[0])]["precondition"]:
-                continue
-            self.layers[name] = {"params": pnames}
-            taken.update({n: f"Kronecker factors of layer '{name}'" for n in pnames})
-        self._route(taken)
+    def _drop_layer(self, name: str, reason: str) -> None:
+        """Send a layer's parameters to the fallback (its preconditioner state is dropped)."""
+        for pname in self.layers.pop(name)["params"]:
+            self.routes[pname] = ("adamw", reason)
 
     def _preconditioned(self, p: Tensor) -> bool:
         return self.routes[self.names[id(p)]][0] == self.method
 
-    # -- statistics ---------------------------------------------------------------------------
-    def _stats_quantity(self) -> KFACQuantity | None:
-        """The engine quantity whose Kronecker factors feed the method (None: gradients only)."""
-        return None
+    # -- what the subclasses provide ----------------------------------------------------------
+    @contextmanager
+    def _record(self) -> Iterator[None]:
+        """What ``capture`` records around the forward pass (nothing by default)."""
+        yield
 
-    def _stats_due(self) -> bool:
-        return False
+    def _collect_statistics(self) -> dict[str, Any]:
+        """The statistics since the last step per layer (reset), checked; {} by default."""
+        return {}
 
+    def _update_preconditioner(
+        self, state: dict[str, Any], group: dict[str, Any], stats: Any, params: list[Tensor]
+    ) -> None:
+        """Fold this step's ``stats`` of a layer (None: none) into its ``state``; refresh the
+        preconditioner when ``_refresh_due(group)``."""
+        raise NotImplementedError
+
+    def _preconditioned_gradients(
+        self, state: dict[str, Any], group: dict[str, Any], params: list[Tensor]
+    ) -> list[Tensor]:
+        """The preconditioned gradient of each of ``params`` (which have gradients)."""
+        raise NotImplementedError
+
+    # -- the step -----------------------------------------------------------------------------
     @contextmanager
     def capture(self) -> Iterator[CurvatureOptimizer]:
         """Wrap the forward pass (model call and ``loss_fn`` call) of every training step.
-        On statistics steps, this backpropagates the curvature vectors when the block exits
-        (the forward graph is kept for the ordinary ``loss.backward()``)."""
-        quantity = self._stats_quantity()
-        if quantity is None or not self._stats_due():
+
+        KFAC and SINGD: on statistics steps this backpropagates the curvature vectors when the
+        block exits (the forward graph is kept for the ordinary ``loss.backward()``).
+        SIRFShampoo: counts the batch size. Hooks are removed when the block exits.
+        """
+        with self._record():
             yield self
-            return
-        device = next(self.model.parameters()).device
-        generator = torch.Generator(device=device).manual_seed(
-            self.seed * 1_000_003 + self.steps * 101 + len(self._pending.get("_calls", []))
-        )
-        with engine_capture(self.model, self.loss_fn, quantity, generator=generator) as session:
-            yield self
-        if not session.loss_calls:
-            raise RuntimeError(
-                f"{type(self).__name__}.capture(): loss_fn was not called inside the block; "
-                "compute the loss there (loss = loss_fn(model(X), y))"
-            )
-        result = session.compute(session.loss_calls[-1][2], retain_graph=True)
-        self._pending.setdefault("_calls", []).append(1)
-        blocks = result[quantity]
-        if self.steps == 0 and len(self._pending["_calls"]) == 1:
-            self._drop_layers_without_stats(blocks)
-        for name, block in blocks.items():
-            if name in self.layers and isinstance(block, KroneckerFactors):
-                N = block.num_data
-                part = [block.A * N, block.B * N, N]
-                acc = self._pending.get(name)
-                self._pending[name] = (
-                    part if acc is None else [acc[0] + part[0], acc[1] + part[1], acc[2] + N]
-                )
-                self.layers[name].setdefault("order", block.order)
-                self.layers[name].setdefault("weight_perm", block.weight_perm)
 
-    def _drop_layers_without_stats(self, blocks: dict[str, Any]) -> None:
-        """After the first captured forward pass: layers that got no Kronecker block (not
-        called as modules, e.g. applied functionally by a parent) go to the AdamW fallback."""
-        for name in [n for n in self.layers if not isinstance(blocks.get(n), KroneckerFactors)]:
-            for pname in self.layers.pop(name)["params"]:
-                self.routes[pname] = ("adamw", "no Kronecker statistics in the first step")
-
-    def _consume_stats(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """The statistics since the last step, averaged over samples (and ranks); checked."""
-        pending, self._pending = self._pending, {}
-        pending.pop("_calls", None)
-        names = sorted(self.layers)
-        have = [n for n in names if n in pending]
-        world = distributed_world()
-        if world > 1:  # every rank must reduce the same tensors
-            flags = torch.tensor([n in pending for n in names], dtype=torch.float64)
-            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-            have = [n for n, f in zip(names, flags.tolist()) if f > 0]
-        stats: dict[str, tuple[Tensor, Tensor]] = {}
-        for name in have:
-            A_sum, B_sum, N = pending[name]
-            count = torch.tensor(float(N), dtype=A_sum.dtype, device=A_sum.device)
-            if world > 1:
-                for t in (A_sum, B_sum, count):
-                    dist.all_reduce(t)
-            A, B = A_sum / count, B_sum / count
-            if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):
-                raise FloatingPointError(
-                    f"{type(self).__name__}: non-finite curvature statistics in layer '{name}'; "
-                    "the optimizer state was left unchanged (lower the learning rate, clip "
-                    "gradients or check the data)"
-                )
-            stats[name] = (A, B)
-        return stats
-
-    def _sync_grads(self) -> None:
-        if distributed_world() == 1 or _is_ddp(self.model):
-            return
-        world = distributed_world()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad.div_(world)
-
-    # -- the update ---------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         """One update of every parameter (preconditioned ones and the AdamW fallback)."""
@@ -236,13 +222,33 @@ class CurvatureOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._sync_grads()
-        stats = self._consume_stats()
+        if not isinstance(self.model, nn.parallel.DistributedDataParallel):
+            average_gradients_over_ranks(p for g in self.param_groups for p in g["params"])
+        stats = self._collect_statistics()
         self._check_grads()
-        self._precondition_step(stats)
-        self._adamw_step()
+        directions = self._directions(stats)
+        scale = clip_scale(
+            [(d, p.grad, g["lr"]) for p, d, g in directions], self.kl_clip, self.max_update_norm
+        )
+        for p, d, group in directions:
+            descend_(p, d * scale if scale != 1.0 else d, group, self.state[p])
+        self._fallback_step()
         self.steps += 1
         return loss
+
+    def _directions(self, stats: dict[str, Any]) -> Directions:
+        """Update every layer's preconditioner; its grafted directions."""
+        named = dict(self.model.named_parameters())
+        directions: Directions = []
+        for name, state in self.layers.items():
+            params = [named[n] for n in state["params"]]
+            group = self.group_of(params[0])
+            self._update_preconditioner(state, group, stats.get(name), params)
+            if params[0].grad is None:
+                continue
+            for p, d in zip(params, self._preconditioned_gradients(state, group, params)):
+                directions.append((p, graft(d, p.grad, group, self.state[p]), group))
+        return directions
 
     def _check_grads(self) -> None:
         named = [(p, p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
@@ -258,60 +264,40 @@ class CurvatureOptimizer(Optimizer):
             "torch.amp.GradScaler.step, which skips such steps)"
         )
 
-    def _precondition_step(self, stats: dict[str, tuple[Tensor, Tensor]]) -> None:
-        raise NotImplementedError
-
-    def _apply(self, p: Tensor, direction: Tensor, group: dict[str, Any]) -> None:
-        """``p <- p (1 - lr wd) - lr buf`` with ``buf <- momentum buf + direction``."""
-        lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
-        if wd:
-            p.mul_(1 - lr * wd)
-        if mu:
-            state = self.state[p]
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = state["momentum_buffer"] = direction.clone()
-            else:
-                buf.mul_(mu).add_(direction)
-            direction = buf
-        p.add_(direction.to(p.dtype), alpha=-lr)
-
-    def _adamw_step(self) -> None:
-        """AdamW (decoupled weight decay, bias correction) for every parameter routed there.
-        Its learning rate ``adam_lr`` follows schedulers: it is scaled by ``lr/initial_lr``."""
+    def _fallback_step(self) -> None:
+        """AdamW for every parameter routed to the fallback (see :mod:`.fallback`)."""
         for group in self.param_groups:
-            scale = group["lr"] / group["initial_lr"] if group.get("initial_lr") else 1.0
-            lr = group["adam_lr"] * scale
-            beta1, beta2 = group["adam_betas"]
             for p in group["params"]:
-                if p.grad is None or self._preconditioned(p):
-                    continue
-                state = self.state[p]
-                if "exp_avg" not in state:
-                    state["adam_step"] = torch.zeros((), dtype=torch.float64)
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["adam_step"] += 1
-                t = float(state["adam_step"])
-                g = p.grad
-                state["exp_avg"].lerp_(g, 1 - beta1)
-                state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                denom = (state["exp_avg_sq"] / (1 - beta2**t)).sqrt_().add_(group["adam_eps"])
-                if group["weight_decay"]:
-                    p.mul_(1 - lr * group["weight_decay"])
-                p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**t))
+                if p.grad is not None and not self._preconditioned(p):
+                    adamw_(p, p.grad, group, self.state[p])
 
     # -- state --------------------------------------------------------------------------------
+    def _signature(self) -> Signature:
+        params = [p for g in self.param_groups for p in g["params"]]
+        names = [self.names[id(p)] for p in params]
+        return parameter_signature(names, [tuple(p.shape) for p in params], self.routes)
+
     def state_dict(self) -> dict[str, Any]:
+        """torch's state (per-parameter state, param groups) plus, under ``"beyondgrad"``,
+        the method, ``steps``, every layer's preconditioner state and the routing signature
+        (name, shape, target, reason per optimized parameter)."""
         sd = super().state_dict()
-        layers = {
-            name: {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in state.items()}
-            for name, state in self.layers.items()
+        sd["beyondgrad"] = {
+            "method": self.method,
+            "steps": self.steps,
+            "layers": {name: _copy(state) for name, state in self.layers.items()},
+            "params": self._signature(),
         }
-        sd["beyondgrad"] = {"steps": self.steps, "layers": layers, "method": self.method}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a ``state_dict`` of the same method, model and routing; its param-group
+        settings (learning rates of a scheduler, damping, ...) replace the current ones.
+
+        Raises:
+            ValueError: another method, other parameter shapes (a model of other widths),
+                another routing, other layers, or invalid group settings; nothing is changed.
+        """
         sd = dict(state_dict)
         extra = sd.pop("beyondgrad", None)
         if extra is None or extra.get("method") != self.method:
@@ -319,25 +305,91 @@ class CurvatureOptimizer(Optimizer):
                 f"not a {type(self).__name__} state_dict (saved by "
                 f"{None if extra is None else extra.get('method')!r})"
             )
+        dropped = self._check_compatible(sd, extra)
+        if len(sd["param_groups"]) == len(self.param_groups):
+            sd["param_groups"] = [
+                _migrate_group(saved, now)
+                for saved, now in zip(sd["param_groups"], self.param_groups)
+            ]
+        for group in sd["param_groups"]:
+            self._validate_group(group)
+        sd["state"] = {k: step_counter_as_int(v) for k, v in sd["state"].items()}
         super().load_state_dict(sd)
         self.steps = extra["steps"]
+        for name in dropped:
+            self._drop_layer(name, NO_STATISTICS)
         device = next(self.model.parameters()).device
         for name, state in extra["layers"].items():
-            if name not in self.layers:
-                raise ValueError(f"the state_dict has layer '{name}' which this model lacks")
-            self.layers[name] = {
-                k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in state.items()
-            }
+            self.layers[name] = {**self.layers[name], **_copy(state, device)}
+
+    def _check_compatible(self, sd: dict[str, Any], extra: dict[str, Any]) -> list[str]:
+        """The layers the saved state moved to the fallback; raises on any mismatch."""
+        owner = type(self).__name__
+        if "params" in extra:
+            moved = set(check_signature(extra["params"], self._signature(), owner))
+            dropped = [n for n, s in self.layers.items() if set(s["params"]) & moved]
+        else:  # older state_dicts: check the shapes of the per-parameter state
+            _check_state_shapes(sd, [p for g in self.param_groups for p in g["params"]], owner)
+            dropped = sorted(set(self.layers) - set(extra["layers"])) if extra["steps"] else []
+        expected = set(self.layers) - set(dropped)
+        if set(extra["layers"]) != expected:
+            raise ValueError(
+                f"{owner}.load_state_dict: the state_dict has preconditioner state for layers "
+                f"{sorted(extra['layers'])}, this optimizer for {sorted(expected)}; nothing "
+                "was loaded"
+            )
+        return dropped
 
     def optimizer_state_bytes(self) -> int:
         """Bytes held by the optimizer state (preconditioners, momenta, AdamW moments)."""
-        total = 0
-        for state in list(self.state.values()) + list(self.layers.values()):
-            for v in state.values():
-                for t in v if isinstance(v, (tuple, list)) else (v,):
-                    if isinstance(t, Tensor):
-                        total += t.numel() * t.element_size()
-        return total
+        return sum(
+            _nbytes(v) for s in (*self.state.values(), *self.layers.values()) for v in s.values()
+        )
+
+
+def _copy(value: Any, device: torch.device | None = None) -> Any:
+    """A copy of nested dicts/lists/tuples of tensors (moved to ``device`` when given)."""
+    if isinstance(value, Tensor):
+        return value.to(device, copy=True) if device is not None else value.clone()
+    if isinstance(value, dict):
+        return {k: _copy(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copy(v, device) for v in value)
+    return value
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+def _migrate_group(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """A saved param group with deprecated keys renamed and settings it lacks (older
+    state_dicts, e.g. ``refresh_every`` or ``grafting``) taken from the current group."""
+    out = dict(saved)
+    for old, new in RENAMED_GROUP_KEYS.items():
+        if old in out:
+            out.setdefault(new, out.pop(old))
+    for key, value in current.items():
+        if key != "params":
+            out.setdefault(key, value)
+    return out
+
+
+def _check_state_shapes(sd: dict[str, Any], params: list[Tensor], owner: str) -> None:
+    for index, state in sd.get("state", {}).items():
+        if not isinstance(index, int) or index >= len(params):
+            continue
+        for key, value in state.items():
+            if isinstance(value, Tensor) and value.ndim and value.shape != params[index].shape:
+                raise ValueError(
+                    f"{owner}.load_state_dict: the state_dict was saved for another model "
+                    f"(its {key!r} of parameter {index} has shape {list(value.shape)}, the "
+                    f"parameter {list(params[index].shape)}); nothing was loaded"
+                )
 
 
 def _check_common(group: dict[str, Any]) -> None:
@@ -347,48 +399,6 @@ def _check_common(group: dict[str, Any]) -> None:
         raise ValueError(f"weight_decay must be non-negative, got {group['weight_decay']}")
     if not 0 <= group["momentum"] < 1:
         raise ValueError(f"momentum must be in [0, 1), got {group['momentum']}")
-    if group["adam_lr"] < 0:
-        raise ValueError(f"adam_lr must be non-negative, got {group['adam_lr']}")
-
-
-def kronecker_layers(
-    model: nn.Module, rules: tuple[str, ...], accept: Callable[[nn.Module], str | None]
-) -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
-    """Layers a Kronecker method can precondition: ``(module name -> its parameter names,
-    parameter name -> why it cannot be)``. ``rules``: accepted engine rule names;
-    ``accept(module)`` returns a reason to refuse or None. Parameters shared by several
-    modules (tied weights) are refused."""
-    units = plan_units(model)
-    counts: dict[int, int] = {}
-    for u in units:
-        for p in u.params.values():
-            counts[id(p)] = counts.get(id(p), 0) + 1
-    names = {id(p): n for n, p in model.named_parameters()}
-    inside_attention = {
-        id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)
-    }
-    layers, refused = {}, {}
-    for u in units:
-        kind = type(u.module).__name__
-        if id(u.module) in inside_attention:
-            reason = "MultiheadAttention.out_proj is applied functionally (no layer call)"
-        elif u.rule is None or u.rule.name not in rules or "weight" not in u.params:
-            reason = f"no Kronecker rule for {kind}"
-        elif set(u.params) - {"weight", "bias"}:
-            reason = f"{kind} has parameters besides weight and bias"
-        elif any(counts[id(p)] > 1 for p in u.params.values()):
-            reason = "shared by several modules (tied weights)"
-        else:
-            reason = accept(u.module)
-        pnames = tuple(names[id(p)] for p in u.params.values())
-        if reason is None:
-            layers[u.name] = tuple(
-                names[id(u.params[k])] for k in ("weight", "bias") if k in u.params
-            )
-        else:
-            for n in pnames:
-                refused.setdefault(n, reason)
-    return layers, refused
 
 
 __all__ = ["CurvatureOptimizer", "distributed_world", "kronecker_layers"]

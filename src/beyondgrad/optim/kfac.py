@@ -4,8 +4,8 @@ Per layer with a Kronecker rule (Linear, Conv1/2/3d, ConvTranspose1/2/3d, Embedd
 bias), the engine's factors ``B kron A`` (:class:`~beyondgrad.KFAC`: type-2, MC or empirical,
 expand or reduce) approximate the curvature of the loss as ``loss_fn`` reduces it. The
 optimizer keeps ``A <- ema A + (1 - ema) A_batch`` (same for ``B``; the first batch
-initializes), refreshes the eigendecompositions every ``refresh_every`` steps (in float32 at
-least) and preconditions the gradient ``G`` (``[O, I(+1)]``) with
+initializes), refreshes the eigendecompositions every ``refresh_every`` steps (a
+param-group setting; in float32 at least) and preconditions the gradient ``G`` (``[O, I(+1)]``) with
 
 - ``damping_mode="eigen"`` (exact): ``(B kron A + damping I)^{-1} vec(G)``
   ``= Q_B [(Q_B^T G Q_A) / (l_B l_A^T + damping)] Q_A^T``;
@@ -13,10 +13,11 @@ least) and preconditions the gradient ``G`` (``[O, I(+1)]``) with
   ``(B + sqrt(damping)/pi I)^{-1} G (A + pi sqrt(damping) I)^{-1}`` with
   ``pi = sqrt((tr A / dim A) / (tr B / dim B))``.
 
-Then ``kl_clip`` scales all preconditioned directions by
-``min(1, sqrt(kl_clip / |sum lr^2 d . g|))`` and ``max_update_norm`` caps ``lr * ||d||``;
-momentum and decoupled weight decay follow (``p <- p (1 - lr wd) - lr buf``). Parameters
-without a Kronecker rule, and tied weights, go to the AdamW fallback (``routing()``).
+Then optional grafting (:mod:`~beyondgrad.optim.grafting`), ``kl_clip`` scales all
+preconditioned directions by ``min(1, sqrt(kl_clip / |sum lr^2 d . g|))`` and
+``max_update_norm`` caps ``lr * ||d||`` (:mod:`~beyondgrad.optim.clipping`); momentum and
+decoupled weight decay follow (``p <- p (1 - lr wd) - lr buf``). Parameters without a
+Kronecker rule, and tied weights, go to the AdamW fallback (``routing()``).
 """
 
 from __future__ import annotations
@@ -27,30 +28,45 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..factors import from_block_layout, to_block_layout
-from ..quantities import KFAC as KFACQuantity
-from .base import CurvatureOptimizer, kronecker_layers
+from ._engine import from_factor_layout, to_factor_layout
+from .averages import ema_
+from .damping import check_damping, eigen_damped_solve
+from .kronecker import KroneckerOptimizer
+from .schedule import check_every, is_due
 
 KFAC_RULES = ("linear", "conv", "conv_transpose", "embedding")
 
 
-def _accept(module: nn.Module) -> str | None:
-    return None
-
-
-class KFAC(CurvatureOptimizer):
+class KFAC(KroneckerOptimizer):
     """``KFAC(model, loss_fn, params=None, lr=0.1, ...)``; see the module docstring.
 
-    Per param group: ``lr``, ``momentum`` (0.9), ``weight_decay`` (decoupled, 0), ``damping``
-    (1e-3), ``adam_lr``/``adam_betas``/``adam_eps`` (fallback), ``precondition``. Global:
-    ``fisher_type`` (``"mc"``, ``"type-2"``, ``"empirical"``), ``mc_samples``, ``kfac_approx``
-    (``"expand"``/``"reduce"``), ``ema`` (0.95), ``stats_every`` (1: statistics on every
-    step; each costs one extra backward of the curvature vectors), ``refresh_every`` (10),
-    ``damping_mode`` (``"eigen"``/``"pi"``), ``kl_clip`` (1e-3 or None), ``max_update_norm``,
-    ``seed`` (MC sampling, reproducible across resumes).
+    Args:
+        model: the network.
+        loss_fn: the loss module (called inside ``capture()``).
+        params: parameters or param groups (default: all trainable parameters of ``model``).
+        lr: learning rate (per group).
+        momentum: heavy-ball momentum (per group).
+        weight_decay: decoupled weight decay (per group).
+        damping: added to the curvature, positive (per group).
+        fisher_type: ``"mc"``, ``"type-2"`` or ``"empirical"`` statistics.
+        mc_samples: Monte-Carlo samples per data point (``"mc"``).
+        kfac_approx: ``"expand"`` or ``"reduce"``.
+        ema: decay of the moving averages of the factors, in ``[0, 1)``.
+        stats_every: collect statistics every this many steps (each costs one extra backward
+            of the curvature vectors); global.
+        refresh_every: recompute the eigendecompositions every this many steps (per group).
+        damping_mode: ``"eigen"`` (exact) or ``"pi"`` (factored Tikhonov).
+        kl_clip: KL trust-region bound, or None.
+        max_update_norm: bound on ``lr * ||d||`` over all preconditioned directions, or None.
+        seed: seeds the Monte-Carlo draws (reproducible across resumes).
+        grafting: None, ``"sgd"`` or ``"adam"`` (per group; see
+            :mod:`~beyondgrad.optim.grafting`).
+        **adamw: the fallback's ``adam_lr``, ``adam_betas``, ``adam_eps`` and ``precondition``
+            (per group).
     """
 
     method = "kfac"
+    rules = KFAC_RULES
 
     def __init__(
         self,
@@ -71,90 +87,60 @@ class KFAC(CurvatureOptimizer):
         kl_clip: float | None = 1e-3,
         max_update_norm: float | None = None,
         seed: int = 0,
+        grafting: str | None = None,
         **adamw: Any,
     ):
         if damping_mode not in ("eigen", "pi"):
             raise ValueError(f"damping_mode must be 'eigen' or 'pi', got {damping_mode!r}")
         if not 0 <= ema < 1:
             raise ValueError(f"ema must be in [0, 1), got {ema}")
-        for key, value in (("stats_every", stats_every), ("refresh_every", refresh_every)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key} must be a positive int, got {value!r}")
-        if kl_clip is not None and kl_clip <= 0:
-            raise ValueError(f"kl_clip must be positive or None, got {kl_clip}")
-        self.quantity = KFACQuantity(
-            fisher_type=fisher_type,
-            kfac_approx=kfac_approx,
-            mc_samples=mc_samples,
-            diagonal_fallback=False,
-        )
-        if fisher_type == "forward-only":
-            raise ValueError("fisher_type='forward-only' is not a curvature for an optimizer")
+        check_every("stats_every", stats_every)
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
-        defaults |= {"damping": damping, **adamw}
-        super().__init__(model, params, defaults, loss_fn, seed)
-        for group in self.param_groups:
-            if group["damping"] <= 0:
-                raise ValueError(f"damping must be positive, got {group['damping']}")
-        self.ema, self.stats_every, self.refresh_every = ema, stats_every, refresh_every
-        self.damping_mode, self.kl_clip, self.max_update_norm = (
-            damping_mode,
-            kl_clip,
-            max_update_norm,
+        defaults |= {"damping": damping, "refresh_every": refresh_every, "grafting": grafting}
+        self.ema, self.stats_every, self.damping_mode = ema, stats_every, damping_mode
+        super().__init__(
+            model, loss_fn, params, defaults | adamw, fisher_type, kfac_approx, mc_samples, seed
         )
-        self._take_layers(*kronecker_layers(self.model, KFAC_RULES, _accept))
+        self._set_clipping(kl_clip, max_update_norm)
 
-    def _stats_quantity(self) -> KFACQuantity | None:
-        return self.quantity if self.layers else None
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        super()._validate_group(group)
+        check_damping(group["damping"], positive=True, owner="KFAC")
 
-    def _stats_due(self) -> bool:
-        return self.steps % self.stats_every == 0
+    def _statistics_due(self) -> bool:
+        return is_due(self.steps, self.stats_every)
 
-    def _precondition_step(self, stats: dict[str, tuple[Tensor, Tensor]]) -> None:
-        params = dict(self.model.named_parameters())
-        for name, (A, B) in stats.items():
-            state = self.layers[name]
-            if "A" not in state:
-                state["A"], state["B"] = A.clone(), B.clone()
-            else:
-                state["A"].lerp_(A, 1 - self.ema)
-                state["B"].lerp_(B, 1 - self.ema)
-        refresh = self.steps % self.refresh_every == 0
-        directions: list[tuple[Tensor, Tensor, dict[str, Any]]] = []
-        for name, state in self.layers.items():
-            members = [params[n] for n in state["params"]]
-            if members[0].grad is None:
-                continue
-            if "A" not in state:
-                raise RuntimeError(
-                    f"KFAC has no curvature statistics for layer '{name}' yet: wrap the "
-                    "forward pass of the first step in `with optimizer.capture():`"
-                )
-            group = self._group_of[id(members[0])]
-            if refresh or "eig" not in state:
-                state["eig"] = self._decompose(state, group["damping"])
-            weight, bias = members[0], (members[1] if len(members) > 1 else None)
-            layout = (state["order"], state["weight_perm"], self._groups(state))
-            grad_bias = None if bias is None else bias.grad[None]
-            M = to_block_layout(weight.grad[None], grad_bias, *layout)[0]
-            D = self._solve(state["eig"], M, group["damping"])
-            bias_shape = None if bias is None else tuple(bias.shape)
-            W, b = from_block_layout(D[None], tuple(weight.shape), bias_shape, *layout)
-            parts = [W[0]] if b is None else [W[0], b[0]]
-            for p, d in zip(members, parts):
-                directions.append((p, d, group))
-        scale = 1.0
-        if self.kl_clip is not None and directions:  # one synchronization
-            vg = float(sum((d * p.grad).sum() * group["lr"] ** 2 for p, d, group in directions))
-            if vg != 0:
-                scale = min(1.0, (self.kl_clip / abs(vg)) ** 0.5)
-        if self.max_update_norm is not None and directions:
-            norm = float(sum(d.square().sum() * group["lr"] ** 2 for _, d, group in directions))
-            norm = scale * norm**0.5
-            if norm > self.max_update_norm:
-                scale *= self.max_update_norm / norm
-        for p, d, group in directions:
-            self._apply(p, d * scale if scale != 1.0 else d, group)
+    def _update_preconditioner(
+        self,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        stats: tuple[Tensor, Tensor] | None,
+        params: list[Tensor],
+    ) -> None:
+        """Moving averages of the factors; eigendecompositions when due (or missing)."""
+        if stats is not None:
+            state["A"] = ema_(state.get("A"), stats[0], self.ema)
+            state["B"] = ema_(state.get("B"), stats[1], self.ema)
+        if "A" in state and (self._refresh_due(group) or "eig" not in state):
+            state["eig"] = self._decompose(state, group["damping"])
+
+    def _preconditioned_gradients(
+        self, state: dict[str, Any], group: dict[str, Any], params: list[Tensor]
+    ) -> list[Tensor]:
+        """``(B kron A + damping I)^{-1} vec(G)`` (or the pi-damped factors' inverse)."""
+        if "A" not in state:
+            raise RuntimeError(
+                f"KFAC has no curvature statistics for {', '.join(state['params'])} yet: wrap "
+                "the forward pass of the first step in `with optimizer.capture():`"
+            )
+        weight, bias = params[0], (params[1] if len(params) > 1 else None)
+        layout = (state["order"], state["weight_perm"], self._groups(state))
+        M = to_factor_layout(weight.grad, None if bias is None else bias.grad, *layout)
+        delta = group["damping"] if self.damping_mode == "eigen" else 0.0
+        D = eigen_damped_solve(state["eig"], M, delta)
+        bias_shape = None if bias is None else tuple(bias.shape)
+        W, b = from_factor_layout(D, tuple(weight.shape), bias_shape, *layout)
+        return [W] if b is None else [W, b]
 
     @staticmethod
     def _groups(state: dict[str, Any]) -> int:
@@ -182,13 +168,6 @@ class KFAC(CurvatureOptimizer):
         if state["order"] == "A kron B":
             return (la, qa, lb, qb)
         return (lb, qb, la, qa)
-
-    def _solve(self, eig: tuple[Tensor, ...], M: Tensor, damping: float) -> Tensor:
-        l_left, q_left, l_right, q_right = eig
-        delta = damping if self.damping_mode == "eigen" else 0.0
-        rot = q_left.transpose(1, 2) @ M.to(q_left.dtype) @ q_right
-        rot = rot / (l_left.unsqueeze(2) * l_right.unsqueeze(1) + delta)
-        return (q_left @ rot @ q_right.transpose(1, 2)).to(M.dtype)
 
 
 __all__ = ["KFAC"]

@@ -1,53 +1,75 @@
 """SIRFShampoo: structured inverse-free root-free Shampoo (Lin, Dangel et al., ICML 2024:
 "Can we remove the square-root in adaptive gradient methods?").
 
-Gradients only, so every parameter of any shape is preconditioned (no hooks on layers beyond
-counting the batch size). A parameter of shape ``(d_1, ..., d_N)`` has one structured factor
+Gradients only, so every parameter of any shape is preconditioned (no hooks on layers; the
+batch size is counted by a forward pre-hook on the model that exists only inside
+``capture()``). A parameter of shape ``(d_1, ..., d_N)`` has one structured factor
 ``K_n`` (``[d_n, d_n]``) per dimension; the preconditioner is ``kron_n K_n K_n^T``, an
 estimate of the inverse (not inverse root) of the gradients' second moment. With
 ``Ghat = sqrt(batch) G x_1 K_1^T ... x_N K_N^T`` (mode products; ``sqrt(batch)`` turns the
 mean-loss gradient into per-sample scale) and ``Ghat_(n)`` its mode-``n`` unfolding, every
-``T`` steps::
+``refresh_every`` steps (a param-group setting; ``T`` is its deprecated spelling)::
 
     m_n <- alpha2 m_n + (1 - alpha2) / 2 [damping prod_{j!=n} (tr(K_j^T K_j)/d_j) P(K_n^T K_n)
                                           + P(Ghat_(n) Ghat_(n)^T) / prod_{j!=n} d_j - I]
     K_n <- K_n (I - lr_cov m_n / max(1, ||m_n||_F))
 
 (``P``: projection onto the structure). Every step:
-``direction = G x_1 K_1 K_1^T ... x_N K_N K_N^T``, then momentum (``momentum``) and decoupled
-weight decay. 0-d parameters go to the AdamW fallback; dimensions longer than ``max_dense``
-get a diagonal factor whatever the structure (a dense factor over a 50k vocabulary would not
-fit). Factors may be bfloat16 (``preconditioner_dtype``): only matrix products are used.
+``direction = G x_1 K_1 K_1^T ... x_N K_N K_N^T``, then optional grafting and clipping,
+momentum (``momentum``) and decoupled weight decay. 0-d parameters go to the AdamW
+fallback; dimensions longer than ``max_dense`` get a diagonal factor whatever the structure
+(a dense factor over a 50k vocabulary would not fit). Factors may be bfloat16
+(``preconditioner_dtype``): only matrix products are used.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .base import CurvatureOptimizer, distributed_world
+from .averages import decayed_sum
+from .base import CurvatureOptimizer
+from .damping import check_damping, trace_coupled
+from .schedule import deprecated_alias
+from .statistics import BatchCounter
 from .structures import Structure, structure
 
 
-def _mode_apply(s: Structure, t: Tensor, X: Tensor, n: int, transpose: bool) -> Tensor:
-    """``K_n`` (or ``K_n^T``) applied along axis ``n`` of ``X``."""
+def _mode_product(s: Structure, t: Tensor, X: Tensor, n: int, transpose: bool) -> Tensor:
+    """``K_n`` (or ``K_n^T``) multiplied along axis ``n`` of ``X``."""
     moved = X.movedim(n, 0)
-    out = s.apply(t, moved.reshape(moved.shape[0], -1), transpose=transpose)
+    out = s.matmul(t, moved.reshape(moved.shape[0], -1), transpose=transpose)
     return out.reshape(moved.shape).movedim(0, n)
 
 
 class SIRFShampoo(CurvatureOptimizer):
     """``SIRFShampoo(model, params=None, lr=1e-3, ...)``; see the module docstring.
 
-    Per param group: ``lr``, ``momentum`` (0.9), ``weight_decay`` (decoupled, 0), ``damping``
-    (1e-3), ``alpha2`` (Riemannian momentum, 0.5), ``lr_cov`` (0.01), ``structures`` (one
-    name for all factors, or a dict ``{order: name or tuple of names}``, default
-    ``"dense"``), ``preconditioner_dtype``, ``max_dense`` (2048), ``T`` (1), the AdamW
-    fallback's ``adam_*`` and ``precondition``. The batch size is counted by a forward
-    pre-hook on ``model`` (leading axis of the first tensor argument).
+    Args:
+        model: the network (its forward calls inside ``capture()`` count the batch).
+        params: parameters or param groups (default: all trainable parameters of ``model``).
+        lr, momentum, weight_decay: the parameter update (per group; decoupled decay).
+        damping: non-negative (per group).
+        alpha2: Riemannian momentum of the factor updates, in ``[0, 1)`` (per group).
+        lr_cov: learning rate of the factor updates, positive (per group).
+        structures: one name for all factors, or a dict ``{order: name or tuple of names}``
+            (per group).
+        preconditioner_dtype: the factors' dtype (default: the parameter's; per group).
+        max_dense: dimensions longer than this get a diagonal factor (per group).
+        refresh_every: factor updates every this many steps (per group).
+        kl_clip, max_update_norm: clipping (global, off by default; see
+            :mod:`~beyondgrad.optim.clipping`).
+        grafting: None, ``"sgd"`` or ``"adam"`` (per group).
+        T: deprecated spelling of ``refresh_every`` (also as a param-group key).
+        **adamw: the fallback's ``adam_lr``, ``adam_betas``, ``adam_eps`` and ``precondition``.
+
+    The batch size (leading axis of the first tensor argument of the model's forward calls
+    with gradients enabled) is counted only inside ``capture()``: a factor update without a
+    counted batch raises. No hook stays on the model.
     """
 
     method = "sirfshampoo"
@@ -65,9 +87,15 @@ class SIRFShampoo(CurvatureOptimizer):
         structures: str | dict[int, Any] = "dense",
         preconditioner_dtype: torch.dtype | None = None,
         max_dense: int = 2048,
-        T: int = 1,
+        refresh_every: int = 1,
+        kl_clip: float | None = None,
+        max_update_norm: float | None = None,
+        grafting: str | None = None,
+        *,
+        T: int | None = None,
         **adamw: Any,
     ):
+        refresh_every = deprecated_alias("SIRFShampoo", "refresh_every", refresh_every, 1, "T", T)
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
         defaults |= {
             "damping": damping,
@@ -76,18 +104,29 @@ class SIRFShampoo(CurvatureOptimizer):
             "structures": structures,
             "preconditioner_dtype": preconditioner_dtype,
             "max_dense": max_dense,
-            "T": T,
+            "refresh_every": refresh_every,
+            "grafting": grafting,
             **adamw,
         }
         super().__init__(model, params, defaults, None, 0)
+        self._set_clipping(kl_clip, max_update_norm)
+        self._batch = BatchCounter()
+        self._batch_size = 0
+        self._take_parameters()
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        super()._validate_group(group)
+        if not 0 <= group["alpha2"] < 1:
+            raise ValueError(f"alpha2 must be in [0, 1), got {group['alpha2']}")
+        check_damping(group["damping"], positive=False, owner="SIRFShampoo")
+        if group["lr_cov"] <= 0:
+            raise ValueError(f"lr_cov must be positive, got {group['lr_cov']}")
+
+    def _take_parameters(self) -> None:
+        """One factor per dimension for every parameter of a group with ``precondition=True``
+        (0-d tensors go to the fallback)."""
         taken = {}
         for group in self.param_groups:
-            if not isinstance(group["T"], int) or group["T"] < 1:
-                raise ValueError(f"T must be a positive int, got {group['T']!r}")
-            if not 0 <= group["alpha2"] < 1:
-                raise ValueError(f"alpha2 must be in [0, 1), got {group['alpha2']}")
-            if group["damping"] < 0 or group["lr_cov"] <= 0:
-                raise ValueError("damping must be non-negative and lr_cov positive")
             if not group["precondition"]:
                 continue
             for p in group["params"]:
@@ -97,6 +136,7 @@ class SIRFShampoo(CurvatureOptimizer):
                 name = self.names[id(p)]
                 dtype = group["preconditioner_dtype"] or p.dtype
                 self.layers[name] = {
+                    "params": (name,),
                     "structures": names,
                     "K": [structure(s).eye(d, dtype, p.device) for s, d in zip(names, p.shape)],
                     "m": [structure(s).eye(d, dtype, p.device) * 0 for s, d in zip(names, p.shape)],
@@ -109,8 +149,6 @@ class SIRFShampoo(CurvatureOptimizer):
             if p.ndim == 0
         }
         self._route(taken)
-        self._batch = 0
-        self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
 
     @staticmethod
     def _structures(group: dict[str, Any], p: Tensor) -> tuple[str, ...]:
@@ -128,36 +166,44 @@ class SIRFShampoo(CurvatureOptimizer):
             structure(s)
         return tuple("diagonal" if d > group["max_dense"] else s for s, d in zip(names, p.shape))
 
-    def _count(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if not torch.is_grad_enabled():
-            return
-        for value in (*args, *kwargs.values()):
-            if isinstance(value, Tensor) and value.ndim > 0:
-                self._batch += value.shape[0]
-                return
+    @contextmanager
+    def _record(self) -> Iterator[None]:
+        with self._batch.counting(self.model):
+            yield
 
-    def _precondition_step(self, stats: dict[str, tuple[Tensor, Tensor]]) -> None:
-        batch = self._batch
-        self._batch = 0
-        if distributed_world() > 1:
-            import torch.distributed as dist
+    def _collect_statistics(self) -> dict[str, Any]:
+        """The batch size since the last step (over ranks); checked on refresh steps."""
+        self._batch_size = self._batch.take()
+        refreshing = any(
+            self._refresh_due(self.group_of(p))
+            for p in (dict(self.model.named_parameters())[n] for n in self.layers)
+            if p.grad is not None
+        )
+        if refreshing and self._batch_size == 0:
+            raise RuntimeError(
+                "SIRFShampoo: no batch was counted for this step's factor update; wrap the "
+                "forward pass in `with optimizer.capture():` (it counts the batch size)"
+            )
+        return {}
 
-            count = torch.tensor(float(batch), dtype=torch.float64)
-            dist.all_reduce(count)
-            batch = int(count.item())
-        named = dict(self.model.named_parameters())
-        for name, state in self.layers.items():
-            p = named[name]
-            if p.grad is None:
-                continue
-            group = self._group_of[id(p)]
+    def _update_preconditioner(
+        self, state: dict[str, Any], group: dict[str, Any], stats: Any, params: list[Tensor]
+    ) -> None:
+        """The factor update from the gradient, when the group refreshes."""
+        p = params[0]
+        if p.grad is not None and self._refresh_due(group):
             structs = [structure(s) for s in state["structures"]]
-            if self.steps % group["T"] == 0:
-                self._update_factors(state, group, structs, p.grad, max(batch, 1))
-            D = p.grad
-            for n, (s, K) in enumerate(zip(structs, state["K"])):
-                D = _mode_apply(s, K, _mode_apply(s, K, D, n, transpose=True), n, False)
-            self._apply(p, D, group)
+            self._update_factors(state, group, structs, p.grad, self._batch_size)
+
+    def _preconditioned_gradients(
+        self, state: dict[str, Any], group: dict[str, Any], params: list[Tensor]
+    ) -> list[Tensor]:
+        """``G x_1 K_1 K_1^T ... x_N K_N K_N^T``."""
+        D = params[0].grad
+        for n, (name, K) in enumerate(zip(state["structures"], state["K"])):
+            s = structure(name)
+            D = _mode_product(s, K, _mode_product(s, K, D, n, transpose=True), n, False)
+        return [D]
 
     def _update_factors(
         self,
@@ -167,28 +213,25 @@ class SIRFShampoo(CurvatureOptimizer):
         grad: Tensor,
         batch: int,
     ) -> None:
+        """One step of every factor and its momentum (see the module docstring); raises
+        before changing the state when a result is not finite."""
         dims = grad.shape
         Ks, ms = state["K"], state["m"]
         Ghat = grad * batch**0.5
         for n, (s, K) in enumerate(zip(structs, Ks)):
-            Ghat = _mode_apply(s, K, Ghat.to(K.dtype), n, transpose=True)
+            Ghat = _mode_product(s, K, Ghat.to(K.dtype), n, transpose=True)
         avg_tr = [float(s.trace(s.inner(K, d), d)) / d for s, K, d in zip(structs, Ks, dims)]
-        total = 1
-        for d in dims:
-            total *= d
+        damp = trace_coupled(avg_tr, group["damping"])
+        total = grad.numel()
         new_K, new_m = [], []
         for n, (s, K, m, d) in enumerate(zip(structs, Ks, ms, dims)):
-            others = 1.0
-            for j, tr in enumerate(avg_tr):
-                if j != n:
-                    others *= tr
             unfolded = Ghat.movedim(n, 0).reshape(d, -1).to(K.dtype)
             step = (
-                s.inner(K, d) * (group["damping"] * others)
+                s.inner(K, d) * damp[n]
                 + s.gram(unfolded) / (total // d)
                 - s.eye(d, K.dtype, K.device)
             ) * 0.5
-            m = m * group["alpha2"] + step * (1 - group["alpha2"])
+            m = decayed_sum(m, step, group["alpha2"], 1 - group["alpha2"])
             beta = group["lr_cov"] / max(1.0, float(s.frobenius(m, d)))
             new_K.append(K - s.mul(K, m, d) * beta)
             new_m.append(m)

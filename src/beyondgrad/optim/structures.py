@@ -6,9 +6,10 @@ algebra and group share the pattern), so the multiplicative factor updates
 in a compact tensor (the optimizer state) and offers the few operations the optimizers need:
 
 ``eye``, ``to_dense``, ``project`` (orthogonal projection of a dense matrix onto the pattern),
-``mul`` (product of two structured matrices, exact because the pattern is closed), ``apply``
-(``K @ X`` or ``K^T @ X`` for a dense ``X [n, k]``), ``inner`` (``project(K^T S K)`` for a
-dense symmetric ``S``, or ``project(K^T K)``), ``trace`` and ``frobenius``.
+``mul`` (product of two structured matrices, exact because the pattern is closed), ``matmul``
+(``K @ X`` or ``K^T @ X`` for a dense ``X [n, k]``; ``apply`` is its deprecated name),
+``inner`` (``project(K^T S K)`` for a dense symmetric ``S``, or ``project(K^T K)``), ``trace``
+and ``frobenius``.
 
 Structures by name (:func:`structure`):
 
@@ -33,6 +34,7 @@ gradient they precondition.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -47,9 +49,11 @@ class Structure:
 
     # -- storage ------------------------------------------------------------------------------
     def eye(self, n: int, dtype: torch.dtype, device: torch.device | str | None = None) -> Tensor:
+        """The ``n x n`` identity in this structure's storage."""
         return self.project(torch.eye(n, dtype=dtype, device=device))
 
     def to_dense(self, t: Tensor, n: int) -> Tensor:
+        """The stored matrix ``t`` as a dense ``[n, n]`` tensor."""
         return t
 
     def project(self, M: Tensor) -> Tensor:
@@ -61,10 +65,19 @@ class Structure:
         """``S @ T`` (in the structure, because the pattern is closed under products)."""
         return self.project(self.to_dense(s, n) @ self.to_dense(t, n))
 
-    def apply(self, t: Tensor, X: Tensor, transpose: bool = False) -> Tensor:
+    def matmul(self, t: Tensor, X: Tensor, transpose: bool = False) -> Tensor:
         """``K @ X`` (or ``K^T @ X``) for a dense ``X [n, k]``."""
         K = self.to_dense(t, X.shape[0]).to(X.dtype)
         return (K.T if transpose else K) @ X
+
+    def apply(self, t: Tensor, X: Tensor, transpose: bool = False) -> Tensor:
+        """Deprecated name of :meth:`matmul`."""
+        warnings.warn(
+            "Structure.apply is deprecated; use Structure.matmul (same arguments)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.matmul(t, X, transpose)
 
     def inner(self, t: Tensor, n: int, S: Tensor | None = None) -> Tensor:
         """``project(K^T S K)`` for a symmetric ``S [n, n]``; ``S=None`` means ``I``."""
@@ -77,9 +90,11 @@ class Structure:
         return self.project(X @ X.T)
 
     def trace(self, t: Tensor, n: int) -> Tensor:
+        """``tr(K)`` (a 0-d tensor)."""
         return torch.diagonal(self.to_dense(t, n)).sum()
 
     def frobenius(self, t: Tensor, n: int) -> Tensor:
+        """``||K||_F`` in float32 (a 0-d tensor)."""
         return torch.linalg.matrix_norm(self.to_dense(t, n).float())
 
     def numel(self, n: int) -> int:
@@ -100,7 +115,7 @@ class Diagonal(Structure):
     def mul(self, s: Tensor, t: Tensor, n: int) -> Tensor:
         return s * t
 
-    def apply(self, t: Tensor, X: Tensor, transpose: bool = False) -> Tensor:
+    def matmul(self, t: Tensor, X: Tensor, transpose: bool = False) -> Tensor:
         return t.to(X.dtype).unsqueeze(1) * X
 
     def inner(self, t: Tensor, n: int, S: Tensor | None = None) -> Tensor:
@@ -153,7 +168,7 @@ class BlockDiagonal(Structure):
         P = torch.nn.functional.pad(X, (0, 0, 0, pad))
         return P.reshape(-1, self.block, X.shape[1])
 
-    def apply(self, t: Tensor, X: Tensor, transpose: bool = False) -> Tensor:
+    def matmul(self, t: Tensor, X: Tensor, transpose: bool = False) -> Tensor:
         K = t.to(X.dtype)
         out = (K.transpose(1, 2) if transpose else K) @ self._blocks_of(X)
         return out.reshape(-1, X.shape[1])[: X.shape[0]]

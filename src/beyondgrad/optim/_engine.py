@@ -1,0 +1,187 @@
+"""The one place where :mod:`beyondgrad.optim` reaches into the engine.
+
+Everything the optimizers need from the engine goes through the functions here: which modules
+own which parameters and which rule serves them (:func:`layer_units`), the Kronecker statistics
+of one forward pass as **raw sums over samples** with their sample count
+(:func:`record_kronecker_sums`), and the conversion of a layer's gradients to and from the
+``[G, rows, cols]`` layout of its Kronecker factors (:func:`to_factor_layout`,
+:func:`from_factor_layout`).
+
+Today the engine returns Kronecker factors averaged over the samples of the batch
+(``A = sum / N``); this module multiplies them back by ``N`` so that the optimizers accumulate
+sums over several capture blocks (gradient accumulation) and over ranks before they divide once.
+When the engine's statistics object hands out raw sums, only this file changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..engine.capture import plan_units
+from ..engine.compute import capture as engine_capture
+from ..factors import KroneckerFactors, from_block_layout, to_block_layout
+from ..quantities import KFAC as KFACQuantity
+
+
+@dataclass(frozen=True)
+class LayerUnit:
+    """A module that owns trainable parameters directly.
+
+    Attributes:
+        name: the module's name in ``model.named_modules()``.
+        module: the module.
+        rule: the engine rule that serves it (``"linear"``, ``"conv"``, ...; ``"generic"``).
+        params: its own trainable parameters by their name relative to the module.
+    """
+
+    name: str
+    module: nn.Module
+    rule: str
+    params: dict[str, nn.Parameter]
+
+
+def layer_units(model: nn.Module) -> list[LayerUnit]:
+    """Every module of ``model`` that owns trainable parameters, with the engine rule serving it.
+
+    Args:
+        model: the network.
+
+    Returns:
+        One :class:`LayerUnit` per module, in ``named_modules()`` order.
+    """
+    return [LayerUnit(u.name, u.module, u.rule_name, dict(u.params)) for u in plan_units(model)]
+
+
+@dataclass
+class KroneckerSums:
+    """Kronecker statistics of one layer summed over the samples of one or more batches.
+
+    Attributes:
+        A: input side, ``sum_n A_n`` (``[I, I]``, ``[G, I, I]`` with groups; a joint bias is the
+            last row/column). Divided by ``count`` it is the engine's ``KroneckerFactors.A``.
+        B: output side, ``sum_n B_n`` (``[O, O]`` or ``[G, O, O]``), same scaling.
+        count: the number of samples summed.
+        order: ``"B kron A"`` (weight ``[O, I]`` row-major) or ``"A kron B"`` (embeddings).
+        weight_perm: the weight permutation of transposed convolutions, else None.
+    """
+
+    A: Tensor
+    B: Tensor
+    count: int
+    order: str
+    weight_perm: tuple[int, ...] | None = None
+
+    def add(self, other: KroneckerSums) -> None:
+        """Accumulate ``other`` (the same layer, another batch) into this one, in place."""
+        self.A = self.A + other.A
+        self.B = self.B + other.B
+        self.count += other.count
+
+
+def kronecker_quantity(fisher_type: str, kfac_approx: str, mc_samples: int) -> KFACQuantity:
+    """The engine quantity whose factors feed KFAC and SINGD (no diagonal fallback).
+
+    Args:
+        fisher_type: ``"type-2"``, ``"mc"`` or ``"empirical"`` (``"forward-only"`` refused).
+        kfac_approx: ``"expand"`` or ``"reduce"``.
+        mc_samples: Monte-Carlo samples per data point for ``"mc"``.
+
+    Returns:
+        The quantity (it validates its arguments).
+    """
+    if fisher_type == "forward-only":
+        raise ValueError("fisher_type='forward-only' is not a curvature for an optimizer")
+    return KFACQuantity(
+        fisher_type=fisher_type,
+        kfac_approx=kfac_approx,
+        mc_samples=mc_samples,
+        diagonal_fallback=False,
+    )
+
+
+@dataclass
+class KroneckerRecording:
+    """Filled when a :func:`record_kronecker_sums` block exits: module name -> sums; modules
+    the engine gave no Kronecker block (e.g. applied functionally) are absent."""
+
+    sums: dict[str, KroneckerSums] = field(default_factory=dict)
+
+
+@contextmanager
+def record_kronecker_sums(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    quantity: KFACQuantity,
+    generator: torch.Generator,
+    owner: str,
+) -> Iterator[KroneckerRecording]:
+    """Record the forward pass in the block; on exit backpropagate the curvature vectors (the
+    forward graph is kept for the user's ``loss.backward()``) and fill the recording.
+
+    Args:
+        model: the network.
+        loss_fn: the loss module, which must be called inside the block.
+        quantity: from :func:`kronecker_quantity`.
+        generator: for Monte-Carlo sampling.
+        owner: the optimizer's class name, for error messages.
+
+    Yields:
+        A :class:`KroneckerRecording`, filled after the block.
+    """
+    recording = KroneckerRecording()
+    with engine_capture(model, loss_fn, quantity, generator=generator) as session:
+        yield recording
+    if not session.loss_calls:
+        raise RuntimeError(
+            f"{owner}.capture(): loss_fn was not called inside the block; "
+            "compute the loss there (loss = loss_fn(model(X), y))"
+        )
+    result = session.compute(session.loss_calls[-1][2], retain_graph=True)
+    for name, block in result[quantity].items():
+        if isinstance(block, KroneckerFactors):
+            N = block.num_data  # the engine divided by N: undo it (raw sums)
+            recording.sums[name] = KroneckerSums(
+                block.A * N, block.B * N, N, block.order, block.weight_perm
+            )
+
+
+def to_factor_layout(
+    weight_grad: Tensor,
+    bias_grad: Tensor | None,
+    order: str,
+    weight_perm: tuple[int, ...] | None,
+    groups: int,
+) -> Tensor:
+    """A layer's gradients as ``[G, rows, cols]`` in the layout of its Kronecker factors.
+
+    Args:
+        weight_grad: shaped like the weight.
+        bias_grad: shaped like the bias (a joint bias becomes the last column), or None.
+        order: the factors' order.
+        weight_perm: the factors' weight permutation, or None.
+        groups: the number of groups ``G``.
+
+    Returns:
+        ``[G, rows, cols]`` (rows: output side for ``"B kron A"``).
+    """
+    bias = None if bias_grad is None else bias_grad[None]
+    return to_block_layout(weight_grad[None], bias, order, weight_perm, groups)[0]
+
+
+def from_factor_layout(
+    M: Tensor,
+    weight_shape: tuple[int, ...],
+    bias_shape: tuple[int, ...] | None,
+    order: str,
+    weight_perm: tuple[int, ...] | None,
+    groups: int,
+) -> tuple[Tensor, Tensor | None]:
+    """Inverse of :func:`to_factor_layout`: ``[G, rows, cols]`` to ``(weight-shaped,
+    bias-shaped or None)``."""
+    W, b = from_block_layout(M[None], weight_shape, bias_shape, order, weight_perm, groups)
+    return W[0], (None if b is None else b[0])

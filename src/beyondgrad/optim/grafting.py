@@ -1,0 +1,76 @@
+"""Grafting: take the direction of the preconditioner and the step length of a simpler method.
+
+Per parameter tensor, the preconditioned direction ``d`` is rescaled to the norm of the
+grafted method's direction ``s``: ``d <- d * ||s|| / ||d||`` (``d`` is kept when it is zero).
+Momentum, weight decay and the learning rate apply afterwards, as without grafting.
+``grafting`` (a param-group setting):
+
+- ``None``: no grafting (default);
+- ``"sgd"``: ``s = g``, the gradient;
+- ``"adam"``: ``s = g / (sqrt(v / (1 - beta2^t)) + eps)``, bias-corrected RMSprop with
+  ``v <- beta2 v + (1 - beta2) g^2`` (Distributed Shampoo's Adam grafting: the first moment
+  comes from the optimizer's momentum); ``beta2`` and ``eps`` are the group's ``adam_betas[1]``
+  and ``adam_eps``. Its state (``graft_exp_avg_sq``, ``graft_step``) lives in
+  ``optimizer.state[p]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+GRAFTING = (None, "sgd", "adam")
+
+
+def check_grafting(value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of :data:`GRAFTING`."""
+    if value not in GRAFTING:
+        raise ValueError(f"grafting must be one of {GRAFTING}, got {value!r}")
+
+
+def grafted_direction(grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> Tensor:
+    """The grafted method's direction ``s`` for one parameter (updates its state).
+
+    Args:
+        grad: the parameter's gradient.
+        group: its param group (``grafting``, ``adam_betas``, ``adam_eps``).
+        state: its optimizer state (Adam grafting keeps ``graft_exp_avg_sq``, ``graft_step``).
+
+    Returns:
+        ``s``, shaped like ``grad``.
+    """
+    if group["grafting"] == "sgd":
+        return grad
+    beta2, eps = group["adam_betas"][1], group["adam_eps"]
+    v = state.get("graft_exp_avg_sq")
+    if v is None:
+        v = state["graft_exp_avg_sq"] = torch.zeros_like(grad)
+    state["graft_step"] = int(state.get("graft_step", 0)) + 1
+    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    return grad / ((v / (1 - beta2 ** state["graft_step"])).sqrt() + eps)
+
+
+def graft(direction: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> Tensor:
+    """``direction`` rescaled to the norm of the grafted direction (unchanged without grafting).
+
+    Args:
+        direction: the preconditioned direction of one parameter.
+        grad: its gradient.
+        group: its param group.
+        state: its optimizer state.
+
+    Returns:
+        The grafted direction.
+    """
+    if group.get("grafting") is None:
+        return direction
+    reference = grafted_direction(grad, group, state)
+    work = torch.promote_types(direction.dtype, torch.float32)  # norms in float32 at least
+    norm = torch.linalg.vector_norm(direction, dtype=work)
+    ratio = torch.linalg.vector_norm(reference, dtype=work) / norm
+    return torch.where(norm > 0, direction * ratio.to(direction.dtype), direction)
+
+
+__all__ = ["GRAFTING", "check_grafting", "graft", "grafted_direction"]
