@@ -7,10 +7,10 @@ of one forward pass as **raw sums over samples** with their sample count
 ``[G, rows, cols]`` layout of its Kronecker factors (:func:`to_factor_layout`,
 :func:`from_factor_layout`).
 
-Today the engine returns Kronecker factors averaged over the samples of the batch
-(``A = sum / N``); this module multiplies them back by ``N`` so that the optimizers accumulate
-sums over several capture blocks (gradient accumulation) and over ranks before they divide once.
-When the engine's statistics object hands out raw sums, only this file changes.
+The engine's :class:`~beyondgrad.engine.Statistics` hands out raw Kronecker sums
+(``A_sum`` over ``count`` rows, ``B_sum`` over the backpropagated vectors, on the loss's scale);
+this module rescales them to sums over samples, so that the optimizers accumulate over several
+capture blocks (gradient accumulation) and over ranks before they divide once by the count.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..engine import Statistics, capture
 from ..engine.capture import plan_units
-from ..engine.compute import capture as engine_capture
-from ..factors import KroneckerFactors, from_block_layout, to_block_layout
+from ..factors import from_block_layout, to_block_layout
 from ..quantities import KFAC as KFACQuantity
 
 
@@ -134,20 +134,37 @@ def record_kronecker_sums(
         A :class:`KroneckerRecording`, filled after the block.
     """
     recording = KroneckerRecording()
-    with engine_capture(model, loss_fn, quantity, generator=generator) as session:
+    with capture(model, loss_fn, quantity, generator=generator) as session:
         yield recording
     if not session.loss_calls:
         raise RuntimeError(
             f"{owner}.capture(): loss_fn was not called inside the block; "
             "compute the loss there (loss = loss_fn(model(X), y))"
         )
-    result = session.compute(session.loss_calls[-1][2], retain_graph=True)
-    for name, block in result[quantity].items():
-        if isinstance(block, KroneckerFactors):
-            N = block.num_data  # the engine divided by N: undo it (raw sums)
-            recording.sums[name] = KroneckerSums(
-                block.A * N, block.B * N, N, block.order, block.weight_perm
-            )
+    stats = session.statistics(session.loss_calls[-1][2], retain_graph=True)
+    for name in stats.modules:
+        if stats.has_kronecker(name):
+            sums = _sample_sums(stats, name, quantity)
+            if sums is not None:
+                recording.sums[name] = sums
+
+
+def _sample_sums(stats: Statistics, module: str, quantity: KFACQuantity) -> KroneckerSums | None:
+    """The engine's raw Kronecker sums of ``module`` as sums over the batch's ``N`` samples:
+    ``A = N A_sum / count`` (the per-sample mean over shared positions, summed), ``B = N B_sum``
+    (the vectors carry ``sqrt(R)``; the empirical Fisher's loss gradients carry ``R``, so its
+    ``B_sum`` is divided by ``R`` once more)."""
+    raw = stats.kronecker(module, quantity.vectors, quantity.kfac_approx)
+    if raw is None:
+        return None
+    N = stats.num_samples
+    A = raw.A_sum * (N / raw.count)
+    B = raw.B_sum * N
+    if quantity.fisher_type == "empirical":
+        B = B / stats.reduction_factor
+    if A.shape[0] == 1:  # no groups
+        A, B = A[0], B[0]
+    return KroneckerSums(A, B, N, raw.order, raw.weight_perm)
 
 
 def to_factor_layout(
