@@ -56,9 +56,9 @@ class Rows:
     def __init__(self, form: Any):
         self._form = form
 
-    def seed_grad(self, grad: Tensor) -> None:
+    def provide_grad(self, grad: Tensor) -> None:
         """Hand over the already computed sum of the rows (the parameter's gradient)."""
-        self._form.seed("grad", grad)
+        self._form.provide("grad", grad)
 
     def prepare(self, reductions: int) -> None:
         """Materialize the rows once (one GEMM for convolutions) when ``reductions`` per-row
@@ -107,13 +107,13 @@ class StepWatch:
             )
         return self._session.loss_calls[-1]
 
-    def seed(self) -> Tensor:
+    def loss_scale(self) -> Tensor:
         """``d(backpropagated)/d(loss)`` of the ordinary backward (1, or a loss scale)."""
-        if self._session.backward_seed is None:
+        if self._session.loss_scale is None:
             raise RuntimeError(
                 "Cockpit: call loss.backward() inside the `with cockpit(step):` block"
             )
-        return self._session.backward_seed
+        return self._session.loss_scale
 
     def rows(self) -> dict[str, Rows]:
         """Per-sample rows of every parameter the engine serves (model order).
@@ -136,7 +136,7 @@ class _LightSession:
 
     def __init__(self) -> None:
         self.loss_calls: list[tuple[Tensor, Tensor, Tensor]] = []
-        self.backward_seed: Tensor | None = None
+        self.loss_scale: Tensor | None = None
 
     def on_loss(self, module: nn.Module, args: tuple, loss: Tensor) -> None:
         if torch.is_grad_enabled() and not is_internal_loss_call():
@@ -145,7 +145,7 @@ class _LightSession:
                 loss.register_hook(self._on_seed)
 
     def _on_seed(self, grad: Tensor) -> None:
-        self.backward_seed = grad.detach()
+        self.loss_scale = grad.detach()
 
 
 @contextmanager

@@ -232,7 +232,7 @@ class Cockpit:
         optimizer: torch.optim.Optimizer | None,
     ) -> None:
         output, target, loss = watch.loss_call()
-        grad_of_loss = _grad_of_loss(self.params, before, watch.seed())
+        grad_of_loss = _grad_of_loss(self.params, before, watch.loss_scale())
         B = output.shape[0]
         c = float(B) if self.loss_fn.reduction == "mean" else 1.0  # type: ignore[operator]
         data = r.StepData(record["step"], self.settings, B, c, float(loss.detach()))

@@ -148,7 +148,7 @@ def gather_rows(
     sgs, values, thetas = [], [], []
     for name, r in rows.items():
         if name in grad_of_loss:  # the ordinary backward already formed it
-            r.seed_grad(grad_of_loss[name])
+            r.provide_grad(grad_of_loss[name])
         r.prepare(reads)
         g = r.grad()  # mean_n g_n (scaled below only for sum losses: no copy)
         if c != B:

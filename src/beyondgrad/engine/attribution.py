@@ -15,7 +15,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
-from .capture import Call, Unit
+from .capture import Call, Layer
 
 
 def region(call: Call) -> set:
@@ -56,20 +56,20 @@ def _parameter_uses(
     return uses
 
 
-def attribute(loss: Tensor, units: list[Unit], names: dict[int, str]) -> set[str]:
-    """Check (and where needed re-assign, see the module docstring) the units serving each
+def attribute(loss: Tensor, layers: list[Layer], names: dict[int, str]) -> set[str]:
+    """Check (and where needed re-assign, see the module docstring) the layers serving each
     parameter; ``names`` maps ``id(parameter)`` to its public name. Raises ``RuntimeError`` on a
     use that no unit explains. Returns the type names of the graph's nodes."""
-    serving: dict[int, list[Unit]] = {}
-    for unit in units:
+    serving: dict[int, list[Layer]] = {}
+    for unit in layers:
         for p in unit.params.values():
             serving.setdefault(id(p), []).append(unit)
     kinds: set[str] = set()
     uses = _parameter_uses(loss, set(serving), kinds)
     if not uses:
         return kinds
-    regions: dict[int, list[tuple[Unit, set]]] = {}
-    for unit in units:
+    regions: dict[int, list[tuple[Layer, set]]] = {}
+    for unit in layers:
         for call in unit.calls:
             nodes = region(call)
             for node in nodes:

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..forms import Form, merge_forms
 from .attribution import region
-from .capture import Call, Unit
+from .capture import Call, Layer
 
 VectorKind = tuple[str, int]
 """Which output-space vectors: ``("grad", 1)`` (the loss gradient), ``("exact", 0)`` (columns
@@ -33,7 +33,7 @@ UNBATCHED_NODES = frozenset({"ConvolutionBackward0", "ConvolutionBackwardBackwar
 CallGradients = dict[int, list[Tensor | None]]
 """Per recorded call (by ``id``), the gradients ``[K, *output.shape]`` of each of its outputs."""
 
-FormsOfCall = Callable[[Unit, Call, list[Tensor | None]], dict[str, Form]]
+FormsOfCall = Callable[[Layer, Call, list[Tensor | None]], dict[str, Form]]
 
 
 def backprop_vectors(
@@ -100,7 +100,7 @@ class Backprop:
 
     def __init__(
         self,
-        calls: list[tuple[Unit, Call]],
+        calls: list[tuple[Layer, Call]],
         node_kinds: set[str],
         num_samples: int,
         forms_of_call: FormsOfCall,

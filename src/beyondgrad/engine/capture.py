@@ -1,4 +1,4 @@
-"""Capture: which module serves each parameter (units), and forward hooks recording every call.
+"""Capture: which module serves each parameter (layers), and forward hooks recording every call.
 
 A *unit* is a module that owns trainable parameters, with the rule that serves them. Each call of
 a unit's module during the forward pass is recorded as a :class:`Call`: its arguments and a
@@ -50,8 +50,9 @@ class Call:
 
 
 @dataclass
-class Unit:
-    """A module with the parameters it serves (``{name relative to module: parameter}``)."""
+class Layer:
+    """A module that owns trainable parameters, the rule serving them (``None``: the generic
+    rule), its parameters ``{name relative to the module: parameter}`` and its recorded calls."""
 
     name: str
     module: nn.Module
@@ -64,16 +65,16 @@ class Unit:
         return self.rule.name if self.rule is not None else "generic"
 
 
-def plan_units(model: nn.Module) -> list[Unit]:
+def plan_layers(model: nn.Module) -> list[Layer]:
     """One unit per module that owns trainable parameters directly."""
-    units = []
+    layers = []
     for name, module in model.named_modules():
         own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
         if own:
-            units.append(Unit(name, module, find_rule(module), own))
-    if not units:
+            layers.append(Layer(name, module, find_rule(module), own))
+    if not layers:
         raise ValueError(f"{type(model).__name__} has no trainable parameters (requires_grad=True)")
-    return units
+    return layers
 
 
 def _edge_of(out: Tensor) -> tuple[Tensor | None, torch.Size | None]:
@@ -92,14 +93,14 @@ class Recorder:
     """Forward hooks on every unit's module; use as a context manager. Records nothing while
     ``paused()`` or when grad mode is off."""
 
-    def __init__(self, units: list[Unit]):
-        self.units = units
+    def __init__(self, layers: list[Layer]):
+        self.layers = layers
         self.enabled = True
         self._handles: list[Any] = []
 
     def __enter__(self) -> Recorder:
         try:
-            for unit in self.units:
+            for unit in self.layers:
                 self._handles.append(
                     unit.module.register_forward_hook(self._hook(unit), with_kwargs=True)
                 )
@@ -124,7 +125,7 @@ class Recorder:
         finally:
             self.enabled = previous
 
-    def _hook(self, unit: Unit):
+    def _hook(self, unit: Layer):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             if not self.enabled or not torch.is_grad_enabled():
                 return None
@@ -155,7 +156,7 @@ class Recorder:
         return hook
 
     @staticmethod
-    def _record_simple(unit: Unit, args: tuple, kwargs: dict, output: Tensor) -> Tensor | None:
+    def _record_simple(unit: Layer, args: tuple, kwargs: dict, output: Tensor) -> Tensor | None:
         """Fast path for a fast-rule layer: one tensor in (``args[0]``), one tensor out."""
         x = args[0]
         versions = [(x, x._version)] if isinstance(x, Tensor) else []

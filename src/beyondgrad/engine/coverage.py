@@ -60,10 +60,10 @@ def coverage(model: nn.Module, loss_fn: nn.Module, X: Any, y: Tensor) -> Coverag
     with capture(model, loss_fn, vectors=[GRAD]) as session:
         loss = loss_fn(call_model(model, X), y)
     names = {id(p): n for n, p in model.named_parameters()}
-    attribute(loss, session.units, names)
+    attribute(loss, session.layers, names)
     rows = []
     for name, param in model.named_parameters():
-        serving = [u for u in session.units if any(q is param for q in u.params.values())]
+        serving = [u for u in session.layers if any(q is param for q in u.params.values())]
         if not serving:
             continue
         calls = sum(len(u.calls) for u in serving)

@@ -19,7 +19,7 @@ from ..forms import Form
 from ..rules import generic_forms, uses_batch_statistics
 from .attribution import attribute
 from .backprop import GRAD, Backprop, CallGradients, VectorKind, check_finite
-from .capture import Call, Recorder, Unit, plan_units
+from .capture import Call, Layer, Recorder, plan_layers
 from .losses import (
     check_loss_fn,
     check_target,
@@ -144,13 +144,13 @@ class Session:
         self.per_sample = per_sample or any(q.per_sample for q in quantities)
         if self.per_sample:
             check_samples_independent(model)
-        self.units = plan_units(model)
-        self.recorder = Recorder(self.units)
+        self.layers = plan_layers(model)
+        self.recorder = Recorder(self.layers)
         self.loss_calls: list[tuple[Tensor, Tensor, Tensor]] = []
         self._loss_handle: Any = None
         self.watch_backward = False
         self._seen: dict[tuple[int, int], Tensor] = {}
-        self.backward_seed: Tensor | None = None  # d(backpropagated)/d(loss), watched backward
+        self.loss_scale: Tensor | None = None  # d(backpropagated)/d(loss), watched backward
         self._node_kinds: set[str] | None = None
         self._node_handles: list[Any] = []
 
@@ -166,7 +166,7 @@ class Session:
         pre-hooks at the recorded gradient edges), so that first-order quantities need no
         backward pass of their own. Attribution runs when that backward starts."""
         nodes: dict[int, tuple[Any, set[int]]] = {}
-        for unit in self.units:
+        for unit in self.layers:
             for call in unit.calls:
                 for edge in call.edges:
                     if edge is not None:
@@ -182,8 +182,8 @@ class Session:
         names = {id(p): n for n, p in self.model.named_parameters()}
 
         def on_loss(grad: Tensor) -> None:
-            self.backward_seed = grad.detach()
-            self._node_kinds = attribute(loss, self.units, names)
+            self.loss_scale = grad.detach()
+            self._node_kinds = attribute(loss, self.layers, names)
 
         loss.register_hook(on_loss)
 
@@ -256,12 +256,12 @@ class Session:
             raise FloatingPointError(f"the loss is not finite ({loss.item()})")
         N = output.shape[0]
         names = {id(p): n for n, p in self.model.named_parameters()}
-        plan, watched = self.plan, self.backward_seed is not None
+        plan, watched = self.plan, self.loss_scale is not None
         node_kinds: set[str] = set()
         if watched:
             node_kinds = self._node_kinds or set()
         elif not plan.only_gradient:  # a plain gradient needs no attribution to layer calls
-            node_kinds = attribute(loss, self.units, names)
+            node_kinds = attribute(loss, self.layers, names)
         calls = [] if plan.only_gradient and not watched else self._calls()
         graph = Backprop(calls, node_kinds, N, self._forms_of_call(N))
         prepared = {}
@@ -281,17 +281,17 @@ class Session:
             if self.per_sample
             else None,
             kinds=tuple(grads),
-            rules=_rules_by_name(self.units, names),
+            rules=_rules_by_name(self.layers, names),
             model=self.model,
-            units=self.units,
+            layers=self.layers,
             backprop=graph,
             call_gradients=grads,
             parameter_gradients=param_grads,
         )
         return stats, prepared
 
-    def _calls(self) -> list[tuple[Unit, Call]]:
-        calls = [(u, c) for u in self.units for c in u.calls]
+    def _calls(self) -> list[tuple[Layer, Call]]:
+        calls = [(u, c) for u in self.layers for c in u.calls]
         if self.plan.kronecker_only:  # Kronecker blocks only: other layers need no backward
             calls = [(u, c) for u, c in calls if _has_kronecker(u)]
         return calls
@@ -328,7 +328,7 @@ class Session:
         return per_kind, {}
 
     def _watched_gradients(self, graph: Backprop) -> list[Tensor | None]:
-        seed = self.backward_seed
+        seed = self.loss_scale
         unit = bool((seed == 1).all())  # once, not per layer output
         grads = [
             None
@@ -345,7 +345,7 @@ class Session:
         """One backward pass of the loss: to every recorded layer output, and to the
         parameters only when the gradient itself is requested (autograd forms it at the
         cost of a plain backward)."""
-        params = _served_parameters(self.units) if self.plan.gradient else []
+        params = _served_parameters(self.layers) if self.plan.gradient else []
         n = len(graph.targets)
         grads = torch.autograd.grad(
             loss, graph.targets + params, allow_unused=True, retain_graph=retain_graph
@@ -380,7 +380,7 @@ class Session:
         return loss_vectors(self.loss_fn, output, target, name, max(M, 1), self.generator)
 
     def _forms_of_call(self, N: int):
-        def forms_of_call(unit: Unit, call: Call, gs: list[Tensor | None]) -> dict[str, Form]:
+        def forms_of_call(unit: Layer, call: Call, gs: list[Tensor | None]) -> dict[str, Form]:
             """Forms of one call; ``gs[i]``: ``[K, *outputs[i].shape]`` gradients."""
             _check_versions(unit, call)
             K = next(g.shape[0] for g in gs if g is not None)
@@ -406,9 +406,9 @@ class Session:
         return forms_of_call
 
 
-def _rules_by_name(units: list[Unit], names: dict[int, str]) -> dict[str, str]:
+def _rules_by_name(layers: list[Layer], names: dict[int, str]) -> dict[str, str]:
     rules: dict[str, str] = {}
-    for unit in units:
+    for unit in layers:
         for p in unit.params.values():
             name = names[id(p)]
             rules[name] = (
@@ -417,19 +417,19 @@ def _rules_by_name(units: list[Unit], names: dict[int, str]) -> dict[str, str]:
     return rules
 
 
-def _has_kronecker(unit: Unit) -> bool:
+def _has_kronecker(unit: Layer) -> bool:
     return unit.rule is not None and unit.rule.kronecker is not None and "weight" in unit.params
 
 
-def _served_parameters(units: list[Unit]) -> list[nn.Parameter]:
+def _served_parameters(layers: list[Layer]) -> list[nn.Parameter]:
     seen: dict[int, nn.Parameter] = {}
-    for unit in units:
+    for unit in layers:
         for p in unit.params.values():
             seen.setdefault(id(p), p)
     return list(seen.values())
 
 
-def _check_versions(unit: Unit, call: Call) -> None:
+def _check_versions(unit: Layer, call: Call) -> None:
     for t, version in call.input_versions:
         if t._version != version:
             raise RuntimeError(

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..forms import Form, SampleForm, merge_forms
 from ..rules.kronecker import KronStats
 from .backprop import GRAD, Backprop, CallGradients, VectorKind
-from .capture import Unit
+from .capture import Layer
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class Statistics:
     kinds: tuple[VectorKind, ...]
     rules: dict[str, str]
     model: nn.Module
-    units: list[Unit]
+    layers: list[Layer]
     backprop: Backprop
     call_gradients: dict[VectorKind, CallGradients]
     parameter_gradients: dict[int, Tensor] = field(default_factory=dict)
@@ -82,7 +82,7 @@ class Statistics:
 
     def __post_init__(self) -> None:
         self._params = dict(self.model.named_parameters())
-        self._units = {u.name: u for u in self.units if u.params}
+        self._layers = {u.name: u for u in self.layers if u.params}
 
     @property
     def context(self) -> ReduceContext:
@@ -143,28 +143,28 @@ class Statistics:
             return None
         merged = merge_forms(parts)
         if kind == GRAD and id(p) in self.parameter_gradients:
-            merged.seed("grad", self.parameter_gradients[id(p)])
+            merged.provide("grad", self.parameter_gradients[id(p)])
         return merged
 
     # -- modules and Kronecker sums ------------------------------------------------------------
     @property
     def modules(self) -> list[str]:
         """Names of the modules that own served parameters, in ``named_modules`` order."""
-        return list(self._units)
+        return list(self._layers)
 
     def module_parameters(self, module: str) -> dict[str, str]:
         """``{name relative to the module: full parameter name}`` for ``module``."""
         names = {id(p): n for n, p in self._params.items()}
-        return {local: names[id(p)] for local, p in self._units[module].params.items()}
+        return {local: names[id(p)] for local, p in self._layers[module].params.items()}
 
     def has_kronecker(self, module: str) -> bool:
         """Whether ``module``'s rule has Kronecker statistics (Linear, convolutions, Embedding)."""
-        unit = self._units[module]
+        unit = self._layers[module]
         return unit.rule is not None and unit.rule.kronecker is not None and "weight" in unit.params
 
     def rule_name(self, module: str) -> str:
         """The rule serving ``module``."""
-        return self._units[module].rule_name
+        return self._layers[module].rule_name
 
     def kronecker(
         self, module: str, kind: VectorKind, kfac_approx: str = "expand"
@@ -182,7 +182,7 @@ class Statistics:
     def _kronecker_sums(self, module: str, kind: VectorKind, approx: str) -> KronStats | None:
         if not self.has_kronecker(module):
             raise ValueError(f"module '{module}' has no Kronecker statistics")
-        unit, N = self._units[module], self.num_samples
+        unit, N = self._layers[module], self.num_samples
         kron: Callable = unit.rule.kronecker  # type: ignore[union-attr,assignment]
         grads = self.call_gradients.get(kind)
         if grads is None:

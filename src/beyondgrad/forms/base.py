@@ -96,7 +96,7 @@ class Form(ABC):
             cache[key] = fn()
         return cache[key]
 
-    def seed(self, key: str, value: Tensor) -> None:
+    def provide(self, key: str, value: Tensor) -> None:
         """Provide a reduction computed elsewhere (e.g. the gradient from autograd)."""
         self.__dict__.setdefault("_cache", {})[key] = value
 
@@ -113,7 +113,7 @@ class Form(ABC):
             raise ValueError(
                 f"out has shape {tuple(out.shape)}, expected {(self.rows, *self.shape)}"
             )
-        self.seed("batch_grad", self._batch_grad(out))
+        self.provide("batch_grad", self._batch_grad(out))
         return out
 
     def grad(self) -> Tensor:

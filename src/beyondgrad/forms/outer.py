@@ -161,7 +161,7 @@ class OuterForm(Form):
             grad += rows.sum((0, 1))
             total += rows.square_().sum((0, 1))
         if "grad" not in self.__dict__.get("_cache", {}):
-            self.seed("grad", grad.reshape(self.shape))
+            self.provide("grad", grad.reshape(self.shape))
         return total.reshape(self.shape)
 
     def _batch_sum_grad_squared(self) -> Tensor:

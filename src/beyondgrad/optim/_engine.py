@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..engine import Statistics, capture
-from ..engine.capture import plan_units
+from ..engine.capture import plan_layers
 from ..factors import from_block_layout, to_block_layout
 from ..quantities import KFAC as KFACQuantity
 
@@ -54,7 +54,7 @@ def layer_units(model: nn.Module) -> list[LayerUnit]:
     Returns:
         One :class:`LayerUnit` per module, in ``named_modules()`` order.
     """
-    return [LayerUnit(u.name, u.module, u.rule_name, dict(u.params)) for u in plan_units(model)]
+    return [LayerUnit(u.name, u.module, u.rule_name, dict(u.params)) for u in plan_layers(model)]
 
 
 @dataclass

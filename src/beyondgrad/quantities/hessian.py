@@ -334,7 +334,7 @@ class DiagHessian(Quantity):
     parameters and the output (LayerNorm, attention, gating) raises an error naming it.
 
     Args:
-        max_vectors: bounds both the loss-Hessian vectors and the ``2 x units`` residual
+        max_vectors: bounds both the loss-Hessian vectors and the ``2 x layers`` residual
             vectors of each nonlinearity per sample.
         method: ``"exact"``, or ``"hesscale"`` for the HesScale approximation (a heuristic,
             exact only for the last layer; ``nn.Sequential`` of Linear/Tanh/Sigmoid/ReLU/
@@ -383,11 +383,11 @@ class DiagHessian(Quantity):
 
     def _site_residual(self, graph: Backprop, site: ResidualSite, delta: Tensor) -> dict:
         N = graph.num_samples
-        d = (delta * site.second).reshape(N, -1)  # [N, units]
+        d = (delta * site.second).reshape(N, -1)  # [N, layers]
         K = d.shape[1]
         if 2 * K > self.max_vectors:
             raise RuntimeError(
-                f"DiagHessian: the element-wise nonlinearity {site.name} has {K} units per "
+                f"DiagHessian: the element-wise nonlinearity {site.name} has {K} layers per "
                 f"sample; its exact residual term backpropagates {2 * K} vectors (limit "
                 f"max_vectors={self.max_vectors}). Raise max_vectors explicitly, or use DiagGGN."
             )
