@@ -25,9 +25,17 @@ def call_model(model: nn.Module, X: Any) -> Any:
     return model(X)
 
 
-def _leading_size(X: Any) -> int | None:
+def _check_batch(X: Any, y: Tensor) -> None:
+    """``X`` holds a tensor with a leading sample axis and ``y`` has as many samples."""
     leaves = [t for t in tree_flatten(X)[0] if isinstance(t, Tensor) and t.ndim > 0]
-    return leaves[0].shape[0] if leaves else None
+    if not leaves:
+        raise ValueError("X contains no tensor with a leading sample axis")
+    n_x = leaves[0].shape[0]
+    if y.ndim == 0 or y.shape[0] != n_x:
+        raise ValueError(
+            f"batch sizes disagree: X has {n_x} samples, y has "
+            f"{y.shape[0] if y.ndim else 'no sample axis'}"
+        )
 
 
 def compute(
@@ -72,14 +80,7 @@ def compute(
         return _with_separate_passes(
             model, loss_fn, X, y, quantities, separate, subsampling, generator, accumulate_grad
         )
-    n_x = _leading_size(X)
-    if n_x is None:
-        raise ValueError("X contains no tensor with a leading sample axis")
-    if y.ndim == 0 or y.shape[0] != n_x:
-        raise ValueError(
-            f"batch sizes disagree: X has {n_x} samples, y has "
-            f"{y.shape[0] if y.ndim else 'no sample axis'}"
-        )
+    _check_batch(X, y)
     with capture(
         model, loss_fn, *quantities, subsampling=subsampling, generator=generator, vectors=vectors
     ) as session:
