@@ -59,7 +59,7 @@ def training_block(p: h.Problem, opt: torch.optim.Optimizer, steps: int) -> Call
 
 def measure(problem: str, config: str, every: int, cfg: Config) -> dict[str, Any]:
     """Plain and tracked blocks of steps on one model, alternated rep by rep after warm-up."""
-    steps = 2 if cfg.smoke else BLOCK
+    steps = 1 if cfg.smoke else BLOCK
     p = h.fresh_problem(problem, cfg)
     opt = torch.optim.SGD(p.model.parameters(), lr=1e-3)
     cockpit = bg.cockpit.Cockpit(

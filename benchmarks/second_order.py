@@ -101,6 +101,11 @@ def compute(p: Problem, q: bg.Quantity) -> Any:
         raise
 
 
+def value(p: Problem, q: bg.Quantity) -> Any:
+    """The value of one quantity (:func:`compute`)."""
+    return compute(p, q)[q]
+
+
 def beyondgrad_setup(make_q: Callable[[], bg.Quantity]) -> Setup:
     """``bg.compute`` for one quantity; everything, the generator included, is timed."""
 
@@ -389,12 +394,12 @@ def exact_quantities(p: Problem, info: dict[str, Any]) -> dict[str, Any]:
     ``info``)."""
     exact: dict[str, Any] = {}
     try:
-        exact["diag"] = compute(p, bg.DiagGGN())
-        sq = compute(p, bg.SqrtGGN())
+        exact["diag"] = value(p, bg.DiagGGN())
+        sq = value(p, bg.SqrtGGN())
         exact["sqrt_diag"] = {n: s.pow(2).sum((0, 1)) for n, s in sq.items()}
         del sq
-        exact["kfac"] = compute(p, bg.KFAC(fisher_type="type-2"))
-        exact["kfac_reduce"] = compute(p, bg.KFAC(fisher_type="type-2", kfac_approx="reduce"))
+        exact["kfac"] = value(p, bg.KFAC(fisher_type="type-2"))
+        exact["kfac_reduce"] = value(p, bg.KFAC(fisher_type="type-2", kfac_approx="reduce"))
     except h.Refused as exc:
         info["refused"] = h.short(str(exc), 160)
     return exact
@@ -587,7 +592,7 @@ def curvlinops_checks(p: Problem, exact: dict[str, Any], tol: float, checks: Che
         return body
 
     def kfac(fisher_type: str, kfac_approx: str) -> Callable[[], dict[str, Any]]:
-        return lambda: compute(p, bg.KFAC(fisher_type=fisher_type, kfac_approx=kfac_approx))
+        return lambda: value(p, bg.KFAC(fisher_type=fisher_type, kfac_approx=kfac_approx))
 
     what = "(Linear/Conv2d)"
     if "kfac" in exact:
