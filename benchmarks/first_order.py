@@ -446,12 +446,7 @@ def run_problem(problem: str, cfg: Config, memory: h.CpuMemory | None) -> dict[s
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write its tables."""
-    args = SCRIPT.parser().parse_args(argv)
-    cfg, memory, meta = SCRIPT.start(args, argv)
-    out = SCRIPT.output(args)
-    results = h.timed_runs(meta, [partial(run_problem, p, cfg, memory) for p in args.problems])
-    h.write_results(out, {"meta": meta, "results": results}, lambda: render(meta, results))
-    return 0
+    return h.problems_main(SCRIPT, argv, run_problem, render)
 
 
 if __name__ == "__main__":

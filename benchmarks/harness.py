@@ -1188,6 +1188,22 @@ def timed_runs(meta: dict[str, Any], jobs: list[Callable[[], Any]]) -> list[Any]
     return out
 
 
+def problems_main(
+    script: Script,
+    argv: list[str] | None,
+    run_problem: Callable[[str, Config, CpuMemory | None], dict[str, Any]],
+    render: Callable[[dict[str, Any], list[dict[str, Any]]], str],
+) -> int:
+    """The whole run of a script whose tables are one per problem: options, environment,
+    ``run_problem`` for each problem, then the JSON and the markdown."""
+    args = script.parser().parse_args(argv)
+    cfg, memory, meta = script.start(args, argv)
+    out = script.output(args)
+    results = timed_runs(meta, [partial(run_problem, p, cfg, memory) for p in args.problems])
+    write_results(out, {"meta": meta, "results": results}, lambda: render(meta, results))
+    return 0
+
+
 def write_results(out: Path, payload: Any, markdown: Callable[[], str]) -> None:
     """Write the JSON (first: it survives a failing render) and the markdown next to it."""
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -804,6 +804,39 @@ def first_within(estimates: list[float], ref: float, target: float) -> int | Non
     return None
 
 
+def eigsh_run(
+    problem: str,
+    cfg: Config,
+    memory: h.CpuMemory | None,
+    ref: float,
+    seed: int,
+    tol: float,
+    max_iter: int | None,
+    abort: bool,
+) -> tuple[RitzRecorder, float, float, float]:
+    """One observed ``bg.linalg.eigsh(k=1)`` run (``abort``: end once within 1e-3):
+    its recorder, start time, wall seconds and peak memory."""
+    p = h.fresh_problem(problem, cfg)
+    rec: list[RitzRecorder] = []
+
+    def on_step(r: RitzRecorder) -> None:
+        if abort and first_within(r.estimates[-1:], ref, EIG_TARGET):
+            raise _Stop
+
+    def call() -> float:
+        t0 = time.perf_counter()
+        rec.append(RitzRecorder(bg.linops.Hessian(p.model, p.loss_fn, [(p.X, p.y)]), on_step))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            with contextlib.suppress(_Stop):
+                gen = h.generator(cfg.device, seed)
+                bg.linalg.eigsh(rec[0], k=1, tol=tol, max_iter=max_iter, generator=gen)
+        return t0
+
+    t0, wall, mib = h.measured_call(call, cfg.device, memory)
+    return rec[0], t0, wall, mib
+
+
 def eig_ours(
     problem: str,
     cfg: Config,
@@ -816,35 +849,7 @@ def eig_ours(
     """``bg.linalg.eigsh(k=1, tol=1e-3)`` with its default ``max_iter``: products and time
     until the Ritz value is within 1e-3 of the reference, and where its own rule stops. If it
     stops first, a second run (``tol=0``, ``max_iter=cap``) finds the products needed."""
-
-    def run(
-        tol: float, max_iter: int | None, abort: bool
-    ) -> tuple[RitzRecorder, float, float, float]:
-        p = h.fresh_problem(problem, cfg)
-        rec: list[RitzRecorder] = []
-
-        def on_step(r: RitzRecorder) -> None:
-            if abort and first_within(r.estimates[-1:], ref, EIG_TARGET):
-                raise _Stop
-
-        def call() -> float:
-            t0 = time.perf_counter()
-            rec.append(RitzRecorder(bg.linops.Hessian(p.model, p.loss_fn, [(p.X, p.y)]), on_step))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                with contextlib.suppress(_Stop):
-                    bg.linalg.eigsh(
-                        rec[0],
-                        k=1,
-                        tol=tol,
-                        max_iter=max_iter,
-                        generator=h.generator(cfg.device, seed),
-                    )
-            return t0
-
-        t0, wall, mib = h.measured_call(call, cfg.device, memory)
-        return rec[0], t0, wall, mib
-
+    run = partial(eigsh_run, problem, cfg, memory, ref, seed)
     rec, t0, wall, mib = run(EIGSH_OWN_TOL, own_max_iter, abort=False)
     reach = first_within(rec.estimates, ref, EIG_TARGET)
     out: dict[str, Any] = {
@@ -1393,10 +1398,20 @@ def render(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def finished(results: list[dict[str, Any]], section: str) -> list[dict[str, Any]]:
+    """The problems whose ``section`` ran to the end."""
+    return [r for r in results if isinstance(r.get(section), dict) and "runs" in r[section]]
+
+
+def peer_of(sec: dict[str, Any]) -> str:
+    """The peer method of an eigen or trace section (PyHessian or this script's own)."""
+    return next(x["method"] for x in sec["runs"] if not x["method"].startswith("beyondgrad"))
+
+
 def eigen_summary(results: list[dict[str, Any]]) -> list[str]:
     """Top eigenvalue: products and time to 1e-3 per problem (seed medians)."""
     lines: list[str] = []
-    eig = [r for r in results if isinstance(r.get("eigen"), dict) and "runs" in r["eigen"]]
+    eig = finished(results, "eigen")
     if eig:
         lines += [
             f"## Summary: top Hessian eigenvalue to {EIG_TARGET:g} relative accuracy",
@@ -1412,9 +1427,7 @@ def eigen_summary(results: list[dict[str, Any]]) -> list[str]:
         ]
         for r in eig:
             sec = r["eigen"]
-            peer = next(
-                x["method"] for x in sec["runs"] if not x["method"].startswith("beyondgrad")
-            )
+            peer = peer_of(sec)
             s_o, s_p = algo_summary(sec, "beyondgrad"), algo_summary(sec, peer)
             lines.append(
                 f"| {r['problem']} | {sec['reference']['value']:.5g} | {_reach(s_o)} | "
@@ -1427,7 +1440,7 @@ def eigen_summary(results: list[dict[str, Any]]) -> list[str]:
 def trace_summary(results: list[dict[str, Any]]) -> list[str]:
     """Trace: products and time to 5 % per problem (seed medians), or the projection."""
     lines: list[str] = []
-    tr = [r for r in results if isinstance(r.get("trace"), dict) and "runs" in r["trace"]]
+    tr = finished(results, "trace")
     if tr:
         lines += [
             f"## Summary: Hessian trace to {TRACE_TARGET:.0%}",
@@ -1444,9 +1457,7 @@ def trace_summary(results: list[dict[str, Any]]) -> list[str]:
         ]
         for r in tr:
             sec = r["trace"]
-            peer = next(
-                x["method"] for x in sec["runs"] if not x["method"].startswith("beyondgrad")
-            )
+            peer = peer_of(sec)
             s_o, s_p = algo_summary(sec, "beyondgrad"), algo_summary(sec, peer)
             s_x = algo_summary(sec, "beyondgrad xtrace")
             budget, errs = equal_budget_errors(sec, ["beyondgrad", "beyondgrad xtrace", peer])
