@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -227,6 +227,9 @@ def build_curvlinops(p: Problem, kind: str, fisher_type: str = "mc") -> tuple[An
 
 
 def curvlinops_setup(kind: str, k: int) -> Setup:
+    """``A @ v`` / ``A @ V`` of a curvlinops operator built in set-up (not timed; KFAC/EKFAC:
+    its construction, timed once, in the notes)."""
+
     def setup(p: Problem) -> Candidate:
         notes = [f"{CURVLINOPS[kind]}(check_deterministic=False)"]
         if kind in ("KFAC", "EKFAC"):
@@ -682,6 +685,18 @@ class Opts:
         return self.trace_cap or TRACE_CAPS.get(problem, 48)
 
 
+class Job(NamedTuple):
+    """One run of a method in the eigen or trace section: the problem, the settings, the
+    reference value it aims at, its seed and its largest budget of products."""
+
+    problem: str
+    cfg: Config
+    memory: h.CpuMemory | None
+    ref: float
+    seed: int
+    cap: int
+
+
 class Baseline:
     """Plain forward+backward samples in the algorithm's own process, before and after."""
 
@@ -727,6 +742,7 @@ def pyhessian_hook(on_hvp: Callable[[tuple[Tensor, ...], list[Tensor]], None]) -
 
 
 def dot(a: list[Tensor] | tuple[Tensor, ...], b: list[Tensor] | tuple[Tensor, ...]) -> float:
+    """Inner product of two lists of tensors."""
     return float(sum((x * y).sum() for x, y in zip(a, b)))
 
 
@@ -750,6 +766,7 @@ def fallback_runs(p: Problem, kind: str, cap: int, on_hvp: Callable[..., None]) 
 
 
 def peer_label() -> str:
+    """The peer of the eigen and trace sections: PyHessian, or this script's own fallback."""
     return "pyhessian" if h.peer_missing("pyhessian") is None else "own (double backward)"
 
 
@@ -837,18 +854,11 @@ def eigsh_run(
     return rec[0], t0, wall, mib
 
 
-def eig_ours(
-    problem: str,
-    cfg: Config,
-    memory: h.CpuMemory | None,
-    ref: float,
-    seed: int,
-    cap: int,
-    own_max_iter: int | None = None,
-) -> dict[str, Any]:
+def eig_ours(job: Job, own_max_iter: int | None = None) -> dict[str, Any]:
     """``bg.linalg.eigsh(k=1, tol=1e-3)`` with its default ``max_iter``: products and time
     until the Ritz value is within 1e-3 of the reference, and where its own rule stops. If it
     stops first, a second run (``tol=0``, ``max_iter=cap``) finds the products needed."""
+    problem, cfg, memory, ref, seed, cap = job
     run = partial(eigsh_run, problem, cfg, memory, ref, seed)
     rec, t0, wall, mib = run(EIGSH_OWN_TOL, own_max_iter, abort=False)
     reach = first_within(rec.estimates, ref, EIG_TARGET)
@@ -874,14 +884,13 @@ def eig_ours(
     return out
 
 
-def eig_peer(
-    problem: str, cfg: Config, memory: h.CpuMemory | None, ref: float, seed: int, cap: int
-) -> dict[str, Any]:
+def eig_peer(job: Job) -> dict[str, Any]:
     """PyHessian ``hessian(...).eigenvalues(maxIter=cap, tol=0)`` (power iteration on the
     cached gradient graph), observed per HVP: products and time (from before ``hessian()``,
     which builds the graph) until the Rayleigh quotient is within 1e-3; its own rule
     (``tol=1e-3``: relative change between iterates; default ``maxIter=100``) evaluated on
     the same iterates. Ends once both are known or at ``cap``."""
+    problem, cfg, memory, ref, seed, cap = job
     p = h.fresh_problem(problem, cfg)
     est: list[float] = []
     times: list[float] = []
@@ -960,7 +969,7 @@ def run_eigen(problem: str, cfg: Config, opts: Opts, memory: h.CpuMemory | None)
     for seed in opts.seeds:
         ours = partial(eig_ours, own_max_iter=opts.own_max_iter)
         for method, fn in (("beyondgrad", ours), (peer_label(), eig_peer)):
-            res = fn(problem, cfg, memory, ref, seed, opts.eig_cap)
+            res = fn(Job(problem, cfg, memory, ref, seed, opts.eig_cap))
             res.update(method=method, seed=seed)
             runs.append(res)
             print(
@@ -1025,17 +1034,10 @@ def reached_at(grid: list[int], estimates: list[float], ref: float) -> int | Non
     return None
 
 
-def trace_ours(
-    problem: str,
-    cfg: Config,
-    memory: h.CpuMemory | None,
-    ref: float,
-    seed: int,
-    cap: int,
-    method: str = "hutch++",
-) -> dict[str, Any]:
+def trace_ours(job: Job, method: str = "hutch++") -> dict[str, Any]:
     """``bg.linalg.trace(Hessian, m, method)`` for budgets m = 3, 6, 12, ... (one clean call
     each, the operator built inside it), until two consecutive budgets are within 5 %."""
+    problem, cfg, memory, ref, seed, cap = job
     grid = trace_grid(cap)
     if method == "xtrace":
         grid = [m for m in grid if m >= 6]  # xtrace needs 2 probes
@@ -1079,11 +1081,10 @@ def trace_ours(
     }
 
 
-def trace_exact(
-    problem: str, cfg: Config, memory: h.CpuMemory | None, ref: float, seed: int, cap: int
-) -> dict[str, Any]:
+def trace_exact(job: Job) -> dict[str, Any]:
     """``bg.linops.Hessian(...).trace()``: exact, one pass with the engine's ``DiagHessian``
     (raises on models outside its rules, e.g. LayerNorm)."""
+    problem, cfg, memory, ref, _seed, _cap = job
     p = h.fresh_problem(problem, cfg)
 
     def call() -> Tensor:
@@ -1179,13 +1180,12 @@ EARLY_NOTE = (
 )
 
 
-def trace_peer(
-    problem: str, cfg: Config, memory: h.CpuMemory | None, ref: float, seed: int, cap: int
-) -> dict[str, Any]:
+def trace_peer(job: Job) -> dict[str, Any]:
     """PyHessian ``hessian(...).trace(maxIter=cap, tol=0)`` (Rademacher Hutchinson, one HVP
     per probe on the cached graph), observed per HVP: the running mean at the same budgets and
     rule as ours; time from before ``hessian()`` to the budget's last HVP; its own rule on
     the same samples (:class:`Hutchinson`)."""
+    problem, cfg, memory, ref, seed, cap = job
     p = h.fresh_problem(problem, cfg)
     run = Hutchinson(trace_grid(cap), ref, cap)
 
@@ -1260,7 +1260,7 @@ def run_trace(problem: str, cfg: Config, opts: Opts, memory: h.CpuMemory | None)
         ):
             if method == "beyondgrad exact" and seed != opts.seeds[0]:
                 continue  # deterministic: one run
-            res = fn(problem, cfg, memory, ref, seed, opts.cap_for(problem))
+            res = fn(Job(problem, cfg, memory, ref, seed, opts.cap_for(problem)))
             res.update(method=method, seed=seed)
             runs.append(res)
             print(
@@ -1539,6 +1539,7 @@ def _noise_note(sec: dict[str, Any]) -> str:
 
 
 def render_eigen(res: dict[str, Any]) -> list[str]:
+    """One problem's eigenvalue table: per method and seed."""
     sec = res.get("eigen")
     if sec is None:
         return []
@@ -1586,6 +1587,7 @@ def render_eigen(res: dict[str, Any]) -> list[str]:
 
 
 def render_trace(res: dict[str, Any]) -> list[str]:
+    """One problem's trace table: per method and seed."""
     sec = res.get("trace")
     if sec is None:
         return []

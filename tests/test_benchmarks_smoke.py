@@ -33,6 +33,7 @@ SCRIPTS = ("first_order", "second_order", "linops", "conv_toolkit", "cockpit")
 
 
 def importable(module: str) -> bool:
+    """Whether a peer's module imports here."""
     try:
         importlib.import_module(module)
     except Exception:
@@ -41,6 +42,7 @@ def importable(module: str) -> bool:
 
 
 def run_smoke(script: str, out: Path) -> subprocess.CompletedProcess[str]:
+    """``python benchmarks/<script>.py --smoke --out <out>`` with this tree's package."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(BENCH)]))
     cmd = [sys.executable, str(BENCH / f"{script}.py"), "--smoke", "--out", str(out)]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
