@@ -1135,7 +1135,7 @@ class Script:
             target_s=(args.target_ms or (20.0 if q or not cpu else 50.0)) / 1e3,
             max_cell_s=args.max_cell_s or self.max_cell_s[0 if cpu else 1],
             cell_timeout_s=self.cell_timeout_s,
-            only_beyondgrad=getattr(args, "only_beyondgrad", self.peers is None),
+            only_beyondgrad=getattr(args, "only_beyondgrad", False),
             quick=q,
         )
         if args.smoke:
