@@ -59,8 +59,6 @@ from torch import Tensor, nn
 # The package's built-in problems: imported here only (a move of the module is a one-line fix).
 from beyondgrad.problems import PROBLEMS, Problem, make_problem
 
-__all__ = ["PROBLEMS", "Problem"]
-
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MIB = 1024.0 * 1024.0
 SMOKE_BATCH = 4  # batch of every problem under --smoke
