@@ -3,105 +3,102 @@ training step (SGD, same model and batch) measured in the same process.
 
 Rows: presets ``economy``, ``business``, ``full`` tracked every step, and ``full`` every 16
 steps. Each sample times a block of 16 consecutive steps (so schedules average correctly),
-plain and tracked blocks interleaved; the median ratio over the samples is reported.
-Problems: ``mlp`` and ``cnn`` from :mod:`beyondgrad.problems` (the original Cockpit, 3C3D on
-CPU: economy 5.7x, business 12.4x, full 100x every step; 1.34x / 1.76x / 7.2x every 16 steps).
+plain and tracked blocks alternated rep by rep (the protocol of ``harness.py``, one block per
+call); the median of the per-rep ratios is reported. Problems: ``mlp`` and ``cnn`` (the original
+Cockpit, 3C3D on CPU: economy 5.7x, business 12.4x, full 100x every step; 1.34x / 1.76x / 7.2x
+every 16 steps).
 
     python benchmarks/cockpit.py [--problems mlp cnn] [--reps 5] [--threads 2] [--device cpu]
+    python benchmarks/cockpit.py --smoke       # does it run (tiny, to a temp dir)
 
 Writes ``benchmarks/results/cockpit_<device>.md`` and ``.json``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import time
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
+from typing import Any
 
 import torch
 
 import beyondgrad as bg
-from beyondgrad.problems import make_problem
+import harness as h
+from harness import Config
 
+SCRIPT = h.Script(
+    name="cockpit",
+    doc=__doc__,
+    problems=("mlp", "cnn"),
+    reps=5,
+    max_cell_s=(1e6, 1e6),  # every rep is kept
+)
 BLOCK = 16
 ROWS = (("economy", 1), ("business", 1), ("full", 1), ("full", 16))
 
 
-def _block(model, loss_fn, X, y, opt, cockpit, start: int, device: str) -> float:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for step in range(start, start + BLOCK):
-        opt.zero_grad()
-        if cockpit is None:
-            loss_fn(model(X), y).backward()
-        else:
-            with cockpit(step, optimizer=opt):
-                loss = loss_fn(model(X), y)
-                loss.backward()
-        opt.step()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
+def training_block(p: h.Problem, opt: torch.optim.Optimizer, steps: int) -> Callable[..., None]:
+    """``block(cockpit, start)``: ``steps`` SGD steps from step ``start`` (plain where
+    ``cockpit`` is None)."""
+
+    def block(cockpit: Any, start: int) -> None:
+        for step in range(start, start + steps):
+            opt.zero_grad()
+            if cockpit is None:
+                p.loss_fn(p.model(p.X), p.y).backward()
+            else:
+                with cockpit(step, optimizer=opt):
+                    loss = p.loss_fn(p.model(p.X), p.y)
+                    loss.backward()
+            opt.step()
+
+    return block
 
 
-def measure(problem: str, config: str, every: int, reps: int, device: str) -> dict:
-    p = make_problem(problem)
-    model, loss_fn = p.model.to(device), p.loss_fn
-    X, y = p.X.to(device), p.y.to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    cockpit = bg.cockpit.Cockpit(model, loss_fn, config=config, schedule=bg.cockpit.every(every))
-    step = 0
-    for _ in range(2):  # warm-up both paths
-        _block(model, loss_fn, X, y, opt, None, 0, device)
-        _block(model, loss_fn, X, y, opt, cockpit, step, device)
-        step += BLOCK
-    ratios, plain, tracked = [], [], []
-    for _ in range(reps):
-        base = _block(model, loss_fn, X, y, opt, None, 0, device)
-        t = _block(model, loss_fn, X, y, opt, cockpit, step, device)
-        step += BLOCK
-        plain.append(base / BLOCK * 1e3)
-        tracked.append(t / BLOCK * 1e3)
-        ratios.append(t / base)
+def measure(problem: str, config: str, every: int, cfg: Config) -> dict[str, Any]:
+    """Plain and tracked blocks of steps on one model, alternated rep by rep after warm-up."""
+    steps = 1 if cfg.smoke else BLOCK
+    p = h.fresh_problem(problem, cfg)
+    opt = torch.optim.SGD(p.model.parameters(), lr=1e-3)
+    cockpit = bg.cockpit.Cockpit(
+        p.model, p.loss_fn, config=config, schedule=bg.cockpit.every(every)
+    )
+    block = training_block(p, opt, steps)
+    step = [0]
+
+    def tracked() -> None:
+        block(cockpit, step[0])
+        step[0] += steps
+
+    for _ in range(1 if cfg.smoke else 2):  # warm-up both paths
+        block(None, 0)
+        tracked()
+    t = h.timed_reps(partial(block, None, 0), tracked, replace(cfg, target_s=0.0))
+    ratios = [c / b for c, b in zip(t.cand, t.base)]
     return {
         "problem": problem,
         "config": config,
         "every": every,
         "ratio": statistics.median(ratios),
-        "plain_ms": statistics.median(plain),
-        "tracked_ms": statistics.median(tracked),
+        "plain_ms": statistics.median(t.base) / steps * 1e3,
+        "tracked_ms": statistics.median(t.cand) / steps * 1e3,
         "ratios": ratios,
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--problems", nargs="+", default=["mlp", "cnn"])
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    rows = []
-    for problem in args.problems:
-        for config, every in ROWS:
-            row = measure(problem, config, every, args.reps, args.device)
-            rows.append(row)
-            print(
-                f"{problem:4s} {config:9s} every {every:2d}: {row['ratio']:.2f}x "
-                f"({row['tracked_ms']:.1f} ms vs {row['plain_ms']:.1f} ms per step)",
-                flush=True,
-            )
-    kind = torch.device(args.device).type
-    device = torch.cuda.get_device_name() if kind == "cuda" else f"CPU, {args.threads} threads"
+def render(rows: list[dict[str, Any]], cfg: Config) -> str:
+    """The markdown table."""
+    if cfg.device == "cuda":
+        device = torch.cuda.get_device_name()
+    else:
+        device = f"CPU, {torch.get_num_threads()} threads"
     lines = [
         f"# Cockpit overhead ({device}, torch {torch.__version__})",
         "",
         "Training step with the Cockpit attached / plain SGD training step, same process, "
-        f"median over {args.reps} interleaved blocks of {BLOCK} steps. Goals (CPU, every step): "
+        f"median over {cfg.reps} interleaved blocks of {BLOCK} steps. Goals (CPU, every step): "
         "economy <= 1.3x, business <= 1.8x; full every 16 steps <= 1.5x. Original Cockpit on "
         "CPU (3C3D): 5.7x / 12.4x / 100x every step, full every 16: 7.2x. Regenerate: "
         "`python benchmarks/cockpit.py`.",
@@ -114,10 +111,26 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['problem']} | {r['config']} | {r['every']} | {r['ratio']:.2f} | "
             f"{r['tracked_ms']:.1f} | {r['plain_ms']:.1f} |"
         )
-    out = Path(__file__).parent / "results" / f"cockpit_{kind}.md"
-    out.write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    print(f"wrote {out}")
+    return "\n".join(lines) + "\n"
+
+
+def run_row(problem: str, config: str, every: int, cfg: Config) -> dict[str, Any]:
+    """One row, with its progress line."""
+    row = measure(problem, config, every, cfg)
+    h.log(
+        f"{problem:4s} {config:9s} every {every:2d}: {row['ratio']:.2f}x "
+        f"({row['tracked_ms']:.1f} ms vs {row['plain_ms']:.1f} ms per step)"
+    )
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and write its table."""
+    args = SCRIPT.parser().parse_args(argv)
+    cfg, _, meta = SCRIPT.start(args, argv)
+    jobs = [partial(run_row, p, c, e, cfg) for p in args.problems for c, e in ROWS]
+    rows = h.timed_runs(meta, jobs)
+    h.write_results(SCRIPT.output(args), rows, lambda: render(rows, cfg))
     return 0
 
 

@@ -5,7 +5,8 @@ raw numbers next to it::
 
     python benchmarks/conv_toolkit.py                  # CPU, every case
     python benchmarks/conv_toolkit.py --device cuda    # GPU
-    python benchmarks/conv_toolkit.py --quick --cases 1d   # smoke test
+    python benchmarks/conv_toolkit.py --quick --cases 1d   # short run
+    python benchmarks/conv_toolkit.py --smoke          # does it run (tiny, to a temp dir)
 
 What is compared (float32, realistic layer shapes; see ``CASES``):
 
@@ -20,7 +21,7 @@ What is compared (float32, realistic layer shapes; see ``CASES``):
   torch's ``opt_einsum`` path optimization switched off (what a user without the ``opt-einsum``
   package gets), and ``beyondgrad.conv.unfold`` followed by the same averaging.
 
-The measurement protocol is the one of ``first_order.py`` (its helpers are imported): each cell
+The measurement protocol is the one of ``harness.py``: each cell
 (one case, one candidate) runs in a forked child on CPU; warm-up; the peak memory of one call of
 the reference and of the candidate; calibrated samples of both, alternated rep by rep (ABBA);
 re-timing while the machine looks disturbed. Every cell also checks that the candidate's result
@@ -29,46 +30,25 @@ equals the reference's.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import datetime as _dt
-import json
 import math
-import os
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
+import harness as h
 from beyondgrad.conv import conv_output_size
 from beyondgrad.conv import einsum as conv_einsum
 from beyondgrad.conv import unfold as bg_unfold
-from first_order import (
-    Config,
-    CpuMemory,
-    _short,
-    _sync,
-    cpu_model,
-    cuda_peak_mib,
-    fmt,
-    run_isolated,
-    timed_reps,
-    version,
-)
+from harness import Candidate, Config
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-MIB = 1024.0 * 1024.0
+SCRIPT = h.Script(name="conv_toolkit", doc=__doc__, packages=("beyondgrad",), problems=None)
 
 # --------------------------------------------------------------------------------------------
 # Cases
@@ -91,10 +71,12 @@ class Case:
 
     @property
     def d(self) -> int:
+        """Number of spatial dimensions."""
         return len(self.size)
 
     @property
     def name(self) -> str:
+        """E.g. ``"2d N32 C96 32x32 k3 p1"``."""
         hyper = f"k{self.kernel}"
         hyper += f" p{self.padding}" if self.padding else ""
         hyper += f" s{self.stride}" if self.stride > 1 else ""
@@ -105,6 +87,7 @@ class Case:
 
     @property
     def out_size(self) -> tuple[int, ...]:
+        """Spatial size of the convolution's output."""
         return tuple(
             conv_output_size(i, self.kernel, self.stride, self.padding, self.dilation)
             for i in self.size
@@ -112,18 +95,20 @@ class Case:
 
     @property
     def taps(self) -> int:
+        """Kernel taps ``prod(K)``."""
         return self.kernel**self.d
 
     def unfolded_mib(self, itemsize: int = 4) -> float:
         """Size of the unfolded input ``[N, C * prod(K), prod(O)]``."""
-        return self.N * self.C * self.taps * math.prod(self.out_size) * itemsize / MIB
+        return self.N * self.C * self.taps * math.prod(self.out_size) * itemsize / h.MIB
 
     def factor_mib(self, itemsize: int = 4) -> float:
         """Size of the KFAC factor ``[G, C/G * prod(K), C/G * prod(K)]``."""
         side = self.C // self.groups * self.taps
-        return self.groups * side * side * itemsize / MIB
+        return self.groups * side * side * itemsize / h.MIB
 
     def input(self, device: str) -> Tensor:
+        """The layer's input, a seeded Gaussian ``[N, C, *size]`` on ``device``."""
         gen = torch.Generator().manual_seed(0)
         return torch.randn(self.N, self.C, *self.size, generator=gen).to(device)
 
@@ -279,6 +264,17 @@ OPS: dict[str, str] = {
     "kfac_reduce": "KFAC-reduce input factor `[G, C/G*prod(K), C/G*prod(K)]`",
 }
 
+SMOKE_BATCH = 2
+
+
+def smoke_cases(cases: list[Case]) -> list[Case]:
+    """One small case per dimensionality and grouping (batch 2), for ``--smoke``."""
+    picked: dict[tuple[int, int], Case] = {}
+    for c in cases:
+        picked.setdefault((c.d, c.groups), replace(c, N=SMOKE_BATCH))
+    return list(picked.values())
+
+
 # --------------------------------------------------------------------------------------------
 # Measurement
 # --------------------------------------------------------------------------------------------
@@ -313,59 +309,29 @@ class ConvRow:
     ref_samples_ms: list[float] = field(default_factory=list)
     wall_s: float | None = None
 
-
-def rel_error(value: Tensor, ref: Tensor) -> float:
-    """Max abs difference over max abs reference value (inf on a shape mismatch)."""
-    if value.shape != ref.shape:
-        return math.inf
-    v, r = value.detach().double(), ref.detach().double()
-    d, m = float((v - r).abs().max()), float(r.abs().max())
-    return d / m if m > 0 else (0.0 if d == 0 else math.inf)
+    def record(self, m: h.Measured) -> None:
+        """Copy the measured numbers (the harness's baseline is this row's reference)."""
+        for key, value in asdict(m).items():
+            key = key.replace("base_", "ref_").replace("k_base", "k_ref")
+            setattr(self, key, value)
 
 
-def measure(op: str, case: Case, method: Method, cfg: Config, memory: CpuMemory | None) -> dict:
-    """Check agreement, warm up, measure peak memory, then time candidate against reference."""
+def measure(op: str, case: Case, method: Method, cfg: Config, memory: h.CpuMemory | None) -> dict:
+    """Check agreement, then the harness's protocol: candidate against the case's reference."""
     x = case.input(cfg.device)
     ref_label, ref = reference(op, case, x)
     cand = method.build(case, x)
     row = ConvRow(op, case.name, case.layer, method.key, method.label, ref_label)
     notes = [method.note] if method.note else []
     try:
-        row.rel_err = rel_error(cand(), ref())
+        row.rel_err = h.rel_error(cand(), ref())
         if row.rel_err > cfg.tol:
             notes.append(f"DISAGREES (rel {row.rel_err:.2g} > {cfg.tol:g})")
-        for _ in range(cfg.warmup):
-            ref()
-            cand()
-        _sync(cfg.device)
-        peak = memory.peak_mib if memory is not None else cuda_peak_mib
-        row.ref_mem_mib = peak(ref)
-        row.mem_mib = peak(cand)
-        attempts = [timed_reps(ref, cand, cfg)]
-        while attempts[-1].disturbances(cfg, None) and len(attempts) <= cfg.noise_retries:
-            time.sleep(cfg.retry_wait_s)
-            attempts.append(timed_reps(ref, cand, cfg))
-        best = min(attempts, key=lambda t: t.base_median)
-        if len(attempts) > 1:
-            notes.append(f"re-timed {len(attempts) - 1}x (disturbed machine)")
-        if issues := best.disturbances(cfg, None):
-            notes.append("NOISY: " + ", ".join(issues))
-        if best.reps < cfg.reps:
-            notes.append(f"{best.reps} reps (time cap)")
+        row.record(h.measure_pair(Candidate(ref), Candidate(cand), cfg, memory, notes))
     except Exception as exc:
         row.status = "error"
-        row.note = "; ".join([f"error: {type(exc).__name__}: {_short(str(exc))}", *notes])
+        row.note = "; ".join([f"error: {type(exc).__name__}: {h.short(str(exc))}", *notes])
         return asdict(row)
-    row.samples_ms = [c * 1e3 for c in best.cand]
-    row.ref_samples_ms = [b * 1e3 for b in best.base]
-    row.time_ms = statistics.median(row.samples_ms)
-    row.ref_ms = statistics.median(row.ref_samples_ms)
-    row.ratio = row.time_ms / row.ref_ms
-    row.paired = statistics.median(c / b for c, b in zip(best.cand, best.base))
-    if row.ref_mem_mib:
-        row.mem_ratio = row.mem_mib / row.ref_mem_mib
-    row.k, row.k_ref, row.reps, row.spread = best.k_cand, best.k_base, best.reps, best.spread
-    row.foreign_load = best.foreign_load
     row.note = "; ".join(notes)
     return asdict(row)
 
@@ -376,52 +342,59 @@ def self_check(device: str) -> dict[str, float]:
     for case in (CASES[1], CASES[2], CASES[3]):
         x = case.input(device)[:4]
         hyper = (case.kernel, case.dilation, case.padding, case.stride)
-        out[case.name] = rel_error(onehot_unfold(x, *hyper), F.unfold(x, *hyper))
+        out[case.name] = h.rel_error(onehot_unfold(x, *hyper), F.unfold(x, *hyper))
     return out
 
 
+def run_cell(op: str, case: Case, method: Method, cfg: Config, memory: h.CpuMemory | None) -> dict:
+    """One cell in its own child (on CPU); a failed child becomes an error row."""
+    tc = time.perf_counter()
+    try:
+        job = partial(measure, op, case, method, cfg, memory)
+        row = h.run_isolated(job, cfg.cell_timeout_s, cfg.isolate)
+    except Exception as exc:
+        ref_label = reference(op, case, torch.empty(0))[0]
+        row = asdict(
+            ConvRow(op, case.name, case.layer, method.key, method.label, ref_label, "error")
+        )
+        row["note"] = f"error: {h.first_line(exc)}"
+    row["wall_s"] = time.perf_counter() - tc
+    label = f"[{op}] {case.name} / {method.label}"
+    if row["status"] == "ok":
+        h.log(
+            f"{label}: {row['time_ms']:.3g} ms, x{row['ratio']:.3g} (ref {row['ref_ms']:.3g} ms), "
+            f"mem {row['mem_mib']:.3g} MiB (ref {row['ref_mem_mib']:.3g}), rel err "
+            f"{row['rel_err']:.1g}  [{row['wall_s']:.0f} s]"
+        )
+    else:
+        h.log(f"{label}: {row['note']}")
+    return row
+
+
 # --------------------------------------------------------------------------------------------
-# Rendering
+# Tables
 # --------------------------------------------------------------------------------------------
 
 
 def _cell(x: float | None, bold: bool = False) -> str:
-    s = fmt(x)
+    s = h.fmt(x)
     return f"**{s}**" if bold and s else s
 
 
 def render(meta: dict[str, Any], rows: list[dict[str, Any]], cases: list[Case]) -> str:
     """The markdown report."""
+    torch_extra = f"; beyondgrad {meta['beyondgrad']}" if "beyondgrad" in meta else ""
+    torch_extra += f"; float32. `torch.einsum` order: {meta['einsum']}"
     lines = [
-        f"# Convolution toolkit: unfold and KFAC-reduce ({meta['device']})",
-        "",
-        f"*Generated {meta['date']} by `{meta['command']}`.*",
-        "",
-        f"* **Machine**: {meta['machine']}; Python {meta['python']}.",
-        f"* **torch {meta['torch']}**, device `{meta['device']}`, torch threads "
-        f"{meta['threads']} (interop {meta['interop_threads']}); beyondgrad "
-        f"{meta['beyondgrad']}; float32. `torch.einsum` order: {meta['einsum']}.",
-        f"* **Timing**: {meta['warmup']} warm-up call(s); each sample averages k calls so that "
-        f"it lasts >= {meta['target_ms']:g} ms; {meta['reps']} samples of the reference and of "
-        f"the candidate (fewer, but at least {min(3, meta['reps'])}, where a cell would exceed "
-        f"{meta['max_cell_s']:g} s), alternated rep by rep (order swapped every other rep). "
-        "*time*: median of the candidate's samples; *x ref*: that over the median of the "
-        "reference's samples, measured in the same process; *paired x*: median of the per-rep "
-        f"ratios. A cell is re-timed up to {meta['noise_retries']} more times while samples "
-        f"spread more than {meta['noise_spread']:g}x or other processes use more than "
-        f"{meta['max_foreign_load']:.0%} of the CPUs (CPU only); NOISY: still disturbed.",
-        f"* **Memory**: {meta['memory_method']}; one call of each after warm-up, the input "
-        "already allocated; the call's output is alive when the peak is read (so the peak of "
-        "an unfold is at least the size of `U`). *mem x ref*: over the reference's peak in the "
-        "same process.",
-        f"* **Isolation**: {meta['isolation']}.",
+        *h.header_lines(meta, "Convolution toolkit: unfold and KFAC-reduce", torch_extra),
+        *h.protocol_lines(meta, "reference", "x ref", "the layer's input once, for both calls"),
         "* **References**: 2-d `F.unfold`; 1-d and 3-d the one-hot convolution (grouped "
         "`F.conv1d`/`F.conv3d` with the kernel `eye(prod(K)).reshape(prod(K), 1, *K)` repeated "
         "C times, `groups=C`, built inside the timed call; checked against `F.unfold` in 2-d: "
         "max rel error "
         + ", ".join(f"{v:.2g}" for v in meta["self_check"].values())
         + "). KFAC-reduce reference: that unfold, `u = U.mean(-1)`, then `u_g^T u_g` per group "
-        "(batched matmul).",
+        "(batched matmul). The memory of an unfold is at least the size of `U` (its output).",
         f"* **Agreement**: *rel err* = max abs difference / max abs reference value; DISAGREES "
         f"above {meta['tol']:g}. Reference rows show the median over the cells of that case.",
         "",
@@ -459,9 +432,19 @@ def render_summary(rows: list[dict[str, Any]], cases: list[Case]) -> list[str]:
             else:
                 cols += [hit[0]["status"] if hit else "-", ""]
         ref = reference_unfold(case)[0]
-        head = f"| {case.name} | {case.layer} | {fmt(case.unfolded_mib())} | {ref} | "
+        head = f"| {case.name} | {case.layer} | {h.fmt(case.unfolded_mib())} | {ref} | "
         lines.append(head + " | ".join(cols) + " |")
     return [*lines, ""]
+
+
+def _reference_row(head: str, ok: list[dict[str, Any]]) -> str:
+    ref_ms = [r["ref_ms"] for r in ok]
+    ref_mem = [r["ref_mem_mib"] for r in ok]
+    return (
+        f"| {head} | {ok[0]['reference']} (reference) | {h.fmt(statistics.median(ref_ms))} "
+        f"| 1 | | {h.fmt(statistics.median(ref_mem))} | 1 | | range "
+        f"{h.fmt(min(ref_ms))}-{h.fmt(max(ref_ms))} ms |"
+    )
 
 
 def render_op(op: str, rows: list[dict[str, Any]], cases: list[Case]) -> list[str]:
@@ -478,34 +461,20 @@ def render_op(op: str, rows: list[dict[str, Any]], cases: list[Case]) -> list[st
         if not mine:
             continue
         ok = [r for r in mine if r["status"] == "ok"]
-        size = (
-            f"`U` {fmt(case.unfolded_mib())} MiB"
-            if op == "unfold"
-            else f"factor {fmt(case.factor_mib())} MiB, `U` {fmt(case.unfolded_mib())} MiB"
-        )
+        size = f"`U` {h.fmt(case.unfolded_mib())} MiB"
+        if op != "unfold":
+            size = f"factor {h.fmt(case.factor_mib())} MiB, " + size
         head = f"{case.name} ({case.layer}; {size})"
         if ok:
-            ref_ms = [r["ref_ms"] for r in ok]
-            ref_mem = [r["ref_mem_mib"] for r in ok]
-            lines.append(
-                f"| {head} | {ok[0]['reference']} (reference) | {fmt(statistics.median(ref_ms))} "
-                f"| 1 | | {fmt(statistics.median(ref_mem))} | 1 | | range "
-                f"{fmt(min(ref_ms))}-{fmt(max(ref_ms))} ms |"
-            )
+            lines.append(_reference_row(head, ok))
             head = ""
         for r in mine:
-            note = r["note"].replace("|", "\\|")
+            cols = [r["status"], "", "", "", "", ""]
             if r["status"] == "ok":
-                cols = [
-                    fmt(r["time_ms"]),
-                    _cell(r["ratio"], bold=True),
-                    fmt(r["paired"]),
-                    fmt(r["mem_mib"]),
-                    fmt(r["mem_ratio"]),
-                    f"{r['rel_err']:.1g}",
-                ]
-            else:
-                cols = [r["status"], "", "", "", "", ""]
+                cols = [h.fmt(r[k]) for k in ("time_ms", "ratio", "paired", "mem_mib", "mem_ratio")]
+                cols[1] = _cell(r["ratio"], bold=True)
+                cols.append(f"{r['rel_err']:.1g}")
+            note = h.escape(r["note"])
             lines.append(f"| {head} | {r['label']} | " + " | ".join(cols) + f" | {note} |")
             head = ""
     return [*lines, ""]
@@ -516,13 +485,9 @@ def render_op(op: str, rows: list[dict[str, Any]], cases: list[Case]) -> list[st
 # --------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--reps", type=int, default=7, help="timed samples per cell (default 7)")
-    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+def parse_args(argv: list[str] | None = None) -> Any:
+    """The shared options plus ``--ops`` and ``--cases``."""
+    ap = SCRIPT.parser()
     ap.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
     ap.add_argument(
         "--cases",
@@ -531,153 +496,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="TEXT",
         help="only the cases whose name or layer contains one of these (e.g. 1d 3C3D g4)",
     )
-    ap.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="markdown output (default benchmarks/results/conv_toolkit_{device}.md); "
-        "the JSON goes next to it",
-    )
-    ap.add_argument(
-        "--quick", action="store_true", help="smoke test: 2 reps, 1 warm-up, 20 ms samples"
-    )
-    ap.add_argument(
-        "--target-ms",
-        type=float,
-        default=None,
-        help="minimum duration of one timed sample (default 50 on CPU, 20 on CUDA)",
-    )
-    ap.add_argument(
-        "--max-cell-s",
-        type=float,
-        default=None,
-        help="timing budget per cell before reps are cut (default 25 CPU, 10 CUDA)",
-    )
     return ap.parse_args(argv)
 
 
-def selected(cases: list[Case], filters: list[str] | None) -> list[Case]:
+def selected(cases: list[Case], filters: list[str] | None, smoke: bool) -> list[Case]:
+    """The cases matching the ``--cases`` filters (``--smoke``: a few small ones)."""
+    if smoke:
+        cases = smoke_cases(cases)
     if not filters:
         return cases
     return [c for c in cases if any(f in c.name or f in c.layer for f in filters)]
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and write its tables."""
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: CUDA is not available", file=sys.stderr)
-        return 2
-    cpu = args.device == "cpu"
-    cfg = Config(
-        device=args.device,
-        reps=2 if args.quick else args.reps,
-        threads=args.threads,
-        warmup=1 if args.quick else 3,
-        target_s=(args.target_ms or (20.0 if args.quick or not cpu else 50.0)) / 1e3,
-        max_cell_s=args.max_cell_s or (25.0 if cpu else 10.0),
-        cell_timeout_s=600.0,
-        only_beyondgrad=True,
-        quick=args.quick,
-    )
-    torch.set_num_threads(cfg.threads)
-    with contextlib.suppress(RuntimeError):
-        torch.set_num_interop_threads(cfg.threads)
-    memory = CpuMemory() if cpu else None
-    out = args.out or RESULTS_DIR / f"conv_toolkit_{args.device}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-    machine = f"{cpu_model()}, {os.cpu_count()} logical CPUs"
-    if not cpu:
-        machine = f"{torch.cuda.get_device_name()} (host: {machine})"
-    meta: dict[str, Any] = {
-        "date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]),
-        "device": args.device,
-        "machine": machine,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "beyondgrad": version("beyondgrad"),
-        "threads": torch.get_num_threads(),
-        "interop_threads": torch.get_num_interop_threads(),
-        "einsum": opt_einsum_state(),
-        "reps": cfg.reps,
-        "warmup": cfg.warmup,
-        "target_ms": cfg.target_s * 1e3,
-        "max_cell_s": cfg.max_cell_s,
-        "tol": cfg.tol,
-        "noise_spread": cfg.noise_spread,
-        "noise_retries": cfg.noise_retries,
-        "max_foreign_load": cfg.max_foreign_load,
-        "quick": cfg.quick,
-        "memory_method": (
-            memory.method()
-            if memory is not None
-            else "torch.cuda.max_memory_allocated (after reset_peak_memory_stats) "
-            "above torch.cuda.memory_allocated before the call"
-        ),
-        "isolation": (
+    cfg, memory, meta = SCRIPT.start(args, argv)
+    out = SCRIPT.output(args)
+    meta["einsum"] = opt_einsum_state()
+    if cfg.isolate:
+        meta["isolation"] = (
             "each cell (one case, one candidate, with its reference) in its own forked child "
             "process"
-            if cfg.isolate
-            else "all cells in one process, one after the other"
-        ),
-    }
-    meta["self_check"] = run_isolated(partial(self_check, args.device), 120.0, cfg.isolate)
+        )
+    meta["self_check"] = h.run_isolated(partial(self_check, args.device), 120.0, cfg.isolate)
     if any(v > cfg.tol for v in meta["self_check"].values()):
-        print(f"one-hot unfold disagrees with F.unfold: {meta['self_check']}", file=sys.stderr)
-
-    all_cases: list[Case] = []
-    rows: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
+        h.log(f"one-hot unfold disagrees with F.unfold: {meta['self_check']}")
+    jobs, all_cases = [], []
     for op in args.ops:
-        cases = selected(CASES + (GROUPED_CASES if op == "kfac_reduce" else []), args.cases)
+        cases = selected(
+            CASES + (GROUPED_CASES if op == "kfac_reduce" else []), args.cases, cfg.smoke
+        )
         all_cases += [c for c in cases if c not in all_cases]
-        for case in cases:
-            for method in METHODS[op]:
-                if not method.only_if():
-                    continue
-                tc = time.perf_counter()
-                try:
-                    row = run_isolated(
-                        partial(measure, op, case, method, cfg, memory),
-                        cfg.cell_timeout_s,
-                        cfg.isolate,
-                    )
-                except Exception as exc:
-                    ref_label = reference(op, case, torch.empty(0))[0]
-                    row = asdict(
-                        ConvRow(
-                            op,
-                            case.name,
-                            case.layer,
-                            method.key,
-                            method.label,
-                            ref_label,
-                            status="error",
-                            note=f"error: {_short(str(exc).splitlines()[0])}",
-                        )
-                    )
-                row["wall_s"] = time.perf_counter() - tc
-                rows.append(row)
-                label = f"[{op}] {case.name} / {method.label}"
-                if row["status"] == "ok":
-                    print(
-                        f"{label}: {row['time_ms']:.3g} ms, x{row['ratio']:.3g} "
-                        f"(ref {row['ref_ms']:.3g} ms), mem {row['mem_mib']:.3g} MiB "
-                        f"(ref {row['ref_mem_mib']:.3g}), rel err {row['rel_err']:.1g}  "
-                        f"[{row['wall_s']:.0f} s]",
-                        file=sys.stderr,
-                    )
-                else:
-                    print(f"{label}: {row['note']}", file=sys.stderr)
-    meta["wall_s"] = time.perf_counter() - t0
-    out.write_text(render(meta, rows, all_cases))
+        jobs += [
+            partial(run_cell, op, case, method, cfg, memory)
+            for case in cases
+            for method in METHODS[op]
+            if method.only_if()
+        ]
+    rows = h.timed_runs(meta, jobs)
     payload = {"meta": meta, "cases": [asdict(c) | {"name": c.name} for c in all_cases]}
     payload["rows"] = rows
-    out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
-    print(
-        f"wrote {out} and {out.with_suffix('.json').name} ({meta['wall_s']:.0f} s)", file=sys.stderr
-    )
+    h.write_results(out, payload, lambda: render(meta, rows, all_cases))
     return 0
 
 

@@ -5,7 +5,8 @@ numbers next to it::
 
     python benchmarks/linops.py                      # CPU, all problems, all sections
     python benchmarks/linops.py --device cuda        # GPU
-    python benchmarks/linops.py --quick --problems mlp --out /tmp/linops.md   # smoke test
+    python benchmarks/linops.py --quick --problems mlp --out /tmp/linops.md   # short run
+    python benchmarks/linops.py --smoke              # does it run (tiny, to a temp dir)
 
 Sections (per problem: ``mlp``, ``cnn``, ``transformer``; data ``[(X, y)]``, one batch):
 
@@ -14,9 +15,9 @@ Sections (per problem: ``mlp``, ``cnn``, ``transformer``; data ``[(X, y)]``, one
   only, construction time in the notes), as ratios to one plain forward+backward. Peers:
   curvlinops (``HessianLinearOperator``, ``GGNLinearOperator``, ``EFLinearOperator``,
   ``KFACLinearOperator``, ``EKFACLinearOperator``), torch.func (HVP as ``jvp(grad)``; GGN as
-  ``jvp`` -> loss Hessian -> ``vjp``), plain double backward, PyHessian. Protocol and helpers
-  are those of ``first_order.py`` (imported): forked child per cell, interleaved baseline and
-  candidate reps, medians, VmHWM peak memory, re-timing on a disturbed machine.
+  ``jvp`` -> loss Hessian -> ``vjp``), plain double backward, PyHessian. The protocol is that of
+  ``harness.py``: forked child per cell, interleaved baseline and candidate reps, medians,
+  VmHWM peak memory, re-timing on a disturbed machine.
 * **eigen**: the top Hessian eigenvalue to 1e-3 relative accuracy, against a tight reference
   (``bg.linalg.eigsh(tol=1e-10)``, its residual reported): ``bg.linalg.eigsh`` (Lanczos) vs
   PyHessian's power iteration. Per seed: products and time until the estimate is within 1e-3,
@@ -32,67 +33,33 @@ See ``benchmarks/README.md``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import datetime as _dt
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import beyondgrad as bg
-import first_order
-from beyondgrad.problems import PROBLEMS, Problem
-from first_order import (
-    Candidate,
-    CellSpec,
-    Check,
-    Config,
-    CpuMemory,
-    ForeignLoad,
-    Row,
-    Setup,
-    _has_module,
-    _short,
-    _sync,
-    baseline_setup,
-    cpu_model,
-    cuda_peak_mib,
-    fill_check,
-    flags_for,
-    fmt,
-    fresh_problem,
-    func_per_sample_fn,
-    measure_cell,
-    owner_types,
-    run_isolated,
-    time_sample,
-    version,
-)
-from second_order import REFUSED, Refused, curvlinops_params
+import harness as h
+from harness import REFUSED, Candidate, CellSpec, Check, Checks, Config, Problem, Refused, Setup
 
-# warnings that say nothing about the measured call (notes stay short)
-first_order.IGNORED_WARNINGS = (
-    *first_order.IGNORED_WARNINGS,
-    "torch.jit.script` is deprecated",  # raised once by torch.func / curvlinops imports
-    "will create a reference cycle",  # PyHessian's backward(create_graph=True)
+SCRIPT = h.Script(
+    name="linops",
+    doc=__doc__,
+    packages=("beyondgrad", "curvlinops-for-pytorch", "pyhessian", "numpy"),
+    max_cell_s=(8.0, 5.0),
+    cell_timeout_s=900.0,
 )
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 K = 16  # columns of the block products
 
 GROUPS: dict[str, str] = {
@@ -126,12 +93,6 @@ TRACE_CAPS = {"mlp": 768, "cnn": 24, "transformer": 96}
 # --------------------------------------------------------------------------------------------
 
 
-def trainable(model: nn.Module) -> list[nn.Parameter]:
-    """Trainable parameters in ``named_parameters()`` order (a tied tensor once): the order
-    of beyondgrad's flat vectors, of curvlinops' and of PyHessian's lists."""
-    return [q for q in model.parameters() if q.requires_grad]
-
-
 def probe(n: int, k: int, device: str | torch.device, seed: int = 0) -> Tensor:
     """A seeded Gaussian vector ``[n]`` (k == 1) or block ``[n, k]``."""
     g = torch.Generator(device=device).manual_seed(seed)
@@ -154,10 +115,6 @@ def named(parts: list[Tensor] | tuple[Tensor, ...], model: nn.Module) -> dict[st
     return dict(zip(names, parts))
 
 
-def generator(device: str | torch.device, seed: int) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
-
-
 def is_tying_refusal(exc: Exception) -> bool:
     """beyondgrad's KFAC/EKFAC refusal of a parameter shared by two modules."""
     return "weight tying" in str(exc) or "cover every parameter" in str(exc)
@@ -165,9 +122,9 @@ def is_tying_refusal(exc: Exception) -> bool:
 
 def baseline_ms(p: Problem, n: int = 3) -> float:
     """Median of a few plain forward+backward calls on ``p`` (for set-up notes only)."""
-    base = baseline_setup(p)
+    base = h.baseline_setup(p)
     base.call()
-    ms = statistics.median(time_sample(base.call, 1, str(p.X.device)) for _ in range(n)) * 1e3
+    ms = statistics.median(h.time_sample(base.call, 1, str(p.X.device)) for _ in range(n)) * 1e3
     base.reset()
     return ms
 
@@ -192,7 +149,7 @@ def build_ours(p: Problem, kind: str) -> Any:
     if kind in ("KFAC", "EKFAC"):
         try:
             return cls(
-                p.model, p.loss_fn, data, fisher_type="mc", generator=generator(p.X.device, 0)
+                p.model, p.loss_fn, data, fisher_type="mc", generator=h.generator(p.X.device, 0)
             )
         except RuntimeError as exc:
             if is_tying_refusal(exc):
@@ -211,10 +168,10 @@ def ours_setup(kind: str, k: int) -> Setup:
             t0 = time.perf_counter()
             op = build_ours(p, kind)
             build = (time.perf_counter() - t0) * 1e3
-            base = baseline_ms(fresh_problem(p.name, str(p.X.device)))
+            base = baseline_ms(h.copy_problem(p))
             notes.append(
-                f"construction (one pass, in set-up): {fmt(build)} ms = "
-                f"{fmt(build / base)}x fwd+bwd"
+                f"construction (one pass, in set-up): {h.fmt(build)} ms = "
+                f"{h.fmt(build / base)}x fwd+bwd"
             )
         else:
             op = build_ours(p, kind)
@@ -248,8 +205,8 @@ def build_curvlinops(p: Problem, kind: str, fisher_type: str = "mc") -> tuple[An
     cls = getattr(curvlinops, CURVLINOPS[kind])
     data = [(p.X, p.y)]
     if kind not in ("KFAC", "EKFAC"):
-        return cls(p.model, p.loss_fn, trainable(p.model), data, check_deterministic=False), []
-    params, n_total = curvlinops_params(p.model)
+        return cls(p.model, p.loss_fn, h.trainable(p.model), data, check_deterministic=False), []
+    params, n_total = h.curvlinops_params(p.model)
     op = cls(
         p.model,
         p.loss_fn,
@@ -270,6 +227,9 @@ def build_curvlinops(p: Problem, kind: str, fisher_type: str = "mc") -> tuple[An
 
 
 def curvlinops_setup(kind: str, k: int) -> Setup:
+    """``A @ v`` / ``A @ V`` of a curvlinops operator built in set-up (not timed; KFAC/EKFAC:
+    its construction, timed once, in the notes)."""
+
     def setup(p: Problem) -> Candidate:
         notes = [f"{CURVLINOPS[kind]}(check_deterministic=False)"]
         if kind in ("KFAC", "EKFAC"):
@@ -277,12 +237,12 @@ def curvlinops_setup(kind: str, k: int) -> Setup:
             t0 = time.perf_counter()
             op, extra = build_curvlinops(p, kind)
             build = (time.perf_counter() - t0) * 1e3
-            base = baseline_ms(fresh_problem(p.name, str(p.X.device)))
+            base = baseline_ms(h.copy_problem(p))
             notes = [
                 f"{CURVLINOPS[kind]}(fisher_type='mc', separate_weight_and_bias=False)",
                 *extra,
-                f"construction + factors (in set-up): {fmt(build)} ms = "
-                f"{fmt(build / base)}x fwd+bwd",
+                f"construction + factors (in set-up): {h.fmt(build)} ms = "
+                f"{h.fmt(build / base)}x fwd+bwd",
             ]
         else:
             op, _ = build_curvlinops(p, kind)
@@ -340,7 +300,7 @@ def func_setup(which: str, k: int) -> Setup:
         from torch.func import vmap
 
         fn = func_hvp_fn(p) if which == "hvp" else func_ggnvp_fn(p)
-        params = trainable(p.model)
+        params = h.trainable(p.model)
         v = probe(sum(q.numel() for q in params), k, p.X.device)
         tangents = named(split_flat(v, params), p.model)
         call = fn if k == 1 else vmap(fn)
@@ -357,7 +317,7 @@ def double_backward_setup(k: int) -> Setup:
     block)."""
 
     def setup(p: Problem) -> Candidate:
-        params = trainable(p.model)
+        params = h.trainable(p.model)
         vs = split_flat(probe(sum(q.numel() for q in params), k, p.X.device), params)
 
         def call() -> tuple[Tensor, ...]:
@@ -383,7 +343,7 @@ def pyhessian_setup(mode: str) -> Setup:
         from pyhessian.utils import hessian_vector_product
 
         cuda = p.X.device.type == "cuda"
-        params = trainable(p.model)
+        params = h.trainable(p.model)
         n = sum(q.numel() for q in params)
         k = K if mode == "build+k" else 1
         vs = [split_flat(probe(n, 1, p.X.device, seed=j), params) for j in range(k)]
@@ -418,99 +378,57 @@ def pyhessian_setup(mode: str) -> Setup:
 # --------------------------------------------------------------------------------------------
 
 
-def cell_specs(problem: str) -> list[CellSpec]:
-    """Every product row, in table order; missing peers get a reason."""
-    no_cl = _has_module("curvlinops")
-    no_ph = _has_module("pyhessian")
+def ours(group: str, kind: str, k: int) -> CellSpec:
+    """beyondgrad's product cell."""
+    return CellSpec(group, "beyondgrad", ours_setup(kind, k), OURS[kind][1], False)
 
-    def ours(group: str, kind: str, k: int) -> CellSpec:
-        return CellSpec(group, "beyondgrad", ours_setup(kind, k), OURS[kind][1], False)
 
-    def cl(group: str, kind: str, k: int) -> CellSpec:
-        return CellSpec(
-            group, "curvlinops", None if no_cl else curvlinops_setup(kind, k), no_cl or ""
-        )
+def cl(group: str, kind: str, k: int) -> CellSpec:
+    """A curvlinops product cell (n/a without curvlinops)."""
+    return h.peer_spec(group, "curvlinops", "curvlinops", curvlinops_setup(kind, k))
 
-    def ph(group: str, mode: str) -> CellSpec:
-        label = "pyhessian (cached graph)" if mode == "cached" else "pyhessian"
-        return CellSpec(group, label, None if no_ph else pyhessian_setup(mode), no_ph or "")
 
-    specs = [CellSpec("baseline", "torch", baseline_setup, "loss.backward(); noise level", False)]
-    for k, (h, g, e, kf, ek) in (
+def ph(group: str, mode: str) -> CellSpec:
+    """A PyHessian cell (n/a without PyHessian)."""
+    label = "pyhessian (cached graph)" if mode == "cached" else "pyhessian"
+    return h.peer_spec(group, label, "pyhessian", pyhessian_setup(mode))
+
+
+def cell_specs(problem: str, smoke: bool = False) -> list[CellSpec]:
+    """Every product row, in table order; missing peers get a reason (``smoke``: the
+    single-vector rows only)."""
+    specs = [h.BASELINE]
+    for k, (hv, gv, ev, kv, ekv) in (
         (1, ("hvp", "ggnvp", "efvp", "kfacvp", "ekfacvp")),
         (K, ("hmp", "ggnmp", "efmp", "kfacmp", "ekfacmp")),
-    ):
+    )[: 1 if smoke else 2]:
         specs += [
-            ours(h, "H", k),
-            cl(h, "H", k),
-            CellSpec(h, "torch.func", func_setup("hvp", k)),
-            CellSpec(h, "double backward", double_backward_setup(k)),
+            ours(hv, "H", k),
+            cl(hv, "H", k),
+            CellSpec(hv, "torch.func", func_setup("hvp", k)),
+            CellSpec(hv, "double backward", double_backward_setup(k)),
         ]
-        specs += [ph(h, "build+1"), ph(h, "cached")] if k == 1 else [ph(h, "build+k")]
+        specs += [ph(hv, "build+1"), ph(hv, "cached")] if k == 1 else [ph(hv, "build+k")]
         specs += [
-            ours(g, "GGN", k),
-            cl(g, "GGN", k),
-            CellSpec(g, "torch.func", func_setup("ggnvp", k)),
-            ours(e, "EF", k),
-            cl(e, "EF", k),
-            ours(kf, "KFAC", k),
-            cl(kf, "KFAC", k),
-            ours(ek, "EKFAC", k),
-            cl(ek, "EKFAC", k),
+            ours(gv, "GGN", k),
+            cl(gv, "GGN", k),
+            CellSpec(gv, "torch.func", func_setup("ggnvp", k)),
+            ours(ev, "EF", k),
+            cl(ev, "EF", k),
+            ours(kv, "KFAC", k),
+            cl(kv, "KFAC", k),
+            ours(ekv, "EKFAC", k),
+            cl(ekv, "EKFAC", k),
         ]
     return specs
 
 
-def slow_cfg(cfg: Config, group: str) -> Config:
+def slow_cfg(cfg: Config, spec: CellSpec) -> Config:
     """Block products cost up to ~K matvecs: one warm-up call (the first, untimed call) and
     at most one re-timing on a disturbed machine."""
-    if not group.endswith("mp"):
+    if not spec.group.endswith("mp"):
         return cfg
     return replace(cfg, warmup=min(cfg.warmup, 1), noise_retries=min(cfg.noise_retries, 1))
-
-
-def run_products(problem: str, cfg: Config, memory: CpuMemory | None) -> list[Row]:
-    """Every product cell of one problem (``first_order.measure_cell`` in a forked child)."""
-    rows: list[Row] = []
-    for spec in cell_specs(problem):
-        label = f"[{problem}] {GROUPS[spec.group]} / {spec.library}"
-        if spec.setup is None:
-            rows.append(Row(spec.group, spec.library, "n/a", spec.note))
-            continue
-        tc = time.perf_counter()
-        ref = min((r.base_ms for r in rows if r.base_ms is not None), default=None)
-        try:
-            row = run_isolated(
-                partial(
-                    measure_cell,
-                    problem,
-                    spec,
-                    slow_cfg(cfg, spec.group),
-                    memory,
-                    ref / 1e3 if ref else None,
-                ),
-                cfg.cell_timeout_s,
-                cfg.isolate,
-            )
-        except Exception as exc:
-            row = Row(
-                spec.group, spec.library, "error", f"error: {_short(str(exc).splitlines()[0])}"
-            )
-        marker = f"error: {Refused.__name__}: "
-        if row.status == "error" and marker in row.note:
-            row.status = "refused"
-            row.note = f"{spec.note}; {REFUSED}: {row.note.split(marker, 1)[1][:160]}"
-        row.wall_s = time.perf_counter() - tc
-        rows.append(row)
-        if row.status == "ok":
-            print(
-                f"{label}: {row.time_ms:.3g} ms, x{row.ratio:.3g} (paired x{row.paired:.3g}), "
-                f"mem {row.mem_mib:.3g} MiB  [{row.wall_s:.0f} s]",
-                file=sys.stderr,
-            )
-        else:
-            print(f"{label}: {row.note[:200]}", file=sys.stderr)
-    return rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -520,149 +438,154 @@ def run_products(problem: str, cfg: Config, memory: CpuMemory | None) -> list[Ro
 
 def module_kinds(model: nn.Module, names: list[str]) -> str:
     """``"LayerNorm: 5, Linear: 1"`` for the owners of the named parameters."""
-    owners = owner_types(model)
+    owners = h.owner_types(model)
     by_name = dict(model.named_parameters())
-    kinds: dict[str, int] = {}
-    for n in names:
-        t = owners.get(id(by_name[n]), "?")
-        kinds[t] = kinds.get(t, 0) + 1
-    return ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items()))
+    return h.count_kinds([owners.get(id(by_name[n]), "?") for n in names])
+
+
+@dataclass
+class Refs:
+    """A problem, its probes ``v`` ``[P]`` and ``V`` ``[P, 4]``, and the reference products."""
+
+    p: Problem
+    cfg: Config
+    v: Tensor
+    V: Tensor
+    hv: dict[str, Tensor]  # double backward
+    hV: dict[str, Tensor]
+    ggnv: dict[str, Tensor]  # torch.func
+    ef_sample: dict[str, Tensor]  # torch.func, per-sample empirical Fisher
+    ef_term: dict[str, Tensor]  # torch.func, per-term empirical Fisher
+
+    @property
+    def n(self) -> int:
+        """Number of parameter tensors."""
+        return len(h.trainable(self.p.model))
+
+    def flat(self, x: Tensor) -> dict[str, Tensor]:
+        """A flat vector (or block) as named parameter-shaped tensors."""
+        return named(split_flat(x, h.trainable(self.p.model)), self.p.model)
+
+    def product(self, op: Callable[[], Any], x: Tensor) -> Callable[[], dict[str, Tensor]]:
+        """``op() @ x`` as named tensors, computed when called."""
+        return lambda: self.flat(op() @ x)
+
+
+def references(p: Problem, cfg: Config) -> Refs:
+    """The reference products of ``p``: double backward (Hessian), torch.func (GGN and the two
+    empirical Fishers)."""
+    params = h.trainable(p.model)
+    P = sum(q.numel() for q in params)
+    v, V = probe(P, 1, cfg.device, seed=1), probe(P, 4, cfg.device, seed=2)
+    g = torch.autograd.grad(p.loss_fn(p.model(p.X), p.y), params, create_graph=True)
+    hv = torch.autograd.grad(g, params, split_flat(v, params), retain_graph=True)
+    hV = torch.autograd.grad(g, params, split_flat(V, params), is_grads_batched=True)
+    del g
+    ggnv = func_ggnvp_fn(p)(named(split_flat(v, params), p.model))
+    ef_sample, ef_term = empirical_fisher_refs(p, v)
+    return Refs(p, cfg, v, V, named(hv, p.model), named(hV, p.model), ggnv, ef_sample, ef_term)
 
 
 def agreement(problem: str, cfg: Config) -> dict[str, Any]:
     """Problem facts and float32 agreement of every product with a reference."""
-    p = fresh_problem(problem, cfg.device)
-    model = p.model
-    params = trainable(model)
-    names = [n for n, q in model.named_parameters() if q.requires_grad]
-    P = sum(q.numel() for q in params)
-    info = {"batch": p.X.shape[0], "num_params": P, "param_tensors": len(names)}
-    tol = cfg.tol
-    checks: list[Check] = []
-    v = probe(P, 1, cfg.device, seed=1)
-    V = probe(P, 4, cfg.device, seed=2)
+    p = h.fresh_problem(problem, cfg)
+    info = {
+        "batch": p.X.shape[0],
+        "num_params": sum(q.numel() for q in h.trainable(p.model)),
+        "param_tensors": len(h.trainable(p.model)),
+    }
+    refs = references(p, cfg)
+    checks = Checks(annotate=partial(module_kinds, p.model))
+    our_checks(refs, checks)
+    if h.peer_missing("pyhessian") is None:
+        pyhessian_checks(refs, checks)
+    if h.peer_missing("curvlinops") is None:
+        curvlinops_checks(refs, checks)
+        kfac_checks(refs, checks)
+    return checks.result(info)
 
-    def attempt(check: Check, body: Callable[[Check], Check]) -> None:
-        try:
-            check = body(check)
-        except Refused as exc:
-            check.status = "refused"
-            check.detail = _short(str(exc))
-        except Exception as exc:
-            check.status = "error"
-            check.detail = f"error: {type(exc).__name__}: {_short(str(exc))}"
-        if check.mismatch:
-            check.detail += (
-                f" (mismatching tensors belong to {module_kinds(model, check.mismatch)})"
-            )
-        checks.append(check)
-        print(
-            f"[{problem}] check {check.name}: rel {check.rel} {check.detail[:160]}", file=sys.stderr
+
+def our_checks(r: Refs, checks: Checks) -> None:
+    """beyondgrad's Hessian, GGN and empirical Fisher products, and torch.func's HVP."""
+    p, tol, data = r.p, r.cfg.tol, [(r.p.X, r.p.y)]
+
+    def hessian() -> Any:
+        return bg.linops.Hessian(p.model, p.loss_fn, data)
+
+    def add(name: str, library: str, groups: list[str], value: Any, ref: Any) -> None:
+        checks.compare(Check(name, library, groups), value, ref, tol, r.n)
+
+    add("Hessian @ v: beyondgrad vs double backward", "beyondgrad", ["hvp"],
+        r.product(hessian, r.v), r.hv)  # fmt: skip
+    add("Hessian @ V (4 columns): beyondgrad vs double backward", "beyondgrad", ["hmp"],
+        r.product(hessian, r.V), r.hV)  # fmt: skip
+    add("Hessian @ v: torch.func jvp(grad) vs double backward", "torch.func", ["hvp", "hmp"],
+        lambda: func_hvp_fn(p)(r.flat(r.v)), r.hv)  # fmt: skip
+    add("GGN @ v: beyondgrad vs torch.func", "beyondgrad", ["ggnvp"],
+        r.product(lambda: bg.linops.GGN(p.model, p.loss_fn, data), r.v), r.ggnv)  # fmt: skip
+    add(
+        "EmpiricalFisher @ v: beyondgrad vs torch.func, per-sample EF "
+        "1/(NT) Σ_n G_n G_nᵀ v (G_n: gradient of sample n's summed loss terms)",
+        "beyondgrad",
+        ["efvp", "efmp"],
+        r.product(lambda: bg.linops.EmpiricalFisher(p.model, p.loss_fn, data), r.v),
+        r.ef_sample,
+    )
+
+
+def pyhessian_checks(r: Refs, checks: Checks) -> None:
+    """PyHessian's HVP (both of its rows) against double backward."""
+
+    def pyh() -> dict[str, Tensor]:
+        from pyhessian import hessian
+        from pyhessian.utils import hessian_vector_product
+
+        q = h.copy_problem(r.p)
+        Hq = hessian(q.model, q.loss_fn, data=(q.X, q.y), cuda=r.cfg.device == "cuda")
+        out = hessian_vector_product(Hq.gradsH, Hq.params, split_flat(r.v, h.trainable(q.model)))
+        return named(out, q.model)
+
+    for lib in ("pyhessian", "pyhessian (cached graph)"):
+        checks.compare(
+            Check(f"Hessian @ v: {lib} vs double backward", lib, ["hvp", "hmp"]),
+            pyh,
+            r.hv,
+            r.cfg.tol,
+            r.n,
         )
 
-    def flat_named(x: Tensor) -> dict[str, Tensor]:
-        return named(split_flat(x, params), model)
 
-    # references: double backward (Hessian), torch.func (GGN)
-    loss = p.loss_fn(model(p.X), p.y)
-    g = torch.autograd.grad(loss, params, create_graph=True)
-    ref_hv = named(torch.autograd.grad(g, params, split_flat(v, params), retain_graph=True), model)
-    ref_hV = named(
-        torch.autograd.grad(g, params, split_flat(V, params), is_grads_batched=True), model
+def curvlinops_checks(r: Refs, checks: Checks) -> None:
+    """curvlinops' Hessian, GGN and empirical Fisher products against the references."""
+
+    def add(name: str, groups: list[str], kind: str, ref: Any, x: Tensor) -> None:
+        def op() -> Any:
+            return build_curvlinops(h.copy_problem(r.p), kind)[0]
+
+        checks.compare(Check(name, "curvlinops", groups), r.product(op, x), ref, r.cfg.tol, r.n)
+
+    add("Hessian @ v: curvlinops vs double backward", ["hvp"], "H", r.hv, r.v)
+    add("Hessian @ V (4 columns): curvlinops vs double backward", ["hmp"], "H", r.hV, r.V)
+    add("GGN @ v: curvlinops vs torch.func", ["ggnvp", "ggnmp"], "GGN", r.ggnv, r.v)
+    add(
+        "EmpiricalFisher @ v: curvlinops vs torch.func, per-term EF "
+        "1/(NT) Σ_{n,t} g_nt g_ntᵀ v (g_nt: gradient of one loss term)",
+        ["efvp", "efmp"],
+        "EF",
+        r.ef_term,
+        r.v,
     )
-    del loss, g
-
-    def vs(op_result: Tensor, ref: dict[str, Tensor]) -> Callable[[Check], Check]:
-        return lambda c: fill_check(c, flat_named(op_result), ref, tol, len(names))
-
-    H = bg.linops.Hessian(model, p.loss_fn, [(p.X, p.y)])
-    attempt(
-        Check("Hessian @ v: beyondgrad vs double backward", "beyondgrad", ["hvp"]),
-        vs(H @ v, ref_hv),
-    )
-    attempt(
-        Check("Hessian @ V (4 columns): beyondgrad vs double backward", "beyondgrad", ["hmp"]),
-        vs(H @ V, ref_hV),
-    )
-    tangents = named(split_flat(v, params), model)
-    attempt(
-        Check("Hessian @ v: torch.func jvp(grad) vs double backward", "torch.func", ["hvp", "hmp"]),
-        lambda c: fill_check(c, func_hvp_fn(p)(tangents), ref_hv, tol, len(names)),
-    )
-    if _has_module("pyhessian") is None:
-
-        def pyh(c: Check) -> Check:
-            from pyhessian import hessian
-            from pyhessian.utils import hessian_vector_product
-
-            q = fresh_problem(problem, cfg.device)
-            Hq = hessian(q.model, q.loss_fn, data=(q.X, q.y), cuda=cfg.device == "cuda")
-            out = hessian_vector_product(Hq.gradsH, Hq.params, split_flat(v, trainable(q.model)))
-            return fill_check(c, named(out, q.model), ref_hv, tol, len(names))
-
-        for lib in ("pyhessian", "pyhessian (cached graph)"):
-            attempt(Check(f"Hessian @ v: {lib} vs double backward", lib, ["hvp", "hmp"]), pyh)
-
-    func_g = func_ggnvp_fn(p)(tangents)
-    attempt(
-        Check("GGN @ v: beyondgrad vs torch.func", "beyondgrad", ["ggnvp"]),
-        vs(bg.linops.GGN(model, p.loss_fn, [(p.X, p.y)]) @ v, func_g),
-    )
-
-    ef_sample, ef_term = empirical_fisher_refs(p, v)
-    attempt(
-        Check(
-            "EmpiricalFisher @ v: beyondgrad vs torch.func, per-sample EF "
-            "1/(NT) Σ_n G_n G_nᵀ v (G_n: gradient of sample n's summed loss terms)",
-            "beyondgrad",
-            ["efvp", "efmp"],
-        ),
-        vs(bg.linops.EmpiricalFisher(model, p.loss_fn, [(p.X, p.y)]) @ v, ef_sample),
-    )
-
-    if _has_module("curvlinops") is None:
-
-        def cl_vs(kind: str, ref: dict[str, Tensor], x: Tensor = v) -> Callable[[Check], Check]:
-            def body(c: Check) -> Check:
-                op, _ = build_curvlinops(fresh_problem(problem, cfg.device), kind)
-                return fill_check(c, flat_named(op @ x), ref, tol, len(names))
-
-            return body
-
-        attempt(
-            Check("Hessian @ v: curvlinops vs double backward", "curvlinops", ["hvp"]),
-            cl_vs("H", ref_hv),
+    p = r.p
+    if p.y[0].numel() > 1:
+        ours_ef = r.flat(bg.linops.EmpiricalFisher(p.model, p.loss_fn, [(p.X, p.y)]) @ r.v)
+        add(
+            "EmpiricalFisher @ v: curvlinops vs beyondgrad (informational: per-term vs "
+            "per-sample definitions, different matrices when T > 1)",
+            [],
+            "EF",
+            ours_ef,
+            r.v,
         )
-        attempt(
-            Check("Hessian @ V (4 columns): curvlinops vs double backward", "curvlinops", ["hmp"]),
-            cl_vs("H", ref_hV, V),
-        )
-        attempt(
-            Check("GGN @ v: curvlinops vs torch.func", "curvlinops", ["ggnvp", "ggnmp"]),
-            cl_vs("GGN", func_g),
-        )
-        attempt(
-            Check(
-                "EmpiricalFisher @ v: curvlinops vs torch.func, per-term EF "
-                "1/(NT) Σ_{n,t} g_nt g_ntᵀ v (g_nt: gradient of one loss term)",
-                "curvlinops",
-                ["efvp", "efmp"],
-            ),
-            cl_vs("EF", ef_term),
-        )
-        if p.y[0].numel() > 1:
-            ours_ef = flat_named(bg.linops.EmpiricalFisher(model, p.loss_fn, [(p.X, p.y)]) @ v)
-            attempt(
-                Check(
-                    "EmpiricalFisher @ v: curvlinops vs beyondgrad (informational: per-term vs "
-                    "per-sample definitions, different matrices when T > 1)",
-                    "curvlinops",
-                    [],
-                ),
-                cl_vs("EF", ours_ef),
-            )
-        kfac_checks(problem, cfg, v, attempt)
-    return {"info": info, "checks": [asdict(c) for c in checks]}
 
 
 def empirical_fisher_refs(p: Problem, v: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -676,7 +599,7 @@ def empirical_fisher_refs(p: Problem, v: Tensor) -> tuple[dict[str, Tensor], dic
     from torch.func import functional_call, grad, vmap
 
     model, loss_fn, X, y = p.model, p.loss_fn, p.X, p.y
-    params = trainable(model)
+    params = h.trainable(model)
     names = [n for n, q in model.named_parameters() if q.requires_grad]
     N, T = X.shape[0], y[0].numel()
 
@@ -684,7 +607,7 @@ def empirical_fisher_refs(p: Problem, v: Tensor) -> tuple[dict[str, Tensor], dic
         flat = torch.cat([gs[n].reshape(N, -1) for n in names], 1)
         return flat.T @ (flat @ v)
 
-    per_sample = apply(func_per_sample_fn(p)()) * T * T / (N * T)  # G_n = T g_n
+    per_sample = apply(h.func_per_sample_fn(p)()) * T * T / (N * T)  # G_n = T g_n
     if T == 1:
         per_term = per_sample
     else:
@@ -705,40 +628,35 @@ def empirical_fisher_refs(p: Problem, v: Tensor) -> tuple[dict[str, Tensor], dic
     )
 
 
-def kfac_checks(
-    problem: str, cfg: Config, v: Tensor, attempt: Callable[[Check, Callable[[Check], Check]], None]
-) -> None:
+def kfac_checks(r: Refs, checks: Checks) -> None:
     """KFAC / EKFAC products against curvlinops, both with the empirical Fisher (deterministic;
     the timed rows use one MC sample, whose draws differ between the libraries)."""
 
-    def body(kind: str) -> Callable[[Check], Check]:
-        def run(c: Check) -> Check:
-            p = fresh_problem(problem, cfg.device)
+    def ours(kind: str) -> Callable[[], dict[str, Tensor]]:
+        def run() -> dict[str, Tensor]:
+            p = h.copy_problem(r.p)
             cls = getattr(bg.linops, kind)
             try:
-                ours = cls(p.model, p.loss_fn, [(p.X, p.y)], fisher_type="empirical")
+                op = cls(p.model, p.loss_fn, [(p.X, p.y)], fisher_type="empirical")
             except RuntimeError as exc:
                 if is_tying_refusal(exc):
-                    raise Refused(f"beyondgrad {REFUSED}: " + _short(str(exc), 140)) from exc
+                    raise Refused(f"beyondgrad {REFUSED}: " + h.short(str(exc), 140)) from exc
                 raise
-            op, _ = build_curvlinops(fresh_problem(problem, cfg.device), kind, "empirical")
-            params = trainable(p.model)
-            names = [n for n, q in p.model.named_parameters() if q.requires_grad]
-            return fill_check(
-                c,
-                named(split_flat(ours @ v, params), p.model),
-                named(split_flat(op @ v, params), p.model),
-                cfg.tol,
-                len(names),
-                "empirical Fisher (the timed rows use MC)",
-            )
+            return r.flat(op @ r.v)
 
         return run
 
+    def peer(kind: str) -> Callable[[], dict[str, Tensor]]:
+        return lambda: r.flat(build_curvlinops(h.copy_problem(r.p), kind, "empirical")[0] @ r.v)
+
     for kind, groups in (("KFAC", ["kfacvp", "kfacmp"]), ("EKFAC", ["ekfacvp", "ekfacmp"])):
-        attempt(
+        checks.compare(
             Check(f"{kind} (empirical) @ v: curvlinops vs beyondgrad", "curvlinops", groups),
-            body(kind),
+            ours(kind),
+            peer(kind),
+            r.cfg.tol,
+            r.n,
+            "empirical Fisher (the timed rows use MC)",
         )
 
 
@@ -760,9 +678,23 @@ class Opts:
     ref_iters: int
     trace_cap: int | None  # None: TRACE_CAPS per problem
     trace_ref_matvecs: int
+    own_max_iter: int | None = None  # eigsh's max_iter with its own rule (None: its default)
 
     def cap_for(self, problem: str) -> int:
+        """The largest trace budget on ``problem``."""
         return self.trace_cap or TRACE_CAPS.get(problem, 48)
+
+
+class Job(NamedTuple):
+    """One run of a method in the eigen or trace section: the problem, the settings, the
+    reference value it aims at, its seed and its largest budget of products."""
+
+    problem: str
+    cfg: Config
+    memory: h.CpuMemory | None
+    ref: float
+    seed: int
+    cap: int
 
 
 class Baseline:
@@ -770,38 +702,22 @@ class Baseline:
 
     def __init__(self, problem: str, cfg: Config):
         self.cfg = cfg
-        self.base = baseline_setup(fresh_problem(problem, cfg.device))
+        self.base = h.baseline_setup(h.fresh_problem(problem, cfg))
         for _ in range(2):
             self.base.call()
-        t = time_sample(self.base.call, 1, cfg.device)
+        t = h.time_sample(self.base.call, 1, cfg.device)
         self.k = max(1, math.ceil(cfg.target_s / max(t, 1e-9)))
         self.samples: list[float] = []
 
     def sample(self, n: int = 3) -> None:
-        self.samples += [time_sample(self.base.call, self.k, self.cfg.device) for _ in range(n)]
+        """Take ``n`` more samples."""
+        self.samples += [h.time_sample(self.base.call, self.k, self.cfg.device) for _ in range(n)]
         self.base.reset()
 
     @property
     def ms(self) -> float:
+        """Median sample in ms."""
         return statistics.median(self.samples) * 1e3
-
-
-def measured(
-    fn: Callable[[], Any], cfg: Config, memory: CpuMemory | None
-) -> tuple[Any, float, float]:
-    """``(result, wall seconds, peak memory MiB)`` of one call (memory as in the cells)."""
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        _sync(cfg.device)
-        t0 = time.perf_counter()
-        out["result"] = fn()
-        _sync(cfg.device)
-        out["s"] = time.perf_counter() - t0
-
-    peak = memory.peak_mib if memory is not None else cuda_peak_mib
-    mib = peak(run)
-    return out["result"], out["s"], mib
 
 
 @contextlib.contextmanager
@@ -810,29 +726,30 @@ def pyhessian_hook(on_hvp: Callable[[tuple[Tensor, ...], list[Tensor]], None]) -
     The hook adds one inner product per HVP, which PyHessian computes anyway."""
     import pyhessian  # noqa: F401  (its package attribute `hessian` is the class)
 
-    ph = sys.modules["pyhessian.hessian"]
-    original = ph.hessian_vector_product
+    module = sys.modules["pyhessian.hessian"]
+    original = module.hessian_vector_product
 
     def hooked(gradsH: Any, params: Any, v: list[Tensor]) -> tuple[Tensor, ...]:
         hv = original(gradsH, params, v)
         on_hvp(hv, v)
         return hv
 
-    ph.hessian_vector_product = hooked
+    module.hessian_vector_product = hooked
     try:
         yield
     finally:
-        ph.hessian_vector_product = original
+        module.hessian_vector_product = original
 
 
 def dot(a: list[Tensor] | tuple[Tensor, ...], b: list[Tensor] | tuple[Tensor, ...]) -> float:
+    """Inner product of two lists of tensors."""
     return float(sum((x * y).sum() for x, y in zip(a, b)))
 
 
 def fallback_runs(p: Problem, kind: str, cap: int, on_hvp: Callable[..., None]) -> None:
     """Without PyHessian: the same algorithms on double-backward HVPs over one cached gradient
     graph (power iteration from a normalized Gaussian vector; Rademacher Hutchinson)."""
-    params = trainable(p.model)
+    params = h.trainable(p.model)
     g = torch.autograd.grad(p.loss_fn(p.model(p.X), p.y), params, create_graph=True)
     v = [torch.randn_like(q) for q in params]
     if kind == "eigen":
@@ -849,7 +766,8 @@ def fallback_runs(p: Problem, kind: str, cap: int, on_hvp: Callable[..., None]) 
 
 
 def peer_label() -> str:
-    return "pyhessian" if _has_module("pyhessian") is None else "own (double backward)"
+    """The peer of the eigen and trace sections: PyHessian, or this script's own fallback."""
+    return "pyhessian" if h.peer_missing("pyhessian") is None else "own (double backward)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -903,42 +821,46 @@ def first_within(estimates: list[float], ref: float, target: float) -> int | Non
     return None
 
 
-def eig_ours(
-    problem: str, cfg: Config, memory: CpuMemory | None, ref: float, seed: int, cap: int
-) -> dict[str, Any]:
+def eigsh_run(
+    problem: str,
+    cfg: Config,
+    memory: h.CpuMemory | None,
+    ref: float,
+    seed: int,
+    tol: float,
+    max_iter: int | None,
+    abort: bool,
+) -> tuple[RitzRecorder, float, float, float]:
+    """One observed ``bg.linalg.eigsh(k=1)`` run (``abort``: end once within 1e-3):
+    its recorder, start time, wall seconds and peak memory."""
+    p = h.fresh_problem(problem, cfg)
+    rec: list[RitzRecorder] = []
+
+    def on_step(r: RitzRecorder) -> None:
+        if abort and first_within(r.estimates[-1:], ref, EIG_TARGET):
+            raise _Stop
+
+    def call() -> float:
+        t0 = time.perf_counter()
+        rec.append(RitzRecorder(bg.linops.Hessian(p.model, p.loss_fn, [(p.X, p.y)]), on_step))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            with contextlib.suppress(_Stop):
+                gen = h.generator(cfg.device, seed)
+                bg.linalg.eigsh(rec[0], k=1, tol=tol, max_iter=max_iter, generator=gen)
+        return t0
+
+    t0, wall, mib = h.measured_call(call, cfg.device, memory)
+    return rec[0], t0, wall, mib
+
+
+def eig_ours(job: Job, own_max_iter: int | None = None) -> dict[str, Any]:
     """``bg.linalg.eigsh(k=1, tol=1e-3)`` with its default ``max_iter``: products and time
     until the Ritz value is within 1e-3 of the reference, and where its own rule stops. If it
     stops first, a second run (``tol=0``, ``max_iter=cap``) finds the products needed."""
-
-    def run(
-        tol: float, max_iter: int | None, abort: bool
-    ) -> tuple[RitzRecorder, float, float, float]:
-        p = fresh_problem(problem, cfg.device)
-        rec: list[RitzRecorder] = []
-
-        def on_step(r: RitzRecorder) -> None:
-            if abort and first_within(r.estimates[-1:], ref, EIG_TARGET):
-                raise _Stop
-
-        def call() -> float:
-            t0 = time.perf_counter()
-            rec.append(RitzRecorder(bg.linops.Hessian(p.model, p.loss_fn, [(p.X, p.y)]), on_step))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                with contextlib.suppress(_Stop):
-                    bg.linalg.eigsh(
-                        rec[0],
-                        k=1,
-                        tol=tol,
-                        max_iter=max_iter,
-                        generator=generator(cfg.device, seed),
-                    )
-            return t0
-
-        t0, wall, mib = measured(call, cfg, memory)
-        return rec[0], t0, wall, mib
-
-    rec, t0, wall, mib = run(EIGSH_OWN_TOL, None, abort=False)
+    problem, cfg, memory, ref, seed, cap = job
+    run = partial(eigsh_run, problem, cfg, memory, ref, seed)
+    rec, t0, wall, mib = run(EIGSH_OWN_TOL, own_max_iter, abort=False)
     reach = first_within(rec.estimates, ref, EIG_TARGET)
     out: dict[str, Any] = {
         "own_stop": {
@@ -962,15 +884,14 @@ def eig_ours(
     return out
 
 
-def eig_peer(
-    problem: str, cfg: Config, memory: CpuMemory | None, ref: float, seed: int, cap: int
-) -> dict[str, Any]:
+def eig_peer(job: Job) -> dict[str, Any]:
     """PyHessian ``hessian(...).eigenvalues(maxIter=cap, tol=0)`` (power iteration on the
     cached gradient graph), observed per HVP: products and time (from before ``hessian()``,
     which builds the graph) until the Rayleigh quotient is within 1e-3; its own rule
     (``tol=1e-3``: relative change between iterates; default ``maxIter=100``) evaluated on
     the same iterates. Ends once both are known or at ``cap``."""
-    p = fresh_problem(problem, cfg.device)
+    problem, cfg, memory, ref, seed, cap = job
+    p = h.fresh_problem(problem, cfg)
     est: list[float] = []
     times: list[float] = []
     own: dict[str, Any] = {}
@@ -992,7 +913,7 @@ def eig_peer(
         torch.manual_seed(seed)  # PyHessian draws its start vector from the global generator
         t0[0] = time.perf_counter()
         with contextlib.suppress(_Stop):
-            if _has_module("pyhessian") is None:
+            if h.peer_missing("pyhessian") is None:
                 from pyhessian import hessian
 
                 with pyhessian_hook(on_hvp):
@@ -1002,7 +923,7 @@ def eig_peer(
                 fallback_runs(p, "eigen", cap, on_hvp)
         p.model.zero_grad(set_to_none=True)
 
-    _, _, mib = measured(call, cfg, memory)
+    _, _, mib = h.measured_call(call, cfg.device, memory)
     reach = first_within(est, ref, EIG_TARGET)
     if own:
         own["rel_err"] = abs(own["estimate"] - ref) / abs(ref)
@@ -1019,19 +940,19 @@ def eig_peer(
     }
 
 
-def run_eigen(problem: str, cfg: Config, opts: Opts, memory: CpuMemory | None) -> dict[str, Any]:
+def run_eigen(problem: str, cfg: Config, opts: Opts, memory: h.CpuMemory | None) -> dict[str, Any]:
     """Reference, then both methods for every seed (one process; baseline before and after)."""
-    load = ForeignLoad()
+    load = h.ForeignLoad()
     load.start()
     base = Baseline(problem, cfg)
     base.sample()
-    p = fresh_problem(problem, cfg.device)
+    p = h.fresh_problem(problem, cfg)
     A = bg.linops.Hessian(p.model, p.loss_fn, [(p.X, p.y)])
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         lam, vec = bg.linalg.eigsh(
-            A, k=2, tol=1e-10, max_iter=opts.ref_iters, generator=generator(cfg.device, REF_SEED)
+            A, k=2, tol=1e-10, max_iter=opts.ref_iters, generator=h.generator(cfg.device, REF_SEED)
         )
     x = vec[:, 0] / vec[:, 0].norm()
     ref, second = float(lam[0]), float(lam[1])
@@ -1046,8 +967,9 @@ def run_eigen(problem: str, cfg: Config, opts: Opts, memory: CpuMemory | None) -
     )
     runs = []
     for seed in opts.seeds:
-        for method, fn in (("beyondgrad", eig_ours), (peer_label(), eig_peer)):
-            res = fn(problem, cfg, memory, ref, seed, opts.eig_cap)
+        ours = partial(eig_ours, own_max_iter=opts.own_max_iter)
+        for method, fn in (("beyondgrad", ours), (peer_label(), eig_peer)):
+            res = fn(Job(problem, cfg, memory, ref, seed, opts.eig_cap))
             res.update(method=method, seed=seed)
             runs.append(res)
             print(
@@ -1112,29 +1034,22 @@ def reached_at(grid: list[int], estimates: list[float], ref: float) -> int | Non
     return None
 
 
-def trace_ours(
-    problem: str,
-    cfg: Config,
-    memory: CpuMemory | None,
-    ref: float,
-    seed: int,
-    cap: int,
-    method: str = "hutch++",
-) -> dict[str, Any]:
+def trace_ours(job: Job, method: str = "hutch++") -> dict[str, Any]:
     """``bg.linalg.trace(Hessian, m, method)`` for budgets m = 3, 6, 12, ... (one clean call
     each, the operator built inside it), until two consecutive budgets are within 5 %."""
+    problem, cfg, memory, ref, seed, cap = job
     grid = trace_grid(cap)
     if method == "xtrace":
         grid = [m for m in grid if m >= 6]  # xtrace needs 2 probes
-    p = fresh_problem(problem, cfg.device)
+    p = h.fresh_problem(problem, cfg)
     calls = []
     for m in grid:
 
         def call(m: int = m) -> tuple[Tensor, Tensor | None]:
             A = bg.linops.Hessian(p.model, p.loss_fn, [(p.X, p.y)])
-            return bg.linalg.trace(A, m, method=method, generator=generator(cfg.device, seed))
+            return bg.linalg.trace(A, m, method=method, generator=h.generator(cfg.device, seed))
 
-        (est, err), s, mib = measured(call, cfg, memory)
+        (est, err), s, mib = h.measured_call(call, cfg.device, memory)
         calls.append(
             {
                 "matvecs": m,
@@ -1166,18 +1081,17 @@ def trace_ours(
     }
 
 
-def trace_exact(
-    problem: str, cfg: Config, memory: CpuMemory | None, ref: float, seed: int, cap: int
-) -> dict[str, Any]:
+def trace_exact(job: Job) -> dict[str, Any]:
     """``bg.linops.Hessian(...).trace()``: exact, one pass with the engine's ``DiagHessian``
     (raises on models outside its rules, e.g. LayerNorm)."""
-    p = fresh_problem(problem, cfg.device)
+    problem, cfg, memory, ref, _seed, _cap = job
+    p = h.fresh_problem(problem, cfg)
 
     def call() -> Tensor:
         return bg.linops.Hessian(p.model, p.loss_fn, [(p.X, p.y)]).trace()
 
     try:
-        value, s, mib = measured(call, cfg, memory)
+        value, s, mib = h.measured_call(call, cfg.device, memory)
     except RuntimeError as exc:
         return {"matvecs": None, "s": None, "mem_mib": None, "cap": None, "error": str(exc)}
     return {
@@ -1190,107 +1104,125 @@ def trace_exact(
     }
 
 
-def trace_peer(
-    problem: str, cfg: Config, memory: CpuMemory | None, ref: float, seed: int, cap: int
-) -> dict[str, Any]:
-    """PyHessian ``hessian(...).trace(maxIter=cap, tol=0)`` (Rademacher Hutchinson, one HVP
-    per probe on the cached graph), observed per HVP: the running mean at the same budgets and
-    rule as ours; time from before ``hessian()`` to the budget's last HVP. Its own rule
-    (``tol=1e-3`` on the change of the running mean; default ``maxIter=100``) on the same
-    samples."""
-    grid = trace_grid(cap)
-    p = fresh_problem(problem, cfg.device)
-    samples: list[float] = []
-    times: list[float] = []
-    own: dict[str, Any] = {}
-    t0 = [0.0]
+@dataclass
+class Hutchinson:
+    """A Rademacher Hutchinson run observed per HVP: ``zᵀHz`` per probe and when it came;
+    where PyHessian's own rule (``tol=1e-3`` on the change of the running mean; default
+    ``maxIter=100``) would stop; ``early``: probes after which PyHessian returned by itself."""
 
-    def means() -> list[float]:
-        return [statistics.fmean(samples[:m]) for m in grid if m <= len(samples)]
+    grid: list[int]
+    ref: float
+    cap: int
+    samples: list[float] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    own: dict[str, Any] = field(default_factory=dict)
+    t0: float = 0.0
+    early: int | None = None
 
-    def on_hvp(hv: tuple[Tensor, ...], v: list[Tensor]) -> None:
-        samples.append(dot(hv, v))
-        times.append(time.perf_counter())
-        i = len(samples)
+    def means(self) -> list[float]:
+        """Running means at the budgets reached."""
+        return [statistics.fmean(self.samples[:m]) for m in self.grid if m <= len(self.samples)]
+
+    def restart(self) -> None:
+        """Start (again) from no samples, the clock now."""
+        self.samples.clear()
+        self.times.clear()
+        self.t0 = time.perf_counter()
+
+    def on_hvp(self, hv: tuple[Tensor, ...], v: list[Tensor]) -> None:
+        """Record one probe; :class:`_Stop` once both budgets and own rule are known."""
+        self.samples.append(dot(hv, v))
+        self.times.append(time.perf_counter())
+        i, own = len(self.samples), self.own
         if not own and i >= 2:
-            prev, cur = statistics.fmean(samples[:-1]), statistics.fmean(samples)
+            prev, cur = statistics.fmean(self.samples[:-1]), statistics.fmean(self.samples)
             if abs(cur - prev) / (prev + 1e-6) < PYHESSIAN_TOL:
-                own.update(matvecs=i, estimate=cur, s=times[-1] - t0[0])
+                own.update(matvecs=i, estimate=cur, s=self.times[-1] - self.t0)
         if not own and i == PYHESSIAN_MAX_ITER:
-            own.update(
-                matvecs=i,
-                estimate=statistics.fmean(samples),
-                s=times[-1] - t0[0],
-                note="maxIter reached",
-            )
-        if (own or i >= PYHESSIAN_MAX_ITER) and (reached_at(grid, means(), ref) or i >= cap):
+            mean = statistics.fmean(self.samples)
+            own.update(matvecs=i, estimate=mean, s=self.times[-1] - self.t0, note="maxIter reached")
+        if (own or i >= PYHESSIAN_MAX_ITER) and (
+            reached_at(self.grid, self.means(), self.ref) or i >= self.cap
+        ):
             raise _Stop
 
-    early: dict[str, int] = {}
+    def summary(self, mib: float) -> dict[str, Any]:
+        """The run's record (as that of :func:`trace_ours`)."""
+        ref, samples = self.ref, self.samples
+        reach = reached_at(self.grid, self.means(), ref)
+        if self.own:
+            self.own["rel_err"] = abs(self.own["estimate"] - ref) / abs(ref)
+            self.own["rule"] = (
+                f"running-mean change < {PYHESSIAN_TOL:g} (maxIter {PYHESSIAN_MAX_ITER})"
+            )
+        sd = statistics.stdev(samples[:reach]) if reach and reach > 1 else None
+        sd_all = statistics.stdev(samples) if len(samples) > 1 else None
+        return {
+            "projected": (
+                math.ceil((sd_all / (TRACE_TARGET * abs(ref))) ** 2) if sd_all is not None else None
+            ),
+            "matvecs": reach,
+            "s": self.times[reach - 1] - self.t0 if reach else None,
+            "mem_mib": mib,
+            "stderr_rel": sd / math.sqrt(reach) / abs(ref) if sd is not None and reach else None,
+            "cap": self.cap if reach is None else None,
+            "own_stop": self.own or None,
+            "note": EARLY_NOTE.format(self.early) if self.early else "",
+            "estimates": dict(zip([m for m in self.grid if m <= len(samples)], self.means())),
+            "samples": samples,
+        }
+
+
+EARLY_NOTE = (
+    "PyHessian's trace() returned after {} probes (its relative-change test divides by the "
+    "signed running mean, so it stops as soon as that is negative); products and time from the "
+    "same Hutchinson on double-backward HVPs over a cached graph (this script)"
+)
+
+
+def trace_peer(job: Job) -> dict[str, Any]:
+    """PyHessian ``hessian(...).trace(maxIter=cap, tol=0)`` (Rademacher Hutchinson, one HVP
+    per probe on the cached graph), observed per HVP: the running mean at the same budgets and
+    rule as ours; time from before ``hessian()`` to the budget's last HVP; its own rule on
+    the same samples (:class:`Hutchinson`)."""
+    problem, cfg, memory, ref, seed, cap = job
+    p = h.fresh_problem(problem, cfg)
+    run = Hutchinson(trace_grid(cap), ref, cap)
 
     def call() -> None:
         torch.manual_seed(seed)  # PyHessian draws its probes from the global generator
-        t0[0] = time.perf_counter()
-        try:
-            if _has_module("pyhessian") is None:
+        run.restart()
+        with contextlib.suppress(_Stop):
+            if h.peer_missing("pyhessian") is None:
                 from pyhessian import hessian
 
-                with pyhessian_hook(on_hvp):
+                with pyhessian_hook(run.on_hvp):
                     H = hessian(p.model, p.loss_fn, data=(p.X, p.y), cuda=cfg.device == "cuda")
                     H.trace(maxIter=cap, tol=0.0)
                 # returned by itself before maxIter: its test divides by the signed running
                 # mean, so a negative running mean ends it whatever tol says
-                if len(samples) < cap:
-                    early["probes"] = len(samples)
+                if len(run.samples) < cap:
+                    run.early = len(run.samples)
             else:
-                fallback_runs(p, "trace", cap, on_hvp)
-        except _Stop:
-            pass
+                fallback_runs(p, "trace", cap, run.on_hvp)
         p.model.zero_grad(set_to_none=True)
-        if early:  # the same estimator on double-backward HVPs, to get its budget anyway
-            samples.clear()
-            times.clear()
+        if run.early:  # the same estimator on double-backward HVPs, to get its budget anyway
             torch.manual_seed(seed)
-            t0[0] = time.perf_counter()
+            run.restart()
             with contextlib.suppress(_Stop):
-                fallback_runs(p, "trace", cap, on_hvp)
+                fallback_runs(p, "trace", cap, run.on_hvp)
 
-    _, _, mib = measured(call, cfg, memory)
-    reach = reached_at(grid, means(), ref)
-    if own:
-        own["rel_err"] = abs(own["estimate"] - ref) / abs(ref)
-        own["rule"] = f"running-mean change < {PYHESSIAN_TOL:g} (maxIter {PYHESSIAN_MAX_ITER})"
-    sd = statistics.stdev(samples[:reach]) if reach and reach > 1 else None
-    sd_all = statistics.stdev(samples) if len(samples) > 1 else None
-    return {
-        "projected": (
-            math.ceil((sd_all / (TRACE_TARGET * abs(ref))) ** 2) if sd_all is not None else None
-        ),
-        "matvecs": reach,
-        "s": times[reach - 1] - t0[0] if reach else None,
-        "mem_mib": mib,
-        "stderr_rel": sd / math.sqrt(reach) / abs(ref) if sd is not None and reach else None,
-        "cap": cap if reach is None else None,
-        "own_stop": own or None,
-        "note": (
-            f"PyHessian's trace() returned after {early['probes']} probes (its relative-change "
-            "test divides by the signed running mean, so it stops as soon as that is "
-            "negative); products and time from the same Hutchinson on double-backward HVPs "
-            "over a cached graph (this script)"
-            if early
-            else ""
-        ),
-        "estimates": dict(zip([m for m in grid if m <= len(samples)], means())),
-        "samples": samples,
-    }
+    _, _, mib = h.measured_call(call, cfg.device, memory)
+    return run.summary(mib)
 
 
-def run_trace(problem: str, cfg: Config, opts: Opts, memory: CpuMemory | None) -> dict[str, Any]:
-    load = ForeignLoad()
+def run_trace(problem: str, cfg: Config, opts: Opts, memory: h.CpuMemory | None) -> dict[str, Any]:
+    """Reference, then every method for every seed (one process; baseline before and after)."""
+    load = h.ForeignLoad()
     load.start()
     base = Baseline(problem, cfg)
     base.sample()
-    p = fresh_problem(problem, cfg.device)
+    p = h.fresh_problem(problem, cfg)
     t0 = time.perf_counter()
     try:
         diag = bg.compute(p.model, p.loss_fn, p.X, p.y, bg.DiagHessian())[bg.DiagHessian]
@@ -1302,12 +1234,12 @@ def run_trace(problem: str, cfg: Config, opts: Opts, memory: CpuMemory | None) -
     except RuntimeError as exc:
         A = Chunked(bg.linops.Hessian(p.model, p.loss_fn, [(p.X, p.y)]), 16)
         est, err = bg.linalg.trace(
-            A, opts.trace_ref_matvecs, method="hutch++", generator=generator(cfg.device, REF_SEED)
+            A, opts.trace_ref_matvecs, method="hutch++", generator=h.generator(cfg.device, REF_SEED)
         )
         reference = {
             "value": float(est),
             "method": f"hutch++ with {opts.trace_ref_matvecs} products (Rademacher, 16 "
-            f"columns per pass); DiagHessian raises: {_short(str(exc), 140)}",
+            f"columns per pass); DiagHessian raises: {h.short(str(exc), 140)}",
             "stderr_rel": float(err) / abs(float(est)) if err is not None else None,
         }
     reference["s"] = time.perf_counter() - t0
@@ -1328,7 +1260,7 @@ def run_trace(problem: str, cfg: Config, opts: Opts, memory: CpuMemory | None) -
         ):
             if method == "beyondgrad exact" and seed != opts.seeds[0]:
                 continue  # deterministic: one run
-            res = fn(problem, cfg, memory, ref, seed, opts.cap_for(problem))
+            res = fn(Job(problem, cfg, memory, ref, seed, opts.cap_for(problem)))
             res.update(method=method, seed=seed)
             runs.append(res)
             print(
@@ -1351,21 +1283,24 @@ def run_trace(problem: str, cfg: Config, opts: Opts, memory: CpuMemory | None) -
 
 
 def run_problem(
-    problem: str, cfg: Config, opts: Opts, sections: list[str], memory: CpuMemory | None
+    problem: str, cfg: Config, opts: Opts, sections: list[str], memory: h.CpuMemory | None
 ) -> dict[str, Any]:
+    """The chosen sections of one problem, each part in a child of its own (on CPU)."""
     t0 = time.perf_counter()
     out: dict[str, Any] = {"problem": problem}
 
     def isolated(fn: Callable[[], Any]) -> Any:
         try:
-            return run_isolated(fn, cfg.cell_timeout_s, cfg.isolate)
+            return h.run_isolated(fn, cfg.cell_timeout_s, cfg.isolate)
         except Exception as exc:
-            print(f"[{problem}] error: {_short(str(exc), 300)}", file=sys.stderr)
-            return {"error": _short(str(exc).splitlines()[0] if str(exc) else repr(exc), 300)}
+            h.log(f"[{problem}] error: {h.short(str(exc), 300)}")
+            return {"error": h.short(str(exc).splitlines()[0] if str(exc) else repr(exc), 300)}
 
     if "products" in sections:
-        out["rows"] = [asdict(r) for r in run_products(problem, cfg, memory)]
-        out["agreement"] = isolated(lambda: agreement(problem, cfg))
+        cfg_for = partial(slow_cfg, cfg)
+        rows = h.run_cells(problem, cell_specs(problem, cfg.smoke), cfg, memory, GROUPS, cfg_for)
+        out["rows"] = [asdict(r) for r in rows]
+        out["agreement"] = h.run_agreement(problem, partial(agreement, problem, cfg), cfg)
     if "eigen" in sections:
         out["eigen"] = isolated(lambda: run_eigen(problem, cfg, opts, memory))
     if "trace" in sections:
@@ -1377,13 +1312,6 @@ def run_problem(
 # --------------------------------------------------------------------------------------------
 # Rendering
 # --------------------------------------------------------------------------------------------
-
-
-def _cell(row: dict[str, Any]) -> str:
-    if row["status"] != "ok":
-        return row["status"]
-    noisy = " NOISY" if "NOISY" in row["note"] else ""
-    return f"{fmt(row['ratio'])} ({fmt(row['mem_ratio'])}){noisy}"
 
 
 def _median(xs: list[float | None]) -> float | None:
@@ -1417,9 +1345,9 @@ def _reach(s: dict[str, Any], projected: bool = False) -> str:
     if s["reached"] == 0:
         txt = f"not within {s['caps'][0] if s['caps'] else '?'} mv"
         if projected and s["projected"] is not None:
-            txt += f" (projected {fmt(s['projected'])})"
+            txt += f" (projected {h.fmt(s['projected'])})"
         return txt
-    txt = f"{fmt(s['med_matvecs'])} mv, {fmt(s['med_ratio'])}x"
+    txt = f"{h.fmt(s['med_matvecs'])} mv, {h.fmt(s['med_ratio'])}x"
     if s["reached"] < s["n"]:
         txt += f" ({s['reached']}/{s['n']} seeds)"
     return txt
@@ -1428,34 +1356,22 @@ def _reach(s: dict[str, Any], projected: bool = False) -> str:
 def _own(s: dict[str, Any]) -> str:
     if s["own_matvecs"] is None:
         return "-"
-    return f"{fmt(s['own_matvecs'])} mv, err {fmt(s['own_err'], 2)}"
+    return f"{h.fmt(s['own_matvecs'])} mv, err {h.fmt(s['own_err'], 2)}"
 
 
 def render(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
+    """The markdown report."""
+    title = "Curvature operators and their linear algebra: beyondgrad vs peers"
     lines = [
-        f"# Curvature operators and their linear algebra: beyondgrad vs peers ({meta['device']})",
-        "",
-        f"*Generated {meta['date']} by `{meta['command']}`.*",
-        "",
-        f"* **Machine**: {meta['machine']}; Python {meta['python']}.",
-        f"* **torch {meta['torch']}**, device `{meta['device']}`, torch threads "
-        f"{meta['threads']} (interop {meta['interop_threads']}).",
-        "* **Libraries**: "
-        + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
-        + (f" (beyondgrad at commit {meta['git']})" if meta.get("git") else "")
-        + ".",
+        *h.header_lines(meta, title),
         *(f"* **Correction after the run**: {c}" for c in meta.get("corrections", [])),
-        "* **Products** (protocol of `first_order.py`, its functions imported): "
-        f"{meta['warmup']} warm-up call(s) (1 for the {K}-column blocks); samples of >= "
-        f"{meta['target_ms']:g} ms (k calls averaged); {meta['reps']} samples of the baseline and "
-        f"of the candidate, alternated (at least {min(3, meta['reps'])} where a cell's timing "
-        f"would exceed {meta['max_cell_s']:g} s); medians. *x fwd+bwd*: median candidate / median "
-        "baseline, re-measured in the same forked child. Operators are built in set-up (not "
-        "timed); KFAC/EKFAC construction (one pass over the data) is in the notes. Each library "
-        "takes its native vector format (flat tensor: beyondgrad, curvlinops; per-parameter "
-        "list/dict: double backward, torch.func, PyHessian), prepared in set-up.",
-        f"* **Memory**: {meta['memory_method']}; *mem x*: over the baseline's peak.",
-        f"* **Eigenvalue / trace**: one process per problem and section; the fwd+bwd baseline is "
+        *h.protocol_lines(meta),
+        f"* **Products**: the {K}-column blocks get 1 warm-up call and at most one re-timing. "
+        "Operators are built in set-up (not timed); KFAC/EKFAC construction (one pass over the "
+        "data) is in the notes. Each library takes its native vector format (flat tensor: "
+        "beyondgrad, curvlinops; per-parameter list/dict: double backward, torch.func, "
+        "PyHessian), prepared in set-up.",
+        "* **Eigenvalue / trace**: one process per problem and section; the fwd+bwd baseline is "
         "sampled there before and after the runs (its median is the denominator). Time of a "
         "run: from before the operator (beyondgrad) or `hessian()` (PyHessian, which builds "
         "the gradient graph) to the product at which the target was reached. Seeds: "
@@ -1463,8 +1379,18 @@ def render(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
         "Hooks observe each product (eigsh: two inner products per step on its strided basis "
         "columns, which inflates its times a little; PyHessian: one inner product per HVP).",
         "",
+        *h.summary_table(
+            results,
+            GROUPS,
+            "Summary: products, time x fwd+bwd (peak memory x fwd+bwd)",
+            "Best peer: the fastest peer row that ran (PyHessian's cached-graph row excluded: it "
+            "leaves out the forward+backward every other row pays), marked where it covers only "
+            "some parameters (partial) or failed an agreement check (disagrees).",
+            exclude=("pyhessian (cached graph)",),
+        ),
+        *eigen_summary(results),
+        *trace_summary(results),
     ]
-    lines += render_summary(results)
     for res in results:
         lines += render_products(res, meta)
         lines += render_eigen(res)
@@ -1472,65 +1398,20 @@ def render(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_summary(results: list[dict[str, Any]]) -> list[str]:
+def finished(results: list[dict[str, Any]], section: str) -> list[dict[str, Any]]:
+    """The problems whose ``section`` ran to the end."""
+    return [r for r in results if isinstance(r.get(section), dict) and "runs" in r[section]]
+
+
+def peer_of(sec: dict[str, Any]) -> str:
+    """The peer method of an eigen or trace section (PyHessian or this script's own)."""
+    return next(x["method"] for x in sec["runs"] if not x["method"].startswith("beyondgrad"))
+
+
+def eigen_summary(results: list[dict[str, Any]]) -> list[str]:
+    """Top eigenvalue: products and time to 1e-3 per problem (seed medians)."""
     lines: list[str] = []
-    with_rows = [r for r in results if "rows" in r]
-    if with_rows:
-        head = " | ".join(
-            f"{r['problem']}: beyondgrad | {r['problem']}: best peer" for r in with_rows
-        )
-        lines += [
-            "## Summary: products, time x fwd+bwd (peak memory x fwd+bwd)",
-            "",
-            "Best peer: the fastest peer row that ran (PyHessian's cached-graph row excluded: it "
-            "leaves out the forward+backward every other row pays), marked where it covers only "
-            "some parameters (partial) or failed an agreement check (disagrees).",
-            "",
-            f"| quantity | {head} |",
-            "|---|" + "---:|---|" * len(with_rows),
-        ]
-        for group, label in GROUPS.items():
-            if group == "baseline":
-                continue
-            cells = []
-            for r in with_rows:
-                checks = r.get("agreement", {}).get("checks", [])
-                mine = [
-                    x for x in r["rows"] if x["group"] == group and x["library"] == "beyondgrad"
-                ]
-                peers = [
-                    x
-                    for x in r["rows"]
-                    if x["group"] == group
-                    and x["status"] == "ok"
-                    and x["library"] not in ("beyondgrad", "pyhessian (cached graph)")
-                ]
-                cells.append(_cell(mine[0]) if mine else "")
-                if peers:
-                    best = min(peers, key=lambda x: x["ratio"])
-                    marks = [
-                        m
-                        for m, bad in (
-                            ("partial", "PARTIAL" in best["note"]),
-                            ("disagrees", bool(flags_for(best, checks))),
-                            ("different matrix", "DIFFERENT MATRIX" in best["note"]),
-                        )
-                        if bad
-                    ]
-                    mark = f", {', '.join(marks)}" if marks else ""
-                    cells.append(f"{_cell(best)} {best['library']}{mark}")
-                else:
-                    failed = sorted(
-                        {
-                            x["library"]
-                            for x in r["rows"]
-                            if x["group"] == group and x["status"] == "error"
-                        }
-                    )
-                    cells.append("- (" + ", ".join(failed) + " failed)" if failed else "-")
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        lines.append("")
-    eig = [r for r in results if isinstance(r.get("eigen"), dict) and "runs" in r["eigen"]]
+    eig = finished(results, "eigen")
     if eig:
         lines += [
             f"## Summary: top Hessian eigenvalue to {EIG_TARGET:g} relative accuracy",
@@ -1546,16 +1427,20 @@ def render_summary(results: list[dict[str, Any]]) -> list[str]:
         ]
         for r in eig:
             sec = r["eigen"]
-            peer = next(
-                x["method"] for x in sec["runs"] if not x["method"].startswith("beyondgrad")
-            )
+            peer = peer_of(sec)
             s_o, s_p = algo_summary(sec, "beyondgrad"), algo_summary(sec, peer)
             lines.append(
                 f"| {r['problem']} | {sec['reference']['value']:.5g} | {_reach(s_o)} | "
                 f"{peer}: {_reach(s_p)} | {_own(s_o)} | {_own(s_p)} |"
             )
         lines.append("")
-    tr = [r for r in results if isinstance(r.get("trace"), dict) and "runs" in r["trace"]]
+    return lines
+
+
+def trace_summary(results: list[dict[str, Any]]) -> list[str]:
+    """Trace: products and time to 5 % per problem (seed medians), or the projection."""
+    lines: list[str] = []
+    tr = finished(results, "trace")
     if tr:
         lines += [
             f"## Summary: Hessian trace to {TRACE_TARGET:.0%}",
@@ -1572,9 +1457,7 @@ def render_summary(results: list[dict[str, Any]]) -> list[str]:
         ]
         for r in tr:
             sec = r["trace"]
-            peer = next(
-                x["method"] for x in sec["runs"] if not x["method"].startswith("beyondgrad")
-            )
+            peer = peer_of(sec)
             s_o, s_p = algo_summary(sec, "beyondgrad"), algo_summary(sec, peer)
             s_x = algo_summary(sec, "beyondgrad xtrace")
             budget, errs = equal_budget_errors(sec, ["beyondgrad", "beyondgrad xtrace", peer])
@@ -1584,7 +1467,7 @@ def render_summary(results: list[dict[str, Any]]) -> list[str]:
                 f"| {r['problem']} | {ref['value']:.5g} ({kind}) | {_exact(sec)} | "
                 f"{_reach(s_o, True)} | {_reach(s_x) if s_x['n'] else '-'} | "
                 f"{peer}: {_reach(s_p, True)} | at {budget} mv: "
-                + " / ".join(fmt(e, 2) for e in errs)
+                + " / ".join(h.fmt(e, 2) for e in errs)
                 + f" | {_own(s_p)} |"
             )
         lines.append("")
@@ -1596,8 +1479,8 @@ def _exact(sec: dict[str, Any]) -> str:
     if run is None:
         return "-"
     if run.get("error"):
-        return "raises (" + _short(run["error"].split("(")[0], 60) + ")"
-    return f"1 pass, {fmt(run['s'] * 1e3 / sec['base_ms'])}x (err {fmt(run['rel_err'], 2)})"
+        return "raises (" + h.short(run["error"].split("(")[0], 60) + ")"
+    return f"1 pass, {h.fmt(run['s'] * 1e3 / sec['base_ms'])}x (err {h.fmt(run['rel_err'], 2)})"
 
 
 def trace_estimates(run: dict[str, Any]) -> dict[int, float]:
@@ -1630,65 +1513,20 @@ def equal_budget_errors(sec: dict[str, Any], methods: list[str]) -> tuple[int, l
 
 
 def render_products(res: dict[str, Any], meta: dict[str, Any]) -> list[str]:
+    """One problem's product table and its agreement checks."""
     if "rows" not in res:
         return []
     agree = res.get("agreement", {})
-    info = agree.get("info", {})
-    checks = agree.get("checks", [])
-    base = [r for r in res["rows"] if r["status"] == "ok" and r["base_ms"] is not None]
     lines = [f"## {res['problem']}: products ({meta['device']})", ""]
-    if info:
-        lines.append(
-            f"Batch {info['batch']}, {info['num_params']:,} parameters in "
-            f"{info['param_tensors']} tensors."
-        )
-    if base:
-        lines.append(
-            f"Baseline fwd+bwd: **{fmt(statistics.median(r['base_ms'] for r in base))} ms** "
-            f"(median over the cells' processes, range {fmt(min(r['base_ms'] for r in base))}-"
-            f"{fmt(max(r['base_ms'] for r in base))} ms). Wall time {res['wall_s']:.0f} s "
-            "(all sections)."
-        )
-    lines += [
-        "",
-        "| quantity | library | time [ms] | x fwd+bwd | paired x | peak mem [MiB] | "
-        "mem x fwd+bwd | notes |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
-    ]
-    for r in res["rows"]:
-        note = "; ".join(x for x in [r["note"], *flags_for(r, checks)] if x).replace("|", "\\|")
-        if r["status"] == "ok":
-            cols = [
-                fmt(r["time_ms"]),
-                f"**{fmt(r['ratio'])}**",
-                fmt(r["paired"]),
-                fmt(r["mem_mib"]),
-                fmt(r["mem_ratio"]),
-            ]
-        else:
-            cols = [r["status"], r["status"], "", "", ""]
-        lines.append(
-            f"| {GROUPS[r['group']]} | {r['library']} | " + " | ".join(cols) + f" | {note} |"
-        )
-    lines += [
-        "",
-        f"### Agreement ({res['problem']}, float32, flagged above rel {meta['tol']:g})",
-        "",
+    lines += h.problem_intro(res, agree.get("info", {}), base_mem=False)
+    lines += ["", *h.rows_table(res["rows"], agree.get("checks", []), GROUPS)]
+    return lines + h.agreement_table(
+        res["problem"],
+        agree,
+        meta["tol"],
         "relative = max abs difference / max abs reference value over all compared tensors; "
         "per-tensor mismatches in *detail*, with the module types owning them.",
-        "",
-        "| check | max abs diff | relative | detail |",
-        "|---|---:|---:|---|",
-    ]
-    if "error" in agree:
-        lines.append(f"| agreement run | error | | {agree['error']} |")
-    for c in checks:
-        detail = c["detail"].replace("|", "\\|")
-        if c["status"] != "ok":
-            lines.append(f"| {c['name']} | {c['status']} | | {detail} |")
-        else:
-            lines.append(f"| {c['name']} | {c['max_abs']:.3g} | {c['rel']:.3g} | {detail} |")
-    return [*lines, ""]
+    )
 
 
 def _noise_note(sec: dict[str, Any]) -> str:
@@ -1701,6 +1539,7 @@ def _noise_note(sec: dict[str, Any]) -> str:
 
 
 def render_eigen(res: dict[str, Any]) -> list[str]:
+    """One problem's eigenvalue table: per method and seed."""
     sec = res.get("eigen")
     if sec is None:
         return []
@@ -1713,7 +1552,7 @@ def render_eigen(res: dict[str, Any]) -> list[str]:
         f"Ritz value {ref['second']:.5g}). Relative residual ‖Hx − λx‖/|λ| = "
         f"{ref['rel_residual']:.2g}; the reference's relative error is at most about "
         f"‖r‖²/(gap·|λ|) = {ref['rel_bound']:.2g} (gap from the next Ritz value). "
-        f"Baseline fwd+bwd in this process: {fmt(sec['base_ms'])} ms.{_noise_note(sec)}",
+        f"Baseline fwd+bwd in this process: {h.fmt(sec['base_ms'])} ms.{_noise_note(sec)}",
         "",
         "| method | seed | products to 1e-3 | time to 1e-3 [s] | x fwd+bwd | peak mem [MiB] | "
         "own stop: products | own stop: rel. error | own stop: time [s] | notes |",
@@ -1739,15 +1578,16 @@ def render_eigen(res: dict[str, Any]) -> list[str]:
                     "largest magnitude, here a negative one"
                 )
         lines.append(
-            f"| {label} | {r['seed']} | {r['matvecs'] or '-'} | {fmt(r['s'])} | "
-            f"{fmt(r['s'] * 1e3 / sec['base_ms']) if r['s'] else '-'} | {fmt(r['mem_mib'])} | "
-            f"{own.get('matvecs', '-')} | {fmt(own.get('rel_err'), 2) if own else '-'} | "
-            f"{fmt(own.get('s')) if own else '-'} | {'; '.join(notes)} |"
+            f"| {label} | {r['seed']} | {r['matvecs'] or '-'} | {h.fmt(r['s'])} | "
+            f"{h.fmt(r['s'] * 1e3 / sec['base_ms']) if r['s'] else '-'} | {h.fmt(r['mem_mib'])} | "
+            f"{own.get('matvecs', '-')} | {h.fmt(own.get('rel_err'), 2) if own else '-'} | "
+            f"{h.fmt(own.get('s')) if own else '-'} | {'; '.join(notes)} |"
         )
     return [*lines, ""]
 
 
 def render_trace(res: dict[str, Any]) -> list[str]:
+    """One problem's trace table: per method and seed."""
     sec = res.get("trace")
     if sec is None:
         return []
@@ -1765,7 +1605,7 @@ def render_trace(res: dict[str, Any]) -> list[str]:
         "error from the variance seen at the largest budget (Hutch++: of its deflated part, "
         "with the range sketch no better than there: pessimistic). Baseline fwd+bwd in this "
         "process: "
-        f"{fmt(sec['base_ms'])} ms.{_noise_note(sec)}",
+        f"{h.fmt(sec['base_ms'])} ms.{_noise_note(sec)}",
         "",
         "| method | seed | products to 5 % | time [s] | x fwd+bwd | peak mem [MiB] | "
         "its std. error (rel.) | projected for 5 % | own stop: products | "
@@ -1782,12 +1622,13 @@ def render_trace(res: dict[str, Any]) -> list[str]:
         if r["method"] == "beyondgrad exact":
             if r.get("error"):
                 lines.append(
-                    f"| {label} | - | - | | - | | | | | | | raises: {_short(r['error'], 160)} |"
+                    f"| {label} | - | - | | - | | | | | | | raises: {h.short(r['error'], 160)} |"
                 )
             else:
+                ratio = h.fmt(r["s"] * 1e3 / sec["base_ms"])
                 lines.append(
-                    f"| {label} | - | 0 | {fmt(r['s'])} | {fmt(r['s'] * 1e3 / sec['base_ms'])} | "
-                    f"{fmt(r['mem_mib'])} | | | | | exact: {r['rel_err']:.2g} | one pass |"
+                    f"| {label} | - | 0 | {h.fmt(r['s'])} | {ratio} | "
+                    f"{h.fmt(r['mem_mib'])} | | | | | exact: {r['rel_err']:.2g} | one pass |"
                 )
             continue
         by = trace_estimates(r)
@@ -1796,11 +1637,11 @@ def render_trace(res: dict[str, Any]) -> list[str]:
         )
         reach = r["matvecs"] if r["matvecs"] else f"> {r['cap']}"
         lines.append(
-            f"| {label} | {r['seed']} | {reach} | {fmt(r['s'])} | "
-            f"{fmt(r['s'] * 1e3 / sec['base_ms']) if r['s'] else '-'} | {fmt(r['mem_mib'])} | "
-            f"{fmt(r.get('stderr_rel'), 2)} | {fmt(r.get('projected'))} | "
+            f"| {label} | {r['seed']} | {reach} | {h.fmt(r['s'])} | "
+            f"{h.fmt(r['s'] * 1e3 / sec['base_ms']) if r['s'] else '-'} | {h.fmt(r['mem_mib'])} | "
+            f"{h.fmt(r.get('stderr_rel'), 2)} | {h.fmt(r.get('projected'))} | "
             f"{own.get('matvecs', '-')} | "
-            f"{fmt(own.get('rel_err'), 2) if own else '-'} | {traj} | {r.get('note', '')} |"
+            f"{h.fmt(own.get('rel_err'), 2) if own else '-'} | {traj} | {r.get('note', '')} |"
         )
     return [*lines, ""]
 
@@ -1812,44 +1653,9 @@ def render_trace(res: dict[str, Any]) -> list[str]:
 SECTIONS = ("products", "eigen", "trace")
 
 
-def git_revision() -> str | None:
-    """The checkout's commit (``+dirty`` with uncommitted changes), or None outside git."""
-    import subprocess
-
-    root = Path(__file__).resolve().parent.parent
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "src"], cwd=root, capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        return None
-    return (rev + ("+dirty src" if dirty else "")) or None
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=PROBLEMS)
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument(
-        "--reps", type=int, default=7, help="timed samples per product cell (default 7)"
-    )
-    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    ap.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="markdown output (default benchmarks/results/linops_{device}.md); JSON next to it",
-    )
-    ap.add_argument(
-        "--quick",
-        action="store_true",
-        help="smoke test: 2 reps, 1 warm-up, short samples, 2 seeds, small caps",
-    )
+def parse_args(argv: list[str] | None = None) -> Any:
+    """The shared options plus the sections' own."""
+    ap = SCRIPT.parser()
     ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     ap.add_argument(
         "--from-json",
@@ -1881,92 +1687,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Hutch++ products of the trace reference where DiagHessian raises (300; quick 60)",
     )
-    ap.add_argument(
-        "--target-ms", type=float, default=None, help="minimum sample length (50 CPU / 20 CUDA)"
-    )
-    ap.add_argument(
-        "--max-cell-s", type=float, default=None, help="per-cell timing budget (8 CPU / 5 CUDA)"
-    )
     return ap.parse_args(argv)
 
 
+def options(args: Any) -> Opts:
+    """The eigen and trace settings (``--quick`` and ``--smoke`` shrink them)."""
+    size = "smoke" if args.smoke else ("quick" if args.quick else "full")
+    seeds, eig_cap, ref_iters, trace_cap, ref_mv = {
+        "full": (3, 150, 100, None, 300),
+        "quick": (2, 40, 40, 24, 60),
+        "smoke": (1, 6, 10, 6, 12),
+    }[size]
+    return Opts(
+        own_max_iter=eig_cap if args.smoke else None,
+        seeds=list(range(args.seeds or seeds)),
+        eig_cap=args.eig_cap or eig_cap,
+        ref_iters=args.ref_iters or ref_iters,
+        trace_cap=args.trace_cap or trace_cap,
+        trace_ref_matvecs=args.trace_ref_matvecs or ref_mv,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark (or re-render a finished run) and write its tables."""
     args = parse_args(argv)
     if args.from_json is not None:  # re-render a finished run
         data = json.loads(args.from_json.read_text())
         out = args.out or args.from_json.with_suffix(".md")
         out.write_text(render(data["meta"], data["results"]))
-        print(f"wrote {out}", file=sys.stderr)
+        h.log(f"wrote {out}")
         return 0
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: CUDA is not available", file=sys.stderr)
-        return 2
-    cpu = args.device == "cpu"
-    q = args.quick
-    cfg = Config(
-        device=args.device,
-        reps=2 if q else args.reps,
-        threads=args.threads,
-        warmup=1 if q else 3,
-        target_s=(args.target_ms or (20.0 if q else (50.0 if cpu else 20.0))) / 1e3,
-        max_cell_s=args.max_cell_s or (8.0 if cpu else 5.0),
-        cell_timeout_s=900.0,
-        only_beyondgrad=False,
-        quick=q,
-    )
-    opts = Opts(
-        seeds=list(range(args.seeds or (2 if q else 3))),
-        eig_cap=args.eig_cap or (40 if q else 150),
-        ref_iters=args.ref_iters or (40 if q else 100),
-        trace_cap=args.trace_cap or (24 if q else None),
-        trace_ref_matvecs=args.trace_ref_matvecs or (60 if q else 300),
-    )
-    torch.set_num_threads(cfg.threads)
-    with contextlib.suppress(RuntimeError):
-        torch.set_num_interop_threads(cfg.threads)
-    memory = CpuMemory() if cpu else None
-    out = args.out or RESULTS_DIR / f"linops_{args.device}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    machine = f"{cpu_model()}, {os.cpu_count()} logical CPUs"
-    if not cpu:
-        machine = f"{torch.cuda.get_device_name()} (host: {machine})"
-    packages = ("beyondgrad", "curvlinops-for-pytorch", "pyhessian", "numpy")
-    meta: dict[str, Any] = {
-        "date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]),
-        "device": args.device,
-        "machine": machine,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "interop_threads": torch.get_num_interop_threads(),
-        "versions": {pkg: version(pkg) for pkg in packages},
-        "git": git_revision(),
-        "reps": cfg.reps,
-        "warmup": cfg.warmup,
-        "target_ms": cfg.target_s * 1e3,
-        "max_cell_s": cfg.max_cell_s,
-        "tol": cfg.tol,
-        "quick": q,
-        "sections": args.sections,
-        "seeds": opts.seeds,
-        "opts": asdict(opts),
-        "memory_method": (
-            memory.method()
-            if memory is not None
-            else "torch.cuda.max_memory_allocated above torch.cuda.memory_allocated before the call"
-        ),
-    }
-    results = []
-    t0 = time.perf_counter()
-    for problem in args.problems:
-        results.append(run_problem(problem, cfg, opts, args.sections, memory))
-    meta["wall_s"] = time.perf_counter() - t0
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    out.write_text(render(meta, results))
-    print(
-        f"wrote {out} and {out.with_suffix('.json').name} ({meta['wall_s']:.0f} s)", file=sys.stderr
-    )
+    cfg, memory, meta = SCRIPT.start(args, argv)
+    out = SCRIPT.output(args)
+    opts = options(args)
+    meta.update(sections=args.sections, seeds=opts.seeds, opts=asdict(opts))
+    jobs = [partial(run_problem, p, cfg, opts, args.sections, memory) for p in args.problems]
+    results = h.timed_runs(meta, jobs)
+    h.write_results(out, {"meta": meta, "results": results}, lambda: render(meta, results))
     return 0
 
 
