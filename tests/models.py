@@ -385,3 +385,46 @@ CASES = {
     "gru_seq_first": case_gru_seq_first,
     "encoder_layer": case_encoder_layer,
 }
+
+
+class SharedAxisNet(nn.Module):
+    """Layers called without a sample axis, as real models do: a position embedding on
+    ``torch.arange(T)`` (nanoGPT) and on ``position_ids`` ``[1, T]`` (Hugging Face), a
+    relative-attention bias embedding on a ``[T, T]`` bucket matrix (T5) and a projection of
+    learned latents ``[L, d]`` (Perceiver). Returns logits ``[N, V, T]``."""
+
+    def __init__(self, vocab: int = 7, d: int = 6, T: int = 4, heads: int = 2, latents: int = 3):
+        super().__init__()
+        self.heads = heads
+        self.tok = nn.Embedding(vocab, d)
+        self.wpe = nn.Embedding(T, d)  # on arange(T)
+        self.hf_pos = nn.Embedding(T, d)  # on position_ids [1, T]
+        self.rel = nn.Embedding(2 * T - 1, heads)  # on the [T, T] relative positions
+        self.qkv = nn.Linear(d, 3 * d)
+        self.latents = nn.Parameter(torch.randn(latents, d))
+        self.q_proj = nn.Linear(d, d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        T = idx.shape[1]
+        position_ids = torch.arange(T, device=idx.device)
+        x = self.tok(idx) + self.wpe(position_ids) + self.hf_pos(position_ids.unsqueeze(0))
+        q, k, v = (
+            t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in self.qkv(x).chunk(3, -1)
+        )
+        buckets = position_ids[None, :] - position_ids[:, None] + T - 1  # [T, T]
+        bias = self.rel(buckets).permute(2, 0, 1).unsqueeze(0)  # [1, H, T, T]
+        att = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5 + bias, -1)
+        x = x + (att @ v).transpose(1, 2).flatten(2)
+        lat = self.q_proj(self.latents)  # [L, d]: no sample axis
+        cross = torch.softmax(x @ lat.T, -1) @ lat  # [N, T, d]
+        return self.head(torch.tanh(x + cross)).transpose(1, 2)
+
+
+def case_shared_axis(seed: int = 0, num_samples: int = N, T: int = 4):
+    """:class:`SharedAxisNet`; ``num_samples == T`` is the coincidence that used to fool the
+    sample-axis inference."""
+    torch.manual_seed(seed)
+    model = SharedAxisNet(T=T)
+    idx = torch.randint(0, 7, (num_samples, T))
+    return _init(model, seed), idx, torch.randint(0, 7, (num_samples, T)), nn.CrossEntropyLoss()

@@ -39,6 +39,7 @@ class Call:
     edges: list[GradientEdge | None]
     edge_shapes: list[torch.Size | None]
     input_versions: list[tuple[Tensor, int]]
+    axes: Any = None  # engine.samples.CallAxes once probed (None: leading-axis convention)
 
     @property
     def x(self) -> Tensor:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..forms import Form
 from ..rules import generic_forms, uses_batch_statistics
 from .attribution import attribute
-from .backprop import GRAD, Backprop, CallGradients, VectorKind, check_finite
+from .backprop import GRAD, Backprop, CallGradients, VectorKind, backprop_vectors, check_finite
 from .capture import Call, Layer, Recorder, plan_layers
 from .losses import (
     check_loss_fn,
@@ -28,6 +28,7 @@ from .losses import (
     reduction_factor,
 )
 from .result import Result
+from .samples import ModelCall, probe_axes, rule_input, shared_edges, shared_gradients
 from .stats import Needs, Statistics
 
 
@@ -153,6 +154,8 @@ class Session:
         self.loss_scale: Tensor | None = None  # d(backpropagated)/d(loss), watched backward
         self._node_kinds: set[str] | None = None
         self._node_handles: list[Any] = []
+        self.model_calls = ModelCall(model)  # the model's arguments, for the sample-axis probe
+        self._vector_cache: dict[VectorKind, Tensor] = {}
 
     # -- forward ------------------------------------------------------------------------------
     def _loss_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
@@ -189,11 +192,13 @@ class Session:
 
     def __enter__(self) -> Session:
         self.recorder.__enter__()
+        self.model_calls.__enter__()
         self._loss_handle = self.loss_fn.register_forward_hook(self._loss_hook)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.recorder.remove()
+        self.model_calls.__exit__()
         for handle in self._node_handles:
             handle.remove()
         self._node_handles.clear()
@@ -264,6 +269,10 @@ class Session:
             node_kinds = attribute(loss, self.layers, names)
         calls = [] if plan.only_gradient and not watched else self._calls()
         graph = Backprop(calls, node_kinds, N, self._forms_of_call(N))
+        self._vector_cache = {}
+        if calls:  # which axis of each call holds the samples (see engine.samples)
+            probe_axes(self.model, self.layers, self.model_calls, N, self.recorder.paused)
+        shared = self._shared_pass(calls, graph, output, target, watched)
         prepared = {}
         if plan.second_order and not watched:  # before the main pass frees the graph
             for q in self.quantities:
@@ -271,6 +280,9 @@ class Session:
                     raise NotImplementedError(f"{q!r} needs bg.compute")
                 prepared[q] = q.prepare(graph, loss, output, names)
         grads, param_grads = self._backward(graph, loss, output, target, retain_graph, watched)
+        for kind, per_edge in shared.items():  # per-sample gradients of shared outputs
+            for (call_id, i), g in per_edge.items():
+                grads[kind][call_id][i] = g
         stats = Statistics(
             loss=loss.detach(),
             output=output.detach(),
@@ -289,6 +301,32 @@ class Session:
             parameter_gradients=param_grads,
         )
         return stats, prepared
+
+    def _shared_pass(
+        self, calls: list, graph: Backprop, output: Tensor, target: Tensor, watched: bool
+    ) -> dict[VectorKind, dict[tuple[int, int], Tensor]]:
+        """Per-sample gradients of the outputs of layer calls without a sample axis (see
+        :mod:`beyondgrad.engine.samples`), for every vector kind; before the main pass."""
+        shared = shared_edges(calls)
+        if not shared:
+            return {}
+        if watched:
+            raise NotImplementedError(
+                "layers called without a sample axis (e.g. position embeddings on "
+                "torch.arange(T)) need a backward pass of their own: use session.compute(loss) "
+                "instead of from_backward=True"
+            )
+        kinds = self.plan.kinds or [GRAD]
+        return {
+            kind: shared_gradients(
+                output,
+                self._vectors(kind, output, target),
+                shared,
+                graph.node_kinds,
+                backprop_vectors,
+            )
+            for kind in kinds
+        }
 
     def _calls(self) -> list[tuple[Layer, Call]]:
         calls = [(u, c) for u in self.layers for c in u.calls]
@@ -366,6 +404,8 @@ class Session:
     def _vectors(self, kind: VectorKind, output: Tensor, target: Tensor) -> Tensor:
         """The output-space vectors of ``kind``, after checking that exact ones stay
         affordable."""
+        if kind in self._vector_cache:  # drawn once per pass (MC vectors stay consistent)
+            return self._vector_cache[kind]
         name, M = kind
         if name == "exact":
             per_sample = output[0].numel()
@@ -377,7 +417,9 @@ class Session:
                     f"{per_sample} backward passes. Use the Monte-Carlo variant "
                     f"(e.g. mc_samples=1) or raise max_vectors (now {limit}) explicitly."
                 )
-        return loss_vectors(self.loss_fn, output, target, name, max(M, 1), self.generator)
+        vectors = loss_vectors(self.loss_fn, output, target, name, max(M, 1), self.generator)
+        self._vector_cache[kind] = vectors
+        return vectors
 
     def _forms_of_call(self, N: int):
         def forms_of_call(unit: Layer, call: Call, gs: list[Tensor | None]) -> dict[str, Form]:
@@ -388,19 +430,24 @@ class Session:
                 g = gs[0]
                 if g is None or not unit.params:
                     return {}
-                if call.x.ndim == 0 or call.x.shape[0] != N or g.shape[1] != N:
-                    raise RuntimeError(
-                        f"module '{unit.name}': expected the sample axis (length {N}) first, "
-                        f"got input {tuple(call.x.shape)} and output {tuple(g.shape[1:])}. "
-                        "beyondgrad treats the leading axis of every layer's input as the "
-                        "sample axis."
-                    )
+                try:
+                    x = rule_input(call, N)
+                except RuntimeError as err:
+                    raise RuntimeError(f"module '{unit.name}': {err}") from None
                 g = g.reshape(K * N, *g.shape[2:])
-                local = unit.rule.forms(unit.module, call.x.detach(), g, K)
+                local = unit.rule.forms(unit.module, x, g, K)
                 return {k: v for k, v in local.items() if k in unit.params}
             with self.recorder.paused(), torch.enable_grad():
                 return generic_forms(
-                    unit.module, unit.params, call.args, call.kwargs, call.output, gs, N, K
+                    unit.module,
+                    unit.params,
+                    call.args,
+                    call.kwargs,
+                    call.output,
+                    gs,
+                    N,
+                    K,
+                    call.axes,
                 )
 
         return forms_of_call

@@ -19,6 +19,7 @@ from ..forms import Form, SampleForm, merge_forms
 from ..rules.kronecker import KronStats
 from .backprop import GRAD, Backprop, CallGradients, VectorKind
 from .capture import Layer
+from .samples import rule_input
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,6 @@ class Statistics:
             if g is None:
                 continue
             K = g.shape[0]
-            part = kron(unit.module, call.x.detach(), g.reshape(K * N, *g.shape[2:]), K, approx)
+            part = kron(unit.module, rule_input(call, N), g.reshape(K * N, *g.shape[2:]), K, approx)
             total = part if total is None else total + part
         return total

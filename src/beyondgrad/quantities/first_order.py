@@ -6,10 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 from ..engine import Needs, ReduceContext, Statistics
 from ..forms import Form
+from ..forms.base import CHUNK_ELEMENTS
 from .base import Quantity
 
 
@@ -84,14 +86,22 @@ class Variance(Quantity):
 
     The individual gradient of sample ``n`` is ``c * g_n`` with ``c = N`` for
     ``reduction="mean"`` (so it is the gradient of the per-sample loss, and their mean is the
-    batch gradient) and ``c = 1`` for ``"sum"``. Biased (1/S) estimator over the S (sub)samples:
-    ``c^2 * sum_n g_n^2 / S - (c * sum_n g_n / S)^2``, clamped at 0 against round-off.
+    batch gradient) and ``c = 1`` for ``"sum"``. Biased (1/S) estimator over the S (sub)samples, in
+    the centred form ``c^2 / S * sum_n (g_n - gbar)^2`` with ``gbar = sum_n g_n / S`` (no
+    cancellation when the spread is tiny compared with the mean). The rows are formed in chunks
+    of samples (at most about ``2^24`` elements at a time).
     """
 
     def reduce(self, form: Form, ctx: ReduceContext, out: Tensor | None = None) -> Tensor:
-        """Second moment minus squared mean, clamped at zero."""
+        """Centred second moment of the rows (one vector per sample)."""
         c = float(ctx.num_samples) if ctx.reduction == "mean" else 1.0
         S = form.num_samples
-        var = form.sum_grad_squared().mul(c * c / S)
-        g = form.grad()
-        return var.addcmul_(g, g, value=-((c / S) ** 2)).clamp_min_(0)
+        mean = form.grad() / S
+        if form.materialized:
+            return (form.batch_grad() - mean).square_().sum(0).mul_(c * c / S)
+        total = torch.zeros_like(mean)
+        step = max(1, CHUNK_ELEMENTS // max(1, mean.numel()))
+        for start in range(0, S, step):
+            index = torch.arange(start, min(S, start + step), device=mean.device)
+            total += (form.select(index).batch_grad() - mean).square_().sum(0)
+        return total.mul_(c * c / S)

@@ -5,9 +5,13 @@ gradient of sample ``n`` is ``vjp_theta(module(args_n), g_n)``. Each sample is e
 of one (the sample axis is re-inserted with length 1), so modules written for batched inputs work
 unchanged; ``torch.func.vmap`` runs all samples at once.
 
-Which axis of each tensor is the sample axis: by default a tensor argument is batched along axis
-0 if its length there equals the number of samples ``N``, and shared otherwise (a mask, a
-lookup table). ``nn.MultiheadAttention`` knows its own layout (``batch_first``, masks).
+Which axis of each tensor is the sample axis: the engine's probe (``axes``, see
+:mod:`beyondgrad.engine.samples`) decides it from how the tensors change with the batch size.
+Without a probe, a tensor argument is batched along axis 0 if its length there equals the number
+of samples ``N``, and shared otherwise (a mask, a lookup table); ``nn.MultiheadAttention`` and
+the recurrent layers know their own layout. An output without a sample axis (a call on shared
+inputs only) receives per-sample gradients ``[K, N, *output.shape]`` from the engine; its
+per-sample gradient is the VJP of the unchanged call with sample ``n``'s cotangent.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..forms import Form, SampleForm
+
+UNKNOWN_AXIS = -1  # engine.samples.UNKNOWN: samples merged with another axis
 
 AxisFn = Callable[[nn.Module, str, Tensor, int], "int | None"]
 
@@ -110,27 +116,28 @@ def generic_forms(
     output_grads: list[Tensor | None],
     num_samples: int,
     vectors: int = 1,
+    axes: Any = None,
 ) -> dict[str, Form]:
     """Per-row gradients of ``params`` (names relative to ``module``) for one call.
 
     ``output_grads`` lists, for each tensor leaf of ``output`` (pytree order), the ``K``
     backpropagated vectors' gradients w.r.t. it, ``[K, *leaf.shape]`` (``None`` where they do
-    not reach the loss).
+    not reach the loss; ``[K, N, *leaf.shape]`` for a leaf without a sample axis when
+    ``axes`` is given). ``axes``: the probed :class:`~beyondgrad.engine.samples.CallAxes`
+    of the call, or ``None`` (the length convention).
     """
     N = num_samples
     flat_in, in_spec, in_axes = _input_axes(module, args, kwargs, N)
     flat_out, _ = tree_flatten(output)
     out_axes = _output_axes(module, flat_out, N)
+    if axes is not None:
+        in_axes, out_axes = list(axes.inputs), list(axes.outputs)
     used = [i for i, g in enumerate(output_grads) if g is not None]
-    for i in used:
-        if out_axes[i] is None:
-            raise RuntimeError(
-                f"generic rule for {type(module).__name__}: output {i} of shape "
-                f"{tuple(flat_out[i].shape)} has no sample axis of length {N}; per-sample "
-                "gradients are undefined for it"
-            )
+    shared = [axes is not None and out_axes[i] is None for i in used]
+    _check_axes(module, flat_out, in_axes, [out_axes[i] for i in used], used, shared, N)
     grads = tuple(output_grads[i] for i in used)
-    grad_axes = tuple(out_axes[i] for i in used)
+    # a shared output's gradients carry the sample axis in front: [K, N, *shape]
+    grad_axes = tuple(0 if sh else out_axes[i] for i, sh in zip(used, shared))
     primals = {name: p.detach() for name, p in params.items()}
     # every other parameter/buffer of the module enters as a constant (no graph is built)
     constants = {
@@ -151,7 +158,7 @@ def generic_forms(
             return tuple(out[i] for i in used)
 
         _, vjp_fn = vjp(f, primals)
-        cot = tuple(g.unsqueeze(ax) for g, ax in zip(grads_n, grad_axes))
+        cot = tuple(g if sh else g.unsqueeze(ax) for g, ax, sh in zip(grads_n, grad_axes, shared))
         return vjp_fn(cot)[0]
 
     per_sample_grads = _vmapped(module, per_sample, flat_in, in_axes, grads, grad_axes, N, vectors)
@@ -159,6 +166,36 @@ def generic_forms(
         name: SampleForm(v.reshape(vectors * N, *v.shape[1 + (vectors > 1) :]), vectors)
         for name, v in per_sample_grads.items()
     }
+
+
+def _check_axes(
+    module: nn.Module,
+    flat_out: list,
+    in_axes: list,
+    used_axes: list,
+    used: list[int],
+    shared: list[bool],
+    N: int,
+) -> None:
+    """Refuse calls whose per-sample gradients are undefined or unreadable."""
+    name = type(module).__name__
+    if UNKNOWN_AXIS in in_axes or UNKNOWN_AXIS in used_axes:
+        raise RuntimeError(
+            f"generic rule for {name}: a tensor of this call has its samples merged with "
+            "another axis (its length changes with the batch size, but not as one axis of "
+            f"length {N}); per-sample gradients cannot be read from it"
+        )
+    for i, ax, sh in zip(used, used_axes, shared):
+        if ax is None and not sh:
+            raise RuntimeError(
+                f"generic rule for {name}: output {i} of shape {tuple(flat_out[i].shape)} "
+                f"has no sample axis of length {N}; per-sample gradients are undefined for it"
+            )
+    if any(shared) and any(ax is not None for ax in in_axes):
+        raise RuntimeError(
+            f"generic rule for {name}: an output without a sample axis is computed from "
+            "batched inputs (the call couples the samples); per-sample gradients are undefined"
+        )
 
 
 def _vmapped(

@@ -68,11 +68,20 @@ def _stats(A_in: Tensor, G: Tensor, approx: str, bias: bool) -> KronStats:
     return KronStats(_gram(a)[None], N, _gram(G.sum(2))[None])
 
 
-def linear_kron(module: nn.Linear, x: Tensor, g: Tensor, vectors: int, approx: str) -> KronStats:
+def linear_kron_sums(
+    x: Tensor, g: Tensor, I: int, O: int, vectors: int, approx: str, module: nn.Module
+) -> KronStats:
+    """Kronecker sums of a Linear map ``[O, I]`` for inputs ``x`` ``[N, *, I]`` and output
+    gradients ``g`` ``[K N, *, O]``; ``module``'s trainable bias augments the input side."""
     N = x.shape[0]
-    A_in = x.reshape(N, -1, module.in_features)
-    G = g.reshape(vectors, N, -1, module.out_features)
+    A_in = x.reshape(N, -1, I)
+    G = g.reshape(vectors, N, -1, O)
     return _stats(A_in, G, approx, _has_bias(module))
+
+
+def linear_kron(module: nn.Linear, x: Tensor, g: Tensor, vectors: int, approx: str) -> KronStats:
+    """``nn.Linear``: see :func:`linear_kron_sums`."""
+    return linear_kron_sums(x, g, module.in_features, module.out_features, vectors, approx, module)
 
 
 def conv_kron(

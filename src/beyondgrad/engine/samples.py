@@ -1,0 +1,298 @@
+"""Which axis of each recorded layer call holds the samples, decided from how tensors flow.
+
+A layer may be called on a tensor with no sample axis at all: positional embeddings on
+``torch.arange(T)`` (nanoGPT) or on ``position_ids`` of shape ``[1, T]`` (Hugging Face), a
+relative-attention bias on a ``[T, T]`` bucket matrix (T5), a projection of learned latents
+(Perceiver). Its output is broadcast over the samples, so it still has per-sample gradients
+(the gradient through that sample's use of the shared output) — but a length test such as
+"the leading axis has length N" cannot tell it from a batched call when ``T == N``.
+
+**The probe.** The session records the arguments of the model's (single) call. Before the
+statistics are formed, the forward pass is run once more without gradients on a batch of a
+different size ``N'`` (the model's tensor arguments whose leading length is ``N`` are indexed
+along that axis; RNG state and buffers are restored afterwards, so the probe has no side
+effect). For every recorded call, each input and output tensor is compared with its probe
+counterpart: the axis whose length went from ``N`` to ``N'`` (all other axes unchanged) is its
+sample axis; a tensor whose shape did not change has none (shared). Lengths that merely
+coincide with ``N`` stay unchanged in the probe, so a coincidence cannot fool the decision.
+Results are cached per model and input signature, so repeated steps probe once.
+
+**Shared outputs.** For an output leaf with no sample axis, the per-sample gradients
+``d l_n / d y`` are backpropagated separately: every output-space vector is split into ``N``
+copies, each masked to one sample, and the ``K N`` vectors go through one vectorized backward
+pass to the shared outputs only. The gradients then carry a leading sample axis
+(``[K, N, *y.shape]``) and the layer's input is expanded along a new sample axis, so every rule
+(fast, generic, Kronecker) sees an ordinary batched call. This pass costs about ``K N``
+vector-backward passes and runs only for models that have such layers.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from .capture import Call, Layer
+
+UNKNOWN = -1
+"""Axis marker: the tensor's length changed with the batch size but not as one sample axis
+(e.g. samples flattened together with positions)."""
+
+#: vectors per masked backward pass (memory bound of the shared-output pass)
+SHARED_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class CallAxes:
+    """The sample axis of every tensor leaf of one call (``None``: no sample axis, i.e. shared
+    by all samples; :data:`UNKNOWN`: the samples are merged with another axis).
+
+    Attributes:
+        inputs: per tensor leaf of ``(args, kwargs)`` (pytree order; non-tensors ``None``).
+        outputs: per tensor leaf of the output (pytree order).
+    """
+
+    inputs: tuple[int | None, ...]
+    outputs: tuple[int | None, ...]
+
+    @property
+    def x(self) -> int | None:
+        """The sample axis of the first argument."""
+        return self.inputs[0] if self.inputs else None
+
+    def shared_output(self, i: int) -> bool:
+        """Whether output leaf ``i`` has no sample axis (it gets per-sample gradients from
+        the masked pass)."""
+        return self.outputs[i] is None
+
+
+def _shapes(tree: Any) -> list[torch.Size | None]:
+    return [t.shape if isinstance(t, Tensor) else None for t in tree_flatten(tree)[0]]
+
+
+def _axis(real: torch.Size | None, probe: torch.Size | None, N: int, M: int) -> int | None:
+    """The sample axis of a tensor of shape ``real`` (batch ``N``) whose probe shape (batch
+    ``M``) is ``probe``."""
+    if real is None or probe is None or real == probe:
+        return None
+    if len(real) != len(probe):
+        return UNKNOWN
+    changed = [i for i, (a, b) in enumerate(zip(real, probe)) if a != b]
+    if len(changed) == 1 and real[changed[0]] == N and probe[changed[0]] == M:
+        return changed[0]
+    return UNKNOWN
+
+
+class ModelCall:
+    """A forward pre-hook on the model recording the arguments of its calls (grad mode on)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.calls: list[tuple[tuple, dict]] = []
+        self._handle: Any = None
+
+    def __enter__(self) -> ModelCall:
+        def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if torch.is_grad_enabled():
+                self.calls.append((args, kwargs))
+
+        self._handle = self.model.register_forward_pre_hook(pre, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _signature(args: tuple, kwargs: dict, training: bool) -> tuple:
+    leaves, spec = tree_flatten((args, kwargs))
+    return (
+        str(spec),
+        training,
+        tuple(
+            (tuple(t.shape), t.dtype, str(t.device)) if isinstance(t, Tensor) else repr(t)
+            for t in leaves
+        ),
+    )
+
+
+def _probe_batch(args: tuple, kwargs: dict, N: int) -> tuple[tuple, dict, int]:
+    """The model's arguments on a batch of ``M != N`` samples (the tensors with leading
+    length ``N`` indexed along that axis, samples repeated cyclically)."""
+    M = 2 if N != 2 else 3
+    index: dict[torch.device, Tensor] = {}
+
+    def take(t: Any) -> Any:
+        if not (isinstance(t, Tensor) and t.ndim > 0 and t.shape[0] == N):
+            return t
+        if t.device not in index:
+            index[t.device] = torch.arange(M, device=t.device) % N
+        return t.detach()[index[t.device]]
+
+    return tree_map(take, args), tree_map(take, kwargs), M
+
+
+def _run_probe(model: nn.Module, layers: list[Layer], args: tuple, kwargs: dict, N: int):
+    """Shapes of every call of every layer on a batch of another size, without side effects
+    (no gradients; RNG state and buffers restored)."""
+    args_m, kwargs_m, M = _probe_batch(args, kwargs, N)
+    seen: dict[str, list[tuple[list, list]]] = {u.name: [] for u in layers}
+    handles = []
+    for unit in layers:
+
+        def hook(module, a, kw, out, name=unit.name):
+            seen[name].append((_shapes((a, kw)), _shapes(out)))
+
+        handles.append(unit.module.register_forward_hook(hook, with_kwargs=True))
+    # the probe runs on copies of the buffers (running statistics, caches): the originals are
+    # neither updated nor bumped in version (autograd may have saved them)
+    owners = [(m, n, b) for m in model.modules() for n, b in m._buffers.items() if b is not None]
+    for m, n, b in owners:
+        m._buffers[n] = b.detach().clone()
+    devices = [t.device for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+    cuda = sorted({d.index or 0 for d in devices if d.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=cuda), torch.no_grad():
+            model(*args_m, **kwargs_m)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, n, b in owners:
+            m._buffers[n] = b
+    return seen, M
+
+
+def probe_axes(
+    model: nn.Module, layers: list[Layer], recorded: ModelCall, N: int, paused: Any
+) -> bool:
+    """Set ``call.axes`` (:class:`CallAxes`) on every recorded call of ``layers``.
+
+    Args:
+        model: the model.
+        layers: the session's layers with their recorded calls.
+        recorded: the model's recorded calls (exactly one is needed).
+        N: the number of samples (leading length of the model output).
+        paused: a context manager that stops the session's own recording.
+
+    Returns:
+        ``False`` when the axes cannot be probed (the model was not called exactly once inside
+        the block, or the probe's calls do not match the recorded ones); the calls then keep
+        ``axes = None`` and the leading-axis convention applies.
+    """
+    if len(recorded.calls) != 1 or not any(u.calls for u in layers):
+        return False
+    args, kwargs = recorded.calls[0]
+    key = _signature(args, kwargs, model.training)
+    cache = _CACHE.setdefault(model, {})
+    if key not in cache:
+        with paused():
+            cache[key] = _run_probe(model, layers, args, kwargs, N)
+    seen, M = cache[key]
+    if any(len(seen.get(u.name, ())) != len(u.calls) for u in layers):
+        return False
+    for unit in layers:
+        for call, (ins, outs) in zip(unit.calls, seen[unit.name]):
+            real_in, real_out = (
+                _shapes((call.args, call.kwargs)),
+                [o.shape if isinstance(o, Tensor) else None for o in call.outputs],
+            )
+            if len(real_in) != len(ins) or len(real_out) != len(outs):
+                return False
+            call.axes = CallAxes(
+                tuple(_axis(r, p, N, M) for r, p in zip(real_in, ins)),
+                tuple(_axis(r, p, N, M) for r, p in zip(real_out, outs)),
+            )
+    return True
+
+
+def shared_edges(calls: Sequence[tuple[Layer, Call]]) -> list[tuple[Call, int]]:
+    """The ``(call, output index)`` of every output leaf with a gradient edge and no sample
+    axis."""
+    return [
+        (call, i)
+        for _, call in calls
+        if call.axes is not None
+        for i, edge in enumerate(call.edges)
+        if edge is not None and call.axes.shared_output(i)
+    ]
+
+
+def per_sample_vectors(vectors: Tensor) -> Tensor:
+    """``[K, N, ...]`` vectors split into ``[K N, N, ...]``: copy ``(k, n)`` keeps sample
+    ``n`` of vector ``k`` and zeros elsewhere."""
+    K, N = vectors.shape[:2]
+    eye = torch.eye(N, dtype=vectors.dtype, device=vectors.device)
+    mask = eye.reshape(1, N, N, *([1] * (vectors.ndim - 2)))
+    return (vectors.unsqueeze(1) * mask).reshape(K * N, *vectors.shape[1:])
+
+
+def shared_gradients(
+    output: Tensor,
+    vectors: Tensor,
+    shared: list[tuple[Call, int]],
+    node_kinds: set[str],
+    backprop: Any,
+) -> dict[tuple[int, int], Tensor]:
+    """Per-sample gradients ``[K, N, *y.shape]`` of every shared output leaf ``y``.
+
+    Args:
+        output: the model output ``[N, ...]`` (graph alive).
+        vectors: the output-space vectors ``[K, N, ...]`` of one kind.
+        shared: :func:`shared_edges`.
+        node_kinds: the graph's node type names.
+        backprop: :func:`~beyondgrad.engine.backprop.backprop_vectors`.
+
+    Returns:
+        ``{(id(call), output index): gradients}``; the graph is kept.
+    """
+    K, N = vectors.shape[:2]
+    targets = [call.edges[i] for call, i in shared]
+    parts: list[tuple[Tensor | None, ...]] = []
+    split = per_sample_vectors(vectors)
+    for start in range(0, K * N, SHARED_CHUNK):
+        parts.append(
+            backprop(output, targets, split[start : start + SHARED_CHUNK], node_kinds, True)
+        )
+    out: dict[tuple[int, int], Tensor] = {}
+    for j, (call, i) in enumerate(shared):
+        pieces = [p[j] for p in parts]
+        if any(p is None for p in pieces):
+            continue
+        g = torch.cat(pieces, 0)  # type: ignore[arg-type]
+        shape = call.edge_shapes[i] or call.outputs[i].shape
+        out[(id(call), i)] = g.reshape(K, N, *shape)
+    return out
+
+
+def rule_input(call: Call, N: int) -> Tensor:
+    """The first argument as a fast rule reads it, sample axis first: expanded along a new
+    leading axis of length ``N`` when the call has no sample axis. Raises ``RuntimeError``
+    when the samples are not on the leading axis."""
+    x = call.x.detach()
+    axes = call.axes
+    if axes is None:  # not probed: the leading-axis convention
+        ok = x.ndim > 0 and x.shape[0] == N
+        return x if ok else _not_first(call, x, N)
+    if axes.outputs and axes.outputs[0] is None and axes.x is None:
+        return x.unsqueeze(0).expand(N, *x.shape)
+    if axes.x == 0 and (not axes.outputs or axes.outputs[0] == 0):
+        return x
+    return _not_first(call, x, N)
+
+
+def _not_first(call: Call, x: Tensor, N: int) -> Tensor:
+    out = call.outputs[0]
+    raise RuntimeError(
+        f"expected the sample axis (length {N}) first, got input {tuple(x.shape)} and output "
+        f"{tuple(out.shape) if isinstance(out, Tensor) else '?'}. beyondgrad's fast rules read "
+        "the samples on the leading axis of a layer's input (or no sample axis at all)."
+    )

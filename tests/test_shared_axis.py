@@ -1,0 +1,113 @@
+"""Layers called without a sample axis (position embeddings on ``arange(T)`` or ``[1, T]``,
+a relative-attention bias on ``[T, T]``, a projection of learned latents) have exact
+per-sample quantities, also when the number of samples equals the sequence length (the
+coincidence that a length-based inference of the sample axis gets wrong)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import beyondgrad as bg
+from models import case_shared_axis
+from oracles.curvature import batch_diag_ggn, diag_ggn, ggn
+from oracles.first_order import reference
+from test_first_order import assert_close
+
+SIZES = [(4, 4), (3, 4), (1, 4), (2, 2)]  # (N, T): N == T is the coincidence
+
+
+@pytest.mark.parametrize(("N", "T"), SIZES)
+def test_first_order_quantities_match_oracle(N, T):
+    model, X, y, loss_fn = case_shared_axis(N, num_samples=N, T=T)
+    ref = reference(model, loss_fn, X, y)
+    quantities = [bg.BatchGrad(), bg.BatchL2(), bg.BatchDot(), bg.Variance(), bg.Grad()]
+    res = bg.compute(model, loss_fn, X, y, *quantities)
+    for q in quantities:
+        assert_close(res[q], ref[type(q).__name__], f"{type(q).__name__} N={N} T={T}")
+    assert res.rules["wpe.weight"] == "embedding"
+    assert res.rules["q_proj.weight"] == "linear"
+
+
+@pytest.mark.parametrize(("N", "T"), [(4, 4), (3, 4)])
+def test_ggn_diagonals_match_oracle(N, T):
+    model, X, y, loss_fn = case_shared_axis(1, num_samples=N, T=T)
+    ref = ggn(model, loss_fn, X, y)
+    res = bg.compute(model, loss_fn, X, y, bg.DiagGGN(), bg.BatchDiagGGN())
+    assert_close(res[bg.DiagGGN], diag_ggn(ref), "DiagGGN")
+    assert_close(res[bg.BatchDiagGGN], batch_diag_ggn(ref), "BatchDiagGGN")
+
+
+def test_subsampling_and_mc_vectors_are_consistent():
+    """The shared outputs' per-sample pass reuses the main pass's Monte-Carlo vectors: the
+    per-sample MC diagonals still sum to the MC diagonal."""
+    model, X, y, loss_fn = case_shared_axis(2, num_samples=4, T=4)
+    gen = torch.Generator().manual_seed(0)
+    res = bg.compute(
+        model,
+        loss_fn,
+        X,
+        y,
+        bg.DiagGGN(mc_samples=3),
+        bg.BatchDiagGGN(mc_samples=3),
+        generator=gen,
+    )
+    for name, value in res[bg.DiagGGN(mc_samples=3)].items():
+        total = res[bg.BatchDiagGGN(mc_samples=3)][name].sum(0)
+        torch.testing.assert_close(total, value, rtol=1e-9, atol=1e-12, msg=name)
+    ref = reference(model, loss_fn, X, y, index=torch.tensor([0, 2]))
+    sub = bg.compute(model, loss_fn, X, y, bg.BatchGrad(), subsampling=[0, 2])
+    assert_close(sub[bg.BatchGrad], ref["BatchGrad"], "BatchGrad subsampled")
+
+
+def test_shared_layer_kronecker_factors_use_per_sample_gradients():
+    """KFAC's output factor of a layer without a sample axis sums the outer products of the
+    per-sample output gradients (type-2, exact vectors), not of their batch sum."""
+    model, X, y, loss_fn = case_shared_axis(3, num_samples=3, T=4)
+    with bg.capture(model, loss_fn, vectors=[("exact", 0)]) as session:
+        loss = loss_fn(model(X), y)
+    stats = session.statistics(loss)
+    kron = stats.kronecker("q_proj", ("exact", 0))
+    assert kron is not None
+    # brute force: per sample and vector, d(v . output)/d(q_proj output) [L, d]
+    grads = stats.call_gradients[("exact", 0)]
+    call = stats.layers[[u.name for u in stats.layers].index("q_proj")].calls[0]
+    g = grads[id(call)][0]  # [K, N, L, d]
+    assert g.shape[1] == 3
+    flat = g.reshape(-1, g.shape[-1])
+    torch.testing.assert_close(kron.B_sum[0], flat.T @ flat)
+    # and the per-sample output gradients sum to the batch gradient of the layer output
+    with bg.capture(model, loss_fn, vectors=[("grad", 1)]) as session:
+        loss = loss_fn(model(X), y)
+    stats = session.statistics(loss, retain_graph=True)
+    call = stats.layers[[u.name for u in stats.layers].index("q_proj")].calls[0]
+    g = stats.call_gradients[("grad", 1)][id(call)][0]  # [1, N, L, d]
+    (total,) = torch.autograd.grad(loss, call.outputs[0])
+    torch.testing.assert_close(g.sum((0, 1)), total)
+
+
+def test_from_backward_refuses_shared_layers():
+    model, X, y, loss_fn = case_shared_axis(0, num_samples=3, T=4)
+    with pytest.raises(NotImplementedError, match="without a sample axis"):
+        with bg.capture(model, loss_fn, bg.BatchL2(), from_backward=True) as session:
+            loss = loss_fn(model(X), y)
+            loss.backward()
+        session.compute(loss)
+
+
+def test_probe_leaves_no_trace():
+    """The probe forward updates no buffer (BatchNorm running statistics) and draws no random
+    numbers from the global generator."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2))
+    model = model.double().train()
+    X, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    loss_fn = nn.MSELoss()
+    with bg.capture(model, loss_fn, bg.DiagGGN()) as session:
+        loss = loss_fn(model(X), y)
+    before = [b.clone() for b in model.buffers()]
+    state = torch.get_rng_state()
+    session.compute(loss)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
+    assert torch.equal(state, torch.get_rng_state())
