@@ -34,7 +34,7 @@ from .damping import check_damping, eigen_damped_solve
 from .kronecker import KroneckerOptimizer
 from .schedule import check_every, is_due
 
-KFAC_RULES = ("linear", "conv", "conv_transpose", "embedding")
+KFAC_RULES = ("linear", "transposed_linear", "conv", "conv_transpose", "embedding")
 
 
 class KFAC(KroneckerOptimizer):

@@ -4,8 +4,8 @@ gradient forms.
 A *fast rule* serves a module whose type is in :data:`FAST_RULES` (by class, or by class path
 for classes of optional packages such as Hugging Face's ``Conv1D``, never imported here), whose
 ``forward`` is the stock one (a subclass that overrides ``forward`` is not trusted) and whose
-trainable parameters are the ones the rule knows. Every other module that owns trainable parameters is served by the
-generic rule (:func:`~beyondgrad.rules.generic.generic_forms`).
+trainable parameters are the ones the rule knows. Every other module that owns trainable
+parameters is served by the generic rule (:func:`~beyondgrad.rules.generic.generic_forms`).
 """
 
 from __future__ import annotations
