@@ -87,13 +87,18 @@ def test_shared_layer_kronecker_factors_use_per_sample_gradients():
     torch.testing.assert_close(g.sum((0, 1)), total)
 
 
-def test_from_backward_refuses_shared_layers():
-    model, X, y, loss_fn = case_shared_axis(0, num_samples=3, T=4)
-    with pytest.raises(NotImplementedError, match="without a sample axis"):
-        with bg.capture(model, loss_fn, bg.BatchL2(), from_backward=True) as session:
-            loss = loss_fn(model(X), y)
-            loss.backward()
-        session.compute(loss)
+def test_from_backward_matches_oracle():
+    """Statistics read from the ordinary backward pass: the shared outputs' per-sample pass runs
+    when that backward starts (the graph is still whole)."""
+    model, X, y, loss_fn = case_shared_axis(0, num_samples=3, T=3)
+    ref = reference(model, loss_fn, X, y)
+    with bg.capture(model, loss_fn, bg.BatchL2(), bg.BatchGrad(), from_backward=True) as session:
+        loss = loss_fn(model(X), y)
+        (2.0 * loss).backward()
+    res = session.compute(loss)
+    assert_close(res[bg.BatchGrad()], ref["BatchGrad"], "BatchGrad from backward")
+    assert_close(res[bg.BatchL2()], ref["BatchL2"], "BatchL2 from backward")
+    assert_close({n: p.grad / 2 for n, p in model.named_parameters()}, ref["Grad"], "grad")
 
 
 def test_probe_leaves_no_trace():
@@ -111,3 +116,22 @@ def test_probe_leaves_no_trace():
     session.compute(loss)
     assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
     assert torch.equal(state, torch.get_rng_state())
+
+
+def test_cockpit_norm_test_matches_brute_force():
+    """The Cockpit (statistics from the ordinary backward) on a model with shared layers."""
+    from beyondgrad.cockpit import Cockpit
+
+    model, X, y, loss_fn = case_shared_axis(4, num_samples=3, T=3)
+    per = reference(model, loss_fn, X, y)["BatchGrad"]
+    G = torch.cat([v.reshape(3, -1) for v in per.values()], 1) * 3  # individual gradients
+    cockpit = Cockpit(model, loss_fn, config=["GradNorm", "NormTest"])
+    with cockpit(0):
+        loss = loss_fn(model(X), y)
+        loss.backward()
+    rec = cockpit.output()[0]
+    g = G.mean(0)
+    g2 = float(g @ g)
+    assert rec["GradNorm"] == pytest.approx(g2**0.5, rel=1e-9)
+    dev = float(((G - g) ** 2).sum())
+    assert rec["NormTest"] == pytest.approx((dev / (3 * 2)) ** 0.5 / g2**0.5, rel=1e-8)

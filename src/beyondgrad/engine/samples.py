@@ -23,7 +23,11 @@ copies, each masked to one sample, and the ``K N`` vectors go through one vector
 pass to the shared outputs only. The gradients then carry a leading sample axis
 (``[K, N, *y.shape]``) and the layer's input is expanded along a new sample axis, so every rule
 (fast, generic, Kronecker) sees an ordinary batched call. This pass costs about ``K N``
-vector-backward passes and runs only for models that have such layers.
+vector-backward passes and runs only for models that have such layers; with ``from_backward``
+it runs when the ordinary backward starts (a hook on the loss), before the graph is freed.
+
+A model not called exactly once inside the capture block (or whose probe records other calls)
+keeps the convention: the leading axis of every layer's input holds the samples.
 """
 
 from __future__ import annotations

@@ -156,6 +156,7 @@ class Session:
         self._node_handles: list[Any] = []
         self.model_calls = ModelCall(model)  # the model's arguments, for the sample-axis probe
         self._vector_cache: dict[VectorKind, Tensor] = {}
+        self._watched_shared: dict[VectorKind, dict[tuple[int, int], Tensor]] = {}
 
     # -- forward ------------------------------------------------------------------------------
     def _loss_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
@@ -187,6 +188,8 @@ class Session:
         def on_loss(grad: Tensor) -> None:
             self.loss_scale = grad.detach()
             self._node_kinds = attribute(loss, self.layers, names)
+            # the graph is still whole: the shared outputs' per-sample pass runs now
+            self._watched_shared = self._early_shared(loss)
 
         loss.register_hook(on_loss)
 
@@ -269,10 +272,13 @@ class Session:
             node_kinds = attribute(loss, self.layers, names)
         calls = [] if plan.only_gradient and not watched else self._calls()
         graph = Backprop(calls, node_kinds, N, self._forms_of_call(N))
-        self._vector_cache = {}
-        if calls:  # which axis of each call holds the samples (see engine.samples)
-            probe_axes(self.model, self.layers, self.model_calls, N, self.recorder.paused)
-        shared = self._shared_pass(calls, graph, output, target, watched)
+        if watched:  # probed and computed when the ordinary backward started
+            shared = self._watched_shared
+        else:
+            self._vector_cache = {}
+            if calls:  # which axis of each call holds the samples (see engine.samples)
+                probe_axes(self.model, self.layers, self.model_calls, N, self.recorder.paused)
+            shared = self._shared_pass(calls, node_kinds, output, target)
         prepared = {}
         if plan.second_order and not watched:  # before the main pass frees the graph
             for q in self.quantities:
@@ -302,28 +308,29 @@ class Session:
         )
         return stats, prepared
 
+    def _early_shared(self, loss: Tensor) -> dict[VectorKind, dict[tuple[int, int], Tensor]]:
+        """For ``from_backward``: probe the sample axes and run the shared outputs' per-sample
+        pass while the ordinary backward has not yet freed the graph."""
+        output, target = self._loss_record(loss)
+        calls = self._calls()
+        self._vector_cache = {}
+        if not calls:
+            return {}
+        probe_axes(self.model, self.layers, self.model_calls, output.shape[0], self.recorder.paused)
+        return self._shared_pass(calls, self._node_kinds or set(), output, target)
+
     def _shared_pass(
-        self, calls: list, graph: Backprop, output: Tensor, target: Tensor, watched: bool
+        self, calls: list, node_kinds: set[str], output: Tensor, target: Tensor
     ) -> dict[VectorKind, dict[tuple[int, int], Tensor]]:
         """Per-sample gradients of the outputs of layer calls without a sample axis (see
         :mod:`beyondgrad.engine.samples`), for every vector kind; before the main pass."""
         shared = shared_edges(calls)
         if not shared:
             return {}
-        if watched:
-            raise NotImplementedError(
-                "layers called without a sample axis (e.g. position embeddings on "
-                "torch.arange(T)) need a backward pass of their own: use session.compute(loss) "
-                "instead of from_backward=True"
-            )
         kinds = self.plan.kinds or [GRAD]
         return {
             kind: shared_gradients(
-                output,
-                self._vectors(kind, output, target),
-                shared,
-                graph.node_kinds,
-                backprop_vectors,
+                output, self._vectors(kind, output, target), shared, node_kinds, backprop_vectors
             )
             for kind in kinds
         }
