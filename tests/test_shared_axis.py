@@ -135,3 +135,24 @@ def test_cockpit_norm_test_matches_brute_force():
     assert rec["GradNorm"] == pytest.approx(g2**0.5, rel=1e-9)
     dev = float(((G - g) ** 2).sum())
     assert rec["NormTest"] == pytest.approx((dev / (3 * 2)) ** 0.5 / g2**0.5, rel=1e-8)
+
+
+def test_probe_failure_falls_back_with_a_warning():
+    """A model that cannot run on another batch size keeps the leading-axis convention."""
+
+    class FixedBatch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            if x.shape[0] == 2:  # the probe's batch size
+                raise ValueError("this model refuses batches of two")
+            return self.lin(x)
+
+    model = FixedBatch().double()
+    X, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    ref = reference(model, nn.MSELoss(), X, y)
+    with pytest.warns(RuntimeWarning, match="could not probe"):
+        res = bg.compute(model, nn.MSELoss(), X, y, bg.BatchGrad())
+    assert_close(res[bg.BatchGrad()], ref["BatchGrad"], "BatchGrad")

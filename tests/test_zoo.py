@@ -14,7 +14,7 @@ from oracles.first_order import reference
 
 pytest.importorskip("transformers")
 
-from zoo import FLOAT32_INSIDE, MODELS, case  # noqa: E402
+from zoo import FLOAT32_INSIDE, MODELS, case
 
 
 def _close(actual: dict, expected: dict, what: str, loose: bool) -> None:

@@ -32,6 +32,7 @@ keeps the convention: the leading axis of every layer's input holds the samples.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -175,6 +176,24 @@ def _run_probe(model: nn.Module, layers: list[Layer], args: tuple, kwargs: dict,
     return seen, M
 
 
+def _guarded_probe(
+    model: nn.Module, layers: list[Layer], args: tuple, kwargs: dict, N: int, paused: Any
+) -> tuple[dict, int] | None:
+    """:func:`_run_probe`, or ``None`` with a warning when the model cannot run on the probe
+    batch (e.g. an argument whose leading length equals ``N`` by coincidence)."""
+    try:
+        with paused():
+            return _run_probe(model, layers, args, kwargs, N)
+    except Exception as err:  # any failure of user code: fall back, say so
+        warnings.warn(
+            f"beyondgrad could not probe which axis holds the samples ({type(err).__name__}: "
+            f"{err}); the leading axis of every layer input is taken as the sample axis",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return None
+
+
 def probe_axes(
     model: nn.Module, layers: list[Layer], recorded: ModelCall, N: int, paused: Any
 ) -> bool:
@@ -198,8 +217,9 @@ def probe_axes(
     key = _signature(args, kwargs, model.training)
     cache = _CACHE.setdefault(model, {})
     if key not in cache:
-        with paused():
-            cache[key] = _run_probe(model, layers, args, kwargs, N)
+        cache[key] = _guarded_probe(model, layers, args, kwargs, N, paused)
+    if cache[key] is None:
+        return False
     seen, M = cache[key]
     if any(len(seen.get(u.name, ())) != len(u.calls) for u in layers):
         return False
