@@ -156,3 +156,22 @@ def test_probe_failure_falls_back_with_a_warning():
     with pytest.warns(RuntimeWarning, match="could not probe"):
         res = bg.compute(model, nn.MSELoss(), X, y, bg.BatchGrad())
     assert_close(res[bg.BatchGrad()], ref["BatchGrad"], "BatchGrad")
+
+
+def test_diag_hessian_refuses_shared_layers():
+    """DiagHessian's residual passes start inside the network, where a shared output's
+    per-sample gradients cannot be separated: a clear refusal, not a wrong number."""
+
+    class Positions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.wpe, self.l2 = nn.Linear(3, 4), nn.Embedding(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            pos = self.wpe(torch.arange(x.shape[1]))
+            return self.l2(torch.tanh(self.l1(x) + pos)).sum(1)
+
+    model = Positions().double()
+    X, y = torch.randn(3, 3, 3, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="without a sample axis"):
+        bg.compute(model, nn.MSELoss(), X, y, bg.DiagHessian())

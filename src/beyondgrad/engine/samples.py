@@ -297,6 +297,26 @@ def shared_gradients(
     return out
 
 
+def check_shared_gradients(name: str, call: Call, grads: list[Tensor | None]) -> None:
+    """Raise ``NotImplementedError`` when a shared output's gradients do not carry the
+    per-sample axis (``[K, N, *shape]``), i.e. they were backpropagated from a point other than
+    the model output (the residual passes of ``DiagHessian``), where no per-sample split
+    exists."""
+    if call.axes is None:
+        return
+    for i, g in enumerate(grads):
+        out = call.outputs[i]
+        if g is None or not call.axes.shared_output(i) or not isinstance(out, Tensor):
+            continue
+        if g.ndim != out.ndim + 2:
+            raise NotImplementedError(
+                f"module '{name}' is called without a sample axis (its output is shared by "
+                "all samples); this quantity backpropagates from inside the network, where "
+                "its per-sample gradients cannot be separated. Supported for it: first-order "
+                "quantities, the GGN family and KFAC."
+            )
+
+
 def rule_input(call: Call, N: int) -> Tensor:
     """The first argument as a fast rule reads it, sample axis first: expanded along a new
     leading axis of length ``N`` when the call has no sample axis. Raises ``RuntimeError``

@@ -27,8 +27,16 @@ from .losses import (
     loss_vectors,
     reduction_factor,
 )
+from .memory import check_vector_memory
 from .result import Result
-from .samples import ModelCall, probe_axes, rule_input, shared_edges, shared_gradients
+from .samples import (
+    ModelCall,
+    check_shared_gradients,
+    probe_axes,
+    rule_input,
+    shared_edges,
+    shared_gradients,
+)
 from .stats import Needs, Statistics
 
 
@@ -414,6 +422,8 @@ class Session:
         if kind in self._vector_cache:  # drawn once per pass (MC vectors stay consistent)
             return self._vector_cache[kind]
         name, M = kind
+        if name == "mc":  # every sampled vector is held at every layer output at once
+            check_vector_memory(M, self._calls(), output, f"mc_samples={M}")
         if name == "exact":
             per_sample = output[0].numel()
             limit = self.plan.max_vectors
@@ -432,6 +442,7 @@ class Session:
         def forms_of_call(unit: Layer, call: Call, gs: list[Tensor | None]) -> dict[str, Form]:
             """Forms of one call; ``gs[i]``: ``[K, *outputs[i].shape]`` gradients."""
             _check_versions(unit, call)
+            check_shared_gradients(unit.name, call, gs)
             K = next(g.shape[0] for g in gs if g is not None)
             if unit.rule is not None:
                 g = gs[0]

@@ -19,10 +19,10 @@ class Curvature(Quantity):
     ``mc_samples=M``: the Monte-Carlo Fisher from M sampled labels per sample (seeded by the
     ``generator`` passed to ``compute``; quantities with the same M share their draws).
     ``max_vectors``: exact quantities refuse (with a clear error suggesting MC) when a sample
-    has more outputs than this, e.g. a vocabulary times a sequence length; Monte-Carlo ones
-    refuse ``mc_samples`` above it (every sampled vector is backpropagated at once and held at
-    every layer output: memory grows with ``mc_samples``; average several computations with
-    fewer samples instead, or raise ``max_vectors``)."""
+    has more outputs than this, e.g. a vocabulary times a sequence length. Monte-Carlo ones
+    hold every sampled vector at every layer output at once (memory grows with
+    ``mc_samples``): the engine refuses with ``MemoryError`` when that would exceed the memory
+    available; average several computations with fewer samples instead."""
 
     mc_samples: int | None = None
     max_vectors: int = 256
@@ -32,13 +32,6 @@ class Curvature(Quantity):
             not isinstance(self.mc_samples, int) or self.mc_samples < 1
         ):
             raise ValueError(f"mc_samples must be None or a positive int, got {self.mc_samples!r}")
-        if self.mc_samples is not None and self.mc_samples > self.max_vectors:
-            raise ValueError(
-                f"mc_samples={self.mc_samples} exceeds max_vectors={self.max_vectors}: all "
-                "sampled vectors are backpropagated at once and held at every layer output, so "
-                "memory grows with mc_samples. Average several computations with fewer samples "
-                "(different generators), or raise max_vectors explicitly."
-            )
 
     @property
     def vectors(self) -> VectorKind:
