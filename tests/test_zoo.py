@@ -55,3 +55,25 @@ def test_gpt2_rules_and_kfac_routing():
     loss.backward()
     opt.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+def test_cockpit_first_order_instruments(name):
+    """The Cockpit reads statistics from the ordinary backward pass (``from_backward``): the
+    position embeddings' per-sample pass runs when that backward starts."""
+    from beyondgrad.cockpit import Cockpit
+
+    model, X, y, loss_fn = case(name)
+    N = y.shape[0]
+    per = reference(model, loss_fn, X, y)["BatchGrad"]
+    G = torch.cat([v.reshape(N, -1) for v in per.values()], 1) * N  # individual gradients
+    cockpit = Cockpit(model, loss_fn, config=["GradNorm", "NormTest"])
+    with cockpit(0):
+        loss = loss_fn(model(X), y)
+        loss.backward()
+    rec = cockpit.output()[0]
+    g = G.mean(0)
+    g2 = float(g @ g)
+    assert rec["GradNorm"] == pytest.approx(g2**0.5, rel=1e-9)
+    dev = float(((G - g) ** 2).sum())
+    assert rec["NormTest"] == pytest.approx((dev / (N * (N - 1))) ** 0.5 / g2**0.5, rel=1e-8)
