@@ -154,3 +154,27 @@ def test_mc_vectors_that_cannot_fit_in_memory_are_refused(monkeypatch):
     with pytest.raises(MemoryError, match="mc_samples"):
         bg.compute(model, loss_fn, X, y, bg.DiagGGN(mc_samples=50))
     bg.compute(model, loss_fn, X, y, bg.DiagGGN(mc_samples=1))  # 1 vector: about 2 KB
+
+
+def _to_linear_layout(model: nn.Module, flat: Tensor) -> Tensor:
+    """A flat vector over ``model``'s parameters with every weight transposed (the Linear
+    twin's layout)."""
+    parts, i = [], 0
+    for name, p in model.named_parameters():
+        v = flat[i : i + p.numel()].view_as(p)
+        parts.append((v.T if name.endswith("weight") else v).reshape(-1))
+        i += p.numel()
+    return torch.cat(parts)
+
+
+def test_linops_kfac_equals_linear_twin():
+    model = Logits(_model())
+    twin = _linear_twin(model)
+    X, y = _data()
+    loss_fn = nn.CrossEntropyLoss()
+    ops = [bg.linops.KFAC(m, loss_fn, [(X, y)], fisher_type="type-2") for m in (model, twin)]
+    v = torch.randn(
+        ops[0].shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(3)
+    )
+    expected = ops[1] @ _to_linear_layout(model, v)
+    torch.testing.assert_close(_to_linear_layout(model, ops[0] @ v), expected)
