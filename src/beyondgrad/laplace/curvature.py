@@ -292,14 +292,15 @@ class KroneckerCurvature(Curvature):
 
     def _block_prior(self, block: KroneckerBlock, prior: Tensor) -> Tensor:
         offsets = self.offsets()
-        pieces = [prior[offsets[n][0] : sum(offsets[n])] for n in block.names]
-        first = pieces[0][0]
-        if any(bool((p.detach() != first.detach()).any()) for p in pieces):
+        values = torch.cat([prior[offsets[n][0] : sum(offsets[n])] for n in block.names])
+        if bool((values.detach() != values[0].detach()).any()):
             raise ValueError(
                 f"the prior precision must be constant on the Kronecker block {block.names} "
                 "(use a scalar or one value per layer, equal for a weight and its bias)"
             )
-        return first
+        # the mean (equal to every entry) spreads the derivative over the block's entries:
+        # summed over the block it is the derivative w.r.t. the block's common value
+        return values.mean()
 
     def _diag_prior(self, block: DiagonalBlock, prior: Tensor) -> Tensor:
         offsets = self.offsets()

@@ -52,7 +52,9 @@ def likelihood_of(loss_fn: nn.Module) -> str:
         if loss_fn.weight is not None or loss_fn.pos_weight is not None:
             raise ValueError("Laplace needs BCEWithLogitsLoss without weight/pos_weight")
         return "binary"
-    raise TypeError(f"unsupported loss {loss_fn!r}: use MSELoss, CrossEntropyLoss, BCEWithLogitsLoss")
+    raise TypeError(
+        f"unsupported loss {loss_fn!r}: use MSELoss, CrossEntropyLoss, BCEWithLogitsLoss"
+    )
 
 
 def select_parameters(model: nn.Module, subset: str | Sequence[str]) -> list[str]:
@@ -63,7 +65,11 @@ def select_parameters(model: nn.Module, subset: str | Sequence[str]) -> list[str
     if subset == "all":
         return named
     if subset == "last_layer":
-        owners = [m for m, mod in model.named_modules() if any(mod.parameters(recurse=False))]
+        owners = [
+            m
+            for m, mod in model.named_modules()
+            if any(p.requires_grad for p in mod.parameters(recurse=False))
+        ]
         if not owners:
             raise ValueError("the model has no parameters")
         prefix = owners[-1] + "." if owners[-1] else ""
@@ -80,7 +86,9 @@ def select_parameters(model: nn.Module, subset: str | Sequence[str]) -> list[str
 def forward(model: nn.Module, X: Any, params: dict[str, Tensor] | None = None) -> Tensor:
     """``model(X)`` (tensor, tuple/list as positional, dict as keyword arguments), optionally
     with some parameters replaced (``torch.func.functional_call``)."""
-    args, kwargs = ((), X) if isinstance(X, dict) else (tuple(X) if isinstance(X, (tuple, list)) else (X,), {})
+    args, kwargs = (
+        ((), X) if isinstance(X, dict) else (tuple(X) if isinstance(X, (tuple, list)) else (X,), {})
+    )
     if params is None:
         return model(*args, **kwargs)
     return functional_call(model, params, args, kwargs)
@@ -428,11 +436,15 @@ class Laplace:
         if val_data is None:
             raise ValueError("gridsearch needs val_data")
         batches = list(val_data)
-        values = torch.logspace(-4, 4, 21) if grid is None else torch.as_tensor(grid)
+        values = torch.logspace(-4, 4, 21, dtype=torch.float64)
+        if grid is not None:
+            values = torch.as_tensor(grid, dtype=torch.float64)
         scores = []
         for v in values:
             self.prior_precision = float(v)
-            scores.append(self.validation_nll(batches, pred_type, link_approx, n_samples, generator))
+            scores.append(
+                self.validation_nll(batches, pred_type, link_approx, n_samples, generator)
+            )
         self.prior_precision = float(values[int(torch.tensor(scores).argmin())])
         return self.prior_precision
 
@@ -538,7 +550,9 @@ class Laplace:
         (``data=None`` is enough)."""
         for key in ("structure", "likelihood", "names"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"state has {key}={state[key]!r}, this object {getattr(self, key)!r}")
+                raise ValueError(
+                    f"state has {key}={state[key]!r}, this object {getattr(self, key)!r}"
+                )
         self.fisher_type = state["fisher_type"]
         self.mean, self.prior_mean = state["mean"], state["prior_mean"]
         self.loss_sum = state["loss_sum"]
