@@ -105,7 +105,7 @@ def test_evidence_posterior_and_sampling_match_dense(structure, loss):
 
 @pytest.mark.parametrize("loss", ["ce", "mse", "bce"])
 def test_glm_predictive_matches_dense_jacobian_formula(loss):
-    model, loss_fn, X, y, data = problem(loss)
+    model, loss_fn, _X, y, data = problem(loss)
     la = Laplace(model, loss_fn, data, structure="full", prior_precision=0.8, sigma_noise=1.0)
     Xt = torch.randn(3, 3, dtype=torch.float64)
     J = ggn(model, summed(loss_fn), Xt, y[:3])["J"]  # [N, K, P]
