@@ -111,6 +111,8 @@ def test_glm_predictive_matches_dense_jacobian_formula(loss):
     J = ggn(model, summed(loss_fn), Xt, y[:3])["J"]  # [N, K, P]
     var = torch.einsum("nkp,pq,nlq->nkl", J, la.posterior_covariance(), J)
     torch.testing.assert_close(la.functional_variance(Xt), var, atol=1e-10, rtol=1e-8)
+    chunked = la.functional_variance(Xt, max_vectors=4)  # chunks of 1 or 2 inputs
+    torch.testing.assert_close(chunked, var, atol=1e-10, rtol=1e-8)
     f = model(Xt).detach()
     pred = la.predictive(Xt, pred_type="glm", link_approx="probit")
     if loss == "mse":

@@ -95,9 +95,20 @@ class DenseCurvature(Curvature):
     def __init__(self, names: Sequence[str], shapes: Sequence[Sequence[int]], matrix: Tensor):
         super().__init__(names, shapes)
         self.matrix = 0.5 * (matrix + matrix.T)
+        self._cache: tuple[Tensor, Tensor, Tensor] | None = None
 
     def _cholesky(self, scale: Tensor, prior: Tensor) -> Tensor:
-        return torch.linalg.cholesky(scale * self.matrix + torch.diag(prior))
+        """Cholesky factor of ``s H + D``; the last one is kept for repeated solves with the
+        same (non-differentiated) ``s`` and ``prior``."""
+        scale = torch.as_tensor(scale, dtype=self.matrix.dtype, device=self.matrix.device)
+        if scale.requires_grad or prior.requires_grad:
+            return torch.linalg.cholesky(scale * self.matrix + torch.diag(prior))
+        c = self._cache
+        if c is not None and torch.equal(c[0], scale) and torch.equal(c[1], prior):
+            return c[2]
+        L = torch.linalg.cholesky(scale * self.matrix + torch.diag(prior))
+        self._cache = (scale.clone(), prior.clone(), L)
+        return L
 
     def logdet(self, scale: Tensor, prior: Tensor) -> Tensor:
         return 2 * torch.diagonal(self._cholesky(scale, prior)).log().sum()

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils._pytree import tree_map
 
 from .. import linops
 from .curvature import Curvature, KroneckerCurvature, curvature_from_state
@@ -92,6 +93,14 @@ def forward(model: nn.Module, X: Any, params: dict[str, Tensor] | None = None) -
     if params is None:
         return model(*args, **kwargs)
     return functional_call(model, params, args, kwargs)
+
+
+def _rows(X: Any, start: int, stop: int) -> Any:
+    """Samples ``start:stop`` of every tensor with a leading sample axis in ``X``."""
+    N = _leading(X)
+    return tree_map(
+        lambda t: t[start:stop] if isinstance(t, Tensor) and t.ndim and t.shape[0] == N else t, X
+    )
 
 
 def _leading(X: Any) -> int:
@@ -304,20 +313,27 @@ class Laplace:
         prior, scale = self.prior_vector(), self._scale(self.sigma_noise)
         return (self.mean.unsqueeze(1) + curv.inverse_sqrt(scale, prior, Z)).T
 
-    def functional_variance(self, X: Any) -> Tensor:
+    def functional_variance(self, X: Any, max_vectors: int = 256) -> Tensor:
         """``J(x) P^{-1} J(x)^T`` per input, ``[N, K, K]`` (``K`` outputs per sample, the
-        output flattened after the sample axis); ``J`` from ``bg.linops.Jacobian`` (one
-        vjp per output entry of the batch: ``[N K, P]`` is held)."""
+        output flattened after the sample axis). ``J`` comes from ``bg.linops.Jacobian`` on
+        chunks of inputs with at most ``max_vectors`` outputs (one batched vjp per chunk:
+        ``[P, chunk K]`` is held), samples being independent (eval mode)."""
         self._fitted()
         N = _leading(X)
-        dummy = torch.zeros(N, device=self.device)
-        jac = linops.Jacobian(self.model, [(X, dummy)], params=self.names)
-        n_out = jac.shape[0]
-        Jt = jac.T @ torch.eye(n_out, dtype=self.dtype, device=self.device)  # [P, N K]
-        cov = Jt.T @ self.posterior_solve(Jt)  # [N K, N K]
-        K = n_out // N
-        blocks = cov.reshape(N, K, N, K)
-        return torch.diagonal(blocks, dim1=0, dim2=2).permute(2, 0, 1)
+        with torch.no_grad():
+            K = forward(self.model, _rows(X, 0, 1)).numel()
+        step = max(1, max_vectors // K)
+        out = []
+        for start in range(0, N, step):
+            chunk = _rows(X, start, min(N, start + step))
+            n = _leading(chunk)
+            dummy = torch.zeros(n, device=self.device)
+            jac = linops.Jacobian(self.model, [(chunk, dummy)], params=self.names)
+            Jt = jac.T @ torch.eye(n * K, dtype=self.dtype, device=self.device)  # [P, n K]
+            PJt = self.posterior_solve(Jt)
+            P = self.num_params
+            out.append(torch.einsum("pnk,pnl->nkl", Jt.reshape(P, n, K), PJt.reshape(P, n, K)))
+        return torch.cat(out)
 
     # -- predictives -----------------------------------------------------------------------------
     def predictive(
