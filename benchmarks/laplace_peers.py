@@ -247,7 +247,8 @@ def write(
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         nan = float("nan")
-        cells = [r["problem"], r["structure"], f"{r['lml_bg']:.6g}", f"{r.get('lml_peer', nan):.6g}",
+        cells = [r["problem"], r["structure"], f"{r['lml_bg']:.6g}",
+                 f"{r.get('lml_peer', nan):.6g}",
                  f"{r.get('pred_max_diff', float('nan')):.2e}", f"{r['seconds_bg']:.3g}",
                  f"{r.get('seconds_peer', float('nan')):.3g}", f"{r['peak_mib_bg']:.1f}",
                  f"{r.get('peak_mib_peer', float('nan')):.1f}"]  # fmt: skip
