@@ -307,9 +307,11 @@ class Laplace:
     def sample(self, n_samples: int, generator: torch.Generator | None = None) -> Tensor:
         """``[n_samples, P]`` draws from ``N(theta*, P^{-1})``."""
         curv = self._fitted()
+        device = generator.device if generator is not None else self.device
         Z = torch.randn(
-            self.num_params, n_samples, generator=generator, dtype=self.dtype, device=self.device
+            self.num_params, n_samples, generator=generator, dtype=self.dtype, device=device
         )
+        Z = Z.to(self.device)
         prior, scale = self.prior_vector(), self._scale(self.sigma_noise)
         return (self.mean.unsqueeze(1) + curv.inverse_sqrt(scale, prior, Z)).T
 
@@ -371,6 +373,8 @@ class Laplace:
         with torch.no_grad():
             f = forward(self.model, X).detach()
         N = f.shape[0]
+        if self.likelihood == "classification" and f.ndim != 2:
+            raise ValueError(f"classification needs logits [N, C], got {tuple(f.shape)}")
         mean, var = f.reshape(N, -1), self.functional_variance(X)
         if self.likelihood == "regression":
             eye = torch.eye(var.shape[-1], dtype=var.dtype, device=var.device)
@@ -380,7 +384,10 @@ class Laplace:
             return self._link(kappa * mean)
         e, V = torch.linalg.eigh(var)
         root = V * e.clamp_min(0).sqrt().unsqueeze(1)  # [N, K, K]
-        eps = torch.randn(n_samples, *mean.shape, generator=generator, dtype=self.dtype)
+        device = generator.device if generator is not None else self.device
+        eps = torch.randn(
+            n_samples, *mean.shape, generator=generator, dtype=self.dtype, device=device
+        )
         draws = mean + torch.einsum("nij,snj->sni", root, eps.to(self.device))
         return self._link(draws).mean(0)
 
