@@ -400,16 +400,7 @@ class Laplace:
         self, X: Any, n_samples: int, generator: torch.Generator | None
     ) -> Tensor | tuple[Tensor, Tensor]:
         thetas = self.sample(n_samples, generator)
-        outs = []
-        with torch.no_grad():
-            for theta in thetas:
-                params, start = {}, 0
-                for n, s in zip(self.names, self.shapes):
-                    params[n] = theta[start : start + s.numel()].view(s)
-                    start += s.numel()
-                f = forward(self.model, X, params)
-                outs.append(f.reshape(f.shape[0], -1))
-        F = torch.stack(outs)  # [S, N, K]
+        F = self._sampled_outputs(X, thetas)  # [S, N, K]
         if self.likelihood != "regression":
             return self._link(F).mean(0)
         mean = F.mean(0)
@@ -417,6 +408,22 @@ class Laplace:
         cov = torch.einsum("sni,snj->nij", centered, centered) / n_samples
         eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
         return mean, cov + self.sigma_noise**2 * eye
+
+    def _sampled_outputs(self, X: Any, thetas: Tensor, chunk: int = 256) -> Tensor:
+        """Model outputs ``[S, N, K]`` for parameter samples ``thetas [S, P]`` (vmapped over
+        chunks of samples; a loop where the model has no vmap support)."""
+
+        def run(theta: Tensor) -> Tensor:
+            parts = torch.split(theta, [s.numel() for s in self.shapes])
+            params = {n: t.view(s) for n, t, s in zip(self.names, parts, self.shapes)}
+            f = forward(self.model, X, params)
+            return f.reshape(f.shape[0], -1)
+
+        with torch.no_grad():
+            try:
+                return torch.cat([torch.func.vmap(run)(t) for t in torch.split(thetas, chunk)])
+            except RuntimeError:
+                return torch.stack([run(theta) for theta in thetas])
 
     # -- hyperparameter optimization ---------------------------------------------------------------
     def optimize_prior_precision(
