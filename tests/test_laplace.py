@@ -279,3 +279,26 @@ def test_invalid_inputs_raise():
     )
     with pytest.raises(ValueError, match="constant on the Kronecker block"):
         la.log_marginal_likelihood()
+
+
+def test_empirical_fisher_scale_and_mc_fisher():
+    """``fisher_type="empirical"``: ``H = sum_n g_n g_n^T`` of the summed loss, scaled by
+    ``1/(4 sigma^4)`` for MSE (the empirical Fisher of the Gaussian negative log-likelihood).
+    ``"mc"``: the same seeded draws give the same structure."""
+    from oracles.first_order import per_sample_grads
+
+    model, loss_fn, X, y, data = problem("mse")
+    la = Laplace(model, loss_fn, data, structure="full", fisher_type="empirical", sigma_noise=0.7)
+    G = per_sample_grads(model, summed(loss_fn), X, y)
+    G = torch.cat([g.reshape(g.shape[0], -1) for g in G.values()], 1)
+    torch.testing.assert_close(la.curvature.to_dense(), G.T @ G)
+    nll_grads = G / (2 * 0.7**2)  # gradients of the Gaussian negative log-likelihood
+    P = nll_grads.T @ nll_grads + torch.eye(G.shape[1], dtype=torch.float64)
+    torch.testing.assert_close(la.posterior_covariance(), torch.linalg.inv(P))
+    runs = [
+        Laplace(model, loss_fn, data, structure=s, fisher_type="mc",
+                generator=torch.Generator().manual_seed(3)).curvature.to_dense()
+        for s in ("kfac", "kfac", "diag")
+    ]  # fmt: skip
+    torch.testing.assert_close(runs[0], runs[1])
+    assert runs[2].count_nonzero() == runs[2].diagonal().count_nonzero()
