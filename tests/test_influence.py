@@ -97,6 +97,32 @@ def test_identity_top_k_and_default_damping():
     )
 
 
+def test_low_rank_query_compression():
+    """Rank >= n_query is exact; rank r is the per-parameter truncated SVD of the
+    preconditioned query gradients."""
+    model, loss_fn, (X, y), (Xq, yq), train, query = problem("ce")
+    factors = bg.influence.fit_factors(model, loss_fn, train, curvature="kfac")
+    exact = bg.influence.scores(model, loss_fn, train, query, damping=0.1, factors=factors)
+    same = bg.influence.scores(model, loss_fn, train, query, damping=0.1, factors=factors,
+                               query_rank=3)  # fmt: skip
+    torch.testing.assert_close(same, exact)
+    Gt, Gq = flat_grads(model, loss_fn, X, y), flat_grads(model, loss_fn, Xq, yq)
+    C = structure_matrix("kfac", model, loss_fn, X, y, train)
+    pre = torch.linalg.solve(C + 0.1 * torch.eye(C.shape[0], dtype=C.dtype), Gq.T)
+    expected, start = 0, 0
+    for p in model.parameters():
+        block = pre[start : start + p.numel()]
+        U, S, Vh = torch.linalg.svd(block, full_matrices=False)
+        expected = expected + Gt[:, start : start + p.numel()] @ (U[:, :1] * S[:1]) @ Vh[:1]
+        start += p.numel()
+    low = bg.influence.scores(model, loss_fn, train, query, damping=0.1, factors=factors,
+                              query_rank=1)  # fmt: skip
+    torch.testing.assert_close(low, expected.T)
+    assert not torch.allclose(low, exact)
+    with pytest.raises(ValueError, match="query_rank"):
+        bg.influence.scores(model, loss_fn, train, query, factors=factors, query_rank=0)
+
+
 def test_factors_reused_and_saved(tmp_path):
     model, loss_fn, _, _, train, query = problem("ce")
     factors = bg.influence.fit_factors(model, loss_fn, train, curvature="ekfac")

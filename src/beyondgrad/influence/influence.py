@@ -217,6 +217,7 @@ def scores(
     kfac_approx: str = "expand",
     progress: bool = False,
     generator: torch.Generator | None = None,
+    query_rank: int | None = None,
 ) -> Tensor:
     """Influence of every training example on every query, ``[n_query, n_train]``:
     ``g_q^T (C + damping I)^{-1} g_i`` (module docstring).
@@ -232,6 +233,9 @@ def scores(
         params: parameter names (default: all trainable ones).
         fisher_type, kfac_approx, generator: passed to :func:`fit_factors`.
         progress: tqdm bars over the data loops (when tqdm is installed).
+        query_rank: per parameter, keep the preconditioned query gradients ``[size,
+            n_query]`` as their best rank-``query_rank`` factorization (truncated SVD): less
+            memory and work per training example, approximate scores (``None``: exact).
 
     Returns:
         ``[n_query, n_train]`` scores.
@@ -243,19 +247,35 @@ def scores(
         kfac_approx=kfac_approx,
         generator=generator,
     )
+    if query_rank is not None and query_rank < 1:
+        raise ValueError(f"query_rank must be None or positive, got {query_rank}")
     factors, damping = _resolve(model, loss_fn, train, factors, fit_kwargs, damping)
     names = factors.names
     queries = list(example_gradients(model, loss_fn, query, names, progress, "query"))
     G_q = torch.cat([_flat(g, names) for g in queries], 1)  # [P, n_query]
+    del queries
     pre = factors.precondition(G_q, damping)
-    sizes = [queries[0][n][0].numel() for n in names]
-    pre_parts = dict(zip(names, torch.split(pre, sizes, 0)))
+    named = dict(model.named_parameters())
+    sizes = [named[n].numel() for n in names]
+    parts = [_compress(b, query_rank) for b in torch.split(pre, sizes, 0)]
+    del G_q, pre
     columns = []
     for grads in example_gradients(model, loss_fn, train, names, progress, "train"):
         k = grads[names[0]].shape[0]
-        block = sum(grads[n].reshape(k, -1) @ pre_parts[n] for n in names)  # [k, n_query]
+        block = sum(
+            (grads[n].reshape(k, -1) @ left) @ right for n, (left, right) in zip(names, parts)
+        )  # [k, n_query]
         columns.append(block.T)  # type: ignore[union-attr]
     return torch.cat(columns, 1)
+
+
+def _compress(block: Tensor, rank: int | None) -> tuple[Tensor, Tensor]:
+    """``block [size, n_query]`` as ``left @ right``: itself and the identity, or its best
+    rank-``rank`` factorization (truncated SVD, ``left = U S``, ``right = V^T``)."""
+    if rank is None or rank >= min(block.shape):
+        return block, torch.eye(block.shape[1], dtype=block.dtype, device=block.device)
+    U, S, Vh = torch.linalg.svd(block, full_matrices=False)
+    return U[:, :rank] * S[:rank], Vh[:rank]
 
 
 def self_influence(
