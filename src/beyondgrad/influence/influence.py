@@ -251,14 +251,7 @@ def scores(
         raise ValueError(f"query_rank must be None or positive, got {query_rank}")
     factors, damping = _resolve(model, loss_fn, train, factors, fit_kwargs, damping)
     names = factors.names
-    queries = list(example_gradients(model, loss_fn, query, names, progress, "query"))
-    G_q = torch.cat([_flat(g, names) for g in queries], 1)  # [P, n_query]
-    del queries
-    pre = factors.precondition(G_q, damping)
-    named = dict(model.named_parameters())
-    sizes = [named[n].numel() for n in names]
-    parts = [_compress(b, query_rank) for b in torch.split(pre, sizes, 0)]
-    del G_q, pre
+    parts = _preconditioned_queries(model, loss_fn, query, factors, damping, query_rank, progress)
     columns = []
     for grads in example_gradients(model, loss_fn, train, names, progress, "train"):
         k = grads[names[0]].shape[0]
@@ -267,6 +260,26 @@ def scores(
         )  # [k, n_query]
         columns.append(block.T)  # type: ignore[union-attr]
     return torch.cat(columns, 1)
+
+
+def _preconditioned_queries(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    query: Iterable[tuple[Any, Tensor]],
+    factors: InfluenceFactors,
+    damping: float,
+    rank: int | None,
+    progress: bool,
+) -> list[tuple[Tensor, Tensor]]:
+    """Per parameter, ``(C + damping I)^{-1} G_q`` restricted to it (``[size, n_query]``) as a
+    product ``left @ right`` (see :func:`_compress`)."""
+    names = factors.names
+    queries = example_gradients(model, loss_fn, query, names, progress, "query")
+    G_q = torch.cat([_flat(g, names) for g in queries], 1)  # [P, n_query]
+    pre = factors.precondition(G_q, damping)
+    named = dict(model.named_parameters())
+    sizes = [named[n].numel() for n in names]
+    return [_compress(b, rank) for b in torch.split(pre, sizes, 0)]
 
 
 def _compress(block: Tensor, rank: int | None) -> tuple[Tensor, Tensor]:
