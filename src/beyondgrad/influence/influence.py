@@ -256,7 +256,7 @@ def scores(
     for grads in example_gradients(model, loss_fn, train, names, progress, "train"):
         k = grads[names[0]].shape[0]
         block = sum(
-            (grads[n].reshape(k, -1) @ left) @ right for n, (left, right) in zip(names, parts)
+            _project(grads[n].reshape(k, -1), left, right) for n, (left, right) in zip(names, parts)
         )  # [k, n_query]
         columns.append(block.T)  # type: ignore[union-attr]
     return torch.cat(columns, 1)
@@ -270,7 +270,7 @@ def _preconditioned_queries(
     damping: float,
     rank: int | None,
     progress: bool,
-) -> list[tuple[Tensor, Tensor]]:
+) -> list[tuple[Tensor, Tensor | None]]:
     """Per parameter, ``(C + damping I)^{-1} G_q`` restricted to it (``[size, n_query]``) as a
     product ``left @ right`` (see :func:`_compress`)."""
     names = factors.names
@@ -282,11 +282,15 @@ def _preconditioned_queries(
     return [_compress(b, rank) for b in torch.split(pre, sizes, 0)]
 
 
-def _compress(block: Tensor, rank: int | None) -> tuple[Tensor, Tensor]:
-    """``block [size, n_query]`` as ``left @ right``: itself and the identity, or its best
+def _project(G: Tensor, left: Tensor, right: Tensor | None) -> Tensor:
+    return G @ left if right is None else (G @ left) @ right
+
+
+def _compress(block: Tensor, rank: int | None) -> tuple[Tensor, Tensor | None]:
+    """``block [size, n_query]`` as ``left @ right``: itself (``right=None``), or its best
     rank-``rank`` factorization (truncated SVD, ``left = U S``, ``right = V^T``)."""
     if rank is None or rank >= min(block.shape):
-        return block, torch.eye(block.shape[1], dtype=block.dtype, device=block.device)
+        return block, None
     U, S, Vh = torch.linalg.svd(block, full_matrices=False)
     return U[:, :rank] * S[:rank], Vh[:rank]
 
