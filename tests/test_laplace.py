@@ -90,17 +90,19 @@ def test_evidence_posterior_and_sampling_match_dense(structure, loss):
         rank=rank,
     )
     H = definition(structure, model, loss_fn, X, y, data, rank)
-    torch.testing.assert_close(la.curvature.to_dense(), H, atol=1e-9, rtol=1e-7)
+    # lowrank: Lanczos pairs, accurate to its residual tolerance (1e-8 relative)
+    tol = dict(atol=1e-7, rtol=1e-6) if structure == "lowrank" else dict(atol=1e-9, rtol=1e-8)
+    torch.testing.assert_close(la.curvature.to_dense(), H, **tol)
     loss_sum = summed(loss_fn)(model(X), y).detach()
     sig = torch.tensor(sigma, dtype=torch.float64)
     expected = dense_evidence(la, H, prior, sig, loss, loss_sum)
-    torch.testing.assert_close(la.log_marginal_likelihood(), expected, atol=1e-8, rtol=1e-8)
+    torch.testing.assert_close(la.log_marginal_likelihood(), expected, **tol)
     s = 1 / (2 * sigma**2) if loss == "mse" else 1.0
     cov = torch.linalg.inv(s * H + torch.diag(la.prior_vector()))
-    torch.testing.assert_close(la.posterior_covariance(), cov, atol=1e-8, rtol=1e-7)
+    torch.testing.assert_close(la.posterior_covariance(), cov, **tol)
     eye = torch.eye(la.num_params, dtype=torch.float64)
     T = la.curvature.inverse_sqrt(torch.tensor(s, dtype=torch.float64), la.prior_vector(), eye)
-    torch.testing.assert_close(T @ T.T, cov, atol=1e-8, rtol=1e-7)
+    torch.testing.assert_close(T @ T.T, cov, **tol)
 
 
 @pytest.mark.parametrize("loss", ["ce", "mse", "bce"])
@@ -179,11 +181,12 @@ def test_evidence_gradients_match_dense_formula(structure):
         )
         grads.append(torch.autograd.grad(value, [prior, sigma]))
     (prior_grad, sigma_grad), (dense_prior, dense_sigma) = grads
-    torch.testing.assert_close(sigma_grad, dense_sigma, atol=1e-8, rtol=1e-7)
+    tol = dict(atol=1e-6, rtol=1e-6) if structure == "lowrank" else dict(atol=1e-8, rtol=1e-7)
+    torch.testing.assert_close(sigma_grad, dense_sigma, **tol)
     if structure == "kfac":  # defined for tied values only: compare per Kronecker block
         prior_grad = prior_grad.reshape(2, 2).sum(1)
         dense_prior = dense_prior.reshape(2, 2).sum(1)
-    torch.testing.assert_close(prior_grad, dense_prior, atol=1e-8, rtol=1e-7)
+    torch.testing.assert_close(prior_grad, dense_prior, **tol)
 
 
 def test_optimize_prior_precision_by_marglik_reaches_a_stationary_point():

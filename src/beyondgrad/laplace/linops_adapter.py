@@ -118,7 +118,8 @@ def build_curvature(
     * ``"full"``: the dense matrix of ``bg.linops.GGN`` (``fisher_type="type-2"``),
       ``Fisher`` (``"mc"``) or ``EmpiricalFisher`` (``"empirical"``), ``P`` products;
     * ``"diag"``: that operator's exact ``diagonal()``;
-    * ``"lowrank"``: its ``rank`` leading eigenpairs (:func:`beyondgrad.linalg.eigsh`);
+    * ``"lowrank"``: its ``rank`` leading eigenpairs (:func:`beyondgrad.linalg.eigsh`, Lanczos
+      to a relative residual of 1e-8, started from ``generator`` or a fixed seed);
     * ``"kfac"`` / ``"ekfac"``: ``bg.linops.KFAC`` / ``EKFAC`` with ``fisher_type`` and
       ``kfac_approx``, in their Kronecker eigenbases.
     """
@@ -149,7 +150,9 @@ def build_curvature(
         return DiagonalCurvature(names, shapes, op.diagonal().detach())  # type: ignore[attr-defined]
     if not 1 <= rank <= op.shape[0]:
         raise ValueError(f"rank must be in [1, {op.shape[0]}], got {rank}")
-    values, vectors = linalg.eigsh(op, k=rank, generator=generator)
+    # a fixed start vector unless a generator is given: the same data give the same pairs
+    start = generator or torch.Generator(op.device).manual_seed(0)
+    values, vectors = linalg.eigsh(op, k=rank, tol=1e-8, generator=start)
     return LowRankCurvature(names, shapes, values.detach(), vectors.detach())
 
 
