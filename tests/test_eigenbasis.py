@@ -21,8 +21,8 @@ def _zero_rows_factor() -> torch.Tensor:
     does not converge on it."""
     g = torch.Generator().manual_seed(0)
     n, live = 128, 28
-    X = torch.randn(2, live, generator=g)
-    A = 1e-40 * torch.randn(n, n, generator=g)
+    X = torch.randn(2, live, generator=g, dtype=torch.float32)
+    A = 1e-40 * torch.randn(n, n, generator=g, dtype=torch.float32)
     A[:live, :live] += 1e14 * (X.T @ X)
     return (A + A.T) / 2
 
@@ -61,7 +61,7 @@ def test_rank_deficient_float32_factor_is_decomposed():
     scale = float(ref.abs().max())
     assert float((lam.double() - ref).abs().max()) < 1e-6 * scale
     assert float(((Q * lam) @ Q.T - A).abs().max()) < 1e-6 * scale
-    torch.testing.assert_close(Q.T @ Q, torch.eye(128), atol=1e-5, rtol=0)
+    torch.testing.assert_close(Q.T @ Q, torch.eye(128, dtype=Q.dtype), atol=1e-5, rtol=0)
     if not plain_fails:  # the LAPACK build decomposes it: the fallback is tested below
         pytest.skip("torch.linalg.eigh converged on this LAPACK build")
 
@@ -70,13 +70,13 @@ def test_kronecker_factors_and_the_kfac_optimizer_survive_the_failing_factor():
     A = _zero_rows_factor()[None]
     B = _spd(3, torch.Generator().manual_seed(1), groups=1).float()
     block = bg.KroneckerFactors(A, B, "B kron A", ("w",), None, "mc", "expand", 1.0, 1)
-    V = torch.randn(3 * 128, 2)
+    V = torch.randn(3 * 128, 2, dtype=torch.float32)
     damping = 1e10  # float32: a well-conditioned damped system next to eigenvalues ~1e16
     dense = torch.kron(B[0].double(), A[0].double())
     eye = torch.eye(dense.shape[0], dtype=torch.float64)
     ref = torch.linalg.solve(dense + damping * eye, V.double())
     torch.testing.assert_close(block.inverse(damping)(V).double(), ref, rtol=1e-4, atol=1e-16)
-    opt = bg.optim.KFAC(torch.nn.Linear(128, 3, bias=False), torch.nn.MSELoss())
+    opt = bg.optim.KFAC(torch.nn.Linear(128, 3, bias=False).float(), torch.nn.MSELoss())
     state = {"A": A, "B": B, "order": "B kron A"}
     *_, l_right, q_right = opt._decompose(state, damping)
     torch.testing.assert_close(
@@ -115,7 +115,7 @@ def test_fallbacks_are_taken_when_the_solver_fails(monkeypatch, fail, shifted_ok
 def test_a_hopeless_matrix_raises_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.linalg, "eigh", _failing_eigh({torch.float32, torch.float64}, False))
     with pytest.raises(eb.EighError, match="add damping"):
-        eb.symmetric_eigh(torch.eye(3))
+        eb.symmetric_eigh(torch.eye(3, dtype=torch.float32))
     monkeypatch.undo()
     with pytest.raises(ValueError, match="non-finite"):
         eb.symmetric_eigh(torch.full((3, 3), float("nan")))
