@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._repeat import with_repeated_products
+from ._repeat import require_square, with_repeated_products
 from .lanczos import Lanczos, tridiagonal
 
 
@@ -45,6 +45,7 @@ def eigsh(
     per iteration (a single pass over the data for data-set operators), ``max_iter``
     iterations (default 200); same stopping rule and warning.
     """
+    require_square(A, "eigsh")
     n, dtype, device = _like(A)
     if which not in ("largest", "smallest"):
         raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")

@@ -26,6 +26,7 @@ __all__ = [
     "batch_forms",
     "batch_kronecker",
     "call_model",
+    "call_model_with",
     "check_loss_fn",
     "check_target",
     "kronecker_rotated_second_moment",
@@ -39,6 +40,14 @@ _KINDS = {"type-2": ("exact", 0), "mc": ("mc", None), "empirical": ("grad", 1)}
 def call_model(model: nn.Module, X: Any) -> Any:
     """``model(X)``, ``model(*X)`` or ``model(**X)`` as :func:`beyondgrad.compute` calls it."""
     return _call_model(model, X)
+
+
+def call_model_with(model: nn.Module, params: dict[str, Tensor], X: Any) -> Any:
+    """:func:`call_model` with some parameters replaced (``torch.func.functional_call``)."""
+    if isinstance(X, dict):
+        return torch.func.functional_call(model, params, (), X)
+    args = tuple(X) if isinstance(X, (tuple, list)) else (X,)
+    return torch.func.functional_call(model, params, args)
 
 
 def batch_forms(

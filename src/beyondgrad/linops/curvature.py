@@ -323,6 +323,52 @@ def _batched_grad(outputs: Any, inputs: Any, vectors: Any, **kwargs: Any) -> tup
         return tuple(torch.stack(p) for p in zip(*parts))
 
 
+def _needs_second_derivative(err: RuntimeError) -> bool:
+    """Whether autograd failed for lack of a double derivative (``hardsigmoid_backward``,
+    ``once_differentiable`` functions, ...)."""
+    text = str(err)
+    return ("derivative for" in text and "not implemented" in text) or "twice" in text
+
+
+def _forward_jv(
+    model: nn.Module, names: list[str], params: list[Tensor], X: Any, V: list[Tensor]
+) -> Tensor:
+    """``J V`` ``[k, *out.shape]`` by forward-mode AD, one ``jvp`` per column: first
+    derivatives only (for layers whose backward has no derivative itself)."""
+
+    def f(*values: Tensor) -> Tensor:
+        return _engine.call_model_with(model, dict(zip(names, values)), X)
+
+    primals = tuple(p.detach() for p in params)
+    with sdpa_kernel([SDPBackend.MATH]):
+        columns = [
+            torch.func.jvp(f, primals, tuple(v[i] for v in V))[1] for i in range(V[0].shape[0])
+        ]
+    return torch.stack(columns)
+
+
+class _JacobianProducts:
+    """``J V`` by differentiating the vjp ``u -> J^T u`` w.r.t. ``u`` (reusing the kept
+    graphs), or by forward-mode AD once a layer lacks the double derivative that needs."""
+
+    model: nn.Module
+    names: list[str]
+    params: list[Tensor]
+    _forward_mode: bool = False
+
+    def _jv(self, X: Any, u: Tensor, jt_u: Sequence[Tensor | None], V: list[Tensor]) -> Tensor:
+        if not self._forward_mode:
+            pairs = [(j, v) for j, v in zip(jt_u, V) if j is not None]
+            try:
+                with torch.enable_grad():
+                    return _batched_grad([j for j, _ in pairs], [u], [v for _, v in pairs])[0]
+            except RuntimeError as err:
+                if not _needs_second_derivative(err):
+                    raise
+                self._forward_mode = True
+        return _forward_jv(self.model, self.names, self.params, X, V)
+
+
 class Hessian(CurvatureOperator):
     """The Hessian of the data-set loss (reverse-over-reverse products).
 
@@ -372,14 +418,16 @@ class Hessian(CurvatureOperator):
             ) from err
 
 
-class GGN(CurvatureOperator):
+class GGN(_JacobianProducts, CurvatureOperator):
     """The generalized Gauss-Newton ``sum_n J_n^T (d2 l / df2) J_n`` of the data-set loss.
 
     Products: ``J V`` by differentiating the vjp ``u -> J^T u`` w.r.t. ``u``, the loss Hessian
     by double backward on the outputs, then one vjp. Inside :meth:`repeated_products` the
     forward and vjp graphs are kept. :meth:`diagonal` / :meth:`trace` are exact from the
     engine's ``DiagGGN`` (it refuses outputs with more than ``max_vectors`` entries per sample;
-    estimate with ``bg.linalg`` there)."""
+    estimate with ``bg.linalg`` there). Products need first derivatives of the model only:
+    where a layer's backward has no derivative (``nn.Hardsigmoid``), ``J V`` switches to
+    forward-mode AD."""
 
     def _prepare(self, position: int, X: Any, y: Tensor) -> tuple[Any, ...]:
         with torch.enable_grad():
@@ -388,14 +436,12 @@ class GGN(CurvatureOperator):
             jt_u = torch.autograd.grad(out, self.params, u, create_graph=True, allow_unused=True)
             o = out.detach().requires_grad_(True)
             (g_o,) = torch.autograd.grad(self.loss_fn(o, y), o, create_graph=True)
-        return out, u, jt_u, o, g_o
+        return out, u, jt_u, o, g_o, X
 
     def _batch_products(self, state: Any, y: Tensor, V: list[Tensor]) -> list[Tensor]:
-        out, u, jt_u, o, g_o = state
+        out, u, jt_u, o, g_o, X = state
+        jv = self._jv(X, u, jt_u, V)
         with torch.enable_grad():
-            # J V by differentiating the vjp u -> J^T u (linear in u) w.r.t. u
-            pairs = [(j, v) for j, v in zip(jt_u, V) if j is not None]
-            (jv,) = _batched_grad([j for j, _ in pairs], [u], [v for _, v in pairs])
             # loss Hessian (reduction included) times J V, by double backward on the output
             (hjv,) = _batched_grad([g_o], [o], [jv])
             res = _batched_grad([out], self.params, [hjv], allow_unused=True)
@@ -476,7 +522,7 @@ class Fisher(_RowsOperator):
 Builder = Callable[..., LinearOperator]
 
 
-class Jacobian(_KeptBatchState, LinearOperator):
+class Jacobian(_JacobianProducts, _KeptBatchState, LinearOperator):
     """The Jacobian of the model outputs over the data set w.r.t. the parameters,
     ``[sum_b numel(f(X_b)), P]`` (outputs flattened batch by batch, in data order; ``.T`` is
     its transpose). The data must be iterated in a fixed order (not a shuffled loader): the
@@ -515,7 +561,7 @@ class Jacobian(_KeptBatchState, LinearOperator):
             out = _engine.call_model(self.model, X)
         if out.numel() != self.out_sizes[position]:
             raise RuntimeError("the data changed between passes (shuffled loader?)")
-        return {"out": out}
+        return {"out": out, "X": X}
 
     def _states(self) -> Iterable[dict[str, Any]]:
         count = 0
@@ -543,11 +589,10 @@ class Jacobian(_KeptBatchState, LinearOperator):
                     state["jt_u"] = torch.autograd.grad(
                         out, self.params, u, create_graph=True, allow_unused=True
                     )
-                pairs = [(j, v) for j, v in zip(state["jt_u"], V) if j is not None]
-                if not pairs:
-                    rows.append(M.new_zeros(out.numel(), k))
-                    continue
-                (jv,) = _batched_grad([j for j, _ in pairs], [state["u"]], [v for _, v in pairs])
+            if all(j is None for j in state["jt_u"]):
+                rows.append(M.new_zeros(out.numel(), k))
+                continue
+            jv = self._jv(state["X"], state["u"], state["jt_u"], V)
             rows.append(jv.reshape(k, -1).T)
         return torch.cat(rows, 0)
 
