@@ -157,3 +157,29 @@ def test_endless_data_raises_instead_of_hanging():
     G = bg.linops.GGN(model, loss_fn, loader, num_data=4)
     with pytest.raises(RuntimeError, match="more than num_data"):
         G @ torch.ones(G.shape[0], dtype=torch.float64)
+
+
+class _CountingPasses:
+    """A re-iterable data set without len() that counts the passes over it."""
+
+    def __init__(self, batches):
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.batches)
+
+
+def test_structured_constructors_stream_the_data_without_extra_passes():
+    model, X, y, loss_fn = CASES["mlp"]()
+    batches = [(X[:3], y[:3]), (X[3:], y[3:])]
+    for cls, passes in ((bg.linops.KFAC, 1), (bg.linops.EKFAC, 2)):
+        data = _CountingPasses(batches)
+        op = cls(model, loss_fn, data, fisher_type="type-2")
+        assert data.passes == passes and op.num_data == 5
+        torch.testing.assert_close(
+            op.to_dense(), cls(model, loss_fn, batches, fisher_type="type-2").to_dense()
+        )
+    data = _CountingPasses(batches)
+    Diagonal.from_engine(model, loss_fn, data, bg.DiagGGN())
+    assert data.passes == 1

@@ -56,8 +56,8 @@ class DataSet:
         data: an iterable of ``(X, y)`` batches (a list, a ``DataLoader``; for one-pass
             consumers also a one-shot iterator, with ``num_data``).
         loss_fn: the loss module; its ``reduction`` gives the batch weights.
-        num_data: the number of samples of the data set. ``None``: counted (in a first pass
-            over re-iterable data; while streaming for one-pass consumers). Needed for a
+        num_data: the number of samples of the data set. ``None``: counted in the first
+            complete pass (or a counting pass when it is needed earlier). Needed for a
             one-shot iterator (read until ``num_data`` samples) and for a ``DataLoader`` over
             an ``IterableDataset`` (which may never end: a pass that yields more samples
             raises instead of running forever).
@@ -92,37 +92,38 @@ class DataSet:
                 f"{who}: cannot count the samples of {type(data).__name__} (it may never "
                 "end): pass num_data=... (a stream is read until num_data samples)"
             )
-        if num_data is None and passes == "many":
-            num_data = sum(self.batch_size_fn(X) for X, _ in data)
         if num_data is not None and num_data < 1:
             raise ValueError(f"{who}: the data set is empty")
         self.num_data = None if num_data is None else int(num_data)
-        self.seen = 0
 
     def batches(self) -> Iterator[tuple[Any, Tensor, int]]:
-        """``(X, y, N_b)`` for each batch of one pass; ``seen`` counts the samples. A
-        one-shot stream ends after ``num_data`` samples; an unsized collection that yields
-        more than ``num_data`` samples in one pass raises (an endless loader)."""
-        self.seen = 0
+        """``(X, y, N_b)`` for each batch of one pass. A one-shot stream ends after
+        ``num_data`` samples; an unsized collection that yields more than ``num_data`` samples
+        in one pass raises (an endless loader). Without ``num_data``, a complete pass sets it."""
+        seen = 0
         for X, y in self.data:
             N = self.batch_size_fn(X)
-            self.seen += N
-            if self.num_data is not None and self.seen > self.num_data and not self.sized:
+            seen += N
+            if self.num_data is not None and seen > self.num_data and not self.sized:
                 raise RuntimeError(
                     f"{self.who}: the data yielded more than num_data={self.num_data} samples "
                     "in one pass (an endless loader?); pass a finite collection or the right "
                     "num_data"
                 )
             yield X, y, N
-            if self.one_shot and self.seen == self.num_data:
+            if self.one_shot and seen == self.num_data:
                 return
+        if self.num_data is None:
+            self.num_data = seen
 
     def total(self) -> int:
-        """``num_data``, or the samples of the last pass when it was not given."""
-        total = self.num_data if self.num_data is not None else self.seen
-        if total < 1:
+        """``num_data``: given, set by a complete pass, or counted now (one pass reading only
+        the batch sizes)."""
+        if self.num_data is None:
+            self.num_data = sum(self.batch_size_fn(X) for X, _ in self.data)
+        if self.num_data < 1:
             raise ValueError(f"{self.who}: the data set is empty")
-        return total
+        return self.num_data
 
     def weight(self, N: int) -> float:
         """A batch of ``N`` samples enters the data-set curvature with this factor

@@ -257,6 +257,15 @@ class Kronecker(StructuredOperator):
         return self.eigen().eigenvectors(index)
 
 
+def _as_slice(index: Tensor) -> Tensor | slice:
+    """A contiguous ascending index as a slice (views instead of gathers), else the index."""
+    if index.numel() == 0:
+        return index
+    start = int(index[0])
+    ramp = torch.arange(start, start + index.numel(), device=index.device)
+    return slice(start, start + index.numel()) if bool((index == ramp).all()) else index
+
+
 class BlockDiagonal(StructuredOperator):
     """Structured blocks acting on disjoint sets of the vector's entries: block ``b`` maps
     ``v[index_b]`` to ``(A v)[index_b]`` (``index_b`` in the block's own order, so any
@@ -282,14 +291,15 @@ class BlockDiagonal(StructuredOperator):
         super().__init__((size, size), first.dtype, first.device)
         self.indices = [index.to(first.device) for index, _ in blocks]
         self.operators = [op for _, op in blocks]
+        self._where = [_as_slice(index) for index in self.indices]
 
     def _children(self) -> Sequence[LinearOperator]:
         return self.operators
 
     def _matmat(self, M: Tensor) -> Tensor:
         out = torch.empty_like(M)
-        for index, op in zip(self.indices, self.operators):
-            out[index] = op._matmat(M[index])
+        for where, op in zip(self._where, self.operators):
+            out[where] = op._matmat(M[where])
         return out
 
     def inverse(self, damping: float = 0.0) -> BlockDiagonal:  # type: ignore[override]
