@@ -30,6 +30,9 @@ def test_curvature_operators_raise_on_non_finite_values(kind):
     op = getattr(bg.linops, kind)(model, loss_fn, [(Xbad, y)])
     with pytest.raises(FloatingPointError):
         op @ torch.ones(op.shape[0], dtype=torch.float64)
+    J = bg.linops.Jacobian(model, [(Xbad, y)])
+    with pytest.raises(FloatingPointError):
+        J @ torch.ones(J.shape[1], dtype=torch.float64)
     G = bg.linops.GGN(model, loss_fn, [(X, y)])
     v = torch.ones(G.shape[0], dtype=torch.float64)
     v[0] = float("nan")
@@ -103,6 +106,9 @@ def test_ggn_products_through_layers_without_double_derivatives():
     torch.testing.assert_close(G.to_dense(), ref["full"])
     J = bg.linops.Jacobian(model, [(X, y)])
     torch.testing.assert_close(J.to_dense(), ref["J"].reshape(-1, ref["J"].shape[-1]))
+    H = bg.linops.Hessian(model, loss_fn, [(X, y)])  # needs second derivatives: a clear error
+    with pytest.raises(RuntimeError, match=r"use bg\.linops\.GGN"):
+        H @ torch.ones(H.shape[0], dtype=torch.float64)
 
 
 def test_hessian_diagonal_error_keeps_the_whole_reason():

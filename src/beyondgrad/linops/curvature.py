@@ -66,6 +66,16 @@ def _fingerprint(data: Iterable[tuple[Any, Tensor]]) -> list[float]:
     return [float(y.reshape(-1)[: min(8, y.numel())].double().sum()) for _, y in data]
 
 
+def _check_finite(op: Any, out: Tensor, what: str) -> None:
+    """Raise (as :func:`beyondgrad.compute` does) instead of returning non-finite values."""
+    if bool(torch.isfinite(out).all()):
+        return
+    raise FloatingPointError(
+        f"{type(op).__name__}: non-finite {what} (inf/nan in the data, the model's outputs "
+        "or the vectors); nothing is returned"
+    )
+
+
 class _KeptBatchState:
     """Per-batch state kept between products inside :meth:`repeated_products` (shared by the
     curvature operators and :class:`Jacobian`). Needs ``model``, ``cache_batches``,
@@ -200,15 +210,6 @@ class CurvatureOperator(_KeptBatchState, LinearOperator):
             return tqdm(self.data_set.batches(), desc=type(self).__name__, leave=False)
         return self.data_set.batches()
 
-    def _check_finite(self, out: Tensor, what: str) -> None:
-        """Raise (as :func:`beyondgrad.compute` does) instead of returning non-finite values."""
-        if bool(torch.isfinite(out).all()):
-            return
-        raise FloatingPointError(
-            f"{type(self).__name__}: non-finite {what} (inf/nan in the data, the model's "
-            "outputs or the vectors); nothing is returned"
-        )
-
     def split(self, M: Tensor) -> list[Tensor]:
         """``[P, k]`` -> per parameter ``[k, *shape]`` (strided views of ``M``)."""
         blocks = torch.split(M, self.sizes, 0)
@@ -245,7 +246,7 @@ class CurvatureOperator(_KeptBatchState, LinearOperator):
             out = self._accumulate(out, self._batch_products(state, y, V), self.data_set.weight(N))
         if out is None:
             raise ValueError("the data set is empty")
-        self._check_finite(out, "product")
+        _check_finite(self, out, "product")
         return out
 
     def _prepare(self, position: int, X: Any, y: Tensor) -> Any:
@@ -267,7 +268,7 @@ class CurvatureOperator(_KeptBatchState, LinearOperator):
             out = part if out is None else out + part
         if out is None:
             raise ValueError("the data set is empty")
-        self._check_finite(out, "diagonal")
+        _check_finite(self, out, "diagonal")
         return out
 
     def trace(self) -> Tensor:
@@ -398,10 +399,19 @@ class Hessian(CurvatureOperator):
         used = [(g, v) for g, v in zip(state, V) if g is not None]
         if not used:
             return [torch.zeros_like(v) for v in V]
-        with torch.enable_grad():
-            hv = _batched_grad(
-                [g for g, _ in used], self.params, [v for _, v in used], allow_unused=True
-            )
+        try:
+            with torch.enable_grad():
+                hv = _batched_grad(
+                    [g for g, _ in used], self.params, [v for _, v in used], allow_unused=True
+                )
+        except RuntimeError as err:
+            if not _needs_second_derivative(err):
+                raise
+            raise RuntimeError(
+                "Hessian products need second derivatives of every layer, and PyTorch has "
+                f"none for an operation of this model ({err}). The GGN needs first "
+                "derivatives only: use bg.linops.GGN"
+            ) from err
         return [h if h is not None else torch.zeros_like(v) for h, v in zip(hv, V)]
 
     def _batch_diagonal(self, position: int, X: Any, y: Tensor) -> list[Tensor]:
@@ -594,7 +604,9 @@ class Jacobian(_JacobianProducts, _KeptBatchState, LinearOperator):
                 continue
             jv = self._jv(state["X"], state["u"], state["jt_u"], V)
             rows.append(jv.reshape(k, -1).T)
-        return torch.cat(rows, 0)
+        out = torch.cat(rows, 0)
+        _check_finite(self, out, "product")
+        return out
 
     def _rmatmat(self, M: Tensor) -> Tensor:
         k = M.shape[1]
@@ -612,4 +624,5 @@ class Jacobian(_JacobianProducts, _KeptBatchState, LinearOperator):
                 if g is not None:
                     out_total[offset : offset + n] += g.reshape(k, n).T
                 offset += n
+        _check_finite(self, out_total, "product")
         return out_total
