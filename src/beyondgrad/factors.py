@@ -165,12 +165,15 @@ class DiagonalFactors:
         return torch.diag(torch.cat([d.reshape(-1) for d in self.diagonal.values()]))
 
     def inverse(self, damping: float = 0.0) -> Callable[[Tensor], Tensor]:
+        """``V -> (diag + damping)^{-1} V`` for ``V`` with the covered entries on its first
+        axis (raises unless the damped diagonal is positive)."""
         flat = torch.cat([d.reshape(-1) for d in self.diagonal.values()]) + damping
         if bool((flat <= 0).any()):
             raise ValueError("the damped diagonal is not positive; increase damping")
         return lambda V: V / flat.reshape(-1, *([1] * (V.ndim - 1)))
 
     def logdet(self, damping: float = 0.0) -> Tensor:
+        """``sum log(diag + damping)``."""
         return (torch.cat([d.reshape(-1) for d in self.diagonal.values()]) + damping).log().sum()
 
 

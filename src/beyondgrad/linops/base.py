@@ -97,6 +97,7 @@ class LinearOperator:
 
     @property
     def T(self) -> LinearOperator:
+        """The transpose (the operator itself when symmetric)."""
         return self if self.symmetric else _Transposed(self)
 
     def to_dense(self, chunk: int = 256) -> Tensor:

@@ -521,6 +521,7 @@ class Fisher(_RowsOperator):
         return super()._matmat(M)
 
     def diagonal(self) -> Tensor:
+        """The diagonal ``[P]`` of the fixed MC sample (checks the data order first)."""
         self._check_order()
         return super().diagonal()
 

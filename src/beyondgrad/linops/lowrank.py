@@ -36,6 +36,8 @@ class LowRank(StructuredOperator):
 
     @classmethod
     def from_eigen(cls, result: GGNEigenResult, names: Sequence[str] | None = None) -> LowRank:
+        """The low-rank operator of a :class:`~beyondgrad.GGNEigenResult`, eigenvectors
+        flattened over the parameters in ``names`` order (default: the result's order)."""
         vectors: Mapping[str, Tensor] = result.eigenvectors
         order = list(names) if names is not None else list(vectors)
         U = torch.cat([vectors[n].reshape(vectors[n].shape[0], -1) for n in order], 1).T
@@ -52,16 +54,19 @@ class LowRank(StructuredOperator):
         return s
 
     def inverse(self, damping: float = 0.0) -> LowRank:  # type: ignore[override]
+        """``(A + damping I)^{-1}`` in closed form (see the class docstring)."""
         s = self._total_shift(damping)
         return LowRank(1.0 / (self.eigenvalues + s) - 1.0 / s, self.U, 1.0 / s)
 
     def logdet(self, damping: float = 0.0) -> Tensor:
+        """``log det(A + damping I)`` from the closed-form spectrum."""
         s = self._total_shift(damping)
         P, k = self.U.shape
         log_s = torch.log(torch.tensor(s, dtype=self.dtype, device=self.device))
         return (self.eigenvalues + s).log().sum() + (P - k) * log_s
 
     def trace(self) -> Tensor:
+        """``trace(A)`` in closed form."""
         return self.eigenvalues.sum() + self.shift * self.shape[0]
 
     def spectrum(self) -> Tensor:
@@ -72,6 +77,7 @@ class LowRank(StructuredOperator):
         return torch.cat([self.eigenvalues + self.shift, rest])
 
     def eigenvectors(self, index: Tensor) -> Tensor:
+        """Unit eigenvectors ``[n, m]`` of the eigenvalues ``spectrum()[index]``."""
         k = self.U.shape[1]
         if bool((index < k).all()):
             return self.U[:, index]
