@@ -10,12 +10,12 @@ import torch
 from torch import Tensor, nn
 
 from ..engine import compute
-from ..engine.compute import _call_model
+from ..engine.compute import call_model as _engine_call_model
 from ..engine.losses import check_loss_fn, check_target, reduction_factor
 from ..factors import DiagonalFactors, KroneckerFactors
+from ..forms import Form, OuterForm
 from ..quantities import KFAC as KFACQuantity
 from ..quantities import DiagGGN, DiagHessian, Forms, Quantity
-from ..rules.forms import Form, OuterForm
 
 __all__ = [
     "DiagGGN",
@@ -39,7 +39,7 @@ _KINDS = {"type-2": ("exact", 0), "mc": ("mc", None), "empirical": ("grad", 1)}
 
 def call_model(model: nn.Module, X: Any) -> Any:
     """``model(X)``, ``model(*X)`` or ``model(**X)`` as :func:`beyondgrad.compute` calls it."""
-    return _call_model(model, X)
+    return _engine_call_model(model, X)
 
 
 def call_model_with(model: nn.Module, params: dict[str, Tensor], X: Any) -> Any:
