@@ -94,6 +94,8 @@ def test_algorithms_refuse_non_square_operators():
     ):
         with pytest.raises(ValueError, match="square"):
             call()
+    with pytest.raises(ValueError, match="symmetric"):
+        J.inverse(1.0)
 
 
 def test_ggn_products_through_layers_without_double_derivatives():

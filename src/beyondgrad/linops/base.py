@@ -213,10 +213,13 @@ class SolverInverse(LinearOperator):
     symmetric = True
 
     def __init__(self, A: LinearOperator, damping: float = 0.0, method: str = "cg", **kwargs: Any):
-        if A.shape[0] != A.shape[1]:
-            raise ValueError(f"only a square operator has an inverse, got shape {A.shape}")
+        if A.shape[0] != A.shape[1] or not A.symmetric:
+            raise ValueError(
+                f"the solvers need a square symmetric operator, got {type(A).__name__} of "
+                f"shape {A.shape} (symmetric={A.symmetric})"
+            )
         super().__init__(A.shape, A.dtype, A.device)
-        self.A, self.symmetric = A, A.symmetric
+        self.A = A
         self.solver = InverseOperator(A, damping, method, **kwargs)
 
     def _children(self) -> Sequence[LinearOperator]:
