@@ -120,3 +120,16 @@ def test_hessian_diagonal_error_keeps_the_whole_reason():
         H.diagonal()
     reason = str(err.value.__cause__)
     assert reason and reason.strip() in str(err.value)
+
+
+def test_exact_diagonals_refuse_coupled_samples():
+    """BatchNorm in training mode couples the samples: the engine's per-sample diagonals would
+    be wrong (the products stay exact), so diagonal() and trace() refuse."""
+    model, X, y, loss_fn = CASES["resnet"]()
+    model.train()
+    for kind in ("GGN", "Hessian"):
+        op = getattr(bg.linops, kind)(model, loss_fn, [(X, y)], allow_train_mode=True)
+        with pytest.raises(RuntimeError, match="coupled"):
+            op.diagonal()
+        with pytest.raises(RuntimeError, match="xdiag"):
+            op.trace()

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..engine import compute
+from ..engine import SamplesCoupledError, check_samples_independent, compute
 from ..engine.compute import call_model as _engine_call_model
 from ..engine.losses import check_loss_fn, check_target, reduction_factor
 from ..factors import DiagonalFactors, KroneckerFactors
@@ -31,6 +31,7 @@ __all__ = [
     "check_target",
     "kronecker_rotated_second_moment",
     "reduction_factor",
+    "samples_coupled",
 ]
 
 #: the vectors each Fisher type backpropagates (``Forms`` kinds)
@@ -48,6 +49,16 @@ def call_model_with(model: nn.Module, params: dict[str, Tensor], X: Any) -> Any:
         return torch.func.functional_call(model, params, (), X)
     args = tuple(X) if isinstance(X, (tuple, list)) else (X,)
     return torch.func.functional_call(model, params, args)
+
+
+def samples_coupled(model: nn.Module) -> str | None:
+    """Why the samples of ``model`` are coupled (BatchNorm with batch statistics, ...), in the
+    engine's words, or None when they are independent."""
+    try:
+        check_samples_independent(model)
+    except SamplesCoupledError as err:
+        return str(err)
+    return None
 
 
 def batch_forms(

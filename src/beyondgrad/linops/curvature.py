@@ -282,6 +282,13 @@ class CurvatureOperator(_KeptBatchState, LinearOperator):
         )
 
     def _engine_diagonal(self, X: Any, y: Tensor, quantity: Any) -> list[Tensor]:
+        reason = _engine.samples_coupled(self.model)
+        if reason is not None:  # the engine's diagonals treat the samples as independent
+            raise RuntimeError(
+                f"{type(self).__name__}.diagonal(): the exact diagonal is not available when "
+                f"the samples are coupled ({reason}); estimate it with "
+                "bg.linalg.diagonal(A, num_matvecs, method='xdiag'), or call model.eval()"
+            )
         values = _engine.batch_diagonal(self.model, self.loss_fn, X, y, quantity)
         return [values[n] for n in self.names]
 
