@@ -30,8 +30,10 @@ def test_gallery_is_complete() -> None:
     ):
         assert required in names
     gallery = (ROOT / "examples" / "README.md").read_text()
+    docs_page = (ROOT / "docs" / "examples.md").read_text()
     for name in names:
         assert name in gallery, f"examples/README.md does not list {name}"
+        assert f'--8<-- "examples/{name}"' in docs_page, f"docs/examples.md does not show {name}"
     assert "examples/" in (ROOT / "README.md").read_text()
 
 

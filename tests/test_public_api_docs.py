@@ -15,10 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import importlib
 import inspect
+import os
 import re
+import subprocess
+import sys
 import types
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -323,3 +328,103 @@ def test_public_names_exist(modname: str) -> None:
     module = MODULES[modname]
     for name in public_names(module):
         assert hasattr(module, name), f"{modname}.__all__ lists a missing name {name!r}"
+
+
+# ---- the API reference pages (docs/api/*.md, rendered by mkdocstrings) ----------------------
+
+ROOT = Path(__file__).parents[1]
+DIRECTIVE = re.compile(r"^::: ([\w.]+)\s*$", re.MULTILINE)
+
+
+def api_directives() -> set[str]:
+    """Every ``::: identifier`` of the API reference pages."""
+    found: set[str] = set()
+    for page in (ROOT / "docs" / "api").glob("*.md"):
+        found.update(DIRECTIVE.findall(page.read_text()))
+    return found
+
+
+def runtime_object(ident: str) -> object:
+    """The object an identifier names at runtime: the attribute chain from the top package
+    (``beyondgrad.linalg.solve`` is the function), else the longest importable module prefix
+    and attributes from there (``beyondgrad.conv.unfold.unfold``)."""
+    parts = ident.split(".")
+    obj: object = importlib.import_module(parts[0])
+    try:
+        for part in parts[1:]:
+            obj = getattr(obj, part)
+        return obj
+    except AttributeError:
+        pass
+    for k in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:k]))
+        except ImportError:
+            continue
+        for part in parts[k:]:
+            obj = getattr(obj, part)
+        return obj
+    raise AssertionError(f"{ident} names nothing")
+
+
+def test_api_pages_cover_every_public_name() -> None:
+    directives = api_directives()
+    missing = []
+    for qualname, obj in public_objects():
+        if qualname.rsplit(".", 1)[-1].startswith("__"):
+            continue  # __version__
+        spellings = {qualname}
+        if inspect.isclass(obj) or inspect.isfunction(obj):
+            spellings.add(f"{obj.__module__}.{obj.__qualname__}")  # where it is defined
+        if not spellings & directives:
+            missing.append(qualname)
+    assert not missing, "add a '::: name' line to a page under docs/api/ for:\n  " + "\n  ".join(
+        missing
+    )
+
+
+def test_api_directives_name_what_they_mean() -> None:
+    """mkdocstrings reads the source statically (griffe): where a package has a submodule and a
+    public function of the same name (``beyondgrad.linalg.solve``), the static path names the
+    module. Every directive must name the same kind of object as at runtime, else the page
+    shows a module instead of the function (use the defining path, e.g.
+    ``beyondgrad.linalg.solve.solve``, with a ``heading`` option)."""
+    griffe = pytest.importorskip("griffe")
+    package = griffe.load("beyondgrad", search_paths=[str(ROOT / "src")], resolve_aliases=True)
+    wrong = []
+    for ident in sorted(api_directives()):
+        try:
+            static = package[ident.split(".", 1)[1]] if "." in ident else package
+        except KeyError:
+            wrong.append(f"{ident}: not found")
+            continue
+        kind = (static.final_target if static.is_alias else static).kind.value
+        obj = runtime_object(ident)
+        expected = (
+            "module"
+            if inspect.ismodule(obj)
+            else "class"
+            if inspect.isclass(obj)
+            else "function"
+            if callable(obj)
+            else "attribute"
+        )
+        if kind != expected:
+            wrong.append(f"{ident}: the docs would show a {kind}, the name is a {expected}")
+    assert not wrong, "\n  ".join(["API pages:", *wrong])
+
+
+def test_docs_build_strict(tmp_path: Path) -> None:
+    """``mkdocs build --strict`` (needs the ``docs`` extra; skipped without it)."""
+    for module in ("mkdocs", "mkdocstrings_handlers.python", "material"):
+        pytest.importorskip(module)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "site" / "api" / "linops" / "index.html").exists()

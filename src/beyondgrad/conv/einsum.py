@@ -2,7 +2,7 @@
 and any ``groups``.
 
 Along each spatial dimension ``j`` a convolution contracts the input index ``i_j`` with the
-pattern ``Pi_j[k_j, o_j, i_j]`` (:mod:`beyondgrad.conv.patterns`). With ``x`` viewed as
+pattern ``Pi_j[k_j, o_j, i_j]`` (``beyondgrad.conv.patterns``). With ``x`` viewed as
 ``[N, G, C_in/G, *I]`` and ``W`` as ``[G, C_out/G, C_in/G, *K]``::
 
     forward       y[n,g,f,o..]    = sum x[n,g,c,i..] Pi[k,o,i].. W[g,f,c,k..]
@@ -18,7 +18,7 @@ so the unfolded input is never formed. Dimensions with a trivial pattern (no pad
 to a reshape of ``x`` (``I -> (O, S)``, first ``K`` taps) and contribute no pattern operand,
 so such convolutions cost a plain matrix product.
 
-Each ``*_expression`` returns an :class:`Expression` (equation, operands, and a reshape to the
+Each ``*_expression`` returns an ``Expression`` (equation, operands, and a reshape to the
 documented output layout); the functions without the suffix evaluate it.
 """
 
@@ -188,7 +188,7 @@ def forward_expression(
             ``stride >= kernel_size``) into a reshape of ``x`` instead of a pattern operand.
 
     Returns:
-        An :class:`Expression` whose value is the output ``[N, C_out, *O]``.
+        An ``Expression`` whose value is the output ``[N, C_out, *O]``.
     """
     d = x.ndim - 2
     N, C = x.shape[:2]
@@ -231,7 +231,7 @@ def weight_vjp_expression(
             ``stride >= kernel_size``) into a reshape of ``x`` instead of a pattern operand.
 
     Returns:
-        An :class:`Expression` whose value is ``[C_out, C_in / groups, *K]``, or
+        An ``Expression`` whose value is ``[C_out, C_in / groups, *K]``, or
         ``[N, C_out, C_in / groups, *K]`` with ``per_sample``.
     """
     d = x.ndim - 2
@@ -275,7 +275,7 @@ def input_vjp_expression(
             ``stride >= kernel_size``) into a reshape of ``x`` instead of a pattern operand.
 
     Returns:
-        An :class:`Expression` whose value is ``[N, C_in, *input_size]``.
+        An ``Expression`` whose value is ``[N, C_in, *input_size]``.
     """
     d = grad_output.ndim - 2
     N, F_out = grad_output.shape[:2]
@@ -323,7 +323,7 @@ def unfold_expression(
     dilation: int | Sequence[int] = 1,
     simplify: bool = True,
 ) -> Expression:
-    """im2col as an einsum (the same values as :func:`beyondgrad.conv.unfold`).
+    """im2col as an einsum (the same values as ``beyondgrad.conv.unfold``).
 
     Args:
         x: Input ``[N, C, *I]``.
@@ -335,7 +335,7 @@ def unfold_expression(
             ``stride >= kernel_size``) into a reshape of ``x`` instead of a pattern operand.
 
     Returns:
-        An :class:`Expression` whose value is ``[N, C * prod(K), prod(O)]`` (the layout of
+        An ``Expression`` whose value is ``[N, C * prod(K), prod(O)]`` (the layout of
         ``F.unfold``).
     """
     d = x.ndim - 2
@@ -406,7 +406,7 @@ def kfac_expand_expression(
             ``stride >= kernel_size``) into a reshape of ``x`` instead of a pattern operand.
 
     Returns:
-        An :class:`Expression` whose value is ``[G, C_in/G * prod(K), C_in/G * prod(K)]``.
+        An ``Expression`` whose value is ``[G, C_in/G * prod(K), C_in/G * prod(K)]``.
     """
     return _kfac_expression(x, kernel_size, stride, padding, dilation, groups, False, simplify)
 
@@ -435,19 +435,19 @@ def kfac_reduce_expression(
             ``stride >= kernel_size``) into a reshape of ``x`` instead of a pattern operand.
 
     Returns:
-        An :class:`Expression` whose value is ``[G, C_in/G * prod(K), C_in/G * prod(K)]``.
+        An ``Expression`` whose value is ``[G, C_in/G * prod(K), C_in/G * prod(K)]``.
     """
     return _kfac_expression(x, kernel_size, stride, padding, dilation, groups, True, simplify)
 
 
 def forward(x: Tensor, weight: Tensor, **kwargs: object) -> Tensor:
-    """Evaluate :func:`forward_expression`: ``conv(x, weight)`` without bias.
+    """Evaluate ``forward_expression``: ``conv(x, weight)`` without bias.
 
     Args:
         x: Input ``[N, C_in, *I]``.
         weight: Kernel ``[C_out, C_in / groups, *K]``.
         **kwargs: ``stride``, ``padding``, ``dilation``, ``groups``, ``simplify`` as in
-            :func:`forward_expression`.
+            ``forward_expression``.
 
     Returns:
         The output ``[N, C_out, *O]``.
@@ -458,14 +458,14 @@ def forward(x: Tensor, weight: Tensor, **kwargs: object) -> Tensor:
 def weight_vjp(
     x: Tensor, grad_output: Tensor, kernel_size: int | Sequence[int], **kwargs: object
 ) -> Tensor:
-    """Evaluate :func:`weight_vjp_expression`: the gradient with respect to the weight.
+    """Evaluate ``weight_vjp_expression``: the gradient with respect to the weight.
 
     Args:
         x: Input ``[N, C_in, *I]``.
         grad_output: Gradient of the output ``[N, C_out, *O]``.
         kernel_size: Kernel size ``K``: an int or one per spatial dimension.
         **kwargs: ``stride``, ``padding``, ``dilation``, ``groups``, ``per_sample``,
-            ``simplify`` as in :func:`weight_vjp_expression`.
+            ``simplify`` as in ``weight_vjp_expression``.
 
     Returns:
         ``[C_out, C_in / groups, *K]`` (``[N, ...]`` with ``per_sample=True``).
@@ -476,14 +476,14 @@ def weight_vjp(
 def input_vjp(
     grad_output: Tensor, weight: Tensor, input_size: Sequence[int], **kwargs: object
 ) -> Tensor:
-    """Evaluate :func:`input_vjp_expression`: the gradient with respect to the input.
+    """Evaluate ``input_vjp_expression``: the gradient with respect to the input.
 
     Args:
         grad_output: Gradient of the output ``[N, C_out, *O]``.
         weight: Kernel ``[C_out, C_in / groups, *K]``.
         input_size: Spatial input size ``I``.
         **kwargs: ``stride``, ``padding``, ``dilation``, ``groups``, ``simplify`` as in
-            :func:`input_vjp_expression`.
+            ``input_vjp_expression``.
 
     Returns:
         ``[N, C_in, *input_size]``.
@@ -499,9 +499,9 @@ def kfac_expand(
     dilation: int | Sequence[int] = 1,
     groups: int = 1,
 ) -> Tensor:
-    """The value of :func:`kfac_expand_expression`, ``sum_{n,o} U_no U_no^T`` per group.
+    """The value of ``kfac_expand_expression``, ``sum_{n,o} U_no U_no^T`` per group.
 
-    Computed as :func:`~beyondgrad.conv.unfold` (strided views) then one matrix product per
+    Computed as ``beyondgrad.conv.unfold`` (strided views) then one matrix product per
     group (faster than the two-copy einsum on every shape we measured).
 
     Args:
@@ -532,9 +532,9 @@ def kfac_reduce(
     dilation: int | Sequence[int] = 1,
     groups: int = 1,
 ) -> Tensor:
-    """The value of :func:`kfac_reduce_expression`, ``sum_n u_n u_n^T`` per group.
+    """The value of ``kfac_reduce_expression``, ``sum_n u_n u_n^T`` per group.
 
-    Computed as :func:`averaged_patches` (each pattern summed over its outputs before meeting
+    Computed as ``averaged_patches`` (each pattern summed over its outputs before meeting
     ``x``: the unfolded input is never formed, and ``x`` is contracted once) followed by one
     Gram matrix per group.
 

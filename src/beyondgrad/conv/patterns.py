@@ -167,7 +167,7 @@ def index_pattern(
         input_size: Input length ``I``.
         kernel_size: Kernel length ``K``.
         stride: Stride.
-        padding: Zero padding as in :func:`conv_output_size` (an int when ``transposed``).
+        padding: Zero padding as in ``conv_output_size`` (an int when ``transposed``).
         dilation: Dilation.
         transposed: Describe the transposed convolution instead.
         output_padding: Extra output length on the right (``transposed`` only).
@@ -175,8 +175,8 @@ def index_pattern(
         dtype: Dtype of the result (default float32).
 
     Returns:
-        A binary tensor of shape ``[K, O, I]``. It is cached per arguments: do not modify it
-        in place.
+        A binary tensor of shape ``[K, O, I]``, cached per arguments (do not modify it in
+        place).
 
     Raises:
         ValueError: On invalid sizes or hyper-parameters, or a non-integer padding with

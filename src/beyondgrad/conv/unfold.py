@@ -88,7 +88,7 @@ def unfold(
 
     Returns:
         The columns ``[N, C * prod(K), prod(O)]`` with ``O`` the convolution's output sizes
-        (:func:`~beyondgrad.conv.conv_output_size`).
+        (``beyondgrad.conv.conv_output_size``).
 
     Raises:
         ValueError: If ``x`` has no spatial dimension, a per-dimension argument has the wrong
@@ -132,7 +132,7 @@ def unfold_transpose(
 
     Returns:
         The columns ``[N, C * prod(K), prod(O_t)]`` with ``O_t`` the transposed convolution's
-        output sizes (:func:`~beyondgrad.conv.conv_transpose_output_size`).
+        output sizes (``beyondgrad.conv.conv_transpose_output_size``).
 
     Raises:
         ValueError: If ``x`` has no spatial dimension or a size or hyper-parameter is invalid.
@@ -170,16 +170,16 @@ def fold(
     padding: Padding | Sequence[int] = 0,
     stride: int | Sequence[int] = 1,
 ) -> Tensor:
-    """col2im, the adjoint of :func:`unfold` (overlapping patch entries are summed).
+    """col2im, the adjoint of ``unfold`` (overlapping patch entries are summed).
 
     In 2-d it equals ``torch.nn.functional.fold``.
 
     Args:
-        columns: Columns ``[N, C * prod(K), prod(O)]`` laid out as :func:`unfold` returns them.
+        columns: Columns ``[N, C * prod(K), prod(O)]`` laid out as ``unfold`` returns them.
         output_size: Spatial size ``I_1, ..., I_d`` of the image to rebuild (an int for 1-d).
         kernel_size: Kernel size ``K``: an int or one int per spatial dimension.
         dilation: Dilation: an int or one per dimension.
-        padding: Zero padding as in :func:`unfold`.
+        padding: Zero padding as in ``unfold``.
         stride: Stride: an int or one per dimension.
 
     Returns:
