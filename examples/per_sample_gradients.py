@@ -30,6 +30,7 @@ import beyondgrad as bg
 
 
 def parse_args() -> argparse.Namespace:
+    """The ``--small`` flag (or the ``BEYONDGRAD_EXAMPLES_SMALL=1`` environment variable)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="tiny sizes (seconds)")
     args = parser.parse_args()
@@ -38,6 +39,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
+    """Per-sample gradients, their checks, and one DP-SGD step."""
     args = parse_args()
     N, D, H, C = (8, 6, 16, 3) if args.small else (128, 32, 128, 10)
     torch.manual_seed(0)
@@ -61,7 +63,8 @@ def main() -> None:
         assert torch.allclose(g.sum(0), res.grad[name], atol=1e-12)
         assert torch.allclose(res[bg.BatchL2][name], g.flatten(1).pow(2).sum(1), atol=1e-12)
 
-    # a DP-SGD step on the per-sample gradients of the summed loss
+    # a DP-SGD step on the per-sample-loss gradients N * g_n: clip each to norm <= C (norms
+    # from BatchL2), sum, add Gaussian noise of scale sigma * C, average, step
     clip, sigma, lr = 1.0, 1.0, 0.1
     norms = sum(res[bg.BatchL2].values()).sqrt() * N  # whole-model norms of N * g_n
     factors = (clip / (norms + 1e-12)).clamp(max=1.0)  # [N]
