@@ -215,8 +215,20 @@ def class_members(cls: type) -> Iterator[tuple[str, object, type]]:
         for name, raw in vars(owner).items():
             if name in seen or (name.startswith("_") and name not in PUBLIC_DUNDERS):
                 continue
+            if not defined_in(raw, owner):
+                continue  # patched in from elsewhere (torch wraps Optimizer.step per subclass)
             seen.add(name)
             yield name, raw, owner
+
+
+def defined_in(raw: object, owner: type) -> bool:
+    """Whether a class attribute was written in ``owner``'s body (functions: by their
+    unwrapped ``__qualname__``; anything else: yes)."""
+    func = raw.__func__ if isinstance(raw, staticmethod | classmethod) else raw
+    if not inspect.isfunction(func):
+        return True
+    qualname = inspect.unwrap(func).__qualname__
+    return qualname.startswith(owner.__qualname__ + ".") or "<locals>" in qualname
 
 
 def check_class(qualname: str, cls: type, public: dict[type, str]) -> Iterator[str]:
