@@ -428,11 +428,12 @@ def test_api_directives_name_what_they_mean() -> None:
 
 
 def test_docs_build_strict(tmp_path: Path) -> None:
-    """``mkdocs build --strict`` (needs the ``docs`` extra; skipped without it)."""
+    """``mkdocs build --strict`` (needs the ``docs`` extra; skipped without it). Not ``-q``:
+    quiet mode hides the warnings that strict mode turns into a failure."""
     for module in ("mkdocs", "mkdocstrings_handlers.python", "material"):
         pytest.importorskip(module)
     proc = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
         cwd=ROOT,
         capture_output=True,
         text=True,
