@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from beyondgrad.cli import main
+from beyondgrad.app.cli import main
 
 ROOT = Path(__file__).parents[1]
 
