@@ -303,3 +303,25 @@ def test_divergence_writes_summary_checkpoint_and_dashboard(tmp_path, capsys):
     assert summary["checkpoint_step"] == summary["steps"]
     assert (out / "checkpoint.pt").exists() and (out / "dashboard.png").exists()
     assert "diverged" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "singd", "sirfshampoo"])
+def test_kron_lsq_trains_at_the_defaults(tmp_path, optimizer):
+    """These diverged within 10 steps at the app's former defaults (SINGD: at step 1)."""
+    config = train_mod.TrainConfig(
+        task="kron-lsq", optimizer=optimizer, steps=40, eval_every=100, progress=False,
+        out=str(tmp_path / "run"),
+    )  # fmt: skip
+    summary = train_mod.train(config)
+    assert summary["status"] == "finished", summary["divergence"]
+    assert summary["val_1_excess_initial"] > 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", train_mod.OPTIMIZERS)
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_trains_at_the_defaults(tmp_path, task, optimizer):
+    config = train_mod.TrainConfig(
+        task=task, optimizer=optimizer, cockpit="none", progress=False, out=str(tmp_path / "r")
+    )
+    assert train_mod.train(config)["status"] == "finished"

@@ -37,7 +37,25 @@ DEFAULT_LR = {
     "muon": 0.02,
     "soap": 3e-3,
 }
-"""Learning rates that train every built-in task (``beyondgrad train --lr`` overrides)."""
+"""Default learning rates (``beyondgrad train --lr`` overrides; see :data:`TASK_SETTINGS`)."""
+
+TASK_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
+    # Hessian U^T U kron Sigma with largest eigenvalue ~1.3e4: SGD with momentum 0.9 is stable
+    # below ~3e-4 (mini-batch noise: 1e-4); SINGD and SIRFShampoo start as SGD, and SINGD's
+    # factor update needs lr_cov normalized by the factors' scale (inputs of variance ~1e3)
+    "kron-lsq": {
+        "sgd": {"lr": 1e-4},
+        "singd": {"lr": 1e-4, "normalize_lr_cov": True},
+        "sirfshampoo": {"lr": 3e-4},
+    },
+}
+"""Per task, per optimizer: settings (``lr`` included) that replace the defaults where they
+diverge (every built-in task trains at the defaults without diverging; tested)."""
+
+
+def task_settings(task: str, optimizer: str) -> dict[str, Any]:
+    """The :func:`make_optimizer` keywords (``lr`` included) for ``optimizer`` on ``task``."""
+    return {"lr": DEFAULT_LR[optimizer], **TASK_SETTINGS.get(task, {}).get(optimizer, {})}
 
 
 class Chain:
@@ -142,4 +160,13 @@ def _muon(params: list[nn.Parameter], kw: dict[str, Any]) -> Chain:
     return Chain(*opts)
 
 
-__all__ = ["DEFAULT_LR", "OPTIMIZERS", "SETTINGS", "Chain", "available", "make_optimizer"]
+__all__ = [
+    "DEFAULT_LR",
+    "OPTIMIZERS",
+    "SETTINGS",
+    "TASK_SETTINGS",
+    "Chain",
+    "available",
+    "make_optimizer",
+    "task_settings",
+]

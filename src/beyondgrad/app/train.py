@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..cockpit import Cockpit, every
-from .optimizers import DEFAULT_LR, make_optimizer
+from .optimizers import make_optimizer, task_settings
 from .rundir import (
     RunDirError,
     check_writable,
@@ -151,10 +151,13 @@ class _Run:
         self.device = torch.device(config.device)
         self.task = make_task(config.task, config.seed)
         self.model = self.task.model.to(self.device)
-        self.lr = config.lr if config.lr is not None else DEFAULT_LR[config.optimizer]
+        options = task_settings(config.task, config.optimizer)
+        self.lr = options.pop("lr") if config.lr is None else config.lr
+        options.pop("lr", None)
         self.opt = make_optimizer(
-            config.optimizer, self.model, self.task.loss_fn, self.lr, config.weight_decay
-        )
+            config.optimizer, self.model, self.task.loss_fn, self.lr, config.weight_decay,
+            **options,
+        )  # fmt: skip
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda step: lr_factor(config, step)
         )
