@@ -325,3 +325,28 @@ def test_every_task_trains_at_the_defaults(tmp_path, task, optimizer):
         task=task, optimizer=optimizer, cockpit="none", progress=False, out=str(tmp_path / "r")
     )
     assert train_mod.train(config)["status"] == "finished"
+
+
+def test_bench_uses_the_one_factory():
+    from beyondgrad.app import bench
+    from beyondgrad.app.optimizers import available, make_optimizer
+
+    r = bench.run("kron-lsq", "adamw", {"lr": 1e-3, "weight_decay": 0.0}, 0, 60.0, max_steps=4,
+                  eval_every=2)  # fmt: skip
+    assert r.steps == 4 and not r.reached and not r.diverged and len(r.history) == 2
+    task = make_task("kron-lsq")
+    opt = bench.build("kfac", task.model, task.loss_fn, {"lr": 0.1, "damping": 1e-2,
+                                                         "weight_decay": 0.0})  # fmt: skip
+    assert opt.param_groups[0]["lr"] == 0.1
+    for name in ("adamw", "sgd", "kfac", "singd", "sirfshampoo", "muon"):
+        if available(name):
+            assert make_optimizer(name, task.model, task.loss_fn).state_dict() is not None
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        make_optimizer("lbfgs", task.model, task.loss_fn)
+    table = bench.render({
+        "meta": {"torch": "x", "device": "cpu", "threads": 1, "trials": 1, "seeds": 1,
+                 "max_seconds": 1.0},
+        "tasks": {"kron-lsq": {"target": 0.999, "cells": {
+            "adamw": bench.Cell({"lr": 1e-3}, [r], 1.0).summary()}}},
+    })  # fmt: skip
+    assert "| adamw |" in table

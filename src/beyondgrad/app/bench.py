@@ -135,26 +135,15 @@ def run(
     """Train until the task's target, ``max_seconds`` of training time or ``max_steps``."""
     task = make_task(task_name, seed)
     model = task.model.to(device)
-    loss_fn = task.loss_fn
-    opt = build(opt_name, model, loss_fn, hp, bf16)
-    capture = getattr(opt, "capture", contextlib.nullcontext)
+    opt = build(opt_name, model, task.loss_fn, hp, bf16)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     elapsed, steps, metric, history = 0.0, 0, -math.inf, []
-    diverged = False
+    reached = diverged = False
     batches = task.batches(seed)
-    while steps < max_steps and elapsed < max_seconds:
-        X, y = next(batches)
-        X, y = X.to(device), y.to(device)
+    while steps < max_steps and elapsed < max_seconds and not (reached or diverged):
+        X, y = (t.to(device) for t in next(batches))
         start = time.perf_counter()
-        try:
-            opt.zero_grad()
-            with capture():
-                loss = loss_fn(model(X), y)
-            loss.backward()
-            if not bool(torch.isfinite(loss)):
-                raise FloatingPointError("non-finite loss")
-            opt.step()
-        except FloatingPointError:
+        if not _step(opt, model, task.loss_fn, X, y):
             diverged = True
             break
         sync()
@@ -163,30 +152,25 @@ def run(
         if steps % eval_every == 0:
             metric = task.evaluate(model)
             history.append((steps, elapsed, metric))
-            if not math.isfinite(metric):
-                diverged = True
-                break
-            if metric >= task.target:
-                return Run(
-                    True,
-                    elapsed,
-                    steps,
-                    1e3 * elapsed / steps,
-                    state_bytes(opt),
-                    False,
-                    metric,
-                    history,
-                )
-    return Run(
-        False,
-        elapsed,
-        steps,
-        1e3 * elapsed / max(steps, 1),
-        state_bytes(opt),
-        diverged,
-        metric,
-        history,
-    )
+            diverged = not math.isfinite(metric)
+            reached = task.target is not None and metric >= task.target
+    ms = 1e3 * elapsed / max(steps, 1)
+    return Run(reached, elapsed, steps, ms, state_bytes(opt), diverged, metric, history)
+
+
+def _step(opt: Any, model: nn.Module, loss_fn: nn.Module, X: torch.Tensor, y: torch.Tensor) -> bool:
+    """One training step; False (and no update) when the loss or the statistics diverged."""
+    try:
+        opt.zero_grad()
+        with getattr(opt, "capture", contextlib.nullcontext)():
+            loss = loss_fn(model(X), y)
+        if not bool(torch.isfinite(loss)):
+            return False
+        loss.backward()
+        opt.step()
+    except FloatingPointError:
+        return False
+    return True
 
 
 def _score(r: Run, budget: float) -> float:
@@ -201,9 +185,11 @@ class Cell:
 
     @property
     def median_seconds(self) -> float:
+        """Median over the runs of the time to target (the budget + 1 s for a miss)."""
         return statistics.median(_score(r, self.budget) for r in self.runs)
 
     def summary(self) -> dict[str, Any]:
+        """The cell's row: hyperparameters, medians, state MiB, reached and diverged counts."""
         reached = [r for r in self.runs if r.reached]
         return {
             "hp": self.hp,

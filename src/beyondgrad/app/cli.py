@@ -131,39 +131,71 @@ def _reference_per_sample(p: Problem, count: int) -> dict[str, torch.Tensor]:
     return vmap(grad(loss_one), in_dims=(None, 0, 0))(params, p.X[:count], p.y[:count])
 
 
+Row = tuple[str, float, float, str, str]  # name, seconds, baseline seconds, shape, note
+
+
 def demo(problem: str, device: str, reps: int, threads: int | None) -> int:
+    """``beyondgrad demo``: every quantity on a built-in problem, timed against one plain
+    forward+backward, per-sample gradients checked against torch.func.
+
+    Args:
+        problem: one of :data:`~beyondgrad.app.tasks.PROBLEMS`.
+        device: torch device.
+        reps: timing repetitions per row (medians reported).
+        threads: torch CPU threads (None: torch's choice).
+
+    Returns:
+        The exit status: 0 if the per-sample gradients match torch.func, else 1.
+    """
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device)
     p = make_problem(problem).to(dev)
-    model, loss_fn, X, y = p.model, p.loss_fn, p.X, p.y
     print(
         f"beyondgrad {__version__} demo: problem '{problem}' ({p.num_params:,} parameters, "
-        f"batch {X.shape[0]}), torch {torch.__version__}, {dev}, {torch.get_num_threads()} threads"
+        f"batch {p.X.shape[0]}), torch {torch.__version__}, {dev}, {torch.get_num_threads()} "
+        "threads"
     )
-
-    def plain() -> None:
-        model.zero_grad(set_to_none=True)
-        loss_fn(model(X), y).backward()
-
-    res = compute(model, loss_fn, X, y, *FIRST_ORDER_DEMO)
-    check = min(4, X.shape[0])
+    res = compute(p.model, p.loss_fn, p.X, p.y, *FIRST_ORDER_DEMO)
+    check = min(4, p.X.shape[0])
     ref = _reference_per_sample(p, check)
     err = max(
         float((res[BatchGrad][n][:check] - r).norm() / r.norm().clamp_min(1e-30))
         for n, r in ref.items()
     )
+    rows = _demo_rows(p, res, reps, dev)
+    print(f"\n{'quantity':<40} {'time [ms]':>10} {'x fwd+bwd':>10}  {'first tensor':<16} notes")
+    for name, t, b, shape, note in rows:
+        if t != t:  # refused
+            print(f"{name:<40} {'-':>10} {'-':>10}  {shape:<16} {note}")
+            continue
+        print(f"{name:<40} {t * 1e3:>10.1f} {t / b:>10.2f}  {shape:<16} {note}")
+    cov = coverage(p.model, p.loss_fn, p.X, p.y).by_rule()
+    print(
+        "\nrules serving the parameters: " + ", ".join(f"{k}: {v}" for k, v in sorted(cov.items()))
+    )
+    print(
+        f"per-sample gradients of {check} samples vs torch.func (vmap(grad)): "
+        f"max relative error {err:.2e}"
+    )
+    return 0 if err < 1e-3 else 1
 
-    rows = []
-    bases = []
+
+def _demo_rows(p: Problem, res: Any, reps: int, dev: torch.device) -> list[Row]:
+    """The demo's table: one row per quantity (refusals with NaN time), the baseline first."""
+    model, loss_fn, X, y = p.model, p.loss_fn, p.X, p.y
+
+    def plain() -> None:
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(X), y).backward()
+
+    rows: list[Row] = []
     for q in FIRST_ORDER_DEMO:
         t, b = _paired_times(lambda q=q: compute(model, loss_fn, X, y, q), plain, reps, dev)
         first = next(iter(res[q].values()))
         rows.append((q.key, t, b, "x".join(map(str, first.shape)), f"{len(res[q])} tensors"))
-        bases.append(b)
     t, b = _paired_times(lambda: compute(model, loss_fn, X, y, *FIRST_ORDER_DEMO), plain, reps, dev)
     rows.append(("first-order, all in one call", t, b, "-", "one forward, one backward"))
-    bases.append(b)
     gen = torch.Generator(device=dev).manual_seed(0)
     for q in SECOND_ORDER_DEMO:
         label = _label(q)
@@ -176,26 +208,9 @@ def demo(problem: str, device: str, reps: int, threads: int | None) -> int:
             lambda q=q: compute(model, loss_fn, X, y, q, generator=gen), plain, reps, dev
         )
         rows.append((label, t, b, "-", _describe(value)))
-        bases.append(b)
     model.zero_grad(set_to_none=True)
-    base = statistics.median(bases)
-    rows.insert(0, ("plain forward+backward", base, base, "-", "the reference"))
-
-    print(f"\n{'quantity':<40} {'time [ms]':>10} {'x fwd+bwd':>10}  {'first tensor':<16} notes")
-    for name, t, b, shape, note in rows:
-        if t != t:  # refused
-            print(f"{name:<40} {'-':>10} {'-':>10}  {shape:<16} {note}")
-            continue
-        print(f"{name:<40} {t * 1e3:>10.1f} {t / b:>10.2f}  {shape:<16} {note}")
-    cov = coverage(model, loss_fn, X, y).by_rule()
-    print(
-        "\nrules serving the parameters: " + ", ".join(f"{k}: {v}" for k, v in sorted(cov.items()))
-    )
-    print(
-        f"per-sample gradients of {check} samples vs torch.func (vmap(grad)): "
-        f"max relative error {err:.2e}"
-    )
-    return 0 if err < 1e-3 else 1
+    base = statistics.median(b for _, t, b, _, _ in rows if t == t)
+    return [("plain forward+backward", base, base, "-", "the reference"), *rows]
 
 
 def _coverage(problem: str) -> int:

@@ -123,6 +123,7 @@ class _Stop:
     installed: bool = False
 
     def install(self) -> None:
+        """Catch SIGINT (in the main thread only; elsewhere Ctrl-C raises at once)."""
         if threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGINT, self._handle)
             self.installed = True
@@ -133,6 +134,7 @@ class _Stop:
         self.requested = True
 
     def restore(self) -> None:
+        """Put back the SIGINT handler found by :meth:`install`."""
         if self.installed:
             signal.signal(signal.SIGINT, self.previous)
             self.installed = False
