@@ -272,6 +272,43 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch, optimizer, cockpit, how,
         assert (tmp_path / "part" / "dashboard.png").exists()
 
 
+def test_resume_after_a_kill_inside_the_backward_pass(tmp_path, monkeypatch):
+    """KeyboardInterrupt in the middle of step 3's backward pass (Cockpit and KFAC capture
+    active, the Cockpit's random draws done): the checkpoint is step 3 as it began; resume is
+    exact, and so is every logged instrument."""
+    train_mod.train(_config(tmp_path / "full", "kfac", "business"))
+    make = train_mod.make_task
+
+    def make_task_with_a_kill(name, seed=0, batch_size=None):
+        task = make(name, seed, batch_size)
+        calls = {"n": 0}
+
+        def kill(grad):
+            raise KeyboardInterrupt
+
+        def hook(module, args, output):
+            if module.training:
+                calls["n"] += 1
+                if calls["n"] == 4:  # in the backward pass, after the curvature's draws
+                    output.register_hook(kill)
+
+        task.model[2].register_forward_hook(hook)
+        return task
+
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "make_task", make_task_with_a_kill)
+        part = train_mod.train(_config(tmp_path / "part", "kfac", "business"))
+    assert part["status"] == "interrupted" and part["checkpoint_step"] == 3
+    train_mod.resume(tmp_path / "part", progress=False)
+    a, b = _params(tmp_path / "full"), _params(tmp_path / "part")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logs = [read_log(tmp_path / r) for r in ("full", "part")]
+    assert [r["step"] for r in logs[1]] == list(range(6))
+    for r0, r1 in zip(*logs):
+        differ = {k for k in r0.keys() | r1.keys() if r0.get(k) != r1.get(k)}
+        assert differ <= {"Alpha"}, (r0["step"], differ)
+
+
 def test_a_kill_inside_the_update_resumes_from_the_last_checkpoint(tmp_path, monkeypatch):
     """Interrupted inside ``optimizer.step()`` (state half-written), the run keeps its last
     periodic checkpoint, and resuming from it still equals the uninterrupted run."""

@@ -147,6 +147,7 @@ class _Run:
     progress: Progress = field(default_factory=Progress)
     phase: str = "idle"  # "step" while a step is under way, "update" from opt.step() on
     divergence: str | None = None  # what diverged, and where
+    _rng_at_start: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         config = self.config
@@ -173,18 +174,31 @@ class _Run:
         self.stop = _Stop()
 
     # -- state --------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Everything a bit-identical continuation needs."""
+    def _rng(self) -> dict[str, torch.Tensor]:
+        """The random states a step draws from: torch's (CPU, CUDA) and the Cockpit's."""
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.cockpit is not None:
+            rng["cockpit"] = self.cockpit.generator.get_state()
+        return rng
+
+    def _set_rng(self, rng: dict[str, torch.Tensor]) -> None:
+        torch.set_rng_state(rng["torch"].cpu())
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"].cpu(), self.device)
+        if "cockpit" in rng and self.cockpit is not None:
+            self.cockpit.generator.set_state(rng["cockpit"].cpu())
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a bit-identical continuation needs."""
         return {
             "format": 1,
             "model": self.model.state_dict(),
             "optimizer": self.opt.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "cockpit": _cockpit_state(self.cockpit),
-            "rng": rng,
+            "rng": self._rng(),
             "progress": asdict(self.progress),
         }
 
@@ -198,9 +212,7 @@ class _Run:
         self.opt.param_groups[:] = groups
         self.scheduler.load_state_dict(state["scheduler"])
         _load_cockpit_state(self.cockpit, state["cockpit"])
-        torch.set_rng_state(state["rng"]["torch"].cpu())
-        if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
+        self._set_rng(state["rng"])
         self.progress = Progress(**state["progress"])
 
     def checkpoint(self) -> None:
@@ -225,6 +237,8 @@ class _Run:
                 self._after_step(bar)
         except KeyboardInterrupt:
             status, consistent = "interrupted", self.phase != "update"
+            if self.phase == "step":  # the step's random draws are redone on resume
+                self._set_rng(self._rng_at_start)
         except _Diverged as err:
             status, self.divergence = "diverged", str(err)
         finally:
@@ -242,6 +256,7 @@ class _Run:
             if p.reached is None and task.target is not None and p.metric >= task.target:
                 p.reached = {"step": step, "seconds": p.elapsed}
         X, y = (t.to(self.device) for t in batch)
+        self._rng_at_start = self._rng()
         self.phase = "step"
         start = time.perf_counter()
         try:
@@ -315,13 +330,16 @@ class _Run:
                 p.reached = {"step": p.step, "seconds": p.elapsed}
         if consistent:
             self.checkpoint()
+        metric = p.metric  # stopped early: the metric now, for the summary only
+        if status != "finished" and consistent:
+            metric = task.evaluate(self.model)
         summary = {
             "task": self.config.task,
             "optimizer": self.config.optimizer,
             "status": status,
             "divergence": self.divergence,
             "final_loss": p.loss,
-            task.metric_key: p.metric,
+            task.metric_key: metric,
             "target": task.target,
             "target_reached": p.reached,
             "steps": p.step,
@@ -339,13 +357,13 @@ class _Run:
 
 
 def _cockpit_state(cockpit: Cockpit | None) -> dict[str, Any]:
-    """The Cockpit's state: its own ``state_dict()`` where it has one, else the public parts
-    (the Distance reference point and the sampling generator)."""
+    """The Cockpit's state: its own ``state_dict()`` where it has one, else the public part
+    (the Distance reference point; its generator is saved with the RNG states)."""
     if cockpit is None:
         return {}
     if hasattr(cockpit, "state_dict"):
         return {"state_dict": cockpit.state_dict()}
-    return {"initial": dict(cockpit.initial), "generator": cockpit.generator.get_state()}
+    return {"initial": dict(cockpit.initial)}  # its generator: with the RNG states
 
 
 def _load_cockpit_state(cockpit: Cockpit | None, state: dict[str, Any]) -> None:
@@ -356,7 +374,6 @@ def _load_cockpit_state(cockpit: Cockpit | None, state: dict[str, Any]) -> None:
         return
     for name, value in state["initial"].items():
         cockpit.initial[name] = value.to(cockpit.initial[name].device)
-    cockpit.generator.set_state(state["generator"])
 
 
 def _settings(config: TrainConfig, out: Path, lr: float) -> dict[str, Any]:
