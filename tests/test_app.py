@@ -387,3 +387,14 @@ def test_bench_uses_the_one_factory():
             "adamw": bench.Cell({"lr": 1e-3}, [r], 1.0).summary()}}},
     })  # fmt: skip
     assert "| adamw |" in table
+
+
+@pytest.mark.parametrize("old, name", [("problems", "make_problem"), ("tasks", "make_task"),
+                                       ("cli", "main")])  # fmt: skip
+def test_old_module_paths_still_work_with_a_deprecation_warning(old, name):
+    import importlib
+
+    with pytest.warns(DeprecationWarning, match="moved to beyondgrad.app"):
+        module = importlib.import_module(f"beyondgrad.{old}")
+        importlib.reload(module)
+    assert callable(getattr(module, name))
