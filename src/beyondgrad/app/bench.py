@@ -71,8 +71,8 @@ OPTIMIZERS = tuple(SEARCH_SPACES)
 
 FIXED: dict[str, dict[str, Any]] = {
     "kfac": {"stats_every": 10, "refresh_every": 10},
-    "singd": {"T": 10},
-    "sirfshampoo": {"T": 10, "max_dense": 512},
+    "singd": {"refresh_every": 10},
+    "sirfshampoo": {"refresh_every": 10, "max_dense": 512},
     "muon": {"adam_lr": 1e-3},
 }
 """The benchmark's fixed settings (on top of :data:`~beyondgrad.app.optimizers.SETTINGS`)."""
@@ -83,8 +83,9 @@ def build(
 ) -> Any:
     """Optimizer ``name`` with hyperparameters ``hp`` from the search space and the fixed
     choices of :data:`FIXED` (KFAC MC Fisher, statistics and refresh every 10 steps; SINGD
-    dense factors, T=10; SIRFShampoo dense factors up to 512, T=10; Muon's AdamW part at
-    lr 1e-3), through the app's one factory :func:`~beyondgrad.app.optimizers.make_optimizer`."""
+    dense factors, refresh every 10 steps; SIRFShampoo dense factors up to 512, refresh every
+    10 steps; Muon's AdamW part at lr 1e-3), through the app's one factory
+    :func:`~beyondgrad.app.optimizers.make_optimizer`."""
     return make_optimizer(name, model, loss_fn, bf16=bf16, **{**FIXED.get(name, {}), **hp})
 
 

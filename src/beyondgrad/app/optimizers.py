@@ -21,8 +21,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "adamw": {},
     "sgd": {"momentum": 0.9},
     "kfac": {"damping": 5e-2, "stats_every": 2},
-    "singd": {"damping": 1e-2, "T": 5},
-    "sirfshampoo": {"T": 2, "max_dense": 512},
+    "singd": {"damping": 1e-2, "refresh_every": 5},
+    "sirfshampoo": {"refresh_every": 2, "max_dense": 512},
     "muon": {"adam_lr": 1e-3},
     "soap": {},
 }
@@ -118,7 +118,7 @@ def make_optimizer(
         lr: learning rate (default: :data:`DEFAULT_LR`).
         weight_decay: decoupled weight decay (SGD: L2 added to the gradient, as torch's).
         bf16: SINGD and SIRFShampoo keep their preconditioner factors in bfloat16.
-        **options: override :data:`SETTINGS` (e.g. ``damping``, ``T``, ``stats_every``).
+        **options: override :data:`SETTINGS` (e.g. ``damping``, ``refresh_every``, ``stats_every``).
 
     Returns:
         A ``torch.optim.Optimizer`` (Muon: a :class:`Chain` of Muon and AdamW).

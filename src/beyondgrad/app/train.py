@@ -203,13 +203,9 @@ class _Run:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (the optimizer keeps its own param-group dicts)."""
+        """Restore :meth:`state_dict`."""
         self.model.load_state_dict(state["model"])
-        groups = list(self.opt.param_groups)
-        self.opt.load_state_dict(state["optimizer"])
-        for mine, loaded in zip(groups, self.opt.param_groups, strict=True):
-            mine.update(loaded)  # optimizers may hold references to their group dicts
-        self.opt.param_groups[:] = groups
+        self.opt.load_state_dict(state["optimizer"])  # after the scheduler was built: its lr
         self.scheduler.load_state_dict(state["scheduler"])
         _load_cockpit_state(self.cockpit, state["cockpit"])
         self._set_rng(state["rng"])
