@@ -294,6 +294,9 @@ class Session:
         calls = [(u, c) for u in self.layers for c in u.calls]
         if self.plan.kronecker_only:  # Kronecker blocks only: other layers need no backward
             calls = [(u, c) for u, c in calls if _has_kronecker(u)]
+        for _, call in calls:
+            if call.problem is not None:
+                raise RuntimeError(call.problem)
         return calls
 
     def _backward(
