@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 import beyondgrad as bg
+from beyondgrad.engine import SamplesCoupledError
 from oracles import curvature as curv_oracle
 from oracles import first_order as fo_oracle
 
@@ -113,3 +114,130 @@ def test_global_hook_changing_outputs_is_refused():
         assert_exact(model, X, y, loss_fn)
     finally:
         handle.remove()
+
+
+# -- 2. samples coupled outside BatchNorm modules -----------------------------------------------
+class Centered(nn.Module):
+    """``(x - x.mean(0)) * gain``: couples the samples inside a generic layer."""
+
+    def __init__(self, d: int = 4):
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, d, dtype=DT))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - x.mean(0)) * self.gain
+
+
+class FunctionalBatchNorm(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.batch_norm(x, None, None, training=True)
+
+
+class MeanCentered(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x - x.mean(0)
+
+
+class ItemScaled(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x / x.std().item()
+
+
+COUPLINGS = {
+    "(x - x.mean(0)) * gain": Centered,
+    "F.batch_norm(training=True)": FunctionalBatchNorm,
+    "h - h.mean(0)": MeanCentered,
+    ".item() of a batch statistic": ItemScaled,
+}
+ROW_QUANTITIES = [bg.BatchGrad(), bg.BatchL2(), bg.DiagGGN(), bg.DiagGGN(mc_samples=1)]
+
+
+@pytest.mark.parametrize("coupling", list(COUPLINGS))
+@pytest.mark.parametrize("quantity", ROW_QUANTITIES, ids=repr)
+def test_samples_coupled_by_any_op_raise(coupling, quantity):
+    model, (X, y) = mlp(COUPLINGS[coupling]()), data()
+    with pytest.raises(SamplesCoupledError, match="couple"):
+        bg.compute(model, nn.MSELoss(), X, y, quantity, bg.Grad())
+
+
+@pytest.mark.parametrize("coupling", list(COUPLINGS))
+@pytest.mark.parametrize(
+    "extra", [(), (bg.KFAC(fisher_type="type-2"),), (bg.KFAC(fisher_type="mc"),)], ids=repr
+)
+def test_grad_equals_autograd_on_coupled_models(coupling, extra):
+    model, (X, y), loss_fn = mlp(COUPLINGS[coupling]()), data(), nn.MSELoss()
+    res = bg.compute(model, loss_fn, X, y, bg.Grad(), *extra)
+    expected = fo_oracle.autograd_grad(model, loss_fn, X, y)
+    for name, g in expected.items():
+        torch.testing.assert_close(res.grad[name], g)
+
+
+def test_functional_batch_norm_found_in_the_graph_without_probe():
+    """The free graph check names the module even when the probe is skipped."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2).to(DT)
+
+        def forward(self, x):
+            return torch.nn.functional.batch_norm(self.lin(x), None, None, training=True)
+
+    model, (X, y) = nn.Sequential(Block()), data()
+    with pytest.raises(SamplesCoupledError, match="batch statistics"):
+        bg.compute(model, nn.MSELoss(), X, y, bg.BatchGrad(), check_samples=False)
+    loss_fn = nn.MSELoss()
+    with bg.capture(model, loss_fn, bg.DiagGGN()) as session:
+        loss = loss_fn(model(X), y)
+    with pytest.raises(SamplesCoupledError):
+        session.compute(loss)
+
+
+def test_instance_norm_and_eval_batch_norm_are_not_coupling():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(2, 3, 3), nn.InstanceNorm1d(3, affine=True), nn.Flatten(), nn.Linear(9, 2)
+    ).to(DT)
+    X = torch.randn(N, 2, 5, dtype=DT)
+    y = torch.randn(N, 2, dtype=DT)
+    res = bg.compute(model, nn.MSELoss(), X, y, bg.BatchGrad())
+    expected = fo_oracle.per_sample_grads(model, nn.MSELoss(), X, y)
+    for name, g in expected.items():
+        torch.testing.assert_close(res[bg.BatchGrad][name], g)
+
+
+# -- 3. activation checkpointing ----------------------------------------------------------------
+class Checkpointed(nn.Module):
+    def __init__(self, reentrant: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.reentrant = nn.Linear(3, 4).to(DT), nn.Linear(4, 2).to(DT), reentrant
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.utils.checkpoint.checkpoint(
+            lambda t: torch.tanh(self.a(t)), x, use_reentrant=self.reentrant
+        )
+        return self.b(h)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("quantities", [(bg.Grad(),), (bg.Grad(), bg.BatchGrad())], ids=repr)
+def test_reentrant_checkpoint_refused_not_zero(quantities):
+    model, (X, y) = Checkpointed(reentrant=True), data()
+    X.requires_grad_(True)  # torch itself gives no gradients otherwise
+    with pytest.raises(RuntimeError, match="use_reentrant=False"):
+        bg.compute(model, nn.MSELoss(), X, y, *quantities)
+
+
+def test_non_reentrant_checkpoint_is_exact():
+    model, (X, y), loss_fn = Checkpointed(reentrant=False), data(), nn.MSELoss()
+    quantities = (bg.BatchGrad(), bg.Grad(), bg.DiagGGN())
+    res = bg.compute(model, loss_fn, X, y, *quantities)
+    plain = nn.Sequential(model.a, nn.Tanh(), model.b)  # the same parameters, no checkpoint
+    ref = bg.compute(plain, loss_fn, X, y, *quantities)
+    per_sample = fo_oracle.per_sample_grads(model, loss_fn, X, y)
+    diag = curv_oracle.diag_ggn(curv_oracle.ggn(plain, loss_fn, X, y))
+    for name, local in zip(["a.weight", "b.weight"], ["0.weight", "2.weight"]):
+        torch.testing.assert_close(res[bg.BatchGrad][name], per_sample[name])
+        torch.testing.assert_close(res.grad[name], ref.grad[local])
+        torch.testing.assert_close(res[bg.DiagGGN][name], diag[local])

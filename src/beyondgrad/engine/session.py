@@ -17,9 +17,10 @@ from torch import Tensor, nn
 
 from ..forms import Form
 from ..rules import generic_forms, uses_batch_statistics
-from .attribution import attribute
-from .backprop import GRAD, Backprop, CallGradients, VectorKind, check_finite
+from .attribution import attribute, check_no_reentrant_checkpoint, node_kinds
+from .backprop import GRAD, Backprop, CallGradients, VectorKind, backprop_vectors, check_finite
 from .capture import Call, Layer, Recorder, plan_layers
+from .coupling import BATCH_NORM_NODES, coupling_node
 from .losses import (
     check_loss_fn,
     check_target,
@@ -67,6 +68,15 @@ def check_quantities(quantities: Sequence[Any], vectors: Sequence[VectorKind]) -
 class SamplesCoupledError(RuntimeError):
     """The model couples its samples (e.g. BatchNorm in training mode): per-sample quantities
     are undefined. The message names the module and the fix."""
+
+
+def needs_independent_samples(quantities: Sequence[Any], per_sample: bool = False) -> bool:
+    """Whether the quantities read per-sample rows (per-sample quantities, and reductions of
+    rows such as the GGN diagonal), which are exact only for independent samples. The
+    gradient and Kronecker factors (KFAC) are sums over the batch and need no independence."""
+    if per_sample or any(q.per_sample for q in quantities):
+        return True
+    return any(q.needs().reads_rows for q in quantities)
 
 
 def check_samples_independent(model: nn.Module) -> None:
@@ -142,7 +152,8 @@ class Session:
         self.subsampling, self.generator = subsampling, generator
         self.plan = Plan(quantities, vectors, max_vectors)
         self.per_sample = per_sample or any(q.per_sample for q in quantities)
-        if self.per_sample:
+        self.independent = needs_independent_samples(quantities, self.per_sample)
+        if self.independent:
             check_samples_independent(model)
         self.layers = plan_layers(model)
         self.recorder = Recorder(self.layers)
@@ -184,6 +195,7 @@ class Session:
         def on_loss(grad: Tensor) -> None:
             self.loss_scale = grad.detach()
             self._node_kinds = attribute(loss, self.layers, names)
+            self._check_graph(loss, self._node_kinds)
 
         loss.register_hook(on_loss)
 
@@ -262,6 +274,7 @@ class Session:
             node_kinds = self._node_kinds or set()
         elif not plan.only_gradient:  # a plain gradient needs no attribution to layer calls
             node_kinds = attribute(loss, self.layers, names)
+            self._check_graph(loss, node_kinds)
         calls = [] if plan.only_gradient and not watched else self._calls()
         graph = Backprop(calls, node_kinds, N, self._forms_of_call(N))
         prepared = {}
@@ -289,6 +302,22 @@ class Session:
             parameter_gradients=param_grads,
         )
         return stats, prepared
+
+    def _check_graph(self, loss: Tensor, node_kinds: set[str]) -> None:
+        """Raise :class:`SamplesCoupledError` when the graph couples samples (a batch norm
+        with batch statistics outside BatchNorm modules) and the quantities need them
+        independent."""
+        if not self.independent or not node_kinds & BATCH_NORM_NODES:
+            return
+        node = coupling_node(loss)
+        if node is not None:
+            where = Backprop(self._calls(), set(), 0, self._forms_of_call(0)).locate(node)
+            raise SamplesCoupledError(
+                f"{where} normalizes with batch statistics ({type(node).__name__}, e.g. "
+                "F.batch_norm(..., training=True)), which couples the samples: per-sample "
+                "quantities (and reductions of per-sample rows, e.g. DiagGGN) are undefined. "
+                "Use running statistics (training=False) or model.eval()."
+            )
 
     def _calls(self) -> list[tuple[Layer, Call]]:
         calls = [(u, c) for u in self.layers for c in u.calls]
@@ -321,14 +350,34 @@ class Session:
         if not plan.second_order:
             return self._first_order_backward(graph, loss, retain_graph)
         blocks = [self._vectors(kind, output, target) for kind in plan.kinds]
-        grads = graph.gradients(output, torch.cat(blocks, 0), retain_graph)
+        grads, param_grads = self._batched_backward(graph, output, blocks, retain_graph)
         per_kind, start = {}, 0
         for kind, block in zip(plan.kinds, blocks):
             K = block.shape[0]
             part = [None if g is None else g[start : start + K] for g in grads]
             per_kind[kind] = graph.per_call(part)
             start += K
-        return per_kind, {}
+        return per_kind, param_grads
+
+    def _batched_backward(
+        self, graph: Backprop, output: Tensor, blocks: list[Tensor], retain_graph: bool
+    ) -> tuple[tuple[Tensor | None, ...], dict[int, Tensor]]:
+        """All vector blocks in one pass to the recorded layer outputs. With the gradient
+        requested, also to the parameters of generic layers: their per-sample rows are
+        recomputed sample by sample, which differs from the batch when the module couples
+        its samples, so their gradient comes from autograd (fast rules sum exact rows)."""
+        vectors = torch.cat(blocks, 0)
+        params = _served_parameters([u for u in self.layers if u.rule is None])
+        if not (self.plan.gradient and params):
+            return graph.gradients(output, vectors, retain_graph), {}
+        start = sum(b.shape[0] for b in blocks[: self.plan.kinds.index(GRAD)])
+        n = len(graph.targets)
+        grads = backprop_vectors(
+            output, graph.targets + params, vectors, graph.node_kinds, retain_graph
+        )
+        check_finite(grads[:n], graph.where)
+        param_grads = {id(p): g[start] for p, g in zip(params, grads[n:]) if g is not None}
+        return grads[:n], param_grads
 
     def _watched_gradients(self, graph: Backprop) -> list[Tensor | None]:
         seed = self.loss_scale
@@ -361,6 +410,8 @@ class Session:
             names = {id(p): name for name, p in self.model.named_parameters()}
             check_finite(grads, [names[id(p)] for p in params])
         param_grads = {id(p): g for p, g in zip(params, grads[n:]) if g is not None}
+        if len(param_grads) < len(params):  # unreached parameters: hidden by a checkpoint?
+            check_no_reentrant_checkpoint(node_kinds(loss))
         if not self.plan.kinds:
             return {}, param_grads
         layer = [None if g is None else g.unsqueeze(0) for g in grads[:n]]
