@@ -241,3 +241,35 @@ def test_non_reentrant_checkpoint_is_exact():
         torch.testing.assert_close(res[bg.BatchGrad][name], per_sample[name])
         torch.testing.assert_close(res.grad[name], ref.grad[local])
         torch.testing.assert_close(res[bg.DiagGGN][name], diag[local])
+
+
+# -- 4. non-finite values -----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "quantity",
+    [bg.Grad(), bg.BatchGrad(), bg.BatchL2(), bg.SumGradSquared(), bg.DiagGGN(), bg.KFAC()],
+    ids=repr,
+)
+@pytest.mark.parametrize("generic", [False, True])
+def test_infinite_input_raises_like_grad(quantity, generic):
+    model, (X, y) = mlp(Scale(4) if generic else None), data()
+    if generic:  # the generic layer first: its own input is infinite
+        model = nn.Sequential(Scale(3), *model)
+    X[1, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        bg.compute(model, nn.MSELoss(), X, y, quantity)
+
+
+def test_half_precision_norms_accumulate_in_float32():
+    model = nn.Linear(3, 4).half()
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+        model.bias.zero_()
+    X = torch.full((2, 3), 30.0, dtype=torch.half)
+    y = torch.zeros(2, 4, dtype=torch.half)
+    res = bg.compute(model, nn.MSELoss(), X, y, bg.BatchGrad(), bg.BatchL2(), bg.SumGradSquared())
+    rows = res[bg.BatchGrad]["weight"].float()
+    assert torch.isfinite(rows).all()  # the rows fit in half precision, their squares do not
+    l2 = res[bg.BatchL2]["weight"]
+    assert l2.dtype == torch.float32
+    torch.testing.assert_close(l2, rows.flatten(1).pow(2).sum(1))
+    torch.testing.assert_close(res[bg.SumGradSquared]["weight"], rows.pow(2).sum(0))

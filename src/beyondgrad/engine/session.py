@@ -253,6 +253,7 @@ class Session:
             previous = out._values.get(q) if out is not None and q in out._values else None
             values[q] = q.compute(stats, prepared.get(q), previous)
         values = {q: values[q] for q in self.quantities}
+        _check_results_finite(values, stats.rules)
         return Result(stats.loss, stats.output, values, stats.rules, stats.subsampling, stats)
 
     def _run(self, loss: Tensor, retain_graph: bool) -> tuple[Statistics, dict[Any, Any]]:
@@ -276,6 +277,7 @@ class Session:
             node_kinds = attribute(loss, self.layers, names)
             self._check_graph(loss, node_kinds)
         calls = [] if plan.only_gradient and not watched else self._calls()
+        _check_inputs_finite(calls)
         graph = Backprop(calls, node_kinds, N, self._forms_of_call(N))
         prepared = {}
         if plan.second_order and not watched:  # before the main pass frees the graph
@@ -458,6 +460,47 @@ class Session:
                 )
 
         return forms_of_call
+
+
+def _check_inputs_finite(calls: list[tuple[Layer, Call]]) -> None:
+    """Fast-rule layers multiply their input with the output gradient: an infinite input
+    gives NaN rows even where the gradient is zero (as autograd's gradient would)."""
+    inputs = [
+        (u.name, c.x.detach())
+        for u, c in calls
+        if u.rule is not None and isinstance(c.x, Tensor) and c.x.is_floating_point()
+    ]
+    check_finite(
+        [x for _, x in inputs],
+        [name for name, _ in inputs],
+        "non-finite input to module '{}' (inf or nan): its gradients are not finite",
+    )
+
+
+def _check_results_finite(values: dict[Any, dict[str, Any]], rules: dict[str, str]) -> None:
+    """``FloatingPointError`` naming a non-finite result where the checks of layer inputs and
+    output gradients do not suffice: parameters served by the generic rule (its per-sample
+    recomputation) and half-precision results (overflow)."""
+    tensors, where = [], []
+    for q, per_name in values.items():
+        for name, value in per_name.items():
+            generic = rules.get(name, "generic") in ("generic", "mixed")
+            for t in _result_tensors(value):
+                if generic or t.dtype in (torch.float16, torch.bfloat16):
+                    tensors.append(t)
+                    where.append(f"{q!r} of '{name}'")
+    check_finite(tensors, where, "non-finite values in {} (overflow, or inf/nan in the data)")
+
+
+def _result_tensors(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value.detach()] if value.is_floating_point() else []
+    fields = getattr(value, "__dict__", None)
+    if isinstance(value, (list, tuple)):
+        fields = dict(enumerate(value))
+    if not fields:
+        return []
+    return [v.detach() for v in fields.values() if isinstance(v, Tensor) and v.is_floating_point()]
 
 
 def _rules_by_name(layers: list[Layer], names: dict[int, str]) -> dict[str, str]:
