@@ -273,3 +273,67 @@ def test_half_precision_norms_accumulate_in_float32():
     assert l2.dtype == torch.float32
     torch.testing.assert_close(l2, rows.flatten(1).pow(2).sum(1))
     torch.testing.assert_close(res[bg.SumGradSquared]["weight"], rows.pow(2).sum(0))
+
+
+# -- 6. model state; clear errors -----------------------------------------------------------------
+def batchnorm_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+
+
+@pytest.mark.parametrize("quantities", [(bg.Grad(),), (bg.Grad(), bg.KFAC())], ids=repr)
+def test_train_mode_leaves_batchnorm_buffers_unchanged(quantities):
+    model, (X, y), loss_fn = batchnorm_model().train(), data(), nn.MSELoss()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = bg.compute(model, loss_fn, X, y, *quantities)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    # the gradient is that of the train-mode forward (batch statistics)
+    expected = fo_oracle.autograd_grad(model, loss_fn, X, y)
+    for name, g in expected.items():
+        torch.testing.assert_close(res.grad[name], g)
+
+
+@pytest.mark.parametrize(
+    "subsampling", [[0.7, 1.9], torch.tensor([0.0, 1.0]), torch.tensor([True, False] * 2 + [True])]
+)
+def test_non_integer_subsampling_refused(subsampling):
+    model, (X, y) = mlp(), data()
+    with pytest.raises(TypeError, match="integer sample indices"):
+        bg.compute(model, nn.MSELoss(), X, y, bg.BatchGrad(), subsampling=subsampling)
+
+
+def test_compute_under_no_grad_is_exact_and_inference_mode_is_refused():
+    model, (X, y), loss_fn = mlp(), data(), nn.MSELoss()
+    with torch.no_grad():
+        res = bg.compute(model, loss_fn, X, y, bg.BatchGrad())
+    expected = fo_oracle.per_sample_grads(model, loss_fn, X, y)
+    torch.testing.assert_close(res[bg.BatchGrad]["0.weight"], expected["0.weight"])
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        bg.compute(model, loss_fn, X, y, bg.BatchGrad())
+
+
+def test_clear_errors_for_bad_inputs():
+    model, (X, y), loss_fn = mlp(), data(), nn.MSELoss()
+    with pytest.raises(ValueError, match="empty"):
+        bg.compute(model, loss_fn, X[:0], y[:0], bg.BatchGrad())
+    with pytest.raises(TypeError, match="y must be a tensor"):
+        bg.compute(model, loss_fn, X, y.tolist(), bg.BatchGrad())
+    with pytest.raises(ValueError, match="top_k"):
+        bg.GGNEigen(top_k=-2)
+    meta = nn.Linear(3, 2, device="meta")
+    with pytest.raises(ValueError, match="meta device"):
+        bg.compute(meta, loss_fn, X, y, bg.BatchGrad())
+    with pytest.raises(ValueError, match="meta device"), bg.capture(meta, loss_fn, bg.BatchGrad()):
+        pass
+
+
+@pytest.mark.parametrize("quantity", [bg.Grad(), bg.BatchGrad()], ids=repr)
+def test_all_targets_ignored(quantity):
+    model, (X, _) = mlp(), data()
+    y = torch.full((N,), -100)
+    with pytest.raises(ValueError, match="ignore_index"):
+        bg.compute(model, nn.CrossEntropyLoss(), X, y, quantity)
+    # with a sum the loss is a well-defined zero
+    res = bg.compute(model, nn.CrossEntropyLoss(reduction="sum"), X, y, quantity)
+    assert all(bool((v == 0).all()) for v in res[quantity].values())

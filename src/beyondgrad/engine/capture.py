@@ -66,8 +66,18 @@ class Layer:
         return self.rule.name if self.rule is not None else "generic"
 
 
+def check_not_meta(model: nn.Module) -> None:
+    """Raise for a model whose parameters live on the meta device (shapes without data)."""
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError(
+            "the model has parameters on the meta device (no data); materialize it first, "
+            "e.g. model.to_empty(device=...) and initialize or load its weights"
+        )
+
+
 def plan_layers(model: nn.Module) -> list[Layer]:
     """One unit per module that owns trainable parameters directly."""
+    check_not_meta(model)
     layers = []
     for name, module in model.named_modules():
         own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}

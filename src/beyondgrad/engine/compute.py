@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from .backprop import VectorKind
+from .capture import check_not_meta
 from .coupling import samples_coupled
 from .losses import check_loss_fn
 from .result import Result
@@ -120,11 +121,7 @@ def _check_call(model: nn.Module, X: Any, y: Any) -> None:
     """Clear errors for inputs that would otherwise fail deep inside."""
     if not isinstance(y, Tensor):
         raise TypeError(f"y must be a tensor of targets [N, ...], got {type(y).__name__}")
-    if any(p.is_meta for p in model.parameters()):
-        raise ValueError(
-            "the model has parameters on the meta device (no data); materialize it first, "
-            "e.g. model.to_empty(device=...) and initialize or load its weights"
-        )
+    check_not_meta(model)
     _check_batch(X, y)
     if y.shape[0] == 0:
         raise ValueError("the batch is empty (X and y have 0 samples)")

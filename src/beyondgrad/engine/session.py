@@ -24,6 +24,7 @@ from .coupling import BATCH_NORM_NODES, coupling_node
 from .losses import (
     check_loss_fn,
     check_target,
+    explain_non_finite_loss,
     is_internal_loss_call,
     loss_vectors,
     reduction_factor,
@@ -102,6 +103,7 @@ def subsample_index(
     """Validated sample indices (negative ones wrapped), or ``None``."""
     if subsampling is None:
         return None
+    _check_integer_indices(subsampling)
     idx = torch.as_tensor(subsampling, dtype=torch.long, device=device).reshape(-1)
     if idx.numel() == 0:
         raise ValueError("subsampling is empty")
@@ -110,6 +112,25 @@ def subsample_index(
             f"subsampling index out of range for a batch of {N} samples: {idx.tolist()}"
         )
     return idx % N
+
+
+def _check_integer_indices(subsampling: Sequence[int] | Tensor) -> None:
+    """Refuse non-integer indices (``torch.as_tensor(..., dtype=long)`` would truncate floats
+    and turn a boolean mask into indices 0 and 1)."""
+    if isinstance(subsampling, Tensor):
+        if (
+            subsampling.is_floating_point()
+            or subsampling.is_complex()
+            or (subsampling.dtype == torch.bool)
+        ):
+            raise TypeError(
+                f"subsampling must hold integer sample indices, got a {subsampling.dtype} "
+                "tensor (for a boolean mask use mask.nonzero().flatten())"
+            )
+        return
+    for i in subsampling:
+        if isinstance(i, bool) or not hasattr(i, "__index__"):
+            raise TypeError(f"subsampling must hold integer sample indices, got {i!r}")
 
 
 class Plan:
@@ -266,6 +287,7 @@ class Session:
         output, target = self._loss_record(loss)
         check_target(self.loss_fn, output, target)
         if not bool(torch.isfinite(loss)):
+            explain_non_finite_loss(self.loss_fn, output, target)
             raise FloatingPointError(f"the loss is not finite ({loss.item()})")
         N = output.shape[0]
         names = {id(p): n for n, p in self.model.named_parameters()}

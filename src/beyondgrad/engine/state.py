@@ -15,17 +15,19 @@ def preserved_buffers(model: nn.Module) -> Iterator[None]:
     """Restore every buffer of ``model`` on exit (also on errors): a buffer updated in place is
     copied back, a buffer replaced by another tensor is put back. Costs one copy of the
     buffers (BatchNorm statistics are tiny next to the activations of one batch)."""
-    saved: list[tuple[nn.Module, str, Tensor, int, Tensor]] = []
+    saved: list[tuple[nn.Module, str, Tensor, Tensor]] = []
     for module in model.modules():
         for name, buf in module.named_buffers(recurse=False):
             if buf is not None:
-                saved.append((module, name, buf, buf._version, buf.detach().clone()))
+                saved.append((module, name, buf, buf.detach().clone()))
     try:
         yield
     finally:
         with torch.no_grad():
-            for module, name, buf, version, copy in saved:
+            for module, name, buf, copy in saved:
                 if getattr(module, name, None) is not buf:
                     setattr(module, name, buf)
-                if buf._version != version:
+                # kernels update running statistics without bumping the version counter:
+                # compare the values
+                if not torch.equal(buf, copy):
                     buf.copy_(copy)
