@@ -337,3 +337,28 @@ def test_all_targets_ignored(quantity):
     # with a sum the loss is a well-defined zero
     res = bg.compute(model, nn.CrossEntropyLoss(reduction="sum"), X, y, quantity)
     assert all(bool((v == 0).all()) for v in res[quantity].values())
+
+
+class WithChild(nn.Module):
+    """A generic layer (own parameter) around a fast-rule child."""
+
+    def __init__(self, d: int = 4):
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, d, dtype=DT))
+        self.inner = nn.Linear(d, d).to(DT)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x * self.scale)
+
+
+def test_nested_sessions_do_not_record_each_others_replays():
+    model, (X, y), loss_fn = mlp(WithChild()), data(), nn.MSELoss()
+    with bg.capture(model, loss_fn, bg.BatchGrad()) as outer:
+        with bg.capture(model, loss_fn, bg.BatchL2()) as inner:
+            loss = loss_fn(model(X), y)
+        inner_res = inner.compute(loss, retain_graph=True)  # replays WithChild, outer is live
+    outer_res = outer.compute(loss)
+    expected = fo_oracle.per_sample_grads(model, loss_fn, X, y)
+    for name, g in expected.items():
+        torch.testing.assert_close(outer_res[bg.BatchGrad][name], g)
+        torch.testing.assert_close(inner_res[bg.BatchL2][name], g.flatten(1).pow(2).sum(1))

@@ -100,6 +100,20 @@ def _edge_of(out: Tensor) -> tuple[Tensor | None, torch.Size | None]:
     return None, None
 
 
+_REPLAYING = [0]
+
+
+@contextmanager
+def replaying() -> Iterator[None]:
+    """Module calls made by beyondgrad itself (the generic rule's per-sample recomputation, a
+    verification): no recorder records them, also not those of other live sessions."""
+    _REPLAYING[0] += 1
+    try:
+        yield
+    finally:
+        _REPLAYING[0] -= 1
+
+
 class Recorder:
     """Forward hooks on every unit's module; use as a context manager. Records nothing while
     ``paused()`` or when grad mode is off.
@@ -171,7 +185,7 @@ class Recorder:
     def _hook(self, unit: Layer, ids: dict[str, int], pending: list[tuple[tuple, dict]]):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             call_args, call_kwargs = pending.pop() if pending else (args, kwargs)
-            if not self.enabled or not torch.is_grad_enabled():
+            if not self.enabled or _REPLAYING[0] or not torch.is_grad_enabled():
                 return None
             if unit.rule is not None and isinstance(output, Tensor) and args:
                 result = self._record_simple(unit, args, kwargs, output)
@@ -185,7 +199,7 @@ class Recorder:
 
     def _verify(self, unit: Layer, call: Call, args: tuple, kwargs: dict) -> None:
         """Replay a call whose hooks ran out of our order; note a mismatch in the call."""
-        with self.paused(), torch.no_grad():
+        with self.paused(), replaying(), torch.no_grad():
             if unit.rule is not None:
                 again = unit.module.forward(*args, **kwargs)
             else:

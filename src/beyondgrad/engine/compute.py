@@ -62,9 +62,8 @@ def compute(
 ) -> Result:
     """One forward and one backward pass of ``loss_fn(model(X), y)``; every quantity.
 
-    The model is left as it was: parameters, their ``.grad`` (unless ``accumulate_grad``) and
-    buffers (BatchNorm running statistics in training mode) are unchanged afterwards. Runs
-    with gradients enabled also inside ``torch.no_grad()``.
+    The model is left as it was (parameters, ``.grad`` unless ``accumulate_grad``, buffers
+    such as BatchNorm running statistics). Gradients are enabled also under ``no_grad()``.
 
     Args:
         model: any ``nn.Module``.
@@ -81,44 +80,31 @@ def compute(
             instead of allocating new memory.
         vectors: extra vector kinds to backpropagate into ``result.stats`` (e.g.
             ``[("mc", 1)]``) without a quantity asking for them.
-        check_samples: for quantities that need independent samples (per-sample ones, and
-            reductions of per-sample rows such as ``DiagGGN``), first probe the model on two
-            samples for coupling by any op (see :mod:`beyondgrad.engine.coupling`; two forward
-            passes on two samples, without gradients). ``False`` skips the probe (the checks
-            of modules and of the autograd graph still run).
+        check_samples: for quantities that need independent samples (per-sample ones,
+            ``DiagGGN``, ...), first probe the model for coupling by any op (two forward
+            passes on two samples, see :mod:`beyondgrad.engine.coupling`). ``False`` skips the
+            probe; the checks of modules and of the autograd graph still run.
 
     Returns:
         A :class:`~beyondgrad.engine.Result`.
 
     Raises:
-        SamplesCoupledError: the model couples its samples and a quantity needs them
-            independent.
+        SamplesCoupledError: the samples interact and a quantity needs them independent.
     """
     quantities = tuple(check_quantities(quantities, vectors))
     _check_call(model, X, y)
+    args = (subsampling, generator, accumulate_grad, out, vectors, check_samples)
+    with torch.enable_grad(), preserved_buffers(model):
+        return _compute(model, loss_fn, X, y, quantities, *args)
+
+
+def _check_call(model: nn.Module, X: Any, y: Any) -> None:
+    """Clear errors for inputs that would otherwise fail deep inside."""
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
             "bg.compute needs autograd but runs inside torch.inference_mode(); call it "
             "outside (torch.no_grad() is fine: gradients are enabled for the call)"
         )
-    with torch.enable_grad(), preserved_buffers(model):
-        return _compute(
-            model,
-            loss_fn,
-            X,
-            y,
-            quantities,
-            subsampling,
-            generator,
-            accumulate_grad,
-            out,
-            vectors,
-            check_samples,
-        )
-
-
-def _check_call(model: nn.Module, X: Any, y: Any) -> None:
-    """Clear errors for inputs that would otherwise fail deep inside."""
     if not isinstance(y, Tensor):
         raise TypeError(f"y must be a tensor of targets [N, ...], got {type(y).__name__}")
     check_not_meta(model)

@@ -19,7 +19,7 @@ from ..forms import Form
 from ..rules import generic_forms, uses_batch_statistics
 from .attribution import attribute, check_no_reentrant_checkpoint, node_kinds
 from .backprop import GRAD, Backprop, CallGradients, VectorKind, backprop_vectors, check_finite
-from .capture import Call, Layer, Recorder, plan_layers
+from .capture import Call, Layer, Recorder, plan_layers, replaying
 from .coupling import BATCH_NORM_NODES, coupling_node
 from .losses import (
     check_loss_fn,
@@ -476,7 +476,7 @@ class Session:
                 g = g.reshape(K * N, *g.shape[2:])
                 local = unit.rule.forms(unit.module, call.x.detach(), g, K)
                 return {k: v for k, v in local.items() if k in unit.params}
-            with self.recorder.paused(), torch.enable_grad():
+            with self.recorder.paused(), replaying(), torch.enable_grad():
                 return generic_forms(
                     unit.module, unit.params, call.args, call.kwargs, call.output, gs, N, K
                 )
