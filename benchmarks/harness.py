@@ -57,7 +57,7 @@ import torch
 from torch import Tensor, nn
 
 # The package's built-in problems: imported here only (a move of the module is a one-line fix).
-from beyondgrad.problems import PROBLEMS, Problem, make_problem
+from beyondgrad.app.tasks import PROBLEMS, Problem, make_problem
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MIB = 1024.0 * 1024.0

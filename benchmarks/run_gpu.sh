@@ -13,7 +13,7 @@ else
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-timeout 60 python3 -m beyondgrad.cli demo --device cuda --reps 5 2>&1 | grep -v Warning | tee "$out/demo_cuda.txt"
+timeout 60 python3 -m beyondgrad.app demo --device cuda --reps 5 2>&1 | grep -v Warning | tee "$out/demo_cuda.txt"
 timeout 200 python3 benchmarks/first_order.py --device cuda --reps 5 --out "$out/first_order_cuda.md"
 timeout 200 python3 benchmarks/second_order.py --device cuda --reps 5 --out "$out/second_order_cuda.md"
 timeout 110 python3 benchmarks/conv_toolkit.py --device cuda --reps 5 --out "$out/conv_toolkit_cuda.md"

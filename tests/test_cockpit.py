@@ -218,7 +218,7 @@ def test_log_dashboard_and_plot_command(tmp_path):
         assert (run / "dashboard.png").stat().st_size > 10_000
         out = bg.cockpit.draw(records, run / "again.png")
         assert all(p.exists() for p in out)
-    from beyondgrad.cli import main
+    from beyondgrad.app.cli import main
 
     assert main(["plot", str(tmp_path / "full"), "--out", str(tmp_path / "redrawn.png")]) == 0
     assert (tmp_path / "redrawn.svg").exists()
@@ -240,7 +240,7 @@ def test_errors_are_clear():
 
 
 def test_train_command_end_to_end(tmp_path, capsys):
-    from beyondgrad.cli import main
+    from beyondgrad.app.cli import main
 
     out = tmp_path / "run"
     argv = ["train", "--steps", "12", "--eval-every", "5", "--plot-every", "100", "--quiet"]

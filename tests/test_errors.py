@@ -192,7 +192,7 @@ def test_input_modified_in_place_after_use():
         def forward(self, x):
             h = torch.tanh(x)
             out = self.lin(h)
-            return out + h.mul_(2).sum()  # modifies the Linear's input after the call
+            return out + h.mul_(2).sum(1, keepdim=True)  # modifies the Linear's input after use
 
     with pytest.raises(RuntimeError, match="modified in place"):
         bg.compute(

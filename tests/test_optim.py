@@ -211,7 +211,7 @@ def test_kfac_ema_refresh_and_kl_clip():
 
 
 def test_kfac_routes_tied_and_unsupported_to_adamw():
-    from beyondgrad.problems import make_problem
+    from beyondgrad.app.tasks import make_problem
 
     model = make_problem("transformer").model
     opt = KFAC(model, nn.CrossEntropyLoss())

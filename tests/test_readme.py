@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from beyondgrad.cli import main
+from beyondgrad.app.cli import main
 
 ROOT = Path(__file__).parents[1]
 
@@ -48,3 +48,16 @@ def test_cli_demo_runs_end_to_end(capsys):
     out = capsys.readouterr().out
     for name in ("BatchGrad", "BatchL2", "Variance", "max relative error"):
         assert name in out
+
+
+def test_main_job_installs_the_app_extra_and_the_core_needs_no_app_dependency():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    main_job, _ = readme_commands()
+    assert '-e ".[app]"' in main_job
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    app = set(project["optional-dependencies"]["app"])
+    assert app == {"matplotlib", "scikit-learn", "tqdm"}
+    assert app <= set(project["optional-dependencies"]["test"])
+    core = {d.split(">")[0].split("=")[0].split("<")[0] for d in project["dependencies"]}
+    assert core == {"torch", "numpy", "scipy"}
+    assert project["scripts"]["beyondgrad"] == "beyondgrad.app.cli:main"

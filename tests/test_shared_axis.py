@@ -109,7 +109,7 @@ def test_probe_leaves_no_trace():
     model = model.double().train()
     X, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
     loss_fn = nn.MSELoss()
-    with bg.capture(model, loss_fn, bg.DiagGGN()) as session:
+    with bg.capture(model, loss_fn, bg.KFAC(fisher_type="type-2")) as session:
         loss = loss_fn(model(X), y)
     before = [b.clone() for b in model.buffers()]
     state = torch.get_rng_state()

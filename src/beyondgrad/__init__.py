@@ -7,7 +7,7 @@ Public API::
     res[bg.BatchL2]["fc.weight"]
 """
 
-from . import cockpit, conv, linalg, linops, optim
+from . import cockpit, conv, influence, laplace, linalg, linops, optim
 from .engine import (
     SUPPORTED_LOSSES,
     Coverage,
@@ -69,6 +69,8 @@ __all__ = [
     "compute",
     "conv",
     "coverage",
+    "influence",
+    "laplace",
     "linalg",
     "linops",
     "loss_vectors",

@@ -23,6 +23,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .linalg.eigenbasis import (
+    damped_inverse,
+    eigenbasis_apply,
+    kronecker_eigenvalues,
+    symmetric_eigh,
+)
+from .linalg.eigenbasis import logdet as eigen_logdet
+
 
 @dataclass
 class KroneckerFactors:
@@ -71,13 +79,25 @@ class KroneckerFactors:
         return torch.kron(*self._ordered(self.B, self.A))
 
     def eigh(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Eigendecompositions ``(lambda_A, Q_A, lambda_B, Q_B)`` (batched over groups);
-        cached."""
+        """Eigendecompositions ``(lambda_A, Q_A, lambda_B, Q_B)`` (batched over groups;
+        robust to rank-deficient factors, see
+        :func:`~beyondgrad.linalg.eigenbasis.symmetric_eigh`); cached."""
         if self._eig is None:
-            la, qa = torch.linalg.eigh(self.A)
-            lb, qb = torch.linalg.eigh(self.B)
+            la, qa = symmetric_eigh(self.A)
+            lb, qb = symmetric_eigh(self.B)
             self._eig = (la, qa, lb, qb)
         return self._eig
+
+    def kronecker_eigen(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(values [G, rows, cols], left [G, rows, rows], right [G, cols, cols])``: the
+        block's eigenvalues and eigenbases in its layout ``[G, rows, cols]`` (first operand of
+        ``order`` on the rows); eigenvector ``(g, i, j)`` is ``left[g][:, i] right[g][:, j]^T``."""
+        la, qa, lb, qb = self.eigh()
+        if la.ndim == 1:
+            la, qa, lb, qb = la[None], qa[None], lb[None], qb[None]
+        if self.order == "B kron A":
+            return kronecker_eigenvalues(lb, la), qb, qa
+        return kronecker_eigenvalues(la, lb), qa, qb
 
     def _matrix(self, V: Tensor) -> Tensor:
         """View ``V`` (flattened ``[P]``, ``[P, k]`` or parameter-shaped ``[O, I]``) as
@@ -101,39 +121,30 @@ class KroneckerFactors:
         return self._apply(V, lambda M, L, Rt: torch.einsum("gij,gjkc,glk->gilc", L, M, Rt))
 
     def inverse(self, damping: float = 0.0) -> Callable[[Tensor], Tensor]:
-        """``V -> (first kron second + damping I)^{-1} V``, exactly (eigendecompositions)."""
-        la, qa, lb, qb = self.eigh()
-        lam_first, q_first, lam_second, q_second = (
-            (la, qa, lb, qb) if self.order == "A kron B" else (lb, qb, la, qa)
-        )
-        if lam_first.ndim == 1:
-            lam_first, q_first, lam_second, q_second = (
-                lam_first[None],
-                q_first[None],
-                lam_second[None],
-                q_second[None],
-            )
-        denom = lam_first.unsqueeze(2) * lam_second.unsqueeze(1) + damping  # [G, l, r]
-        if bool((denom <= 0).any()):
-            raise ValueError("the damped block is singular or indefinite; increase damping")
+        """``V -> (first kron second + damping I)^{-1} V``, exactly (eigendecompositions).
+
+        Args:
+            damping: added to every eigenvalue of the block.
+
+        Returns:
+            A function of ``V`` (``P`` entries: ``[P]``, ``[P, k]`` or parameter-shaped) with
+            the shape of ``V`` (``bg.linops.KFAC(...).inverse`` gives operators).
+
+        Raises:
+            ValueError: the damped block is singular or indefinite.
+        """
+        values, left, right = self.kronecker_eigen()
+        scale = damped_inverse(values, damping)
 
         def apply(V: Tensor) -> Tensor:
-            M = self._matrix(V)
-            rot = torch.einsum("gji,gjkc,gkl->gilc", q_first, M, q_second)
-            rot = rot / denom.unsqueeze(-1)
-            return torch.einsum("gij,gjkc,glk->gilc", q_first, rot, q_second).reshape(V.shape)
+            return eigenbasis_apply(left, scale, right, self._matrix(V)).reshape(V.shape)
 
         return apply
 
     def logdet(self, damping: float = 0.0) -> Tensor:
-        """``log det(first kron second + damping I)``."""
-        la, _, lb, _ = self.eigh()
-        if la.ndim == 1:
-            la, lb = la[None], lb[None]
-        terms = la.unsqueeze(2) * lb.unsqueeze(1) + damping
-        if bool((terms <= 0).any()):
-            raise ValueError("the damped block is singular or indefinite; increase damping")
-        return terms.log().sum()
+        """``log det(first kron second + damping I)`` (raises if the damped block is singular
+        or indefinite)."""
+        return eigen_logdet(self.kronecker_eigen()[0], damping)
 
 
 @dataclass
@@ -154,12 +165,15 @@ class DiagonalFactors:
         return torch.diag(torch.cat([d.reshape(-1) for d in self.diagonal.values()]))
 
     def inverse(self, damping: float = 0.0) -> Callable[[Tensor], Tensor]:
+        """``V -> (diag + damping)^{-1} V`` for ``V`` with the covered entries on its first
+        axis (raises unless the damped diagonal is positive)."""
         flat = torch.cat([d.reshape(-1) for d in self.diagonal.values()]) + damping
         if bool((flat <= 0).any()):
             raise ValueError("the damped diagonal is not positive; increase damping")
         return lambda V: V / flat.reshape(-1, *([1] * (V.ndim - 1)))
 
     def logdet(self, damping: float = 0.0) -> Tensor:
+        """``sum log(diag + damping)``."""
         return (torch.cat([d.reshape(-1) for d in self.diagonal.values()]) + damping).log().sum()
 
 

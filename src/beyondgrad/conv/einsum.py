@@ -2,7 +2,7 @@
 and any ``groups``.
 
 Along each spatial dimension ``j`` a convolution contracts the input index ``i_j`` with the
-pattern ``Pi_j[k_j, o_j, i_j]`` (:mod:`beyondgrad.conv.patterns`). With ``x`` viewed as
+pattern ``Pi_j[k_j, o_j, i_j]`` (``beyondgrad.conv.patterns``). With ``x`` viewed as
 ``[N, G, C_in/G, *I]`` and ``W`` as ``[G, C_out/G, C_in/G, *K]``::
 
     forward       y[n,g,f,o..]    = sum x[n,g,c,i..] Pi[k,o,i].. W[g,f,c,k..]
@@ -18,7 +18,7 @@ so the unfolded input is never formed. Dimensions with a trivial pattern (no pad
 to a reshape of ``x`` (``I -> (O, S)``, first ``K`` taps) and contribute no pattern operand,
 so such convolutions cost a plain matrix product.
 
-Each ``*_expression`` returns an :class:`Expression` (equation, operands, and a reshape to the
+Each ``*_expression`` returns an ``Expression`` (equation, operands, and a reshape to the
 documented output layout); the functions without the suffix evaluate it.
 """
 
@@ -38,17 +38,41 @@ from .patterns import Padding, _pair_padding, as_paddings, as_tuple, conv_output
 # letters (kernel k, output o, input i per dimension) come from this pool
 _POOL = "abdehjlmpqrstuvwxyzABDEHJLMPQRSTUVWXYZ"
 
+__all__ = [
+    "Expression",
+    "averaged_patches",
+    "forward",
+    "forward_expression",
+    "input_vjp",
+    "input_vjp_expression",
+    "kfac_expand",
+    "kfac_expand_expression",
+    "kfac_reduce",
+    "kfac_reduce_expression",
+    "unfold_expression",
+    "weight_vjp",
+    "weight_vjp_expression",
+]
+
 
 @dataclass
 class Expression:
-    """``torch.einsum(equation, *operands)`` followed by ``post`` (a reshape/scatter to the
-    documented output layout)."""
+    """An einsum to evaluate: ``post(torch.einsum(equation, *operands))``.
+
+    Calling the object evaluates it.
+
+    Args:
+        equation: The einsum equation.
+        operands: Its operands (input, index patterns, weight or output gradient).
+        post: A reshape/scatter to the documented output layout (default: identity).
+    """
 
     equation: str
     operands: tuple[Tensor, ...]
     post: Callable[[Tensor], Tensor] = field(default=lambda t: t)
 
     def __call__(self) -> Tensor:
+        """Evaluate the einsum and apply ``post``."""
         return self.post(torch.einsum(self.equation, *self.operands))
 
 
@@ -151,7 +175,21 @@ def forward_expression(
     groups: int = 1,
     simplify: bool = True,
 ) -> Expression:
-    """``conv(x, weight)`` of shape ``[N, C_out, *O]`` (no bias), as ``F.conv{d}d``."""
+    """A convolution without bias, as ``F.conv{d}d(x, weight, ...)``.
+
+    Args:
+        x: Input ``[N, C_in, *I]``.
+        weight: Kernel ``[C_out, C_in / groups, *K]``.
+        stride: Stride: an int or one per spatial dimension.
+        padding: Zero padding: an int, one int per dimension, ``"same"`` or ``"valid"``.
+        dilation: Dilation: an int or one per spatial dimension.
+        groups: Number of channel groups (divides both channel counts).
+        simplify: Turn dimensions with a trivial pattern (no padding, dilation 1,
+            ``stride >= kernel_size``) into a reshape of ``x`` instead of a pattern operand.
+
+    Returns:
+        An ``Expression`` whose value is the output ``[N, C_out, *O]``.
+    """
     d = x.ndim - 2
     N, C = x.shape[:2]
     Cg = _groups(C, groups, "input")
@@ -178,8 +216,24 @@ def weight_vjp_expression(
     per_sample: bool = False,
     simplify: bool = True,
 ) -> Expression:
-    """Gradient of ``<grad_output, conv(x, W)>`` w.r.t. ``W``: ``[C_out, C_in/G, *K]``, or with
-    ``per_sample`` one per sample, ``[N, C_out, C_in/G, *K]``."""
+    """The weight VJP: the gradient of ``<grad_output, conv(x, W)>`` with respect to ``W``.
+
+    Args:
+        x: Input ``[N, C_in, *I]``.
+        grad_output: Gradient of the output ``[N, C_out, *O]``.
+        kernel_size: Kernel size ``K``: an int or one per spatial dimension.
+        stride: Stride: an int or one per spatial dimension.
+        padding: Zero padding: an int, one int per dimension, ``"same"`` or ``"valid"``.
+        dilation: Dilation: an int or one per spatial dimension.
+        groups: Number of channel groups (divides both channel counts).
+        per_sample: Keep one gradient per sample (no sum over ``n``).
+        simplify: Turn dimensions with a trivial pattern (no padding, dilation 1,
+            ``stride >= kernel_size``) into a reshape of ``x`` instead of a pattern operand.
+
+    Returns:
+        An ``Expression`` whose value is ``[C_out, C_in / groups, *K]``, or
+        ``[N, C_out, C_in / groups, *K]`` with ``per_sample``.
+    """
     d = x.ndim - 2
     N, C = x.shape[:2]
     Cg = _groups(C, groups, "input")
@@ -207,7 +261,22 @@ def input_vjp_expression(
     groups: int = 1,
     simplify: bool = True,
 ) -> Expression:
-    """Gradient of ``<grad_output, conv(x, W)>`` w.r.t. ``x``: ``[N, C_in, *input_size]``."""
+    """The input VJP: the gradient of ``<grad_output, conv(x, W)>`` with respect to ``x``.
+
+    Args:
+        grad_output: Gradient of the output ``[N, C_out, *O]``.
+        weight: Kernel ``[C_out, C_in / groups, *K]``.
+        input_size: Spatial input size ``I`` (several inputs sizes give the same ``O``).
+        stride: Stride: an int or one per spatial dimension.
+        padding: Zero padding: an int, one int per dimension, ``"same"`` or ``"valid"``.
+        dilation: Dilation: an int or one per spatial dimension.
+        groups: Number of channel groups (divides both channel counts).
+        simplify: Turn dimensions with a trivial pattern (no padding, dilation 1,
+            ``stride >= kernel_size``) into a reshape of ``x`` instead of a pattern operand.
+
+    Returns:
+        An ``Expression`` whose value is ``[N, C_in, *input_size]``.
+    """
     d = grad_output.ndim - 2
     N, F_out = grad_output.shape[:2]
     Fg = _groups(F_out, groups, "output")
@@ -254,7 +323,21 @@ def unfold_expression(
     dilation: int | Sequence[int] = 1,
     simplify: bool = True,
 ) -> Expression:
-    """im2col, ``[N, C * prod(K), prod(O)]`` (the layout of ``F.unfold``)."""
+    """im2col as an einsum (the same values as ``beyondgrad.conv.unfold``).
+
+    Args:
+        x: Input ``[N, C, *I]``.
+        kernel_size: Kernel size ``K``: an int or one per spatial dimension.
+        stride: Stride: an int or one per spatial dimension.
+        padding: Zero padding: an int, one int per dimension, ``"same"`` or ``"valid"``.
+        dilation: Dilation: an int or one per spatial dimension.
+        simplify: Turn dimensions with a trivial pattern (no padding, dilation 1,
+            ``stride >= kernel_size``) into a reshape of ``x`` instead of a pattern operand.
+
+    Returns:
+        An ``Expression`` whose value is ``[N, C * prod(K), prod(O)]`` (the layout of
+        ``F.unfold``).
+    """
     d = x.ndim - 2
     N, C = x.shape[:2]
     dims = _dims(x.shape[2:], kernel_size, stride, padding, dilation)
@@ -308,8 +391,23 @@ def kfac_expand_expression(
     groups: int = 1,
     simplify: bool = True,
 ) -> Expression:
-    """KFAC-expand input factor ``sum_{n,o} U_no U_no^T`` per group: ``[G, C_in/G * prod(K)]^2``
-    (unscaled; ``U`` the unfolded input, rows ordered like the flattened weight)."""
+    """The KFAC-expand input factor ``sum_{n,o} U_no U_no^T`` per group, unscaled.
+
+    ``U`` is the unfolded input, rows ordered like the flattened weight.
+
+    Args:
+        x: Input ``[N, C_in, *I]``.
+        kernel_size: Kernel size ``K``: an int or one per spatial dimension.
+        stride: Stride: an int or one per spatial dimension.
+        padding: Zero padding: an int, one int per dimension, ``"same"`` or ``"valid"``.
+        dilation: Dilation: an int or one per spatial dimension.
+        groups: Number of channel groups (divides both channel counts).
+        simplify: Turn dimensions with a trivial pattern (no padding, dilation 1,
+            ``stride >= kernel_size``) into a reshape of ``x`` instead of a pattern operand.
+
+    Returns:
+        An ``Expression`` whose value is ``[G, C_in/G * prod(K), C_in/G * prod(K)]``.
+    """
     return _kfac_expression(x, kernel_size, stride, padding, dilation, groups, False, simplify)
 
 
@@ -322,27 +420,74 @@ def kfac_reduce_expression(
     groups: int = 1,
     simplify: bool = True,
 ) -> Expression:
-    """KFAC-reduce input factor ``sum_n u_n u_n^T`` with ``u_n = mean_o U_no``, per group:
-    ``[G, C_in/G * prod(K)]^2``; never forms the unfolded input."""
+    """The KFAC-reduce input factor ``sum_n u_n u_n^T``, ``u_n = mean_o U_no``, per group.
+
+    The unfolded input ``U`` is never formed.
+
+    Args:
+        x: Input ``[N, C_in, *I]``.
+        kernel_size: Kernel size ``K``: an int or one per spatial dimension.
+        stride: Stride: an int or one per spatial dimension.
+        padding: Zero padding: an int, one int per dimension, ``"same"`` or ``"valid"``.
+        dilation: Dilation: an int or one per spatial dimension.
+        groups: Number of channel groups (divides both channel counts).
+        simplify: Turn dimensions with a trivial pattern (no padding, dilation 1,
+            ``stride >= kernel_size``) into a reshape of ``x`` instead of a pattern operand.
+
+    Returns:
+        An ``Expression`` whose value is ``[G, C_in/G * prod(K), C_in/G * prod(K)]``.
+    """
     return _kfac_expression(x, kernel_size, stride, padding, dilation, groups, True, simplify)
 
 
 def forward(x: Tensor, weight: Tensor, **kwargs: object) -> Tensor:
-    """Evaluate :func:`forward_expression`."""
+    """Evaluate ``forward_expression``: ``conv(x, weight)`` without bias.
+
+    Args:
+        x: Input ``[N, C_in, *I]``.
+        weight: Kernel ``[C_out, C_in / groups, *K]``.
+        **kwargs: ``stride``, ``padding``, ``dilation``, ``groups``, ``simplify`` as in
+            ``forward_expression``.
+
+    Returns:
+        The output ``[N, C_out, *O]``.
+    """
     return forward_expression(x, weight, **kwargs)()  # type: ignore[arg-type]
 
 
 def weight_vjp(
     x: Tensor, grad_output: Tensor, kernel_size: int | Sequence[int], **kwargs: object
 ) -> Tensor:
-    """Evaluate :func:`weight_vjp_expression`."""
+    """Evaluate ``weight_vjp_expression``: the gradient with respect to the weight.
+
+    Args:
+        x: Input ``[N, C_in, *I]``.
+        grad_output: Gradient of the output ``[N, C_out, *O]``.
+        kernel_size: Kernel size ``K``: an int or one per spatial dimension.
+        **kwargs: ``stride``, ``padding``, ``dilation``, ``groups``, ``per_sample``,
+            ``simplify`` as in ``weight_vjp_expression``.
+
+    Returns:
+        ``[C_out, C_in / groups, *K]`` (``[N, ...]`` with ``per_sample=True``).
+    """
     return weight_vjp_expression(x, grad_output, kernel_size, **kwargs)()  # type: ignore[arg-type]
 
 
 def input_vjp(
     grad_output: Tensor, weight: Tensor, input_size: Sequence[int], **kwargs: object
 ) -> Tensor:
-    """Evaluate :func:`input_vjp_expression`."""
+    """Evaluate ``input_vjp_expression``: the gradient with respect to the input.
+
+    Args:
+        grad_output: Gradient of the output ``[N, C_out, *O]``.
+        weight: Kernel ``[C_out, C_in / groups, *K]``.
+        input_size: Spatial input size ``I``.
+        **kwargs: ``stride``, ``padding``, ``dilation``, ``groups``, ``simplify`` as in
+            ``input_vjp_expression``.
+
+    Returns:
+        ``[N, C_in, *input_size]``.
+    """
     return input_vjp_expression(grad_output, weight, input_size, **kwargs)()  # type: ignore[arg-type]
 
 
@@ -354,8 +499,22 @@ def kfac_expand(
     dilation: int | Sequence[int] = 1,
     groups: int = 1,
 ) -> Tensor:
-    """The value of :func:`kfac_expand_expression`, computed as unfold (strided views) then one
-    matrix product per group (faster than the two-copy einsum on every shape we measured)."""
+    """The value of ``kfac_expand_expression``, ``sum_{n,o} U_no U_no^T`` per group.
+
+    Computed as ``beyondgrad.conv.unfold`` (strided views) then one matrix product per
+    group (faster than the two-copy einsum on every shape we measured).
+
+    Args:
+        x: Input ``[N, C_in, *I]``.
+        kernel_size: Kernel size ``K``: an int or one per spatial dimension.
+        stride: Stride: an int or one per spatial dimension.
+        padding: Zero padding: an int, one int per dimension, ``"same"`` or ``"valid"``.
+        dilation: Dilation: an int or one per spatial dimension.
+        groups: Number of channel groups (divides both channel counts).
+
+    Returns:
+        ``[G, C_in/G * prod(K), C_in/G * prod(K)]``, unscaled.
+    """
     from .unfold import unfold
 
     N = x.shape[0]
@@ -373,9 +532,23 @@ def kfac_reduce(
     dilation: int | Sequence[int] = 1,
     groups: int = 1,
 ) -> Tensor:
-    """The value of :func:`kfac_reduce_expression`, computed as :func:`averaged_patches` (each
-    pattern summed over its outputs before meeting ``x``: the unfolded input is never formed,
-    and ``x`` is contracted once) followed by one Gram matrix per group."""
+    """The value of ``kfac_reduce_expression``, ``sum_n u_n u_n^T`` per group.
+
+    Computed as ``averaged_patches`` (each pattern summed over its outputs before meeting
+    ``x``: the unfolded input is never formed, and ``x`` is contracted once) followed by one
+    Gram matrix per group.
+
+    Args:
+        x: Input ``[N, C_in, *I]``.
+        kernel_size: Kernel size ``K``: an int or one per spatial dimension.
+        stride: Stride: an int or one per spatial dimension.
+        padding: Zero padding: an int, one int per dimension, ``"same"`` or ``"valid"``.
+        dilation: Dilation: an int or one per spatial dimension.
+        groups: Number of channel groups (divides both channel counts).
+
+    Returns:
+        ``[G, C_in/G * prod(K), C_in/G * prod(K)]`` with ``u_n = mean_o U_no``.
+    """
     N = x.shape[0]
     u = averaged_patches(x, kernel_size, stride, padding, dilation).reshape(N, groups, -1)
     u = u.transpose(0, 1)  # [G, N, Cg*K]
@@ -389,9 +562,21 @@ def averaged_patches(
     padding: Padding | Sequence[int] = 0,
     dilation: int | Sequence[int] = 1,
 ) -> Tensor:
-    """``mean_o unfold(x)[:, :, o]``, ``[N, C * prod(K)]``: each index pattern is summed over
-    its output axis before it meets ``x``, so the unfolded input is never formed (the input
-    vectors of KFAC-reduce)."""
+    """The unfolded input averaged over output positions, ``mean_o unfold(x)[:, :, o]``.
+
+    Each index pattern is summed over its output axis before it meets ``x``, so the unfolded
+    input is never formed (these are the input vectors of KFAC-reduce).
+
+    Args:
+        x: Input ``[N, C, *I]``.
+        kernel_size: Kernel size ``K``: an int or one per spatial dimension.
+        stride: Stride: an int or one per spatial dimension.
+        padding: Zero padding: an int, one int per dimension, ``"same"`` or ``"valid"``.
+        dilation: Dilation: an int or one per spatial dimension.
+
+    Returns:
+        ``[N, C * prod(K)]``.
+    """
     d = x.ndim - 2
     N, _C = x.shape[:2]
     dims = _dims(x.shape[2:], kernel_size, stride, padding, dilation)

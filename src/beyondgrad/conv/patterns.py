@@ -49,7 +49,23 @@ def _check_positive(**values: int) -> None:
 def conv_output_size(
     input_size: int, kernel_size: int, stride: int = 1, padding: Padding = 0, dilation: int = 1
 ) -> int:
-    """Output length of a convolution along one dimension."""
+    """Output length of a convolution along one dimension.
+
+    Args:
+        input_size: Input length ``I`` (positive).
+        kernel_size: Kernel length ``K`` (positive).
+        stride: Stride ``s`` (positive).
+        padding: Zero padding: an int (both sides), a pair ``(left, right)``, ``"valid"`` or
+            ``"same"`` (stride 1 only, as in PyTorch).
+        dilation: Dilation ``d`` (positive).
+
+    Returns:
+        ``O = (I + left + right - d (K - 1) - 1) // s + 1``.
+
+    Raises:
+        ValueError: On a non-positive size or hyper-parameter, an unknown padding string,
+            ``"same"`` with a stride, or a kernel that does not fit the padded input.
+    """
     _check_positive(
         input_size=input_size, kernel_size=kernel_size, stride=stride, dilation=dilation
     )
@@ -73,7 +89,23 @@ def conv_transpose_output_size(
     dilation: int = 1,
     output_padding: int = 0,
 ) -> int:
-    """Output length of a transposed convolution along one dimension."""
+    """Output length of a transposed convolution along one dimension.
+
+    Args:
+        input_size: Input length ``I`` (positive).
+        kernel_size: Kernel length ``K`` (positive).
+        stride: Stride ``s`` (positive).
+        padding: Padding ``p`` of the convolution this one transposes (an int).
+        dilation: Dilation ``d`` (positive).
+        output_padding: Extra length on the right, ``0 <= op < max(s, d)``.
+
+    Returns:
+        ``O_t = (I - 1) s - 2 p + d (K - 1) + op + 1``.
+
+    Raises:
+        ValueError: On a non-positive size or hyper-parameter, an ``output_padding`` out of
+            range, or an empty output.
+    """
     _check_positive(
         input_size=input_size, kernel_size=kernel_size, stride=stride, dilation=dilation
     )
@@ -125,11 +157,30 @@ def index_pattern(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """The index pattern ``Pi[k, o, i]`` (see the module docstring), shape ``[K, O, I]``.
+    """The index pattern ``Pi[k, o, i]`` of one spatial dimension (see the module docstring).
 
-    With ``transposed=True`` it describes ``conv_transpose`` with the given hyper-parameters
-    (``padding`` an int); ``O`` is then the transposed convolution's output length. The
-    returned tensor is cached: do not modify it in place.
+    ``Pi[k, o, i] = 1`` iff input position ``i`` feeds output position ``o`` through kernel tap
+    ``k``. With ``transposed=True`` it describes ``conv_transpose`` with the given
+    hyper-parameters; ``O`` is then the transposed convolution's output length.
+
+    Args:
+        input_size: Input length ``I``.
+        kernel_size: Kernel length ``K``.
+        stride: Stride.
+        padding: Zero padding as in ``conv_output_size`` (an int when ``transposed``).
+        dilation: Dilation.
+        transposed: Describe the transposed convolution instead.
+        output_padding: Extra output length on the right (``transposed`` only).
+        device: Device of the result (default CPU).
+        dtype: Dtype of the result (default float32).
+
+    Returns:
+        A binary tensor of shape ``[K, O, I]``, cached per arguments (do not modify it in
+        place).
+
+    Raises:
+        ValueError: On invalid sizes or hyper-parameters, or a non-integer padding with
+            ``transposed=True``.
     """
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if transposed:

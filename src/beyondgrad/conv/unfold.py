@@ -72,10 +72,27 @@ def unfold(
     padding: Padding | Sequence[int] = 0,
     stride: int | Sequence[int] = 1,
 ) -> Tensor:
-    """Unfold ``x`` ``[N, C, *I]`` into ``[N, C * prod(K), prod(O)]`` (see module docstring).
+    """im2col for a convolution with ``d >= 1`` spatial dimensions (see the module docstring).
 
-    ``padding``: zeros; an int, one int per dimension, ``"same"`` or ``"valid"``. In 2-d the
-    result equals ``torch.nn.functional.unfold``.
+    Rows are channel-major, then kernel taps in row-major order (the layout of ``F.unfold``), so
+    ``conv(x, W) == W.reshape(C_out, -1) @ unfold(x)``. In 2-d the result equals
+    ``torch.nn.functional.unfold``.
+
+    Args:
+        x: Input ``[N, C, I_1, ..., I_d]``.
+        kernel_size: Kernel size ``K``: an int or one int per spatial dimension.
+        dilation: Dilation: an int or one per dimension.
+        padding: Zero padding: an int, one int per dimension, ``"same"`` (stride 1 only) or
+            ``"valid"``.
+        stride: Stride: an int or one per dimension.
+
+    Returns:
+        The columns ``[N, C * prod(K), prod(O)]`` with ``O`` the convolution's output sizes
+        (``beyondgrad.conv.conv_output_size``).
+
+    Raises:
+        ValueError: If ``x`` has no spatial dimension, a per-dimension argument has the wrong
+            length, ``"same"`` is combined with a stride, or the kernel does not fit.
     """
     d = _spatial_dims(x, "unfold")
     kernel = as_tuple(kernel_size, d, "kernel_size")
@@ -98,11 +115,27 @@ def unfold_transpose(
     stride: int | Sequence[int] = 1,
     output_padding: int | Sequence[int] = 0,
 ) -> Tensor:
-    """Unfold for a transposed convolution: ``[N, C * prod(K), prod(O_t)]`` (module docstring).
+    """im2col for a transposed convolution (see the module docstring).
 
     A transposed convolution is a stride-1 convolution of the input with ``stride - 1`` zeros
     inserted between entries, padded by ``d (K - 1) - p`` (plus ``output_padding`` on the right),
-    with the kernel flipped; negative paddings crop.
+    with the kernel flipped; negative paddings crop. With ``U = unfold_transpose(x)``,
+    ``conv_transpose(x, W)[n, c_out, o] = sum_{c_in, k} W[c_in, c_out, k] U[n, (c_in, k), o]``.
+
+    Args:
+        x: Input ``[N, C, I_1, ..., I_d]``.
+        kernel_size: Kernel size ``K``: an int or one int per spatial dimension.
+        dilation: Dilation ``d``: an int or one per dimension.
+        padding: Padding ``p`` of the transposed convolution: an int or one per dimension.
+        stride: Stride ``s``: an int or one per dimension.
+        output_padding: Extra output length on the right: an int or one per dimension.
+
+    Returns:
+        The columns ``[N, C * prod(K), prod(O_t)]`` with ``O_t`` the transposed convolution's
+        output sizes (``beyondgrad.conv.conv_transpose_output_size``).
+
+    Raises:
+        ValueError: If ``x`` has no spatial dimension or a size or hyper-parameter is invalid.
     """
     d = _spatial_dims(x, "unfold_transpose")
     kernel = as_tuple(kernel_size, d, "kernel_size")
@@ -137,8 +170,24 @@ def fold(
     padding: Padding | Sequence[int] = 0,
     stride: int | Sequence[int] = 1,
 ) -> Tensor:
-    """col2im, the adjoint of :func:`unfold`: ``[N, C * prod(K), prod(O)] -> [N, C, *output_size]``
-    (overlapping patch entries are summed). In 2-d it equals ``torch.nn.functional.fold``."""
+    """col2im, the adjoint of ``unfold`` (overlapping patch entries are summed).
+
+    In 2-d it equals ``torch.nn.functional.fold``.
+
+    Args:
+        columns: Columns ``[N, C * prod(K), prod(O)]`` laid out as ``unfold`` returns them.
+        output_size: Spatial size ``I_1, ..., I_d`` of the image to rebuild (an int for 1-d).
+        kernel_size: Kernel size ``K``: an int or one int per spatial dimension.
+        dilation: Dilation: an int or one per dimension.
+        padding: Zero padding as in ``unfold``.
+        stride: Stride: an int or one per dimension.
+
+    Returns:
+        The image ``[N, C, *output_size]``.
+
+    Raises:
+        ValueError: If ``columns`` is not 3-d or its shape does not match the arguments.
+    """
     if columns.ndim != 3:
         raise ValueError(f"fold: expected columns [N, C * prod(K), L], got {tuple(columns.shape)}")
     sizes = (output_size,) if isinstance(output_size, int) else tuple(output_size)

@@ -56,6 +56,29 @@ def _parameter_uses(
     return uses
 
 
+REENTRANT_CHECKPOINT = "CheckpointFunctionBackward"
+
+
+def node_kinds(loss: Tensor) -> set[str]:
+    """The type names of all autograd nodes of ``loss``'s graph."""
+    kinds: set[str] = set()
+    _parameter_uses(loss, set(), kinds)
+    return kinds
+
+
+def check_no_reentrant_checkpoint(kinds: set[str]) -> None:
+    """Raise for ``torch.utils.checkpoint(..., use_reentrant=True)`` in the graph: it runs the
+    checkpointed layers without a graph and recomputes them only inside ``.backward()``, so
+    their parameters and layer outputs are invisible to ``torch.autograd.grad``."""
+    if REENTRANT_CHECKPOINT in kinds:
+        raise RuntimeError(
+            "the model uses torch.utils.checkpoint(..., use_reentrant=True): the checkpointed "
+            "layers are recomputed only inside loss.backward(), invisible to beyondgrad (their "
+            "gradients would come back as zeros). Use checkpoint(..., use_reentrant=False), "
+            "torch's recommended variant, which beyondgrad supports exactly."
+        )
+
+
 def attribute(loss: Tensor, layers: list[Layer], names: dict[int, str]) -> set[str]:
     """Check (and where needed re-assign, see the module docstring) the layers serving each
     parameter; ``names`` maps ``id(parameter)`` to its public name. Raises ``RuntimeError`` on a
@@ -66,6 +89,7 @@ def attribute(loss: Tensor, layers: list[Layer], names: dict[int, str]) -> set[s
             serving.setdefault(id(p), []).append(unit)
     kinds: set[str] = set()
     uses = _parameter_uses(loss, set(serving), kinds)
+    check_no_reentrant_checkpoint(kinds)
     if not uses:
         return kinds
     regions: dict[int, list[tuple[Layer, set]]] = {}

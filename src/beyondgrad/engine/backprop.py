@@ -76,16 +76,20 @@ def backprop_vectors(
     )
 
 
-def check_finite(grads: Sequence[Tensor | None], where: list[str]) -> None:
-    """Raise ``FloatingPointError`` naming the first layer with a non-finite gradient. One
-    reduction per tensor (a sum is non-finite if any entry is); only on failure is each tensor
-    inspected element-wise."""
+def check_finite(
+    grads: Sequence[Tensor | None],
+    where: list[str],
+    message: str = "non-finite gradient backpropagated to '{}'",
+) -> None:
+    """Raise ``FloatingPointError`` (``message`` formatted with the name) for the first tensor
+    with a non-finite entry. One reduction per tensor (a sum is non-finite if any entry is);
+    only on failure is each tensor inspected element-wise (a sum can overflow)."""
     present = [(i, g) for i, g in enumerate(grads) if g is not None]
     if not present or bool(torch.stack([g.sum() for _, g in present]).isfinite().all()):
         return
     for i, g in present:
         if not bool(torch.isfinite(g).all()):
-            raise FloatingPointError(f"non-finite gradient backpropagated to '{where[i]}'")
+            raise FloatingPointError(message.format(where[i]))
 
 
 class Backprop:

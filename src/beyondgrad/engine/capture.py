@@ -39,6 +39,7 @@ class Call:
     edges: list[GradientEdge | None]
     edge_shapes: list[torch.Size | None]
     input_versions: list[tuple[Tensor, int]]
+    problem: str | None = None  # why the recorded call cannot be used exactly (raised lazily)
     axes: Any = None  # engine.samples.CallAxes once probed (None: leading-axis convention)
 
     @property
@@ -66,8 +67,18 @@ class Layer:
         return self.rule.name if self.rule is not None else "generic"
 
 
+def check_not_meta(model: nn.Module) -> None:
+    """Raise for a model whose parameters live on the meta device (shapes without data)."""
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError(
+            "the model has parameters on the meta device (no data); materialize it first, "
+            "e.g. model.to_empty(device=...) and initialize or load its weights"
+        )
+
+
 def plan_layers(model: nn.Module) -> list[Layer]:
     """One unit per module that owns trainable parameters directly."""
+    check_not_meta(model)
     layers = []
     for name, module in model.named_modules():
         own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
@@ -90,9 +101,37 @@ def _edge_of(out: Tensor) -> tuple[Tensor | None, torch.Size | None]:
     return None, None
 
 
+_REPLAYING = [0]
+
+
+@contextmanager
+def replaying() -> Iterator[None]:
+    """Module calls made by beyondgrad itself (the generic rule's per-sample recomputation, a
+    verification): no recorder records them, also not those of other live sessions."""
+    _REPLAYING[0] += 1
+    try:
+        yield
+    finally:
+        _REPLAYING[0] -= 1
+
+
 class Recorder:
     """Forward hooks on every unit's module; use as a context manager. Records nothing while
-    ``paused()`` or when grad mode is off."""
+    ``paused()`` or when grad mode is off.
+
+    User hooks on a unit's module stay exact:
+
+    * fast-rule layer: our forward hook runs first (``prepend=True``), so it records the output
+      of ``forward`` itself, before any user forward hook changes it, and the input that
+      ``forward`` received (after the forward pre-hooks).
+    * generic layer: the generic rule replays the whole module call (pre-hooks, ``forward``,
+      forward hooks), so a first pre-hook records the arguments before any user pre-hook and a
+      last forward hook records the final output.
+
+    When a hook runs outside that order (a global module hook, or a hook registered later with
+    ``prepend=True``), the call is replayed once without gradients and compared; a mismatch is
+    raised when the call is used (:attr:`Call.problem`).
+    """
 
     def __init__(self, layers: list[Layer]):
         self.layers = layers
@@ -102,13 +141,31 @@ class Recorder:
     def __enter__(self) -> Recorder:
         try:
             for unit in self.layers:
-                self._handles.append(
-                    unit.module.register_forward_hook(self._hook(unit), with_kwargs=True)
-                )
+                self._install(unit)
         except BaseException:
             self.remove()
             raise
         return self
+
+    def _install(self, unit: Layer) -> None:
+        ids: dict[str, int] = {}
+        if unit.rule is not None:
+            fwd = unit.module.register_forward_hook(
+                self._hook(unit, ids, []), with_kwargs=True, prepend=True
+            )
+            self._handles.append(fwd)
+            ids["forward"] = fwd.id
+            return
+        pending: list[tuple[tuple, dict]] = []
+
+        def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            pending.append((args, dict(kwargs)))
+
+        pre_handle = unit.module.register_forward_pre_hook(pre, with_kwargs=True, prepend=True)
+        self._handles.append(pre_handle)
+        fwd = unit.module.register_forward_hook(self._hook(unit, ids, pending), with_kwargs=True)
+        self._handles.append(fwd)
+        ids.update(pre=pre_handle.id, forward=fwd.id)
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
@@ -126,35 +183,65 @@ class Recorder:
         finally:
             self.enabled = previous
 
-    def _hook(self, unit: Layer):
+    def _hook(self, unit: Layer, ids: dict[str, int], pending: list[tuple[tuple, dict]]):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-            if not self.enabled or not torch.is_grad_enabled():
+            call_args, call_kwargs = pending.pop() if pending else (args, kwargs)
+            if not self.enabled or _REPLAYING[0] or not torch.is_grad_enabled():
                 return None
             if unit.rule is not None and isinstance(output, Tensor) and args:
-                return self._record_simple(unit, args, kwargs, output)
-            leaves, spec = tree_flatten(output)
-            edges: list[GradientEdge | None] = []
-            shapes: list[torch.Size | None] = []
-            replaced = False
-            for i, leaf in enumerate(leaves):
-                if not (isinstance(leaf, Tensor) and leaf.requires_grad):
-                    edges.append(None)
-                    shapes.append(None)
-                    continue
-                target, shape = _edge_of(leaf)
-                if target is None:  # partial view: hand the model a copy we can track
-                    leaf = leaves[i] = leaf.clone()
-                    target, replaced = leaf, True
-                edges.append(get_gradient_edge(target))
-                shapes.append(shape)
-            versions = [
-                (t, t._version) for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)
-            ]
-            new_output = tree_unflatten(leaves, spec) if replaced else output
-            unit.calls.append(Call(args, kwargs, new_output, leaves, edges, shapes, versions))
-            return new_output if replaced else None
+                result = self._record_simple(unit, args, kwargs, output)
+            else:
+                result = self._record(unit, call_args, call_kwargs, output)
+            if not _hooks_in_order(module, ids, unit.rule is None):
+                self._verify(unit, unit.calls[-1], args, kwargs)
+            return result
 
         return hook
+
+    def _verify(self, unit: Layer, call: Call, args: tuple, kwargs: dict) -> None:
+        """Replay a call whose hooks ran out of our order; note a mismatch in the call."""
+        with self.paused(), replaying(), torch.no_grad():
+            if unit.rule is not None:
+                again = unit.module.forward(*args, **kwargs)
+            else:
+                again = unit.module(*call.args, **call.kwargs)
+        expected = [t for t in tree_flatten(again)[0] if isinstance(t, Tensor)]
+        recorded = [t for t in call.outputs if isinstance(t, Tensor)]
+        same = len(expected) == len(recorded) and all(
+            a.shape == b.shape and torch.allclose(a, b.detach(), equal_nan=True)
+            for a, b in zip(expected, recorded)
+        )
+        if not same:
+            call.problem = (
+                f"the output of module '{unit.name}' differs from what its forward computes: "
+                "a forward hook that runs before beyondgrad's (a global module hook, or one "
+                "registered with prepend=True inside the capture block) changes it, or the "
+                "module draws random numbers. Register such hooks before the capture block, "
+                "without prepend, or make them return None."
+            )
+
+    def _record(self, unit: Layer, args: tuple, kwargs: dict, output: Any) -> Any:
+        leaves, spec = tree_flatten(output)
+        edges: list[GradientEdge | None] = []
+        shapes: list[torch.Size | None] = []
+        replaced = False
+        for i, leaf in enumerate(leaves):
+            if not (isinstance(leaf, Tensor) and leaf.requires_grad):
+                edges.append(None)
+                shapes.append(None)
+                continue
+            target, shape = _edge_of(leaf)
+            if target is None:  # partial view: hand the model a copy we can track
+                leaf = leaves[i] = leaf.clone()
+                target, replaced = leaf, True
+            edges.append(get_gradient_edge(target))
+            shapes.append(shape)
+        versions = [
+            (t, t._version) for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)
+        ]
+        new_output = tree_unflatten(leaves, spec) if replaced else output
+        unit.calls.append(Call(args, kwargs, new_output, leaves, edges, shapes, versions))
+        return new_output if replaced else None
 
     @staticmethod
     def _record_simple(unit: Layer, args: tuple, kwargs: dict, output: Tensor) -> Tensor | None:
@@ -171,3 +258,23 @@ class Recorder:
         edge = get_gradient_edge(target)
         unit.calls.append(Call(args, kwargs, output, [output], [edge], [shape], versions))
         return output if replaced else None
+
+
+def _hooks_in_order(module: nn.Module, ids: dict[str, int], generic: bool) -> bool:
+    """Whether our hooks ran where exactness needs them (see :class:`Recorder`): for a fast
+    rule our forward hook first of all forward hooks; for the generic rule our pre-hook first
+    of all pre-hooks and our forward hook last."""
+    forward_hooks = list(getattr(module, "_forward_hooks", {}))
+    if not generic:
+        return not _GLOBAL_FORWARD_HOOKS and forward_hooks[:1] == [ids.get("forward")]
+    pre_hooks = list(getattr(module, "_forward_pre_hooks", {}))
+    return (
+        not _GLOBAL_FORWARD_PRE_HOOKS
+        and pre_hooks[:1] == [ids.get("pre")]
+        and forward_hooks[-1:] == [ids.get("forward")]
+    )
+
+
+# torch's registries of global module hooks (``register_module_forward_hook``), read only
+_GLOBAL_FORWARD_HOOKS: dict = getattr(torch.nn.modules.module, "_global_forward_hooks", {})
+_GLOBAL_FORWARD_PRE_HOOKS: dict = getattr(torch.nn.modules.module, "_global_forward_pre_hooks", {})

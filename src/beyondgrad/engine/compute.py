@@ -11,9 +11,18 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from .backprop import VectorKind
+from .capture import check_not_meta
+from .coupling import samples_coupled
 from .losses import check_loss_fn
 from .result import Result
-from .session import capture, check_quantities
+from .session import (
+    SamplesCoupledError,
+    capture,
+    check_quantities,
+    check_samples_independent,
+    needs_independent_samples,
+)
+from .state import preserved_buffers
 
 
 def call_model(model: nn.Module, X: Any) -> Any:
@@ -49,15 +58,19 @@ def compute(
     accumulate_grad: bool = False,
     out: Result | None = None,
     vectors: Sequence[VectorKind] = (),
+    check_samples: bool = True,
 ) -> Result:
     """One forward and one backward pass of ``loss_fn(model(X), y)``; every quantity.
+
+    The model is left as it was (parameters, ``.grad`` unless ``accumulate_grad``, buffers
+    such as BatchNorm running statistics). Gradients are enabled also under ``no_grad()``.
 
     Args:
         model: any ``nn.Module``.
         loss_fn: a supported loss module (``bg.SUPPORTED_LOSSES``).
         X: a tensor (``model(X)``), a tuple/list (``model(*X)``) or a dict (``model(**X)``);
             the leading axis of its tensors and of ``y`` is the sample axis.
-        y: targets ``[N, ...]``.
+        y: targets ``[N, ...]`` (a tensor).
         *quantities: quantity instances, e.g. ``bg.BatchGrad(), bg.DiagGGN()``.
         subsampling: sample indices for per-sample quantities.
         generator: for Monte-Carlo quantities.
@@ -67,11 +80,52 @@ def compute(
             instead of allocating new memory.
         vectors: extra vector kinds to backpropagate into ``result.stats`` (e.g.
             ``[("mc", 1)]``) without a quantity asking for them.
+        check_samples: for quantities that need independent samples (per-sample ones,
+            ``DiagGGN``, ...), first probe the model for coupling by any op (two forward
+            passes on two samples, see :mod:`beyondgrad.engine.coupling`). ``False`` skips the
+            probe; the checks of modules and of the autograd graph still run.
 
     Returns:
         A :class:`~beyondgrad.engine.Result`.
+
+    Raises:
+        SamplesCoupledError: the samples interact and a quantity needs them independent.
     """
     quantities = tuple(check_quantities(quantities, vectors))
+    _check_call(model, X, y)
+    args = (subsampling, generator, accumulate_grad, out, vectors, check_samples)
+    with torch.enable_grad(), preserved_buffers(model):
+        return _compute(model, loss_fn, X, y, quantities, *args)
+
+
+def _check_call(model: nn.Module, X: Any, y: Any) -> None:
+    """Clear errors for inputs that would otherwise fail deep inside."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "bg.compute needs autograd but runs inside torch.inference_mode(); call it "
+            "outside (torch.no_grad() is fine: gradients are enabled for the call)"
+        )
+    if not isinstance(y, Tensor):
+        raise TypeError(f"y must be a tensor of targets [N, ...], got {type(y).__name__}")
+    check_not_meta(model)
+    _check_batch(X, y)
+    if y.shape[0] == 0:
+        raise ValueError("the batch is empty (X and y have 0 samples)")
+
+
+def _compute(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    X: Any,
+    y: Tensor,
+    quantities: tuple[Any, ...],
+    subsampling: Sequence[int] | Tensor | None,
+    generator: torch.Generator | None,
+    accumulate_grad: bool,
+    out: Result | None,
+    vectors: Sequence[VectorKind],
+    check_samples: bool,
+) -> Result:
     wants_gradient = any(q.needs().gradient and not q.needs().kinds for q in quantities)
     if accumulate_grad and not wants_gradient:
         raise ValueError("accumulate_grad=True needs bg.Grad() among the quantities")
@@ -80,7 +134,16 @@ def compute(
         return _with_separate_passes(
             model, loss_fn, X, y, quantities, separate, subsampling, generator, accumulate_grad
         )
-    _check_batch(X, y)
+    if check_samples and needs_independent_samples(quantities):
+        check_samples_independent(model)  # modules first: their error names the module
+        if samples_coupled(model, X, y.shape[0], call_model):
+            raise SamplesCoupledError(
+                "the model couples its samples: the output of one sample changes when another "
+                "sample of the batch changes (found by running the model on two samples, "
+                "e.g. `h - h.mean(0)`, `.item()` of a batch statistic, attention across the "
+                "batch). Per-sample quantities (and reductions of per-sample rows, e.g. "
+                "DiagGGN) are undefined; the gradient (bg.Grad) and KFAC remain available."
+            )
     with capture(
         model, loss_fn, *quantities, subsampling=subsampling, generator=generator, vectors=vectors
     ) as session:

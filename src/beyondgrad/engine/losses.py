@@ -73,6 +73,21 @@ def check_target(loss_fn: nn.Module, output: Tensor, target: Tensor) -> None:
         )
 
 
+def explain_non_finite_loss(loss_fn: nn.Module, output: Tensor, target: Tensor) -> None:
+    """Raise a ``ValueError`` naming the cause when a non-finite mean loss comes from an empty
+    average (no samples, or every class-index target equal to ``ignore_index``)."""
+    if loss_fn.reduction != "mean":  # type: ignore[union-attr]
+        return
+    if output.shape[0] == 0:
+        raise ValueError("the batch is empty: the mean loss over 0 samples is undefined")
+    if isinstance(loss_fn, nn.CrossEntropyLoss) and not target.is_floating_point():
+        if not bool((target != loss_fn.ignore_index).any()):
+            raise ValueError(
+                f"every target equals ignore_index ({loss_fn.ignore_index}): the mean loss "
+                "over no targets is undefined (nan). Skip this batch, or use reduction='sum'."
+            )
+
+
 def reduction_factor(loss_fn: nn.Module, output: Tensor, target: Tensor) -> float:
     """The factor ``R`` with ``L = R * sum_n l_n``: 1 for ``reduction="sum"``; for ``"mean"``
     one over the number of averaged terms (elements for MSE/BCE, positions for cross-entropy

@@ -17,12 +17,14 @@ from torch import Tensor, nn
 
 from ..forms import Form
 from ..rules import generic_forms, uses_batch_statistics
-from .attribution import attribute
+from .attribution import attribute, check_no_reentrant_checkpoint, node_kinds
 from .backprop import GRAD, Backprop, CallGradients, VectorKind, backprop_vectors, check_finite
-from .capture import Call, Layer, Recorder, plan_layers
+from .capture import Call, Layer, Recorder, plan_layers, replaying
+from .coupling import BATCH_NORM_NODES, coupling_node
 from .losses import (
     check_loss_fn,
     check_target,
+    explain_non_finite_loss,
     is_internal_loss_call,
     loss_vectors,
     reduction_factor,
@@ -78,6 +80,15 @@ class SamplesCoupledError(RuntimeError):
     are undefined. The message names the module and the fix."""
 
 
+def needs_independent_samples(quantities: Sequence[Any], per_sample: bool = False) -> bool:
+    """Whether the quantities read per-sample rows (per-sample quantities, and reductions of
+    rows such as the GGN diagonal), which are exact only for independent samples. The
+    gradient and Kronecker factors (KFAC) are sums over the batch and need no independence."""
+    if per_sample or any(q.per_sample for q in quantities):
+        return True
+    return any(q.needs().reads_rows for q in quantities)
+
+
 def check_samples_independent(model: nn.Module) -> None:
     """Raise :class:`SamplesCoupledError` for modules that couple the samples."""
     for name, module in model.named_modules():
@@ -101,6 +112,7 @@ def subsample_index(
     """Validated sample indices (negative ones wrapped), or ``None``."""
     if subsampling is None:
         return None
+    _check_integer_indices(subsampling)
     idx = torch.as_tensor(subsampling, dtype=torch.long, device=device).reshape(-1)
     if idx.numel() == 0:
         raise ValueError("subsampling is empty")
@@ -109,6 +121,25 @@ def subsample_index(
             f"subsampling index out of range for a batch of {N} samples: {idx.tolist()}"
         )
     return idx % N
+
+
+def _check_integer_indices(subsampling: Sequence[int] | Tensor) -> None:
+    """Refuse non-integer indices (``torch.as_tensor(..., dtype=long)`` would truncate floats
+    and turn a boolean mask into indices 0 and 1)."""
+    if isinstance(subsampling, Tensor):
+        if (
+            subsampling.is_floating_point()
+            or subsampling.is_complex()
+            or (subsampling.dtype == torch.bool)
+        ):
+            raise TypeError(
+                f"subsampling must hold integer sample indices, got a {subsampling.dtype} "
+                "tensor (for a boolean mask use mask.nonzero().flatten())"
+            )
+        return
+    for i in subsampling:
+        if isinstance(i, bool) or not hasattr(i, "__index__"):
+            raise TypeError(f"subsampling must hold integer sample indices, got {i!r}")
 
 
 class Plan:
@@ -151,7 +182,8 @@ class Session:
         self.subsampling, self.generator = subsampling, generator
         self.plan = Plan(quantities, vectors, max_vectors)
         self.per_sample = per_sample or any(q.per_sample for q in quantities)
-        if self.per_sample:
+        self.independent = needs_independent_samples(quantities, self.per_sample)
+        if self.independent:
             check_samples_independent(model)
         self.layers = plan_layers(model)
         self.recorder = Recorder(self.layers)
@@ -196,6 +228,7 @@ class Session:
         def on_loss(grad: Tensor) -> None:
             self.loss_scale = grad.detach()
             self._node_kinds = attribute(loss, self.layers, names)
+            self._check_graph(loss, self._node_kinds)
             # the graph is still whole: the shared outputs' per-sample pass runs now
             self._watched_shared = self._early_shared(loss)
 
@@ -257,6 +290,7 @@ class Session:
             previous = out._values.get(q) if out is not None and q in out._values else None
             values[q] = q.compute(stats, prepared.get(q), previous)
         values = {q: values[q] for q in self.quantities}
+        _check_results_finite(values, stats.rules)
         return Result(stats.loss, stats.output, values, stats.rules, stats.subsampling, stats)
 
     def _run(self, loss: Tensor, retain_graph: bool) -> tuple[Statistics, dict[Any, Any]]:
@@ -269,6 +303,7 @@ class Session:
         output, target = self._loss_record(loss)
         check_target(self.loss_fn, output, target)
         if not bool(torch.isfinite(loss)):
+            explain_non_finite_loss(self.loss_fn, output, target)
             raise FloatingPointError(f"the loss is not finite ({loss.item()})")
         N = output.shape[0]
         names = {id(p): n for n, p in self.model.named_parameters()}
@@ -278,7 +313,9 @@ class Session:
             node_kinds = self._node_kinds or set()
         elif not plan.only_gradient:  # a plain gradient needs no attribution to layer calls
             node_kinds = attribute(loss, self.layers, names)
+            self._check_graph(loss, node_kinds)
         calls = [] if plan.only_gradient and not watched else self._calls()
+        _check_inputs_finite(calls)
         graph = Backprop(calls, node_kinds, N, self._forms_of_call(N))
         if watched:  # probed and computed when the ordinary backward started
             shared = self._watched_shared
@@ -343,10 +380,29 @@ class Session:
             for kind in kinds
         }
 
+    def _check_graph(self, loss: Tensor, node_kinds: set[str]) -> None:
+        """Raise :class:`SamplesCoupledError` when the graph couples samples (a batch norm
+        with batch statistics outside BatchNorm modules) and the quantities need them
+        independent."""
+        if not self.independent or not node_kinds & BATCH_NORM_NODES:
+            return
+        node = coupling_node(loss)
+        if node is not None:
+            where = Backprop(self._calls(), set(), 0, self._forms_of_call(0)).locate(node)
+            raise SamplesCoupledError(
+                f"{where} normalizes with batch statistics ({type(node).__name__}, e.g. "
+                "F.batch_norm(..., training=True)), which couples the samples: per-sample "
+                "quantities (and reductions of per-sample rows, e.g. DiagGGN) are undefined. "
+                "Use running statistics (training=False) or model.eval()."
+            )
+
     def _calls(self) -> list[tuple[Layer, Call]]:
         calls = [(u, c) for u in self.layers for c in u.calls]
         if self.plan.kronecker_only:  # Kronecker blocks only: other layers need no backward
             calls = [(u, c) for u, c in calls if _has_kronecker(u)]
+        for _, call in calls:
+            if call.problem is not None:
+                raise RuntimeError(call.problem)
         return calls
 
     def _backward(
@@ -371,14 +427,34 @@ class Session:
         if not plan.second_order:
             return self._first_order_backward(graph, loss, retain_graph)
         blocks = [self._vectors(kind, output, target) for kind in plan.kinds]
-        grads = graph.gradients(output, torch.cat(blocks, 0), retain_graph)
+        grads, param_grads = self._batched_backward(graph, output, blocks, retain_graph)
         per_kind, start = {}, 0
         for kind, block in zip(plan.kinds, blocks):
             K = block.shape[0]
             part = [None if g is None else g[start : start + K] for g in grads]
             per_kind[kind] = graph.per_call(part)
             start += K
-        return per_kind, {}
+        return per_kind, param_grads
+
+    def _batched_backward(
+        self, graph: Backprop, output: Tensor, blocks: list[Tensor], retain_graph: bool
+    ) -> tuple[tuple[Tensor | None, ...], dict[int, Tensor]]:
+        """All vector blocks in one pass to the recorded layer outputs. With the gradient
+        requested, also to the parameters of generic layers: their per-sample rows are
+        recomputed sample by sample, which differs from the batch when the module couples
+        its samples, so their gradient comes from autograd (fast rules sum exact rows)."""
+        vectors = torch.cat(blocks, 0)
+        params = _served_parameters([u for u in self.layers if u.rule is None])
+        if not (self.plan.gradient and params):
+            return graph.gradients(output, vectors, retain_graph), {}
+        start = sum(b.shape[0] for b in blocks[: self.plan.kinds.index(GRAD)])
+        n = len(graph.targets)
+        grads = backprop_vectors(
+            output, graph.targets + params, vectors, graph.node_kinds, retain_graph
+        )
+        check_finite(grads[:n], graph.where)
+        param_grads = {id(p): g[start] for p, g in zip(params, grads[n:]) if g is not None}
+        return grads[:n], param_grads
 
     def _watched_gradients(self, graph: Backprop) -> list[Tensor | None]:
         seed = self.loss_scale
@@ -411,6 +487,8 @@ class Session:
             names = {id(p): name for name, p in self.model.named_parameters()}
             check_finite(grads, [names[id(p)] for p in params])
         param_grads = {id(p): g for p, g in zip(params, grads[n:]) if g is not None}
+        if len(param_grads) < len(params):  # unreached parameters: hidden by a checkpoint?
+            check_no_reentrant_checkpoint(node_kinds(loss))
         if not self.plan.kinds:
             return {}, param_grads
         layer = [None if g is None else g.unsqueeze(0) for g in grads[:n]]
@@ -455,7 +533,7 @@ class Session:
                 g = g.reshape(K * N, *g.shape[2:])
                 local = unit.rule.forms(unit.module, x, g, K)
                 return {k: v for k, v in local.items() if k in unit.params}
-            with self.recorder.paused(), torch.enable_grad():
+            with self.recorder.paused(), replaying(), torch.enable_grad():
                 return generic_forms(
                     unit.module,
                     unit.params,
@@ -469,6 +547,47 @@ class Session:
                 )
 
         return forms_of_call
+
+
+def _check_inputs_finite(calls: list[tuple[Layer, Call]]) -> None:
+    """Fast-rule layers multiply their input with the output gradient: an infinite input
+    gives NaN rows even where the gradient is zero (as autograd's gradient would)."""
+    inputs = [
+        (u.name, c.x.detach())
+        for u, c in calls
+        if u.rule is not None and isinstance(c.x, Tensor) and c.x.is_floating_point()
+    ]
+    check_finite(
+        [x for _, x in inputs],
+        [name for name, _ in inputs],
+        "non-finite input to module '{}' (inf or nan): its gradients are not finite",
+    )
+
+
+def _check_results_finite(values: dict[Any, dict[str, Any]], rules: dict[str, str]) -> None:
+    """``FloatingPointError`` naming a non-finite result where the checks of layer inputs and
+    output gradients do not suffice: parameters served by the generic rule (its per-sample
+    recomputation) and half-precision results (overflow)."""
+    tensors, where = [], []
+    for q, per_name in values.items():
+        for name, value in per_name.items():
+            generic = rules.get(name, "generic") in ("generic", "mixed")
+            for t in _result_tensors(value):
+                if generic or t.dtype in (torch.float16, torch.bfloat16):
+                    tensors.append(t)
+                    where.append(f"{q!r} of '{name}'")
+    check_finite(tensors, where, "non-finite values in {} (overflow, or inf/nan in the data)")
+
+
+def _result_tensors(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value.detach()] if value.is_floating_point() else []
+    fields = getattr(value, "__dict__", None)
+    if isinstance(value, (list, tuple)):
+        fields = dict(enumerate(value))
+    if not fields:
+        return []
+    return [v.detach() for v in fields.values() if isinstance(v, Tensor) and v.is_floating_point()]
 
 
 def _rules_by_name(layers: list[Layer], names: dict[int, str]) -> dict[str, str]:

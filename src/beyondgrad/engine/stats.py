@@ -31,12 +31,26 @@ class Needs:
         gradient: the ordinary batch gradient (from autograd where that is cheapest).
         kronecker_only: only layers with Kronecker statistics need output gradients.
         max_vectors: for ``("exact", 0)``: refuse when a sample has more outputs than this.
+        independent_samples: whether the quantity is exact only for a model whose samples do
+            not interact (it reads per-sample rows, e.g. squares them); such quantities raise
+            :class:`~beyondgrad.engine.session.SamplesCoupledError` on a model that couples
+            them. ``None`` (default): whenever vectors are backpropagated for more than
+            Kronecker sums. An approximation defined by its procedure (KFAC with its diagonal
+            fallback) may declare ``False``.
     """
 
     kinds: tuple[VectorKind, ...] = ()
     gradient: bool = False
     kronecker_only: bool = False
     max_vectors: int | None = None
+    independent_samples: bool | None = None
+
+    @property
+    def reads_rows(self) -> bool:
+        """:attr:`independent_samples`, resolved."""
+        if self.independent_samples is not None:
+            return self.independent_samples
+        return bool(self.kinds) and not self.kronecker_only
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ Conventions: the rows sum (over ``n``) to the gradient of the loss as ``loss_fn`
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
@@ -101,6 +102,19 @@ class Form(ABC):
         self.__dict__.setdefault("_cache", {})[key] = value
 
     @property
+    def low_precision(self) -> bool:
+        """Whether the form holds float16/bfloat16 tensors (whose squares and sums of squares
+        overflow or lose precision: such reductions run on :meth:`float32`)."""
+        return any(t.dtype in LOW_PRECISION for t in _tensors(self))
+
+    def float32(self) -> Form:
+        """A copy of the form with its floating tensors in float32 (memoized)."""
+        twin = self.__dict__.get("_float32")
+        if twin is None:
+            twin = self.__dict__["_float32"] = _converted(self)
+        return twin
+
+    @property
     def materialized(self) -> bool:
         return "batch_grad" in self.__dict__.get("_cache", {})
 
@@ -123,28 +137,37 @@ class Form(ABC):
         return self._memo("grad", self._grad)
 
     def batch_l2(self) -> Tensor:
-        """Squared Euclidean norms of the rows, ``[K N]``."""
+        """Squared Euclidean norms of the rows, ``[K N]`` (float32 or wider: half-precision
+        forms accumulate in float32)."""
+        if self.low_precision:
+            return self._memo("batch_l2", lambda: self.float32().batch_l2())
         if self.materialized:
             return self._memo("batch_l2", lambda: Form._batch_l2(self))
         return self._memo("batch_l2", self._batch_l2)
 
     def batch_dot(self) -> Tensor:
         """Inner products of the rows, ``[K N, K N]`` (for ``K > 1``: the Gram matrix of the
-        GGN factor, whose nonzero eigenvalues are the GGN's)."""
+        GGN factor, whose nonzero eigenvalues are the GGN's); float32 for half precision."""
+        if self.low_precision:
+            return self._memo("batch_dot", lambda: self.float32().batch_dot())
         if self.materialized:
             return self._memo("batch_dot", lambda: Form._batch_dot(self))
         return self._memo("batch_dot", self._batch_dot)
 
     def sum_grad_squared(self) -> Tensor:
         """Sum over rows of their element-wise squares, ``shape`` (for loss-Hessian vectors:
-        the GGN diagonal)."""
+        the GGN diagonal); float32 for half precision."""
+        if self.low_precision:
+            return self._memo("sgs", lambda: self.float32().sum_grad_squared())
         if self.materialized:
             return self._memo("sgs", lambda: Form._sum_grad_squared(self))
         return self._memo("sgs", self._sum_grad_squared)
 
     def batch_sum_grad_squared(self) -> Tensor:
         """Per sample, the sum over its ``K`` rows of their element-wise squares,
-        ``[N, *shape]`` (per-sample GGN diagonals)."""
+        ``[N, *shape]`` (per-sample GGN diagonals); float32 for half precision."""
+        if self.low_precision:
+            return self._memo("bsgs", lambda: self.float32().batch_sum_grad_squared())
         if self.materialized:
             return self._memo("bsgs", lambda: Form._batch_sum_grad_squared(self))
         return self._memo("bsgs", self._batch_sum_grad_squared)
@@ -198,3 +221,43 @@ class Form(ABC):
     def _batch_sum_grad_squared(self) -> Tensor:
         squares = self.batch_grad().pow(2)
         return squares.reshape(self.vectors, self.num_samples, *self.shape).sum(0)
+
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _tensors(form: Form) -> list[Tensor]:
+    """The floating tensors a form holds (its parts' too), not its memoized reductions."""
+    found: list[Tensor] = []
+    for key, value in vars(form).items():
+        if key in ("_cache", "_float32"):
+            continue
+        items = value if isinstance(value, (list, tuple)) else [value]
+        for item in items:
+            if isinstance(item, Tensor) and item.is_floating_point():
+                found.append(item)
+            elif isinstance(item, Form):
+                found.extend(_tensors(item))
+    return found
+
+
+def _converted(form: Form) -> Form:
+    twin = copy.copy(form)
+    state: dict = {}
+    for key, value in vars(form).items():
+        if key == "_float32":
+            continue
+        if key == "_cache":  # keep materialized rows only, in float32
+            rows = value.get("batch_grad")
+            state[key] = {} if rows is None else {"batch_grad": rows.float()}
+        elif isinstance(value, Tensor) and value.dtype in LOW_PRECISION:
+            state[key] = value.float()
+        elif isinstance(value, Form):
+            state[key] = value.float32()
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, Form) for v in value):
+            state[key] = type(value)(v.float32() for v in value)
+        else:
+            state[key] = value
+    twin.__dict__.clear()
+    twin.__dict__.update(state)
+    return twin

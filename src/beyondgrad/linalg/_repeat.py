@@ -25,3 +25,14 @@ def with_repeated_products(fn: F) -> F:
             return fn(A, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def require_square(A: Any, who: str) -> int:
+    """``n`` for an operator of shape ``(n, n)``; a clear error otherwise."""
+    shape = tuple(getattr(A, "shape", ()))
+    if len(shape) != 2 or shape[0] != shape[1]:
+        raise ValueError(
+            f"{who} needs a square (symmetric) operator of shape (n, n), got shape {shape} "
+            "(for a rectangular J, use J.T @ J or J @ J.T)"
+        )
+    return int(shape[0])

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._repeat import with_repeated_products
+from ._repeat import require_square, with_repeated_products
 from .lanczos import Lanczos, tridiagonal
 
 
@@ -45,6 +45,7 @@ def eigsh(
     per iteration (a single pass over the data for data-set operators), ``max_iter``
     iterations (default 200); same stopping rule and warning.
     """
+    require_square(A, "eigsh")
     n, dtype, device = _like(A)
     if which not in ("largest", "smallest"):
         raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")
@@ -56,32 +57,40 @@ def eigsh(
         return _lobpcg(A, k, which, tol, max_iter or 200, generator, n, dtype, device)
     if method != "lanczos":
         raise ValueError(f"method must be 'lanczos' or 'lobpcg', got {method!r}")
+    return _lanczos(A, k, which, tol, max_iter, generator, reorthogonalize, dtype, device)
+
+
+def _lanczos(
+    A: Any,
+    k: int,
+    which: str,
+    tol: float,
+    max_iter: int | None,
+    generator: torch.Generator | None,
+    reorthogonalize: str,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[Tensor, Tensor]:
+    """The Lanczos branch of :func:`eigsh` (arguments checked there)."""
+    n = A.shape[0]
     m_max = min(n, max_iter or max(100, 20 * k))
-    q = (
-        torch.randn(n, generator=generator, dtype=dtype, device=device)
-        if generator is not None
-        else torch.randn(n, dtype=dtype, device=device)
-    )
+    q = torch.randn(n, generator=generator, dtype=dtype, device=device)
     # Ritz vectors are about as accurate as the basis is orthogonal: reorthogonalize at the
     # requested tolerance when it is below sqrt(eps)
     eps = torch.finfo(dtype).eps
     lanczos = Lanczos(A, q / q.norm(), m_max, reorthogonalize, min(eps**0.5, max(tol, eps)))
-    m = 0
-    theta = S = None
-    converged = False
+    m, theta, S, converged = 0, None, None, False
+    order = torch.arange(k)
     while True:
         more = lanczos.step()
         m = lanczos.m
         if m >= k:
-            T = tridiagonal(lanczos.alpha[:m], lanczos.beta[: m - 1])
-            theta, S = torch.linalg.eigh(T)
+            theta, S = torch.linalg.eigh(tridiagonal(lanczos.alpha[:m], lanczos.beta[: m - 1]))
             order = torch.arange(m - 1, m - 1 - k, -1) if which == "largest" else torch.arange(k)
             residual = (lanczos.beta[m - 1] * S[-1, order]).abs()
             scale = theta.abs().max().clamp_min(torch.finfo(dtype).tiny)
-            if bool((residual <= tol * scale).all()):
-                converged = True
-                break
-        if not more:
+            converged = bool((residual <= tol * scale).all())
+        if converged or not more:
             converged = converged or m < m_max  # an invariant subspace: exact
             break
     if theta is None or S is None:
@@ -95,11 +104,21 @@ def eigsh(
             f"eigsh: {k} Ritz pair(s) not converged to tol={tol} after {m} products; raise "
             "max_iter or tol",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    order = torch.arange(m - 1, m - 1 - k, -1) if which == "largest" else torch.arange(k)
-    vectors = lanczos.basis(m).T @ S[:, order]
-    return theta[order], vectors
+    return theta[order], lanczos.basis(m).T @ S[:, order]
+
+
+def _rayleigh_ritz(S: Tensor, AS: Tensor, b: int) -> Tensor:
+    """Coefficients (``[s, b]``) of the ``b`` largest Ritz pairs on ``span(S)``: whiten
+    ``S^T S``, dropping directions lost to round-off."""
+    G = S.T @ S
+    g, V = torch.linalg.eigh((G + G.T) / 2)
+    keep = g > g.max() * torch.finfo(S.dtype).eps * 1e3
+    T = V[:, keep] / g[keep].sqrt()
+    M = T.T @ (S.T @ AS) @ T
+    _, U = torch.linalg.eigh((M + M.T) / 2)
+    return T @ U.flip(1)[:, :b]
 
 
 def _lobpcg(
@@ -140,14 +159,7 @@ def _lobpcg(
         AW = apply(W)
         S = torch.cat([X, W] + ([P] if P is not None else []), 1)
         AS = torch.cat([AX, AW] + ([AP] if AP is not None else []), 1)
-        # Rayleigh-Ritz on span(S): whiten S^T S, dropping directions lost to round-off
-        G = S.T @ S
-        g, V = torch.linalg.eigh((G + G.T) / 2)
-        keep = g > g.max() * torch.finfo(dtype).eps * 1e3
-        T = V[:, keep] / g[keep].sqrt()
-        M = T.T @ (S.T @ AS) @ T
-        _, U = torch.linalg.eigh((M + M.T) / 2)
-        coef = T @ U.flip(1)[:, :b]  # the b largest Ritz pairs
+        coef = _rayleigh_ritz(S, AS, b)
         X_new, AX_new = S @ coef, AS @ coef
         P = S[:, b:] @ coef[b:]  # the new directions: the part outside the old iterates
         AP = AS[:, b:] @ coef[b:]

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._repeat import with_repeated_products
+from ._repeat import require_square, with_repeated_products
 
 
 def _probes(
@@ -46,7 +46,7 @@ def trace(
     leave-one-out), and the estimates are averaged (error from their spread). Exact when the
     rank of ``A`` is below half the budget.
     """
-    n = A.shape[0]
+    n = require_square(A, "trace")
     dtype, device = getattr(A, "dtype", torch.float64), getattr(A, "device", torch.device("cpu"))
     if num_matvecs < 1:
         raise ValueError("num_matvecs must be positive")
@@ -87,7 +87,7 @@ def diagonal(
     ``mean(z * (A z))``. ``"xdiag"`` (Epperly, Tropp & Webber 2024; symmetric ``A``): the
     leave-one-out construction of ``trace(method="xtrace")`` applied to the diagonal, exact
     for rank below half the budget."""
-    n = A.shape[0]
+    n = require_square(A, "diagonal")
     dtype, device = getattr(A, "dtype", torch.float64), getattr(A, "device", torch.device("cpu"))
     if method == "xdiag":
         ests, _ = _leave_one_out(A, num_matvecs, dtype, device, generator, distribution, True)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._repeat import with_repeated_products
+from ._repeat import require_square, with_repeated_products
 from .lanczos import Lanczos
 
 
@@ -43,9 +43,11 @@ def spectral_density(
     their first eigenvector components squared the weights, smoothed by a Gaussian of width
     ``sigma`` (default 1% of the spectral range). ``method="kpm"`` (kernel polynomial method):
     ``lanczos_steps`` Chebyshev moments per probe on ``bounds`` (default: from a short
-    Lanczos run, widened by 5%), Jackson-damped. Both cost ``num_probes * lanczos_steps``
-    products.
+    Lanczos run, widened by 5%), Jackson-damped, zero outside the bounds and finite at them
+    (the default grid holds the midpoints of ``num_points`` cells of the bounds). Both cost
+    ``num_probes * lanczos_steps`` products.
     """
+    require_square(A, "spectral_density")
     if method == "kpm":
         return _kpm(A, num_probes, lanczos_steps, grid, num_points, generator, bounds)
     if method != "slq":
@@ -97,10 +99,12 @@ def _kpm(
         T = torch.diag(alpha) + torch.diag(beta, 1) + torch.diag(beta, -1)
         theta = torch.linalg.eigvalsh(T)
         lo, hi = float(theta[0]), float(theta[-1])
-        pad = 0.05 * max(hi - lo, 1e-12)
+        pad = 0.05 * max(hi - lo, 1e-12 * max(abs(lo), abs(hi), 1.0))
         lo, hi = lo - pad, hi + pad
     else:
         lo, hi = bounds
+        if not hi > lo:
+            raise ValueError(f"bounds must satisfy lo < hi, got {bounds}")
     center, half = (hi + lo) / 2, (hi - lo) / 2
     moments = torch.zeros(degree, dtype=dtype, device=device)
     for _ in range(num_probes):
@@ -119,11 +123,15 @@ def _kpm(
     jackson = (
         (M - k) * torch.cos(math.pi * k / M) + torch.sin(math.pi * k / M) / math.tan(math.pi / M)
     ) / M
-    if grid is None:
-        grid = torch.linspace(lo, hi, num_points, dtype=dtype, device=device)
-    x = ((grid - center) / half).clamp(-1 + 1e-9, 1 - 1e-9)
-    cheb = torch.cos(k.unsqueeze(0) * torch.arccos(x).unsqueeze(1))  # [points, degree]
-    coeff = moments * jackson
+    if grid is None:  # midpoints: the Chebyshev weight is singular at the bounds
+        grid = lo + (hi - lo) * (torch.arange(num_points, dtype=dtype, device=device) + 0.5)
+        grid = grid / num_points
+    x = ((grid.double() - center) / half).to(moments.device)
+    inside = x.abs() < 1  # the density vanishes outside the bounds (they enclose the spectrum)
+    xs = torch.where(inside, x, torch.zeros_like(x))
+    cheb = torch.cos(k.double().unsqueeze(0) * torch.arccos(xs).unsqueeze(1))  # [points, degree]
+    coeff = (moments * jackson).double()
     coeff[1:] *= 2
-    density = (cheb @ coeff) / (math.pi * torch.sqrt(1 - x * x)) / half
-    return grid, density.clamp_min(0)
+    density = (cheb @ coeff) / (math.pi * torch.sqrt(1 - xs * xs)) / half
+    density = torch.where(inside, density, torch.zeros_like(density))
+    return grid, density.clamp_min(0).to(dtype)

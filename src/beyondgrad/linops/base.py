@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from ..linalg.solve import InverseOperator
 
 
 class LinearOperator:
@@ -64,21 +67,37 @@ class LinearOperator:
         return out if other.ndim == 2 else out.squeeze(1)
 
     def __add__(self, other: LinearOperator) -> LinearOperator:
-        return _Sum([self, other], [1.0, 1.0])
+        return Sum([self, other], [1.0, 1.0])
 
     def __sub__(self, other: LinearOperator) -> LinearOperator:
-        return _Sum([self, other], [1.0, -1.0])
+        return Sum([self, other], [1.0, -1.0])
 
     def __mul__(self, scalar: float) -> LinearOperator:
-        return _Sum([self], [float(scalar)])
+        return Sum([self], [float(scalar)])
 
     __rmul__ = __mul__
 
     def __neg__(self) -> LinearOperator:
-        return _Sum([self], [-1.0])
+        return Sum([self], [-1.0])
+
+    def inverse(self, damping: float = 0.0, method: str = "cg", **kwargs: Any) -> LinearOperator:
+        """``(A + damping I)^{-1}`` as an operator whose products run a solver of
+        :func:`beyondgrad.linalg.solve` (``method``: ``"cg"``, ``"minres"``, ``"neumann"``;
+        ``kwargs`` go to it). Structured operators (KFAC, EKFAC, diagonal, low-rank) override
+        this with closed forms.
+
+        Args:
+            damping: added to the diagonal.
+            method: the solver.
+
+        Returns:
+            A :class:`LinearOperator` of the same shape.
+        """
+        return SolverInverse(self, damping, method, **kwargs)
 
     @property
     def T(self) -> LinearOperator:
+        """The transpose (the operator itself when symmetric)."""
         return self if self.symmetric else _Transposed(self)
 
     def to_dense(self, chunk: int = 256) -> Tensor:
@@ -115,7 +134,9 @@ class LinearOperator:
         return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype})"
 
 
-class _Sum(LinearOperator):
+class Sum(LinearOperator):
+    """``sum_i weights[i] * ops[i]`` (what ``+``, ``-`` and scalar ``*`` build)."""
+
     def __init__(self, ops: Sequence[LinearOperator], weights: Sequence[float]):
         first = ops[0]
         if any(op.shape != first.shape for op in ops):
@@ -132,6 +153,9 @@ class _Sum(LinearOperator):
 
     def _rmatmat(self, M: Tensor) -> Tensor:
         return sum(w * op._rmatmat(M) for op, w in zip(self.ops, self.weights))  # type: ignore[return-value]
+
+
+_Sum = Sum  # the former private name
 
 
 class _Product(LinearOperator):
@@ -179,3 +203,27 @@ class DenseOperator(LinearOperator):
 
     def _rmatmat(self, M: Tensor) -> Tensor:
         return self.matrix.T @ M
+
+
+class SolverInverse(LinearOperator):
+    """``(A + damping I)^{-1}`` for a symmetric operator ``A``, its products computed by
+    :class:`beyondgrad.linalg.InverseOperator` (``"cg"``/``"minres"`` column by column, or a
+    truncated Neumann series). Returned by :meth:`LinearOperator.inverse`."""
+
+    symmetric = True
+
+    def __init__(self, A: LinearOperator, damping: float = 0.0, method: str = "cg", **kwargs: Any):
+        if A.shape[0] != A.shape[1] or not A.symmetric:
+            raise ValueError(
+                f"the solvers need a square symmetric operator, got {type(A).__name__} of "
+                f"shape {A.shape} (symmetric={A.symmetric})"
+            )
+        super().__init__(A.shape, A.dtype, A.device)
+        self.A = A
+        self.solver = InverseOperator(A, damping, method, **kwargs)
+
+    def _children(self) -> Sequence[LinearOperator]:
+        return (self.A,)
+
+    def _matmat(self, M: Tensor) -> Tensor:
+        return self.solver @ M

@@ -30,7 +30,7 @@ exact (one pass, from the engine) for all four operators where the engine covers
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -39,11 +39,10 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten
 
-from ..engine import compute
-from ..engine.compute import _call_model
-from ..engine.losses import check_loss_fn, check_target
-from ..quantities import Forms, Quantity
+from . import _engine
 from .base import LinearOperator
+from .data import DataSet, require_reiterable
+from .structures import Diagonal  # noqa: F401 (its former home)
 
 
 def _check_eval_mode(model: nn.Module) -> None:
@@ -67,11 +66,14 @@ def _fingerprint(data: Iterable[tuple[Any, Tensor]]) -> list[float]:
     return [float(y.reshape(-1)[: min(8, y.numel())].double().sum()) for _, y in data]
 
 
-def _batch_size(X: Any) -> int:
-    leaves = [t for t in tree_flatten(X)[0] if isinstance(t, Tensor) and t.ndim > 0]
-    if not leaves:
-        raise ValueError("a batch has no tensor with a leading sample axis")
-    return leaves[0].shape[0]
+def _check_finite(op: Any, out: Tensor, what: str) -> None:
+    """Raise (as :func:`beyondgrad.compute` does) instead of returning non-finite values."""
+    if bool(torch.isfinite(out).all()):
+        return
+    raise FloatingPointError(
+        f"{type(op).__name__}: non-finite {what} (inf/nan in the data, the model's outputs "
+        "or the vectors); nothing is returned"
+    )
 
 
 class _KeptBatchState:
@@ -176,7 +178,7 @@ class CurvatureOperator(_KeptBatchState, LinearOperator):
         batch_size_fn: Callable[[Any], int] | None = None,
         cache_batches: int | None = 1,
     ):
-        check_loss_fn(loss_fn)
+        _engine.check_loss_fn(loss_fn)
         self._init_kept_state(cache_batches)
         if not allow_train_mode:
             _check_eval_mode(model)
@@ -193,25 +195,20 @@ class CurvatureOperator(_KeptBatchState, LinearOperator):
         self.params = [named[n] for n in self.names]
         self.sizes = [p.numel() for p in self.params]
         self.progressbar = progressbar
-        self.batch_size_fn = batch_size_fn or _batch_size
-        if num_data is None:
-            num_data = sum(self.batch_size_fn(X) for X, _ in data)
-        if num_data < 1:
-            raise ValueError("the data set is empty")
-        self.num_data = int(num_data)
+        self.data_set = DataSet(data, loss_fn, num_data, batch_size_fn, who=type(self).__name__)
+        self.batch_size_fn = self.data_set.batch_size_fn
+        self.num_data = self.data_set.total()
         first = self.params[0]
         super().__init__((sum(self.sizes),) * 2, first.dtype, first.device)  # type: ignore[arg-type]
 
     # -- helpers -------------------------------------------------------------------------------
-    def _weight(self, N: int) -> float:
-        return N / self.num_data if self.loss_fn.reduction == "mean" else 1.0  # type: ignore[union-attr]
-
-    def _batches(self) -> Iterable[tuple[Any, Tensor]]:
+    def _batches(self) -> Iterable[tuple[Any, Tensor, int]]:
+        """``(X, y, N_b)`` per batch of one pass (with a progress bar if asked)."""
         if self.progressbar:
-            from tqdm.auto import tqdm
+            from tqdm.auto import tqdm  # an optional dependency
 
-            return tqdm(self.data, desc=type(self).__name__, leave=False)
-        return self.data
+            return tqdm(self.data_set.batches(), desc=type(self).__name__, leave=False)
+        return self.data_set.batches()
 
     def split(self, M: Tensor) -> list[Tensor]:
         """``[P, k]`` -> per parameter ``[k, *shape]`` (strided views of ``M``)."""
@@ -244,13 +241,12 @@ class CurvatureOperator(_KeptBatchState, LinearOperator):
         # of every batch's vmapped products (free for a single vector)
         V = [v.contiguous() for v in self.split(M)]
         out = None
-        for position, (X, y) in enumerate(self._batches()):
+        for position, (X, y, N) in enumerate(self._batches()):
             state = self._state(position, X, y)
-            out = self._accumulate(
-                out, self._batch_products(state, y, V), self._weight(self.batch_size_fn(X))
-            )
+            out = self._accumulate(out, self._batch_products(state, y, V), self.data_set.weight(N))
         if out is None:
             raise ValueError("the data set is empty")
+        _check_finite(self, out, "product")
         return out
 
     def _prepare(self, position: int, X: Any, y: Tensor) -> Any:
@@ -266,12 +262,13 @@ class CurvatureOperator(_KeptBatchState, LinearOperator):
     def diagonal(self) -> Tensor:
         """The exact diagonal ``[P]`` in one pass over the data (from the engine)."""
         out: Tensor | None = None
-        for position, (X, y) in enumerate(self._batches()):
+        for position, (X, y, N) in enumerate(self._batches()):
             d = torch.cat([t.reshape(-1) for t in self._batch_diagonal(position, X, y)])
-            part = self._weight(self.batch_size_fn(X)) * d
+            part = self.data_set.weight(N) * d
             out = part if out is None else out + part
         if out is None:
             raise ValueError("the data set is empty")
+        _check_finite(self, out, "diagonal")
         return out
 
     def trace(self) -> Tensor:
@@ -284,17 +281,29 @@ class CurvatureOperator(_KeptBatchState, LinearOperator):
             "bg.linalg.diagonal(A, ...) or its trace with bg.linalg.trace(A, ...)"
         )
 
-    def _engine_diagonal(self, X: Any, y: Tensor, quantity: Quantity) -> list[Tensor]:
-        values = compute(self.model, self.loss_fn, X, y, quantity)[quantity]
+    def _engine_diagonal(self, X: Any, y: Tensor, quantity: Any) -> list[Tensor]:
+        reason = _engine.samples_coupled(self.model)
+        if reason is not None:  # the engine's diagonals treat the samples as independent
+            raise RuntimeError(
+                f"{type(self).__name__}.diagonal(): the exact diagonal is not available when "
+                f"the samples are coupled ({reason}); estimate it with "
+                "bg.linalg.diagonal(A, num_matvecs, method='xdiag'), or call model.eval()"
+            )
+        values = _engine.batch_diagonal(self.model, self.loss_fn, X, y, quantity)
         return [values[n] for n in self.names]
 
     def _loss(self, X: Any, y: Tensor) -> tuple[Tensor, Tensor]:
         # fused attention kernels lack double backward: products of second derivatives run
         # the attention through PyTorch's composite (math) implementation
         with sdpa_kernel([SDPBackend.MATH]):
-            out = _call_model(self.model, X)
-        check_target(self.loss_fn, out, y)
-        return self.loss_fn(out, y), out
+            out = _engine.call_model(self.model, X)
+        _engine.check_target(self.loss_fn, out, y)
+        loss = self.loss_fn(out, y)
+        if not bool(torch.isfinite(loss)):
+            raise FloatingPointError(
+                f"{type(self).__name__}: the loss of a batch is not finite ({loss.item()})"
+            )
+        return loss, out
 
 
 def _batched_grad(outputs: Any, inputs: Any, vectors: Any, **kwargs: Any) -> tuple[Tensor, ...]:
@@ -320,6 +329,52 @@ def _batched_grad(outputs: Any, inputs: Any, vectors: Any, **kwargs: Any) -> tup
             for i in range(k)
         ]
         return tuple(torch.stack(p) for p in zip(*parts))
+
+
+def _needs_second_derivative(err: RuntimeError) -> bool:
+    """Whether autograd failed for lack of a double derivative (``hardsigmoid_backward``,
+    ``once_differentiable`` functions, ...)."""
+    text = str(err)
+    return ("derivative for" in text and "not implemented" in text) or "twice" in text
+
+
+def _forward_jv(
+    model: nn.Module, names: list[str], params: list[Tensor], X: Any, V: list[Tensor]
+) -> Tensor:
+    """``J V`` ``[k, *out.shape]`` by forward-mode AD, one ``jvp`` per column: first
+    derivatives only (for layers whose backward has no derivative itself)."""
+
+    def f(*values: Tensor) -> Tensor:
+        return _engine.call_model_with(model, dict(zip(names, values)), X)
+
+    primals = tuple(p.detach() for p in params)
+    with sdpa_kernel([SDPBackend.MATH]):
+        columns = [
+            torch.func.jvp(f, primals, tuple(v[i] for v in V))[1] for i in range(V[0].shape[0])
+        ]
+    return torch.stack(columns)
+
+
+class _JacobianProducts:
+    """``J V`` by differentiating the vjp ``u -> J^T u`` w.r.t. ``u`` (reusing the kept
+    graphs), or by forward-mode AD once a layer lacks the double derivative that needs."""
+
+    model: nn.Module
+    names: list[str]
+    params: list[Tensor]
+    _forward_mode: bool = False
+
+    def _jv(self, X: Any, u: Tensor, jt_u: Sequence[Tensor | None], V: list[Tensor]) -> Tensor:
+        if not self._forward_mode:
+            pairs = [(j, v) for j, v in zip(jt_u, V) if j is not None]
+            try:
+                with torch.enable_grad():
+                    return _batched_grad([j for j, _ in pairs], [u], [v for _, v in pairs])[0]
+            except RuntimeError as err:
+                if not _needs_second_derivative(err):
+                    raise
+                self._forward_mode = True
+        return _forward_jv(self.model, self.names, self.params, X, V)
 
 
 class Hessian(CurvatureOperator):
@@ -351,36 +406,45 @@ class Hessian(CurvatureOperator):
         used = [(g, v) for g, v in zip(state, V) if g is not None]
         if not used:
             return [torch.zeros_like(v) for v in V]
-        with torch.enable_grad():
-            hv = _batched_grad(
-                [g for g, _ in used], self.params, [v for _, v in used], allow_unused=True
-            )
+        try:
+            with torch.enable_grad():
+                hv = _batched_grad(
+                    [g for g, _ in used], self.params, [v for _, v in used], allow_unused=True
+                )
+        except RuntimeError as err:
+            if not _needs_second_derivative(err):
+                raise
+            raise RuntimeError(
+                "Hessian products need second derivatives of every layer, and PyTorch has "
+                f"none for an operation of this model ({err}). The GGN needs first "
+                "derivatives only: use bg.linops.GGN"
+            ) from err
         return [h if h is not None else torch.zeros_like(v) for h, v in zip(hv, V)]
 
     def _batch_diagonal(self, position: int, X: Any, y: Tensor) -> list[Tensor]:
-        from ..quantities import DiagHessian
-
         try:
-            return self._engine_diagonal(X, y, DiagHessian())
+            return self._engine_diagonal(X, y, _engine.DiagHessian())
         except RuntimeError as err:
             if "out of memory" in str(err):
                 raise
             raise RuntimeError(
-                f"Hessian.diagonal(): the engine's exact DiagHessian does not cover this model "
-                f"({str(err).split('. ')[0]}); estimate the diagonal with "
-                "bg.linalg.diagonal(H, num_matvecs, method='xdiag') or the trace with "
-                "bg.linalg.trace(H, num_matvecs, method='xtrace')"
+                "Hessian.diagonal(): the engine's exact DiagHessian does not cover this model. "
+                "Estimate the diagonal with bg.linalg.diagonal(H, num_matvecs, method='xdiag') "
+                "or the trace with bg.linalg.trace(H, num_matvecs, method='xtrace'). The "
+                f"engine's reason: {str(err).strip()}"
             ) from err
 
 
-class GGN(CurvatureOperator):
+class GGN(_JacobianProducts, CurvatureOperator):
     """The generalized Gauss-Newton ``sum_n J_n^T (d2 l / df2) J_n`` of the data-set loss.
 
     Products: ``J V`` by differentiating the vjp ``u -> J^T u`` w.r.t. ``u``, the loss Hessian
     by double backward on the outputs, then one vjp. Inside :meth:`repeated_products` the
     forward and vjp graphs are kept. :meth:`diagonal` / :meth:`trace` are exact from the
     engine's ``DiagGGN`` (it refuses outputs with more than ``max_vectors`` entries per sample;
-    estimate with ``bg.linalg`` there)."""
+    estimate with ``bg.linalg`` there). Products need first derivatives of the model only:
+    where a layer's backward has no derivative (``nn.Hardsigmoid``), ``J V`` switches to
+    forward-mode AD."""
 
     def _prepare(self, position: int, X: Any, y: Tensor) -> tuple[Any, ...]:
         with torch.enable_grad():
@@ -389,23 +453,19 @@ class GGN(CurvatureOperator):
             jt_u = torch.autograd.grad(out, self.params, u, create_graph=True, allow_unused=True)
             o = out.detach().requires_grad_(True)
             (g_o,) = torch.autograd.grad(self.loss_fn(o, y), o, create_graph=True)
-        return out, u, jt_u, o, g_o
+        return out, u, jt_u, o, g_o, X
 
     def _batch_products(self, state: Any, y: Tensor, V: list[Tensor]) -> list[Tensor]:
-        out, u, jt_u, o, g_o = state
+        out, u, jt_u, o, g_o, X = state
+        jv = self._jv(X, u, jt_u, V)
         with torch.enable_grad():
-            # J V by differentiating the vjp u -> J^T u (linear in u) w.r.t. u
-            pairs = [(j, v) for j, v in zip(jt_u, V) if j is not None]
-            (jv,) = _batched_grad([j for j, _ in pairs], [u], [v for _, v in pairs])
             # loss Hessian (reduction included) times J V, by double backward on the output
             (hjv,) = _batched_grad([g_o], [o], [jv])
             res = _batched_grad([out], self.params, [hjv], allow_unused=True)
         return [r if r is not None else torch.zeros_like(v) for r, v in zip(res, V)]
 
     def _batch_diagonal(self, position: int, X: Any, y: Tensor) -> list[Tensor]:
-        from ..quantities import DiagGGN
-
-        return self._engine_diagonal(X, y, DiagGGN())
+        return self._engine_diagonal(X, y, _engine.DiagGGN())
 
 
 class _RowsOperator(CurvatureOperator):
@@ -433,11 +493,7 @@ class EmpiricalFisher(_RowsOperator):
     engine's per-sample gradients (any model)."""
 
     def _prepare(self, position: int, X: Any, y: Tensor) -> tuple[dict[str, Any], float]:
-        from ..engine.losses import reduction_factor
-
-        q = Forms(("grad", 1))
-        res = compute(self.model, self.loss_fn, X, y, q)
-        return res[q], 1.0 / reduction_factor(self.loss_fn, res.output, y)
+        return _engine.batch_forms(self.model, self.loss_fn, X, y, "empirical")
 
 
 class Fisher(_RowsOperator):
@@ -455,7 +511,7 @@ class Fisher(_RowsOperator):
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
-        self.quantity = Forms(("mc", mc_samples))
+        self.mc_samples = mc_samples
         device = generator.device if generator is not None else torch.device("cpu")
         self.seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
         self.order = _fingerprint(self.data)
@@ -472,89 +528,19 @@ class Fisher(_RowsOperator):
         return super()._matmat(M)
 
     def diagonal(self) -> Tensor:
+        """The diagonal ``[P]`` of the fixed MC sample (checks the data order first)."""
         self._check_order()
         return super().diagonal()
 
     def _prepare(self, position: int, X: Any, y: Tensor) -> tuple[dict[str, Any], float]:
         generator = torch.Generator(device=self.device).manual_seed(self.seed + position)
-        res = compute(self.model, self.loss_fn, X, y, self.quantity, generator=generator)
-        return res[self.quantity], 1.0
-
-
-class Diagonal(LinearOperator):
-    """A diagonal operator from per-parameter diagonals (e.g. the engine's ``DiagGGN`` summed
-    over a data set), with closed-form ``inverse``, ``logdet`` and ``trace``."""
-
-    symmetric = True
-
-    def __init__(self, diagonal: Mapping[str, Tensor] | Tensor):
-        values = (
-            diagonal
-            if isinstance(diagonal, Tensor)
-            else torch.cat([d.reshape(-1) for d in diagonal.values()])
-        )
-        super().__init__((values.numel(),) * 2, values.dtype, values.device)  # type: ignore[arg-type]
-        self.values = values
-
-    def _matmat(self, M: Tensor) -> Tensor:
-        return self.values.unsqueeze(1) * M
-
-    def inverse(self, damping: float = 0.0) -> Diagonal:
-        d = self.values + damping
-        if bool((d == 0).any()):
-            raise ValueError("singular diagonal; add damping")
-        return Diagonal(1.0 / d)
-
-    def logdet(self, damping: float = 0.0) -> Tensor:
-        return (self.values + damping).log().sum()
-
-    def trace(self) -> Tensor:
-        return self.values.sum()
-
-    def eigvalsh(self) -> Tensor:
-        """All eigenvalues, ascending."""
-        return torch.sort(self.values).values
-
-    def eigh(self, k: int | None = None, which: str = "largest") -> tuple[Tensor, Tensor]:
-        """The ``k`` largest/smallest eigenpairs ``(values [k], unit vectors [P, k])``
-        (``k=None``: all, dense)."""
-        from .kfac import _select
-
-        idx = _select(self.values, k, which, self.shape[0])
-        U = torch.zeros(self.shape[0], idx.numel(), dtype=self.dtype, device=self.device)
-        U[idx, torch.arange(idx.numel(), device=self.device)] = 1.0
-        return self.values[idx], U
-
-    @classmethod
-    def from_engine(
-        cls,
-        model: nn.Module,
-        loss_fn: nn.Module,
-        data: Iterable[tuple[Any, Tensor]],
-        quantity: Quantity,
-        params: Sequence[str] | None = None,
-        num_data: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Diagonal:
-        """Sum a diagonal quantity (``DiagGGN``, ``DiagGGN(mc_samples=M)``, ``DiagHessian``)
-        over the batches with the data-set weights of :class:`CurvatureOperator`."""
-        names = params or [n for n, p in model.named_parameters() if p.requires_grad]
-        batches = list(data)
-        if num_data is None:
-            num_data = sum(_batch_size(X) for X, _ in batches)
-        total: dict[str, Tensor] = {}
-        for X, y in batches:
-            weight = _batch_size(X) / num_data if loss_fn.reduction == "mean" else 1.0  # type: ignore[union-attr]
-            values = compute(model, loss_fn, X, y, quantity, generator=generator)[quantity]
-            for n in names:
-                total[n] = total.get(n, 0) + weight * values[n]
-        return cls({n: total[n] for n in names})
+        return _engine.batch_forms(self.model, self.loss_fn, X, y, "mc", self.mc_samples, generator)
 
 
 Builder = Callable[..., LinearOperator]
 
 
-class Jacobian(_KeptBatchState, LinearOperator):
+class Jacobian(_JacobianProducts, _KeptBatchState, LinearOperator):
     """The Jacobian of the model outputs over the data set w.r.t. the parameters,
     ``[sum_b numel(f(X_b)), P]`` (outputs flattened batch by batch, in data order; ``.T`` is
     its transpose). The data must be iterated in a fixed order (not a shuffled loader): the
@@ -578,21 +564,22 @@ class Jacobian(_KeptBatchState, LinearOperator):
             raise KeyError(f"unknown or frozen parameters: {missing}")
         if not self.names:
             raise ValueError("no parameters selected")
+        require_reiterable(data, "Jacobian")
         self._init_kept_state(cache_batches)
         self.model, self.data = model, data
         self.params = [named[n] for n in self.names]
         self.sizes = [p.numel() for p in self.params]
         with torch.no_grad():
-            self.out_sizes = [_call_model(model, X).numel() for X, _ in data]
+            self.out_sizes = [_engine.call_model(model, X).numel() for X, _ in data]
         first = self.params[0]
         super().__init__((sum(self.out_sizes), sum(self.sizes)), first.dtype, first.device)
 
     def _prepare(self, position: int, X: Any, y: Tensor) -> dict[str, Any]:
         with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
-            out = _call_model(self.model, X)
+            out = _engine.call_model(self.model, X)
         if out.numel() != self.out_sizes[position]:
             raise RuntimeError("the data changed between passes (shuffled loader?)")
-        return {"out": out}
+        return {"out": out, "X": X}
 
     def _states(self) -> Iterable[dict[str, Any]]:
         count = 0
@@ -620,13 +607,14 @@ class Jacobian(_KeptBatchState, LinearOperator):
                     state["jt_u"] = torch.autograd.grad(
                         out, self.params, u, create_graph=True, allow_unused=True
                     )
-                pairs = [(j, v) for j, v in zip(state["jt_u"], V) if j is not None]
-                if not pairs:
-                    rows.append(M.new_zeros(out.numel(), k))
-                    continue
-                (jv,) = _batched_grad([j for j, _ in pairs], [state["u"]], [v for _, v in pairs])
+            if all(j is None for j in state["jt_u"]):
+                rows.append(M.new_zeros(out.numel(), k))
+                continue
+            jv = self._jv(state["X"], state["u"], state["jt_u"], V)
             rows.append(jv.reshape(k, -1).T)
-        return torch.cat(rows, 0)
+        out = torch.cat(rows, 0)
+        _check_finite(self, out, "product")
+        return out
 
     def _rmatmat(self, M: Tensor) -> Tensor:
         k = M.shape[1]
@@ -644,4 +632,5 @@ class Jacobian(_KeptBatchState, LinearOperator):
                 if g is not None:
                     out_total[offset : offset + n] += g.reshape(k, n).T
                 offset += n
+        _check_finite(self, out_total, "product")
         return out_total

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..linalg.eigenbasis import symmetric_eigh
 from ._engine import from_factor_layout, to_factor_layout
 from .averages import ema_
 from .damping import check_damping, eigen_damped_solve
@@ -162,8 +163,8 @@ class KFAC(KroneckerOptimizer):
             eye_b = torch.eye(dim_b, dtype=work, device=B.device)
             A = A + (pi * root)[:, None, None] * eye_a
             B = B + (root / pi)[:, None, None] * eye_b
-        la, qa = torch.linalg.eigh(A)
-        lb, qb = torch.linalg.eigh(B)
+        la, qa = symmetric_eigh(A)
+        lb, qb = symmetric_eigh(B)
         la, lb = la.clamp(min=0), lb.clamp(min=0)
         if state["order"] == "A kron B":
             return (la, qa, lb, qb)

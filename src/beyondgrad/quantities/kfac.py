@@ -73,6 +73,7 @@ class KFAC(Quantity):
             kinds=(self.vectors,),
             kronecker_only=not self.diagonal_fallback,
             max_vectors=self.max_vectors,
+            independent_samples=False,  # an approximation defined by its procedure
         )
 
     def compute(

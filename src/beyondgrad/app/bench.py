@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .optim import KFAC, SINGD, SIRFShampoo
+from .optimizers import available, make_optimizer
 from .tasks import TASKS, make_task
 
 
@@ -69,74 +69,24 @@ SEARCH_SPACES: dict[str, dict[str, Callable[[torch.Generator], float]]] = {
 
 OPTIMIZERS = tuple(SEARCH_SPACES)
 
-
-class _Chain:
-    """Several torch optimizers stepped together (Muon for matrices + AdamW for the rest)."""
-
-    def __init__(self, *opts: torch.optim.Optimizer):
-        self.opts = opts
-        self.state = {k: v for o in opts for k, v in o.state.items()}
-
-    def zero_grad(self) -> None:
-        for o in self.opts:
-            o.zero_grad()
-
-    def step(self) -> None:
-        for o in self.opts:
-            o.step()
-        self.state = {k: v for o in self.opts for k, v in o.state.items()}
+FIXED: dict[str, dict[str, Any]] = {
+    "kfac": {"stats_every": 10, "refresh_every": 10},
+    "singd": {"refresh_every": 10},
+    "sirfshampoo": {"refresh_every": 10, "max_dense": 512},
+    "muon": {"adam_lr": 1e-3},
+}
+"""The benchmark's fixed settings (on top of :data:`~beyondgrad.app.optimizers.SETTINGS`)."""
 
 
 def build(
     name: str, model: nn.Module, loss_fn: nn.Module, hp: dict[str, float], bf16: bool = False
 ) -> Any:
-    """Optimizer ``name`` with hyperparameters ``hp`` (fixed choices documented here: KFAC
-    MC Fisher, statistics and refresh every 10 steps; SINGD dense factors, T=10; SIRFShampoo
-    dense factors up to 512, T=10; the AdamW fallback at lr 1e-3)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    dtype = torch.bfloat16 if bf16 else None
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
-    if name == "kfac":
-        return KFAC(
-            model, loss_fn, lr=hp["lr"], damping=hp["damping"], weight_decay=hp["weight_decay"],
-            stats_every=10, refresh_every=10,
-        )  # fmt: skip
-    if name == "singd":
-        return SINGD(
-            model, loss_fn, lr=hp["lr"], damping=hp["damping"], weight_decay=hp["weight_decay"],
-            T=10, preconditioner_dtype=dtype,
-        )  # fmt: skip
-    if name == "sirfshampoo":
-        return SIRFShampoo(
-            model, lr=hp["lr"], damping=hp["damping"], weight_decay=hp["weight_decay"], T=10,
-            preconditioner_dtype=dtype, max_dense=512,
-        )  # fmt: skip
-    if name == "muon":
-        matrices = [p for p in params if p.ndim == 2]
-        rest = [p for p in params if p.ndim != 2]
-        opts = [torch.optim.Muon(matrices, lr=hp["lr"], weight_decay=hp["weight_decay"])]
-        if rest:
-            opts.append(torch.optim.AdamW(rest, lr=1e-3, weight_decay=hp["weight_decay"]))
-        return _Chain(*opts)
-    if name == "soap":
-        import heavyball  # optional peer
-
-        heavyball.utils.compile_mode = None  # eager, like every other optimizer here
-        heavyball.utils.compile_mode_recommended_to_none = None
-        return heavyball.SOAP(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
-    raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
-
-
-def available(name: str) -> bool:
-    if name == "soap":
-        try:
-            import heavyball  # noqa: F401
-        except ImportError:
-            return False
-    if name == "muon":
-        return hasattr(torch.optim, "Muon")
-    return True
+    """Optimizer ``name`` with hyperparameters ``hp`` from the search space and the fixed
+    choices of :data:`FIXED` (KFAC MC Fisher, statistics and refresh every 10 steps; SINGD
+    dense factors, refresh every 10 steps; SIRFShampoo dense factors up to 512, refresh every
+    10 steps; Muon's AdamW part at lr 1e-3), through the app's one factory
+    :func:`~beyondgrad.app.optimizers.make_optimizer`."""
+    return make_optimizer(name, model, loss_fn, bf16=bf16, **{**FIXED.get(name, {}), **hp})
 
 
 def state_bytes(opt: Any) -> int:
@@ -186,26 +136,15 @@ def run(
     """Train until the task's target, ``max_seconds`` of training time or ``max_steps``."""
     task = make_task(task_name, seed)
     model = task.model.to(device)
-    loss_fn = task.loss_fn
-    opt = build(opt_name, model, loss_fn, hp, bf16)
-    capture = getattr(opt, "capture", contextlib.nullcontext)
+    opt = build(opt_name, model, task.loss_fn, hp, bf16)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     elapsed, steps, metric, history = 0.0, 0, -math.inf, []
-    diverged = False
+    reached = diverged = False
     batches = task.batches(seed)
-    while steps < max_steps and elapsed < max_seconds:
-        X, y = next(batches)
-        X, y = X.to(device), y.to(device)
+    while steps < max_steps and elapsed < max_seconds and not (reached or diverged):
+        X, y = (t.to(device) for t in next(batches))
         start = time.perf_counter()
-        try:
-            opt.zero_grad()
-            with capture():
-                loss = loss_fn(model(X), y)
-            loss.backward()
-            if not bool(torch.isfinite(loss)):
-                raise FloatingPointError("non-finite loss")
-            opt.step()
-        except FloatingPointError:
+        if not _step(opt, model, task.loss_fn, X, y):
             diverged = True
             break
         sync()
@@ -214,30 +153,25 @@ def run(
         if steps % eval_every == 0:
             metric = task.evaluate(model)
             history.append((steps, elapsed, metric))
-            if not math.isfinite(metric):
-                diverged = True
-                break
-            if metric >= task.target:
-                return Run(
-                    True,
-                    elapsed,
-                    steps,
-                    1e3 * elapsed / steps,
-                    state_bytes(opt),
-                    False,
-                    metric,
-                    history,
-                )
-    return Run(
-        False,
-        elapsed,
-        steps,
-        1e3 * elapsed / max(steps, 1),
-        state_bytes(opt),
-        diverged,
-        metric,
-        history,
-    )
+            diverged = not math.isfinite(metric)
+            reached = task.target is not None and metric >= task.target
+    ms = 1e3 * elapsed / max(steps, 1)
+    return Run(reached, elapsed, steps, ms, state_bytes(opt), diverged, metric, history)
+
+
+def _step(opt: Any, model: nn.Module, loss_fn: nn.Module, X: torch.Tensor, y: torch.Tensor) -> bool:
+    """One training step; False (and no update) when the loss or the statistics diverged."""
+    try:
+        opt.zero_grad()
+        with getattr(opt, "capture", contextlib.nullcontext)():
+            loss = loss_fn(model(X), y)
+        if not bool(torch.isfinite(loss)):
+            return False
+        loss.backward()
+        opt.step()
+    except FloatingPointError:
+        return False
+    return True
 
 
 def _score(r: Run, budget: float) -> float:
@@ -252,9 +186,11 @@ class Cell:
 
     @property
     def median_seconds(self) -> float:
+        """Median over the runs of the time to target (the budget + 1 s for a miss)."""
         return statistics.median(_score(r, self.budget) for r in self.runs)
 
     def summary(self) -> dict[str, Any]:
+        """The cell's row: hyperparameters, medians, state MiB, reached and diverged counts."""
         reached = [r for r in self.runs if r.reached]
         return {
             "hp": self.hp,
@@ -396,4 +332,4 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["OPTIMIZERS", "SEARCH_SPACES", "benchmark", "build", "render", "run"]
+__all__ = ["OPTIMIZERS", "SEARCH_SPACES", "available", "benchmark", "build", "render", "run"]

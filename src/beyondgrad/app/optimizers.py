@@ -1,0 +1,172 @@
+"""One optimizer factory for the app: ``beyondgrad train`` and ``beyondgrad bench optim``.
+
+Every optimizer is built by :func:`make_optimizer` from its name, a learning rate, a weight
+decay and options that override its fixed settings (:data:`SETTINGS`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..optim import KFAC, SINGD, SIRFShampoo
+
+OPTIMIZERS = ("adamw", "sgd", "kfac", "singd", "sirfshampoo", "muon", "soap")
+"""Every optimizer the factory builds (``soap`` needs the ``heavyball`` package, ``muon`` a
+torch with ``torch.optim.Muon``)."""
+
+SETTINGS: dict[str, dict[str, Any]] = {
+    "adamw": {},
+    "sgd": {"momentum": 0.9},
+    "kfac": {"damping": 5e-2, "stats_every": 2},
+    "singd": {"damping": 1e-2, "refresh_every": 5},
+    "sirfshampoo": {"refresh_every": 2, "max_dense": 512},
+    "muon": {"adam_lr": 1e-3},
+    "soap": {},
+}
+"""Fixed settings per optimizer (what :func:`make_optimizer`'s ``options`` override)."""
+
+DEFAULT_LR = {
+    "adamw": 3e-3,
+    "sgd": 0.05,
+    "kfac": 0.05,
+    "singd": 0.02,
+    "sirfshampoo": 3e-3,
+    "muon": 0.02,
+    "soap": 3e-3,
+}
+"""Default learning rates (``beyondgrad train --lr`` overrides; see :data:`TASK_SETTINGS`)."""
+
+TASK_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
+    # Hessian U^T U kron Sigma with largest eigenvalue ~1.3e4: SGD with momentum 0.9 is stable
+    # below ~3e-4 (mini-batch noise: 1e-4); SINGD and SIRFShampoo start as SGD, and SINGD's
+    # factor update needs lr_cov normalized by the factors' scale (inputs of variance ~1e3)
+    "kron-lsq": {
+        "sgd": {"lr": 1e-4},
+        "singd": {"lr": 1e-4, "normalize_lr_cov": True},
+        "sirfshampoo": {"lr": 3e-4},
+    },
+}
+"""Per task, per optimizer: settings (``lr`` included) that replace the defaults where they
+diverge (every built-in task trains at the defaults without diverging; tested)."""
+
+
+def task_settings(task: str, optimizer: str) -> dict[str, Any]:
+    """The :func:`make_optimizer` keywords (``lr`` included) for ``optimizer`` on ``task``."""
+    return {"lr": DEFAULT_LR[optimizer], **TASK_SETTINGS.get(task, {}).get(optimizer, {})}
+
+
+class Chain:
+    """Several torch optimizers stepped together (Muon for matrices + AdamW for the rest)."""
+
+    def __init__(self, *opts: torch.optim.Optimizer):
+        self.opts = opts
+        self.param_groups = [g for o in opts for g in o.param_groups]
+        self.state = {k: v for o in opts for k, v in o.state.items()}
+
+    def zero_grad(self) -> None:
+        """Zero (unset) the gradients of every optimizer."""
+        for o in self.opts:
+            o.zero_grad()
+
+    def step(self) -> None:
+        """Step every optimizer."""
+        for o in self.opts:
+            o.step()
+        self.state = {k: v for o in self.opts for k, v in o.state.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state of every optimizer, in order."""
+        return {"chain": [o.state_dict() for o in self.opts]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`."""
+        for o, sd in zip(self.opts, state_dict["chain"], strict=True):
+            o.load_state_dict(sd)
+        self.param_groups = [g for o in self.opts for g in o.param_groups]
+
+
+def available(name: str) -> bool:
+    """Whether optimizer ``name`` can be built here (its optional package is installed)."""
+    if name == "soap":
+        try:
+            import heavyball  # noqa: F401
+        except ImportError:
+            return False
+    if name == "muon":
+        return hasattr(torch.optim, "Muon")
+    return name in OPTIMIZERS
+
+
+def make_optimizer(
+    name: str,
+    model: nn.Module,
+    loss_fn: nn.Module,
+    lr: float | None = None,
+    weight_decay: float = 0.0,
+    bf16: bool = False,
+    **options: Any,
+) -> Any:
+    """Optimizer ``name`` for the trainable parameters of ``model``.
+
+    Args:
+        name: one of :data:`OPTIMIZERS`.
+        model: the model (KFAC and SINGD also read its layers, SIRFShampoo its parameters).
+        loss_fn: the loss (KFAC, SINGD: the curvature's loss).
+        lr: learning rate (default: :data:`DEFAULT_LR`).
+        weight_decay: decoupled weight decay (SGD: L2 added to the gradient, as torch's).
+        bf16: SINGD and SIRFShampoo keep their preconditioner factors in bfloat16.
+        **options: override :data:`SETTINGS` (e.g. ``damping``, ``refresh_every``, ``stats_every``).
+
+    Returns:
+        A ``torch.optim.Optimizer`` (Muon: a :class:`Chain` of Muon and AdamW).
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+    lr = DEFAULT_LR[name] if lr is None else lr
+    kw = {**SETTINGS[name], **options, "lr": lr, "weight_decay": weight_decay}
+    params = [p for p in model.parameters() if p.requires_grad]
+    dtype = torch.bfloat16 if bf16 else None
+    if name == "adamw":
+        return torch.optim.AdamW(params, **kw)
+    if name == "sgd":
+        return torch.optim.SGD(params, **kw)
+    if name == "kfac":
+        return KFAC(model, loss_fn, **kw)
+    if name == "singd":
+        return SINGD(model, loss_fn, preconditioner_dtype=dtype, **kw)
+    if name == "sirfshampoo":
+        return SIRFShampoo(model, preconditioner_dtype=dtype, **kw)
+    if name == "muon":
+        return _muon(params, kw)
+    import heavyball  # optional peer
+
+    heavyball.utils.compile_mode = None  # eager, like every other optimizer here
+    heavyball.utils.compile_mode_recommended_to_none = None
+    return heavyball.SOAP(params, **kw)
+
+
+def _muon(params: list[nn.Parameter], kw: dict[str, Any]) -> Chain:
+    """Muon for the matrices, AdamW (at ``adam_lr``) for every other parameter."""
+    kw = dict(kw)
+    adam_lr = kw.pop("adam_lr")
+    matrices = [p for p in params if p.ndim == 2]
+    rest = [p for p in params if p.ndim != 2]
+    opts = [torch.optim.Muon(matrices, **kw)]
+    if rest:
+        opts.append(torch.optim.AdamW(rest, lr=adam_lr, weight_decay=kw["weight_decay"]))
+    return Chain(*opts)
+
+
+__all__ = [
+    "DEFAULT_LR",
+    "OPTIMIZERS",
+    "SETTINGS",
+    "TASK_SETTINGS",
+    "Chain",
+    "available",
+    "make_optimizer",
+    "task_settings",
+]

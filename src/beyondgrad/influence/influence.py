@@ -1,0 +1,346 @@
+"""Influence functions ``g_q^T (C + damping I)^{-1} g_i`` on the library's curvature.
+
+Conventions:
+
+* ``g_i`` is the gradient of training example ``i``'s own loss ``l_i``, where ``loss_fn`` with
+  ``reduction="sum"`` is ``sum_i l_i`` (for cross-entropy with class indices this is the
+  example's loss whatever ``loss_fn``'s reduction; for MSE it is the example's summed squared
+  error; a sequence model's example sums over its tokens). ``g_q`` likewise for a query.
+* ``C`` is the curvature of the *mean* training loss ``(1/N) sum_i l_i`` over the ``N``
+  training examples: the GGN (``fisher_type="type-2"``; for losses that average over samples
+  only, e.g. cross-entropy with class indices, exactly the matrix of
+  ``bg.linops.GGN(model, loss_fn, train)``), or the MC / empirical Fisher, in a structure:
+  ``"full"`` (dense, small models), ``"ekfac"``, ``"kfac"`` (Kronecker blocks ``B kron A`` per
+  layer as in :mod:`beyondgrad.factors`, diagonal blocks for layers without Kronecker
+  structure such as LayerNorm), ``"diag"``, or ``"identity"`` (no preconditioning: ``g_q^T
+  g_i``; ``damping`` is ignored).
+* Every trainable parameter is covered (or the subset ``params``): per-example gradients come
+  from ``bg.compute(..., bg.BatchGrad())``, whose generic rule serves any module (attention,
+  LayerNorm, embeddings).
+
+Memory: factors are fitted once (:func:`fit_factors`, reusable, :meth:`InfluenceFactors.save`);
+query gradients are preconditioned once (``[P, n_query]``); the training data is streamed batch
+by batch (a batch is a chunk: only its per-example gradients are held) and scored parameter by
+parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..engine import compute
+from ..laplace.curvature import Curvature, curvature_from_state
+from ..laplace.linops_adapter import build_curvature, sum_reduction
+from ..quantities import BatchGrad
+
+CURVATURES = ("full", "ekfac", "kfac", "diag", "identity")
+
+
+def progress_bar(iterable: Iterable[Any], enabled: bool, desc: str) -> Iterable[Any]:
+    """``iterable`` wrapped in a tqdm bar when ``enabled`` and tqdm is installed (else as is)."""
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, desc=desc, leave=False)
+
+
+def _names(model: nn.Module, params: Sequence[str] | None) -> list[str]:
+    named = [n for n, p in model.named_parameters() if p.requires_grad]
+    if params is None:
+        return named
+    unknown = sorted(set(params) - set(named))
+    if unknown:
+        raise ValueError(f"unknown or frozen parameters: {unknown}")
+    return [n for n in named if n in set(params)]
+
+
+@dataclass
+class InfluenceFactors:
+    """Fitted curvature for influence scores. ``structure``: the curvature of the *summed*
+    training loss in its closed-form structure (``None`` for ``"identity"``); ``C`` is it
+    divided by ``num_data``. ``names``: the covered parameters (flat order)."""
+
+    curvature: str
+    names: list[str]
+    num_data: int
+    structure: Curvature | None
+
+    def default_damping(self) -> float:
+        """``0.1`` times the mean eigenvalue of ``C`` (``trace(C) / P``)."""
+        if self.structure is None:
+            return 0.0
+        trace = float(self.structure.trace()) / self.num_data
+        return 0.1 * trace / self.structure.num_params
+
+    def precondition(self, M: Tensor, damping: float) -> Tensor:
+        """``(C + damping I)^{-1} M`` for ``M`` ``[P, k]`` (``M`` itself for ``"identity"``)."""
+        if self.structure is None:
+            return M
+        scale = M.new_tensor(1.0 / self.num_data)
+        prior = M.new_full((self.structure.num_params,), float(damping))
+        return self.structure.solve(scale, prior, M)
+
+    def save(self, path: str) -> None:
+        """Write the factors to ``path`` (``torch.save`` of plain tensors and metadata)."""
+        torch.save(
+            {
+                "curvature": self.curvature,
+                "names": self.names,
+                "num_data": self.num_data,
+                "structure": None if self.structure is None else self.structure.state_dict(),
+            },
+            path,
+        )
+
+    @classmethod
+    def load(cls, path: str, map_location: Any = None) -> InfluenceFactors:
+        """Read factors written by :meth:`save`."""
+        state = torch.load(path, map_location=map_location, weights_only=True)
+        structure = state["structure"]
+        return cls(
+            state["curvature"],
+            list(state["names"]),
+            int(state["num_data"]),
+            None if structure is None else curvature_from_state(structure),
+        )
+
+
+def fit_factors(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    train: Iterable[tuple[Any, Tensor]],
+    curvature: str = "ekfac",
+    params: Sequence[str] | None = None,
+    fisher_type: str = "type-2",
+    kfac_approx: str = "expand",
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> InfluenceFactors:
+    """Fit the curvature ``C`` of the mean training loss once (see the module docstring).
+
+    Args:
+        model, loss_fn: the trained model and its loss (MSE, CE, BCE with logits).
+        train: iterable of ``(X, y)`` batches.
+        curvature: ``"full"``, ``"ekfac"``, ``"kfac"``, ``"diag"`` or ``"identity"``.
+        params: parameter names (default: all trainable ones).
+        fisher_type: ``"type-2"`` (GGN), ``"mc"`` or ``"empirical"``.
+        kfac_approx: ``"expand"`` or ``"reduce"`` (Kronecker structures).
+        mc_samples, generator: for ``fisher_type="mc"``.
+
+    Returns:
+        :class:`InfluenceFactors`.
+    """
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+    names = _names(model, params)
+    batches = list(train)
+    num_data = sum(y.shape[0] for _, y in batches)
+    if curvature == "identity":
+        return InfluenceFactors(curvature, names, num_data, None)
+    structure = build_curvature(
+        model,
+        sum_reduction(loss_fn),
+        batches,
+        names,
+        curvature,
+        fisher_type=fisher_type,
+        kfac_approx=kfac_approx,
+        mc_samples=mc_samples,
+        generator=generator,
+    )
+    return InfluenceFactors(curvature, names, num_data, structure)
+
+
+def example_gradients(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Iterable[tuple[Any, Tensor]],
+    names: Sequence[str],
+    progress: bool = False,
+    desc: str = "gradients",
+) -> Iterator[dict[str, Tensor]]:
+    """Per batch of ``data``: the examples' own loss gradients, per parameter
+    ``[batch, *shape]`` (``bg.BatchGrad`` of the summed loss)."""
+    loss_sum = sum_reduction(loss_fn)
+    q = BatchGrad()
+    for X, y in progress_bar(data, progress, desc):
+        grads = compute(model, loss_sum, X, y, q)[q]
+        yield {n: grads[n].detach() for n in names}
+
+
+def _flat(grads: dict[str, Tensor], names: Sequence[str]) -> Tensor:
+    """``[P, k]`` from per-parameter ``[k, *shape]``."""
+    return torch.cat([grads[n].reshape(grads[n].shape[0], -1) for n in names], 1).T
+
+
+def _resolve(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    train: Iterable[tuple[Any, Tensor]],
+    factors: InfluenceFactors | None,
+    fit_kwargs: dict[str, Any],
+    damping: float | None,
+) -> tuple[InfluenceFactors, float]:
+    if factors is None:
+        fit_kwargs["curvature"] = fit_kwargs["curvature"] or "ekfac"
+        factors = fit_factors(model, loss_fn, train, **fit_kwargs)
+    elif fit_kwargs.get("curvature") not in (None, factors.curvature):
+        raise ValueError(
+            f"factors were fitted for curvature={factors.curvature!r}, "
+            f"not {fit_kwargs['curvature']!r}"
+        )
+    if damping is None:
+        damping = factors.default_damping()
+    if factors.structure is not None and damping < 0:
+        raise ValueError("damping must be >= 0")
+    return factors, float(damping)
+
+
+def scores(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    train: Iterable[tuple[Any, Tensor]],
+    query: Iterable[tuple[Any, Tensor]],
+    curvature: str | None = None,
+    damping: float | None = None,
+    factors: InfluenceFactors | None = None,
+    params: Sequence[str] | None = None,
+    fisher_type: str = "type-2",
+    kfac_approx: str = "expand",
+    progress: bool = False,
+    generator: torch.Generator | None = None,
+    query_rank: int | None = None,
+) -> Tensor:
+    """Influence of every training example on every query, ``[n_query, n_train]``:
+    ``g_q^T (C + damping I)^{-1} g_i`` (module docstring).
+
+    Args:
+        model, loss_fn: the trained model and its loss.
+        train, query: iterables of ``(X, y)`` batches (a training batch is the chunk whose
+            per-example gradients are held at once; the order defines the columns).
+        curvature: ``"full"``, ``"ekfac"``, ``"kfac"``, ``"diag"``, ``"identity"``; default
+            ``"ekfac"``, or that of ``factors``.
+        damping: ``lambda``; default ``0.1 * trace(C) / P``.
+        factors: fitted :class:`InfluenceFactors` to reuse (then ``train`` is only scored).
+        params: parameter names (default: all trainable ones).
+        fisher_type, kfac_approx, generator: passed to :func:`fit_factors`.
+        progress: tqdm bars over the data loops (when tqdm is installed).
+        query_rank: per parameter, keep the preconditioned query gradients ``[size,
+            n_query]`` as their best rank-``query_rank`` factorization (truncated SVD): less
+            memory and work per training example, approximate scores (``None``: exact).
+
+    Returns:
+        ``[n_query, n_train]`` scores.
+    """
+    fit_kwargs = dict(
+        curvature=curvature,
+        params=params,
+        fisher_type=fisher_type,
+        kfac_approx=kfac_approx,
+        generator=generator,
+    )
+    if query_rank is not None and query_rank < 1:
+        raise ValueError(f"query_rank must be None or positive, got {query_rank}")
+    factors, damping = _resolve(model, loss_fn, train, factors, fit_kwargs, damping)
+    names = factors.names
+    parts = _preconditioned_queries(model, loss_fn, query, factors, damping, query_rank, progress)
+    columns = []
+    for grads in example_gradients(model, loss_fn, train, names, progress, "train"):
+        k = grads[names[0]].shape[0]
+        block = sum(
+            _project(grads[n].reshape(k, -1), left, right) for n, (left, right) in zip(names, parts)
+        )  # [k, n_query]
+        columns.append(block.T)  # type: ignore[union-attr]
+    return torch.cat(columns, 1)
+
+
+def _preconditioned_queries(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    query: Iterable[tuple[Any, Tensor]],
+    factors: InfluenceFactors,
+    damping: float,
+    rank: int | None,
+    progress: bool,
+) -> list[tuple[Tensor, Tensor | None]]:
+    """Per parameter, ``(C + damping I)^{-1} G_q`` restricted to it (``[size, n_query]``) as a
+    product ``left @ right`` (see :func:`_compress`)."""
+    names = factors.names
+    queries = example_gradients(model, loss_fn, query, names, progress, "query")
+    G_q = torch.cat([_flat(g, names) for g in queries], 1)  # [P, n_query]
+    pre = factors.precondition(G_q, damping)
+    named = dict(model.named_parameters())
+    sizes = [named[n].numel() for n in names]
+    return [_compress(b, rank) for b in torch.split(pre, sizes, 0)]
+
+
+def _project(G: Tensor, left: Tensor, right: Tensor | None) -> Tensor:
+    return G @ left if right is None else (G @ left) @ right
+
+
+def _compress(block: Tensor, rank: int | None) -> tuple[Tensor, Tensor | None]:
+    """``block [size, n_query]`` as ``left @ right``: itself (``right=None``), or its best
+    rank-``rank`` factorization (truncated SVD, ``left = U S``, ``right = V^T``)."""
+    if rank is None or rank >= min(block.shape):
+        return block, None
+    U, S, Vh = torch.linalg.svd(block, full_matrices=False)
+    return U[:, :rank] * S[:rank], Vh[:rank]
+
+
+def self_influence(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    train: Iterable[tuple[Any, Tensor]],
+    curvature: str | None = None,
+    damping: float | None = None,
+    factors: InfluenceFactors | None = None,
+    params: Sequence[str] | None = None,
+    fisher_type: str = "type-2",
+    kfac_approx: str = "expand",
+    progress: bool = False,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """``g_i^T (C + damping I)^{-1} g_i`` for every training example, ``[n_train]``
+    (arguments as in :func:`scores`)."""
+    fit_kwargs = dict(
+        curvature=curvature,
+        params=params,
+        fisher_type=fisher_type,
+        kfac_approx=kfac_approx,
+        generator=generator,
+    )
+    factors, damping = _resolve(model, loss_fn, train, factors, fit_kwargs, damping)
+    out = []
+    for grads in example_gradients(model, loss_fn, train, factors.names, progress, "train"):
+        G = _flat(grads, factors.names)  # [P, k]
+        out.append((G * factors.precondition(G, damping)).sum(0))
+    return torch.cat(out)
+
+
+def top_k(influence: Tensor, k: int, largest: bool = True) -> tuple[Tensor, Tensor]:
+    """The ``k`` most (``largest=False``: least) influential training examples per query:
+    ``(values [n_query, k], indices [n_query, k])`` of a ``[n_query, n_train]`` score matrix."""
+    if not 1 <= k <= influence.shape[-1]:
+        raise ValueError(f"k must be in [1, {influence.shape[-1]}], got {k}")
+    result = torch.topk(influence, k, dim=-1, largest=largest)
+    return result.values, result.indices
+
+
+__all__ = [
+    "CURVATURES",
+    "InfluenceFactors",
+    "example_gradients",
+    "fit_factors",
+    "progress_bar",
+    "scores",
+    "self_influence",
+    "top_k",
+]

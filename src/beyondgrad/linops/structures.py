@@ -1,0 +1,355 @@
+"""Structured symmetric operators with closed forms, as building blocks that compose.
+
+Every block is a :class:`StructuredOperator`: besides products it knows its spectrum
+(``spectrum()``: all eigenvalues in its own order, ``eigenvectors(index)`` for chosen ones),
+``inverse(damping)`` (always another structured operator), ``logdet(damping)`` and
+``trace()``. ``eigvalsh()`` and ``eigh(k, which)`` follow from the spectrum.
+
+* :class:`Diagonal` -- ``diag(values)``.
+* :class:`Kronecker` -- ``L kron R`` per group (``[G, r, r]``, ``[G, c, c]``) on vectors laid
+  out ``[G, r, c]`` row-major (``L M R^T`` per group).
+* :class:`KroneckerEigen` -- ``(Q_L kron Q_R) diag(s) (Q_L kron Q_R)^T``: a Kronecker
+  eigenbasis with any eigenvalues (EKFAC; every inverse of a Kronecker block).
+* :class:`BlockDiagonal` -- blocks acting on disjoint index sets of the vector (any
+  permutation: the KFAC blocks of a model, in parameter order).
+* :class:`~beyondgrad.linops.LowRank` -- ``U diag(lambda) U^T + shift I``.
+
+Sums of operators (``A + B``, :class:`~beyondgrad.linops.base.Sum`) have no closed forms; their
+``inverse`` runs a solver.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..linalg import eigenbasis as eb
+from . import _engine
+from .base import LinearOperator
+from .data import DataSet
+
+
+def select(values: Tensor, k: int | None, which: str, n: int) -> Tensor:
+    """Indices of the ``k`` largest (``which="largest"``) or smallest entries of ``values`` in
+    that order (``k=None``: all ``n``)."""
+    if which not in ("largest", "smallest"):
+        raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")
+    k = n if k is None else k
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}], got {k}")
+    return torch.sort(values, descending=which == "largest", stable=True).indices[:k]
+
+
+class StructuredOperator(LinearOperator):
+    """A symmetric operator with a closed-form spectrum, inverse, log-determinant and trace."""
+
+    symmetric = True
+
+    def spectrum(self) -> Tensor:
+        """All ``n`` eigenvalues, in the operator's own (unsorted) order."""
+        raise NotImplementedError
+
+    def eigenvectors(self, index: Tensor) -> Tensor:
+        """Unit eigenvectors ``[n, m]`` of the eigenvalues ``spectrum()[index]``."""
+        raise NotImplementedError
+
+    def inverse(self, damping: float = 0.0) -> StructuredOperator:  # type: ignore[override]
+        """``(A + damping I)^{-1}`` as a structured operator."""
+        raise NotImplementedError
+
+    def logdet(self, damping: float = 0.0) -> Tensor:
+        """``log det(A + damping I)``."""
+        raise NotImplementedError
+
+    def trace(self) -> Tensor:
+        """``trace(A)``."""
+        raise NotImplementedError
+
+    def eigvalsh(self) -> Tensor:
+        """All ``n`` eigenvalues, ascending."""
+        return torch.sort(self.spectrum()).values
+
+    def eigh(self, k: int | None = None, which: str = "largest") -> tuple[Tensor, Tensor]:
+        """The ``k`` largest (or smallest) eigenpairs in closed form, in ``which`` order
+        (like :func:`beyondgrad.linalg.eigsh`).
+
+        Args:
+            k: number of pairs; ``None``: all ``n`` (a dense ``[n, n]`` matrix).
+            which: ``"largest"`` or ``"smallest"`` (algebraically).
+
+        Returns:
+            ``(eigenvalues [k], eigenvectors [n, k])``.
+        """
+        values = self.spectrum()
+        index = select(values, k, which, values.numel())
+        return values[index], self.eigenvectors(index)
+
+
+class Diagonal(StructuredOperator):
+    """``diag(values)``, e.g. the engine's ``DiagGGN`` summed over a data set.
+
+    Args:
+        diagonal: ``[n]`` values, or parameter-shaped tensors by name (flattened in order).
+    """
+
+    def __init__(self, diagonal: Mapping[str, Tensor] | Tensor):
+        values = (
+            diagonal
+            if isinstance(diagonal, Tensor)
+            else torch.cat([d.reshape(-1) for d in diagonal.values()])
+        )
+        super().__init__((values.numel(),) * 2, values.dtype, values.device)  # type: ignore[arg-type]
+        self.values = values
+
+    def _matmat(self, M: Tensor) -> Tensor:
+        return self.values.unsqueeze(1) * M
+
+    def inverse(self, damping: float = 0.0) -> Diagonal:  # type: ignore[override]
+        """``diag(1 / (values + damping))`` (raises on a zero entry)."""
+        d = self.values + damping
+        if bool((d == 0).any()):
+            raise ValueError("singular diagonal; add damping")
+        return Diagonal(1.0 / d)
+
+    def logdet(self, damping: float = 0.0) -> Tensor:
+        """``log det(A + damping I)`` from the closed-form spectrum."""
+        return (self.values + damping).log().sum()
+
+    def trace(self) -> Tensor:
+        """``trace(A)`` in closed form."""
+        return self.values.sum()
+
+    def spectrum(self) -> Tensor:
+        """All ``n`` eigenvalues, in the block's own order."""
+        return self.values
+
+    def eigenvectors(self, index: Tensor) -> Tensor:
+        """Unit eigenvectors ``[n, m]`` of the eigenvalues ``spectrum()[index]``."""
+        U = torch.zeros(self.shape[0], index.numel(), dtype=self.dtype, device=self.device)
+        U[index, torch.arange(index.numel(), device=self.device)] = 1.0
+        return U
+
+    @classmethod
+    def from_engine(
+        cls,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        data: Iterable[tuple[Any, Tensor]],
+        quantity: Any,
+        params: Sequence[str] | None = None,
+        num_data: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Diagonal:
+        """A diagonal quantity (``DiagGGN``, ``DiagGGN(mc_samples=M)``, ``DiagHessian``)
+        summed over the batches of ``data`` (streamed once) with the data-set weights of
+        :class:`~beyondgrad.linops.CurvatureOperator`, over ``params`` (default: all
+        trainable parameters)."""
+        names = params or [n for n, p in model.named_parameters() if p.requires_grad]
+        ds = DataSet(data, loss_fn, num_data, passes="one", who="Diagonal.from_engine")
+        total: dict[str, Tensor] = {}
+        for X, y, N in ds.batches():
+            values = _engine.batch_diagonal(model, loss_fn, X, y, quantity, generator)
+            w = float(N) if ds.mean else 1.0  # a sum over the batch's samples
+            for n in names:
+                total[n] = total[n] + w * values[n] if n in total else w * values[n]
+        scale = ds.normalizer()
+        return cls({n: total[n] * scale for n in names})
+
+
+def _grouped(t: Tensor) -> Tensor:
+    return t if t.ndim == 3 else t[None]
+
+
+class KroneckerEigen(StructuredOperator):
+    """``(Q_L kron Q_R) diag(values) (Q_L kron Q_R)^T`` per group, on vectors laid out
+    ``[G, r, c]`` row-major.
+
+    Args:
+        q_left: ``[G, r, r]`` orthonormal columns.
+        values: ``[G, r, c]`` eigenvalues (entry ``(g, i, j)`` belongs to the eigenvector
+            ``q_left[g][:, i] q_right[g][:, j]^T``).
+        q_right: ``[G, c, c]`` orthonormal columns.
+    """
+
+    def __init__(self, q_left: Tensor, values: Tensor, q_right: Tensor):
+        self.q_left, self.q_right = _grouped(q_left), _grouped(q_right)
+        self.values = _grouped(values)
+        n = self.values.numel()
+        super().__init__((n, n), values.dtype, values.device)
+
+    def _matmat(self, M: Tensor) -> Tensor:
+        X = M.reshape(*self.values.shape, M.shape[1])
+        return eb.eigenbasis_apply(self.q_left, self.values, self.q_right, X).reshape(M.shape)
+
+    def inverse(self, damping: float = 0.0) -> KroneckerEigen:  # type: ignore[override]
+        """The same basis with eigenvalues ``1 / (values + damping)`` (raises unless all
+        are positive)."""
+        return KroneckerEigen(self.q_left, eb.damped_inverse(self.values, damping), self.q_right)
+
+    def logdet(self, damping: float = 0.0) -> Tensor:
+        """``log det(A + damping I)`` from the closed-form spectrum."""
+        return eb.logdet(self.values, damping)
+
+    def trace(self) -> Tensor:
+        """``trace(A)`` in closed form."""
+        return self.values.sum()
+
+    def spectrum(self) -> Tensor:
+        """All ``n`` eigenvalues, in the block's own order."""
+        return self.values.reshape(-1)
+
+    def eigenvectors(self, index: Tensor) -> Tensor:
+        """Unit eigenvectors ``[n, m]`` of the eigenvalues ``spectrum()[index]``."""
+        G, r, c = self.values.shape
+        g, rem = index // (r * c), index % (r * c)
+        i, j = rem // c, rem % c
+        outer = self.q_left[g, :, i].unsqueeze(2) * self.q_right[g, :, j].unsqueeze(1)
+        U = torch.zeros(index.numel(), G, r, c, dtype=self.dtype, device=self.device)
+        U[torch.arange(index.numel(), device=index.device), g] = outer
+        return U.reshape(index.numel(), -1).T
+
+
+class Kronecker(StructuredOperator):
+    """``L kron R`` per group (block-diagonal over groups) on vectors laid out ``[G, r, c]``
+    row-major: ``M -> L M R^T``. A weight ``W [O, I]`` flattened row-major with the KFAC
+    block ``B kron A`` is ``Kronecker(B, A)``.
+
+    Args:
+        left: ``[G, r, r]`` (or ``[r, r]``) symmetric.
+        right: ``[G, c, c]`` (or ``[c, c]``) symmetric.
+
+    The eigendecomposition (robust: :func:`~beyondgrad.linalg.eigenbasis.symmetric_eigh`) is
+    computed once, on the first call that needs it (inverse, logdet, spectrum).
+    """
+
+    def __init__(self, left: Tensor, right: Tensor):
+        self.left, self.right = _grouped(left), _grouped(right)
+        if self.left.shape[0] != self.right.shape[0]:
+            raise ValueError(f"group counts differ: {self.left.shape} and {self.right.shape}")
+        G, r, c = self.left.shape[0], self.left.shape[-1], self.right.shape[-1]
+        super().__init__((G * r * c,) * 2, left.dtype, left.device)  # type: ignore[arg-type]
+        self._eigen: KroneckerEigen | None = None
+
+    def _matmat(self, M: Tensor) -> Tensor:
+        G, r, c = self.left.shape[0], self.left.shape[-1], self.right.shape[-1]
+        X = M.reshape(G, r, c, M.shape[1])
+        return torch.einsum("gij,gjkc,glk->gilc", self.left, X, self.right).reshape(M.shape)
+
+    def eigen(self) -> KroneckerEigen:
+        """The same operator in its eigenbasis (computed once)."""
+        if self._eigen is None:
+            l_left, q_left = eb.symmetric_eigh(self.left)
+            l_right, q_right = eb.symmetric_eigh(self.right)
+            values = eb.kronecker_eigenvalues(l_left, l_right)
+            self._eigen = KroneckerEigen(q_left, values, q_right)
+        return self._eigen
+
+    def inverse(self, damping: float = 0.0) -> KroneckerEigen:  # type: ignore[override]
+        """``(A + damping I)^{-1}`` in closed form (see the class docstring)."""
+        return self.eigen().inverse(damping)
+
+    def logdet(self, damping: float = 0.0) -> Tensor:
+        """``log det(A + damping I)`` from the closed-form spectrum."""
+        return self.eigen().logdet(damping)
+
+    def trace(self) -> Tensor:
+        """``trace(A)`` in closed form."""
+        tr_left = torch.diagonal(self.left, dim1=-2, dim2=-1).sum(-1)
+        tr_right = torch.diagonal(self.right, dim1=-2, dim2=-1).sum(-1)
+        return (tr_left * tr_right).sum()
+
+    def spectrum(self) -> Tensor:
+        """All ``n`` eigenvalues, in the block's own order."""
+        return self.eigen().spectrum()
+
+    def eigenvectors(self, index: Tensor) -> Tensor:
+        """Unit eigenvectors ``[n, m]`` of the eigenvalues ``spectrum()[index]``."""
+        return self.eigen().eigenvectors(index)
+
+
+def _as_slice(index: Tensor) -> Tensor | slice:
+    """A contiguous ascending index as a slice (views instead of gathers), else the index."""
+    if index.numel() == 0:
+        return index
+    start = int(index[0])
+    ramp = torch.arange(start, start + index.numel(), device=index.device)
+    return slice(start, start + index.numel()) if bool((index == ramp).all()) else index
+
+
+class BlockDiagonal(StructuredOperator):
+    """Structured blocks acting on disjoint sets of the vector's entries: block ``b`` maps
+    ``v[index_b]`` to ``(A v)[index_b]`` (``index_b`` in the block's own order, so any
+    permutation between the vector and the block's layout is part of the index).
+
+    Args:
+        blocks: ``(index [n_b] long tensor, operator of shape (n_b, n_b))`` pairs whose
+            indices partition ``range(size)``.
+        size: the length ``n`` of the vectors.
+    """
+
+    def __init__(self, blocks: Sequence[tuple[Tensor, StructuredOperator]], size: int):
+        if not blocks:
+            raise ValueError("BlockDiagonal needs at least one block")
+        counts = torch.zeros(size, dtype=torch.long)
+        for index, op in blocks:
+            if index.numel() != op.shape[0]:
+                raise ValueError(f"an index of {index.numel()} entries for a {op.shape} block")
+            counts.index_add_(0, index.cpu(), torch.ones_like(index, device="cpu"))
+        if not bool((counts == 1).all()):
+            raise ValueError("the block indices must cover every entry exactly once")
+        first = blocks[0][1]
+        super().__init__((size, size), first.dtype, first.device)
+        self.indices = [index.to(first.device) for index, _ in blocks]
+        self.operators = [op for _, op in blocks]
+        self._where = [_as_slice(index) for index in self.indices]
+
+    def _children(self) -> Sequence[LinearOperator]:
+        return self.operators
+
+    def _matmat(self, M: Tensor) -> Tensor:
+        out = torch.empty_like(M)
+        for where, op in zip(self._where, self.operators):
+            out[where] = op._matmat(M[where])
+        return out
+
+    def inverse(self, damping: float = 0.0) -> BlockDiagonal:  # type: ignore[override]
+        """The block-wise inverses, in the same layout."""
+        inverses = [op.inverse(damping) for op in self.operators]
+        return BlockDiagonal(list(zip(self.indices, inverses)), self.shape[0])
+
+    def logdet(self, damping: float = 0.0) -> Tensor:
+        """``log det(A + damping I)`` from the closed-form spectrum."""
+        return torch.stack([op.logdet(damping) for op in self.operators]).sum()
+
+    def trace(self) -> Tensor:
+        """``trace(A)`` in closed form."""
+        return torch.stack([op.trace() for op in self.operators]).sum()
+
+    def spectrum(self) -> Tensor:
+        """All ``n`` eigenvalues, in the block's own order."""
+        return torch.cat([op.spectrum() for op in self.operators])
+
+    def eigenvectors(self, index: Tensor) -> Tensor:
+        """Unit eigenvectors ``[n, m]`` of the eigenvalues ``spectrum()[index]``."""
+        sizes = torch.tensor([op.shape[0] for op in self.operators], device=index.device)
+        starts = torch.cumsum(sizes, 0) - sizes
+        owner = torch.searchsorted(torch.cumsum(sizes, 0), index, right=True)
+        U = torch.zeros(self.shape[0], index.numel(), dtype=self.dtype, device=self.device)
+        for b in torch.unique(owner).tolist():
+            cols = (owner == b).nonzero().flatten()
+            local = self.operators[b].eigenvectors(index[cols] - starts[b])
+            U[self.indices[b].unsqueeze(1), cols.unsqueeze(0)] = local
+        return U
+
+
+__all__ = [
+    "BlockDiagonal",
+    "Diagonal",
+    "Kronecker",
+    "KroneckerEigen",
+    "StructuredOperator",
+    "select",
+]

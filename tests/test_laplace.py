@@ -1,0 +1,307 @@
+"""bg.laplace against dense float64 formulas: the full GGN from the oracles (exact structure),
+each approximate structure against its own definition (diagonal of the GGN, the KFAC/EKFAC
+operators' matrices, the GGN's leading eigenpairs), dense logdet / evidence / GLM predictive
+variance, gradients of the evidence, prior optimization, sampling and state round trips."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import beyondgrad as bg
+from beyondgrad.laplace import Laplace
+from oracles.curvature import ggn
+
+STRUCTURES = ["full", "diag", "kfac", "ekfac", "lowrank"]
+
+
+def problem(loss: str, N: int = 7, seed: int = 0):
+    """A tiny MLP with CE (3 classes), MSE (2 outputs) or BCE (2 outputs), two uneven batches."""
+    torch.manual_seed(seed)
+    K = 3 if loss == "ce" else 2
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, K)).double()
+    X = torch.randn(N, 3, dtype=torch.float64)
+    if loss == "ce":
+        y, loss_fn = torch.randint(0, K, (N,)), nn.CrossEntropyLoss()
+    elif loss == "mse":
+        y, loss_fn = torch.randn(N, K, dtype=torch.float64), nn.MSELoss()
+    else:
+        y, loss_fn = torch.randint(0, 2, (N, K)).double(), nn.BCEWithLogitsLoss()
+    return model, loss_fn, X, y, [(X[:4], y[:4]), (X[4:], y[4:])]
+
+
+def summed(loss_fn: nn.Module) -> nn.Module:
+    return type(loss_fn)(reduction="sum")
+
+
+def definition(structure: str, model, loss_fn, X, y, data, rank: int) -> torch.Tensor:
+    """The matrix each structure stands for, built independently (curvature of the summed
+    loss)."""
+    H = ggn(model, summed(loss_fn), X, y)["full"]
+    if structure == "full":
+        return H
+    if structure == "diag":
+        return torch.diag(torch.diagonal(H))
+    if structure == "lowrank":
+        e, V = torch.linalg.eigh(H)
+        return V[:, -rank:] @ torch.diag(e[-rank:]) @ V[:, -rank:].T
+    cls = bg.linops.KFAC if structure == "kfac" else bg.linops.EKFAC
+    return cls(model, summed(loss_fn), data, fisher_type="type-2").to_dense()
+
+
+def layerwise_prior(model) -> torch.Tensor:
+    """One value per parameter tensor, equal for a weight and its bias (Kronecker blocks)."""
+    return torch.tensor([0.5, 0.5, 2.0, 2.0], dtype=torch.float64)
+
+
+def dense_evidence(la: Laplace, H: torch.Tensor, prior, sigma, loss: str, loss_sum) -> torch.Tensor:
+    s = 1 / (2 * sigma**2) if loss == "mse" else torch.ones((), dtype=torch.float64)
+    prior_vec = la.prior_vector(prior)
+    P = s * H + torch.diag(prior_vec)
+    if loss == "mse":
+        loglik = -loss_sum / (2 * sigma**2) - 0.5 * la.num_outputs * torch.log(
+            2 * math.pi * sigma**2
+        )
+    else:
+        loglik = -loss_sum
+    theta = la.mean
+    return loglik - 0.5 * (
+        torch.logdet(P) - prior_vec.log().sum() + (prior_vec * theta * theta).sum()
+    )
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse", "bce"])
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_evidence_posterior_and_sampling_match_dense(structure, loss):
+    model, loss_fn, X, y, data = problem(loss)
+    rank = 12
+    prior, sigma = layerwise_prior(model), 0.7 if loss == "mse" else 1.0
+    la = Laplace(
+        model,
+        loss_fn,
+        data,
+        structure=structure,
+        prior_precision=prior,
+        sigma_noise=sigma,
+        rank=rank,
+    )
+    H = definition(structure, model, loss_fn, X, y, data, rank)
+    # lowrank: Lanczos pairs, accurate to its residual tolerance (1e-8 relative)
+    tol = dict(atol=1e-7, rtol=1e-6) if structure == "lowrank" else dict(atol=1e-9, rtol=1e-8)
+    torch.testing.assert_close(la.curvature.to_dense(), H, **tol)
+    loss_sum = summed(loss_fn)(model(X), y).detach()
+    sig = torch.tensor(sigma, dtype=torch.float64)
+    expected = dense_evidence(la, H, prior, sig, loss, loss_sum)
+    torch.testing.assert_close(la.log_marginal_likelihood(), expected, **tol)
+    s = 1 / (2 * sigma**2) if loss == "mse" else 1.0
+    cov = torch.linalg.inv(s * H + torch.diag(la.prior_vector()))
+    torch.testing.assert_close(la.posterior_covariance(), cov, **tol)
+    eye = torch.eye(la.num_params, dtype=torch.float64)
+    T = la.curvature.inverse_sqrt(torch.tensor(s, dtype=torch.float64), la.prior_vector(), eye)
+    torch.testing.assert_close(T @ T.T, cov, **tol)
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse", "bce"])
+def test_glm_predictive_matches_dense_jacobian_formula(loss):
+    model, loss_fn, _X, y, data = problem(loss)
+    la = Laplace(model, loss_fn, data, structure="full", prior_precision=0.8, sigma_noise=1.0)
+    Xt = torch.randn(3, 3, dtype=torch.float64)
+    J = ggn(model, summed(loss_fn), Xt, y[:3])["J"]  # [N, K, P]
+    var = torch.einsum("nkp,pq,nlq->nkl", J, la.posterior_covariance(), J)
+    torch.testing.assert_close(la.functional_variance(Xt), var, atol=1e-10, rtol=1e-8)
+    chunked = la.functional_variance(Xt, max_vectors=4)  # chunks of 1 or 2 inputs
+    torch.testing.assert_close(chunked, var, atol=1e-10, rtol=1e-8)
+    f = model(Xt).detach()
+    pred = la.predictive(Xt, pred_type="glm", link_approx="probit")
+    if loss == "mse":
+        mean, cov = pred
+        torch.testing.assert_close(mean, f)
+        torch.testing.assert_close(cov, var + torch.eye(2, dtype=torch.float64))
+        return
+    kappa = 1 / torch.sqrt(1 + math.pi / 8 * torch.diagonal(var, dim1=1, dim2=2))
+    link = torch.softmax if loss == "ce" else (lambda t, dim: torch.sigmoid(t))
+    torch.testing.assert_close(pred, link(kappa * f, dim=-1))
+    # Monte-Carlo link: the mean of the link over f ~ N(f(x), var), checked against draws
+    # made here from the dense covariance
+    mc = la.predictive(
+        Xt, link_approx="mc", n_samples=20000, generator=torch.Generator().manual_seed(0)
+    )
+    L = torch.linalg.cholesky(var + 1e-12 * torch.eye(var.shape[-1], dtype=torch.float64))
+    eps = torch.randn(
+        20000, *f.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
+    draws = f + torch.einsum("nij,snj->sni", L, eps)
+    torch.testing.assert_close(mc, link(draws, dim=-1).mean(0), atol=0.01, rtol=0)
+
+
+def test_kfac_exact_for_one_layer_one_sample():
+    """For a single Linear layer and one sample, KFAC (type-2, joint bias) is the GGN."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    X, y = torch.randn(1, 3, dtype=torch.float64), torch.randn(1, 2, dtype=torch.float64)
+    la = Laplace(
+        model, nn.MSELoss(), [(X, y)], structure="kfac", prior_precision=0.3, sigma_noise=0.5
+    )
+    H = ggn(model, nn.MSELoss(reduction="sum"), X, y)["full"]
+    P = H / (2 * 0.25) + 0.3 * torch.eye(8, dtype=torch.float64)
+    torch.testing.assert_close(
+        la.curvature.logdet(torch.tensor(2.0, dtype=torch.float64), la.prior_vector()),
+        torch.logdet(P),
+    )
+
+
+def test_last_layer_subset_is_the_principal_block():
+    model, loss_fn, X, y, data = problem("ce")
+    la = Laplace(model, loss_fn, data, structure="full", subset="last_layer")
+    assert la.names == ["2.weight", "2.bias"]
+    H = ggn(model, summed(loss_fn), X, y)["full"]
+    torch.testing.assert_close(la.curvature.to_dense(), H[-15:, -15:])
+    named = Laplace(model, loss_fn, data, structure="diag", subset=["2.bias", "0.bias"])
+    assert named.names == ["0.bias", "2.bias"]
+
+
+@pytest.mark.parametrize("structure", ["full", "kfac", "lowrank"])
+def test_evidence_gradients_match_dense_formula(structure):
+    model, loss_fn, X, y, data = problem("mse")
+    la = Laplace(model, loss_fn, data, structure=structure, rank=8)
+    H = definition(structure, model, loss_fn, X, y, data, 8)
+    loss_sum = summed(loss_fn)(model(X), y).detach()
+    grads = []
+    for dense in (False, True):
+        prior = torch.tensor([0.7, 0.7, 1.5, 1.5], dtype=torch.float64, requires_grad=True)
+        sigma = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
+        value = (
+            dense_evidence(la, H, prior, sigma, "mse", loss_sum)
+            if dense
+            else la.log_marginal_likelihood(prior, sigma)
+        )
+        grads.append(torch.autograd.grad(value, [prior, sigma]))
+    (prior_grad, sigma_grad), (dense_prior, dense_sigma) = grads
+    tol = dict(atol=1e-6, rtol=1e-6) if structure == "lowrank" else dict(atol=1e-8, rtol=1e-7)
+    torch.testing.assert_close(sigma_grad, dense_sigma, **tol)
+    if structure == "kfac":  # defined for tied values only: compare per Kronecker block
+        prior_grad = prior_grad.reshape(2, 2).sum(1)
+        dense_prior = dense_prior.reshape(2, 2).sum(1)
+    torch.testing.assert_close(prior_grad, dense_prior, **tol)
+
+
+def test_optimize_prior_precision_by_marglik_reaches_a_stationary_point():
+    model, loss_fn, _X, _y, data = problem("ce")
+    la = Laplace(model, loss_fn, data, structure="kfac", prior_precision=1.0)
+    before = la.log_marginal_likelihood().item()
+    prior = la.optimize_prior_precision(n_steps=300, lr=0.1)
+    assert prior.ndim == 0 and la.log_marginal_likelihood().item() > before
+    log_prior = prior.log().clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(la.log_marginal_likelihood(log_prior.exp()), log_prior)
+    assert abs(float(g)) < 1e-3
+    layerwise = la.optimize_prior_precision(prior_structure="layerwise", n_steps=50)
+    assert layerwise.shape == (4,)
+    assert layerwise[0] == layerwise[1] and layerwise[2] == layerwise[3]  # tied per block
+    with pytest.raises(ValueError, match="Kronecker"):
+        la.optimize_prior_precision(prior_structure="diagonal")
+
+
+def test_optimize_sigma_noise_and_diagonal_prior():
+    model, loss_fn, _X, _y, data = problem("mse")
+    la = Laplace(model, loss_fn, data, structure="diag", prior_precision=1.0, sigma_noise=1.0)
+    before = la.log_marginal_likelihood().item()
+    prior = la.optimize_prior_precision(
+        prior_structure="diagonal", n_steps=100, optimize_sigma_noise=True
+    )
+    assert prior.shape == (la.num_params,)
+    assert la.sigma_noise.item() != 1.0 and la.log_marginal_likelihood().item() > before
+
+
+def test_gridsearch_minimizes_validation_nll():
+    model, loss_fn, X, y, data = problem("ce")
+    la = Laplace(model, loss_fn, data, structure="diag")
+    val = [(X[:3], y[:3])]
+    grid = [0.01, 1.0, 100.0]
+    nlls = []
+    for v in grid:
+        la.prior_precision = v
+        nlls.append(la.validation_nll(val))
+    best = la.optimize_prior_precision(method="gridsearch", val_data=val, grid=grid)
+    assert float(best) == grid[nlls.index(min(nlls))]
+    with pytest.raises(ValueError, match="val_data"):
+        la.optimize_prior_precision(method="gridsearch")
+
+
+def test_nn_predictive_equals_glm_for_a_linear_model():
+    """A model linear in its parameters: parameter samples give the GLM predictive."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    X, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    la = Laplace(
+        model, nn.MSELoss(), [(X, y)], structure="full", prior_precision=2.0, sigma_noise=0.5
+    )
+    mean, cov = la.predictive(X[:2])
+    g = torch.Generator().manual_seed(0)
+    m_nn, c_nn = la.predictive(X[:2], pred_type="nn", n_samples=20000, generator=g)
+    torch.testing.assert_close(m_nn, mean, atol=0.02, rtol=0)
+    torch.testing.assert_close(c_nn, cov, atol=0.02, rtol=0.05)
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_state_dict_round_trip(structure):
+    model, loss_fn, X, _y, data = problem("ce")
+    la = Laplace(
+        model, loss_fn, data, structure=structure, prior_precision=layerwise_prior(model), rank=5
+    )
+    buffer = io.BytesIO()
+    torch.save(la.state_dict(), buffer)
+    buffer.seek(0)
+    other = Laplace(model, loss_fn, None, structure=structure)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        other.log_marginal_likelihood()
+    other.load_state_dict(torch.load(buffer, weights_only=True))
+    torch.testing.assert_close(other.log_marginal_likelihood(), la.log_marginal_likelihood())
+    torch.testing.assert_close(other.predictive(X[:2]), la.predictive(X[:2]))
+    with pytest.raises(ValueError, match="structure"):
+        Laplace(
+            model, loss_fn, None, structure="diag" if structure != "diag" else "full"
+        ).load_state_dict(la.state_dict())
+
+
+def test_invalid_inputs_raise():
+    model, loss_fn, _X, _y, data = problem("ce")
+    with pytest.raises(ValueError, match="structure"):
+        Laplace(model, loss_fn, data, structure="block")
+    with pytest.raises(ValueError, match="weight"):
+        Laplace(model, nn.CrossEntropyLoss(weight=torch.ones(3, dtype=torch.float64)), data)
+    with pytest.raises(ValueError, match="sigma_noise"):
+        Laplace(model, loss_fn, data, sigma_noise=2.0)
+    with pytest.raises(ValueError, match="prior_precision"):
+        Laplace(model, loss_fn, data, prior_precision=torch.ones(3))
+    la = Laplace(
+        model, loss_fn, data, structure="kfac", prior_precision=torch.tensor([1.0, 2.0, 1.0, 1.0])
+    )
+    with pytest.raises(ValueError, match="constant on the Kronecker block"):
+        la.log_marginal_likelihood()
+
+
+def test_empirical_fisher_scale_and_mc_fisher():
+    """``fisher_type="empirical"``: ``H = sum_n g_n g_n^T`` of the summed loss, scaled by
+    ``1/(4 sigma^4)`` for MSE (the empirical Fisher of the Gaussian negative log-likelihood).
+    ``"mc"``: the same seeded draws give the same structure."""
+    from oracles.first_order import per_sample_grads
+
+    model, loss_fn, X, y, data = problem("mse")
+    la = Laplace(model, loss_fn, data, structure="full", fisher_type="empirical", sigma_noise=0.7)
+    G = per_sample_grads(model, summed(loss_fn), X, y)
+    G = torch.cat([g.reshape(g.shape[0], -1) for g in G.values()], 1)
+    torch.testing.assert_close(la.curvature.to_dense(), G.T @ G)
+    nll_grads = G / (2 * 0.7**2)  # gradients of the Gaussian negative log-likelihood
+    P = nll_grads.T @ nll_grads + torch.eye(G.shape[1], dtype=torch.float64)
+    torch.testing.assert_close(la.posterior_covariance(), torch.linalg.inv(P))
+    runs = [
+        Laplace(model, loss_fn, data, structure=s, fisher_type="mc",
+                generator=torch.Generator().manual_seed(3)).curvature.to_dense()
+        for s in ("kfac", "kfac", "diag")
+    ]  # fmt: skip
+    torch.testing.assert_close(runs[0], runs[1])
+    assert runs[2].count_nonzero() == runs[2].diagonal().count_nonzero()

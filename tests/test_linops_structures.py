@@ -1,0 +1,185 @@
+"""Structured building blocks against dense float64 matrices, uniform inverses, and the
+streaming data-set plumbing."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import beyondgrad as bg
+from beyondgrad.linops import (
+    BlockDiagonal,
+    Diagonal,
+    Kronecker,
+    KroneckerEigen,
+    LinearOperator,
+    LowRank,
+    StructuredOperator,
+)
+from models import CASES
+from oracles.curvature import ggn
+
+
+def _spd(shape, g, shift=0.1):
+    X = torch.randn(*shape[:-1], shape[-1] + 1, generator=g, dtype=torch.float64)
+    eye = torch.eye(shape[-1], dtype=torch.float64)
+    return X @ X.mT / shape[-1] + shift * eye
+
+
+def _check_closed_forms(op: StructuredOperator, dense: torch.Tensor, k: int = 3):
+    damping = 0.3
+    n = dense.shape[0]
+    eye = torch.eye(n, dtype=dense.dtype)
+    torch.testing.assert_close(op.to_dense(), dense)
+    inv = op.inverse(damping)
+    assert isinstance(inv, StructuredOperator)
+    torch.testing.assert_close(inv.to_dense(), torch.linalg.inv(dense + damping * eye))
+    torch.testing.assert_close(op.logdet(damping), torch.logdet(dense + damping * eye))
+    torch.testing.assert_close(op.trace(), torch.trace(dense))
+    lam = torch.linalg.eigvalsh(dense)
+    torch.testing.assert_close(op.eigvalsh(), lam)
+    vals, U = op.eigh(k)
+    torch.testing.assert_close(vals, lam.flip(0)[:k])
+    torch.testing.assert_close(dense @ U, U * vals)
+
+
+def test_building_blocks_match_dense_matrices():
+    g = torch.Generator().manual_seed(0)
+    L, R = _spd((2, 3, 3), g), _spd((2, 4, 4), g)
+    K = Kronecker(L, R)
+    dense_k = torch.block_diag(*(torch.kron(a, b) for a, b in zip(L, R)))
+    _check_closed_forms(K, dense_k)
+    E = K.eigen()
+    assert isinstance(E, KroneckerEigen)
+    s = torch.rand(2, 3, 4, generator=g, dtype=torch.float64) + 0.1
+    Q = torch.block_diag(*(torch.kron(a, b) for a, b in zip(E.q_left, E.q_right)))
+    _check_closed_forms(KroneckerEigen(E.q_left, s, E.q_right), Q @ torch.diag(s.reshape(-1)) @ Q.T)
+    d = torch.rand(5, generator=g, dtype=torch.float64) + 0.5
+    _check_closed_forms(Diagonal(d), torch.diag(d))
+    U, _ = torch.linalg.qr(torch.randn(6, 2, generator=g, dtype=torch.float64))
+    lam = torch.tensor([3.0, 1.5], dtype=torch.float64)
+    low = LowRank(lam, U, shift=0.2)
+    dense_low = U @ torch.diag(lam) @ U.T + 0.2 * torch.eye(6, dtype=torch.float64)
+    _check_closed_forms(low, dense_low, k=2)  # eigh: the stored pairs
+    torch.testing.assert_close(
+        low.eigenvectors(torch.arange(6)).T @ dense_low @ low.eigenvectors(torch.arange(6)),
+        torch.diag(low.spectrum()),
+    )
+    # a block-diagonal composition over a permutation of the entries
+    perm = torch.randperm(24 + 5, generator=g)
+    B = BlockDiagonal([(perm[:24], K), (perm[24:], Diagonal(d))], 29)
+    dense = torch.zeros(29, 29, dtype=torch.float64)
+    dense[perm[:24, None], perm[None, :24]] = dense_k
+    dense[perm[24:, None], perm[None, 24:]] = torch.diag(d)
+    _check_closed_forms(B, dense)
+    with pytest.raises(ValueError, match="exactly once"):
+        BlockDiagonal([(perm[:24], K), (perm[:5], Diagonal(d))], 29)
+
+
+def test_every_inverse_is_a_linear_operator():
+    model, X, y, loss_fn = CASES["mlp"]()
+    data = [(X, y)]
+    G = bg.linops.GGN(model, loss_fn, data)
+    dense = G.to_dense()
+    eye = torch.eye(dense.shape[0], dtype=dense.dtype)
+    inv = G.inverse(0.5)  # a solver behind an operator
+    assert isinstance(inv, LinearOperator)
+    torch.testing.assert_close(inv.to_dense(), torch.linalg.inv(dense + 0.5 * eye))
+    for op in (
+        bg.linops.KFAC(model, loss_fn, data, fisher_type="type-2"),
+        bg.linops.EKFAC(model, loss_fn, data, fisher_type="type-2"),
+        Diagonal.from_engine(model, loss_fn, data, bg.DiagGGN()),
+        LowRank.from_eigen(
+            bg.compute(model, loss_fn, X, y, bg.GGNEigen())[bg.GGNEigen]["model"],
+            [n for n, _ in model.named_parameters()],
+        ),
+    ):
+        inv = op.inverse(0.5)
+        assert isinstance(inv, StructuredOperator), type(op)
+        ref = torch.linalg.inv(op.to_dense() + 0.5 * eye)
+        torch.testing.assert_close(inv.to_dense(), ref, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(inv.inverse(0.0).to_dense(), op.to_dense() + 0.5 * eye)
+    # factors keep their documented callable
+    block = bg.compute(model, loss_fn, X, y, bg.KFAC(fisher_type="type-2"))[bg.KFAC]["0"]
+    v = torch.randn(block.A.shape[-1] * block.B.shape[-1], dtype=torch.float64)
+    eye_b = torch.eye(v.numel(), dtype=v.dtype)
+    torch.testing.assert_close(
+        block.inverse(0.5)(v), torch.linalg.solve(block.to_dense() + 0.5 * eye_b, v)
+    )
+
+
+def _stream(batches):
+    yield from batches
+
+
+def test_kfac_and_diagonal_stream_a_one_shot_iterator_with_num_data():
+    model, X, y, loss_fn = CASES["mlp"]()
+    data = [(X[:3], y[:3]), (X[3:], y[3:])]
+    ref = bg.linops.KFAC(model, loss_fn, data, fisher_type="type-2")
+    K = bg.linops.KFAC(model, loss_fn, _stream(data), fisher_type="type-2", num_data=5)
+    torch.testing.assert_close(K.to_dense(), ref.to_dense())
+    # an endless stream is read until num_data samples
+    endless = itertools.cycle(data)
+    K = bg.linops.KFAC(model, loss_fn, endless, fisher_type="type-2", num_data=5)
+    torch.testing.assert_close(K.to_dense(), ref.to_dense())
+    D = Diagonal.from_engine(model, loss_fn, _stream(data), bg.DiagGGN(), num_data=5)
+    torch.testing.assert_close(D.values, torch.diagonal(ggn(model, loss_fn, X, y)["full"]))
+    with pytest.raises(ValueError, match="num_data"):
+        bg.linops.KFAC(model, loss_fn, _stream(data))
+
+
+class _Endless(torch.utils.data.IterableDataset):
+    """A stream that never ends (it stops the test instead of hanging after many batches)."""
+
+    def __init__(self, X, y):
+        self.X, self.y = X, y
+
+    def __iter__(self):
+        for i in range(10_000):
+            yield self.X[i % len(self.X)], self.y[i % len(self.y)]
+        raise AssertionError("an operator kept reading an endless stream")
+
+
+def test_endless_data_raises_instead_of_hanging():
+    model, X, y, loss_fn = CASES["mlp"]()
+    data = [(X[:3], y[:3]), (X[3:], y[3:])]
+    with pytest.raises(TypeError, match="one-shot"):
+        bg.linops.GGN(model, loss_fn, itertools.cycle(data))
+    with pytest.raises(TypeError, match="one-shot"):
+        bg.linops.Jacobian(model, itertools.cycle(data))
+    with pytest.raises(TypeError, match="one-shot"):
+        bg.linops.EKFAC(model, loss_fn, _stream(data), num_data=5)
+    loader = torch.utils.data.DataLoader(_Endless(X, y), batch_size=2)
+    with pytest.raises(ValueError, match="num_data"):
+        bg.linops.Hessian(model, loss_fn, loader)
+    G = bg.linops.GGN(model, loss_fn, loader, num_data=4)
+    with pytest.raises(RuntimeError, match="more than num_data"):
+        G @ torch.ones(G.shape[0], dtype=torch.float64)
+
+
+class _CountingPasses:
+    """A re-iterable data set without len() that counts the passes over it."""
+
+    def __init__(self, batches):
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.batches)
+
+
+def test_structured_constructors_stream_the_data_without_extra_passes():
+    model, X, y, loss_fn = CASES["mlp"]()
+    batches = [(X[:3], y[:3]), (X[3:], y[3:])]
+    for cls, passes in ((bg.linops.KFAC, 1), (bg.linops.EKFAC, 2)):
+        data = _CountingPasses(batches)
+        op = cls(model, loss_fn, data, fisher_type="type-2")
+        assert data.passes == passes and op.num_data == 5
+        torch.testing.assert_close(
+            op.to_dense(), cls(model, loss_fn, batches, fisher_type="type-2").to_dense()
+        )
+    data = _CountingPasses(batches)
+    Diagonal.from_engine(model, loss_fn, data, bg.DiagGGN())
+    assert data.passes == 1
