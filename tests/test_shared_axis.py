@@ -175,3 +175,44 @@ def test_diag_hessian_refuses_shared_layers():
     X, y = torch.randn(3, 3, 3, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
     with pytest.raises(NotImplementedError, match="without a sample axis"):
         bg.compute(model, nn.MSELoss(), X, y, bg.DiagHessian())
+
+
+@pytest.mark.parametrize(("N", "T"), [(3, 4), (2, 4)])
+def test_coupling_probe_doubles_as_the_sample_axis_probe(N, T, monkeypatch):
+    """bg.compute runs the coupling probe (two small forwards) for per-sample quantities; its
+    first run also records the sample axes, so the session runs no probe forward of its own.
+    Results stay exact (the shapes come from a batch of another size, also when N == 2).
+    Without per-sample quantities the session probes once per input signature; a plain
+    gradient runs neither probe."""
+    import importlib
+
+    from beyondgrad.engine import samples
+
+    compute_module = importlib.import_module("beyondgrad.engine.compute")
+
+    runs = {"axes": 0, "coupling": 0}
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            runs[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(samples, "_run_probe", spy("axes", samples._run_probe))
+    monkeypatch.setattr(
+        compute_module, "samples_coupled", spy("coupling", compute_module.samples_coupled)
+    )
+    model, X, y, loss_fn = case_shared_axis(5, num_samples=N, T=T)
+    ref = reference(model, loss_fn, X, y)
+    res = bg.compute(model, loss_fn, X, y, bg.BatchGrad(), bg.DiagGGN())
+    assert runs == {"axes": 0, "coupling": 1}
+    assert_close(res[bg.BatchGrad], ref["BatchGrad"], "BatchGrad")
+    assert_close(res[bg.DiagGGN], diag_ggn(ggn(model, loss_fn, X, y)), "DiagGGN")
+    bg.compute(model, loss_fn, X, y, bg.Grad())
+    assert runs == {"axes": 0, "coupling": 1}
+    samples._CACHE.pop(model, None)
+    kfac = bg.KFAC(fisher_type="type-2")
+    bg.compute(model, loss_fn, X, y, kfac)
+    bg.compute(model, loss_fn, X, y, kfac)
+    assert runs == {"axes": 1, "coupling": 1}

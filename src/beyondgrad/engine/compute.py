@@ -11,10 +11,11 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from .backprop import VectorKind
-from .capture import check_not_meta
+from .capture import check_not_meta, plan_layers
 from .coupling import samples_coupled
 from .losses import check_loss_fn
 from .result import Result
+from .samples import ShapeRecorder, is_probed, probe_size, remember_probe
 from .session import (
     SamplesCoupledError,
     capture,
@@ -136,7 +137,7 @@ def _compute(
         )
     if check_samples and needs_independent_samples(quantities):
         check_samples_independent(model)  # modules first: their error names the module
-        if samples_coupled(model, X, y.shape[0], call_model):
+        if _probe_coupling(model, X, y.shape[0]):
             raise SamplesCoupledError(
                 "the model couples its samples: the output of one sample changes when another "
                 "sample of the batch changes (found by running the model on two samples, "
@@ -155,6 +156,30 @@ def _compute(
             p = params[name]
             p.grad = g.detach().clone() if p.grad is None else p.grad + g
     return result
+
+
+def _model_arguments(X: Any) -> tuple[tuple, dict]:
+    """The ``(args, kwargs)`` the model's forward receives from :func:`call_model`."""
+    if isinstance(X, Mapping):
+        return (), dict(X)
+    if isinstance(X, (tuple, list)):
+        return tuple(X), {}
+    return (X,), {}
+
+
+def _probe_coupling(model: nn.Module, X: Any, N: int) -> bool:
+    """The coupling probe (:func:`~beyondgrad.engine.coupling.samples_coupled`). Its first run
+    on a batch of another size also serves as the sample-axis probe
+    (:mod:`beyondgrad.engine.samples`): the layers' shapes are recorded and cached, so the
+    session runs no probe forward of its own (unless these shapes are already cached)."""
+    args, kwargs = _model_arguments(X)
+    if is_probed(model, args, kwargs):
+        return samples_coupled(model, X, N, call_model)
+    M = probe_size(N)
+    shapes = ShapeRecorder([(u.name, u.module) for u in plan_layers(model)])
+    coupled = samples_coupled(model, X, N, call_model, observe=shapes, size=M)
+    remember_probe(model, args, kwargs, shapes, M)
+    return coupled
 
 
 def _with_separate_passes(

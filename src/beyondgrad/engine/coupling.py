@@ -16,12 +16,15 @@ free to cheap:
    (``h - h.mean(0)``, ``.item()`` of a batch statistic, attention across the batch). Its cost
    is two forward passes on two samples (negligible against a batch of tens of samples). The
    model's buffers and random number generators are restored afterwards; user hooks on the
-   model run during the probe.
+   model run during the probe. For a batch of two samples the runs use three (``(a, b, b)``
+   and ``(b, b, b)``), so that the first run also serves as the sample-axis probe of
+   :mod:`beyondgrad.engine.samples` (a batch of another size).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -100,11 +103,30 @@ def _tolerance(dtype: torch.dtype) -> float:
 
 
 def samples_coupled(
-    model: nn.Module, X: Any, N: int, call: Callable[[nn.Module, Any], Any]
+    model: nn.Module,
+    X: Any,
+    N: int,
+    call: Callable[[nn.Module, Any], Any],
+    observe: AbstractContextManager[Any] | None = None,
+    size: int = 2,
 ) -> bool:
     """The forward probe (see the module docstring): whether sample ``a`` changes the output
     of sample ``b`` in a batch of two. ``call(model, X)`` runs the model. A model that
-    cannot run on two samples is not probed (``False``)."""
+    cannot run on two samples is not probed (``False``).
+
+    Args:
+        model: the model.
+        X: the model's input (see :func:`~beyondgrad.engine.compute.call_model`).
+        N: the number of samples in ``X``.
+        call: runs the model on an input.
+        observe: entered around the first run (batch ``(a, b, b, ...)``), e.g. a
+            :class:`~beyondgrad.engine.samples.ShapeRecorder` so that the sample-axis probe
+            needs no forward pass of its own.
+        size: the probe batch size (``>= 2``): runs on ``(a, b, b, ...)`` and ``(b, b, ...)``.
+
+    Returns:
+        Whether the output of position 1 differs between the two runs.
+    """
     pair = _distinct_pair(X, N) if N > 1 else None
     if pair is None:
         return False
@@ -114,15 +136,21 @@ def samples_coupled(
     try:
         with torch.no_grad(), preserved_buffers(model), torch.random.fork_rng(devices=cuda):
             torch.manual_seed(0)  # the same random draws (dropout masks) in both runs
-            first = call(model, _rows(X, N, [a, b]))
+            with observe if observe is not None else nullcontext():
+                first = call(model, _rows(X, N, [a] + [b] * (size - 1)))
             torch.manual_seed(0)
-            second = call(model, _rows(X, N, [b, b]))
+            second = call(model, _rows(X, N, [b] * size))
     except Exception:  # e.g. a model written for one batch size only
         return False
+    return _differ(first, second, size)
+
+
+def _differ(first: Any, second: Any, size: int) -> bool:
+    """Whether position 1 of any floating output of the two probe runs differs."""
     for u, v in zip(tree_flatten(first)[0], tree_flatten(second)[0]):
         if not (isinstance(u, Tensor) and isinstance(v, Tensor)) or u.shape != v.shape:
             continue
-        if u.ndim == 0 or u.shape[0] != 2 or not (u.is_floating_point() or u.is_complex()):
+        if u.ndim == 0 or u.shape[0] != size or not (u.is_floating_point() or u.is_complex()):
             continue
         tol = _tolerance(u.dtype)
         scale = float(v[1].abs().max()) if v[1].numel() else 0.0

@@ -15,7 +15,10 @@ effect). For every recorded call, each input and output tensor is compared with 
 counterpart: the axis whose length went from ``N`` to ``N'`` (all other axes unchanged) is its
 sample axis; a tensor whose shape did not change has none (shared). Lengths that merely
 coincide with ``N`` stay unchanged in the probe, so a coincidence cannot fool the decision.
-Results are cached per model and input signature, so repeated steps probe once.
+Results are cached per model and input signature, so repeated steps probe once; when
+``bg.compute`` runs its coupling probe (:mod:`beyondgrad.engine.coupling`), the first of its two
+runs is on a batch of another size and fills the cache (:class:`ShapeRecorder`), so no probe
+forward of its own is needed.
 
 **Shared outputs.** For an output leaf with no sample axis, the per-sample gradients
 ``d l_n / d y`` are backpropagated separately: every output-space vector is split into ``N``
@@ -130,10 +133,15 @@ def _signature(args: tuple, kwargs: dict, training: bool) -> tuple:
     )
 
 
+def probe_size(N: int) -> int:
+    """The batch size of the probe forward for a batch of ``N`` samples (any other size)."""
+    return 2 if N != 2 else 3
+
+
 def _probe_batch(args: tuple, kwargs: dict, N: int) -> tuple[tuple, dict, int]:
     """The model's arguments on a batch of ``M != N`` samples (the tensors with leading
     length ``N`` indexed along that axis, samples repeated cyclically)."""
-    M = 2 if N != 2 else 3
+    M = probe_size(N)
     index: dict[torch.device, Tensor] = {}
 
     def take(t: Any) -> Any:
@@ -146,18 +154,55 @@ def _probe_batch(args: tuple, kwargs: dict, N: int) -> tuple[tuple, dict, int]:
     return tree_map(take, args), tree_map(take, kwargs), M
 
 
+class ShapeRecorder:
+    """Forward hooks recording the shapes of every call of the given modules (inputs and
+    outputs, pytree order) while entered; ``complete`` once left without an error.
+
+    Args:
+        modules: ``(name, module)`` pairs (the session's layers).
+    """
+
+    def __init__(self, modules: Sequence[tuple[str, nn.Module]]):
+        self.modules = list(modules)
+        self.seen: dict[str, list[tuple[list, list]]] = {name: [] for name, _ in self.modules}
+        self.complete = False
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> ShapeRecorder:
+        for name, module in self.modules:
+
+            def hook(module: nn.Module, a: tuple, kw: dict, out: Any, name: str = name) -> None:
+                self.seen[name].append((_shapes((a, kw)), _shapes(out)))
+
+            self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.complete = exc_type is None
+
+
+def is_probed(model: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether the sample axes of ``model(*args, **kwargs)`` are already known (cached)."""
+    return _signature(args, kwargs, model.training) in _CACHE.get(model, {})
+
+
+def remember_probe(
+    model: nn.Module, args: tuple, kwargs: dict, shapes: ShapeRecorder, M: int
+) -> None:
+    """Cache the shapes a forward pass on ``M`` samples recorded (another pass without
+    gradients, e.g. the coupling probe of :mod:`beyondgrad.engine.coupling`) as the probe of
+    ``model(*args, **kwargs)``, so that :func:`probe_axes` needs no forward pass of its own."""
+    if shapes.complete:
+        _CACHE.setdefault(model, {})[_signature(args, kwargs, model.training)] = (shapes.seen, M)
+
+
 def _run_probe(model: nn.Module, layers: list[Layer], args: tuple, kwargs: dict, N: int):
     """Shapes of every call of every layer on a batch of another size, without side effects
     (no gradients; RNG state and buffers restored)."""
     args_m, kwargs_m, M = _probe_batch(args, kwargs, N)
-    seen: dict[str, list[tuple[list, list]]] = {u.name: [] for u in layers}
-    handles = []
-    for unit in layers:
-
-        def hook(module, a, kw, out, name=unit.name):
-            seen[name].append((_shapes((a, kw)), _shapes(out)))
-
-        handles.append(unit.module.register_forward_hook(hook, with_kwargs=True))
     # the probe runs on copies of the buffers (running statistics, caches): the originals are
     # neither updated nor bumped in version (autograd may have saved them)
     owners = [(m, n, b) for m in model.modules() for n, b in m._buffers.items() if b is not None]
@@ -165,15 +210,14 @@ def _run_probe(model: nn.Module, layers: list[Layer], args: tuple, kwargs: dict,
         m._buffers[n] = b.detach().clone()
     devices = [t.device for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
     cuda = sorted({d.index or 0 for d in devices if d.type == "cuda"})
+    shapes = ShapeRecorder([(u.name, u.module) for u in layers])
     try:
-        with torch.random.fork_rng(devices=cuda), torch.no_grad():
+        with torch.random.fork_rng(devices=cuda), torch.no_grad(), shapes:
             model(*args_m, **kwargs_m)
     finally:
-        for h in handles:
-            h.remove()
         for m, n, b in owners:
             m._buffers[n] = b
-    return seen, M
+    return shapes.seen, M
 
 
 def _guarded_probe(
