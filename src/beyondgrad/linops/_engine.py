@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..engine import SamplesCoupledError, check_samples_independent, compute
-from ..engine.compute import call_model as _engine_call_model
+from ..engine import call_model as engine_call_model
 from ..engine.losses import check_loss_fn, check_target, reduction_factor
 from ..factors import DiagonalFactors, KroneckerFactors
 from ..forms import Form, OuterForm
@@ -40,7 +40,7 @@ _KINDS = {"type-2": ("exact", 0), "mc": ("mc", None), "empirical": ("grad", 1)}
 
 def call_model(model: nn.Module, X: Any) -> Any:
     """``model(X)``, ``model(*X)`` or ``model(**X)`` as :func:`beyondgrad.compute` calls it."""
-    return _engine_call_model(model, X)
+    return engine_call_model(model, X)
 
 
 def call_model_with(model: nn.Module, params: dict[str, Tensor], X: Any) -> Any:
