@@ -130,7 +130,7 @@ def test_full_preset_hessian_eigenvalue_spectra_and_histograms():
 
 def test_sampled_entries_are_per_sample_gradient_entries():
     model, X, y, loss_fn = CASES["resnet"]()
-    forms = bg.compute(model, loss_fn, X, y, bg.quantities.Forms())[bg.quantities.Forms()]
+    forms = bg.compute(model, loss_fn, X, y, vectors=[("grad", 1)]).stats.forms()
     per = per_sample_grads(model, loss_fn, X, y)
     g = torch.Generator().manual_seed(0)
     for name, form in forms.items():

@@ -77,7 +77,7 @@ def test_top_k_groups_subsampling_and_mc():
 def test_outer_form_cross_dot_gram_and_materialized_paths_agree(S):
     """Large weight-sharing axes fall back to materialized rows (the Gram matrix over
     (N S)^2 entries would not fit for a CNN); both paths give the same inner products."""
-    from beyondgrad.rules.forms import Form, OuterForm
+    from beyondgrad.forms import Form, OuterForm
 
     g = torch.Generator().manual_seed(S)
     A = torch.randn(3, S, 4, generator=g, dtype=torch.float64)
@@ -91,7 +91,7 @@ def test_outer_form_cross_dot_gram_and_materialized_paths_agree(S):
 def test_outer_form_reductions_from_materialized_rows_agree(S):
     """Once the rows are materialized (the cockpit does so for conv layers), every reduction
     reads them; each must equal its factor-based value, checked against explicit rows."""
-    from beyondgrad.rules.forms import OuterForm
+    from beyondgrad.forms import OuterForm
 
     g = torch.Generator().manual_seed(0)
     A = torch.randn(3, S, 4, generator=g, dtype=torch.float64)

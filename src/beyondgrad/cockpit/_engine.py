@@ -1,7 +1,7 @@
 """The Cockpit's one door into the engine's internals.
 
 Everything the Cockpit reads from the engine passes through this module: the per-row gradient
-forms (the hidden ``Forms`` pseudo-quantity and the form methods), the capture session
+forms (``Statistics.forms`` and the form methods), the capture session
 (``engine.compute.capture``, its recorded loss call and backward seed), the curvature
 quantities computed before the ordinary backward, and the engine's verdict on whether the
 samples of a model are independent. When the engine's public statistics object replaces the

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -251,6 +252,22 @@ def weight_vjp_expression(
     return Expression(eq, (xs, *(p for _, p in pats), gg), lambda t: t.reshape(shape))
 
 
+def _unfold_trivial_dims(t: Tensor, dims: Sequence[Any], simplify: bool) -> Tensor:
+    """For each trivial dimension (from axis 3 on) turn ``[.., O, K]`` into ``[.., I]``: pad
+    ``K`` to the stride, flatten ``O * S`` and cut or zero-pad it to the input length ``I``."""
+    axis = 3
+    for dim in dims:
+        if simplify and dim.trivial:
+            t = F.pad(t, [0, 0] * (t.ndim - axis - 2) + [0, dim.S - dim.K]).flatten(axis, axis + 1)
+            length = t.shape[axis]
+            if length >= dim.I:
+                t = t.narrow(axis, 0, dim.I)
+            else:
+                t = F.pad(t, [0, 0] * (t.ndim - axis - 1) + [0, dim.I - length])
+        axis += 1
+    return t
+
+
 def input_vjp_expression(
     grad_output: Tensor,
     weight: Tensor,
@@ -298,19 +315,7 @@ def input_vjp_expression(
     eq = ",".join(["ngf" + o, *(s for s, _ in pats), "gfc" + k]) + "->ngc" + subs
 
     def post(t: Tensor) -> Tensor:
-        axis = 3
-        for dim in dims:
-            if simplify and dim.trivial:  # [.., O, K] -> zeros [.., O, S] -> O*S -> I
-                t = F.pad(t, [0, 0] * (t.ndim - axis - 2) + [0, dim.S - dim.K]).flatten(
-                    axis, axis + 1
-                )
-                length = t.shape[axis]
-                if length >= dim.I:
-                    t = t.narrow(axis, 0, dim.I)
-                else:
-                    t = F.pad(t, [0, 0] * (t.ndim - axis - 1) + [0, dim.I - length])
-            axis += 1
-        return t.reshape(N, groups * Cg, *input_size)
+        return _unfold_trivial_dims(t, dims, simplify).reshape(N, groups * Cg, *input_size)
 
     return Expression(eq, (gg, *(p for _, p in pats), wg), post)
 

@@ -219,6 +219,4 @@ def _with_separate_passes(
     return result  # type: ignore[return-value]
 
 
-# temporary aliases for packages not yet moved to the public names (removed after the move)
-_call_model = call_model
 __all__ = ["call_model", "capture", "compute"]

@@ -1,6 +1,6 @@
-"""The one place where :mod:`beyondgrad.linops` reaches into the engine's internals (the model
-call, loss checks, the per-row gradient forms, the normalization of Kronecker statistics).
-When the engine exposes its public statistics object, only this module changes."""
+"""The one place where :mod:`beyondgrad.linops` reaches into the engine: the model call, loss
+checks, and the engine's :class:`~beyondgrad.engine.Statistics` (per-row gradient forms and raw
+Kronecker sums, rescaled here to sums over a batch's samples)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import torch
 from torch import Tensor, nn
 
 from ..engine import SamplesCoupledError, check_samples_independent, compute
-from ..engine.compute import call_model as _engine_call_model
+from ..engine import call_model as engine_call_model
 from ..engine.losses import check_loss_fn, check_target, reduction_factor
 from ..factors import DiagonalFactors, KroneckerFactors
 from ..forms import Form, OuterForm
 from ..quantities import KFAC as KFACQuantity
-from ..quantities import DiagGGN, DiagHessian, Forms, Quantity
+from ..quantities import DiagGGN, DiagHessian, Quantity
 
 __all__ = [
     "DiagGGN",
@@ -34,13 +34,13 @@ __all__ = [
     "samples_coupled",
 ]
 
-#: the vectors each Fisher type backpropagates (``Forms`` kinds)
+#: the vectors each Fisher type backpropagates
 _KINDS = {"type-2": ("exact", 0), "mc": ("mc", None), "empirical": ("grad", 1)}
 
 
 def call_model(model: nn.Module, X: Any) -> Any:
     """``model(X)``, ``model(*X)`` or ``model(**X)`` as :func:`beyondgrad.compute` calls it."""
-    return _engine_call_model(model, X)
+    return engine_call_model(model, X)
 
 
 def call_model_with(model: nn.Module, params: dict[str, Tensor], X: Any) -> Any:
@@ -73,11 +73,12 @@ def batch_forms(
     """One batch's per-row gradient forms for ``fisher_type`` and the factor that turns
     ``sum_r g_r g_r^T`` into that curvature of the batch loss (``1 / R`` for the empirical
     Fisher, whose rows are the loss-gradient rows ``R grad l_n``; 1 otherwise)."""
-    kind, count = _KINDS[fisher_type]
-    q = Forms((kind, mc_samples if count is None else count))
-    res = compute(model, loss_fn, X, y, q, generator=generator)
-    scale = 1.0 / reduction_factor(loss_fn, res.output, y) if fisher_type == "empirical" else 1.0
-    return res[q], scale  # type: ignore[return-value]
+    name, count = _KINDS[fisher_type]
+    kind = (name, mc_samples if count is None else count)
+    stats = compute(model, loss_fn, X, y, vectors=[kind], generator=generator).stats
+    assert stats is not None
+    scale = 1.0 / stats.reduction_factor if fisher_type == "empirical" else 1.0
+    return stats.forms(kind), scale
 
 
 def batch_diagonal(
@@ -106,20 +107,30 @@ def batch_kronecker(
     ``num_samples`` for ``reduction="mean"`` (they carry the batch's ``1/N``), as they are for
     ``"sum"``. Dividing the sums over all batches by the number of samples (``A``; ``B`` for
     mean losses) gives the data set's KFAC."""
-    blocks = compute(model, loss_fn, X, y, quantity, generator=generator)[quantity]
+    res = compute(model, loss_fn, X, y, quantity, generator=generator)
+    stats = res.stats
+    assert stats is not None
     b_scale = float(num_samples) if loss_fn.reduction == "mean" else 1.0  # type: ignore[union-attr]
+    if quantity.fisher_type == "empirical":  # the loss-gradient vectors carry R twice
+        b_scale /= stats.reduction_factor
     out: dict[str, KroneckerFactors | DiagonalFactors] = {}
-    for name, block in blocks.items():
+    for name, block in res[quantity].items():
         if isinstance(block, KroneckerFactors):
             if block.bias == "separate":
                 raise NotImplementedError("linops: Kronecker blocks with bias='separate'")
+            raw = stats.kronecker(name, quantity.vectors, quantity.kfac_approx)
+            assert raw is not None
+            A = raw.A_sum * (num_samples / raw.count)
+            B = raw.B_sum * b_scale
+            if A.shape[0] == 1:  # no groups
+                A, B = A[0], B[0]
             out[name] = KroneckerFactors(
-                block.A * num_samples, block.B * b_scale, block.order, block.params,
-                block.bias, block.fisher_type, block.kfac_approx, block.R, block.num_data,
-                None, block.weight_perm,
+                A, B, raw.order, block.params, block.bias, block.fisher_type,
+                block.kfac_approx, block.R, block.num_data, None, raw.weight_perm,
             )  # fmt: skip
         else:
-            diag = {n: v * b_scale for n, v in block.diagonal.items()}
+            scale = float(num_samples) if loss_fn.reduction == "mean" else 1.0  # type: ignore[union-attr]
+            diag = {n: v * scale for n, v in block.diagonal.items()}
             out[name] = DiagonalFactors(diag, block.fisher_type, block.R, block.num_data)
     return out
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from ..vivit import GGNEigenResult
+from ..quantities import GGNEigenResult
 from .structures import StructuredOperator, select
 
 

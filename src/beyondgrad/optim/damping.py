@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from ..linalg.eigenbasis import eigenbasis_apply, kronecker_eigenvalues
+
 
 def check_damping(value: float, positive: bool, owner: str) -> None:
     """Raise ``ValueError`` unless ``value`` is positive (``positive=True``) or non-negative."""
@@ -41,9 +43,9 @@ def eigen_damped_solve(eig: tuple[Tensor, ...], M: Tensor, delta: float) -> Tens
         ``[G, r, c]`` in ``M``'s dtype (computed in the eigenvectors' dtype).
     """
     l_left, q_left, l_right, q_right = eig
-    rot = q_left.transpose(1, 2) @ M.to(q_left.dtype) @ q_right
-    rot = rot / (l_left.unsqueeze(2) * l_right.unsqueeze(1) + delta)
-    return (q_left @ rot @ q_right.transpose(1, 2)).to(M.dtype)
+    values = 1.0 / (kronecker_eigenvalues(l_left, l_right) + delta)  # no host sync per step
+    out = eigenbasis_apply(q_left, values, q_right, M.to(q_left.dtype)[..., None])
+    return out[..., 0].to(M.dtype)
 
 
 def trace_coupled(mean_traces: Sequence[float], damping: float) -> list[float]:

@@ -16,7 +16,6 @@ module                     quantities                                    vectors
 from .base import Needs, Quantity, ReduceContext
 from .curvature import BatchDiagGGN, Curvature, DiagGGN
 from .first_order import BatchDot, BatchGrad, BatchL2, Grad, SumGradSquared, Variance
-from .forms_request import Forms
 from .hessian import DiagHessian, hesscale, residual_sites
 from .kfac import FISHER_TYPES, KFAC, KFAC_APPROX
 from .vivit import GGNEigen, GGNEigenResult, SqrtGGN, ggn_eigen
@@ -44,7 +43,6 @@ __all__ = [
     "Curvature",
     "DiagGGN",
     "DiagHessian",
-    "Forms",
     "GGNEigen",
     "GGNEigenResult",
     "Grad",

@@ -3,7 +3,7 @@ groups, bias, and padding mode).
 
 The weight gradient of sample ``n`` is ``G_n^T U_n`` per group, with ``U_n`` the unfolded
 input ``[O, C_in/G * prod(K)]`` (one row per output position: the shared axis) and ``G_n`` the
-output gradient ``[O, C_out/G]``, i.e. an :class:`~beyondgrad.rules.forms.OuterForm`; the form
+output gradient ``[O, C_out/G]``, i.e. an :class:`~beyondgrad.forms.OuterForm`; the form
 chooses between the Gram trick and materializing per-sample gradients by their costs.
 Non-zero padding modes (``reflect``, ``replicate``, ``circular``) and ``padding="same"`` are
 handled exactly by padding the input first, as the layer itself does, and unfolding without

@@ -1,5 +1,0 @@
-"""Deprecated location; see :mod:`beyondgrad.quantities.vivit`."""
-
-from .quantities.vivit import GGNEigenResult, ggn_eigen
-
-__all__ = ["GGNEigenResult", "ggn_eigen"]
