@@ -46,6 +46,21 @@ def spectral_density(
     Lanczos run, widened by 5%), Jackson-damped, zero outside the bounds and finite at them
     (the default grid holds the midpoints of ``num_points`` cells of the bounds). Both cost
     ``num_probes * lanczos_steps`` products.
+
+    Args:
+        A: a symmetric operator ``(n, n)``.
+        num_probes: the number of Rademacher probes.
+        lanczos_steps: Lanczos steps (``"slq"``) or Chebyshev moments (``"kpm"``) per probe.
+        grid: the points at which the density is evaluated (default: ``num_points`` points
+            covering the estimated spectrum).
+        num_points: the size of the default grid.
+        sigma: the Gaussian width for ``"slq"``.
+        generator: the random generator of the probes (``None``: torch's global one).
+        method: ``"slq"`` or ``"kpm"``.
+        bounds: ``(lo, hi)`` enclosing the spectrum, for ``"kpm"``.
+
+    Returns:
+        ``(grid, density)``, two ``[num_points]`` tensors (or the shape of ``grid``).
     """
     require_square(A, "spectral_density")
     if method == "kpm":
