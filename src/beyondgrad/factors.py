@@ -159,7 +159,8 @@ class DiagonalFactors:
     Args:
         diagonal: ``{parameter name: parameter-shaped diagonal}`` on the loss's scale.
         fisher_type: the curvature's type, as in :class:`~beyondgrad.KFAC`.
-        R: the loss reduction factor (``1/N`` for a mean over ``N`` samples, 1 for a sum).
+        R: the loss reduction factor, ``loss = R * sum_n l_n`` (``1/N``, or ``1/(N S)`` for
+            a mean over ``S`` further entries per sample; 1 for a sum).
         num_data: ``N``, the number of samples of the batch.
     """
 

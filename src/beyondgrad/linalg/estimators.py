@@ -57,7 +57,7 @@ def trace(
 
     Returns:
         ``(estimate, standard error)``: 0-dim tensors; the error is ``None`` where it cannot
-        be estimated (a single Hutchinson sample).
+        be estimated (a single random probe in the Hutchinson part).
     """
     n = require_square(A, "trace")
     dtype, device = getattr(A, "dtype", torch.float64), getattr(A, "device", torch.device("cpu"))
