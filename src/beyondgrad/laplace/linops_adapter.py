@@ -126,11 +126,7 @@ def build_curvature(
     ``fisher_type="mc"`` draws ``mc_samples`` labels per sample from ``generator``.
 
     Returns:
-        The structure of :mod:`beyondgrad.laplace.curvature` holding ``H`` (detached), on the
-        scale of the summed loss (no ``1/N``).
-
-    Raises:
-        ValueError: an unknown ``structure`` or ``fisher_type``.
+        A structure of :mod:`beyondgrad.laplace.curvature` holding ``H`` (detached, no ``1/N``).
     """
     if structure not in STRUCTURES:
         raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")

@@ -67,6 +67,19 @@ def spectral_density(
         return _kpm(A, num_probes, lanczos_steps, grid, num_points, generator, bounds)
     if method != "slq":
         raise ValueError(f"method must be 'slq' or 'kpm', got {method!r}")
+    return _slq(A, num_probes, lanczos_steps, grid, num_points, sigma, generator)
+
+
+def _slq(
+    A: Any,
+    num_probes: int,
+    lanczos_steps: int,
+    grid: Tensor | None,
+    num_points: int,
+    sigma: float | None,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor]:
+    """Stochastic Lanczos quadrature for :func:`spectral_density`: ``(grid, density)``."""
     n = A.shape[0]
     dtype = getattr(A, "dtype", torch.float64)
     device = getattr(A, "device", torch.device("cpu"))
