@@ -46,6 +46,9 @@ class KroneckerFactors:
     ``weight_perm``: when set, the block refers to ``weight.permute(weight_perm)`` (transposed
     convolutions: ``[C_out/G, C_in, *K]`` from ``[C_in, C_out/G, *K]``; with groups, per
     group), which ``to_dense``/``@``/``inverse`` expect flattened row-major.
+    ``fisher_type`` and ``kfac_approx``: the settings of the :class:`~beyondgrad.KFAC` that
+    computed the block (``"type-2"``, ``"mc"``, ``"empirical"``, ``"forward-only"``;
+    ``"expand"`` or ``"reduce"``).
     """
 
     A: Tensor
@@ -63,6 +66,7 @@ class KroneckerFactors:
 
     @property
     def groups(self) -> int:
+        """``G``, the number of convolution groups (1 without a leading group axis)."""
         return self.A.shape[0] if self.A.ndim == 3 else 1
 
     def _ordered(self, left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
@@ -150,7 +154,15 @@ class KroneckerFactors:
 @dataclass
 class DiagonalFactors:
     """Fallback block for layers without Kronecker structure: the diagonal of the same
-    curvature (``fisher_type``), parameter-shaped, per covered parameter."""
+    curvature (``fisher_type``), parameter-shaped, per covered parameter.
+
+    Args:
+        diagonal: ``{parameter name: parameter-shaped diagonal}`` on the loss's scale.
+        fisher_type: the curvature's type, as in :class:`~beyondgrad.KFAC`.
+        R: the loss reduction factor, ``loss = R * sum_n l_n`` (``1/N``, or ``1/(N S)`` for
+            a mean over ``S`` further entries per sample; 1 for a sum).
+        num_data: ``N``, the number of samples of the batch.
+    """
 
     diagonal: dict[str, Tensor]
     fisher_type: str
@@ -159,9 +171,12 @@ class DiagonalFactors:
 
     @property
     def params(self) -> tuple[str, ...]:
+        """The covered parameter names, in the order of the flattened diagonal."""
         return tuple(self.diagonal)
 
     def to_dense(self) -> Tensor:
+        """The block as a diagonal matrix ``[P, P]`` over the covered parameters, flattened
+        and concatenated in :attr:`params` order."""
         return torch.diag(torch.cat([d.reshape(-1) for d in self.diagonal.values()]))
 
     def inverse(self, damping: float = 0.0) -> Callable[[Tensor], Tensor]:

@@ -340,6 +340,10 @@ class Cockpit:
     def plot(self, path: str | Path, title: str | None = None) -> list[Path]:
         """Draw the dashboard to ``path`` (PNG) and the same name with ``.svg``.
 
+        Args:
+            path: the PNG file to write.
+            title: the figure title (default: ``"Cockpit (<config>)"``).
+
         Returns:
             The two files written.
         """

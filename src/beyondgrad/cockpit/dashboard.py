@@ -25,7 +25,17 @@ _LR = Panel((3, 2), "Learning rate", log=True)
 
 def load(path: str | Path) -> list[dict[str, Any]]:
     """Records from a ``cockpit.jsonl`` log (or a run directory holding one); partial lines
-    of the same step are merged."""
+    of the same step are merged.
+
+    Args:
+        path: a ``cockpit.jsonl`` file or a directory holding one.
+
+    Returns:
+        One record (``{name: value}``, with ``"step"``) per step, in step order.
+
+    Raises:
+        FileNotFoundError: no log at ``path``.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / "cockpit.jsonl"

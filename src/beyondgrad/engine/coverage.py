@@ -28,6 +28,11 @@ class Coverage(list):
     """A list of :class:`CoverageRow`; ``str()`` gives a table, :meth:`by_rule` a summary."""
 
     def by_rule(self) -> dict[str, int]:
+        """How many parameters each rule serves.
+
+        Returns:
+            ``{rule name: number of parameters}``, in order of first appearance.
+        """
         counts: dict[str, int] = {}
         for row in self:
             counts[row.rule] = counts.get(row.rule, 0) + 1

@@ -130,7 +130,27 @@ def loss_vectors(
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """The output-space vectors ``[K, *output.shape]`` of ``kind`` (see the module docstring)."""
+    """The output-space vectors ``[K, *output.shape]`` of ``kind`` (see the module docstring).
+
+    Args:
+        loss_fn: a supported loss module (``nn.MSELoss``, ``nn.CrossEntropyLoss``,
+            ``nn.BCEWithLogitsLoss``; reduction ``"mean"`` or ``"sum"``).
+        output: the model output ``f``, ``[N, ...]`` (detached here).
+        target: the targets, as ``loss_fn`` takes them.
+        kind: ``"grad"`` (``K = 1``, ``dL/df``), ``"exact"`` (``K`` = outputs per sample, a
+            square-root factor of the loss Hessian) or ``"mc"`` (``K = mc_samples`` sampled
+            label gradients, scaled by ``sqrt(1/M)``).
+        mc_samples: ``M``, the labels drawn per sample for ``"mc"``.
+        generator: the random generator for ``"mc"`` (``None``: torch's global one).
+
+    Returns:
+        ``V`` of shape ``[K, *output.shape]`` on the loss's scale (reduction factor
+        included), with ``sum_k V[k, n] V[k, n]^T`` the loss Hessian of sample ``n`` (exact,
+        or in expectation for ``"mc"``).
+
+    Raises:
+        ValueError: an unknown ``kind``, a bad ``mc_samples``, an unsupported loss or target.
+    """
     check_loss_fn(loss_fn)
     check_target(loss_fn, output, target)
     output = output.detach()

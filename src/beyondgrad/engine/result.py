@@ -13,6 +13,10 @@ if TYPE_CHECKING:
 class Result:
     """The requested quantities of one batch.
 
+    Args:
+        values: ``{quantity: {parameter or module name: value}}`` for every quantity
+            requested (read through ``result[Q]``).
+
     Attributes:
         loss: the scalar loss (detached).
         output: the model output (detached).

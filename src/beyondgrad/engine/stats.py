@@ -76,6 +76,12 @@ class Statistics:
         subsampling: the sample indices of per-sample forms, or ``None`` (all samples).
         kinds: the vector kinds that were backpropagated.
         rules: per parameter name, the rule that serves it (``"linear"``, ``"generic"``, ...).
+        model: the model the batch ran through.
+        layers: the recorded layers (modules with their calls, parameters and rule).
+        backprop: the recorded graph that builds the per-parameter forms.
+        call_gradients: per vector kind, the output gradients of every recorded call.
+        parameter_gradients: ``{id(parameter): batch gradient}`` from autograd, where the
+            ordinary gradient was requested.
     """
 
     loss: Tensor
@@ -123,12 +129,28 @@ class Statistics:
         return self._merged[key]
 
     def forms(self, kind: VectorKind = GRAD, per_sample: bool = False) -> dict[str, Form]:
-        """:meth:`form` of every parameter reached."""
+        """:meth:`form` of every parameter reached.
+
+        Args:
+            kind: the vector kind (``("grad", 1)``, ``("exact", 0)``, ``("mc", M)``).
+            per_sample: restrict to :attr:`subsampling`.
+
+        Returns:
+            ``{parameter name: form}``, without the parameters no call reached.
+        """
         out = {n: self.form(n, kind, per_sample) for n in self.parameters}
         return {n: f for n, f in out.items() if f is not None}
 
     def zero_form(self, name: str, per_sample: bool = False) -> Form:
-        """A form of zero rows (one vector) for a parameter that no call reached."""
+        """A form of zero rows (one vector) for a parameter that no call reached.
+
+        Args:
+            name: the parameter name.
+            per_sample: ``S`` rows for the subsample, else ``N``.
+
+        Returns:
+            A form of ``S`` (or ``N``) zero rows of the parameter's shape.
+        """
         p = self._params[name]
         S = self.num_samples
         if per_sample and self.subsampling is not None:
@@ -188,7 +210,18 @@ class Statistics:
         ``A_sum`` ``[G, I(+1), I(+1)]`` with its ``count`` (``A = A_sum / count``) and
         ``B_sum`` ``[G, O, O]`` (the vectors carry the loss's reduction factor, so ``B_sum``
         is on the loss's scale for ``exact``/``mc`` and carries ``R`` twice for ``grad``).
-        ``None`` when no call of the module reached the loss."""
+        ``None`` when no call of the module reached the loss.
+
+        Args:
+            module: the module name (must have Kronecker statistics, see
+                :meth:`has_kronecker`).
+            kind: the vector kind.
+            kfac_approx: ``"expand"`` (a weight-sharing axis counts as data) or ``"reduce"``
+                (inputs averaged and output gradients summed over it first).
+
+        Returns:
+            The module's :class:`~beyondgrad.rules.kronecker.KronStats`, or ``None``.
+        """
         key = (module, kind, kfac_approx)
         if key not in self._kron:
             self._kron[key] = self._kronecker_sums(module, kind, kfac_approx)

@@ -42,7 +42,16 @@ CURVATURES = ("full", "ekfac", "kfac", "diag", "identity")
 
 
 def progress_bar(iterable: Iterable[Any], enabled: bool, desc: str) -> Iterable[Any]:
-    """``iterable`` wrapped in a tqdm bar when ``enabled`` and tqdm is installed (else as is)."""
+    """``iterable`` wrapped in a tqdm bar when ``enabled`` and tqdm is installed (else as is).
+
+    Args:
+        iterable: what to iterate over.
+        enabled: whether to show a bar.
+        desc: the bar's label.
+
+    Returns:
+        An iterable over the same items.
+    """
     if not enabled:
         return iterable
     try:
@@ -102,7 +111,16 @@ class InfluenceFactors:
 
     @classmethod
     def load(cls, path: str, map_location: Any = None) -> InfluenceFactors:
-        """Read factors written by :meth:`save`."""
+        """Read factors written by :meth:`save`.
+
+        Args:
+            path: the file :meth:`save` wrote.
+            map_location: passed to ``torch.load`` (e.g. ``"cpu"``); loading uses
+                ``weights_only=True``.
+
+        Returns:
+            The :class:`InfluenceFactors`.
+        """
         state = torch.load(path, map_location=map_location, weights_only=True)
         structure = state["structure"]
         return cls(
@@ -168,7 +186,20 @@ def example_gradients(
     desc: str = "gradients",
 ) -> Iterator[dict[str, Tensor]]:
     """Per batch of ``data``: the examples' own loss gradients, per parameter
-    ``[batch, *shape]`` (``bg.BatchGrad`` of the summed loss)."""
+    ``[batch, *shape]`` (``bg.BatchGrad`` of the summed loss).
+
+    Args:
+        model: the model.
+        loss_fn: the loss; a copy with ``reduction="sum"`` is used, so each row is the
+            gradient of that example's own loss ``l_i`` (no ``1/N``).
+        data: an iterable of ``(X, y)`` batches.
+        names: the parameter names to return.
+        progress: a tqdm bar over the batches (when tqdm is installed).
+        desc: the bar's label.
+
+    Yields:
+        ``{name: [batch, *shape]}`` per batch, detached.
+    """
     loss_sum = sum_reduction(loss_fn)
     q = BatchGrad()
     for X, y in progress_bar(data, progress, desc):
@@ -223,15 +254,19 @@ def scores(
     ``g_q^T (C + damping I)^{-1} g_i`` (module docstring).
 
     Args:
-        model, loss_fn: the trained model and its loss.
-        train, query: iterables of ``(X, y)`` batches (a training batch is the chunk whose
+        model: the trained model.
+        loss_fn: its loss.
+        train: an iterable of ``(X, y)`` batches (a training batch is the chunk whose
             per-example gradients are held at once; the order defines the columns).
+        query: an iterable of ``(X, y)`` batches (the order defines the rows).
         curvature: ``"full"``, ``"ekfac"``, ``"kfac"``, ``"diag"``, ``"identity"``; default
             ``"ekfac"``, or that of ``factors``.
         damping: ``lambda``; default ``0.1 * trace(C) / P``.
         factors: fitted :class:`InfluenceFactors` to reuse (then ``train`` is only scored).
         params: parameter names (default: all trainable ones).
-        fisher_type, kfac_approx, generator: passed to :func:`fit_factors`.
+        fisher_type: passed to :func:`fit_factors`.
+        kfac_approx: passed to :func:`fit_factors`.
+        generator: passed to :func:`fit_factors`.
         progress: tqdm bars over the data loops (when tqdm is installed).
         query_rank: per parameter, keep the preconditioned query gradients ``[size,
             n_query]`` as their best rank-``query_rank`` factorization (truncated SVD): less
@@ -309,7 +344,25 @@ def self_influence(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """``g_i^T (C + damping I)^{-1} g_i`` for every training example, ``[n_train]``
-    (arguments as in :func:`scores`)."""
+    (arguments as in :func:`scores`).
+
+    Args:
+        model: the trained model.
+        loss_fn: its loss.
+        train: an iterable of ``(X, y)`` batches (the order defines the entries).
+        curvature: ``"full"``, ``"ekfac"``, ``"kfac"``, ``"diag"``, ``"identity"``; default
+            ``"ekfac"``, or that of ``factors``.
+        damping: ``lambda``; default ``0.1 * trace(C) / P``.
+        factors: fitted :class:`InfluenceFactors` to reuse.
+        params: parameter names (default: all trainable ones).
+        fisher_type: passed to :func:`fit_factors`.
+        kfac_approx: passed to :func:`fit_factors`.
+        progress: tqdm bars over the data loops (when tqdm is installed).
+        generator: passed to :func:`fit_factors`.
+
+    Returns:
+        ``[n_train]`` self-influence scores.
+    """
     fit_kwargs = dict(
         curvature=curvature,
         params=params,
@@ -327,7 +380,16 @@ def self_influence(
 
 def top_k(influence: Tensor, k: int, largest: bool = True) -> tuple[Tensor, Tensor]:
     """The ``k`` most (``largest=False``: least) influential training examples per query:
-    ``(values [n_query, k], indices [n_query, k])`` of a ``[n_query, n_train]`` score matrix."""
+    ``(values [n_query, k], indices [n_query, k])`` of a ``[n_query, n_train]`` score matrix.
+
+    Args:
+        influence: ``[n_query, n_train]`` scores (e.g. from :func:`scores`).
+        k: how many examples per query, ``1 <= k <= n_train``.
+        largest: the highest scores (``True``) or the lowest.
+
+    Returns:
+        ``(values, indices)``, each ``[n_query, k]``, sorted along the last axis.
+    """
     if not 1 <= k <= influence.shape[-1]:
         raise ValueError(f"k must be in [1, {influence.shape[-1]}], got {k}")
     result = torch.topk(influence, k, dim=-1, largest=largest)

@@ -36,7 +36,12 @@ from ..factors import from_block_layout, to_block_layout
 
 
 class Curvature:
-    """Base: the parameter layout (``names``, ``shapes``) and the shared helpers."""
+    """Base: the parameter layout (``names``, ``shapes``) and the shared helpers.
+
+    Args:
+        names: the parameter names, in the order of the flat vector.
+        shapes: the parameters' shapes (each flattened row-major; ``P`` entries in all).
+    """
 
     kind: str = ""
 
@@ -59,15 +64,46 @@ class Curvature:
         return [[i] for i in range(len(self.names))]
 
     def logdet(self, scale: Tensor, prior: Tensor) -> Tensor:
+        """``log det(s H + diag(prior))``, differentiable in ``scale`` and ``prior``.
+
+        Args:
+            scale: ``s > 0``, a scalar tensor.
+            prior: ``[P]``, the positive prior precision per entry.
+
+        Returns:
+            A 0-dim tensor.
+        """
         raise NotImplementedError
 
     def solve(self, scale: Tensor, prior: Tensor, M: Tensor) -> Tensor:
+        """``(s H + diag(prior))^{-1} M``.
+
+        Args:
+            scale: ``s > 0``, a scalar tensor.
+            prior: ``[P]``, the positive prior precision per entry.
+            M: ``[P, k]``.
+
+        Returns:
+            ``[P, k]``.
+        """
         raise NotImplementedError
 
     def inverse_sqrt(self, scale: Tensor, prior: Tensor, Z: Tensor) -> Tensor:
+        """``T Z`` for a square root ``T`` with ``T T^T = (s H + diag(prior))^{-1}``; for
+        standard normal ``Z`` the columns are draws from ``N(0, (s H + diag(prior))^{-1})``.
+
+        Args:
+            scale: ``s > 0``, a scalar tensor.
+            prior: ``[P]``, the positive prior precision per entry.
+            Z: ``[P, k]``.
+
+        Returns:
+            ``[P, k]``.
+        """
         raise NotImplementedError
 
     def to_dense(self) -> Tensor:
+        """``H`` as a dense ``[P, P]`` matrix (tests, small models)."""
         raise NotImplementedError
 
     def trace(self) -> Tensor:
@@ -88,7 +124,13 @@ class Curvature:
 
 
 class DenseCurvature(Curvature):
-    """``H`` as a dense ``[P, P]`` matrix (Cholesky of ``s H + D``)."""
+    """``H`` as a dense ``[P, P]`` matrix (Cholesky of ``s H + D``).
+
+    Args:
+        names: the parameter names, in the order of the flat vector.
+        shapes: the parameters' shapes (each flattened row-major; ``P`` entries in all).
+        matrix: ``H``, ``[P, P]`` (symmetrized on construction).
+    """
 
     kind = "full"
 
@@ -128,7 +170,13 @@ class DenseCurvature(Curvature):
 
 
 class DiagonalCurvature(Curvature):
-    """``H = diag(values)``."""
+    """``H = diag(values)``.
+
+    Args:
+        names: the parameter names, in the order of the flat vector.
+        shapes: the parameters' shapes (each flattened row-major; ``P`` entries in all).
+        values: the diagonal, ``P`` entries (any shape; flattened).
+    """
 
     kind = "diag"
 
@@ -157,7 +205,14 @@ class DiagonalCurvature(Curvature):
 
 class LowRankCurvature(Curvature):
     """``H = U diag(eigenvalues) U^T`` (``U`` ``[P, k]``); ``s H + D = D + B B^T`` with
-    ``B = U diag(sqrt(s lam))`` is handled by the matrix determinant lemma and Woodbury."""
+    ``B = U diag(sqrt(s lam))`` is handled by the matrix determinant lemma and Woodbury.
+
+    Args:
+        names: the parameter names, in the order of the flat vector.
+        shapes: the parameters' shapes (each flattened row-major; ``P`` entries in all).
+        eigenvalues: ``lam``, ``[k]`` (negative values are clamped to 0).
+        eigenvectors: ``U``, ``[P, k]`` with orthonormal columns.
+    """
 
     kind = "lowrank"
 
@@ -279,7 +334,16 @@ class DiagonalBlock:
 class KroneckerCurvature(Curvature):
     """Block-diagonal ``H``: :class:`KroneckerBlock` (KFAC: products of the factors'
     eigenvalues; EKFAC: corrected eigenvalues) and :class:`DiagonalBlock` (layers without
-    Kronecker structure). The prior must be constant on each Kronecker block."""
+    Kronecker structure). The prior must be constant on each Kronecker block.
+
+    Args:
+        names: the parameter names, in the order of the flat vector.
+        shapes: the parameters' shapes (each flattened row-major; ``P`` entries in all).
+        blocks: the blocks, together covering every name exactly once.
+
+    Raises:
+        ValueError: the blocks do not cover ``names``.
+    """
 
     kind = "kron"
 
@@ -400,7 +464,17 @@ def _block_from_state(state: dict[str, Any]) -> KroneckerBlock | DiagonalBlock:
 
 
 def curvature_from_state(state: dict[str, Any]) -> Curvature:
-    """Rebuild a structure from :meth:`Curvature.state_dict`."""
+    """Rebuild a structure from :meth:`Curvature.state_dict`.
+
+    Args:
+        state: what ``state_dict()`` returned (its ``"kind"`` selects the class).
+
+    Returns:
+        The :class:`Curvature` subclass instance.
+
+    Raises:
+        ValueError: an unknown kind.
+    """
     names, shapes, kind = state["names"], state["shapes"], state["kind"]
     if kind == "full":
         return DenseCurvature(names, shapes, state["matrix"])

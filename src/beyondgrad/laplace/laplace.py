@@ -42,7 +42,18 @@ LINKS = ("probit", "mc")
 
 def likelihood_of(loss_fn: nn.Module) -> str:
     """``"regression"`` (MSE), ``"classification"`` (CE), ``"binary"`` (BCE with logits);
-    raises for losses that are no normalized likelihood (class weights, label smoothing)."""
+    raises for losses that are no normalized likelihood (class weights, label smoothing).
+
+    Args:
+        loss_fn: the loss module (its reduction does not matter).
+
+    Returns:
+        The likelihood's name.
+
+    Raises:
+        ValueError: CE with ``weight``/``label_smoothing``, BCE with ``weight``/``pos_weight``.
+        TypeError: any other loss.
+    """
     if isinstance(loss_fn, nn.MSELoss):
         return "regression"
     if isinstance(loss_fn, nn.CrossEntropyLoss):
@@ -61,7 +72,15 @@ def likelihood_of(loss_fn: nn.Module) -> str:
 def select_parameters(model: nn.Module, subset: str | Sequence[str]) -> list[str]:
     """Names of the trainable parameters in ``subset``: ``"all"``, ``"last_layer"`` (the
     parameters of the last module that owns parameters) or a list of names (returned in
-    ``model.named_parameters()`` order)."""
+    ``model.named_parameters()`` order).
+
+    Args:
+        model: the model.
+        subset: ``"all"``, ``"last_layer"`` or a sequence of parameter names.
+
+    Returns:
+        The selected names, in ``model.named_parameters()`` order.
+    """
     named = [n for n, p in model.named_parameters() if p.requires_grad]
     if subset == "all":
         return named
@@ -211,7 +230,18 @@ class Laplace:
             raise ValueError("prior_precision must be positive")
 
     def prior_vector(self, prior_precision: Tensor | None = None) -> Tensor:
-        """The prior precision expanded to ``[P]`` (differentiable)."""
+        """The prior precision expanded to ``[P]`` (differentiable).
+
+        Args:
+            prior_precision: a scalar, ``[n_tensors]`` (one value per selected parameter
+                tensor) or ``[P]`` (per entry); default: :attr:`prior_precision`.
+
+        Returns:
+            ``[P]``, one positive value per entry of the flat parameter vector.
+
+        Raises:
+            ValueError: a wrong shape or a non-positive value.
+        """
         t = self.prior_precision if prior_precision is None else torch.as_tensor(prior_precision)
         self._check_prior(t)
         if t.ndim == 0:
@@ -305,7 +335,17 @@ class Laplace:
         return self.posterior_solve(eye)
 
     def sample(self, n_samples: int, generator: torch.Generator | None = None) -> Tensor:
-        """``[n_samples, P]`` draws from ``N(theta*, P^{-1})``."""
+        """``[n_samples, P]`` draws from ``N(theta*, P^{-1})``.
+
+        Args:
+            n_samples: the number of draws.
+            generator: the random generator of the standard normal draws (``None``: torch's
+                global one); the draws are made on its device.
+
+        Returns:
+            ``[n_samples, P]``, flat parameter vectors (selected parameters, in
+            ``model.named_parameters()`` order, each flattened row-major).
+        """
         curv = self._fitted()
         device = generator.device if generator is not None else self.device
         Z = torch.randn(
@@ -319,7 +359,16 @@ class Laplace:
         """``J(x) P^{-1} J(x)^T`` per input, ``[N, K, K]`` (``K`` outputs per sample, the
         output flattened after the sample axis). ``J`` comes from ``bg.linops.Jacobian`` on
         chunks of inputs with at most ``max_vectors`` outputs (one batched vjp per chunk:
-        ``[P, chunk K]`` is held), samples being independent (eval mode)."""
+        ``[P, chunk K]`` is held), samples being independent (eval mode).
+
+        Args:
+            X: a batch of inputs (tensor, tuple or dict), ``N`` samples.
+            max_vectors: the most outputs per chunk (at least one sample per chunk).
+
+        Returns:
+            ``[N, K, K]``, the covariance of the linearized network's outputs (no
+            observation noise).
+        """
         self._fitted()
         N = _leading(X)
         with torch.no_grad():
@@ -536,7 +585,19 @@ class Laplace:
         n_samples: int = 100,
         generator: torch.Generator | None = None,
     ) -> float:
-        """Mean negative log predictive density per sample over ``data``."""
+        """Mean negative log predictive density per sample over ``data``.
+
+        Args:
+            data: an iterable of ``(X, y)`` batches.
+            pred_type: ``"glm"`` or ``"nn"``, as in :meth:`predictive`.
+            link_approx: ``"probit"`` or ``"mc"``, as in :meth:`predictive`.
+            n_samples: Monte-Carlo draws, as in :meth:`predictive`.
+            generator: for the draws.
+
+        Returns:
+            The NLL summed over the samples, divided by their number (regression: the
+            Gaussian density of ``y`` under the predictive mean and covariance).
+        """
         total, count = 0.0, 0
         for X, y in data:
             pred = self.predictive(X, pred_type, link_approx, n_samples, generator)
@@ -577,7 +638,14 @@ class Laplace:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` into a ``Laplace`` built on the same model and loss
-        (``data=None`` is enough)."""
+        (``data=None`` is enough).
+
+        Args:
+            state: what :meth:`state_dict` returned.
+
+        Raises:
+            ValueError: the state's structure, likelihood or parameter names differ.
+        """
         for key in ("structure", "likelihood", "names"):
             if state[key] != getattr(self, key):
                 raise ValueError(

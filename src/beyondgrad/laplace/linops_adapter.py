@@ -122,6 +122,11 @@ def build_curvature(
       to a relative residual of 1e-8, started from ``generator`` or a fixed seed);
     * ``"kfac"`` / ``"ekfac"``: ``bg.linops.KFAC`` / ``EKFAC`` with ``fisher_type`` and
       ``kfac_approx``, in their Kronecker eigenbases.
+
+    ``fisher_type="mc"`` draws ``mc_samples`` labels per sample from ``generator``.
+
+    Returns:
+        A structure of :mod:`beyondgrad.laplace.curvature` holding ``H`` (detached, no ``1/N``).
     """
     if structure not in STRUCTURES:
         raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")

@@ -118,7 +118,16 @@ def rotate(q_left: Tensor, M: Tensor, q_right: Tensor) -> Tensor:
 
 
 def unrotate(q_left: Tensor, C: Tensor, q_right: Tensor) -> Tensor:
-    """Inverse of :func:`rotate`: ``Q_L C Q_R^T`` per group and column (``[G, r, c, k]``)."""
+    """Inverse of :func:`rotate`: ``Q_L C Q_R^T`` per group and column.
+
+    Args:
+        q_left: ``[G, r, r]`` orthonormal eigenvectors of ``L``.
+        C: ``[G, r, c, k]`` coordinates in the eigenbasis.
+        q_right: ``[G, c, c]`` orthonormal eigenvectors of ``R``.
+
+    Returns:
+        ``[G, r, c, k]``.
+    """
     return torch.einsum("gij,gjkc,glk->gilc", q_left, C, q_right)
 
 

@@ -45,6 +45,19 @@ def trace(
     gives an exact low-rank part plus a Hutchinson term on ``omega_i`` (exchangeable
     leave-one-out), and the estimates are averaged (error from their spread). Exact when the
     rank of ``A`` is below half the budget.
+
+    Args:
+        A: a square operator ``(n, n)`` (anything with ``shape`` and ``@`` on ``[n, k]``).
+        num_matvecs: the budget of products with ``A`` (at least 3 for ``"hutch++"``, 4 for
+            ``"xtrace"``).
+        method: ``"hutchinson"``, ``"hutch++"`` or ``"xtrace"``.
+        generator: the random generator of the probes (``None``: torch's global one); pass a
+            seeded one for reproducible estimates.
+        distribution: the probe entries, ``"rademacher"`` (``+-1``) or ``"normal"``.
+
+    Returns:
+        ``(estimate, standard error)``: 0-dim tensors; the error is ``None`` where it cannot
+        be estimated (a single random probe in the Hutchinson part).
     """
     n = require_square(A, "trace")
     dtype, device = getattr(A, "dtype", torch.float64), getattr(A, "device", torch.device("cpu"))
@@ -86,7 +99,19 @@ def diagonal(
     """Estimate ``diag(A)`` with ``num_matvecs`` products. ``method="hutchinson"``:
     ``mean(z * (A z))``. ``"xdiag"`` (Epperly, Tropp & Webber 2024; symmetric ``A``): the
     leave-one-out construction of ``trace(method="xtrace")`` applied to the diagonal, exact
-    for rank below half the budget."""
+    for rank below half the budget.
+
+    Args:
+        A: a square operator ``(n, n)``.
+        num_matvecs: the budget of products with ``A`` (at least 4 for ``"xdiag"``).
+        generator: the random generator of the probes (``None``: torch's global one); pass a
+            seeded one for reproducible estimates.
+        distribution: the probe entries, ``"rademacher"`` (``+-1``) or ``"normal"``.
+        method: ``"hutchinson"`` or ``"xdiag"``.
+
+    Returns:
+        ``[n]``, the estimated diagonal.
+    """
     n = require_square(A, "diagonal")
     dtype, device = getattr(A, "dtype", torch.float64), getattr(A, "device", torch.device("cpu"))
     if method == "xdiag":
@@ -165,8 +190,19 @@ def frobenius_norm_squared(
     generator: torch.Generator | None = None,
     distribution: str = "rademacher",
 ) -> tuple[Tensor, Tensor | None]:
-    """Estimate ``|A|_F^2 = E |A z|^2`` with ``num_matvecs`` probes: ``(estimate, standard
-    error)``."""
+    """Estimate ``|A|_F^2 = E |A z|^2`` with ``num_matvecs`` probes.
+
+    Args:
+        A: an operator of shape ``(m, n)`` (need not be square).
+        num_matvecs: the number of probes ``z`` (one product each).
+        generator: the random generator of the probes (``None``: torch's global one); pass a
+            seeded one for reproducible estimates.
+        distribution: the probe entries, ``"rademacher"`` (``+-1``) or ``"normal"``.
+
+    Returns:
+        ``(estimate, standard error)``: the mean of ``|A z|^2`` over the probes and its
+        standard error (``None`` for a single probe).
+    """
     n = A.shape[1]
     dtype, device = getattr(A, "dtype", torch.float64), getattr(A, "device", torch.device("cpu"))
     Z = _probes(n, num_matvecs, dtype, device, generator, distribution)

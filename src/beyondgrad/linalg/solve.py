@@ -253,7 +253,15 @@ class InverseOperator:
     """``(A + damping I)^{-1}`` as an operator whose products run a solver (``"cg"`` for
     positive definite, ``"minres"`` for indefinite systems, column by column) or a truncated
     Neumann series (``"neumann"``, ``scale``/``terms`` keyword arguments; a whole block at
-    once). Unconverged solves warn (see :func:`solve`)."""
+    once). Unconverged solves warn (see :func:`solve`).
+
+    Args:
+        A: a square operator ``(n, n)``.
+        damping: added to the diagonal of ``A``.
+        method: ``"cg"``, ``"minres"`` or ``"neumann"``.
+        **kwargs: passed to :func:`solve` on every product (tolerances, ``maxiter``;
+            ``scale``/``terms`` for ``"neumann"``).
+    """
 
     def __init__(self, A: Any, damping: float = 0.0, method: str = "cg", **kwargs: Any):
         if method not in ("cg", "minres", "neumann"):

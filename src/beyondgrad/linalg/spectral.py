@@ -46,12 +46,40 @@ def spectral_density(
     Lanczos run, widened by 5%), Jackson-damped, zero outside the bounds and finite at them
     (the default grid holds the midpoints of ``num_points`` cells of the bounds). Both cost
     ``num_probes * lanczos_steps`` products.
+
+    Args:
+        A: a symmetric operator ``(n, n)``.
+        num_probes: the number of Rademacher probes.
+        lanczos_steps: Lanczos steps (``"slq"``) or Chebyshev moments (``"kpm"``) per probe.
+        grid: the points at which the density is evaluated (default: ``num_points`` points
+            covering the estimated spectrum).
+        num_points: the size of the default grid.
+        sigma: the Gaussian width for ``"slq"``.
+        generator: the random generator of the probes (``None``: torch's global one).
+        method: ``"slq"`` or ``"kpm"``.
+        bounds: ``(lo, hi)`` enclosing the spectrum, for ``"kpm"``.
+
+    Returns:
+        ``(grid, density)``, two ``[num_points]`` tensors (or the shape of ``grid``).
     """
     require_square(A, "spectral_density")
     if method == "kpm":
         return _kpm(A, num_probes, lanczos_steps, grid, num_points, generator, bounds)
     if method != "slq":
         raise ValueError(f"method must be 'slq' or 'kpm', got {method!r}")
+    return _slq(A, num_probes, lanczos_steps, grid, num_points, sigma, generator)
+
+
+def _slq(
+    A: Any,
+    num_probes: int,
+    lanczos_steps: int,
+    grid: Tensor | None,
+    num_points: int,
+    sigma: float | None,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor]:
+    """Stochastic Lanczos quadrature for :func:`spectral_density`: ``(grid, density)``."""
     n = A.shape[0]
     dtype = getattr(A, "dtype", torch.float64)
     device = getattr(A, "device", torch.device("cpu"))

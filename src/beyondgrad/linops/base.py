@@ -101,7 +101,14 @@ class LinearOperator:
         return self if self.symmetric else _Transposed(self)
 
     def to_dense(self, chunk: int = 256) -> Tensor:
-        """The matrix, built from products with identity blocks (small problems)."""
+        """The matrix, built from products with identity blocks (small problems).
+
+        Args:
+            chunk: identity columns per product (memory vs. number of passes).
+
+        Returns:
+            The dense matrix of the operator's shape, dtype and device.
+        """
         n = self.shape[1]
         cols = []
         for start in range(0, n, chunk):
@@ -191,7 +198,12 @@ class _Transposed(LinearOperator):
 
 
 class DenseOperator(LinearOperator):
-    """A matrix as an operator (tests, small problems)."""
+    """A matrix as an operator (tests, small problems).
+
+    Args:
+        matrix: ``[m, n]``.
+        symmetric: whether the matrix is symmetric (default: checked with ``allclose``).
+    """
 
     def __init__(self, matrix: Tensor, symmetric: bool | None = None):
         super().__init__(tuple(matrix.shape), matrix.dtype, matrix.device)  # type: ignore[arg-type]
@@ -208,7 +220,17 @@ class DenseOperator(LinearOperator):
 class SolverInverse(LinearOperator):
     """``(A + damping I)^{-1}`` for a symmetric operator ``A``, its products computed by
     :class:`beyondgrad.linalg.InverseOperator` (``"cg"``/``"minres"`` column by column, or a
-    truncated Neumann series). Returned by :meth:`LinearOperator.inverse`."""
+    truncated Neumann series). Returned by :meth:`LinearOperator.inverse`.
+
+    Args:
+        A: a square symmetric operator.
+        damping: added to the diagonal of ``A``.
+        method: ``"cg"``, ``"minres"`` or ``"neumann"``.
+        **kwargs: solver options, see :class:`beyondgrad.linalg.InverseOperator`.
+
+    Raises:
+        ValueError: ``A`` is not square and symmetric.
+    """
 
     symmetric = True
 

@@ -162,7 +162,31 @@ class _KeptBatchState:
 
 
 class CurvatureOperator(_KeptBatchState, LinearOperator):
-    """Base of the data-set curvature operators (see the module docstring)."""
+    """Base of the data-set curvature operators (see the module docstring).
+
+    Args:
+        model: the model (in eval mode unless ``allow_train_mode``).
+        loss_fn: a supported loss module; its reduction sets the batch weights.
+        data: a re-iterable collection of ``(X, y)`` batches (a list, a ``DataLoader``),
+            read once per product.
+        params: the trainable parameter names the operator acts on (default: all, in
+            ``model.named_parameters()`` order); ``P`` is their total size.
+        num_data: the data-set size in ``R_D = 1/num_data`` (default: counted in a first
+            pass).
+        progressbar: show a ``tqdm`` bar for each pass over the data.
+        allow_train_mode: accept modules in training mode (batch statistics, dropout),
+            which make the curvature depend on the batching and random draws.
+        batch_size_fn: ``X -> N_b`` where the first tensor leaf of ``X`` does not lead with
+            the sample axis.
+        cache_batches: how many leading batches keep their state inside
+            :meth:`repeated_products` (``None``: all).
+
+    Raises:
+        KeyError: unknown or frozen parameter names.
+        ValueError: no parameter selected.
+        RuntimeError: a module behaves differently per batch in training mode (dropout,
+            batch norm) and ``allow_train_mode`` is false.
+    """
 
     symmetric = True
 
@@ -546,7 +570,16 @@ class Jacobian(_JacobianProducts, _KeptBatchState, LinearOperator):
     its transpose). The data must be iterated in a fixed order (not a shuffled loader): the
     first pass records the output sizes, and every product checks them. Inside
     :meth:`repeated_products` each of the first ``cache_batches`` batches keeps its forward
-    graph (and, once ``J @ V`` was asked, the vjp graph it differentiates)."""
+    graph (and, once ``J @ V`` was asked, the vjp graph it differentiates).
+
+    Args:
+        model: the model.
+        data: a re-iterable collection of ``(X, y)`` batches in a fixed order.
+        params: the trainable parameter names (default: all, in
+            ``model.named_parameters()`` order).
+        cache_batches: how many leading batches keep their graphs inside
+            :meth:`repeated_products` (``None``: all).
+    """
 
     symmetric = False
 

@@ -64,6 +64,7 @@ class DataSet:
         batch_size_fn: ``X -> N_b``; default: the leading length of the first tensor leaf.
         passes: ``"many"`` (the consumer iterates the data once per product: a one-shot
             iterator raises) or ``"one"`` (one streaming pass).
+        who: the consumer's name, used in error messages.
 
     Raises:
         TypeError: a one-shot iterator for ``passes="many"``.

@@ -146,7 +146,22 @@ class Diagonal(StructuredOperator):
         """A diagonal quantity (``DiagGGN``, ``DiagGGN(mc_samples=M)``, ``DiagHessian``)
         summed over the batches of ``data`` (streamed once) with the data-set weights of
         :class:`~beyondgrad.linops.CurvatureOperator`, over ``params`` (default: all
-        trainable parameters)."""
+        trainable parameters).
+
+        Args:
+            model: the model.
+            loss_fn: a supported loss module; its reduction sets the batch weights.
+            data: an iterable of ``(X, y)`` batches, read once (a one-shot iterator works
+                with ``num_data``).
+            quantity: the engine quantity giving a parameter-shaped diagonal per batch.
+            params: parameter names (default: all trainable ones).
+            num_data: the data-set size (default: counted in the pass).
+            generator: the random generator of MC quantities.
+
+        Returns:
+            A :class:`Diagonal` ``[P]`` of the data-set loss ``R_D * sum_n l_n`` (``R_D =
+            1/num_data`` for a mean, 1 for a sum), flattened in ``params`` order.
+        """
         names = params or [n for n, p in model.named_parameters() if p.requires_grad]
         ds = DataSet(data, loss_fn, num_data, passes="one", who="Diagonal.from_engine")
         total: dict[str, Tensor] = {}
@@ -316,7 +331,14 @@ class BlockDiagonal(StructuredOperator):
         return out
 
     def inverse(self, damping: float = 0.0) -> BlockDiagonal:  # type: ignore[override]
-        """The block-wise inverses, in the same layout."""
+        """The block-wise inverses, in the same layout.
+
+        Args:
+            damping: added to every block's diagonal before inverting.
+
+        Returns:
+            A :class:`BlockDiagonal` of the blocks' ``(block + damping I)^{-1}``.
+        """
         inverses = [op.inverse(damping) for op in self.operators]
         return BlockDiagonal(list(zip(self.indices, inverses)), self.shape[0])
 

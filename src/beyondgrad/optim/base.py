@@ -121,7 +121,14 @@ class CurvatureOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group (only while constructing: a group added later is not routed).
-        Deprecated keys (``T``) are renamed with a ``DeprecationWarning``."""
+        Deprecated keys (``T``) are renamed with a ``DeprecationWarning``.
+
+        Args:
+            param_group: a ``torch.optim`` param group (``{"params": [...], **settings}``).
+
+        Raises:
+            RuntimeError: called after construction.
+        """
         if getattr(self, "_groups_complete", False):
             raise RuntimeError(
                 f"{type(self).__name__}: give every param group to the constructor (a group "
@@ -217,7 +224,15 @@ class CurvatureOptimizer(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
-        """One update of every parameter (preconditioned ones and the AdamW fallback)."""
+        """One update of every parameter (preconditioned ones and the AdamW fallback).
+
+        Args:
+            closure: re-evaluates the model and returns the loss (called with gradients
+                enabled); optional, as in ``torch.optim``.
+
+        Returns:
+            What ``closure`` returned, else ``None``.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():

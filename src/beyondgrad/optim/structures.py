@@ -43,35 +43,84 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class Structure:
-    """Base: a dense ``n x n`` matrix stored as is (subclasses override the storage)."""
+    """Base: a dense ``n x n`` matrix stored as is (subclasses override the storage).
+
+    The methods take the compact storage ``t`` of a matrix ``K`` (what :meth:`eye`,
+    :meth:`project` and :meth:`mul` return) and its size ``n``.
+
+    Args:
+        name: the structure's name, as accepted by :func:`structure`.
+    """
 
     name: str = "dense"
 
     # -- storage ------------------------------------------------------------------------------
     def eye(self, n: int, dtype: torch.dtype, device: torch.device | str | None = None) -> Tensor:
-        """The ``n x n`` identity in this structure's storage."""
+        """The ``n x n`` identity in this structure's storage.
+
+        Args:
+            n: the matrix size.
+            dtype: the storage dtype.
+            device: the storage device.
+        """
         return self.project(torch.eye(n, dtype=dtype, device=device))
 
     def to_dense(self, t: Tensor, n: int) -> Tensor:
-        """The stored matrix ``t`` as a dense ``[n, n]`` tensor."""
+        """The stored matrix ``t`` as a dense ``[n, n]`` tensor.
+
+        Args:
+            t: the storage of ``K``.
+            n: the matrix size.
+        """
         return t
 
     def project(self, M: Tensor) -> Tensor:
-        """The orthogonal projection of a dense ``[n, n]`` matrix onto the pattern."""
+        """The orthogonal projection of a dense ``[n, n]`` matrix onto the pattern.
+
+        Args:
+            M: a dense ``[n, n]`` matrix.
+
+        Returns:
+            The storage of the projection (entries outside the pattern dropped).
+        """
         return M.clone()
 
     # -- algebra ------------------------------------------------------------------------------
     def mul(self, s: Tensor, t: Tensor, n: int) -> Tensor:
-        """``S @ T`` (in the structure, because the pattern is closed under products)."""
+        """``S @ T`` (in the structure, because the pattern is closed under products).
+
+        Args:
+            s: the storage of ``S``.
+            t: the storage of ``T``.
+            n: the matrix size.
+
+        Returns:
+            The storage of ``S @ T``.
+        """
         return self.project(self.to_dense(s, n) @ self.to_dense(t, n))
 
     def matmul(self, t: Tensor, X: Tensor, transpose: bool = False) -> Tensor:
-        """``K @ X`` (or ``K^T @ X``) for a dense ``X [n, k]``."""
+        """``K @ X`` (or ``K^T @ X``) for a dense ``X [n, k]``.
+
+        Args:
+            t: the storage of ``K``.
+            X: a dense ``[n, k]`` tensor (its dtype is kept).
+            transpose: multiply by ``K^T`` instead.
+
+        Returns:
+            A dense ``[n, k]`` tensor.
+        """
         K = self.to_dense(t, X.shape[0]).to(X.dtype)
         return (K.T if transpose else K) @ X
 
     def apply(self, t: Tensor, X: Tensor, transpose: bool = False) -> Tensor:
-        """Deprecated name of :meth:`matmul`."""
+        """Deprecated name of :meth:`matmul` (warns with a ``DeprecationWarning``).
+
+        Args:
+            t: the storage of ``K``.
+            X: a dense ``[n, k]`` tensor.
+            transpose: multiply by ``K^T`` instead.
+        """
         warnings.warn(
             "Structure.apply is deprecated; use Structure.matmul (same arguments)",
             DeprecationWarning,
@@ -80,7 +129,16 @@ class Structure:
         return self.matmul(t, X, transpose)
 
     def inner(self, t: Tensor, n: int, S: Tensor | None = None) -> Tensor:
-        """``project(K^T S K)`` for a symmetric ``S [n, n]``; ``S=None`` means ``I``."""
+        """``project(K^T S K)`` for a symmetric ``S [n, n]``; ``S=None`` means ``I``.
+
+        Args:
+            t: the storage of ``K``.
+            n: the matrix size.
+            S: a dense symmetric ``[n, n]`` matrix, or ``None``.
+
+        Returns:
+            The storage of the projection.
+        """
         K = self.to_dense(t, n)
         M = K.T @ K if S is None else K.T @ S.to(K.dtype) @ K
         return self.project(M)
@@ -90,11 +148,21 @@ class Structure:
         return self.project(X @ X.T)
 
     def trace(self, t: Tensor, n: int) -> Tensor:
-        """``tr(K)`` (a 0-d tensor)."""
+        """``tr(K)`` (a 0-d tensor).
+
+        Args:
+            t: the storage of ``K``.
+            n: the matrix size.
+        """
         return torch.diagonal(self.to_dense(t, n)).sum()
 
     def frobenius(self, t: Tensor, n: int) -> Tensor:
-        """``||K||_F`` in float32 (a 0-d tensor)."""
+        """``||K||_F`` in float32 (a 0-d tensor).
+
+        Args:
+            t: the storage of ``K``.
+            n: the matrix size.
+        """
         return torch.linalg.matrix_norm(self.to_dense(t, n).float())
 
     def numel(self, n: int) -> int:

@@ -70,7 +70,17 @@ class Quantity:
     def prepare(self, graph: Backprop, loss: Tensor, output: Tensor, names: dict[int, str]) -> Any:
         """Optional work on the live graph before the engine's main backward pass (e.g. the
         residual terms of the Hessian diagonal). Whatever it returns reaches :meth:`compute`
-        as ``prepared``. Default: nothing."""
+        as ``prepared``. Default: nothing.
+
+        Args:
+            graph: the recorded graph of the batch.
+            loss: the scalar loss (its graph is retained).
+            output: the model output.
+            names: ``{id(parameter): name}``.
+
+        Returns:
+            Anything; passed to :meth:`compute` as ``prepared``.
+        """
         return None
 
     def reduce(self, form: Form, ctx: ReduceContext, out: Tensor | None = None) -> Tensor:
@@ -109,7 +119,17 @@ class Quantity:
     def compute_separately(
         self, model: nn.Module, loss_fn: nn.Module, X: Any, y: Tensor
     ) -> dict[str, Tensor]:
-        """For :attr:`separate_pass` quantities: the values from their own pass."""
+        """For :attr:`separate_pass` quantities: the values from their own pass.
+
+        Args:
+            model: the model.
+            loss_fn: the loss module.
+            X: the input batch.
+            y: the targets.
+
+        Returns:
+            ``{parameter name: tensor}``, as :meth:`compute` would return.
+        """
         raise NotImplementedError
 
 

@@ -42,19 +42,49 @@ class Curvature(Quantity):
 @dataclass(frozen=True)
 class DiagGGN(Curvature):
     """Diagonal of the GGN (exact, ``mc_samples=None``) or of the MC Fisher, parameter-shaped:
-    ``sum_{n,k} g_{k,n}^2`` for the backpropagated vectors ``k`` (reduction included)."""
+    ``sum_{n,k} g_{k,n}^2`` for the backpropagated vectors ``k`` (reduction included).
+
+    Args:
+        mc_samples: ``None`` for the exact GGN, else the number ``M`` of sampled labels per
+            sample (MC Fisher).
+        max_vectors: exact mode refuses samples with more model outputs than this.
+    """
 
     per_sample: ClassVar[bool] = False
 
     def reduce(self, form: Form, ctx: ReduceContext, out: Tensor | None = None) -> Tensor:
-        """Sum of squared rows."""
+        """Sum of squared rows over the backpropagated vectors and samples.
+
+        Args:
+            form: the parameter's form (whole batch).
+            ctx: batch size and loss reduction (unused).
+            out: ignored; a new tensor is returned.
+
+        Returns:
+            Parameter-shaped diagonal ``sum_{n,k} g_{k,n}^2``.
+        """
         return form.sum_grad_squared()
 
 
 @dataclass(frozen=True)
 class BatchDiagGGN(Curvature):
-    """Per-sample GGN (or MC Fisher) diagonals, ``[N, *shape]``; they sum to :class:`DiagGGN`."""
+    """Per-sample GGN (or MC Fisher) diagonals, ``[N, *shape]``; they sum to :class:`DiagGGN`.
+
+    Args:
+        mc_samples: ``None`` for the exact GGN, else the number ``M`` of sampled labels per
+            sample (MC Fisher).
+        max_vectors: exact mode refuses samples with more model outputs than this.
+    """
 
     def reduce(self, form: Form, ctx: ReduceContext, out: Tensor | None = None) -> Tensor:
-        """Per sample, the sum of its squared rows."""
+        """Per sample, the sum of its squared rows.
+
+        Args:
+            form: the parameter's form (restricted to the subsample).
+            ctx: batch size and loss reduction (unused).
+            out: ignored; a new tensor is returned.
+
+        Returns:
+            ``[N, *shape]``; summed over ``N`` it is :class:`DiagGGN`.
+        """
         return form.batch_sum_grad_squared()

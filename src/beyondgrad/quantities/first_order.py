@@ -27,13 +27,31 @@ class Grad(Quantity):
         return Needs(gradient=True)
 
     def reduce(self, form: Form, ctx: ReduceContext, out: Tensor | None = None) -> Tensor:
-        """The sum of the form's rows."""
+        """The sum of the form's rows: the parameter's gradient.
+
+        Args:
+            form: the parameter's form (whole batch).
+            ctx: batch size and loss reduction (unused).
+            out: ignored; a new tensor is returned.
+
+        Returns:
+            Parameter-shaped tensor, on the loss's scale (reduction included).
+        """
         return form.grad()
 
     def compute(
         self, stats: Statistics, prepared: Any = None, out: dict[str, Tensor] | None = None
     ) -> dict[str, Any]:
-        """``{name: gradient}`` for every served parameter (zeros where unreached)."""
+        """``{name: gradient}`` for every served parameter (zeros where unreached).
+
+        Args:
+            stats: the engine's statistics of the batch (its autograd gradients).
+            prepared: unused.
+            out: unused.
+
+        Returns:
+            ``{parameter name: parameter-shaped gradient}`` over the whole batch.
+        """
         return {name: stats.gradient(name) for name in stats.parameters}
 
 
@@ -45,7 +63,16 @@ class BatchGrad(Quantity):
     reuses_out: ClassVar[bool] = True
 
     def reduce(self, form: Form, ctx: ReduceContext, out: Tensor | None = None) -> Tensor:
-        """The form's rows."""
+        """The form's rows: the per-sample gradients.
+
+        Args:
+            form: the parameter's form (restricted to the subsample).
+            ctx: batch size and loss reduction (unused).
+            out: a ``[N, *shape]`` tensor of a previous result the rows may be written into.
+
+        Returns:
+            ``[N, *shape]`` (``N``: the (sub)samples); they sum to the gradient.
+        """
         return form.batch_grad(out)
 
 
@@ -56,7 +83,16 @@ class BatchL2(Quantity):
     per-sample gradients where that is cheaper (Gram trick)."""
 
     def reduce(self, form: Form, ctx: ReduceContext, out: Tensor | None = None) -> Tensor:
-        """Squared row norms."""
+        """Squared row norms.
+
+        Args:
+            form: the parameter's form (restricted to the subsample).
+            ctx: batch size and loss reduction (unused).
+            out: ignored; a new tensor is returned.
+
+        Returns:
+            ``[N]``, the squared L2 norm of each per-sample gradient of this parameter.
+        """
         return form.batch_l2()
 
 
@@ -65,7 +101,16 @@ class BatchDot(Quantity):
     """Inner products ``<g_n, g_m>`` of per-sample gradients of each parameter, ``[N, N]``."""
 
     def reduce(self, form: Form, ctx: ReduceContext, out: Tensor | None = None) -> Tensor:
-        """The Gram matrix of the rows."""
+        """The Gram matrix of the rows.
+
+        Args:
+            form: the parameter's form (restricted to the subsample).
+            ctx: batch size and loss reduction (unused).
+            out: ignored; a new tensor is returned.
+
+        Returns:
+            ``[N, N]`` with entries ``<g_n, g_m>``.
+        """
         return form.batch_dot()
 
 
@@ -76,7 +121,16 @@ class SumGradSquared(Quantity):
     ``R sum_n (grad l_n)^2`` (KFAC-tutorial convention)."""
 
     def reduce(self, form: Form, ctx: ReduceContext, out: Tensor | None = None) -> Tensor:
-        """Sum of squared rows."""
+        """Sum of squared rows.
+
+        Args:
+            form: the parameter's form (restricted to the subsample).
+            ctx: batch size and loss reduction (unused).
+            out: ignored; a new tensor is returned.
+
+        Returns:
+            Parameter-shaped ``sum_n g_n ** 2`` (element-wise).
+        """
         return form.sum_grad_squared()
 
 
@@ -93,7 +147,17 @@ class Variance(Quantity):
     """
 
     def reduce(self, form: Form, ctx: ReduceContext, out: Tensor | None = None) -> Tensor:
-        """Centred second moment of the rows (one vector per sample)."""
+        """Centred second moment of the rows (one vector per sample), computed from the
+        rows minus their mean (no cancellation; in chunks when the rows are not materialized).
+
+        Args:
+            form: the parameter's form (restricted to the subsample).
+            ctx: batch size ``N`` and loss reduction (sets ``c``).
+            out: ignored; a new tensor is returned.
+
+        Returns:
+            Parameter-shaped biased variance (see the class docstring for ``c``).
+        """
         c = float(ctx.num_samples) if ctx.reduction == "mean" else 1.0
         S = form.num_samples
         mean = form.grad() / S

@@ -360,7 +360,16 @@ class DiagHessian(Quantity):
         return self.method == "hesscale"
 
     def reduce(self, form: Form, ctx: ReduceContext, out: Tensor | None = None) -> Tensor:
-        """The GGN part; :meth:`compute` adds the residual terms."""
+        """The GGN part; :meth:`compute` adds the residual terms.
+
+        Args:
+            form: the parameter's form (whole batch).
+            ctx: batch size and loss reduction (unused).
+            out: ignored; a new tensor is returned.
+
+        Returns:
+            Parameter-shaped GGN diagonal.
+        """
         return form.sum_grad_squared()
 
     def prepare(
@@ -368,7 +377,17 @@ class DiagHessian(Quantity):
     ) -> dict[str, Tensor]:
         """Per parameter name, the residual part of the Hessian diagonal (the signed squared
         gradients of the one-hot vectors of every element-wise nonlinearity), computed on the
-        live graph before the engine's main backward pass."""
+        live graph before the engine's main backward pass.
+
+        Args:
+            graph: the recorded graph of the batch.
+            loss: the scalar loss (its graph is retained).
+            output: the model output.
+            names: ``{id(parameter): name}``.
+
+        Returns:
+            ``{parameter name: parameter-shaped residual}`` (empty without nonlinearities).
+        """
         params = {id(p) for u, _ in graph.calls for p in u.params.values()}
         sites = residual_sites(output, params, graph.locate)
         if not sites:
@@ -405,7 +424,16 @@ class DiagHessian(Quantity):
     def compute(
         self, stats: Statistics, prepared: Any = None, out: dict | None = None
     ) -> dict[str, Any]:
-        """GGN diagonal plus the residual terms."""
+        """GGN diagonal plus the residual terms.
+
+        Args:
+            stats: the engine's statistics (exact loss-Hessian forms).
+            prepared: the residuals from :meth:`prepare`.
+            out: unused.
+
+        Returns:
+            ``{parameter name: parameter-shaped Hessian diagonal}``.
+        """
         values = super().compute(stats)
         for name, value in (prepared or {}).items():
             if name in values:
@@ -415,5 +443,15 @@ class DiagHessian(Quantity):
     def compute_separately(
         self, model: nn.Module, loss_fn: nn.Module, X: Any, y: Tensor
     ) -> dict[str, Tensor]:
-        """HesScale."""
+        """The HesScale approximation, from its own pass.
+
+        Args:
+            model: an ``nn.Sequential`` of Linear/Tanh/Sigmoid/ReLU/Flatten.
+            loss_fn: the loss module.
+            X: the input batch.
+            y: the targets.
+
+        Returns:
+            ``{parameter name: parameter-shaped diagonal estimate}``.
+        """
         return hesscale(model, loss_fn, X, y)

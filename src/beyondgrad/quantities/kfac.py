@@ -79,7 +79,17 @@ class KFAC(Quantity):
     def compute(
         self, stats: Statistics, prepared: Any = None, out: dict | None = None
     ) -> dict[str, Any]:
-        """``{module name: KroneckerFactors | DiagonalFactors}``."""
+        """``{module name: KroneckerFactors | DiagonalFactors}``.
+
+        Args:
+            stats: the engine's statistics (Kronecker sums and forms per module).
+            prepared: unused.
+            out: unused.
+
+        Returns:
+            One block per module with parameters that the loss reaches (Kronecker layers, and
+            the others if ``diagonal_fallback``).
+        """
         blocks: dict[str, Any] = {}
         for module in stats.modules:
             if stats.has_kronecker(module):
@@ -91,7 +101,18 @@ class KFAC(Quantity):
         return blocks
 
     def factors(self, sums: KronStats, stats: Statistics, module: str) -> KroneckerFactors:
-        """Normalize raw Kronecker sums into this quantity's factors for ``module``."""
+        """Normalize raw Kronecker sums into this quantity's factors for ``module``.
+
+        Args:
+            sums: the raw sums of one module: ``A_sum`` over ``count`` rows, ``B_sum`` over
+                the backpropagated vectors.
+            stats: the batch's statistics (reduction factor ``R``, sample count, parameters).
+            module: the module name.
+
+        Returns:
+            The factors: ``A = A_sum / count``; ``B = B_sum`` on the loss's scale (divided
+            by ``R`` for ``"empirical"``, the identity for ``"forward-only"``).
+        """
         R, N = stats.reduction_factor, stats.num_samples
         local = stats.module_parameters(module)
         A = sums.A_sum / sums.count

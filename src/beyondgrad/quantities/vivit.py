@@ -27,7 +27,17 @@ from .curvature import Curvature
 
 @dataclass
 class GGNEigenResult:
-    """Eigenpairs of the GGN of one parameter group (eigenvalues descending)."""
+    """Eigenpairs of the GGN of one parameter group (eigenvalues descending).
+
+    Args:
+        eigenvalues: ``[k]``, descending, all positive (null directions are dropped).
+        eigenvectors: ``{parameter name: [k, *shape]}``; row ``j`` of every entry together
+            is the unit eigenvector ``e_j``.
+        first_derivatives: ``[N, k]``, ``<g_n, e_j>`` for the per-sample gradients ``g_n``
+            (reduction included, so they sum to ``<grad, e_j>``).
+        second_derivatives: ``[N, k]``, ``e_j^T G_n e_j`` for the per-sample GGNs ``G_n``
+            (they sum to ``lambda_j``).
+    """
 
     eigenvalues: Tensor  # [k]
     eigenvectors: dict[str, Tensor]  # name -> [k, *shape]
@@ -40,7 +50,14 @@ class GGNEigenResult:
         return self.first_derivatives.sum(0)
 
     def newton_step(self, damping: float = 0.0) -> dict[str, Tensor]:
-        """``-sum_j <grad, e_j> / (lambda_j + damping) e_j`` per parameter."""
+        """The damped Newton step in the eigenbasis, per parameter.
+
+        Args:
+            damping: added to every eigenvalue; ``eigenvalues + damping`` must be positive.
+
+        Returns:
+            ``{name: -sum_j <grad, e_j> / (lambda_j + damping) e_j}``, parameter-shaped.
+        """
         denom = self.eigenvalues + damping
         if bool((denom <= 0).any()):
             raise ValueError("eigenvalues + damping must be positive")
@@ -81,10 +98,24 @@ def ggn_eigen(
 class SqrtGGN(Curvature):
     """The GGN factor ``V`` with ``GGN = V V^T`` (the basis of ViViT), per parameter
     ``[K, N, *shape]``: K = outputs per sample (exact) or ``mc_samples`` (MC). Flattening the
-    first two axes and the parameters, ``V^T V`` is the Gram matrix of the GGN."""
+    first two axes and the parameters, ``V^T V`` is the Gram matrix of the GGN.
+
+    Args:
+        mc_samples: ``None`` for the exact GGN, else sampled labels per sample (MC Fisher).
+        max_vectors: exact mode refuses samples with more model outputs than this.
+    """
 
     def reduce(self, form: Form, ctx: ReduceContext, out: Tensor | None = None) -> Tensor:
-        """The rows, split into vectors and samples."""
+        """The rows, split into vectors and samples.
+
+        Args:
+            form: the parameter's form (restricted to the subsample).
+            ctx: batch size and loss reduction (unused).
+            out: ignored; a new tensor is returned.
+
+        Returns:
+            ``[K, N, *shape]``: ``K`` vectors per sample (outputs, or ``mc_samples``).
+        """
         return form.batch_grad().reshape(form.vectors, form.num_samples, *form.shape)
 
 
@@ -99,6 +130,12 @@ class GGNEigen(Curvature):
     ``"model"``; groups are keyed ``"group0"``, ...). With ``subsampling`` (and MC) the GGN is
     that of the selected samples' rows (unchanged scale): a cheaper approximation. The result
     maps each group key to a ``GGNEigenResult``.
+
+    Args:
+        mc_samples: ``None`` for the exact GGN, else sampled labels per sample (MC Fisher).
+        max_vectors: exact mode refuses samples with more model outputs than this.
+        top_k: number of leading eigenpairs kept.
+        param_groups: the parameter-name groups, one eigenproblem each.
     """
 
     top_k: int | None = None
@@ -116,7 +153,20 @@ class GGNEigen(Curvature):
     def compute(
         self, stats: Statistics, prepared: Any = None, out: dict | None = None
     ) -> dict[str, GGNEigenResult]:
-        """One :class:`GGNEigenResult` per parameter group."""
+        """One :class:`GGNEigenResult` per parameter group.
+
+        Args:
+            stats: the engine's statistics (curvature and loss-gradient forms).
+            prepared: unused.
+            out: unused.
+
+        Returns:
+            ``{"model": result}``, or ``{"group0": ..., "group1": ...}`` with ``param_groups``.
+
+        Raises:
+            KeyError: a group names an unknown parameter.
+            ValueError: no parameter of a group reaches the loss.
+        """
         served = stats.parameters
         groups = self.param_groups or (tuple(served),)
         result: dict[str, GGNEigenResult] = {}
