@@ -165,7 +165,22 @@ class Plan:
 
 
 class Session:
-    """Returned by :func:`capture`; see there."""
+    """Returned by :func:`capture`; see there. Records the forward pass while the block is
+    open; :meth:`compute` (or :meth:`statistics`) then backpropagates once.
+
+    Args:
+        model: any ``nn.Module``.
+        loss_fn: a supported loss module (see ``bg.SUPPORTED_LOSSES``).
+        quantities: the quantity instances to compute (checked by :func:`capture`).
+        subsampling: sample indices for per-sample quantities (``None``: all samples).
+        generator: the random generator of Monte-Carlo vectors (``None``: torch's global one).
+        vectors: extra vector kinds to backpropagate for :meth:`statistics` (e.g.
+            ``[("mc", 1)]``) when no quantity asks for them.
+        max_vectors: the limit on exact vectors per sample for ``vectors``.
+        per_sample: the statistics will be read per sample (subsampling applies, and models
+            that couple their samples raise :class:`SamplesCoupledError`); set anyway when a
+            quantity is per-sample.
+    """
 
     def __init__(
         self,
@@ -265,7 +280,15 @@ class Session:
 
     def statistics(self, loss: Tensor, retain_graph: bool = False) -> Statistics:
         """Backpropagate once and return the engine's :class:`Statistics` (no quantity is
-        reduced; :meth:`compute` does both)."""
+        reduced; :meth:`compute` does both).
+
+        Args:
+            loss: the tensor ``loss_fn`` returned inside the capture block.
+            retain_graph: keep the forward graph so that ``loss.backward()`` can still run.
+
+        Returns:
+            The :class:`Statistics` of the batch (forms and Kronecker sums built lazily).
+        """
         return self._run(loss, retain_graph)[0]
 
     def compute(
