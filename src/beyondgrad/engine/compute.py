@@ -12,7 +12,7 @@ from torch.utils._pytree import tree_flatten
 
 from .backprop import VectorKind
 from .capture import check_not_meta, plan_layers
-from .coupling import samples_coupled
+from .coupling import COUPLED_MESSAGE, samples_coupled
 from .losses import check_loss_fn
 from .result import Result
 from .samples import ShapeRecorder, is_probed, probe_size, remember_probe
@@ -138,15 +138,15 @@ def _compute(
     if check_samples and needs_independent_samples(quantities):
         check_samples_independent(model)  # modules first: their error names the module
         if _probe_coupling(model, X, y.shape[0]):
-            raise SamplesCoupledError(
-                "the model couples its samples: the output of one sample changes when another "
-                "sample of the batch changes (found by running the model on two samples, "
-                "e.g. `h - h.mean(0)`, `.item()` of a batch statistic, attention across the "
-                "batch). Per-sample quantities (and reductions of per-sample rows, e.g. "
-                "DiagGGN) are undefined; the gradient (bg.Grad) and KFAC remain available."
-            )
+            raise SamplesCoupledError(COUPLED_MESSAGE)
     with capture(
-        model, loss_fn, *quantities, subsampling=subsampling, generator=generator, vectors=vectors
+        model,
+        loss_fn,
+        *quantities,
+        subsampling=subsampling,
+        generator=generator,
+        vectors=vectors,
+        check_samples=False,  # probed above, before the session
     ) as session:
         loss = loss_fn(call_model(model, X), y)
     result = session.compute(loss, out=out)

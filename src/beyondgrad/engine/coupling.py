@@ -102,6 +102,15 @@ def _tolerance(dtype: torch.dtype) -> float:
     return min(1000 * torch.finfo(dtype).eps, 1e-2) if dtype.is_floating_point else 0.0
 
 
+COUPLED_MESSAGE = (
+    "the model couples its samples: the output of one sample changes when another "
+    "sample of the batch changes (found by running the model on two samples, "
+    "e.g. `h - h.mean(0)`, `.item()` of a batch statistic, attention across the "
+    "batch). Per-sample quantities (and reductions of per-sample rows, e.g. "
+    "DiagGGN) are undefined; the gradient (bg.Grad) and KFAC remain available."
+)
+
+
 def samples_coupled(
     model: nn.Module,
     X: Any,

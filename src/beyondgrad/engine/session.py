@@ -20,7 +20,7 @@ from ..rules import generic_forms, uses_batch_statistics
 from .attribution import attribute, check_no_reentrant_checkpoint, node_kinds
 from .backprop import GRAD, Backprop, CallGradients, VectorKind, backprop_vectors, check_finite
 from .capture import Call, Layer, Recorder, plan_layers, replaying
-from .coupling import BATCH_NORM_NODES, coupling_node
+from .coupling import BATCH_NORM_NODES, COUPLED_MESSAGE, coupling_node, samples_coupled
 from .losses import (
     check_loss_fn,
     check_target,
@@ -180,6 +180,8 @@ class Session:
         per_sample: the statistics will be read per sample (subsampling applies, and models
             that couple their samples raise :class:`SamplesCoupledError`); set anyway when a
             quantity is per-sample.
+        check_samples: probe the recorded forward for samples coupled by any op when
+            per-sample rows are read (see :func:`capture`).
     """
 
     def __init__(
@@ -192,8 +194,10 @@ class Session:
         vectors: Sequence[VectorKind] = (),
         max_vectors: int = 256,
         per_sample: bool = False,
+        check_samples: bool = True,
     ):
         self.model, self.loss_fn, self.quantities = model, loss_fn, quantities
+        self.check_samples = check_samples
         self.subsampling, self.generator = subsampling, generator
         self.plan = Plan(quantities, vectors, max_vectors)
         self.per_sample = per_sample or any(q.per_sample for q in quantities)
@@ -329,6 +333,7 @@ class Session:
             explain_non_finite_loss(self.loss_fn, output, target)
             raise FloatingPointError(f"the loss is not finite ({loss.item()})")
         N = output.shape[0]
+        self._probe_coupling(N)
         names = {id(p): n for n, p in self.model.named_parameters()}
         plan, watched = self.plan, self.loss_scale is not None
         node_kinds: set[str] = set()
@@ -418,6 +423,19 @@ class Session:
                 "quantities (and reductions of per-sample rows, e.g. DiagGGN) are undefined. "
                 "Use running statistics (training=False) or model.eval()."
             )
+
+    def _probe_coupling(self, N: int) -> None:
+        """The forward probe of :mod:`~beyondgrad.engine.coupling` on the model's recorded
+        arguments, when the statistics will be read per sample: coupling by any op (e.g.
+        ``h - h.mean(0)``) raises :class:`SamplesCoupledError` here too, not only in
+        :func:`~beyondgrad.compute` (which probes before it opens its session)."""
+        if not (self.check_samples and self.independent and self.model_calls.calls):
+            return
+        args, kwargs = self.model_calls.calls[-1]
+        with self.recorder.paused():
+            coupled = samples_coupled(self.model, (args, kwargs), N, _call_with_arguments)
+        if coupled:
+            raise SamplesCoupledError(COUPLED_MESSAGE)
 
     def _calls(self) -> list[tuple[Layer, Call]]:
         calls = [(u, c) for u in self.layers for c in u.calls]
@@ -613,6 +631,10 @@ def _result_tensors(value: Any) -> list[Tensor]:
     return [v.detach() for v in fields.values() if isinstance(v, Tensor) and v.is_floating_point()]
 
 
+def _call_with_arguments(model: nn.Module, arguments: tuple[tuple, dict]) -> Any:
+    return model(*arguments[0], **arguments[1])
+
+
 def _rules_by_name(layers: list[Layer], names: dict[int, str]) -> dict[str, str]:
     rules: dict[str, str] = {}
     for unit in layers:
@@ -657,6 +679,7 @@ def capture(
     vectors: Sequence[VectorKind] = (),
     max_vectors: int = 256,
     per_sample: bool = False,
+    check_samples: bool = True,
 ) -> Iterator[Session]:
     """Record an ordinary forward pass, then compute quantities from its loss::
 
@@ -679,6 +702,10 @@ def capture(
         max_vectors: the limit on exact vectors per sample for ``vectors``.
         per_sample: the statistics will be read per sample (subsampling applies, and
             models that couple their samples raise :class:`SamplesCoupledError`).
+        check_samples: when per-sample rows are read, probe the recorded forward for samples
+            coupled by any op (two extra forward passes on two samples without gradients,
+            buffers and random state restored); ``False`` keeps only the module and graph
+            checks.
 
     The loss must be the tensor ``loss_fn`` returned (not scaled or modified afterwards). Hooks
     are removed when the block exits, also on errors.
@@ -693,6 +720,7 @@ def capture(
         vectors,
         max_vectors,
         per_sample,
+        check_samples,
     )
     session.watch_backward = from_backward
     with session:
