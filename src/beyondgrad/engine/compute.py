@@ -14,7 +14,7 @@ from .backprop import VectorKind
 from .capture import check_not_meta, plan_layers
 from .coupling import COUPLED_MESSAGE, samples_coupled
 from .losses import check_loss_fn
-from .result import Result
+from .result import Result, is_gradient
 from .samples import ShapeRecorder, is_probed, probe_size, remember_probe
 from .session import (
     SamplesCoupledError,
@@ -127,7 +127,7 @@ def _compute(
     vectors: Sequence[VectorKind],
     check_samples: bool,
 ) -> Result:
-    wants_gradient = any(q.needs().gradient and not q.needs().kinds for q in quantities)
+    wants_gradient = any(is_gradient(q) for q in quantities)
     if accumulate_grad and not wants_gradient:
         raise ValueError("accumulate_grad=True needs bg.Grad() among the quantities")
     separate = [q for q in quantities if getattr(q, "separate_pass", False)]

@@ -10,6 +10,12 @@ if TYPE_CHECKING:
     from .stats import Statistics
 
 
+def is_gradient(quantity: Any) -> bool:
+    """Whether ``quantity`` is the plain gradient (it needs the gradient and no vectors)."""
+    needs = quantity.needs()
+    return needs.gradient and not needs.kinds
+
+
 class Result:
     """The requested quantities of one batch.
 
@@ -72,7 +78,7 @@ class Result:
     def grad(self) -> dict[str, Tensor]:
         """The gradient per parameter name (needs ``bg.Grad()``)."""
         for q, value in self._values.items():
-            if q.needs().gradient and not q.needs().kinds:
+            if is_gradient(q):
                 return value
         raise AttributeError("the gradient was not computed: pass bg.Grad() to compute()")
 

@@ -103,6 +103,7 @@ class Statistics:
 
     def __post_init__(self) -> None:
         self._params = dict(self.model.named_parameters())
+        self._names = {id(p): n for n, p in self._params.items()}
         self._layers = {u.name: u for u in self.layers if u.params}
 
     @property
@@ -191,7 +192,7 @@ class Statistics:
 
     def module_parameters(self, module: str) -> dict[str, str]:
         """``{name relative to the module: full parameter name}`` for ``module``."""
-        names = {id(p): n for n, p in self._params.items()}
+        names = self._names
         return {local: names[id(p)] for local, p in self._layers[module].params.items()}
 
     def has_kronecker(self, module: str) -> bool:

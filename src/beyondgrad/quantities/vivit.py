@@ -167,13 +167,14 @@ class GGNEigen(Curvature):
             KeyError: a group names an unknown parameter.
             ValueError: no parameter of a group reaches the loss.
         """
-        served = stats.parameters
-        groups = self.param_groups or (tuple(served),)
+        served = set(stats.parameters)
+        known = {name for name, _ in stats.model.named_parameters()}
+        groups = self.param_groups or (tuple(stats.parameters),)
         result: dict[str, GGNEigenResult] = {}
         for i, group in enumerate(groups):
             curvature, gradient = {}, {}
             for name in group:
-                if name not in served and name not in dict(stats.model.named_parameters()):
+                if name not in known:
                     raise KeyError(f"GGNEigen: unknown parameter {name!r}")
                 c = stats.form(name, self.vectors, True) if name in served else None
                 g = stats.form(name, GRAD, True) if name in served else None
