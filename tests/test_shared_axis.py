@@ -216,3 +216,93 @@ def test_coupling_probe_doubles_as_the_sample_axis_probe(N, T, monkeypatch):
     bg.compute(model, loss_fn, X, y, kfac)
     bg.compute(model, loss_fn, X, y, kfac)
     assert runs == {"axes": 1, "coupling": 1}
+
+
+class _Positions(nn.Module):
+    """Position embeddings as nanoGPT (``arange(T)``) and Hugging Face (``[1, T]``) call them;
+    ``leaky``: the ``[1, T, d]`` output is indexed (``p[0]``), so an expanded view would hand
+    every sample the first sample's copy."""
+
+    def __init__(self, leaky: bool = False, vocab: int = 7, d: int = 5, T: int = 4):
+        super().__init__()
+        self.leaky = leaky
+        self.tok = nn.Embedding(vocab, d)
+        self.wpe = nn.Embedding(T, d)
+        self.hf_pos = nn.Embedding(T, d)
+        self.mix = nn.Linear(d, d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.shape[1])
+        hf = self.hf_pos(pos.unsqueeze(0))
+        x = self.tok(idx) + self.wpe(pos) + (hf[0] if self.leaky else hf)
+        return self.head(torch.tanh(self.mix(x))).transpose(1, 2)
+
+
+def _positions(leaky: bool, N: int = 3, T: int = 4):
+    torch.manual_seed(1)
+    model = _Positions(leaky, T=T).double()
+    X, y = torch.randint(0, 7, (N, T)), torch.randint(0, 7, (N, T))
+    return model, X, y, nn.CrossEntropyLoss()
+
+
+@pytest.mark.parametrize("leaky", [False, True])
+def test_later_calls_expand_shared_outputs_exactly(leaky, monkeypatch):
+    """After the first call has probed the model, shared outputs are handed to the model
+    expanded along the sample axis (no masked pass), unless the expanded view would change
+    what a sample reads (``leaky``); both stay exact."""
+    from beyondgrad.engine import samples, session
+
+    model, X, y, loss_fn = _positions(leaky)
+    ref = reference(model, loss_fn, X, y)
+    ggn_ref = ggn(model, loss_fn, X, y)
+    masked = []
+    original = session.shared_gradients
+    monkeypatch.setattr(
+        session, "shared_gradients", lambda *a: masked.append(1) or original(*a)
+    )
+    qs = [bg.BatchGrad(), bg.BatchL2(), bg.Grad(), bg.DiagGGN(), bg.BatchDiagGGN()]
+    for call in range(2):
+        masked.clear()
+        res = bg.compute(model, loss_fn, X, y, *qs)
+        for q in qs[:3]:
+            assert_close(res[q], ref[type(q).__name__], f"{type(q).__name__} call {call}")
+        assert_close(res[bg.DiagGGN()], diag_ggn(ggn_ref), f"DiagGGN call {call}")
+        assert_close(res[bg.BatchDiagGGN()], batch_diag_ggn(ggn_ref), f"BatchDiag {call}")
+        expected_masked = call == 0 or leaky
+        assert bool(masked) == expected_masked, (call, leaky)
+    expansion = samples.expansion_for(model, (X,), {})
+    assert set(expansion.plan) == ({"wpe"} if leaky else {"wpe", "hf_pos"})
+
+
+def test_expansion_from_backward_and_kronecker_factors_match_masked_pass():
+    """The expanded path (second capture) gives the ordinary-backward statistics and the
+    per-sample Kronecker output factor of the masked pass (first capture)."""
+    model, X, y, loss_fn = _positions(False, N=4, T=4)
+    ref = reference(model, loss_fn, X, y)
+    factors = []
+    for _ in range(2):  # the first capture probes (masked pass), the second expands
+        with bg.capture(model, loss_fn, vectors=[("exact", 0)]) as s:
+            loss = loss_fn(model(X), y)
+        factors.append(s.statistics(loss).kronecker("wpe", ("exact", 0)))
+        with bg.capture(model, loss_fn, bg.BatchL2(), from_backward=True) as s:
+            loss = loss_fn(model(X), y)
+            loss.backward()
+        assert_close(s.compute(loss)[bg.BatchL2()], ref["BatchL2"], "BatchL2 from backward")
+        model.zero_grad()
+    first, second = factors
+    assert first is not None and second is not None
+    torch.testing.assert_close(first.A_sum, second.A_sum)
+    torch.testing.assert_close(first.B_sum, second.B_sum)
+    assert first.count == second.count
+
+
+def test_diag_hessian_keeps_refusing_after_expansion_is_validated():
+    """Quantities that backpropagate from inside the network never get the expanded view:
+    they refuse shared outputs on every call, not only the first."""
+    model, X, y, loss_fn = _positions(False)
+    bg.compute(model, loss_fn, X, y, bg.BatchL2())
+    bg.compute(model, loss_fn, X, y, bg.BatchL2())
+    for _ in range(2):
+        with pytest.raises(NotImplementedError, match="without a sample axis"):
+            bg.compute(model, loss_fn, X, y, bg.DiagHessian())

@@ -130,7 +130,7 @@ class Backprop:
         for (_, c, i), g in zip(self.edges, grads):
             if g is not None:
                 shape = c.edge_shapes[i]
-                out[id(c)][i] = g.view(g.shape[0], *shape) if shape is not None else g
+                out[id(c)][i] = g.reshape(g.shape[0], *shape) if shape is not None else g
         return out
 
     def forms(self, per_call: CallGradients) -> dict[int, list[Form]]:

@@ -41,6 +41,9 @@ class Call:
     input_versions: list[tuple[Tensor, int]]
     problem: str | None = None  # why the recorded call cannot be used exactly (raised lazily)
     axes: Any = None  # engine.samples.CallAxes once probed (None: leading-axis convention)
+    # output leaves handed to the model expanded along a sample axis (engine.samples): their
+    # edges belong to the expanded view, their gradients are viewed as ``[N, *output.shape]``
+    expanded: set[int] = field(default_factory=set)
 
     @property
     def x(self) -> Tensor:
@@ -65,6 +68,15 @@ class Layer:
     @property
     def rule_name(self) -> str:
         return self.rule.name if self.rule is not None else "generic"
+
+
+def expand_shared(y: Tensor, n: int) -> Tensor:
+    """A layer output shared by all samples as a view with a leading sample axis of length
+    ``n``: ``[1, ...]`` expanded in place of its unit axis, any other shape along a new one.
+    The gradient of the view, ``[n, *view.shape[1:]]``, reads as ``[n, *y.shape]``."""
+    if y.ndim > 0 and y.shape[0] == 1:
+        return y.expand(n, *y.shape[1:])
+    return y.unsqueeze(0).expand(n, *y.shape)
 
 
 def check_not_meta(model: nn.Module) -> None:
@@ -137,6 +149,10 @@ class Recorder:
         self.layers = layers
         self.enabled = True
         self._handles: list[Any] = []
+        # shared outputs to hand to the model expanded (engine.samples.Expansion): layer name
+        # -> call index -> output leaves, and the number of samples
+        self.expand: dict[str, dict[int, tuple[int, ...]]] = {}
+        self.expand_samples = 0
 
     def __enter__(self) -> Recorder:
         try:
@@ -194,9 +210,27 @@ class Recorder:
                 result = self._record(unit, call_args, call_kwargs, output)
             if not _hooks_in_order(module, ids, unit.rule is None):
                 self._verify(unit, unit.calls[-1], args, kwargs)
+            if unit.name in self.expand:
+                return self._expand(unit, output if result is None else result)
             return result
 
         return hook
+
+    def _expand(self, unit: Layer, output: Any) -> Any:
+        """Hand the model the planned shared outputs of the latest call as expanded views
+        (:func:`expand_shared`); their gradient edges replace the recorded ones."""
+        call = unit.calls[-1]
+        outs = self.expand[unit.name].get(len(unit.calls) - 1, ())
+        leaves, spec = tree_flatten(output)
+        for i in outs:
+            y = leaves[i]
+            if not isinstance(y, Tensor) or call.edges[i] is None or i >= len(call.outputs):
+                continue
+            leaves[i] = view = expand_shared(y, self.expand_samples)
+            call.edges[i] = get_gradient_edge(view)
+            call.edge_shapes[i] = torch.Size((self.expand_samples, *y.shape))
+            call.expanded.add(i)
+        return tree_unflatten(leaves, spec)
 
     def _verify(self, unit: Layer, call: Call, args: tuple, kwargs: dict) -> None:
         """Replay a call whose hooks ran out of our order; note a mismatch in the call."""

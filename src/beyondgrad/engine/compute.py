@@ -12,10 +12,10 @@ from torch.utils._pytree import tree_flatten
 
 from .backprop import VectorKind
 from .capture import check_not_meta, plan_layers
-from .coupling import COUPLED_MESSAGE, samples_coupled
+from .coupling import COUPLED_MESSAGE, known_coupling, remember_coupling, samples_coupled
 from .losses import check_loss_fn
 from .result import Result, is_gradient
-from .samples import ShapeRecorder, is_probed, probe_size, remember_probe
+from .samples import ShapeRecorder, is_probed, probe_size, remember_probe, signature
 from .session import (
     SamplesCoupledError,
     capture,
@@ -173,12 +173,18 @@ def _probe_coupling(model: nn.Module, X: Any, N: int) -> bool:
     (:mod:`beyondgrad.engine.samples`): the layers' shapes are recorded and cached, so the
     session runs no probe forward of its own (unless these shapes are already cached)."""
     args, kwargs = _model_arguments(X)
+    key = signature(args, kwargs, model.training)
+    known = known_coupling(model, key)
+    if known is not None:
+        return known
     if is_probed(model, args, kwargs):
-        return samples_coupled(model, X, N, call_model)
-    M = probe_size(N)
-    shapes = ShapeRecorder([(u.name, u.module) for u in plan_layers(model)])
-    coupled = samples_coupled(model, X, N, call_model, observe=shapes, size=M)
-    remember_probe(model, args, kwargs, shapes, M)
+        coupled = samples_coupled(model, X, N, call_model)
+    else:
+        M = probe_size(N)
+        shapes = ShapeRecorder([(u.name, u.module) for u in plan_layers(model)])
+        coupled = samples_coupled(model, X, N, call_model, observe=shapes, size=M)
+        remember_probe(model, args, kwargs, shapes, M)
+    remember_coupling(model, key, coupled)
     return coupled
 
 

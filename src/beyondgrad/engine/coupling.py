@@ -18,11 +18,15 @@ free to cheap:
    model's buffers and random number generators are restored afterwards; user hooks on the
    model run during the probe. For a batch of two samples the runs use three (``(a, b, b)``
    and ``(b, b, b)``), so that the first run also serves as the sample-axis probe of
-   :mod:`beyondgrad.engine.samples` (a batch of another size).
+   :mod:`beyondgrad.engine.samples` (a batch of another size). The answer is cached per model
+   and input signature (argument shapes, dtypes, training mode; :func:`known_coupling`), so a
+   training loop probes once, not every step: a model whose coupling changes without its
+   signature changing (a flag flipped between steps) is not probed again.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -32,6 +36,20 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .state import preserved_buffers
+
+_KNOWN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def known_coupling(model: nn.Module, key: Any) -> bool | None:
+    """The cached answer of the forward probe for ``model`` on input signature ``key``
+    (:func:`~beyondgrad.engine.samples.signature`); ``None`` when not probed yet."""
+    return _KNOWN.get(model, {}).get(key)
+
+
+def remember_coupling(model: nn.Module, key: Any, coupled: bool) -> None:
+    """Cache the forward probe's answer for ``model`` on input signature ``key``."""
+    _KNOWN.setdefault(model, {})[key] = coupled
+
 
 BATCH_NORM_NODES = frozenset(
     {

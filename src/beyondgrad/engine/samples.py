@@ -29,6 +29,18 @@ pass to the shared outputs only. The gradients then carry a leading sample axis
 vector-backward passes and runs only for models that have such layers; with ``from_backward``
 it runs when the ordinary backward starts (a hook on the loss), before the graph is freed.
 
+**Expansion (the cheap exact cut).** Once a model's probe shows shared outputs, a second probe
+forward checks whether handing the model those outputs *expanded* along a sample axis (``y`` of
+shape ``[1, T, D]`` as ``y.expand(N, T, D)``; ``[T, D]`` as ``y.unsqueeze(0).expand(N, T, D)``)
+leaves its output unchanged, as it does wherever the shared output only meets the samples by
+broadcasting (``tok_emb + pos_emb``). If so, later forward passes with the same input
+signature get the expanded view: the ordinary backward then delivers ``d l_n / d y`` on the
+view's sample axis (a view costs no memory; the broadcast op materialized ``[N, T, D]``
+anyway), and the masked pass is skipped. A model whose output changes (a random draw on the
+shared output, an op that indexes it) keeps the masked pass. Quantities that backpropagate
+from inside the network (``Needs.inside``) never get the expansion, so they refuse shared
+outputs consistently.
+
 A model not called exactly once inside the capture block (or whose probe records other calls)
 keeps the convention: the leading axis of every layer's input holds the samples.
 """
@@ -43,9 +55,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from .capture import Call, Layer
+from .capture import Call, Layer, expand_shared
 
 UNKNOWN = -1
 """Axis marker: the tensor's length changed with the batch size but not as one sample axis
@@ -97,10 +109,17 @@ def _axis(real: torch.Size | None, probe: torch.Size | None, N: int, M: int) -> 
 
 
 class ModelCall:
-    """A forward pre-hook on the model recording the arguments of its calls (grad mode on)."""
+    """A forward pre-hook on the model recording the arguments of its calls (grad mode on).
 
-    def __init__(self, model: nn.Module):
+    Args:
+        model: the model.
+        on_first: called with ``(args, kwargs)`` at the first recorded call, before the
+            model's forward runs (the session plans the expansion of shared outputs there).
+    """
+
+    def __init__(self, model: nn.Module, on_first: Any = None):
         self.model = model
+        self.on_first = on_first
         self.calls: list[tuple[tuple, dict]] = []
         self._handle: Any = None
 
@@ -108,6 +127,8 @@ class ModelCall:
         def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if torch.is_grad_enabled():
                 self.calls.append((args, kwargs))
+                if len(self.calls) == 1 and self.on_first is not None:
+                    self.on_first(args, kwargs)
 
         self._handle = self.model.register_forward_pre_hook(pre, with_kwargs=True)
         return self
@@ -118,10 +139,38 @@ class ModelCall:
             self._handle = None
 
 
+@dataclass
+class Expansion:
+    """Shared layer outputs handed to the model expanded along a sample axis.
+
+    Attributes:
+        plan: ``{layer name: {call index: output leaf indices}}``.
+        seen: the probe's layer shapes with the expansion applied (see :class:`ShapeRecorder`).
+        num_samples: ``N`` of the input signature it was validated for.
+    """
+
+    plan: dict[str, dict[int, tuple[int, ...]]]
+    seen: dict[str, list[tuple[list, list]]]
+    num_samples: int
+
+
+@dataclass
+class Probe:
+    """A cached probe of one input signature: the layer shapes on ``size`` samples and, once
+    tried, the validated :class:`Expansion` (``None``: the masked pass stays)."""
+
+    seen: dict[str, list[tuple[list, list]]]
+    size: int
+    expansion: Expansion | None = None
+    tried: bool = False
+
+
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _signature(args: tuple, kwargs: dict, training: bool) -> tuple:
+def signature(args: tuple, kwargs: dict, training: bool) -> tuple:
+    """The cache key of a model call: argument structure, tensor shapes/dtypes/devices, the
+    other arguments' reprs and the training mode."""
     leaves, spec = tree_flatten((args, kwargs))
     return (
         str(spec),
@@ -186,7 +235,7 @@ class ShapeRecorder:
 
 def is_probed(model: nn.Module, args: tuple, kwargs: dict) -> bool:
     """Whether the sample axes of ``model(*args, **kwargs)`` are already known (cached)."""
-    return _signature(args, kwargs, model.training) in _CACHE.get(model, {})
+    return signature(args, kwargs, model.training) in _CACHE.get(model, {})
 
 
 def remember_probe(
@@ -196,33 +245,183 @@ def remember_probe(
     gradients, e.g. the coupling probe of :mod:`beyondgrad.engine.coupling`) as the probe of
     ``model(*args, **kwargs)``, so that :func:`probe_axes` needs no forward pass of its own."""
     if shapes.complete:
-        _CACHE.setdefault(model, {})[_signature(args, kwargs, model.training)] = (shapes.seen, M)
+        _CACHE.setdefault(model, {})[signature(args, kwargs, model.training)] = Probe(
+            shapes.seen, M
+        )
 
 
-def _run_probe(model: nn.Module, layers: list[Layer], args: tuple, kwargs: dict, N: int):
-    """Shapes of every call of every layer on a batch of another size, without side effects
-    (no gradients; RNG state and buffers restored)."""
-    args_m, kwargs_m, M = _probe_batch(args, kwargs, N)
+def expansion_for(model: nn.Module, args: tuple, kwargs: dict) -> Expansion | None:
+    """The validated :class:`Expansion` of ``model(*args, **kwargs)``, if any (cached)."""
+    entry = _CACHE.get(model, {}).get(signature(args, kwargs, model.training))
+    return entry.expansion if entry is not None else None
+
+
+class _Expanding:
+    """Forward hooks that hand the model the planned shared outputs expanded to ``n``
+    samples (registered after the shape hooks, so shapes record the unexpanded output).
+    ``perturb``: the sample slot whose copy is changed (the validation's leak test)."""
+
+    def __init__(
+        self,
+        layers: list[Layer],
+        plan: dict[str, dict[int, tuple[int, ...]]],
+        n: int,
+        perturb: int | None = None,
+    ):
+        self.modules = [(u.name, u.module) for u in layers if u.name in plan]
+        self.plan, self.n, self.perturb = plan, n, perturb
+        self._handles: list[Any] = []
+
+    def _view(self, y: Tensor) -> Tensor:
+        view = expand_shared(y, self.n)
+        if self.perturb is None or not y.is_floating_point():
+            return view
+        view = view.clone()
+        view[self.perturb] = view[self.perturb] * 1.5 + 0.25
+        return view
+
+    def __enter__(self) -> _Expanding:
+        for name, module in self.modules:
+            count = [0]
+
+            def hook(module: nn.Module, a: tuple, out: Any, name: str = name, count=count):
+                outs = self.plan[name].get(count[0], ())
+                count[0] += 1
+                if not outs:
+                    return None
+                leaves, spec = tree_flatten(out)
+                for i in outs:
+                    leaves[i] = self._view(leaves[i])
+                return tree_unflatten(leaves, spec)
+
+            self._handles.append(module.register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def _probe_forward(
+    model: nn.Module, layers: list[Layer], args_m: tuple, kwargs_m: dict, expand: Any = None
+) -> tuple[dict, Any]:
+    """The model on the probe batch without side effects (no gradients; RNG state and buffers
+    restored; the same seed every time): the layers' shapes and the model output. ``expand``:
+    ``(plan, M)`` or ``(plan, M, perturbed slot)`` to run with :class:`_Expanding`."""
     # the probe runs on copies of the buffers (running statistics, caches): the originals are
     # neither updated nor bumped in version (autograd may have saved them)
     owners = [(m, n, b) for m in model.modules() for n, b in m._buffers.items() if b is not None]
     for m, n, b in owners:
         m._buffers[n] = b.detach().clone()
-    devices = [t.device for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+    devices = [t.device for t in tree_flatten((args_m, kwargs_m))[0] if isinstance(t, Tensor)]
     cuda = sorted({d.index or 0 for d in devices if d.type == "cuda"})
     shapes = ShapeRecorder([(u.name, u.module) for u in layers])
+    expanding = _Expanding(layers, *expand) if expand is not None else None
     try:
         with torch.random.fork_rng(devices=cuda), torch.no_grad(), shapes:
-            model(*args_m, **kwargs_m)
+            torch.manual_seed(0)
+            if expanding is None:
+                return shapes.seen, model(*args_m, **kwargs_m)
+            with expanding:
+                return shapes.seen, model(*args_m, **kwargs_m)
     finally:
         for m, n, b in owners:
             m._buffers[n] = b
-    return shapes.seen, M
+
+
+def _run_probe(model: nn.Module, layers: list[Layer], args: tuple, kwargs: dict, N: int):
+    """Shapes of every call of every layer on a batch of another size, without side effects."""
+    args_m, kwargs_m, M = _probe_batch(args, kwargs, N)
+    return Probe(_probe_forward(model, layers, args_m, kwargs_m)[0], M)
+
+
+def _close(u: Any, v: Any) -> bool:
+    """Whether two output leaves agree (floating tensors to a few ulps)."""
+    if not isinstance(u, Tensor):
+        return not isinstance(v, Tensor) and u == v
+    if not isinstance(v, Tensor) or u.shape != v.shape or u.dtype != v.dtype:
+        return False
+    if not (u.is_floating_point() or u.is_complex()):
+        return torch.equal(u, v)
+    eps = 16 * torch.finfo(u.dtype).eps
+    scale = float(u.abs().max().clamp_min(1)) if u.numel() else 1.0
+    return torch.allclose(u, v, rtol=eps, atol=eps * scale, equal_nan=True)
+
+
+def _same_outputs(a: Any, b: Any, M: int, skip: int | None = None) -> bool:
+    """Whether two model outputs on ``M`` samples agree leaf by leaf; ``skip``: a sample row
+    left out of the comparison of leaves whose leading axis holds the ``M`` samples."""
+    la, lb = tree_flatten(a)[0], tree_flatten(b)[0]
+    if len(la) != len(lb):
+        return False
+    for u, v in zip(la, lb):
+        if skip is not None and isinstance(u, Tensor) and u.ndim and u.shape[0] == M:
+            keep = [i for i in range(M) if i != skip]
+            u, v = u[keep], v[keep] if isinstance(v, Tensor) and v.shape == u.shape else v
+        if not _close(u, v):
+            return False
+    return True
+
+
+def _expansion_plan(layers: list[Layer]) -> dict[str, dict[int, tuple[int, ...]]]:
+    """The shared output leaves (probed, requiring grad) of every recorded call."""
+    plan: dict[str, dict[int, tuple[int, ...]]] = {}
+    for unit in layers:
+        for index, call in enumerate(unit.calls):
+            if call.axes is None:
+                continue
+            outs = tuple(
+                i
+                for i, e in enumerate(call.edges)
+                if e is not None and call.axes.shared_output(i) and i not in call.expanded
+            )
+            if outs:
+                plan.setdefault(unit.name, {})[index] = outs
+    return plan
+
+
+def _try_expansion(
+    model: nn.Module, layers: list[Layer], probe: tuple[tuple, dict, int], plan: dict
+) -> dict | None:
+    """The layer shapes of the expanded probe forward when ``plan`` is valid: the expanded
+    forward returns the model's output, and changing one sample's copy changes no other
+    sample's output (each sample reads its own copy only); ``M + 2`` probe forwards."""
+    args_m, kwargs_m, M = probe
+    try:
+        reference = _probe_forward(model, layers, args_m, kwargs_m)[1]
+        seen, expanded = _probe_forward(model, layers, args_m, kwargs_m, (plan, M))
+        if not _same_outputs(reference, expanded, M):
+            return None
+        for slot in range(M):
+            changed = _probe_forward(model, layers, args_m, kwargs_m, (plan, M, slot))[1]
+            if not _same_outputs(reference, changed, M, skip=slot):
+                return None
+    except Exception:  # an op that cannot take the expanded view: keep the masked pass
+        return None
+    return seen
+
+
+def _validated_expansion(
+    model: nn.Module, layers: list[Layer], args: tuple, kwargs: dict, N: int, paused: Any
+) -> Expansion | None:
+    """An :class:`Expansion` of the probed calls' shared outputs: each layer's tried on its
+    own, the valid ones together (once per input signature)."""
+    plan = _expansion_plan(layers)
+    if not plan:
+        return None
+    probe = _probe_batch(args, kwargs, N)
+    with paused(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # what a rejected expansion makes the model say
+        if len(plan) > 1:
+            plan = {k: v for k, v in plan.items() if _try_expansion(model, layers, probe, {k: v})}
+        seen = _try_expansion(model, layers, probe, plan) if plan else None
+    return Expansion(plan, seen, N) if seen is not None else None
 
 
 def _guarded_probe(
     model: nn.Module, layers: list[Layer], args: tuple, kwargs: dict, N: int, paused: Any
-) -> tuple[dict, int] | None:
+) -> Probe | None:
     """:func:`_run_probe`, or ``None`` with a warning when the model cannot run on the probe
     batch (e.g. an argument whose leading length equals ``N`` by coincidence)."""
     try:
@@ -239,7 +438,13 @@ def _guarded_probe(
 
 
 def probe_axes(
-    model: nn.Module, layers: list[Layer], recorded: ModelCall, N: int, paused: Any
+    model: nn.Module,
+    layers: list[Layer],
+    recorded: ModelCall,
+    N: int,
+    paused: Any,
+    expansion: Expansion | None = None,
+    try_expansion: bool = False,
 ) -> bool:
     """Set ``call.axes`` (:class:`CallAxes`) on every recorded call of ``layers``.
 
@@ -249,6 +454,10 @@ def probe_axes(
         recorded: the model's recorded calls (exactly one is needed).
         N: the number of samples (leading length of the model output).
         paused: a context manager that stops the session's own recording.
+        expansion: the :class:`Expansion` applied in the recorded forward (its probe shapes
+            are compared).
+        try_expansion: validate an :class:`Expansion` for later passes when none was tried
+            for this input signature.
 
     Returns:
         ``False`` when the axes cannot be probed (the model was not called exactly once inside
@@ -258,13 +467,24 @@ def probe_axes(
     if len(recorded.calls) != 1 or not any(u.calls for u in layers):
         return False
     args, kwargs = recorded.calls[0]
-    key = _signature(args, kwargs, model.training)
+    key = signature(args, kwargs, model.training)
     cache = _CACHE.setdefault(model, {})
     if key not in cache:
         cache[key] = _guarded_probe(model, layers, args, kwargs, N, paused)
-    if cache[key] is None:
+    entry: Probe | None = cache[key]
+    if entry is None:
         return False
-    seen, M = cache[key]
+    seen = expansion.seen if expansion is not None else entry.seen
+    if not _set_axes(layers, seen, N, entry.size):
+        return False
+    if try_expansion and not entry.tried:
+        entry.tried = True
+        entry.expansion = _validated_expansion(model, layers, args, kwargs, N, paused)
+    return True
+
+
+def _set_axes(layers: list[Layer], seen: dict, N: int, M: int) -> bool:
+    """Set ``call.axes`` from the probe's shapes; ``False`` when the calls do not match."""
     if any(len(seen.get(u.name, ())) != len(u.calls) for u in layers):
         return False
     for unit in layers:
@@ -290,7 +510,7 @@ def shared_edges(calls: Sequence[tuple[Layer, Call]]) -> list[tuple[Call, int]]:
         for _, call in calls
         if call.axes is not None
         for i, edge in enumerate(call.edges)
-        if edge is not None and call.axes.shared_output(i)
+        if edge is not None and call.axes.shared_output(i) and i not in call.expanded
     ]
 
 

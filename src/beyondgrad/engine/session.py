@@ -20,7 +20,14 @@ from ..rules import generic_forms, uses_batch_statistics
 from .attribution import attribute, check_no_reentrant_checkpoint, node_kinds
 from .backprop import GRAD, Backprop, CallGradients, VectorKind, backprop_vectors, check_finite
 from .capture import Call, Layer, Recorder, plan_layers, replaying
-from .coupling import BATCH_NORM_NODES, COUPLED_MESSAGE, coupling_node, samples_coupled
+from .coupling import (
+    BATCH_NORM_NODES,
+    COUPLED_MESSAGE,
+    coupling_node,
+    known_coupling,
+    remember_coupling,
+    samples_coupled,
+)
 from .losses import (
     check_loss_fn,
     check_target,
@@ -32,12 +39,15 @@ from .losses import (
 from .memory import check_vector_memory
 from .result import Result
 from .samples import (
+    Expansion,
     ModelCall,
     check_shared_gradients,
+    expansion_for,
     probe_axes,
     rule_input,
     shared_edges,
     shared_gradients,
+    signature,
 )
 from .stats import Needs, Statistics
 
@@ -160,6 +170,7 @@ class Plan:
             not n.kinds for n in needs
         )  # the autograd gradient alone: no layer-output gradients
         self.kronecker_only = bool(needs) and all(n.kronecker_only for n in needs)
+        self.inside = any(n.inside for n in needs)
         limits = [n.max_vectors for n in needs if ("exact", 0) in n.kinds and n.max_vectors]
         self.max_vectors = min(limits) if limits else max_vectors
 
@@ -213,11 +224,27 @@ class Session:
         self.loss_scale: Tensor | None = None  # d(backpropagated)/d(loss), watched backward
         self._node_kinds: set[str] | None = None
         self._node_handles: list[Any] = []
-        self.model_calls = ModelCall(model)  # the model's arguments, for the sample-axis probe
+        # the model's arguments, for the sample-axis probe (and the expansion of shared outputs)
+        self.model_calls = ModelCall(model, on_first=self._plan_expansion)
+        self._expansion: Expansion | None = None
         self._vector_cache: dict[VectorKind, Tensor] = {}
         self._watched_shared: dict[VectorKind, dict[tuple[int, int], Tensor]] = {}
 
     # -- forward ------------------------------------------------------------------------------
+    @property
+    def _expands(self) -> bool:
+        """Whether shared layer outputs may be handed to the model expanded (see
+        :mod:`beyondgrad.engine.samples`): layer-output gradients are read, and no quantity
+        backpropagates from inside the network."""
+        return not self.plan.only_gradient and not self.plan.inside
+
+    def _plan_expansion(self, args: tuple, kwargs: dict) -> None:
+        """At the model's first call: expand its shared outputs when a probe validated it."""
+        self._expansion = expansion_for(self.model, args, kwargs) if self._expands else None
+        if self._expansion is not None:
+            self.recorder.expand = self._expansion.plan
+            self.recorder.expand_samples = self._expansion.num_samples
+
     def _loss_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         if torch.is_grad_enabled() and self.recorder.enabled and not is_internal_loss_call():
             self.loss_calls.append((args[0], args[1], output))
@@ -350,7 +377,7 @@ class Session:
         else:
             self._vector_cache = {}
             if calls:  # which axis of each call holds the samples (see engine.samples)
-                probe_axes(self.model, self.layers, self.model_calls, N, self.recorder.paused)
+                self._probe_axes(N)
             shared = self._shared_pass(calls, node_kinds, output, target)
         prepared = {}
         if plan.second_order and not watched:  # before the main pass frees the graph
@@ -389,8 +416,20 @@ class Session:
         self._vector_cache = {}
         if not calls:
             return {}
-        probe_axes(self.model, self.layers, self.model_calls, output.shape[0], self.recorder.paused)
+        self._probe_axes(output.shape[0])
         return self._shared_pass(calls, self._node_kinds or set(), output, target)
+
+    def _probe_axes(self, N: int) -> None:
+        """Which axis of each recorded call holds the samples (see :func:`probe_axes`)."""
+        probe_axes(
+            self.model,
+            self.layers,
+            self.model_calls,
+            N,
+            self.recorder.paused,
+            expansion=self._expansion,
+            try_expansion=self._expands,
+        )
 
     def _shared_pass(
         self, calls: list, node_kinds: set[str], output: Tensor, target: Tensor
@@ -432,8 +471,12 @@ class Session:
         if not (self.check_samples and self.independent and self.model_calls.calls):
             return
         args, kwargs = self.model_calls.calls[-1]
-        with self.recorder.paused():
-            coupled = samples_coupled(self.model, (args, kwargs), N, _call_with_arguments)
+        key = signature(args, kwargs, self.model.training)
+        coupled = known_coupling(self.model, key)
+        if coupled is None:
+            with self.recorder.paused():
+                coupled = samples_coupled(self.model, (args, kwargs), N, _call_with_arguments)
+            remember_coupling(self.model, key, coupled)
         if coupled:
             raise SamplesCoupledError(COUPLED_MESSAGE)
 

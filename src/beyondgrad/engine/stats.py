@@ -37,6 +37,10 @@ class Needs:
             them. ``None`` (default): whenever vectors are backpropagated for more than
             Kronecker sums. An approximation defined by its procedure (KFAC with its diagonal
             fallback) may declare ``False``.
+        inside: the quantity also backpropagates vectors from inside the network (its
+            ``prepare`` step, e.g. the Hessian diagonal's residual terms); layer outputs shared
+            by all samples then keep the masked per-sample pass (see
+            :mod:`beyondgrad.engine.samples`).
     """
 
     kinds: tuple[VectorKind, ...] = ()
@@ -44,6 +48,7 @@ class Needs:
     kronecker_only: bool = False
     max_vectors: int | None = None
     independent_samples: bool | None = None
+    inside: bool = False
 
     @property
     def reads_rows(self) -> bool:

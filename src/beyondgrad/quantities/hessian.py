@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 
-from ..engine import Backprop, ReduceContext, Statistics, VectorKind
+from ..engine import Backprop, Needs, ReduceContext, Statistics, VectorKind
 from ..engine.losses import loss_vectors
 from ..forms import Form
 from .base import Quantity
@@ -358,6 +358,10 @@ class DiagHessian(Quantity):
     def separate_pass(self) -> bool:
         """HesScale runs its own recursion."""
         return self.method == "hesscale"
+
+    def needs(self) -> Needs:
+        """Exact loss-Hessian vectors, and residual vectors from inside the network."""
+        return Needs(kinds=(self.vectors,), max_vectors=self.max_vectors, inside=True)
 
     def reduce(self, form: Form, ctx: ReduceContext, out: Tensor | None = None) -> Tensor:
         """The GGN part; :meth:`compute` adds the residual terms.
