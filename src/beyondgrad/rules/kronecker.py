@@ -48,24 +48,34 @@ def _has_bias(module: nn.Module) -> bool:
     return bias is not None and bias.requires_grad
 
 
-def _augment(a: Tensor, bias: bool) -> Tensor:
-    return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], -1) if bias else a
-
-
 def _gram(rows: Tensor) -> Tensor:
     """``rows^T rows`` over all leading axes: ``[..., D] -> [D, D]``."""
     flat = rows.reshape(-1, rows.shape[-1])
     return flat.T @ flat
 
 
+def _augmented_gram(rows: Tensor, bias: bool) -> Tensor:
+    """The Gram matrix of ``rows`` ``[..., D]`` augmented by a constant 1 column when ``bias``,
+    without forming the augmented copy: the Gram matrix, the column sums and the row count
+    assembled into ``[D + 1, D + 1]``."""
+    flat = rows.reshape(-1, rows.shape[-1])
+    gram = flat.T @ flat
+    if not bias:
+        return gram
+    D = flat.shape[-1]
+    out = gram.new_empty(D + 1, D + 1)
+    out[:D, :D] = gram
+    out[:D, D] = out[D, :D] = flat.sum(0)
+    out[D, D] = flat.shape[0]
+    return out
+
+
 def _stats(A_in: Tensor, G: Tensor, approx: str, bias: bool) -> KronStats:
     """``A_in`` ``[N, S, I]``, ``G`` ``[K, N, S, O]`` (one group)."""
     N, S, _ = A_in.shape
     if approx == "expand":
-        a = _augment(A_in, bias)
-        return KronStats(_gram(a)[None], N * S, _gram(G)[None])
-    a = _augment(A_in.mean(1), bias)
-    return KronStats(_gram(a)[None], N, _gram(G.sum(2))[None])
+        return KronStats(_augmented_gram(A_in, bias)[None], N * S, _gram(G)[None])
+    return KronStats(_augmented_gram(A_in.mean(1), bias)[None], N, _gram(G.sum(2))[None])
 
 
 def linear_kron_sums(
@@ -101,14 +111,14 @@ def conv_kron(
         U = U.reshape(N, Gr, -1, U.shape[-1]).transpose(-1, -2)  # [N, Gr, O, C/G*K]
         count = N * U.shape[2]
         for gr in range(Gr):
-            A_sums.append(_gram(_augment(U[:, gr], bias)))
+            A_sums.append(_augmented_gram(U[:, gr], bias))
             B_sums.append(_gram(G[gr]))
     else:  # index patterns summed over the output axis: the unfolded input is never formed
         abar = averaged_patches(x, module.kernel_size, module.stride, 0, module.dilation)
         abar = abar.reshape(N, Gr, -1)
         count = N
         for gr in range(Gr):
-            A_sums.append(_gram(_augment(abar[:, gr], bias)))
+            A_sums.append(_augmented_gram(abar[:, gr], bias))
             B_sums.append(_gram(G[gr].sum(2)))
     return KronStats(torch.stack(A_sums), count, torch.stack(B_sums))
 
