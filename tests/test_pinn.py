@@ -4,6 +4,10 @@ against their definitions, the Kronecker-sum inverse against a dense inverse."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -394,3 +398,21 @@ def test_auto_step_minimizes_the_quadratic_model() -> None:
 def test_step_rule_is_checked() -> None:
     with pytest.raises(ValueError, match="step_rule"):
         pinn.KFACPINN(small_problem(), step_rule="newton")
+
+
+# ---- the benchmark script ----------------------------------------------------------------------
+
+
+def test_benchmark_smoke(tmp_path: Path) -> None:
+    """``benchmarks/pinn.py --quick`` runs end to end (tiny budget, one problem)."""
+    out = tmp_path / "pinn_cpu.md"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "pinn.py"), "--quick", "--budget", "0.1"]
+    cmd += ["--problems", "heat 1+1d", "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    methods = [r["method"].split(" ")[0] for r in data["rows"]]
+    assert methods == ["adam", "lbfgs", "engd", "kfac", "kfac-auto"]
+    assert all(r["status"] == "ok" and r["steps"] >= 1 for r in data["rows"]), data["rows"]
+    assert out.read_text().startswith("# ") and "|---|" in out.read_text()
