@@ -349,6 +349,24 @@ def test_generalized_eigh_and_its_error() -> None:
     torch.testing.assert_close(W.T @ M2 @ W, torch.diag(mu))
     with pytest.raises(ValueError, match="positive definite"):
         pinn.generalized_eigh(spd(5, rank=2), M2)
+    M3 = spd(5, rank=2)
+    p, q, W = pinn.simultaneous_diagonalization(M3, M2)
+    torch.testing.assert_close(W.T @ M3 @ W, torch.diag(p))
+    torch.testing.assert_close(W.T @ M2 @ W, torch.diag(q))
+
+
+def test_kronecker_sum_inverse_badly_scaled_factors() -> None:
+    """Rank-deficient factors of very different scales with a small damping (condition number
+    about 1e9; the first factor alone would be rejected by ``generalized_eigh``)."""
+    A1, B1, A2, B2 = spd(4, rank=2), 1e3 * spd(3, rank=1), spd(4, rank=3), spd(3, rank=2)
+    d = 1e-3
+    inv = pinn.damped_kronecker_sum_inverse(A1, B1, A2, B2, d)
+    I4, I3 = torch.eye(4), torch.eye(3)
+    K = torch.kron(B1 + d * I3, A1 + d * I4) + torch.kron(B2 + d * I3, A2 + d * I4)
+    V = torch.randn(3, 4)
+    x, ref = (inv @ V).reshape(-1), torch.linalg.solve(K, V.reshape(-1))
+    assert ((K @ x - V.reshape(-1)).norm() / V.norm()).item() < 1e-9
+    torch.testing.assert_close(x, ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
 
 
 # ---- optimizers --------------------------------------------------------------------------------

@@ -15,7 +15,12 @@ Accuracy with PINNs via Energy Natural Gradients" (ICML 2023). Networks are MLPs
     bg.pinn.relative_l2_error(model, pde, X_test)
 """
 
-from .kron import KroneckerSumInverse, damped_kronecker_sum_inverse, generalized_eigh
+from .kron import (
+    KroneckerSumInverse,
+    damped_kronecker_sum_inverse,
+    generalized_eigh,
+    simultaneous_diagonalization,
+)
 from .loss import Evaluation, PINNLoss, dot, flatten, unflatten
 from .optim import ENGD, KFACPINN, LOG_GRID, line_search
 from .problems import PDE, heat, poisson, relative_l2_error
@@ -53,6 +58,7 @@ __all__ = [
     "linear_layers",
     "poisson",
     "relative_l2_error",
+    "simultaneous_diagonalization",
     "taylor_forward",
     "unflatten",
 ]

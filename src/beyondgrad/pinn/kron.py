@@ -1,13 +1,14 @@
 """The exact inverse of a sum of two Kronecker products, ``B1 kron A1 + B2 kron A2``.
 
-With symmetric positive definite ``A1``, ``B1`` and symmetric positive semi-definite ``A2``,
-``B2``, the generalized eigendecompositions ``A2 W_A = A1 W_A diag(mu)`` with
-``W_A^T A1 W_A = I`` (and likewise ``W_B``, ``nu`` for ``B``) give
+Two symmetric positive semi-definite matrices with a positive definite sum are diagonalized by
+one congruence: ``W_A^T A1 W_A = diag(a1)``, ``W_A^T A2 W_A = diag(a2)`` (and likewise ``W_B``,
+``b1``, ``b2`` for ``B``). Then
 
-``B1 kron A1 + B2 kron A2 = (W_B kron W_A)^{-T} (I + nu kron mu) (W_B kron W_A)^{-1}``
+``B1 kron A1 + B2 kron A2 = (W_B kron W_A)^{-T} diag(b1 kron a1 + b2 kron a2) (W_B kron W_A)^{-1}``
 
 so the inverse applied to a matrix ``V [out, in]`` (row-major vector of the block) is
-``W_B [(W_B^T V W_A) / (1 + nu mu^T)] W_A^T`` (Martens & Grosse 2015, appendix B). Nothing is
+``W_B [(W_B^T V W_A) / (b1 a1^T + b2 a2^T)] W_A^T`` (as in Martens & Grosse 2015, appendix B,
+with the reference matrix ``A1 + A2`` instead of ``A1`` for conditioning). Nothing is
 approximated: the sum is not replaced by one product.
 """
 
@@ -43,20 +44,47 @@ def generalized_eigh(M1: Tensor, M2: Tensor) -> tuple[Tensor, Tensor]:
     return mu, root_inv @ U
 
 
+def simultaneous_diagonalization(M1: Tensor, M2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``W`` with ``W^T M1 W = diag(p)`` and ``W^T M2 W = diag(q)`` for symmetric positive
+    semi-definite ``M1``, ``M2`` whose sum is positive definite.
+
+    Uses the generalized eigenpairs of ``(M1 + M2, M1)`` (so ``p + q = 1``): better conditioned
+    than taking either matrix as the reference. Eigenvalues of the sum below ``n * eps`` times
+    its largest one (round-off) are raised to that floor.
+
+    Args:
+        M1: ``[n, n]``.
+        M2: ``[n, n]``.
+
+    Returns:
+        ``(p [n], q [n], W [n, n])``.
+    """
+    lc, Qc = symmetric_eigh(M1 + M2)
+    floor = lc.abs().max() * M1.shape[0] * torch.finfo(M1.dtype).eps
+    root_inv = Qc * lc.clamp_min(floor).rsqrt()
+    p, U = symmetric_eigh(root_inv.T @ M1 @ root_inv)
+    W = root_inv @ U
+    return p, (W.T @ M2 @ W).diagonal(), W
+
+
 class KroneckerSumInverse:
     """``(B1 kron A1 + B2 kron A2)^{-1}`` for one ``[out, in]`` block.
 
+    ``A1, A2`` and ``B1, B2`` are each diagonalized simultaneously
+    (:func:`simultaneous_diagonalization`), which gives the inverse in closed form.
+
     Args:
-        A1: ``[in, in]`` symmetric positive definite.
-        B1: ``[out, out]`` symmetric positive definite.
-        A2: ``[in, in]`` symmetric positive semi-definite.
-        B2: ``[out, out]`` symmetric positive semi-definite.
+        A1: ``[in, in]`` symmetric positive semi-definite.
+        B1: ``[out, out]`` symmetric positive semi-definite.
+        A2: ``[in, in]`` symmetric positive semi-definite (``A1 + A2`` positive definite).
+        B2: ``[out, out]`` symmetric positive semi-definite (``B1 + B2`` positive definite),
+            and the Kronecker sum must be invertible.
     """
 
     def __init__(self, A1: Tensor, B1: Tensor, A2: Tensor, B2: Tensor) -> None:
-        self.mu, self.W_A = generalized_eigh(A1, A2)
-        self.nu, self.W_B = generalized_eigh(B1, B2)
-        self.scale = 1.0 / (1.0 + self.nu[:, None] * self.mu[None, :])
+        pA1, pA2, self.W_A = simultaneous_diagonalization(A1, A2)
+        pB1, pB2, self.W_B = simultaneous_diagonalization(B1, B2)
+        self.scale = 1.0 / (pB1[:, None] * pA1[None, :] + pB2[:, None] * pA2[None, :])
 
     def __matmul__(self, V: Tensor) -> Tensor:
         """Apply the inverse.
