@@ -155,7 +155,11 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "",
         f"Budget {meta['budget']} s per method and problem, torch {meta['torch']}, "
         f"{meta['threads']} thread, {meta['machine']}. Command: `{meta['command']}`.",
-        "Adam: best learning rate of " + ", ".join(f"{lr:g}" for lr in ADAM_LRS) + ".",
+        "Adam: best learning rate of " + ", ".join(f"{lr:g}" for lr in ADAM_LRS) + " (each run "
+        "gets the full budget). LBFGS: lr 1, strong Wolfe, history 100. ENGD: damping 1e-10, "
+        "line search on 2^0..2^-30. KFAC: damping 1e-6, EMA 0.95, momentum 0.3, same line "
+        "search. KFAC-auto: initial damping 1e-3 (Levenberg-Marquardt adapted), EMA 0.95. "
+        "Untuned defaults except Adam's learning rate.",
         "",
         "| problem | method | params | steps | final loss | rel. L2 error | status |",
         "|---|---|---|---|---|---|---|",
