@@ -7,7 +7,7 @@ Public API::
     res[bg.BatchL2]["fc.weight"]
 """
 
-from . import cockpit, conv, influence, laplace, linalg, linops, optim
+from . import cockpit, conv, influence, laplace, linalg, linops, optim, pinn
 from .engine import (
     SUPPORTED_LOSSES,
     Coverage,
@@ -77,4 +77,5 @@ __all__ = [
     "linops",
     "loss_vectors",
     "optim",
+    "pinn",
 ]

@@ -1,0 +1,210 @@
+"""PINN optimizers side by side at the same wall-clock budget (float64, CPU, one thread).
+
+Problems (manufactured solutions, :mod:`beyondgrad.pinn`): Poisson 2d with the paper's
+networks of 257 (2-64-1) and 9,873 (2-64-64-48-48-1) parameters, heat (1+1)d (2-64-1) and heat
+(4+1)d (5-64-1, 449 parameters), tanh activations, fixed interior and boundary points.
+Methods: Adam (the best learning rate of a small grid; every grid point gets the full budget),
+torch.optim.LBFGS (strong Wolfe line search), ENGD (exact Gramian; up to 3,000 parameters),
+KFAC (line search on a log grid, momentum) and KFAC-auto (Martens' automatic learning rate and
+momentum, Levenberg-Marquardt damping). Reported: the final relative L2 error on test points,
+the final loss and the steps done in the budget.
+
+    python benchmarks/pinn.py --budget 60      # the table in benchmarks/results/pinn_cpu.md
+    python benchmarks/pinn.py --quick          # a smoke run (1 s per method, temporary output)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import beyondgrad as bg
+
+pinn = bg.pinn
+RESULTS = Path(__file__).resolve().parent / "results"
+ADAM_LRS = (1e-4, 1e-3, 1e-2)
+ENGD_MAX_PARAMS = 3000
+
+
+@dataclass(frozen=True)
+class Case:
+    """One problem: its PDE, network widths and point counts."""
+
+    name: str
+    pde: Callable[[], pinn.PDE]
+    widths: tuple[int, ...]
+    n: int
+    n_b: int
+
+
+CASES = (
+    Case("poisson 2d, D=257", lambda: pinn.poisson(2), (64,), 900, 120),
+    Case("poisson 2d, D=9873", lambda: pinn.poisson(2), (64, 64, 48, 48), 900, 120),
+    Case("heat 1+1d, D=257", lambda: pinn.heat(1), (64,), 900, 120),
+    Case("heat 4+1d, D=449", lambda: pinn.heat(4), (64,), 3000, 500),
+)
+
+
+def make_model(d: int, widths: tuple[int, ...]) -> nn.Sequential:
+    """A tanh MLP ``d -> widths -> 1`` (seed 0, float64)."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for a, b in zip((d, *widths), widths):
+        layers += [nn.Linear(a, b), nn.Tanh()]
+    return nn.Sequential(*layers, nn.Linear(widths[-1], 1)).double()
+
+
+def make_loss(case: Case, quick: bool) -> tuple[pinn.PINNLoss, torch.Tensor]:
+    """The loss on fixed points and the test points (seeded)."""
+    pde, gen = case.pde(), torch.Generator().manual_seed(0)
+    scale = 4 if quick else 1
+    X, X_b = pde.sample_interior(case.n // scale, gen), pde.sample_boundary(case.n_b // scale, gen)
+    X_test = pde.sample_interior(2000 if quick else 20000, gen)
+    return pinn.PINNLoss(make_model(pde.dim, case.widths), pde, X, X_b), X_test
+
+
+def stepper(method: str, loss: pinn.PINNLoss, lr: float | None) -> Callable[[], int]:
+    """A function doing one step of ``method`` and returning the iterations it made."""
+    params = list(loss.model.parameters())
+    if method in ("adam", "lbfgs"):
+        opt: Any = (
+            torch.optim.Adam(params, lr=lr)
+            if method == "adam"
+            else torch.optim.LBFGS(params, lr=1.0, line_search_fn="strong_wolfe")
+        )
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            value = loss.value()
+            value.backward()
+            return value
+
+        def torch_step() -> int:
+            before = opt.state[params[0]].get("n_iter", 0) if method == "lbfgs" else 0
+            opt.step(closure)
+            return opt.state[params[0]]["n_iter"] - before if method == "lbfgs" else 1
+
+        return torch_step
+    ours: Any = {
+        "engd": lambda: pinn.ENGD(loss),
+        "kfac": lambda: pinn.KFACPINN(loss, damping=1e-6),
+        "kfac-auto": lambda: pinn.KFACPINN(loss, damping=1e-3, step_rule="auto"),
+    }[method]()
+
+    def our_step() -> int:
+        ours.step()
+        return 1
+
+    return our_step
+
+
+def run(case: Case, method: str, lr: float | None, budget: float, quick: bool) -> dict[str, Any]:
+    """Train from the seeded initialization for ``budget`` seconds."""
+    loss, X_test = make_loss(case, quick)
+    step, steps, status = stepper(method, loss, lr), 0, "ok"
+    start = time.perf_counter()
+    try:
+        while time.perf_counter() - start < budget:
+            steps += step()
+    except Exception as exc:  # a diverged or failed run is a row, not a crash
+        status = f"error: {type(exc).__name__}: {exc}"[:200]
+    with torch.no_grad():
+        final = float(loss.value())
+    return {
+        "problem": case.name,
+        "method": method if lr is None else f"{method} (lr={lr:g})",
+        "params": sum(p.numel() for p in loss.model.parameters()),
+        "steps": steps,
+        "seconds": round(time.perf_counter() - start, 2),
+        "loss": final,
+        "rel_l2": pinn.relative_l2_error(loss.model, loss.pde, X_test),
+        "status": status,
+    }
+
+
+def run_case(case: Case, budget: float, quick: bool) -> list[dict[str, Any]]:
+    """Every method on one problem (Adam: the best of its learning-rate grid)."""
+    rows = []
+    adam = [run(case, "adam", lr, budget, quick) for lr in ADAM_LRS]
+    best = min(adam, key=lambda r: r["rel_l2"] if r["rel_l2"] == r["rel_l2"] else float("inf"))
+    rows.append(best | {"tried": [(r["method"], r["rel_l2"]) for r in adam]})
+    for method in ("lbfgs", "engd", "kfac", "kfac-auto"):
+        if method == "engd" and rows[0]["params"] > ENGD_MAX_PARAMS:
+            rows.append({"problem": case.name, "method": "engd", "status": "skipped (P > 3000)"})
+            continue
+        rows.append(run(case, method, None, budget, quick))
+        print(f"  {case.name} {method}: {rows[-1]['rel_l2']:.3g} ({rows[-1]['steps']} steps)")
+    return rows
+
+
+def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """The markdown table."""
+    lines = [
+        "# PINN optimizers at the same wall-clock budget (CPU, float64)",
+        "",
+        f"Budget {meta['budget']} s per method and problem, torch {meta['torch']}, "
+        f"{meta['threads']} thread, {meta['machine']}. Command: `{meta['command']}`.",
+        "Adam: best learning rate of " + ", ".join(f"{lr:g}" for lr in ADAM_LRS) + " (each run "
+        "gets the full budget). LBFGS: lr 1, strong Wolfe, history 100. ENGD: damping 1e-10, "
+        "line search on 2^0..2^-30. KFAC: damping 1e-6, EMA 0.95, momentum 0.3, same line "
+        "search. KFAC-auto: initial damping 1e-3 (Levenberg-Marquardt adapted), EMA 0.95. "
+        "Untuned defaults except Adam's learning rate.",
+        "",
+        "| problem | method | params | steps | final loss | rel. L2 error | status |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "rel_l2" not in r:
+            lines.append(f"| {r['problem']} | {r['method']} | | | | | {r['status']} |")
+            continue
+        lines.append(
+            f"| {r['problem']} | {r['method']} | {r['params']} | {r['steps']} | "
+            f"{r['loss']:.3g} | {r['rel_l2']:.3g} | {r['status']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Parse the flags, run every problem, write the markdown and JSON results."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--budget", type=float, default=None, help="seconds per method (default 60)")
+    p.add_argument("--quick", "--smoke", action="store_true", help="1 s budget, fewer points")
+    p.add_argument("--out", type=Path, default=None, help="markdown output (JSON next to it)")
+    p.add_argument("--problems", nargs="*", default=None, help="substrings of problem names")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    budget = args.budget or (1.0 if args.quick else 60.0)
+    out = args.out or (
+        Path(tempfile.mkdtemp()) / "pinn_cpu.md" if args.quick else RESULTS / "pinn_cpu.md"
+    )
+    cases = [c for c in CASES if not args.problems or any(s in c.name for s in args.problems)]
+    meta = {
+        "budget": budget,
+        "quick": args.quick,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "command": "python benchmarks/pinn.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
+    rows = [r for case in cases for r in run_case(case, budget, args.quick)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    out.write_text(render(meta, rows))
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,345 @@
+"""The PINN loss, its gradient, its Gauss-Newton matrix (Gramian) and KFAC factors.
+
+The loss of a network ``u_theta`` on interior points ``x_n`` (``N``) and boundary points ``x_b``
+(``N_b``) is
+
+``L = 1/(2 N) sum_n r_n^2 + 1/(2 N_b) sum_b (u_theta(x_b) - g(x_b))^2``
+
+with the interior residual ``r_n`` of the :class:`~beyondgrad.pinn.PDE`. Its Gramian is
+``G = 1/N J^T J + 1/N_b J_b^T J_b`` (``J``, ``J_b``: the Jacobians of the residuals in the
+parameters).
+
+**Parameter layout.** Vectors over the parameters are lists of *blocks*, one
+``[out, in + 1]`` matrix ``[W | b]`` per linear layer in forward order (``[out, in]`` without
+bias); flat vectors concatenate the row-major flattened blocks.
+
+**Taylor-axis factorization.** Every linear layer sees ``S`` input vectors ``Z_{n,s}``
+(bias column appended) and produces ``S`` outputs; with ``g_{n,s} = d r_n / d z_{n,s}`` the
+layer's Jacobian row is ``J_n = sum_s g_{n,s} Z_{n,s}^T``. One backward of ``sum_n r_n`` gives
+every ``g_{n,s}`` (point ``n``'s residual only depends on point ``n``), hence the gradient,
+Jacobian-vector products, the exact Gramian and the KFAC factors (:class:`Evaluation`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev, jvp, vjp
+
+from .problems import PDE
+from .taylor import linear_layers, taylor_forward
+
+Blocks = list[Tensor]
+
+
+@dataclass
+class Evaluation:
+    """One forward-Laplacian pass and one backward at the current parameters.
+
+    Attributes:
+        loss: the loss value (float).
+        r: ``[N]`` interior residuals.
+        r_b: ``[N_b]`` boundary residuals.
+        Z: per linear layer ``[N, S, in + 1]`` interior inputs (bias column appended).
+        g: per linear layer ``[N, S, out]`` gradients of ``r_n`` in the layer's outputs.
+        Z_b: per linear layer ``[N_b, 1, in + 1]`` boundary inputs.
+        g_b: per linear layer ``[N_b, 1, out]`` gradients of the boundary residuals.
+    """
+
+    loss: float
+    r: Tensor
+    r_b: Tensor
+    Z: Blocks
+    g: Blocks
+    Z_b: Blocks
+    g_b: Blocks
+
+    def _terms(self) -> list[tuple[Blocks, Blocks, int]]:
+        return [(self.Z, self.g, self.r.shape[0]), (self.Z_b, self.g_b, self.r_b.shape[0])]
+
+    def gradient(self) -> Blocks:
+        """The loss gradient.
+
+        Returns:
+            Blocks ``[out, in + 1]`` per layer.
+        """
+        return self.transpose_product(self.r, self.r_b)
+
+    def transpose_product(self, w: Tensor, w_b: Tensor) -> Blocks:
+        """``1/N J^T w + 1/N_b J_b^T w_b``.
+
+        Args:
+            w: ``[N]`` weights of the interior residuals.
+            w_b: ``[N_b]`` weights of the boundary residuals.
+
+        Returns:
+            Blocks ``[out, in + 1]`` per layer.
+        """
+        out = [
+            torch.zeros(g.shape[2], Z.shape[2], dtype=w.dtype, device=w.device)
+            for Z, g in zip(self.Z, self.g)
+        ]
+        for (Zs, gs, n), weights in zip(self._terms(), (w, w_b)):
+            for k, (Z, g) in enumerate(zip(Zs, gs)):
+                out[k] = out[k] + torch.einsum("n,nso,nsi->oi", weights, g, Z) / n
+        return out
+
+    def jvp(self, v: Blocks) -> tuple[Tensor, Tensor]:
+        """Jacobian-vector products of the residuals.
+
+        Args:
+            v: blocks ``[out, in + 1]`` per layer.
+
+        Returns:
+            ``(J v [N], J_b v [N_b])``.
+        """
+        Jv = sum(torch.einsum("nso,oi,nsi->n", g, V, Z) for Z, g, V in zip(self.Z, self.g, v))
+        Jbv = sum(torch.einsum("nso,oi,nsi->n", g, V, Z) for Z, g, V in zip(self.Z_b, self.g_b, v))
+        return Jv, Jbv  # type: ignore[return-value]
+
+    def gramian_vector_product(self, v: Blocks) -> Blocks:
+        """``G v = 1/N J^T J v + 1/N_b J_b^T J_b v`` (exact, all layers coupled).
+
+        Args:
+            v: blocks ``[out, in + 1]`` per layer.
+
+        Returns:
+            Blocks ``[out, in + 1]`` per layer.
+        """
+        return self.transpose_product(*self.jvp(v))
+
+    def jacobians(self) -> tuple[Tensor, Tensor]:
+        """The residuals' Jacobians in the flat parameter layout.
+
+        Returns:
+            ``(J [N, P], J_b [N_b, P])``.
+        """
+        J = [torch.einsum("nso,nsi->noi", g, Z).flatten(1) for Z, g in zip(self.Z, self.g)]
+        Jb = [torch.einsum("nso,nsi->noi", g, Z).flatten(1) for Z, g in zip(self.Z_b, self.g_b)]
+        return torch.cat(J, 1), torch.cat(Jb, 1)
+
+    def gramian(self) -> Tensor:
+        """The dense Gramian ``1/N J^T J + 1/N_b J_b^T J_b`` (small networks only).
+
+        Returns:
+            ``[P, P]``.
+        """
+        J, Jb = self.jacobians()
+        return J.T @ J / J.shape[0] + Jb.T @ Jb / Jb.shape[0]
+
+    def kfac_factors(self) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """KFAC factors per layer: KFAC-expand over the Taylor axis for the interior term,
+        standard KFAC for the boundary term.
+
+        ``A = 1/(N S) sum_{n,s} Z Z^T``, ``B = 1/N sum_{n,s} g g^T`` (interior) and
+        ``A_b = 1/N_b sum_b z z^T``, ``B_b = 1/N_b sum_b g g^T`` (boundary); the layer's
+        Gramian block is approximated by ``B kron A + B_b kron A_b`` (row-major ``[W | b]``).
+
+        Returns:
+            Per layer ``(A [in+1, in+1], B [out, out], A_b [in+1, in+1], B_b [out, out])``.
+        """
+        out = []
+        for Z, g, Zb, gb in zip(self.Z, self.g, self.Z_b, self.g_b):
+            N, S = Z.shape[:2]
+            A = torch.einsum("nsi,nsj->ij", Z, Z) / (N * S)
+            B = torch.einsum("nsi,nsj->ij", g, g) / N
+            Ab = torch.einsum("nsi,nsj->ij", Zb, Zb) / Zb.shape[0]
+            Bb = torch.einsum("nsi,nsj->ij", gb, gb) / gb.shape[0]
+            out.append((A, B, Ab, Bb))
+        return out
+
+
+class PINNLoss:
+    """The PINN loss of a network on fixed interior and boundary points.
+
+    Args:
+        model: an MLP accepted by :func:`~beyondgrad.pinn.forward_laplacian`.
+        pde: the problem (residual, exact solution for the boundary data).
+        X: ``[N, d]`` interior points.
+        X_b: ``[N_b, d]`` boundary points.
+    """
+
+    def __init__(self, model: nn.Module, pde: PDE, X: Tensor, X_b: Tensor) -> None:
+        self.model, self.pde, self.X, self.X_b = model, pde, X, X_b
+        self.layers = list(linear_layers(model))
+        self.u_b = pde.exact(X_b).detach()
+        ids = {id(p): name for name, p in model.named_parameters()}
+        self._names = [
+            (ids[id(m.weight)], None if m.bias is None else ids[id(m.bias)]) for m in self.layers
+        ]
+
+    def residuals(self) -> tuple[Tensor, Tensor]:
+        """The interior and boundary residuals (differentiable).
+
+        Returns:
+            ``(r [N], r_b [N_b])``.
+        """
+        res = taylor_forward(self.model, self.X, self.pde.laplace_dims)
+        r = self.pde.residual(self.X, res)[:, 0]
+        return r, (self.model(self.X_b) - self.u_b)[:, 0]
+
+    def value(self) -> Tensor:
+        """The loss (differentiable in the parameters).
+
+        Returns:
+            A scalar tensor.
+        """
+        r, r_b = self.residuals()
+        return 0.5 * (r**2).mean() + 0.5 * (r_b**2).mean()
+
+    def evaluate(self) -> Evaluation:
+        """One forward-Laplacian pass with records and one backward (see :class:`Evaluation`).
+
+        Returns:
+            The :class:`Evaluation` at the current parameters.
+        """
+        res = taylor_forward(self.model, self.X, self.pde.laplace_dims, record=True)
+        r = self.pde.residual(self.X, res)[:, 0]
+        res_b = taylor_forward(self.model, self.X_b, order=0, record=True)
+        r_b = (res_b.u - self.u_b)[:, 0]
+        outs = [rec.outputs for rec in res.layers + res_b.layers]
+        grads = torch.autograd.grad(r.sum() + r_b.sum(), outs)
+        L = len(res.layers)
+        r, r_b = r.detach(), r_b.detach()
+        return Evaluation(
+            loss=float(0.5 * (r**2).mean() + 0.5 * (r_b**2).mean()),
+            r=r,
+            r_b=r_b,
+            Z=[rec.augmented_inputs() for rec in res.layers],
+            g=list(grads[:L]),
+            Z_b=[rec.augmented_inputs() for rec in res_b.layers],
+            g_b=list(grads[L:]),
+        )
+
+    # ---- parameters in the block layout --------------------------------------------------
+
+    def blocks(self) -> Blocks:
+        """The current parameters as blocks ``[W | b]`` (copies).
+
+        Returns:
+            Blocks ``[out, in + 1]`` per layer.
+        """
+        return [self._block(m.weight, m.bias) for m in self.layers]
+
+    @staticmethod
+    def _block(W: Tensor, b: Tensor | None) -> Tensor:
+        return W.detach().clone() if b is None else torch.cat([W.detach(), b.detach()[:, None]], 1)
+
+    @torch.no_grad()
+    def set_blocks(self, blocks: Sequence[Tensor]) -> None:
+        """Write parameters given as blocks into the model.
+
+        Args:
+            blocks: ``[out, in + 1]`` per layer.
+        """
+        for m, B in zip(self.layers, blocks):
+            if m.bias is None:
+                m.weight.copy_(B)
+            else:
+                m.weight.copy_(B[:, :-1])
+                m.bias.copy_(B[:, -1])
+
+    def _to_dict(self, blocks: Sequence[Tensor]) -> dict[str, Tensor]:
+        out = {}
+        for (wn, bn), B in zip(self._names, blocks):
+            out[wn] = B if bn is None else B[:, :-1]
+            if bn is not None:
+                out[bn] = B[:, -1]
+        return out
+
+    # ---- torch.func reference implementations -------------------------------------------
+
+    def _functional(self, params: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        return functional_call(
+            _Residuals(self), {f"loss_model.{k}": v for k, v in params.items()}, ()
+        )
+
+    def func_gramian_vector_product(self, v: Blocks) -> Blocks:
+        """``G v`` by ``J v`` (``torch.func.jvp``) and ``J^T (J v)`` (``torch.func.vjp``) of the
+        residuals in the parameters: exact, independent of the Taylor-axis factorization.
+
+        Args:
+            v: blocks ``[out, in + 1]`` per layer.
+
+        Returns:
+            Blocks ``[out, in + 1]`` per layer.
+        """
+        params = self._to_dict(self.blocks())
+        tangents = self._to_dict(v)
+        _, (Jv, Jbv) = jvp(self._functional, (params,), (tangents,))
+        _, pullback = vjp(self._functional, params)
+        (grad,) = pullback((Jv / Jv.shape[0], Jbv / Jbv.shape[0]))
+        return [self._block(grad[wn], None if bn is None else grad[bn]) for wn, bn in self._names]
+
+    def func_gramian(self) -> Tensor:
+        """The dense Gramian from full Jacobians (``torch.func.jacrev``; small networks).
+
+        Returns:
+            ``[P, P]`` in the flat block layout.
+        """
+        J, Jb = jacrev(self._functional)(self._to_dict(self.blocks()))
+
+        def flat(jac: dict[str, Tensor]) -> Tensor:
+            n = next(iter(jac.values())).shape[0]
+            cols = [
+                torch.cat([jac[wn], jac[bn][..., None]], 2) if bn else jac[wn]
+                for wn, bn in self._names
+            ]
+            return torch.cat([c.reshape(n, -1) for c in cols], 1)
+
+        Jf, Jbf = flat(J), flat(Jb)
+        return Jf.T @ Jf / Jf.shape[0] + Jbf.T @ Jbf / Jbf.shape[0]
+
+
+class _Residuals(nn.Module):
+    """Wraps a loss so that ``torch.func.functional_call`` can swap its model's parameters."""
+
+    def __init__(self, loss: PINNLoss) -> None:
+        super().__init__()
+        self.loss_model = loss.model
+        self._loss = loss
+
+    def forward(self) -> tuple[Tensor, Tensor]:
+        return self._loss.residuals()
+
+
+def flatten(blocks: Sequence[Tensor]) -> Tensor:
+    """Concatenate blocks into the flat parameter layout.
+
+    Args:
+        blocks: ``[out, in + 1]`` per layer.
+
+    Returns:
+        ``[P]``.
+    """
+    return torch.cat([B.reshape(-1) for B in blocks])
+
+
+def unflatten(vector: Tensor, like: Sequence[Tensor]) -> Blocks:
+    """Split a flat vector into blocks shaped like ``like``.
+
+    Args:
+        vector: ``[P]``.
+        like: blocks giving the shapes.
+
+    Returns:
+        Blocks with the shapes of ``like``.
+    """
+    sizes = [B.numel() for B in like]
+    return [v.reshape(B.shape) for v, B in zip(torch.split(vector, sizes), like)]
+
+
+def dot(u: Sequence[Tensor], v: Sequence[Tensor]) -> Tensor:
+    """Inner product of two block vectors.
+
+    Args:
+        u: blocks.
+        v: blocks of the same shapes.
+
+    Returns:
+        A scalar tensor.
+    """
+    return sum((a * b).sum() for a, b in zip(u, v))  # type: ignore[return-value]

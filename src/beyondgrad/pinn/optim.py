@@ -1,0 +1,226 @@
+"""Optimizers for PINN losses: KFAC with the exact Kronecker-sum inverse, and ENGD.
+
+Both are plain stepping classes (not ``torch.optim.Optimizer``): they own a
+:class:`~beyondgrad.pinn.PINNLoss` (model, problem, points) and ``step()`` performs one
+iteration and returns the loss before it. Step sizes come either from a line search on a
+logarithmic grid (the loss evaluated at every grid point, the best taken) or, for
+:class:`KFACPINN` with ``step_rule="auto"``, from Martens & Grosse's automatic learning rate and
+momentum: the minimizer of the damped quadratic model over ``alpha * Delta + mu * delta_prev``,
+which costs two Gramian-vector products (here Jacobian-vector products of the residuals).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .kron import KroneckerSumInverse, damped_kronecker_sum_inverse
+from .loss import Blocks, Evaluation, PINNLoss, dot, flatten, unflatten
+
+#: the default step sizes of the line search: 2^0, 2^-1, ..., 2^-30
+LOG_GRID: tuple[float, ...] = tuple(2.0**-k for k in range(31))
+
+
+def line_search(loss: PINNLoss, start: Blocks, direction: Blocks, grid: Sequence[float]) -> float:
+    """Pick the step size of the grid with the smallest loss and move the model there.
+
+    Args:
+        loss: the loss (its model is left at ``start + best * direction``).
+        start: blocks, the current parameters.
+        direction: blocks, the update direction.
+        grid: the step sizes tried.
+
+    Returns:
+        The chosen step size.
+    """
+    best, best_lr = float("inf"), 0.0
+    for lr in grid:
+        loss.set_blocks([p + lr * d for p, d in zip(start, direction)])
+        with torch.no_grad():
+            value = float(loss.value())
+        if value < best:
+            best, best_lr = value, lr
+    loss.set_blocks([p + best_lr * d for p, d in zip(start, direction)])
+    return best_lr
+
+
+class KFACPINN:
+    """KFAC for PINN losses (Dangel, Mueller & Zeinhofer 2024).
+
+    Per linear layer the Gramian block is approximated by ``B kron A + B_b kron A_b`` (interior:
+    KFAC-expand over the Taylor axis; boundary: standard KFAC; see
+    :meth:`Evaluation.kfac_factors`), the factors are averaged over steps (exponential moving
+    average) and damped by ``damping`` each; the preconditioned gradient
+    ``Delta = -(B~ kron A~ + B~_b kron A~_b)^{-1} grad`` uses the exact inverse of the Kronecker
+    sum (:class:`~beyondgrad.pinn.KroneckerSumInverse`).
+
+    Step rules: ``"line_search"``: ``d = Delta + momentum * d_prev``, step size by the line
+    search on ``grid``; ``"auto"``: ``alpha * Delta + mu * update_prev`` with ``alpha``, ``mu``
+    minimizing ``1/2 x^T (G + damping I) x + grad^T x`` (the exact Gramian ``G``, two
+    Jacobian-vector products), the damping adapted by the Levenberg-Marquardt rule (one more loss
+    evaluation per step; a step that increases the loss is undone).
+
+    Args:
+        loss: the :class:`~beyondgrad.pinn.PINNLoss` to minimize.
+        damping: added to every Kronecker factor (and to the Gramian of the auto rule).
+        ema: weight of the old factors in the moving average (``0``: current factors only).
+        momentum: momentum of the line-search rule.
+        step_rule: ``"line_search"`` or ``"auto"``.
+        grid: the step sizes of the line search.
+        adapt: factor of the Levenberg-Marquardt damping adaptation of the auto rule (``1``:
+            fixed damping); the damping then stays within ``[min_damping, max_damping]``.
+        min_damping: lower bound of the adapted damping.
+        max_damping: upper bound of the adapted damping.
+    """
+
+    def __init__(
+        self,
+        loss: PINNLoss,
+        damping: float = 1e-6,
+        ema: float = 0.95,
+        momentum: float = 0.3,
+        step_rule: str = "line_search",
+        grid: Sequence[float] = LOG_GRID,
+        adapt: float = 3.0,
+        min_damping: float = 1e-10,
+        max_damping: float = 1e4,
+    ) -> None:
+        if step_rule not in ("line_search", "auto"):
+            raise ValueError(f"step_rule must be 'line_search' or 'auto', got {step_rule!r}")
+        self.loss, self.damping, self.ema, self.momentum = loss, damping, ema, momentum
+        self.step_rule, self.grid = step_rule, tuple(grid)
+        self.adapt, self.min_damping, self.max_damping = adapt, min_damping, max_damping
+        self.factors: list[list[Tensor]] | None = None
+        self.previous: Blocks | None = None
+        self.steps = 0
+
+    def _update_factors(self, ev: Evaluation) -> list[KroneckerSumInverse]:
+        new = [list(f) for f in ev.kfac_factors()]
+        if self.factors is None:
+            self.factors = new
+        else:
+            self.factors = [
+                [self.ema * old + (1 - self.ema) * cur for old, cur in zip(olds, curs)]
+                for olds, curs in zip(self.factors, new)
+            ]
+        return [damped_kronecker_sum_inverse(*f, damping=self.damping) for f in self.factors]
+
+    def natural_gradient(self, ev: Evaluation) -> Blocks:
+        """Update the factors and return ``Delta = -(KFAC)^{-1} grad``.
+
+        Args:
+            ev: the evaluation at the current parameters.
+
+        Returns:
+            Blocks ``[out, in + 1]`` per layer.
+        """
+        inverses = self._update_factors(ev)
+        return [-(inv @ g) for inv, g in zip(inverses, ev.gradient())]
+
+    def _auto(self, ev: Evaluation, grad: Blocks, delta: Blocks) -> tuple[Blocks, float]:
+        """Martens' automatic step: ``alpha delta + mu previous`` minimizing the quadratic model.
+
+        Returns the update and the model's predicted change of the loss (undamped Gramian).
+        """
+        dirs = [delta] if self.previous is None else [delta, self.previous]
+        jv = [ev.jvp(v) for v in dirs]
+        n, n_b, k = ev.r.shape[0], ev.r_b.shape[0], len(dirs)
+        Q = torch.empty(k, k, dtype=ev.r.dtype)
+        D = torch.empty(k, k, dtype=ev.r.dtype)
+        for i in range(k):
+            for j in range(k):
+                Q[i, j] = (jv[i][0] @ jv[j][0]) / n + (jv[i][1] @ jv[j][1]) / n_b
+                D[i, j] = dot(dirs[i], dirs[j])
+        lin = torch.stack([dot(grad, v) for v in dirs])
+        coef = torch.linalg.lstsq(Q + self.damping * D, -lin[:, None]).solution[:, 0]
+        predicted = float(0.5 * coef @ Q @ coef + lin @ coef)
+        update = [sum(c * v[i] for c, v in zip(coef, dirs)) for i in range(len(delta))]
+        return update, predicted  # type: ignore[return-value]
+
+    def _auto_step(self, ev: Evaluation, start: Blocks, delta: Blocks) -> None:
+        """Take the automatic step; adapt the damping by the reduction ratio (Levenberg-
+        Marquardt: ``rho < 1/4`` raises it, ``rho > 3/4`` lowers it, by ``self.adapt``) and
+        undo a step that increases the loss."""
+        update, predicted = self._auto(ev, ev.gradient(), delta)
+        self.loss.set_blocks([p + u for p, u in zip(start, update)])
+        if self.adapt == 1.0:
+            self.previous = update
+            return
+        with torch.no_grad():
+            actual = float(self.loss.value()) - ev.loss
+        rho = actual / predicted if predicted < 0 else -1.0
+        if rho < 0.25:
+            self.damping = min(self.damping * self.adapt, self.max_damping)
+        elif rho > 0.75:
+            self.damping = max(self.damping / self.adapt, self.min_damping)
+        if actual > 0:  # rejected: back to the start, no momentum
+            self.loss.set_blocks(start)
+            self.previous = None
+        else:
+            self.previous = update
+
+    def step(self) -> float:
+        """One iteration.
+
+        Returns:
+            The loss before the step.
+        """
+        ev = self.loss.evaluate()
+        delta = self.natural_gradient(ev)
+        start = self.loss.blocks()
+        if self.step_rule == "auto":
+            self._auto_step(ev, start, delta)
+        else:
+            if self.previous is not None:
+                delta = [d + self.momentum * p for d, p in zip(delta, self.previous)]
+            line_search(self.loss, start, delta, self.grid)
+            self.previous = delta
+        self.steps += 1
+        return ev.loss
+
+
+class ENGD:
+    """Energy natural gradient descent (Mueller & Zeinhofer 2023): the exact Gramian, a damped
+    solve and a line search; ``O(P^3)`` per step, for small networks only.
+
+    The direction is ``-(G + damping I)^{-1} grad`` (least squares when ``damping == 0``).
+
+    Args:
+        loss: the :class:`~beyondgrad.pinn.PINNLoss` to minimize.
+        damping: added to the Gramian's diagonal.
+        grid: the step sizes of the line search.
+    """
+
+    def __init__(
+        self, loss: PINNLoss, damping: float = 1e-10, grid: Sequence[float] = LOG_GRID
+    ) -> None:
+        self.loss, self.damping, self.grid, self.steps = loss, damping, tuple(grid), 0
+
+    def direction(self, ev: Evaluation) -> Blocks:
+        """The damped Gauss-Newton direction.
+
+        Args:
+            ev: the evaluation at the current parameters.
+
+        Returns:
+            Blocks ``[out, in + 1]`` per layer.
+        """
+        grad = ev.gradient()
+        G = ev.gramian()
+        G = G + self.damping * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+        g = flatten(grad)
+        step = torch.linalg.lstsq(G, g[:, None], driver="gelsd" if G.device.type == "cpu" else None)
+        return unflatten(-step.solution[:, 0], grad)
+
+    def step(self) -> float:
+        """One iteration.
+
+        Returns:
+            The loss before the step.
+        """
+        ev = self.loss.evaluate()
+        line_search(self.loss, self.loss.blocks(), self.direction(ev), self.grid)
+        self.steps += 1
+        return ev.loss
