@@ -39,11 +39,12 @@ from torch import Tensor, nn
 
 from . import curvature as cv
 from . import reductions as r
+from . import state as st
 from ._engine import SamplesCoupled, StepWatch, samples_coupled, watch_step
 from .instruments import REGISTRY, Instrument, resolve
 from .runlog import RunLog
 from .schedules import every
-from .updates import UpdateTracker
+from .updates import Armed, UpdateTracker
 
 Schedule = Callable[[int], bool]
 _LOSS = REGISTRY["Loss"]  # logged on every tracked step
@@ -316,6 +317,71 @@ class Cockpit:
             self._emit({"step": record["step"], **scalars})
         if update.alpha_start is not None:
             self._alpha_start = update.alpha_start
+
+    # -- state --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The Cockpit's state between steps, for checkpoints (``torch.save``; loads with
+        ``torch.load(weights_only=True)``).
+
+        Holds the random generator, Distance's reference point, the records, Alpha's pending
+        start point, a tracked step whose update is not measured yet, and the instruments
+        dropped and warnings given (:mod:`beyondgrad.cockpit.state`). Restored into a Cockpit
+        of the same model and configuration by :meth:`load_state_dict`, the next steps log
+        exactly what an uninterrupted run logs. Take it between steps (after
+        ``optimizer.step()``), not inside the ``with cockpit(step)`` block.
+
+        Returns:
+            A dict of tensors, numbers, strings, lists and dicts.
+        """
+        armed = self._updates.armed
+        return {
+            "format": st.FORMAT,
+            "generator": st.generator_state(self.generator),
+            "initial": {n: t.detach().clone() for n, t in self.initial.items()},
+            "records": st.records_state(self.records),
+            "alpha_start": st.alpha_start_state(self._alpha_start),
+            "armed": None
+            if armed is None
+            else {
+                "step": int(armed.record["step"]),
+                "before": {n: t.detach().clone() for n, t in armed.before.items()},
+                "losses": armed.losses,
+                "c": armed.c,
+            },
+            "dropped": dict(self.dropped),
+            "warned": sorted(self._warned),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (tensors are moved to the parameters' devices).
+
+        Args:
+            state: a state from :meth:`state_dict` of a Cockpit on the same model.
+
+        Raises:
+            ValueError: not a Cockpit state, or one of a model with other parameters.
+        """
+        st.check_format(state)
+        self.generator.set_state(state["generator"].cpu())
+        if state["initial"]:
+            st.check_names(state["initial"], self.params, "reference point")
+        self.initial = st.on_devices(state["initial"], self.params) if state["initial"] else {}
+        self.records = st.records_state(state["records"])
+        self._alpha_start = st.load_alpha_start(state["alpha_start"], self.params)
+        self._updates.armed = self._load_armed(state["armed"])
+        self.dropped = dict(state["dropped"])
+        self._warned = set(state["warned"])
+
+    def _load_armed(self, saved: dict[str, Any] | None) -> Armed | None:
+        if saved is None:
+            return None
+        st.check_names(saved["before"], self.params, "pending update")
+        step = saved["step"]
+        record = next((rec for rec in reversed(self.records) if rec["step"] == step), None)
+        if record is None:
+            record = {"step": step}
+        before = st.on_devices(saved["before"], self.params)
+        return Armed(record, before, None, saved["losses"], float(saved["c"]))
 
     # -- outputs --------------------------------------------------------------------------------
     def _emit(self, record: dict[str, Any]) -> None:

@@ -11,13 +11,13 @@ tracked says so instead of failing.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .instruments import REGISTRY
 from .panels import Panel, line
+from .runlog import parse_log
 
 _METRICS = Panel((3, 1), "Metrics")
 _LR = Panel((3, 2), "Learning rate", log=True)
@@ -25,7 +25,8 @@ _LR = Panel((3, 2), "Learning rate", log=True)
 
 def load(path: str | Path) -> list[dict[str, Any]]:
     """Records from a ``cockpit.jsonl`` log (or a run directory holding one); partial lines
-    of the same step are merged.
+    of the same step are merged. A truncated last line (a run killed while writing it) is
+    skipped with a ``RuntimeWarning``.
 
     Args:
         path: a ``cockpit.jsonl`` file or a directory holding one.
@@ -35,6 +36,7 @@ def load(path: str | Path) -> list[dict[str, Any]]:
 
     Raises:
         FileNotFoundError: no log at ``path``.
+        ValueError: a malformed line before the last one.
     """
     path = Path(path)
     if path.is_dir():
@@ -42,12 +44,8 @@ def load(path: str | Path) -> list[dict[str, Any]]:
     if not path.exists():
         raise FileNotFoundError(f"no cockpit log at {path}")
     merged: dict[int, dict[str, Any]] = {}
-    with open(path) as f:
-        for text in f:
-            text = text.strip()
-            if text:
-                record = json.loads(text)
-                merged.setdefault(record["step"], {}).update(record)
+    for record in parse_log(path):
+        merged.setdefault(record["step"], {}).update(record)
     return [merged[k] for k in sorted(merged)]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -50,4 +51,41 @@ class RunLog:
             self._tb = None
 
 
-__all__ = ["RunLog"]
+def parse_log(path: Path) -> list[dict[str, Any]]:
+    """The JSON records of a ``cockpit.jsonl`` file, in file order.
+
+    A last line that is not a complete record (a write cut short when the run was killed) is
+    skipped with a ``RuntimeWarning``; blank lines are ignored.
+
+    Args:
+        path: the log file.
+
+    Returns:
+        The records (dicts with an integer ``"step"``).
+
+    Raises:
+        ValueError: a malformed line before the last one.
+    """
+    lines = [(i, t) for i, t in enumerate(path.read_text().splitlines(), 1) if t.strip()]
+    records: list[dict[str, Any]] = []
+    for k, (i, text) in enumerate(lines):
+        try:
+            record = json.loads(text)
+            ok = isinstance(record, dict) and isinstance(record.get("step"), int)
+        except json.JSONDecodeError:
+            ok = False
+        if ok:
+            records.append(record)
+        elif k == len(lines) - 1:
+            warnings.warn(
+                f"{path}: skipped a truncated last line ({i}); the run was probably killed "
+                "while writing it",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        else:
+            raise ValueError(f"{path} is not a Cockpit log: line {i} is not a JSON record")
+    return records
+
+
+__all__ = ["RunLog", "parse_log"]
