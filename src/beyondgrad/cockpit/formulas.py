@@ -129,16 +129,33 @@ def effective_rank(eigenvalues: Tensor) -> float:
     return total**2 / float((ev**2).sum()) if total > 0 else 0.0
 
 
+def robust_limit(values: Tensor, quantile: float = 1.0) -> float:
+    """The ``quantile`` of ``|values|`` (1: the largest), the largest if that is 0, else 1:
+    a histogram range that one outlier does not stretch."""
+    mags = values.detach().abs().reshape(-1)
+    if not mags.numel():
+        return 1.0
+    if mags.dtype not in (torch.float32, torch.float64):
+        mags = mags.float()
+    limit = float(torch.quantile(mags, quantile)) if quantile < 1 else 0.0
+    return limit or float(mags.max()) or 1.0
+
+
 def histogram(values: Tensor, bins: int, limit: float) -> dict[str, Any]:
-    """Counts of ``values`` in ``bins`` equal bins over ``[-limit, limit]`` (clamped)."""
+    """Counts of ``values`` in ``bins`` equal bins over ``[-limit, limit]``; values beyond
+    are counted in the edge bins, and their number is ``"clipped"``."""
     counts = torch.histc(values.float().clamp(-limit, limit), bins=bins, min=-limit, max=limit)
-    return {"limit": limit, "counts": counts.tolist()}
+    clipped = int((values.abs() > limit).sum())
+    return {"limit": limit, "counts": counts.tolist(), "clipped": clipped}
 
 
-def histogram2d(params: Tensor, values: Tensor, bins: int, limit: float) -> dict[str, Any]:
+def histogram2d(
+    params: Tensor, values: Tensor, bins: int, limit: float, quantile: float = 1.0
+) -> dict[str, Any]:
     """Counts of the pairs ``(params[i], values[i])`` in ``bins x bins`` equal bins over
-    ``[-p, p] x [-limit, limit]`` with ``p = max |params|`` (clamped)."""
-    p_lim = float(params.abs().max()) or 1.0
+    ``[-p, p] x [-limit, limit]`` with ``p`` the ``quantile`` of ``|params|``
+    (:func:`robust_limit`); pairs beyond are counted in the edge bins."""
+    p_lim = robust_limit(params, quantile)
     pairs = torch.stack(
         [params.float().clamp(-p_lim, p_lim), values.float().clamp(-limit, limit)], 1
     )
@@ -154,4 +171,5 @@ __all__ = [
     "gradient_tests",
     "histogram",
     "histogram2d",
+    "robust_limit",
 ]
