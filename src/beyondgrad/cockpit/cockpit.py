@@ -44,7 +44,7 @@ from . import state as st
 from ._engine import SamplesCoupled, StepWatch, samples_coupled, watch_step
 from .drawing import Drawer
 from .instruments import REGISTRY, Instrument, resolve
-from .runlog import RunLog
+from .runlog import RunLog, wandb_module
 from .schedules import every
 from .updates import Armed, UpdateTracker
 
@@ -101,6 +101,9 @@ class Cockpit:
             lines in the dashboard's metric panels.
         hist_quantile: the gradient histograms span this quantile of the sampled entries'
             magnitudes (entries beyond fall in the edge bins; 1: the largest entry).
+        wandb: log the numbers to Weights & Biases (``cockpit/<name>`` at the step): None
+            (default) when the program has imported ``wandb`` and a run is active; True:
+            required; False: never.
     """
 
     def __init__(
@@ -122,6 +125,7 @@ class Cockpit:
         on_undefined: str = "drop",
         targets: dict[str, float] | None = None,
         hist_quantile: float = 0.99,
+        wandb: bool | None = None,
     ):
         selected = resolve(config)
         if loss_fn.reduction not in ("mean", "sum"):  # type: ignore[operator]
@@ -149,7 +153,12 @@ class Cockpit:
         self.dropped: dict[str, str] = {}
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.plot_every = plot_every
-        self._log = RunLog(self.log_dir, tensorboard) if self.log_dir is not None else None
+        run = wandb_module(wandb)
+        self._log = (
+            RunLog(self.log_dir, tensorboard and self.log_dir is not None, run)
+            if self.log_dir is not None or run is not None
+            else None
+        )
         self._warned: set[str] = set()
         self._hooked: set[int] = set()
         self._updates = UpdateTracker(self.params)
