@@ -124,6 +124,7 @@ def test_background_drawing_never_blocks_a_step(tmp_path, monkeypatch):
     assert finished_while_drawing and timed_out == [False]
     assert calls == [1, 4, 4]  # step 0; the newest of steps 1-3; the final one at close()
     assert cockpit.draws == 3 and cockpit.draw_seconds > 0
+    assert not any(t.name == "beyondgrad-dashboard" for t in threading.enumerate())  # idle: gone
 
 
 def test_background_failure_is_a_warning_not_a_crash(tmp_path, monkeypatch):

@@ -30,7 +30,6 @@ class Drawer:
         self._draw_lock = threading.Lock()  # one draw at a time, worker or caller
         self._pending: Job | None = None
         self._busy = False
-        self._closing = False
         self._thread: threading.Thread | None = None
         self._errors: list[BaseException] = []
         #: seconds spent drawing (worker and :meth:`run`), and the number of draws
@@ -42,8 +41,7 @@ class Drawer:
         self._report()
         with self._cond:
             self._pending = job
-            if self._thread is None or not self._thread.is_alive():
-                self._closing = False
+            if self._thread is None:  # the worker lives while there is work
                 self._thread = threading.Thread(
                     target=self._loop, name="beyondgrad-dashboard", daemon=True
                 )
@@ -63,21 +61,19 @@ class Drawer:
         self._report()
 
     def close(self) -> None:
-        """Finish the jobs and stop the worker thread."""
+        """Finish the jobs; the worker thread ends (it lives only while there is work)."""
         self.wait()
         with self._cond:
-            self._closing = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+            thread = self._thread
+        if thread is not None:
+            thread.join()
 
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while self._pending is None and not self._closing:
-                    self._cond.wait()
-                if self._pending is None:
+                if self._pending is None:  # no more work: the thread ends
+                    self._thread = None
+                    self._cond.notify_all()
                     return
                 job, self._pending, self._busy = self._pending, None, True
             try:
