@@ -30,10 +30,8 @@ from .optimizers import make_optimizer, task_settings
 from .rundir import (
     RunDirError,
     check_writable,
-    draw_dashboard,
     load_checkpoint,
     prepare,
-    read_log,
     save_checkpoint,
     truncate_log,
     write_json,
@@ -164,12 +162,13 @@ class _Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda step: lr_factor(config, step)
         )
-        self.cockpit = None
+        self.cockpit, task_target = None, self.task.target
         if config.cockpit != "none":
             self.cockpit = Cockpit(
                 self.model, self.task.loss_fn, config=config.cockpit,
                 schedule=every(config.track_every), log_dir=self.out,
                 tensorboard=config.tensorboard,
+                targets={} if task_target is None else {self.task.metric_key: task_target},
             )  # fmt: skip
         self.stop = _Stop()
 
@@ -296,7 +295,7 @@ class _Run:
         if step % config.checkpoint_every == 0 and step < config.steps:
             self.checkpoint()
         if self.cockpit is not None and step % config.plot_every == 0 and step < config.steps:
-            self._dashboard()
+            self._dashboard(wait=False)  # drawn in the Cockpit's background worker
 
     def _bar(self) -> Any:
         if not self.config.progress:
@@ -309,12 +308,12 @@ class _Run:
         return tqdm(total=c.steps, initial=self.progress.step, desc=f"{c.task} {c.optimizer}",
                     unit="step")  # fmt: skip
 
-    def _dashboard(self) -> None:
-        if (self.out / "cockpit.jsonl").stat().st_size == 0:
+    def _dashboard(self, wait: bool = True) -> None:
+        if self.cockpit is None or not self.cockpit.records:
             return
         c = self.config
         title = f"{c.task} / {c.optimizer} / cockpit {c.cockpit}"
-        draw_dashboard(read_log(self.out), self.out / "dashboard.png", title)
+        self.cockpit.plot(self.out / "dashboard.png", title=title, wait=wait)  # atomic writes
 
     def _finish(self, status: str, consistent: bool) -> dict[str, Any]:
         """Final evaluation (when finished), checkpoint (unless stopped in the middle of an
@@ -345,10 +344,11 @@ class _Run:
             "ms_per_step": 1e3 * p.elapsed / max(p.step, 1),
             "routing": self.opt.routing() if hasattr(self.opt, "routing") else None,
         }
-        write_json(self.out / "summary.json", summary)
         if self.cockpit is not None:
             self.cockpit.close()
             self._dashboard()
+            summary["dashboard_seconds"] = self.cockpit.draw_seconds  # not in train_seconds
+        write_json(self.out / "summary.json", summary)
         return summary | {"out": str(self.out)}
 
 

@@ -4,7 +4,7 @@ dashboard. See :class:`Cockpit`, :class:`Instrument` and
 :mod:`beyondgrad.cockpit.instruments`."""
 
 from .cockpit import Cockpit
-from .dashboard import draw, load
+from .dashboard import draw, figure, load
 from .instruments import BUSINESS, ECONOMY, FULL, INSTRUMENTS, PRESETS, REGISTRY, Instrument
 from .panels import Panel
 from .schedules import every, logarithmic
@@ -21,6 +21,7 @@ __all__ = [
     "Panel",
     "draw",
     "every",
+    "figure",
     "load",
     "logarithmic",
 ]

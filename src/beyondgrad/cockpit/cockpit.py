@@ -38,12 +38,15 @@ import torch
 from torch import Tensor, nn
 
 from . import curvature as cv
+from . import dashboard
 from . import reductions as r
+from . import state as st
 from ._engine import SamplesCoupled, StepWatch, samples_coupled, watch_step
+from .drawing import Drawer
 from .instruments import REGISTRY, Instrument, resolve
-from .runlog import RunLog
+from .runlog import RunLog, wandb_module
 from .schedules import every
-from .updates import UpdateTracker
+from .updates import Armed, UpdateTracker
 
 Schedule = Callable[[int], bool]
 _LOSS = REGISTRY["Loss"]  # logged on every tracked step
@@ -77,7 +80,9 @@ class Cockpit:
             or :func:`~beyondgrad.cockpit.logarithmic`; default every step).
         log_dir: write ``cockpit.jsonl`` there (one JSON record per tracked step).
         tensorboard: also write TensorBoard scalars (needs the ``tensorboard`` package).
-        plot_every: redraw ``log_dir/dashboard.png`` every that many tracked steps.
+        plot_every: redraw ``log_dir/dashboard.png`` every that many tracked steps, in a
+            background thread that never blocks a step (a newer request replaces one still
+            waiting), and once more at :meth:`close`.
         hist_bins: bins of the gradient histograms.
         hist_entries: random per-sample gradient entries per layer in the histograms ...
         hist_samples: ... drawn from that many samples.
@@ -92,6 +97,13 @@ class Cockpit:
             second derivative): ``"drop"`` (default) leaves it out of that step's record,
             lists it under the record's ``"dropped"`` key and in :attr:`dropped`, and warns
             once per reason; ``"raise"`` raises a ``RuntimeError`` naming the reason.
+        targets: ``{metric: target}`` (e.g. ``{"val_accuracy": 0.97}``), drawn as dashed
+            lines in the dashboard's metric panels.
+        hist_quantile: the gradient histograms span this quantile of the sampled entries'
+            magnitudes (entries beyond fall in the edge bins; 1: the largest entry).
+        wandb: log the numbers to Weights & Biases (``cockpit/<name>`` at the step): None
+            (default) when the program has imported ``wandb`` and a run is active; True:
+            required; False: never.
     """
 
     def __init__(
@@ -111,10 +123,15 @@ class Cockpit:
         curvature_mc: int | None = 1,
         seed: int = 0,
         on_undefined: str = "drop",
+        targets: dict[str, float] | None = None,
+        hist_quantile: float = 0.99,
+        wandb: bool | None = None,
     ):
         selected = resolve(config)
         if loss_fn.reduction not in ("mean", "sum"):  # type: ignore[operator]
             raise ValueError("the Cockpit needs a loss reduced by 'mean' or 'sum'")
+        if not 0 < hist_quantile <= 1:
+            raise ValueError(f"hist_quantile must be in (0, 1], got {hist_quantile}")
         if on_undefined not in ("drop", "raise"):
             raise ValueError(f"on_undefined must be 'drop' or 'raise', got {on_undefined!r}")
         self.model, self.loss_fn, self.selected = model, loss_fn, selected
@@ -122,7 +139,8 @@ class Cockpit:
         self.config = config if isinstance(config, str) else "custom"
         self.schedule = schedule or every(1)
         self.on_undefined = on_undefined
-        self.settings = r.Settings(hist_bins, hist_entries, hist_samples)
+        self.settings = r.Settings(hist_bins, hist_entries, hist_samples, hist_quantile)
+        self.targets = dict(targets or {})
         self.curvature = cv.CurvatureSettings(spectra_k, hess_iters, curvature_mc)
         self.generator = torch.Generator().manual_seed(seed)
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -135,11 +153,17 @@ class Cockpit:
         self.dropped: dict[str, str] = {}
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.plot_every = plot_every
-        self._log = RunLog(self.log_dir, tensorboard) if self.log_dir is not None else None
+        run = wandb_module(wandb)
+        self._log = (
+            RunLog(self.log_dir, tensorboard and self.log_dir is not None, run)
+            if self.log_dir is not None or run is not None
+            else None
+        )
         self._warned: set[str] = set()
         self._hooked: set[int] = set()
         self._updates = UpdateTracker(self.params)
         self._alpha_start: dict[str, Any] | None = None  # start point of the last update
+        self._drawer = Drawer()
 
     # -- schedule -----------------------------------------------------------------------------
     def tracks(self, step: int) -> bool:
@@ -317,6 +341,71 @@ class Cockpit:
         if update.alpha_start is not None:
             self._alpha_start = update.alpha_start
 
+    # -- state --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The Cockpit's state between steps, for checkpoints (``torch.save``; loads with
+        ``torch.load(weights_only=True)``).
+
+        Holds the random generator, Distance's reference point, the records, Alpha's pending
+        start point, a tracked step whose update is not measured yet, and the instruments
+        dropped and warnings given (:mod:`beyondgrad.cockpit.state`). Restored into a Cockpit
+        of the same model and configuration by :meth:`load_state_dict`, the next steps log
+        exactly what an uninterrupted run logs. Take it between steps (after
+        ``optimizer.step()``), not inside the ``with cockpit(step)`` block.
+
+        Returns:
+            A dict of tensors, numbers, strings, lists and dicts.
+        """
+        armed = self._updates.armed
+        return {
+            "format": st.FORMAT,
+            "generator": st.generator_state(self.generator),
+            "initial": {n: t.detach().clone() for n, t in self.initial.items()},
+            "records": st.records_state(self.records),
+            "alpha_start": st.alpha_start_state(self._alpha_start),
+            "armed": None
+            if armed is None
+            else {
+                "step": int(armed.record["step"]),
+                "before": {n: t.detach().clone() for n, t in armed.before.items()},
+                "losses": armed.losses,
+                "c": armed.c,
+            },
+            "dropped": dict(self.dropped),
+            "warned": sorted(self._warned),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (tensors are moved to the parameters' devices).
+
+        Args:
+            state: a state from :meth:`state_dict` of a Cockpit on the same model.
+
+        Raises:
+            ValueError: not a Cockpit state, or one of a model with other parameters.
+        """
+        st.check_format(state)
+        self.generator.set_state(state["generator"].cpu())
+        if state["initial"]:
+            st.check_names(state["initial"], self.params, "reference point")
+        self.initial = st.on_devices(state["initial"], self.params) if state["initial"] else {}
+        self.records = st.records_state(state["records"])
+        self._alpha_start = st.load_alpha_start(state["alpha_start"], self.params)
+        self._updates.armed = self._load_armed(state["armed"])
+        self.dropped = dict(state["dropped"])
+        self._warned = set(state["warned"])
+
+    def _load_armed(self, saved: dict[str, Any] | None) -> Armed | None:
+        if saved is None:
+            return None
+        st.check_names(saved["before"], self.params, "pending update")
+        step = saved["step"]
+        record = next((rec for rec in reversed(self.records) if rec["step"] == step), None)
+        if record is None:
+            record = {"step": step}
+        before = st.on_devices(saved["before"], self.params)
+        return Armed(record, before, None, saved["losses"], float(saved["c"]))
+
     # -- outputs --------------------------------------------------------------------------------
     def _emit(self, record: dict[str, Any]) -> None:
         if self._log is not None:
@@ -328,7 +417,7 @@ class Cockpit:
             and len(self.records) % self.plot_every == 0
             and record is self.records[-1]
         ):
-            self.plot(self.log_dir / "dashboard.png")
+            self.plot(self.log_dir / "dashboard.png", wait=False)
 
     def output(self) -> dict[int, dict[str, Any]]:
         """All tracked steps: ``{step: record}`` (later partial records merged in)."""
@@ -337,22 +426,51 @@ class Cockpit:
             out.setdefault(rec["step"], {}).update(rec)
         return out
 
-    def plot(self, path: str | Path, title: str | None = None) -> list[Path]:
-        """Draw the dashboard to ``path`` (PNG) and the same name with ``.svg``.
+    def plot(self, path: str | Path, title: str | None = None, wait: bool = True) -> list[Path]:
+        """Draw the dashboard of the records so far to ``path`` (PNG) and the same name with
+        ``.svg``, each written atomically.
 
         Args:
             path: the PNG file to write.
             title: the figure title (default: ``"Cockpit (<config>)"``).
+            wait: draw now, in this thread, after any background drawing (default); False:
+                hand it to the background worker and return at once (it never blocks a
+                training step; a newer request replaces one still waiting).
 
         Returns:
-            The two files written.
+            The two files (written when this returns, or once the worker has drawn them).
         """
-        from .dashboard import draw
+        records = list(self.output().values())  # a snapshot: later steps do not change it
+        title = title or f"Cockpit ({self.config})"
+        selected, targets = tuple(self.selected), dict(self.targets)
 
-        return draw(list(self.output().values()), path, title=title or f"Cockpit ({self.config})")
+        def job() -> list[Path]:
+            return dashboard.draw(records, path, title, selected, targets)
+
+        if wait:
+            return self._drawer.run(job)
+        self._drawer.submit(job)
+        path = Path(path)
+        return [path.with_suffix(".png"), path.with_suffix(".svg")]
+
+    @property
+    def draw_seconds(self) -> float:
+        """Seconds spent drawing dashboards so far (background and on demand), apart from
+        the training steps."""
+        return self._drawer.seconds
+
+    @property
+    def draws(self) -> int:
+        """Dashboards drawn so far."""
+        return self._drawer.count
 
     def close(self) -> None:
-        """Close the log files."""
+        """Finish background drawing (a last dashboard when ``plot_every`` is set) and close
+        the log files. The Cockpit stays usable for :meth:`plot` and :meth:`output`."""
+        self._drawer.close()
+        if self.plot_every and self.log_dir is not None and self.records:
+            self.plot(self.log_dir / "dashboard.png")
+            self._drawer.close()
         if self._log is not None:
             self._log.close()
 

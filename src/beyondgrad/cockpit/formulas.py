@@ -67,6 +67,39 @@ def curvature_statistics(sgs: Tensor, B: int, diag: Tensor, eps: float = 1e-7) -
     }
 
 
+def _mean_var(x: Tensor) -> tuple[float, float]:
+    """Mean of ``x`` and the variance of that mean (floored at 1e-12; 1 for one value), in
+    Python floats (exactly rounded sums: the same bits whatever the memory layout)."""
+    values = x.double().reshape(-1).tolist()
+    n = len(values)
+    mean = math.fsum(values) / n
+    var = math.fsum((v - mean) ** 2 for v in values) / (n - 1) / n if n > 1 else 1.0
+    return mean, max(var, 1e-12)
+
+
+def _least_squares(A: list[list[float]], y: list[float]) -> list[float]:
+    """``argmin ||A x - y||`` for a small full-rank ``A`` (rows x 3) by modified Gram-Schmidt
+    with one re-orthogonalization, in Python floats (deterministic to the bit)."""
+    cols = [[row[j] for row in A] for j in range(len(A[0]))]
+    n = len(cols)
+    Q: list[list[float]] = []
+    R = [[0.0] * n for _ in range(n)]
+    for j, v in enumerate(cols):
+        v = list(v)
+        for _ in range(2):
+            for i, q in enumerate(Q):
+                r = math.fsum(qk * vk for qk, vk in zip(q, v))
+                R[i][j] += r
+                v = [vk - r * qk for vk, qk in zip(v, q)]
+        R[j][j] = math.sqrt(math.fsum(vk * vk for vk in v))
+        Q.append([vk / R[j][j] for vk in v])
+    rhs = [math.fsum(qk * yk for qk, yk in zip(q, y)) for q in Q]
+    x = [0.0] * n
+    for i in reversed(range(n)):
+        x[i] = (rhs[i] - math.fsum(R[i][k] * x[k] for k in range(i + 1, n))) / R[i][i]
+    return x
+
+
 def alpha(f0: Tensor, df0: Tensor, f1: Tensor, df1: Tensor) -> float:
     """Normalized step length from per-sample losses and directional derivatives at the start
     (``f0``, ``df0``, ``[B0]``) and end (``f1``, ``df1``) of the step ``s`` (derivatives along
@@ -75,19 +108,12 @@ def alpha(f0: Tensor, df0: Tensor, f1: Tensor, df1: Tensor) -> float:
     ``1/tau* - 1`` with ``tau* = -b / (2a)`` the minimizer. Without a valley (``a <= 0``):
     ``-1`` when the fit still descends at the start, else ``1``; ``1`` when ``tau* <= 0``
     (the step went uphill)."""
-
-    def mean_var(x: Tensor) -> tuple[float, float]:
-        n = x.numel()
-        v = float(x.var()) / n if n > 1 else 1.0
-        return float(x.mean()), max(v, 1e-12)
-
-    (m0, v0), (d0, w0), (m1, v1), (d1, w1) = map(mean_var, (f0, df0, f1, df1))
+    (m0, v0), (d0, w0), (m1, v1), (d1, w1) = map(_mean_var, (f0, df0, f1, df1))
     # rows: q(0) = c, q'(0) = b, q(1) = a + b + c, q'(1) = 2a + b; unknowns (a, b, c)
-    M = torch.tensor([[0, 0, 1], [0, 1, 0], [1, 1, 1], [2, 1, 0]], dtype=torch.float64)
-    y = torch.tensor([m0, d0, m1, d1], dtype=torch.float64)
-    w = torch.tensor([1 / v0, 1 / w0, 1 / v1, 1 / w1], dtype=torch.float64).sqrt()
-    sol = torch.linalg.lstsq(M * w[:, None], y * w).solution
-    a, b = float(sol[0]), float(sol[1])
+    M = ((0.0, 0.0, 1.0), (0.0, 1.0, 0.0), (1.0, 1.0, 1.0), (2.0, 1.0, 0.0))
+    w = [math.sqrt(1 / v) for v in (v0, w0, v1, w1)]
+    a, b, _ = _least_squares([[wi * m for m in row] for wi, row in zip(w, M)],
+                             [wi * yi for wi, yi in zip(w, (m0, d0, m1, d1))])  # fmt: skip
     if a <= 0:  # no curvature along the step: the fit has no valley floor
         return -1.0 if b < 0 else 1.0
     tau = -b / (2 * a)
@@ -103,16 +129,33 @@ def effective_rank(eigenvalues: Tensor) -> float:
     return total**2 / float((ev**2).sum()) if total > 0 else 0.0
 
 
+def robust_limit(values: Tensor, quantile: float = 1.0) -> float:
+    """The ``quantile`` of ``|values|`` (1: the largest), the largest if that is 0, else 1:
+    a histogram range that one outlier does not stretch."""
+    mags = values.detach().abs().reshape(-1)
+    if not mags.numel():
+        return 1.0
+    if mags.dtype not in (torch.float32, torch.float64):
+        mags = mags.float()
+    limit = float(torch.quantile(mags, quantile)) if quantile < 1 else 0.0
+    return limit or float(mags.max()) or 1.0
+
+
 def histogram(values: Tensor, bins: int, limit: float) -> dict[str, Any]:
-    """Counts of ``values`` in ``bins`` equal bins over ``[-limit, limit]`` (clamped)."""
+    """Counts of ``values`` in ``bins`` equal bins over ``[-limit, limit]``; values beyond
+    are counted in the edge bins, and their number is ``"clipped"``."""
     counts = torch.histc(values.float().clamp(-limit, limit), bins=bins, min=-limit, max=limit)
-    return {"limit": limit, "counts": counts.tolist()}
+    clipped = int((values.abs() > limit).sum())
+    return {"limit": limit, "counts": counts.tolist(), "clipped": clipped}
 
 
-def histogram2d(params: Tensor, values: Tensor, bins: int, limit: float) -> dict[str, Any]:
+def histogram2d(
+    params: Tensor, values: Tensor, bins: int, limit: float, quantile: float = 1.0
+) -> dict[str, Any]:
     """Counts of the pairs ``(params[i], values[i])`` in ``bins x bins`` equal bins over
-    ``[-p, p] x [-limit, limit]`` with ``p = max |params|`` (clamped)."""
-    p_lim = float(params.abs().max()) or 1.0
+    ``[-p, p] x [-limit, limit]`` with ``p`` the ``quantile`` of ``|params|``
+    (:func:`robust_limit`); pairs beyond are counted in the edge bins."""
+    p_lim = robust_limit(params, quantile)
     pairs = torch.stack(
         [params.float().clamp(-p_lim, p_lim), values.float().clamp(-limit, limit)], 1
     )
@@ -128,4 +171,5 @@ __all__ = [
     "gradient_tests",
     "histogram",
     "histogram2d",
+    "robust_limit",
 ]

@@ -72,6 +72,7 @@ from .formulas import (
     gradient_tests,
     histogram,
     histogram2d,
+    robust_limit,
 )
 from .reductions import StepData
 
@@ -185,13 +186,14 @@ def _hist1d(data: StepData) -> dict[str, Any]:
 def _hist2d(data: StepData) -> dict[str, Any]:
     if data.hist_values is None or data.hist_params is None:
         return {}
-    bins = data.settings.hist_bins
-    return {"GradHist2d": histogram2d(data.hist_params, data.hist_values, bins, _limit(data))}
+    bins, q = data.settings.hist_bins, data.settings.hist_quantile
+    return {"GradHist2d": histogram2d(data.hist_params, data.hist_values, bins, _limit(data), q)}
 
 
 def _limit(data: StepData) -> float:
     assert data.hist_values is not None
-    return data.shared("hist_limit", lambda: float(data.hist_values.abs().max()) or 1.0)
+    q = data.settings.hist_quantile
+    return data.shared("hist_limit", lambda: robust_limit(data.hist_values, q))
 
 
 def _hess_trace(data: StepData) -> dict[str, Any]:
@@ -221,13 +223,18 @@ def _spectra(data: StepData) -> dict[str, Any]:
 _ALPHA = pn.Panel((0, 0), "Alpha", pn.alpha_histogram)
 _SIZES = pn.Panel((1, 0), "Distance / update size", log=True)
 _NORM = pn.Panel((2, 0), "Gradient norm", log=True)
-_TESTS = pn.Panel((0, 1), "Gradient tests", log=True)
+_TESTS = pn.Panel((0, 1), "Gradient tests (dashed: thresholds)", pn.gradient_tests, log=True)
 _HIST1 = pn.Panel((1, 1), "Gradient histogram (log counts)", pn.histogram_over_time)
 _HIST2 = pn.Panel((2, 1), "Parameters vs gradients", pn.last_histogram2d)
 _MAXEV = pn.Panel((0, 2), "Largest Hessian eigenvalue", log=True)
 _TRACE = pn.Panel((1, 2), "Curvature trace (GGN diagonal)", log=True)
 _TIC = pn.Panel((2, 2), "Takeuchi information criterion", log=True)
-_LOSS = pn.Panel((3, 0), "Mini-batch loss", log=True)
+_GNS = pn.Panel((3, 0), "Gradient noise scale (B_simple)", log=True)
+_GSNR = pn.Panel((3, 1), "Mean gradient signal-to-noise ratio", log=True)
+_SPECTRA = pn.Panel((3, 2), "Per-layer top GGN eigenvalue", pn.layer_spectra)
+_EARLY = pn.Panel((4, 0), "Early stopping", reference=(0.0, "stop when above"))
+_CABS = pn.Panel((4, 1), "CABS (suggested batch size)", log=True)
+_LOSS = pn.Panel((5, 0), "Mini-batch loss", log=True)
 
 _TEST_NEEDS = _needs(r.GRAD, r.BATCH_L2, r.DOTS)
 _ENTRY_NEEDS = _needs(r.GRAD, r.SGS, r.LR)
@@ -249,17 +256,17 @@ REGISTRY: dict[str, Instrument] = {
         Instrument("NormTest", _TEST_NEEDS, _pick(_tests, "NormTest"), _TESTS),
         Instrument("InnerTest", _TEST_NEEDS, _pick(_tests, "InnerTest"), _TESTS),
         Instrument("OrthoTest", _TEST_NEEDS, _pick(_tests, "OrthoTest"), _TESTS),
-        Instrument("GradNoiseScale", _TEST_NEEDS, _pick(_tests, "GradNoiseScale")),
+        Instrument("GradNoiseScale", _TEST_NEEDS, _pick(_tests, "GradNoiseScale"), _GNS),
         Instrument("GradHist1d", _needs(r.GRAD, r.ENTRIES), _hist1d, _HIST1),
-        Instrument("MeanGSNR", _ENTRY_NEEDS, _pick(_entries, "MeanGSNR")),
-        Instrument("EarlyStopping", _ENTRY_NEEDS, _pick(_entries, "EarlyStopping")),
-        Instrument("CABS", _ENTRY_NEEDS, _pick(_entries, "CABS")),
+        Instrument("MeanGSNR", _ENTRY_NEEDS, _pick(_entries, "MeanGSNR"), _GSNR),
+        Instrument("EarlyStopping", _ENTRY_NEEDS, _pick(_entries, "EarlyStopping"), _EARLY),
+        Instrument("CABS", _ENTRY_NEEDS, _pick(_entries, "CABS"), _CABS),
         Instrument("HessTrace", _needs(r.GRAD, r.GGN_DIAG), _hess_trace, _TRACE),
         Instrument("TICDiag", _TIC_NEEDS, _pick(_curvature, "TICDiag"), _TIC),
         Instrument("TICTrace", _TIC_NEEDS, _pick(_curvature, "TICTrace"), _TIC),
         Instrument("HessMaxEV", _needs(r.HESS_MAX_EV), _hess_max_ev, _MAXEV),
         Instrument("GradHist2d", _needs(r.GRAD, r.ENTRIES, r.ENTRY_PARAMS), _hist2d, _HIST2),
-        Instrument("LayerSpectra", _needs(r.GGN_SPECTRA), _spectra),
+        Instrument("LayerSpectra", _needs(r.GGN_SPECTRA), _spectra, _SPECTRA),
     )
 }
 
@@ -326,4 +333,5 @@ __all__ = [
     "histogram",
     "histogram2d",
     "resolve",
+    "robust_limit",
 ]

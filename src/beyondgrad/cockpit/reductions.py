@@ -48,6 +48,7 @@ class Settings:
     hist_bins: int = 40
     hist_entries: int = 2048
     hist_samples: int = 8
+    hist_quantile: float = 0.99
 
 
 @dataclass
