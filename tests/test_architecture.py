@@ -22,6 +22,11 @@ FORBIDDEN = {
     "quantities": {"linops", "linalg", "optim", "cockpit", "app"},
     "conv": {"engine", "quantities", "linops", "linalg", "optim", "cockpit", "app"},
 }
+# the packages built on top (methods and trainer integrations): nothing below imports them
+TOP = {"pinn", "merging", "pruning", "integrations", "app"}
+for _lower in ("forms", "rules", "engine", "quantities", "conv", "linalg", "linops", "optim"):
+    FORBIDDEN[_lower] = FORBIDDEN.get(_lower, set()) | TOP
+FORBIDDEN["cockpit"] = FORBIDDEN.get("cockpit", set()) | TOP
 
 
 def _modules() -> dict[str, ast.Module]:
