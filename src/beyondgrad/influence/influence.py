@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed import group as dist_group
 from ..engine import compute
 from ..laplace.curvature import Curvature, curvature_from_state
 from ..laplace.linops_adapter import build_curvature, sum_reduction
@@ -160,7 +161,10 @@ def fit_factors(
         raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
     names = _names(model, params)
     batches = list(train)
-    num_data = sum(y.shape[0] for _, y in batches)
+    # under torch.distributed each rank passes its shard: counts summed over the ranks
+    num_data = dist_group.sum_count(
+        sum(y.shape[0] for _, y in batches), dist_group.resolve_group(None)
+    )
     if curvature == "identity":
         return InfluenceFactors(curvature, names, num_data, None)
     structure = build_curvature(
