@@ -197,6 +197,36 @@ def _errors(check: _Checks, model, loss_fn, shard, rank: int) -> None:
     )
 
 
+def _train(model, X, y, **kw: Any) -> dict[str, torch.Tensor]:
+    loss_fn = nn.CrossEntropyLoss()
+    opt = bg.optim.KFAC(model, loss_fn, fisher_type="type-2", refresh_every=1, **kw)
+    for _ in range(3):
+        opt.zero_grad()
+        with opt.capture():
+            loss = loss_fn(model(X), y)
+        loss.backward()
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _ownership(check: _Checks, X, y) -> None:
+    torch.manual_seed(0)  # the same model on every rank
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    model = model.double()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    replicated = _train(model, X, y)
+    model.load_state_dict(start)
+    owned = _train(model, X, y, ownership="owner")
+    for name, value in replicated.items():
+        check.close(f"ownership {name}", owned[name], value, rtol=0.0)
+    model.load_state_dict(start)
+    low = _train(model, X, y, ownership=bg.optim.Ownership(broadcast_dtype=torch.bfloat16))
+    for name, value in low.items():
+        gathered = [torch.empty_like(value) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, value)
+        check.close(f"bf16 ownership equal on every rank {name}", gathered[-1], gathered[0])
+
+
 def _worker(rank: int, world: int, path: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
     check = _Checks()
@@ -211,8 +241,9 @@ def _worker(rank: int, world: int, path: str, out: str) -> None:
             lambda: _sum_loss(check, model, shard, full),
             lambda: _results(check, model, loss_fn, X, y, sl),
             lambda: _errors(check, model, loss_fn, shard, rank),
+            lambda: _ownership(check, X[sl], y[sl]),
         ]
-        for part in parts if world == 2 else [parts[0], parts[2], parts[3]]:
+        for part in parts if world == 2 else [parts[0], parts[2], parts[3], parts[4]]:
             try:
                 part()
             except Exception:  # reported to the parent
@@ -236,3 +267,11 @@ def test_ranks_equal_one_process_over_the_whole_data(world):
                 raise
         failures = [f"rank {r}: {f}" for r in range(world) for f in torch.load(f"{out}.{r}")]
     assert not failures, "\n".join(failures)
+
+
+def test_owners_balance_the_cost():
+    from beyondgrad.optim.ownership import assign_owners
+
+    owners = assign_owners({"a": 8.0, "b": 1.0, "c": 7.0, "d": 2.0}, 2)
+    assert owners == {"a": 0, "c": 1, "d": 1, "b": 0}
+    assert assign_owners({"a": 1.0}, 4) == {"a": 0}

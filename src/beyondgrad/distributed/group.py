@@ -87,12 +87,12 @@ def sum_count(count: int, group: Group | None) -> int:
     """``count`` summed over the ranks (exact below 2**53)."""
     if group is None:
         return int(count)
-    t = torch.tensor(float(count), dtype=torch.float64, device=_device_of(group))
+    t = torch.tensor(float(count), dtype=torch.float64, device=device_of(group))
     all_reduce_sum_(t, group)
     return int(t.item())
 
 
-def _device_of(group: Group | None) -> torch.device:
+def device_of(group: Group | None) -> torch.device:
     """Where the group's collectives run: CUDA for NCCL, else CPU."""
     if group is not None and dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -116,7 +116,7 @@ def check_same(value: Any, what: str, group: Group | None) -> None:
         return
     digest = hashlib.sha256(pickle.dumps(value)).digest()[:6]
     code = float(int.from_bytes(digest, "little"))  # 48 bits: exact in float64
-    t = torch.tensor([code, -code], dtype=torch.float64, device=_device_of(group))
+    t = torch.tensor([code, -code], dtype=torch.float64, device=device_of(group))
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     if t[0].item() != -t[1].item():
         raise RuntimeError(
@@ -137,7 +137,7 @@ def check_same_tensor(tensor: Tensor, what: str, group: Group | None) -> None:
     t = tensor.detach().to(torch.float64)
     ramp = torch.linspace(1.0, 2.0, t.numel(), dtype=torch.float64, device=t.device)
     sums = torch.stack([t.sum(), (t.reshape(-1) * ramp).sum(), t.abs().sum()])
-    both = torch.cat([sums, -sums]).to(_device_of(group))
+    both = torch.cat([sums, -sums]).to(device_of(group))
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
     if not bool((both[:3] == -both[3:]).all()):
         raise RuntimeError(
@@ -152,7 +152,7 @@ def broadcast_seed(seed: int, group: Group | None) -> int:
     """Rank 0's ``seed`` on every rank (``seed`` itself without a group)."""
     if group is None:
         return int(seed)
-    t = torch.tensor([int(seed)], dtype=torch.int64, device=_device_of(group))
+    t = torch.tensor([int(seed)], dtype=torch.int64, device=device_of(group))
     dist.broadcast(t, src=dist.get_global_rank(group, 0), group=group)
     return int(t.item())
 
