@@ -2,12 +2,13 @@
 
 Replicated data parallelism refreshes every layer's preconditioner (KFAC: the
 eigendecompositions of its factors) on every rank: the same work ``W`` times. With
-:class:`Ownership` each due refresh runs on one *owner* rank only, and its result is broadcast
-to the others; the owners are chosen by a cost-balanced greedy (largest cost first, to the
-least-loaded rank; cost of a layer ``~ sum_factors G d^3``), so each rank's refresh time falls
-towards ``1/W`` of the replicated one, at the price of one broadcast per refreshed layer.
-``broadcast_dtype=torch.bfloat16`` halves (float32) or quarters (float64) that traffic; every
-rank, the owner included, then uses the rounded result, so the ranks stay identical.
+:class:`Ownership` each due refresh runs on one *owner* rank only, and the results are
+broadcast to the others (one packed broadcast per owner rank); the owners are chosen by a
+cost-balanced greedy (largest cost first, to the least-loaded rank; cost of a layer
+``~ sum_factors G d^3``), so each rank's refresh time falls towards ``1/W`` of the replicated
+one, plus the broadcasts. ``broadcast_dtype=torch.bfloat16`` halves (float32) or quarters
+(float64) that traffic; every rank, the owner included, then uses the rounded result, so the
+ranks stay identical.
 
 The statistics are still all-reduced (every rank holds the same factors); only the refresh is
 owned. With float64 broadcasts the trajectory equals the replicated one bit for bit (the owner
@@ -16,6 +17,7 @@ computes what every rank would).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -110,10 +112,14 @@ class Ownership:
         dist_group.check_same(sorted(pending), "the layers due for a refresh", self.group)
         self.owners = assign_owners({n: p[0] for n, p in pending.items()}, self.world)
         me = dist_group.rank(self.group)
-        results = {n: pending[n][1]() for n in sorted(pending) if self.owners[n] == me}
-        for name in sorted(pending):
-            store = pending[name][3]
-            store(self._broadcast(name, results.get(name), pending[name][2]))
+        for owner in range(self.world):  # one broadcast per owner: all its layers, packed
+            names = [n for n in sorted(pending) if self.owners[n] == owner]
+            if not names:
+                continue
+            mine = [pending[n][1]() for n in names] if owner == me else None
+            likes = [pending[n][2] for n in names]
+            for name, result in zip(names, self._broadcast(owner, mine, likes)):
+                pending[name][3](result)
 
     def _rounded(self, tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         if self.broadcast_dtype is None:
@@ -121,22 +127,30 @@ class Ownership:
         return tuple(t.to(self.broadcast_dtype).to(t.dtype) for t in tensors)
 
     def _broadcast(
-        self, name: str, mine: tuple[Tensor, ...] | None, like: list[tuple[tuple[int, ...], Any]]
-    ) -> tuple[Tensor, ...]:
+        self,
+        owner: int,
+        mine: list[tuple[Tensor, ...]] | None,
+        likes: list[list[tuple[tuple[int, ...], Any]]],
+    ) -> list[tuple[Tensor, ...]]:
+        """The owner's results, every tensor flattened into one buffer of the wire dtype
+        (the first tensor's dtype unless ``broadcast_dtype``), broadcast, split again."""
         import torch.distributed as dist
 
         device = dist_group.device_of(self.group)
-        src = dist.get_global_rank(self.group, self.owners[name])
+        flat_like = [like for layer in likes for like in layer]
+        wire = self.broadcast_dtype or flat_like[0][1]
+        sizes = [math.prod(shape) for shape, _ in flat_like]
+        if mine is not None:
+            parts = [t.reshape(-1).to(device=device, dtype=wire) for r in mine for t in r]
+            buf = torch.cat(parts)
+        else:
+            buf = torch.empty(sum(sizes), dtype=wire, device=device)
+        dist.broadcast(buf, src=dist.get_global_rank(self.group, owner), group=self.group)
+        pieces = iter(torch.split(buf, sizes))
         out = []
-        for i, (shape, dtype) in enumerate(like):
-            wire = self.broadcast_dtype or dtype
-            if mine is not None:
-                buf = mine[i].to(device=device, dtype=wire).contiguous()
-            else:
-                buf = torch.empty(shape, dtype=wire, device=device)
-            dist.broadcast(buf, src=src, group=self.group)
-            out.append(buf.to(dtype))
-        return tuple(out)
+        for layer in likes:
+            out.append(tuple(next(pieces).reshape(shape).to(dtype) for shape, dtype in layer))
+        return out
 
 
 def defer_eigen_refresh(
