@@ -197,10 +197,13 @@ def _errors(check: _Checks, model, loss_fn, shard, rank: int) -> None:
     )
 
 
-def _train(model, X, y, **kw: Any) -> dict[str, torch.Tensor]:
-    loss_fn = nn.CrossEntropyLoss()
-    opt = bg.optim.KFAC(model, loss_fn, fisher_type="type-2", refresh_every=1, **kw)
-    for _ in range(3):
+def _train(model, X, y, steps: int = 3, opt: Any = None, **kw: Any) -> dict[str, torch.Tensor]:
+    if opt is None:
+        opt = bg.optim.KFAC(
+            model, nn.CrossEntropyLoss(), fisher_type="type-2", refresh_every=1, **kw
+        )
+    loss_fn = opt.loss_fn
+    for _ in range(steps):
         opt.zero_grad()
         with opt.capture():
             loss = loss_fn(model(X), y)
@@ -209,10 +212,26 @@ def _train(model, X, y, **kw: Any) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _ownership(check: _Checks, X, y) -> None:
+def _mlp() -> nn.Module:
     torch.manual_seed(0)  # the same model on every rank
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
-    model = model.double()
+    return model.double()
+
+
+def _checkpoint(X, y, rank: int, path: str) -> None:
+    """Two steps of 2 ranks (even halves of 12 samples, ownership), saved by rank 0."""
+    model = _mlp()
+    opt = bg.optim.KFAC(
+        model, nn.CrossEntropyLoss(), fisher_type="type-2", refresh_every=1, ownership="owner"
+    )
+    half = slice(6 * rank, 6 * rank + 6)
+    _train(model, X[:12][half], y[:12][half], steps=2, opt=opt)
+    if rank == 0:
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
+
+
+def _ownership(check: _Checks, X, y) -> None:
+    model = _mlp()
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     replicated = _train(model, X, y)
     model.load_state_dict(start)
@@ -242,6 +261,7 @@ def _worker(rank: int, world: int, path: str, out: str) -> None:
             lambda: _results(check, model, loss_fn, X, y, sl),
             lambda: _errors(check, model, loss_fn, shard, rank),
             lambda: _ownership(check, X[sl], y[sl]),
+            lambda: _checkpoint(X, y, rank, f"{out}.ckpt"),
         ]
         for part in parts if world == 2 else [parts[0], parts[2], parts[3], parts[4]]:
             try:
@@ -266,7 +286,25 @@ def test_ranks_equal_one_process_over_the_whole_data(world):
             if not all(os.path.exists(f"{out}.{r}") for r in range(world)):
                 raise
         failures = [f"rank {r}: {f}" for r in range(world) for f in torch.load(f"{out}.{r}")]
-    assert not failures, "\n".join(failures)
+        assert not failures, "\n".join(failures)
+        if world == 2:
+            _resume_in_one_process(torch.load(f"{out}.ckpt"))
+
+
+def _resume_in_one_process(saved: dict[str, Any]) -> None:
+    """The state of 2 ranks resumes in 1 process: the optimizer state is replicated (owned
+    refreshes are broadcast), so a plain state_dict of rank 0 holds all of it."""
+    X, y = _data()
+    X, y = X[:12], y[:12]
+    model = _mlp()
+    uninterrupted = _train(model, X, y, steps=3)
+    model = _mlp()
+    model.load_state_dict(saved["model"])
+    opt = bg.optim.KFAC(model, nn.CrossEntropyLoss(), fisher_type="type-2", refresh_every=1)
+    opt.load_state_dict(saved["opt"])
+    resumed = _train(model, X, y, steps=1, opt=opt)
+    for name, value in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], value, msg=name)
 
 
 def test_owners_balance_the_cost():
