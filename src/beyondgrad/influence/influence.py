@@ -142,6 +142,7 @@ def fit_factors(
     kfac_approx: str = "expand",
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
+    process_group: Any = None,
 ) -> InfluenceFactors:
     """Fit the curvature ``C`` of the mean training loss once (see the module docstring).
 
@@ -153,6 +154,9 @@ def fit_factors(
         fisher_type: ``"type-2"`` (GGN), ``"mc"`` or ``"empirical"``.
         kfac_approx: ``"expand"`` or ``"reduce"`` (Kronecker structures).
         mc_samples, generator: for ``fisher_type="mc"``.
+        process_group: ``None`` (under an initialized ``torch.distributed`` with several
+            ranks, ``train`` is this rank's shard: curvature and count are summed over the
+            ranks; see :mod:`beyondgrad.distributed`), a ``ProcessGroup``, or ``"local"``.
 
     Returns:
         :class:`InfluenceFactors`.
@@ -163,7 +167,7 @@ def fit_factors(
     batches = list(train)
     # under torch.distributed each rank passes its shard: counts summed over the ranks
     num_data = dist_group.sum_count(
-        sum(y.shape[0] for _, y in batches), dist_group.resolve_group(None)
+        sum(y.shape[0] for _, y in batches), dist_group.resolve_group(process_group)
     )
     if curvature == "identity":
         return InfluenceFactors(curvature, names, num_data, None)
@@ -177,6 +181,7 @@ def fit_factors(
         kfac_approx=kfac_approx,
         mc_samples=mc_samples,
         generator=generator,
+        process_group=process_group,
     )
     return InfluenceFactors(curvature, names, num_data, structure)
 
