@@ -138,18 +138,20 @@ def _results(check: _Checks, model, loss_fn, X, y, sl) -> None:
     def qs() -> tuple[Any, ...]:
         return (bg.Grad(), bg.SumGradSquared(), bg.DiagGGN(), bg.KFAC(fisher_type="type-2"))
 
-    full = bg.compute(model, loss_fn, X, y, *qs())
-    mine = bg.distributed.all_reduce_result(bg.compute(model, loss_fn, X[sl], y[sl], *qs()))
-    check.close("reduced loss", mine.loss, full.loss)
-    for q in full.quantities():
-        for key, value in full[q].items():
-            got = mine[type(q)][key]
-            if isinstance(value, torch.Tensor):
-                check.close(f"reduced {type(q).__name__} {key}", got, value)
-            else:
+    for fn in (loss_fn, nn.CrossEntropyLoss(reduction="sum")):
+        full = bg.compute(model, fn, X, y, *qs())
+        mine = bg.distributed.all_reduce_result(bg.compute(model, fn, X[sl], y[sl], *qs()))
+        check.close(f"reduced loss ({fn.reduction})", mine.loss, full.loss)
+        for q in full.quantities():
+            for key, value in full[q].items():
+                got, what = mine[type(q)][key], f"reduced {type(q).__name__} {key} ({fn.reduction})"
+                if isinstance(value, torch.Tensor):
+                    check.close(what, got, value)
+                    continue
                 for t in ("A", "B", "diagonal"):
                     if hasattr(value, t):
-                        check.close(f"reduced KFAC {key}.{t}", getattr(got, t), getattr(value, t))
+                        check.close(f"{what}.{t}", getattr(got, t), getattr(value, t))
+                check.close(f"{what} R, N", (got.R, got.num_data), (value.R, value.num_data))
     res = bg.compute(model, loss_fn, X[sl], y[sl], bg.BatchGrad())
     check.raises(
         "BatchGrad",
