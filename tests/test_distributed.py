@@ -202,9 +202,11 @@ def _train(model, X, y, steps: int = 3, opt: Any = None, **kw: Any) -> dict[str,
 
 
 def _mlp() -> nn.Module:
-    torch.manual_seed(0)  # the same model on every rank
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
-    return model.double()
+    torch.manual_seed(0)  # the same model on every rank and in the parent
+    kw = {"dtype": torch.float64}  # float64 at creation: the same draws whatever the default
+    return nn.Sequential(
+        nn.Linear(4, 6, **kw), nn.Tanh(), nn.Linear(6, 5, **kw), nn.Tanh(), nn.Linear(5, 3, **kw)
+    )
 
 
 def _checkpoint(X, y, rank: int, path: str) -> None:
