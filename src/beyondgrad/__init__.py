@@ -7,7 +7,7 @@ Public API::
     res[bg.BatchL2]["fc.weight"]
 """
 
-from . import cockpit, conv, influence, laplace, linalg, linops, optim, pinn
+from . import cockpit, conv, distributed, influence, laplace, linalg, linops, optim, pinn
 from .engine import (
     SUPPORTED_LOSSES,
     Coverage,
@@ -71,6 +71,7 @@ __all__ = [
     "compute",
     "conv",
     "coverage",
+    "distributed",
     "influence",
     "laplace",
     "linalg",

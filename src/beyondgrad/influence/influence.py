@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed import group as dist_group
 from ..engine import compute
 from ..laplace.curvature import Curvature, curvature_from_state
 from ..laplace.linops_adapter import build_curvature, sum_reduction
@@ -141,6 +142,7 @@ def fit_factors(
     kfac_approx: str = "expand",
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
+    process_group: Any = None,
 ) -> InfluenceFactors:
     """Fit the curvature ``C`` of the mean training loss once (see the module docstring).
 
@@ -152,6 +154,9 @@ def fit_factors(
         fisher_type: ``"type-2"`` (GGN), ``"mc"`` or ``"empirical"``.
         kfac_approx: ``"expand"`` or ``"reduce"`` (Kronecker structures).
         mc_samples, generator: for ``fisher_type="mc"``.
+        process_group: ``None`` (under an initialized ``torch.distributed`` with several
+            ranks, ``train`` is this rank's shard: curvature and count are summed over the
+            ranks; see :mod:`beyondgrad.distributed`), a ``ProcessGroup``, or ``"local"``.
 
     Returns:
         :class:`InfluenceFactors`.
@@ -160,7 +165,10 @@ def fit_factors(
         raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
     names = _names(model, params)
     batches = list(train)
-    num_data = sum(y.shape[0] for _, y in batches)
+    # under torch.distributed each rank passes its shard: counts summed over the ranks
+    num_data = dist_group.sum_count(
+        sum(y.shape[0] for _, y in batches), dist_group.resolve_group(process_group)
+    )
     if curvature == "identity":
         return InfluenceFactors(curvature, names, num_data, None)
     structure = build_curvature(
@@ -173,6 +181,7 @@ def fit_factors(
         kfac_approx=kfac_approx,
         mc_samples=mc_samples,
         generator=generator,
+        process_group=process_group,
     )
     return InfluenceFactors(curvature, names, num_data, structure)
 

@@ -33,6 +33,7 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
 from .. import linops
+from ..distributed import group as dist_group
 from .curvature import Curvature, KroneckerCurvature, curvature_from_state
 from .linops_adapter import FISHER_TYPES, STRUCTURES, build_curvature, sum_reduction
 
@@ -263,9 +264,20 @@ class Laplace:
             raise RuntimeError("the Laplace approximation is not fitted: call fit(data)")
         return self.curvature
 
-    def fit(self, data: Iterable[tuple[Any, Tensor]]) -> Laplace:
+    def fit(self, data: Iterable[tuple[Any, Tensor]], process_group: Any = None) -> Laplace:
         """Compute the curvature over ``data`` and the log-likelihood at the current
-        parameters (the MAP estimate)."""
+        parameters (the MAP estimate).
+
+        Args:
+            data: iterable of ``(X, y)`` batches.
+            process_group: ``None`` (under an initialized ``torch.distributed`` with several
+                ranks, ``data`` is this rank's shard: curvature, loss and counts are summed
+                over the ranks; see :mod:`beyondgrad.distributed`), a ``ProcessGroup``, or
+                ``"local"`` (this rank's data is the whole data set).
+
+        Returns:
+            ``self``, fitted.
+        """
         batches = list(data)
         loss_sum = sum_reduction(self.loss_fn)
         total, n, n_out = 0.0, 0, 0
@@ -275,6 +287,11 @@ class Laplace:
                 total += float(loss_sum(out, y))
                 n += out.shape[0]
                 n_out += out.numel()
+        # under torch.distributed each rank fits on its shard: sums over the ranks
+        group = dist_group.resolve_group(process_group)
+        counts = torch.tensor([total, n, n_out], dtype=torch.float64, device=self.device)
+        dist_group.all_reduce_sum_(counts, group)
+        total, n, n_out = float(counts[0]), int(counts[1]), int(counts[2])
         self.loss_sum = torch.tensor(total, dtype=self.dtype, device=self.device)
         self.num_data, self.num_outputs = n, n_out
         named = dict(self.model.named_parameters())
@@ -290,6 +307,7 @@ class Laplace:
             self.mc_samples,
             self.rank,
             self.generator,
+            process_group,
         )
         self._check_prior(self.prior_precision)
         return self

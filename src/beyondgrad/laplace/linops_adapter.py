@@ -50,15 +50,17 @@ def _operator(
     fisher_type: str,
     mc_samples: int,
     generator: torch.Generator | None,
+    process_group: Any = None,
 ) -> linops.LinearOperator:
+    kw = {"params": list(names), "process_group": process_group}
     if fisher_type == "type-2":
-        return linops.GGN(model, loss_sum, data, params=list(names))
+        return linops.GGN(model, loss_sum, data, **kw)
     if fisher_type == "mc":
         return linops.Fisher(
-            model, loss_sum, data, params=list(names), mc_samples=mc_samples, generator=generator
+            model, loss_sum, data, mc_samples=mc_samples, generator=generator, **kw
         )
     if fisher_type == "empirical":
-        return linops.EmpiricalFisher(model, loss_sum, data, params=list(names))
+        return linops.EmpiricalFisher(model, loss_sum, data, **kw)
     raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
 
 
@@ -111,6 +113,7 @@ def build_curvature(
     mc_samples: int = 1,
     rank: int = 10,
     generator: torch.Generator | None = None,
+    process_group: Any = None,
 ) -> DenseCurvature | DiagonalCurvature | KroneckerCurvature | LowRankCurvature:
     """The curvature of ``loss_sum`` (``reduction="sum"``) over ``data`` w.r.t. the parameters
     ``names`` (in ``model.named_parameters()`` order) in ``structure``:
@@ -124,6 +127,8 @@ def build_curvature(
       ``kfac_approx``, in their Kronecker eigenbases.
 
     ``fisher_type="mc"`` draws ``mc_samples`` labels per sample from ``generator``.
+    ``process_group``: as for the operators (:mod:`beyondgrad.distributed`; ``None``: each
+    rank's ``data`` is its shard under an initialized group; ``"local"``: no reduction).
 
     Returns:
         A structure of :mod:`beyondgrad.laplace.curvature` holding ``H`` (detached, no ``1/N``).
@@ -138,17 +143,13 @@ def build_curvature(
     if structure in ("kfac", "ekfac"):
         cls = linops.KFAC if structure == "kfac" else linops.EKFAC
         op = cls(
-            model,
-            loss_sum,
-            batches,
-            fisher_type=fisher_type,
-            kfac_approx=kfac_approx,
-            mc_samples=mc_samples,
-            generator=generator,
-            params=list(names),
-        )
+            model, loss_sum, batches, fisher_type, kfac_approx, mc_samples,
+            generator=generator, params=list(names), process_group=process_group,
+        )  # fmt: skip
         return _kronecker(op, names, shapes)
-    op = _operator(model, loss_sum, batches, names, fisher_type, mc_samples, generator)
+    op = _operator(
+        model, loss_sum, batches, names, fisher_type, mc_samples, generator, process_group
+    )
     if structure == "full":
         return DenseCurvature(names, shapes, op.to_dense().detach())
     if structure == "diag":

@@ -20,6 +20,10 @@ a block of ``k`` vectors in one pass over the data.
 * :class:`EmpiricalFisher` -- ``R_D sum_n grad l_n grad l_n^T`` from per-sample gradients.
 * :class:`Fisher` -- the Monte-Carlo Fisher from ``mc_samples`` sampled labels per sample
   (one fixed sample: per-batch seeds; needs a fixed data order).
+
+Under ``torch.distributed`` (``process_group``, see :mod:`beyondgrad.distributed`) each rank
+passes its shard of the data; products, diagonals and traces are summed over the ranks with
+``num_data`` the total over all shards, so every rank holds the operator of the whole data set.
 * :class:`Diagonal` -- a diagonal from the engine (``DiagGGN``, ``DiagHessian``, ...).
 
 Products with a block ``M`` ``[P, k]`` return a column-major ``[P, k]`` result. Iterative
@@ -39,6 +43,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten
 
+from ..distributed import group as dist_group
 from . import _engine
 from .base import LinearOperator
 from .data import DataSet, require_reiterable
@@ -180,6 +185,11 @@ class CurvatureOperator(_KeptBatchState, LinearOperator):
             the sample axis.
         cache_batches: how many leading batches keep their state inside
             :meth:`repeated_products` (``None``: all).
+        process_group: ``None`` (default: the default group when ``torch.distributed`` is
+            initialized with several ranks), a ``ProcessGroup``, or ``"local"``. With a
+            group, ``data`` is this rank's shard and products, :meth:`diagonal` and
+            :meth:`trace` are summed over the ranks: every rank gets the operator of the whole
+            data set (the vectors must be equal on every rank; checked per product).
 
     Raises:
         KeyError: unknown or frozen parameter names.
@@ -201,6 +211,7 @@ class CurvatureOperator(_KeptBatchState, LinearOperator):
         allow_train_mode: bool = False,
         batch_size_fn: Callable[[Any], int] | None = None,
         cache_batches: int | None = 1,
+        process_group: Any = None,
     ):
         _engine.check_loss_fn(loss_fn)
         self._init_kept_state(cache_batches)
@@ -219,7 +230,14 @@ class CurvatureOperator(_KeptBatchState, LinearOperator):
         self.params = [named[n] for n in self.names]
         self.sizes = [p.numel() for p in self.params]
         self.progressbar = progressbar
-        self.data_set = DataSet(data, loss_fn, num_data, batch_size_fn, who=type(self).__name__)
+        self.data_set = DataSet(
+            data, loss_fn, num_data, batch_size_fn, who=type(self).__name__,
+            process_group=process_group,
+        )  # fmt: skip
+        self.group = self.data_set.group
+        shapes = [(n, tuple(p.shape), str(p.dtype)) for n, p in zip(self.names, self.params)]
+        what = (type(self).__name__, shapes, loss_fn.reduction)
+        dist_group.check_same(what, "the operator's parameters", self.group)
         self.batch_size_fn = self.data_set.batch_size_fn
         self.num_data = self.data_set.total()
         first = self.params[0]
@@ -261,6 +279,7 @@ class CurvatureOperator(_KeptBatchState, LinearOperator):
         return out
 
     def _matmat(self, M: Tensor) -> Tensor:
+        dist_group.check_same_tensor(M, "the vectors of a product", self.group)
         # contiguous per-parameter blocks: one copy here is cheaper than the strided reads
         # of every batch's vmapped products (free for a single vector)
         V = [v.contiguous() for v in self.split(M)]
@@ -268,10 +287,19 @@ class CurvatureOperator(_KeptBatchState, LinearOperator):
         for position, (X, y, N) in enumerate(self._batches()):
             state = self._state(position, X, y)
             out = self._accumulate(out, self._batch_products(state, y, V), self.data_set.weight(N))
-        if out is None:
-            raise ValueError("the data set is empty")
+        out = self._reduced(out, (M.shape[1], self.shape[0]), True)
         _check_finite(self, out, "product")
         return out
+
+    def _reduced(self, out: Tensor | None, shape: tuple[int, ...], transpose: bool) -> Tensor:
+        """This rank's sum over its batches, summed over the ranks (zeros for an empty shard;
+        without a group an empty data set raises)."""
+        if out is None:
+            if self.group is None:
+                raise ValueError("the data set is empty")
+            out = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            out = out.T if transpose else out
+        return dist_group.all_reduce_sum_(out, self.group)
 
     def _prepare(self, position: int, X: Any, y: Tensor) -> Any:
         """The vector-independent state of one batch (graphs, forms)."""
@@ -290,8 +318,7 @@ class CurvatureOperator(_KeptBatchState, LinearOperator):
             d = torch.cat([t.reshape(-1) for t in self._batch_diagonal(position, X, y)])
             part = self.data_set.weight(N) * d
             out = part if out is None else out + part
-        if out is None:
-            raise ValueError("the data set is empty")
+        out = self._reduced(out, (self.shape[0],), False)
         _check_finite(self, out, "diagonal")
         return out
 
@@ -525,7 +552,10 @@ class Fisher(_RowsOperator):
     rows. One seed is drawn from ``generator`` (default: the global generator) when the
     operator is built; batch ``b``'s labels come from a generator seeded with ``seed + b``, so
     every product (and :meth:`diagonal`) sees the same matrix. That needs the data in a fixed
-    order: a shuffled loader raises."""
+    order: a shuffled loader raises. Under a process group of ``W`` ranks, rank 0's seed is
+    broadcast and batch ``b`` of rank ``r`` draws from ``seed + b W + r`` (the same matrix on
+    every rank; equal to one process over the whole data in distribution, not draw by
+    draw)."""
 
     def __init__(
         self,
@@ -537,7 +567,8 @@ class Fisher(_RowsOperator):
         super().__init__(*args, **kwargs)
         self.mc_samples = mc_samples
         device = generator.device if generator is not None else torch.device("cpu")
-        self.seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
+        self.seed = dist_group.broadcast_seed(seed, self.group)
         self.order = _fingerprint(self.data)
 
     def _check_order(self) -> None:
@@ -557,7 +588,11 @@ class Fisher(_RowsOperator):
         return super().diagonal()
 
     def _prepare(self, position: int, X: Any, y: Tensor) -> tuple[dict[str, Any], float]:
-        generator = torch.Generator(device=self.device).manual_seed(self.seed + position)
+        # one stream per (rank, batch position): seed + position for one process
+        world, rank = dist_group.world_size(self.group), dist_group.rank(self.group)
+        generator = torch.Generator(device=self.device).manual_seed(
+            self.seed + position * world + rank
+        )
         return _engine.batch_forms(self.model, self.loss_fn, X, y, "mc", self.mc_samples, generator)
 
 

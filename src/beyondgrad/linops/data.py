@@ -15,6 +15,8 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten
 from torch.utils.data import DataLoader, IterableDataset
 
+from ..distributed import group as dist_group
+
 
 def batch_size(X: Any) -> int:
     """The number of samples of a batch input: the leading length of its first tensor leaf
@@ -65,11 +67,22 @@ class DataSet:
         passes: ``"many"`` (the consumer iterates the data once per product: a one-shot
             iterator raises) or ``"one"`` (one streaming pass).
         who: the consumer's name, used in error messages.
+        process_group: ``None`` (default: the default group when ``torch.distributed`` is
+            initialized with several ranks), a ``ProcessGroup``, or ``"local"``. With a group,
+            ``data`` is this rank's shard: ``num_data`` (given or counted) is the number of
+            samples of *all* shards (local counts are summed over the ranks), and the
+            consumers sum their per-rank results over :attr:`group` (see
+            :mod:`beyondgrad.distributed`).
+
+    Attributes:
+        group: the process group to reduce over, or ``None`` (one process).
 
     Raises:
         TypeError: a one-shot iterator for ``passes="many"``.
-        ValueError: ``num_data`` missing where it cannot be counted safely, or an empty
-            data set.
+        ValueError: ``num_data`` missing where it cannot be counted safely, an empty
+            data set, or a ``DistributedSampler`` that does not match the group or pads its
+            shards with duplicates.
+        NotImplementedError: a one-shot iterator under a process group.
     """
 
     def __init__(
@@ -80,7 +93,15 @@ class DataSet:
         batch_size_fn: Callable[[Any], int] | None = None,
         passes: str = "many",
         who: str = "the operator",
+        process_group: Any = None,
     ):
+        self.group = dist_group.resolve_group(process_group)
+        dist_group.check_sampler(data, self.group, who)
+        if self.group is not None and is_one_shot(data):
+            raise NotImplementedError(
+                f"{who}: a one-shot iterator cannot be sharded over a process group (its "
+                "per-rank length is unknown); pass each rank's shard as a list or DataLoader"
+            )
         if passes == "many":
             require_reiterable(data, who)
         self.data, self.who = data, who
@@ -114,14 +135,31 @@ class DataSet:
             yield X, y, N
             if self.one_shot and seen == self.num_data:
                 return
-        if self.num_data is None:
+        if self.group is not None:  # every rank ends its pass here, whatever its shard
+            self._set_total(dist_group.sum_count(seen, self.group))
+        elif self.num_data is None:
             self.num_data = seen
+
+    def _set_total(self, total: int) -> None:
+        """Set ``num_data`` from a complete pass over all shards; a given one must agree."""
+        if self.num_data is not None and self.num_data != total:
+            raise ValueError(
+                f"{self.who}: num_data={self.num_data}, but the shards of the {self.world} "
+                f"ranks hold {total} samples in all"
+            )
+        self.num_data = total
+
+    @property
+    def world(self) -> int:
+        """The number of ranks the data is sharded over (1: one process)."""
+        return dist_group.world_size(self.group)
 
     def total(self) -> int:
         """``num_data``: given, set by a complete pass, or counted now (one pass reading only
-        the batch sizes)."""
+        the batch sizes; under a process group the counts of all shards are summed)."""
         if self.num_data is None:
-            self.num_data = sum(self.batch_size_fn(X) for X, _ in self.data)
+            local = sum(self.batch_size_fn(X) for X, _ in self.data)
+            self.num_data = dist_group.sum_count(local, self.group)
         if self.num_data < 1:
             raise ValueError(f"{self.who}: the data set is empty")
         return self.num_data

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed import group as dist_group
 from ..factors import DiagonalFactors, KroneckerFactors, to_block_layout
 from ..linalg.eigenbasis import rotate
 from . import _engine
@@ -47,7 +48,8 @@ def corrected_eigenvalues(
 
 class EKFAC(KFAC):
     """``bg.linops.EKFAC(model, loss_fn, data, fisher_type="mc", kfac_approx="expand",
-    mc_samples=1, num_data=None, generator=None, params=None)``: two passes over the data (KFAC
+    mc_samples=1, num_data=None, generator=None, params=None, process_group=None)``: two
+    passes over the data (KFAC
     factors, then corrected eigenvalues), so ``data`` must be re-iterable (a list, a
     ``DataLoader``). Products, ``inverse(damping)``, ``logdet(damping)``, ``trace()`` and
     ``eigh`` are exact for the structure. ``fisher_type`` in ``"type-2"``, ``"mc"``,
@@ -58,7 +60,9 @@ class EKFAC(KFAC):
     principal sub-blocks of the full EKFAC; a weight without its joint bias gets the EKFAC of
     its own bias-free KFAC block (eigenbasis of ``A`` without the bias row, corrected
     eigenvalues from the weight's rows alone), i.e. the EKFAC of the model with the other
-    parameters frozen. A bias without its weight raises."""
+    parameters frozen. A bias without its weight raises. Under a process group (see
+    :class:`~beyondgrad.linops.KFAC`) factors and corrected eigenvalues are summed over the
+    ranks' shards."""
 
     passes = "many"
 
@@ -73,14 +77,16 @@ class EKFAC(KFAC):
         num_data: int | None = None,
         generator: torch.Generator | None = None,
         params: Iterable[str] | None = None,
+        process_group: Any = None,
     ):
         if fisher_type not in ("type-2", "mc", "empirical"):
             raise ValueError(
                 f"EKFAC fisher_type must be 'type-2', 'mc' or 'empirical', got {fisher_type!r}"
             )
         super().__init__(
-            model, loss_fn, data, fisher_type, kfac_approx, mc_samples, num_data, generator, params
-        )
+            model, loss_fn, data, fisher_type, kfac_approx, mc_samples, num_data, generator,
+            params, process_group,
+        )  # fmt: skip
 
     def _structure(
         self,
@@ -99,7 +105,8 @@ class EKFAC(KFAC):
             _, left, right = block.kronecker_eigen()
             spaces[name] = (left, right)
             self.bases[name] = (right, left) if block.order == "B kron A" else (left, right)
-        self.eigenvalues: dict[str, Tensor] = {}
+        # zeros first: a rank whose shard has no batch still joins the sum over the ranks
+        self.eigenvalues = {n: torch.zeros_like(b.kronecker_eigen()[0]) for n, b in kron.items()}
         for X, y, N in data.batches():
             forms, scale = _engine.batch_forms(
                 model, loss_fn, X, y, fisher_type, mc_samples, generator
@@ -107,8 +114,10 @@ class EKFAC(KFAC):
             w = data.weight(N) * scale
             for name, block in kron.items():
                 s = corrected_eigenvalues(block, forms, *spaces[name]) * w
-                old = self.eigenvalues.get(name)
-                self.eigenvalues[name] = s if old is None else old + s
+                self.eigenvalues[name] = self.eigenvalues[name] + s
+        dist_group.all_reduce_tensors_(
+            [self.eigenvalues[n] for n in sorted(self.eigenvalues)], data.group
+        )
         parts: list[tuple[Tensor, StructuredOperator]] = []
         for name, block in self.blocks.items():
             if isinstance(block, DiagonalFactors):

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed import group as dist_group
 from ..factors import DiagonalFactors, KroneckerFactors, to_block_layout
 from . import _engine
 from .data import DataSet
@@ -39,6 +40,9 @@ def data_set_factors(
     all samples (:func:`~beyondgrad.linops._engine.batch_kronecker`), then ``A`` divided by
     the number of samples and ``B`` (and diagonals) by it for mean losses.
 
+    Under a process group (``data.group``) the sums of every rank's shard are summed over
+    the ranks (each rank needs at least one batch).
+
     Returns:
         Blocks by module name, with ``num_data`` the number of samples.
     """
@@ -50,6 +54,7 @@ def data_set_factors(
                 _add(sums[name], block)
             else:
                 sums[name] = block
+    _sum_over_ranks(sums, data)
     total, b_scale = data.total(), data.normalizer()
     out: dict[str, Block] = {}
     for name, b in sums.items():
@@ -62,6 +67,33 @@ def data_set_factors(
             diag = {n: v * b_scale for n, v in b.diagonal.items()}
             out[name] = DiagonalFactors(diag, quantity.fisher_type, b.R, total)
     return out
+
+
+def _sum_over_ranks(sums: dict[str, Block], data: DataSet) -> None:
+    """Sum every block's factors over the ranks of ``data.group`` in place (no-op without).
+
+    Raises:
+        RuntimeError: a rank without batches, or ranks with other blocks or shapes.
+    """
+    group = data.group
+    if group is None:
+        return
+    empty = dist_group.sum_count(0 if sums else 1, group)
+    if empty:
+        raise RuntimeError(
+            f"{data.who}: {empty} rank(s) of the process group have no batch in their shard; "
+            "give every rank at least one batch"
+        )
+    signature = [(n, [tuple(t.shape) for t in _tensors(b)]) for n, b in sorted(sums.items())]
+    dist_group.check_same(signature, "the KFAC blocks (modules and factor shapes)", group)
+    dist_group.all_reduce_tensors_([t for _, b in sorted(sums.items()) for t in _tensors(b)], group)
+
+
+def _tensors(block: Block) -> list[Tensor]:
+    """The tensors of a block of sums, in a fixed order."""
+    if isinstance(block, KroneckerFactors):
+        return [block.A, block.B]
+    return [block.diagonal[n] for n in sorted(block.diagonal)]
 
 
 def _restrict(block: Block, wanted: set[str]) -> Block | None:
@@ -112,7 +144,8 @@ def covered_blocks(
 
 class KFAC(BlockDiagonal):
     """``bg.linops.KFAC(model, loss_fn, data, fisher_type="mc", kfac_approx="expand",
-    mc_samples=1, num_data=None, generator=None, params=None)``: the engine's KFAC blocks
+    mc_samples=1, num_data=None, generator=None, params=None, process_group=None)``: the
+    engine's KFAC blocks
     accumulated over the data set in one streaming pass (``A`` averaged over all samples,
     ``B`` summed with the data-set reduction ``N_b / num_data`` for mean losses), acting on
     flat vectors over all trainable parameters in ``model.named_parameters()`` order, or over
@@ -127,7 +160,13 @@ class KFAC(BlockDiagonal):
     :class:`~beyondgrad.linops.structures.Diagonal` blocks, so ``inverse(damping)`` (an
     operator), ``logdet(damping)``, ``trace()``, ``eigvalsh()`` and ``eigh(k, which)`` are
     exact for the structure. ``data``: a list or ``DataLoader`` of ``(X, y)`` batches, or a
-    one-shot iterator with ``num_data``."""
+    one-shot iterator with ``num_data``.
+
+    ``process_group`` (see :mod:`beyondgrad.distributed`): under ``torch.distributed``
+    ``data`` is this rank's shard and the factor sums and sample counts are summed over the
+    ranks, so every rank holds the KFAC of the whole data set (MC draws: each rank draws from
+    its own ``generator``; pass generators seeded differently per rank for independent
+    draws)."""
 
     #: how often the constructor iterates the data (EKFAC: twice)
     passes = "one"
@@ -143,12 +182,17 @@ class KFAC(BlockDiagonal):
         num_data: int | None = None,
         generator: torch.Generator | None = None,
         params: Iterable[str] | None = None,
+        process_group: Any = None,
     ):
         _engine.check_loss_fn(loss_fn)
         q = _engine.KFACQuantity(
             fisher_type=fisher_type, kfac_approx=kfac_approx, mc_samples=mc_samples
         )
-        ds = DataSet(data, loss_fn, num_data, passes=self.passes, who=type(self).__name__)
+        ds = DataSet(
+            data, loss_fn, num_data, passes=self.passes, who=type(self).__name__,
+            process_group=process_group,
+        )  # fmt: skip
+        self.group = ds.group
         factors = data_set_factors(model, loss_fn, ds, q, generator)
         self.names, self.blocks = covered_blocks(model, factors, params)
         self.params = dict(model.named_parameters())

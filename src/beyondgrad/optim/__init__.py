@@ -10,13 +10,15 @@ subclasses composed from small shared components:
 - :mod:`.schedule`: the refresh schedule (``refresh_every``; ``T`` deprecated);
 - :mod:`.damping`, :mod:`.clipping`, :mod:`.grafting`, :mod:`.update`;
 - :mod:`.fallback` and :mod:`.routing`: the AdamW fallback and where each parameter goes;
-- :mod:`.structures`: structured factors of the inverse-free methods.
+- :mod:`.structures`: structured factors of the inverse-free methods;
+- :mod:`.ownership`: owner-based refreshes under ``torch.distributed`` (KFAC ``ownership=``).
 
 See ``docs/optim.md``.
 """
 
 from .base import CurvatureOptimizer
 from .kfac import KFAC
+from .ownership import Ownership
 from .singd import SINGD
 from .sirfshampoo import SIRFShampoo
 from .structures import STRUCTURES, Structure, structure
@@ -26,6 +28,7 @@ __all__ = [
     "SINGD",
     "STRUCTURES",
     "CurvatureOptimizer",
+    "Ownership",
     "SIRFShampoo",
     "Structure",
     "structure",

@@ -210,6 +210,10 @@ class CurvatureOptimizer(Optimizer):
         """The preconditioned gradient of each of ``params`` (which have gradients)."""
         raise NotImplementedError
 
+    def _after_preconditioner_updates(self) -> None:
+        """Runs once per step after every layer's :meth:`_update_preconditioner` (e.g. the
+        deferred owner-based refreshes of :mod:`.ownership`); nothing by default."""
+
     # -- the step -----------------------------------------------------------------------------
     @contextmanager
     def capture(self) -> Iterator[CurvatureOptimizer]:
@@ -257,8 +261,11 @@ class CurvatureOptimizer(Optimizer):
         directions: Directions = []
         for name, state in self.layers.items():
             params = [named[n] for n in state["params"]]
+            self._update_preconditioner(state, self.group_of(params[0]), stats.get(name), params)
+        self._after_preconditioner_updates()
+        for state in self.layers.values():
+            params = [named[n] for n in state["params"]]
             group = self.group_of(params[0])
-            self._update_preconditioner(state, group, stats.get(name), params)
             if params[0].grad is None:
                 continue
             for p, d in zip(params, self._preconditioned_gradients(state, group, params)):

@@ -33,6 +33,7 @@ from ._engine import from_factor_layout, to_factor_layout
 from .averages import ema_
 from .damping import check_damping, eigen_damped_solve
 from .kronecker import KroneckerOptimizer
+from .ownership import defer_eigen_refresh, make_ownership
 from .schedule import check_every, is_due
 
 KFAC_RULES = ("linear", "transposed_linear", "conv", "conv_transpose", "embedding")
@@ -62,6 +63,10 @@ class KFAC(KroneckerOptimizer):
         seed: seeds the Monte-Carlo draws (reproducible across resumes).
         grafting: None, ``"sgd"`` or ``"adam"`` (per group; see
             :mod:`~beyondgrad.optim.grafting`).
+        ownership: ``None`` (every rank refreshes every layer), ``"owner"`` or an
+            :class:`~beyondgrad.optim.Ownership`: under ``torch.distributed`` each layer's
+            eigendecompositions run on one owner rank (cost-balanced) and are broadcast
+            (see :mod:`~beyondgrad.optim.ownership`).
         **adamw: the fallback's ``adam_lr``, ``adam_betas``, ``adam_eps`` and ``precondition``
             (per group).
     """
@@ -89,6 +94,7 @@ class KFAC(KroneckerOptimizer):
         max_update_norm: float | None = None,
         seed: int = 0,
         grafting: str | None = None,
+        ownership: Any = None,
         **adamw: Any,
     ):
         if damping_mode not in ("eigen", "pi"):
@@ -103,6 +109,7 @@ class KFAC(KroneckerOptimizer):
             model, loss_fn, params, defaults | adamw, fisher_type, kfac_approx, mc_samples, seed
         )
         self._set_clipping(kl_clip, max_update_norm)
+        self.ownership = make_ownership(ownership)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
@@ -123,7 +130,14 @@ class KFAC(KroneckerOptimizer):
             state["A"] = ema_(state.get("A"), stats[0], self.ema)
             state["B"] = ema_(state.get("B"), stats[1], self.ema)
         if "A" in state and (self._refresh_due(group) or "eig" not in state):
-            state["eig"] = self._decompose(state, group["damping"])
+            if self.ownership is None:
+                state["eig"] = self._decompose(state, group["damping"])
+            else:  # on one owner rank, at the end of the updates (see .ownership)
+                defer_eigen_refresh(self.ownership, state, self._decompose, group["damping"])
+
+    def _after_preconditioner_updates(self) -> None:
+        if self.ownership is not None:
+            self.ownership.flush()
 
     def _preconditioned_gradients(
         self, state: dict[str, Any], group: dict[str, Any], params: list[Tensor]

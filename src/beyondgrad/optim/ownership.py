@@ -1,0 +1,210 @@
+"""Owner-based preconditioner refresh (as in KAISA and Distributed Shampoo).
+
+Replicated data parallelism refreshes every layer's preconditioner (KFAC: the
+eigendecompositions of its factors) on every rank: the same work ``W`` times. With
+:class:`Ownership` each due refresh runs on one *owner* rank only, and the results are
+broadcast to the others (one packed broadcast per owner rank); the owners are chosen by a
+cost-balanced greedy (largest cost first, to the least-loaded rank; cost of a layer
+``~ sum_factors G d^3``), so each rank's refresh time falls towards ``1/W`` of the replicated
+one, plus the broadcasts. ``broadcast_dtype=torch.bfloat16`` halves (float32) or quarters
+(float64) that traffic; every rank, the owner included, then uses the rounded result, so the
+ranks stay identical.
+
+The statistics are still all-reduced (every rank holds the same factors); only the refresh is
+owned. With float64 broadcasts the trajectory equals the replicated one bit for bit (the owner
+computes what every rank would).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..distributed import group as dist_group
+
+Refresh = Callable[[], tuple[Tensor, ...]]
+Store = Callable[[tuple[Tensor, ...]], None]
+
+
+def assign_owners(costs: Mapping[str, float], world: int) -> dict[str, int]:
+    """Cost-balanced greedy owners: layers by decreasing cost (ties by name), each to the
+    rank with the least total cost so far (ties: the lowest rank).
+
+    Args:
+        costs: layer name -> refresh cost (e.g. ``sum d^3`` over its factors).
+        world: the number of ranks.
+
+    Returns:
+        Layer name -> owner rank in ``[0, world)``; deterministic, so every rank computes the
+        same assignment.
+    """
+    load = [0.0] * world
+    owners: dict[str, int] = {}
+    for name in sorted(costs, key=lambda n: (-costs[n], n)):
+        rank = min(range(world), key=lambda r: (load[r], r))
+        owners[name] = rank
+        load[rank] += costs[name]
+    return owners
+
+
+class Ownership:
+    """Run each due refresh on one owner rank and broadcast the result.
+
+    Args:
+        process_group: ``None`` (the default group when ``torch.distributed`` is
+            initialized), a ``ProcessGroup``, or ``"local"`` (refresh everywhere: replicated).
+        broadcast_dtype: the dtype the results travel in (``None``: their own; e.g.
+            ``torch.bfloat16`` to cut the traffic; every rank then uses the rounded values).
+
+    Usage (what :class:`~beyondgrad.optim.KFAC` does with ``ownership=...``): during a step,
+    :meth:`defer` each due refresh; after all layers are updated, :meth:`flush` runs the
+    owned refreshes and broadcasts them (collective: every rank calls it, with the same due
+    layers).
+    """
+
+    def __init__(self, process_group: Any = None, broadcast_dtype: torch.dtype | None = None):
+        self.group = dist_group.resolve_group(process_group)
+        self.broadcast_dtype = broadcast_dtype
+        self._pending: dict[str, tuple[float, Refresh, list[tuple[tuple[int, ...], Any]], Store]]
+        self._pending = {}
+        self.owners: dict[str, int] = {}
+
+    @property
+    def world(self) -> int:
+        """The number of ranks sharing the refreshes (1: every refresh runs here)."""
+        return dist_group.world_size(self.group)
+
+    def defer(
+        self,
+        name: str,
+        cost: float,
+        refresh: Refresh,
+        like: list[tuple[tuple[int, ...], Any]],
+        store: Store,
+    ) -> None:
+        """Register a due refresh of layer ``name``.
+
+        Args:
+            name: the layer (the same on every rank).
+            cost: its cost, for the owner assignment.
+            refresh: computes the result tensors (run on the owner only).
+            like: ``(shape, dtype)`` of each result tensor (for the receiving ranks).
+            store: receives the result tensors (on every rank).
+        """
+        self._pending[name] = (float(cost), refresh, like, store)
+
+    def flush(self) -> None:
+        """Run the owned refreshes, broadcast every result from its owner, store them all.
+
+        Collective over the group: every rank must call it with the same deferred layers.
+        """
+        pending, self._pending = self._pending, {}
+        if not pending:
+            return
+        if self.group is None:
+            for _, refresh, _, store in pending.values():
+                store(self._rounded(refresh()))
+            return
+        dist_group.check_same(sorted(pending), "the layers due for a refresh", self.group)
+        self.owners = assign_owners({n: p[0] for n, p in pending.items()}, self.world)
+        me = dist_group.rank(self.group)
+        for owner in range(self.world):  # one broadcast per owner: all its layers, packed
+            names = [n for n in sorted(pending) if self.owners[n] == owner]
+            if not names:
+                continue
+            mine = [pending[n][1]() for n in names] if owner == me else None
+            likes = [pending[n][2] for n in names]
+            for name, result in zip(names, self._broadcast(owner, mine, likes)):
+                pending[name][3](result)
+
+    def _rounded(self, tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        if self.broadcast_dtype is None:
+            return tensors
+        return tuple(t.to(self.broadcast_dtype).to(t.dtype) for t in tensors)
+
+    def _broadcast(
+        self,
+        owner: int,
+        mine: list[tuple[Tensor, ...]] | None,
+        likes: list[list[tuple[tuple[int, ...], Any]]],
+    ) -> list[tuple[Tensor, ...]]:
+        """The owner's results, every tensor flattened into one buffer of the wire dtype
+        (the first tensor's dtype unless ``broadcast_dtype``), broadcast, split again."""
+        import torch.distributed as dist
+
+        device = dist_group.device_of(self.group)
+        flat_like = [like for layer in likes for like in layer]
+        wire = self.broadcast_dtype or flat_like[0][1]
+        sizes = [math.prod(shape) for shape, _ in flat_like]
+        if mine is not None:
+            parts = [t.reshape(-1).to(device=device, dtype=wire) for r in mine for t in r]
+            buf = torch.cat(parts)
+        else:
+            buf = torch.empty(sum(sizes), dtype=wire, device=device)
+        dist.broadcast(buf, src=dist.get_global_rank(self.group, owner), group=self.group)
+        pieces = iter(torch.split(buf, sizes))
+        out = []
+        for layer in likes:
+            out.append(tuple(next(pieces).reshape(shape).to(dtype) for shape, dtype in layer))
+        return out
+
+
+def defer_eigen_refresh(
+    ownership: Ownership,
+    state: dict[str, Any],
+    decompose: Callable[[dict[str, Any], float], tuple[Tensor, ...]],
+    damping: float,
+) -> None:
+    """Defer a KFAC layer's eigendecompositions (``state["eig"]``) to its owner.
+
+    Args:
+        ownership: the optimizer's :class:`Ownership`.
+        state: the layer's state (factors ``A`` ``[(G,) a, a]``, ``B``, ``order``, ``params``).
+        decompose: ``(state, damping) -> (values, vectors, values, vectors)`` of the left and
+            right factors of the gradient matrix, ``[G, d]`` and ``[G, d, d]``.
+        damping: the layer's damping.
+    """
+    A, B = state["A"], state["B"]
+    groups = A.shape[0] if A.ndim == 3 else 1
+    work = torch.promote_types(A.dtype, torch.float32)
+
+    def like(d: int) -> list[tuple[tuple[int, ...], Any]]:
+        return [((groups, d), work), ((groups, d, d), work)]
+
+    da, db = A.shape[-1], B.shape[-1]
+    shapes = like(da) + like(db) if state["order"] == "A kron B" else like(db) + like(da)
+
+    def store(result: tuple[Tensor, ...]) -> None:
+        state["eig"] = tuple(t.to(A.device) for t in result)
+
+    cost = groups * (da**3 + db**3)
+    name = ",".join(state["params"])
+    ownership.defer(name, cost, lambda: decompose(state, damping), shapes, store)
+
+
+def make_ownership(ownership: Any) -> Ownership | None:
+    """The :class:`Ownership` of an optimizer's ``ownership=`` knob.
+
+    Args:
+        ownership: ``None`` (replicated: every rank refreshes every layer), ``"owner"`` (an
+            :class:`Ownership` over the default group, results broadcast in their own dtype),
+            or an :class:`Ownership`.
+
+    Returns:
+        ``None`` (replicated) or the :class:`Ownership`.
+
+    Raises:
+        ValueError: another value.
+    """
+    if ownership is None or isinstance(ownership, Ownership):
+        return ownership
+    if ownership == "owner":
+        return Ownership()
+    raise ValueError(f"ownership must be None, 'owner' or an Ownership, got {ownership!r}")
+
+
+__all__ = ["Ownership", "assign_owners", "defer_eigen_refresh", "make_ownership"]

@@ -1,0 +1,306 @@
+"""torch.distributed through operators, quantities, Laplace and influence: gloo ranks on CPU,
+each with an uneven shard of one data set, equal the one-process run over the whole data set
+(float64, to round-off), and what cannot be reduced exactly raises on every rank.
+
+Every spawned worker runs all its checks and writes the failures it saw; the parent asserts
+that none were seen (spawning is slow: one spawn per world size)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import beyondgrad as bg
+from beyondgrad import linalg, linops
+
+N = 13  # samples of the whole data set; split unevenly over the ranks
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    kw = {"dtype": torch.float64}
+    return nn.Sequential(
+        nn.Linear(4, 5, **kw), nn.Tanh(), nn.LayerNorm(5, **kw), nn.Linear(5, 3, **kw)
+    ).eval()
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(N, 4, generator=g, dtype=torch.float64)
+    return X, torch.randint(0, 3, (N,), generator=g)
+
+
+def _batches(X: torch.Tensor, y: torch.Tensor, size: int = 3) -> list[Any]:
+    return [(X[i : i + size], y[i : i + size]) for i in range(0, X.shape[0], size)]
+
+
+BOUNDS = {2: [0, 8, 13], 4: [0, 5, 8, 11, 13]}  # uneven shards
+
+
+def _shard(rank: int, world: int) -> slice:
+    return slice(BOUNDS[world][rank], BOUNDS[world][rank + 1])
+
+
+class _Checks:
+    def __init__(self) -> None:
+        self.failures: list[str] = []
+
+    def close(self, name: str, got: Any, want: Any, rtol: float = 1e-9) -> None:
+        try:
+            torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * 1e-2)
+        except AssertionError as err:
+            self.failures.append(f"{name}: {err}")
+
+    def raises(self, name: str, error: type[Exception], fn: Callable[[], Any], match: str) -> None:
+        try:
+            fn()
+        except error as err:
+            if match not in str(err):
+                self.failures.append(f"{name}: message {err!s} lacks {match!r}")
+            return
+        self.failures.append(f"{name}: no {error.__name__}")
+
+
+def _operators(check: _Checks, model, loss_fn, shard, full, all_ops: bool) -> None:
+    P = sum(p.numel() for p in model.parameters())
+    V = torch.randn(P, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for cls in (linops.GGN, linops.Hessian, linops.EmpiricalFisher) if all_ops else (linops.GGN,):
+        name = cls.__name__
+        A, ref = cls(model, loss_fn, shard), cls(model, loss_fn, full, process_group="local")
+        check.close(f"{name} num_data", A.num_data, N)
+        check.close(f"{name} @ V", A @ V, ref @ V)
+        if cls is not linops.Hessian:  # the engine's DiagHessian does not cover LayerNorm
+            check.close(f"{name} diagonal", A.diagonal(), ref.diagonal())
+            check.close(f"{name} trace", A.trace(), ref.trace())
+        g = torch.Generator
+        vals = linalg.eigsh(A, k=2, generator=g().manual_seed(3), tol=1e-10)[0]
+        check.close(
+            f"{name} eigsh",
+            vals,
+            linalg.eigsh(ref, k=2, generator=g().manual_seed(3), tol=1e-10)[0],
+        )
+        est = linalg.trace(A, 6, generator=g().manual_seed(4))
+        check.close(
+            f"{name} trace estimate", est, linalg.trace(ref, 6, generator=g().manual_seed(4))
+        )
+        b = V[:, 0]
+        x, x_ref = linalg.solve(A, b, "minres", 1.0), linalg.solve(ref, b, "minres", 1.0)
+        check.close(f"{name} minres", x, x_ref, rtol=1e-6)  # to the solver's tolerance
+    for cls in (linops.KFAC, linops.EKFAC):
+        A = cls(model, loss_fn, shard, fisher_type="type-2")
+        ref = cls(model, loss_fn, full, fisher_type="type-2", process_group="local")
+        for key, block in ref.blocks.items():
+            got = A.blocks[key]
+            for t in ("A", "B", "diagonal"):
+                if hasattr(block, t):
+                    check.close(f"{cls.__name__} {key}.{t}", getattr(got, t), getattr(block, t))
+        if cls is linops.EKFAC:
+            check.close("EKFAC eigenvalues", A.eigenvalues, ref.eigenvalues)
+        check.close(f"{cls.__name__} @ V", A @ V, ref @ V)
+    fisher = linops.Fisher(model, loss_fn, shard, generator=torch.Generator().manual_seed(5))
+    out = fisher @ V
+    gathered = [torch.empty_like(out) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, out)
+    check.close("Fisher (MC) equal on every rank", gathered[-1], gathered[0])
+
+
+def _sum_loss(check: _Checks, model, shard, full) -> None:
+    loss_fn = nn.MSELoss(reduction="sum")
+    shard = [(X, torch.tanh(X[:, :3])) for X, _ in shard]
+    full = [(X, torch.tanh(X[:, :3])) for X, _ in full]
+    A, ref = (
+        linops.GGN(model, loss_fn, shard),
+        linops.GGN(model, loss_fn, full, process_group="local"),
+    )
+    check.close("GGN sum-loss diagonal", A.diagonal(), ref.diagonal())
+    lap = bg.laplace.Laplace(model, loss_fn, shard, structure="kfac")
+    ref_lap = bg.laplace.Laplace(model, loss_fn, structure="kfac").fit(full, process_group="local")
+    evidence = lap.log_marginal_likelihood()
+    check.close("Laplace evidence", evidence, ref_lap.log_marginal_likelihood())
+    fit = bg.influence.fit_factors(model, loss_fn, shard, curvature="kfac")
+    ref_fit = bg.influence.fit_factors(
+        model, loss_fn, full, curvature="kfac", process_group="local"
+    )
+    check.close("influence num_data", fit.num_data, ref_fit.num_data)
+    check.close("influence trace", fit.structure.trace(), ref_fit.structure.trace())
+
+
+def _results(check: _Checks, model, loss_fn, X, y, sl) -> None:
+    def qs() -> tuple[Any, ...]:
+        return (bg.Grad(), bg.SumGradSquared(), bg.DiagGGN(), bg.KFAC(fisher_type="type-2"))
+
+    for fn in (loss_fn, nn.CrossEntropyLoss(reduction="sum")):
+        full = bg.compute(model, fn, X, y, *qs())
+        mine = bg.distributed.all_reduce_result(bg.compute(model, fn, X[sl], y[sl], *qs()))
+        check.close(f"reduced loss ({fn.reduction})", mine.loss, full.loss)
+        for q in full.quantities():
+            for key, value in full[q].items():
+                got, what = mine[type(q)][key], f"reduced {type(q).__name__} {key} ({fn.reduction})"
+                if isinstance(value, torch.Tensor):
+                    check.close(what, got, value)
+                    continue
+                for t in ("A", "B", "diagonal"):
+                    if hasattr(value, t):
+                        check.close(f"{what}.{t}", getattr(got, t), getattr(value, t))
+                check.close(f"{what} R, N", (got.R, got.num_data), (value.R, value.num_data))
+    res = bg.compute(model, loss_fn, X[sl], y[sl], bg.BatchGrad())
+    check.raises(
+        "BatchGrad",
+        NotImplementedError,
+        lambda: bg.distributed.all_reduce_result(res),
+        "cannot be summed",
+    )
+
+
+def _errors(check: _Checks, model, loss_fn, shard, rank: int) -> None:
+    A = linops.GGN(model, loss_fn, shard)
+    torch.manual_seed(rank)  # the global generator differs per rank
+    check.raises(
+        "unseeded probes",
+        RuntimeError,
+        lambda: A @ torch.randn(A.shape[0], dtype=torch.float64),
+        "differ between the ranks",
+    )
+    B = linops.GGN(model, loss_fn, shard, num_data=N + 1)
+    check.raises("wrong num_data", ValueError, lambda: B.diagonal(), "hold 13 samples")
+    X, y = _data()
+    ds = torch.utils.data.TensorDataset(X, y)
+    sampler = torch.utils.data.DistributedSampler(ds, shuffle=False)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, sampler=sampler)
+    check.raises(
+        "padding sampler", ValueError, lambda: linops.GGN(model, loss_fn, loader), "duplicated"
+    )
+    wide = nn.Linear(4 + rank, 3, dtype=torch.float64)
+    data = [(torch.randn(2, 4 + rank, dtype=torch.float64), torch.tensor([0, 1]))]
+    check.raises(
+        "parameter shapes", RuntimeError, lambda: linops.GGN(wide, loss_fn, data), "disagree"
+    )
+
+
+def _train(model, X, y, steps: int = 3, opt: Any = None, **kw: Any) -> dict[str, torch.Tensor]:
+    if opt is None:
+        opt = bg.optim.KFAC(
+            model, nn.CrossEntropyLoss(), fisher_type="type-2", refresh_every=1, **kw
+        )
+    loss_fn = opt.loss_fn
+    for _ in range(steps):
+        opt.zero_grad()
+        with opt.capture():
+            loss = loss_fn(model(X), y)
+        loss.backward()
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)  # the same model on every rank and in the parent
+    kw = {"dtype": torch.float64}  # float64 at creation: the same draws whatever the default
+    return nn.Sequential(
+        nn.Linear(4, 6, **kw), nn.Tanh(), nn.Linear(6, 5, **kw), nn.Tanh(), nn.Linear(5, 3, **kw)
+    )
+
+
+def _checkpoint(X, y, rank: int, path: str) -> None:
+    """Two steps of 2 ranks (even halves of 12 samples, ownership), saved by rank 0."""
+    model = _mlp()
+    opt = bg.optim.KFAC(
+        model, nn.CrossEntropyLoss(), fisher_type="type-2", refresh_every=1, ownership="owner"
+    )
+    half = slice(6 * rank, 6 * rank + 6)
+    _train(model, X[:12][half], y[:12][half], steps=2, opt=opt)
+    if rank == 0:
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
+
+
+def _ownership(check: _Checks, X, y) -> None:
+    model = _mlp()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    replicated = _train(model, X, y)
+    model.load_state_dict(start)
+    owned = _train(model, X, y, ownership="owner")
+    for name, value in replicated.items():
+        check.close(f"ownership {name}", owned[name], value, rtol=0.0)
+    model.load_state_dict(start)
+    low = _train(model, X, y, ownership=bg.optim.Ownership(broadcast_dtype=torch.bfloat16))
+    for name, value in low.items():
+        gathered = [torch.empty_like(value) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, value)
+        check.close(f"bf16 ownership equal on every rank {name}", gathered[-1], gathered[0])
+
+
+def _worker(rank: int, world: int, path: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    check = _Checks()
+    try:
+        torch.set_num_threads(1)
+        model, loss_fn = _model(), nn.CrossEntropyLoss()
+        X, y = _data()
+        sl = _shard(rank, world)
+        shard, full = _batches(X[sl], y[sl]), _batches(X, y, 4)
+        parts = [  # 4 ranks on few cores are slow: the cheaper half of the checks there
+            lambda: _operators(check, model, loss_fn, shard, full, world == 2),
+            lambda: _sum_loss(check, model, shard, full),
+            lambda: _results(check, model, loss_fn, X, y, sl),
+            lambda: _errors(check, model, loss_fn, shard, rank),
+            lambda: _ownership(check, X[sl], y[sl]),
+            lambda: _checkpoint(X, y, rank, f"{out}.ckpt"),
+        ]
+        for part in parts if world == 2 else [parts[0], parts[2], parts[3], parts[4]]:
+            try:
+                part()
+            except Exception:  # reported to the parent
+                check.failures.append(traceback.format_exc())
+                break  # the ranks may no longer agree on the collectives
+        torch.save(check.failures, f"{out}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_equal_one_process_over_the_whole_data(world):
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "failures")
+        try:
+            mp.spawn(_worker, args=(world, os.path.join(tmp, "init"), out), nprocs=world)
+        except mp.ProcessExitedException:
+            # gloo's threads occasionally abort at interpreter exit after the work is done
+            if not all(os.path.exists(f"{out}.{r}") for r in range(world)):
+                raise
+        failures = [f"rank {r}: {f}" for r in range(world) for f in torch.load(f"{out}.{r}")]
+        assert not failures, "\n".join(failures)
+        if world == 2:
+            _resume_in_one_process(torch.load(f"{out}.ckpt"))
+
+
+def _resume_in_one_process(saved: dict[str, Any]) -> None:
+    """The state of 2 ranks resumes in 1 process: the optimizer state is replicated (owned
+    refreshes are broadcast), so a plain state_dict of rank 0 holds all of it."""
+    X, y = _data()
+    X, y = X[:12], y[:12]
+    model = _mlp()
+    uninterrupted = _train(model, X, y, steps=3)
+    model = _mlp()
+    model.load_state_dict(saved["model"])
+    opt = bg.optim.KFAC(model, nn.CrossEntropyLoss(), fisher_type="type-2", refresh_every=1)
+    opt.load_state_dict(saved["opt"])
+    resumed = _train(model, X, y, steps=1, opt=opt)
+    for name, value in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], value, msg=name)
+
+
+def test_owners_balance_the_cost():
+    from beyondgrad.optim.ownership import assign_owners
+
+    owners = assign_owners({"a": 8.0, "b": 1.0, "c": 7.0, "d": 2.0}, 2)
+    assert owners == {"a": 0, "c": 1, "d": 1, "b": 0}
+    assert assign_owners({"a": 1.0}, 4) == {"a": 0}
