@@ -7,7 +7,19 @@ Public API::
     res[bg.BatchL2]["fc.weight"]
 """
 
-from . import cockpit, conv, distributed, influence, laplace, linalg, linops, optim, pinn
+from . import (
+    cockpit,
+    conv,
+    distributed,
+    influence,
+    laplace,
+    linalg,
+    linops,
+    merging,
+    optim,
+    pinn,
+    pruning,
+)
 from .engine import (
     SUPPORTED_LOSSES,
     Coverage,
@@ -77,6 +89,8 @@ __all__ = [
     "linalg",
     "linops",
     "loss_vectors",
+    "merging",
     "optim",
     "pinn",
+    "pruning",
 ]

@@ -1,0 +1,34 @@
+"""Merging models of one architecture with curvature: weighted averaging, Fisher merging
+(diagonal Fishers from the engine) and RegMean (per-layer input Gram matrices, the KFAC ``A``
+factors). See :mod:`beyondgrad.merging.merge` for the conventions."""
+
+from .curvature import FISHERS, Gram, as_batches, diagonal_fisher, input_grams, sum_loss
+from .merge import (
+    average,
+    average_state_dicts,
+    check_compatible,
+    fisher_average,
+    fisher_merge,
+    merge_weights,
+    regmean,
+    regmean_average,
+    regmean_layer,
+)
+
+__all__ = [
+    "FISHERS",
+    "Gram",
+    "as_batches",
+    "average",
+    "average_state_dicts",
+    "check_compatible",
+    "diagonal_fisher",
+    "fisher_average",
+    "fisher_merge",
+    "input_grams",
+    "merge_weights",
+    "regmean",
+    "regmean_average",
+    "regmean_layer",
+    "sum_loss",
+]
