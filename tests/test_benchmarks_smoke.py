@@ -160,3 +160,15 @@ def test_committed_tables_keep_their_columns(
     else:
         rendered = module.render(data["meta"], data["results"])
     assert table_shapes(rendered) == table_shapes(md.read_text())
+
+
+def test_surgery_smoke(tmp_path: Path) -> None:
+    """benchmarks/surgery.py (accuracy-based, needs scikit-learn's bundled digits)."""
+    pytest.importorskip("sklearn")
+    out = tmp_path / "surgery.md"
+    proc = run_smoke("surgery", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["meta"]["smoke"] and out.read_text().startswith("# ")
+    assert {r["method"] for r in data["merging"]} >= {"average", "RegMean, alpha 0.9"}
+    assert all(0.0 <= r["0.5"] <= 1.0 for r in data["pruning"])

@@ -218,15 +218,26 @@ def fisher_inverse(
     return inv
 
 
-def _remove(w: Tensor, inverse: Tensor, pruned: Tensor, update: str) -> tuple[Tensor, Tensor]:
-    """One block: remove ``pruned`` (indices) from weights ``w`` ``[B]``; new ``(w, inverse)``."""
+def _remove(w: Tensor, inverse: Tensor, new: Tensor, update: str) -> tuple[Tensor, Tensor]:
+    """Remove the entries ``new`` (bool ``[k, B]``) from weights ``w`` ``[k, B]`` with inverse
+    blocks ``[k, B, B]``, batched over the ``k`` blocks: :func:`obs_update` and
+    :func:`obs_downdate` sharing one solve. Each block's group is padded to the largest one;
+    a padding slot has a zero column and a unit diagonal, so it changes nothing."""
+    q = int(new.sum(-1).max())
+    order = torch.sort(new.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :q]
+    slot = torch.gather(new, 1, order)  # [k, q], False on padding
+    cols = torch.gather(inverse, 2, order[:, None, :].expand(-1, inverse.shape[1], -1))
+    cols = cols * slot[:, None, :]  # [k, B, q]
+    S = torch.gather(cols, 1, order[:, :, None].expand(-1, -1, q))  # [k, q, q]
+    S = S * slot[:, :, None] + torch.diag_embed((~slot).to(S.dtype))
+    X = torch.linalg.solve(S, cols.transpose(1, 2))  # (E^T F^-1 E)^-1 E^T F^-1, [k, q, B]
+    wq = torch.gather(w, 1, order) * slot
     if update == "joint":
-        w = w + obs_update(w, inverse, pruned)
+        w = w - (X.transpose(1, 2) @ wq[:, :, None])[..., 0]
     else:
-        cols = inverse[:, pruned]
-        w = w - cols @ (w[pruned] / torch.diagonal(inverse)[pruned])
-    w[pruned] = 0.0
-    return w, obs_downdate(inverse, pruned)
+        d = torch.gather(torch.diagonal(inverse, dim1=-2, dim2=-1), 1, order)
+        w = w - (cols @ (wq / torch.where(slot, d, 1.0))[:, :, None])[..., 0]
+    return w.masked_fill(new, 0.0), inverse - cols @ X
 
 
 def obs_prune_blocks(
@@ -262,8 +273,9 @@ def obs_prune_blocks(
         scores = torch.where(alive, obs_saliency(w, diag), -math.inf)
         keep = masks_from_scores(inv.unpad(scores), sparsity * t / steps, scope)
         new = alive & ~inv.pad([keep[n] for n in inv.names])
-        for b in new.any(-1).nonzero().flatten().tolist():
-            w[b], blocks[b] = _remove(w[b], blocks[b], new[b].nonzero().flatten(), update)
+        hit = new.any(-1).nonzero().flatten()
+        if len(hit):
+            w[hit], blocks[hit] = _remove(w[hit], blocks[hit], new[hit], update)
         alive &= ~new
     masks = {n: m.clone() for n, m in inv.unpad(alive | ~real).items()}
     return inv.unpad(w), masks

@@ -1,0 +1,306 @@
+"""Model surgery with curvature on scikit-learn's bundled digits (nothing is downloaded):
+merging and pruning, measured by test accuracy (no timing).
+
+(a) Merging: per seed, one MLP initialization (64-64-64-10, ReLU) is trained twice with Adam,
+    once on the training digits 0-4 and once on 5-9 (a shared 10-way head), and the two are
+    merged by averaging, Fisher merging (empirical, MC and type-2 diagonal Fishers, each model's
+    Fisher on its own training split) and RegMean (alpha 0.9 and 1). Accuracy on the full test
+    set (all ten digits), mean and standard deviation over the seeds; the two source models and
+    the same initialization trained on all digits are the references.
+(b) Pruning without retraining: an MLP (64-128-128-10) and a small CNN (conv 1-8-16, 3x3, max
+    pool, linear) trained on all training digits are pruned at 50/70/90% of their weights
+    (biases kept) by magnitude, OBD (type-2 GGN diagonal), OBS/WoodFisher (damped empirical
+    Fisher, blocks of 128, 8 rounds) and layer-wise OBS (damped input Gram, per layer). The
+    curvature comes from 1024 training examples (calibration); each method's curvature is
+    computed once per model and reused for every sparsity.
+
+    python benchmarks/surgery.py [--seeds 5] [--threads 2]
+    python benchmarks/surgery.py --smoke      # does it run (tiny, to a temp dir)
+
+Writes ``benchmarks/results/surgery_cpu.md`` and ``.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import beyondgrad as bg
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SPARSITIES = (0.5, 0.7, 0.9)
+DAMPING = 1e-4  # WoodFisher's default
+LOSS = nn.CrossEntropyLoss()
+
+
+def digits(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(X_train, y_train, X_test, y_test)``: pixels scaled to [0, 1], 540 test digits."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    X, y = torch.tensor(d.data, dtype=torch.float32) / 16, torch.tensor(d.target)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    return X[perm[540:]], y[perm[540:]], X[perm[:540]], y[perm[:540]]
+
+
+def mlp(seed: int, hidden: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+        nn.Linear(hidden, 10),
+    )  # fmt: skip
+
+
+def cnn(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 10),
+    )  # fmt: skip
+
+
+def train(model: nn.Module, X: Tensor, y: Tensor, steps: int, seed: int) -> nn.Module:
+    """Adam (lr 1e-3), ``steps`` mini-batches of 64 drawn with replacement."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, len(y), (64,), generator=gen)
+        opt.zero_grad()
+        LOSS(model(X[idx]), y[idx]).backward()
+        opt.step()
+    return model
+
+
+def accuracy(model: nn.Module, X: Tensor, y: Tensor) -> float:
+    with torch.no_grad():
+        return float((model(X).argmax(1) == y).float().mean())
+
+
+def merging_run(seed: int, steps: int, split: tuple[Tensor, ...]) -> dict[str, float]:
+    """Accuracy on the union test set of every merge of the two half-trained models."""
+    Xtr, ytr, Xte, yte = split
+    init = mlp(seed, 64)
+    lo, hi = ytr < 5, ytr >= 5
+    A = train(copy.deepcopy(init), Xtr[lo], ytr[lo], steps, seed)
+    B = train(copy.deepcopy(init), Xtr[hi], ytr[hi], steps, seed + 1000)
+    joint = train(copy.deepcopy(init), Xtr, ytr, steps, seed + 2000)
+    data = [(Xtr[lo], ytr[lo]), (Xtr[hi], ytr[hi])]
+    gen = torch.Generator().manual_seed(seed)
+    merges: dict[str, Any] = {
+        "model A (digits 0-4)": A,
+        "model B (digits 5-9)": B,
+        "average": bg.merging.average([A, B]),
+        "Fisher, empirical": bg.merging.fisher_merge([A, B], LOSS, data),
+        "Fisher, MC (1 label)": bg.merging.fisher_merge(
+            [A, B], LOSS, data, fisher="mc", generator=gen
+        ),
+        "Fisher, type-2": bg.merging.fisher_merge([A, B], LOSS, data, fisher="type-2"),
+        "RegMean, alpha 0.9": bg.merging.regmean([A, B], LOSS, data, alpha=0.9),
+        "RegMean, alpha 1": bg.merging.regmean([A, B], LOSS, data, alpha=1.0),
+        "reference: trained on all digits": joint,
+    }
+    return {name: accuracy(m, Xte, yte) for name, m in merges.items()}
+
+
+def merging_rows(seeds: int, steps: int, split: tuple[Tensor, ...]) -> list[dict[str, Any]]:
+    runs = [merging_run(seed, steps, split) for seed in range(seeds)]
+    rows = []
+    for name in runs[0]:
+        accs = [r[name] for r in runs]
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        rows.append({"method": name, "mean": statistics.mean(accs), "std": std, "runs": accs})
+    return rows
+
+
+def pruners(
+    model: nn.Module, calib: list[tuple[Tensor, Tensor]], rounds: int
+) -> dict[tuple[str, str], Any]:
+    """``{(method, scope): prune(sparsity) -> pruned model}``, curvature computed once here."""
+    names = bg.pruning.prunable_parameters(model)
+    params = dict(model.named_parameters())
+    obd = bg.pruning.obd_scores(model, LOSS, calib, curvature="type-2")
+    inv = bg.pruning.fisher_inverse(model, LOSS, calib, names, DAMPING, block_size=128)
+
+    def scored(scores: dict[str, Tensor], scope: str) -> Any:
+        def run(s: float) -> nn.Module:
+            masks = bg.pruning.masks_from_scores(scores, s, scope)
+            return bg.pruning.masked_copy(model, masks)
+
+        return run
+
+    def woodfisher(scope: str) -> Any:
+        def run(s: float) -> nn.Module:
+            weights = [params[n] for n in names]
+            values, masks = bg.pruning.obs_prune_blocks(inv, weights, s, scope, steps=rounds)
+            return bg.pruning.masked_copy(model, masks, values)
+
+        return run
+
+    magnitude = {n: params[n].detach().abs() for n in names}
+    out: dict[tuple[str, str], Any] = {}
+    for scope in ("global", "layer"):
+        out[("magnitude", scope)] = scored(magnitude, scope)
+        out[("OBD (GGN diagonal)", scope)] = scored(obd, scope)
+        out[("OBS / WoodFisher", scope)] = woodfisher(scope)
+    out[("layer-wise OBS", "layer")] = lambda s: (
+        bg.pruning.layerwise_obs(model, LOSS, calib, s).model
+    )
+    return out
+
+
+def pruning_rows(
+    name: str, model: nn.Module, split: tuple[Tensor, ...], sizes: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Test accuracy of every method and scope at every sparsity for one trained model."""
+    Xtr, ytr, Xte, yte = split
+    n, sparsities = sizes["calibration"], sizes["sparsities"]
+    calib = [(Xtr[i : min(i + 256, n)], ytr[i : min(i + 256, n)]) for i in range(0, n, 256)]
+    dense = accuracy(model, Xte, yte)
+    rows = []
+    for (method, scope), prune in pruners(model, calib, sizes["rounds"]).items():
+        accs = {}
+        for s in sparsities:
+            pruned = prune(s)
+            accs[str(s)] = accuracy(pruned, Xte, yte)
+        rows.append({"model": name, "dense": dense, "method": method, "scope": scope, **accs})
+    return rows
+
+
+def fmt(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def render(meta: dict[str, Any], merging: list[dict], pruning: list[dict]) -> str:
+    """The markdown report."""
+    lines = [
+        "# Model surgery on digits: merging and pruning (accuracy, CPU)",
+        "",
+        f"Command: `{meta['command']}`; {meta['date']}; torch {meta['torch']}, "
+        f"{meta['threads']} threads, {meta['machine']}; beyondgrad commit {meta['git']}; "
+        f"wall time {meta['wall_s']:.0f} s.",
+        "",
+        f"## Merging (test accuracy on all ten digits, %, {meta['seeds']} seeds)",
+        "",
+        f"Two MLPs from one initialization, trained {meta['steps_merge']} Adam steps on digits "
+        "0-4 and 5-9 respectively (shared 10-way head), merged with equal weights.",
+        "",
+        "| method | mean | std | per seed |",
+        "|---|---|---|---|",
+    ]
+    for r in merging:
+        runs = " ".join(fmt(a) for a in r["runs"])
+        lines.append(f"| {r['method']} | {fmt(r['mean'])} | {fmt(r['std'])} | {runs} |")
+    sp = meta["sparsities"]
+    for model in dict.fromkeys(r["model"] for r in pruning):
+        rows = [r for r in pruning if r["model"] == model]
+        lines += [
+            "",
+            f"## Pruning {model} without retraining (test accuracy, %; dense "
+            f"{fmt(rows[0]['dense'])})",
+            "",
+            "| method | scope | " + " | ".join(f"{int(100 * s)}% sparse" for s in sp) + " |",
+            "|---|---|" + "---|" * len(sp),
+        ]
+        for r in rows:
+            accs = " | ".join(fmt(r[str(s)]) for s in sp)
+            lines.append(f"| {r['method']} | {r['scope']} | {accs} |")
+    return "\n".join([*lines, "", *meta["notes"], ""])
+
+
+NOTES = [
+    "Notes:",
+    "",
+    "* Sparsity is the fraction of the weights (Linear and conv weights, not biases) set to "
+    "zero; `global` ranks all weights together, `layer` prunes every weight tensor to the same "
+    "fraction. No retraining, no fine-tuning after pruning.",
+    "* Curvature from 1024 training examples (4 batches of 256). OBD: saliency "
+    "`w^2 diag(GGN)/2`. OBS / WoodFisher: `F = 1e-4 I + (1/N) sum_n g_n g_n^T`, block-diagonal "
+    "over 128 consecutive weights, inverted by Woodbury updates; weights removed in 8 rounds, "
+    "joint OBS update per block and round (`bg.pruning.woodfisher`). The damping 1e-4 is the "
+    "library's default; 1e-3 and 1e-5 were also tried on the MLP (at 90%: 53.5% and 79.1% "
+    "test accuracy globally, vs 78.5% at 1e-4), so this default was looked at on this test set. "
+    "Layer-wise OBS: `H = X^T X/count + 0.01 mean(diag) I` per layer, SparseGPT-style column "
+    "sweep, biases absorb compensation.",
+    "* Merging: Fisher merging uses each model's diagonal Fisher averaged over its own training "
+    "split, floored at 1e-8; RegMean uses each model's layer-input Gram matrices (KFAC A "
+    "factors) on its own split; the other parameters (none here) would be averaged.",
+]
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--seeds", type=int, default=5, help="merging seeds")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=None, help="markdown path (JSON next to it)")
+    p.add_argument("--smoke", action="store_true", help="tiny run, to a temp dir unless --out")
+    return p.parse_args(argv)
+
+
+def meta_data(args: argparse.Namespace, argv: list[str] | None, sizes: dict) -> dict[str, Any]:
+    try:
+        import harness
+
+        git, machine = harness.git_revision(), harness.cpu_model()
+    except Exception:  # the harness is optional here
+        git, machine = None, platform.processor() or "unknown CPU"
+    return {
+        "date": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "command": "python benchmarks/surgery.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": machine,
+        "git": git,
+        "smoke": args.smoke,
+        "seeds": args.seeds,
+        **sizes,
+        "notes": NOTES,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    split = digits()
+    sizes = {"steps_merge": 300, "steps_prune": 800, "sparsities": list(SPARSITIES)}
+    sizes.update(calibration=1024, rounds=8, hidden=128)
+    if args.smoke:
+        args.seeds = 1
+        sizes = {"steps_merge": 5, "steps_prune": 5, "sparsities": [0.5]}
+        sizes.update(calibration=64, rounds=1, hidden=16)
+    merging = merging_rows(args.seeds, sizes["steps_merge"], split)
+    pruning: list[dict] = []
+    hidden = sizes["hidden"]
+    models = ((f"an MLP (64-{hidden}-{hidden}-10)", mlp(0, hidden)), ("a CNN (conv 8, 16)", cnn(0)))
+    for name, model in models:
+        train(model, split[0], split[1], sizes["steps_prune"], 0)
+        pruning += pruning_rows(name, model, split, sizes)
+    meta = meta_data(args, argv, sizes)
+    meta["wall_s"] = time.perf_counter() - start
+    out = args.out
+    if out is None:
+        out = (Path(tempfile.mkdtemp()) if args.smoke else RESULTS) / "surgery_cpu.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(meta, merging, pruning))
+    payload = {"meta": meta, "merging": merging, "pruning": pruning}
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
+    print(out.read_text())
+    print(f"wrote {out} and {out.with_suffix('.json').name}")
+
+
+if __name__ == "__main__":
+    main()
