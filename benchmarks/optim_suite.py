@@ -309,7 +309,11 @@ class Store:
         self.quick = quick
         self.runs: list[dict[str, Any]] = []
         if self.runs_path.exists():
-            for line in self.runs_path.read_text().splitlines():
+            text = self.runs_path.read_text()
+            if text and not text.endswith("\n"):  # killed while writing: end the cut line
+                with self.runs_path.open("a") as f:
+                    f.write("\n")
+            for line in text.splitlines():
                 with contextlib.suppress(json.JSONDecodeError):  # a run cut off mid-write
                     self.runs.append(json.loads(line))
 
