@@ -18,7 +18,23 @@ trainable task      model and data                                              
                     with covariance of condition 1e3 and ``U^T U`` of condition 1e2, so    loss
                     the Hessian ``U^T U kron Sigma`` is Kronecker-structured, ill-          1e-3 of
                     conditioned and known                                                  initial
+``char-gpt``        4-layer pre-LN GPT (d=128, 4 heads, context 128, untied head) on       val loss
+                    bytes: the first 2 MiB of the standard library's top-level ``.py``     <= 1.9
+                    files in sorted order (:func:`stdlib_corpus`), 90 % train / the next
+                    256 windows validation; batch 16 windows
+``autoencoder``     64-1000-500-250-30-250-500-1000-64 (tanh, linear code and output) on   val MSE
+                    the digits scaled to [0, 1]; MSE reconstruction loss, batch 128         <= 0.02
+``digits-resnet``   residual CNN with BatchNorm (:func:`resnet`, 32/64 channels) on the    val acc
+                    digits upscaled to 16x16, 4 (train) / 2 (validation) fixed random      0.97
+                    affine variants each (:func:`augment_digits`), batch 128
 ==================  ====================================================================  ========
+
+The last three (with ``kron-lsq``: :data:`SUITE_TASKS`) are the optimizer suite's
+(``benchmarks/optim_suite.py``); their targets here are provisional, the suite calibrates its
+own (AdamW's median quality at a fixed budget, ``benchmarks/results/optim_suite_configs.json``).
+Their metrics are minimized for ``char-gpt`` and ``autoencoder`` (:attr:`Task.maximize`;
+:meth:`Task.reached` compares in the right direction). The ``char-gpt`` corpus depends on the
+Python version (the files ship with it).
 
 Benchmark shapes (one batch of random data from a seeded generator, random labels, no target):
 
