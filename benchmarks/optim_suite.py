@@ -68,13 +68,17 @@ SUITE: dict[str, str] = {
     "kron-lsq": "kron-lsq",
 }
 """Suite name -> zoo name (``beyondgrad.app.tasks``)."""
-EVAL_EVERY: dict[str, int] = {"gpt": 10, "autoencoder": 50, "resnet": 25, "kron-lsq": 10}
+EVAL_EVERY: dict[str, int] = {"gpt": 20, "autoencoder": 50, "resnet": 40, "kron-lsq": 50}
 """Steps between evaluations (the resolution of the time to target)."""
 OPTIMIZERS = ("adamw", "kfac", "singd", "sirfshampoo", "muon", "soap")
 """torch.optim.AdamW, beyondgrad's three, torch.optim.Muon (AdamW for the non-matrices),
 heavyball's SOAP; built by ``beyondgrad.app.optimizers.make_optimizer``."""
-CALIBRATE_BUDGET, BUDGET = 40.0, 60.0
-"""Default seconds of training: AdamW's calibration runs; tuning and timed runs."""
+BUDGET: dict[str, float] = {"gpt": 60.0, "autoencoder": 60.0, "resnet": 60.0, "kron-lsq": 15.0}
+"""Default seconds of training per tuning and timed run (``kron-lsq``, the sanity problem, is
+solved in seconds)."""
+CALIBRATE_BUDGET: dict[str, float] = {k: round(v * 2 / 3) for k, v in BUDGET.items()}
+"""Default seconds of training of AdamW's tuning and calibration runs (2/3 of the budget, so
+that AdamW at its tuned configuration has room to reach the target in the timed runs)."""
 MAXIMIZE: dict[str, bool] = {"gpt": False, "autoencoder": False, "resnet": True, "kron-lsq": True}
 """Whether the task's metric is maximized (as its ``Task.maximize``; tested)."""
 QUICK = {"budget": 1.0, "trials": 3, "seeds": 1, "eval_every": 5}
@@ -527,11 +531,12 @@ def environment(device: str, command: str) -> dict[str, Any]:
     }
 
 
-def collect(plan: Plan, tasks: list[str], optimizers: list[str], budget: float) -> dict:
-    """The table's cells from the stored timed runs of the recorded configurations."""
+def collect(plan: Plan, budgets: dict[str, float], optimizers: list[str]) -> dict:
+    """The table's cells from the stored timed runs of the recorded configurations, per task
+    at its budget (``budgets``)."""
     out: dict[str, Any] = {}
     configs = plan.store.configs()
-    for task in tasks:
+    for task, budget in budgets.items():
         record = configs.get(task, {})
         target, cells = record.get("target"), {}
         for name in optimizers:
@@ -543,7 +548,8 @@ def collect(plan: Plan, tasks: list[str], optimizers: list[str], budget: float) 
             if runs:
                 cells[name] = cell(runs, target, MAXIMIZE[task], budget, entry["hp"])
         out[task] = {"zoo": SUITE[task], "target": target, "maximize": MAXIMIZE[task],
-                     "calibration": record.get("calibration"), "cells": cells}  # fmt: skip
+                     "budget": budget, "calibration": record.get("calibration"),
+                     "cells": cells}  # fmt: skip
     return out
 
 
@@ -571,12 +577,14 @@ def render(meta: dict[str, Any], results: dict[str, Any], skipped: list[str]) ->
         f"* **Machine**: {meta['machine']}; Python {meta['python']}; torch {meta['torch']}, "
         f"{meta['threads']} threads; heavyball {meta['heavyball']}; beyondgrad at {meta['git']}.",
         f"* **Protocol** (`benchmarks/optim_suite.py`): {meta['trials']} scrambled-Sobol trials "
-        f"per (task, optimizer), seed 0, budget {meta['budget']:g} s of training, successive "
+        f"per (task, optimizer), seed 0, a budget of training seconds per task, successive "
         f"halving (keep the top 1/{ETA} at budget/{ETA}^k, k = {RUNGS}..1); the chosen "
         f"configuration (fastest to target, else best metric; "
         "`results/optim_suite_configs.json`) is rerun with seeds 1.."
         f"{meta['seeds']}. Medians over the seeds; a miss counts as the budget; steps: to "
-        "target (a miss: all steps in the budget). Training time excludes evaluation.",
+        "target (a miss: all steps in the budget). Training time excludes evaluation. "
+        "ms/step: training time / steps, the first step (set-up, first factorization) "
+        "included.",
         "* **Targets**: the median over seeds of AdamW's final validation metric after the "
         "calibration budget, AdamW at its configuration tuned for that budget.",
     ]
@@ -603,6 +611,8 @@ def _task_table(task: str, entry: dict[str, Any]) -> list[str]:
     lines = [
         f"## {task} (`{entry['zoo']}`), target {target} ({better} is better)",
         "",
+        f"Budget {entry['budget']:g} s of training per run.",
+        "",
         f"Calibration: AdamW {_fmt_hp(cal.get('hp', {}))}, {cal.get('budget', 0):g} s, "
         f"finals {', '.join(f'{x:.4g}' for x in cal.get('finals', []))}.",
         "",
@@ -624,9 +634,11 @@ def _task_table(task: str, entry: dict[str, Any]) -> list[str]:
 def report(plan: Plan, args: argparse.Namespace, skipped: list[str]) -> Path:
     """Write ``optim_suite_<device>.md`` and ``.json`` into the results directory."""
     meta = environment(plan.device, "python " + " ".join(sys.argv))
-    meta |= {"trials": args.trials, "seeds": args.seeds, "budget": args.budget,
-             "calibrate_budget": args.calibrate_budget, "quick": args.quick}  # fmt: skip
-    results = collect(plan, args.task, args.optimizer, args.budget)
+    budgets = {task: budget_for(args, task) for task in args.task}
+    meta |= {"trials": args.trials, "seeds": args.seeds, "quick": args.quick,
+             "budgets": budgets, "calibrate_budgets": {
+                 t: budget_for(args, t, calibrating=True) for t in args.task}}  # fmt: skip
+    results = collect(plan, budgets, args.optimizer)
     spaces = {n: {k: vars(d) for k, d in search_space(n).items()} for n in OPTIMIZERS}
     payload = {"meta": meta, "results": results, "geomeans": geometric_means(results),
                "search_spaces": spaces, "skipped": skipped}  # fmt: skip
@@ -647,13 +659,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--task", nargs="+", choices=list(SUITE), default=list(SUITE))
     p.add_argument("--optimizer", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS))
     p.add_argument("--budget", type=float, default=None,
-                   help=f"seconds of training per run (default {BUDGET:g}; calibrate "
-                   f"{CALIBRATE_BUDGET:g})")  # fmt: skip
+                   help=f"seconds of training per run (default per task: {BUDGET}; "
+                   f"calibrate: {CALIBRATE_BUDGET})")  # fmt: skip
     p.add_argument(
         "--calibrate-budget",
         type=float,
         default=None,
-        help=f"`all`: AdamW's tuning and calibration budget ({CALIBRATE_BUDGET:g})",
+        help="`all`: AdamW's tuning and calibration budget (default per task, see --budget)",
     )
     p.add_argument("--trials", type=int, default=12, help="tuning trials (default 12)")
     p.add_argument("--seeds", type=int, default=3, help="seeds of calibrate and timed (3)")
@@ -677,11 +689,17 @@ def _defaults(args: argparse.Namespace) -> None:
         args.eval_every = args.eval_every or QUICK["eval_every"]
         args.budget = args.budget or QUICK["budget"]
         args.calibrate_budget = args.calibrate_budget or QUICK["budget"]
-    default = CALIBRATE_BUDGET if args.step == "calibrate" else BUDGET
-    args.budget = args.budget or default
-    args.calibrate_budget = args.calibrate_budget or CALIBRATE_BUDGET
     if args.results is None:
         args.results = Path(tempfile.mkdtemp(prefix="optim-suite-")) if args.quick else RESULTS
+
+
+def budget_for(args: argparse.Namespace, task: str, calibrating: bool = False) -> float:
+    """The training budget of ``task``: ``--calibrate-budget`` (``all``) or ``--budget`` where
+    given, else the task's default (:data:`CALIBRATE_BUDGET` when ``calibrating``)."""
+    if calibrating:
+        given = args.calibrate_budget if args.step == "all" else args.budget
+        return given or CALIBRATE_BUDGET[task]
+    return args.budget or BUDGET[task]
 
 
 def main(argv: list[str] | None = None, objective: Objective = train_run) -> int:
@@ -697,16 +715,17 @@ def main(argv: list[str] | None = None, objective: Objective = train_run) -> int
     optimizers = [o for o in args.optimizer if o not in skipped]
     for task in args.task:
         if args.step == "all":
-            tune(plan, task, "adamw", args.calibrate_budget, args.trials)
-            calibrate(plan, task, args.calibrate_budget, args.seeds)
+            cal = budget_for(args, task, calibrating=True)
+            tune(plan, task, "adamw", cal, args.trials)
+            calibrate(plan, task, cal, args.seeds)
         if args.step in ("tune", "all"):
             for name in optimizers:
-                tune(plan, task, name, args.budget, args.trials)
+                tune(plan, task, name, budget_for(args, task), args.trials)
         if args.step == "calibrate":
-            calibrate(plan, task, args.budget, args.seeds)
+            calibrate(plan, task, budget_for(args, task, calibrating=True), args.seeds)
         if args.step in ("timed", "all"):
             for name in optimizers:
-                timed(plan, task, name, args.budget, args.seeds)
+                timed(plan, task, name, budget_for(args, task), args.seeds)
     if args.step in ("timed", "report", "all"):
         report(plan, args, skipped)
     return 0

@@ -21,7 +21,7 @@ trainable task      model and data                                              
 ``char-gpt``        4-layer pre-LN GPT (d=128, 4 heads, context 128, untied head) on       val loss
                     bytes: the first 2 MiB of the standard library's top-level ``.py``     <= 1.9
                     files in sorted order (:func:`stdlib_corpus`), 90 % train / the next
-                    256 windows validation; batch 16 windows
+                    128 windows validation; batch 16 windows
 ``autoencoder``     64-1000-500-250-30-250-500-1000-64 (tanh, linear code and output) on   val MSE
                     the digits scaled to [0, 1]; MSE reconstruction loss, batch 128         <= 0.02
 ``digits-resnet``   residual CNN with BatchNorm (:func:`resnet`, 32/64 channels) on the    val acc
@@ -455,7 +455,7 @@ def _char_gpt(batch_size: int | None) -> Task:
     n_train = int(0.9 * data.numel())  # the first 90 % train, the last 10 % validation
     train = _windows(data[:n_train], CONTEXT)
     Xva, yva = _windows(data[n_train:], CONTEXT)
-    Xva, yva = Xva[:256], yva[:256]  # 32,768 validation tokens
+    Xva, yva = Xva[:128], yva[:128]  # 16,384 validation tokens
     model = TinyGPT(vocab=256, d=128, heads=4, layers=4, max_len=CONTEXT, tied=False)
     loss_fn = nn.CrossEntropyLoss()
     return Task(
