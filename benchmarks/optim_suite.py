@@ -288,10 +288,12 @@ def best_metric(rec: dict[str, Any], maximize: bool) -> float:
 
 def rank_key(rec: dict[str, Any], target: float | None, maximize: bool, budget: float) -> tuple:
     """Sort key of a trial (smallest = chosen): reached trials by time to target, then the
-    others by how many rungs they survived and their best metric."""
+    others by how many rungs they survived and their best metric, diverged trials last."""
     o = outcome(rec, target, maximize, budget)
     if o["reached"]:
         return (0, o["seconds"], 0.0)
+    if rec["diverged"]:
+        return (2, 0, -best_metric(rec, maximize))
     return (
         1,
         -len(rec.get("rungs", [])) - (0 if rec["stopped"] else 1),

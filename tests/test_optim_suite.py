@@ -222,3 +222,20 @@ def test_train_run_warms_up_and_reports(tmp_path):
     opt = suite.build(task, "adamw", {"lr": 1.0, "weight_decay": 0.0, "warmup": 4})
     suite._set_warmup(opt, 1, 4)
     assert opt.param_groups[0]["lr"] == 0.5 and opt.param_groups[0]["initial_lr"] == 1.0
+
+
+def test_rank_key_prefers_reached_then_survivors_and_puts_divergences_last():
+    def rec(history, stopped=False, diverged=False, rungs=2):
+        return {"history": history, "steps": history[-1][0], "stopped": stopped,
+                "diverged": diverged, "rungs": [0.0] * rungs}  # fmt: skip
+
+    fast = rec([[10, 1.0, 0.95]])
+    slow = rec([[10, 1.0, 0.5], [20, 2.0, 0.9]])
+    full = rec([[10, 1.0, 0.5], [20, 2.0, 0.7]])
+    cut = rec([[10, 1.0, 0.8]], stopped=True, rungs=1)
+    diverged = rec([[10, 1.0, 0.85], [20, 2.0, math.nan]], diverged=True)
+    runs = [diverged, cut, full, slow, fast]
+    ranked = sorted(runs, key=lambda r: suite.rank_key(r, 0.9, True, 10.0))
+    assert ranked == [fast, slow, full, cut, diverged]
+    no_target = sorted(runs, key=lambda r: suite.rank_key(r, None, True, 10.0))
+    assert no_target == [fast, slow, full, cut, diverged]  # full runs by their best metric
