@@ -272,12 +272,14 @@ def train_run(
 # --------------------------------------------------------------------------------------------
 def outcome(rec: dict[str, Any], target: float | None, maximize: bool, budget: float) -> dict:
     """Rescore a run against ``target``: ``reached``, ``seconds`` (to the first evaluation at
-    or beyond the target; the budget for a miss), ``steps`` (to target, or all the run's)."""
+    or beyond the target; for a miss the budget, or the run's training time where its last
+    step overran the budget), ``steps`` (to target, or all the run's)."""
     for step, seconds, metric in rec["history"]:
         if target is not None and math.isfinite(metric):
             if (metric >= target) if maximize else (metric <= target):
                 return {"reached": True, "seconds": seconds, "steps": step}
-    return {"reached": False, "seconds": budget, "steps": rec["steps"]}
+    seconds = max(budget, rec.get("train_s", budget))  # a step can overrun the budget
+    return {"reached": False, "seconds": seconds, "steps": rec["steps"]}
 
 
 def best_metric(rec: dict[str, Any], maximize: bool) -> float:

@@ -210,6 +210,8 @@ def test_outcome_rescores_a_stored_history():
                                                      "steps": 30}  # fmt: skip
     assert suite.outcome(rec, 0.6, False, 10.0)["seconds"] == 1.0
     assert suite.outcome(rec, None, True, 10.0)["reached"] is False
+    rec["train_s"] = 12.0  # the last step overran a 10 s budget: a miss is never faster
+    assert suite.outcome(rec, 0.95, True, 10.0)["seconds"] == 12.0
 
 
 def test_train_run_warms_up_and_reports(tmp_path):
