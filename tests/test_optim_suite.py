@@ -86,6 +86,13 @@ def test_augmented_digits_are_seeded_and_copy_major():
     b = augment_digits(X, 2, torch.Generator().manual_seed(0))
     assert a.shape == (10, 1, 16, 16) and torch.equal(a, b)
     assert not torch.equal(a[:5], a[5:])  # two different random variants
+    default = torch.get_default_dtype()
+    try:  # the same draws under a float64 default
+        torch.set_default_dtype(torch.float64)
+        c = augment_digits(X, 2, torch.Generator().manual_seed(0))
+    finally:
+        torch.set_default_dtype(default)
+    assert c.dtype == torch.float32 and torch.equal(a, c)
 
 
 def test_task_reached_and_better_follow_the_direction():

@@ -514,10 +514,10 @@ def augment_digits(X: Tensor, copies: int, g: torch.Generator) -> Tensor:
     drawn from ``g``). Returns ``[copies * N, 1, 16, 16]``, copy-major."""
     images = F.interpolate(X.view(-1, 1, 8, 8), size=16, mode="bilinear", align_corners=False)
     images = images.repeat(copies, 1, 1, 1)
-    n = images.shape[0]
-    angle = (torch.rand(n, generator=g) * 2 - 1) * math.radians(15)
-    scale = 1 / (0.9 + 0.2 * torch.rand(n, generator=g))
-    shift = (torch.rand(n, 2, generator=g) * 2 - 1) * (2 / 8)  # grid units: 2 px of 16
+    n, dt = images.shape[0], images.dtype  # whatever torch's default dtype
+    angle = (torch.rand(n, generator=g, dtype=dt) * 2 - 1) * math.radians(15)
+    scale = 1 / (0.9 + 0.2 * torch.rand(n, generator=g, dtype=dt))
+    shift = (torch.rand(n, 2, generator=g, dtype=dt) * 2 - 1) * (2 / 8)  # 2 px of 16
     cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
                          torch.stack([sin, cos, shift[:, 1]], 1)], 1)  # fmt: skip
