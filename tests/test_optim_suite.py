@@ -81,7 +81,7 @@ def test_char_gpt_windows_are_next_byte_targets():
 
 
 def test_augmented_digits_are_seeded_and_copy_major():
-    X = torch.rand(5, 64)
+    X = torch.rand(5, 64, dtype=torch.float32)
     a = augment_digits(X, 2, torch.Generator().manual_seed(0))
     b = augment_digits(X, 2, torch.Generator().manual_seed(0))
     assert a.shape == (10, 1, 16, 16) and torch.equal(a, b)
