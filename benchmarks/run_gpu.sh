@@ -20,3 +20,10 @@ timeout 110 python3 benchmarks/conv_toolkit.py --device cuda --reps 5 --out "$ou
 timeout ${LINOPS_S:-240} python3 benchmarks/linops.py --device cuda --reps 5 --out "$out/linops_cuda.md"
 ls -la "$out"
 timeout 120 python3 benchmarks/distributed.py --backend nccl 2>&1 | tee "$out/distributed_cuda.txt"
+# The optimizer suite (issue 12) on CUDA: AdamW tuned and calibrated, every optimizer tuned,
+# then the timed table; resumable (results/optim_suite_runs.jsonl), so a cut run can be rerun.
+# SUITE_S: per-run training budget in seconds; SUITE_TRIALS: trials per (task, optimizer).
+suite="python3 benchmarks/optim_suite.py --device cuda --results $out"
+sb=${SUITE_S:-20}; st=${SUITE_TRIALS:-12}
+timeout ${SUITE_TUNE_S:-3000} bash -c "$suite tune --optimizer adamw --budget $((sb * 2 / 3)) --trials $st && $suite calibrate --budget $((sb * 2 / 3)) && $suite tune --budget $sb --trials $st"
+timeout ${SUITE_TIMED_S:-1500} $suite timed --seeds 3 --budget $sb

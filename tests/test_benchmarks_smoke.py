@@ -172,3 +172,19 @@ def test_surgery_smoke(tmp_path: Path) -> None:
     assert data["meta"]["smoke"] and out.read_text().startswith("# ")
     assert {r["method"] for r in data["merging"]} >= {"average", "RegMean, alpha 0.9"}
     assert all(0.0 <= r["0.5"] <= 1.0 for r in data["pruning"])
+def test_optim_suite_quick(tmp_path: Path) -> None:
+    """``optim_suite.py all --quick``: tune AdamW, calibrate, tune, timed, report (kron-lsq)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(BENCH)]))
+    cmd = [sys.executable, str(BENCH / "optim_suite.py"), "all", "--quick", "--task", "kron-lsq",
+           "--optimizer", "adamw", "kfac", "--budget", "0.3", "--calibrate-budget", "0.3",
+           "--results", str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "optim_suite_cpu.json").read_text())
+    assert set(data["results"]["kron-lsq"]["cells"]) == {"adamw", "kfac"}
+    assert data["meta"]["quick"] and data["search_spaces"]["kfac"]["damping"]
+    configs = json.loads((tmp_path / "optim_suite_configs.json").read_text())
+    assert set(configs["kron-lsq"]["tuned"]) == {"adamw@0.3s", "kfac@0.3s"}
+    assert "| kfac |" in (tmp_path / "optim_suite_cpu.md").read_text()
+    lines = (tmp_path / "optim_suite_runs.jsonl").read_text().splitlines()
+    assert len(lines) == 3 + 1 + 3 + 2  # trials AdamW, calibration, trials KFAC, timed

@@ -41,7 +41,7 @@ from ..quantities import (
 )
 from .bench import OPTIMIZERS as BENCH_OPTIMIZERS
 from .rundir import RunDirError, draw_dashboard, log_path, read_log
-from .tasks import PROBLEMS, TASKS, Problem, make_problem
+from .tasks import PROBLEMS, SMALL_TASKS, TASKS, Problem, make_problem
 from .train import OPTIMIZERS, SCHEDULES, TrainConfig, resume, train
 
 FIRST_ORDER_DEMO: tuple[Quantity, ...] = (
@@ -369,7 +369,7 @@ def _add_bench(sub: Any) -> None:
         "ms/step, state memory, divergences and the geometric mean of time ratios to AdamW "
         "(see beyondgrad.app.bench).",
     )
-    p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(SMALL_TASKS))
     p.add_argument(
         "--optimizers", nargs="+", choices=BENCH_OPTIMIZERS, default=list(BENCH_OPTIMIZERS)
     )

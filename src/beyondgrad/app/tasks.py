@@ -18,7 +18,23 @@ trainable task      model and data                                              
                     with covariance of condition 1e3 and ``U^T U`` of condition 1e2, so    loss
                     the Hessian ``U^T U kron Sigma`` is Kronecker-structured, ill-          1e-3 of
                     conditioned and known                                                  initial
+``char-gpt``        4-layer pre-LN GPT (d=128, 4 heads, context 128, untied head) on       val loss
+                    bytes: the first 2 MiB of the standard library's top-level ``.py``     <= 1.9
+                    files in sorted order (:func:`stdlib_corpus`), 90 % train / the next
+                    128 windows validation; batch 16 windows
+``autoencoder``     64-1000-500-250-30-250-500-1000-64 (tanh, linear code and output) on   val MSE
+                    the digits scaled to [0, 1]; MSE reconstruction loss, batch 128         <= 0.02
+``digits-resnet``   residual CNN with BatchNorm (:func:`resnet`, 32/64 channels) on the    val acc
+                    digits upscaled to 16x16, 4 (train) / 2 (validation) fixed random      0.97
+                    affine variants each (:func:`augment_digits`), batch 128
 ==================  ====================================================================  ========
+
+The last three (with ``kron-lsq``: :data:`SUITE_TASKS`) are the optimizer suite's
+(``benchmarks/optim_suite.py``); their targets here are provisional, the suite calibrates its
+own (AdamW's median quality at a fixed budget, ``benchmarks/results/optim_suite_configs.json``).
+Their metrics are minimized for ``char-gpt`` and ``autoencoder`` (:attr:`Task.maximize`;
+:meth:`Task.reached` compares in the right direction). The ``char-gpt`` corpus depends on the
+Python version (the files ship with it).
 
 Benchmark shapes (one batch of random data from a seeded generator, random labels, no target):
 
@@ -34,6 +50,7 @@ The digits tasks need scikit-learn (``pip install "beyondgrad[app]"``); the othe
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Callable, Iterator
@@ -80,10 +97,11 @@ class Task:
         loss_fn: the loss, ``loss_fn(model(X), y)``.
         train: training inputs and targets (leading sample axis).
         val: validation inputs and targets.
-        metric: the validation metric's name (higher is better).
+        metric: the validation metric's name.
         target: the metric value that counts as solved (``None``: no target).
         evaluate: ``model -> metric`` on the validation data.
         batch_size: mini-batch size of :meth:`batches`.
+        maximize: whether a higher metric is better (``False`` for losses and errors).
     """
 
     name: str
@@ -95,6 +113,22 @@ class Task:
     target: float | None
     evaluate: Callable[[nn.Module], float]
     batch_size: int
+    maximize: bool = True
+
+    def reached(self, metric: float) -> bool:
+        """Whether ``metric`` meets the target (``>=`` it, or ``<=`` for a minimized metric);
+        ``False`` without a target or for a non-finite metric."""
+        if self.target is None or not math.isfinite(metric):
+            return False
+        return metric >= self.target if self.maximize else metric <= self.target
+
+    def better(self, a: float, b: float) -> bool:
+        """Whether metric ``a`` is strictly better than ``b`` (a non-finite one never is)."""
+        if not math.isfinite(a):
+            return False
+        if not math.isfinite(b):
+            return True
+        return a > b if self.maximize else a < b
 
     @property
     def metric_key(self) -> str:
@@ -196,18 +230,21 @@ class GPTBlock(nn.Module):
 
 
 class TinyGPT(nn.Module):
-    """Returns logits ``[N, vocab, T]`` (class axis second, for ``nn.CrossEntropyLoss``)."""
+    """Returns logits ``[N, vocab, T]`` (class axis second, for ``nn.CrossEntropyLoss``);
+    ``tied``: the head shares the token embedding's weight."""
 
     def __init__(
-        self, vocab: int = 256, d: int = 128, heads: int = 4, layers: int = 2, max_len: int = 64
-    ):
+        self, vocab: int = 256, d: int = 128, heads: int = 4, layers: int = 2,
+        max_len: int = 64, tied: bool = True,
+    ):  # fmt: skip
         super().__init__()
         self.tok = nn.Embedding(vocab, d)
         self.pos = nn.Embedding(max_len, d)
         self.blocks = nn.ModuleList(GPTBlock(d, heads) for _ in range(layers))
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
-        self.head.weight = self.tok.weight
+        if tied:
+            self.head.weight = self.tok.weight
 
     def forward(self, idx: Tensor) -> Tensor:
         """Logits ``[B, vocab, T]`` for tokens ``idx`` ``[B, T]``."""
@@ -244,7 +281,9 @@ def c3d3(num_classes: int = 10) -> nn.Sequential:
 
 
 # -- data and metrics ---------------------------------------------------------------------------
-def _digits() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _digits(standardize: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """scikit-learn's digits ``[N, 64]`` (pixels 0-16) and labels, one fixed split: 1,437
+    train, 360 validation; ``standardize``: per pixel, with the training statistics."""
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:
@@ -258,6 +297,8 @@ def _digits() -> tuple[Tensor, Tensor, Tensor, Tensor]:
     order = torch.randperm(X.shape[0], generator=g)
     X, y = X[order], y[order]
     n_train = 1437
+    if not standardize:
+        return X[:n_train], y[:n_train], X[n_train:], y[n_train:]
     mean, std = X[:n_train].mean(0), X[:n_train].std(0).clamp(min=1e-3)
     X = (X - mean) / std
     return X[:n_train], y[:n_train], X[n_train:], y[n_train:]
@@ -359,6 +400,144 @@ def _kron_lsq(batch_size: int | None) -> Task:
     )  # fmt: skip
 
 
+# -- the optimizer suite's tasks (benchmarks/optim_suite.py) -----------------------------------
+CORPUS_BYTES = 2 * 2**20
+"""Size of the ``char-gpt`` corpus: the first 2 MiB of the concatenated standard library."""
+CONTEXT = 128
+"""Context length (tokens) of ``char-gpt``."""
+
+
+def stdlib_corpus(num_bytes: int = CORPUS_BYTES) -> bytes:
+    """The first ``num_bytes`` of the top-level ``.py`` files of this Python's standard library
+    (``sysconfig.get_paths()['stdlib']``), in sorted file-name order, concatenated.
+
+    Deterministic for a given Python version (the files ship with Python; nothing is
+    downloaded). Raises ``RuntimeError`` where the sources are missing or too short.
+    """
+    import sysconfig
+    from pathlib import Path
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    chunks, size = [], 0
+    for path in sorted(root.glob("*.py"), key=lambda p: p.name):
+        data = path.read_bytes()
+        chunks.append(data)
+        size += len(data)
+        if size >= num_bytes:
+            return b"".join(chunks)[:num_bytes]
+    raise RuntimeError(f"the standard library's sources in {root} have {size} < {num_bytes} bytes")
+
+
+def _windows(tokens: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """Non-overlapping windows of ``length + 1`` tokens: inputs ``[n, length]`` and the next
+    tokens ``[n, length]``."""
+    n = (tokens.numel() - 1) // length
+    X = tokens[: n * length].view(n, length)
+    y = tokens[1 : n * length + 1].view(n, length)
+    return X, y
+
+
+def _mean_loss(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor, chunk: int) -> float:
+    """Mean of ``loss_fn`` over ``(X, y)`` in chunks of ``chunk`` samples, eval mode, no grad."""
+    was, device = model.training, next(model.parameters()).device
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, X.shape[0], chunk):
+            xb, yb = X[i : i + chunk].to(device), y[i : i + chunk].to(device)
+            total += float(loss_fn(model(xb), yb)) * xb.shape[0]
+    model.train(was)
+    return total / X.shape[0]
+
+
+def _char_gpt(batch_size: int | None) -> Task:
+    data = torch.frombuffer(bytearray(stdlib_corpus()), dtype=torch.uint8).long()
+    n_train = int(0.9 * data.numel())  # the first 90 % train, the last 10 % validation
+    train = _windows(data[:n_train], CONTEXT)
+    Xva, yva = _windows(data[n_train:], CONTEXT)
+    Xva, yva = Xva[:128], yva[:128]  # 16,384 validation tokens
+    model = TinyGPT(vocab=256, d=128, heads=4, layers=4, max_len=CONTEXT, tied=False)
+    loss_fn = nn.CrossEntropyLoss()
+    return Task(
+        "char-gpt", model.float(), loss_fn, train, (Xva, yva), "loss", 1.9,
+        lambda m: _mean_loss(m, loss_fn, Xva, yva, 64), batch_size or 16, maximize=False,
+    )  # fmt: skip
+
+
+def _autoencoder(batch_size: int | None) -> Task:
+    Xtr, _, Xva, _ = _digits(standardize=False)
+    Xtr, Xva = Xtr / 16.0, Xva / 16.0  # pixels in [0, 1]
+    widths = [64, 1000, 500, 250, 30, 250, 500, 1000, 64]
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
+        layers.append(nn.Linear(a, b))
+        if i not in (3, len(widths) - 2):  # linear code layer and output
+            layers.append(nn.Tanh())
+    loss_fn = nn.MSELoss()
+    return Task(
+        "autoencoder", nn.Sequential(*layers).float(), loss_fn, (Xtr, Xtr), (Xva, Xva),
+        "reconstruction error", 0.02, lambda m: _mean_loss(m, loss_fn, Xva, Xva, 1024),
+        batch_size or 128, maximize=False,
+    )  # fmt: skip
+
+
+class ResBlock(nn.Module):
+    """``relu(x + bn(conv(relu(bn(conv(x))))))``, 3x3 convolutions, channels kept."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[N, C, H, W] -> [N, C, H, W]``."""
+        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+
+
+def resnet(channels: int = 16, num_classes: int = 10) -> nn.Sequential:
+    """Small residual CNN for 1x16x16 images: a stem, a residual block, a strided convolution
+    to ``2 * channels``, a residual block, global average pooling, a linear head."""
+    c = channels
+    return nn.Sequential(
+        nn.Conv2d(1, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(), ResBlock(c),
+        nn.Conv2d(c, 2 * c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * c),
+        nn.ReLU(), ResBlock(2 * c), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(2 * c, num_classes),
+    )  # fmt: skip
+
+
+def augment_digits(X: Tensor, copies: int, g: torch.Generator) -> Tensor:
+    """``copies`` random affine variants of each 8x8 digit ``X`` ``[N, 64]``, upscaled to
+    16x16: rotation up to 15 degrees, scale 0.9-1.1, shift up to 2 of 16 pixels (bilinear,
+    drawn from ``g``). Returns ``[copies * N, 1, 16, 16]``, copy-major."""
+    images = F.interpolate(X.view(-1, 1, 8, 8), size=16, mode="bilinear", align_corners=False)
+    images = images.repeat(copies, 1, 1, 1)
+    n, dt = images.shape[0], images.dtype  # whatever torch's default dtype
+    angle = (torch.rand(n, generator=g, dtype=dt) * 2 - 1) * math.radians(15)
+    scale = 1 / (0.9 + 0.2 * torch.rand(n, generator=g, dtype=dt))
+    shift = (torch.rand(n, 2, generator=g, dtype=dt) * 2 - 1) * (2 / 8)  # 2 px of 16
+    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
+                         torch.stack([sin, cos, shift[:, 1]], 1)], 1)  # fmt: skip
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, align_corners=False)
+
+
+def _digits_resnet(batch_size: int | None) -> Task:
+    Xtr, ytr, Xva, yva = _digits(standardize=False)
+    g = torch.Generator().manual_seed(2024)  # one fixed augmentation for every seed
+    Xtr, Xva = augment_digits(Xtr / 16.0, 4, g), augment_digits(Xva / 16.0, 2, g)
+    ytr, yva = ytr.repeat(4), yva.repeat(2)
+    mean, std = Xtr.mean(), Xtr.std()
+    Xtr, Xva = (Xtr - mean) / std, (Xva - mean) / std
+    return _classification(
+        "digits-resnet", resnet(32).float(), (Xtr, ytr), (Xva, yva), "accuracy", 0.97,
+        batch_size or 128,
+    )  # fmt: skip
+
+
 def _random_classification(name: str, seed: int, batch_size: int | None) -> Task:
     """A benchmark shape: one batch of random inputs and labels (the data generator seeded by
     ``seed``, independently of the model's initialization)."""
@@ -386,6 +565,9 @@ _BUILDERS: dict[str, Callable[[int, int | None], Task]] = {
     "digits-cnn": lambda seed, bs: _digits_task("digits-cnn", bs),
     "transformer": lambda seed, bs: _sorting_task(bs),
     "kron-lsq": lambda seed, bs: _kron_lsq(bs),
+    "char-gpt": lambda seed, bs: _char_gpt(bs),
+    "autoencoder": lambda seed, bs: _autoencoder(bs),
+    "digits-resnet": lambda seed, bs: _digits_resnet(bs),
     "mlp": lambda seed, bs: _random_classification("mlp", seed, bs),
     "cnn": lambda seed, bs: _random_classification("cnn", seed, bs),
     "gpt": lambda seed, bs: _random_classification("gpt", seed, bs),
@@ -393,8 +575,15 @@ _BUILDERS: dict[str, Callable[[int, int | None], Task]] = {
 
 ZOO: tuple[str, ...] = tuple(_BUILDERS)
 """Every zoo entry."""
-TASKS: tuple[str, ...] = ("digits-mlp", "digits-cnn", "transformer", "kron-lsq")
-"""The trainable tasks (with a target): ``beyondgrad train`` and ``beyondgrad bench optim``."""
+TASKS: tuple[str, ...] = (
+    "digits-mlp", "digits-cnn", "transformer", "kron-lsq", "char-gpt", "autoencoder",
+    "digits-resnet",
+)  # fmt: skip
+"""The trainable tasks (with a target): ``beyondgrad train``."""
+SMALL_TASKS: tuple[str, ...] = ("digits-mlp", "digits-cnn", "transformer", "kron-lsq")
+"""The tasks solved in seconds: ``beyondgrad bench optim``'s default."""
+SUITE_TASKS: tuple[str, ...] = ("char-gpt", "autoencoder", "digits-resnet", "kron-lsq")
+"""The optimizer suite's tasks (``benchmarks/optim_suite.py``): minutes of AdamW each."""
 PROBLEMS: tuple[str, ...] = ("mlp", "cnn", "transformer")
 """The benchmark problems: ``beyondgrad demo``, ``coverage`` and ``benchmarks/``."""
 _PROBLEM_ENTRY = {"mlp": "mlp", "cnn": "cnn", "transformer": "gpt"}
@@ -432,14 +621,22 @@ def make_problem(name: str, seed: int = 0, batch_size: int | None = None) -> Pro
 
 
 __all__ = [
+    "CONTEXT",
+    "CORPUS_BYTES",
     "PROBLEMS",
+    "SMALL_TASKS",
+    "SUITE_TASKS",
     "TASKS",
     "ZOO",
     "Problem",
+    "ResBlock",
     "SequenceSorter",
     "Task",
     "TinyGPT",
+    "augment_digits",
     "c3d3",
     "make_problem",
     "make_task",
+    "resnet",
+    "stdlib_corpus",
 ]

@@ -248,7 +248,7 @@ class _Run:
         if step % config.eval_every == 0 or step == config.steps - 1:
             p.metric = task.evaluate(self.model)
             info[task.metric_key] = p.metric
-            if p.reached is None and task.target is not None and p.metric >= task.target:
+            if p.reached is None and task.reached(p.metric):
                 p.reached = {"step": step, "seconds": p.elapsed}
         X, y = (t.to(self.device) for t in batch)
         self._rng_at_start = self._rng()
@@ -321,7 +321,7 @@ class _Run:
         p, task = self.progress, self.task
         if status == "finished":
             p.metric = task.evaluate(self.model)
-            if p.reached is None and task.target is not None and p.metric >= task.target:
+            if p.reached is None and task.reached(p.metric):
                 p.reached = {"step": p.step, "seconds": p.elapsed}
         if consistent:
             self.checkpoint()

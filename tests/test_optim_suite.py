@@ -1,0 +1,250 @@
+"""The optimizer suite (``benchmarks/optim_suite.py``) and its tasks (``beyondgrad.app.tasks``).
+
+The tasks build, are deterministic and train a step on a tiny slice; the harness's quasi-random
+sampling, successive halving, resume, rescoring, calibration and report are checked on a fake
+objective that needs no training (a curve per configuration, in simulated seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from beyondgrad.app.optimizers import DEFAULT_LR
+from beyondgrad.app.tasks import (
+    SUITE_TASKS,
+    TASKS,
+    augment_digits,
+    make_task,
+    stdlib_corpus,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import optim_suite as suite
+
+NEEDS_DIGITS = {"autoencoder", "digits-resnet"}
+
+
+def _build(name: str, seed: int = 0):
+    if name in NEEDS_DIGITS:
+        pytest.importorskip("sklearn")
+    return make_task(name, seed)
+
+
+# -- tasks ---------------------------------------------------------------------------------------
+def test_suite_tasks_are_trainable_tasks_and_the_suite_names_them():
+    assert set(SUITE_TASKS) <= set(TASKS)
+    assert sorted(suite.SUITE.values()) == sorted(SUITE_TASKS)
+    assert set(suite.MAXIMIZE) == set(suite.SUITE) == set(suite.EVAL_EVERY)
+
+
+def test_stdlib_corpus_is_deterministic_and_sized():
+    a, b = stdlib_corpus(4096), stdlib_corpus(4096)
+    assert a == b and len(a) == 4096
+    assert stdlib_corpus(8192)[:4096] == a  # a prefix of the sorted concatenation
+    with pytest.raises(RuntimeError, match="bytes"):
+        stdlib_corpus(10**12)
+
+
+@pytest.mark.parametrize("key", list(suite.SUITE))
+def test_suite_task_builds_deterministically_and_trains_a_step(key):
+    name = suite.SUITE[key]
+    t1, t2 = _build(name), _build(name)
+    assert t1.maximize == suite.MAXIMIZE[key] and t1.target is not None
+    for a, b in zip(t1.model.parameters(), t2.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip((*t1.train, *t1.val), (*t2.train, *t2.val), strict=True):
+        assert torch.equal(a, b)
+    if key != "kron-lsq":  # (its trained layer starts at zero) the seed sets the init
+        other = next(_build(name, 1).model.parameters())
+        assert not torch.equal(other, next(t1.model.parameters()))
+    p = t1.problem(2)
+    loss = p.loss_fn(p.model(p.X), p.y)
+    loss.backward()
+    assert math.isfinite(loss.item())
+    assert all(q.grad is not None for q in p.model.parameters() if q.requires_grad)
+
+
+def test_char_gpt_windows_are_next_byte_targets():
+    task = make_task("char-gpt")
+    X, y = task.train
+    assert X.shape[1] == 128 and X.dtype == torch.long and int(X.max()) < 256
+    assert torch.equal(X[0, 1:], y[0, :-1]) and torch.equal(X[1, 0], y[0, -1])
+    assert not task.maximize and task.reached(task.target - 0.1)
+    assert not task.reached(task.target + 0.1) and not task.reached(math.nan)
+
+
+def test_augmented_digits_are_seeded_and_copy_major():
+    X = torch.rand(5, 64, dtype=torch.float32)
+    a = augment_digits(X, 2, torch.Generator().manual_seed(0))
+    b = augment_digits(X, 2, torch.Generator().manual_seed(0))
+    assert a.shape == (10, 1, 16, 16) and torch.equal(a, b)
+    assert not torch.equal(a[:5], a[5:])  # two different random variants
+    default = torch.get_default_dtype()
+    try:  # the same draws under a float64 default
+        torch.set_default_dtype(torch.float64)
+        c = augment_digits(X, 2, torch.Generator().manual_seed(0))
+    finally:
+        torch.set_default_dtype(default)
+    assert c.dtype == torch.float32 and torch.equal(a, c)
+
+
+def test_task_reached_and_better_follow_the_direction():
+    task = make_task("kron-lsq")
+    assert task.maximize and task.reached(task.target) and not task.reached(0.5)
+    assert task.better(0.5, 0.4) and not task.better(math.nan, 0.4) and task.better(0.1, math.nan)
+    task.maximize = False
+    assert task.better(0.4, 0.5) and task.reached(0.5)
+
+
+# -- sampling and successive halving -------------------------------------------------------------
+def test_sobol_configs_are_reproducible_in_range_and_shared_across_optimizers():
+    space = suite.search_space("kfac")
+    a, b = suite.sample_configs(space, 12), suite.sample_configs(space, 12)
+    assert a == b and len(a) == 12 and len({c["lr"] for c in a}) == 12
+    for c in a:
+        for k, d in space.items():
+            assert d.lo <= c[k] <= d.hi
+        assert c["warmup"] == round(c["warmup"])
+    # the same Sobol points: SINGD's configurations are KFAC's, rescaled
+    singd = suite.sample_configs(suite.search_space("singd"), 12)
+    assert [c["damping"] for c in singd] == [c["damping"] for c in a]
+    assert suite.sample_configs(space, 12, seed=1) != a
+
+
+def test_keep_ranks_against_the_earlier_trials():
+    assert suite.keep(0.0, [], 3) and suite.keep(0.0, [1.0], 3)  # fewer than eta: go on
+    assert not suite.keep(0.0, [1.0, 2.0], 3)  # top ceil(3/3) = 1 of 3
+    assert suite.keep(3.0, [1.0, 2.0], 3)
+    assert suite.keep(2.5, [1.0, 2.0, 3.0], 3)  # top ceil(4/3) = 2 of 4
+    assert not suite.keep(1.5, [1.0, 2.0, 3.0], 3)
+    assert suite.rung_times(90.0, 3, 2) == [10.0, 30.0]
+
+
+def quality(optimizer: str, hp: dict[str, float]) -> float:
+    return 2.0 - abs(math.log10(hp["lr"] / DEFAULT_LR[optimizer]))
+
+
+def fake_objective(calls: list[Any], maximize: bool = True, fail: bool = False):
+    """Simulated training: metric ``q (1 - exp(-t))`` with ``q = 2 - |log10(lr / lr0)|`` (best
+    at the factory's default lr ``lr0``; minimized tasks see ``-metric``), evaluated every 0.1
+    simulated seconds."""
+
+    def objective(task, optimizer, hp, seed, budget, eval_every, device, target, monitor):
+        if fail:
+            raise AssertionError("a stored run was retrained")
+        calls.append((optimizer, seed, hp["lr"]))
+        q = quality(optimizer, hp) + 0.01 * seed
+        history, stopped, t = [], False, 0.0
+        while t < budget - 1e-9:
+            t = round(t + 0.1, 6)
+            m = q * (1 - math.exp(-t))
+            history.append([round(t * 10), t, m if maximize else -m])
+            if target is not None and (m >= target if maximize else -m <= target):
+                break
+            if monitor is not None and not monitor(t, m):
+                stopped = True
+                break
+        return {"steps": history[-1][0], "train_s": t, "diverged": False, "stopped": stopped,
+                "final": history[-1][2], "history": history, "ms_per_step": 100.0,
+                "state_mib": 1.0}  # fmt: skip
+
+    return objective
+
+
+def test_tune_stops_poor_trials_early_and_chooses_the_best(tmp_path):
+    calls: list[Any] = []
+    plan = suite.Plan(suite.Store(tmp_path), objective=fake_objective(calls), progress=print)
+    entry = suite.tune(plan, "kron-lsq", "adamw", 9.0, 12)
+    trials = plan.store.select(kind="trial")
+    assert len(trials) == len(calls) == 12
+    assert any(r["stopped"] for r in trials) and not all(r["stopped"] for r in trials)
+    stopped = [r for r in trials if r["stopped"]]
+    assert all(r["train_s"] < 9.0 for r in stopped)
+    assert quality("adamw", entry["hp"]) == max(quality("adamw", r["hp"]) for r in trials)
+    configs = json.loads((tmp_path / "optim_suite_configs.json").read_text())
+    assert configs["kron-lsq"]["tuned"]["adamw@9s"]["hp"] == entry["hp"]
+
+
+def test_tune_resumes_from_the_stored_runs(tmp_path):
+    calls: list[Any] = []
+    plan = suite.Plan(suite.Store(tmp_path), objective=fake_objective(calls), progress=print)
+    first = suite.tune(plan, "kron-lsq", "adamw", 9.0, 12)
+    runs = tmp_path / "optim_suite_runs.jsonl"
+    lines = runs.read_text().splitlines()
+    runs.write_text("\n".join(lines[:5]) + "\n" + lines[5][:20])  # killed while writing run 6
+    again: list[Any] = []
+    plan = suite.Plan(suite.Store(tmp_path), objective=fake_objective(again), progress=print)
+    assert suite.tune(plan, "kron-lsq", "adamw", 9.0, 12) == first
+    assert len(again) == 7  # only the runs that were lost
+    plan = suite.Plan(suite.Store(tmp_path), objective=fake_objective([], fail=True))
+    assert suite.tune(plan, "kron-lsq", "adamw", 9.0, 12) == first  # nothing retrained
+
+
+def test_calibrate_timed_and_report_with_a_minimized_metric(tmp_path, monkeypatch):
+    monkeypatch.setitem(suite.MAXIMIZE, "gpt", False)
+    calls: list[Any] = []
+    plan = suite.Plan(suite.Store(tmp_path), objective=fake_objective(calls, maximize=False))
+    with pytest.raises(SystemExit, match="tune"):
+        suite.calibrate(plan, "gpt", 3.0, 3)
+    suite.tune(plan, "gpt", "adamw", 3.0, 12)
+    target = suite.calibrate(plan, "gpt", 3.0, 3)
+    finals = plan.store.configs()["gpt"]["calibration"]["finals"]
+    assert len(finals) == 3 and target == sorted(finals)[1] and target < 0
+    for name in ("adamw", "kfac"):
+        suite.tune(plan, "gpt", name, 6.0, 12)
+        c = suite.timed(plan, "gpt", name, 6.0, 3)
+        assert c["reached"] == 3 and c["median_seconds"] < 6.0 and c["diverged"] == 0
+    args = suite.parser().parse_args(["report", "--task", "gpt", "--budget", "6"])
+    suite._defaults(args)
+    out = suite.report(plan, args, skipped=["soap"])
+    text, data = out.read_text(), json.loads(out.with_suffix(".json").read_text())
+    assert "| kfac |" in text and "lower is better" in text and "soap" in text
+    assert set(data["results"]["gpt"]["cells"]) == {"adamw", "kfac"}
+    assert data["geomeans"]["adamw"]["geomean"] == 1.0
+
+
+def test_outcome_rescores_a_stored_history():
+    rec = {"history": [[10, 1.0, 0.5], [20, 2.0, 0.7], [30, 3.0, 0.9]], "steps": 30}
+    assert suite.outcome(rec, 0.6, True, 10.0) == {"reached": True, "seconds": 2.0, "steps": 20}
+    assert suite.outcome(rec, 0.95, True, 10.0) == {"reached": False, "seconds": 10.0,
+                                                     "steps": 30}  # fmt: skip
+    assert suite.outcome(rec, 0.6, False, 10.0)["seconds"] == 1.0
+    assert suite.outcome(rec, None, True, 10.0)["reached"] is False
+    rec["train_s"] = 12.0  # the last step overran a 10 s budget: a miss is never faster
+    assert suite.outcome(rec, 0.95, True, 10.0)["seconds"] == 12.0
+
+
+def test_train_run_warms_up_and_reports(tmp_path):
+    rec = suite.train_run("kron-lsq", "adamw", {"lr": 1e-3, "weight_decay": 0.0, "warmup": 4},
+                          seed=0, budget=60.0, eval_every=2, target=None,
+                          monitor=lambda t, best: False)  # fmt: skip
+    assert rec["stopped"] and rec["steps"] == 2 and not rec["diverged"]
+    assert [h[0] for h in rec["history"]] == [2] and rec["state_mib"] > 0
+    task = make_task("kron-lsq")
+    opt = suite.build(task, "adamw", {"lr": 1.0, "weight_decay": 0.0, "warmup": 4})
+    suite._set_warmup(opt, 1, 4)
+    assert opt.param_groups[0]["lr"] == 0.5 and opt.param_groups[0]["initial_lr"] == 1.0
+
+
+def test_rank_key_prefers_reached_then_survivors_and_puts_divergences_last():
+    def rec(history, stopped=False, diverged=False, rungs=2):
+        return {"history": history, "steps": history[-1][0], "stopped": stopped,
+                "diverged": diverged, "rungs": [0.0] * rungs}  # fmt: skip
+
+    fast = rec([[10, 1.0, 0.95]])
+    slow = rec([[10, 1.0, 0.5], [20, 2.0, 0.9]])
+    full = rec([[10, 1.0, 0.5], [20, 2.0, 0.7]])
+    cut = rec([[10, 1.0, 0.8]], stopped=True, rungs=1)
+    diverged = rec([[10, 1.0, 0.85], [20, 2.0, math.nan]], diverged=True)
+    runs = [diverged, cut, full, slow, fast]
+    ranked = sorted(runs, key=lambda r: suite.rank_key(r, 0.9, True, 10.0))
+    assert ranked == [fast, slow, full, cut, diverged]
+    no_target = sorted(runs, key=lambda r: suite.rank_key(r, None, True, 10.0))
+    assert no_target == [fast, slow, full, cut, diverged]  # full runs by their best metric
