@@ -172,6 +172,8 @@ def test_surgery_smoke(tmp_path: Path) -> None:
     assert data["meta"]["smoke"] and out.read_text().startswith("# ")
     assert {r["method"] for r in data["merging"]} >= {"average", "RegMean, alpha 0.9"}
     assert all(0.0 <= r["0.5"] <= 1.0 for r in data["pruning"])
+
+
 def test_optim_suite_quick(tmp_path: Path) -> None:
     """``optim_suite.py all --quick``: tune AdamW, calibrate, tune, timed, report (kron-lsq)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(BENCH)]))
