@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .clipping import check_clip, clip_scale
+from .clipping import check_clip, clip_factor
 from .fallback import ADAMW_DEFAULTS, adamw_, check_adamw, step_counter_as_int
 from .grafting import check_grafting, graft
 from .routing import (
@@ -55,7 +55,15 @@ from .routing import (
     parameter_signature,
     routing_table,
 )
-from .schedule import RENAMED_GROUP_KEYS, check_every, is_due, rename_group_keys
+from .schedule import (
+    RENAMED_GROUP_KEYS,
+    check_every,
+    check_warmup,
+    is_due,
+    rename_group_keys,
+    scheduled_damping,
+    warmup_factor,
+)
 from .statistics import average_gradients_over_ranks, distributed_world
 from .update import descend_
 
@@ -100,7 +108,8 @@ class CurvatureOptimizer(Optimizer):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
-        for key, value in {**ADAMW_DEFAULTS, "grafting": None, "refresh_every": 1}.items():
+        base = {**ADAMW_DEFAULTS, "grafting": None, "refresh_every": 1, "warmup": 0}
+        for key, value in base.items():
             defaults.setdefault(key, value)
         self._groups_complete = False
         super().__init__(params, defaults)
@@ -145,6 +154,7 @@ class CurvatureOptimizer(Optimizer):
         check_adamw(group)
         check_grafting(group["grafting"])
         check_every("refresh_every", group["refresh_every"])
+        check_warmup(group["warmup"])
 
     def group_of(self, p: Tensor) -> dict[str, Any]:
         """The param group of ``p`` as it is now (after schedulers and ``load_state_dict``)."""
@@ -158,6 +168,16 @@ class CurvatureOptimizer(Optimizer):
 
     def _refresh_due(self, group: dict[str, Any]) -> bool:
         return is_due(self.steps, group["refresh_every"])
+
+    def lr_scale(self, group: dict[str, Any]) -> float:
+        """The warm-up factor of ``group``'s learning rates at this step (see
+        :func:`~beyondgrad.optim.schedule.warmup_factor`)."""
+        return warmup_factor(self.steps, group["warmup"])
+
+    def damping(self, group: dict[str, Any]) -> float:
+        """``group``'s damping at this step (raised during the warm-up, see
+        :func:`~beyondgrad.optim.schedule.scheduled_damping`)."""
+        return scheduled_damping(group["damping"], self.steps, group["warmup"])
 
     # -- routing ------------------------------------------------------------------------------
     def routing(self) -> str:
@@ -246,12 +266,16 @@ class CurvatureOptimizer(Optimizer):
         stats = self._collect_statistics()
         self._check_grads()
         directions = self._directions(stats)
-        scale = clip_scale(
-            [(d, p.grad, g["lr"]) for p, d, g in directions], self.kl_clip, self.max_update_norm
-        )
+        scales = {id(g): self.lr_scale(g) for g in self.param_groups}
+        scale = clip_factor(
+            [(d, p.grad, g["lr"] * scales[id(g)]) for p, d, g in directions],
+            self.kl_clip,
+            self.max_update_norm,
+        )  # a 0-d tensor when clipping is on: no host synchronization
         for p, d, group in directions:
-            descend_(p, d * scale if scale != 1.0 else d, group, self.state[p])
-        self._fallback_step()
+            d = d if scale is None else d * scale.to(d.dtype)
+            descend_(p, d, group, self.state[p], scales[id(group)])
+        self._fallback_step(scales)
         self.steps += 1
         return loss
 
@@ -286,12 +310,12 @@ class CurvatureOptimizer(Optimizer):
             "torch.amp.GradScaler.step, which skips such steps)"
         )
 
-    def _fallback_step(self) -> None:
+    def _fallback_step(self, scales: dict[int, float]) -> None:
         """AdamW for every parameter routed to the fallback (see :mod:`.fallback`)."""
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None and not self._preconditioned(p):
-                    adamw_(p, p.grad, group, self.state[p])
+                    adamw_(p, p.grad, group, self.state[p], scales[id(group)])
 
     # -- state --------------------------------------------------------------------------------
     def _signature(self) -> Signature:
