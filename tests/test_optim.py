@@ -1032,3 +1032,35 @@ def test_singd_conv1d_matches_dense_reference():
         torch.testing.assert_close(opt.layers["0"]["K"], K)
         torch.testing.assert_close(opt.layers["0"]["C"], C)
         torch.testing.assert_close(model[0].weight - w_before, -0.1 * D[:, :-1].T)
+
+
+# -- the defaults train every built-in task ---------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["kfac", "singd", "sirf"])
+def test_library_defaults_train_every_builtin_task(kind):
+    """At the library defaults (no argument but model and loss), a few steps of the README's
+    loop lower the loss of every trainable task of ``beyondgrad.app.tasks`` (on a fixed
+    batch) by at least 3% (KFAC on ``kron-lsq`` is the slow one: its ``kl_clip`` bounds the
+    step in units of the loss, ~4e3 there), with finite parameters throughout."""
+    tasks = pytest.importorskip("beyondgrad.app.tasks")
+    pytest.importorskip("sklearn")
+    torch.set_default_dtype(torch.float32)
+    try:
+        for name in tasks.TASKS:
+            task = tasks.make_task(name, 0)
+            model, loss_fn = task.model, task.loss_fn
+            opt = {"kfac": KFAC, "singd": SINGD}[kind](model, loss_fn) if kind != "sirf" else (
+                SIRFShampoo(model)
+            )  # fmt: skip
+            fixed = task.problem(256)
+            with torch.no_grad():
+                before = float(loss_fn(model(fixed.X), fixed.y))
+            for _, (X, y) in zip(range(16), task.batches(0)):
+                _train(opt, model, loss_fn, [(X, y)])
+                assert all(torch.isfinite(p).all() for p in model.parameters()), name
+            with torch.no_grad():
+                after = float(loss_fn(model(fixed.X), fixed.y))
+            assert after < 0.97 * before, (name, before, after)
+    finally:
+        torch.set_default_dtype(torch.float64)
