@@ -1064,3 +1064,40 @@ def test_library_defaults_train_every_builtin_task(kind):
             assert after < 0.97 * before, (name, before, after)
     finally:
         torch.set_default_dtype(torch.float64)
+
+
+@pytest.mark.parametrize("mode", ["eigen", "pi"])
+def test_kfac_batches_layers_of_one_shape_exactly(mode):
+    """Three Linear layers of one shape share one batched eigh and one batched solve (their
+    eigenpairs are views of one stack); each update is still the damped natural gradient."""
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Linear(4, 3)
+    )
+    X, y = _data(10, 4, 3)
+    loss_fn, lr, damping = nn.CrossEntropyLoss(), 0.2, 0.03
+    quantity = bg.KFAC(fisher_type="type-2")
+    res = bg.compute(model, loss_fn, X, y, bg.Grad(), quantity)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = KFAC(model, loss_fn, lr=lr, momentum=0.0, damping=damping, fisher_type="type-2",
+               kl_clip=None, damping_mode=mode)  # fmt: skip
+    _train(opt, model, loss_fn, [(X, y)])
+    bases = {opt.layers[n]["eig"][1]._base for n in ("0", "2", "4")}
+    assert len(bases) == 1 and None not in bases  # one stack for the three
+    for name in ("0", "2", "4", "5"):
+        block = res[quantity][name]
+        g = torch.cat([res.grad[f"{name}.weight"], res.grad[f"{name}.bias"][:, None]], 1)
+        if mode == "eigen":
+            F = torch.kron(block.B, block.A) + damping * torch.eye(g.numel())
+        else:
+            pi = ((torch.diagonal(block.A).mean()) / torch.diagonal(block.B).mean()).sqrt()
+            F = torch.kron(
+                block.B + damping**0.5 / pi * torch.eye(block.B.shape[0]),
+                block.A + pi * damping**0.5 * torch.eye(block.A.shape[0]),
+            )
+        step = torch.linalg.solve(F, g.reshape(-1)).reshape(g.shape) * -lr
+        params = dict(model.named_parameters())
+        torch.testing.assert_close(
+            params[f"{name}.weight"] - before[f"{name}.weight"], step[:, :-1]
+        )
+        torch.testing.assert_close(params[f"{name}.bias"] - before[f"{name}.bias"], step[:, -1])

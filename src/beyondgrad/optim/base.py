@@ -69,6 +69,8 @@ from .update import descend_
 
 Directions = list[tuple[Tensor, Tensor, dict[str, Any]]]
 """``(parameter, direction, param group)`` per preconditioned parameter of a step."""
+Layer = tuple[str, dict[str, Any], dict[str, Any], list[Tensor]]
+"""``(name, state, param group, parameters)`` of a preconditioned layer."""
 
 
 class CurvatureOptimizer(Optimizer):
@@ -280,21 +282,32 @@ class CurvatureOptimizer(Optimizer):
         return loss
 
     def _directions(self, stats: dict[str, Any]) -> Directions:
-        """Update every layer's preconditioner; its grafted directions."""
+        """Update every layer's preconditioner (refreshes batched over layers by the method,
+        :meth:`_finish_refresh`); the grafted directions (:meth:`_precondition_all`)."""
         named = dict(self.model.named_parameters())
-        directions: Directions = []
+        items: list[Layer] = []
         for name, state in self.layers.items():
             params = [named[n] for n in state["params"]]
-            self._update_preconditioner(state, self.group_of(params[0]), stats.get(name), params)
-        self._after_preconditioner_updates()
-        for state in self.layers.values():
-            params = [named[n] for n in state["params"]]
             group = self.group_of(params[0])
-            if params[0].grad is None:
-                continue
-            for p, d in zip(params, self._preconditioned_gradients(state, group, params)):
+            self._update_preconditioner(state, group, stats.get(name), params)
+            if params[0].grad is not None:
+                items.append((name, state, group, params))
+        self._after_preconditioner_updates()
+        self._finish_refresh()
+        directions: Directions = []
+        for (_, _, group, params), ds in zip(items, self._precondition_all(items)):
+            for p, d in zip(params, ds):
                 directions.append((p, graft(d, p.grad, group, self.state[p]), group))
         return directions
+
+    def _finish_refresh(self) -> None:
+        """Work that ``_update_preconditioner`` deferred to be done for all layers at once
+        (KFAC: one batched eigendecomposition per factor shape); nothing by default."""
+
+    def _precondition_all(self, items: list[Layer]) -> list[list[Tensor]]:
+        """The preconditioned gradients of every ``(name, state, group, params)`` in
+        ``items`` (one layer after the other by default; KFAC batches layers of one shape)."""
+        return [self._preconditioned_gradients(s, g, ps) for _, s, g, ps in items]
 
     def _check_grads(self) -> None:
         named = [(p, p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
