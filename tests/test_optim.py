@@ -1101,3 +1101,19 @@ def test_kfac_batches_layers_of_one_shape_exactly(mode):
             params[f"{name}.weight"] - before[f"{name}.weight"], step[:, :-1]
         )
         torch.testing.assert_close(params[f"{name}.bias"] - before[f"{name}.bias"], step[:, -1])
+
+
+@pytest.mark.parametrize("kind", ["kfac", "singd", "sirf"])
+def test_compiled_update_equals_eager(kind):
+    """``compile_update`` (here the ``eager`` backend: graph capture without code generation)
+    gives the parameters of the uncompiled optimizer; off by default."""
+    loss_fn, batches = nn.CrossEntropyLoss(), [_data(16, seed=s) for s in range(3)]
+    models = [_mlp(), _mlp()]
+    opts = [_make(kind, m, loss_fn, compile_update=c) for m, c in zip(models, (False, "eager"))]
+    assert _make(kind, _mlp(), loss_fn).compile_update is False
+    for opt, model in zip(opts, models):
+        _train(opt, model, loss_fn, batches)
+    for p, q in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(p, q)
+    with pytest.raises(ValueError, match="compile_update"):
+        _make(kind, _mlp(), loss_fn, compile_update=1)

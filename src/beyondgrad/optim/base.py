@@ -168,6 +168,27 @@ class CurvatureOptimizer(Optimizer):
         check_clip("max_update_norm", max_update_norm)
         self.kl_clip, self.max_update_norm = kl_clip, max_update_norm
 
+    def _set_compile(self, compile_update: bool | str) -> None:
+        """Validate and set the ``compile_update`` flag (see :meth:`compiled`)."""
+        if not isinstance(compile_update, (bool, str)):
+            raise ValueError(
+                f"compile_update must be a bool or a backend name, got {compile_update!r}"
+            )
+        self.compile_update = compile_update
+
+    def compiled(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` through ``torch.compile`` when ``compile_update`` is set (True: the default
+        backend; a string: that backend, e.g. ``"eager"``), else ``fn`` itself.
+
+        Args:
+            fn: a per-step tensor function of the method (the preconditioning product).
+        """
+        flag = getattr(self, "compile_update", False)
+        if flag is False:
+            return fn
+        backend = "inductor" if flag is True else flag
+        return torch.compile(fn, backend=backend, dynamic=False)
+
     def _refresh_due(self, group: dict[str, Any]) -> bool:
         return is_due(self.steps, group["refresh_every"])
 

@@ -70,6 +70,8 @@ class KFAC(KroneckerOptimizer):
             (see :mod:`~beyondgrad.optim.ownership`).
         warmup: learning-rate warm-up steps, with a raised damping (per group; 0: none;
             see :mod:`~beyondgrad.optim.schedule`).
+        compile_update: ``torch.compile`` the damped solve (True, or a backend name);
+            off by default.
         **adamw: the fallback's ``adam_lr``, ``adam_betas``, ``adam_eps`` and ``precondition``
             (per group).
     """
@@ -99,6 +101,7 @@ class KFAC(KroneckerOptimizer):
         grafting: str | None = None,
         ownership: Any = None,
         warmup: int = 0,
+        compile_update: bool | str = False,
         **adamw: Any,
     ):
         if damping_mode not in ("eigen", "pi"):
@@ -116,6 +119,8 @@ class KFAC(KroneckerOptimizer):
         self._set_clipping(kl_clip, max_update_norm)
         self._stale: dict[int, tuple[dict[str, Any], float, int]] = {}
         self.ownership = make_ownership(ownership)
+        self._set_compile(compile_update)
+        self._solve = self.compiled(eigen_damped_solve)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
@@ -199,7 +204,7 @@ class KFAC(KroneckerOptimizer):
         ]
         eig = tuple(torch.cat([s["eig"][k] for _, s, _, _ in items]) for k in range(4))
         delta = self.damping(group) if self.damping_mode == "eigen" else 0.0
-        D = eigen_damped_solve(eig, torch.cat(Ms), delta).split([M.shape[0] for M in Ms])
+        D = self._solve(eig, torch.cat(Ms), delta).split([M.shape[0] for M in Ms])
         out = []
         for (_, _, _, ps), layout, Di in zip(items, layouts, D):
             bias_shape = tuple(ps[1].shape) if len(ps) > 1 else None
@@ -224,7 +229,7 @@ class KFAC(KroneckerOptimizer):
         layout = (state["order"], state["weight_perm"], self._groups(state))
         M = to_factor_layout(weight.grad, None if bias is None else bias.grad, *layout)
         delta = self.damping(group) if self.damping_mode == "eigen" else 0.0
-        D = eigen_damped_solve(state["eig"], M, delta)
+        D = self._solve(state["eig"], M, delta)
         bias_shape = None if bias is None else tuple(bias.shape)
         W, b = from_factor_layout(D, tuple(weight.shape), bias_shape, *layout)
         return [W] if b is None else [W, b]

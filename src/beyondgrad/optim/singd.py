@@ -89,6 +89,8 @@ class SINGD(KroneckerOptimizer):
         refresh_every: statistics and factor updates every this many steps (per group).
         warm_start: start the factors from the first statistics' diagonals (per group).
         warmup: learning-rate warm-up steps (per group; 0: none).
+        compile_update: ``torch.compile`` the preconditioning product (True, or a backend
+            name); off by default.
         fisher_type: ``"empirical"`` (as in the paper), ``"mc"`` or ``"type-2"``.
         mc_samples: Monte-Carlo samples per data point (``"mc"``).
         kfac_approx: ``"expand"`` or ``"reduce"``.
@@ -128,6 +130,7 @@ class SINGD(KroneckerOptimizer):
         grafting: str | None = "adam",
         warm_start: bool = False,
         warmup: int = 5,
+        compile_update: bool | str = False,
         *,
         T: int | None = None,
         **adamw: Any,
@@ -152,6 +155,8 @@ class SINGD(KroneckerOptimizer):
             model, loss_fn, params, defaults, fisher_type, kfac_approx, mc_samples, seed
         )
         self._transposed = transposed_layers(self.model)
+        self._set_compile(compile_update)
+        self._product = self.compiled(self._precondition_matrix)
         self._set_clipping(kl_clip, max_update_norm)
         named = dict(self.model.named_parameters())
         for name, state in self.layers.items():
@@ -221,7 +226,11 @@ class SINGD(KroneckerOptimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As :meth:`CurvatureOptimizer.load_state_dict`; layers of a state saved before the
-        warm start existed count as started once the run has stepped."""
+        warm start existed count as started once the run has stepped.
+
+        Args:
+            state_dict: what :meth:`state_dict` returned.
+        """
         super().load_state_dict(state_dict)
         extra = state_dict["beyondgrad"]
         for name, saved in extra["layers"].items():
@@ -275,7 +284,7 @@ class SINGD(KroneckerOptimizer):
         layout = (ORDER, state.get("layout"), 1)
         G = to_factor_layout(weight.grad, None if bias is None else bias.grad, *layout)[0]
         sk, sc = (structure(n) for n in state["structures"])
-        D = self._precondition_matrix(state, sk, sc, G)
+        D = self._product(state, sk, sc, G)
         bias_shape = None if bias is None else tuple(bias.shape)
         W, b = from_factor_layout(D[None], tuple(weight.shape), bias_shape, *layout)
         return [W] if b is None else [W, b]

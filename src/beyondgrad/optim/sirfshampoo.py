@@ -60,6 +60,14 @@ def _mode_product(s: Structure, t: Tensor, X: Tensor, n: int, transpose: bool) -
     return out.reshape(moved.shape).movedim(0, n)
 
 
+def _precondition(G: Tensor, Ks: tuple[Tensor, ...], structs: tuple[Structure, ...]) -> Tensor:
+    """``G x_1 K_1 K_1^T ... x_N K_N K_N^T``."""
+    D = G
+    for n, (s, K) in enumerate(zip(structs, Ks)):
+        D = _mode_product(s, K, _mode_product(s, K, D, n, transpose=True), n, False)
+    return D
+
+
 class SIRFShampoo(CurvatureOptimizer):
     """``SIRFShampoo(model, params=None, lr=1e-3, ...)``; see the module docstring.
 
@@ -77,6 +85,8 @@ class SIRFShampoo(CurvatureOptimizer):
         refresh_every: factor updates every this many steps (per group).
         warm_start: start the factors from the first gradient's mean squares (per group).
         warmup: learning-rate warm-up steps (per group; 0: none).
+        compile_update: ``torch.compile`` the preconditioning product (True, or a backend
+            name); off by default.
         kl_clip, max_update_norm: clipping (global, off by default; see
             :mod:`~beyondgrad.optim.clipping`).
         grafting: None, ``"sgd"`` or ``"adam"`` (per group; default ``"adam"``).
@@ -109,6 +119,7 @@ class SIRFShampoo(CurvatureOptimizer):
         grafting: str | None = "adam",
         warm_start: bool = False,
         warmup: int = 5,
+        compile_update: bool | str = False,
         *,
         T: int | None = None,
         **adamw: Any,
@@ -130,6 +141,8 @@ class SIRFShampoo(CurvatureOptimizer):
         }
         super().__init__(model, params, defaults, None, 0)
         self._set_clipping(kl_clip, max_update_norm)
+        self._set_compile(compile_update)
+        self._product = self.compiled(_precondition)
         self._batch = BatchCounter()
         self._batch_size = 0
         self._take_parameters()
@@ -240,7 +253,11 @@ class SIRFShampoo(CurvatureOptimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As :meth:`CurvatureOptimizer.load_state_dict`; layers of a state saved before the
-        warm start existed count as started once the run has stepped."""
+        warm start existed count as started once the run has stepped.
+
+        Args:
+            state_dict: what :meth:`state_dict` returned.
+        """
         super().load_state_dict(state_dict)
         extra = state_dict["beyondgrad"]
         for name, saved in extra["layers"].items():
@@ -251,11 +268,8 @@ class SIRFShampoo(CurvatureOptimizer):
         self, state: dict[str, Any], group: dict[str, Any], params: list[Tensor]
     ) -> list[Tensor]:
         """``G x_1 K_1 K_1^T ... x_N K_N K_N^T``."""
-        D = params[0].grad
-        for n, (name, K) in enumerate(zip(state["structures"], state["K"])):
-            s = structure(name)
-            D = _mode_product(s, K, _mode_product(s, K, D, n, transpose=True), n, False)
-        return [D]
+        structs = tuple(structure(name) for name in state["structures"])
+        return [self._product(params[0].grad, tuple(state["K"]), structs)]
 
     def _update_factors(
         self,
