@@ -1117,3 +1117,31 @@ def test_compiled_update_equals_eager(kind):
         torch.testing.assert_close(p, q)
     with pytest.raises(ValueError, match="compile_update"):
         _make(kind, _mlp(), loss_fn, compile_update=1)
+
+
+def test_singd_batches_dense_layers_of_one_shape():
+    """Three Linear layers of one shape keep their dense factors as views of one stack and
+    are preconditioned in one batched product: the same parameters as one by one."""
+
+    loss_fn = nn.CrossEntropyLoss()
+
+    def model_and_opt(batched):
+        torch.manual_seed(4)
+        model = nn.Sequential(
+            nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Linear(4, 3)
+        )
+        opt = SINGD(model, loss_fn, refresh_every=1, lr=0.05)
+        if not batched:  # break the stacks: every layer alone
+            for state in opt.layers.values():
+                state["K"], state["C"] = state["K"].clone(), state["C"].clone()
+        return model, opt
+
+    (batched, opt), (alone, opt_alone) = model_and_opt(True), model_and_opt(False)
+    assert len({opt.layers[n]["K"]._base for n in ("0", "2", "4")}) == 1
+    assert opt.layers["0"]["K"]._base is not None and opt.layers["5"]["K"]._base is None
+    batches = [_data(16, 4, 3, seed=s) for s in range(4)]
+    _train(opt, batched, loss_fn, batches)
+    _train(opt_alone, alone, loss_fn, batches)
+    assert opt.layers["2"]["K"]._base is not None  # the factor updates kept the views
+    for p, q in zip(batched.parameters(), alone.parameters()):
+        torch.testing.assert_close(p, q)

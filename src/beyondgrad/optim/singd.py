@@ -161,6 +161,7 @@ class SINGD(KroneckerOptimizer):
         named = dict(self.model.named_parameters())
         for name, state in self.layers.items():
             self._init_factors(state, named, name in self._transposed)
+        self._stack_factors()
 
     @staticmethod
     def _accept(module: nn.Module) -> str | None:
@@ -236,6 +237,73 @@ class SINGD(KroneckerOptimizer):
         for name, saved in extra["layers"].items():
             if "started" not in saved:
                 self.layers[name]["started"] = bool(extra["steps"]) or self.layers[name]["started"]
+        self._stack_factors()
+
+    def _stack_factors(self) -> None:
+        """Layers with dense ``K`` and ``C`` of the same sizes, dtypes and layout keep their
+        factors as views of one stacked tensor each (the factor updates write in place, so
+        the views stay valid): :meth:`_precondition_all` applies them in one batched product."""
+        batches: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+        for state in self.layers.values():
+            if state["structures"] == ("dense", "dense"):
+                key = (state["dims"], state["K"].dtype, state["C"].dtype, state.get("layout"))
+                batches.setdefault(key, []).append(state)
+        for members in batches.values():
+            if len(members) > 1:
+                for key in ("K", "C"):
+                    stacked = torch.stack([state[key] for state in members])
+                    for state, view in zip(members, stacked.unbind(0)):
+                        state[key] = view
+
+    def _precondition_all(
+        self, items: list[tuple[str, dict[str, Any], dict[str, Any], list[Tensor]]]
+    ) -> list[list[Tensor]]:
+        """Layers whose dense factors are views of one stack (and whose gradients have one
+        shape) in one batched product ``C C^T G K K^T``; the others one by one."""
+        out: list[list[Tensor] | None] = [None] * len(items)
+        batches: dict[tuple[Any, ...], list[int]] = {}
+        for i, (_, state, _, params) in enumerate(items):
+            K, C = state["K"], state["C"]
+            if (
+                K._base is not None
+                and C._base is not None
+                and state["structures"]
+                == (
+                    "dense",
+                    "dense",
+                )
+            ):
+                shapes = tuple(p.shape for p in params)
+                batches.setdefault((id(K._base), id(C._base), shapes), []).append(i)
+        for members in batches.values():
+            if len(members) > 1:
+                for i, ds in zip(members, self._product_batch([items[i] for i in members])):
+                    out[i] = ds
+        return [
+            ds if ds is not None else self._preconditioned_gradients(s, g, ps)
+            for ds, (_, s, g, ps) in zip(out, items)
+        ]
+
+    def _product_batch(
+        self, items: list[tuple[str, dict[str, Any], dict[str, Any], list[Tensor]]]
+    ) -> list[list[Tensor]]:
+        """``C C^T G K K^T`` of several layers with dense factors of one shape, batched."""
+        layouts = [(ORDER, s.get("layout"), 1) for _, s, _, _ in items]
+        G = torch.cat(
+            [
+                to_factor_layout(ps[0].grad, ps[1].grad if len(ps) > 1 else None, *layout)
+                for (_, _, _, ps), layout in zip(items, layouts)
+            ]
+        )
+        K = _from_stack([s["K"] for _, s, _, _ in items]).to(G.dtype)
+        C = _from_stack([s["C"] for _, s, _, _ in items]).to(G.dtype)
+        D = C @ (C.mT @ ((G @ K) @ K.mT))
+        out = []
+        for (_, _, _, ps), layout, Di in zip(items, layouts, D):
+            bias_shape = tuple(ps[1].shape) if len(ps) > 1 else None
+            W, b = from_factor_layout(Di[None], tuple(ps[0].shape), bias_shape, *layout)
+            out.append([W] if b is None else [W, b])
+        return out
 
     def _statistics_due(self) -> bool:
         return any(
@@ -341,6 +409,17 @@ class SINGD(KroneckerOptimizer):
             )
         for key, value in (("K", new_K), ("C", new_C), ("m_K", m_K), ("m_C", m_C)):
             state[key].copy_(value)
+
+
+def _from_stack(views: list[Tensor]) -> Tensor:
+    """``torch.stack(views)`` for views of one stacked tensor: the stack itself (no copy)
+    when they are all of it in order, else the rows they view."""
+    base = views[0]._base
+    size = views[0].numel()
+    index = [v.storage_offset() // size for v in views]
+    if base is not None and index == list(range(base.shape[0])):
+        return base
+    return torch.stack(views)
 
 
 __all__ = ["SINGD"]
