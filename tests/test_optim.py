@@ -13,6 +13,10 @@ from beyondgrad.optim import KFAC, SINGD, STRUCTURES, SIRFShampoo, structure
 
 torch.set_default_dtype(torch.float64)
 
+# the plain update rules of the papers (the defaults add grafting, warm-up and warm starts)
+SINGD_PAPER = dict(grafting=None, normalize_lr_cov=False, warm_start=False, warmup=0)
+SIRF_PAPER = dict(grafting=None, warm_start=False, warmup=0, refresh_every=1)
+
 
 def _data(N: int = 16, D: int = 5, C: int = 3, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
@@ -281,7 +285,8 @@ def test_singd_dense_matches_reference(kfac_like):
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     X, y = _data(8, 5, 4)
     kw = dict(damping=0.1, alpha1=0.5, lr_cov=0.05, kfac_like=kfac_like)
-    opt = SINGD(model, loss_fn, lr=0.1, momentum=0.0, refresh_every=1, fisher_type="type-2", **kw)
+    opt = SINGD(model, loss_fn, lr=0.1, momentum=0.0, refresh_every=1, fisher_type="type-2", **kw,
+                **SINGD_PAPER)  # fmt: skip
     K, C, mK, mC = torch.eye(6), torch.eye(4), torch.zeros(6, 6), torch.zeros(4, 4)
     for _ in range(3):
         res = bg.compute(model, loss_fn, X, y, bg.Grad(), bg.KFAC(fisher_type="type-2"))
@@ -298,7 +303,9 @@ def test_singd_dense_matches_reference(kfac_like):
 def test_ikfac_fixed_point_is_damped_inverse():
     """With fixed statistics, IKFAC's K K^T converges to (A + damping I)^{-1}."""
     model = nn.Sequential(nn.Linear(3, 2))
-    opt = SINGD(model, nn.MSELoss(), kfac_like=True, alpha1=0.0, lr_cov=0.2, damping=0.1)
+    opt = SINGD(
+        model, nn.MSELoss(), kfac_like=True, alpha1=0.0, lr_cov=0.2, damping=0.1, **SINGD_PAPER
+    )
     state, group = opt.layers["0"], opt.param_groups[0]
     g = torch.Generator().manual_seed(0)
     a = torch.randn(20, 4, generator=g)
@@ -336,7 +343,8 @@ def test_singd_diagonal_uses_less_memory_than_adamw():
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     X, y = torch.randn(16, 64), torch.randint(0, 10, (16,))
     loss_fn = nn.CrossEntropyLoss()
-    singd = SINGD(model, loss_fn, structures="diagonal", momentum=0.9)
+    # Adam grafting (the default) keeps a second moment per weight: without it
+    singd = SINGD(model, loss_fn, structures="diagonal", momentum=0.9, grafting=None)
     _train(singd, model, loss_fn, [(X, y)])
     adamw = torch.optim.AdamW(model.parameters())
     loss_fn(model(X), y).backward()
@@ -359,7 +367,7 @@ def test_sirfshampoo_matches_dense_reference():
     X, y = _data(10, 4, 3)
     loss_fn = nn.CrossEntropyLoss()
     kw = dict(damping=0.1, alpha2=0.3, lr_cov=0.2)
-    opt = SIRFShampoo(model, lr=0.1, momentum=0.0, **kw)
+    opt = SIRFShampoo(model, lr=0.1, momentum=0.0, **kw, **SIRF_PAPER)
     Ks = {"0.weight": [torch.eye(3), torch.eye(4)], "0.bias": [torch.eye(3)]}
     ms = {k: [torch.zeros_like(K) for K in v] for k, v in Ks.items()}
     for _ in range(3):
@@ -881,7 +889,7 @@ def test_grafting_takes_the_norm_of_the_grafted_method(kind, grafting):
     norm of the grafted method's direction (SGD: the gradient; Adam: bias-corrected RMSprop
     over both steps' gradients)."""
     loss_fn, (X, y) = nn.CrossEntropyLoss(), _data()
-    kw = {"momentum": 0.0, "lr": 0.1, "grafting": grafting}
+    kw = {"momentum": 0.0, "lr": 0.1, "grafting": grafting, "warmup": 0}
     kw |= {"kl_clip": None} if kind == "kfac" else {}
     model = _mlp()
     opt = _make(kind, model, loss_fn, **kw)
@@ -968,3 +976,172 @@ def test_older_state_dicts_still_load_and_resume(kind):
     wider = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.LayerNorm(7), nn.Linear(7, 3))
     with pytest.raises(ValueError, match="another model"):
         _make(kind, wider, loss_fn).load_state_dict(_as_older_format(opt.state_dict(), kind))
+
+
+# -- Hugging Face Conv1D (a transposed Linear, weight [in, out]) -----------------------------
+
+
+def _conv1d_twins():
+    """A model with a Hugging Face ``Conv1D`` and its twin with the equivalent ``nn.Linear``."""
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    torch.manual_seed(0)
+    linear = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    hf = nn.Sequential(conv1d(6, 5), nn.Tanh(), nn.Linear(6, 3))
+    with torch.no_grad():
+        hf[0].weight.copy_(linear[0].weight.T)
+        hf[0].bias.copy_(linear[0].bias)
+        hf[2].load_state_dict(linear[2].state_dict())
+    return linear, hf
+
+
+@pytest.mark.parametrize("kind", ["kfac", "singd", "sirf"])
+def test_conv1d_is_preconditioned_like_its_linear_twin(kind):
+    """Conv1D weights go to the method (not AdamW) and get exactly the transposed update of
+    the equivalent Linear layer (whose update is checked against the dense references)."""
+    linear, hf = _conv1d_twins()
+    loss_fn = nn.CrossEntropyLoss()
+    opts = [_make(kind, m, loss_fn) for m in (linear, hf)]
+    assert opts[1].routes["0.weight"][0] == opts[1].method, opts[1].routing()
+    for X, y in [_data(12, seed=s) for s in range(3)]:
+        for opt, model in zip(opts, (linear, hf)):
+            _train(opt, model, loss_fn, [(X, y)])
+    torch.testing.assert_close(hf[0].weight, linear[0].weight.T)
+    torch.testing.assert_close(hf[0].bias, linear[0].bias)
+    torch.testing.assert_close(hf[2].weight, linear[2].weight)
+
+
+def test_singd_conv1d_matches_dense_reference():
+    """SINGD on a Conv1D: the paper's update with ``G`` the transposed weight gradient."""
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    torch.manual_seed(0)
+    model = nn.Sequential(conv1d(4, 5))
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    X, y = _data(8, 5, 4)
+    kw = dict(damping=0.1, alpha1=0.5, lr_cov=0.05, kfac_like=False)
+    opt = SINGD(model, loss_fn, lr=0.1, momentum=0.0, refresh_every=1, fisher_type="type-2", **kw,
+                **SINGD_PAPER)  # fmt: skip
+    assert opt.routes["0.weight"][0] == "singd"
+    K, C, mK, mC = torch.eye(6), torch.eye(4), torch.zeros(6, 6), torch.zeros(4, 4)
+    for _ in range(2):
+        res = bg.compute(model, loss_fn, X, y, bg.Grad(), bg.KFAC(fisher_type="type-2"))
+        block = res[bg.KFAC(fisher_type="type-2")]["0"]
+        G = torch.cat([res.grad["0.weight"].T, res.grad["0.bias"][:, None]], 1)
+        K, C, mK, mC, D = _singd_dense_reference(block.A, block.B, G, K, C, mK, mC, **kw)
+        w_before = model[0].weight.detach().clone()
+        _train(opt, model, loss_fn, [(X, y)])
+        torch.testing.assert_close(opt.layers["0"]["K"], K)
+        torch.testing.assert_close(opt.layers["0"]["C"], C)
+        torch.testing.assert_close(model[0].weight - w_before, -0.1 * D[:, :-1].T)
+
+
+# -- the defaults train every built-in task ---------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["kfac", "singd", "sirf"])
+def test_library_defaults_train_every_builtin_task(kind):
+    """At the library defaults (no argument but model and loss), a few steps of the README's
+    loop lower the loss of every trainable task of ``beyondgrad.app.tasks`` (on a fixed
+    batch) by at least 3% (KFAC on ``kron-lsq`` is the slow one: its ``kl_clip`` bounds the
+    step in units of the loss, ~4e3 there), with finite parameters throughout."""
+    tasks = pytest.importorskip("beyondgrad.app.tasks")
+    pytest.importorskip("sklearn")
+    torch.set_default_dtype(torch.float32)
+    try:
+        for name in tasks.TASKS:
+            task = tasks.make_task(name, 0)
+            model, loss_fn = task.model, task.loss_fn
+            opt = {"kfac": KFAC, "singd": SINGD}[kind](model, loss_fn) if kind != "sirf" else (
+                SIRFShampoo(model)
+            )  # fmt: skip
+            fixed = task.problem(256)
+            with torch.no_grad():
+                before = float(loss_fn(model(fixed.X), fixed.y))
+            for _, (X, y) in zip(range(16), task.batches(0)):
+                _train(opt, model, loss_fn, [(X, y)])
+                assert all(torch.isfinite(p).all() for p in model.parameters()), name
+            with torch.no_grad():
+                after = float(loss_fn(model(fixed.X), fixed.y))
+            assert after < 0.97 * before, (name, before, after)
+    finally:
+        torch.set_default_dtype(torch.float64)
+
+
+@pytest.mark.parametrize("mode", ["eigen", "pi"])
+def test_kfac_batches_layers_of_one_shape_exactly(mode):
+    """Three Linear layers of one shape share one batched eigh and one batched solve (their
+    eigenpairs are views of one stack); each update is still the damped natural gradient."""
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Linear(4, 3)
+    )
+    X, y = _data(10, 4, 3)
+    loss_fn, lr, damping = nn.CrossEntropyLoss(), 0.2, 0.03
+    quantity = bg.KFAC(fisher_type="type-2")
+    res = bg.compute(model, loss_fn, X, y, bg.Grad(), quantity)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = KFAC(model, loss_fn, lr=lr, momentum=0.0, damping=damping, fisher_type="type-2",
+               kl_clip=None, damping_mode=mode)  # fmt: skip
+    _train(opt, model, loss_fn, [(X, y)])
+    bases = {opt.layers[n]["eig"][1]._base for n in ("0", "2", "4")}
+    assert len(bases) == 1 and None not in bases  # one stack for the three
+    for name in ("0", "2", "4", "5"):
+        block = res[quantity][name]
+        g = torch.cat([res.grad[f"{name}.weight"], res.grad[f"{name}.bias"][:, None]], 1)
+        if mode == "eigen":
+            F = torch.kron(block.B, block.A) + damping * torch.eye(g.numel())
+        else:
+            pi = ((torch.diagonal(block.A).mean()) / torch.diagonal(block.B).mean()).sqrt()
+            F = torch.kron(
+                block.B + damping**0.5 / pi * torch.eye(block.B.shape[0]),
+                block.A + pi * damping**0.5 * torch.eye(block.A.shape[0]),
+            )
+        step = torch.linalg.solve(F, g.reshape(-1)).reshape(g.shape) * -lr
+        params = dict(model.named_parameters())
+        torch.testing.assert_close(
+            params[f"{name}.weight"] - before[f"{name}.weight"], step[:, :-1]
+        )
+        torch.testing.assert_close(params[f"{name}.bias"] - before[f"{name}.bias"], step[:, -1])
+
+
+@pytest.mark.parametrize("kind", ["kfac", "singd", "sirf"])
+def test_compiled_update_equals_eager(kind):
+    """``compile_update`` (here the ``eager`` backend: graph capture without code generation)
+    gives the parameters of the uncompiled optimizer; off by default."""
+    loss_fn, batches = nn.CrossEntropyLoss(), [_data(16, seed=s) for s in range(3)]
+    models = [_mlp(), _mlp()]
+    opts = [_make(kind, m, loss_fn, compile_update=c) for m, c in zip(models, (False, "eager"))]
+    assert _make(kind, _mlp(), loss_fn).compile_update is False
+    for opt, model in zip(opts, models):
+        _train(opt, model, loss_fn, batches)
+    for p, q in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(p, q)
+    with pytest.raises(ValueError, match="compile_update"):
+        _make(kind, _mlp(), loss_fn, compile_update=1)
+
+
+def test_singd_batches_dense_layers_of_one_shape():
+    """Three Linear layers of one shape keep their dense factors as views of one stack and
+    are preconditioned in one batched product: the same parameters as one by one."""
+
+    loss_fn = nn.CrossEntropyLoss()
+
+    def model_and_opt(batched):
+        torch.manual_seed(4)
+        model = nn.Sequential(
+            nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Linear(4, 3)
+        )
+        opt = SINGD(model, loss_fn, refresh_every=1, lr=0.05)
+        if not batched:  # break the stacks: every layer alone
+            for state in opt.layers.values():
+                state["K"], state["C"] = state["K"].clone(), state["C"].clone()
+        return model, opt
+
+    (batched, opt), (alone, opt_alone) = model_and_opt(True), model_and_opt(False)
+    assert len({opt.layers[n]["K"]._base for n in ("0", "2", "4")}) == 1
+    assert opt.layers["0"]["K"]._base is not None and opt.layers["5"]["K"]._base is None
+    batches = [_data(16, 4, 3, seed=s) for s in range(4)]
+    _train(opt, batched, loss_fn, batches)
+    _train(opt_alone, alone, loss_fn, batches)
+    assert opt.layers["2"]["K"]._base is not None  # the factor updates kept the views
+    for p, q in zip(batched.parameters(), alone.parameters()):
+        torch.testing.assert_close(p, q)

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .clipping import check_clip, clip_scale
+from .clipping import check_clip, clip_factor
 from .fallback import ADAMW_DEFAULTS, adamw_, check_adamw, step_counter_as_int
 from .grafting import check_grafting, graft
 from .routing import (
@@ -55,12 +55,22 @@ from .routing import (
     parameter_signature,
     routing_table,
 )
-from .schedule import RENAMED_GROUP_KEYS, check_every, is_due, rename_group_keys
+from .schedule import (
+    RENAMED_GROUP_KEYS,
+    check_every,
+    check_warmup,
+    is_due,
+    rename_group_keys,
+    scheduled_damping,
+    warmup_factor,
+)
 from .statistics import average_gradients_over_ranks, distributed_world
 from .update import descend_
 
 Directions = list[tuple[Tensor, Tensor, dict[str, Any]]]
 """``(parameter, direction, param group)`` per preconditioned parameter of a step."""
+Layer = tuple[str, dict[str, Any], dict[str, Any], list[Tensor]]
+"""``(name, state, param group, parameters)`` of a preconditioned layer."""
 
 
 class CurvatureOptimizer(Optimizer):
@@ -100,7 +110,8 @@ class CurvatureOptimizer(Optimizer):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
-        for key, value in {**ADAMW_DEFAULTS, "grafting": None, "refresh_every": 1}.items():
+        base = {**ADAMW_DEFAULTS, "grafting": None, "refresh_every": 1, "warmup": 0}
+        for key, value in base.items():
             defaults.setdefault(key, value)
         self._groups_complete = False
         super().__init__(params, defaults)
@@ -145,6 +156,7 @@ class CurvatureOptimizer(Optimizer):
         check_adamw(group)
         check_grafting(group["grafting"])
         check_every("refresh_every", group["refresh_every"])
+        check_warmup(group["warmup"])
 
     def group_of(self, p: Tensor) -> dict[str, Any]:
         """The param group of ``p`` as it is now (after schedulers and ``load_state_dict``)."""
@@ -156,8 +168,39 @@ class CurvatureOptimizer(Optimizer):
         check_clip("max_update_norm", max_update_norm)
         self.kl_clip, self.max_update_norm = kl_clip, max_update_norm
 
+    def _set_compile(self, compile_update: bool | str) -> None:
+        """Validate and set the ``compile_update`` flag (see :meth:`compiled`)."""
+        if not isinstance(compile_update, (bool, str)):
+            raise ValueError(
+                f"compile_update must be a bool or a backend name, got {compile_update!r}"
+            )
+        self.compile_update = compile_update
+
+    def compiled(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` through ``torch.compile`` when ``compile_update`` is set (True: the default
+        backend; a string: that backend, e.g. ``"eager"``), else ``fn`` itself.
+
+        Args:
+            fn: a per-step tensor function of the method (the preconditioning product).
+        """
+        flag = getattr(self, "compile_update", False)
+        if flag is False:
+            return fn
+        backend = "inductor" if flag is True else flag
+        return torch.compile(fn, backend=backend, dynamic=False)
+
     def _refresh_due(self, group: dict[str, Any]) -> bool:
         return is_due(self.steps, group["refresh_every"])
+
+    def lr_scale(self, group: dict[str, Any]) -> float:
+        """The warm-up factor of ``group``'s learning rates at this step (see
+        :func:`~beyondgrad.optim.schedule.warmup_factor`)."""
+        return warmup_factor(self.steps, group["warmup"])
+
+    def damping(self, group: dict[str, Any]) -> float:
+        """``group``'s damping at this step (raised during the warm-up, see
+        :func:`~beyondgrad.optim.schedule.scheduled_damping`)."""
+        return scheduled_damping(group["damping"], self.steps, group["warmup"])
 
     # -- routing ------------------------------------------------------------------------------
     def routing(self) -> str:
@@ -246,31 +289,46 @@ class CurvatureOptimizer(Optimizer):
         stats = self._collect_statistics()
         self._check_grads()
         directions = self._directions(stats)
-        scale = clip_scale(
-            [(d, p.grad, g["lr"]) for p, d, g in directions], self.kl_clip, self.max_update_norm
-        )
+        scales = {id(g): self.lr_scale(g) for g in self.param_groups}
+        scale = clip_factor(
+            [(d, p.grad, g["lr"] * scales[id(g)]) for p, d, g in directions],
+            self.kl_clip,
+            self.max_update_norm,
+        )  # a 0-d tensor when clipping is on: no host synchronization
         for p, d, group in directions:
-            descend_(p, d * scale if scale != 1.0 else d, group, self.state[p])
-        self._fallback_step()
+            d = d if scale is None else d * scale.to(d.dtype)
+            descend_(p, d, group, self.state[p], scales[id(group)])
+        self._fallback_step(scales)
         self.steps += 1
         return loss
 
     def _directions(self, stats: dict[str, Any]) -> Directions:
-        """Update every layer's preconditioner; its grafted directions."""
+        """Update every layer's preconditioner (refreshes batched over layers by the method,
+        :meth:`_finish_refresh`); the grafted directions (:meth:`_precondition_all`)."""
         named = dict(self.model.named_parameters())
-        directions: Directions = []
+        items: list[Layer] = []
         for name, state in self.layers.items():
             params = [named[n] for n in state["params"]]
-            self._update_preconditioner(state, self.group_of(params[0]), stats.get(name), params)
-        self._after_preconditioner_updates()
-        for state in self.layers.values():
-            params = [named[n] for n in state["params"]]
             group = self.group_of(params[0])
-            if params[0].grad is None:
-                continue
-            for p, d in zip(params, self._preconditioned_gradients(state, group, params)):
+            self._update_preconditioner(state, group, stats.get(name), params)
+            if params[0].grad is not None:
+                items.append((name, state, group, params))
+        self._after_preconditioner_updates()
+        self._finish_refresh()
+        directions: Directions = []
+        for (_, _, group, params), ds in zip(items, self._precondition_all(items)):
+            for p, d in zip(params, ds):
                 directions.append((p, graft(d, p.grad, group, self.state[p]), group))
         return directions
+
+    def _finish_refresh(self) -> None:
+        """Work that ``_update_preconditioner`` deferred to be done for all layers at once
+        (KFAC: one batched eigendecomposition per factor shape); nothing by default."""
+
+    def _precondition_all(self, items: list[Layer]) -> list[list[Tensor]]:
+        """The preconditioned gradients of every ``(name, state, group, params)`` in
+        ``items`` (one layer after the other by default; KFAC batches layers of one shape)."""
+        return [self._preconditioned_gradients(s, g, ps) for _, s, g, ps in items]
 
     def _check_grads(self) -> None:
         named = [(p, p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
@@ -286,12 +344,12 @@ class CurvatureOptimizer(Optimizer):
             "torch.amp.GradScaler.step, which skips such steps)"
         )
 
-    def _fallback_step(self) -> None:
+    def _fallback_step(self, scales: dict[int, float]) -> None:
         """AdamW for every parameter routed to the fallback (see :mod:`.fallback`)."""
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None and not self._preconditioned(p):
-                    adamw_(p, p.grad, group, self.state[p])
+                    adamw_(p, p.grad, group, self.state[p], scales[id(group)])
 
     # -- state --------------------------------------------------------------------------------
     def _signature(self) -> Signature:

@@ -33,7 +33,9 @@ def fallback_lr(group: dict[str, Any]) -> float:
     return group["adam_lr"] * scale
 
 
-def adamw_(p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+def adamw_(
+    p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any], lr_scale: float = 1.0
+) -> None:
     """One AdamW step of ``p`` in place.
 
     Args:
@@ -41,8 +43,9 @@ def adamw_(p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]
         grad: its gradient.
         group: its param group.
         state: its optimizer state (created on the first call).
+        lr_scale: multiplies the learning rate (the warm-up factor).
     """
-    lr = fallback_lr(group)
+    lr = fallback_lr(group) * lr_scale
     beta1, beta2 = group["adam_betas"]
     if "exp_avg" not in state:
         state["adam_step"] = 0

@@ -79,6 +79,12 @@ def kronecker_layers(
     return layers, refused
 
 
+def transposed_layers(model: nn.Module) -> set[str]:
+    """Names of the modules served by the engine's transposed-Linear rule (Hugging Face
+    ``Conv1D``: weight ``[in, out]``), whose gradient the Kronecker methods transpose."""
+    return {u.name for u in layer_units(model) if u.rule == "transposed_linear"}
+
+
 Signature = list[tuple[str, tuple[int, ...], str, str]]
 
 
@@ -134,4 +140,5 @@ __all__ = [
     "kronecker_layers",
     "parameter_signature",
     "routing_table",
+    "transposed_layers",
 ]

@@ -7,6 +7,12 @@ factor updates. KFAC also has ``stats_every`` (global), how often the curvature 
 are collected into its moving averages; SINGD collects statistics exactly on the steps where
 some group refreshes, SIRFShampoo needs none beyond the gradient.
 
+Warm-up (``warmup=w``, a param-group setting, in steps; 0 turns it off): during the first
+``w`` steps the learning rate (of the preconditioned parameters and of the AdamW fallback) is
+scaled by ``(step + 1) / w`` (:func:`warmup_factor`), and the damping by a factor that falls
+linearly from :data:`DAMPING_WARMUP` to 1 (:func:`scheduled_damping`): the preconditioner is
+built from few statistics then, so it is trusted less.
+
 Old spellings stay accepted with a ``DeprecationWarning``: ``T`` (constructor argument of
 SINGD and SIRFShampoo, and SIRFShampoo's per-group key) means ``refresh_every``.
 """
@@ -18,6 +24,44 @@ from typing import Any
 
 RENAMED_GROUP_KEYS = {"T": "refresh_every"}
 """Deprecated param-group keys -> their current spelling."""
+
+
+DAMPING_WARMUP = 10.0
+"""The damping at step 0 of a warm-up, as a multiple of the group's ``damping``."""
+
+
+def warmup_factor(step: int, warmup: int) -> float:
+    """The learning-rate factor of ``step`` in a linear warm-up of ``warmup`` steps.
+
+    Args:
+        step: the number of completed optimizer steps.
+        warmup: the warm-up length (0: none).
+
+    Returns:
+        ``min(1, (step + 1) / warmup)`` (1.0 without warm-up).
+    """
+    return 1.0 if step >= warmup else (step + 1) / warmup
+
+
+def scheduled_damping(damping: float, step: int, warmup: int) -> float:
+    """The damping of ``step``: ``damping`` times a factor that falls linearly from
+    :data:`DAMPING_WARMUP` at step 0 to 1 at the end of the warm-up (then stays 1).
+
+    Args:
+        damping: the group's damping.
+        step: the number of completed optimizer steps.
+        warmup: the warm-up length (0: none).
+    """
+    if step >= warmup:
+        return damping
+    return damping * (1.0 + (DAMPING_WARMUP - 1.0) * (1.0 - step / warmup))
+
+
+def check_warmup(value: object) -> int:
+    """``value`` if it is a non-negative int, else a ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"warmup must be a non-negative int, got {value!r}")
+    return value
 
 
 def is_due(step: int, every: int) -> bool:
@@ -86,4 +130,14 @@ def rename_group_keys(group: dict[str, Any], owner: str) -> None:
         group[new] = group.pop(old)
 
 
-__all__ = ["RENAMED_GROUP_KEYS", "check_every", "deprecated_alias", "is_due", "rename_group_keys"]
+__all__ = [
+    "DAMPING_WARMUP",
+    "RENAMED_GROUP_KEYS",
+    "check_every",
+    "check_warmup",
+    "deprecated_alias",
+    "is_due",
+    "rename_group_keys",
+    "scheduled_damping",
+    "warmup_factor",
+]

@@ -1,6 +1,7 @@
 """SINGD: structured inverse-free natural gradient descent (Lin, Dangel et al., ICML 2024).
 
-Per Linear / Conv1/2/3d layer (no groups; joint bias) with gradient ``G`` (``[O, I(+1)]``),
+Per Linear / Hugging Face ``Conv1D`` (weight stored ``[in, out]``; its gradient is used
+transposed) / Conv1/2/3d layer (no groups; joint bias) with gradient ``G`` (``[O, I(+1)]``),
 the preconditioner is ``(C C^T) kron (K K^T)`` with ``K`` (``[I(+1), I(+1)]``) and ``C``
 (``[O, O]``) in a chosen :mod:`structure <beyondgrad.optim.structures>`; both start at ``I``.
 Every ``refresh_every`` steps (a param-group setting; ``T`` is its deprecated spelling),
@@ -20,6 +21,22 @@ be stored and updated in bfloat16 (``preconditioner_dtype=(dtype_K, dtype_C)``).
 ``direction = C C^T G K K^T``, then optional grafting and clipping, momentum and decoupled
 weight decay (``p <- p (1 - lr wd) - lr buf``). Other parameters go to the AdamW fallback
 (``routing()``).
+
+Defaults that train without tuning (the paper's plain rule: ``grafting=None,
+normalize_lr_cov=False, warmup=0``):
+
+- ``grafting="adam"``: each direction takes the norm of Adam's step, so ``lr`` is an
+  Adam-like learning rate whatever the scale of the curvature;
+- ``normalize_lr_cov=True``: a factor step never moves ``K`` by more than ``lr_cov`` (inputs
+  of variance 1e3 otherwise make ``I - lr_cov m`` indefinite and the factors diverge);
+- ``warm_start`` (off by default: on the test problems it was slower than the identity
+  start, which the Adam grafting already puts at the right step length): at the first
+  statistics, ``K`` and ``C`` start from the structure's
+  projection of ``diag(diag(A) + sqrt(damping))^{-1/2}`` (and of ``B``; IKFAC: ``+ damping``)
+  instead of ``I``, so the first steps are a Jacobi-preconditioned (not a plain SGD) step at
+  the curvature's scale, and the factor updates start near their fixed point;
+- ``warmup=5`` steps of linear learning-rate warm-up with a damping that falls from 10x
+  to 1x (:mod:`~beyondgrad.optim.schedule`).
 """
 
 from __future__ import annotations
@@ -31,13 +48,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._engine import from_factor_layout, to_factor_layout
 from .averages import decayed_sum
 from .damping import check_damping, trace_coupled
 from .kronecker import KroneckerOptimizer
+from .routing import transposed_layers
 from .schedule import check_every, deprecated_alias, is_due
 from .structures import Structure, structure
 
-SINGD_RULES = ("linear", "conv")
+SINGD_RULES = ("linear", "transposed_linear", "conv")
+ORDER = "B kron A"
+TRANSPOSED = (1, 0)
+"""The weight permutation of a transposed Linear (``[in, out]``) into the factor layout."""
 
 
 def _pair(value: Any, what: str) -> tuple[Any, Any]:
@@ -65,13 +87,17 @@ class SINGD(KroneckerOptimizer):
         kfac_like: the IKFAC variant (per group).
         normalize_lr_cov: scale ``lr_cov`` by ``1 / max(1, max|m|)`` (per group).
         refresh_every: statistics and factor updates every this many steps (per group).
+        warm_start: start the factors from the first statistics' diagonals (per group).
+        warmup: learning-rate warm-up steps (per group; 0: none).
+        compile_update: ``torch.compile`` the preconditioning product (True, or a backend
+            name); off by default.
         fisher_type: ``"empirical"`` (as in the paper), ``"mc"`` or ``"type-2"``.
         mc_samples: Monte-Carlo samples per data point (``"mc"``).
         kfac_approx: ``"expand"`` or ``"reduce"``.
         seed: seeds the Monte-Carlo draws.
         kl_clip, max_update_norm: clipping (global, off by default; see
             :mod:`~beyondgrad.optim.clipping`).
-        grafting: None, ``"sgd"`` or ``"adam"`` (per group).
+        grafting: None, ``"sgd"`` or ``"adam"`` (per group; default ``"adam"``).
         T: deprecated spelling of ``refresh_every``.
         **adamw: the fallback's ``adam_lr``, ``adam_betas``, ``adam_eps`` and ``precondition``.
     """
@@ -93,7 +119,7 @@ class SINGD(KroneckerOptimizer):
         structures: str | tuple[str, str] = "dense",
         preconditioner_dtype: torch.dtype | tuple[Any, Any] | None = None,
         kfac_like: bool = False,
-        normalize_lr_cov: bool = False,
+        normalize_lr_cov: bool = True,
         refresh_every: int = 10,
         fisher_type: str = "empirical",
         mc_samples: int = 1,
@@ -101,7 +127,10 @@ class SINGD(KroneckerOptimizer):
         seed: int = 0,
         kl_clip: float | None = None,
         max_update_norm: float | None = None,
-        grafting: str | None = None,
+        grafting: str | None = "adam",
+        warm_start: bool = False,
+        warmup: int = 5,
+        compile_update: bool | str = False,
         *,
         T: int | None = None,
         **adamw: Any,
@@ -118,15 +147,21 @@ class SINGD(KroneckerOptimizer):
             "normalize_lr_cov": normalize_lr_cov,
             "refresh_every": refresh_every,
             "grafting": grafting,
+            "warm_start": warm_start,
+            "warmup": warmup,
             **adamw,
         }
         super().__init__(
             model, loss_fn, params, defaults, fisher_type, kfac_approx, mc_samples, seed
         )
+        self._transposed = transposed_layers(self.model)
+        self._set_compile(compile_update)
+        self._product = self.compiled(self._precondition_matrix)
         self._set_clipping(kl_clip, max_update_norm)
         named = dict(self.model.named_parameters())
-        for state in self.layers.values():
-            self._init_factors(state, named)
+        for name, state in self.layers.items():
+            self._init_factors(state, named, name in self._transposed)
+        self._stack_factors()
 
     @staticmethod
     def _accept(module: nn.Module) -> str | None:
@@ -166,22 +201,109 @@ class SINGD(KroneckerOptimizer):
         if group["lr_cov"] <= 0:
             raise ValueError(f"lr_cov must be positive, got {group['lr_cov']}")
 
-    def _init_factors(self, state: dict[str, Any], named: dict[str, Tensor]) -> None:
-        """``K = I`` (``[I(+1), I(+1)]``), ``C = I`` (``[O, O]``), zero momenta."""
+    def _init_factors(
+        self, state: dict[str, Any], named: dict[str, Tensor], transposed: bool = False
+    ) -> None:
+        """``K = I`` (``[I(+1), I(+1)]``), ``C = I`` (``[O, O]``), zero momenta; the layout
+        of the layer's gradient (``weight_perm``: transposed Linear layers)."""
         weight = named[state["params"][0]]
         group = self.group_of(weight)
-        dim_k = weight[0].numel() + (len(state["params"]) - 1)
-        dim_c = weight.shape[0]
+        perm = TRANSPOSED if transposed else None
+        oriented = weight.permute(perm) if perm is not None else weight
+        dim_k = oriented[0].numel() + (len(state["params"]) - 1)
+        dim_c = oriented.shape[0]
         sk, sc = (structure(n) for n in group["structures"])
         dk, dc = (d or weight.dtype for d in group["preconditioner_dtype"])
         state.update(
             structures=tuple(group["structures"]),
             dims=(dim_k, dim_c),
+            layout=perm,
+            started=not group["warm_start"],
             K=sk.eye(dim_k, dk, weight.device),
             C=sc.eye(dim_c, dc, weight.device),
             m_K=sk.eye(dim_k, dk, weight.device) * 0,
             m_C=sc.eye(dim_c, dc, weight.device) * 0,
         )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As :meth:`CurvatureOptimizer.load_state_dict`; layers of a state saved before the
+        warm start existed count as started once the run has stepped.
+
+        Args:
+            state_dict: what :meth:`state_dict` returned.
+        """
+        super().load_state_dict(state_dict)
+        extra = state_dict["beyondgrad"]
+        for name, saved in extra["layers"].items():
+            if "started" not in saved:
+                self.layers[name]["started"] = bool(extra["steps"]) or self.layers[name]["started"]
+        self._stack_factors()
+
+    def _stack_factors(self) -> None:
+        """Layers with dense ``K`` and ``C`` of the same sizes, dtypes and layout keep their
+        factors as views of one stacked tensor each (the factor updates write in place, so
+        the views stay valid): :meth:`_precondition_all` applies them in one batched product."""
+        batches: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+        for state in self.layers.values():
+            if state["structures"] == ("dense", "dense"):
+                key = (state["dims"], state["K"].dtype, state["C"].dtype, state.get("layout"))
+                batches.setdefault(key, []).append(state)
+        for members in batches.values():
+            if len(members) > 1:
+                for key in ("K", "C"):
+                    stacked = torch.stack([state[key] for state in members])
+                    for state, view in zip(members, stacked.unbind(0)):
+                        state[key] = view
+
+    def _precondition_all(
+        self, items: list[tuple[str, dict[str, Any], dict[str, Any], list[Tensor]]]
+    ) -> list[list[Tensor]]:
+        """Layers whose dense factors are views of one stack (and whose gradients have one
+        shape) in one batched product ``C C^T G K K^T``; the others one by one."""
+        out: list[list[Tensor] | None] = [None] * len(items)
+        batches: dict[tuple[Any, ...], list[int]] = {}
+        for i, (_, state, _, params) in enumerate(items):
+            K, C = state["K"], state["C"]
+            if (
+                K._base is not None
+                and C._base is not None
+                and state["structures"]
+                == (
+                    "dense",
+                    "dense",
+                )
+            ):
+                shapes = tuple(p.shape for p in params)
+                batches.setdefault((id(K._base), id(C._base), shapes), []).append(i)
+        for members in batches.values():
+            if len(members) > 1:
+                for i, ds in zip(members, self._product_batch([items[i] for i in members])):
+                    out[i] = ds
+        return [
+            ds if ds is not None else self._preconditioned_gradients(s, g, ps)
+            for ds, (_, s, g, ps) in zip(out, items)
+        ]
+
+    def _product_batch(
+        self, items: list[tuple[str, dict[str, Any], dict[str, Any], list[Tensor]]]
+    ) -> list[list[Tensor]]:
+        """``C C^T G K K^T`` of several layers with dense factors of one shape, batched."""
+        layouts = [(ORDER, s.get("layout"), 1) for _, s, _, _ in items]
+        G = torch.cat(
+            [
+                to_factor_layout(ps[0].grad, ps[1].grad if len(ps) > 1 else None, *layout)
+                for (_, _, _, ps), layout in zip(items, layouts)
+            ]
+        )
+        K = _from_stack([s["K"] for _, s, _, _ in items]).to(G.dtype)
+        C = _from_stack([s["C"] for _, s, _, _ in items]).to(G.dtype)
+        D = C @ (C.mT @ ((G @ K) @ K.mT))
+        out = []
+        for (_, _, _, ps), layout, Di in zip(items, layouts, D):
+            bias_shape = tuple(ps[1].shape) if len(ps) > 1 else None
+            W, b = from_factor_layout(Di[None], tuple(ps[0].shape), bias_shape, *layout)
+            out.append([W] if b is None else [W, b])
+        return out
 
     def _statistics_due(self) -> bool:
         return any(
@@ -198,22 +320,42 @@ class SINGD(KroneckerOptimizer):
         """The factor update from this step's statistics, when the group refreshes."""
         if stats is not None and self._refresh_due(group):
             sk, sc = (structure(n) for n in state["structures"])
+            if not state.get("started", True):
+                self._warm_start(state, group, sk, sc, *stats)
             self._update_factors(state, group, sk, sc, *stats)
+
+    def _warm_start(
+        self,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        sk: Structure,
+        sc: Structure,
+        A: Tensor,
+        B: Tensor,
+    ) -> None:
+        """``K``, ``C`` from the diagonals of the first statistics (see the module docstring);
+        only element-wise operations."""
+        damping = self.damping(group)
+        shift = damping if group["kfac_like"] else damping**0.5
+        for key, s, S in (("K", sk, A), ("C", sc, B)):
+            t = state[key]
+            diag = torch.diagonal(S).to(torch.promote_types(t.dtype, torch.float32))
+            start = s.project(torch.diag((diag.clamp(min=0) + shift).rsqrt()).to(t.dtype))
+            t.copy_(start)
+        state["started"] = True
 
     def _preconditioned_gradients(
         self, state: dict[str, Any], group: dict[str, Any], params: list[Tensor]
     ) -> list[Tensor]:
         """``C C^T G K K^T`` with ``G = [weight grad as [O, I], bias grad]``, split back."""
         weight, bias = params[0], (params[1] if len(params) > 1 else None)
-        G = weight.grad.reshape(weight.shape[0], -1)  # [O, I] (+ the bias column)
-        if bias is not None:
-            G = torch.cat([G, bias.grad[:, None]], 1)
+        layout = (ORDER, state.get("layout"), 1)
+        G = to_factor_layout(weight.grad, None if bias is None else bias.grad, *layout)[0]
         sk, sc = (structure(n) for n in state["structures"])
-        D = self._precondition_matrix(state, sk, sc, G)
-        parts = [D[:, : weight[0].numel()].reshape(weight.shape)]
-        if bias is not None:
-            parts.append(D[:, -1])
-        return parts
+        D = self._product(state, sk, sc, G)
+        bias_shape = None if bias is None else tuple(bias.shape)
+        W, b = from_factor_layout(D[None], tuple(weight.shape), bias_shape, *layout)
+        return [W] if b is None else [W, b]
 
     @staticmethod
     def _precondition_matrix(
@@ -235,35 +377,49 @@ class SINGD(KroneckerOptimizer):
         B: Tensor,
     ) -> None:
         """One step of the factors ``K``, ``C`` and their momenta from ``A``, ``B`` (see the
-        module docstring); raises before changing the state when a result is not finite."""
+        module docstring), written into the state's tensors in place; raises before changing
+        the state when a result is not finite (the one host synchronization, on refresh steps
+        only)."""
         (dim_k, dim_c), K, C = state["dims"], state["K"], state["C"]
         H_K = sk.inner(K, dim_k, A.to(K.dtype))
         H_C = sc.inner(C, dim_c, B.to(C.dtype))
         KtK, CtC = sk.inner(K, dim_k), sc.inner(C, dim_c)
-        alpha1 = group["alpha1"]
+        alpha1, damping = group["alpha1"], self.damping(group)
         scale = 0.5 * ((1 - alpha1) if group["normalize_lr_cov"] else 1.0)
         if group["kfac_like"]:
             c_C = c_K = 1.0
-            damp_K, damp_C = trace_coupled([1.0, 1.0], group["damping"])
-        else:
-            c_C, c_K = float(sc.trace(H_C, dim_c)) / dim_c, float(sk.trace(H_K, dim_k)) / dim_k
-            d_C, d_K = float(sc.trace(CtC, dim_c)) / dim_c, float(sk.trace(KtK, dim_k)) / dim_k
-            damp_K, damp_C = trace_coupled([d_K, d_C], group["damping"])
+            damp_K, damp_C = trace_coupled([1.0, 1.0], damping)
+        else:  # 0-d tensors: no host synchronization
+            c_C, c_K = sc.trace(H_C, dim_c) / dim_c, sk.trace(H_K, dim_k) / dim_k
+            d_C, d_K = sc.trace(CtC, dim_c) / dim_c, sk.trace(KtK, dim_k) / dim_k
+            damp_K, damp_C = trace_coupled([d_K, d_C], damping)
         eye_k, eye_c = sk.eye(dim_k, K.dtype, K.device), sc.eye(dim_c, C.dtype, C.device)
         m_K = decayed_sum(state["m_K"], (H_K * c_C + KtK * damp_K - eye_k) * scale, alpha1)
         m_C = decayed_sum(state["m_C"], (H_C * c_K + CtC * damp_C - eye_c) * scale, alpha1)
         beta_K = beta_C = group["lr_cov"]
         if group["normalize_lr_cov"]:
-            beta_K /= max(1.0, float(m_K.abs().max()))
-            beta_C /= max(1.0, float(m_C.abs().max()))
+            beta_K = beta_K / m_K.abs().max().clamp(min=1.0)
+            beta_C = beta_C / m_C.abs().max().clamp(min=1.0)
         new_K = K - sk.mul(K, m_K, dim_k) * beta_K
         new_C = C - sc.mul(C, m_C, dim_c) * beta_C
-        if not (bool(torch.isfinite(new_K).all()) and bool(torch.isfinite(new_C).all())):
+        if not bool(torch.isfinite(new_K).all() & torch.isfinite(new_C).all()):
             raise FloatingPointError(
                 "SINGD: the factor update produced non-finite values (lower lr_cov or raise "
                 "damping)"
             )
-        state.update(K=new_K, C=new_C, m_K=m_K, m_C=m_C)
+        for key, value in (("K", new_K), ("C", new_C), ("m_K", m_K), ("m_C", m_C)):
+            state[key].copy_(value)
+
+
+def _from_stack(views: list[Tensor]) -> Tensor:
+    """``torch.stack(views)`` for views of one stacked tensor: the stack itself (no copy)
+    when they are all of it in order, else the rows they view."""
+    base = views[0]._base
+    size = views[0].numel()
+    index = [v.storage_offset() // size for v in views]
+    if base is not None and index == list(range(base.shape[0])):
+        return base
+    return torch.stack(views)
 
 
 __all__ = ["SINGD"]

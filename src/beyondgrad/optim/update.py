@@ -15,7 +15,13 @@ from torch import Tensor
 from .averages import decayed_sum_
 
 
-def descend_(p: Tensor, direction: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+def descend_(
+    p: Tensor,
+    direction: Tensor,
+    group: dict[str, Any],
+    state: dict[str, Any],
+    lr_scale: float = 1.0,
+) -> None:
     """Move ``p`` (in place) against ``direction``: decoupled weight decay, momentum, step.
 
     Args:
@@ -23,8 +29,9 @@ def descend_(p: Tensor, direction: Tensor, group: dict[str, Any], state: dict[st
         direction: the (preconditioned, grafted, clipped) direction, shaped like ``p``.
         group: its param group (``lr``, ``weight_decay``, ``momentum``).
         state: its optimizer state (the momentum keeps ``momentum_buffer`` there).
+        lr_scale: multiplies the group's ``lr`` (the warm-up factor).
     """
-    lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+    lr, wd, mu = group["lr"] * lr_scale, group["weight_decay"], group["momentum"]
     if wd:
         p.mul_(1 - lr * wd)
     if mu:
