@@ -108,3 +108,23 @@ def test_float32_model_runs_in_float32():
     res = bg.compute(model, loss_fn, X, y, bg.BatchL2(), bg.SumGradSquared())
     for v in res[bg.BatchL2].values():
         assert v.dtype == torch.float32 and torch.isfinite(v).all()
+
+
+@pytest.mark.parametrize(("S", "num"), [(3, 50), (12, 5), (30, 4)])  # Gram trick / scattered rows
+def test_scatter_form_batch_l2_both_paths(S, num):
+    """The embedding form's squared row norms equal the norms of its scattered rows on both
+    evaluation paths (few positions against the table, and many)."""
+    from beyondgrad.forms.scatter import ScatterForm
+
+    g = torch.Generator().manual_seed(0)
+    K, N, d = 2, 3, 4
+    index = torch.randint(0, num, (N, S), generator=g)
+    G = torch.randn(K * N, S, d, generator=g, dtype=torch.float64)
+    form = ScatterForm(index, G, num, vectors=K)
+    expected = torch.stack(
+        [
+            torch.zeros(num, d, dtype=torch.float64).index_add_(0, index[r % N], G[r]).pow(2).sum()
+            for r in range(K * N)
+        ]
+    )
+    torch.testing.assert_close(form._batch_l2(), expected)

@@ -51,6 +51,13 @@ class ScatterForm(Form):
         return res.reshape(R, *self.shape)
 
     def _batch_l2(self) -> Tensor:
+        """Squared norms of the rows: by the Gram trick over positions (``S^2 d`` per row)
+        when positions are few against the table, else from the scattered rows themselves
+        (``(S + num) d`` per row: e.g. a relative-position bias with thousands of ``[T, T]``
+        positions over a few dozen buckets)."""
+        S = self.index.shape[1]
+        if S * S > 16 * self.num:  # bmm is far faster per flop than index_add_
+            return self._batch_grad().pow(2).sum((1, 2))
         index = self._row_indices
         same = index.unsqueeze(2) == index.unsqueeze(1)
         gram_g = torch.bmm(self.G, self.G.transpose(1, 2))
