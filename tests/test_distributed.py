@@ -191,7 +191,7 @@ def _train(model, X, y, steps: int = 3, opt: Any = None, **kw: Any) -> dict[str,
         opt = bg.optim.KFAC(
             model, nn.CrossEntropyLoss(), fisher_type="type-2", refresh_every=1, **kw
         )
-    loss_fn = opt.loss_fn
+    loss_fn = opt.loss_fn or nn.CrossEntropyLoss()
     for _ in range(steps):
         opt.zero_grad()
         with opt.capture():
@@ -221,20 +221,62 @@ def _checkpoint(X, y, rank: int, path: str) -> None:
         torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
 
 
+OPTIMIZERS: dict[str, Callable[..., Any]] = {
+    "KFAC": lambda m, **kw: bg.optim.KFAC(
+        m, nn.CrossEntropyLoss(), fisher_type="type-2", refresh_every=1, **kw
+    ),
+    "SINGD": lambda m, **kw: bg.optim.SINGD(  # warm start: once, on the owner
+        m, nn.CrossEntropyLoss(), fisher_type="type-2", refresh_every=1, warm_start=True, **kw
+    ),
+    "SIRFShampoo": lambda m, **kw: bg.optim.SIRFShampoo(m, refresh_every=1, warm_start=True, **kw),
+}
+
+
 def _ownership(check: _Checks, X, y) -> None:
-    model = _mlp()
-    start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    replicated = _train(model, X, y)
-    model.load_state_dict(start)
-    owned = _train(model, X, y, ownership="owner")
-    for name, value in replicated.items():
-        check.close(f"ownership {name}", owned[name], value, rtol=0.0)
-    model.load_state_dict(start)
-    low = _train(model, X, y, ownership=bg.optim.Ownership(broadcast_dtype=torch.bfloat16))
-    for name, value in low.items():
-        gathered = [torch.empty_like(value) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, value)
-        check.close(f"bf16 ownership equal on every rank {name}", gathered[-1], gathered[0])
+    """Owned refreshes equal the replicated ones bit for bit (float64 broadcasts); with
+    bfloat16 broadcasts every rank holds the same parameters."""
+    for kind, make in OPTIMIZERS.items():
+        model = _mlp()
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        replicated = _train(model, X, y, opt=make(model))
+        model.load_state_dict(start)
+        opt = make(model, ownership="owner")
+        owned = _train(model, X, y, opt=opt)
+        for name, value in replicated.items():
+            check.close(f"{kind} ownership {name}", owned[name], value, rtol=0.0)
+        used = set(opt.ownership.owners.values())
+        if used != set(range(min(dist.get_world_size(), len(opt.layers)))):
+            check.failures.append(f"{kind}: owners {opt.ownership.owners} leave ranks idle")
+        model.load_state_dict(start)
+        low = _train(
+            model,
+            X,
+            y,
+            opt=make(model, ownership=bg.optim.Ownership(broadcast_dtype=torch.bfloat16)),
+        )
+        for name, value in low.items():
+            gathered = [torch.empty_like(value) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, value)
+            check.close(
+                f"{kind} bf16 ownership equal on every rank {name}", gathered[-1], gathered[0]
+            )
+
+
+def _owner_failure(check: _Checks) -> None:
+    """A refresh that raises on its owner raises on every rank (no rank waits forever)."""
+    own = bg.optim.Ownership()
+
+    def fail() -> tuple[torch.Tensor, ...]:
+        raise FloatingPointError("boom")
+
+    own.defer("layer", 1.0, fail, [((2,), torch.float64)], lambda r: None)
+    error = FloatingPointError if dist.get_rank() == 0 else RuntimeError
+    check.raises(
+        "failed owned refresh",
+        error,
+        own.flush,
+        "boom" if error is FloatingPointError else "failed on its owner",
+    )
 
 
 def _worker(rank: int, world: int, path: str, out: str) -> None:
@@ -252,9 +294,10 @@ def _worker(rank: int, world: int, path: str, out: str) -> None:
             lambda: _results(check, model, loss_fn, X, y, sl),
             lambda: _errors(check, model, loss_fn, shard, rank),
             lambda: _ownership(check, X[sl], y[sl]),
+            lambda: _owner_failure(check),
             lambda: _checkpoint(X, y, rank, f"{out}.ckpt"),
         ]
-        for part in parts if world == 2 else [parts[0], parts[2], parts[3], parts[4]]:
+        for part in parts if world == 2 else [parts[0], parts[2], parts[3], parts[4], parts[5]]:
             try:
                 part()
             except Exception:  # reported to the parent

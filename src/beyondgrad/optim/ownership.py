@@ -1,7 +1,8 @@
 """Owner-based preconditioner refresh (as in KAISA and Distributed Shampoo).
 
 Replicated data parallelism refreshes every layer's preconditioner (KFAC: the
-eigendecompositions of its factors) on every rank: the same work ``W`` times. With
+eigendecompositions of its factors; SINGD and SIRFShampoo: their inverse-free factor
+updates) on every rank: the same work ``W`` times. With
 :class:`Ownership` each due refresh runs on one *owner* rank only, and the results are
 broadcast to the others (one packed broadcast per owner rank); the owners are chosen by a
 cost-balanced greedy (largest cost first, to the least-loaded rank; cost of a layer
@@ -18,7 +19,7 @@ computes what every rank would).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -60,7 +61,8 @@ class Ownership:
         broadcast_dtype: the dtype the results travel in (``None``: their own; e.g.
             ``torch.bfloat16`` to cut the traffic; every rank then uses the rounded values).
 
-    Usage (what :class:`~beyondgrad.optim.KFAC` does with ``ownership=...``): during a step,
+    Usage (what :class:`~beyondgrad.optim.KFAC`, :class:`~beyondgrad.optim.SINGD` and
+    :class:`~beyondgrad.optim.SIRFShampoo` do with ``ownership=...``): during a step,
     :meth:`defer` each due refresh; after all layers are updated, :meth:`flush` runs the
     owned refreshes and broadcasts them (collective: every rank calls it, with the same due
     layers).
@@ -116,9 +118,23 @@ class Ownership:
             names = [n for n in sorted(pending) if self.owners[n] == owner]
             if not names:
                 continue
-            mine = [pending[n][1]() for n in names] if owner == me else None
+            mine, error = None, None
+            if owner == me:
+                try:
+                    mine = [pending[n][1]() for n in names]
+                except Exception as err:  # the others must not wait for a broadcast forever
+                    error = err
             likes = [pending[n][2] for n in names]
-            for name, result in zip(names, self._broadcast(owner, mine, likes)):
+            results = self._broadcast(owner, mine, likes, failed=error is not None)
+            if error is not None:
+                raise error
+            if results is None:
+                raise RuntimeError(
+                    f"the owned refresh of {', '.join(names)} failed on its owner, rank "
+                    f"{owner} of the process group (its error says why); the optimizer "
+                    "state of the layers refreshed before it is updated, of the others not"
+                )
+            for name, result in zip(names, results):
                 pending[name][3](result)
 
     def _rounded(self, tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
@@ -131,26 +147,42 @@ class Ownership:
         owner: int,
         mine: list[tuple[Tensor, ...]] | None,
         likes: list[list[tuple[tuple[int, ...], Any]]],
-    ) -> list[tuple[Tensor, ...]]:
+        failed: bool = False,
+    ) -> list[tuple[Tensor, ...]] | None:
         """The owner's results, every tensor flattened into one buffer of the wire dtype
-        (the first tensor's dtype unless ``broadcast_dtype``), broadcast, split again."""
+        (the widest of the results' dtypes unless ``broadcast_dtype``), broadcast, split
+        again. The buffer's last element flags a refresh that failed on the owner (then
+        ``None`` is returned on every rank)."""
         import torch.distributed as dist
 
         device = dist_group.device_of(self.group)
         flat_like = [like for layer in likes for like in layer]
-        wire = self.broadcast_dtype or flat_like[0][1]
+        wire = self.broadcast_dtype or _widest(dtype for _, dtype in flat_like)
         sizes = [math.prod(shape) for shape, _ in flat_like]
         if mine is not None:
             parts = [t.reshape(-1).to(device=device, dtype=wire) for r in mine for t in r]
-            buf = torch.cat(parts)
+            buf = torch.cat([*parts, torch.zeros(1, dtype=wire, device=device)])
         else:
-            buf = torch.empty(sum(sizes), dtype=wire, device=device)
+            buf = torch.zeros(sum(sizes) + 1, dtype=wire, device=device)
+            if failed:
+                buf[-1] = 1
         dist.broadcast(buf, src=dist.get_global_rank(self.group, owner), group=self.group)
-        pieces = iter(torch.split(buf, sizes))
+        if buf[-1].item() != 0:
+            return None
+        pieces = iter(torch.split(buf[:-1], sizes))
         out = []
         for layer in likes:
             out.append(tuple(next(pieces).reshape(shape).to(dtype) for shape, dtype in layer))
         return out
+
+
+def _widest(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    """The dtype every one of ``dtypes`` converts to exactly (their promotion)."""
+    out: torch.dtype | None = None
+    for dtype in dtypes:
+        out = dtype if out is None else torch.promote_types(out, dtype)
+    assert out is not None
+    return out
 
 
 def defer_eigen_refresh(
@@ -186,6 +218,61 @@ def defer_eigen_refresh(
     ownership.defer(name, cost, lambda: decompose(state, damping), shapes, store)
 
 
+def _tensors(state: Mapping[str, Any], keys: tuple[str, ...]) -> list[Tensor]:
+    """The tensors under ``keys`` of ``state`` (a key may hold a list of tensors)."""
+    out: list[Tensor] = []
+    for key in keys:
+        value = state[key]
+        out.extend(value if isinstance(value, (list, tuple)) else [value])
+    return out
+
+
+def defer_state_refresh(
+    ownership: Ownership,
+    name: str,
+    state: dict[str, Any],
+    keys: tuple[str, ...],
+    update: Callable[[dict[str, Any]], None],
+    cost: float,
+) -> None:
+    """Defer an in-place refresh of a layer's state tensors to the layer's owner (SINGD's
+    ``K``, ``C``, ``m_K``, ``m_C``; SIRFShampoo's lists ``K`` and ``m``).
+
+    The owner runs ``update`` on a scratch copy of ``state`` (the tensors under ``keys``
+    cloned, everything else shared), so the owner computes exactly what every rank would;
+    every rank then copies the broadcast tensors into its own in place (views of stacked
+    factors stay valid) and marks the layer ``started`` (warm starts happen once).
+
+    Args:
+        ownership: the optimizer's :class:`Ownership`.
+        name: the layer (the same on every rank).
+        state: the layer's state.
+        keys: the state keys ``update`` writes (each a tensor or a list of tensors).
+        update: writes the refreshed tensors into the state it is given (in place or by
+            replacing them); it may raise (e.g. non-finite values): then every rank raises.
+        cost: the refresh's cost for the owner assignment (e.g. ``sum d^3``).
+    """
+    targets = _tensors(state, keys)
+
+    def refresh() -> tuple[Tensor, ...]:
+        scratch = dict(state)
+        for key in keys:
+            value = state[key]
+            is_list = isinstance(value, (list, tuple))
+            scratch[key] = [t.clone() for t in value] if is_list else value.clone()
+        update(scratch)
+        return tuple(_tensors(scratch, keys))
+
+    def store(result: tuple[Tensor, ...]) -> None:
+        for target, value in zip(targets, result):
+            target.copy_(value)
+        if "started" in state:
+            state["started"] = True
+
+    like = [(tuple(t.shape), t.dtype) for t in targets]
+    ownership.defer(name, cost, refresh, like, store)
+
+
 def make_ownership(ownership: Any) -> Ownership | None:
     """The :class:`Ownership` of an optimizer's ``ownership=`` knob.
 
@@ -207,4 +294,10 @@ def make_ownership(ownership: Any) -> Ownership | None:
     raise ValueError(f"ownership must be None, 'owner' or an Ownership, got {ownership!r}")
 
 
-__all__ = ["Ownership", "assign_owners", "defer_eigen_refresh", "make_ownership"]
+__all__ = [
+    "Ownership",
+    "assign_owners",
+    "defer_eigen_refresh",
+    "defer_state_refresh",
+    "make_ownership",
+]

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 import torch
@@ -52,6 +53,7 @@ from ._engine import from_factor_layout, to_factor_layout
 from .averages import decayed_sum
 from .damping import check_damping, trace_coupled
 from .kronecker import KroneckerOptimizer
+from .ownership import defer_state_refresh, make_ownership
 from .routing import transposed_layers
 from .schedule import check_every, deprecated_alias, is_due
 from .structures import Structure, structure
@@ -99,6 +101,10 @@ class SINGD(KroneckerOptimizer):
             :mod:`~beyondgrad.optim.clipping`).
         grafting: None, ``"sgd"`` or ``"adam"`` (per group; default ``"adam"``).
         T: deprecated spelling of ``refresh_every``.
+        ownership: ``None`` (every rank updates every layer's factors), ``"owner"`` or an
+            :class:`~beyondgrad.optim.Ownership`: under ``torch.distributed`` each layer's
+            factor update runs on one owner rank (cost-balanced) and ``K``, ``C`` and their
+            momenta are broadcast (see :mod:`~beyondgrad.optim.ownership`).
         **adamw: the fallback's ``adam_lr``, ``adam_betas``, ``adam_eps`` and ``precondition``.
     """
 
@@ -133,6 +139,7 @@ class SINGD(KroneckerOptimizer):
         compile_update: bool | str = False,
         *,
         T: int | None = None,
+        ownership: Any = None,
         **adamw: Any,
     ):
         refresh_every = deprecated_alias("SINGD", "refresh_every", refresh_every, 10, "T", T)
@@ -158,6 +165,7 @@ class SINGD(KroneckerOptimizer):
         self._set_compile(compile_update)
         self._product = self.compiled(self._precondition_matrix)
         self._set_clipping(kl_clip, max_update_norm)
+        self.ownership = make_ownership(ownership)
         named = dict(self.model.named_parameters())
         for name, state in self.layers.items():
             self._init_factors(state, named, name in self._transposed)
@@ -317,12 +325,30 @@ class SINGD(KroneckerOptimizer):
         stats: tuple[Tensor, Tensor] | None,
         params: list[Tensor],
     ) -> None:
-        """The factor update from this step's statistics, when the group refreshes."""
-        if stats is not None and self._refresh_due(group):
-            sk, sc = (structure(n) for n in state["structures"])
-            if not state.get("started", True):
-                self._warm_start(state, group, sk, sc, *stats)
-            self._update_factors(state, group, sk, sc, *stats)
+        """The factor update from this step's statistics, when the group refreshes (on the
+        layer's owner rank with ``ownership``)."""
+        if stats is None or not self._refresh_due(group):
+            return
+        if self.ownership is None:
+            self._refresh_factors(state, group, stats)
+            return
+        cost = sum(d**3 for d in state["dims"])
+        keys = ("K", "C", "m_K", "m_C")
+        refresh = partial(self._refresh_factors, group=group, stats=stats)
+        defer_state_refresh(self.ownership, ",".join(state["params"]), state, keys, refresh, cost)
+
+    def _after_preconditioner_updates(self) -> None:
+        if self.ownership is not None:
+            self.ownership.flush()
+
+    def _refresh_factors(
+        self, state: dict[str, Any], group: dict[str, Any], stats: tuple[Tensor, Tensor]
+    ) -> None:
+        """Warm start (once, when asked) and one factor update, in ``state``."""
+        sk, sc = (structure(n) for n in state["structures"])
+        if not state.get("started", True):
+            self._warm_start(state, group, sk, sc, *stats)
+        self._update_factors(state, group, sk, sc, *stats)
 
     def _warm_start(
         self,

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
@@ -48,6 +49,7 @@ from torch import Tensor, nn
 from .averages import decayed_sum
 from .base import CurvatureOptimizer
 from .damping import check_damping, trace_coupled
+from .ownership import defer_state_refresh, make_ownership
 from .schedule import deprecated_alias
 from .statistics import BatchCounter
 from .structures import Structure, structure
@@ -91,6 +93,10 @@ class SIRFShampoo(CurvatureOptimizer):
             :mod:`~beyondgrad.optim.clipping`).
         grafting: None, ``"sgd"`` or ``"adam"`` (per group; default ``"adam"``).
         T: deprecated spelling of ``refresh_every`` (also as a param-group key).
+        ownership: ``None`` (every rank updates every factor), ``"owner"`` or an
+            :class:`~beyondgrad.optim.Ownership`: under ``torch.distributed`` each parameter's
+            factor update runs on one owner rank (cost-balanced) and its factors and momenta
+            are broadcast (see :mod:`~beyondgrad.optim.ownership`).
         **adamw: the fallback's ``adam_lr``, ``adam_betas``, ``adam_eps`` and ``precondition``.
 
     The batch size (leading axis of the first tensor argument of the model's forward calls
@@ -122,6 +128,7 @@ class SIRFShampoo(CurvatureOptimizer):
         compile_update: bool | str = False,
         *,
         T: int | None = None,
+        ownership: Any = None,
         **adamw: Any,
     ):
         refresh_every = deprecated_alias("SIRFShampoo", "refresh_every", refresh_every, 5, "T", T)
@@ -145,6 +152,7 @@ class SIRFShampoo(CurvatureOptimizer):
         self._product = self.compiled(_precondition)
         self._batch = BatchCounter()
         self._batch_size = 0
+        self.ownership = make_ownership(ownership)
         self._take_parameters()
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -223,13 +231,30 @@ class SIRFShampoo(CurvatureOptimizer):
     def _update_preconditioner(
         self, state: dict[str, Any], group: dict[str, Any], stats: Any, params: list[Tensor]
     ) -> None:
-        """The factor update from the gradient, when the group refreshes."""
+        """The factor update from the gradient, when the group refreshes (on the
+        parameter's owner rank with ``ownership``)."""
         p = params[0]
-        if p.grad is not None and self._refresh_due(group):
-            structs = [structure(s) for s in state["structures"]]
-            if not state.get("started", True):
-                self._warm_start(state, group, structs, p.grad, self._batch_size)
-            self._update_factors(state, group, structs, p.grad, self._batch_size)
+        if p.grad is None or not self._refresh_due(group):
+            return
+        refresh = partial(self._refresh_factors, group=group, grad=p.grad, batch=self._batch_size)
+        if self.ownership is None:
+            refresh(state)
+            return
+        cost = sum(d**3 for d in p.shape) + p.numel() * sum(p.shape)
+        defer_state_refresh(self.ownership, state["params"][0], state, ("K", "m"), refresh, cost)
+
+    def _after_preconditioner_updates(self) -> None:
+        if self.ownership is not None:
+            self.ownership.flush()
+
+    def _refresh_factors(
+        self, state: dict[str, Any], group: dict[str, Any], grad: Tensor, batch: int
+    ) -> None:
+        """Warm start (once, when asked) and one factor update, in ``state``."""
+        structs = [structure(s) for s in state["structures"]]
+        if not state.get("started", True):
+            self._warm_start(state, group, structs, grad, batch)
+        self._update_factors(state, group, structs, grad, batch)
 
     def _warm_start(
         self,
