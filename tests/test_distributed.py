@@ -262,6 +262,38 @@ def _ownership(check: _Checks, X, y) -> None:
             )
 
 
+def _dcp_checkpoint(check: _Checks, X, y, rank: int, path: str) -> None:
+    """Per optimizer: 2 steps on 2 ranks (owned refreshes), saved through
+    ``torch.distributed.checkpoint``; a fresh model and optimizer loaded from it continue
+    exactly as the uninterrupted run (bit for bit). The parent resumes it in one process."""
+    half = slice(6 * rank, 6 * rank + 6)
+    X, y = X[:12][half], y[:12][half]
+    for kind, make in OPTIMIZERS.items():
+        model = _mlp()
+        uninterrupted = _train(model, X, y, steps=3, opt=make(model, ownership="owner"))
+        model = _mlp()
+        opt = make(model, ownership="owner")
+        _train(model, X, y, steps=2, opt=opt)
+        bg.distributed.checkpoint.save(f"{path}.{kind}", {"model": model, "optim": opt})
+        model = _mlp()
+        opt = make(model, ownership="owner")
+        bg.distributed.checkpoint.load(f"{path}.{kind}", {"model": model, "optim": opt})
+        resumed = _train(model, X, y, steps=1, opt=opt)
+        for name, value in uninterrupted.items():
+            check.close(f"{kind} DCP resume {name}", resumed[name], value, rtol=0.0)
+
+    class RankLocal:  # a state that differs between the ranks must not be saved silently
+        def state_dict(self) -> dict[str, Any]:
+            return {"x": torch.full((2,), float(rank))}
+
+    check.raises(
+        "rank-local state",
+        RuntimeError,
+        lambda: bg.distributed.checkpoint.save(f"{path}.local", {"obj": RankLocal()}),
+        "differs between the ranks",
+    )
+
+
 def _owner_failure(check: _Checks) -> None:
     """A refresh that raises on its owner raises on every rank (no rank waits forever)."""
     own = bg.optim.Ownership()
@@ -296,6 +328,7 @@ def _worker(rank: int, world: int, path: str, out: str) -> None:
             lambda: _ownership(check, X[sl], y[sl]),
             lambda: _owner_failure(check),
             lambda: _checkpoint(X, y, rank, f"{out}.ckpt"),
+            lambda: _dcp_checkpoint(check, X, y, rank, f"{out}.dcp"),
         ]
         for part in parts if world == 2 else [parts[0], parts[2], parts[3], parts[4], parts[5]]:
             try:
@@ -323,6 +356,7 @@ def test_ranks_equal_one_process_over_the_whole_data(world):
         assert not failures, "\n".join(failures)
         if world == 2:
             _resume_in_one_process(torch.load(f"{out}.ckpt"))
+            _dcp_resume_in_one_process(f"{out}.dcp")
 
 
 def _resume_in_one_process(saved: dict[str, Any]) -> None:
@@ -339,6 +373,23 @@ def _resume_in_one_process(saved: dict[str, Any]) -> None:
     resumed = _train(model, X, y, steps=1, opt=opt)
     for name, value in uninterrupted.items():
         torch.testing.assert_close(resumed[name], value, msg=name)
+
+
+def _dcp_resume_in_one_process(path: str) -> None:
+    """The DCP checkpoints of 2 ranks resume in 1 process (another world size) and continue
+    the uninterrupted one-process run (to round-off: the ranks summed in another order)."""
+    X, y = _data()
+    X, y = X[:12], y[:12]
+    for kind, make in OPTIMIZERS.items():
+        model = _mlp()
+        uninterrupted = _train(model, X, y, steps=3, opt=make(model))
+        model = _mlp()
+        opt = make(model)
+        bg.distributed.checkpoint.load(f"{path}.{kind}", {"model": model, "optim": opt})
+        assert opt.steps == 2
+        resumed = _train(model, X, y, steps=1, opt=opt)
+        for name, value in uninterrupted.items():
+            torch.testing.assert_close(resumed[name], value, msg=f"{kind} {name}")
 
 
 def test_owners_balance_the_cost():

@@ -9,11 +9,14 @@ With a group, every rank's data is its shard of one data set: the data-set opera
 (``bg.linops``), their factors and counts are summed over the ranks (sample counts
 all-reduced, so uneven shards are exact) and every rank holds the same result, equal (to
 round-off) to one process over the whole data set. :func:`all_reduce_result` does the same
-for :func:`beyondgrad.compute` results. What cannot be reduced exactly raises instead of
+for :func:`beyondgrad.compute` results. :mod:`.checkpoint` saves and loads models, optimizers
+and the Cockpit through ``torch.distributed.checkpoint`` (resumable on another world size).
+What cannot be reduced exactly raises instead of
 returning a rank-local answer. See ``docs/distributed.md``.
 """
 
+from . import checkpoint
 from .group import LOCAL, resolve_group
 from .results import all_reduce_result
 
-__all__ = ["LOCAL", "all_reduce_result", "resolve_group"]
+__all__ = ["LOCAL", "all_reduce_result", "checkpoint", "resolve_group"]
