@@ -15,8 +15,8 @@ What cannot be reduced exactly raises instead of
 returning a rank-local answer. See ``docs/distributed.md``.
 """
 
-from . import checkpoint
+from . import checkpoint, fsdp
 from .group import LOCAL, resolve_group
 from .results import all_reduce_result
 
-__all__ = ["LOCAL", "all_reduce_result", "checkpoint", "resolve_group"]
+__all__ = ["LOCAL", "all_reduce_result", "checkpoint", "fsdp", "resolve_group"]

@@ -44,6 +44,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten
 
 from ..distributed import group as dist_group
+from ..distributed.fsdp import refuse_sharded
 from . import _engine
 from .base import LinearOperator
 from .data import DataSet, require_reiterable
@@ -228,6 +229,7 @@ class CurvatureOperator(_KeptBatchState, LinearOperator):
         self.model, self.loss_fn, self.data = model, loss_fn, data
         self.names = list(params)
         self.params = [named[n] for n in self.names]
+        refuse_sharded(self.params, type(self).__name__)  # FSDP2 models: a clear error
         self.sizes = [p.numel() for p in self.params]
         self.progressbar = progressbar
         self.data_set = DataSet(
@@ -636,6 +638,7 @@ class Jacobian(_JacobianProducts, _KeptBatchState, LinearOperator):
         self._init_kept_state(cache_batches)
         self.model, self.data = model, data
         self.params = [named[n] for n in self.names]
+        refuse_sharded(self.params, type(self).__name__)  # FSDP2 models: a clear error
         self.sizes = [p.numel() for p in self.params]
         with torch.no_grad():
             self.out_sizes = [_engine.call_model(model, X).numel() for X, _ in data]

@@ -46,6 +46,7 @@ from torch.optim import Optimizer
 
 from .clipping import check_clip, clip_factor
 from .fallback import ADAMW_DEFAULTS, adamw_, check_adamw, step_counter_as_int
+from .fsdp import full_parameters
 from .grafting import check_grafting, graft
 from .routing import (
     NO_STATISTICS,
@@ -284,7 +285,13 @@ class CurvatureOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not isinstance(self.model, nn.parallel.DistributedDataParallel):
+        with full_parameters(self) as sharded:  # FSDP2: whole parameters for the step
+            self._step(sharded)
+        return loss
+
+    def _step(self, sharded: bool) -> None:
+        """The step on plain parameters (``sharded``: FSDP2 averaged the gradients)."""
+        if not sharded and not isinstance(self.model, nn.parallel.DistributedDataParallel):
             average_gradients_over_ranks(p for g in self.param_groups for p in g["params"])
         stats = self._collect_statistics()
         self._check_grads()
@@ -300,7 +307,6 @@ class CurvatureOptimizer(Optimizer):
             descend_(p, d, group, self.state[p], scales[id(group)])
         self._fallback_step(scales)
         self.steps += 1
-        return loss
 
     def _directions(self, stats: dict[str, Any]) -> Directions:
         """Update every layer's preconditioner (refreshes batched over layers by the method,
