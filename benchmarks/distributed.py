@@ -5,6 +5,12 @@ factors), replicated (every rank refreshes every layer) against owner-based
     python benchmarks/distributed.py                  # gloo on CPU, 2 and 4 ranks
     python benchmarks/distributed.py --backend nccl   # one rank per GPU (as many as given)
     python benchmarks/distributed.py --quick          # a smoke run: tiny layers, one rep
+    python benchmarks/distributed.py --method singd   # whole optimizer steps (kfac, singd,
+                                                      # sirfshampoo) refreshing every step
+
+``--method eigen`` (default) times the eigendecompositions alone; the optimizer methods time
+``opt.step()`` of an MLP with the same layer widths (statistics all-reduce, refresh,
+preconditioning; the forward and backward are not timed).
 
 Prints one line per (world size, rank): the median refresh time of each mode and their ratio
 (owner / replicated; ideally close to 1 / world size, plus the broadcasts).
@@ -13,6 +19,7 @@ Prints one line per (world size, rank): the median refresh time of each mode and
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import tempfile
@@ -65,6 +72,55 @@ def _time(fn: Any, reps: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def _optimizer_steps(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any]:
+    """Two step functions (replicated, owner) of one optimizer on an MLP of ``WIDTHS``."""
+    from torch import nn
+
+    import beyondgrad as bg
+
+    widths = [max(a // args.scale, 2) for a, _ in WIDTHS] + [max(WIDTHS[-1][1] // args.scale, 2)]
+    torch.manual_seed(0)
+    layers = [nn.Linear(i, o) for i, o in itertools.pairwise(widths)]
+    model = nn.Sequential(*[m for layer in layers for m in (layer, nn.Tanh())][:-1]).to(device)
+    X = torch.randn(32, widths[0], device=device)
+    Y = torch.randn(32, widths[-1], device=device)
+    loss_fn = nn.MSELoss()
+
+    def make(ownership: Any) -> Any:
+        if args.method == "kfac":
+            return bg.optim.KFAC(model, loss_fn, refresh_every=1, ownership=ownership, lr=0.0)
+        if args.method == "singd":
+            return bg.optim.SINGD(model, loss_fn, refresh_every=1, ownership=ownership, lr=0.0)
+        return bg.optim.SIRFShampoo(model, refresh_every=1, ownership=ownership, lr=0.0)
+
+    def stepper(opt: Any) -> Any:
+        def step() -> None:
+            opt.step()
+
+        def prepare() -> None:
+            opt.zero_grad()
+            with opt.capture():
+                loss = loss_fn(model(X), Y)
+            loss.backward()
+
+        return prepare, step
+
+    return stepper(make(None)), stepper(make("owner"))
+
+
+def _time_steps(prepare: Any, step: Any, reps: int, device: torch.device) -> float:
+    times = []
+    for _ in range(reps):
+        prepare()
+        dist.barrier()
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def _worker(rank: int, world: int, path: str, args: argparse.Namespace) -> None:
     dist.init_process_group(args.backend, init_method=f"file://{path}", rank=rank, world_size=world)
     try:
@@ -72,6 +128,18 @@ def _worker(rank: int, world: int, path: str, args: argparse.Namespace) -> None:
         device = torch.device("cuda", rank) if args.backend == "nccl" else torch.device("cpu")
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        if args.method != "eigen":
+            (prep_r, step_r), (prep_o, step_o) = _optimizer_steps(args, device)
+            prep_r(), step_r(), prep_o(), step_o()  # warm up
+            t_rep = _time_steps(prep_r, step_r, args.reps, device)
+            t_own = _time_steps(prep_o, step_o, args.reps, device)
+            print(
+                f"{args.method} world {world} rank {rank}: step replicated {t_rep * 1e3:8.2f} ms"
+                f"   owner {t_own * 1e3:8.2f} ms   ratio {t_own / t_rep:5.2f}",
+                flush=True,
+            )
+            dist.barrier()
+            return
         layers = _layers(args.scale, device)
         owner = Ownership(broadcast_dtype=torch.bfloat16 if args.bf16 else None)
 
@@ -104,6 +172,9 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=1, help="divide every layer width by this")
     parser.add_argument("--bf16", action="store_true", help="broadcast in bfloat16")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny layers, one rep")
+    parser.add_argument(
+        "--method", default="eigen", choices=["eigen", "kfac", "singd", "sirfshampoo"]
+    )
     args = parser.parse_args()
     if args.quick:
         args.reps, args.scale = 1, 64
