@@ -398,3 +398,17 @@ def test_owners_balance_the_cost():
     owners = assign_owners({"a": 8.0, "b": 1.0, "c": 7.0, "d": 2.0}, 2)
     assert owners == {"a": 0, "c": 1, "d": 1, "b": 0}
     assert assign_owners({"a": 1.0}, 4) == {"a": 0}
+
+
+@pytest.mark.parametrize("kind", ["SINGD", "SIRFShampoo"])
+def test_owned_refresh_in_one_process_equals_the_plain_one(kind):
+    """Without a group, ``ownership="owner"`` refreshes on a scratch copy and copies back:
+    the trajectory is the plain one bit for bit (also with a warm start and stacked factors)."""
+    X, y = _data()
+    model = _mlp()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    plain = _train(model, X, y, opt=OPTIMIZERS[kind](model))
+    model.load_state_dict(start)
+    owned = _train(model, X, y, opt=OPTIMIZERS[kind](model, ownership="owner"))
+    for name, value in plain.items():
+        assert torch.equal(owned[name], value), name
