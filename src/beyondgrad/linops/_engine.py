@@ -11,6 +11,8 @@ from torch import Tensor, nn
 
 from ..engine import SamplesCoupledError, check_samples_independent, compute
 from ..engine import call_model as engine_call_model
+from ..engine.attribution import node_kinds
+from ..engine.backprop import per_vector_faster
 from ..engine.losses import check_loss_fn, check_target, reduction_factor
 from ..factors import DiagonalFactors, KroneckerFactors
 from ..forms import Form, OuterForm
@@ -30,6 +32,7 @@ __all__ = [
     "check_loss_fn",
     "check_target",
     "kronecker_rotated_second_moment",
+    "per_vector_graph",
     "reduction_factor",
     "samples_coupled",
 ]
@@ -49,6 +52,14 @@ def call_model_with(model: nn.Module, params: dict[str, Tensor], X: Any) -> Any:
         return torch.func.functional_call(model, params, (), X)
     args = tuple(X) if isinstance(X, (tuple, list)) else (X,)
     return torch.func.functional_call(model, params, args)
+
+
+def per_vector_graph(output: Any) -> bool:
+    """Whether products with ``k`` vectors through ``output``'s autograd graph run faster as
+    ``k`` plain backward passes than as one vectorized pass (convolutions, batch and group
+    norm: their vmap batching rules are slower than plain passes, see
+    :func:`beyondgrad.engine.backprop.per_vector_faster`)."""
+    return isinstance(output, Tensor) and per_vector_faster(node_kinds(output))
 
 
 def samples_coupled(model: nn.Module) -> str | None:

@@ -359,29 +359,34 @@ class CurvatureOperator(_KeptBatchState, LinearOperator):
         return loss, out
 
 
-def _batched_grad(outputs: Any, inputs: Any, vectors: Any, **kwargs: Any) -> tuple[Tensor, ...]:
-    """``autograd.grad`` with a leading batch axis on the cotangents; falls back to a loop
-    over it for operations without vmap batching rules."""
+def _batched_grad(
+    outputs: Any, inputs: Any, vectors: Any, per_vector: bool = False, **kwargs: Any
+) -> tuple[Tensor, ...]:
+    """``autograd.grad`` with a leading batch axis on the cotangents, as one vectorized pass,
+    or as one plain pass per vector where that is faster (``per_vector``: graphs with
+    convolutions, see :func:`~beyondgrad.linops._engine.per_vector_graph`) or where an
+    operation has no vmap batching rule."""
     kwargs = {**kwargs, "retain_graph": True}  # a failed batched attempt must not free it
     first = vectors[0] if isinstance(vectors, (list, tuple)) else vectors
     if first.shape[0] == 1:  # one column: a plain backward pass is cheaper than vmap's
         single = [v[0] for v in vectors] if isinstance(vectors, (list, tuple)) else vectors[0]
         grads = torch.autograd.grad(outputs, inputs, single, **kwargs)
         return tuple(None if g is None else g.unsqueeze(0) for g in grads)
-    try:
-        return torch.autograd.grad(outputs, inputs, vectors, is_grads_batched=True, **kwargs)
-    except RuntimeError:
-        k = (vectors[0] if isinstance(vectors, (list, tuple)) else vectors).shape[0]
-        parts = [
-            torch.autograd.grad(
-                outputs,
-                inputs,
-                [v[i] for v in vectors] if isinstance(vectors, (list, tuple)) else vectors[i],
-                **kwargs,
-            )
-            for i in range(k)
-        ]
-        return tuple(torch.stack(p) for p in zip(*parts))
+    if not per_vector:
+        try:
+            return torch.autograd.grad(outputs, inputs, vectors, is_grads_batched=True, **kwargs)
+        except RuntimeError:
+            pass
+    parts = [
+        torch.autograd.grad(
+            outputs,
+            inputs,
+            [v[i] for v in vectors] if isinstance(vectors, (list, tuple)) else vectors[i],
+            **kwargs,
+        )
+        for i in range(first.shape[0])
+    ]
+    return tuple(None if p[0] is None else torch.stack(p) for p in zip(*parts))
 
 
 def _needs_second_derivative(err: RuntimeError) -> bool:
@@ -417,12 +422,21 @@ class _JacobianProducts:
     params: list[Tensor]
     _forward_mode: bool = False
 
-    def _jv(self, X: Any, u: Tensor, jt_u: Sequence[Tensor | None], V: list[Tensor]) -> Tensor:
+    def _jv(
+        self,
+        X: Any,
+        u: Tensor,
+        jt_u: Sequence[Tensor | None],
+        V: list[Tensor],
+        per_vector: bool = False,
+    ) -> Tensor:
         if not self._forward_mode:
             pairs = [(j, v) for j, v in zip(jt_u, V) if j is not None]
             try:
                 with torch.enable_grad():
-                    return _batched_grad([j for j, _ in pairs], [u], [v for _, v in pairs])[0]
+                    return _batched_grad(
+                        [j for j, _ in pairs], [u], [v for _, v in pairs], per_vector
+                    )[0]
             except RuntimeError as err:
                 if not _needs_second_derivative(err):
                     raise
@@ -448,21 +462,27 @@ class Hessian(CurvatureOperator):
             self.cache_batches = None
             self._cache = {}
 
-    def _prepare(self, position: int, X: Any, y: Tensor) -> tuple[Tensor | None, ...]:
+    def _prepare(self, position: int, X: Any, y: Tensor) -> tuple[tuple[Tensor | None, ...], bool]:
         with torch.enable_grad():
             loss, _ = self._loss(X, y)
-            return torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+        return grads, _engine.per_vector_graph(loss)
 
     def _batch_products(
-        self, state: tuple[Tensor | None, ...], y: Tensor, V: list[Tensor]
+        self, state: tuple[tuple[Tensor | None, ...], bool], y: Tensor, V: list[Tensor]
     ) -> list[Tensor]:
-        used = [(g, v) for g, v in zip(state, V) if g is not None]
+        grads, per_vector = state
+        used = [(g, v) for g, v in zip(grads, V) if g is not None]
         if not used:
             return [torch.zeros_like(v) for v in V]
         try:
             with torch.enable_grad():
                 hv = _batched_grad(
-                    [g for g, _ in used], self.params, [v for _, v in used], allow_unused=True
+                    [g for g, _ in used],
+                    self.params,
+                    [v for _, v in used],
+                    per_vector,
+                    allow_unused=True,
                 )
         except RuntimeError as err:
             if not _needs_second_derivative(err):
@@ -506,15 +526,15 @@ class GGN(_JacobianProducts, CurvatureOperator):
             jt_u = torch.autograd.grad(out, self.params, u, create_graph=True, allow_unused=True)
             o = out.detach().requires_grad_(True)
             (g_o,) = torch.autograd.grad(self.loss_fn(o, y), o, create_graph=True)
-        return out, u, jt_u, o, g_o, X
+        return out, u, jt_u, o, g_o, X, _engine.per_vector_graph(out)
 
     def _batch_products(self, state: Any, y: Tensor, V: list[Tensor]) -> list[Tensor]:
-        out, u, jt_u, o, g_o, X = state
-        jv = self._jv(X, u, jt_u, V)
+        out, u, jt_u, o, g_o, X, per_vector = state
+        jv = self._jv(X, u, jt_u, V, per_vector)
         with torch.enable_grad():
             # loss Hessian (reduction included) times J V, by double backward on the output
             (hjv,) = _batched_grad([g_o], [o], [jv])
-            res = _batched_grad([out], self.params, [hjv], allow_unused=True)
+            res = _batched_grad([out], self.params, [hjv], per_vector, allow_unused=True)
         return [r if r is not None else torch.zeros_like(v) for r, v in zip(res, V)]
 
     def _batch_diagonal(self, position: int, X: Any, y: Tensor) -> list[Tensor]:
@@ -650,7 +670,7 @@ class Jacobian(_JacobianProducts, _KeptBatchState, LinearOperator):
             out = _engine.call_model(self.model, X)
         if out.numel() != self.out_sizes[position]:
             raise RuntimeError("the data changed between passes (shuffled loader?)")
-        return {"out": out, "X": X}
+        return {"out": out, "X": X, "per_vector": _engine.per_vector_graph(out)}
 
     def _states(self) -> Iterable[dict[str, Any]]:
         count = 0
@@ -681,7 +701,7 @@ class Jacobian(_JacobianProducts, _KeptBatchState, LinearOperator):
             if all(j is None for j in state["jt_u"]):
                 rows.append(M.new_zeros(out.numel(), k))
                 continue
-            jv = self._jv(state["X"], state["u"], state["jt_u"], V)
+            jv = self._jv(state["X"], state["u"], state["jt_u"], V, state["per_vector"])
             rows.append(jv.reshape(k, -1).T)
         out = torch.cat(rows, 0)
         _check_finite(self, out, "product")
@@ -697,7 +717,9 @@ class Jacobian(_JacobianProducts, _KeptBatchState, LinearOperator):
             U = M[start : start + size].T.reshape(k, *out.shape)
             start += size
             with torch.enable_grad():
-                grads = _batched_grad([out], self.params, [U], allow_unused=True)
+                grads = _batched_grad(
+                    [out], self.params, [U], state["per_vector"], allow_unused=True
+                )
             offset = 0
             for g, n in zip(grads, self.sizes):
                 if g is not None:

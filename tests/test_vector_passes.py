@@ -1,0 +1,147 @@
+"""K backpropagated vectors through convolutions: the per-vector paths (engine and linops) equal
+the vectorized pass and float64 oracles; the outer-product form's per-vector GEMMs (chunked over
+samples) equal the rows built by an explicit einsum."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import beyondgrad as bg
+import beyondgrad.forms.outer as outer_module
+from beyondgrad.engine.attribution import node_kinds
+from beyondgrad.engine.backprop import backprop_vectors, per_vector_faster
+from beyondgrad.forms import OuterForm
+from beyondgrad.linops import GGN, Hessian, Jacobian
+from oracles.curvature import batch_diag_ggn, diag_ggn, ggn
+from test_linops import dense_hessian
+
+
+def small_cnn(seed: int = 0) -> nn.Sequential:
+    """Conv, eval-mode BatchNorm, zero padding, max pooling, Linear: every node kind that
+    selects the per-vector path, in float64."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.ZeroPad2d((0, 1, 0, 1)),
+        nn.MaxPool2d(2),
+        nn.Conv2d(3, 2, 2, padding=1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(2 * 4 * 4, 3),
+    ).double()
+    bn = model[1]
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(3) * 0.3)
+        bn.running_var.copy_(torch.rand(3) + 0.5)
+        bn.weight.copy_(1 + 0.3 * torch.randn(3))
+        bn.bias.copy_(0.2 * torch.randn(3))
+    return model.eval()
+
+
+def cnn_problem(N: int = 4):
+    model = small_cnn()
+    X = torch.randn(N, 2, 7, 7, dtype=torch.float64)
+    return model, X, torch.randint(0, 3, (N,)), nn.CrossEntropyLoss()
+
+
+def test_policy_by_node_kinds():
+    model, X, _, _ = cnn_problem()
+    assert per_vector_faster(node_kinds(model(X)))
+    mlp = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    assert not per_vector_faster(node_kinds(mlp(torch.randn(2, 3, dtype=torch.float64))))
+
+
+def test_backprop_vectors_per_vector_equals_vectorized():
+    model, X, _, _ = cnn_problem()
+    outputs = {}
+    for i, m in enumerate(model):
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            m.register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, o))
+    out = model(X)
+    targets = list(outputs.values())
+    V = torch.randn(5, *out.shape, dtype=torch.float64)
+    kinds = node_kinds(out)
+    per_vector = backprop_vectors(out, targets, V, kinds, retain=True)
+    batched = backprop_vectors(out, targets, V, set(), retain=True)  # no kinds: vmap
+    for a, b in zip(per_vector, batched):
+        torch.testing.assert_close(a, b)
+    for k in (0, 4):  # each vector's plain backward pass
+        plain = torch.autograd.grad(out, targets, V[k], retain_graph=True)
+        for a, b in zip(per_vector, plain):
+            torch.testing.assert_close(a[k], b)
+
+
+def test_exact_curvature_through_convolutions_matches_oracles():
+    model, X, y, loss_fn = cnn_problem()
+    ref = ggn(model, loss_fn, X, y)
+    res = bg.compute(model, loss_fn, X, y, bg.DiagGGN(), bg.BatchDiagGGN(), bg.SqrtGGN())
+    for name, value in diag_ggn(ref).items():
+        torch.testing.assert_close(res[bg.DiagGGN][name], value)
+    for name, value in batch_diag_ggn(ref).items():
+        torch.testing.assert_close(res[bg.BatchDiagGGN][name], value)
+    names = [n for n, _ in model.named_parameters()]
+    V = torch.cat([res[bg.SqrtGGN][n].flatten(2) for n in names], 2).flatten(0, 1)
+    torch.testing.assert_close(V.T @ V, ref["full"])
+
+
+@pytest.mark.parametrize("chunk", [1 << 24, 9])
+@pytest.mark.parametrize("K", [1, 3])
+def test_outer_form_per_vector_gemms(monkeypatch, chunk, K):
+    """Per-vector GEMMs (and chunks of a single sample when the bound is tiny) equal the rows
+    ``sum_s G[k n, s]^T A[n, s]`` built by einsum, for a conv-like layout of ``G``."""
+    monkeypatch.setattr(outer_module, "CHUNK_ELEMENTS", chunk)
+    g = torch.Generator().manual_seed(0)
+    N, S, I, O = 4, 5, 3, 2
+    A = torch.randn(N, I, S, dtype=torch.float64, generator=g).transpose(1, 2)
+    G = torch.randn(K * N, O, S, dtype=torch.float64, generator=g).transpose(1, 2)
+    rows = torch.einsum("knso,nsi->knoi", G.reshape(K, N, S, O), A)  # [K, N, O, I]
+    form = OuterForm(A, G, (O, I), K)
+    torch.testing.assert_close(form.sum_grad_squared(), rows.square().sum((0, 1)))
+    torch.testing.assert_close(form.grad(), rows.sum((0, 1)))
+    fresh = OuterForm(A, G, (O, I), K)
+    torch.testing.assert_close(fresh.batch_sum_grad_squared(), rows.square().sum(0))
+    torch.testing.assert_close(fresh.batch_grad(), rows.reshape(K * N, O, I))
+    out = torch.empty(K * N, O, I, dtype=torch.float64)
+    OuterForm(A, G, (O, I), K).batch_grad(out=out)
+    torch.testing.assert_close(out, rows.reshape(K * N, O, I))
+
+
+def test_linops_products_through_convolutions(monkeypatch):
+    """Hessian, GGN and Jacobian products with several columns take the per-vector path on a
+    cnn and equal dense float64 matrices (and the vectorized path)."""
+    model, X, y, loss_fn = cnn_problem(3)
+    data = [(X, y)]
+    H, G, J = Hessian(model, loss_fn, data), GGN(model, loss_fn, data), Jacobian(model, data)
+    M = torch.randn(H.shape[0], 4, dtype=torch.float64)
+    import beyondgrad.linops.curvature as curvature
+
+    seen: list[bool] = []
+    batched_grad = curvature._batched_grad
+
+    def spy(*args, **kwargs):
+        seen.append(args[3] if len(args) > 3 else kwargs.get("per_vector", False))
+        return batched_grad(*args, **kwargs)
+
+    monkeypatch.setattr(curvature, "_batched_grad", spy)
+    torch.testing.assert_close(H @ M, dense_hessian(model, loss_fn, X, y) @ M)
+    torch.testing.assert_close(G @ M, ggn(model, loss_fn, X, y)["full"] @ M)
+    jac = torch.func.jacrev(
+        lambda *p: torch.func.functional_call(
+            model, dict(zip([n for n, _ in model.named_parameters()], p)), (X,)
+        ),
+        argnums=tuple(range(len(list(model.parameters())))),
+    )(*[p.detach() for p in model.parameters()])
+    dense_j = torch.cat([j.reshape(X.shape[0] * 3, -1) for j in jac], 1)
+    torch.testing.assert_close(J @ M, dense_j @ M)
+    U = torch.randn(dense_j.shape[0], 2, dtype=torch.float64)
+    torch.testing.assert_close(J.T @ U, dense_j.T @ U)
+    assert seen and any(seen)
+    # the vectorized path gives the same products
+    monkeypatch.setattr(curvature._engine, "per_vector_graph", lambda output: False, raising=True)
+    H2, G2 = Hessian(model, loss_fn, data), GGN(model, loss_fn, data)
+    torch.testing.assert_close(H2 @ M, H @ M)
+    torch.testing.assert_close(G2 @ M, G @ M)
