@@ -31,8 +31,10 @@ __all__ = [
     "call_model_with",
     "check_loss_fn",
     "check_target",
+    "graph_kinds",
     "kronecker_rotated_second_moment",
     "per_vector_graph",
+    "random_graph",
     "reduction_factor",
     "samples_coupled",
 ]
@@ -54,12 +56,23 @@ def call_model_with(model: nn.Module, params: dict[str, Tensor], X: Any) -> Any:
     return torch.func.functional_call(model, params, args)
 
 
-def per_vector_graph(output: Any) -> bool:
-    """Whether products with ``k`` vectors through ``output``'s autograd graph run faster as
-    ``k`` plain backward passes than as one vectorized pass (convolutions, batch and group
+def graph_kinds(output: Any) -> set[str]:
+    """The autograd node type names of ``output``'s graph (empty for a non-tensor)."""
+    return node_kinds(output) if isinstance(output, Tensor) else set()
+
+
+def per_vector_graph(kinds: set[str]) -> bool:
+    """Whether products with ``k`` vectors through a graph with these node kinds run faster
+    as ``k`` plain backward passes than as one vectorized pass (convolutions, batch and group
     norm: their vmap batching rules are slower than plain passes, see
     :func:`beyondgrad.engine.backprop.per_vector_faster`)."""
-    return isinstance(output, Tensor) and per_vector_faster(node_kinds(output))
+    return per_vector_faster(kinds)
+
+
+def random_graph(kinds: set[str]) -> bool:
+    """Whether a graph with these node kinds drew random numbers (dropout, ``bernoulli``): a
+    second forward pass would draw others."""
+    return any(word in kind for kind in kinds for word in ("Dropout", "Bernoulli", "Rand"))
 
 
 def samples_coupled(model: nn.Module) -> str | None:
