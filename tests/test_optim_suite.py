@@ -278,3 +278,21 @@ def test_train_run_uses_the_batch_size_and_evaluates_on_time(tmp_path):
     opt = suite.build(task, "adamw", hp)  # batch_size and warmup are not optimizer options
     assert "batch_size" not in opt.param_groups[0]
     assert next(task.batches(0))[0].shape[0] == 64
+
+
+@pytest.mark.slow  # builds two autoencoders and steps KFAC: minutes on a busy machine
+def test_step_timing_script_runs_interleaved_and_writes_its_table(tmp_path):
+    """``benchmarks/optim.py --smoke``: one round per optimizer, ratios to the first."""
+    pytest.importorskip("sklearn")
+    import optim as steps
+
+    out = tmp_path / "steps.md"
+    args = ["--smoke", "--tasks", "autoencoder", "--optimizers", "adamw",
+            "kfac:damping_mode='pi'", "--out", str(out)]  # fmt: skip
+    assert steps.main(args) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    cells = data["results"]["autoencoder"]
+    assert set(cells) == {"adamw", "kfac:damping_mode='pi'"} and cells["adamw"]["ratio"] == 1.0
+    assert "| kfac:damping_mode='pi' |" in out.read_text()
+    assert steps.parse_spec("kfac:refresh_every=20,damping_mode=pi") == (
+        "kfac", {"refresh_every": 20, "damping_mode": "pi"})  # fmt: skip
