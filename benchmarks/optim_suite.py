@@ -262,7 +262,7 @@ def train_run(
     task = make_task(SUITE[task_key], seed, batch_size)
     task.target = target  # None: train for the whole budget
     every, spacing = eval_steps(task_key, eval_every, batch_size), budget / EVALS_PER_BUDGET
-    next_eval = spacing
+    next_eval = spacing  # the training time of the next time-spaced evaluation
     model = task.model.to(device)
     opt = build(task, optimizer, hp)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -295,6 +295,12 @@ def train_run(
         if monitor is not None and not monitor(rec["train_s"], best):
             rec["stopped"] = True
             break
+    return _finish(rec, history, task, model, opt)
+
+
+def _finish(rec: dict[str, Any], history: list[list[float]], task: Task,
+            model: torch.nn.Module, opt: Any) -> dict[str, Any]:  # fmt: skip
+    """A last evaluation (unless the last step had one); the record's summary fields."""
     if not history or history[-1][0] != rec["steps"]:
         history.append([rec["steps"], rec["train_s"], task.evaluate(model)])
     rec["final"] = history[-1][2]
