@@ -86,7 +86,7 @@ def test_explicit_is_cheaper_compares_one_refresh_with_the_saved_products():
 
 def test_product_cache_rebuilds_when_a_source_changes():
     cache, builds = ProductCache(), []
-    K = torch.eye(3)
+    K = torch.eye(3, dtype=torch.float32)
 
     def get(tensor, settings=0):
         return cache.get("layer", [tensor], settings, lambda: builds.append(1) or tensor * 2)
@@ -94,7 +94,7 @@ def test_product_cache_rebuilds_when_a_source_changes():
     first = get(K)
     assert get(K) is first and len(builds) == 1  # reused
     K.add_(1.0)  # written in place: rebuilt
-    torch.testing.assert_close(get(K), (torch.eye(3) + 1) * 2)
+    torch.testing.assert_close(get(K), (torch.eye(3, dtype=torch.float32) + 1) * 2)
     assert len(builds) == 2
     assert get(K, settings=1) is not None and len(builds) == 3  # other settings
     assert get(K.clone(), settings=1) is not None and len(builds) == 4  # another tensor
@@ -224,7 +224,10 @@ def test_a_state_saved_before_the_warm_start_counts_as_started_once_stepped(kind
     when the saved run has stepped (no second warm start), else keeps its current flag."""
     loss_fn = nn.CrossEntropyLoss()
     g = torch.Generator().manual_seed(0)
-    X, y = torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+    X, y = (
+        torch.randn(8, 4, generator=g, dtype=torch.float32),
+        torch.randint(0, 3, (8,), generator=g),
+    )
 
     def make():
         torch.manual_seed(0)
