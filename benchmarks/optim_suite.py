@@ -11,7 +11,8 @@ AlgoPerf's rules, scaled down to 2 CPU cores:
   a fixed training-time budget, AdamW at its configuration tuned for that budget.
 * **Tuning** (``tune``): per (task, optimizer) the same number of quasi-random trials (a
   scrambled Sobol sequence with one fixed seed, :func:`sample_configs`) over the documented
-  search space (:func:`search_space`), each trained with seed 0 for at most the budget.
+  search space (:func:`search_space`: learning rate, weight decay, warm-up, damping, and the
+  task's batch size), each trained with seed 0 for at most the budget.
   Asynchronous successive halving stops poor trials early: at the rung times ``budget / eta^k``
   a trial goes on only while its best metric so far ranks among the top ``ceil(n / eta)`` of the
   ``n`` trials (itself included) that reached that rung before (:func:`keep`). The chosen
@@ -69,7 +70,22 @@ SUITE: dict[str, str] = {
 }
 """Suite name -> zoo name (``beyondgrad.app.tasks``)."""
 EVAL_EVERY: dict[str, int] = {"gpt": 20, "autoencoder": 50, "resnet": 40, "kron-lsq": 50}
-"""Steps between evaluations (the resolution of the time to target)."""
+"""Steps between evaluations at the task's default batch size (scaled inversely with the batch
+size, so that evaluations come every as many samples; see :func:`eval_steps`)."""
+EVALS_PER_BUDGET = 40
+"""An evaluation also comes every ``budget / EVALS_PER_BUDGET`` seconds of training, so that a
+slow step does not coarsen the time to target."""
+DEFAULT_BATCH: dict[str, int] = {"gpt": 16, "autoencoder": 128, "resnet": 128, "kron-lsq": 256}
+"""The tasks' own batch sizes (``Task.batch_size``; tested)."""
+BATCH_RANGE: dict[str, tuple[int, int]] = {
+    "gpt": (8, 64),
+    "autoencoder": (32, 1024),
+    "resnet": (32, 512),
+    "kron-lsq": (32, 1024),
+}
+"""Per task the batch-size search range (log-uniform, rounded to a power of two): curvature
+methods pay their per-step preconditioning once per batch, so their best batch may be larger
+than AdamW's. The autoencoder's 1,437 training images make 1024 one batch per epoch."""
 OPTIMIZERS = ("adamw", "kfac", "singd", "sirfshampoo", "muon", "soap")
 """torch.optim.AdamW, beyondgrad's three, torch.optim.Muon (AdamW for the non-matrices),
 heavyball's SOAP; built by ``beyondgrad.app.optimizers.make_optimizer``."""
@@ -97,18 +113,22 @@ class Dim:
     lo: float
     hi: float
     integer: bool = False
+    power_of_two: bool = False
 
     def value(self, u: float) -> float:
         """The value at quantile ``u`` in ``[0, 1)``."""
         x = math.exp(math.log(self.lo) + u * (math.log(self.hi) - math.log(self.lo)))
+        if self.power_of_two:
+            return float(2 ** round(math.log2(x)))
         return float(round(x)) if self.integer else x
 
 
-def search_space(optimizer: str) -> dict[str, Dim]:
+def search_space(optimizer: str, task: str | None = None) -> dict[str, Dim]:
     """The search space of ``optimizer``: ``lr`` from 1/20 to 5 times the factory's default
     (:data:`~beyondgrad.app.optimizers.DEFAULT_LR`, so a changed default moves the range),
     decoupled ``weight_decay`` 1e-5..1e-1, linear ``warmup`` 1..200 steps; KFAC, SINGD and
-    SIRFShampoo also ``damping`` 1e-4..1e-1. Every other setting is the factory's."""
+    SIRFShampoo also ``damping`` 1e-4..1e-1; with a ``task``, last, its ``batch_size``
+    (:data:`BATCH_RANGE`, powers of two). Every other setting is the factory's."""
     base = DEFAULT_LR[optimizer]
     space = {
         "lr": Dim(base / 20, base * 5),
@@ -117,7 +137,17 @@ def search_space(optimizer: str) -> dict[str, Dim]:
     }
     if optimizer in ("kfac", "singd", "sirfshampoo"):
         space["damping"] = Dim(1e-4, 1e-1)
+    if task is not None:
+        space["batch_size"] = Dim(*BATCH_RANGE[task], integer=True, power_of_two=True)
     return space
+
+
+def eval_steps(task: str, eval_every: int, batch_size: int | None) -> int:
+    """Steps between evaluations: ``eval_every`` at the task's default batch size, scaled by
+    ``default / batch_size`` (at least 1)."""
+    if batch_size is None:
+        return eval_every
+    return max(1, round(eval_every * DEFAULT_BATCH[task] / batch_size))
 
 
 def sample_configs(space: dict[str, Dim], n: int, seed: int = 0) -> list[dict[str, float]]:
@@ -201,8 +231,9 @@ def _set_warmup(opt: Any, step: int, warmup: int) -> None:
 
 
 def build(task: Task, optimizer: str, hp: dict[str, float]) -> Any:
-    """The optimizer with the hyperparameters ``hp`` (``warmup`` is the harness's)."""
-    options = {k: v for k, v in hp.items() if k != "warmup"}
+    """The optimizer with the hyperparameters ``hp`` (``warmup`` and ``batch_size`` are the
+    harness's)."""
+    options = {k: v for k, v in hp.items() if k not in ("warmup", "batch_size")}
     return make_optimizer(optimizer, task.model, task.loss_fn, **options)
 
 
@@ -218,15 +249,20 @@ def train_run(
     monitor: Callable[[float, float], bool] | None = None,
 ) -> dict[str, Any]:
     """Train ``task_key`` with ``optimizer`` for ``budget`` seconds of training time, stopping
-    at the ``target`` (if given), a divergence or when ``monitor`` says so.
+    at the ``target`` (if given), a divergence or when ``monitor`` says so. ``hp`` may hold a
+    ``batch_size`` (else the task's); evaluations every :func:`eval_steps` steps and every
+    ``budget / EVALS_PER_BUDGET`` seconds of training.
 
     Returns:
         A JSON-able record: ``steps``, ``train_s``, ``ms_per_step``, ``state_mib``,
         ``diverged``, ``stopped`` (by the monitor), ``final`` (the last validation metric),
         ``history`` (``[step, seconds, metric]`` per evaluation; the last one at the end).
     """
-    task = make_task(SUITE[task_key], seed)
+    batch_size = int(hp["batch_size"]) if "batch_size" in hp else None
+    task = make_task(SUITE[task_key], seed, batch_size)
     task.target = target  # None: train for the whole budget
+    every, spacing = eval_steps(task_key, eval_every, batch_size), budget / EVALS_PER_BUDGET
+    next_eval = spacing  # the training time of the next time-spaced evaluation
     model = task.model.to(device)
     opt = build(task, optimizer, hp)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -245,8 +281,9 @@ def train_run(
         if not ok:
             rec["diverged"] = True
             break
-        if rec["steps"] % eval_every:
+        if rec["steps"] % every and rec["train_s"] < next_eval:
             continue
+        next_eval = (math.floor(rec["train_s"] / spacing) + 1) * spacing
         metric = task.evaluate(model)
         history.append([rec["steps"], rec["train_s"], metric])
         best = max(best, signed(task, metric))
@@ -258,6 +295,12 @@ def train_run(
         if monitor is not None and not monitor(rec["train_s"], best):
             rec["stopped"] = True
             break
+    return _finish(rec, history, task, model, opt)
+
+
+def _finish(rec: dict[str, Any], history: list[list[float]], task: Task,
+            model: torch.nn.Module, opt: Any) -> dict[str, Any]:  # fmt: skip
+    """A last evaluation (unless the last step had one); the record's summary fields."""
     if not history or history[-1][0] != rec["steps"]:
         history.append([rec["steps"], rec["train_s"], task.evaluate(model)])
     rec["final"] = history[-1][2]
@@ -401,7 +444,7 @@ def tune(plan: Plan, task: str, optimizer: str, budget: float, trials: int) -> d
     times = rung_times(budget, ETA, RUNGS)
     earlier: list[list[float]] = [[] for _ in times]
     done = []
-    for i, hp in enumerate(sample_configs(search_space(optimizer), trials)):
+    for i, hp in enumerate(sample_configs(search_space(optimizer, task), trials)):
         key = {"kind": "trial", "task": task, "optimizer": optimizer, "index": i,
                "budget": budget, "device": plan.device, "hp": hp}  # fmt: skip
         rec = plan.store.find(**key)
@@ -605,6 +648,8 @@ def render(meta: dict[str, Any], results: dict[str, Any], skipped: list[str]) ->
     for name in OPTIMIZERS:
         dims = ", ".join(f"{k} {d.lo:.3g}..{d.hi:.3g}" for k, d in search_space(name).items())
         lines.append(f"| {name} | {dims} |")
+    batches = ", ".join(f"{t} {lo}..{hi}" for t, (lo, hi) in BATCH_RANGE.items())
+    lines += ["", f"Every optimizer also tunes the batch size (powers of two): {batches}."]
     return "\n".join(lines) + "\n"
 
 
@@ -644,6 +689,7 @@ def report(plan: Plan, args: argparse.Namespace, skipped: list[str]) -> Path:
                  t: budget_for(args, t, calibrating=True) for t in args.task}}  # fmt: skip
     results = collect(plan, budgets, args.optimizer)
     spaces = {n: {k: vars(d) for k, d in search_space(n).items()} for n in OPTIMIZERS}
+    spaces["batch_size"] = {t: list(r) for t, r in BATCH_RANGE.items()}
     payload = {"meta": meta, "results": results, "geomeans": geometric_means(results),
                "search_spaces": spaces, "skipped": skipped}  # fmt: skip
     out = plan.store.root / f"optim_suite_{plan.device.split(':')[0]}.md"

@@ -248,3 +248,51 @@ def test_rank_key_prefers_reached_then_survivors_and_puts_divergences_last():
     assert ranked == [fast, slow, full, cut, diverged]
     no_target = sorted(runs, key=lambda r: suite.rank_key(r, None, True, 10.0))
     assert no_target == [fast, slow, full, cut, diverged]  # full runs by their best metric
+
+
+# -- batch size in the search space --------------------------------------------------------------
+@pytest.mark.parametrize("key", list(suite.SUITE))
+def test_default_batch_sizes_are_the_tasks_and_inside_the_searched_range(key):
+    lo, hi = suite.BATCH_RANGE[key]
+    assert lo <= suite.DEFAULT_BATCH[key] <= hi
+    assert _build(suite.SUITE[key]).batch_size == suite.DEFAULT_BATCH[key]
+
+
+def test_batch_size_is_searched_per_task_in_powers_of_two():
+    assert "batch_size" not in suite.search_space("kfac")
+    space = suite.search_space("kfac", "autoencoder")
+    assert list(space)[-1] == "batch_size"  # last: the other dimensions keep their order
+    sizes = [c["batch_size"] for c in suite.sample_configs(space, 12)]
+    assert all(32 <= b <= 1024 and math.log2(b) == round(math.log2(b)) for b in sizes)
+    assert len(set(sizes)) > 3
+    assert suite.eval_steps("autoencoder", 50, None) == 50
+    assert suite.eval_steps("autoencoder", 50, 512) == 12  # every as many samples
+    assert suite.eval_steps("gpt", 20, 1024) == 1
+
+
+def test_train_run_uses_the_batch_size_and_evaluates_on_time(tmp_path):
+    hp = {"lr": 1e-3, "weight_decay": 0.0, "warmup": 1, "batch_size": 64}
+    rec = suite.train_run("kron-lsq", "adamw", hp, seed=0, budget=0.05, eval_every=10**6)
+    assert rec["steps"] >= 1 and len(rec["history"]) >= 1  # time-spaced evaluations only
+    task = make_task("kron-lsq", 0, 64)
+    opt = suite.build(task, "adamw", hp)  # batch_size and warmup are not optimizer options
+    assert "batch_size" not in opt.param_groups[0]
+    assert next(task.batches(0))[0].shape[0] == 64
+
+
+@pytest.mark.slow  # builds two autoencoders and steps KFAC: minutes on a busy machine
+def test_step_timing_script_runs_interleaved_and_writes_its_table(tmp_path):
+    """``benchmarks/optim.py --smoke``: one round per optimizer, ratios to the first."""
+    pytest.importorskip("sklearn")
+    import optim as steps
+
+    out = tmp_path / "steps.md"
+    args = ["--smoke", "--tasks", "autoencoder", "--optimizers", "adamw",
+            "kfac:damping_mode='pi'", "--out", str(out)]  # fmt: skip
+    assert steps.main(args) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    cells = data["results"]["autoencoder"]
+    assert set(cells) == {"adamw", "kfac:damping_mode='pi'"} and cells["adamw"]["ratio"] == 1.0
+    assert "| kfac:damping_mode='pi' |" in out.read_text()
+    assert steps.parse_spec("kfac:refresh_every=20,damping_mode=pi") == (
+        "kfac", {"refresh_every": 20, "damping_mode": "pi"})  # fmt: skip

@@ -48,6 +48,7 @@ from .clipping import check_clip, clip_factor
 from .fallback import ADAMW_DEFAULTS, adamw_, check_adamw, step_counter_as_int
 from .fsdp import full_parameters
 from .grafting import check_grafting, graft
+from .products import ProductCache, kronecker_solve
 from .routing import (
     NO_STATISTICS,
     Signature,
@@ -65,7 +66,7 @@ from .schedule import (
     scheduled_damping,
     warmup_factor,
 )
-from .statistics import average_gradients_over_ranks, distributed_world
+from .statistics import average_gradients_over_ranks, distributed_world, finite_flags
 from .update import descend_
 
 Directions = list[tuple[Tensor, Tensor, dict[str, Any]]]
@@ -130,6 +131,7 @@ class CurvatureOptimizer(Optimizer):
         self.max_update_norm: float | None = None
         self._group_index = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
         self._refused: dict[str, str] = {}
+        self._products = ProductCache()  # the per-step products prepared at refreshes
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group (only while constructing: a group added later is not routed).
@@ -189,6 +191,13 @@ class CurvatureOptimizer(Optimizer):
             return fn
         backend = "inductor" if flag is True else flag
         return torch.compile(fn, backend=backend, dynamic=False)
+
+    def _solver(self) -> Callable[..., Tensor]:
+        """:func:`~.products.kronecker_solve`, through :meth:`compiled` (built once)."""
+        solve = self.__dict__.get("_compiled_solve")
+        if solve is None:
+            solve = self._compiled_solve = self.compiled(kronecker_solve)
+        return solve
 
     def _refresh_due(self, group: dict[str, Any]) -> bool:
         return is_due(self.steps, group["refresh_every"])
@@ -322,7 +331,9 @@ class CurvatureOptimizer(Optimizer):
         self._after_preconditioner_updates()
         self._finish_refresh()
         directions: Directions = []
-        for (_, _, group, params), ds in zip(items, self._precondition_all(items)):
+        preconditioned = self._precondition_all(items)
+        self._products.end_step()  # drop what no layer used this step
+        for (_, _, group, params), ds in zip(items, preconditioned):
             for p, d in zip(params, ds):
                 directions.append((p, graft(d, p.grad, group, self.state[p]), group))
         return directions
@@ -340,7 +351,7 @@ class CurvatureOptimizer(Optimizer):
         named = [(p, p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not named:
             return
-        finite = torch.stack([torch.isfinite(grad).all() for _, grad in named])
+        finite = finite_flags([grad for _, grad in named])
         if bool(finite.all()):  # one synchronization for all parameters
             return
         bad = [self.names[id(p)] for (p, _), ok in zip(named, finite.tolist()) if not ok]
@@ -378,7 +389,9 @@ class CurvatureOptimizer(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a ``state_dict`` of the same method, model and routing; its param-group
-        settings (learning rates of a scheduler, damping, ...) replace the current ones.
+        settings (learning rates of a scheduler, damping, ...) replace the current ones. A
+        layer saved before the warm start existed (no ``started`` flag where this optimizer
+        keeps one) counts as started once the saved run has stepped.
 
         Raises:
             ValueError: another method, other parameter shapes (a model of other widths),
@@ -405,8 +418,11 @@ class CurvatureOptimizer(Optimizer):
         for name in dropped:
             self._drop_layer(name, NO_STATISTICS)
         device = next(self.model.parameters()).device
-        for name, state in extra["layers"].items():
-            self.layers[name] = {**self.layers[name], **_copy(state, device)}
+        for name, saved in extra["layers"].items():
+            current = self.layers[name]
+            legacy = _legacy_started(saved, current, extra["steps"])
+            self.layers[name] = {**current, **_copy(saved, device), **legacy}
+        self._products.clear()
 
     def _check_compatible(self, sd: dict[str, Any], extra: dict[str, Any]) -> list[str]:
         """The layers the saved state moved to the fallback; raises on any mismatch."""
@@ -427,10 +443,10 @@ class CurvatureOptimizer(Optimizer):
         return dropped
 
     def optimizer_state_bytes(self) -> int:
-        """Bytes held by the optimizer state (preconditioners, momenta, AdamW moments)."""
-        return sum(
-            _nbytes(v) for s in (*self.state.values(), *self.layers.values()) for v in s.values()
-        )
+        """Bytes held by the optimizer state (preconditioners, momenta, AdamW moments) and by
+        the per-step products prepared at the last refresh."""
+        states = (*self.state.values(), *self.layers.values())
+        return sum(_nbytes(v) for s in states for v in s.values()) + self._products.nbytes()
 
 
 def _copy(value: Any, device: torch.device | None = None) -> Any:
@@ -442,6 +458,14 @@ def _copy(value: Any, device: torch.device | None = None) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_copy(v, device) for v in value)
     return value
+
+
+def _legacy_started(saved: dict[str, Any], current: dict[str, Any], steps: int) -> dict[str, Any]:
+    """A layer state saved before the warm start existed has no ``started`` flag: the layer
+    counts as started once the run has stepped (else it keeps the current flag)."""
+    if "started" in current and "started" not in saved:
+        return {"started": bool(steps) or bool(current["started"])}
+    return {}
 
 
 def _nbytes(value: Any) -> int:

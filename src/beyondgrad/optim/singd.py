@@ -54,8 +54,10 @@ from .averages import decayed_sum
 from .damping import check_damping, trace_coupled
 from .kronecker import KroneckerOptimizer
 from .ownership import defer_state_refresh, make_ownership
+from .products import Side, explicit_is_cheaper, make_side
 from .routing import transposed_layers
 from .schedule import check_every, deprecated_alias, is_due
+from .statistics import finite_flags
 from .structures import Structure, structure
 
 SINGD_RULES = ("linear", "transposed_linear", "conv")
@@ -234,17 +236,13 @@ class SINGD(KroneckerOptimizer):
         )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As :meth:`CurvatureOptimizer.load_state_dict`; layers of a state saved before the
-        warm start existed count as started once the run has stepped.
+        """As :meth:`CurvatureOptimizer.load_state_dict`, then the dense factors of one shape
+        are stacked again (:meth:`_stack_factors`).
 
         Args:
             state_dict: what :meth:`state_dict` returned.
         """
         super().load_state_dict(state_dict)
-        extra = state_dict["beyondgrad"]
-        for name, saved in extra["layers"].items():
-            if "started" not in saved:
-                self.layers[name]["started"] = bool(extra["steps"]) or self.layers[name]["started"]
         self._stack_factors()
 
     def _stack_factors(self) -> None:
@@ -266,52 +264,66 @@ class SINGD(KroneckerOptimizer):
     def _precondition_all(
         self, items: list[tuple[str, dict[str, Any], dict[str, Any], list[Tensor]]]
     ) -> list[list[Tensor]]:
-        """Layers whose dense factors are views of one stack (and whose gradients have one
-        shape) in one batched product ``C C^T G K K^T``; the others one by one."""
+        """Layers with dense ``K`` and ``C``: ``C C^T G K K^T`` from sides prepared once per
+        refresh (:meth:`_dense_sides`), several layers whose factors are views of one stack
+        (and whose gradients have one shape) in one batched product; the others one by one
+        with their structures' products."""
         out: list[list[Tensor] | None] = [None] * len(items)
         batches: dict[tuple[Any, ...], list[int]] = {}
-        for i, (_, state, _, params) in enumerate(items):
+        for i, (_, state, group, params) in enumerate(items):
+            if state["structures"] != ("dense", "dense"):
+                continue
             K, C = state["K"], state["C"]
-            if (
-                K._base is not None
-                and C._base is not None
-                and state["structures"]
-                == (
-                    "dense",
-                    "dense",
-                )
-            ):
-                shapes = tuple(p.shape for p in params)
-                batches.setdefault((id(K._base), id(C._base), shapes), []).append(i)
+            shapes = tuple(p.shape for p in params)
+            stacked = K._base is not None and C._base is not None
+            key = (id(K._base), id(C._base), id(group), shapes) if stacked else (i,)
+            batches.setdefault(key, []).append(i)
         for members in batches.values():
-            if len(members) > 1:
-                for i, ds in zip(members, self._product_batch([items[i] for i in members])):
-                    out[i] = ds
+            for i, ds in zip(members, self._dense_products([items[i] for i in members])):
+                out[i] = ds
         return [
             ds if ds is not None else self._preconditioned_gradients(s, g, ps)
             for ds, (_, s, g, ps) in zip(out, items)
         ]
 
-    def _product_batch(
+    def _dense_products(
         self, items: list[tuple[str, dict[str, Any], dict[str, Any], list[Tensor]]]
     ) -> list[list[Tensor]]:
-        """``C C^T G K K^T`` of several layers with dense factors of one shape, batched."""
+        """``C C^T G K K^T`` of one layer, or of several with dense factors of one shape
+        (batched), with the sides of :meth:`_dense_sides`."""
         layouts = [(ORDER, s.get("layout"), 1) for _, s, _, _ in items]
-        G = torch.cat(
-            [
-                to_factor_layout(ps[0].grad, ps[1].grad if len(ps) > 1 else None, *layout)
-                for (_, _, _, ps), layout in zip(items, layouts)
-            ]
-        )
-        K = _from_stack([s["K"] for _, s, _, _ in items]).to(G.dtype)
-        C = _from_stack([s["C"] for _, s, _, _ in items]).to(G.dtype)
-        D = C @ (C.mT @ ((G @ K) @ K.mT))
+        Gs = [
+            to_factor_layout(ps[0].grad, ps[1].grad if len(ps) > 1 else None, *layout)
+            for (_, _, _, ps), layout in zip(items, layouts)
+        ]
+        G = Gs[0] if len(Gs) == 1 else torch.cat(Gs)
+        left, right = self._dense_sides([s for _, s, _, _ in items], items[0][2], G.dtype)
+        D = self._solver()(G, left, right)
         out = []
         for (_, _, _, ps), layout, Di in zip(items, layouts, D):
             bias_shape = tuple(ps[1].shape) if len(ps) > 1 else None
             W, b = from_factor_layout(Di[None], tuple(ps[0].shape), bias_shape, *layout)
             out.append([W] if b is None else [W, b])
         return out
+
+    def _dense_sides(
+        self, states: list[dict[str, Any]], group: dict[str, Any], dtype: torch.dtype
+    ) -> tuple[Side, Side]:
+        """The two sides of ``C C^T G K K^T`` (stacked over the layers), in ``dtype``: per side
+        the explicit ``C C^T`` (``K K^T``) when that is cheaper over the refresh period
+        (:func:`~.products.explicit_is_cheaper`), else the factor itself (two products per
+        step); kept until the factors change (:class:`~.products.ProductCache`)."""
+        every = group["refresh_every"]
+        dim_k, dim_c = states[0]["dims"]
+        key = ("singd", *(",".join(s["params"]) for s in states))
+        sources = [s[k] for s in states for k in ("K", "C")]
+
+        def build() -> tuple[Side, Side]:
+            K, C = (_from_stack([s[k] for s in states]).to(dtype) for k in ("K", "C"))
+            left = make_side(C, None, explicit_is_cheaper(dim_c, dim_k, every), dtype)
+            return left, make_side(K, None, explicit_is_cheaper(dim_k, dim_c, every), dtype)
+
+        return self._products.get(key, sources, (every, dtype), build)
 
     def _statistics_due(self) -> bool:
         return any(
@@ -428,7 +440,7 @@ class SINGD(KroneckerOptimizer):
             beta_C = beta_C / m_C.abs().max().clamp(min=1.0)
         new_K = K - sk.mul(K, m_K, dim_k) * beta_K
         new_C = C - sc.mul(C, m_C, dim_c) * beta_C
-        if not bool(torch.isfinite(new_K).all() & torch.isfinite(new_C).all()):
+        if not bool(finite_flags([new_K, new_C]).all()):
             raise FloatingPointError(
                 "SINGD: the factor update produced non-finite values (lower lr_cov or raise "
                 "damping)"
@@ -441,6 +453,8 @@ def _from_stack(views: list[Tensor]) -> Tensor:
     """``torch.stack(views)`` for views of one stacked tensor: the stack itself (no copy)
     when they are all of it in order, else the rows they view."""
     base = views[0]._base
+    if len(views) == 1 and base is None:
+        return views[0][None]
     size = views[0].numel()
     index = [v.storage_offset() // size for v in views]
     if base is not None and index == list(range(base.shape[0])):

@@ -50,8 +50,9 @@ from .averages import decayed_sum
 from .base import CurvatureOptimizer
 from .damping import check_damping, trace_coupled
 from .ownership import defer_state_refresh, make_ownership
+from .products import explicit_is_cheaper
 from .schedule import deprecated_alias
-from .statistics import BatchCounter
+from .statistics import BatchCounter, finite_flags
 from .structures import Structure, structure
 
 
@@ -62,11 +63,20 @@ def _mode_product(s: Structure, t: Tensor, X: Tensor, n: int, transpose: bool) -
     return out.reshape(moved.shape).movedim(0, n)
 
 
-def _precondition(G: Tensor, Ks: tuple[Tensor, ...], structs: tuple[Structure, ...]) -> Tensor:
-    """``G x_1 K_1 K_1^T ... x_N K_N K_N^T``."""
+def _precondition(
+    G: Tensor,
+    Ks: tuple[Tensor, ...],
+    structs: tuple[Structure, ...],
+    explicit: tuple[bool, ...] | None = None,
+) -> Tensor:
+    """``G x_1 K_1 K_1^T ... x_N K_N K_N^T``; where ``explicit[n]``, ``Ks[n]`` is the product
+    ``K_n K_n^T`` itself (one mode product instead of two)."""
     D = G
     for n, (s, K) in enumerate(zip(structs, Ks)):
-        D = _mode_product(s, K, _mode_product(s, K, D, n, transpose=True), n, False)
+        if explicit is not None and explicit[n]:
+            D = _mode_product(s, K, D, n, transpose=False)
+        else:
+            D = _mode_product(s, K, _mode_product(s, K, D, n, transpose=True), n, False)
     return D
 
 
@@ -276,25 +286,36 @@ class SIRFShampoo(CurvatureOptimizer):
             K.copy_(s.project(torch.diag(diag).to(K.dtype)))
         state["started"] = True
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As :meth:`CurvatureOptimizer.load_state_dict`; layers of a state saved before the
-        warm start existed count as started once the run has stepped.
-
-        Args:
-            state_dict: what :meth:`state_dict` returned.
-        """
-        super().load_state_dict(state_dict)
-        extra = state_dict["beyondgrad"]
-        for name, saved in extra["layers"].items():
-            if "started" not in saved:
-                self.layers[name]["started"] = bool(extra["steps"]) or self.layers[name]["started"]
-
     def _preconditioned_gradients(
         self, state: dict[str, Any], group: dict[str, Any], params: list[Tensor]
     ) -> list[Tensor]:
-        """``G x_1 K_1 K_1^T ... x_N K_N K_N^T``."""
+        """``G x_1 K_1 K_1^T ... x_N K_N K_N^T`` (with the sides of :meth:`_sides`)."""
         structs = tuple(structure(name) for name in state["structures"])
-        return [self._product(params[0].grad, tuple(state["K"]), structs)]
+        grad = params[0].grad
+        Ks, explicit = self._sides(state, group, structs, grad)
+        return [self._product(grad, Ks, structs, explicit)]
+
+    def _sides(
+        self, state: dict[str, Any], group: dict[str, Any], structs: tuple[Structure, ...],
+        grad: Tensor,
+    ) -> tuple[tuple[Tensor, ...], tuple[bool, ...]]:  # fmt: skip
+        """Per dimension ``n`` the factor ``K_n``, or for a dense one where that is cheaper
+        over the refresh period (:func:`~.products.explicit_is_cheaper`: ``d_n^3`` once
+        against ``d_n^2 * numel / d_n`` per step) the product ``K_n K_n^T`` in the gradient's
+        dtype; kept until the factors change (:class:`~.products.ProductCache`)."""
+        every, dtype = group["refresh_every"], grad.dtype
+
+        def build() -> tuple[tuple[Tensor, ...], tuple[bool, ...]]:
+            Ks, flags = [], []
+            for s, K, d in zip(structs, state["K"], grad.shape):
+                flag = s.name == "dense" and explicit_is_cheaper(d, grad.numel() // d, every)
+                Kd = K.to(dtype)
+                Ks.append(Kd @ Kd.T if flag else K)
+                flags.append(flag)
+            return tuple(Ks), tuple(flags)
+
+        key = ("sirfshampoo", state["params"][0])
+        return self._products.get(key, state["K"], (every, dtype), build)
 
     def _update_factors(
         self,
@@ -326,8 +347,7 @@ class SIRFShampoo(CurvatureOptimizer):
             beta = group["lr_cov"] / s.frobenius(m, d).clamp(min=1.0).to(m.dtype)
             new_K.append(K - s.mul(K, m, d) * beta)
             new_m.append(m)
-        finite = torch.stack([torch.isfinite(K).all() for K in new_K]).all()
-        if not bool(finite):  # the one host synchronization of a refresh
+        if not bool(finite_flags(new_K).all()):  # the one host synchronization of a refresh
             raise FloatingPointError(
                 "SIRFShampoo: the factor update produced non-finite values (lower lr_cov or "
                 "raise damping)"

@@ -3,7 +3,8 @@
 - :class:`KroneckerAccumulator` sums the Kronecker statistics of every ``capture`` block since
   the last step (gradient accumulation) and turns them, at the step, into per-sample averages
   ``A = sum A_n / N``, ``B = sum B_n / N`` over all blocks and all ranks (a sample-weighted
-  average: each rank's sums and counts are all-reduced), checked to be finite.
+  average: each rank's sums and counts are all-reduced), checked to be finite
+  (:func:`finite_flags`: one pass per factor, one host synchronization for all layers).
 - :class:`BatchCounter` counts the samples of the forward passes recorded inside a block
   (SIRFShampoo's per-sample scale); the count is summed over ranks.
 - :func:`distributed_world` and :func:`average_gradients_over_ranks` are the data-parallel
@@ -12,7 +13,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -96,23 +97,47 @@ class KroneckerAccumulator:
             flags = torch.tensor([n in pending for n in names], dtype=torch.float64)
             dist.all_reduce(flags, op=dist.ReduceOp.MIN)
             have = [n for n, f in zip(names, flags.tolist()) if f > 0]
-        return {name: _average(pending[name], name, owner) for name in have}
+        out = {name: _average(pending[name]) for name in have}
+        factors = [t for pair in out.values() for t in pair]
+        if factors and not bool(finite_flags(factors).all()):  # one host sync for all layers
+            bad = next(n for n, pair in out.items() if not bool(finite_flags(pair).all()))
+            raise FloatingPointError(
+                f"{owner}: non-finite curvature statistics in layer '{bad}'; "
+                "the optimizer state was left unchanged (lower the learning rate, clip "
+                "gradients or check the data)"
+            )
+        return out
 
 
-def _average(sums: KroneckerSums, name: str, owner: str) -> tuple[Tensor, Tensor]:
+def _average(sums: KroneckerSums) -> tuple[Tensor, Tensor]:
     A_sum, B_sum = sums.A, sums.B
     count = torch.tensor(float(sums.count), dtype=A_sum.dtype, device=A_sum.device)
     if distributed_world() > 1:
         for t in (A_sum, B_sum, count):
             dist.all_reduce(t)
-    A, B = A_sum / count, B_sum / count
-    if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):
-        raise FloatingPointError(
-            f"{owner}: non-finite curvature statistics in layer '{name}'; "
-            "the optimizer state was left unchanged (lower the learning rate, clip "
-            "gradients or check the data)"
-        )
-    return A, B
+    return A_sum / count, B_sum / count
+
+
+def finite_flags(tensors: Sequence[Tensor]) -> Tensor:
+    """Whether each tensor's entries are all finite, as a bool tensor ``[len(tensors)]`` on
+    the first tensor's device, without a host synchronization.
+
+    One pass per tensor and no temporary of its size: the minimum and maximum (``aminmax``)
+    are finite exactly when every entry is (a NaN propagates into both, an infinity shows in
+    one). Empty tensors count as finite.
+
+    Args:
+        tensors: any shapes and floating dtypes (at least one tensor).
+    """
+    device = tensors[0].device
+    flags = []
+    for t in tensors:
+        if t.numel() == 0:
+            flags.append(torch.ones((), dtype=torch.bool, device=device))
+            continue
+        lo, hi = torch.aminmax(t)
+        flags.append((torch.isfinite(lo) & torch.isfinite(hi)).to(device))
+    return torch.stack(flags)
 
 
 class BatchCounter:
@@ -155,5 +180,6 @@ __all__ = [
     "KroneckerAccumulator",
     "average_gradients_over_ranks",
     "distributed_world",
+    "finite_flags",
     "sum_over_ranks",
 ]

@@ -1,0 +1,254 @@
+"""The per-step preconditioning products (``beyondgrad.optim.products``) against dense
+solves in float64, their cache, the fused finiteness check, the opt-in bfloat16 KFAC
+preconditioner, and the legacy ``started`` rule of ``load_state_dict``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import beyondgrad as bg
+from beyondgrad.optim import KFAC, SINGD, SIRFShampoo
+from beyondgrad.optim.products import (
+    ProductCache,
+    explicit_is_cheaper,
+    kronecker_solve,
+    make_side,
+)
+from beyondgrad.optim.statistics import finite_flags
+
+F64 = torch.float64
+
+
+def _spd(n: int, g: torch.Generator, batch: int = 2) -> torch.Tensor:
+    X = torch.randn(batch, 3 * n, n, generator=g, dtype=F64)
+    return X.mT @ X / (3 * n) + 0.1 * torch.eye(n, dtype=F64)
+
+
+def _dense_solve(L: torch.Tensor, R: torch.Tensor, M: torch.Tensor, delta: float = 0.0):
+    """``(L kron R + delta I)^{-1} vec(M)`` per group (row-major ``vec``), reshaped."""
+    out = []
+    for Lg, Rg, Mg in zip(L, R, M):
+        F = torch.kron(Lg, Rg) + delta * torch.eye(Mg.numel(), dtype=F64)
+        out.append(torch.linalg.solve(F, Mg.reshape(-1)).reshape(Mg.shape))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("explicit", [(True, True), (False, False), (True, False), (False, True)])
+def test_kronecker_solve_with_inverse_sides_is_the_kronecker_inverse(explicit):
+    """Sides ``Q diag(1/l) Q^T``, explicit or factored, solve with ``L kron R``."""
+    g = torch.Generator().manual_seed(0)
+    L, R = _spd(4, g), _spd(3, g)
+    M = torch.randn(2, 4, 3, generator=g, dtype=F64)
+    (ll, ql), (lr, qr) = torch.linalg.eigh(L), torch.linalg.eigh(R)
+    left = make_side(ql, 1 / ll, explicit[0], F64)
+    right = make_side(qr, 1 / lr, explicit[1], F64)
+    assert left[2] is not explicit[0] and right[2] is not explicit[1]  # factored flags
+    torch.testing.assert_close(kronecker_solve(M, left, right), _dense_solve(L, R, M))
+
+
+def test_kronecker_solve_with_joint_values_is_the_damped_inverse():
+    g = torch.Generator().manual_seed(1)
+    L, R = _spd(5, g), _spd(2, g)
+    M = torch.randn(2, 5, 2, generator=g, dtype=F64)
+    (ll, ql), (lr, qr) = torch.linalg.eigh(L), torch.linalg.eigh(R)
+    values = 1 / (ll[:, :, None] * lr[:, None, :] + 0.3)
+    got = kronecker_solve(
+        M, make_side(ql, None, False, F64), make_side(qr, None, False, F64), values
+    )
+    torch.testing.assert_close(got, _dense_solve(L, R, M, 0.3))
+
+
+@pytest.mark.parametrize("explicit", [True, False])
+def test_kronecker_solve_with_factors_is_f_ft_m_h_ht(explicit):
+    """SINGD's and SIRFShampoo's sides: ``F F^T M H H^T``; result in ``M``'s dtype."""
+    g = torch.Generator().manual_seed(2)
+    Fm, H = (
+        torch.randn(1, 4, 4, generator=g, dtype=F64),
+        torch.randn(1, 6, 6, generator=g, dtype=F64),
+    )
+    M = torch.randn(1, 4, 6, generator=g, dtype=F64)
+    left, right = make_side(Fm, None, explicit, F64), make_side(H, None, not explicit, F64)
+    torch.testing.assert_close(kronecker_solve(M, left, right), Fm @ Fm.mT @ M @ H @ H.mT)
+    f32 = make_side(Fm, None, True, torch.float32), make_side(H, None, False, torch.float32)
+    low = kronecker_solve(M, *f32)
+    torch.testing.assert_close(low, Fm @ Fm.mT @ M @ H @ H.mT, rtol=1e-5, atol=1e-4)
+    assert low.dtype == F64 and f32[0][0].dtype == torch.float32  # computed in float32
+
+
+def test_explicit_is_cheaper_compares_one_refresh_with_the_saved_products():
+    assert explicit_is_cheaper(500, 1001, 1)  # a side smaller than the other: always
+    assert not explicit_is_cheaper(1000, 65, 10)  # 1000^3 > 10 * 1000^2 * 65
+    assert explicit_is_cheaper(1000, 65, 20)
+    assert not explicit_is_cheaper(64, 64, 1)  # a tie: keep the factors
+
+
+def test_product_cache_rebuilds_when_a_source_changes():
+    cache, builds = ProductCache(), []
+    K = torch.eye(3, dtype=torch.float32)
+
+    def get(tensor, settings=0):
+        return cache.get("layer", [tensor], settings, lambda: builds.append(1) or tensor * 2)
+
+    first = get(K)
+    assert get(K) is first and len(builds) == 1  # reused
+    K.add_(1.0)  # written in place: rebuilt
+    torch.testing.assert_close(get(K), (torch.eye(3, dtype=torch.float32) + 1) * 2)
+    assert len(builds) == 2
+    assert get(K, settings=1) is not None and len(builds) == 3  # other settings
+    assert get(K.clone(), settings=1) is not None and len(builds) == 4  # another tensor
+    assert cache.nbytes() == 9 * 4
+    cache.end_step()  # used this step: kept
+    assert cache.nbytes() == 36
+    cache.end_step()  # not used since: dropped
+    assert cache.nbytes() == 0
+
+
+def test_finite_flags_find_nan_and_both_infinities():
+    tensors = [torch.zeros(3, 3) for _ in range(4)] + [torch.zeros(0), torch.tensor(2.0)]
+    tensors[1][1, 2] = float("nan")
+    tensors[2][0, 0] = float("inf")
+    tensors[3][2, 1] = -float("inf")
+    assert finite_flags(tensors).tolist() == [True, False, False, False, True, True]
+    assert finite_flags([torch.ones(2, dtype=torch.bfloat16)]).tolist() == [True]
+
+
+def _pi_reference(block, damping):
+    pi = (torch.diagonal(block.A).mean() / torch.diagonal(block.B).mean()).sqrt()
+    return torch.kron(
+        block.B + damping**0.5 / pi * torch.eye(block.B.shape[0], dtype=F64),
+        block.A + pi * damping**0.5 * torch.eye(block.A.shape[0], dtype=F64),
+    )
+
+
+@pytest.mark.parametrize("refresh_every", [1, 30])
+def test_kfac_pi_damping_with_explicit_and_factored_sides_is_exact(refresh_every):
+    """A layer 2 -> 12: with refresh_every=1 the 12-side stays factored (12 >= 1 * 3) and the
+    3-side is explicit; with 30 both are explicit. The step is the pi-damped solve."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+    g = torch.Generator().manual_seed(3)
+    X, y = torch.randn(9, 2, generator=g, dtype=F64), torch.randint(0, 3, (9,), generator=g)
+    loss_fn, lr, damping = nn.CrossEntropyLoss(), 0.2, 0.04
+    quantity = bg.KFAC(fisher_type="type-2")
+    res = bg.compute(model, loss_fn, X, y, bg.Grad(), quantity)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = KFAC(model, loss_fn, lr=lr, momentum=0.0, damping=damping, fisher_type="type-2",
+               kl_clip=None, damping_mode="pi", refresh_every=refresh_every)  # fmt: skip
+    opt.zero_grad()
+    with opt.capture():
+        loss = loss_fn(model(X), y)
+    loss.backward()
+    opt.step()
+    for name in ("0", "2"):
+        block = res[quantity][name]
+        grad = torch.cat([res.grad[f"{name}.weight"], res.grad[f"{name}.bias"][:, None]], 1)
+        step = -lr * torch.linalg.solve(_pi_reference(block, damping), grad.reshape(-1))
+        step = step.reshape(grad.shape)
+        params = dict(model.named_parameters())
+        torch.testing.assert_close(
+            params[f"{name}.weight"] - before[f"{name}.weight"], step[:, :-1]
+        )
+        torch.testing.assert_close(params[f"{name}.bias"] - before[f"{name}.bias"], step[:, -1])
+
+
+@pytest.mark.parametrize("mode", ["eigen", "pi"])
+def test_kfac_bfloat16_preconditioner_approximates_the_exact_step(mode):
+    """``preconditioner_dtype=torch.bfloat16`` applies the prepared preconditioner in
+    bfloat16: the step is the float64 one to about 2-3 significant digits; the factors and
+    eigenpairs stay in the parameters' dtype."""
+    g = torch.Generator().manual_seed(5)
+    X, y = torch.randn(32, 6, generator=g, dtype=F64), torch.randint(0, 4, (32,), generator=g)
+    steps = {}
+    for dtype in (None, torch.bfloat16):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+        before = [p.detach().clone() for p in model.parameters()]
+        loss_fn = nn.CrossEntropyLoss()
+        opt = KFAC(model, loss_fn, lr=0.1, momentum=0.0, kl_clip=None,
+                   damping_mode=mode, preconditioner_dtype=dtype)  # fmt: skip
+        opt.zero_grad()
+        with opt.capture():
+            loss = loss_fn(model(X), y)
+        loss.backward()
+        opt.step()
+        steps[dtype] = torch.cat([(p - b).reshape(-1) for p, b in zip(model.parameters(), before)])
+        assert opt.layers["0"]["A"].dtype == F64 and opt.layers["0"]["eig"][1].dtype == F64
+    exact, low = steps[None], steps[torch.bfloat16]
+    error = torch.linalg.vector_norm(low - exact) / torch.linalg.vector_norm(exact)
+    assert 0 < error < 2e-2
+    with pytest.raises(ValueError, match="preconditioner_dtype"):
+        KFAC(nn.Linear(2, 2), nn.MSELoss(), preconditioner_dtype=torch.int32)
+
+
+def test_singd_step_follows_factors_written_in_place():
+    """The prepared ``C C^T`` / ``K K^T`` are rebuilt when the factors change between
+    refreshes (here written by hand): the step is ``C C^T G K K^T`` of the current factors."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(3, 5)).double()
+    g = torch.Generator().manual_seed(4)
+    X, y = torch.randn(8, 3, generator=g, dtype=F64), torch.randint(0, 5, (8,), generator=g)
+    loss_fn = nn.CrossEntropyLoss()
+    opt = SINGD(model, loss_fn, lr=0.1, momentum=0.0, refresh_every=100, grafting=None, warmup=0)
+    for scale in (1.0, 1.0, 1.5):
+        state = opt.layers["0"]
+        state["K"].mul_(scale)
+        K, C = state["K"].clone(), state["C"].clone()
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.zero_grad()
+        with opt.capture():
+            loss = loss_fn(model(X), y)
+        loss.backward()
+        G = torch.cat([model[0].weight.grad, model[0].bias.grad[:, None]], 1)
+        opt.step()
+        if opt.steps > 1:  # no refresh: the factors are the ones set above
+            D = C @ C.T @ G @ K @ K.T
+            torch.testing.assert_close(model[0].weight - before[0], -0.1 * D[:, :-1])
+            torch.testing.assert_close(model[0].bias - before[1], -0.1 * D[:, -1])
+
+
+def _drop_started(sd):
+    sd = {**sd, "beyondgrad": dict(sd["beyondgrad"])}
+    layers = sd["beyondgrad"]["layers"] = {
+        n: {k: v for k, v in s.items() if k != "started"}
+        for n, s in sd["beyondgrad"]["layers"].items()
+    }
+    assert layers
+    return sd
+
+
+@pytest.mark.parametrize("kind", ["singd", "sirf"])
+def test_a_state_saved_before_the_warm_start_counts_as_started_once_stepped(kind):
+    """``CurvatureOptimizer.load_state_dict``: a layer saved without ``started`` is started
+    when the saved run has stepped (no second warm start), else keeps its current flag."""
+    loss_fn = nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(0)
+    X, y = (
+        torch.randn(8, 4, generator=g, dtype=torch.float32),
+        torch.randint(0, 3, (8,), generator=g),
+    )
+
+    def make():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 3)).float()
+        if kind == "singd":
+            return model, SINGD(model, loss_fn, warm_start=True)
+        return model, SIRFShampoo(model, warm_start=True)
+
+    model, opt = make()
+    fresh_sd = _drop_started(opt.state_dict())
+    opt.zero_grad()
+    with opt.capture():
+        loss = loss_fn(model(X), y)
+    loss.backward()
+    opt.step()
+    assert all(s["started"] for s in opt.layers.values())
+    stepped_sd = _drop_started(opt.state_dict())
+    _, other = make()
+    assert not any(s["started"] for s in other.layers.values())
+    other.load_state_dict(stepped_sd)
+    assert all(s["started"] is True for s in other.layers.values())
+    _, other = make()
+    other.load_state_dict(fresh_sd)
+    assert not any(s["started"] for s in other.layers.values())
