@@ -278,3 +278,13 @@ def test_gpt2_tied_embedding_and_head():
     torch.testing.assert_close(K.inverse(0.1).to_dense(), ref, rtol=1e-7, atol=1e-8)
     torch.testing.assert_close(K.trace(), dense.trace())
     torch.testing.assert_close(K.logdet(0.1), torch.logdet(dense + 0.1 * eye))
+
+
+def test_laplace_kronecker_structure_refuses_tied_weights():
+    """Laplace's Kronecker structures hold one block per parameter: a clear refusal."""
+    model, X, y, loss_fn = _mlp()
+    model = model.double()
+    K = bg.linops.KFAC(model, loss_fn, [(X, y)], fisher_type="type-2")
+    assert K.tied_params == ["emb.weight"]
+    with pytest.raises(ValueError, match="tied weights"):
+        bg.laplace.Laplace(model, loss_fn, [(X, y)], structure="kfac")

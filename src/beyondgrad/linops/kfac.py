@@ -5,6 +5,7 @@ Kronecker structure, a :class:`~beyondgrad.linops.structures.Diagonal` of the sa
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -252,6 +253,9 @@ class KFAC(BlockDiagonal):
         self.group = ds.group
         factors = data_set_factors(model, loss_fn, ds, q, generator)
         self.names, self.blocks = covered_blocks(model, factors, params)
+        counts = Counter(n for b in self.blocks.values() for n in b.params)
+        #: parameters shared by several modules (tied weights): their blocks are summed
+        self.tied_params = sorted(n for n, c in counts.items() if c > 1)
         self.params = dict(model.named_parameters())
         self.sizes = [self.params[n].numel() for n in self.names]
         self.offsets = {n: sum(self.sizes[:i]) for i, n in enumerate(self.names)}
