@@ -320,8 +320,8 @@ class KFAC(BlockDiagonal):
             # has a closed form); the union is its index followed by the rest
             members = sorted(members, key=lambda i: -ops[i][1].shape[0])
             indices = [self.block_index(ops[i][0]) for i in members]
-            union = torch.cat([indices[0], *indices[1:]]).unique(sorted=False)
-            union = torch.cat([indices[0], union[~torch.isin(union, indices[0])].sort().values])
+            rest = torch.cat(indices[1:])
+            union = torch.cat([indices[0], rest[~torch.isin(rest, indices[0])].unique()])
             where = torch.full((sum(self.sizes),), -1, dtype=torch.long, device=union.device)
             where[union] = torch.arange(union.numel(), device=union.device)
             terms = [(where[idx], ops[i][1]) for idx, i in zip(indices, members)]

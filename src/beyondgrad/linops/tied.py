@@ -29,16 +29,25 @@ METHODS = ("exact", "factored")
 
 
 def _padded_term(op: Kronecker, where: Tensor, cols: int) -> ks.Term | None:
-    """``op`` (an ungrouped ``L kron R`` on ``[r_t, c_t]``) as a term over the host layout
-    ``[r, cols]`` with zeros outside, or ``None`` when its entries (``where``: their flat host
-    positions in the term's layout) are not a sub-grid of the host (or of its transpose)."""
+    """``op`` (an ungrouped ``L kron R`` on ``[r_t, c_t]``) as a term ``(L', R')`` over the host
+    layout ``[r, cols]``, zero outside its entries, or ``None`` when its entries (``where``:
+    their flat host positions, in the term's layout) are no sub-grid of the host's (or of
+    its transpose: then ``R`` acts on the host's rows)."""
     L, R = op.left[0], op.right[0]
     P = where.reshape(L.shape[0], R.shape[0])
     for grid, left, right in ((P, L, R), (P.T, R, L)):
         rows, colv = grid[:, 0] // cols, grid[0, :] % cols
         if bool((grid == rows[:, None] * cols + colv[None, :]).all()):
-            return rows, colv, left, right  # type: ignore[return-value]
+            r = int(where.max()) // cols + 1 if where.numel() else 0
+            return _embed(left, rows, r), _embed(right, colv, cols)
     return None
+
+
+def _embed(M: Tensor, index: Tensor, n: int) -> Tensor:
+    """``M [k, k]`` at rows and columns ``index`` of an ``[n, n]`` zero matrix."""
+    out = M.new_zeros(n, n)
+    out[index[:, None], index[None, :]] = M
+    return out
 
 
 def host_terms(
@@ -52,25 +61,36 @@ def host_terms(
         terms: ``(index into the block, operator)`` pairs; the first term is the host and its
             index must be ``arange(size)``.
         size: the block's number of entries.
+
+    Returns:
+        ``([(L [r, r], R [c, c]) per term], (r, c))`` or ``None``.
     """
-    host = terms[0][1]
-    if not all(isinstance(op, Kronecker) and op.left.shape[0] == 1 for _, op in terms):
+    ops = [op for _, op in terms]
+    if not all(isinstance(op, Kronecker) and op.left.shape[0] == 1 for op in ops):
         return None
+    host = ops[0]
+    assert isinstance(host, Kronecker)
     if host.shape[0] != size:
         return None
-    r, c = host.left.shape[-1], host.right.shape[-1]  # type: ignore[attr-defined]
+    r, c = host.left.shape[-1], host.right.shape[-1]
     out: list[ks.Term] = []
     for index, op in terms:
-        found = _padded_term(op, index, c)  # type: ignore[arg-type]
+        assert isinstance(op, Kronecker)
+        found = _padded_term(op, index, c)
         if found is None:
             return None
-        rows, cols, left, right = found  # type: ignore[misc]
-        L = left.new_zeros(r, r)
-        R = right.new_zeros(c, c)
-        L[rows[:, None], rows[None, :]] = left
-        R[cols[:, None], cols[None, :]] = right
-        out.append((L, R))
+        L, R = found
+        out.append((_embed_rows(L, r), R))
     return out, (r, c)
+
+
+def _embed_rows(L: Tensor, r: int) -> Tensor:
+    """``L [k, k]`` (k <= r) as the leading block of an ``[r, r]`` zero matrix."""
+    if L.shape[0] == r:
+        return L
+    out = L.new_zeros(r, r)
+    out[: L.shape[0], : L.shape[0]] = L
+    return out
 
 
 def _dense_eigh(op: StructuredOperator, limit: int) -> tuple[Tensor, Tensor]:
