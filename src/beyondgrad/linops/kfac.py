@@ -308,7 +308,14 @@ class KFAC(BlockDiagonal):
     ) -> list[tuple[Tensor, StructuredOperator]]:
         """The operator's blocks from one operator per module block: modules that share a
         parameter (tied weights) become one :class:`~beyondgrad.linops.tied.KroneckerSum`
-        over the union of their entries (a :class:`Diagonal` when all are diagonal)."""
+        over the union of their entries (a :class:`Diagonal` when all are diagonal).
+
+        Args:
+            ops: ``(module block, its operator)`` pairs, one per module block.
+
+        Returns:
+            ``(index into the flat vector, operator)`` pairs for :class:`BlockDiagonal`.
+        """
         groups = tied_groups([b.params for b, _ in ops])
         parts: list[tuple[Tensor, StructuredOperator]] = []
         for members in groups:
