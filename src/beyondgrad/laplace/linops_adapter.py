@@ -67,6 +67,11 @@ def _operator(
 def _kronecker(
     op: linops.KFAC, names: Sequence[str], shapes: Sequence[torch.Size]
 ) -> KroneckerCurvature:
+    if op.tied_params:
+        raise ValueError(
+            f"Kronecker structures need one block per parameter; {op.tied_params} are shared "
+            "by several modules (tied weights): pass params without them or untie them"
+        )
     blocks: list[KroneckerBlock | DiagonalBlock] = []
     corrected = getattr(op, "eigenvalues", None) if isinstance(op, linops.EKFAC) else None
     for key, block in op.blocks.items():

@@ -24,7 +24,7 @@ from ..factors import DiagonalFactors, KroneckerFactors, to_block_layout
 from ..linalg.eigenbasis import rotate
 from . import _engine
 from .data import DataSet
-from .kfac import KFAC
+from .kfac import KFAC, Block
 from .structures import Diagonal, KroneckerEigen, StructuredOperator
 
 
@@ -46,6 +46,26 @@ def corrected_eigenvalues(
     return rotate(left, M.permute(1, 2, 3, 0), right).pow(2).sum(-1)
 
 
+def check_untied(blocks: dict[str, Block]) -> None:
+    """Raise unless every parameter has one block (EKFAC has no tied-weight blocks).
+
+    Raises:
+        RuntimeError: a parameter shared by several modules, naming it and the fix.
+    """
+    seen: dict[str, str] = {}
+    for module, block in blocks.items():
+        for n in block.params:
+            if n in seen:
+                raise RuntimeError(
+                    f"EKFAC: parameter {n!r} is shared by the modules {seen[n]!r} and "
+                    f"{module!r} (tied weights), so the KFAC blocks do not cover it exactly "
+                    "once; EKFAC corrects the eigenvalues of one Kronecker block and has no "
+                    "correction for a sum of them. Use bg.linops.KFAC (it sums the blocks) or "
+                    "pass params=... without the tied parameter"
+                )
+            seen[n] = module
+
+
 class EKFAC(KFAC):
     """``bg.linops.EKFAC(model, loss_fn, data, fisher_type="mc", kfac_approx="expand",
     mc_samples=1, num_data=None, generator=None, params=None, process_group=None)``: two
@@ -62,7 +82,9 @@ class EKFAC(KFAC):
     eigenvalues from the weight's rows alone), i.e. the EKFAC of the model with the other
     parameters frozen. A bias without its weight raises. Under a process group (see
     :class:`~beyondgrad.linops.KFAC`) factors and corrected eigenvalues are summed over the
-    ranks' shards."""
+    ranks' shards. Tied weights (a parameter shared by several modules) are refused
+    (``RuntimeError``): pass ``params`` without them, or use :class:`~beyondgrad.linops.KFAC`,
+    which sums their blocks."""
 
     passes = "many"
 
@@ -98,6 +120,7 @@ class EKFAC(KFAC):
         mc_samples: int,
     ) -> list[tuple[Tensor, StructuredOperator]]:
         """Blocks in the Kronecker eigenbases with the corrected eigenvalues (second pass)."""
+        check_untied(self.blocks)
         kron = {n: b for n, b in self.blocks.items() if isinstance(b, KroneckerFactors)}
         self.bases: dict[str, tuple[Tensor, Tensor]] = {}
         spaces: dict[str, tuple[Tensor, Tensor]] = {}
@@ -129,4 +152,4 @@ class EKFAC(KFAC):
         return parts
 
 
-__all__ = ["EKFAC", "corrected_eigenvalues"]
+__all__ = ["EKFAC", "check_untied", "corrected_eigenvalues"]

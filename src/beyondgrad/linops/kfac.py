@@ -5,6 +5,7 @@ Kronecker structure, a :class:`~beyondgrad.linops.structures.Diagonal` of the sa
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -16,6 +17,7 @@ from ..factors import DiagonalFactors, KroneckerFactors, to_block_layout
 from . import _engine
 from .data import DataSet
 from .structures import BlockDiagonal, Diagonal, Kronecker, StructuredOperator
+from .tied import METHODS, KroneckerSum
 
 Block = KroneckerFactors | DiagonalFactors
 
@@ -122,19 +124,18 @@ def covered_blocks(
     model: nn.Module, blocks: dict[str, Block], params: Iterable[str] | None
 ) -> tuple[list[str], dict[str, Block]]:
     """The trainable parameter names in model order (restricted to ``params``) and the blocks
-    restricted to them; raises unless every parameter has exactly one block."""
+    restricted to them; raises unless every parameter has a block. A parameter shared by
+    several modules (tied weights) has several blocks; :class:`KFAC` sums them."""
     all_names = [n for n, p in model.named_parameters() if p.requires_grad]
     wanted = set(all_names if params is None else params)
     unknown = wanted - set(all_names)
     if unknown:
         raise ValueError(f"unknown or frozen parameters: {sorted(unknown)}")
-    covered = [p for b in blocks.values() for p in b.params if p in wanted]
-    if sorted(covered) != sorted(wanted):
-        bad = sorted(n for n in wanted if covered.count(n) != 1)
+    covered = {p for b in blocks.values() for p in b.params if p in wanted}
+    if covered != wanted:
         raise RuntimeError(
-            f"KFAC blocks do not cover the parameters {bad} exactly once (weight tying "
-            "across modules gives a parameter several blocks); the operator is undefined "
-            "there (pass params=... without them)"
+            f"no KFAC block covers the parameters {sorted(wanted - covered)} (no recorded "
+            "call reached them); pass params=... without them"
         )
     if params is None:
         return all_names, blocks
@@ -142,10 +143,49 @@ def covered_blocks(
     return [n for n in all_names if n in wanted], {k: b for k, b in restricted.items() if b}
 
 
+def tied_groups(params: list[tuple[str, ...]]) -> list[list[int]]:
+    """Indices of the blocks grouped by shared parameters (connected components), in the
+    order of their first block."""
+    owner: dict[str, int] = {}
+    parent = list(range(len(params)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, names in enumerate(params):
+        for n in names:
+            if n in owner:
+                a, b = root(owner[n]), root(i)
+                parent[max(a, b)] = min(a, b)
+            else:
+                owner[n] = i
+    groups: dict[int, list[int]] = {}
+    for i in range(len(params)):
+        groups.setdefault(root(i), []).append(i)
+    return list(groups.values())
+
+
+def tied_block(
+    terms: list[tuple[Tensor, StructuredOperator]], size: int, method: str
+) -> StructuredOperator:
+    """The block of modules sharing parameters: a :class:`Diagonal` of the summed diagonals
+    when every term is diagonal, else a :class:`~beyondgrad.linops.tied.KroneckerSum`."""
+    if all(isinstance(op, Diagonal) for _, op in terms):
+        first = terms[0][1]
+        values = torch.zeros(size, dtype=first.dtype, device=first.device)
+        for index, op in terms:
+            values.index_add_(0, index.to(values.device), op.values)  # type: ignore[attr-defined]
+        return Diagonal(values)
+    return KroneckerSum(terms, size, method)
+
+
 class KFAC(BlockDiagonal):
     """``bg.linops.KFAC(model, loss_fn, data, fisher_type="mc", kfac_approx="expand",
-    mc_samples=1, num_data=None, generator=None, params=None, process_group=None)``: the
-    engine's KFAC blocks
+    mc_samples=1, num_data=None, generator=None, params=None, process_group=None,
+    tied_inverse="exact")``: the engine's KFAC blocks
     accumulated over the data set in one streaming pass (``A`` averaged over all samples,
     ``B`` summed with the data-set reduction ``N_b / num_data`` for mean losses), acting on
     flat vectors over all trainable parameters in ``model.named_parameters()`` order, or over
@@ -166,7 +206,21 @@ class KFAC(BlockDiagonal):
     ``data`` is this rank's shard and the factor sums and sample counts are summed over the
     ranks, so every rank holds the KFAC of the whole data set (MC draws: each rank draws from
     its own ``generator``; pass generators seeded differently per rank for independent
-    draws)."""
+    draws).
+
+    Tied weights (a parameter shared by several modules, e.g. GPT-2's token embedding and
+    output layer): the parameter's block is the sum of the modules' blocks,
+    ``A_1 kron B_1 + B_2 kron A_2`` (a :class:`~beyondgrad.linops.tied.KroneckerSum`; one
+    module's joint bias joins the block, padded with zeros in the other term). Products and
+    ``trace()`` are exact; ``inverse(damping)`` and ``logdet(damping)`` are exact in closed form
+    (one congruence) for ``damping = 0`` or when the damping folds into a term; otherwise
+    ``tied_inverse="exact"`` solves each product with CG preconditioned by that closed form
+    (to relative residual ``max(1e-10, 100 eps)``), and ``tied_inverse="factored"`` uses the
+    closed form of the factored-damping approximation (every factor damped, Martens and
+    Grosse's pi-rule per term) instead -- an approximation of ``(K + d I)^{-1}``.
+    ``logdet(damping)`` without a closed form and ``eigh``/``eigvalsh`` of such a block come
+    from the dense block (up to ``KroneckerSum.dense_limit`` entries; larger ones are refused).
+    :class:`~beyondgrad.linops.EKFAC` refuses tied weights."""
 
     #: how often the constructor iterates the data (EKFAC: twice)
     passes = "one"
@@ -183,8 +237,12 @@ class KFAC(BlockDiagonal):
         generator: torch.Generator | None = None,
         params: Iterable[str] | None = None,
         process_group: Any = None,
+        tied_inverse: str = "exact",
     ):
         _engine.check_loss_fn(loss_fn)
+        if tied_inverse not in METHODS:
+            raise ValueError(f"tied_inverse must be one of {METHODS}, got {tied_inverse!r}")
+        self.tied_inverse = tied_inverse
         q = _engine.KFACQuantity(
             fisher_type=fisher_type, kfac_approx=kfac_approx, mc_samples=mc_samples
         )
@@ -195,6 +253,9 @@ class KFAC(BlockDiagonal):
         self.group = ds.group
         factors = data_set_factors(model, loss_fn, ds, q, generator)
         self.names, self.blocks = covered_blocks(model, factors, params)
+        counts = Counter(n for b in self.blocks.values() for n in b.params)
+        #: parameters shared by several modules (tied weights): their blocks are summed
+        self.tied_params = sorted(n for n, c in counts.items() if c > 1)
         self.params = dict(model.named_parameters())
         self.sizes = [self.params[n].numel() for n in self.names]
         self.offsets = {n: sum(self.sizes[:i]) for i, n in enumerate(self.names)}
@@ -230,7 +291,7 @@ class KFAC(BlockDiagonal):
         mc_samples: int,
     ) -> list[tuple[Tensor, StructuredOperator]]:
         """The blocks of the operator: ``(index, Kronecker or Diagonal)`` per module."""
-        parts: list[tuple[Tensor, StructuredOperator]] = []
+        ops: list[tuple[Block, StructuredOperator]] = []
         for block in self.blocks.values():
             op: StructuredOperator
             if isinstance(block, DiagonalFactors):
@@ -239,8 +300,40 @@ class KFAC(BlockDiagonal):
                 op = Kronecker(block.B, block.A)
             else:
                 op = Kronecker(block.A, block.B)
-            parts.append((self.block_index(block), op))
+            ops.append((block, op))
+        return self.assemble(ops)
+
+    def assemble(
+        self, ops: list[tuple[Block, StructuredOperator]]
+    ) -> list[tuple[Tensor, StructuredOperator]]:
+        """The operator's blocks from one operator per module block: modules that share a
+        parameter (tied weights) become one :class:`~beyondgrad.linops.tied.KroneckerSum`
+        over the union of their entries (a :class:`Diagonal` when all are diagonal).
+
+        Args:
+            ops: ``(module block, its operator)`` pairs, one per module block.
+
+        Returns:
+            ``(index into the flat vector, operator)`` pairs for :class:`BlockDiagonal`.
+        """
+        groups = tied_groups([b.params for b, _ in ops])
+        parts: list[tuple[Tensor, StructuredOperator]] = []
+        for members in groups:
+            if len(members) == 1:
+                block, op = ops[members[0]]
+                parts.append((self.block_index(block), op))
+                continue
+            # the largest term hosts the layout (it covers the others' entries when the sum
+            # has a closed form); the union is its index followed by the rest
+            members = sorted(members, key=lambda i: -ops[i][1].shape[0])
+            indices = [self.block_index(ops[i][0]) for i in members]
+            rest = torch.cat(indices[1:])
+            union = torch.cat([indices[0], rest[~torch.isin(rest, indices[0])].unique()])
+            where = torch.full((sum(self.sizes),), -1, dtype=torch.long, device=union.device)
+            where[union] = torch.arange(union.numel(), device=union.device)
+            terms = [(where[idx], ops[i][1]) for idx, i in zip(indices, members)]
+            parts.append((union, tied_block(terms, union.numel(), self.tied_inverse)))
         return parts
 
 
-__all__ = ["KFAC", "covered_blocks", "data_set_factors"]
+__all__ = ["KFAC", "covered_blocks", "data_set_factors", "tied_block", "tied_groups"]

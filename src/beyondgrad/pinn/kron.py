@@ -17,54 +17,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..linalg.eigenbasis import symmetric_eigh
+from ..linalg.kronecker_sum import generalized_eigh, simultaneous_diagonalization
 
-
-def generalized_eigh(M1: Tensor, M2: Tensor) -> tuple[Tensor, Tensor]:
-    """Generalized eigenpairs ``M2 W = M1 W diag(mu)`` with ``W^T M1 W = I``.
-
-    Args:
-        M1: ``[n, n]`` symmetric positive definite.
-        M2: ``[n, n]`` symmetric.
-
-    Returns:
-        ``(mu [n], W [n, n])``.
-
-    Raises:
-        ValueError: ``M1`` is not positive definite.
-    """
-    l1, Q1 = symmetric_eigh(M1)
-    if bool(l1.min() <= 0):
-        raise ValueError(
-            "the first factor must be positive definite (smallest eigenvalue "
-            f"{float(l1.min()):.3g}): add damping"
-        )
-    root_inv = Q1 * l1.rsqrt()  # M1^{-1/2} up to the rotation Q1^T
-    mu, U = symmetric_eigh(root_inv.T @ M2 @ root_inv)
-    return mu, root_inv @ U
-
-
-def simultaneous_diagonalization(M1: Tensor, M2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``W`` with ``W^T M1 W = diag(p)`` and ``W^T M2 W = diag(q)`` for symmetric positive
-    semi-definite ``M1``, ``M2`` whose sum is positive definite.
-
-    Uses the generalized eigenpairs of ``(M1 + M2, M1)`` (so ``p + q = 1``): better conditioned
-    than taking either matrix as the reference. Eigenvalues of the sum below ``n * eps`` times
-    its largest one (round-off) are raised to that floor.
-
-    Args:
-        M1: ``[n, n]``.
-        M2: ``[n, n]``.
-
-    Returns:
-        ``(p [n], q [n], W [n, n])``.
-    """
-    lc, Qc = symmetric_eigh(M1 + M2)
-    floor = lc.abs().max() * M1.shape[0] * torch.finfo(M1.dtype).eps
-    root_inv = Qc * lc.clamp_min(floor).rsqrt()
-    p, U = symmetric_eigh(root_inv.T @ M1 @ root_inv)
-    W = root_inv @ U
-    return p, (W.T @ M2 @ W).diagonal(), W
+__all__ = [
+    "KroneckerSumInverse",
+    "damped_kronecker_sum_inverse",
+    "generalized_eigh",
+    "simultaneous_diagonalization",
+]
 
 
 class KroneckerSumInverse:
