@@ -46,7 +46,7 @@ from .drawing import Drawer
 from .instruments import REGISTRY, Instrument, resolve
 from .runlog import RunLog, wandb_module
 from .schedules import every
-from .updates import Armed, UpdateTracker
+from .updates import Armed, GradStep, UpdateTracker
 
 Schedule = Callable[[int], bool]
 _LOSS = REGISTRY["Loss"]  # logged on every tracked step
@@ -256,7 +256,7 @@ class Cockpit:
         optimizer: torch.optim.Optimizer | None,
     ) -> None:
         output, target, loss = watch.loss_call()
-        grad_of_loss = _grad_of_loss(self.params, before, watch.loss_scale())
+        grad_of_loss, plain = _grad_of_loss(self.params, before, watch.loss_scale())
         B = output.shape[0]
         c = float(B) if self.loss_fn.reduction == "mean" else 1.0  # type: ignore[operator]
         data = r.StepData(record["step"], self.settings, B, c, float(loss.detach()))
@@ -277,7 +277,8 @@ class Cockpit:
             self.dropped = dict(plan.dropped)
         alpha = any(i.next_step for i in plan.instruments)
         if plan.scheduled and r.UPDATE in plan.needs:
-            self._updates.arm(record, rows if alpha else None, data.losses, c)
+            step = _grad_step(data, self.params) if alpha and plain and rows else None
+            self._updates.arm(record, rows if alpha else None, data.losses, c, step)
         else:
             self._updates.armed = None
 
@@ -304,27 +305,28 @@ class Cockpit:
             data.losses = (
                 _individual_losses(self.loss_fn, output.detach(), target, loss.detach()) * data.c
             )
-        start = self._alpha_start
+        if rows is not None and plan.needs & _LAYER_NEEDS:
+            r.gather_rows(data, plan.needs, rows, grad_of_loss, self.params, self.generator)
+        elif r.GRAD in plan.needs:
+            r.gather_grads(data, grad_of_loss, self.params)
+        start = self._alpha_start  # after gather_rows: it may have materialized the rows
         if rows is not None and start is not None and start["step"] == data.step - 1:
             if r.DIRECTIONAL in plan.needs:
                 data.alpha_start = start
                 data.directional = r.directional(rows, start["direction"]) * data.c
                 self._alpha_start = None
-        if rows is not None and plan.needs & _LAYER_NEEDS:
-            r.gather_rows(data, plan.needs, rows, grad_of_loss, self.params, self.generator)
-        elif r.GRAD in plan.needs:
-            r.gather_grads(data, grad_of_loss, self.params)
         return rows
 
     def _hook_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         if id(optimizer) in self._hooked:
             return
         self._hooked.add(id(optimizer))
-        optimizer.register_step_post_hook(lambda opt, args, kwargs: self._resolve_update(None))
+        optimizer.register_step_post_hook(lambda opt, args, kwargs: self._resolve_update(None, opt))
 
-    def _resolve_update(self, step: int | None) -> None:
-        """After the update of a tracked step: UpdateSize and Alpha's start point."""
-        update = self._updates.resolve(step)
+    def _resolve_update(self, step: int | None, optimizer: Any = None) -> None:
+        """After the update of a tracked step (by ``optimizer``, when its step post-hook calls):
+        UpdateSize and Alpha's start point."""
+        update = self._updates.resolve(step, optimizer)
         if update is None:
             return
         record = update.record
@@ -477,15 +479,26 @@ class Cockpit:
 
 def _grad_of_loss(
     params: dict[str, Tensor], before: dict[str, Tensor | None], seed: Tensor
-) -> dict[str, Tensor]:
-    """This backward's contribution to ``.grad``, per unit of loss (a loss scale removed)."""
+) -> tuple[dict[str, Tensor], bool]:
+    """This backward's contribution to ``.grad``, per unit of loss (a loss scale removed),
+    and whether it is ``.grad`` itself (no loss scale, nothing accumulated before)."""
     unit = bool((seed == 1).all())
-    return {
+    grads = {
         n: (g if unit else g / seed)
         for n, p in params.items()
         if p.grad is not None
         for g in [p.grad if before[n] is None else p.grad - before[n]]
     }
+    return grads, unit and all(b is None for b in before.values())
+
+
+def _grad_step(data: r.StepData, params: dict[str, Tensor]) -> GradStep | None:
+    """Alpha's shortcut for a plain gradient step, from the gradient tests' dot products
+    ``g_n . g`` (None when the step does not compute them)."""
+    if data.dots is None:
+        return None
+    grads = [(p, p.grad, p.grad._version) for p in params.values() if p.grad is not None]
+    return GradStep(data.dots * (data.B / data.c), grads)
 
 
 def _individual_losses(loss_fn: nn.Module, output: Tensor, target: Tensor, loss: Tensor) -> Tensor:

@@ -43,17 +43,27 @@ def entry_statistics(
     below ``(10 eps)^2`` of the largest) or whose variance is round-off (below ``10 eps`` of
     their second moment) are skipped by MeanGSNR and EarlyStopping."""
     second = sgs / B  # mean_n g_nj^2
-    var = (second - grad**2).clamp(min=0)
+    grad_sq = grad**2
+    var = (second - grad_sq).clamp(min=0)
     keep = (var > 10 * eps * second) & (second > (10 * eps) ** 2 * float(second.max()))
-    out = {"MeanGSNR": float((grad[keep] ** 2 / var[keep]).mean()) if keep.any() else math.nan}
+    kept_sq, kept_var = _compact(grad_sq, keep), _compact(var, keep)
+    out = {"MeanGSNR": float((kept_sq / kept_var).mean()) if kept_sq.numel() else math.nan}
     if B > 1:
-        s2 = var[keep] * B / (B - 1)
+        s2 = kept_var * B / (B - 1)
         D = grad.numel()
-        out["EarlyStopping"] = 1.0 - B / D * float((grad[keep] ** 2 / s2).sum())
+        out["EarlyStopping"] = 1.0 - B / D * float((kept_sq / s2).sum())
     else:
         out["EarlyStopping"] = math.nan
     out["CABS"] = lr * float(var.sum()) / loss if lr is not None and loss > 0 else math.nan
     return out
+
+
+def _compact(x: Tensor, keep: Tensor) -> Tensor:
+    """``x[keep]`` (1-d): the same values in the same order; on the CPU through NumPy, whose
+    boolean indexing is an order of magnitude faster than torch's on one thread."""
+    if x.device.type == "cpu" and not x.requires_grad:
+        return torch.from_numpy(x.contiguous().numpy()[keep.numpy()])
+    return x[keep]
 
 
 def curvature_statistics(sgs: Tensor, B: int, diag: Tensor, eps: float = 1e-7) -> dict[str, float]:
@@ -137,8 +147,19 @@ def robust_limit(values: Tensor, quantile: float = 1.0) -> float:
         return 1.0
     if mags.dtype not in (torch.float32, torch.float64):
         mags = mags.float()
-    limit = float(torch.quantile(mags, quantile)) if quantile < 1 else 0.0
+    limit = _quantile(mags, quantile) if quantile < 1 else 0.0
     return limit or float(mags.max()) or 1.0
+
+
+def _quantile(x: Tensor, q: float) -> float:
+    """``torch.quantile(x, q)`` (linear interpolation, 1-d ``x``) to the bit, from the two
+    order statistics around it (two selections instead of a full sort)."""
+    rank = torch.tensor(q, dtype=x.dtype, device=x.device) * (x.numel() - 1)
+    below = int(rank)
+    above = int(torch.ceil(rank))
+    low = torch.kthvalue(x, below + 1).values
+    high = low if above == below else torch.kthvalue(x, above + 1).values
+    return float(torch.lerp(low, high, rank - below))
 
 
 def histogram(values: Tensor, bins: int, limit: float) -> dict[str, Any]:

@@ -121,12 +121,21 @@ def _tests(data: StepData) -> dict[str, float]:
     )
 
 
+def _sgs(data: StepData) -> Tensor:
+    """``sum_n g_n^2`` (flat) in float64, converted once per step."""
+
+    def compute() -> Tensor:
+        assert data.sgs is not None
+        return data.sgs.double()
+
+    return data.shared("sgs_double", compute)
+
+
 def _entries(data: StepData) -> dict[str, float]:
     def compute() -> dict[str, float]:
-        assert data.sgs is not None
         grad = torch.cat(data.grads)
         eps = torch.finfo(grad.dtype).eps
-        return entry_statistics(data.B, grad.double(), data.sgs.double(), data.loss, data.lr, eps)
+        return entry_statistics(data.B, grad.double(), _sgs(data), data.loss, data.lr, eps)
 
     return data.shared("entry_statistics", compute)
 
@@ -141,8 +150,7 @@ def _diag(data: StepData) -> Tensor:
 
 def _curvature(data: StepData) -> dict[str, float]:
     def compute() -> dict[str, float]:
-        assert data.sgs is not None
-        return curvature_statistics(data.sgs.double(), data.B, _diag(data))
+        return curvature_statistics(_sgs(data), data.B, _diag(data))
 
     return data.shared("curvature_statistics", compute)
 

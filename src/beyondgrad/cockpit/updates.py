@@ -1,5 +1,12 @@
 """The update of a tracked step: ``theta_{t+1} - theta_t``, measured after ``optimizer.step()``
-(a step post-hook) or at the next tracked step, and Alpha's start point along it."""
+(a step post-hook) or at the next tracked step, and Alpha's start point along it.
+
+Alpha's start point needs the per-sample directional derivatives ``g_n . s`` along the update
+``s``. In general they are projections of the per-sample rows onto ``s`` (one GEMM per layer).
+When the step is known to be ``s = -lr * grad`` (plain :class:`torch.optim.SGD`: no momentum,
+weight decay or ``maximize``, one learning rate, applied to the very gradients the rows sum to)
+they are ``-lr * g_n . grad``, the gradient tests' dot products, and no projection is formed
+(:class:`GradStep`)."""
 
 from __future__ import annotations
 
@@ -13,16 +20,60 @@ from ._engine import Rows
 from .reductions import directional
 
 
+def plain_sgd_lr(optimizer: Any, params: list[Tensor]) -> float | None:
+    """The learning rate ``lr`` when ``optimizer.step()`` moves each of ``params`` by exactly
+    ``-lr * p.grad``: a :class:`torch.optim.SGD` (not a subclass) without momentum, weight
+    decay or ``maximize``, holding every one of ``params`` at one learning rate; else None."""
+    if type(optimizer) is not torch.optim.SGD:
+        return None
+    rates, held = set(), set()
+    for group in optimizer.param_groups:
+        if group.get("momentum", 0) or group.get("weight_decay", 0) or group.get("maximize"):
+            return None
+        held.update(id(p) for p in group["params"])
+        rates.add(float(group["lr"]))
+    if len(rates) != 1 or any(id(p) not in held for p in params):
+        return None
+    return rates.pop()
+
+
+@dataclass
+class GradStep:
+    """Alpha's start derivatives for an update that turns out to be ``-lr * grad``.
+
+    Args:
+        along_grad: ``c * r_n . grad`` per sample (``[B]``, float64; ``r_n`` the unscaled
+            rows, ``grad`` their sum, the loss gradient), i.e. the derivatives along
+            ``grad`` in the scaling of Alpha's derivatives.
+        grads: ``(parameter, its .grad, that tensor's version)`` when the rows were read:
+            the step must use exactly these, unmodified (no clipping, no accumulation).
+    """
+
+    along_grad: Tensor
+    grads: list[tuple[Tensor, Tensor, int]]
+
+    def derivatives(self, optimizer: Any) -> Tensor | None:
+        """``-lr * along_grad`` if ``optimizer``'s last step was ``-lr * grad``, else None."""
+        if optimizer is None:
+            return None
+        lr = plain_sgd_lr(optimizer, [p for p, _, _ in self.grads])
+        if lr is None or any(p.grad is not g or g._version != v for p, g, v in self.grads):
+            return None
+        return self.along_grad * -lr
+
+
 @dataclass
 class Armed:
     """A tracked step waiting for its update: its record, the parameters before the update,
-    and (for Alpha) its per-sample rows and loss terms."""
+    and (for Alpha) its per-sample rows and loss terms, and the shortcut for a gradient
+    step."""
 
     record: dict[str, Any]
     before: dict[str, Tensor]
     rows: dict[str, Rows] | None
     losses: Tensor | None
     c: float
+    grad_step: GradStep | None = None
 
 
 @dataclass
@@ -71,13 +122,15 @@ class UpdateTracker:
         rows: dict[str, Rows] | None,
         losses: Tensor | None,
         c: float,
+        grad_step: GradStep | None = None,
     ) -> None:
         """Snapshot the parameters before the update of the step of ``record``."""
-        self.armed = Armed(record, self.snapshot(), rows, losses, c)
+        self.armed = Armed(record, self.snapshot(), rows, losses, c, grad_step)
 
-    def resolve(self, step: int | None) -> Update | None:
+    def resolve(self, step: int | None, optimizer: Any = None) -> Update | None:
         """Measure the armed step's update (None if none is armed, or if ``step`` is not
-        the step right after it: the parameters moved more than one step)."""
+        the step right after it: the parameters moved more than one step); ``optimizer``:
+        the one whose step just ran (its gradient step spares Alpha's projections)."""
         armed, self.armed = self.armed, None
         if armed is None:
             return None
@@ -91,13 +144,17 @@ class UpdateTracker:
         delta = dict(zip(names, diffs))
         start = None
         if armed.rows is not None:
+            shortcut = armed.grad_step
+            derivatives = None if shortcut is None else shortcut.derivatives(optimizer)
+            if derivatives is None:
+                derivatives = directional(armed.rows, delta) * armed.c
             start = {
                 "step": armed.record["step"],
                 "direction": delta,
                 "losses": armed.losses,
-                "derivatives": directional(armed.rows, delta) * armed.c,
+                "derivatives": derivatives,
             }
         return Update(armed.record, delta, dict(zip(names, sizes.tolist())), start)
 
 
-__all__ = ["Update", "UpdateTracker"]
+__all__ = ["Armed", "GradStep", "Update", "UpdateTracker", "plain_sgd_lr"]

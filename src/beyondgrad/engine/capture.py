@@ -142,7 +142,10 @@ class Recorder:
 
     When a hook runs outside that order (a global module hook, or a hook registered later with
     ``prepend=True``), the call is replayed once without gradients and compared; a mismatch is
-    raised when the call is used (:attr:`Call.problem`).
+    raised when the call is used (:attr:`Call.problem`). The fast-rule hook of another live
+    recorder (nested sessions, e.g. the Cockpit's curvature and first-order sessions) does not
+    count: it only records, and hands the model the same values (a clone where the output has
+    no gradient edge of its own), unless it expands that layer's outputs.
     """
 
     def __init__(self, layers: list[Layer]):
@@ -171,6 +174,7 @@ class Recorder:
             )
             self._handles.append(fwd)
             ids["forward"] = fwd.id
+            _RECORDING_HOOKS[fwd.id] = (self, unit.name)
             return
         pending: list[tuple[tuple, dict]] = []
 
@@ -188,6 +192,7 @@ class Recorder:
 
     def remove(self) -> None:
         for h in self._handles:
+            _RECORDING_HOOKS.pop(h.id, None)
             h.remove()
         self._handles.clear()
 
@@ -300,7 +305,9 @@ def _hooks_in_order(module: nn.Module, ids: dict[str, int], generic: bool) -> bo
     of all pre-hooks and our forward hook last."""
     forward_hooks = list(getattr(module, "_forward_hooks", {}))
     if not generic:
-        return not _GLOBAL_FORWARD_HOOKS and forward_hooks[:1] == [ids.get("forward")]
+        ours = ids.get("forward")
+        first = next((h for h in forward_hooks if h == ours or not _only_records(h)), None)
+        return not _GLOBAL_FORWARD_HOOKS and first == ours
     pre_hooks = list(getattr(module, "_forward_pre_hooks", {}))
     return (
         not _GLOBAL_FORWARD_PRE_HOOKS
@@ -309,6 +316,15 @@ def _hooks_in_order(module: nn.Module, ids: dict[str, int], generic: bool) -> bo
     )
 
 
+def _only_records(hook_id: int) -> bool:
+    """Whether a forward hook is another live recorder's fast-rule hook that leaves the
+    output's values and shape alone (it does not expand that layer's outputs)."""
+    entry = _RECORDING_HOOKS.get(hook_id)
+    return entry is not None and entry[1] not in entry[0].expand
+
+
+#: forward hook id -> (its recorder, the layer name), for the fast-rule hooks of live recorders
+_RECORDING_HOOKS: dict[int, tuple[Recorder, str]] = {}
 # torch's registries of global module hooks (``register_module_forward_hook``), read only
 _GLOBAL_FORWARD_HOOKS: dict = getattr(torch.nn.modules.module, "_global_forward_hooks", {})
 _GLOBAL_FORWARD_PRE_HOOKS: dict = getattr(torch.nn.modules.module, "_global_forward_pre_hooks", {})
