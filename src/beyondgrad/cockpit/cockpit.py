@@ -359,6 +359,7 @@ class Cockpit:
             A dict of tensors, numbers, strings, lists and dicts.
         """
         armed = self._updates.armed
+        warm = self.curvature.warm.vector
         return {
             "format": st.FORMAT,
             "generator": st.generator_state(self.generator),
@@ -375,6 +376,7 @@ class Cockpit:
             },
             "dropped": dict(self.dropped),
             "warned": sorted(self._warned),
+            "hess_vector": None if warm is None else warm.detach().clone(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -396,6 +398,9 @@ class Cockpit:
         self._updates.armed = self._load_armed(state["armed"])
         self.dropped = dict(state["dropped"])
         self._warned = set(state["warned"])
+        warm = state.get("hess_vector")
+        device = next(iter(self.params.values())).device if self.params else None
+        self.curvature.warm.vector = None if warm is None else warm.to(device)
 
     def _load_armed(self, saved: dict[str, Any] | None) -> Armed | None:
         if saved is None:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from . import reductions as r
 from ._engine import CurvatureResult, SamplesCoupled, curvature_session
-from .hessian import HessianUnavailable, largest_eigenvalue, twice_differentiable_kernels
+from .hessian import HessianUnavailable, Warm, largest_eigenvalue, twice_differentiable_kernels
 
 
 @dataclass
@@ -38,6 +38,8 @@ class CurvatureSettings:
     spectra_k: int = 4
     hess_iters: int = 20
     mc_samples: int | None = 1
+    #: HessMaxEV's warm start, carried from one tracked step to the next
+    warm: Warm = field(default_factory=Warm)
 
 
 def layer_groups(params: dict[str, Tensor]) -> dict[str, tuple[str, ...]]:
@@ -109,7 +111,9 @@ def _hess_max_ev(
     generator: torch.Generator,
 ) -> None:
     try:
-        pending.hess_max_ev = largest_eigenvalue(loss, params, settings.hess_iters, generator)
+        pending.hess_max_ev = largest_eigenvalue(
+            loss, params, settings.hess_iters, generator, settings.warm
+        )
     except HessianUnavailable as err:
         pending.dropped[r.HESS_MAX_EV] = str(err)
 

@@ -11,6 +11,7 @@ What a resumed run needs to log exactly what an uninterrupted run logs:
 - ``armed``: a tracked step whose update has not been measured yet (only without
   ``optimizer=``; its per-sample rows are not saved, so Alpha of the next step is left out);
 - ``dropped`` and ``warned``: the instruments left out and the warnings already given.
+- ``hess_vector`` (optional): HessMaxEV's warm start, the last top Hessian eigenvector.
 """
 
 from __future__ import annotations

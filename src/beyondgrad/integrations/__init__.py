@@ -7,8 +7,9 @@
   ``transformers`` ``Trainer`` (``Trainer(optimizers=(bg_optimizer, None))`` works as well).
 
 Neither module is imported by ``import beyondgrad``: each needs its framework installed.
-Shared by both: :mod:`beyondgrad.integrations.tracking` (the step's open contexts, the loss
-module found in the model).
+Shared by both: :mod:`beyondgrad.integrations.base` (the constructor, building the Cockpit
+for the trainer's model) and :mod:`beyondgrad.integrations.tracking` (the step's open
+contexts, the loss module found in the model).
 """
 
 __all__: list[str] = []

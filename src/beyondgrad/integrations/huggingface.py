@@ -29,11 +29,10 @@ import torch
 from torch import Tensor, nn
 from transformers import TrainerCallback
 
-from ..cockpit import Cockpit
-from .tracking import StepTracker, find_loss_fn
+from .base import CockpitCallbackBase
 
 
-class CockpitCallback(TrainerCallback):
+class CockpitCallback(CockpitCallbackBase, TrainerCallback):
     """Attach a :class:`~beyondgrad.cockpit.Cockpit` to a ``transformers.Trainer``.
 
     Args:
@@ -53,25 +52,15 @@ class CockpitCallback(TrainerCallback):
         log_dir: str | Path | None = None,
         **cockpit_options: Any,
     ):
-        self.config, self.loss_fn, self.log_dir = config, loss_fn, log_dir
-        self.options = cockpit_options
-        self.cockpit: Cockpit | None = None
-        self._tracker: StepTracker | None = None
-        self._loss_module: nn.Module | None = None
+        super().__init__(config, loss_fn, log_dir, **cockpit_options)
         self._handle: Any = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Build the Cockpit for the Trainer's model (once)."""
         if args.gradient_accumulation_steps != 1:
             raise RuntimeError("the Cockpit callback needs gradient_accumulation_steps=1")
-        if self.cockpit is not None:
-            return
-        model = kwargs["model"]
-        log_dir = self.log_dir or Path(args.output_dir) / "cockpit"
-        self._loss_module = find_loss_fn(model, self.loss_fn)
-        self.cockpit = Cockpit(model, self._loss_module, self.config, log_dir=log_dir,
-                               **self.options)  # fmt: skip
-        self._tracker = StepTracker(self.cockpit)
+        if self.cockpit is None:
+            self.attach(kwargs["model"], Path(args.output_dir) / "cockpit")
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Open the step before the forward pass."""

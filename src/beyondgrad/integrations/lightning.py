@@ -26,8 +26,8 @@ from typing import Any
 
 from torch import nn
 
-from ..cockpit import Cockpit
-from .tracking import StepTracker, find_loss_fn, scalars
+from .base import CockpitCallbackBase
+from .tracking import scalars
 
 try:
     import lightning.pytorch as pl
@@ -35,7 +35,7 @@ except ImportError:  # the older package name
     import pytorch_lightning as pl  # type: ignore[no-redef]
 
 
-class CockpitCallback(pl.Callback):
+class CockpitCallback(CockpitCallbackBase, pl.Callback):
     """Attach a :class:`~beyondgrad.cockpit.Cockpit` to a Lightning fit.
 
     Args:
@@ -57,25 +57,19 @@ class CockpitCallback(pl.Callback):
         log_to_trainer: bool = True,
         **cockpit_options: Any,
     ):
-        super().__init__()
-        self.config, self.loss_fn, self.log_dir = config, loss_fn, log_dir
-        self.log_to_trainer, self.options = log_to_trainer, cockpit_options
-        self.cockpit: Cockpit | None = None
-        self._tracker: StepTracker | None = None
+        super().__init__(config, loss_fn, log_dir, **cockpit_options)
+        self.log_to_trainer = log_to_trainer
         self._pending_state: dict[str, Any] | None = None
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Build the Cockpit for a fit (once), restoring a checkpointed state."""
         if stage != "fit" or self.cockpit is not None:
             return
-        log_dir = self.log_dir
-        if log_dir is None:
-            log_dir = Path(trainer.log_dir or trainer.default_root_dir) / "cockpit"
-        loss_fn = find_loss_fn(pl_module, self.loss_fn)
-        self.cockpit = Cockpit(pl_module, loss_fn, self.config, log_dir=log_dir, **self.options)
-        self._tracker = StepTracker(self.cockpit)
+        cockpit = self.attach(
+            pl_module, Path(trainer.log_dir or trainer.default_root_dir) / "cockpit"
+        )
         if self._pending_state is not None:
-            self.cockpit.load_state_dict(self._pending_state)
+            cockpit.load_state_dict(self._pending_state)
             self._pending_state = None
 
     def on_train_batch_start(

@@ -27,6 +27,7 @@ def eigsh(
     generator: torch.Generator | None = None,
     method: str = "lanczos",
     reorthogonalize: str = "partial",
+    v0: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The ``k`` largest (``which="largest"``, algebraically) or smallest eigenpairs of the
     symmetric operator ``A`` of shape ``(n, n)``: ``(eigenvalues [k], eigenvectors [n, k])``,
@@ -35,8 +36,9 @@ def eigsh(
     Lanczos grows a Krylov basis until the residual norms
     ``|beta_m s_mi|`` of the wanted Ritz pairs fall below ``tol * max|theta|`` (or the basis
     spans the space, or ``max_iter`` products, default ``min(n, max(100, 20 k))``; a
-    ``RuntimeWarning`` reports pairs that did not converge). Starts from a random vector drawn
-    with ``generator``. ``reorthogonalize="partial"`` (Simon's recurrence: a full pass over the
+    ``RuntimeWarning`` reports pairs that did not converge). Starts from ``v0`` (``[n]``, e.g.
+    a previous eigenvector: a warm start), else from a random vector drawn with
+    ``generator``. ``reorthogonalize="partial"`` (Simon's recurrence: a full pass over the
     basis only when the estimated loss of orthogonality exceeds ``min(sqrt(eps), tol)``) or
     ``"full"`` (every step); see :mod:`beyondgrad.linalg.lanczos`.
 
@@ -57,7 +59,7 @@ def eigsh(
         return _lobpcg(A, k, which, tol, max_iter or 200, generator, n, dtype, device)
     if method != "lanczos":
         raise ValueError(f"method must be 'lanczos' or 'lobpcg', got {method!r}")
-    return _lanczos(A, k, which, tol, max_iter, generator, reorthogonalize, dtype, device)
+    return _lanczos(A, k, which, tol, max_iter, generator, reorthogonalize, dtype, device, v0)
 
 
 def _lanczos(
@@ -70,11 +72,15 @@ def _lanczos(
     reorthogonalize: str,
     dtype: torch.dtype,
     device: torch.device,
+    v0: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The Lanczos branch of :func:`eigsh` (arguments checked there)."""
     n = A.shape[0]
     m_max = min(n, max_iter or max(100, 20 * k))
-    q = torch.randn(n, generator=generator, dtype=dtype, device=device)
+    if v0 is None:
+        q = torch.randn(n, generator=generator, dtype=dtype, device=device)
+    else:
+        q = v0.detach().reshape(n).to(dtype=dtype, device=device)
     # Ritz vectors are about as accurate as the basis is orthogonal: reorthogonalize at the
     # requested tolerance when it is below sqrt(eps)
     eps = torch.finfo(dtype).eps

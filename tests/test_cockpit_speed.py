@@ -1,0 +1,163 @@
+"""The Cockpit's shortcuts against the general paths and float64 oracles: Alpha's start point
+from the gradient tests' dot products for a plain SGD step, HessMaxEV's warm-started Lanczos,
+the histogram range's order statistics, nested sessions recording each layer call once, and
+the trainer callbacks' shared base."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from beyondgrad.cockpit import Cockpit, formulas
+from beyondgrad.cockpit import reductions as red
+from beyondgrad.integrations.base import CockpitCallbackBase
+from models import CASES
+from oracles.first_order import per_sample_grads
+
+torch.set_default_dtype(torch.float64)
+
+
+def _step(cockpit, model, loss_fn, X, y, step, optimizer):
+    optimizer.zero_grad()
+    with cockpit(step, optimizer=optimizer):
+        loss = loss_fn(model(X), y)
+        loss.backward()
+    optimizer.step()
+    return cockpit.output()[step]
+
+
+def _per_sample(model, loss_fn, X, y):
+    """Per-sample losses and gradients ``[N, D]`` (scaled so the batch gradient is their mean)."""
+    N = y.shape[0]
+    per = per_sample_grads(model, loss_fn, X, y)
+    G = torch.cat([v.reshape(N, -1) for v in per.values()], 1) * N
+    f = torch.stack([loss_fn(model(X[n : n + 1]), y[n : n + 1]) for n in range(N)]).detach()
+    return f, G
+
+
+@pytest.mark.parametrize(
+    "options, projections",
+    [({}, 2), ({"momentum": 0.9}, 4), ({"weight_decay": 0.1}, 4)],
+)
+def test_alpha_matches_the_oracle_with_and_without_the_sgd_shortcut(
+    monkeypatch, options, projections
+):
+    """Plain SGD: the start point's slopes come from the dot products (one projection per
+    Alpha, at its end point); momentum or weight decay: projected on the update (two).
+    Counted over steps 1 and 2 (each the end of one Alpha and the start of the next)."""
+    calls = []
+    original = red.directional
+    monkeypatch.setattr(red, "directional", lambda *a: calls.append(1) or original(*a))
+    import beyondgrad.cockpit.updates as upd
+
+    monkeypatch.setattr(upd, "directional", red.directional)
+    model, X, y, loss_fn = CASES["mlp"]()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, **options)
+    cockpit = Cockpit(model, loss_fn, config="economy")
+    _step(cockpit, model, loss_fn, X, y, 0, opt)  # momentum buffers exist from here on
+    before = [p.detach().clone() for p in model.parameters()]
+    f0, G0 = _per_sample(model, loss_fn, X, y)
+    calls.clear()
+    _step(cockpit, model, loss_fn, X, y, 1, opt)
+    s = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(model.parameters(), before)])
+    f1, G1 = _per_sample(model, loss_fn, X, y)
+    rec = _step(cockpit, model, loss_fn, X, y, 2, opt)
+    assert len(calls) == projections
+    assert rec["Alpha"] == pytest.approx(formulas.alpha(f0, G0 @ s, f1, G1 @ s), rel=1e-8)
+
+
+def test_clipped_gradients_take_the_general_path(monkeypatch):
+    """A gradient modified between backward and step (clipping): the update is not
+    ``-lr * grad``, so the slopes are projected on the measured update."""
+    calls = []
+    import beyondgrad.cockpit.updates as upd
+
+    original = upd.directional
+    monkeypatch.setattr(upd, "directional", lambda *a: calls.append(1) or original(*a))
+    model, X, y, loss_fn = CASES["mlp"]()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cockpit = Cockpit(model, loss_fn, config="economy")
+    opt.zero_grad()
+    with cockpit(0, optimizer=opt):
+        loss_fn(model(X), y).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+    opt.step()
+    assert calls == [1]
+    calls.clear()
+    _step(cockpit, model, loss_fn, X, y, 1, opt)
+    _step(cockpit, model, loss_fn, X, y, 2, opt)
+    assert calls == []  # plain steps: the shortcut
+
+
+def _dense_max_ev(model, loss_fn, X, y) -> float:
+    params = dict(model.named_parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params.values()])
+    shapes = [p.shape for p in params.values()]
+
+    def loss_of(theta):
+        chunks, start = {}, 0
+        for n, shape in zip(params, shapes):
+            chunks[n] = theta[start : start + shape.numel()].view(shape)
+            start += shape.numel()
+        return loss_fn(torch.func.functional_call(model, chunks, (X,)), y)
+
+    return float(torch.linalg.eigvalsh(torch.func.hessian(loss_of)(flat))[-1])
+
+
+def test_warm_started_hess_max_ev_matches_the_dense_hessian_and_survives_a_restart():
+    model, X, y, loss_fn = CASES["mlp"]()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    cockpit = Cockpit(model, loss_fn, config=["Loss", "HessMaxEV"], hess_iters=200)
+    assert cockpit.curvature.warm.vector is None
+    for step in range(2):
+        _step(cockpit, model, loss_fn, X, y, step, opt)
+    warm = cockpit.curvature.warm.vector.clone()
+    expected = _dense_max_ev(model, loss_fn, X, y)  # the Hessian at step 2's parameters
+    rec = _step(cockpit, model, loss_fn, X, y, 2, opt)
+    assert rec["HessMaxEV"] == pytest.approx(expected, rel=1e-6)
+    assert not torch.equal(cockpit.curvature.warm.vector, warm)  # carried to the next step
+    again = Cockpit(model, loss_fn, config=["Loss", "HessMaxEV"], hess_iters=200)
+    again.load_state_dict(cockpit.state_dict())
+    torch.testing.assert_close(again.curvature.warm.vector, cockpit.curvature.warm.vector)
+
+
+@pytest.mark.parametrize("quantile", [0.0, 0.25, 0.5, 0.9, 0.99, 0.999])
+def test_histogram_range_is_torch_quantile_to_the_bit(quantile):
+    g = torch.Generator().manual_seed(int(quantile * 1000))
+    for n in (1, 2, 7, 1000, 4097):
+        for dtype in (torch.float32, torch.float64):
+            values = torch.randn(n, generator=g, dtype=dtype) * 1e-3
+            expected = float(torch.quantile(values.abs(), quantile)) or float(values.abs().max())
+            assert formulas.robust_limit(values, quantile) == (expected or 1.0)
+
+
+def test_nested_sessions_record_each_layer_call_once():
+    """business: the curvature session inside the first-order watch; neither replays a
+    layer's forward to check the other's hook (a user hook ahead of them still is)."""
+    model, X, y, loss_fn = CASES["mlp"]()
+    calls = []
+    first = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    original = first.forward
+    first.forward = lambda x: calls.append(1) or original(x)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    cockpit = Cockpit(model, loss_fn, config="business", curvature_mc=None)
+    _step(cockpit, model, loss_fn, X, y, 0, opt)  # probes the samples' coupling once
+    calls.clear()
+    rec = _step(cockpit, model, loss_fn, X, y, 1, opt)
+    assert "HessTrace" in rec and "NormTest" in rec
+    assert len(calls) == 1
+
+
+def test_callback_base_builds_the_cockpit_for_the_model(tmp_path):
+    model, _, _, loss_fn = CASES["mlp"]()
+    holder = nn.Module()
+    holder.net, holder.loss_fn = model, loss_fn
+    base = CockpitCallbackBase("business", log_dir=None, seed=3)
+    cockpit = base.attach(holder, tmp_path / "default")
+    assert base.cockpit is cockpit and cockpit.loss_fn is loss_fn
+    assert cockpit.config == "business" and cockpit.log_dir == tmp_path / "default"
+    explicit = CockpitCallbackBase(loss_fn="loss_fn", log_dir=tmp_path / "mine")
+    assert explicit.attach(holder, tmp_path / "default").log_dir == tmp_path / "mine"
+    with pytest.raises(ValueError, match="loss module"):
+        CockpitCallbackBase(loss_fn="missing").attach(holder, tmp_path)
