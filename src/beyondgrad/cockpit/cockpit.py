@@ -164,6 +164,7 @@ class Cockpit:
         self._updates = UpdateTracker(self.params)
         self._alpha_start: dict[str, Any] | None = None  # start point of the last update
         self._drawer = Drawer()
+        self._distance_buffer: list[Tensor] | None = None
 
     # -- schedule -----------------------------------------------------------------------------
     def tracks(self, step: int) -> bool:
@@ -267,9 +268,7 @@ class Cockpit:
             cv.fill(data, pending)
         rows = self._gather(data, plan, watch, output, target, loss, grad_of_loss)
         if r.DISTANCE in plan.needs:
-            data.distance = r.layer_norms(
-                {n: p.detach() - self.initial[n] for n, p in self.params.items()}
-            )
+            data.distance = self._distance()
         for instrument in plan.instruments:
             record.update(instrument.evaluate(data))
         if plan.dropped:
@@ -316,6 +315,24 @@ class Cockpit:
                 data.directional = r.directional(rows, start["direction"]) * data.c
                 self._alpha_start = None
         return rows
+
+    def _distance(self) -> dict[str, float]:
+        """Per parameter ``||theta - theta_0||``, formed in a buffer set reused from step to
+        step (a fresh allocation of the model's size costs page faults every step)."""
+        names = list(self.params)
+        buf = self._distance_buffer
+        if buf is None or any(
+            b.shape != p.shape or b.dtype != p.dtype or b.device != p.device
+            for b, p in zip(buf, self.params.values())
+        ):
+            buf = [
+                torch.empty_like(p, memory_format=torch.contiguous_format)
+                for p in self.params.values()
+            ]
+            self._distance_buffer = buf
+        torch._foreach_copy_(buf, [p.detach() for p in self.params.values()])
+        torch._foreach_sub_(buf, [self.initial[n] for n in names])
+        return r.layer_norms(dict(zip(names, buf)))
 
     def _hook_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         if id(optimizer) in self._hooked:
