@@ -51,7 +51,7 @@ from torch.utils.data import TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import beyondgrad as bg
-from beyondgrad.problems import TinyGPT
+from beyondgrad.app.tasks import TinyGPT
 from laplace_peers import alternate, peak_memory_mib
 
 DAMPING = 1e-3
@@ -91,8 +91,7 @@ def transformer(n_train: int, n_query: int, steps: int) -> dict[str, Any]:
     idx = (start + torch.arange(17) * torch.randint(1, 4, (n, 1), generator=g)) % 64
     X, y = idx[:, :16], idx[:, 1:]
     torch.manual_seed(0)
-    model = TinyGPT(vocab=64, d=32, heads=4, layers=2, max_len=16)
-    model.head.weight = nn.Parameter(model.tok.weight.detach().clone())  # untie
+    model = TinyGPT(vocab=64, d=32, heads=4, layers=2, max_len=16, tied=False)
     _train(model, X[:n_train], y[:n_train], steps)
     return dict(name="transformer", model=model, train=(X[:n_train], y[:n_train]),
                 query=(X[n_train:], y[n_train:]))  # fmt: skip
