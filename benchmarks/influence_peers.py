@@ -17,25 +17,37 @@ loss, ``C`` the EK-FAC of the empirical Fisher of the mean training loss on both
 (kronfluence: ``use_empirical_fisher=True``, ``damping_factor`` as given; bg:
 ``fisher_type="empirical"``), so that no Monte-Carlo labels differ between the two.
 
+Conventions that match (checked against kronfluence 1.0.1's sources): per-example gradients of
+the summed loss (a sequence's tokens summed); the Kronecker eigenbases of ``A`` (layer inputs,
+the bias as a constant input column, convolution patches) and ``B`` (output gradients); the
+corrected eigenvalues as the *mean* over training examples of the squared rotated per-example
+gradients; the damping added to them as an absolute value (both: ``(lambda + damping)^{-1}``).
+Differences: kronfluence eigendecomposes in float64 and keeps float32 factors, bg works in the
+model's dtype; kronfluence's default ``damping_factor=None`` heuristic is per module, bg's
+default is one value for the model (the script passes the same absolute damping to both);
+kronfluence writes its factors and scores to disk (safetensors) inside the timed calls, bg keeps
+them in memory.
+
 Rows per problem:
 
 * ``kronfluence``: its tracked modules (``nn.Linear``/``nn.Conv2d`` only: the GroupNorm,
   LayerNorm and Embedding parameters are left out without an error).
 * ``bg (same params)``: ``bg.influence`` restricted to those parameters: the agreement column
   is the mean over queries of the Spearman correlation with kronfluence's scores.
-* ``bg (all params)``: every parameter (norms and embeddings included).
+* ``bg (all params)``: every parameter (norms and embeddings included); its Spearman column
+  says how much the parameters kronfluence leaves out change the ranking.
 
 Columns: time to fit the factors, time to score all queries against all training examples
-(medians of ``--reps``, candidates alternating rep by rep), peak memory of one fit + score in a
-forked child (VmHWM above the level at the fork; ``max_memory_allocated`` on GPU). Protocol
-helpers are those of ``laplace_peers.py``. kronfluence needs its own environment (it pulls
-accelerate, safetensors and possibly another torch); without it its rows read ``n/a``.
+(medians of ``--reps``), peak memory of one fit + score in a forked child (VmHWM above the
+level at the fork; ``max_memory_allocated`` on GPU). Protocol helpers are those of
+``laplace_peers.py``. Without kronfluence its rows read ``n/a``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.metadata
 import json
 import platform
 import sys
@@ -219,8 +231,14 @@ def _has_peer() -> bool:
 
 def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     host = platform.processor() or platform.machine()
+    try:
+        kf_version = importlib.metadata.version("kronfluence")
+    except importlib.metadata.PackageNotFoundError:
+        kf_version = "not installed"
     head = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, device "
-            f"{args.device}, {host}; damping {DAMPING}")  # fmt: skip
+            f"{args.device}, {host}; kronfluence {kf_version}; damping {DAMPING}; "
+            f"{args.n_train} training examples, {args.n_query} queries, "
+            f"{args.reps} reps")  # fmt: skip
     lines = ["# bg.influence vs kronfluence (EK-FAC, empirical Fisher)", "", head, "",
              "| problem | method | parameters covered | fit s | score s | peak MiB | "
              "Spearman vs kronfluence |", "|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -231,7 +249,8 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    payload = {"environment": head, "command": " ".join(sys.argv), "rows": rows}
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
     print("\n".join(lines))
 
 
@@ -240,6 +259,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--problems", nargs="+", default=["cnn", "transformer"])
     parser.add_argument("--quick", action="store_true", help="200 train / 10 queries, 1 rep")
     parser.add_argument("--only-beyondgrad", action="store_true")
     parser.add_argument("--out", default=None)
@@ -251,10 +271,12 @@ def main() -> None:
     if not peer and not args.only_beyondgrad:
         print("kronfluence not importable: its rows read n/a", file=sys.stderr)
     n_train, n_query, steps = (200, 10, 20) if args.quick else (2000, 100, 300)
-    reps = 1 if args.quick else args.reps
+    args.n_train, args.n_query = n_train, n_query
+    args.reps = reps = 1 if args.quick else args.reps
     rows = []
-    for make in (cnn, transformer):
-        p = make(n_train, n_query, steps)
+    makers = {"cnn": cnn, "transformer": transformer}
+    for name in args.problems:
+        p = makers[name](n_train, n_query, steps)
         p["model"].to(args.device)
         for key in ("train", "query"):
             p[key] = tuple(t.to(args.device) for t in p[key])
