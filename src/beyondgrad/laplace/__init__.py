@@ -14,7 +14,7 @@ from .curvature import (
     curvature_from_state,
 )
 from .laplace import Laplace, likelihood_of, select_parameters
-from .linops_adapter import build_curvature, dense_from_rows, output_jacobians, sum_reduction
+from .linops_adapter import build_curvature, sum_reduction
 
 __all__ = [
     "Curvature",
@@ -25,9 +25,7 @@ __all__ = [
     "LowRankCurvature",
     "build_curvature",
     "curvature_from_state",
-    "dense_from_rows",
     "likelihood_of",
-    "output_jacobians",
     "select_parameters",
     "sum_reduction",
 ]

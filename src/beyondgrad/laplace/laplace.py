@@ -383,7 +383,7 @@ class Laplace:
         """``J(x) P^{-1} J(x)^T`` per input, ``[N, K, K]`` (``K`` outputs per sample, the
         output flattened after the sample axis), on chunks of inputs with at most
         ``max_vectors`` outputs (``[P, chunk K]`` is held). The per-sample Jacobians come
-        from one engine backward per chunk (:func:`~beyondgrad.laplace.output_jacobians`;
+        from one engine backward per chunk (``linops_adapter.output_jacobians``;
         ``bg.linops.Jacobian`` where the model couples its samples); the quadratic form is
         ``W^T W`` with ``W = T^T J^T`` (:meth:`Curvature.whiten`: one triangular solve for
         the dense structure).

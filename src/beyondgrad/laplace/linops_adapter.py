@@ -222,6 +222,13 @@ def _kronecker(
     return KroneckerCurvature(names, shapes, blocks)
 
 
+def _check_choices(structure: str, fisher_type: str) -> None:
+    if structure not in STRUCTURES:
+        raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
+    if fisher_type not in FISHER_TYPES:
+        raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
+
+
 def build_curvature(
     model: nn.Module,
     loss_sum: nn.Module,
@@ -238,9 +245,7 @@ def build_curvature(
     """The curvature of ``loss_sum`` (``reduction="sum"``) over ``data`` w.r.t. the parameters
     ``names`` (in ``model.named_parameters()`` order) in ``structure``:
 
-    * ``"full"``: the dense GGN (``fisher_type="type-2"``), MC Fisher (``"mc"``) or
-      empirical Fisher (``"empirical"``): from the engine's per-row gradients
-      (:func:`dense_from_rows`) for the GGN and the empirical Fisher, else (MC, coupled
+    * ``"full"``: dense, from the engine's rows (:func:`dense_from_rows`), else (MC, coupled
       samples, a process group) from ``P`` products of ``bg.linops.GGN`` / ``Fisher`` /
       ``EmpiricalFisher``;
     * ``"diag"``: that operator's exact ``diagonal()``;
@@ -256,10 +261,7 @@ def build_curvature(
     Returns:
         A structure of :mod:`beyondgrad.laplace.curvature` holding ``H`` (detached, no ``1/N``).
     """
-    if structure not in STRUCTURES:
-        raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
-    if fisher_type not in FISHER_TYPES:
-        raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
+    _check_choices(structure, fisher_type)
     batches = list(data)
     named = dict(model.named_parameters())
     shapes = [named[n].shape for n in names]
@@ -270,10 +272,10 @@ def build_curvature(
             generator=generator, params=list(names), process_group=process_group,
         )  # fmt: skip
         return _kronecker(op, names, shapes)
-    if structure == "full" and dist_group.resolve_group(process_group) is None:
-        H = dense_from_rows(model, loss_sum, batches, names, fisher_type)
-        if H is not None:
-            return DenseCurvature(names, shapes, H)
+    rows = structure == "full" and dist_group.resolve_group(process_group) is None
+    H = dense_from_rows(model, loss_sum, batches, names, fisher_type) if rows else None
+    if H is not None:
+        return DenseCurvature(names, shapes, H)
     op = _operator(
         model, loss_sum, batches, names, fisher_type, mc_samples, generator, process_group
     )
