@@ -246,6 +246,8 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         rho = "n/a" if r["spearman"] is None else f"{r['spearman']:.4f}"
         lines.append(f"| {r['problem']} | {r['method']} | {r['params']} | {r['fit_s']:.3g} | "
                      f"{r['score_s']:.3g} | {r['peak_mib']:.1f} | {rho} |")  # fmt: skip
+    notes = __doc__.split("Conventions that match")[1].split("Rows per problem")[0]
+    lines += ["", "## Conventions", "", "Conventions that match" + notes.rstrip()]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")

@@ -24,7 +24,7 @@ fit + evidence + predictive in a forked child (VmHWM above the level at the fork
 table: held-out NLL and ECE of the MAP and of each library's GLM predictive (``kfac``, the
 prior precision each library's own marginal-likelihood optimization finds).
 
-Conventions, and why numbers differ where they do (see results/laplace_peers_cpu.md):
+Conventions, and why numbers differ where they do (copied into the results file):
 
 * Both use ``P = H / sigma^2 + prior`` with ``H`` the GGN of ``0.5 * sum ||y - f||^2`` (bg: the
   GGN of the summed MSE times ``1 / (2 sigma^2)``: the same matrix), the same Gaussian
@@ -35,7 +35,9 @@ Conventions, and why numbers differ where they do (see results/laplace_peers_cpu
 * ``kfac``: laplace-torch keeps a weight and its bias in separate Kronecker blocks (``B kron A``
   and ``B``), bg in one joint block (the bias as a constant input column, ``B kron [A, a; a^T,
   1]``): laplace-torch's matrix is bg's with the weight-bias cross terms ``B kron a`` dropped,
-  a different approximation. Without biases both are ``B kron A`` with ``A`` the mean input
+  a different approximation (where ``B`` is the same for every sample, as for a last layer
+  with one output under MSE, the joint block is the exact GGN block and the separate one is
+  not). Without biases both are ``B kron A`` with ``A`` the mean input
   second moment and ``B`` the summed output-gradient second moment: the bias-free rows agree
   to rounding. laplace-torch sums per-batch factors (batch means of ``A``, ``B`` rescaled by
   ``M_b / N``), which equals the data set's KFAC only for equal batch sizes (hence 5 x 256).
@@ -368,7 +370,7 @@ def write(
              "laplace-torch's value; `probs`: largest absolute difference of the probit "
              "probabilities. Times: fit + evidence, and the GLM predictive on the held-out "
              "split (seconds); peak memory of both in a forked child. Why numbers differ: "
-             "the script's docstring.", "",
+             "the last section.", "",
              "| problem | subset | structure | P | log ML bg | log ML laplace-torch | rel diff "
              "| mean | variance | probs | fit s bg | fit s peer | predict s bg | predict s peer "
              "| MiB bg | MiB peer |", "|" + "---|" * 16]  # fmt: skip
@@ -379,6 +381,8 @@ def write(
         fmt = lambda v: "n/a" if v is None else f"{v[0]:.4f} / {v[1]:.4f}"  # noqa: E731
         lines.append(f"| {c['problem']} | {c['prior_bg']:.4g} | {_fmt(c.get('prior_peer'), '.4g')} "
                      f"| {fmt(c['map'])} | {fmt(c['bg'])} | {fmt(c.get('peer'))} |")  # fmt: skip
+    notes = __doc__.split("Conventions, and why numbers differ")[1].split("laplace-torch needs")[0]
+    lines += ["", "## Why numbers differ", "", notes.split("\n", 1)[1].strip()]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
