@@ -303,9 +303,8 @@ def scores(
         kfac_approx: passed to :func:`fit_factors`.
         generator: passed to :func:`fit_factors`.
         progress: tqdm bars over the data loops (when tqdm is installed).
-        query_rank: per parameter, keep the preconditioned query gradients ``[size,
-            n_query]`` as their best rank-``query_rank`` factorization (truncated SVD): less
-            memory and work per training example, approximate scores (``None``: exact).
+        query_rank: per parameter, the preconditioned query gradients ``[size, n_query]`` as
+            their best rank-``query_rank`` factorization (truncated SVD; ``None``: exact).
 
     Returns:
         ``[n_query, n_train]`` scores.
