@@ -17,25 +17,37 @@ loss, ``C`` the EK-FAC of the empirical Fisher of the mean training loss on both
 (kronfluence: ``use_empirical_fisher=True``, ``damping_factor`` as given; bg:
 ``fisher_type="empirical"``), so that no Monte-Carlo labels differ between the two.
 
+Conventions that match (checked against kronfluence 1.0.1's sources): per-example gradients of
+the summed loss (a sequence's tokens summed); the Kronecker eigenbases of ``A`` (layer inputs,
+the bias as a constant input column, convolution patches) and ``B`` (output gradients); the
+corrected eigenvalues as the *mean* over training examples of the squared rotated per-example
+gradients; the damping added to them as an absolute value (both: ``(lambda + damping)^{-1}``).
+Differences: kronfluence eigendecomposes in float64 and keeps float32 factors, bg works in the
+model's dtype; kronfluence's default ``damping_factor=None`` heuristic is per module, bg's
+default is one value for the model (the script passes the same absolute damping to both);
+kronfluence writes its factors and scores to disk (safetensors) inside the timed calls, bg keeps
+them in memory.
+
 Rows per problem:
 
 * ``kronfluence``: its tracked modules (``nn.Linear``/``nn.Conv2d`` only: the GroupNorm,
   LayerNorm and Embedding parameters are left out without an error).
 * ``bg (same params)``: ``bg.influence`` restricted to those parameters: the agreement column
   is the mean over queries of the Spearman correlation with kronfluence's scores.
-* ``bg (all params)``: every parameter (norms and embeddings included).
+* ``bg (all params)``: every parameter (norms and embeddings included); its Spearman column
+  says how much the parameters kronfluence leaves out change the ranking.
 
 Columns: time to fit the factors, time to score all queries against all training examples
-(medians of ``--reps``, candidates alternating rep by rep), peak memory of one fit + score in a
-forked child (VmHWM above the level at the fork; ``max_memory_allocated`` on GPU). Protocol
-helpers are those of ``laplace_peers.py``. kronfluence needs its own environment (it pulls
-accelerate, safetensors and possibly another torch); without it its rows read ``n/a``.
+(medians of ``--reps``), peak memory of one fit + score in a forked child (VmHWM above the
+level at the fork; ``max_memory_allocated`` on GPU). Protocol helpers are those of
+``laplace_peers.py``. Without kronfluence its rows read ``n/a``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.metadata
 import json
 import platform
 import sys
@@ -51,7 +63,7 @@ from torch.utils.data import TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import beyondgrad as bg
-from beyondgrad.problems import TinyGPT
+from beyondgrad.app.tasks import TinyGPT
 from laplace_peers import alternate, peak_memory_mib
 
 DAMPING = 1e-3
@@ -91,8 +103,7 @@ def transformer(n_train: int, n_query: int, steps: int) -> dict[str, Any]:
     idx = (start + torch.arange(17) * torch.randint(1, 4, (n, 1), generator=g)) % 64
     X, y = idx[:, :16], idx[:, 1:]
     torch.manual_seed(0)
-    model = TinyGPT(vocab=64, d=32, heads=4, layers=2, max_len=16)
-    model.head.weight = nn.Parameter(model.tok.weight.detach().clone())  # untie
+    model = TinyGPT(vocab=64, d=32, heads=4, layers=2, max_len=16, tied=False)
     _train(model, X[:n_train], y[:n_train], steps)
     return dict(name="transformer", model=model, train=(X[:n_train], y[:n_train]),
                 query=(X[n_train:], y[n_train:]))  # fmt: skip
@@ -220,8 +231,14 @@ def _has_peer() -> bool:
 
 def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     host = platform.processor() or platform.machine()
+    try:
+        kf_version = importlib.metadata.version("kronfluence")
+    except importlib.metadata.PackageNotFoundError:
+        kf_version = "not installed"
     head = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, device "
-            f"{args.device}, {host}; damping {DAMPING}")  # fmt: skip
+            f"{args.device}, {host}; kronfluence {kf_version}; damping {DAMPING}; "
+            f"{args.n_train} training examples, {args.n_query} queries, "
+            f"{args.reps} reps")  # fmt: skip
     lines = ["# bg.influence vs kronfluence (EK-FAC, empirical Fisher)", "", head, "",
              "| problem | method | parameters covered | fit s | score s | peak MiB | "
              "Spearman vs kronfluence |", "|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -229,10 +246,13 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         rho = "n/a" if r["spearman"] is None else f"{r['spearman']:.4f}"
         lines.append(f"| {r['problem']} | {r['method']} | {r['params']} | {r['fit_s']:.3g} | "
                      f"{r['score_s']:.3g} | {r['peak_mib']:.1f} | {rho} |")  # fmt: skip
+    notes = __doc__.split("Conventions that match")[1].split("Rows per problem")[0]
+    lines += ["", "## Conventions", "", "Conventions that match" + notes.rstrip()]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    payload = {"environment": head, "command": " ".join(sys.argv), "rows": rows}
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
     print("\n".join(lines))
 
 
@@ -241,6 +261,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--problems", nargs="+", default=["cnn", "transformer"])
     parser.add_argument("--quick", action="store_true", help="200 train / 10 queries, 1 rep")
     parser.add_argument("--only-beyondgrad", action="store_true")
     parser.add_argument("--out", default=None)
@@ -252,10 +273,12 @@ def main() -> None:
     if not peer and not args.only_beyondgrad:
         print("kronfluence not importable: its rows read n/a", file=sys.stderr)
     n_train, n_query, steps = (200, 10, 20) if args.quick else (2000, 100, 300)
-    reps = 1 if args.quick else args.reps
+    args.n_train, args.n_query = n_train, n_query
+    args.reps = reps = 1 if args.quick else args.reps
     rows = []
-    for make in (cnn, transformer):
-        p = make(n_train, n_query, steps)
+    makers = {"cnn": cnn, "transformer": transformer}
+    for name in args.problems:
+        p = makers[name](n_train, n_query, steps)
         p["model"].to(args.device)
         for key in ("train", "query"):
             p[key] = tuple(t.to(args.device) for t in p[key])

@@ -187,3 +187,21 @@ def test_invalid_arguments_raise():
         bg.influence.fit_factors(model, loss_fn, train, params=["nope"])
     with pytest.raises(ValueError, match="damping"):
         bg.influence.scores(model, loss_fn, train, query, curvature="diag", damping=-1.0)
+
+
+def test_chunked_preconditioning_and_collected_batches():
+    """Preconditioning a column at a time equals the whole block (EK-FAC, dense check); the
+    batches wrapper used for the curvature passes is re-iterable and yields the batches."""
+    from beyondgrad.laplace.linops_adapter import CollectedBatches
+
+    model, loss_fn, (X, y), _, train, _ = problem("ce")
+    factors = bg.influence.fit_factors(model, loss_fn, train, curvature="ekfac")
+    C = structure_matrix("ekfac", model, loss_fn, X, y, train)
+    M = torch.randn(C.shape[0], 5, dtype=torch.float64)
+    expected = torch.linalg.solve(C + 0.3 * torch.eye(C.shape[0], dtype=torch.float64), M)
+    torch.testing.assert_close(factors.precondition(M, 0.3, chunk=1), expected)
+    torch.testing.assert_close(factors.precondition(M, 0.3), expected)
+    wrapped = CollectedBatches(train)
+    assert len(wrapped) == len(train)
+    for _ in range(2):
+        assert [b[1].tolist() for b in wrapped] == [b[1].tolist() for b in train]

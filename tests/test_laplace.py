@@ -103,6 +103,9 @@ def test_evidence_posterior_and_sampling_match_dense(structure, loss):
     eye = torch.eye(la.num_params, dtype=torch.float64)
     T = la.curvature.inverse_sqrt(torch.tensor(s, dtype=torch.float64), la.prior_vector(), eye)
     torch.testing.assert_close(T @ T.T, cov, **tol)
+    # whiten gives T^T: the quadratic forms of the GLM predictive
+    Wh = la.curvature.whiten(torch.tensor(s, dtype=torch.float64), la.prior_vector(), eye)
+    torch.testing.assert_close(Wh.T @ Wh, cov, **tol)
 
 
 @pytest.mark.parametrize("loss", ["ce", "mse", "bce"])
@@ -305,3 +308,52 @@ def test_empirical_fisher_scale_and_mc_fisher():
     ]  # fmt: skip
     torch.testing.assert_close(runs[0], runs[1])
     assert runs[2].count_nonzero() == runs[2].diagonal().count_nonzero()
+
+
+@pytest.mark.parametrize("fisher_type", ["type-2", "empirical"])
+def test_dense_rows_chunked_and_unused_parameters(fisher_type):
+    """The full structure from the engine's rows, chunked down to one sample per chunk,
+    equals the oracle (GGN, or ``sum_n g_n g_n^T``); a parameter no call reaches has a zero
+    block; the MC Fisher has no rows (the operator serves it)."""
+    from beyondgrad.laplace.linops_adapter import dense_from_rows
+    from oracles.first_order import per_sample_grads
+
+    net, loss_fn, X, y, data = problem("ce")
+
+    class WithUnused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net, self.unused = net, nn.Linear(2, 2).double()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+    model = WithUnused()
+    names = [n for n, _ in model.named_parameters()]
+    H = dense_from_rows(model, summed(loss_fn), data, names, fisher_type, budget=1)
+    used = [n for n in names if not n.startswith("unused")]
+    P = sum(p.numel() for n, p in model.named_parameters() if n in used)
+    if fisher_type == "type-2":
+        ref = ggn(net, summed(loss_fn), X, y)["full"]
+    else:
+        G = per_sample_grads(model, summed(loss_fn), X, y)
+        ref = torch.cat([G[n].reshape(G[n].shape[0], -1) for n in used], 1)
+        ref = ref.T @ ref
+    torch.testing.assert_close(H[:P, :P], ref)
+    assert H[P:].abs().max() == 0 and H[:, P:].abs().max() == 0
+    assert dense_from_rows(model, summed(loss_fn), data, names, "mc") is None
+
+
+def test_functional_variance_fallback_equals_engine_jacobians(monkeypatch):
+    """Where the engine's per-sample Jacobians are unavailable (samples coupled), the
+    vector-Jacobian products of ``bg.linops.Jacobian`` give the same variance."""
+    import beyondgrad.laplace.laplace as module
+
+    model, loss_fn, _X, y, data = problem("mse")
+    la = Laplace(model, loss_fn, data, structure="kfac", prior_precision=0.8)
+    Xt = torch.randn(5, 3, dtype=torch.float64)
+    J = ggn(model, summed(loss_fn), Xt, y[:5])["J"]  # [N, K, P]
+    var = torch.einsum("nkp,pq,nlq->nkl", J, la.posterior_covariance(), J)
+    torch.testing.assert_close(la.functional_variance(Xt, max_vectors=4), var)
+    monkeypatch.setattr(module, "output_jacobians", lambda *args: None)
+    torch.testing.assert_close(la.functional_variance(Xt, max_vectors=4), var)

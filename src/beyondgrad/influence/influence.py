@@ -26,6 +26,7 @@ parameter.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -90,13 +91,32 @@ class InfluenceFactors:
         trace = float(self.structure.trace()) / self.num_data
         return 0.1 * trace / self.structure.num_params
 
-    def precondition(self, M: Tensor, damping: float) -> Tensor:
-        """``(C + damping I)^{-1} M`` for ``M`` ``[P, k]`` (``M`` itself for ``"identity"``)."""
+    def precondition(self, M: Tensor, damping: float, chunk: int | None = None) -> Tensor:
+        """``(C + damping I)^{-1} M`` for ``M`` ``[P, k]`` (``M`` itself for ``"identity"``),
+        ``chunk`` columns at a time (default ``max(1, 2**20 // P)``): the structure's
+        temporaries (rotations, layouts) stay at a few ``[P, chunk]`` blocks.
+
+        Args:
+            M: ``[P, k]``.
+            damping: ``lambda >= 0``.
+            chunk: columns per solve.
+
+        Returns:
+            ``[P, k]``.
+        """
         if self.structure is None:
             return M
         scale = M.new_tensor(1.0 / self.num_data)
         prior = M.new_full((self.structure.num_params,), float(damping))
-        return self.structure.solve(scale, prior, M)
+        step = chunk or max(1, (1 << 20) // max(1, M.shape[0]))
+        if step >= M.shape[1]:
+            return self.structure.solve(scale, prior, M)
+        out = torch.empty_like(M)
+        for start in range(0, M.shape[1], step):
+            out[:, start : start + step] = self.structure.solve(
+                scale, prior, M[:, start : start + step]
+            )
+        return out
 
     def save(self, path: str) -> None:
         """Write the factors to ``path`` (``torch.save`` of plain tensors and metadata)."""
@@ -212,8 +232,14 @@ def example_gradients(
     loss_sum = sum_reduction(loss_fn)
     q = BatchGrad()
     for X, y in progress_bar(data, progress, desc):
-        grads = compute(model, loss_sum, X, y, q)[q]
-        yield {n: grads[n].detach() for n in names}
+        result = compute(model, loss_sum, X, y, q)
+        grads = {n: result[q][n].detach() for n in names}
+        # the engine's per-batch state sits in reference cycles: without a (young-generation,
+        # cheap) collection here it lives on into the next batches (2x the peak memory)
+        del result
+        gc.collect(1)
+        yield grads
+        del grads
 
 
 def _flat(grads: dict[str, Tensor], names: Sequence[str]) -> Tensor:
@@ -277,9 +303,8 @@ def scores(
         kfac_approx: passed to :func:`fit_factors`.
         generator: passed to :func:`fit_factors`.
         progress: tqdm bars over the data loops (when tqdm is installed).
-        query_rank: per parameter, keep the preconditioned query gradients ``[size,
-            n_query]`` as their best rank-``query_rank`` factorization (truncated SVD): less
-            memory and work per training example, approximate scores (``None``: exact).
+        query_rank: per parameter, the preconditioned query gradients ``[size, n_query]`` as
+            their best rank-``query_rank`` factorization (truncated SVD; ``None``: exact).
 
     Returns:
         ``[n_query, n_train]`` scores.
@@ -303,6 +328,7 @@ def scores(
             _project(grads[n].reshape(k, -1), left, right) for n, (left, right) in zip(names, parts)
         )  # [k, n_query]
         columns.append(block.T)  # type: ignore[union-attr]
+        del grads  # held no longer than its batch: the next batch's gradients replace it
     return torch.cat(columns, 1)
 
 
@@ -318,9 +344,14 @@ def _preconditioned_queries(
     """Per parameter, ``(C + damping I)^{-1} G_q`` restricted to it (``[size, n_query]``) as a
     product ``left @ right`` (see :func:`_compress`)."""
     names = factors.names
-    queries = example_gradients(model, loss_fn, query, names, progress, "query")
-    G_q = torch.cat([_flat(g, names) for g in queries], 1)  # [P, n_query]
+    blocks = []
+    for grads in example_gradients(model, loss_fn, query, names, progress, "query"):
+        blocks.append(_flat(grads, names))
+        del grads  # the flat copy replaces it before the next batch
+    G_q = blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)  # [P, n_query]
+    del blocks
     pre = factors.precondition(G_q, damping)
+    del G_q
     named = dict(model.named_parameters())
     sizes = [named[n].numel() for n in names]
     return [_compress(b, rank) for b in torch.split(pre, sizes, 0)]
@@ -384,6 +415,7 @@ def self_influence(
     for grads in example_gradients(model, loss_fn, train, factors.names, progress, "train"):
         G = _flat(grads, factors.names)  # [P, k]
         out.append((G * factors.precondition(G, damping)).sum(0))
+        del grads, G  # held no longer than their batch
     return torch.cat(out)
 
 

@@ -102,6 +102,23 @@ class Curvature:
         """
         raise NotImplementedError
 
+    def whiten(self, scale: Tensor, prior: Tensor, M: Tensor) -> Tensor:
+        """A ``W`` with ``W^T W = M^T (s H + diag(prior))^{-1} M`` (quadratic forms, e.g. the
+        GLM predictive variance): ``T^T M`` for a square root ``T T^T = (s H + D)^{-1}``,
+        its rows in a basis of the structure's choosing (dense: one triangular solve, half
+        the work of :meth:`solve`; Kronecker: the eigenbasis, no rotation back). The base
+        implementation uses :meth:`inverse_sqrt` (``T^T = T`` for symmetric roots).
+
+        Args:
+            scale: ``s > 0``, a scalar tensor.
+            prior: ``[P]``, the positive prior precision per entry.
+            M: ``[P, k]``.
+
+        Returns:
+            ``[P, k]``.
+        """
+        return self.inverse_sqrt(scale, prior, M)
+
     def to_dense(self) -> Tensor:
         """``H`` as a dense ``[P, P]`` matrix (tests, small models)."""
         raise NotImplementedError
@@ -161,6 +178,9 @@ class DenseCurvature(Curvature):
     def inverse_sqrt(self, scale: Tensor, prior: Tensor, Z: Tensor) -> Tensor:
         L = self._cholesky(scale, prior)  # Pm = L L^T, T = L^{-T}
         return torch.linalg.solve_triangular(L.T, Z, upper=True)
+
+    def whiten(self, scale: Tensor, prior: Tensor, M: Tensor) -> Tensor:
+        return torch.linalg.solve_triangular(self._cholesky(scale, prior), M, upper=False)
 
     def to_dense(self) -> Tensor:
         return self.matrix
@@ -254,6 +274,16 @@ class LowRankCurvature(Curvature):
         c = -1.0 / (root * (1 + root))
         WV = W @ V
         return prior.rsqrt().unsqueeze(1) * (Z + WV @ (c.unsqueeze(1) * (WV.T @ Z)))
+
+    def whiten(self, scale: Tensor, prior: Tensor, M: Tensor) -> Tensor:
+        # T = D^{-1/2} S with S symmetric (see inverse_sqrt): T^T M = S D^{-1/2} M
+        W = self._whitened(scale, prior)
+        x, V = torch.linalg.eigh(W.T @ W)
+        root = (1 + x.clamp_min(0)).sqrt()
+        c = -1.0 / (root * (1 + root))
+        WV = W @ V
+        Z = prior.rsqrt().unsqueeze(1) * M
+        return Z + WV @ (c.unsqueeze(1) * (WV.T @ Z))
 
     def to_dense(self) -> Tensor:
         return self.eigenvectors @ (self.eigenvalues.unsqueeze(1) * self.eigenvectors.T)
@@ -430,6 +460,23 @@ class KroneckerCurvature(Curvature):
             lambda b: (scale * b.values + self._block_prior(b, prior)).rsqrt(),
             lambda b: (scale * b.values + self._diag_prior(b, prior)).rsqrt(),
         )
+
+    def whiten(self, scale: Tensor, prior: Tensor, M: Tensor) -> Tensor:
+        # W = D^{-1/2} Q^T M block by block, in the eigenbases (Q orthogonal: W^T W is the
+        # quadratic form of Q D^{-1} Q^T, no rotation back needed)
+        k = M.shape[1]
+        offsets = self.offsets()
+        shapes = dict(zip(self.names, self.shapes))
+        parts = {n: M[a : a + s].T.reshape(k, *shapes[n]) for n, (a, s) in offsets.items()}
+        out = []
+        for b in self.blocks:
+            if isinstance(b, KroneckerBlock):
+                root = (scale * b.values + self._block_prior(b, prior)).rsqrt()
+                out.append((b.rotate(b.to_layout(parts)) * root).reshape(k, -1))
+            else:
+                flat = torch.cat([parts[n].reshape(k, -1) for n in b.names], 1)
+                out.append(flat * (scale * b.values + self._diag_prior(b, prior)).rsqrt())
+        return torch.cat(out, 1).T
 
     def to_dense(self) -> Tensor:
         ref = self.blocks[0].values

@@ -35,7 +35,13 @@ from torch.utils._pytree import tree_map
 from .. import linops
 from ..distributed import group as dist_group
 from .curvature import Curvature, KroneckerCurvature, curvature_from_state
-from .linops_adapter import FISHER_TYPES, STRUCTURES, build_curvature, sum_reduction
+from .linops_adapter import (
+    FISHER_TYPES,
+    STRUCTURES,
+    build_curvature,
+    output_jacobians,
+    sum_reduction,
+)
 
 PRED_TYPES = ("glm", "nn")
 LINKS = ("probit", "mc")
@@ -373,35 +379,44 @@ class Laplace:
         prior, scale = self.prior_vector(), self._scale(self.sigma_noise)
         return (self.mean.unsqueeze(1) + curv.inverse_sqrt(scale, prior, Z)).T
 
-    def functional_variance(self, X: Any, max_vectors: int = 256) -> Tensor:
+    def functional_variance(self, X: Any, max_vectors: int | None = None) -> Tensor:
         """``J(x) P^{-1} J(x)^T`` per input, ``[N, K, K]`` (``K`` outputs per sample, the
-        output flattened after the sample axis). ``J`` comes from ``bg.linops.Jacobian`` on
-        chunks of inputs with at most ``max_vectors`` outputs (one batched vjp per chunk:
-        ``[P, chunk K]`` is held), samples being independent (eval mode).
+        output flattened after the sample axis), on chunks of inputs with at most
+        ``max_vectors`` outputs (``[P, chunk K]`` is held). The per-sample Jacobians come
+        from one engine backward per chunk (``linops_adapter.output_jacobians``;
+        ``bg.linops.Jacobian`` where the model couples its samples); the quadratic form is
+        ``W^T W`` with ``W = T^T J^T`` (:meth:`Curvature.whiten`: one triangular solve for
+        the dense structure).
 
         Args:
             X: a batch of inputs (tensor, tuple or dict), ``N`` samples.
-            max_vectors: the most outputs per chunk (at least one sample per chunk).
+            max_vectors: the most outputs per chunk (at least one sample per chunk);
+                default ``max(256, 2**22 // P)``.
 
         Returns:
             ``[N, K, K]``, the covariance of the linearized network's outputs (no
             observation noise).
         """
-        self._fitted()
+        curv = self._fitted()
+        prior, scale = self.prior_vector(), self._scale(self.sigma_noise)
         N = _leading(X)
         with torch.no_grad():
-            K = forward(self.model, _rows(X, 0, 1)).numel()
+            out_shape = forward(self.model, _rows(X, 0, 1)).shape[1:]
+        K, P = out_shape.numel(), self.num_params
+        if max_vectors is None:
+            max_vectors = max(256, (1 << 22) // P)
         step = max(1, max_vectors // K)
         out = []
         for start in range(0, N, step):
             chunk = _rows(X, start, min(N, start + step))
+            Jt = output_jacobians(self.model, chunk, self.names, out_shape)
             n = _leading(chunk)
-            dummy = torch.zeros(n, device=self.device)
-            jac = linops.Jacobian(self.model, [(chunk, dummy)], params=self.names)
-            Jt = jac.T @ torch.eye(n * K, dtype=self.dtype, device=self.device)  # [P, n K]
-            PJt = self.posterior_solve(Jt)
-            P = self.num_params
-            out.append(torch.einsum("pnk,pnl->nkl", Jt.reshape(P, n, K), PJt.reshape(P, n, K)))
+            if Jt is None:  # samples coupled: vector-Jacobian products per output
+                dummy = torch.zeros(n, device=self.device)
+                jac = linops.Jacobian(self.model, [(chunk, dummy)], params=self.names)
+                Jt = jac.T @ torch.eye(n * K, dtype=self.dtype, device=self.device)
+            W = curv.whiten(scale, prior, Jt.reshape(P, n * K)).reshape(P, n, K)
+            out.append(torch.einsum("pnk,pnl->nkl", W, W))
         return torch.cat(out)
 
     # -- predictives -----------------------------------------------------------------------------

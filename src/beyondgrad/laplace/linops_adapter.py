@@ -14,13 +14,17 @@ is then that of ``sum_n l_n`` (no data-set reduction factor), e.g. ``sum_n J_n^T
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+import gc
+import math
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .. import linalg, linops
+from ..distributed import group as dist_group
+from ..engine import SamplesCoupledError, check_samples_independent, compute
 from ..factors import KroneckerFactors
 from .curvature import (
     DenseCurvature,
@@ -33,6 +37,12 @@ from .curvature import (
 
 FISHER_TYPES = ("type-2", "mc", "empirical")
 STRUCTURES = ("full", "diag", "kfac", "ekfac", "lowrank")
+
+#: the engine's vector kind whose per-row gradients ``g_r`` give ``H = sum_r g_r g_r^T``
+ROW_KINDS = {"type-2": ("exact", 0), "empirical": ("grad", 1)}
+
+#: the most entries of one chunk of materialized rows ``[rows, P]`` in :func:`dense_from_rows`
+ROW_BUDGET = 1 << 23
 
 
 def sum_reduction(loss_fn: nn.Module) -> nn.Module:
@@ -62,6 +72,114 @@ def _operator(
     if fisher_type == "empirical":
         return linops.EmpiricalFisher(model, loss_sum, data, **kw)
     raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
+
+
+def dense_from_rows(
+    model: nn.Module,
+    loss_sum: nn.Module,
+    data: Sequence[tuple[Any, Tensor]],
+    names: Sequence[str],
+    fisher_type: str,
+    budget: int = ROW_BUDGET,
+) -> Tensor | None:
+    """``H = sum_r g_r g_r^T`` ``[P, P]`` from the engine's per-row gradients of
+    ``loss_sum`` (``reduction="sum"``): the loss-Hessian square-root rows for the GGN
+    (``"type-2"``), the per-sample gradients for ``"empirical"``. One forward and backward per
+    batch; the rows are materialized for chunks of samples with at most ``budget`` entries
+    (``[rows, P]``) and accumulated by one matrix product per chunk: ``P`` times cheaper than
+    ``P`` operator products.
+
+    Args:
+        model, loss_sum: the model and its summed loss.
+        data: the ``(X, y)`` batches.
+        names: the parameters (flat order).
+        fisher_type: ``"type-2"`` or ``"empirical"``.
+        budget: the most entries of one chunk of rows.
+
+    Returns:
+        ``H`` (detached), or ``None`` where the rows do not apply (MC Fisher, samples coupled
+        by the model, e.g. BatchNorm in training mode): use the operator then.
+    """
+    if fisher_type not in ROW_KINDS:
+        return None
+    try:
+        check_samples_independent(model)
+    except SamplesCoupledError:
+        return None
+    kind = ROW_KINDS[fisher_type]
+    named = dict(model.named_parameters())
+    sizes = [named[n].numel() for n in names]
+    first = named[names[0]]
+    H = torch.zeros(sum(sizes), sum(sizes), dtype=first.dtype, device=first.device)
+    for X, y in data:
+        stats = compute(model, loss_sum, X, y, vectors=[kind]).stats
+        assert stats is not None
+        forms = stats.forms(kind)
+        N = stats.num_samples
+        vectors = next(iter(forms.values())).vectors if forms else 1
+        step = max(1, budget // max(1, vectors * sum(sizes)))
+        for start in range(0, N, step):
+            index = torch.arange(start, min(N, start + step), device=first.device)
+            rows = torch.cat(
+                [
+                    forms[n].select(index).batch_grad().reshape(-1, size)
+                    if n in forms
+                    else first.new_zeros(vectors * len(index), size)
+                    for n, size in zip(names, sizes)
+                ],
+                1,
+            )
+            H.addmm_(rows.T, rows)
+        del stats, forms, rows
+        gc.collect(1)  # the engine's per-batch state sits in reference cycles
+    return H.detach()
+
+
+def output_jacobians(
+    model: nn.Module, X: Any, names: Sequence[str], out_shape: Sequence[int]
+) -> Tensor | None:
+    """Per-sample Jacobians of the outputs, ``J^T`` as ``[P, N, K]`` (``K`` outputs per
+    sample, flattened), from one backward of the engine: the GGN rows of ``MSELoss(sum)`` are
+    ``sqrt(2) e_k^T J_n`` (its output Hessian is ``2 I``), so all ``N K`` rows come out of
+    ``K`` backpropagated vectors instead of ``N K`` vector-Jacobian products.
+
+    Args:
+        model: the model (samples independent).
+        X: a batch of ``N`` inputs.
+        names: the parameters (flat order, ``P`` entries).
+        out_shape: the model output's shape per sample.
+
+    Returns:
+        ``[P, N, K]``, or ``None`` when the model couples its samples (use
+        ``bg.linops.Jacobian`` then).
+    """
+    try:
+        check_samples_independent(model)
+    except SamplesCoupledError:
+        return None
+    named = dict(model.named_parameters())
+    first = named[names[0]]
+    kind = ("exact", 0)
+    N = _num_samples(X)
+    y = torch.zeros(N, *out_shape, dtype=first.dtype, device=first.device)
+    stats = compute(model, nn.MSELoss(reduction="sum"), X, y, vectors=[kind]).stats
+    assert stats is not None
+    forms = stats.forms(kind)
+    K = math.prod(out_shape)
+    parts = [
+        forms[n].batch_grad().reshape(K, N, -1)
+        if n in forms
+        else first.new_zeros(K, N, named[n].numel())
+        for n in names
+    ]
+    return torch.cat(parts, 2).permute(2, 1, 0) / math.sqrt(2.0)
+
+
+def _num_samples(X: Any) -> int:
+    if isinstance(X, Tensor):
+        return X.shape[0]
+    values = X.values() if isinstance(X, dict) else X
+    return _num_samples(next(iter(values)))
 
 
 def _kronecker(
@@ -107,6 +225,35 @@ def _kronecker(
     return KroneckerCurvature(names, shapes, blocks)
 
 
+class CollectedBatches:
+    """A re-iterable sequence of batches that runs a young-generation garbage collection
+    after each batch is consumed: the engine's per-batch state sits in reference cycles, and
+    without it a pass over the data holds several batches' state at once (about twice the
+    peak memory). The collection is cheap (``gc.collect(1)``).
+
+    Args:
+        batches: the ``(X, y)`` batches.
+    """
+
+    def __init__(self, batches: Sequence[tuple[Any, Tensor]]):
+        self.batches = list(batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[tuple[Any, Tensor]]:
+        for batch in self.batches:
+            yield batch
+            gc.collect(1)
+
+
+def _check_choices(structure: str, fisher_type: str) -> None:
+    if structure not in STRUCTURES:
+        raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
+    if fisher_type not in FISHER_TYPES:
+        raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
+
+
 def build_curvature(
     model: nn.Module,
     loss_sum: nn.Module,
@@ -123,8 +270,9 @@ def build_curvature(
     """The curvature of ``loss_sum`` (``reduction="sum"``) over ``data`` w.r.t. the parameters
     ``names`` (in ``model.named_parameters()`` order) in ``structure``:
 
-    * ``"full"``: the dense matrix of ``bg.linops.GGN`` (``fisher_type="type-2"``),
-      ``Fisher`` (``"mc"``) or ``EmpiricalFisher`` (``"empirical"``), ``P`` products;
+    * ``"full"``: dense, from the engine's rows (:func:`dense_from_rows`), else (MC, coupled
+      samples, a process group) from ``P`` products of ``bg.linops.GGN`` / ``Fisher`` /
+      ``EmpiricalFisher``;
     * ``"diag"``: that operator's exact ``diagonal()``;
     * ``"lowrank"``: its ``rank`` leading eigenpairs (:func:`beyondgrad.linalg.eigsh`, Lanczos
       to a relative residual of 1e-8, started from ``generator`` or a fixed seed);
@@ -138,11 +286,8 @@ def build_curvature(
     Returns:
         A structure of :mod:`beyondgrad.laplace.curvature` holding ``H`` (detached, no ``1/N``).
     """
-    if structure not in STRUCTURES:
-        raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
-    if fisher_type not in FISHER_TYPES:
-        raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
-    batches = list(data)
+    _check_choices(structure, fisher_type)
+    batches = CollectedBatches(list(data))
     named = dict(model.named_parameters())
     shapes = [named[n].shape for n in names]
     if structure in ("kfac", "ekfac"):
@@ -152,6 +297,10 @@ def build_curvature(
             generator=generator, params=list(names), process_group=process_group,
         )  # fmt: skip
         return _kronecker(op, names, shapes)
+    rows = structure == "full" and dist_group.resolve_group(process_group) is None
+    H = dense_from_rows(model, loss_sum, batches, names, fisher_type) if rows else None
+    if H is not None:
+        return DenseCurvature(names, shapes, H)
     op = _operator(
         model, loss_sum, batches, names, fisher_type, mc_samples, generator, process_group
     )
@@ -167,4 +316,14 @@ def build_curvature(
     return LowRankCurvature(names, shapes, values.detach(), vectors.detach())
 
 
-__all__ = ["FISHER_TYPES", "STRUCTURES", "build_curvature", "sum_reduction"]
+__all__ = [
+    "FISHER_TYPES",
+    "ROW_BUDGET",
+    "ROW_KINDS",
+    "STRUCTURES",
+    "CollectedBatches",
+    "build_curvature",
+    "dense_from_rows",
+    "output_jacobians",
+    "sum_reduction",
+]
