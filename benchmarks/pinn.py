@@ -106,6 +106,7 @@ def stepper(method: str, loss: pinn.PINNLoss, lr: float | None) -> Callable[[], 
         ours.step()
         return 1
 
+    our_step.finish = getattr(ours, "finish", lambda: None)  # type: ignore[attr-defined]
     return our_step
 
 
@@ -117,6 +118,7 @@ def run(case: Case, method: str, lr: float | None, budget: float, quick: bool) -
     try:
         while time.perf_counter() - start < budget:
             steps += step()
+        getattr(step, "finish", lambda: None)()  # judge a pending lazy step (KFAC-auto)
     except Exception as exc:  # a diverged or failed run is a row, not a crash
         status = f"error: {type(exc).__name__}: {exc}"[:200]
     with torch.no_grad():
