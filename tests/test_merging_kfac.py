@@ -34,7 +34,7 @@ def hooked_empirical_kfac(model: nn.Module, X: torch.Tensor, y: torch.Tensor) ->
         for n in range(len(y)):
             seen: dict[str, torch.Tensor] = {}
 
-            def hook(m: nn.Module, inp: tuple, o: torch.Tensor) -> None:
+            def hook(m: nn.Module, inp: tuple, o: torch.Tensor, seen: dict = seen) -> None:
                 seen["a"], seen["z"] = inp[0].detach(), o
                 o.retain_grad()
 
@@ -106,7 +106,7 @@ def test_fisher_merge_kfac_writes_every_layer() -> None:
                 [m.state_dict()[f"{name}.weight"], m.state_dict()[f"{name}.bias"][:, None]], 1
             )
             for m in models
-        ]  # noqa: E501
+        ]
         ref = dense_merge(Ws, [(f[0][name].A, f[0][name].B) for f in fishers], [0.25, 0.75], 0.1)
         torch.testing.assert_close(state[f"{name}.weight"], ref[:, :-1])
         torch.testing.assert_close(state[f"{name}.bias"], ref[:, -1])
@@ -118,4 +118,4 @@ def test_fisher_merge_kfac_writes_every_layer() -> None:
     with pytest.raises(ValueError, match="damping"):
         bg.merging.kfac_merge_layer(
             [Ws[0]], [(torch.eye(6, dtype=DT), torch.eye(3, dtype=DT))], [1.0], 0.0
-        )  # noqa: E501
+        )
