@@ -184,9 +184,8 @@ def fisher_merge(
     layer's inputs and between its outputs; the merged layer solves
     ``sum_i lambda_i B~_i W A~_i = sum_i lambda_i B~_i W_i A~_i`` (:func:`kfac_merge_layer`,
     factors damped by ``damping`` times their mean eigenvalue); other parameters use the
-    diagonal. RegMean is the special case ``B_i = I``. Each Fisher is the mean over the model's
-    ``N_i`` examples, so each model counts equally whatever ``N_i`` (pass ``weights=N_i`` to
-    weight by data size).
+    diagonal; RegMean is the case ``B_i = I``. Fishers are means over each model's examples
+    (pass ``weights=N_i`` to weight by data size).
 
     Args:
         models: models of one architecture.
@@ -198,8 +197,7 @@ def fisher_merge(
         mc_samples: labels per example for ``"mc"``.
         generator: the random source for ``"mc"``.
         as_state_dict: return the state dict instead of a new model.
-        structure: ``"diagonal"`` or ``"kfac"``.
-        damping: the relative damping of the KFAC factors (``structure="kfac"``).
+        structure: ``"diagonal"`` or ``"kfac"``; damping: the KFAC factors' relative damping.
 
     Returns:
         The merged model (a deep copy of ``models[0]``) or its state dict.
@@ -207,8 +205,7 @@ def fisher_merge(
     Raises:
         ValueError: an unknown ``structure``.
     """
-    states = check_compatible(models)
-    lam = merge_weights(weights, len(models))
+    states, lam = check_compatible(models), merge_weights(weights, len(models))
     if structure == "kfac":
         kfishers = [
             kronecker_fisher(m, loss_fn, d, fisher, mc_samples, generator)
