@@ -303,6 +303,11 @@ def test_kfac_factors_equal_their_definition(name: str) -> None:
         A_b, B_b = hb.T @ hb / hb.shape[0], gb.T @ gb / gb.shape[0]
         for ours, ref in zip(ev.kfac_factors()[k], (A, B, A_b, B_b)):
             torch.testing.assert_close(ours, ref.detach())
+        # KFAC-reduce: Taylor-axis sums of inputs and output gradients per point
+        A_r = sum(z.sum(0)[:, None] * z.sum(0)[None, :] for z in Zs) / (N * S**2)
+        B_r = sum(g.sum(0)[:, None] * g.sum(0)[None, :] for g in gs) / N
+        for ours, ref in zip(ev.kfac_factors("reduce")[k], (A_r, B_r, A_b, B_b)):
+            torch.testing.assert_close(ours, ref.detach())
         # the Taylor-axis factorization of the per-point Jacobian: J_n = sum_s g_s Z_s^T
         torch.testing.assert_close(ev.Z[k], torch.stack(Zs).detach())
         torch.testing.assert_close(ev.g[k], torch.stack(gs).detach())

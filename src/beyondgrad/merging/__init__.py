@@ -1,14 +1,25 @@
 """Merging models of one architecture with curvature: weighted averaging, Fisher merging
-(diagonal Fishers from the engine) and RegMean (per-layer input Gram matrices, the KFAC ``A``
-factors). See :mod:`beyondgrad.merging.merge` for the conventions."""
+(diagonal or Kronecker-factored Fishers from the engine) and RegMean (per-layer input Gram
+matrices, the KFAC ``A`` factors). See :mod:`beyondgrad.merging.merge` for the conventions."""
 
-from .curvature import FISHERS, Gram, as_batches, diagonal_fisher, input_grams, sum_loss
+from .curvature import (
+    FISHERS,
+    Gram,
+    KroneckerFisher,
+    as_batches,
+    diagonal_fisher,
+    input_grams,
+    kronecker_fisher,
+    sum_loss,
+)
 from .merge import (
     average,
     average_state_dicts,
     check_compatible,
     fisher_average,
     fisher_merge,
+    kfac_fisher_average,
+    kfac_merge_layer,
     merge_weights,
     regmean,
     regmean_average,
@@ -18,6 +29,7 @@ from .merge import (
 __all__ = [
     "FISHERS",
     "Gram",
+    "KroneckerFisher",
     "as_batches",
     "average",
     "average_state_dicts",
@@ -26,6 +38,9 @@ __all__ = [
     "fisher_average",
     "fisher_merge",
     "input_grams",
+    "kfac_fisher_average",
+    "kfac_merge_layer",
+    "kronecker_fisher",
     "merge_weights",
     "regmean",
     "regmean_average",

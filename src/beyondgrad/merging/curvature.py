@@ -1,5 +1,6 @@
-"""The curvature merging and pruning read from the engine: diagonal Fishers per parameter and
-input Gram matrices (the KFAC ``A`` factors) per Linear / convolution layer, over a data set.
+"""The curvature merging and pruning read from the engine: diagonal Fishers per parameter,
+Kronecker-factored (KFAC) Fishers and input Gram matrices (the KFAC ``A`` factors) per Linear /
+convolution layer, over a data set.
 
 Conventions (both functions):
 
@@ -163,3 +164,74 @@ def _plain_layer(module: nn.Module, block: Any) -> bool:
         return True
     conv = isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d)
     return conv and module.groups == 1 and block.A.ndim == 2 and block.weight_perm is None
+
+
+@dataclass
+class KroneckerFisher:
+    """The Kronecker-factored (KFAC) Fisher of one layer over a data set: ``F ~ B kron A``
+    on the row-major ``[W | b]`` ``[O, I(+1)]`` block.
+
+    Attributes:
+        A: ``(1/count) sum_r a_r a_r^T`` ``[I(+1), I(+1)]``, the input Gram (as in :class:`Gram`).
+        B: ``(1/N) sum_n sum_v g_{n,v} g_{n,v}^T`` ``[O, O]`` over the ``N`` examples and
+            their backpropagated output-gradient vectors (type-2, MC or empirical).
+        weight: the weight's parameter name.
+        bias: the bias's parameter name, or ``None``.
+    """
+
+    A: Tensor
+    B: Tensor
+    weight: str
+    bias: str | None
+
+
+def kronecker_fisher(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Any,
+    fisher: str = "type-2",
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> tuple[dict[str, KroneckerFisher], dict[str, Tensor]]:
+    """The KFAC Fisher (``bg.KFAC``, KFAC-expand) of the mean per-example loss over ``data``
+    for every Linear and ungrouped convolution layer, and the diagonal Fisher of the same type
+    for every other parameter.
+
+    Args:
+        model: any model the engine serves.
+        loss_fn: its loss (MSE, cross-entropy, BCE with logits); its reduction is ignored.
+        data: ``(X, y)`` tensors or an iterable of ``(X, y)`` batches.
+        fisher: ``"empirical"``, ``"mc"`` or ``"type-2"``.
+        mc_samples: labels sampled per example for ``"mc"``.
+        generator: the random source for ``"mc"``.
+
+    Returns:
+        ``({module name: KroneckerFisher}, {parameter name: diagonal Fisher})``; the second
+        holds the parameters of the other modules (parameter-shaped, mean over examples).
+    """
+    if fisher not in FISHERS:
+        raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
+    quantity = KFAC(fisher_type=fisher, mc_samples=mc_samples)
+    sums: dict[str, list[Any]] = {}
+    diag: dict[str, Tensor] = {}
+    count = 0
+    for X, y in as_batches(data):
+        res = compute(model, sum_loss(loss_fn), X, y, quantity, generator=generator)
+        for module, block in res[quantity].items():
+            if hasattr(block, "diagonal"):  # DiagonalFactors: no Kronecker structure
+                for name, value in block.diagonal.items():
+                    diag[name] = diag[name] + value if name in diag else value.clone()
+                continue
+            if not _plain_layer(model.get_submodule(module), block):
+                raise ValueError(
+                    f"module '{module}' has no plain [O, I] Kronecker block: use the diagonal"
+                )
+            raw = res.stats.kronecker(module, quantity.vectors, "expand")  # type: ignore[union-attr]
+            A, c, B, p = sums.get(module, [0.0, 0, 0.0, block.params])
+            sums[module] = [A + raw.A_sum[0], c + raw.count, B + raw.B_sum[0], p]
+        count += y.shape[0]
+    blocks = {
+        m: KroneckerFisher(A / c, B / count, p[0], p[1] if len(p) > 1 else None)
+        for m, (A, c, B, p) in sums.items()
+    }
+    return blocks, {name: value / count for name, value in diag.items()}

@@ -84,7 +84,8 @@ class Evaluation:
         ]
         for (Zs, gs, n), weights in zip(self._terms(), (w, w_b)):
             for k, (Z, g) in enumerate(zip(Zs, gs)):
-                out[k] = out[k] + torch.einsum("n,nso,nsi->oi", weights, g, Z) / n
+                gw = (g * (weights / n)[:, None, None]).reshape(-1, g.shape[2])
+                out[k] = out[k] + gw.T @ Z.reshape(-1, Z.shape[2])
         return out
 
     def jvp(self, v: Blocks) -> tuple[Tensor, Tensor]:
@@ -130,26 +131,42 @@ class Evaluation:
         J, Jb = self.jacobians()
         return J.T @ J / J.shape[0] + Jb.T @ Jb / Jb.shape[0]
 
-    def kfac_factors(self) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
-        """KFAC factors per layer: KFAC-expand over the Taylor axis for the interior term,
-        standard KFAC for the boundary term.
+    def kfac_factors(self, approx: str = "expand") -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """KFAC factors per layer: KFAC-expand (or -reduce) over the Taylor axis for the
+        interior term, standard KFAC for the boundary term.
 
-        ``A = 1/(N S) sum_{n,s} Z Z^T``, ``B = 1/N sum_{n,s} g g^T`` (interior) and
-        ``A_b = 1/N_b sum_b z z^T``, ``B_b = 1/N_b sum_b g g^T`` (boundary); the layer's
-        Gramian block is approximated by ``B kron A + B_b kron A_b`` (row-major ``[W | b]``).
+        ``approx="expand"``: ``A = 1/(N S) sum_{n,s} Z Z^T``, ``B = 1/N sum_{n,s} g g^T``;
+        ``approx="reduce"``: ``A = 1/(N S^2) sum_n z z^T``, ``B = 1/N sum_n h h^T`` with the
+        Taylor-axis sums ``z = sum_s Z_{n,s}``, ``h = sum_s g_{n,s}`` (both exact for ``S = 1``).
+        Boundary: ``A_b = 1/N_b sum_b z z^T``, ``B_b = 1/N_b sum_b g g^T``. The layer's Gramian
+        block is approximated by ``B kron A + B_b kron A_b`` (row-major ``[W | b]``).
+
+        Args:
+            approx: ``"expand"`` or ``"reduce"`` (the interior term's Taylor axis).
 
         Returns:
             Per layer ``(A [in+1, in+1], B [out, out], A_b [in+1, in+1], B_b [out, out])``.
+
+        Raises:
+            ValueError: an unknown ``approx``.
         """
+        if approx not in ("expand", "reduce"):
+            raise ValueError(f"approx must be 'expand' or 'reduce', got {approx!r}")
         out = []
         for Z, g, Zb, gb in zip(self.Z, self.g, self.Z_b, self.g_b):
             N, S = Z.shape[:2]
-            A = torch.einsum("nsi,nsj->ij", Z, Z) / (N * S)
-            B = torch.einsum("nsi,nsj->ij", g, g) / N
-            Ab = torch.einsum("nsi,nsj->ij", Zb, Zb) / Zb.shape[0]
-            Bb = torch.einsum("nsi,nsj->ij", gb, gb) / gb.shape[0]
-            out.append((A, B, Ab, Bb))
+            if approx == "expand":
+                A, B = _gram(Z) / (N * S), _gram(g) / N
+            else:
+                A, B = _gram(Z.sum(1, keepdim=True)) / (N * S**2), _gram(g.sum(1, keepdim=True)) / N
+            out.append((A, B, _gram(Zb) / Zb.shape[0], _gram(gb) / gb.shape[0]))
         return out
+
+
+def _gram(T: Tensor) -> Tensor:
+    """``sum_{n,s} t_{n,s} t_{n,s}^T`` of ``T [N, S, k]`` as ``[k, k]``."""
+    flat = T.reshape(-1, T.shape[2])
+    return flat.T @ flat
 
 
 class PINNLoss:

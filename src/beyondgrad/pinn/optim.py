@@ -50,17 +50,22 @@ class KFACPINN:
     """KFAC for PINN losses (Dangel, Mueller & Zeinhofer 2024).
 
     Per linear layer the Gramian block is approximated by ``B kron A + B_b kron A_b`` (interior:
-    KFAC-expand over the Taylor axis; boundary: standard KFAC; see
+    KFAC-expand (or -reduce) over the Taylor axis; boundary: standard KFAC; see
     :meth:`Evaluation.kfac_factors`), the factors are averaged over steps (exponential moving
     average) and damped by ``damping`` each; the preconditioned gradient
     ``Delta = -(B~ kron A~ + B~_b kron A~_b)^{-1} grad`` uses the exact inverse of the Kronecker
-    sum (:class:`~beyondgrad.pinn.KroneckerSumInverse`).
+    sum (:class:`~beyondgrad.pinn.KroneckerSumInverse`), recomputed every ``update_every``
+    steps.
 
     Step rules: ``"line_search"``: ``d = Delta + momentum * d_prev``, step size by the line
     search on ``grid``; ``"auto"``: ``alpha * Delta + mu * update_prev`` with ``alpha``, ``mu``
     minimizing ``1/2 x^T (G + damping I) x + grad^T x`` (the exact Gramian ``G``, two
-    Jacobian-vector products), the damping adapted by the Levenberg-Marquardt rule (one more loss
-    evaluation per step; a step that increases the loss is undone).
+    Jacobian-vector products), the damping adapted by the Levenberg-Marquardt rule from the
+    ratio of the actual to the predicted loss change; a step that increases the loss is undone.
+    With ``lazy=True`` the actual loss is the one the next step evaluates anyway (no extra loss
+    evaluation; an undone step restores the previous parameters and evaluation, and
+    :meth:`finish` judges the last step); with ``lazy=False`` the loss is evaluated right after
+    the step.
 
     Args:
         loss: the :class:`~beyondgrad.pinn.PINNLoss` to minimize.
@@ -73,6 +78,11 @@ class KFACPINN:
             fixed damping); the damping then stays within ``[min_damping, max_damping]``.
         min_damping: lower bound of the adapted damping.
         max_damping: upper bound of the adapted damping.
+        approx: ``"expand"`` or ``"reduce"``, the interior factors' treatment of the Taylor axis.
+        update_every: recompute the factors and their inverse every this many steps.
+        lazy: judge an auto step with the next step's loss evaluation (see above).
+        factor_damping: a fixed damping of the Kronecker factors (``None``: the current,
+            possibly adapted, ``damping``).
     """
 
     def __init__(
@@ -86,18 +96,30 @@ class KFACPINN:
         adapt: float = 3.0,
         min_damping: float = 1e-10,
         max_damping: float = 1e4,
+        approx: str = "expand",
+        update_every: int = 1,
+        lazy: bool = False,
+        factor_damping: float | None = None,
     ) -> None:
         if step_rule not in ("line_search", "auto"):
             raise ValueError(f"step_rule must be 'line_search' or 'auto', got {step_rule!r}")
+        if approx not in ("expand", "reduce") or update_every < 1:
+            raise ValueError(f"need approx 'expand'/'reduce', update_every >= 1: {approx!r}")
         self.loss, self.damping, self.ema, self.momentum = loss, damping, ema, momentum
         self.step_rule, self.grid = step_rule, tuple(grid)
         self.adapt, self.min_damping, self.max_damping = adapt, min_damping, max_damping
+        self.approx, self.update_every, self.lazy = approx, update_every, lazy
+        self.factor_damping = factor_damping
         self.factors: list[list[Tensor]] | None = None
+        self.inverses: list[KroneckerSumInverse] | None = None
         self.previous: Blocks | None = None
+        self._pending: tuple[Evaluation, Blocks, Blocks, float] | None = None
         self.steps = 0
 
     def _update_factors(self, ev: Evaluation) -> list[KroneckerSumInverse]:
-        new = [list(f) for f in ev.kfac_factors()]
+        if self.inverses is not None and self.steps % self.update_every != 0:
+            return self.inverses
+        new = [list(f) for f in ev.kfac_factors(self.approx)]
         if self.factors is None:
             self.factors = new
         else:
@@ -105,10 +127,13 @@ class KFACPINN:
                 [self.ema * old + (1 - self.ema) * cur for old, cur in zip(olds, curs)]
                 for olds, curs in zip(self.factors, new)
             ]
-        return [damped_kronecker_sum_inverse(*f, damping=self.damping) for f in self.factors]
+        damping = self.damping if self.factor_damping is None else self.factor_damping
+        self.inverses = [damped_kronecker_sum_inverse(*f, damping=damping) for f in self.factors]
+        return self.inverses
 
     def natural_gradient(self, ev: Evaluation) -> Blocks:
-        """Update the factors and return ``Delta = -(KFAC)^{-1} grad``.
+        """Update the factors (every ``update_every`` steps) and return
+        ``Delta = -(KFAC)^{-1} grad``.
 
         Args:
             ev: the evaluation at the current parameters.
@@ -139,27 +164,55 @@ class KFACPINN:
         update = [sum(c * v[i] for c, v in zip(coef, dirs)) for i in range(len(delta))]
         return update, predicted  # type: ignore[return-value]
 
-    def _auto_step(self, ev: Evaluation, start: Blocks, delta: Blocks) -> None:
-        """Take the automatic step; adapt the damping by the reduction ratio (Levenberg-
-        Marquardt: ``rho < 1/4`` raises it, ``rho > 3/4`` lowers it, by ``self.adapt``) and
-        undo a step that increases the loss."""
-        update, predicted = self._auto(ev, ev.gradient(), delta)
-        self.loss.set_blocks([p + u for p, u in zip(start, update)])
-        if self.adapt == 1.0:
-            self.previous = update
-            return
-        with torch.no_grad():
-            actual = float(self.loss.value()) - ev.loss
+    def _judge(self, before: float, after: float, predicted: float) -> bool:
+        """Levenberg-Marquardt: ``rho < 1/4`` raises the damping, ``rho > 3/4`` lowers it (by
+        ``self.adapt``). Returns whether the step is accepted (the loss did not increase)."""
+        actual = after - before
         rho = actual / predicted if predicted < 0 else -1.0
         if rho < 0.25:
             self.damping = min(self.damping * self.adapt, self.max_damping)
         elif rho > 0.75:
             self.damping = max(self.damping / self.adapt, self.min_damping)
-        if actual > 0:  # rejected: back to the start, no momentum
+        return actual <= 0
+
+    def _auto_step(self, ev: Evaluation, start: Blocks, delta: Blocks) -> None:
+        """Take the automatic step; judge it now (eager) or at the next evaluation (lazy)."""
+        update, predicted = self._auto(ev, ev.gradient(), delta)
+        self.loss.set_blocks([p + u for p, u in zip(start, update)])
+        self.previous = update
+        if self.adapt == 1.0:
+            return
+        if self.lazy:
+            self._pending = (ev, start, update, predicted)
+            return
+        with torch.no_grad():
+            after = float(self.loss.value())
+        if not self._judge(ev.loss, after, predicted):  # rejected: back, no momentum
             self.loss.set_blocks(start)
             self.previous = None
+
+    def _resolve(self, ev: Evaluation | None) -> Evaluation | None:
+        """Judge the pending lazy step with the evaluation ``ev`` after it (``None``: evaluate
+        the loss); an undone step returns the evaluation before it."""
+        if self._pending is None:
+            return ev
+        before_ev, start, _, predicted = self._pending
+        self._pending = None
+        if ev is None:
+            with torch.no_grad():
+                after = float(self.loss.value())
         else:
-            self.previous = update
+            after = ev.loss
+        if self._judge(before_ev.loss, after, predicted):
+            return ev
+        self.loss.set_blocks(start)
+        self.previous = None
+        return before_ev
+
+    def finish(self) -> None:
+        """Judge a pending lazy step (undo it if it increased the loss); a no-op otherwise.
+        Call it after the last :meth:`step` of a lazy run."""
+        self._resolve(None)
 
     def step(self) -> float:
         """One iteration.
@@ -167,7 +220,8 @@ class KFACPINN:
         Returns:
             The loss before the step.
         """
-        ev = self.loss.evaluate()
+        ev = self._resolve(self.loss.evaluate())
+        assert ev is not None
         delta = self.natural_gradient(ev)
         start = self.loss.blocks()
         if self.step_rule == "auto":
