@@ -258,9 +258,7 @@ def test_later_calls_expand_shared_outputs_exactly(leaky, monkeypatch):
     ggn_ref = ggn(model, loss_fn, X, y)
     masked = []
     original = session.shared_gradients
-    monkeypatch.setattr(
-        session, "shared_gradients", lambda *a: masked.append(1) or original(*a)
-    )
+    monkeypatch.setattr(session, "shared_gradients", lambda *a: masked.append(1) or original(*a))
     qs = [bg.BatchGrad(), bg.BatchL2(), bg.Grad(), bg.DiagGGN(), bg.BatchDiagGGN()]
     for call in range(2):
         masked.clear()
