@@ -216,13 +216,18 @@ def peak_memory_mib(fn: Callable[[], Any]) -> float:
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # child
-        os.close(read)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current level
-        base = _vmhwm_kib()
-        fn()
-        os.write(write, str((_vmhwm_kib() - base) / 1024).encode())
-        os._exit(0)
+        try:
+            os.close(read)
+            # The parent's OpenMP pool does not survive fork: a parallel region in the child
+            # waits forever on threads that no longer exist. One thread runs no such region.
+            torch.set_num_threads(1)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current level
+            base = _vmhwm_kib()
+            fn()
+            os.write(write, str((_vmhwm_kib() - base) / 1024).encode())
+        finally:
+            os._exit(0)
     os.close(write)
     value = os.read(read, 64).decode()
     os.waitpid(pid, 0)
