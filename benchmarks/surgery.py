@@ -103,11 +103,13 @@ def merging_run(seed: int, steps: int, split: tuple[Tensor, ...]) -> dict[str, f
         "model A (digits 0-4)": A,
         "model B (digits 5-9)": B,
         "average": bg.merging.average([A, B]),
-        "Fisher, empirical": bg.merging.fisher_merge([A, B], LOSS, data),
+        "Fisher, empirical": bg.merging.fisher_merge([A, B], LOSS, data, structure="diagonal"),
         "Fisher, MC (1 label)": bg.merging.fisher_merge(
-            [A, B], LOSS, data, fisher="mc", generator=gen
+            [A, B], LOSS, data, fisher="mc", generator=gen, structure="diagonal"
         ),
-        "Fisher, type-2": bg.merging.fisher_merge([A, B], LOSS, data, fisher="type-2"),
+        "Fisher, type-2": bg.merging.fisher_merge(
+            [A, B], LOSS, data, fisher="type-2", structure="diagonal"
+        ),
         "Fisher (KFAC), empirical": bg.merging.fisher_merge([A, B], LOSS, data, structure="kfac"),
         "Fisher (KFAC), type-2": bg.merging.fisher_merge(
             [A, B], LOSS, data, fisher="type-2", structure="kfac"

@@ -105,7 +105,9 @@ def test_diagonal_fisher_empirical_and_type2_equal_loops():
 
 def test_fisher_merge_is_the_fisher_weighted_average():
     models, sets = [mlp(0), mlp(1)], [data(0), data(1, n=5)]
-    merged = bg.merging.fisher_merge(models, nn.CrossEntropyLoss(), sets, weights=[1.0, 3.0])
+    merged = bg.merging.fisher_merge(
+        models, nn.CrossEntropyLoss(), sets, weights=[1.0, 3.0], structure="diagonal"
+    )
     fishers = [empirical_fisher(m, *d) for m, d in zip(models, sets, strict=True)]
     for key, value in merged.state_dict().items():
         f0, f1 = (f[key].clamp_min(1e-8) for f in fishers)

@@ -113,6 +113,9 @@ def test_fisher_merge_kfac_writes_every_layer() -> None:
     f0, f1 = (f[1]["3.weight"].clamp_min(1e-8) for f in fishers)
     w0, w1 = (m.state_dict()["3.weight"] for m in models)
     torch.testing.assert_close(state["3.weight"], (f0 * w0 + 3 * f1 * w1) / (f0 + 3 * f1))
+    default = bg.merging.fisher_merge(models, loss, sets, fisher="type-2", weights=[1.0, 3.0])
+    for key, value in default.state_dict().items():  # structure="kfac" is the default
+        torch.testing.assert_close(value, state[key])
     with pytest.raises(ValueError, match="structure"):
         bg.merging.fisher_merge(models, loss, sets, structure="full")
     with pytest.raises(ValueError, match="damping"):
