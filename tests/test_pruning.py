@@ -154,6 +154,29 @@ def test_woodfisher_equals_a_dense_reimplementation(steps: int):
     torch.testing.assert_close(got["0.bias"], params["0.bias"])  # not covered: unchanged
 
 
+def test_select_damping_keeps_the_candidate_with_the_least_training_loss():
+    model, (X, y, data) = mlp(4), batches(4)
+    Xv, yv, _ = batches(5, N=7)
+    loss = nn.CrossEntropyLoss()
+    candidates = (1e-3, 1e-1, 10.0)
+    best, losses = bg.pruning.select_damping(
+        model, loss, data, 0.5, "layer", candidates, validation=(Xv, yv), block_size=5, steps=2
+    )
+    assert set(losses) == set(candidates)
+    for damping in candidates:  # each loss is the one of woodfisher's model with that damping
+        res = bg.pruning.woodfisher(
+            model, loss, data, 0.5, "layer", damping=damping, block_size=5, steps=2
+        )
+        ref = F.cross_entropy(res.model(Xv), yv).item()
+        assert losses[damping] == pytest.approx(ref, rel=1e-12)
+    assert losses[best] == min(losses.values())
+    assert bg.pruning.mean_loss(model, loss, data) == pytest.approx(
+        F.cross_entropy(model(X), y).item(), rel=1e-12
+    )
+    with pytest.raises(ValueError, match="candidate"):
+        bg.pruning.select_damping(model, loss, data, 0.5, candidates=())
+
+
 def test_woodfisher_independent_update_sums_single_weight_updates():
     model, (_, _, data) = mlp(3), batches(3)
     names = ["0.weight"]

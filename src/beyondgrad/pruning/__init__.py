@@ -26,9 +26,11 @@ from .obs import (
     woodbury_absorb,
     woodfisher,
 )
+from .select import DAMPING_GRID, mean_loss, pruned_losses, select_damping
 from .simple import magnitude, obd, obd_scores
 
 __all__ = [
+    "DAMPING_GRID",
     "SCOPES",
     "UPDATES",
     "BlockFisherInverse",
@@ -42,6 +44,7 @@ __all__ = [
     "mask_sparsity",
     "masked_copy",
     "masks_from_scores",
+    "mean_loss",
     "obd",
     "obd_scores",
     "obs_downdate",
@@ -50,6 +53,8 @@ __all__ = [
     "obs_update",
     "prunable_parameters",
     "prune_columns",
+    "pruned_losses",
+    "select_damping",
     "woodbury_absorb",
     "woodfisher",
 ]
