@@ -222,6 +222,15 @@ def render(meta: dict[str, Any], merging: list[dict], pruning: list[dict]) -> st
         "",
         f"## Merging (test accuracy on all ten digits, %, {meta['seeds']} seeds)",
         "",
+        *(
+            [
+                f"This section is the earlier run's (commit {meta['reused_merging']}), reused "
+                "with `--reuse-merging`: the timings above are for the pruning part only.",
+                "",
+            ]
+            if meta.get("reused_merging")
+            else []
+        ),
         f"Two MLPs from one initialization, trained {meta['steps_merge']} Adam steps on digits "
         "0-4 and 5-9 respectively (shared 10-way head), merged with equal weights.",
         "",
@@ -302,6 +311,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None, help="markdown path (JSON next to it)")
     p.add_argument("--smoke", action="store_true", help="tiny run, to a temp dir unless --out")
+    p.add_argument(
+        "--reuse-merging",
+        type=Path,
+        default=None,
+        help="take the merging section from this earlier JSON result instead of rerunning it",
+    )
     return p.parse_args(argv)
 
 
@@ -338,7 +353,12 @@ def main(argv: list[str] | None = None) -> None:
         args.seeds = 1
         sizes = {"steps_merge": 5, "steps_prune": 5, "sparsities": [0.5]}
         sizes.update(calibration=64, rounds=1, hidden=16)
-    merging = merging_rows(args.seeds, sizes["steps_merge"], split)
+    reused = None
+    if args.reuse_merging is not None:
+        reused = json.loads(args.reuse_merging.read_text())
+        merging, args.seeds = reused["merging"], reused["meta"]["seeds"]
+    else:
+        merging = merging_rows(args.seeds, sizes["steps_merge"], split)
     pruning: list[dict] = []
     hidden = sizes["hidden"]
     models = ((f"an MLP (64-{hidden}-{hidden}-10)", mlp(0, hidden)), ("a CNN (conv 8, 16)", cnn(0)))
@@ -346,6 +366,9 @@ def main(argv: list[str] | None = None) -> None:
         train(model, split[0], split[1], sizes["steps_prune"], 0)
         pruning += pruning_rows(name, model, split, sizes)
     meta = meta_data(args, argv, sizes)
+    if reused is not None:
+        old = reused["meta"]
+        meta["reused_merging"] = f"{old['git']}, {old['date']}"
     meta["wall_s"] = time.perf_counter() - start
     meta["cpu_s"] = time.process_time()
     out = args.out
