@@ -91,8 +91,10 @@ def test_forward_laplacian_equals_nested_autograd(act: type[nn.Module], d: int) 
 def test_partial_laplacian_and_softplus_beta() -> None:
     model = nn.Sequential(nn.Linear(3, 4), nn.Softplus(beta=2.5), nn.Linear(4, 1))
     X = torch.randn(5, 3)
-    _, _, L = pinn.forward_laplacian(model, X, laplace_dims=(1, 2))
+    _, _, L = pinn.forward_laplacian(model, X, laplace_dims=(1, 2))  # a range: a slice
     torch.testing.assert_close(L, lap(nested(model, X)[2], [1, 2]))
+    _, _, L = pinn.forward_laplacian(model, X, laplace_dims=(2, 0))  # not a range: a gather
+    torch.testing.assert_close(L, lap(nested(model, X)[2], [0, 2]))
 
 
 def test_forward_laplacian_is_differentiable_in_the_parameters() -> None:
@@ -229,6 +231,10 @@ def test_loss_gradient_and_gramian_equal_the_oracles(name: str) -> None:
     J = oracle_jacobian(loss)
     Jv, Jbv = ev.jvp(v)
     torch.testing.assert_close(torch.cat([Jv, Jbv]), J @ pinn.flatten(v))
+    w = [torch.randn_like(b) for b in loss.blocks()]
+    JV, JbV = ev.jvps([v, w])  # several vectors at once
+    ref = J @ torch.stack([pinn.flatten(v), pinn.flatten(w)], 1)
+    torch.testing.assert_close(torch.cat([JV, JbV], 1), ref.T)
 
 
 def test_blocks_roundtrip() -> None:

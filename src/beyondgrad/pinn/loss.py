@@ -83,9 +83,13 @@ class Evaluation:
             for Z, g in zip(self.Z, self.g)
         ]
         for (Zs, gs, n), weights in zip(self._terms(), (w, w_b)):
+            scale = (weights / n)[:, None, None]
             for k, (Z, g) in enumerate(zip(Zs, gs)):
-                gw = (g * (weights / n)[:, None, None]).reshape(-1, g.shape[2])
-                out[k] = out[k] + gw.T @ Z.reshape(-1, Z.shape[2])
+                if Z.shape[2] <= g.shape[2]:  # weight the smaller of the two tensors
+                    g2, Z2 = g.reshape(-1, g.shape[2]), (Z * scale).reshape(-1, Z.shape[2])
+                else:
+                    g2, Z2 = (g * scale).reshape(-1, g.shape[2]), Z.reshape(-1, Z.shape[2])
+                out[k] = out[k] + g2.T @ Z2
         return out
 
     def jvp(self, v: Blocks) -> tuple[Tensor, Tensor]:
@@ -97,9 +101,26 @@ class Evaluation:
         Returns:
             ``(J v [N], J_b v [N_b])``.
         """
-        Jv = sum(torch.einsum("nso,oi,nsi->n", g, V, Z) for Z, g, V in zip(self.Z, self.g, v))
-        Jbv = sum(torch.einsum("nso,oi,nsi->n", g, V, Z) for Z, g, V in zip(self.Z_b, self.g_b, v))
-        return Jv, Jbv  # type: ignore[return-value]
+        Jv, Jbv = self.jvps([v])
+        return Jv[0], Jbv[0]
+
+    def jvps(self, vs: Sequence[Blocks]) -> tuple[Tensor, Tensor]:
+        """Jacobian-vector products of the residuals for several vectors at once.
+
+        Args:
+            vs: ``k`` vectors, each blocks ``[out, in + 1]`` per layer.
+
+        Returns:
+            ``(J V [k, N], J_b V [k, N_b])``.
+        """
+        out = []
+        for Zs, gs in ((self.Z, self.g), (self.Z_b, self.g_b)):
+            total = 0.0
+            for layer, (Z, g) in enumerate(zip(Zs, gs)):
+                V = torch.stack([v[layer] for v in vs])  # [k, out, in + 1]
+                total = total + _layer_jvps(Z, g, V)
+            out.append(total)
+        return out[0], out[1]  # type: ignore[return-value]
 
     def gramian_vector_product(self, v: Blocks) -> Blocks:
         """``G v = 1/N J^T J v + 1/N_b J_b^T J_b v`` (exact, all layers coupled).
@@ -161,6 +182,18 @@ class Evaluation:
                 A, B = _gram(Z.sum(1, keepdim=True)) / (N * S**2), _gram(g.sum(1, keepdim=True)) / N
             out.append((A, B, _gram(Zb) / Zb.shape[0], _gram(gb) / gb.shape[0]))
         return out
+
+
+def _layer_jvps(Z: Tensor, g: Tensor, V: Tensor) -> Tensor:
+    """``sum_{s,o,i} g[n,s,o] V[k,o,i] Z[n,s,i]`` as ``[k, N]``, through the smaller of the
+    intermediates ``Z V^T`` ``[N, S, k out]`` and ``g V`` ``[N, S, k in]``."""
+    N, S, o = g.shape
+    k, i = V.shape[0], Z.shape[2]
+    if o <= i:
+        ZV = (Z.reshape(-1, i) @ V.reshape(k * o, i).T).reshape(N, S, k, o)
+        return torch.einsum("nsko,nso->kn", ZV, g)
+    gV = (g.reshape(-1, o) @ V.transpose(0, 1).reshape(o, k * i)).reshape(N, S, k, i)
+    return torch.einsum("nski,nsi->kn", gV, Z)
 
 
 def _gram(T: Tensor) -> Tensor:

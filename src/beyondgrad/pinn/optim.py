@@ -150,13 +150,12 @@ class KFACPINN:
         Returns the update and the model's predicted change of the loss (undamped Gramian).
         """
         dirs = [delta] if self.previous is None else [delta, self.previous]
-        jv = [ev.jvp(v) for v in dirs]
-        n, n_b, k = ev.r.shape[0], ev.r_b.shape[0], len(dirs)
-        Q = torch.empty(k, k, dtype=ev.r.dtype)
+        Jv, Jbv = ev.jvps(dirs)  # [k, N], [k, N_b]: both products in one pass
+        k = len(dirs)
+        Q = Jv @ Jv.T / Jv.shape[1] + Jbv @ Jbv.T / Jbv.shape[1]
         D = torch.empty(k, k, dtype=ev.r.dtype)
         for i in range(k):
             for j in range(k):
-                Q[i, j] = (jv[i][0] @ jv[j][0]) / n + (jv[i][1] @ jv[j][1]) / n_b
                 D[i, j] = dot(dirs[i], dirs[j])
         lin = torch.stack([dot(grad, v) for v in dirs])
         coef = torch.linalg.lstsq(Q + self.damping * D, -lin[:, None]).solution[:, 0]

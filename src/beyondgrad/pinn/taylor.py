@@ -166,7 +166,7 @@ def _linear(layer: nn.Linear, T: Tensor) -> Tensor:
     return out + e0 * layer.bias
 
 
-def _activation(module: nn.Module, T: Tensor, mask: Tensor | None) -> Tensor:
+def _activation(module: nn.Module, T: Tensor, mask: Tensor | slice | None) -> Tensor:
     h, d1, d2 = ACTIVATIONS[type(module)](module, T[:, 0])
     if T.shape[1] == 1:
         return h[:, None]
@@ -176,13 +176,19 @@ def _activation(module: nn.Module, T: Tensor, mask: Tensor | None) -> Tensor:
     return torch.cat([h[:, None], d1[:, None] * zd, lap[:, None]], dim=1)
 
 
-def _mask(d: int, laplace_dims: Sequence[int] | None, device: torch.device) -> Tensor | None:
+def _mask(
+    d: int, laplace_dims: Sequence[int] | None, device: torch.device
+) -> Tensor | slice | None:
+    """The derivative vectors the Laplacian sums over: ``None`` (all), a slice (a contiguous
+    ascending range: a view, no gather in the forward and backward) or an index tensor."""
     if laplace_dims is None:
         return None
-    idx = torch.as_tensor(list(laplace_dims), dtype=torch.long, device=device)
-    if idx.numel() and (idx.min() < 0 or idx.max() >= d):
-        raise ValueError(f"laplace_dims {list(laplace_dims)} out of range for {d} inputs")
-    return idx
+    dims = list(laplace_dims)
+    if dims and (min(dims) < 0 or max(dims) >= d):
+        raise ValueError(f"laplace_dims {dims} out of range for {d} inputs")
+    if dims and dims == list(range(dims[0], dims[-1] + 1)):
+        return slice(dims[0], dims[-1] + 1)
+    return torch.as_tensor(dims, dtype=torch.long, device=device)
 
 
 def taylor_forward(
