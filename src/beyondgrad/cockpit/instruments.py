@@ -122,7 +122,7 @@ def _tests(data: StepData) -> dict[str, float]:
 
 
 def _sgs(data: StepData) -> Tensor:
-    """``sum_n g_n^2`` (flat) in float64, converted once per step."""
+    """``sum_n g_n^2`` (flat) in float64 (converted once per step if it is not)."""
 
     def compute() -> Tensor:
         assert data.sgs is not None
@@ -133,9 +133,11 @@ def _sgs(data: StepData) -> Tensor:
 
 def _entries(data: StepData) -> dict[str, float]:
     def compute() -> dict[str, float]:
-        grad = torch.cat(data.grads)
-        eps = torch.finfo(grad.dtype).eps
-        return entry_statistics(data.B, grad.double(), _sgs(data), data.loss, data.lr, eps)
+        eps = torch.finfo(data.grads[0].dtype).eps
+        grad = data.workspace.flat64("grad", data.grads)
+        return entry_statistics(
+            data.B, grad, _sgs(data), data.loss, data.lr, eps, data.workspace
+        )
 
     return data.shared("entry_statistics", compute)
 
@@ -143,14 +145,14 @@ def _entries(data: StepData) -> dict[str, float]:
 def _diag(data: StepData) -> Tensor:
     def compute() -> Tensor:
         assert data.ggn_diag is not None
-        return torch.cat([data.ggn_diag[n].reshape(-1) for n in data.layers]).double()
+        return data.workspace.flat64("ggn_diag", [data.ggn_diag[n] for n in data.layers])
 
     return data.shared("ggn_diag_flat", compute)
 
 
 def _curvature(data: StepData) -> dict[str, float]:
     def compute() -> dict[str, float]:
-        return curvature_statistics(_sgs(data), data.B, _diag(data))
+        return curvature_statistics(_sgs(data), data.B, _diag(data), workspace=data.workspace)
 
     return data.shared("curvature_statistics", compute)
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ._engine import Rows
+from .workspace import Workspace
 
 LOSS = "loss"  #: the mini-batch loss (always available)
 LOSSES = "losses"  #: per-sample loss terms ``[B]`` (summing to the loss)
@@ -58,7 +59,7 @@ class StepData:
     ``B``: batch size; ``c``: the factor from the loss terms to the per-sample gradients
     ``g_n`` (``B`` for ``reduction="mean"``, 1 for ``"sum"``); ``layers``: the parameter
     names of ``grads``/``grad_norms``; ``grads``: flat ``g`` per layer; ``grad_norms``:
-    float64 ``||g||`` per layer. ``alpha_start``: the start point of the last update when
+    float64 ``||g||`` per layer; ``sgs``: flat float64 ``sum_n g_n^2`` (in ``workspace``). ``alpha_start``: the start point of the last update when
     this step is its end point.
     """
 
@@ -86,6 +87,7 @@ class StepData:
     ggn_diag: dict[str, Tensor] | None = None
     ggn_spectra: dict[str, list[float]] | None = None
     hess_max_ev: float | None = None
+    workspace: Workspace = field(default_factory=Workspace)
     _memo: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -161,7 +163,7 @@ def gather_rows(
         if DOTS in needs:
             dots = dots + r.dots_with_sum() * (c * c / B)
         if SGS in needs:
-            sgs.append((r.sum_grad_squared() * c**2).reshape(-1))
+            sgs.append(r.sum_grad_squared())
         if ENTRIES in needs:
             sel_rows, flat = sample_entries(generator, data.settings, B, g.numel(), g.device)
             v = r.entries(sel_rows, flat) * c
@@ -186,8 +188,10 @@ def _finish(
         data.batch_l2 = torch.as_tensor(l2).double().cpu()
     if DOTS in needs:
         data.dots = torch.as_tensor(dots).double().cpu()
-    if SGS in needs and sgs:
-        data.sgs = torch.cat(sgs)
+    if SGS in needs and sgs:  # float64, in a reused buffer, scaled by c^2 in place
+        data.sgs = data.workspace.flat64("sgs", sgs)
+        if data.c != 1:
+            data.sgs.mul_(data.c**2)
     if ENTRIES in needs and values:
         data.hist_values = torch.cat(values)
         data.hist_params = torch.cat(thetas) if thetas else None
@@ -239,6 +243,7 @@ __all__ = [
     "UPDATE",
     "Settings",
     "StepData",
+    "Workspace",
     "gather_grads",
     "gather_rows",
 ]
