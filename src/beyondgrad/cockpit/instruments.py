@@ -122,19 +122,15 @@ def _tests(data: StepData) -> dict[str, float]:
 
 
 def _sgs(data: StepData) -> Tensor:
-    """``sum_n g_n^2`` (flat) in float64 (converted once per step if it is not)."""
-
-    def compute() -> Tensor:
-        assert data.sgs is not None
-        return data.sgs.double()
-
-    return data.shared("sgs_double", compute)
+    """``sum_n g_n^2`` (flat, the gradients' dtype)."""
+    assert data.sgs is not None
+    return data.sgs
 
 
 def _entries(data: StepData) -> dict[str, float]:
     def compute() -> dict[str, float]:
         eps = torch.finfo(data.grads[0].dtype).eps
-        grad = data.workspace.flat64("grad", data.grads)
+        grad = data.workspace.flat("grad", data.grads)
         return entry_statistics(
             data.B, grad, _sgs(data), data.loss, data.lr, eps, data.workspace
         )
@@ -145,7 +141,7 @@ def _entries(data: StepData) -> dict[str, float]:
 def _diag(data: StepData) -> Tensor:
     def compute() -> Tensor:
         assert data.ggn_diag is not None
-        return data.workspace.flat64("ggn_diag", [data.ggn_diag[n] for n in data.layers])
+        return data.workspace.flat("ggn_diag", [data.ggn_diag[n] for n in data.layers])
 
     return data.shared("ggn_diag_flat", compute)
 
@@ -209,7 +205,7 @@ def _limit(data: StepData) -> float:
 def _hess_trace(data: StepData) -> dict[str, Any]:
     assert data.ggn_diag is not None
     return {
-        "HessTrace": float(_diag(data).sum()),
+        "HessTrace": float(_diag(data).sum(dtype=torch.float64)),
         "HessTrace_layers": {n: float(data.ggn_diag[n].sum()) for n in data.layers},
     }
 

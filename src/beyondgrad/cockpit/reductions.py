@@ -59,7 +59,7 @@ class StepData:
     ``B``: batch size; ``c``: the factor from the loss terms to the per-sample gradients
     ``g_n`` (``B`` for ``reduction="mean"``, 1 for ``"sum"``); ``layers``: the parameter
     names of ``grads``/``grad_norms``; ``grads``: flat ``g`` per layer; ``grad_norms``:
-    float64 ``||g||`` per layer; ``sgs``: flat float64 ``sum_n g_n^2`` (in ``workspace``). ``alpha_start``: the start point of the last update when
+    float64 ``||g||`` per layer; ``sgs``: flat ``sum_n g_n^2`` (in ``workspace``). ``alpha_start``: the start point of the last update when
     this step is its end point.
     """
 
@@ -188,8 +188,8 @@ def _finish(
         data.batch_l2 = torch.as_tensor(l2).double().cpu()
     if DOTS in needs:
         data.dots = torch.as_tensor(dots).double().cpu()
-    if SGS in needs and sgs:  # float64, in a reused buffer, scaled by c^2 in place
-        data.sgs = data.workspace.flat64("sgs", sgs)
+    if SGS in needs and sgs:  # in a reused buffer, scaled by c^2 in place
+        data.sgs = data.workspace.flat("sgs", sgs)
         if data.c != 1:
             data.sgs.mul_(data.c**2)
     if ENTRIES in needs and values:

@@ -22,12 +22,14 @@ class Workspace:
             buf = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
         return buf
 
-    def flat64(self, key: str, parts: list[Tensor]) -> Tensor:
-        """``torch.cat([p.reshape(-1) for p in parts]).double()`` written into a reused
-        buffer (one pass, no intermediate copies)."""
+    def flat(self, key: str, parts: list[Tensor]) -> Tensor:
+        """``torch.cat([p.reshape(-1) for p in parts])`` (dtype of the first part) written
+        into a reused buffer: one pass, no intermediate copies. Valid until the next call
+        with ``key``."""
         numel = sum(p.numel() for p in parts)
         device = parts[0].device if parts else torch.device("cpu")
-        out = self.get(key, numel, torch.float64, device)
+        dtype = parts[0].dtype if parts else torch.float32
+        out = self.get(key, numel, dtype, device)
         start = 0
         for p in parts:
             out[start : start + p.numel()].copy_(p.reshape(-1))
