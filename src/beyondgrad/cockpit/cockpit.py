@@ -315,7 +315,10 @@ class Cockpit:
         if rows is not None and start is not None and start["step"] == data.step - 1:
             if r.DIRECTIONAL in plan.needs:
                 data.alpha_start = start
-                data.directional = r.directional(rows, start["direction"]) * data.c
+                data.directional = (
+                    r.directional(rows, start["direction"], start.get("rows"), start.get("lr"))
+                    * data.c
+                )
                 self._alpha_start = None
         return rows
 

@@ -131,9 +131,7 @@ def _entries(data: StepData) -> dict[str, float]:
     def compute() -> dict[str, float]:
         eps = torch.finfo(data.grads[0].dtype).eps
         grad = data.workspace.flat("grad", data.grads)
-        return entry_statistics(
-            data.B, grad, _sgs(data), data.loss, data.lr, eps, data.workspace
-        )
+        return entry_statistics(data.B, grad, _sgs(data), data.loss, data.lr, eps, data.workspace)
 
     return data.shared("entry_statistics", compute)
 

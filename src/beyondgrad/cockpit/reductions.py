@@ -59,8 +59,9 @@ class StepData:
     ``B``: batch size; ``c``: the factor from the loss terms to the per-sample gradients
     ``g_n`` (``B`` for ``reduction="mean"``, 1 for ``"sum"``); ``layers``: the parameter
     names of ``grads``/``grad_norms``; ``grads``: flat ``g`` per layer; ``grad_norms``:
-    float64 ``||g||`` per layer; ``sgs``: flat ``sum_n g_n^2`` (in ``workspace``). ``alpha_start``: the start point of the last update when
-    this step is its end point.
+    float64 ``||g||`` per layer; ``sgs``: flat ``sum_n g_n^2`` (in ``workspace``, reused
+    across steps). ``alpha_start``: the start point of the last update when this step is
+    its end point.
     """
 
     step: int
@@ -115,11 +116,31 @@ def sample_entries(
     return rows.to(device), flat.to(device)
 
 
-def directional(rows: dict[str, Rows], direction: dict[str, Tensor]) -> Tensor:
-    """``sum over layers of g_n . direction`` (unscaled rows), ``[B]`` float64 on the CPU."""
+def directional(
+    rows: dict[str, Rows],
+    direction: dict[str, Tensor],
+    earlier: dict[str, Rows] | None = None,
+    lr: float | None = None,
+) -> Tensor:
+    """``sum over layers of g_n . direction`` (unscaled rows), ``[B]`` float64 on the CPU.
+
+    Args:
+        rows: this step's rows per parameter.
+        direction: per parameter the update ``s``.
+        earlier: when ``s = -lr * sum_m h_m`` exactly (a plain gradient step on the rows
+            ``h`` of an earlier step, kept by :meth:`Rows.kept`): those rows, read by the
+            Gram trick where that is cheaper than projecting on ``s``.
+        lr: that step's learning rate.
+    """
     total = None
     for name, r in rows.items():
-        part = r.project(direction[name]).double()
+        part = None
+        if earlier is not None and lr is not None and name in earlier:
+            part = r.dots_with_sum_of(earlier[name])
+            part = None if part is None else part * -lr
+        if part is None:
+            part = r.project(direction[name])
+        part = part.double()
         total = part if total is None else total + part
     assert total is not None
     return total.cpu()
