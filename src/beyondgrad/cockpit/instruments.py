@@ -55,6 +55,7 @@ LayerSpectra       per layer: top GGN eigenvalues (MC, ViViT) and their effectiv
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -129,8 +130,8 @@ def _sgs(data: StepData) -> Tensor:
 
 def _entries(data: StepData) -> dict[str, float]:
     def compute() -> dict[str, float]:
-        eps = torch.finfo(data.grads[0].dtype).eps
-        grad = data.workspace.flat("grad", data.grads)
+        grad = data.workspace.flat("grad", data.grads)  # at least float32
+        eps = torch.finfo(functools.reduce(torch.promote_types, [g.dtype for g in data.grads])).eps
         return entry_statistics(data.B, grad, _sgs(data), data.loss, data.lr, eps, data.workspace)
 
     return data.shared("entry_statistics", compute)

@@ -23,12 +23,14 @@ class Workspace:
         return buf
 
     def flat(self, key: str, parts: list[Tensor]) -> Tensor:
-        """``torch.cat([p.reshape(-1) for p in parts])`` (dtype of the first part) written
-        into a reused buffer: one pass, no intermediate copies. Valid until the next call
-        with ``key``."""
+        """``torch.cat([p.reshape(-1) for p in parts])`` in their promoted dtype, at least
+        float32 (half-precision squares and sums lose too much), written into a reused buffer:
+        one pass, no intermediate copies. Valid until the next call with ``key``."""
         numel = sum(p.numel() for p in parts)
         device = parts[0].device if parts else torch.device("cpu")
-        dtype = parts[0].dtype if parts else torch.float32
+        dtype = torch.float32
+        for p in parts:
+            dtype = torch.promote_types(dtype, p.dtype)
         out = self.get(key, numel, dtype, device)
         start = 0
         for p in parts:
