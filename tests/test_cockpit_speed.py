@@ -161,3 +161,39 @@ def test_callback_base_builds_the_cockpit_for_the_model(tmp_path):
     assert explicit.attach(holder, tmp_path / "default").log_dir == tmp_path / "mine"
     with pytest.raises(ValueError, match="loss module"):
         CockpitCallbackBase(loss_fn="missing").attach(holder, tmp_path)
+
+
+def test_alpha_end_point_by_the_gram_trick_matches_the_oracle(monkeypatch):
+    """Plain SGD on wide dense layers with a small batch: the end point's slopes along the
+    update ``-lr * sum_m h_m`` come from the rows kept at the start (``sum_m (G_n.H_m)
+    (A_n.B_m)``), not from a projection on the measured update; Alpha equals the oracle's
+    on the measured update. A batch modified in place in between falls back to projecting."""
+    from beyondgrad.cockpit._engine import Rows
+
+    used = []
+    original = Rows.dots_with_sum_of
+    monkeypatch.setattr(
+        Rows, "dots_with_sum_of", lambda self, e: used.append(r := original(self, e)) or r
+    )
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(24, 40), nn.Tanh(), nn.Linear(40, 30), nn.Tanh(), nn.Linear(30, 3)
+    )
+    X, y = torch.randn(5, 24), torch.randint(0, 3, (5,))
+    loss_fn = nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cockpit = Cockpit(model, loss_fn, config="economy")
+    _step(cockpit, model, loss_fn, X, y, 0, opt)
+    before = [p.detach().clone() for p in model.parameters()]
+    f0, G0 = _per_sample(model, loss_fn, X, y)
+    used.clear()
+    _step(cockpit, model, loss_fn, X, y, 1, opt)
+    assert sum(u is not None for u in used) == 2  # the two wide layers (not the 30 -> 3 one)
+    s = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(model.parameters(), before)])
+    f1, G1 = _per_sample(model, loss_fn, X, y)
+    rec = _step(cockpit, model, loss_fn, X, y, 2, opt)
+    assert rec["Alpha"] == pytest.approx(formulas.alpha(f0, G0 @ s, f1, G1 @ s), rel=1e-8)
+    used.clear()
+    X.mul_(1.0)  # an in-place change of the kept layer input: the Gram trick is refused
+    _step(cockpit, model, loss_fn, X, y, 3, opt)
+    assert used and used[0] is None

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..engine import GRAD, SamplesCoupledError, capture, check_samples_independent
 from ..engine.losses import is_internal_loss_call
+from ..forms import OuterForm
 from ..quantities import DiagGGN, GGNEigen
 
 #: per-sample gradients of a layer with positions (convolutions) are materialized once for all
@@ -89,6 +90,34 @@ class Rows:
     def project(self, direction: Tensor) -> Tensor:
         """``g_n . direction`` (``direction`` parameter-shaped), ``[N]``."""
         return self._form.project(direction[None])[:, 0]
+
+    def kept(self) -> Rows | None:
+        """These rows, to be read again at a later step by :meth:`dots_with_sum_of`, when that
+        is cheap (a dense layer's factors without positions: two ``[N, I]`` / ``[N, O]``
+        tensors); None otherwise (keeping them would hold large tensors)."""
+        form = self._form
+        if not (isinstance(form, OuterForm) and form.vectors == 1 and form.A.shape[1] == 1):
+            return None
+        self._versions = (form.A._version, form.G._version)
+        return self
+
+    def dots_with_sum_of(self, earlier: Rows) -> Tensor | None:
+        """``g_n . sum_m h_m`` with ``h_m`` the rows ``earlier`` (the same parameter at an
+        earlier step, from :meth:`kept`), ``[N]``, by the Gram trick
+        ``sum_m (G_n . H_m)(A_n . B_m)`` when that is cheaper than projecting on the sum;
+        None otherwise, or when a tensor of ``earlier`` changed in place since."""
+        a, b = self._form, earlier._form
+        if not (isinstance(a, OuterForm) and a.vectors == 1 and a.A.shape[1] == 1):
+            return None
+        if (b.A._version, b.G._version) != getattr(earlier, "_versions", None):
+            return None
+        N, _, I = a.A.shape
+        M, O = b.A.shape[0], a.G.shape[2]
+        if b.A.shape[2] != I or b.G.shape[2] != O or M * (I + O) >= I * O:
+            return None
+        gram_a = a.A.reshape(N, I) @ b.A.reshape(M, I).T
+        gram_g = a.G.reshape(N, O) @ b.G.reshape(M, O).T
+        return gram_a.mul_(gram_g).sum(1)
 
 
 class StepWatch:

@@ -47,6 +47,7 @@ from .instruments import REGISTRY, Instrument, resolve
 from .runlog import RunLog, wandb_module
 from .schedules import every
 from .updates import Armed, GradStep, UpdateTracker
+from .workspace import Workspace
 
 Schedule = Callable[[int], bool]
 _LOSS = REGISTRY["Loss"]  # logged on every tracked step
@@ -165,6 +166,7 @@ class Cockpit:
         self._alpha_start: dict[str, Any] | None = None  # start point of the last update
         self._drawer = Drawer()
         self._distance_buffer: list[Tensor] | None = None
+        self._workspace = Workspace()  # model-sized temporaries reused across steps
 
     # -- schedule -----------------------------------------------------------------------------
     def tracks(self, step: int) -> bool:
@@ -261,6 +263,7 @@ class Cockpit:
         B = output.shape[0]
         c = float(B) if self.loss_fn.reduction == "mean" else 1.0  # type: ignore[operator]
         data = r.StepData(record["step"], self.settings, B, c, float(loss.detach()))
+        data.workspace = self._workspace
         data.lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None
         if pending is not None:
             for need, why in pending.dropped.items():
@@ -312,7 +315,10 @@ class Cockpit:
         if rows is not None and start is not None and start["step"] == data.step - 1:
             if r.DIRECTIONAL in plan.needs:
                 data.alpha_start = start
-                data.directional = r.directional(rows, start["direction"]) * data.c
+                data.directional = (
+                    r.directional(rows, start["direction"], start.get("rows"), start.get("lr"))
+                    * data.c
+                )
                 self._alpha_start = None
         return rows
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from .workspace import Workspace
 
 
 def _safe_div(a: float, b: float) -> float:
@@ -36,44 +39,58 @@ def gradient_tests(B: int, l2: Tensor, dots: Tensor, grad_sq: float) -> dict[str
 
 
 def entry_statistics(
-    B: int, grad: Tensor, sgs: Tensor, loss: float, lr: float | None, eps: float = 1e-16
+    B: int,
+    grad: Tensor,
+    sgs: Tensor,
+    loss: float,
+    lr: float | None,
+    eps: float = 1e-16,
+    workspace: Workspace | None = None,
 ) -> dict[str, float]:
     """MeanGSNR / EarlyStopping / CABS from the mean gradient and ``sum_n g_n^2`` (flat).
     ``eps``: the machine epsilon of the gradients; entries that are round-off (second moment
     below ``(10 eps)^2`` of the largest) or whose variance is round-off (below ``10 eps`` of
-    their second moment) are skipped by MeanGSNR and EarlyStopping."""
-    second = sgs / B  # mean_n g_nj^2
-    grad_sq = grad**2
-    var = (second - grad_sq).clamp(min=0)
-    keep = (var > 10 * eps * second) & (second > (10 * eps) ** 2 * float(second.max()))
-    kept_sq, kept_var = _compact(grad_sq, keep), _compact(var, keep)
-    out = {"MeanGSNR": float((kept_sq / kept_var).mean()) if kept_sq.numel() else math.nan}
-    if B > 1:
-        s2 = kept_var * B / (B - 1)
-        D = grad.numel()
-        out["EarlyStopping"] = 1.0 - B / D * float((kept_sq / s2).sum())
-    else:
-        out["EarlyStopping"] = math.nan
-    out["CABS"] = lr * float(var.sum()) / loss if lr is not None and loss > 0 else math.nan
+    their second moment) are skipped by MeanGSNR and EarlyStopping. Entry-wise in the
+    inputs' (promoted) dtype, sums accumulated in float64; ``workspace`` holds the
+    model-sized temporaries between calls (the values do not depend on it)."""
+    ws = workspace if workspace is not None else Workspace()
+    D, dev, dt = grad.numel(), grad.device, torch.promote_types(grad.dtype, sgs.dtype)
+    second = torch.div(sgs, B, out=ws.get("second", D, dt, dev))  # mean_n g_nj^2
+    grad_sq = torch.mul(grad, grad, out=ws.get("grad_sq", D, dt, dev))
+    var = torch.sub(second, grad_sq, out=ws.get("var", D, dt, dev)).clamp_(min=0)
+    scratch = torch.mul(second, 10 * eps, out=ws.get("scratch", D, dt, dev))
+    keep = torch.gt(var, scratch, out=ws.get("keep", D, torch.bool, dev))
+    floor = (10 * eps) ** 2 * float(second.max())
+    keep &= torch.gt(second, floor, out=ws.get("keep2", D, torch.bool, dev))
+    kept = int(keep.sum())
+    # g_j^2 / var_j on the kept entries, 0 elsewhere (var_j may vanish there)
+    ratio = torch.div(grad_sq, var, out=scratch)
+    ratio = torch.where(keep, ratio, ratio.new_zeros(()), out=ratio)
+    total = float(ratio.sum(dtype=torch.float64))
+    out = {"MeanGSNR": total / kept if kept else math.nan}
+    # EarlyStopping: 1 - (B/D) sum_j g_j^2 / s_j^2 with s_j^2 = var_j B / (B-1)
+    out["EarlyStopping"] = 1.0 - B / D * total * (B - 1) / B if B > 1 else math.nan
+    var_sum = float(var.sum(dtype=torch.float64))
+    out["CABS"] = lr * var_sum / loss if lr is not None and loss > 0 else math.nan
     return out
 
 
-def _compact(x: Tensor, keep: Tensor) -> Tensor:
-    """``x[keep]`` (1-d): the same values in the same order; on the CPU through NumPy, whose
-    boolean indexing is an order of magnitude faster than torch's on one thread."""
-    if x.device.type == "cpu" and not x.requires_grad:
-        return torch.from_numpy(x.contiguous().numpy()[keep.numpy()])
-    return x[keep]
-
-
-def curvature_statistics(sgs: Tensor, B: int, diag: Tensor, eps: float = 1e-7) -> dict[str, float]:
-    """HessTrace / TICDiag / TICTrace from ``sum_n g_n^2`` and a curvature diagonal (flat)."""
-    second = sgs / B
-    trace = float(diag.sum())
+def curvature_statistics(
+    sgs: Tensor, B: int, diag: Tensor, eps: float = 1e-7, workspace: Workspace | None = None
+) -> dict[str, float]:
+    """HessTrace / TICDiag / TICTrace from ``sum_n g_n^2`` and a curvature diagonal (flat),
+    entry-wise in their (promoted) dtype, sums in float64; ``workspace`` holds the
+    temporaries between calls."""
+    ws = workspace if workspace is not None else Workspace()
+    D, dev, dt = sgs.numel(), sgs.device, torch.promote_types(sgs.dtype, diag.dtype)
+    second = torch.div(sgs, B, out=ws.get("second", D, dt, dev))
+    trace = float(diag.sum(dtype=torch.float64))
+    shifted = torch.add(diag, eps, out=ws.get("scratch", D, dt, dev))
+    tic = torch.div(second, shifted, out=shifted)
     return {
         "HessTrace": trace,
-        "TICDiag": float((second / (diag + eps)).sum()),
-        "TICTrace": _safe_div(float(second.sum()), trace),
+        "TICDiag": float(tic.sum(dtype=torch.float64)),
+        "TICTrace": _safe_div(float(second.sum(dtype=torch.float64)), trace),
     }
 
 
@@ -157,8 +174,13 @@ def _quantile(x: Tensor, q: float) -> float:
     rank = torch.tensor(q, dtype=x.dtype, device=x.device) * (x.numel() - 1)
     below = int(rank)
     above = int(torch.ceil(rank))
-    low = torch.kthvalue(x, below + 1).values
-    high = low if above == below else torch.kthvalue(x, above + 1).values
+    if x.device.type == "cpu":  # one NumPy selection of both (torch.kthvalue copies and sorts)
+        parts = np.partition(x.numpy(), (below, above))
+        low = torch.tensor(parts[below], dtype=x.dtype)
+        high = torch.tensor(parts[above], dtype=x.dtype)
+    else:
+        low = torch.kthvalue(x, below + 1).values
+        high = low if above == below else torch.kthvalue(x, above + 1).values
     return float(torch.lerp(low, high, rank - below))
 
 

@@ -55,6 +55,7 @@ LayerSpectra       per layer: top GGN eigenvalues (MC, ViViT) and their effectiv
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -122,20 +123,16 @@ def _tests(data: StepData) -> dict[str, float]:
 
 
 def _sgs(data: StepData) -> Tensor:
-    """``sum_n g_n^2`` (flat) in float64, converted once per step."""
-
-    def compute() -> Tensor:
-        assert data.sgs is not None
-        return data.sgs.double()
-
-    return data.shared("sgs_double", compute)
+    """``sum_n g_n^2`` (flat, the gradients' dtype)."""
+    assert data.sgs is not None
+    return data.sgs
 
 
 def _entries(data: StepData) -> dict[str, float]:
     def compute() -> dict[str, float]:
-        grad = torch.cat(data.grads)
-        eps = torch.finfo(grad.dtype).eps
-        return entry_statistics(data.B, grad.double(), _sgs(data), data.loss, data.lr, eps)
+        grad = data.workspace.flat("grad", data.grads)  # at least float32
+        eps = torch.finfo(functools.reduce(torch.promote_types, [g.dtype for g in data.grads])).eps
+        return entry_statistics(data.B, grad, _sgs(data), data.loss, data.lr, eps, data.workspace)
 
     return data.shared("entry_statistics", compute)
 
@@ -143,14 +140,14 @@ def _entries(data: StepData) -> dict[str, float]:
 def _diag(data: StepData) -> Tensor:
     def compute() -> Tensor:
         assert data.ggn_diag is not None
-        return torch.cat([data.ggn_diag[n].reshape(-1) for n in data.layers]).double()
+        return data.workspace.flat("ggn_diag", [data.ggn_diag[n] for n in data.layers])
 
     return data.shared("ggn_diag_flat", compute)
 
 
 def _curvature(data: StepData) -> dict[str, float]:
     def compute() -> dict[str, float]:
-        return curvature_statistics(_sgs(data), data.B, _diag(data))
+        return curvature_statistics(_sgs(data), data.B, _diag(data), workspace=data.workspace)
 
     return data.shared("curvature_statistics", compute)
 
@@ -207,7 +204,7 @@ def _limit(data: StepData) -> float:
 def _hess_trace(data: StepData) -> dict[str, Any]:
     assert data.ggn_diag is not None
     return {
-        "HessTrace": float(_diag(data).sum()),
+        "HessTrace": float(_diag(data).sum(dtype=torch.float64)),
         "HessTrace_layers": {n: float(data.ggn_diag[n].sum()) for n in data.layers},
     }
 

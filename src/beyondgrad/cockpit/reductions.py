@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ._engine import Rows
+from .workspace import Workspace
 
 LOSS = "loss"  #: the mini-batch loss (always available)
 LOSSES = "losses"  #: per-sample loss terms ``[B]`` (summing to the loss)
@@ -58,8 +59,9 @@ class StepData:
     ``B``: batch size; ``c``: the factor from the loss terms to the per-sample gradients
     ``g_n`` (``B`` for ``reduction="mean"``, 1 for ``"sum"``); ``layers``: the parameter
     names of ``grads``/``grad_norms``; ``grads``: flat ``g`` per layer; ``grad_norms``:
-    float64 ``||g||`` per layer. ``alpha_start``: the start point of the last update when
-    this step is its end point.
+    float64 ``||g||`` per layer; ``sgs``: flat ``sum_n g_n^2`` (in ``workspace``, reused
+    across steps). ``alpha_start``: the start point of the last update when this step is
+    its end point.
     """
 
     step: int
@@ -86,6 +88,7 @@ class StepData:
     ggn_diag: dict[str, Tensor] | None = None
     ggn_spectra: dict[str, list[float]] | None = None
     hess_max_ev: float | None = None
+    workspace: Workspace = field(default_factory=Workspace)
     _memo: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -113,11 +116,31 @@ def sample_entries(
     return rows.to(device), flat.to(device)
 
 
-def directional(rows: dict[str, Rows], direction: dict[str, Tensor]) -> Tensor:
-    """``sum over layers of g_n . direction`` (unscaled rows), ``[B]`` float64 on the CPU."""
+def directional(
+    rows: dict[str, Rows],
+    direction: dict[str, Tensor],
+    earlier: dict[str, Rows] | None = None,
+    lr: float | None = None,
+) -> Tensor:
+    """``sum over layers of g_n . direction`` (unscaled rows), ``[B]`` float64 on the CPU.
+
+    Args:
+        rows: this step's rows per parameter.
+        direction: per parameter the update ``s``.
+        earlier: when ``s = -lr * sum_m h_m`` exactly (a plain gradient step on the rows
+            ``h`` of an earlier step, kept by :meth:`Rows.kept`): those rows, read by the
+            Gram trick where that is cheaper than projecting on ``s``.
+        lr: that step's learning rate.
+    """
     total = None
     for name, r in rows.items():
-        part = r.project(direction[name]).double()
+        part = None
+        if earlier is not None and lr is not None and name in earlier:
+            part = r.dots_with_sum_of(earlier[name])
+            part = None if part is None else part * -lr
+        if part is None:
+            part = r.project(direction[name])
+        part = part.double()
         total = part if total is None else total + part
     assert total is not None
     return total.cpu()
@@ -161,7 +184,7 @@ def gather_rows(
         if DOTS in needs:
             dots = dots + r.dots_with_sum() * (c * c / B)
         if SGS in needs:
-            sgs.append((r.sum_grad_squared() * c**2).reshape(-1))
+            sgs.append(r.sum_grad_squared())
         if ENTRIES in needs:
             sel_rows, flat = sample_entries(generator, data.settings, B, g.numel(), g.device)
             v = r.entries(sel_rows, flat) * c
@@ -186,8 +209,10 @@ def _finish(
         data.batch_l2 = torch.as_tensor(l2).double().cpu()
     if DOTS in needs:
         data.dots = torch.as_tensor(dots).double().cpu()
-    if SGS in needs and sgs:
-        data.sgs = torch.cat(sgs)
+    if SGS in needs and sgs:  # in a reused buffer, scaled by c^2 in place
+        data.sgs = data.workspace.flat("sgs", sgs)
+        if data.c != 1:
+            data.sgs.mul_(data.c**2)
     if ENTRIES in needs and values:
         data.hist_values = torch.cat(values)
         data.hist_params = torch.cat(thetas) if thetas else None
@@ -239,6 +264,7 @@ __all__ = [
     "UPDATE",
     "Settings",
     "StepData",
+    "Workspace",
     "gather_grads",
     "gather_rows",
 ]

@@ -51,6 +51,8 @@ class GradStep:
 
     along_grad: Tensor
     grads: list[tuple[Tensor, Tensor, int]]
+    #: the learning rate once :meth:`derivatives` confirmed the step
+    lr: float | None = None
 
     def derivatives(self, optimizer: Any) -> Tensor | None:
         """``-lr * along_grad`` if ``optimizer``'s last step was ``-lr * grad``, else None."""
@@ -59,6 +61,7 @@ class GradStep:
         lr = plain_sgd_lr(optimizer, [p for p, _, _ in self.grads])
         if lr is None or any(p.grad is not g or g._version != v for p, g, v in self.grads):
             return None
+        self.lr = lr
         return self.along_grad * -lr
 
 
@@ -154,6 +157,9 @@ class UpdateTracker:
                 "losses": armed.losses,
                 "derivatives": derivatives,
             }
+            if shortcut is not None and shortcut.lr is not None:  # delta = -lr * sum of rows
+                kept = {n: k for n, r in armed.rows.items() if (k := r.kept()) is not None}
+                start.update(rows=kept, lr=shortcut.lr)
         return Update(armed.record, delta, dict(zip(names, sizes.tolist())), start)
 
 
