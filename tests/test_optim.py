@@ -816,6 +816,23 @@ def test_refresh_every_is_a_param_group_setting():
     assert torch.equal(eigs[0]["3"], eigs[1]["3"]) and torch.equal(eigs[1]["3"], eigs[2]["3"])
 
 
+def test_kfac_refresh_without_new_statistics_keeps_the_eigenpairs():
+    """A refresh due at a step without statistics (refresh_every < stats_every) reuses the
+    eigendecomposition (the factors did not change); the next statistics trigger one."""
+    model, loss_fn = _mlp(), nn.CrossEntropyLoss()
+    opt = KFAC(model, loss_fn, fisher_type="type-2", stats_every=3, refresh_every=1)
+    eigs = []
+    for X, y in [_data(16, seed=s) for s in range(4)]:
+        _train(opt, model, loss_fn, [(X, y)])
+        eigs.append(opt.layers["3"]["eig"][1])
+    assert eigs[1] is eigs[0] and eigs[2] is eigs[0]  # steps 1, 2: no statistics
+    assert eigs[3] is not eigs[0] and not torch.equal(eigs[3], eigs[0])  # step 3: new ones
+    A = opt.layers["3"]["A"].double()
+    l_a = torch.linalg.eigvalsh(A)
+    own = opt.layers["3"]["eig"]  # (B side, A side) for a Linear ("B kron A")
+    torch.testing.assert_close(own[2][0].double(), l_a.clamp(min=0), atol=1e-5, rtol=1e-4)
+
+
 def test_add_param_group_after_construction_is_refused():
     model, loss_fn = _mlp(), nn.CrossEntropyLoss()
     opt = KFAC(model, loss_fn, params=list(model[0].parameters()))

@@ -296,3 +296,17 @@ def test_step_timing_script_runs_interleaved_and_writes_its_table(tmp_path):
     assert "| kfac:damping_mode='pi' |" in out.read_text()
     assert steps.parse_spec("kfac:refresh_every=20,damping_mode=pi") == (
         "kfac", {"refresh_every": 20, "damping_mode": "pi"})  # fmt: skip
+
+
+def test_profile_script_splits_the_step_into_phases(capsys):
+    """``benchmarks/optim_profile.py --smoke``: the phases, eigh, matmul and sync counts."""
+    pytest.importorskip("sklearn")
+    import optim_profile as prof
+
+    args = ["--smoke", "--tasks", "autoencoder", "--optimizers", "adamw", "kfac"]
+    assert prof.main(args) == 0
+    text = capsys.readouterr().out
+    assert "autoencoder adamw:" in text and "autoencoder kfac:" in text
+    assert "statistics" in text and "eigh" in text and "host syncs" in text
+    parsed = prof.build("autoencoder", "kfac:stats_every=3", 8)[1]
+    assert parsed.stats_every == 3

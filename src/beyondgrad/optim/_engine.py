@@ -77,9 +77,10 @@ class KroneckerSums:
     weight_perm: tuple[int, ...] | None = None
 
     def add(self, other: KroneckerSums) -> None:
-        """Accumulate ``other`` (the same layer, another batch) into this one, in place."""
-        self.A = self.A + other.A
-        self.B = self.B + other.B
+        """Accumulate ``other`` (the same layer, another batch) into this one, in place (the
+        sums are the optimizer's own tensors: :func:`record_kronecker_sums` makes new ones)."""
+        self.A = self.A.add_(other.A)
+        self.B = self.B.add_(other.B)
         self.count += other.count
 
 

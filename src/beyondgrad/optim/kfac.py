@@ -22,6 +22,21 @@ products with ``Q`` -- about half the products of the eigenbasis route on wide l
 ``preconditioner_dtype=torch.bfloat16`` keeps and applies the prepared preconditioner in
 bfloat16 (opt-in approximation).
 
+Cost per step, amortized over ``stats_every`` and ``refresh_every``: a step is the forward
+and backward pass plus the solve (four products per layer; on the suite's char-GPT about 0.13
+of an AdamW step). A statistics step adds the engine's backward of the curvature vectors and
+the Kronecker sums (there about 1.4 AdamW steps of work; a conv net's unfolded inputs make it
+~4), a refresh the eigendecompositions (about 1 AdamW step): per step roughly ``1.13 + 1.4 /
+stats_every + 1.0 / refresh_every`` AdamW steps (measured interleaved on a shared machine:
+1.86 at ``stats_every=2, refresh_every=10``, 1.29 at 10/10, 1.17 at 20/20;
+``benchmarks/optim.py``, ``benchmarks/optim_profile.py``). The price of sparse statistics:
+the moving average (``ema`` per statistics update) spans about ``stats_every / (1 - ema)``
+steps of older data (on the deep autoencoder, 200 steps at ``stats_every=10`` ended at a 27%
+higher validation error than at ``stats_every=1``), so the defaults (``stats_every=1``,
+``refresh_every=10``) favour the update's quality; large models with cheap solves want 10-20.
+A due refresh without new statistics since the last one keeps the eigendecomposition (the
+factors did not change).
+
 Then optional grafting (:mod:`~beyondgrad.optim.grafting`), ``kl_clip`` scales all
 preconditioned directions by ``min(1, sqrt(kl_clip / |sum lr^2 d . g|))`` and
 ``max_update_norm`` caps ``lr * ||d||`` (:mod:`~beyondgrad.optim.clipping`); momentum and
@@ -66,8 +81,10 @@ class KFAC(KroneckerOptimizer):
         kfac_approx: ``"expand"`` or ``"reduce"``.
         ema: decay of the moving averages of the factors, in ``[0, 1)``.
         stats_every: collect statistics every this many steps (each costs one extra backward
-            of the curvature vectors); global.
-        refresh_every: recompute the eigendecompositions every this many steps (per group).
+            of the curvature vectors and the Kronecker sums); global. See "Cost per step"
+            in the module docstring.
+        refresh_every: recompute the eigendecompositions every this many steps (per
+            group); best a multiple of ``stats_every``.
         damping_mode: ``"eigen"`` (exact) or ``"pi"`` (factored Tikhonov).
         kl_clip: KL trust-region bound, or None.
         max_update_norm: bound on ``lr * ||d||`` over all preconditioned directions, or None.
@@ -142,6 +159,7 @@ class KFAC(KroneckerOptimizer):
         )
         self._set_clipping(kl_clip, max_update_norm)
         self._stale: dict[int, tuple[dict[str, Any], float, int]] = {}
+        self._eig_stamps: dict[int, tuple[Any, ...]] = {}  # id(state) -> _factor_stamp
         self.ownership = make_ownership(ownership)
         self._set_compile(compile_update)
 
@@ -165,10 +183,21 @@ class KFAC(KroneckerOptimizer):
             state["A"] = ema_(state.get("A"), stats[0], self.ema)
             state["B"] = ema_(state.get("B"), stats[1], self.ema)
         if "A" in state and (self._refresh_due(group) or "eig" not in state):
+            stamp = self._factor_stamp(state, group)
+            if "eig" in state and self._eig_stamps.get(id(state)) == stamp:
+                return  # nothing changed since the last eigendecomposition: keep it
+            self._eig_stamps[id(state)] = stamp
             if self.ownership is None:
                 self._stale[id(state)] = (state, self.damping(group), id(group))
             else:  # on one owner rank, at the end of the updates (see .ownership)
                 defer_eigen_refresh(self.ownership, state, self._decompose, self.damping(group))
+
+    def _factor_stamp(self, state: dict[str, Any], group: dict[str, Any]) -> tuple[Any, ...]:
+        """What a layer's eigendecomposition depends on: its factor tensors (identity and
+        in-place version, which the moving average bumps) and, for pi damping, the damping."""
+        A, B = state["A"], state["B"]
+        damping = self.damping(group) if self.damping_mode == "pi" else None
+        return (id(A), _version(A), id(B), _version(B), damping)
 
     def _after_preconditioner_updates(self) -> None:
         if self.ownership is not None:
@@ -184,6 +213,17 @@ class KFAC(KroneckerOptimizer):
             key = (state["A"].shape, state["B"].shape, state["A"].dtype, state["order"])
             batches.setdefault((*key, damping, index), []).append(state)
         self._stale = {}
+        try:
+            self._decompose_batches(batches)
+        except Exception:  # a failed decomposition is retried at the next refresh
+            for members in batches.values():
+                for state in members:
+                    self._eig_stamps.pop(id(state), None)
+            raise
+
+    def _decompose_batches(self, batches: dict[tuple[Any, ...], list[dict[str, Any]]]) -> None:
+        """One batched eigendecomposition per key of ``batches`` (see :meth:`_finish_refresh`);
+        each member state gets views of the stacked eigenpairs."""
         for key, members in batches.items():
             sizes = [self._groups(state) for state in members]
             A = torch.cat([_grouped(state["A"]) for state in members])
@@ -192,6 +232,16 @@ class KFAC(KroneckerOptimizer):
             parts = [t.split(sizes) for t in eig]
             for i, state in enumerate(members):
                 state["eig"] = tuple(part[i] for part in parts)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As :meth:`CurvatureOptimizer.load_state_dict`; the next due refresh decomposes the
+        loaded factors whatever was decomposed before.
+
+        Args:
+            state_dict: what :meth:`state_dict` returned.
+        """
+        super().load_state_dict(state_dict)
+        self._eig_stamps = {}
 
     def _precondition_all(
         self, items: list[tuple[str, dict[str, Any], dict[str, Any], list[Tensor]]]
@@ -313,6 +363,15 @@ class KFAC(KroneckerOptimizer):
         if order == "A kron B":
             return (la, qa, lb, qb)
         return (lb, qb, la, qa)
+
+
+def _version(t: Tensor) -> object:
+    """``t``'s in-place version counter; an inference tensor has none: a fresh object, equal
+    to nothing (its layer is then decomposed at every due refresh)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return object()
 
 
 def _grouped(t: Tensor) -> Tensor:
