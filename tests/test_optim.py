@@ -214,6 +214,22 @@ def test_kfac_ema_refresh_and_kl_clip():
     assert opt.state[p]["momentum_buffer"].abs().max() < 1.0
 
 
+def test_kfac_ema_is_per_step_with_sparse_statistics():
+    """With statistics every 2 steps the average decays by ``ema ** 2`` per update (``ema`` is
+    the decay per step): ``A = ema^2 A_0 + (1 - ema^2) A_2``."""
+    model, loss_fn = _mlp(), nn.CrossEntropyLoss()
+    opt = KFAC(model, loss_fn, fisher_type="type-2", ema=0.8, stats_every=2, refresh_every=2)
+    quantity = bg.KFAC(fisher_type="type-2")
+    stats = []
+    for step, (X, y) in enumerate([_data(16, seed=s) for s in range(3)]):
+        if step % 2 == 0:
+            stats.append(bg.compute(model, loss_fn, X, y, quantity)[quantity]["3"])
+        _train(opt, model, loss_fn, [(X, y)])
+    decay = 0.8**2
+    torch.testing.assert_close(opt.layers["3"]["A"], decay * stats[0].A + (1 - decay) * stats[1].A)
+    torch.testing.assert_close(opt.layers["3"]["B"], decay * stats[0].B + (1 - decay) * stats[1].B)
+
+
 def test_kfac_routes_tied_and_unsupported_to_adamw():
     from beyondgrad.app.tasks import make_problem
 
