@@ -161,6 +161,57 @@ def _results(check: _Checks, model, loss_fn, X, y, sl) -> None:
     )
 
 
+def _data_set_loops(check: _Checks, model, loss_fn, shard, full) -> None:
+    """The library's other data-set loops: reduced over the ranks (equal to one process over
+    the whole data), or refused under the group (no silent rank-local answer) unless called
+    inside ``bg.distributed.rank_local()``."""
+    diag = linops.Diagonal.from_engine(model, loss_fn, shard, bg.DiagGGN())
+    ref = linops.Diagonal.from_engine(model, loss_fn, full, bg.DiagGGN(), process_group="local")
+    check.close("Diagonal.from_engine", diag.values, ref.values)
+    lap = bg.laplace.Laplace(model, loss_fn, shard, structure="diag")
+    ref_lap = bg.laplace.Laplace(model, loss_fn, structure="diag").fit(full, process_group="local")
+    check.close(
+        "Laplace validation_nll",
+        lap.validation_nll(shard),
+        ref_lap.validation_nll(full, process_group="local"),
+    )
+    grid = [0.1, 1.0, 10.0]  # every rank picks the prior of the whole validation set
+    chosen = lap.optimize_prior_precision("gridsearch", val_data=shard, grid=grid)
+    want = ref_lap.optimize_prior_precision("gridsearch", val_data=full, grid=grid)
+    check.close("Laplace gridsearch prior", chosen, want)
+    refused: dict[str, Callable[[], Any]] = {
+        "Cockpit": lambda: bg.cockpit.Cockpit(model, loss_fn),
+        "merging.diagonal_fisher": lambda: bg.merging.diagonal_fisher(model, loss_fn, shard),
+        "merging.input_grams": lambda: bg.merging.input_grams(model, loss_fn, shard),
+        "merging.kronecker_fisher": lambda: bg.merging.kronecker_fisher(model, loss_fn, shard),
+        "pruning.obd": lambda: bg.pruning.obd(model, loss_fn, shard, 0.5),
+        "pruning.woodfisher": lambda: bg.pruning.woodfisher(model, loss_fn, shard, 0.5),
+        "pruning.layerwise_obs": lambda: bg.pruning.layerwise_obs(model, loss_fn, shard, 0.5),
+        "pinn.KFACPINN": lambda: bg.pinn.KFACPINN(None),  # type: ignore[arg-type]
+        "pinn.ENGD": lambda: bg.pinn.ENGD(None),  # type: ignore[arg-type]
+    }
+    for name, call in refused.items():
+        check.raises(name, NotImplementedError, call, "rank_local")
+    with bg.distributed.rank_local():  # explicitly this rank's data: allowed
+        bg.cockpit.Cockpit(model, loss_fn)
+        local = bg.merging.diagonal_fisher(model, loss_fn, shard, fisher="type-2")
+    check.raises(  # the context ends: refused again
+        "after rank_local", NotImplementedError, refused["Cockpit"], "rank_local"
+    )
+    check.close("rank-local diagonal_fisher", local, _local_diagonal_fisher(model, shard))
+
+
+def _local_diagonal_fisher(model, shard) -> dict[str, torch.Tensor]:
+    """This rank's diagonal type-2 Fisher of the mean per-example loss, from the engine."""
+    n = sum(y.shape[0] for _, y in shard)
+    total: dict[str, torch.Tensor] = {}
+    for X, y in shard:
+        res = bg.compute(model, nn.CrossEntropyLoss(reduction="sum"), X, y, bg.DiagGGN())
+        for k, v in res[bg.DiagGGN].items():
+            total[k] = total.get(k, 0) + v
+    return {k: v / n for k, v in total.items()}
+
+
 def _errors(check: _Checks, model, loss_fn, shard, rank: int) -> None:
     A = linops.GGN(model, loss_fn, shard)
     torch.manual_seed(rank)  # the global generator differs per rank
@@ -325,12 +376,13 @@ def _worker(rank: int, world: int, path: str, out: str) -> None:
             lambda: _sum_loss(check, model, shard, full),
             lambda: _results(check, model, loss_fn, X, y, sl),
             lambda: _errors(check, model, loss_fn, shard, rank),
+            lambda: _data_set_loops(check, model, loss_fn, shard, full),
             lambda: _ownership(check, X[sl], y[sl]),
             lambda: _owner_failure(check),
             lambda: _checkpoint(X, y, rank, f"{out}.ckpt"),
             lambda: _dcp_checkpoint(check, X, y, rank, f"{out}.dcp"),
         ]
-        for part in parts if world == 2 else [parts[0], parts[2], parts[3], parts[4], parts[5]]:
+        for part in parts if world == 2 else [parts[i] for i in (0, 2, 3, 4, 5, 6)]:
             try:
                 part()
             except Exception:  # reported to the parent

@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed import group as dist_group
+from ..distributed.fsdp import refuse_sharded
 from . import curvature as cv
 from . import dashboard
 from . import reductions as r
@@ -135,6 +137,8 @@ class Cockpit:
             raise ValueError(f"hist_quantile must be in (0, 1], got {hist_quantile}")
         if on_undefined not in ("drop", "raise"):
             raise ValueError(f"on_undefined must be 'drop' or 'raise', got {on_undefined!r}")
+        refuse_sharded(model.parameters(), "bg.cockpit.Cockpit")  # FSDP2: whole parameters
+        dist_group.refuse_rank_local("bg.cockpit.Cockpit")  # its batches are the rank's own
         self.model, self.loss_fn, self.selected = model, loss_fn, selected
         self.instruments = frozenset(i.name for i in selected)
         self.config = config if isinstance(config, str) else "custom"

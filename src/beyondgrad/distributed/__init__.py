@@ -12,11 +12,13 @@ round-off) to one process over the whole data set. :func:`all_reduce_result` doe
 for :func:`beyondgrad.compute` results. :mod:`.checkpoint` saves and loads models, optimizers
 and the Cockpit through ``torch.distributed.checkpoint`` (resumable on another world size).
 What cannot be reduced exactly raises instead of
-returning a rank-local answer. See ``docs/distributed.md``.
+returning a rank-local answer (pruning, the merging curvatures, the Cockpit and the PINN
+optimizers refuse under a group with several ranks; :func:`rank_local` makes such a call
+explicitly rank-local). See ``docs/distributed.md``.
 """
 
 from . import checkpoint, fsdp
-from .group import LOCAL, resolve_group
+from .group import LOCAL, rank_local, resolve_group
 from .results import all_reduce_result
 
-__all__ = ["LOCAL", "all_reduce_result", "checkpoint", "fsdp", "resolve_group"]
+__all__ = ["LOCAL", "all_reduce_result", "checkpoint", "fsdp", "rank_local", "resolve_group"]

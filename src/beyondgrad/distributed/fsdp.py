@@ -52,6 +52,13 @@ def shard_like(full: Tensor, like: Tensor) -> Tensor:
     )
 
 
+def local_nbytes(t: Tensor) -> int:
+    """Bytes this rank holds for ``t``: its local shard for a ``DTensor`` (FSDP2 state),
+    the whole tensor otherwise."""
+    local = t.to_local() if is_sharded(t) else t  # type: ignore[attr-defined]
+    return local.numel() * local.element_size()
+
+
 def refuse_sharded(params: Iterable[Tensor], who: str) -> None:
     """Raise when a parameter is a ``DTensor`` (a ``fully_shard``-ed model) where ``who``
     needs whole parameters.
@@ -72,4 +79,11 @@ def refuse_sharded(params: Iterable[Tensor], who: str) -> None:
         )
 
 
-__all__ = ["full_tensor", "is_sharded", "local_shard", "refuse_sharded", "shard_like"]
+__all__ = [
+    "full_tensor",
+    "is_sharded",
+    "local_nbytes",
+    "local_shard",
+    "refuse_sharded",
+    "shard_like",
+]

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -31,6 +33,7 @@ from torch import Tensor
 
 LOCAL = "local"
 Group = Any  # a torch.distributed.ProcessGroup
+_RANK_LOCAL: ContextVar[bool] = ContextVar("beyondgrad_rank_local", default=False)
 
 
 def _initialized() -> bool:
@@ -194,6 +197,50 @@ def check_sampler(data: Any, group: Group | None, who: str) -> None:
         )
 
 
+@contextmanager
+def rank_local() -> Iterator[None]:
+    """Inside this context, the parts of the library that cannot reduce over a process group
+    (they refuse under an initialized ``torch.distributed`` with several ranks, see
+    :func:`refuse_rank_local`) compute on this rank's data alone: an explicit, rank-local
+    answer (e.g. every rank holds the whole data set, or one rank monitors its own batches).
+
+    Example::
+
+        with bg.distributed.rank_local():
+            result = bg.pruning.obd(model, loss_fn, data, 0.5)  # this rank's data only
+    """
+    token = _RANK_LOCAL.set(True)
+    try:
+        yield
+    finally:
+        _RANK_LOCAL.reset(token)
+
+
+def refuse_rank_local(who: str) -> None:
+    """Raise where ``who`` would silently compute a rank-local answer: under an initialized
+    ``torch.distributed`` with several ranks, outside :func:`rank_local`.
+
+    For the library's data-set loops that do not reduce over the ranks (pruning, merging
+    curvatures, the Cockpit, the PINN optimizers): each rank would see only its shard.
+
+    Args:
+        who: the caller, for the message.
+
+    Raises:
+        NotImplementedError: names ``who``, what reduces instead and the way out.
+    """
+    if _RANK_LOCAL.get() or resolve_group(None) is None:
+        return
+    raise NotImplementedError(
+        f"{who} does not reduce over the ranks of torch.distributed (initialized, "
+        f"{dist.get_world_size()} ranks): on a sharded data set its result would be this "
+        "rank's alone. Build it from the reduced operators (bg.linops with process_group, "
+        "bg.distributed.all_reduce_result), or, if each rank's data is meant to be used "
+        "alone (e.g. every rank holds the whole data set), call it inside "
+        "`with bg.distributed.rank_local():`"
+    )
+
+
 def all_reduce_tensors_(tensors: Iterable[Tensor], group: Group | None) -> None:
     """Sum every tensor over the ranks in place (one collective per tensor)."""
     if group is None:
@@ -211,6 +258,8 @@ __all__ = [
     "check_same_tensor",
     "check_sampler",
     "rank",
+    "rank_local",
+    "refuse_rank_local",
     "resolve_group",
     "sum_count",
     "world_size",

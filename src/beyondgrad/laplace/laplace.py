@@ -617,6 +617,7 @@ class Laplace:
         link_approx: str = "probit",
         n_samples: int = 100,
         generator: torch.Generator | None = None,
+        process_group: Any = None,
     ) -> float:
         """Mean negative log predictive density per sample over ``data``.
 
@@ -626,6 +627,10 @@ class Laplace:
             link_approx: ``"probit"`` or ``"mc"``, as in :meth:`predictive`.
             n_samples: Monte-Carlo draws, as in :meth:`predictive`.
             generator: for the draws.
+            process_group: ``None`` (under an initialized ``torch.distributed`` with several
+                ranks, ``data`` is this rank's shard: the sum and the count are summed over
+                the ranks, so every rank gets the same value and ``"gridsearch"`` picks the
+                same prior), a ``ProcessGroup``, or ``"local"`` (this rank's data alone).
 
         Returns:
             The NLL summed over the samples, divided by their number (regression: the
@@ -636,7 +641,9 @@ class Laplace:
             pred = self.predictive(X, pred_type, link_approx, n_samples, generator)
             total += float(self._nll(pred, y).sum())
             count += y.shape[0]
-        return total / count
+        sums = torch.tensor([total, count], dtype=torch.float64, device=self.device)
+        dist_group.all_reduce_sum_(sums, dist_group.resolve_group(process_group))
+        return float(sums[0] / sums[1])
 
     def _nll(self, pred: Tensor | tuple[Tensor, Tensor], y: Tensor) -> Tensor:
         if self.likelihood == "regression":

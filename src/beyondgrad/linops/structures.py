@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed import group as dist_group
 from ..linalg import eigenbasis as eb
 from . import _engine
 from .base import LinearOperator
@@ -142,6 +143,7 @@ class Diagonal(StructuredOperator):
         params: Sequence[str] | None = None,
         num_data: int | None = None,
         generator: torch.Generator | None = None,
+        process_group: Any = None,
     ) -> Diagonal:
         """A diagonal quantity (``DiagGGN``, ``DiagGGN(mc_samples=M)``, ``DiagHessian``)
         summed over the batches of ``data`` (streamed once) with the data-set weights of
@@ -157,19 +159,30 @@ class Diagonal(StructuredOperator):
             params: parameter names (default: all trainable ones).
             num_data: the data-set size (default: counted in the pass).
             generator: the random generator of MC quantities.
+            process_group: as for the operators (:mod:`beyondgrad.distributed`): under an
+                initialized ``torch.distributed`` with several ranks, ``data`` is this rank's
+                shard and the diagonal (and ``num_data``) are summed over the ranks;
+                ``"local"``: no reduction.
 
         Returns:
             A :class:`Diagonal` ``[P]`` of the data-set loss ``R_D * sum_n l_n`` (``R_D =
             1/num_data`` for a mean, 1 for a sum), flattened in ``params`` order.
         """
         names = params or [n for n, p in model.named_parameters() if p.requires_grad]
-        ds = DataSet(data, loss_fn, num_data, passes="one", who="Diagonal.from_engine")
+        ds = DataSet(
+            data, loss_fn, num_data, passes="one", who="Diagonal.from_engine",
+            process_group=process_group,
+        )  # fmt: skip
         total: dict[str, Tensor] = {}
         for X, y, N in ds.batches():
             values = _engine.batch_diagonal(model, loss_fn, X, y, quantity, generator)
             w = float(N) if ds.mean else 1.0  # a sum over the batch's samples
             for n in names:
                 total[n] = total[n] + w * values[n] if n in total else w * values[n]
+        if ds.group is not None:  # each rank summed its shard; a rank may have none
+            named = dict(model.named_parameters())
+            total = {n: total[n] if n in total else torch.zeros_like(named[n]) for n in names}
+            dist_group.all_reduce_tensors_([total[n] for n in names], ds.group)
         scale = ds.normalizer()
         return cls({n: total[n] * scale for n in names})
 

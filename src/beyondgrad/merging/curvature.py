@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed import group as dist_group
 from ..engine import GRAD, compute
 from ..quantities import KFAC, DiagGGN, SumGradSquared
 
@@ -98,6 +99,7 @@ def diagonal_fisher(
     Returns:
         ``{parameter name: F}``, each of the parameter's shape (trainable parameters only).
     """
+    dist_group.refuse_rank_local("bg.merging.diagonal_fisher")
     quantity = _fisher_quantity(fisher, mc_samples)
     loss_sum, total, count = sum_loss(loss_fn), {}, 0
     for X, y in as_batches(data):
@@ -142,6 +144,7 @@ def input_grams(model: nn.Module, loss_fn: nn.Module, data: Any) -> dict[str, Gr
         ``{module name: Gram}`` (see :class:`Gram` for the scaling; the weight is read as
         ``[O, I]`` with a conv weight ``[O, C, *K]`` as ``[O, C * prod(K)]``).
     """
+    dist_group.refuse_rank_local("bg.merging.input_grams")
     quantity = KFAC(fisher_type="forward-only", diagonal_fallback=False)
     sums: dict[str, tuple[Tensor, int, tuple[str, ...]]] = {}
     for X, y in as_batches(data):
@@ -211,6 +214,7 @@ def kronecker_fisher(
     """
     if fisher not in FISHERS:
         raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
+    dist_group.refuse_rank_local("bg.merging.kronecker_fisher")
     quantity = KFAC(fisher_type=fisher, mc_samples=mc_samples)
     sums: dict[str, list[Any]] = {}
     diag: dict[str, Tensor] = {}

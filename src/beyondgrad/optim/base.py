@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ..distributed import fsdp
 from .clipping import check_clip, clip_factor
 from .fallback import ADAMW_DEFAULTS, adamw_, check_adamw, step_counter_as_int
 from .fsdp import full_parameters
@@ -444,7 +445,8 @@ class CurvatureOptimizer(Optimizer):
 
     def optimizer_state_bytes(self) -> int:
         """Bytes held by the optimizer state (preconditioners, momenta, AdamW moments) and by
-        the per-step products prepared at the last refresh."""
+        the per-step products prepared at the last refresh, on this rank (per-element state
+        of an FSDP2 model counts its local shard; the replicated preconditioners count whole)."""
         states = (*self.state.values(), *self.layers.values())
         return sum(_nbytes(v) for s in states for v in s.values()) + self._products.nbytes()
 
@@ -469,8 +471,8 @@ def _legacy_started(saved: dict[str, Any], current: dict[str, Any], steps: int) 
 
 
 def _nbytes(value: Any) -> int:
-    if isinstance(value, Tensor):
-        return value.numel() * value.element_size()
+    if isinstance(value, Tensor):  # a DTensor (FSDP2 state) counts its local shard only
+        return fsdp.local_nbytes(value)
     if isinstance(value, (list, tuple)):
         return sum(_nbytes(v) for v in value)
     return 0

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..distributed import group as dist_group
 from .kron import KroneckerSumInverse, damped_kronecker_sum_inverse
 from .loss import Blocks, Evaluation, PINNLoss, dot, flatten, unflatten
 
@@ -105,6 +106,7 @@ class KFACPINN:
             raise ValueError(f"step_rule must be 'line_search' or 'auto', got {step_rule!r}")
         if approx not in ("expand", "reduce") or update_every < 1:
             raise ValueError(f"need approx 'expand'/'reduce', update_every >= 1: {approx!r}")
+        dist_group.refuse_rank_local("bg.pinn.KFACPINN")  # no reduction over ranks
         self.loss, self.damping, self.ema, self.momentum = loss, damping, ema, momentum
         self.step_rule, self.grid = step_rule, tuple(grid)
         self.adapt, self.min_damping, self.max_damping = adapt, min_damping, max_damping
@@ -249,6 +251,7 @@ class ENGD:
     def __init__(
         self, loss: PINNLoss, damping: float = 1e-10, grid: Sequence[float] = LOG_GRID
     ) -> None:
+        dist_group.refuse_rank_local("bg.pinn.ENGD")  # no reduction over ranks
         self.loss, self.damping, self.grid, self.steps = loss, damping, tuple(grid), 0
 
     def direction(self, ev: Evaluation) -> Blocks:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed import group as dist_group
 from ..engine import compute
 from ..merging import as_batches, sum_loss
 from ..quantities import BatchGrad
@@ -201,6 +202,7 @@ def fisher_inverse(
     """
     if damping <= 0 or block_size < 1 or chunk_size < 1:
         raise ValueError("damping must be > 0, block_size and chunk_size >= 1")
+    dist_group.refuse_rank_local("bg.pruning.fisher_inverse")
     batches = as_batches(data)
     N = sum(y.shape[0] for _, y in batches)
     params = dict(model.named_parameters())
