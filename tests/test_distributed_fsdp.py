@@ -1,8 +1,9 @@
 """FSDP2 (``fully_shard``, DTensor parameters) with the optimizers, on 2 and 4 gloo ranks
 (float64), owner-based refreshes: the trajectory equals one process over the whole batch, the
 per-element state stays sharded (and is counted as such by ``optimizer_state_bytes``), and a
-checkpoint through ``torch.distributed.checkpoint`` resumes bit-identically on 2 ranks and
-continues the one-process run in one process (another world size, unsharded). Operators and
+checkpoint through ``torch.distributed.checkpoint`` resumes bit-identically on 2 ranks and,
+written by 2 or 4 ranks, continues the one-process run in one process (another world size,
+unsharded). Operators and
 the Cockpit refuse FSDP2 models clearly."""
 
 from __future__ import annotations
@@ -122,12 +123,14 @@ def _fsdp_checks(rank: int, world: int, out: str, failures: list[str]) -> None:
         used = set(opt.ownership.owners.values())
         if len(used) != min(world, len(opt.layers)):
             failures.append(f"{kind}: owners {opt.ownership.owners} leave ranks idle")
-        if world != 2:
+        if world != 2 and kind != "KFAC":  # 4 ranks: one checkpoint (slow to write)
             continue
         model = _sharded()
         opt = make(model, ownership="owner")
         _train(model, opt, X, y, 2)
         bg.distributed.checkpoint.save(f"{out}.{kind}.dcp", {"model": model, "optim": opt})
+        if world != 2:
+            continue
         model = _sharded()
         opt = make(model, ownership="owner")
         bg.distributed.checkpoint.load(f"{out}.{kind}.dcp", {"model": model, "optim": opt})
@@ -187,7 +190,7 @@ def test_fully_sharded_optimizers_equal_one_process(world):
             rank_bytes = sum(g[1][0] for g in got)
             assert rank_bytes == world * (total - elem) + elem, f"{kind} state bytes"
             assert sum(g[1][1] for g in got) == elem, f"{kind} per-element state bytes"
-            if world != 2:
+            if world != 2 and kind != "KFAC":
                 continue
             model = _mlp()  # the sharded checkpoint resumes unsharded in one process
             opt = make(model)
