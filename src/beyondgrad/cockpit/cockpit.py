@@ -70,6 +70,14 @@ class _Plan:
     dropped: dict[str, str] = field(default_factory=dict)
 
 
+def _refuse_distributed(model: nn.Module) -> None:
+    """A clear error for an FSDP2 model (the instruments need whole parameters) and, under
+    ``torch.distributed`` with several ranks, outside ``bg.distributed.rank_local()`` (the
+    instruments would be those of this rank's batches alone)."""
+    refuse_sharded(model.parameters(), "bg.cockpit.Cockpit")
+    dist_group.refuse_rank_local("bg.cockpit.Cockpit")
+
+
 class Cockpit:
     """Training instruments for any model the engine supports.
 
@@ -137,8 +145,7 @@ class Cockpit:
             raise ValueError(f"hist_quantile must be in (0, 1], got {hist_quantile}")
         if on_undefined not in ("drop", "raise"):
             raise ValueError(f"on_undefined must be 'drop' or 'raise', got {on_undefined!r}")
-        refuse_sharded(model.parameters(), "bg.cockpit.Cockpit")  # FSDP2: whole parameters
-        dist_group.refuse_rank_local("bg.cockpit.Cockpit")  # its batches are the rank's own
+        _refuse_distributed(model)
         self.model, self.loss_fn, self.selected = model, loss_fn, selected
         self.instruments = frozenset(i.name for i in selected)
         self.config = config if isinstance(config, str) else "custom"

@@ -204,6 +204,9 @@ def rank_local() -> Iterator[None]:
     :func:`refuse_rank_local`) compute on this rank's data alone: an explicit, rank-local
     answer (e.g. every rank holds the whole data set, or one rank monitors its own batches).
 
+    Yields:
+        Nothing; the flag is reset on exit (also on an error).
+
     Example::
 
         with bg.distributed.rank_local():
