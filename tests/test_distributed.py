@@ -187,6 +187,7 @@ def _data_set_loops(check: _Checks, model, loss_fn, shard, full) -> None:
         "pruning.obd": lambda: bg.pruning.obd(model, loss_fn, shard, 0.5),
         "pruning.woodfisher": lambda: bg.pruning.woodfisher(model, loss_fn, shard, 0.5),
         "pruning.layerwise_obs": lambda: bg.pruning.layerwise_obs(model, loss_fn, shard, 0.5),
+        "pruning.mean_loss": lambda: bg.pruning.mean_loss(model, loss_fn, shard),
         "pinn.KFACPINN": lambda: bg.pinn.KFACPINN(None),  # type: ignore[arg-type]
         "pinn.ENGD": lambda: bg.pinn.ENGD(None),  # type: ignore[arg-type]
     }

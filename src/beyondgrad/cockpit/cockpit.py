@@ -70,10 +70,19 @@ class _Plan:
     dropped: dict[str, str] = field(default_factory=dict)
 
 
-def _refuse_distributed(model: nn.Module) -> None:
-    """A clear error for an FSDP2 model (the instruments need whole parameters) and, under
-    ``torch.distributed`` with several ranks, outside ``bg.distributed.rank_local()`` (the
-    instruments would be those of this rank's batches alone)."""
+def _check_arguments(
+    model: nn.Module, loss_fn: nn.Module, hist_quantile: float, on_undefined: str
+) -> None:
+    """Raise on invalid settings; a clear error for an FSDP2 model (the instruments need
+    whole parameters) and, under ``torch.distributed`` with several ranks, outside
+    ``bg.distributed.rank_local()`` (the instruments would be those of this rank's batches
+    alone)."""
+    if loss_fn.reduction not in ("mean", "sum"):  # type: ignore[operator]
+        raise ValueError("the Cockpit needs a loss reduced by 'mean' or 'sum'")
+    if not 0 < hist_quantile <= 1:
+        raise ValueError(f"hist_quantile must be in (0, 1], got {hist_quantile}")
+    if on_undefined not in ("drop", "raise"):
+        raise ValueError(f"on_undefined must be 'drop' or 'raise', got {on_undefined!r}")
     refuse_sharded(model.parameters(), "bg.cockpit.Cockpit")
     dist_group.refuse_rank_local("bg.cockpit.Cockpit")
 
@@ -139,13 +148,7 @@ class Cockpit:
         wandb: bool | None = None,
     ):
         selected = resolve(config)
-        if loss_fn.reduction not in ("mean", "sum"):  # type: ignore[operator]
-            raise ValueError("the Cockpit needs a loss reduced by 'mean' or 'sum'")
-        if not 0 < hist_quantile <= 1:
-            raise ValueError(f"hist_quantile must be in (0, 1], got {hist_quantile}")
-        if on_undefined not in ("drop", "raise"):
-            raise ValueError(f"on_undefined must be 'drop' or 'raise', got {on_undefined!r}")
-        _refuse_distributed(model)
+        _check_arguments(model, loss_fn, hist_quantile, on_undefined)
         self.model, self.loss_fn, self.selected = model, loss_fn, selected
         self.instruments = frozenset(i.name for i in selected)
         self.config = config if isinstance(config, str) else "custom"

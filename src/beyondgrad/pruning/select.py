@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..distributed import group as dist_group
 from ..merging import as_batches, sum_loss
 from .masks import check_sparsity, masked_copy, prunable_parameters
 from .obs import BlockFisherInverse, fisher_inverse, obs_prune_blocks
@@ -36,6 +37,7 @@ def mean_loss(model: nn.Module, loss_fn: nn.Module, data: Any) -> float:
     Returns:
         The mean loss, a float.
     """
+    dist_group.refuse_rank_local("bg.pruning.mean_loss")  # no reduction over ranks
     total, count, fn = 0.0, 0, sum_loss(loss_fn)
     with torch.no_grad():
         for X, y in as_batches(data):
