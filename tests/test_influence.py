@@ -189,11 +189,8 @@ def test_invalid_arguments_raise():
         bg.influence.scores(model, loss_fn, train, query, curvature="diag", damping=-1.0)
 
 
-def test_chunked_preconditioning_and_collected_batches():
-    """Preconditioning a column at a time equals the whole block (EK-FAC, dense check); the
-    batches wrapper used for the curvature passes is re-iterable and yields the batches."""
-    from beyondgrad.laplace.linops_adapter import CollectedBatches
-
+def test_chunked_preconditioning():
+    """Preconditioning a column at a time equals the whole block (EK-FAC, dense check)."""
     model, loss_fn, (X, y), _, train, _ = problem("ce")
     factors = bg.influence.fit_factors(model, loss_fn, train, curvature="ekfac")
     C = structure_matrix("ekfac", model, loss_fn, X, y, train)
@@ -201,7 +198,52 @@ def test_chunked_preconditioning_and_collected_batches():
     expected = torch.linalg.solve(C + 0.3 * torch.eye(C.shape[0], dtype=torch.float64), M)
     torch.testing.assert_close(factors.precondition(M, 0.3, chunk=1), expected)
     torch.testing.assert_close(factors.precondition(M, 0.3), expected)
-    wrapped = CollectedBatches(train)
-    assert len(wrapped) == len(train)
-    for _ in range(2):
-        assert [b[1].tolist() for b in wrapped] == [b[1].tolist() for b in train]
+
+
+def _engine_objects() -> int:
+    """Objects of the engine's own classes that the collector tracks (sessions, recorders,
+    layer calls, statistics, ...)."""
+    import gc
+
+    def engine(o: object) -> bool:
+        module = type(o).__dict__.get("__module__", "")
+        return isinstance(module, str) and module.startswith("beyondgrad.engine")
+
+    return sum(engine(o) for o in gc.get_objects())
+
+
+def test_a_pass_leaves_no_engine_objects_alive():
+    """With the garbage collector off, nothing of a pass outlives it: no reference cycle holds
+    the session, its recorded calls (every layer's inputs and outputs) or the statistics
+    (plain compute, the influence gradient stream, a transformer, a watched backward)."""
+    import gc
+
+    torch.manual_seed(0)
+    model, _, (X, y), _, train, _ = problem("ce")
+    gpt = _init(TinyGPT(vocab=8, d=4, heads=2, T=3), 0)
+    Xs, ys = torch.randint(0, 8, (2, 3)), torch.randint(0, 8, (2, 3))
+    ce = nn.CrossEntropyLoss(reduction="sum")
+
+    def watched() -> None:
+        with bg.capture(model, ce, bg.BatchGrad(), from_backward=True) as session:
+            loss = ce(model(X), y)
+            loss.backward()
+        session.compute(loss)
+
+    passes = {
+        "compute": lambda: bg.compute(model, ce, X, y, bg.BatchGrad()),
+        "stream": lambda: list(bg.influence.example_gradients(model, ce, train, ["0.weight"])),
+        "transformer": lambda: bg.compute(gpt, ce, Xs, ys, bg.BatchGrad()),
+        "watched": watched,
+    }
+    for name, run in passes.items():
+        run()  # caches (probes per input signature) are filled by the first pass
+        gc.collect()
+        before = _engine_objects()
+        gc.disable()
+        try:
+            run()
+            after = _engine_objects()
+        finally:
+            gc.enable()
+        assert after == before, f"{name}: {after - before} engine objects outlive the pass"

@@ -8,6 +8,7 @@ it imports none of them.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar, Protocol
@@ -225,7 +226,9 @@ class Session:
         self._node_kinds: set[str] | None = None
         self._node_handles: list[Any] = []
         # the model's arguments, for the sample-axis probe (and the expansion of shared outputs)
-        self.model_calls = ModelCall(model, on_first=self._plan_expansion)
+        # weakly: a bound method here would close a reference cycle (session -> model_calls
+        # -> session) that keeps every recorded call's tensors alive until a gc collection
+        self.model_calls = ModelCall(model, on_first=_weak_call(self._plan_expansion))
         self._expansion: Expansion | None = None
         self._vector_cache: dict[VectorKind, Tensor] = {}
         self._watched_shared: dict[VectorKind, dict[tuple[int, int], Tensor]] = {}
@@ -271,14 +274,24 @@ class Session:
             self._node_handles.append(node.register_prehook(pre))
         names = {id(p): n for n, p in self.model.named_parameters()}
 
+        # weak references: the hook stays on the loss tensor, and a closure over the session
+        # and the loss itself would keep both (and every recorded call) alive for good
+        session, loss_ref = weakref.ref(self), weakref.ref(loss)
+
         def on_loss(grad: Tensor) -> None:
-            self.loss_scale = grad.detach()
-            self._node_kinds = attribute(loss, self.layers, names)
-            self._check_graph(loss, self._node_kinds)
-            # the graph is still whole: the shared outputs' per-sample pass runs now
-            self._watched_shared = self._early_shared(loss)
+            me, watched = session(), loss_ref()
+            if me is not None and watched is not None:
+                me._on_loss(watched, grad, names)
 
         loss.register_hook(on_loss)
+
+    def _on_loss(self, loss: Tensor, grad: Tensor, names: dict[int, str]) -> None:
+        """The watched backward reached the loss: attribute the graph and run the shared
+        outputs' per-sample pass while the graph is still whole."""
+        self.loss_scale = grad.detach()
+        self._node_kinds = attribute(loss, self.layers, names)
+        self._check_graph(loss, self._node_kinds)
+        self._watched_shared = self._early_shared(loss)
 
     def __enter__(self) -> Session:
         self.recorder.__enter__()
@@ -631,6 +644,19 @@ class Session:
                 )
 
         return forms_of_call
+
+
+def _weak_call(method: Any) -> Any:
+    """``method`` (a bound method) called through a weak reference to its object: the
+    callback does not keep the object alive (nothing happens once it is gone)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any, **kwargs: Any) -> None:
+        bound = ref()
+        if bound is not None:
+            bound(*args, **kwargs)
+
+    return call
 
 
 def _check_inputs_finite(calls: list[tuple[Layer, Call]]) -> None:

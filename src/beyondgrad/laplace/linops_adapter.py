@@ -14,9 +14,8 @@ is then that of ``sum_n l_n`` (no data-set reduction factor), e.g. ``sum_n J_n^T
 from __future__ import annotations
 
 import copy
-import gc
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -130,8 +129,7 @@ def dense_from_rows(
                 1,
             )
             H.addmm_(rows.T, rows)
-        del stats, forms, rows
-        gc.collect(1)  # the engine's per-batch state sits in reference cycles
+        del stats, forms, rows  # one batch's engine state at a time
     return H.detach()
 
 
@@ -225,28 +223,6 @@ def _kronecker(
     return KroneckerCurvature(names, shapes, blocks)
 
 
-class CollectedBatches:
-    """A re-iterable sequence of batches that runs a young-generation garbage collection
-    after each batch is consumed: the engine's per-batch state sits in reference cycles, and
-    without it a pass over the data holds several batches' state at once (about twice the
-    peak memory). The collection is cheap (``gc.collect(1)``).
-
-    Args:
-        batches: the ``(X, y)`` batches.
-    """
-
-    def __init__(self, batches: Sequence[tuple[Any, Tensor]]):
-        self.batches = list(batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self) -> Iterator[tuple[Any, Tensor]]:
-        for batch in self.batches:
-            yield batch
-            gc.collect(1)
-
-
 def _check_choices(structure: str, fisher_type: str) -> None:
     if structure not in STRUCTURES:
         raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
@@ -287,7 +263,7 @@ def build_curvature(
         A structure of :mod:`beyondgrad.laplace.curvature` holding ``H`` (detached, no ``1/N``).
     """
     _check_choices(structure, fisher_type)
-    batches = CollectedBatches(list(data))
+    batches = list(data)
     named = dict(model.named_parameters())
     shapes = [named[n].shape for n in names]
     if structure in ("kfac", "ekfac"):
@@ -321,7 +297,6 @@ __all__ = [
     "ROW_BUDGET",
     "ROW_KINDS",
     "STRUCTURES",
-    "CollectedBatches",
     "build_curvature",
     "dense_from_rows",
     "output_jacobians",
