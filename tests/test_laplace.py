@@ -357,3 +357,73 @@ def test_functional_variance_fallback_equals_engine_jacobians(monkeypatch):
     torch.testing.assert_close(la.functional_variance(Xt, max_vectors=4), var)
     monkeypatch.setattr(module, "output_jacobians", lambda *args: None)
     torch.testing.assert_close(la.functional_variance(Xt, max_vectors=4), var)
+
+
+def _block(model, H: torch.Tensor, names: list[str]) -> torch.Tensor:
+    """The principal block of ``H`` (over every parameter) for ``names``."""
+    index, start = [], 0
+    for n, p in model.named_parameters():
+        if n in names:
+            index += range(start, start + p.numel())
+        start += p.numel()
+    return H[index][:, index]
+
+
+@pytest.mark.parametrize("fisher_type", ["type-2", "empirical"])
+@pytest.mark.parametrize("loss", ["ce", "mse", "bce"])
+def test_last_layer_closed_form_matches_oracle(loss, fisher_type, monkeypatch):
+    """A last ``nn.Linear``: ``sum_n Lambda_n kron u_n u_n^T`` from one forward's features
+    (no engine pass: ``build_curvature`` must not run) equals the oracle's GGN / empirical
+    Fisher block, for the weight and bias, the weight alone and the bias alone, dense and
+    diagonal."""
+    from beyondgrad.laplace import laplace as laplace_module
+    from oracles.first_order import per_sample_grads
+
+    model, loss_fn, X, y, data = problem(loss)
+    if fisher_type == "type-2":
+        H = ggn(model, summed(loss_fn), X, y)["full"]
+    else:
+        G = per_sample_grads(model, summed(loss_fn), X, y)
+        G = torch.cat([g.reshape(g.shape[0], -1) for g in G.values()], 1)
+        H = G.T @ G
+
+    def engine(*args, **kwargs):
+        raise AssertionError("the engine path ran")
+
+    monkeypatch.setattr(laplace_module, "build_curvature", engine)
+    for subset in ("last_layer", ["2.weight"], ["2.bias"]):
+        for structure in ("full", "diag"):
+            la = Laplace(model, loss_fn, data, structure, subset, fisher_type=fisher_type)
+            ref = _block(model, H, la.names)
+            if structure == "diag":
+                ref = torch.diag(torch.diagonal(ref))
+            torch.testing.assert_close(la.curvature.to_dense(), ref)
+
+
+def test_last_layer_without_closed_form_uses_the_engine():
+    """The closed form needs the layer's own output as the model output, one call, and no
+    tied parameter: a scaled output, a layer called twice and probability targets for CE go
+    through the engine and still equal the oracle."""
+
+    class Scaled(nn.Module):
+        def __init__(self, net: nn.Module, twice: bool) -> None:
+            super().__init__()
+            self.net, self.twice = net, twice
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.twice:  # the last layer runs twice: the output is not linear in it
+                h = torch.tanh(self.net[0](x))
+                return self.net[2](torch.tanh(self.net[2](h)[:, :1].expand(-1, 4)))
+            return 2.0 * self.net(x)
+
+    net, loss_fn, X, y, data = problem("ce")
+    for twice in (False, True):
+        model = Scaled(net, twice)
+        la = Laplace(model, loss_fn, data, "full", "last_layer")
+        H = ggn(model, summed(loss_fn), X, y)["full"]
+        torch.testing.assert_close(la.curvature.to_dense(), _block(model, H, la.names))
+    soft = [(x, torch.softmax(torch.randn(len(x), 3, dtype=torch.float64), 1)) for x, _ in data]
+    la = Laplace(net, loss_fn, soft, "diag", "last_layer")
+    Xs, ys = torch.cat([x for x, _ in soft]), torch.cat([t for _, t in soft])
+    H = ggn(net, summed(loss_fn), Xs, ys)["full"]
+    torch.testing.assert_close(la.curvature.to_dense(), torch.diag(torch.diagonal(H)[-15:]))

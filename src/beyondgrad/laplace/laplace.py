@@ -23,6 +23,7 @@ Conventions (stated once; every method follows them):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -34,7 +35,21 @@ from torch.utils._pytree import tree_map
 
 from .. import linops
 from ..distributed import group as dist_group
-from .curvature import Curvature, KroneckerCurvature, curvature_from_state
+from .curvature import (
+    Curvature,
+    DenseCurvature,
+    DiagonalCurvature,
+    KroneckerCurvature,
+    curvature_from_state,
+)
+from .last_layer import (
+    CLOSED_FORM_FISHERS,
+    FeatureRecorder,
+    batch_curvature,
+    last_linear,
+    output_hessian,
+    select,
+)
 from .linops_adapter import (
     FISHER_TYPES,
     STRUCTURES,
@@ -286,15 +301,10 @@ class Laplace:
         """
         batches = list(data)
         loss_sum = sum_reduction(self.loss_fn)
-        total, n, n_out = 0.0, 0, 0
-        with torch.no_grad():
-            for X, y in batches:
-                out = forward(self.model, X)
-                total += float(loss_sum(out, y))
-                n += out.shape[0]
-                n_out += out.numel()
-        # under torch.distributed each rank fits on its shard: sums over the ranks
         group = dist_group.resolve_group(process_group)
+        closed = self._closed_form_layer() if group is None else None
+        total, n, n_out, H = self._forward_pass(batches, loss_sum, closed)
+        # under torch.distributed each rank fits on its shard: sums over the ranks
         counts = torch.tensor([total, n, n_out], dtype=torch.float64, device=self.device)
         dist_group.all_reduce_sum_(counts, group)
         total, n, n_out = float(counts[0]), int(counts[1]), int(counts[2])
@@ -302,21 +312,73 @@ class Laplace:
         self.num_data, self.num_outputs = n, n_out
         named = dict(self.model.named_parameters())
         self.mean = torch.cat([named[k].detach().reshape(-1) for k in self.names])
-        self.curvature = build_curvature(
-            self.model,
-            loss_sum,
-            batches,
-            self.names,
-            self.structure,
-            self.fisher_type,
-            self.kfac_approx,
-            self.mc_samples,
-            self.rank,
-            self.generator,
-            process_group,
-        )
+        if H is not None:  # last linear layer: closed form from the features
+            if self.structure == "full":
+                self.curvature = DenseCurvature(self.names, self.shapes, H)
+            else:
+                self.curvature = DiagonalCurvature(self.names, self.shapes, H)
+        else:
+            self.curvature = build_curvature(
+                self.model,
+                loss_sum,
+                batches,
+                self.names,
+                self.structure,
+                self.fisher_type,
+                self.kfac_approx,
+                self.mc_samples,
+                self.rank,
+                self.generator,
+                process_group,
+            )
         self._check_prior(self.prior_precision)
         return self
+
+    def _closed_form_layer(self) -> tuple[nn.Linear, bool, bool] | None:
+        """The last linear layer when the curvature has a closed form in its features
+        (:mod:`beyondgrad.laplace.last_layer`): dense or diagonal structure, GGN or empirical
+        Fisher, the selected parameters those of one ``nn.Linear``."""
+        if self.structure not in ("full", "diag") or self.fisher_type not in CLOSED_FORM_FISHERS:
+            return None
+        return last_linear(self.model, self.names)
+
+    def _forward_pass(
+        self,
+        batches: list[tuple[Any, Tensor]],
+        loss_sum: nn.Module,
+        closed: tuple[nn.Linear, bool, bool] | None,
+    ) -> tuple[float, int, int, Tensor | None]:
+        """One forward without a graph per batch: the summed loss, the sample and output
+        counts and, for a closed-form last layer, its curvature (``None`` if any batch's
+        model output is not the layer's own output, or the targets are no class indices)."""
+        total, n, n_out = 0.0, 0, 0
+        H: Tensor | None = None
+        recorder = FeatureRecorder(closed[0]) if closed is not None else None
+        with torch.no_grad(), recorder or contextlib.nullcontext():
+            for X, y in batches:
+                out = forward(self.model, X)
+                total += float(loss_sum(out, y))
+                n += out.shape[0]
+                n_out += out.numel()
+                if recorder is None:
+                    continue
+                phi = recorder.take(out)
+                if phi is None or (self.likelihood == "classification" and y.ndim != 1):
+                    recorder = None  # no closed form: the engine serves the curvature
+                    H = None
+                    continue
+                part = self._closed_form_batch(phi, out, y, closed)  # type: ignore[arg-type]
+                H = part if H is None else H + part
+        return total, n, n_out, H
+
+    def _closed_form_batch(
+        self, phi: Tensor, out: Tensor, y: Tensor, closed: tuple[nn.Linear, bool, bool]
+    ) -> Tensor:
+        """One batch's ``sum_n Lambda_n kron u_n u_n^T`` over the selected entries."""
+        form, lam = output_hessian(self.likelihood, self.fisher_type, out, y)
+        u = torch.cat([phi, phi.new_ones(phi.shape[0], 1)], 1)
+        H = batch_curvature(form, lam, u, diagonal=self.structure == "diag")
+        return select(H, out.shape[1], phi.shape[1], closed[1], closed[2])
 
     # -- evidence --------------------------------------------------------------------------------
     def log_likelihood(self, sigma_noise: Tensor | float | None = None) -> Tensor:

@@ -1,0 +1,188 @@
+"""Closed-form curvature of a last ``nn.Linear`` layer from its input features.
+
+When the selected parameters are the weight (and/or bias) of an ``nn.Linear`` whose output *is*
+the model's output, the network is linear in them: ``f_n = W phi_n + b`` with ``phi_n`` the
+layer's input. With ``u_n = [phi_n, 1]`` (the bias as a constant input) and the weight
+flattened row-major, the output Jacobian is ``J_n = I_K kron u_n^T``, so the curvature of the
+summed loss is
+
+``H = sum_n Lambda_n kron u_n u_n^T``,
+
+with ``Lambda_n`` ``[K, K]`` per sample: the loss Hessian in the outputs for the GGN
+(``"type-2"``): ``diag(p_n) - p_n p_n^T`` for cross-entropy (``p_n = softmax(f_n)``),
+``2 I`` for ``MSELoss(reduction="sum")``, ``diag(p_n (1 - p_n))`` for BCE with logits
+(``p_n = sigmoid(f_n)``); ``r_n r_n^T`` for the empirical Fisher, ``r_n = dl_n / df_n``.
+The features come from one forward of the network without a graph (the forward that also
+gives the log-likelihood): no backward pass through the body.
+
+Rows and columns are ordered as the flat parameter vector ``[vec(W), b]`` (only the selected
+ones), the layout of :class:`beyondgrad.laplace.curvature.DenseCurvature`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+#: the fisher types with a closed form (the MC Fisher draws labels: the engine serves it)
+CLOSED_FORM_FISHERS = ("type-2", "empirical")
+
+
+def last_linear(model: nn.Module, names: Sequence[str]) -> tuple[nn.Linear, bool, bool] | None:
+    """The ``nn.Linear`` owning every name in ``names`` (its weight and/or bias), with
+    ``(layer, has_weight, has_bias)``; ``None`` when no single linear layer owns them.
+
+    Args:
+        model: the model.
+        names: the selected parameter names (``model.named_parameters()`` spelling).
+
+    Returns:
+        ``(layer, has_weight, has_bias)`` or ``None``.
+    """
+    prefixes = {n.rpartition(".")[0] for n in names}
+    if len(prefixes) != 1:
+        return None
+    prefix = prefixes.pop()
+    layer = model.get_submodule(prefix) if prefix else model
+    if type(layer) is not nn.Linear:  # subclasses may change the forward
+        return None
+    leaf = {n.rpartition(".")[2] for n in names}
+    if not leaf <= {"weight", "bias"}:
+        return None
+    # a parameter shared with another module (tied weights) makes the output nonlinear in it
+    own = {id(p) for p in layer.parameters(recurse=False)}
+    uses = [id(p) for _, p in model.named_parameters(remove_duplicate=False) if id(p) in own]
+    if len(uses) != len(own):
+        return None
+    return layer, "weight" in leaf, "bias" in leaf
+
+
+class FeatureRecorder:
+    """A forward hook on a linear layer recording its input features and output, and how
+    often it was called since the last :meth:`take`.
+
+    Args:
+        layer: the ``nn.Linear`` layer.
+    """
+
+    def __init__(self, layer: nn.Linear):
+        self.layer = layer
+        self.features: Tensor | None = None
+        self.output: Tensor | None = None
+        self.calls = 0
+        self._handle: Any = None
+
+    def _hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        self.features, self.output = args[0], output
+        self.calls += 1
+
+    def __enter__(self) -> FeatureRecorder:
+        self._handle = self.layer.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
+
+    def take(self, model_output: Tensor) -> Tensor | None:
+        """The features ``[N, D]`` when the layer ran once and its output is ``model_output``
+        itself (2-d, one sample per row), else ``None``; the record is cleared."""
+        phi, out, calls = self.features, self.output, self.calls
+        self.features, self.output, self.calls = None, None, 0
+        if calls != 1 or out is not model_output or phi is None:
+            return None
+        if phi.ndim != 2 or out.ndim != 2:
+            return None
+        return phi
+
+
+def output_hessian(likelihood: str, fisher_type: str, f: Tensor, y: Tensor) -> tuple[str, Tensor]:
+    """``Lambda_n`` in a compact form: ``("ce", p [N, K])`` (``diag(p) - p p^T``),
+    ``("diag", d [N, K])`` (``diag(d)``) or ``("rows", r [N, K])`` (``r r^T``).
+
+    Args:
+        likelihood: ``"classification"`` (CE, class indices), ``"regression"`` (MSE, summed)
+            or ``"binary"`` (BCE with logits).
+        fisher_type: ``"type-2"`` or ``"empirical"``.
+        f: the outputs ``[N, K]``.
+        y: the targets (``[N]`` class indices for CE, ``[N, K]`` otherwise).
+
+    Returns:
+        The form's name and its tensor.
+    """
+    if likelihood == "classification":
+        p = torch.softmax(f, 1)
+        if fisher_type == "type-2":
+            return "ce", p
+        return "rows", p - nn.functional.one_hot(y, f.shape[1]).to(p.dtype)
+    if likelihood == "binary":
+        p = torch.sigmoid(f)
+        if fisher_type == "type-2":
+            return "diag", p * (1 - p)
+        return "rows", p - y.reshape(f.shape).to(p.dtype)
+    if fisher_type == "type-2":
+        return "diag", f.new_full(f.shape, 2.0)
+    return "rows", 2 * (f - y.reshape(f.shape).to(f.dtype))
+
+
+def batch_curvature(form: str, lam: Tensor, u: Tensor, diagonal: bool) -> Tensor:
+    """``sum_n Lambda_n kron u_n u_n^T`` over a batch, ``[K D', K D']`` (``diagonal``: its
+    diagonal ``[K D']``), with ``u`` ``[N, D']`` and ``Lambda`` given as in
+    :func:`output_hessian`.
+
+    Args:
+        form: ``"ce"``, ``"diag"`` or ``"rows"``.
+        lam: ``[N, K]``.
+        u: ``[N, D']``.
+        diagonal: only the diagonal.
+
+    Returns:
+        ``[K D', K D']`` or ``[K D']``.
+    """
+    N, K = lam.shape
+    D = u.shape[1]
+    if diagonal:
+        d = lam * lam if form == "rows" else lam * (1 - lam) if form == "ce" else lam
+        return (d.T @ (u * u)).reshape(-1)
+    if form == "rows":
+        Q = (lam.unsqueeze(2) * u.unsqueeze(1)).reshape(N, K * D)
+        return Q.T @ Q
+    # diag(d) kron: one [D', D'] block per output
+    H = torch.block_diag(*torch.einsum("nk,nd,ne->kde", lam, u, u))
+    if form == "ce":  # minus sum_n p_n p_n^T kron u_n u_n^T
+        Q = (lam.unsqueeze(2) * u.unsqueeze(1)).reshape(N, K * D)
+        H = H - Q.T @ Q
+    return H
+
+
+def select(H: Tensor, K: int, D: int, has_weight: bool, has_bias: bool) -> Tensor:
+    """Rows (and columns, for a matrix) of ``H`` over ``(k, d')`` (``d' = D``: the bias)
+    reordered to the flat vector ``[vec(W), b]`` of the selected parameters.
+
+    Args:
+        H: ``[K (D+1)]`` or ``[K (D+1), K (D+1)]``.
+        K: outputs.
+        D: input features.
+        has_weight: the weight is selected.
+        has_bias: the bias is selected.
+
+    Returns:
+        The selected, reordered entries.
+    """
+    grid = torch.arange(K * (D + 1), device=H.device).reshape(K, D + 1)
+    parts = ([grid[:, :D].reshape(-1)] if has_weight else []) + ([grid[:, D]] if has_bias else [])
+    index = torch.cat(parts)
+    H = H[index]
+    return H if H.ndim == 1 else H[:, index]
+
+
+__all__ = [
+    "CLOSED_FORM_FISHERS",
+    "FeatureRecorder",
+    "batch_curvature",
+    "last_linear",
+    "output_hessian",
+    "select",
+]
