@@ -436,6 +436,60 @@ def peak_meter(memory: CpuMemory | None) -> Callable[[Callable[[], object]], flo
     return memory.peak_mib if memory is not None else cuda_peak_mib
 
 
+def forked_peak_mib(fn: Callable[[], object]) -> float:
+    """Peak memory of one call of ``fn``, isolated from this process's history: on CPU in a
+    forked child (one torch thread: the parent's OpenMP pool does not survive the fork),
+    measured by :class:`CpuMemory` (after gc + ``malloc_trim``, so that heap the parent freed
+    but kept does not hide the child's allocations); on an initialized CUDA device
+    :func:`cuda_peak_mib` in this process. Used by the peer scripts whose calls are whole
+    library workflows (``laplace_peers.py``, ``influence_peers.py``).
+
+    Args:
+        fn: the call.
+
+    Returns:
+        MiB above the level before the call (``nan`` if the child reported nothing).
+    """
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return cuda_peak_mib(fn)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            os.close(read)
+            torch.set_num_threads(1)
+            os.write(write, str(CpuMemory().peak_mib(fn)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    value = os.read(read, 64).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    return float(value) if value else float("nan")
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median wall seconds per call, the calls alternating rep by rep after one warm-up call
+    each (a slow phase of a loaded machine hits every candidate alike).
+
+    Args:
+        fns: name -> call.
+        reps: timed calls per name.
+
+    Returns:
+        name -> median seconds.
+    """
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(reps):
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 # --------------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------------

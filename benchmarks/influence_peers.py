@@ -38,9 +38,10 @@ Rows per problem:
   says how much the parameters kronfluence leaves out change the ranking.
 
 Columns: time to fit the factors, time to score all queries against all training examples
-(medians of ``--reps``), peak memory of one fit + score in a forked child (VmHWM above the
-level at the fork; ``max_memory_allocated`` on GPU). Protocol helpers are those of
-``laplace_peers.py``. Without kronfluence its rows read ``n/a``.
+(medians of ``--reps``, the three methods alternating rep by rep), peak memory of one fit +
+score in a forked child (VmHWM above the level before the call, after gc + ``malloc_trim``;
+``max_memory_allocated`` on GPU), both from ``harness.py``. Without kronfluence its rows
+read ``n/a``.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import beyondgrad as bg
 from beyondgrad.app.tasks import TinyGPT
-from laplace_peers import alternate, peak_memory_mib
+from harness import forked_peak_mib, interleaved_medians
 
 DAMPING = 1e-3
 
@@ -196,28 +197,34 @@ def spearman(a: Tensor, b: Tensor) -> float:
 
 
 def run_problem(p: dict[str, Any], reps: int, peer: bool) -> list[dict[str, Any]]:
+    """The rows of one problem: kronfluence and both bg variants, their fits and scores timed
+    interleaved (one call of each per rep), peak memory of fit + score in a forked child."""
     same = covered_by_kronfluence(p["model"])
-    rows = []
-    reference = None
+    variants = {"bg (same params)": same, "bg (all params)": None}
+    factors = {label: bg_fit(p, params) for label, params in variants.items()}
+    fits = {label: (lambda params=params: bg_fit(p, params)) for label, params in variants.items()}
+    scores = {label: (lambda f=f: bg_score(p, f)) for label, f in factors.items()}
+    reference, kf = None, None
     if peer:
         kf = Kronfluence(p)
         kf.fit()
         reference = kf.score()
-        t = alternate({"fit": kf.fit}, reps)["fit"], alternate({"score": kf.score}, reps)["score"]
-        mem = peak_memory_mib(lambda: (kf.fit(), kf.score()))
+        fits, scores = {"kronfluence": kf.fit, **fits}, {"kronfluence": kf.score, **scores}
+    fit_s, score_s = interleaved_medians(fits, reps), interleaved_medians(scores, reps)
+    rows = []
+    if kf is not None:
+        mem = forked_peak_mib(lambda: (kf.fit(), kf.score()))
         n_same = sum(dict(p["model"].named_parameters())[n].numel() for n in same)
-        rows.append(dict(problem=p["name"], method="kronfluence", params=n_same, fit_s=t[0],
-                         score_s=t[1], peak_mib=mem, spearman=1.0))  # fmt: skip
-    for label, params in (("bg (same params)", same), ("bg (all params)", None)):
-        factors = bg_fit(p, params)
-        S = bg_score(p, factors)
-        fit_s = alternate({"fit": lambda params=params: bg_fit(p, params)}, reps)["fit"]
-        score_s = alternate({"score": lambda f=factors: bg_score(p, f)}, reps)["score"]
-        mem = peak_memory_mib(lambda params=params: bg_score(p, bg_fit(p, params)))
-        n = factors.structure.num_params
+        rows.append(dict(problem=p["name"], method="kronfluence", params=n_same,
+                         fit_s=fit_s["kronfluence"], score_s=score_s["kronfluence"],
+                         peak_mib=mem, spearman=1.0))  # fmt: skip
+    for label, params in variants.items():
+        mem = forked_peak_mib(lambda params=params: bg_score(p, bg_fit(p, params)))
+        S = bg_score(p, factors[label])
         rho = None if reference is None else spearman(S, reference)
-        rows.append(dict(problem=p["name"], method=label, params=n, fit_s=fit_s, score_s=score_s,
-                         peak_mib=mem, spearman=rho))  # fmt: skip
+        rows.append(dict(problem=p["name"], method=label,
+                         params=factors[label].structure.num_params, fit_s=fit_s[label],
+                         score_s=score_s[label], peak_mib=mem, spearman=rho))  # fmt: skip
     return rows
 
 

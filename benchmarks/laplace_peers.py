@@ -20,7 +20,8 @@ and their relative difference; the largest relative difference of the GLM functi
 ``J P^{-1} J^T`` on the held-out inputs (and of the predictive mean, and for classification of
 the probit probabilities); the time of fit + evidence and of the GLM predictive on the held-out
 split (medians of ``--reps``, the libraries alternating rep by rep), and the peak memory of one
-fit + evidence + predictive in a forked child (VmHWM above the level at the fork). A second
+fit + evidence + predictive in a forked child (``harness.forked_peak_mib``: VmHWM above
+the level before the call, after gc + ``malloc_trim``). A second
 table: held-out NLL and ECE of the MAP and of each library's GLM predictive (``kfac``, the
 prior precision each library's own marginal-likelihood optimization finds).
 
@@ -55,12 +56,8 @@ import copy
 import importlib.metadata
 import itertools
 import json
-import os
 import platform
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +65,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 import beyondgrad as bg
+from harness import forked_peak_mib, interleaved_medians
 
 STRUCTURES = {"full": "full", "diag": "diag", "kfac": "kron"}  # bg name -> laplace-torch name
 CASES = [  # (subset, structure, with biases)
@@ -198,55 +198,6 @@ def nll_ece(pred: Any, y: Tensor, likelihood: str, bins: int = 10) -> tuple[floa
     return float(nll), float(ece)
 
 
-def _vmhwm_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM"):
-                return int(line.split()[1])
-    return 0
-
-
-def peak_memory_mib(fn: Callable[[], Any]) -> float:
-    """Peak resident memory of ``fn()`` in a forked child, above the level at the fork (CPU);
-    ``torch.cuda.max_memory_allocated`` in this process on GPU."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        return torch.cuda.max_memory_allocated() / 2**20
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        try:
-            os.close(read)
-            # The parent's OpenMP pool does not survive fork: a parallel region in the child
-            # waits forever on threads that no longer exist. One thread runs no such region.
-            torch.set_num_threads(1)
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current level
-            base = _vmhwm_kib()
-            fn()
-            os.write(write, str((_vmhwm_kib() - base) / 1024).encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    value = os.read(read, 64).decode()
-    os.waitpid(pid, 0)
-    return float(value) if value else float("nan")
-
-
-def alternate(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
-    """Median seconds per candidate, candidates alternating rep by rep (after one warm-up)."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(reps):
-        for key, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def _rel(a: Tensor, b: Tensor) -> float:
     """Largest entry of ``|a - b|`` over the largest entry of ``|b|``."""
     a, b = a.detach().double().cpu(), b.detach().double().cpu()
@@ -299,10 +250,10 @@ def compare(p: dict[str, Any], case: tuple[str, str, bool], reps: int,
         fits["peer"] = lambda: peer_fit(p, case)
         preds["peer"] = lambda: peer_predict(pl, X)
         both["peer"] = lambda: peer_predict(peer_fit(p, case), X)
-    fit_s, predict_s = alternate(fits, reps), alternate(preds, reps)
+    fit_s, predict_s = interleaved_medians(fits, reps), interleaved_medians(preds, reps)
     for key in fits:
         row[f"fit_s_{key}"], row[f"predict_s_{key}"] = fit_s[key], predict_s[key]
-        row[f"peak_mib_{key}"] = peak_memory_mib(both[key])
+        row[f"peak_mib_{key}"] = forked_peak_mib(both[key])
     return row
 
 

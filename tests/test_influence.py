@@ -66,6 +66,17 @@ def test_scores_match_dense_formula(curvature, loss):
     torch.testing.assert_close(S, expected, atol=1e-9, rtol=1e-8)
     selfs = bg.influence.self_influence(model, loss_fn, train, curvature=curvature, damping=damping)
     torch.testing.assert_close(selfs, torch.diagonal(dense_scores(C, Gt, Gt, damping)))
+    # one example per chunk (a budget below one example's gradient), in the curvature
+    # passes too: the same numbers
+    factors = bg.influence.fit_factors(model, loss_fn, train, curvature=curvature, grad_budget=1)
+    kw = dict(damping=damping, factors=factors, grad_budget=1)
+    S1 = bg.influence.scores(model, loss_fn, train, query, **kw)
+    torch.testing.assert_close(S1, expected, atol=1e-9, rtol=1e-8)
+    selfs1 = bg.influence.self_influence(model, loss_fn, train, **kw)
+    torch.testing.assert_close(selfs1, selfs, atol=1e-9, rtol=1e-8)
+    sizes = [len(g["0.bias"]) for g in bg.influence.example_gradients(
+        model, loss_fn, train, ["0.bias"], budget=1)]  # fmt: skip
+    assert sizes == [1] * 7
 
 
 def test_full_curvature_is_the_linops_ggn_of_the_mean_loss():

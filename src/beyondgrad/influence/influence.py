@@ -34,12 +34,20 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import group as dist_group
-from ..engine import compute
+from ..engine import SamplesCoupledError, check_samples_independent, compute
 from ..laplace.curvature import Curvature, curvature_from_state
+from ..laplace.laplace import leading_size, sample_rows
 from ..laplace.linops_adapter import build_curvature, sum_reduction
 from ..quantities import BatchGrad
 
 CURVATURES = ("full", "ekfac", "kfac", "diag", "identity")
+
+#: the most per-example gradient entries held at once (``[chunk, P]``; 4 MiB in float32)
+GRAD_BUDGET = 1 << 20
+
+#: the most entries of one column block ``[P, chunk]`` solved at once in
+#: :meth:`InfluenceFactors.precondition` (a Kronecker solve holds several such temporaries)
+SOLVE_BUDGET = 1 << 18
 
 
 def progress_bar(iterable: Iterable[Any], enabled: bool, desc: str) -> Iterable[Any]:
@@ -92,7 +100,7 @@ class InfluenceFactors:
 
     def precondition(self, M: Tensor, damping: float, chunk: int | None = None) -> Tensor:
         """``(C + damping I)^{-1} M`` for ``M`` ``[P, k]`` (``M`` itself for ``"identity"``),
-        ``chunk`` columns at a time (default ``max(1, 2**20 // P)``): the structure's
+        ``chunk`` columns at a time (default ``max(1, SOLVE_BUDGET // P)``): the structure's
         temporaries (rotations, layouts) stay at a few ``[P, chunk]`` blocks.
 
         Args:
@@ -107,7 +115,7 @@ class InfluenceFactors:
             return M
         scale = M.new_tensor(1.0 / self.num_data)
         prior = M.new_full((self.structure.num_params,), float(damping))
-        step = chunk or max(1, (1 << 20) // max(1, M.shape[0]))
+        step = chunk or max(1, SOLVE_BUDGET // max(1, M.shape[0]))
         if step >= M.shape[1]:
             return self.structure.solve(scale, prior, M)
         out = torch.empty_like(M)
@@ -162,6 +170,7 @@ def fit_factors(
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
     process_group: Any = None,
+    grad_budget: int | None = GRAD_BUDGET,
 ) -> InfluenceFactors:
     """Fit the curvature ``C`` of the mean training loss once (see the module docstring).
 
@@ -176,6 +185,8 @@ def fit_factors(
         process_group: ``None`` (under an initialized ``torch.distributed`` with several
             ranks, ``train`` is this rank's shard: curvature and count are summed over the
             ranks; see :mod:`beyondgrad.distributed`), a ``ProcessGroup``, or ``"local"``.
+        grad_budget: the curvature passes run on chunks of at most ``grad_budget // P``
+            examples (see :func:`chunks`; ``None``: the batches as given).
 
     Returns:
         :class:`InfluenceFactors`.
@@ -184,6 +195,9 @@ def fit_factors(
         raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
     names = _names(model, params)
     batches = list(train)
+    # the curvature passes hold per-example gradients (EK-FAC's corrected eigenvalues):
+    # chunks of the same budget as the scores (the sums over examples do not change)
+    fit_batches = list(chunks(model, batches, names, grad_budget))
     # under torch.distributed each rank passes its shard: counts summed over the ranks
     num_data = dist_group.sum_count(
         sum(y.shape[0] for _, y in batches), dist_group.resolve_group(process_group)
@@ -193,7 +207,7 @@ def fit_factors(
     structure = build_curvature(
         model,
         sum_reduction(loss_fn),
-        batches,
+        fit_batches,
         names,
         curvature,
         fisher_type=fisher_type,
@@ -212,9 +226,14 @@ def example_gradients(
     names: Sequence[str],
     progress: bool = False,
     desc: str = "gradients",
+    budget: int | None = GRAD_BUDGET,
 ) -> Iterator[dict[str, Tensor]]:
-    """Per batch of ``data``: the examples' own loss gradients, per parameter
-    ``[batch, *shape]`` (``bg.BatchGrad`` of the summed loss).
+    """Per chunk of ``data``: the examples' own loss gradients, per parameter
+    ``[chunk, *shape]`` (``bg.BatchGrad`` of the summed loss). A batch is split into chunks
+    of at most ``budget // P`` examples (``P`` entries in ``names``; at least one example),
+    so that one chunk's gradients hold at most ``budget`` entries, and the engine's state
+    (activations, backpropagated vectors) shrinks with it; a model that couples its samples
+    (e.g. BatchNorm in training mode) keeps its batches whole.
 
     Args:
         model: the model.
@@ -224,18 +243,61 @@ def example_gradients(
         names: the parameter names to return.
         progress: a tqdm bar over the batches (when tqdm is installed).
         desc: the bar's label.
+        budget: the most gradient entries per chunk (``None``: whole batches).
 
     Yields:
-        ``{name: [batch, *shape]}`` per batch, detached.
+        ``{name: [chunk, *shape]}`` per chunk, detached, in the order of ``data``.
     """
     loss_sum = sum_reduction(loss_fn)
     q = BatchGrad()
-    for X, y in progress_bar(data, progress, desc):
+    for X, y in chunks(model, progress_bar(data, progress, desc), names, budget):
         result = compute(model, loss_sum, X, y, q)
         grads = {n: result[q][n].detach() for n in names}
-        del result  # the engine's per-batch state goes with it (no reference cycles)
+        del result  # the engine's per-chunk state goes with it (no reference cycles)
         yield grads
         del grads
+
+
+def chunks(
+    model: nn.Module,
+    data: Iterable[tuple[Any, Tensor]],
+    names: Sequence[str],
+    budget: int | None = GRAD_BUDGET,
+) -> Iterator[tuple[Any, Tensor]]:
+    """The batches of ``data`` split into chunks of at most ``max(1, budget // P)`` examples
+    (``P`` entries in ``names``), in order; whole batches for ``budget=None`` or a model that
+    couples its samples (e.g. BatchNorm in training mode).
+
+    Args:
+        model: the model.
+        data: an iterable of ``(X, y)`` batches (``X`` a tensor, tuple or dict).
+        names: the parameters whose per-example gradients a chunk holds.
+        budget: the most gradient entries per chunk.
+
+    Yields:
+        ``(X, y)`` chunks.
+    """
+    named = dict(model.named_parameters())
+    per_example = sum(named[n].numel() for n in names)
+    step = None if budget is None else max(1, budget // max(1, per_example))
+    if step is not None and not _independent(model):
+        step = None
+    for X, y in data:
+        N = leading_size(X)
+        if step is None or step >= N:
+            yield X, y
+            continue
+        for start in range(0, N, step):
+            stop = min(N, start + step)
+            yield sample_rows(X, start, stop), y[start:stop]
+
+
+def _independent(model: nn.Module) -> bool:
+    try:
+        check_samples_independent(model)
+    except SamplesCoupledError:
+        return False
+    return True
 
 
 def _flat(grads: dict[str, Tensor], names: Sequence[str]) -> Tensor:
@@ -280,6 +342,7 @@ def scores(
     progress: bool = False,
     generator: torch.Generator | None = None,
     query_rank: int | None = None,
+    grad_budget: int | None = GRAD_BUDGET,
 ) -> Tensor:
     """Influence of every training example on every query, ``[n_query, n_train]``:
     ``g_q^T (C + damping I)^{-1} g_i`` (module docstring).
@@ -301,6 +364,8 @@ def scores(
         progress: tqdm bars over the data loops (when tqdm is installed).
         query_rank: per parameter, the preconditioned query gradients ``[size, n_query]`` as
             their best rank-``query_rank`` factorization (truncated SVD; ``None``: exact).
+        grad_budget: the most per-example gradient entries held at once (batches are split
+            into chunks of ``grad_budget // P`` examples; ``None``: whole batches).
 
     Returns:
         ``[n_query, n_train]`` scores.
@@ -316,9 +381,12 @@ def scores(
         raise ValueError(f"query_rank must be None or positive, got {query_rank}")
     factors, damping = _resolve(model, loss_fn, train, factors, fit_kwargs, damping)
     names = factors.names
-    parts = _preconditioned_queries(model, loss_fn, query, factors, damping, query_rank, progress)
+    parts = _preconditioned_queries(
+        model, loss_fn, query, factors, damping, query_rank, progress, grad_budget
+    )
     columns = []
-    for grads in example_gradients(model, loss_fn, train, names, progress, "train"):
+    stream = example_gradients(model, loss_fn, train, names, progress, "train", grad_budget)
+    for grads in stream:
         k = grads[names[0]].shape[0]
         block = sum(
             _project(grads[n].reshape(k, -1), left, right) for n, (left, right) in zip(names, parts)
@@ -336,20 +404,26 @@ def _preconditioned_queries(
     damping: float,
     rank: int | None,
     progress: bool,
+    budget: int | None = GRAD_BUDGET,
 ) -> list[tuple[Tensor, Tensor | None]]:
     """Per parameter, ``(C + damping I)^{-1} G_q`` restricted to it (``[size, n_query]``) as a
-    product ``left @ right`` (see :func:`_compress`)."""
+    product ``left @ right`` (see :func:`_compress`). The query gradients are preconditioned
+    chunk by chunk (:func:`example_gradients`) into one ``[P, n_query]`` block: no second
+    copy of all query gradients is held."""
     names = factors.names
-    blocks = []
-    for grads in example_gradients(model, loss_fn, query, names, progress, "query"):
-        blocks.append(_flat(grads, names))
-        del grads  # the flat copy replaces it before the next batch
-    G_q = blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)  # [P, n_query]
-    del blocks
-    pre = factors.precondition(G_q, damping)
-    del G_q
+    query = list(query)
+    n_query = sum(leading_size(X) for X, _ in query)
     named = dict(model.named_parameters())
     sizes = [named[n].numel() for n in names]
+    first = named[names[0]]
+    pre = torch.empty(sum(sizes), n_query, dtype=first.dtype, device=first.device)
+    start = 0
+    for grads in example_gradients(model, loss_fn, query, names, progress, "query", budget):
+        G = _flat(grads, names)  # [P, chunk]
+        del grads
+        pre[:, start : start + G.shape[1]] = factors.precondition(G, damping)
+        start += G.shape[1]
+        del G
     return [_compress(b, rank) for b in torch.split(pre, sizes, 0)]
 
 
@@ -378,6 +452,7 @@ def self_influence(
     kfac_approx: str = "expand",
     progress: bool = False,
     generator: torch.Generator | None = None,
+    grad_budget: int | None = GRAD_BUDGET,
 ) -> Tensor:
     """``g_i^T (C + damping I)^{-1} g_i`` for every training example, ``[n_train]``
     (arguments as in :func:`scores`).
@@ -395,6 +470,8 @@ def self_influence(
         kfac_approx: passed to :func:`fit_factors`.
         progress: tqdm bars over the data loops (when tqdm is installed).
         generator: passed to :func:`fit_factors`.
+        grad_budget: the most per-example gradient entries held at once (as in
+            :func:`scores`).
 
     Returns:
         ``[n_train]`` self-influence scores.
@@ -408,7 +485,8 @@ def self_influence(
     )
     factors, damping = _resolve(model, loss_fn, train, factors, fit_kwargs, damping)
     out = []
-    for grads in example_gradients(model, loss_fn, train, factors.names, progress, "train"):
+    names = factors.names
+    for grads in example_gradients(model, loss_fn, train, names, progress, "train", grad_budget):
         G = _flat(grads, factors.names)  # [P, k]
         out.append((G * factors.precondition(G, damping)).sum(0))
         del grads, G  # held no longer than their batch
@@ -435,7 +513,9 @@ def top_k(influence: Tensor, k: int, largest: bool = True) -> tuple[Tensor, Tens
 
 __all__ = [
     "CURVATURES",
+    "GRAD_BUDGET",
     "InfluenceFactors",
+    "chunks",
     "example_gradients",
     "fit_factors",
     "progress_bar",

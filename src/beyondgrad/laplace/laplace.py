@@ -136,19 +136,20 @@ def forward(model: nn.Module, X: Any, params: dict[str, Tensor] | None = None) -
     return functional_call(model, params, args, kwargs)
 
 
-def _rows(X: Any, start: int, stop: int) -> Any:
+def sample_rows(X: Any, start: int, stop: int) -> Any:
     """Samples ``start:stop`` of every tensor with a leading sample axis in ``X``."""
-    N = _leading(X)
+    N = leading_size(X)
     return tree_map(
         lambda t: t[start:stop] if isinstance(t, Tensor) and t.ndim and t.shape[0] == N else t, X
     )
 
 
-def _leading(X: Any) -> int:
+def leading_size(X: Any) -> int:
+    """The number of samples of ``X`` (the leading size of its first tensor)."""
     if isinstance(X, Tensor):
         return X.shape[0]
     values = X.values() if isinstance(X, dict) else X
-    return _leading(next(iter(values)))
+    return leading_size(next(iter(values)))
 
 
 class Laplace:
@@ -461,18 +462,18 @@ class Laplace:
         """
         curv = self._fitted()
         prior, scale = self.prior_vector(), self._scale(self.sigma_noise)
-        N = _leading(X)
+        N = leading_size(X)
         with torch.no_grad():
-            out_shape = forward(self.model, _rows(X, 0, 1)).shape[1:]
+            out_shape = forward(self.model, sample_rows(X, 0, 1)).shape[1:]
         K, P = out_shape.numel(), self.num_params
         if max_vectors is None:
             max_vectors = max(256, (1 << 22) // P)
         step = max(1, max_vectors // K)
         out = []
         for start in range(0, N, step):
-            chunk = _rows(X, start, min(N, start + step))
+            chunk = sample_rows(X, start, min(N, start + step))
             Jt = output_jacobians(self.model, chunk, self.names, out_shape)
-            n = _leading(chunk)
+            n = leading_size(chunk)
             if Jt is None:  # samples coupled: vector-Jacobian products per output
                 dummy = torch.zeros(n, device=self.device)
                 jac = linops.Jacobian(self.model, [(chunk, dummy)], params=self.names)
