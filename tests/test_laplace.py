@@ -375,7 +375,7 @@ def test_last_layer_closed_form_matches_oracle(loss, fisher_type, monkeypatch):
     """A last ``nn.Linear``: ``sum_n Lambda_n kron u_n u_n^T`` from one forward's features
     (no engine pass: ``build_curvature`` must not run) equals the oracle's GGN / empirical
     Fisher block, for the weight and bias, the weight alone and the bias alone, dense and
-    diagonal."""
+    diagonal; KFAC over the whole layer equals the ``bg.linops.KFAC`` block."""
     from beyondgrad.laplace import laplace as laplace_module
     from oracles.first_order import per_sample_grads
 
@@ -398,6 +398,10 @@ def test_last_layer_closed_form_matches_oracle(loss, fisher_type, monkeypatch):
             if structure == "diag":
                 ref = torch.diag(torch.diagonal(ref))
             torch.testing.assert_close(la.curvature.to_dense(), ref)
+    # KFAC over the whole layer: the operator's block (B = sum_n Lambda_n, A = mean u u^T)
+    la = Laplace(model, loss_fn, data, "kfac", "last_layer", fisher_type=fisher_type)
+    op = bg.linops.KFAC(model, summed(loss_fn), data, fisher_type, params=la.names)
+    torch.testing.assert_close(la.curvature.to_dense(), op.to_dense())
 
 
 def test_last_layer_without_closed_form_uses_the_engine():

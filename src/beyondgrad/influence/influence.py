@@ -185,8 +185,8 @@ def fit_factors(
         process_group: ``None`` (under an initialized ``torch.distributed`` with several
             ranks, ``train`` is this rank's shard: curvature and count are summed over the
             ranks; see :mod:`beyondgrad.distributed`), a ``ProcessGroup``, or ``"local"``.
-        grad_budget: the curvature passes run on chunks of at most ``grad_budget // P``
-            examples (see :func:`chunks`; ``None``: the batches as given).
+        grad_budget: EK-FAC's passes run on chunks of at most ``grad_budget // P`` examples
+            (see :func:`chunks`; ``None``: the batches as given).
 
     Returns:
         :class:`InfluenceFactors`.
@@ -195,9 +195,10 @@ def fit_factors(
         raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
     names = _names(model, params)
     batches = list(train)
-    # the curvature passes hold per-example gradients (EK-FAC's corrected eigenvalues):
-    # chunks of the same budget as the scores (the sums over examples do not change)
-    fit_batches = list(chunks(model, batches, names, grad_budget))
+    # EK-FAC's correction pass holds per-example gradients: chunks of the same budget as the
+    # scores (the sums over examples do not change); the other structures hold none
+    budget = grad_budget if curvature == "ekfac" else None
+    fit_batches = list(chunks(model, batches, names, budget))
     # under torch.distributed each rank passes its shard: counts summed over the ranks
     num_data = dist_group.sum_count(
         sum(y.shape[0] for _, y in batches), dist_group.resolve_group(process_group)

@@ -46,6 +46,8 @@ from .last_layer import (
     CLOSED_FORM_FISHERS,
     FeatureRecorder,
     batch_curvature,
+    kronecker_curvature,
+    kronecker_sums,
     last_linear,
     output_hessian,
     select,
@@ -304,7 +306,7 @@ class Laplace:
         loss_sum = sum_reduction(self.loss_fn)
         group = dist_group.resolve_group(process_group)
         closed = self._closed_form_layer() if group is None else None
-        total, n, n_out, H = self._forward_pass(batches, loss_sum, closed)
+        total, n, n_out, sums = self._forward_pass(batches, loss_sum, closed)
         # under torch.distributed each rank fits on its shard: sums over the ranks
         counts = torch.tensor([total, n, n_out], dtype=torch.float64, device=self.device)
         dist_group.all_reduce_sum_(counts, group)
@@ -313,11 +315,8 @@ class Laplace:
         self.num_data, self.num_outputs = n, n_out
         named = dict(self.model.named_parameters())
         self.mean = torch.cat([named[k].detach().reshape(-1) for k in self.names])
-        if H is not None:  # last linear layer: closed form from the features
-            if self.structure == "full":
-                self.curvature = DenseCurvature(self.names, self.shapes, H)
-            else:
-                self.curvature = DiagonalCurvature(self.names, self.shapes, H)
+        if sums is not None:  # last linear layer: closed form from the features
+            self.curvature = self._closed_form_structure(sums, n)
         else:
             self.curvature = build_curvature(
                 self.model,
@@ -337,23 +336,31 @@ class Laplace:
 
     def _closed_form_layer(self) -> tuple[nn.Linear, bool, bool] | None:
         """The last linear layer when the curvature has a closed form in its features
-        (:mod:`beyondgrad.laplace.last_layer`): dense or diagonal structure, GGN or empirical
-        Fisher, the selected parameters those of one ``nn.Linear``."""
-        if self.structure not in ("full", "diag") or self.fisher_type not in CLOSED_FORM_FISHERS:
+        (:mod:`beyondgrad.laplace.last_layer`): dense or diagonal structure, or KFAC over all
+        of the layer's parameters; GGN or empirical Fisher; the selected parameters those of
+        one ``nn.Linear``."""
+        if self.fisher_type not in CLOSED_FORM_FISHERS:
             return None
-        return last_linear(self.model, self.names)
+        found = last_linear(self.model, self.names)
+        if found is None or self.structure in ("full", "diag"):
+            return found
+        layer, has_weight, has_bias = found
+        if self.structure == "kfac" and has_weight and has_bias == (layer.bias is not None):
+            return found
+        return None
 
     def _forward_pass(
         self,
         batches: list[tuple[Any, Tensor]],
         loss_sum: nn.Module,
         closed: tuple[nn.Linear, bool, bool] | None,
-    ) -> tuple[float, int, int, Tensor | None]:
+    ) -> tuple[float, int, int, list[Tensor] | None]:
         """One forward without a graph per batch: the summed loss, the sample and output
-        counts and, for a closed-form last layer, its curvature (``None`` if any batch's
-        model output is not the layer's own output, or the targets are no class indices)."""
+        counts and, for a closed-form last layer, the sums of :meth:`_closed_form_batch`
+        (``None`` if any batch's model output is not the layer's own output, or the targets
+        are no class indices)."""
         total, n, n_out = 0.0, 0, 0
-        H: Tensor | None = None
+        sums: list[Tensor] | None = None
         recorder = FeatureRecorder(closed[0]) if closed is not None else None
         with torch.no_grad(), recorder or contextlib.nullcontext():
             for X, y in batches:
@@ -365,21 +372,33 @@ class Laplace:
                     continue
                 phi = recorder.take(out)
                 if phi is None or (self.likelihood == "classification" and y.ndim != 1):
-                    recorder = None  # no closed form: the engine serves the curvature
-                    H = None
+                    recorder, sums = None, None  # no closed form: the engine serves it
                     continue
-                part = self._closed_form_batch(phi, out, y, closed)  # type: ignore[arg-type]
-                H = part if H is None else H + part
-        return total, n, n_out, H
+                parts = self._closed_form_batch(phi, out, y, closed)  # type: ignore[arg-type]
+                sums = parts if sums is None else [a + b for a, b in zip(sums, parts)]
+        return total, n, n_out, sums
 
     def _closed_form_batch(
         self, phi: Tensor, out: Tensor, y: Tensor, closed: tuple[nn.Linear, bool, bool]
-    ) -> Tensor:
-        """One batch's ``sum_n Lambda_n kron u_n u_n^T`` over the selected entries."""
+    ) -> list[Tensor]:
+        """One batch's ``[sum_n Lambda_n kron u_n u_n^T]`` over the selected entries (dense,
+        or its diagonal), or for KFAC the factor sums ``[sum_n Lambda_n, sum_n u_n u_n^T]``."""
         form, lam = output_hessian(self.likelihood, self.fisher_type, out, y)
+        if self.structure == "kfac":
+            u = phi if closed[0].bias is None else torch.cat([phi, phi.new_ones(len(phi), 1)], 1)
+            return list(kronecker_sums(form, lam, u))
         u = torch.cat([phi, phi.new_ones(phi.shape[0], 1)], 1)
         H = batch_curvature(form, lam, u, diagonal=self.structure == "diag")
-        return select(H, out.shape[1], phi.shape[1], closed[1], closed[2])
+        return [select(H, out.shape[1], phi.shape[1], closed[1], closed[2])]
+
+    def _closed_form_structure(self, sums: list[Tensor], num_data: int) -> Curvature:
+        """The structure from the summed closed-form parts (:meth:`_closed_form_batch`)."""
+        if self.structure == "full":
+            return DenseCurvature(self.names, self.shapes, sums[0])
+        if self.structure == "diag":
+            return DiagonalCurvature(self.names, self.shapes, sums[0])
+        B, A = sums
+        return kronecker_curvature(self.names, self.shapes, B, A / num_data, len(self.names) == 2)
 
     # -- evidence --------------------------------------------------------------------------------
     def log_likelihood(self, sigma_noise: Tensor | float | None = None) -> Tensor:

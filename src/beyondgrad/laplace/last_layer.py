@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .curvature import KroneckerBlock, KroneckerCurvature
+
 #: the fisher types with a closed form (the MC Fisher draws labels: the engine serves it)
 CLOSED_FORM_FISHERS = ("type-2", "empirical")
 
@@ -178,10 +180,64 @@ def select(H: Tensor, K: int, D: int, has_weight: bool, has_bias: bool) -> Tenso
     return H if H.ndim == 1 else H[:, index]
 
 
+def kronecker_sums(form: str, lam: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """The KFAC factors' sums over a batch: ``(sum_n Lambda_n [K, K], sum_n u_n u_n^T
+    [D', D'])``; the layer's KFAC is ``B kron A`` with ``B = sum_n Lambda_n`` and ``A`` the
+    *mean* of ``u_n u_n^T`` (the convention of ``bg.linops.KFAC``; for a last layer with one
+    sample's ``Lambda`` constant, e.g. MSE, the exact GGN block).
+
+    Args:
+        form: ``"ce"``, ``"diag"`` or ``"rows"`` (:func:`output_hessian`).
+        lam: ``[N, K]``.
+        u: ``[N, D']``.
+
+    Returns:
+        ``(B_sum, A_sum)``.
+    """
+    if form == "ce":
+        B = torch.diag(lam.sum(0)) - lam.T @ lam
+    elif form == "diag":
+        B = torch.diag(lam.sum(0))
+    else:
+        B = lam.T @ lam
+    return B, u.T @ u
+
+
+def kronecker_curvature(
+    names: Sequence[str],
+    shapes: Sequence[torch.Size],
+    B: Tensor,
+    A: Tensor,
+    joint_bias: bool,
+) -> KroneckerCurvature:
+    """One Kronecker block ``B kron A`` over a linear layer's weight (and joint bias), in the
+    eigenbases of ``B`` (output side, rows) and ``A`` (inputs, the bias as the last column).
+
+    Args:
+        names: the weight's name (and the bias's).
+        shapes: their shapes.
+        B: ``[K, K]``.
+        A: ``[D', D']`` (``D' = D + 1`` with the joint bias).
+        joint_bias: the bias is part of the block.
+
+    Returns:
+        The :class:`~beyondgrad.laplace.curvature.KroneckerCurvature`.
+    """
+    lb, qb = torch.linalg.eigh(0.5 * (B + B.T))
+    la, qa = torch.linalg.eigh(0.5 * (A + A.T))
+    values = (lb.unsqueeze(1) * la.unsqueeze(0)).clamp_min(0)
+    block = KroneckerBlock(
+        tuple(names), values[None], qb[None], qa[None], "B kron A", None, joint_bias
+    )
+    return KroneckerCurvature(names, shapes, [block])
+
+
 __all__ = [
     "CLOSED_FORM_FISHERS",
     "FeatureRecorder",
     "batch_curvature",
+    "kronecker_curvature",
+    "kronecker_sums",
     "last_linear",
     "output_hessian",
     "select",
