@@ -371,13 +371,8 @@ def scores(
     Returns:
         ``[n_query, n_train]`` scores.
     """
-    fit_kwargs = dict(
-        curvature=curvature,
-        params=params,
-        fisher_type=fisher_type,
-        kfac_approx=kfac_approx,
-        generator=generator,
-    )
+    fit_kwargs = dict(curvature=curvature, params=params, fisher_type=fisher_type)
+    fit_kwargs.update(kfac_approx=kfac_approx, generator=generator)
     if query_rank is not None and query_rank < 1:
         raise ValueError(f"query_rank must be None or positive, got {query_rank}")
     factors, damping = _resolve(model, loss_fn, train, factors, fit_kwargs, damping)
@@ -385,15 +380,14 @@ def scores(
     parts = _preconditioned_queries(
         model, loss_fn, query, factors, damping, query_rank, progress, grad_budget
     )
-    columns = []
-    stream = example_gradients(model, loss_fn, train, names, progress, "train", grad_budget)
-    for grads in stream:
+    columns = []  # a chunk's gradients are held no longer than the chunk
+    for grads in example_gradients(model, loss_fn, train, names, progress, "train", grad_budget):
         k = grads[names[0]].shape[0]
         block = sum(
             _project(grads[n].reshape(k, -1), left, right) for n, (left, right) in zip(names, parts)
         )  # [k, n_query]
         columns.append(block.T)  # type: ignore[union-attr]
-        del grads  # held no longer than its batch: the next batch's gradients replace it
+        del grads
     return torch.cat(columns, 1)
 
 
