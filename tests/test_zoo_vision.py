@@ -336,7 +336,7 @@ def optimizer_run(build: Callable[[], nn.Module], size: int, optimizer: str) -> 
     torch.manual_seed(0)
     model = build().float().eval()
     g = torch.Generator().manual_seed(1)
-    X = torch.randn(4, 3, size, size, generator=g)
+    X = torch.randn(4, 3, size, size, generator=g, dtype=torch.float32)
     y = torch.randint(0, CLASSES, (4,), generator=g)
     loss_fn = nn.CrossEntropyLoss()
     cls = getattr(bg.optim, optimizer)
