@@ -88,8 +88,9 @@ def test_tied_weights_are_one_parameter():
     res = bg.compute(model, loss_fn, X, y, bg.BatchGrad())
     assert "tok.weight" in res[bg.BatchGrad] and "head.weight" not in res[bg.BatchGrad]
     assert res.rules["tok.weight"] == "mixed"
-    assert res.rules["blocks.1.attn.attn.in_proj_weight"] == "generic"
-    assert res.rules["blocks.1.attn.attn.out_proj.weight"] == "generic"
+    # nn.MultiheadAttention: in-projection and out_proj as Linear calls (rules.attention)
+    assert res.rules["blocks.1.attn.attn.in_proj_weight"] == "linear"
+    assert res.rules["blocks.1.attn.attn.out_proj.weight"] == "linear"
     assert res.rules["blocks.0.attn.qkv.weight"] == "linear"
 
 

@@ -209,7 +209,8 @@ def test_fallback_diagonal_for_norm_and_generic_layers():
     res = bg.compute(model, loss_fn, X, y, q, bg.DiagGGN())
     blocks = res[q]
     assert isinstance(blocks["blocks.0.ln1"], bg.DiagonalFactors)
-    assert isinstance(blocks["blocks.1.attn.attn"], bg.DiagonalFactors)
+    assert isinstance(blocks["blocks.1.attn.attn"], bg.KroneckerFactors)  # its in-projection
+    assert isinstance(blocks["blocks.1.attn.attn.out_proj"], bg.KroneckerFactors)
     assert isinstance(blocks["blocks.0.attn.qkv"], bg.KroneckerFactors)
     for name, value in blocks["blocks.0.ln1"].diagonal.items():
         torch.testing.assert_close(value, res[bg.DiagGGN][name])

@@ -107,7 +107,7 @@ def test_coverage_report():
     rules = {row.parameter: row.rule for row in cov}
     assert rules["tok.weight"] == "mixed(embedding+linear)"
     assert rules["blocks.0.ln1.weight"] == "layer_norm"
-    assert rules["blocks.1.attn.attn.out_proj.weight"] == "generic"
+    assert rules["blocks.1.attn.attn.out_proj.weight"] == "linear"  # rules.attention
     assert {r.parameter for r in cov} == {n for n, _ in model.named_parameters()}
     text = str(cov)
     assert "blocks.0.attn.qkv.weight" in text and "linear" in text

@@ -1,6 +1,6 @@
 """The optimizers at their library defaults on the Hugging Face zoo (tiny random-weight configs,
-``tests/zoo.py``): 30 steps lower the loss, no divergence, and every weight matrix (Linear and
-GPT-2's Conv1D) is preconditioned rather than sent to AdamW."""
+``tests/zoo.py``): 20 steps lower the loss, 30 by 3%, no divergence, and every weight matrix
+(Linear and GPT-2's Conv1D) is preconditioned rather than sent to AdamW."""
 
 from __future__ import annotations
 
@@ -46,4 +46,5 @@ def test_default_optimizers_lower_the_loss(name, optimizer):
         losses.append(float(loss.detach()))
     assert all(torch.isfinite(torch.tensor(losses))), losses
     assert max(losses) <= 1.05 * losses[0], f"diverging: {losses}"
+    assert losses[19] < losses[0], f"20 steps did not lower the loss: {losses}"
     assert losses[-1] < 0.97 * losses[0], f"not learning: {losses}"

@@ -20,6 +20,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..rules import Rule, find_rule
+from ..rules.attention import in_projection_unit
 
 
 @dataclass
@@ -94,8 +95,9 @@ def plan_layers(model: nn.Module) -> list[Layer]:
     layers = []
     for name, module in model.named_modules():
         own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
-        if own:
-            layers.append(Layer(name, module, find_rule(module), own))
+        if own:  # nn.MultiheadAttention: served through its in-projection (rules.attention)
+            unit_module, own = in_projection_unit(module, own)
+            layers.append(Layer(name, unit_module, find_rule(unit_module), own))
     if not layers:
         raise ValueError(f"{type(model).__name__} has no trainable parameters (requires_grad=True)")
     return layers

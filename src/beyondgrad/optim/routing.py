@@ -53,8 +53,11 @@ def kronecker_layers(
         for p in u.params.values():
             counts[id(p)] = counts.get(id(p), 0) + 1
     names = {id(p): n for n, p in model.named_parameters()}
-    inside_attention = {
-        id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)
+    rule_of = {u.name: u.rule for u in units}
+    inside_attention = {  # out_proj applied functionally: attention not re-expressed (rules)
+        id(m.out_proj)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention) and rule_of.get(n) != "linear"
     }
     layers, refused = {}, {}
     for u in units:
