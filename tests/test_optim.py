@@ -1067,6 +1067,39 @@ def test_singd_conv1d_matches_dense_reference():
         torch.testing.assert_close(model[0].weight - w_before, -0.1 * D[:, :-1].T)
 
 
+@pytest.mark.parametrize("groups", [2, 4])
+def test_singd_grouped_conv_matches_dense_reference_per_group(groups):
+    """SINGD on a grouped (``groups=4``: depthwise) convolution: each group's ``[W_g | b_g]``
+    follows the paper's dense update with its own factors and its group's statistics."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=groups), nn.Flatten())
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    g = torch.Generator().manual_seed(3)
+    X, y = torch.randn(8, 4, 3, 3, generator=g), torch.randint(0, 4, (8,), generator=g)
+    kw = dict(damping=0.1, alpha1=0.5, lr_cov=0.05, kfac_like=False)
+    opt = SINGD(model, loss_fn, lr=0.1, momentum=0.0, refresh_every=1, fisher_type="type-2", **kw,
+                **SINGD_PAPER)  # fmt: skip
+    assert opt.routes["0.weight"][0] == "singd"
+    O, dk = 4 // groups, 4 // groups * 9 + 1
+    refs = [[torch.eye(dk), torch.eye(O), torch.zeros(dk, dk), torch.zeros(O, O)]] * groups
+    for _ in range(2):
+        q = bg.KFAC(fisher_type="type-2")
+        res = bg.compute(model, loss_fn, X, y, bg.Grad(), q)
+        block = res[q]["0"]
+        assert block.A.shape == (groups, dk, dk)
+        Gw, Gb = res.grad["0.weight"].reshape(4, -1), res.grad["0.bias"]
+        w_before = model[0].weight.detach().clone()
+        _train(opt, model, loss_fn, [(X, y)])
+        step = (model[0].weight - w_before).reshape(4, -1)
+        for k in range(groups):
+            rows = slice(k * O, (k + 1) * O)
+            G = torch.cat([Gw[rows], Gb[rows, None]], 1)
+            *refs[k], D = _singd_dense_reference(block.A[k], block.B[k], G, *refs[k], **kw)
+            torch.testing.assert_close(opt.layers["0"]["K"][k], refs[k][0])
+            torch.testing.assert_close(opt.layers["0"]["C"][k], refs[k][1])
+            torch.testing.assert_close(step[rows], -0.1 * D[:, :-1])
+
+
 # -- the defaults train every built-in task ---------------------------------------------------
 
 

@@ -321,15 +321,6 @@ def _zoo() -> list[tuple[str, Callable[[], nn.Module], int]]:
     return models
 
 
-def grouped_convolutions(model: nn.Module) -> set[str]:
-    """Weights of convolutions with ``groups > 1`` (depthwise ones: ConvNeXt, MobileNet)."""
-    return {
-        f"{n}.weight"
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Conv2d) and m.groups > 1 and m.weight.requires_grad
-    }
-
-
 def optimizer_run(build: Callable[[], nn.Module], size: int, optimizer: str) -> list[float]:
     """``optimizer`` at its defaults for 20 steps on one fixed batch (float32, eval mode, 4
     images): asserts that KFAC/SINGD precondition every weight matrix; returns the losses."""
@@ -343,11 +334,7 @@ def optimizer_run(build: Callable[[], nn.Module], size: int, optimizer: str) -> 
     opt = cls(model) if optimizer == "SIRFShampoo" else cls(model, loss_fn)
     if optimizer != "SIRFShampoo":
         routed = {n for n, (target, _) in opt.routes.items() if target == optimizer.lower()}
-        expected = weight_matrices(model)
-        if optimizer == "SINGD":  # refused with its reason: dense factors over all channels
-            grouped = grouped_convolutions(model)
-            assert all("grouped convolution" in opt.routes[n][1] for n in grouped)
-            expected -= grouped
+        expected = weight_matrices(model)  # grouped (depthwise) convolutions included
         assert expected <= routed, opt.routing()
     losses = []
     for _ in range(20):
@@ -364,8 +351,8 @@ def optimizer_run(build: Callable[[], nn.Module], size: int, optimizer: str) -> 
 @pytest.mark.parametrize("index", range(10))
 def test_default_optimizers_precondition_and_lower_the_loss(index, optimizer):
     """Every zoo model: KFAC and SINGD route every weight matrix (attention in-projections
-    and ``out_proj`` included) to their Kronecker blocks -- SINGD refuses grouped (depthwise)
-    convolutions, naming the reason --, and 20 default steps lower the loss without a
+    and ``out_proj``, grouped and depthwise convolutions included) to their Kronecker blocks,
+    and 20 default steps lower the loss without a
     non-finite value (which would raise)."""
     models = _zoo()
     if index >= len(models):

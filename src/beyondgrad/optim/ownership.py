@@ -114,19 +114,19 @@ class Ownership:
         dist_group.check_same(sorted(pending), "the layers due for a refresh", self.group)
         self.owners = assign_owners({n: p[0] for n, p in pending.items()}, self.world)
         me = dist_group.rank(self.group)
+        # every owner refreshes all its layers BEFORE the first broadcast: refreshing inside the
+        # broadcast loop made rank r wait for ranks < r, so the refreshes ran one after another
+        mine, error = self._refresh_owned(pending, me)
         for owner in range(self.world):  # one broadcast per owner: all its layers, packed
             names = [n for n in sorted(pending) if self.owners[n] == owner]
             if not names:
                 continue
-            mine, error = None, None
-            if owner == me:
-                try:
-                    mine = [pending[n][1]() for n in names]
-                except Exception as err:  # the others must not wait for a broadcast forever
-                    error = err
+            own = owner == me
             likes = [pending[n][2] for n in names]
-            results = self._broadcast(owner, mine, likes, failed=error is not None)
-            if error is not None:
+            results = self._broadcast(
+                owner, mine if own else None, likes, failed=own and error is not None
+            )
+            if own and error is not None:
                 raise error
             if results is None:
                 raise RuntimeError(
@@ -136,6 +136,17 @@ class Ownership:
                 )
             for name, result in zip(names, results):
                 pending[name][3](result)
+
+    def _refresh_owned(
+        self, pending: dict[str, Any], me: int
+    ) -> tuple[list[Any] | None, Exception | None]:
+        """This rank's refresh results (its layers in sorted order) or the error that stopped
+        them (raised at this rank's broadcast turn, so the others do not wait forever)."""
+        names = [n for n in sorted(pending) if self.owners[n] == me]
+        try:
+            return [pending[n][1]() for n in names], None
+        except Exception as err:
+            return None, err
 
     def _rounded(self, tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         if self.broadcast_dtype is None:

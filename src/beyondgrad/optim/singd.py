@@ -1,9 +1,12 @@
 """SINGD: structured inverse-free natural gradient descent (Lin, Dangel et al., ICML 2024).
 
 Per Linear / Hugging Face ``Conv1D`` (weight stored ``[in, out]``; its gradient is used
-transposed) / Conv1/2/3d layer (no groups; joint bias) with gradient ``G`` (``[O, I(+1)]``),
+transposed) / Conv1/2/3d layer (joint bias) with gradient ``G`` (``[O, I(+1)]``),
 the preconditioner is ``(C C^T) kron (K K^T)`` with ``K`` (``[I(+1), I(+1)]``) and ``C``
 (``[O, O]``) in a chosen :mod:`structure <beyondgrad.optim.structures>`; both start at ``I``.
+A convolution with ``groups=G`` (depthwise included) is ``G`` independent blocks, one pair of
+factors per group (``K``: ``[G, I/G*k(+1), ...]``, ``C``: ``[G, O/G, ...]``, the structure's
+storage stacked over the groups), updated and applied group by group.
 Every ``refresh_every`` steps (a param-group setting; ``T`` is its deprecated spelling),
 statistics are collected and, from the engine's Kronecker statistics ``A`` (inputs) and
 ``B`` (output gradients; the curvature of the loss is ``B kron A``, see :class:`~beyondgrad.KFAC`)::
@@ -174,14 +177,9 @@ class SINGD(KroneckerOptimizer):
         self.ownership = make_ownership(ownership)
         named = dict(self.model.named_parameters())
         for name, state in self.layers.items():
-            self._init_factors(state, named, name in self._transposed)
+            groups = getattr(self.model.get_submodule(name), "groups", 1)
+            self._init_factors(state, named, name in self._transposed, groups)
         self._stack_factors()
-
-    @staticmethod
-    def _accept(module: nn.Module) -> str | None:
-        if getattr(module, "groups", 1) != 1:
-            return "grouped convolution (SINGD factors are dense over all channels)"
-        return None
 
     @property
     def T(self) -> int:
@@ -216,27 +214,38 @@ class SINGD(KroneckerOptimizer):
             raise ValueError(f"lr_cov must be positive, got {group['lr_cov']}")
 
     def _init_factors(
-        self, state: dict[str, Any], named: dict[str, Tensor], transposed: bool = False
+        self,
+        state: dict[str, Any],
+        named: dict[str, Tensor],
+        transposed: bool = False,
+        groups: int = 1,
     ) -> None:
         """``K = I`` (``[I(+1), I(+1)]``), ``C = I`` (``[O, O]``), zero momenta; the layout
-        of the layer's gradient (``weight_perm``: transposed Linear layers)."""
+        of the layer's gradient (``weight_perm``: transposed Linear layers); with ``groups``
+        > 1 (convolutions) one pair per group, stacked on a leading axis."""
         weight = named[state["params"][0]]
         group = self.group_of(weight)
         perm = TRANSPOSED if transposed else None
         oriented = weight.permute(perm) if perm is not None else weight
         dim_k = oriented[0].numel() + (len(state["params"]) - 1)
-        dim_c = oriented.shape[0]
+        dim_c = oriented.shape[0] // groups
         sk, sc = (structure(n) for n in group["structures"])
         dk, dc = (d or weight.dtype for d in group["preconditioner_dtype"])
+
+        def eye(s: Structure, n: int, dtype: torch.dtype) -> Tensor:
+            one = s.eye(n, dtype, weight.device)
+            return one if groups == 1 else one.expand(groups, *one.shape).clone()
+
         state.update(
             structures=tuple(group["structures"]),
             dims=(dim_k, dim_c),
+            groups=groups,
             layout=perm,
             started=not group["warm_start"],
-            K=sk.eye(dim_k, dk, weight.device),
-            C=sc.eye(dim_c, dc, weight.device),
-            m_K=sk.eye(dim_k, dk, weight.device) * 0,
-            m_C=sc.eye(dim_c, dc, weight.device) * 0,
+            K=eye(sk, dim_k, dk),
+            C=eye(sc, dim_c, dc),
+            m_K=eye(sk, dim_k, dk) * 0,
+            m_C=eye(sc, dim_c, dc) * 0,
         )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -255,7 +264,7 @@ class SINGD(KroneckerOptimizer):
         the views stay valid): :meth:`_precondition_all` applies them in one batched product."""
         batches: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
         for state in self.layers.values():
-            if state["structures"] == ("dense", "dense"):
+            if state["structures"] == ("dense", "dense") and state.get("groups", 1) == 1:
                 key = (state["dims"], state["K"].dtype, state["C"].dtype, state.get("layout"))
                 batches.setdefault(key, []).append(state)
         for members in batches.values():
@@ -275,7 +284,7 @@ class SINGD(KroneckerOptimizer):
         out: list[list[Tensor] | None] = [None] * len(items)
         batches: dict[tuple[Any, ...], list[int]] = {}
         for i, (_, state, group, params) in enumerate(items):
-            if state["structures"] != ("dense", "dense"):
+            if state["structures"] != ("dense", "dense") or state.get("groups", 1) != 1:
                 continue
             K, C = state["K"], state["C"]
             shapes = tuple(p.shape for p in params)
@@ -348,7 +357,7 @@ class SINGD(KroneckerOptimizer):
         if self.ownership is None:
             self._refresh_factors(state, group, stats)
             return
-        cost = sum(d**3 for d in state["dims"])
+        cost = sum(d**3 for d in state["dims"]) * state.get("groups", 1)
         keys = ("K", "C", "m_K", "m_C")
         refresh = partial(self._refresh_factors, group=group, stats=stats)
         defer_state_refresh(self.ownership, ",".join(state["params"]), state, keys, refresh, cost)
@@ -360,11 +369,17 @@ class SINGD(KroneckerOptimizer):
     def _refresh_factors(
         self, state: dict[str, Any], group: dict[str, Any], stats: tuple[Tensor, Tensor]
     ) -> None:
-        """Warm start (once, when asked) and one factor update, in ``state``."""
+        """Warm start (once, when asked) and one factor update, in ``state`` (group by group
+        for a grouped convolution: :func:`_group_views`)."""
         sk, sc = (structure(n) for n in state["structures"])
+        A, B = stats
+        views = _group_views(state)
         if not state.get("started", True):
-            self._warm_start(state, group, sk, sc, *stats)
-        self._update_factors(state, group, sk, sc, *stats)
+            for g, view in enumerate(views):
+                self._warm_start(view, group, sk, sc, *_group_stats(state, A, B, g))
+            state["started"] = True
+        for g, view in enumerate(views):
+            self._update_factors(view, group, sk, sc, *_group_stats(state, A, B, g))
 
     def _warm_start(
         self,
@@ -391,12 +406,12 @@ class SINGD(KroneckerOptimizer):
     ) -> list[Tensor]:
         """``C C^T G K K^T`` with ``G = [weight grad as [O, I], bias grad]``, split back."""
         weight, bias = params[0], (params[1] if len(params) > 1 else None)
-        layout = (ORDER, state.get("layout"), 1)
-        G = to_factor_layout(weight.grad, None if bias is None else bias.grad, *layout)[0]
+        layout = (ORDER, state.get("layout"), state.get("groups", 1))
+        Gs = to_factor_layout(weight.grad, None if bias is None else bias.grad, *layout)
         sk, sc = (structure(n) for n in state["structures"])
-        D = self._product(state, sk, sc, G)
+        D = torch.stack([self._product(v, sk, sc, G) for v, G in zip(_group_views(state), Gs)])
         bias_shape = None if bias is None else tuple(bias.shape)
-        W, b = from_factor_layout(D[None], tuple(weight.shape), bias_shape, *layout)
+        W, b = from_factor_layout(D, tuple(weight.shape), bias_shape, *layout)
         return [W] if b is None else [W, b]
 
     @staticmethod
@@ -451,6 +466,27 @@ class SINGD(KroneckerOptimizer):
             )
         for key, value in (("K", new_K), ("C", new_C), ("m_K", m_K), ("m_C", m_C)):
             state[key].copy_(value)
+
+
+FACTOR_KEYS = ("K", "C", "m_K", "m_C")
+
+
+def _group_views(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """``[state]`` for an ungrouped layer; for a convolution with ``G`` groups, ``G`` dicts
+    whose factors and momenta are views of group ``g`` of the stacked storage (an in-place
+    update of a view writes into the layer's state)."""
+    groups = state.get("groups", 1)
+    if groups == 1:
+        return [state]
+    return [
+        {**state, **{key: state[key][g] for key in FACTOR_KEYS}, "groups": 1}
+        for g in range(groups)
+    ]
+
+
+def _group_stats(state: dict[str, Any], A: Tensor, B: Tensor, g: int) -> tuple[Tensor, Tensor]:
+    """Group ``g``'s statistics (``A``, ``B``: ``[G, d, d]`` with groups, else ``[d, d]``)."""
+    return (A[g], B[g]) if state.get("groups", 1) > 1 else (A, B)
 
 
 def _from_stack(views: list[Tensor]) -> Tensor:
