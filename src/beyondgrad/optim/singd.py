@@ -479,8 +479,7 @@ def _group_views(state: dict[str, Any]) -> list[dict[str, Any]]:
     if groups == 1:
         return [state]
     return [
-        {**state, **{key: state[key][g] for key in FACTOR_KEYS}, "groups": 1}
-        for g in range(groups)
+        {**state, **{key: state[key][g] for key in FACTOR_KEYS}, "groups": 1} for g in range(groups)
     ]
 
 
