@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import beyondgrad as bg
+from loops import train_losses
 from oracles.curvature import diag_ggn, ggn
 from oracles.first_order import reference
 
@@ -266,12 +267,5 @@ def test_kronecker_optimizers_precondition_attention(optimizer):
     opt = getattr(bg.optim, optimizer)(model, loss_fn)
     for name in ("enc.self_attn.in_proj_weight", "enc.self_attn.out_proj.weight"):
         assert opt.routes[name][0] == optimizer.lower(), opt.routing()
-    losses = []
-    for _ in range(20):
-        opt.zero_grad()
-        with opt.capture():
-            loss = loss_fn(model(X), y)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+    losses = train_losses(opt, model, loss_fn, X, y, 20)
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses

@@ -10,6 +10,7 @@ import torch
 import beyondgrad as bg
 
 pytest.importorskip("transformers")
+from loops import train_losses
 from zoo import MODELS, case
 
 OPTIMIZERS = ["KFAC", "SINGD", "SIRFShampoo"]
@@ -36,14 +37,7 @@ def test_default_optimizers_lower_the_loss(name, optimizer):
     routes = {n: r[0] for n, r in opt.routes.items()}
     leftover = [n for n in _weight_matrices(model) if routes.get(n) in ("adamw", "adam")]
     assert not leftover, opt.routing()
-    losses = []
-    for _ in range(30):
-        opt.zero_grad()
-        with opt.capture():
-            loss = loss_fn(model(X), y)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+    losses = train_losses(opt, model, loss_fn, X, y, 30)
     assert all(torch.isfinite(torch.tensor(losses))), losses
     assert max(losses) <= 1.05 * losses[0], f"diverging: {losses}"
     assert losses[19] < losses[0], f"20 steps did not lower the loss: {losses}"

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import beyondgrad as bg
+from loops import train_losses
 from oracles.first_order import call, reference
 
 CLASSES, N = 3, 2
@@ -336,15 +337,7 @@ def optimizer_run(build: Callable[[], nn.Module], size: int, optimizer: str) -> 
         routed = {n for n, (target, _) in opt.routes.items() if target == optimizer.lower()}
         expected = weight_matrices(model)  # grouped (depthwise) convolutions included
         assert expected <= routed, opt.routing()
-    losses = []
-    for _ in range(20):
-        opt.zero_grad()
-        with opt.capture():
-            loss = loss_fn(model(X), y)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    return losses
+    return train_losses(opt, model, loss_fn, X, y, 20)
 
 
 @pytest.mark.parametrize("optimizer", ["KFAC", "SINGD", "SIRFShampoo"])
