@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..rules import Rule, find_rule
 from ..rules.attention import in_projection_unit
+from .leaves import call_leaves
 
 
 @dataclass
@@ -51,8 +52,8 @@ class Call:
         return self.args[0]
 
     def inputs_requiring_grad(self) -> list[Tensor]:
-        leaves = tree_flatten((self.args, self.kwargs))[0]
-        return [t for t in leaves if isinstance(t, Tensor) and t.requires_grad]
+        found = call_leaves(self.args, self.kwargs)
+        return [t for t in found if isinstance(t, Tensor) and t.requires_grad]
 
 
 @dataclass
@@ -278,7 +279,7 @@ class Recorder:
             edges.append(get_gradient_edge(target))
             shapes.append(shape)
         versions = [
-            (t, t._version) for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)
+            (t, t._version) for t in call_leaves(args, kwargs) if isinstance(t, Tensor)
         ]
         new_output = tree_unflatten(leaves, spec) if replaced else output
         unit.calls.append(Call(args, kwargs, new_output, leaves, edges, shapes, versions))

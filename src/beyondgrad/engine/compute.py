@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
 
 from .backprop import VectorKind
 from .capture import check_not_meta, plan_layers
 from .coupling import COUPLED_MESSAGE, known_coupling, remember_coupling, samples_coupled
+from .leaves import leaves
 from .losses import check_loss_fn
 from .result import Result, is_gradient
 from .samples import ShapeRecorder, is_probed, probe_size, remember_probe, signature
@@ -37,10 +37,10 @@ def call_model(model: nn.Module, X: Any) -> Any:
 
 def _check_batch(X: Any, y: Tensor) -> None:
     """``X`` holds a tensor with a leading sample axis and ``y`` has as many samples."""
-    leaves = [t for t in tree_flatten(X)[0] if isinstance(t, Tensor) and t.ndim > 0]
-    if not leaves:
+    found = [t for t in leaves(X) if isinstance(t, Tensor) and t.ndim > 0]
+    if not found:
         raise ValueError("X contains no tensor with a leading sample axis")
-    n_x = leaves[0].shape[0]
+    n_x = found[0].shape[0]
     if y.ndim == 0 or y.shape[0] != n_x:
         raise ValueError(
             f"batch sizes disagree: X has {n_x} samples, y has "

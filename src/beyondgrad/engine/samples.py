@@ -58,6 +58,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .capture import Call, Layer, expand_shared
+from .leaves import call_leaves, call_structure, leaves
 
 UNKNOWN = -1
 """Axis marker: the tensor's length changed with the batch size but not as one sample axis
@@ -92,7 +93,11 @@ class CallAxes:
 
 
 def _shapes(tree: Any) -> list[torch.Size | None]:
-    return [t.shape if isinstance(t, Tensor) else None for t in tree_flatten(tree)[0]]
+    return [t.shape if isinstance(t, Tensor) else None for t in leaves(tree)]
+
+
+def _call_shapes(args: tuple, kwargs: dict) -> list[torch.Size | None]:
+    return [t.shape if isinstance(t, Tensor) else None for t in call_leaves(args, kwargs)]
 
 
 def _axis(real: torch.Size | None, probe: torch.Size | None, N: int, M: int) -> int | None:
@@ -171,9 +176,9 @@ _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def signature(args: tuple, kwargs: dict, training: bool) -> tuple:
     """The cache key of a model call: argument structure, tensor shapes/dtypes/devices, the
     other arguments' reprs and the training mode."""
-    leaves, spec = tree_flatten((args, kwargs))
+    leaves, structure = call_structure(args, kwargs)
     return (
-        str(spec),
+        structure,
         training,
         tuple(
             (tuple(t.shape), t.dtype, str(t.device)) if isinstance(t, Tensor) else repr(t)
@@ -221,7 +226,7 @@ class ShapeRecorder:
         for name, module in self.modules:
 
             def hook(module: nn.Module, a: tuple, kw: dict, out: Any, name: str = name) -> None:
-                self.seen[name].append((_shapes((a, kw)), _shapes(out)))
+                self.seen[name].append((_call_shapes(a, kw), _shapes(out)))
 
             self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
         return self
@@ -490,7 +495,7 @@ def _set_axes(layers: list[Layer], seen: dict, N: int, M: int) -> bool:
     for unit in layers:
         for call, (ins, outs) in zip(unit.calls, seen[unit.name]):
             real_in, real_out = (
-                _shapes((call.args, call.kwargs)),
+                _call_shapes(call.args, call.kwargs),
                 [o.shape if isinstance(o, Tensor) else None for o in call.outputs],
             )
             if len(real_in) != len(ins) or len(real_out) != len(outs):

@@ -35,6 +35,7 @@ from torch.utils._pytree import tree_map
 
 from .. import linops
 from ..distributed import group as dist_group
+from .batches import read_batches
 from .curvature import (
     Curvature,
     DenseCurvature,
@@ -302,7 +303,7 @@ class Laplace:
         Returns:
             ``self``, fitted.
         """
-        batches = list(data)
+        batches = read_batches(data)
         loss_sum = sum_reduction(self.loss_fn)
         group = dist_group.resolve_group(process_group)
         closed = self._closed_form_layer() if group is None else None
@@ -629,7 +630,7 @@ class Laplace:
             raise ValueError(f"method must be 'marglik' or 'gridsearch', got {method!r}")
         if val_data is None:
             raise ValueError("gridsearch needs val_data")
-        batches = list(val_data)
+        batches = read_batches(val_data)
         values = torch.logspace(-4, 4, 21, dtype=torch.float64)
         if grid is not None:
             values = torch.as_tensor(grid, dtype=torch.float64)
