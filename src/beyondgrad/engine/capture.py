@@ -9,6 +9,7 @@ copied. A layer called several times (tied weights, loops) yields several calls;
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -91,17 +92,51 @@ def check_not_meta(model: nn.Module) -> None:
 
 
 def plan_layers(model: nn.Module) -> list[Layer]:
-    """One unit per module that owns trainable parameters directly."""
-    check_not_meta(model)
-    layers = []
+    """One unit per module that owns trainable parameters directly (one walk over the
+    modules: their own parameters as ``named_parameters(recurse=False)`` lists them)."""
+    owners: list[tuple[str, nn.Module, dict[str, nn.Parameter]]] = []
+    meta = False
     for name, module in model.named_modules():
-        own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
-        if own:  # nn.MultiheadAttention: served through its in-projection (rules.attention)
-            unit_module, own = in_projection_unit(module, own)
-            layers.append(Layer(name, unit_module, find_rule(unit_module), own))
+        own: dict[str, nn.Parameter] = {}
+        seen: set[int] = set()
+        for local, p in module._parameters.items():
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            meta = meta or p.is_meta
+            if p.requires_grad:
+                own[local] = p  # type: ignore[assignment]
+        if own:
+            owners.append((name, module, own))
+    if meta:
+        check_not_meta(model)
+    layers = []
+    for name, module, own in owners:
+        # nn.MultiheadAttention: served through its in-projection (rules.attention)
+        unit_module, params = in_projection_unit(module, own)
+        rule = _rule_of(module, own) if unit_module is module else find_rule(unit_module)
+        layers.append(Layer(name, unit_module, rule, params))
     if not layers:
         raise ValueError(f"{type(model).__name__} has no trainable parameters (requires_grad=True)")
     return layers
+
+
+#: module class -> {(its forward, trainable own parameter names): fast rule or None}
+_RULES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _rule_of(module: nn.Module, own: dict[str, nn.Parameter]) -> Rule | None:
+    """``find_rule(module)``, remembered per class: a rule serves a module by its class, the
+    class's ``forward`` and the names of its trainable own parameters (``own``), which form
+    the key, so a changed ``forward`` or ``requires_grad`` looks the rule up again."""
+    cls = type(module)
+    key = (cls.forward, frozenset(own))
+    known = _RULES.get(cls)
+    if known is None:
+        known = _RULES[cls] = {}
+    if key not in known:
+        known[key] = find_rule(module)
+    return known[key]
 
 
 def _edge_of(out: Tensor) -> tuple[Tensor | None, torch.Size | None]:
@@ -178,6 +213,7 @@ class Recorder:
             self._handles.append(fwd)
             ids["forward"] = fwd.id
             _RECORDING_HOOKS[fwd.id] = (self, unit.name)
+            OWN_HOOKS.add(fwd.id)
             return
         pending: list[tuple[tuple, dict]] = []
 
@@ -189,6 +225,7 @@ class Recorder:
         fwd = unit.module.register_forward_hook(self._hook(unit, ids, pending), with_kwargs=True)
         self._handles.append(fwd)
         ids.update(pre=pre_handle.id, forward=fwd.id)
+        OWN_HOOKS.update((pre_handle.id, fwd.id))
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
@@ -196,6 +233,7 @@ class Recorder:
     def remove(self) -> None:
         for h in self._handles:
             _RECORDING_HOOKS.pop(h.id, None)
+            OWN_HOOKS.discard(h.id)
             h.remove()
         self._handles.clear()
 
@@ -278,9 +316,7 @@ class Recorder:
                 target, replaced = leaf, True
             edges.append(get_gradient_edge(target))
             shapes.append(shape)
-        versions = [
-            (t, t._version) for t in call_leaves(args, kwargs) if isinstance(t, Tensor)
-        ]
+        versions = [(t, t._version) for t in call_leaves(args, kwargs) if isinstance(t, Tensor)]
         new_output = tree_unflatten(leaves, spec) if replaced else output
         unit.calls.append(Call(args, kwargs, new_output, leaves, edges, shapes, versions))
         return new_output if replaced else None
@@ -328,6 +364,52 @@ def _only_records(hook_id: int) -> bool:
 
 #: forward hook id -> (its recorder, the layer name), for the fast-rule hooks of live recorders
 _RECORDING_HOOKS: dict[int, tuple[Recorder, str]] = {}
+#: ids of the module hooks live sessions installed (recorders, model-call hooks): not the
+#: user's, so they are left out of :func:`model_state`
+OWN_HOOKS: set[int] = set()
+
+
+def model_state(model: nn.Module) -> tuple:
+    """What the engine's per-model caches (the sample-axis probe, the coupling probe) are
+    valid for besides the input signature: per module its identity, training flag, the
+    user's forward hooks and pre-hooks (by function) and its parameters (identity and
+    ``requires_grad``), and the global module hooks. A module replaced, a parameter added,
+    removed or frozen, a mode toggled or a hook added or removed gives another state, so the
+    probes run again. (A plain attribute read by ``forward`` is not part of it.)"""
+    parts: list[Any] = [
+        _hook_functions(_GLOBAL_FORWARD_HOOKS),
+        _hook_functions(_GLOBAL_FORWARD_PRE_HOOKS),
+    ]
+    for module in model.modules():
+        parts.append(id(module))
+        parts.append(module.training)
+        if module._forward_hooks or module._forward_pre_hooks:
+            hooks = (
+                _hook_functions(module._forward_hooks),
+                _hook_functions(module._forward_pre_hooks),
+            )
+            if hooks != ((), ()):  # the engine's own hooks alone leave the state as it is
+                parts.append(hooks)
+        for p in module._parameters.values():
+            if p is not None:
+                parts.append(id(p))
+                parts.append(p.requires_grad)
+        parts.append(None)  # end of the module's entries
+    return tuple(parts)
+
+
+def _hook_functions(hooks: dict) -> tuple:
+    """The ids of the functions behind ``hooks`` (a bound method by its function and object),
+    without the engine's own hooks."""
+    if not hooks:
+        return ()
+    return tuple(
+        (id(getattr(fn, "__func__", fn)), id(getattr(fn, "__self__", None)))
+        for key, fn in hooks.items()
+        if key not in OWN_HOOKS
+    )
+
+
 # torch's registries of global module hooks (``register_module_forward_hook``), read only
 _GLOBAL_FORWARD_HOOKS: dict = getattr(torch.nn.modules.module, "_global_forward_hooks", {})
 _GLOBAL_FORWARD_PRE_HOOKS: dict = getattr(torch.nn.modules.module, "_global_forward_pre_hooks", {})

@@ -173,7 +173,7 @@ def _probe_coupling(model: nn.Module, X: Any, N: int) -> bool:
     (:mod:`beyondgrad.engine.samples`): the layers' shapes are recorded and cached, so the
     session runs no probe forward of its own (unless these shapes are already cached)."""
     args, kwargs = _model_arguments(X)
-    key = signature(args, kwargs, model.training)
+    key = signature(args, kwargs, model)
     known = known_coupling(model, key)
     if known is not None:
         return known

@@ -19,9 +19,11 @@ free to cheap:
    model run during the probe. For a batch of two samples the runs use three (``(a, b, b)``
    and ``(b, b, b)``), so that the first run also serves as the sample-axis probe of
    :mod:`beyondgrad.engine.samples` (a batch of another size). The answer is cached per model
-   and input signature (argument shapes, dtypes, training mode; :func:`known_coupling`), so a
-   training loop probes once, not every step: a model whose coupling changes without its
-   signature changing (a flag flipped between steps) is not probed again.
+   and input signature (argument shapes, dtypes, and the model's state: its modules, their
+   training flags, the user's module hooks, its parameters and their ``requires_grad``;
+   :func:`known_coupling`), so a training loop probes once, not every step, and probes again
+   when a module is replaced, a mode toggled or a hook added; a model whose coupling changes
+   without any of these (a plain attribute flipped between steps) is not probed again.
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from .capture import Call, Layer, expand_shared
+from .capture import OWN_HOOKS, Call, Layer, expand_shared, model_state
 from .leaves import call_leaves, call_structure, leaves
 
 UNKNOWN = -1
@@ -136,10 +136,12 @@ class ModelCall:
                     self.on_first(args, kwargs)
 
         self._handle = self.model.register_forward_pre_hook(pre, with_kwargs=True)
+        OWN_HOOKS.add(self._handle.id)
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._handle is not None:
+            OWN_HOOKS.discard(self._handle.id)
             self._handle.remove()
             self._handle = None
 
@@ -173,13 +175,14 @@ class Probe:
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def signature(args: tuple, kwargs: dict, training: bool) -> tuple:
-    """The cache key of a model call: argument structure, tensor shapes/dtypes/devices, the
-    other arguments' reprs and the training mode."""
+def signature(args: tuple, kwargs: dict, model: nn.Module) -> tuple:
+    """The cache key of a call of ``model``: argument structure, tensor shapes/dtypes/devices,
+    the other arguments' reprs and the model's :func:`~beyondgrad.engine.capture.model_state`
+    (modules, modes, hooks, parameters)."""
     leaves, structure = call_structure(args, kwargs)
     return (
         structure,
-        training,
+        model_state(model),
         tuple(
             (tuple(t.shape), t.dtype, str(t.device)) if isinstance(t, Tensor) else repr(t)
             for t in leaves
@@ -240,7 +243,7 @@ class ShapeRecorder:
 
 def is_probed(model: nn.Module, args: tuple, kwargs: dict) -> bool:
     """Whether the sample axes of ``model(*args, **kwargs)`` are already known (cached)."""
-    return signature(args, kwargs, model.training) in _CACHE.get(model, {})
+    return signature(args, kwargs, model) in _CACHE.get(model, {})
 
 
 def remember_probe(
@@ -250,14 +253,15 @@ def remember_probe(
     gradients, e.g. the coupling probe of :mod:`beyondgrad.engine.coupling`) as the probe of
     ``model(*args, **kwargs)``, so that :func:`probe_axes` needs no forward pass of its own."""
     if shapes.complete:
-        _CACHE.setdefault(model, {})[signature(args, kwargs, model.training)] = Probe(
-            shapes.seen, M
-        )
+        _CACHE.setdefault(model, {})[signature(args, kwargs, model)] = Probe(shapes.seen, M)
 
 
-def expansion_for(model: nn.Module, args: tuple, kwargs: dict) -> Expansion | None:
-    """The validated :class:`Expansion` of ``model(*args, **kwargs)``, if any (cached)."""
-    entry = _CACHE.get(model, {}).get(signature(args, kwargs, model.training))
+def expansion_for(
+    model: nn.Module, args: tuple, kwargs: dict, key: tuple | None = None
+) -> Expansion | None:
+    """The validated :class:`Expansion` of ``model(*args, **kwargs)``, if any (cached);
+    ``key``: the call's :func:`signature` when already known."""
+    entry = _CACHE.get(model, {}).get(key or signature(args, kwargs, model))
     return entry.expansion if entry is not None else None
 
 
@@ -450,6 +454,7 @@ def probe_axes(
     paused: Any,
     expansion: Expansion | None = None,
     try_expansion: bool = False,
+    key: tuple | None = None,
 ) -> bool:
     """Set ``call.axes`` (:class:`CallAxes`) on every recorded call of ``layers``.
 
@@ -463,6 +468,7 @@ def probe_axes(
             are compared).
         try_expansion: validate an :class:`Expansion` for later passes when none was tried
             for this input signature.
+        key: the recorded call's :func:`signature` when already known.
 
     Returns:
         ``False`` when the axes cannot be probed (the model was not called exactly once inside
@@ -472,7 +478,7 @@ def probe_axes(
     if len(recorded.calls) != 1 or not any(u.calls for u in layers):
         return False
     args, kwargs = recorded.calls[0]
-    key = signature(args, kwargs, model.training)
+    key = key or signature(args, kwargs, model)
     cache = _CACHE.setdefault(model, {})
     if key not in cache:
         cache[key] = _guarded_probe(model, layers, args, kwargs, N, paused)

@@ -232,6 +232,8 @@ class Session:
         self._expansion: Expansion | None = None
         self._vector_cache: dict[VectorKind, Tensor] = {}
         self._watched_shared: dict[VectorKind, dict[tuple[int, int], Tensor]] = {}
+        self._names: dict[int, str] | None = None
+        self._key: tuple | None = None  # (args, kwargs, signature) of the recorded call
 
     # -- forward ------------------------------------------------------------------------------
     @property
@@ -243,7 +245,11 @@ class Session:
 
     def _plan_expansion(self, args: tuple, kwargs: dict) -> None:
         """At the model's first call: expand its shared outputs when a probe validated it."""
-        self._expansion = expansion_for(self.model, args, kwargs) if self._expands else None
+        self._expansion = (
+            expansion_for(self.model, args, kwargs, self._call_key(args, kwargs))
+            if self._expands
+            else None
+        )
         if self._expansion is not None:
             self.recorder.expand = self._expansion.plan
             self.recorder.expand_samples = self._expansion.num_samples
@@ -272,7 +278,7 @@ class Session:
                         self._seen[(key, nr)] = grad_outputs[nr]
 
             self._node_handles.append(node.register_prehook(pre))
-        names = {id(p): n for n, p in self.model.named_parameters()}
+        names = self._parameter_names()
 
         # weak references: the hook stays on the loss tensor, and a closure over the session
         # and the loss itself would keep both (and every recorded call) alive for good
@@ -308,6 +314,20 @@ class Session:
         if self._loss_handle is not None:
             self._loss_handle.remove()
             self._loss_handle = None
+
+    def _call_key(self, args: tuple, kwargs: dict) -> tuple:
+        """The :func:`signature` of the model's recorded call ``(args, kwargs)``, formed once
+        per pass (the expansion, the coupling and the sample-axis probes read it)."""
+        if self._key is None or self._key[0] is not args or self._key[1] is not kwargs:
+            self._key = (args, kwargs, signature(args, kwargs, self.model))
+        return self._key[2]
+
+    def _parameter_names(self) -> dict[int, str]:
+        """``{id(parameter): name}`` as ``model.named_parameters()`` names them, walked once
+        per pass (the watched backward and the reduction read the same map)."""
+        if self._names is None:
+            self._names = {id(p): n for n, p in self.model.named_parameters()}
+        return self._names
 
     # -- backward and reduction ---------------------------------------------------------------
     def _loss_record(self, loss: Tensor) -> tuple[Tensor, Tensor]:
@@ -374,7 +394,7 @@ class Session:
             raise FloatingPointError(f"the loss is not finite ({loss.item()})")
         N = output.shape[0]
         self._probe_coupling(N)
-        names = {id(p): n for n, p in self.model.named_parameters()}
+        names = self._parameter_names()
         plan, watched = self.plan, self.loss_scale is not None
         node_kinds: set[str] = set()
         if watched:
@@ -442,6 +462,9 @@ class Session:
             self.recorder.paused,
             expansion=self._expansion,
             try_expansion=self._expands,
+            key=self._call_key(*self.model_calls.calls[0])
+            if len(self.model_calls.calls) == 1
+            else None,
         )
 
     def _shared_pass(
@@ -484,7 +507,7 @@ class Session:
         if not (self.check_samples and self.independent and self.model_calls.calls):
             return
         args, kwargs = self.model_calls.calls[-1]
-        key = signature(args, kwargs, self.model.training)
+        key = self._call_key(args, kwargs)
         coupled = known_coupling(self.model, key)
         if coupled is None:
             with self.recorder.paused():
@@ -581,7 +604,7 @@ class Session:
         if n:
             check_finite(grads[:n], graph.where)
         else:
-            names = {id(p): name for name, p in self.model.named_parameters()}
+            names = self._parameter_names()
             check_finite(grads, [names[id(p)] for p in params])
         param_grads = {id(p): g for p, g in zip(params, grads[n:]) if g is not None}
         if len(param_grads) < len(params):  # unreached parameters: hidden by a checkpoint?
