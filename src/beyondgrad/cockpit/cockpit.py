@@ -181,6 +181,7 @@ class Cockpit:
         self._drawer = Drawer()
         self._distance_buffer: list[Tensor] | None = None
         self._workspace = Workspace()  # model-sized temporaries reused across steps
+        self._unreduced_fn: nn.Module | None = None
 
     # -- schedule -----------------------------------------------------------------------------
     def tracks(self, step: int) -> bool:
@@ -319,7 +320,8 @@ class Cockpit:
                 plan.coupled = True
         if r.LOSSES in plan.needs:
             data.losses = (
-                _individual_losses(self.loss_fn, output.detach(), target, loss.detach()) * data.c
+                _individual_losses(self._unreduced(), output.detach(), target, loss.detach())
+                * data.c
             )
         if rows is not None and plan.needs & _LAYER_NEEDS:
             r.gather_rows(data, plan.needs, rows, grad_of_loss, self.params, self.generator)
@@ -336,6 +338,17 @@ class Cockpit:
                 self._alpha_start = None
         return rows
 
+    def _unreduced(self) -> nn.Module:
+        """A shallow copy of ``loss_fn`` with ``reduction="none"``, made once and brought up
+        to date with ``loss_fn``'s attributes at every call (a copy per step costs more than
+        the loss itself on small models)."""
+        if self._unreduced_fn is None:
+            self._unreduced_fn = copy.copy(self.loss_fn)
+        fn = self._unreduced_fn
+        fn.__dict__.update(self.loss_fn.__dict__)
+        fn.reduction = "none"  # type: ignore[assignment]
+        return fn
+
     def _distance(self) -> dict[str, float]:
         """Per parameter ``||theta - theta_0||``, formed in a buffer set reused from step to
         step (a fresh allocation of the model's size costs page faults every step)."""
@@ -350,8 +363,8 @@ class Cockpit:
                 for p in self.params.values()
             ]
             self._distance_buffer = buf
-        torch._foreach_copy_(buf, [p.detach() for p in self.params.values()])
-        torch._foreach_sub_(buf, [self.initial[n] for n in names])
+        for b, p, n in zip(buf, self.params.values(), names):  # one pass per parameter
+            torch.sub(p.detach(), self.initial[n], out=b)
         return r.layer_norms(dict(zip(names, buf)))
 
     def _hook_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
@@ -543,10 +556,11 @@ def _grad_step(data: r.StepData, params: dict[str, Tensor]) -> GradStep | None:
     return GradStep(data.dots * (data.B / data.c), grads)
 
 
-def _individual_losses(loss_fn: nn.Module, output: Tensor, target: Tensor, loss: Tensor) -> Tensor:
-    """Per-sample contributions ``c_n`` with ``sum_n c_n = loss`` (``[N]``, float64)."""
-    unreduced_fn = copy.copy(loss_fn)
-    unreduced_fn.reduction = "none"  # type: ignore[assignment]
+def _individual_losses(
+    unreduced_fn: nn.Module, output: Tensor, target: Tensor, loss: Tensor
+) -> Tensor:
+    """Per-sample contributions ``c_n`` with ``sum_n c_n = loss`` (``[N]``, float64), from the
+    loss module with ``reduction="none"``."""
     with torch.no_grad():
         per = unreduced_fn(output, target)
     per = per.reshape(per.shape[0], -1).sum(1).double() if per.ndim > 0 else per.double()

@@ -167,8 +167,8 @@ def gather_rows(
     """
     B, c = data.B, data.c
     reads = sum(key in needs for key in ROW_READS)
-    l2: Tensor | float = 0.0
-    dots: Tensor | float = 0.0
+    l2: list[Tensor] = []
+    dots: list[Tensor] = []
     sgs, values, thetas = [], [], []
     for name, r in rows.items():
         if name in grad_of_loss:  # the ordinary backward already formed it
@@ -180,9 +180,9 @@ def gather_rows(
         data.layers.append(name)
         data.grads.append(g.reshape(-1))
         if BATCH_L2 in needs:
-            l2 = l2 + r.batch_l2() * c**2
+            l2.append(r.batch_l2())
         if DOTS in needs:
-            dots = dots + r.dots_with_sum() * (c * c / B)
+            dots.append(r.dots_with_sum())
         if SGS in needs:
             sgs.append(r.sum_grad_squared())
         if ENTRIES in needs:
@@ -191,7 +191,16 @@ def gather_rows(
             values.append(v.detach().cpu())
             if ENTRY_PARAMS in needs:
                 thetas.append(params[name].detach().reshape(-1)[flat].cpu())
-    _finish(data, needs, l2, dots, sgs, values, thetas)
+    _finish(data, needs, _layer_sum(l2, c**2), _layer_sum(dots, c * c / B), sgs, values, thetas)
+
+
+def _layer_sum(parts: list[Tensor], scale: float) -> Tensor | float:
+    """``scale * sum(parts)`` (``[B]`` each) in two operations whatever the number of layers,
+    in the promoted dtype; 0.0 for no parts."""
+    if not parts:
+        return 0.0
+    total = parts[0] if len(parts) == 1 else torch.stack(torch.broadcast_tensors(*parts)).sum(0)
+    return total * scale
 
 
 def _finish(
