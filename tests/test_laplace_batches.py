@@ -58,3 +58,21 @@ def test_fit_from_a_loader_equals_fit_from_its_batches(structure):
     slow = bg.laplace.Laplace(model, nn.MSELoss(), [(a, b) for a, b in loader], **kwargs)
     torch.testing.assert_close(fast.log_marginal_likelihood(), slow.log_marginal_likelihood())
     torch.testing.assert_close(fast.functional_variance(X), slow.functional_variance(X))
+
+
+def test_kronecker_bases_computed_at_first_use():
+    """The evidence reads the eigenvalues alone; the bases come at the first predictive and
+    give the same variances as a structure restored from the state (bases included)."""
+    X, y, _ = _data(12)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    la = bg.laplace.Laplace(model, nn.MSELoss(), [(X, y)], structure="kfac", sigma_noise=0.5)
+    la.log_marginal_likelihood()
+    blocks = la.curvature.blocks
+    assert all(b.left is None and b.bases is not None for b in blocks)
+    var = la.functional_variance(X)
+    assert all(b.left is not None and b.bases is None for b in blocks)
+    restored = bg.laplace.Laplace(model, nn.MSELoss(), structure="kfac", sigma_noise=0.5)
+    restored.load_state_dict(la.state_dict())
+    torch.testing.assert_close(restored.functional_variance(X), var)
+    torch.testing.assert_close(restored.log_marginal_likelihood(), la.log_marginal_likelihood())

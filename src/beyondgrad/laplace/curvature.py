@@ -26,7 +26,7 @@ Kronecker blocks follow :mod:`beyondgrad.factors`: a weight ``W [O, I]`` flatten
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -300,15 +300,28 @@ class KroneckerBlock:
     """One Kronecker block in its eigenbasis. ``names``: weight (and joint bias);
     ``values [G, rows, cols]``: eigenvalues; ``left [G, rows, rows]``, ``right [G, cols,
     cols]``: orthonormal bases; ``order``/``weight_perm``: the layout of
-    :func:`beyondgrad.factors.to_block_layout`; ``joint_bias``: the bias is the last column."""
+    :func:`beyondgrad.factors.to_block_layout`; ``joint_bias``: the bias is the last column.
+    ``bases``: when ``left``/``right`` are ``None``, computes them at their first use (the
+    evidence needs the eigenvalues only; the predictives and sampling need the bases)."""
 
     names: tuple[str, ...]
     values: Tensor
-    left: Tensor
-    right: Tensor
+    left: Tensor | None
+    right: Tensor | None
     order: str
     weight_perm: tuple[int, ...] | None
     joint_bias: bool
+    bases: Callable[[], tuple[Tensor, Tensor]] | None = field(
+        default=None, repr=False, compare=False
+    )
+
+    def eigenbases(self) -> tuple[Tensor, Tensor]:
+        """``(left, right)``, computed by :attr:`bases` at the first call if not given."""
+        if self.left is None or self.right is None:
+            assert self.bases is not None, "a KroneckerBlock needs its bases or a way to them"
+            self.left, self.right = self.bases()
+            self.bases = None
+        return self.left, self.right
 
     def to_layout(self, parts: dict[str, Tensor]) -> Tensor:
         """Per-parameter ``[k, *shape]`` to ``[k, G, rows, cols]``."""
@@ -331,18 +344,21 @@ class KroneckerBlock:
 
     def rotate(self, M: Tensor) -> Tensor:
         """Coordinates in the eigenbasis: ``left^T M right`` for ``M [k, G, rows, cols]``."""
-        return torch.einsum("gji,kgjl,glm->kgim", self.left, M, self.right)
+        left, right = self.eigenbases()
+        return torch.einsum("gji,kgjl,glm->kgim", left, M, right)
 
     def unrotate(self, M: Tensor) -> Tensor:
         """Inverse of :meth:`rotate`."""
-        return torch.einsum("gij,kgjl,gml->kgim", self.left, M, self.right)
+        left, right = self.eigenbases()
+        return torch.einsum("gij,kgjl,gml->kgim", left, M, right)
 
     def state(self) -> dict[str, Any]:
+        left, right = self.eigenbases()
         return {
             "names": list(self.names),
             "values": self.values,
-            "left": self.left,
-            "right": self.right,
+            "left": left,
+            "right": right,
             "order": self.order,
             "weight_perm": None if self.weight_perm is None else list(self.weight_perm),
             "joint_bias": self.joint_bias,
