@@ -188,9 +188,9 @@ def gather_rows(
         if ENTRIES in needs:
             sel_rows, flat = sample_entries(generator, data.settings, B, g.numel(), g.device)
             v = r.entries(sel_rows, flat) * c
-            values.append(v.detach().cpu())
+            values.append(v.detach())  # moved to the host together in _finish
             if ENTRY_PARAMS in needs:
-                thetas.append(params[name].detach().reshape(-1)[flat].cpu())
+                thetas.append(params[name].detach().reshape(-1)[flat])
     _finish(data, needs, _layer_sum(l2, c**2), _layer_sum(dots, c * c / B), sgs, values, thetas)
 
 
@@ -212,19 +212,47 @@ def _finish(
     values: list[Tensor],
     thetas: list[Tensor],
 ) -> None:
-    if data.grads:
-        data.grad_norms = torch.stack(torch._foreach_norm(data.grads)).double().cpu()  # one sync
+    norms = torch.stack(torch._foreach_norm(data.grads)) if data.grads else None
+    host = _to_host(
+        [
+            norms,
+            torch.as_tensor(l2) if BATCH_L2 in needs else None,
+            torch.as_tensor(dots) if DOTS in needs else None,
+        ]
+    )
+    data.grad_norms, batch_l2, batch_dots = host
     if BATCH_L2 in needs:
-        data.batch_l2 = torch.as_tensor(l2).double().cpu()
+        data.batch_l2 = batch_l2
     if DOTS in needs:
-        data.dots = torch.as_tensor(dots).double().cpu()
+        data.dots = batch_dots
     if SGS in needs and sgs:  # in a reused buffer, scaled by c^2 in place
         data.sgs = data.workspace.flat("sgs", sgs)
         if data.c != 1:
             data.sgs.mul_(data.c**2)
     if ENTRIES in needs and values:
-        data.hist_values = torch.cat(values)
-        data.hist_params = torch.cat(thetas) if thetas else None
+        data.hist_values = torch.cat(values).cpu()
+        data.hist_params = torch.cat(thetas).cpu() if thetas else None
+
+
+def _to_host(parts: list[Tensor | None]) -> list[Tensor | None]:
+    """The tensors as float64 on the CPU in one transfer per device (one host synchronisation
+    instead of one each); ``None`` entries stay ``None``."""
+    present = [t for t in parts if t is not None]
+    if not present:
+        return list(parts)
+    device = present[0].device
+    if any(t.device != device for t in present):  # e.g. a 0-d CPU zero next to CUDA rows
+        return [None if t is None else t.double().cpu() for t in parts]
+    flat = torch.cat([t.reshape(-1).double() for t in present]).cpu()
+    out: list[Tensor | None] = []
+    start = 0
+    for t in parts:
+        if t is None:
+            out.append(None)
+            continue
+        out.append(flat[start : start + t.numel()].reshape(t.shape))
+        start += t.numel()
+    return out
 
 
 def gather_grads(
