@@ -569,6 +569,8 @@ def test_repeated_products_keep_the_per_batch_state(kind):
     V1 = torch.randn(A.shape[0], 3, dtype=torch.float64)
     V2 = torch.randn(A.shape[0], 2, dtype=torch.float64)
     calls, handle = _forward_counter(model)
+    A @ V1  # the engine probes a model again once a hook is added (here the counter's)
+    calls[0] = 0
     try:
         with A.repeated_products():
             torch.testing.assert_close(A @ V1, dense @ V1)
