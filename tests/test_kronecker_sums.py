@@ -1,7 +1,8 @@
 """Kronecker sums of the Linear and Embedding rules against their definitions in float64, at
-sizes that take the half-triangle Gram product (``D >= SYMMETRIC_MIN``) as well as the
-small ones: ``A_sum = sum [x; 1][x; 1]^T`` over the rows (or the per-sample means for
-"reduce"), ``B_sum = sum g g^T`` over the vectors and rows (or per-sample sums)."""
+sizes that take the half-triangle Gram product (``D >= SYMMETRIC_MIN``; the row threshold is
+lowered to 1 so that the tests stay small) as well as the small ones: ``A_sum = sum [x; 1]
+[x; 1]^T`` over the rows (or the per-sample means for "reduce"), ``B_sum = sum g g^T`` over
+the vectors and rows (or the per-sample sums)."""
 
 from __future__ import annotations
 
@@ -10,16 +11,24 @@ import torch
 from torch import nn
 
 import beyondgrad as bg
+from beyondgrad.rules import kronecker
 from beyondgrad.rules.kronecker import SYMMETRIC_MIN, embedding_kron, gram_into, linear_kron
 from oracles.curvature import ggn
 
 BIG = SYMMETRIC_MIN + 13  # an odd size above the threshold: uneven last block
 
 
+@pytest.fixture(autouse=True)
+def few_rows_suffice(monkeypatch):
+    monkeypatch.setattr(kronecker, "SYMMETRIC_MIN_ROWS", 1)
+
+
+@pytest.mark.parametrize("rows", [37, 300])
 @pytest.mark.parametrize("D", [3, SYMMETRIC_MIN - 1, SYMMETRIC_MIN, BIG, 2 * SYMMETRIC_MIN + 1])
-def test_gram_into_equals_the_product(D):
+def test_gram_into_equals_the_product(D, rows, monkeypatch):
+    monkeypatch.setattr(kronecker, "SYMMETRIC_MIN_ROWS", 256)  # the library's threshold
     gen = torch.Generator().manual_seed(D)
-    X = torch.randn(37, D, dtype=torch.float64, generator=gen)
+    X = torch.randn(rows, D, dtype=torch.float64, generator=gen)
     out = torch.full((D + 2, D + 2), float("nan"), dtype=torch.float64)
     res = gram_into(out[1 : D + 1, 1 : D + 1], X)  # a strided view, as in the bias block
     torch.testing.assert_close(res, X.T @ X, rtol=1e-12, atol=1e-12)
