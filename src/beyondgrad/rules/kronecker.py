@@ -66,6 +66,12 @@ def _block_size(D: int) -> int:
     return max(128, -(-D // 256) * 64)
 
 
+def _blocked(flat: Tensor) -> bool:
+    """Whether :func:`gram_into` forms ``flat^T flat`` by half-triangle blocks."""
+    D, n = flat.shape[-1], flat.shape[0]
+    return D >= SYMMETRIC_MIN and n >= SYMMETRIC_MIN_ROWS and flat.device.type == "cpu"
+
+
 def gram_into(out: Tensor, flat: Tensor) -> Tensor:
     """``flat^T flat`` (``flat`` ``[n, D]``) written into ``out`` ``[D, D]`` (may be a view)
     and returned.
@@ -77,7 +83,7 @@ def gram_into(out: Tensor, flat: Tensor) -> Tensor:
     Elsewhere (small sizes, CUDA) it is one product.
     """
     D = flat.shape[-1]
-    if D < SYMMETRIC_MIN or flat.shape[0] < SYMMETRIC_MIN_ROWS or flat.device.type != "cpu":
+    if not _blocked(flat):
         out.copy_(flat.T @ flat)
         return out
     step = _block_size(D)
@@ -91,6 +97,8 @@ def gram_into(out: Tensor, flat: Tensor) -> Tensor:
 def _gram(rows: Tensor) -> Tensor:
     """``rows^T rows`` over all leading axes: ``[..., D] -> [D, D]``."""
     flat = rows.reshape(-1, rows.shape[-1])
+    if not _blocked(flat):
+        return flat.T @ flat
     D = flat.shape[-1]
     return gram_into(flat.new_empty(D, D), flat)
 
@@ -106,7 +114,7 @@ def _augmented_gram(rows: Tensor, bias: bool) -> Tensor:
     D = flat.shape[-1]
     out = flat.new_empty(D + 1, D + 1)
     gram_into(out[:D, :D], flat)
-    torch.sum(flat, 0, out=out[D, :D])
+    out[D, :D] = flat.sum(0)
     out[:D, D] = out[D, :D]
     out[D, D] = flat.shape[0]
     return out
