@@ -25,13 +25,16 @@ products with ``Q`` -- about half the products of the eigenbasis route on wide l
 bfloat16 (opt-in approximation).
 
 Cost per step, amortized over ``stats_every`` and ``refresh_every``: a step is the forward
-and backward pass plus the solve (four products per layer; on the suite's char-GPT about 0.13
-of an AdamW step). A statistics step adds the engine's backward of the curvature vectors and
-the Kronecker sums (there about 1.4 AdamW steps of work; a conv net's unfolded inputs make it
-~4), a refresh the eigendecompositions (about 1 AdamW step): per step roughly ``1.13 + 1.4 /
-stats_every + 1.0 / refresh_every`` AdamW steps (measured interleaved on a shared machine:
-1.86 at ``stats_every=2, refresh_every=10``, 1.29 at 10/10, 1.17 at 20/20;
-``benchmarks/optim.py``, ``benchmarks/optim_profile.py``). Sparse statistics cost little
+and backward pass plus the solve (four products per layer; on the suite's char-GPT about 0.15
+of an AdamW step with the rest of the update, half of that with ``damping_mode="pi"``). A
+statistics step adds the engine's backward of the curvature vectors and the Kronecker sums
+(there about 1.1 AdamW steps of work, half each; a conv net's unfolded inputs make it ~4), a
+refresh the eigendecompositions (1-1.5 AdamW steps): per step roughly ``1.15 + 1.1 /
+stats_every + 1.5 / refresh_every`` AdamW steps. Measured on char-GPT (CPU time, one thread,
+interleaved in one process, machine shared; ``benchmarks/optim.py`` and
+``benchmarks/optim_profile.py`` time it): 2.4 at the defaults (``stats_every=1,
+refresh_every=10``), 1.96 at 2/10, 1.22-1.31 at 20/20, 1.13 at 20/40, 1.04 at 20/20 with
+``damping_mode="pi"``. Sparse statistics cost little
 quality when the average keeps its per-step decay: on the deep autoencoder (200 steps, one
 seed) ``stats_every=10`` reached a validation error of 0.0035 against 0.0034 at
 ``stats_every=1``, where a decay of 0.95 per update (an average over 200 steps of older data)

@@ -130,14 +130,16 @@ def finite_flags(tensors: Sequence[Tensor]) -> Tensor:
         tensors: any shapes and floating dtypes (at least one tensor).
     """
     device = tensors[0].device
-    flags = []
+    work = torch.float32  # every minimum and maximum in one dtype: one isfinite for all
+    for t in tensors:
+        work = torch.promote_types(work, t.dtype)
+    ends: list[Tensor] = []
     for t in tensors:
         if t.numel() == 0:
-            flags.append(torch.ones((), dtype=torch.bool, device=device))
-            continue
-        lo, hi = torch.aminmax(t)
-        flags.append((torch.isfinite(lo) & torch.isfinite(hi)).to(device))
-    return torch.stack(flags)
+            ends += [torch.zeros((), dtype=work, device=device)] * 2
+        else:
+            ends += [e.to(device=device, dtype=work) for e in torch.aminmax(t)]
+    return torch.isfinite(torch.stack(ends)).view(-1, 2).all(1)
 
 
 class BatchCounter:

@@ -1,0 +1,99 @@
+"""Kronecker sums of the Linear and Embedding rules against their definitions in float64, at
+sizes that take the half-triangle Gram product (``D >= SYMMETRIC_MIN``; the row threshold is
+lowered to 1 so that the tests stay small) as well as the small ones: ``A_sum = sum [x; 1]
+[x; 1]^T`` over the rows (or the per-sample means for "reduce"), ``B_sum = sum g g^T`` over
+the vectors and rows (or the per-sample sums)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import beyondgrad as bg
+from beyondgrad.rules import kronecker
+from beyondgrad.rules.kronecker import SYMMETRIC_MIN, embedding_kron, gram_into, linear_kron
+from oracles.curvature import ggn
+
+BIG = SYMMETRIC_MIN + 13  # an odd size above the threshold: uneven last block
+
+
+@pytest.fixture(autouse=True)
+def few_rows_suffice(monkeypatch):
+    monkeypatch.setattr(kronecker, "SYMMETRIC_MIN_ROWS", 1)
+
+
+@pytest.mark.parametrize("rows", [37, 300])
+@pytest.mark.parametrize("D", [3, SYMMETRIC_MIN - 1, SYMMETRIC_MIN, BIG, 2 * SYMMETRIC_MIN + 1])
+def test_gram_into_equals_the_product(D, rows, monkeypatch):
+    monkeypatch.setattr(kronecker, "SYMMETRIC_MIN_ROWS", 256)  # the library's threshold
+    gen = torch.Generator().manual_seed(D)
+    X = torch.randn(rows, D, dtype=torch.float64, generator=gen)
+    out = torch.full((D + 2, D + 2), float("nan"), dtype=torch.float64)
+    res = gram_into(out[1 : D + 1, 1 : D + 1], X)  # a strided view, as in the bias block
+    torch.testing.assert_close(res, X.T @ X, rtol=1e-12, atol=1e-12)
+    assert out[0].isnan().all() and out[:, -1].isnan().all()  # nothing written outside
+
+
+def _definition(x, g, K, approx, bias):
+    """Brute-force sums: ``x`` ``[N, S, I]``, ``g`` ``[K, N, S, O]``."""
+    N, S, _ = x.shape
+    if approx == "reduce":
+        x, g = x.mean(1, keepdim=True), g.sum(2, keepdim=True)
+    a = x.reshape(-1, x.shape[-1])
+    if bias:
+        a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
+    A = sum(torch.outer(r, r) for r in a)
+    B = sum(torch.outer(r, r) for r in g.reshape(-1, g.shape[-1]))
+    return A, (N * S if approx == "expand" else N), B
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("sizes", [(BIG, 4), (5, BIG), (7, 6)])
+def test_linear_kron_sums_match_the_definition(sizes, bias, approx):
+    I, O = sizes
+    N, S, K = 3, 4, 2
+    gen = torch.Generator().manual_seed(I + O)
+    layer = nn.Linear(I, O, bias=bias).double()
+    x = torch.randn(N, S, I, dtype=torch.float64, generator=gen)
+    g = torch.randn(K, N, S, O, dtype=torch.float64, generator=gen)
+    stats = linear_kron(layer, x, g.reshape(K * N, S, O), K, approx)
+    A, count, B = _definition(x, g, K, approx, bias)
+    assert stats.A_sum.shape == (1, I + bias, I + bias) and stats.count == count
+    torch.testing.assert_close(stats.A_sum[0], A)
+    torch.testing.assert_close(stats.B_sum[0], B)
+
+
+def _joint_block(ref, offset, I, O):
+    """The reference GGN block of ``[W | b]`` (weight ``[O, I]`` at ``offset``, then the bias)
+    in the order of the joint Kronecker block: per output row its weights, then its bias."""
+    rows = [[*range(offset + o * I, offset + (o + 1) * I), offset + O * I + o] for o in range(O)]
+    idx = torch.tensor([i for r in rows for i in r])
+    return ref[idx][:, idx]
+
+
+def test_deep_linear_type2_kfac_is_the_ggn_block_at_large_sizes():
+    """A deep linear net with MSE (KFAC type-2 is exact) whose hidden width takes the
+    half-triangle Gram on both sides: the first layer's ``B``, the second layer's ``A``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, BIG), nn.Linear(BIG, 2)).double()
+    X, y = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    ref = ggn(model, nn.MSELoss(), X, y)["full"]
+    kf = bg.compute(model, nn.MSELoss(), X, y, bg.KFAC(fisher_type="type-2"))[bg.KFAC]
+    torch.testing.assert_close(kf["0"].to_dense(), _joint_block(ref, 0, 2, BIG))
+    torch.testing.assert_close(kf["1"].to_dense(), _joint_block(ref, 3 * BIG, BIG, 2))
+
+
+@pytest.mark.parametrize("padding_idx", [None, 2])
+def test_embedding_count_and_sums(padding_idx):
+    emb = nn.Embedding(6, 3, padding_idx=padding_idx).double()
+    idx = torch.tensor([[0, 2, 2, 5], [2, 1, 0, 0]])
+    g = torch.randn(1, 2, 4, 3, dtype=torch.float64)
+    stats = embedding_kron(emb, idx, g.reshape(2, 4, 3), 1, "expand")
+    keep = torch.ones_like(idx, dtype=torch.bool) if padding_idx is None else idx != padding_idx
+    assert stats.count == int(keep.sum())
+    counts = torch.bincount(idx[keep], minlength=6).double()
+    torch.testing.assert_close(stats.A_sum[0], torch.diag(counts))
+    rows = g[0][keep]
+    torch.testing.assert_close(stats.B_sum[0], rows.T @ rows)
