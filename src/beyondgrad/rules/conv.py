@@ -21,7 +21,6 @@ from torch import Tensor, nn
 from ..conv import unfold, unfold_transpose
 from ..forms import ConcatForm, Form, OuterForm, PermutedForm, SampleForm
 
-
 BLOCK_ELEMENTS = 1 << 16
 """Rows of one vector per block of samples in the squared sums (``[c, O, I]`` with
 ``c O I <= BLOCK_ELEMENTS``, at least one sample): small enough to stay in cache between the
