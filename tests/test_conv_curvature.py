@@ -49,3 +49,44 @@ def test_conv_form_blocks_equal_rows():
     done = conv_rules.ConvOuterForm(A, G, (O, I), K)
     done.batch_grad()
     torch.testing.assert_close(done.sum_grad_squared(), rows.square().sum((0, 1)))
+
+
+class _PoisonSecondVector(torch.autograd.Function):
+    """Identity whose backward turns the gradient non-finite on its second call only (the
+    second backpropagated vector of the per-vector path)."""
+
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        _PoisonSecondVector.calls += 1
+        return g * float("nan") if _PoisonSecondVector.calls == 2 else g
+
+
+class _Poisoned(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.head = nn.Linear(3 * 3 * 3, 3)
+
+    def forward(self, x):
+        return self.head(_PoisonSecondVector.apply(torch.relu(self.conv(x))).flatten(1))
+
+
+@pytest.mark.parametrize("finite", [True, False])
+def test_non_finite_gradient_of_one_vector_is_named(finite):
+    """Exact vectors through a conv go one pass each; a non-finite gradient in any one pass
+    raises and names the layer it reached first; a finite run passes."""
+    torch.manual_seed(0)
+    model = _Poisoned().double()
+    x, y = torch.randn(2, 2, 5, 5, dtype=torch.float64), torch.tensor([0, 2])
+    _PoisonSecondVector.calls = -100 if finite else 0
+    if finite:
+        bg.compute(model, nn.CrossEntropyLoss(), x, y, bg.DiagGGN())
+        return
+    with pytest.raises(FloatingPointError, match=r"non-finite gradient.*'conv'"):
+        bg.compute(model, nn.CrossEntropyLoss(), x, y, bg.DiagGGN())
