@@ -5,7 +5,10 @@ The loss supplies ``K`` vectors per sample (``grad``, ``exact`` or ``mc``; see
 one forward pass and backpropagates a block of vectors ``[K, *output.shape]`` from the model
 output (or from any gradient edge inside the graph) to every recorded layer output with one
 ``torch.autograd.grad(..., is_grads_batched=True)``, giving each call its output gradients
-``[K, N, ...]``; the layer rules turn those into per-parameter forms.
+``[K, N, ...]``; the layer rules turn those into per-parameter forms. Through graphs whose nodes
+vmap batches slowly (convolutions, batch/group norm) the vectors go one plain pass each, every
+pass's gradients copied into one ``[K, ...]`` buffer per target and checked to be finite while
+they are in cache.
 """
 
 from __future__ import annotations

@@ -51,8 +51,10 @@ class ConvOuterForm(OuterForm):
                     accumulate(a + i, row)
 
     def _fused(self) -> bool:
+        """Blocks for ``K > 1`` vectors and ``S > 1`` positions on the CPU (the cache argument;
+        elsewhere one kernel per row would cost more launches than it saves)."""
         K, _N, S, _I, _O = self._sizes
-        return K > 1 and S > 1
+        return K > 1 and S > 1 and self.A.device.type == "cpu"
 
     def _sum_grad_squared(self) -> Tensor:
         if not self._fused():
