@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vjp
 
+from .fused import residual_pass
 from .problems import PDE
 from .taylor import linear_layers, taylor_forward
 
@@ -241,27 +242,23 @@ class PINNLoss:
         return 0.5 * (r**2).mean() + 0.5 * (r_b**2).mean()
 
     def evaluate(self) -> Evaluation:
-        """One forward-Laplacian pass with records and one backward (see :class:`Evaluation`).
+        """One forward-Laplacian pass and its backward, both in closed form
+        (:func:`~beyondgrad.pinn.fused.residual_pass`; see :class:`Evaluation`).
 
         Returns:
             The :class:`Evaluation` at the current parameters.
         """
-        res = taylor_forward(self.model, self.X, self.pde.laplace_dims, record=True)
-        r = self.pde.residual(self.X, res)[:, 0]
-        res_b = taylor_forward(self.model, self.X_b, order=0, record=True)
-        r_b = (res_b.u - self.u_b)[:, 0]
-        outs = [rec.outputs for rec in res.layers + res_b.layers]
-        grads = torch.autograd.grad(r.sum() + r_b.sum(), outs)
-        L = len(res.layers)
-        r, r_b = r.detach(), r_b.detach()
+        inner = residual_pass(self.model, self.X, self.pde.residual, self.pde.laplace_dims)
+        bound = residual_pass(self.model, self.X_b, None)
+        r, r_b = inner.r, bound.r - self.u_b[:, 0]
         return Evaluation(
             loss=float(0.5 * (r**2).mean() + 0.5 * (r_b**2).mean()),
             r=r,
             r_b=r_b,
-            Z=[rec.augmented_inputs() for rec in res.layers],
-            g=list(grads[:L]),
-            Z_b=[rec.augmented_inputs() for rec in res_b.layers],
-            g_b=list(grads[L:]),
+            Z=inner.Z,
+            g=inner.g,
+            Z_b=bound.Z,
+            g_b=bound.g,
         )
 
     # ---- parameters in the block layout --------------------------------------------------

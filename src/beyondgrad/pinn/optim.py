@@ -143,8 +143,11 @@ class KFACPINN:
         Returns:
             Blocks ``[out, in + 1]`` per layer.
         """
+        return self._precondition(ev, ev.gradient())
+
+    def _precondition(self, ev: Evaluation, grad: Blocks) -> Blocks:
         inverses = self._update_factors(ev)
-        return [-(inv @ g) for inv, g in zip(inverses, ev.gradient())]
+        return [-(inv @ g) for inv, g in zip(inverses, grad)]
 
     def _auto(self, ev: Evaluation, grad: Blocks, delta: Blocks) -> tuple[Blocks, float]:
         """Martens' automatic step: ``alpha delta + mu previous`` minimizing the quadratic model.
@@ -176,9 +179,9 @@ class KFACPINN:
             self.damping = max(self.damping / self.adapt, self.min_damping)
         return actual <= 0
 
-    def _auto_step(self, ev: Evaluation, start: Blocks, delta: Blocks) -> None:
+    def _auto_step(self, ev: Evaluation, start: Blocks, grad: Blocks, delta: Blocks) -> None:
         """Take the automatic step; judge it now (eager) or at the next evaluation (lazy)."""
-        update, predicted = self._auto(ev, ev.gradient(), delta)
+        update, predicted = self._auto(ev, grad, delta)
         self.loss.set_blocks([p + u for p, u in zip(start, update)])
         self.previous = update
         if self.adapt == 1.0:
@@ -223,10 +226,11 @@ class KFACPINN:
         """
         ev = self._resolve(self.loss.evaluate())
         assert ev is not None
-        delta = self.natural_gradient(ev)
+        grad = ev.gradient()
+        delta = self._precondition(ev, grad)
         start = self.loss.blocks()
         if self.step_rule == "auto":
-            self._auto_step(ev, start, delta)
+            self._auto_step(ev, start, grad, delta)
         else:
             if self.previous is not None:
                 delta = [d + self.momentum * p for d, p in zip(delta, self.previous)]
