@@ -5,6 +5,8 @@ activation, partial Laplacians (a slice and a gather), deep, shallow and bias-fr
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -110,3 +112,25 @@ def test_residual_pass_equals_autograd(act: nn.Module, net: str, dims) -> None:
 def test_residual_pass_refuses_several_outputs() -> None:
     with pytest.raises(ValueError, match="one output"):
         residual_pass(nn.Sequential(nn.Linear(2, 3), nn.Tanh()), torch.randn(4, 2), None)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_first_layer_shortcuts_equal_the_generic_products(bias: bool) -> None:
+    """``Evaluation.initial``: the first layer's transpose and Jacobian-vector products that
+    skip the unit and zero Taylor rows equal the generic ones."""
+    pde = pinn.heat(2)
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5, bias=bias), nn.Tanh(), nn.Linear(5, 1, bias=bias))
+    loss = pinn.PINNLoss(model, pde, pde.sample_interior(7, gen), pde.sample_boundary(4, gen))
+    ev = loss.evaluate()
+    assert ev.initial
+    generic = dataclasses.replace(ev, initial=False)
+    vs = [[torch.randn_like(b) for b in loss.blocks()] for _ in range(3)]
+    for a, b in zip(ev.gradient(), generic.gradient()):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(ev.layer_jvps(vs), generic.layer_jvps(vs)):
+        torch.testing.assert_close(a[0], b[0])
+        torch.testing.assert_close(a[1], b[1])
+    w, wb = torch.randn(7), torch.randn(4)
+    for a, b in zip(ev.transpose_product(w, wb), generic.transpose_product(w, wb)):
+        torch.testing.assert_close(a, b)

@@ -48,6 +48,9 @@ class Evaluation:
         g: per linear layer ``[N, S, out]`` gradients of ``r_n`` in the layer's outputs.
         Z_b: per linear layer ``[N_b, 1, in + 1]`` boundary inputs.
         g_b: per linear layer ``[N_b, 1, out]`` gradients of the boundary residuals.
+        initial: ``Z[0]`` holds the network's Taylor inputs (``x``, the unit vectors, a zero
+            Laplacian; :func:`~beyondgrad.pinn.fused.residual_pass`): the first layer's
+            products then skip the unit and zero rows (same results, less work).
     """
 
     loss: float
@@ -57,6 +60,7 @@ class Evaluation:
     g: Blocks
     Z_b: Blocks
     g_b: Blocks
+    initial: bool = False
 
     def _terms(self) -> list[tuple[Blocks, Blocks, int]]:
         return [(self.Z, self.g, self.r.shape[0]), (self.Z_b, self.g_b, self.r_b.shape[0])]
@@ -86,6 +90,9 @@ class Evaluation:
         for (Zs, gs, n), weights in zip(self._terms(), (w, w_b)):
             scale = (weights / n)[:, None, None]
             for k, (Z, g) in enumerate(zip(Zs, gs)):
+                if k == 0 and self.initial and Z.shape[1] > 1:
+                    out[k] = out[k] + _initial_transpose(Z, g, weights / n)
+                    continue
                 if Z.shape[2] <= g.shape[2]:  # weight the smaller of the two tensors
                     g2, Z2 = g.reshape(-1, g.shape[2]), (Z * scale).reshape(-1, Z.shape[2])
                 else:
@@ -114,14 +121,30 @@ class Evaluation:
         Returns:
             ``(J V [k, N], J_b V [k, N_b])``.
         """
+        per_layer = self.layer_jvps(vs)
+        return sum(p[0] for p in per_layer), sum(p[1] for p in per_layer)  # type: ignore[return-value]
+
+    def layer_jvps(self, vs: Sequence[Blocks]) -> list[tuple[Tensor, Tensor]]:
+        """Each layer's term of the Jacobian-vector products: ``J_l v_l`` (the Jacobian's
+        columns of layer ``l`` times ``v``'s block ``l``), summing to :meth:`jvps`.
+
+        Args:
+            vs: ``k`` vectors, each blocks ``[out, in + 1]`` per layer.
+
+        Returns:
+            Per layer ``(J_l V [k, N], J_{b,l} V [k, N_b])``.
+        """
         out = []
-        for Zs, gs in ((self.Z, self.g), (self.Z_b, self.g_b)):
-            total = 0.0
-            for layer, (Z, g) in enumerate(zip(Zs, gs)):
-                V = torch.stack([v[layer] for v in vs])  # [k, out, in + 1]
-                total = total + _layer_jvps(Z, g, V)
-            out.append(total)
-        return out[0], out[1]  # type: ignore[return-value]
+        for layer in range(len(self.Z)):
+            V = torch.stack([v[layer] for v in vs])  # [k, out, in + 1]
+            inner = _initial_jvps if layer == 0 and self.initial else _layer_jvps
+            out.append(
+                (
+                    inner(self.Z[layer], self.g[layer], V),
+                    _layer_jvps(self.Z_b[layer], self.g_b[layer], V),
+                )
+            )
+        return out
 
     def gramian_vector_product(self, v: Blocks) -> Blocks:
         """``G v = 1/N J^T J v + 1/N_b J_b^T J_b v`` (exact, all layers coupled).
@@ -197,6 +220,27 @@ def _layer_jvps(Z: Tensor, g: Tensor, V: Tensor) -> Tensor:
     return torch.einsum("nski,nsi->kn", gV, Z)
 
 
+def _initial_transpose(Z: Tensor, g: Tensor, w: Tensor) -> Tensor:
+    """``sum_{n,s} w_n g[n,s] Z[n,s]^T`` ``[out, d (+1)]`` for the Taylor inputs
+    ``Z [N, S, d (+1)]`` (rows ``x``, ``e_1 .. e_d``, ``0``): the value row, plus
+    ``sum_n w_n g[n,i]`` in column ``i``."""
+    N, S, o = g.shape
+    d = S - 2
+    out = (g[:, 0] * w[:, None]).T @ Z[:, 0]
+    out[:, :d] += (w @ g[:, 1 : d + 1].reshape(N, d * o)).reshape(d, o).T
+    return out
+
+
+def _initial_jvps(Z: Tensor, g: Tensor, V: Tensor) -> Tensor:
+    """:func:`_layer_jvps` for the Taylor inputs (see :func:`_initial_transpose`): ``[k, N]``."""
+    N, S, o = g.shape
+    d, k = S - 2, V.shape[0]
+    ZV = (Z[:, 0] @ V.reshape(k * o, -1).T).reshape(N, k, o)
+    value = torch.einsum("nko,no->kn", ZV, g[:, 0])
+    Vd = V[:, :, :d].permute(2, 1, 0).reshape(d * o, k)
+    return value + (g[:, 1 : d + 1].reshape(N, d * o) @ Vd).T
+
+
 def _gram(T: Tensor) -> Tensor:
     """``sum_{n,s} t_{n,s} t_{n,s}^T`` of ``T [N, S, k]`` as ``[k, k]``."""
     flat = T.reshape(-1, T.shape[2])
@@ -259,6 +303,7 @@ class PINNLoss:
             g=inner.g,
             Z_b=bound.Z,
             g_b=bound.g,
+            initial=True,
         )
 
     # ---- parameters in the block layout --------------------------------------------------

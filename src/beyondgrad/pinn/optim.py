@@ -84,6 +84,9 @@ class KFACPINN:
         lazy: judge an auto step with the next step's loss evaluation (see above).
         factor_damping: a fixed damping of the Kronecker factors (``None``: the current,
             possibly adapted, ``damping``).
+        per_layer: the auto rule's learning rate and momentum per layer (``2 L`` coefficients
+            from the exact Gramian restricted to the span of the layers' parts of the
+            direction and the previous update; the same Jacobian-vector products).
     """
 
     def __init__(
@@ -101,6 +104,7 @@ class KFACPINN:
         update_every: int = 1,
         lazy: bool = False,
         factor_damping: float | None = None,
+        per_layer: bool = False,
     ) -> None:
         if step_rule not in ("line_search", "auto"):
             raise ValueError(f"step_rule must be 'line_search' or 'auto', got {step_rule!r}")
@@ -111,7 +115,7 @@ class KFACPINN:
         self.step_rule, self.grid = step_rule, tuple(grid)
         self.adapt, self.min_damping, self.max_damping = adapt, min_damping, max_damping
         self.approx, self.update_every, self.lazy = approx, update_every, lazy
-        self.factor_damping = factor_damping
+        self.factor_damping, self.per_layer = factor_damping, per_layer
         self.factors: list[list[Tensor]] | None = None
         self.inverses: list[KroneckerSumInverse] | None = None
         self.previous: Blocks | None = None
@@ -150,22 +154,35 @@ class KFACPINN:
         return [-(inv @ g) for inv, g in zip(inverses, grad)]
 
     def _auto(self, ev: Evaluation, grad: Blocks, delta: Blocks) -> tuple[Blocks, float]:
-        """Martens' automatic step: ``alpha delta + mu previous`` minimizing the quadratic model.
+        """Martens' automatic step: ``alpha delta + mu previous`` minimizing the quadratic model
+        (with ``per_layer``: one ``alpha`` and ``mu`` per layer, from the same products).
 
         Returns the update and the model's predicted change of the loss (undamped Gramian).
         """
         dirs = [delta] if self.previous is None else [delta, self.previous]
-        Jv, Jbv = ev.jvps(dirs)  # [k, N], [k, N_b]: both products in one pass
-        k = len(dirs)
-        Q = Jv @ Jv.T / Jv.shape[1] + Jbv @ Jbv.T / Jbv.shape[1]
-        D = torch.empty(k, k, dtype=ev.r.dtype)
-        for i in range(k):
-            for j in range(k):
-                D[i, j] = dot(dirs[i], dirs[j])
-        lin = torch.stack([dot(grad, v) for v in dirs])
+        terms = ev.layer_jvps(dirs)  # per layer ([k, N], [k, N_b]): every product in one pass
+        L = len(delta)
+        if self.per_layer:  # direction (l, j): dirs[j] restricted to layer l
+            Jv = torch.cat([t[0] for t in terms])  # [L k, N]
+            Jbv = torch.cat([t[1] for t in terms])
+            blocks = [[v[layer] for v in dirs] for layer in range(L)]
+            Dl = [
+                torch.stack([torch.stack([(a * b).sum() for b in bl]) for a in bl]) for bl in blocks
+            ]
+            D = torch.block_diag(*Dl)
+            lin = torch.stack(
+                [(grad[layer] * b).sum() for layer in range(L) for b in blocks[layer]]
+            )
+        else:
+            Jv, Jbv = sum(t[0] for t in terms), sum(t[1] for t in terms)
+            D = torch.stack([torch.stack([dot(a, b) for b in dirs]) for a in dirs])
+            lin = torch.stack([dot(grad, v) for v in dirs])
+        Q = Jv @ Jv.T / Jv.shape[1] + Jbv @ Jbv.T / Jbv.shape[1]  # type: ignore[union-attr]
         coef = torch.linalg.lstsq(Q + self.damping * D, -lin[:, None]).solution[:, 0]
         predicted = float(0.5 * coef @ Q @ coef + lin @ coef)
-        update = [sum(c * v[i] for c, v in zip(coef, dirs)) for i in range(len(delta))]
+        k = len(dirs)
+        C = coef.reshape(L, k) if self.per_layer else coef.expand(L, k)
+        update = [sum(C[layer, j] * v[layer] for j, v in enumerate(dirs)) for layer in range(L)]
         return update, predicted  # type: ignore[return-value]
 
     def _judge(self, before: float, after: float, predicted: float) -> bool:
