@@ -93,3 +93,23 @@ def test_reduce_runs_and_options_are_checked() -> None:
         pinn.KFACPINN(loss, update_every=0)
     with pytest.raises(ValueError, match="approx"):
         loss.evaluate().kfac_factors("both")
+
+
+def test_cg_refinement_reaches_the_damped_gauss_newton_step() -> None:
+    """With as many CG iterations as parameters the first auto step is the exact damped
+    Gauss-Newton step ``-(G + lambda I)^{-1} grad`` (dense oracle); one iteration is the plain
+    auto rule's ``alpha Delta``."""
+    loss = problem()
+    ev = loss.evaluate()
+    G, g = ev.gramian(), pinn.flatten(ev.gradient())
+    lam = 1e-3
+    exact = -torch.linalg.solve(G + lam * torch.eye(G.shape[0]), g)
+    before = pinn.flatten(loss.blocks())
+    opt = pinn.KFACPINN(loss, damping=lam, step_rule="auto", adapt=1.0, cg_steps=3 * g.numel())
+    opt.step()
+    torch.testing.assert_close(pinn.flatten(loss.blocks()) - before, exact, rtol=1e-6, atol=1e-9)
+    one, plain = problem(), problem()
+    a = pinn.KFACPINN(one, damping=lam, step_rule="auto", adapt=1.0, cg_steps=1)
+    b = pinn.KFACPINN(plain, damping=lam, step_rule="auto", adapt=1.0)
+    a.step(), b.step()
+    torch.testing.assert_close(pinn.flatten(one.blocks()), pinn.flatten(plain.blocks()))

@@ -84,6 +84,12 @@ class KFACPINN:
         lazy: judge an auto step with the next step's loss evaluation (see above).
         factor_damping: a fixed damping of the Kronecker factors (``None``: the current,
             possibly adapted, ``damping``).
+        cg_steps: with the auto rule and ``cg_steps > 1``, the direction is ``cg_steps``
+            iterations of conjugate gradients on the damped Gauss-Newton system
+            ``(G + damping I) x = -grad`` with the exact Gramian (one Jacobian-vector and one
+            transpose product per iteration), preconditioned by the KFAC inverse, from
+            ``x = 0`` (the first iterate is the auto rule's ``alpha Delta``); the automatic
+            learning rate and momentum then combine it with the previous update.
         per_layer: the auto rule's learning rate and momentum per layer (``2 L`` coefficients
             from the exact Gramian restricted to the span of the layers' parts of the
             direction and the previous update; the same Jacobian-vector products).
@@ -105,17 +111,21 @@ class KFACPINN:
         lazy: bool = False,
         factor_damping: float | None = None,
         per_layer: bool = False,
+        cg_steps: int = 0,
     ) -> None:
         if step_rule not in ("line_search", "auto"):
             raise ValueError(f"step_rule must be 'line_search' or 'auto', got {step_rule!r}")
-        if approx not in ("expand", "reduce") or update_every < 1:
-            raise ValueError(f"need approx 'expand'/'reduce', update_every >= 1: {approx!r}")
+        if approx not in ("expand", "reduce") or update_every < 1 or cg_steps < 0:
+            raise ValueError(
+                f"need approx 'expand'/'reduce', update_every >= 1, cg_steps >= 0: {approx!r}"
+            )
         dist_group.refuse_rank_local("bg.pinn.KFACPINN")  # no reduction over ranks
         self.loss, self.damping, self.ema, self.momentum = loss, damping, ema, momentum
         self.step_rule, self.grid = step_rule, tuple(grid)
         self.adapt, self.min_damping, self.max_damping = adapt, min_damping, max_damping
         self.approx, self.update_every, self.lazy = approx, update_every, lazy
         self.factor_damping, self.per_layer = factor_damping, per_layer
+        self.cg_steps = cg_steps
         self.factors: list[list[Tensor]] | None = None
         self.inverses: list[KroneckerSumInverse] | None = None
         self.previous: Blocks | None = None
@@ -153,12 +163,37 @@ class KFACPINN:
         inverses = self._update_factors(ev)
         return [-(inv @ g) for inv, g in zip(inverses, grad)]
 
+    def _refine(self, ev: Evaluation, grad: Blocks, delta: Blocks) -> Blocks:
+        """``cg_steps`` iterations of conjugate gradients on ``(G + damping I) x = -grad``
+        (the exact Gramian, one Jacobian-vector and one transpose product each) preconditioned
+        by the KFAC inverse, from ``x = 0``; the first iteration's direction is ``delta``."""
+        x = [torch.zeros_like(d) for d in delta]
+        res, z = [-g for g in grad], delta  # residual -grad - (G + lambda) x, preconditioned
+        p, rz = delta, dot(res, delta)
+        for it in range(self.cg_steps):
+            Gp = ev.gramian_vector_product(p)
+            Ap = [a + self.damping * b for a, b in zip(Gp, p)]
+            pAp = dot(p, Ap)
+            if not bool(pAp > 0) or not bool(rz > 0):
+                break
+            alpha = rz / pAp
+            x = [a + alpha * b for a, b in zip(x, p)]
+            if it + 1 == self.cg_steps:
+                break
+            res = [a - alpha * b for a, b in zip(res, Ap)]
+            z = [-(inv @ r) for inv, r in zip(self.inverses or [], [-r for r in res])]
+            rz_new = dot(res, z)
+            p, rz = [a + (rz_new / rz) * b for a, b in zip(z, p)], rz_new
+        return x
+
     def _auto(self, ev: Evaluation, grad: Blocks, delta: Blocks) -> tuple[Blocks, float]:
         """Martens' automatic step: ``alpha delta + mu previous`` minimizing the quadratic model
         (with ``per_layer``: one ``alpha`` and ``mu`` per layer, from the same products).
 
         Returns the update and the model's predicted change of the loss (undamped Gramian).
         """
+        if self.cg_steps > 1:
+            delta = self._refine(ev, grad, delta)
         dirs = [delta] if self.previous is None else [delta, self.previous]
         terms = ev.layer_jvps(dirs)  # per layer ([k, N], [k, N_b]): every product in one pass
         L = len(delta)
