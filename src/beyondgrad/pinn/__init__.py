@@ -13,6 +13,12 @@ Accuracy with PINNs via Energy Natural Gradients" (ICML 2023). Networks are MLPs
     for _ in range(100):
         opt.step()
     bg.pinn.relative_l2_error(model, pde, X_test)
+
+``PINNLoss.evaluate`` runs the forward Laplacian and its backward in closed form
+(:mod:`beyondgrad.pinn.fused`, no autograd through the network); ``PINNLoss.value`` is the
+autograd-differentiable loss (for torch optimizers). ``KFACPINN(loss, step_rule="auto",
+cg_steps=6)`` refines each KFAC direction by a few KFAC-preconditioned conjugate-gradient
+iterations on the exact Gauss-Newton system.
 """
 
 from .kron import (

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from .taylor import ACTIVATIONS, TaylorResult, _mask, layers_of
 
 Derivs3 = tuple[Tensor, Tensor, Tensor, Tensor]
+Mask = Tensor | slice | None
 
 
 def _tanh3(_: nn.Module, z: Tensor) -> Derivs3:
@@ -149,7 +150,7 @@ def _buffer(N: int, S: int, w: int, dtype: torch.dtype, device: torch.device) ->
 
 
 def _act_forward(
-    module: nn.Module, parts: tuple[Tensor, Tensor | None, Tensor | None, Tensor | None], mask
+    module: nn.Module, parts: tuple[Tensor, Tensor | None, Tensor | None, Tensor | None], mask: Mask
 ) -> tuple[Tensor, _Act]:
     """Activation on ``(z0 [N, w], zd [N or 1, d, w] | None, zl [N, w] | None, sq)``: the output
     buffer ``[N, S, w + 1]`` and the saved tensors (``sq``: ``sum_{i in I} zd_i^2`` if known)."""
@@ -173,7 +174,7 @@ def _act_forward(
     return H, _Act(d1, d2, d3, zd, zl, sq)
 
 
-def _act_backward(a: _Act, G: Tensor, mask) -> Tensor:
+def _act_backward(a: _Act, G: Tensor, mask: Mask) -> Tensor:
     """``d r / d z`` ``[N, S, w]`` from ``d r / d h`` ``G [N, S, w]`` (closed form)."""
     if a.zd is None:
         return G * a.d1[:, None]
@@ -248,7 +249,7 @@ def _split(T: Tensor, order: int) -> tuple:
     return (T[:, 0], T[:, 1:-1], T[:, -1], None)
 
 
-def _forward(modules: list[nn.Module], X: Tensor, order: int, mask) -> tuple:
+def _forward(modules: list[nn.Module], X: Tensor, order: int, mask: Mask) -> tuple:
     """The closed-form forward: network output ``[N, S, out]``, linear inputs, saved tensors.
 
     Between modules the state is either ``parts`` (the un-stacked output of the first linear
@@ -305,7 +306,7 @@ def _stack(parts: tuple | None) -> Tensor:
     return torch.cat([z0[:, None], zd, (torch.zeros_like(z0) if zl is None else zl)[:, None]], 1)
 
 
-def _backward(modules: list[nn.Module], G: Tensor, saved: list, mask) -> list[Tensor]:
+def _backward(modules: list[nn.Module], G: Tensor, saved: list, mask: Mask) -> list[Tensor]:
     """The closed-form backward: per linear layer the output gradients ``[N, S, out]``."""
     gs: list[Tensor] = []
     for k in range(len(modules) - 1, -1, -1):
