@@ -26,7 +26,7 @@ def few_rows_suffice(monkeypatch):
 @pytest.mark.parametrize("rows", [37, 300])
 @pytest.mark.parametrize("D", [3, SYMMETRIC_MIN - 1, SYMMETRIC_MIN, BIG, 2 * SYMMETRIC_MIN + 1])
 def test_gram_into_equals_the_product(D, rows, monkeypatch):
-    monkeypatch.setattr(kronecker, "SYMMETRIC_MIN_ROWS", 256)  # the library's threshold
+    monkeypatch.setattr(kronecker, "SYMMETRIC_MIN_ROWS", 256)  # 37 rows: one product; 300: blocks
     gen = torch.Generator().manual_seed(D)
     X = torch.randn(rows, D, dtype=torch.float64, generator=gen)
     out = torch.full((D + 2, D + 2), float("nan"), dtype=torch.float64)

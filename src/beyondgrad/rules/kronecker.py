@@ -52,9 +52,10 @@ SYMMETRIC_MIN = 320
 """Below this size a Gram matrix is one full product (:func:`gram_into`); from it on (CPU,
 at least :data:`SYMMETRIC_MIN_ROWS` rows), only the blocks on and above the diagonal are
 multiplied and the rest mirrored."""
-SYMMETRIC_MIN_ROWS = 256
-"""Fewer rows make the product too cheap for the blocks to pay (measured: 1.4x slower at 128
-rows, 0.9x at 256-512, 0.55-0.8x from 1024 on, ``D`` 384-1153)."""
+SYMMETRIC_MIN_ROWS = 1024
+"""Fewer rows make the product too cheap for the blocks to pay (measured, one thread: 1.4x
+slower at 128 rows, 0.9x at 256-512, 0.55-0.8x from 1024 on, ``D`` 384-1153; two threads,
+quiet: 1.26x at 256 rows, 0.89x at 1024, 0.67-0.86x from 2048 on, ``D`` 384-1001)."""
 
 
 def _block_size(D: int) -> int:
