@@ -21,13 +21,7 @@ pinn = bg.pinn
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_seeded")
 
 
 def mlp(d: int, act: type[nn.Module] = nn.Tanh, widths: tuple[int, ...] = (5, 4)) -> nn.Sequential:

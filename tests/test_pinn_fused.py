@@ -17,13 +17,7 @@ from beyondgrad.pinn.fused import derivatives3, residual_pass
 pinn = bg.pinn
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_seeded")
 
 
 class Cube(nn.Module):
