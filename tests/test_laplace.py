@@ -310,6 +310,28 @@ def test_empirical_fisher_scale_and_mc_fisher():
     assert runs[2].count_nonzero() == runs[2].diagonal().count_nonzero()
 
 
+@pytest.mark.parametrize("fisher_type", ["mc", "empirical", "type-2"])
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_kfac_fit_takes_the_loss_from_its_pass(loss, fisher_type):
+    """KFAC's one pass gives the log-likelihood's summed loss and counts too (no forward
+    pass of its own): the loss at the data's labels (not the MC draws), the same counts and
+    evidence as a diagonal fit's forward pass, with uneven batches."""
+    model, loss_fn, X, y, data = problem(loss)
+    kw = dict(fisher_type=fisher_type, generator=torch.Generator().manual_seed(1))
+    if loss == "mse":
+        kw["sigma_noise"] = 0.7
+    kfac = Laplace(model, loss_fn, data, structure="kfac", **kw)
+    diag = Laplace(model, loss_fn, data, structure="diag", **kw)
+    expected = summed(loss_fn)(model(X), y).detach()
+    torch.testing.assert_close(kfac.loss_sum, expected, rtol=1e-14, atol=0)
+    assert (
+        (kfac.num_data, kfac.num_outputs)
+        == (diag.num_data, diag.num_outputs)
+        == (7, y.numel() if loss == "mse" else 21)
+    )
+    torch.testing.assert_close(kfac.log_likelihood(), diag.log_likelihood(), rtol=1e-14, atol=0)
+
+
 @pytest.mark.parametrize("fisher_type", ["type-2", "empirical"])
 def test_dense_rows_chunked_and_unused_parameters(fisher_type):
     """The full structure from the engine's rows, chunked down to one sample per chunk,

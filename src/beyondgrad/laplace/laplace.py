@@ -307,7 +307,12 @@ class Laplace:
         loss_sum = sum_reduction(self.loss_fn)
         group = dist_group.resolve_group(process_group)
         closed = self._closed_form_layer() if group is None else None
-        total, n, n_out, sums = self._forward_pass(batches, loss_sum, closed)
+        curvature, totals = None, []
+        if closed is None and self.structure == "kfac":  # its pass gives the loss too
+            curvature = self._build(batches, loss_sum, process_group, totals)
+            (total, n, n_out), sums = totals[0], None
+        else:
+            total, n, n_out, sums = self._forward_pass(batches, loss_sum, closed)
         # under torch.distributed each rank fits on its shard: sums over the ranks
         counts = torch.tensor([total, n, n_out], dtype=torch.float64, device=self.device)
         dist_group.all_reduce_sum_(counts, group)
@@ -317,23 +322,35 @@ class Laplace:
         named = dict(self.model.named_parameters())
         self.mean = torch.cat([named[k].detach().reshape(-1) for k in self.names])
         if sums is not None:  # last linear layer: closed form from the features
-            self.curvature = self._closed_form_structure(sums, n)
-        else:
-            self.curvature = build_curvature(
-                self.model,
-                loss_sum,
-                batches,
-                self.names,
-                self.structure,
-                self.fisher_type,
-                self.kfac_approx,
-                self.mc_samples,
-                self.rank,
-                self.generator,
-                process_group,
-            )
+            curvature = self._closed_form_structure(sums, n)
+        elif curvature is None:
+            curvature = self._build(batches, loss_sum, process_group)
+        self.curvature = curvature
         self._check_prior(self.prior_precision)
         return self
+
+    def _build(
+        self,
+        batches: list[tuple[Any, Tensor]],
+        loss_sum: nn.Module,
+        process_group: Any,
+        totals: list[tuple[float, int, int]] | None = None,
+    ) -> Curvature:
+        """The curvature from the engine and ``bg.linops`` (:func:`build_curvature`)."""
+        return build_curvature(
+            self.model,
+            loss_sum,
+            batches,
+            self.names,
+            self.structure,
+            self.fisher_type,
+            self.kfac_approx,
+            self.mc_samples,
+            self.rank,
+            self.generator,
+            process_group,
+            totals,
+        )
 
     def _closed_form_layer(self) -> tuple[nn.Linear, bool, bool] | None:
         """The last linear layer when the curvature has a closed form in its features

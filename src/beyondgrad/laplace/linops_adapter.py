@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from .. import linalg, linops
 from ..distributed import group as dist_group
 from ..engine import SamplesCoupledError, check_samples_independent, compute
-from ..factors import KroneckerFactors
+from ..factors import DiagonalFactors, KroneckerFactors
+from ..linops.kfac import fit_blocks
 from .curvature import (
     DenseCurvature,
     DiagonalBlock,
@@ -181,16 +182,22 @@ def _num_samples(X: Any) -> int:
 
 
 def _kronecker(
-    op: linops.KFAC, names: Sequence[str], shapes: Sequence[torch.Size]
+    factors: dict[str, KroneckerFactors | DiagonalFactors],
+    tied_params: Sequence[str],
+    names: Sequence[str],
+    shapes: Sequence[torch.Size],
+    ekfac: linops.EKFAC | None = None,
 ) -> KroneckerCurvature:
-    if op.tied_params:
+    """The structure from KFAC's blocks by module, or EKFAC's (``ekfac``: its eigenbases
+    and corrected eigenvalues)."""
+    if tied_params:
         raise ValueError(
-            f"Kronecker structures need one block per parameter; {op.tied_params} are shared "
-            "by several modules (tied weights): pass params without them or untie them"
+            f"Kronecker structures need one block per parameter; {list(tied_params)} are "
+            "shared by several modules (tied weights): pass params without them or untie them"
         )
     blocks: list[KroneckerBlock | DiagonalBlock] = []
-    corrected = getattr(op, "eigenvalues", None) if isinstance(op, linops.EKFAC) else None
-    for key, block in op.blocks.items():
+    corrected = None if ekfac is None else ekfac.eigenvalues
+    for key, block in factors.items():
         if not isinstance(block, KroneckerFactors):
             values = torch.cat([d.reshape(-1) for d in block.diagonal.values()])
             blocks.append(DiagonalBlock(tuple(block.diagonal), values))
@@ -199,7 +206,7 @@ def _kronecker(
             raise NotImplementedError("Kronecker blocks with a separate bias are not supported")
         bases = None
         if corrected is not None:
-            qa, qb = op.bases[key]
+            qa, qb = ekfac.bases[key]  # type: ignore[union-attr]
             left, right = (qb, qa) if block.order == "B kron A" else (qa, qb)
             values = corrected[key]
         else:  # eigenvalues now (the evidence), eigenbases at their first use
@@ -265,6 +272,7 @@ def build_curvature(
     rank: int = 10,
     generator: torch.Generator | None = None,
     process_group: Any = None,
+    totals: list[tuple[float, int, int]] | None = None,
 ) -> DenseCurvature | DiagonalCurvature | KroneckerCurvature | LowRankCurvature:
     """The curvature of ``loss_sum`` (``reduction="sum"``) over ``data`` w.r.t. the parameters
     ``names`` (in ``model.named_parameters()`` order) in ``structure``:
@@ -279,6 +287,8 @@ def build_curvature(
       ``kfac_approx``, in their Kronecker eigenbases.
 
     ``fisher_type="mc"`` draws ``mc_samples`` labels per sample from ``generator``.
+    ``totals``: where the structure's pass evaluated the loss at ``y`` on every batch
+    (``"kfac"``), appended ``(summed loss, samples, output entries)`` of this rank's data.
     ``process_group``: as for the operators (:mod:`beyondgrad.distributed`; ``None``: each
     rank's ``data`` is its shard under an initialized group; ``"local"``: no reduction).
 
@@ -289,13 +299,20 @@ def build_curvature(
     batches = list(data)
     named = dict(model.named_parameters())
     shapes = [named[n].shape for n in names]
-    if structure in ("kfac", "ekfac"):
-        cls = linops.KFAC if structure == "kfac" else linops.EKFAC
-        op = cls(
+    if structure == "kfac":  # the factors alone: no operator (block indices) is built
+        fitted = fit_blocks(
             model, loss_sum, batches, fisher_type, kfac_approx, mc_samples,
             generator=generator, params=list(names), process_group=process_group,
         )  # fmt: skip
-        return _kronecker(op, names, shapes)
+        if totals is not None:
+            totals.append((float(fitted.loss), fitted.num_rows, fitted.num_outputs))
+        return _kronecker(fitted.blocks, fitted.tied_params, names, shapes)
+    if structure == "ekfac":
+        op = linops.EKFAC(
+            model, loss_sum, batches, fisher_type, kfac_approx, mc_samples,
+            generator=generator, params=list(names), process_group=process_group,
+        )  # fmt: skip
+        return _kronecker(op.blocks, op.tied_params, names, shapes, op)
     rows = structure == "full" and dist_group.resolve_group(process_group) is None
     H = dense_from_rows(model, loss_sum, batches, names, fisher_type) if rows else None
     if H is not None:

@@ -125,13 +125,17 @@ def batch_kronecker(
     num_samples: int,
     quantity: KFACQuantity,
     generator: torch.Generator | None = None,
+    outputs: list[tuple[Tensor, int, int]] | None = None,
 ) -> dict[str, KroneckerFactors | DiagonalFactors]:
     """One batch's KFAC blocks as *sums over its samples*: ``A`` (the engine's average over
     the ``num_samples`` samples) times ``num_samples``; ``B`` and diagonals times
     ``num_samples`` for ``reduction="mean"`` (they carry the batch's ``1/N``), as they are for
     ``"sum"``. Dividing the sums over all batches by the number of samples (``A``; ``B`` for
-    mean losses) gives the data set's KFAC."""
+    mean losses) gives the data set's KFAC. ``outputs``: appended the batch's loss (detached,
+    as ``loss_fn`` reduces it), the model output's leading dimension and its entries."""
     res = compute(model, loss_fn, X, y, quantity, generator=generator)
+    if outputs is not None:
+        outputs.append((res.loss, res.output.shape[0], res.output.numel()))
     stats = res.stats
     assert stats is not None
     b_scale = float(num_samples) if loss_fn.reduction == "mean" else 1.0  # type: ignore[union-attr]

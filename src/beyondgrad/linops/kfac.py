@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,10 +38,12 @@ def data_set_factors(
     data: DataSet,
     quantity: _engine.KFACQuantity,
     generator: torch.Generator | None = None,
+    outputs: list[tuple[Tensor, int, int]] | None = None,
 ) -> dict[str, Block]:
     """The KFAC blocks of the data-set loss, in one streaming pass: per module the sums over
     all samples (:func:`~beyondgrad.linops._engine.batch_kronecker`), then ``A`` divided by
-    the number of samples and ``B`` (and diagonals) by it for mean losses.
+    the number of samples and ``B`` (and diagonals) by it for mean losses. ``outputs``:
+    appended each batch's loss, output rows and output entries (this rank's batches).
 
     Under a process group (``data.group``) the sums of every rank's shard are summed over
     the ranks (each rank needs at least one batch).
@@ -50,7 +53,7 @@ def data_set_factors(
     """
     sums: dict[str, Block] = {}
     for X, y, N in data.batches():
-        batch = _engine.batch_kronecker(model, loss_fn, X, y, N, quantity, generator)
+        batch = _engine.batch_kronecker(model, loss_fn, X, y, N, quantity, generator, outputs)
         for name, block in batch.items():
             if name in sums:
                 _add(sums[name], block)
@@ -182,6 +185,55 @@ def tied_block(
     return KroneckerSum(terms, size, method)
 
 
+@dataclass
+class FittedBlocks:
+    """What one streaming pass over the data gives (:func:`fit_blocks`): the covered
+    parameter names in model order, their blocks by module, the tied parameters (several
+    blocks), the :class:`~beyondgrad.linops.data.DataSet` read, and the sum of the batches'
+    losses (detached; the data set's summed loss for ``reduction="sum"``), of their output
+    rows (the leading dimension) and output entries (this rank's batches)."""
+
+    names: list[str]
+    blocks: dict[str, Block]
+    tied_params: list[str]
+    data: DataSet
+    loss: Tensor
+    num_rows: int
+    num_outputs: int
+
+
+def fit_blocks(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Iterable[tuple[Any, Tensor]],
+    fisher_type: str = "mc",
+    kfac_approx: str = "expand",
+    mc_samples: int = 1,
+    num_data: int | None = None,
+    generator: torch.Generator | None = None,
+    params: Iterable[str] | None = None,
+    process_group: Any = None,
+    passes: str = "one",
+    who: str = "KFAC",
+) -> FittedBlocks:
+    """The data set's KFAC blocks (:func:`data_set_factors`) restricted to ``params``
+    (:func:`covered_blocks`), without the operator built on them: for callers that read the
+    factors only (``bg.laplace``). Arguments as for :class:`KFAC`; ``passes`` and ``who`` as
+    for :class:`~beyondgrad.linops.data.DataSet`."""
+    q = _engine.KFACQuantity(
+        fisher_type=fisher_type, kfac_approx=kfac_approx, mc_samples=mc_samples
+    )
+    ds = DataSet(data, loss_fn, num_data, passes=passes, who=who, process_group=process_group)
+    outputs: list[tuple[Tensor, int, int]] = []
+    factors = data_set_factors(model, loss_fn, ds, q, generator, outputs)
+    names, blocks = covered_blocks(model, factors, params)
+    counts = Counter(n for b in blocks.values() for n in b.params)
+    tied = sorted(n for n, c in counts.items() if c > 1)
+    loss = torch.stack([o[0] for o in outputs]).sum()  # data_set_factors: at least one batch
+    rows, entries = sum(o[1] for o in outputs), sum(o[2] for o in outputs)
+    return FittedBlocks(names, blocks, tied, ds, loss, rows, entries)
+
+
 class KFAC(BlockDiagonal):
     """``bg.linops.KFAC(model, loss_fn, data, fisher_type="mc", kfac_approx="expand",
     mc_samples=1, num_data=None, generator=None, params=None, process_group=None,
@@ -243,19 +295,15 @@ class KFAC(BlockDiagonal):
         if tied_inverse not in METHODS:
             raise ValueError(f"tied_inverse must be one of {METHODS}, got {tied_inverse!r}")
         self.tied_inverse = tied_inverse
-        q = _engine.KFACQuantity(
-            fisher_type=fisher_type, kfac_approx=kfac_approx, mc_samples=mc_samples
-        )
-        ds = DataSet(
-            data, loss_fn, num_data, passes=self.passes, who=type(self).__name__,
-            process_group=process_group,
+        fitted = fit_blocks(
+            model, loss_fn, data, fisher_type, kfac_approx, mc_samples, num_data, generator,
+            params, process_group, self.passes, type(self).__name__,
         )  # fmt: skip
+        ds = fitted.data
         self.group = ds.group
-        factors = data_set_factors(model, loss_fn, ds, q, generator)
-        self.names, self.blocks = covered_blocks(model, factors, params)
-        counts = Counter(n for b in self.blocks.values() for n in b.params)
+        self.names, self.blocks = fitted.names, fitted.blocks
         #: parameters shared by several modules (tied weights): their blocks are summed
-        self.tied_params = sorted(n for n, c in counts.items() if c > 1)
+        self.tied_params = fitted.tied_params
         self.params = dict(model.named_parameters())
         self.sizes = [self.params[n].numel() for n in self.names]
         self.offsets = {n: sum(self.sizes[:i]) for i, n in enumerate(self.names)}
