@@ -426,6 +426,61 @@ def test_last_layer_closed_form_matches_oracle(loss, fisher_type, monkeypatch):
     torch.testing.assert_close(la.curvature.to_dense(), op.to_dense())
 
 
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_last_layer_functional_variance_in_closed_form(loss, monkeypatch):
+    """A last ``nn.Linear``'s output Jacobians ``I_K kron [phi, 1]^T`` come from one forward's
+    features (the engine's Jacobians must not run): the GLM variance equals the dense Jacobian
+    formula for the weight and bias, each alone, every structure, chunked; a model whose
+    output is not the layer's (scaled) goes through the engine and still matches."""
+    from beyondgrad.laplace import laplace as laplace_module
+
+    model, loss_fn, _X, y, data = problem(loss)
+    Xt = torch.randn(5, 3, dtype=torch.float64)
+    J_all = ggn(model, summed(loss_fn), Xt, y[:5])["J"]  # [N, K, P] over every parameter
+    names = [n for n, _ in model.named_parameters()]
+
+    def columns(selected):
+        index, start = [], 0
+        for n, p in model.named_parameters():
+            if n in selected:
+                index += range(start, start + p.numel())
+            start += p.numel()
+        return J_all[:, :, index]
+
+    def engine(*args, **kwargs):
+        raise AssertionError("the engine's Jacobians ran")
+
+    fitted = []
+    for subset in ("last_layer", ["2.weight"], ["2.bias"]):
+        for structure in ("full", "diag", "kfac"):
+            if structure == "kfac" and subset != "last_layer":
+                continue
+            la = Laplace(model, loss_fn, data, structure, subset, prior_precision=0.8)
+            fitted.append(la)
+    monkeypatch.setattr(laplace_module, "output_jacobians", engine)
+    for la in fitted:
+        J = columns(la.names)
+        var = torch.einsum("nkp,pq,nlq->nkl", J, la.posterior_covariance(), J)
+        torch.testing.assert_close(la.functional_variance(Xt), var, atol=1e-12, rtol=1e-10)
+        chunked = la.functional_variance(Xt, max_vectors=4)
+        torch.testing.assert_close(chunked, var, atol=1e-12, rtol=1e-10)
+    monkeypatch.undo()
+
+    class Scaled(nn.Module):
+        def __init__(self, net: nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2.0 * self.net(x)
+
+    scaled = Scaled(model)
+    la = Laplace(scaled, loss_fn, data, "full", "last_layer", prior_precision=0.8)
+    J = 2.0 * columns([n for n in names if n.startswith("2.")])
+    var = torch.einsum("nkp,pq,nlq->nkl", J, la.posterior_covariance(), J)
+    torch.testing.assert_close(la.functional_variance(Xt), var, atol=1e-12, rtol=1e-10)
+
+
 def test_last_layer_without_closed_form_uses_the_engine():
     """The closed form needs the layer's own output as the model output, one call, and no
     tied parameter: a scaled output, a layer called twice and probability targets for CE go

@@ -345,12 +345,12 @@ class KroneckerBlock:
     def rotate(self, M: Tensor) -> Tensor:
         """Coordinates in the eigenbasis: ``left^T M right`` for ``M [k, G, rows, cols]``."""
         left, right = self.eigenbases()
-        return torch.einsum("gji,kgjl,glm->kgim", left, M, right)
+        return left.mT @ M @ right  # broadcast over k (batched matmuls: no einsum planning)
 
     def unrotate(self, M: Tensor) -> Tensor:
         """Inverse of :meth:`rotate`."""
         left, right = self.eigenbases()
-        return torch.einsum("gij,kgjl,gml->kgim", left, M, right)
+        return left @ M @ right.mT
 
     def state(self) -> dict[str, Any]:
         left, right = self.eigenbases()

@@ -49,6 +49,7 @@ from .last_layer import (
     batch_curvature,
     kronecker_curvature,
     kronecker_sums,
+    last_layer_jacobians,
     last_linear,
     output_hessian,
     select,
@@ -483,7 +484,9 @@ class Laplace:
         """``J(x) P^{-1} J(x)^T`` per input, ``[N, K, K]`` (``K`` outputs per sample, the
         output flattened after the sample axis), on chunks of inputs with at most
         ``max_vectors`` outputs (``[P, chunk K]`` is held). The per-sample Jacobians come
-        from one engine backward per chunk (``linops_adapter.output_jacobians``;
+        in closed form from one forward's features where the parameters are a last linear
+        layer's (``last_layer.last_layer_jacobians``), else from one engine backward per
+        chunk (``linops_adapter.output_jacobians``;
         ``bg.linops.Jacobian`` where the model couples its samples); the quadratic form is
         ``W^T W`` with ``W = T^T J^T`` (:meth:`Curvature.whiten`: one triangular solve for
         the dense structure).
@@ -500,11 +503,24 @@ class Laplace:
         curv = self._fitted()
         prior, scale = self.prior_vector(), self._scale(self.sigma_noise)
         N = leading_size(X)
-        with torch.no_grad():
-            out_shape = forward(self.model, sample_rows(X, 0, 1)).shape[1:]
-        K, P = out_shape.numel(), self.num_params
+        P = self.num_params
         if max_vectors is None:
             max_vectors = max(256, (1 << 22) // P)
+        last = last_linear(self.model, self.names)
+        if last is not None:  # closed-form Jacobians (None: the model's output is another)
+            step = max(1, max_vectors // last[0].out_features)
+            forms = []
+            for start in range(0, N, step):
+                chunk = sample_rows(X, start, min(N, start + step))
+                Jt = self._last_layer_jacobians(chunk, last)
+                if Jt is None:
+                    break
+                forms.append(self._quadratic_form(curv, scale, prior, Jt))
+            else:
+                return torch.cat(forms)
+        with torch.no_grad():
+            out_shape = forward(self.model, sample_rows(X, 0, 1)).shape[1:]
+        K = out_shape.numel()
         step = max(1, max_vectors // K)
         out = []
         for start in range(0, N, step):
@@ -515,9 +531,28 @@ class Laplace:
                 dummy = torch.zeros(n, device=self.device)
                 jac = linops.Jacobian(self.model, [(chunk, dummy)], params=self.names)
                 Jt = jac.T @ torch.eye(n * K, dtype=self.dtype, device=self.device)
-            W = curv.whiten(scale, prior, Jt.reshape(P, n * K)).reshape(P, n, K)
-            out.append(torch.einsum("pnk,pnl->nkl", W, W))
+            out.append(self._quadratic_form(curv, scale, prior, Jt.reshape(P, n, K)))
         return torch.cat(out)
+
+    @staticmethod
+    def _quadratic_form(curv: Curvature, scale: Tensor, prior: Tensor, Jt: Tensor) -> Tensor:
+        """``J P^{-1} J^T`` ``[n, K, K]`` from ``J^T`` ``[P, n, K]`` (``W^T W``, ``W`` the
+        whitened ``J^T``)."""
+        P, n, K = Jt.shape
+        W = curv.whiten(scale, prior, Jt.reshape(P, n * K)).reshape(-1, n, K).permute(1, 2, 0)
+        return W @ W.mT
+
+    def _last_layer_jacobians(self, X: Any, last: tuple[nn.Linear, bool, bool]) -> Tensor | None:
+        """``J^T`` ``[P, N, K]`` in closed form from one forward without a graph when the
+        selected parameters are those of a last linear layer whose output is the model's
+        (:func:`~beyondgrad.laplace.last_layer.last_layer_jacobians`); else ``None``."""
+        layer, has_weight, has_bias = last
+        with torch.no_grad(), FeatureRecorder(layer) as recorder:
+            out = forward(self.model, X)
+            phi = recorder.take(out)
+        if phi is None:
+            return None
+        return last_layer_jacobians(phi, out.shape[1], has_weight, has_bias)
 
     # -- predictives -----------------------------------------------------------------------------
     def predictive(

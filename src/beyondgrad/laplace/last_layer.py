@@ -100,6 +100,29 @@ class FeatureRecorder:
         return phi
 
 
+def last_layer_jacobians(phi: Tensor, K: int, has_weight: bool, has_bias: bool) -> Tensor:
+    """The output Jacobians ``J_n = I_K kron u_n^T`` (``u_n = [phi_n, 1]``) over the selected
+    parameters ``[vec(W), b]``, transposed: ``[P, N, K]`` (the layout of
+    ``linops_adapter.output_jacobians``).
+
+    Args:
+        phi: the layer's input features ``[N, D]``.
+        K: the layer's outputs.
+        has_weight, has_bias: which of the layer's parameters are selected.
+
+    Returns:
+        ``[K D (if weight) + K (if bias), N, K]``.
+    """
+    N, D = phi.shape
+    eye = torch.eye(K, dtype=phi.dtype, device=phi.device)
+    parts = []
+    if has_weight:  # row (k', j): d f_{n k} / d W_{k' j} = delta_{k k'} phi_{n j}
+        parts.append((eye[:, None, None, :] * phi.T[None, :, :, None]).reshape(K * D, N, K))
+    if has_bias:
+        parts.append(eye[:, None, :].expand(K, N, K))
+    return torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
+
+
 def output_hessian(likelihood: str, fisher_type: str, f: Tensor, y: Tensor) -> tuple[str, Tensor]:
     """``Lambda_n`` in a compact form: ``("ce", p [N, K])`` (``diag(p) - p p^T``),
     ``("diag", d [N, K])`` (``diag(d)``) or ``("rows", r [N, K])`` (``r r^T``).
