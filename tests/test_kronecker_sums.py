@@ -35,6 +35,24 @@ def test_gram_into_equals_the_product(D, rows, monkeypatch):
     assert out[0].isnan().all() and out[:, -1].isnan().all()  # nothing written outside
 
 
+@pytest.mark.parametrize("D", [3, SYMMETRIC_MIN, BIG, 2 * SYMMETRIC_MIN + 1])
+def test_gram_add_upper_accumulates_chunks_of_any_size(D, monkeypatch):
+    """Chunks above and below the row threshold (blocks, full products) accumulated into a
+    non-zero start, then mirrored: the symmetric sum, exactly symmetric."""
+    monkeypatch.setattr(kronecker, "SYMMETRIC_MIN_ROWS", 256)
+    gen = torch.Generator().manual_seed(D)
+    start = torch.randn(D, D, dtype=torch.float64, generator=gen)
+    start = start + start.T
+    chunks = [torch.randn(n, D, dtype=torch.float64, generator=gen) for n in (300, 7, 256)]
+    out = start.clone()
+    for X in chunks:
+        kronecker.gram_add_upper_(out, X)
+    kronecker.mirror_upper_(out)
+    expected = start + sum(X.T @ X for X in chunks)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-11)
+    assert torch.equal(out, out.T)
+
+
 def _definition(x, g, K, approx, bias):
     """Brute-force sums: ``x`` ``[N, S, I]``, ``g`` ``[K, N, S, O]``."""
     N, S, _ = x.shape

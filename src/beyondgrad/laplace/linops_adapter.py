@@ -26,6 +26,7 @@ from ..distributed import group as dist_group
 from ..engine import SamplesCoupledError, check_samples_independent, compute
 from ..factors import DiagonalFactors, KroneckerFactors
 from ..linops.kfac import fit_blocks
+from ..rules.kronecker import gram_add_upper_, mirror_upper_
 from .curvature import (
     DenseCurvature,
     DiagonalBlock,
@@ -86,8 +87,9 @@ def dense_from_rows(
     ``loss_sum`` (``reduction="sum"``): the loss-Hessian square-root rows for the GGN
     (``"type-2"``), the per-sample gradients for ``"empirical"``. One forward and backward per
     batch; the rows are materialized for chunks of samples with at most ``budget`` entries
-    (``[rows, P]``) and accumulated by one matrix product per chunk: ``P`` times cheaper than
-    ``P`` operator products.
+    (``[rows, P]``) and accumulated by one matrix product per chunk (its upper triangle by
+    blocks on CPU, :func:`~beyondgrad.rules.kronecker.gram_add_upper_`, mirrored at the end):
+    ``P`` times cheaper than ``P`` operator products.
 
     Args:
         model, loss_sum: the model and its summed loss.
@@ -129,9 +131,9 @@ def dense_from_rows(
                 ],
                 1,
             )
-            H.addmm_(rows.T, rows)
+            gram_add_upper_(H, rows)  # the upper triangle (half the products on CPU)
         del stats, forms, rows  # one batch's engine state at a time
-    return H.detach()
+    return mirror_upper_(H).detach()
 
 
 def output_jacobians(

@@ -95,6 +95,28 @@ def gram_into(out: Tensor, flat: Tensor) -> Tensor:
     return out
 
 
+def gram_add_upper_(out: Tensor, flat: Tensor) -> None:
+    """Add ``flat^T flat`` (``flat`` ``[n, D]``) to ``out`` ``[D, D]`` where it is needed for
+    the upper triangle: by the blocks on and above the diagonal where :func:`gram_into` uses
+    them (the part below the diagonal blocks is not updated), else the whole product. After
+    the last addition :func:`mirror_upper_` makes ``out`` the symmetric sum."""
+    if not _blocked(flat):
+        out.addmm_(flat.T, flat)
+        return
+    D = flat.shape[-1]
+    step = _block_size(D)
+    for lo in range(0, D, step):
+        hi = min(lo + step, D)
+        out[lo:hi, lo:].addmm_(flat[:, lo:hi].T, flat[:, lo:])
+
+
+def mirror_upper_(out: Tensor) -> Tensor:
+    """``out`` ``[D, D]`` with its strictly lower triangle replaced by the transposed upper
+    one (in place; returned)."""
+    lower = torch.ones_like(out, dtype=torch.bool).tril_(-1)
+    return out.copy_(torch.where(lower, out.mT, out))
+
+
 def _gram(rows: Tensor) -> Tensor:
     """``rows^T rows`` over all leading axes: ``[..., D] -> [D, D]``."""
     flat = rows.reshape(-1, rows.shape[-1])
