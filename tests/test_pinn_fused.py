@@ -128,3 +128,29 @@ def test_first_layer_shortcuts_equal_the_generic_products(bias: bool) -> None:
     w, wb = torch.randn(7), torch.randn(4)
     for a, b in zip(ev.transpose_product(w, wb), generic.transpose_product(w, wb)):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_backward_adds_the_autograd_gradient(bias: bool) -> None:
+    """``PINNLoss.backward()`` returns the loss and adds to ``.grad`` exactly what
+    ``value().backward()`` adds (from a non-zero ``.grad``, a frozen parameter untouched)."""
+    pde = pinn.heat(2)
+    gen = torch.Generator().manual_seed(1)
+    model = nn.Sequential(
+        nn.Linear(3, 6, bias=bias), nn.Tanh(), nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1)
+    )
+    loss = pinn.PINNLoss(model, pde, pde.sample_interior(9, gen), pde.sample_boundary(5, gen))
+    model[2].bias.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    value = loss.value()
+    expected = torch.autograd.grad(value, params)
+    start = [torch.randn_like(p) for p in params]
+    for p, s in zip(params, start):
+        p.grad = s.clone()
+    params[-1].grad = None  # one parameter without a gradient yet
+    out = loss.backward()
+    torch.testing.assert_close(out, value.detach())
+    assert out.requires_grad is False
+    for i, (p, s, e) in enumerate(zip(params, start, expected)):
+        torch.testing.assert_close(p.grad, e if i == len(params) - 1 else s + e)
+    assert model[2].bias.grad is None

@@ -306,6 +306,29 @@ class PINNLoss:
             initial=True,
         )
 
+    def backward(self) -> Tensor:
+        """The loss, with its gradient *added* to the parameters' ``.grad`` as
+        ``value().backward()`` would, but from the closed-form pass (:meth:`evaluate`; no
+        autograd graph): the fast closure for any ``torch.optim`` optimizer
+        (``opt.zero_grad(); return loss.backward()``).
+
+        Returns:
+            The loss, a detached scalar tensor.
+        """
+        ev = self.evaluate()
+        for m, B in zip(self.layers, ev.gradient()):
+            parts = (
+                [(m.weight, B)] if m.bias is None else [(m.weight, B[:, :-1]), (m.bias, B[:, -1])]
+            )
+            for p, g in parts:
+                if not p.requires_grad:
+                    continue
+                if p.grad is None:
+                    p.grad = g.contiguous().clone()
+                else:
+                    p.grad.add_(g)
+        return torch.tensor(ev.loss, dtype=ev.r.dtype, device=ev.r.device)
+
     # ---- parameters in the block layout --------------------------------------------------
 
     def blocks(self) -> Blocks:
