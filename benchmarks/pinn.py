@@ -58,22 +58,22 @@ CASES = (
 )
 
 
-def make_model(d: int, widths: tuple[int, ...]) -> nn.Sequential:
-    """A tanh MLP ``d -> widths -> 1`` (seed 0, float64)."""
-    torch.manual_seed(0)
+def make_model(d: int, widths: tuple[int, ...], seed: int = 0) -> nn.Sequential:
+    """A tanh MLP ``d -> widths -> 1`` (float64), initialized from ``seed``."""
+    torch.manual_seed(seed)
     layers: list[nn.Module] = []
     for a, b in zip((d, *widths), widths):
         layers += [nn.Linear(a, b), nn.Tanh()]
     return nn.Sequential(*layers, nn.Linear(widths[-1], 1)).double()
 
 
-def make_loss(case: Case, quick: bool) -> tuple[pinn.PINNLoss, torch.Tensor]:
-    """The loss on fixed points and the test points (seeded)."""
-    pde, gen = case.pde(), torch.Generator().manual_seed(0)
+def make_loss(case: Case, quick: bool, seed: int = 0) -> tuple[pinn.PINNLoss, torch.Tensor]:
+    """The loss on fixed points and the test points (points and initialization from ``seed``)."""
+    pde, gen = case.pde(), torch.Generator().manual_seed(seed)
     scale = 4 if quick else 1
     X, X_b = pde.sample_interior(case.n // scale, gen), pde.sample_boundary(case.n_b // scale, gen)
     X_test = pde.sample_interior(2000 if quick else 20000, gen)
-    return pinn.PINNLoss(make_model(pde.dim, case.widths), pde, X, X_b), X_test
+    return pinn.PINNLoss(make_model(pde.dim, case.widths, seed), pde, X, X_b), X_test
 
 
 def stepper(method: str, loss: pinn.PINNLoss, lr: float | None) -> Callable[[], int]:
@@ -115,9 +115,11 @@ def stepper(method: str, loss: pinn.PINNLoss, lr: float | None) -> Callable[[], 
     return our_step
 
 
-def run(case: Case, method: str, lr: float | None, budget: float, quick: bool) -> dict[str, Any]:
-    """Train from the seeded initialization for ``budget`` seconds."""
-    loss, X_test = make_loss(case, quick)
+def run(
+    case: Case, method: str, lr: float | None, budget: float, quick: bool, seed: int = 0
+) -> dict[str, Any]:
+    """Train from the seeded points and initialization for ``budget`` seconds."""
+    loss, X_test = make_loss(case, quick, seed)
     step, steps, status = stepper(method, loss, lr), 0, "ok"
     start, cpu = time.perf_counter(), time.process_time()
     try:  # the budget is process CPU time (one torch thread): other load barely shifts it
@@ -138,21 +140,45 @@ def run(case: Case, method: str, lr: float | None, budget: float, quick: bool) -
         "loss": final,
         "rel_l2": pinn.relative_l2_error(loss.model, loss.pde, X_test),
         "status": status,
+        "seed": seed,
     }
 
 
-def run_case(case: Case, budget: float, quick: bool) -> list[dict[str, Any]]:
-    """Every method on one problem (Adam: the best of its learning-rate grid)."""
+def _key(r: dict[str, Any]) -> float:
+    return r["rel_l2"] if r["rel_l2"] == r["rel_l2"] else float("inf")  # NaN: last
+
+
+def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row for a method's runs over the seeds: the run with the median relative error
+    (the upper median for an even count), every seed's error and steps kept."""
+    ranked = sorted(runs, key=_key)
+    mid = ranked[len(ranked) // 2]
+    failed = [r["status"] for r in runs if r["status"] != "ok"]
+    return mid | {
+        "rel_l2_seeds": [r["rel_l2"] for r in runs],
+        "steps_seeds": [r["steps"] for r in runs],
+        "status": "ok" if not failed else f"{len(failed)} of {len(runs)} failed: {failed[0]}",
+    }
+
+
+def run_case(case: Case, budget: float, quick: bool, seeds: int = 1) -> list[dict[str, Any]]:
+    """Every method on one problem, ``seeds`` runs each (points and initialization from seeds
+    ``0..seeds-1``), one row per method: the median run (Adam: the learning rate of its grid
+    with the best median)."""
     rows = []
-    adam = [run(case, "adam", lr, budget, quick) for lr in ADAM_LRS]
-    best = min(adam, key=lambda r: r["rel_l2"] if r["rel_l2"] == r["rel_l2"] else float("inf"))
-    rows.append(best | {"tried": [(r["method"], r["rel_l2"]) for r in adam]})
+
+    def median(method: str, lr: float | None) -> dict[str, Any]:
+        row = median_row([run(case, method, lr, budget, quick, s) for s in range(seeds)])
+        print(f"  {case.name} {row['method']}: {row['rel_l2']:.3g} {row['rel_l2_seeds']}")
+        return row
+
+    adam = [median("adam", lr) for lr in ADAM_LRS]
+    rows.append(min(adam, key=_key) | {"tried": [(r["method"], r["rel_l2"]) for r in adam]})
     for method in ("lbfgs", "engd", "kfac", "kfac-auto", "kfac-cg"):
         if method == "engd" and rows[0]["params"] > ENGD_MAX_PARAMS:
             rows.append({"problem": case.name, "method": "engd", "status": "skipped (P > 3000)"})
             continue
-        rows.append(run(case, method, None, budget, quick))
-        print(f"  {case.name} {method}: {rows[-1]['rel_l2']:.3g} ({rows[-1]['steps']} steps)")
+        rows.append(median(method, None))
     return rows
 
 
@@ -182,18 +208,50 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "once and kept (in an exploratory 25 s run, fresh points every step gave KFAC-auto a "
         "relative error of 7.1e-2 instead of 1.5e-2 on heat (4+1)d).",
         "",
-        "| problem | method | params | steps | final loss | rel. L2 error | status |",
-        "|---|---|---|---|---|---|---|",
+        f"Seeds: {meta.get('seeds', 1)} (interior/boundary points and initialization); each row "
+        "is the run with the median relative L2 error, its steps and final loss; the last "
+        "column lists every seed's error.",
+        "",
+        "| problem | method | params | steps | final loss | rel. L2 error | every seed | status |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "rel_l2" not in r:
-            lines.append(f"| {r['problem']} | {r['method']} | | | | | {r['status']} |")
+            lines.append(f"| {r['problem']} | {r['method']} | | | | | | {r['status']} |")
             continue
+        seeds = ", ".join(f"{e:.2g}" for e in r.get("rel_l2_seeds", [r["rel_l2"]]))
         lines.append(
             f"| {r['problem']} | {r['method']} | {r['params']} | {r['steps']} | "
-            f"{r['loss']:.3g} | {r['rel_l2']:.3g} | {r['status']} |"
+            f"{r['loss']:.3g} | {r['rel_l2']:.3g} | {seeds} | {r['status']} |"
         )
+    lines += ["", *ratio_lines(rows)]
     return "\n".join(lines) + "\n"
+
+
+def ratio_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Per problem: the median error of Adam and LBFGS over KFAC-CG's and KFAC-auto's (how many
+    times lower the KFAC error is), and KFAC-CG's over ENGD's where ENGD ran."""
+    out = [
+        "| problem | Adam / KFAC-CG | LBFGS / KFAC-CG | Adam / KFAC-auto | LBFGS / KFAC-auto | "
+        "KFAC-CG / ENGD |",
+        "|---|---|---|---|---|---|",
+    ]
+    for problem in dict.fromkeys(r["problem"] for r in rows):
+        err = {
+            r["method"].split(" ")[0]: r["rel_l2"]
+            for r in rows
+            if r["problem"] == problem and "rel_l2" in r
+        }
+
+        def ratio(a: str, b: str, err: dict[str, float] = err) -> str:
+            return f"{err[a] / err[b]:.3g}" if a in err and b in err and err[b] > 0 else "n/a"
+
+        out.append(
+            f"| {problem} | {ratio('adam', 'kfac-cg')} | {ratio('lbfgs', 'kfac-cg')} | "
+            f"{ratio('adam', 'kfac-auto')} | {ratio('lbfgs', 'kfac-auto')} | "
+            f"{ratio('kfac-cg', 'engd')} |"
+        )
+    return out
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -203,6 +261,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--quick", "--smoke", action="store_true", help="1 s budget, fewer points")
     p.add_argument("--out", type=Path, default=None, help="markdown output (JSON next to it)")
     p.add_argument("--problems", nargs="*", default=None, help="substrings of problem names")
+    p.add_argument("--seeds", type=int, default=1, help="runs per method (median reported)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
@@ -214,12 +273,13 @@ def main(argv: list[str] | None = None) -> Path:
     meta = {
         "budget": budget,
         "quick": args.quick,
+        "seeds": args.seeds,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
         "command": "python benchmarks/pinn.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
-    rows = [r for case in cases for r in run_case(case, budget, args.quick)]
+    rows = [r for case in cases for r in run_case(case, budget, args.quick, args.seeds)]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     out.write_text(render(meta, rows))
