@@ -105,6 +105,15 @@ def stepper(method: str, loss: pinn.PINNLoss, lr: float | None) -> Callable[[], 
         "kfac-cg": lambda: pinn.KFACPINN(
             loss, damping=1e-3, step_rule="auto", lazy=True, update_every=2, cg_steps=CG_STEPS
         ),
+        "kfac-cg-layer": lambda: pinn.KFACPINN(
+            loss,
+            damping=1e-3,
+            step_rule="auto",
+            lazy=True,
+            update_every=2,
+            cg_steps=CG_STEPS,
+            per_layer=True,
+        ),
     }[method]()
 
     def our_step() -> int:
@@ -161,8 +170,13 @@ def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def run_case(case: Case, budget: float, quick: bool, seeds: int = 1) -> list[dict[str, Any]]:
-    """Every method on one problem, ``seeds`` runs each (points and initialization from seeds
+METHODS = ("adam", "lbfgs", "engd", "kfac", "kfac-auto", "kfac-cg", "kfac-cg-layer")
+
+
+def run_case(
+    case: Case, budget: float, quick: bool, seeds: int = 1, methods: tuple[str, ...] = METHODS
+) -> list[dict[str, Any]]:
+    """``methods`` on one problem, ``seeds`` runs each (points and initialization from seeds
     ``0..seeds-1``), one row per method: the median run (Adam: the learning rate of its grid
     with the best median)."""
     rows = []
@@ -172,10 +186,12 @@ def run_case(case: Case, budget: float, quick: bool, seeds: int = 1) -> list[dic
         print(f"  {case.name} {row['method']}: {row['rel_l2']:.3g} {row['rel_l2_seeds']}")
         return row
 
-    adam = [median("adam", lr) for lr in ADAM_LRS]
-    rows.append(min(adam, key=_key) | {"tried": [(r["method"], r["rel_l2"]) for r in adam]})
-    for method in ("lbfgs", "engd", "kfac", "kfac-auto", "kfac-cg"):
-        if method == "engd" and rows[0]["params"] > ENGD_MAX_PARAMS:
+    if "adam" in methods:
+        adam = [median("adam", lr) for lr in ADAM_LRS]
+        rows.append(min(adam, key=_key) | {"tried": [(r["method"], r["rel_l2"]) for r in adam]})
+    params = sum(p.numel() for p in make_model(case.pde().dim, case.widths).parameters())
+    for method in (m for m in methods if m != "adam"):
+        if method == "engd" and params > ENGD_MAX_PARAMS:
             rows.append({"problem": case.name, "method": "engd", "status": "skipped (P > 3000)"})
             continue
         rows.append(median(method, None))
@@ -200,6 +216,8 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"KFAC-CG: KFAC-auto whose direction is {CG_STEPS} conjugate-gradient iterations on the "
         "damped Gauss-Newton system with the exact Gramian (Jacobian-vector products), "
         "preconditioned by the KFAC inverse (`cg_steps`; one iteration is KFAC-auto's). "
+        "KFAC-CG-layer: the same with the automatic learning rate and momentum per layer "
+        "(`per_layer=True`). "
         "Every method gets residuals, layer inputs and output gradients from the closed-form "
         "forward Laplacian and backward (`bg.pinn.fused`): Adam and LBFGS through "
         "`PINNLoss.backward()` (the same gradient as autograd through `taylor_forward`, "
@@ -233,8 +251,8 @@ def ratio_lines(rows: list[dict[str, Any]]) -> list[str]:
     times lower the KFAC error is), and KFAC-CG's over ENGD's where ENGD ran."""
     out = [
         "| problem | Adam / KFAC-CG | LBFGS / KFAC-CG | Adam / KFAC-auto | LBFGS / KFAC-auto | "
-        "KFAC-CG / ENGD |",
-        "|---|---|---|---|---|---|",
+        "KFAC-CG / ENGD | LBFGS / KFAC-CG-layer | KFAC-CG-layer / ENGD |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for problem in dict.fromkeys(r["problem"] for r in rows):
         err = {
@@ -249,9 +267,34 @@ def ratio_lines(rows: list[dict[str, Any]]) -> list[str]:
         out.append(
             f"| {problem} | {ratio('adam', 'kfac-cg')} | {ratio('lbfgs', 'kfac-cg')} | "
             f"{ratio('adam', 'kfac-auto')} | {ratio('lbfgs', 'kfac-auto')} | "
-            f"{ratio('kfac-cg', 'engd')} |"
+            f"{ratio('kfac-cg', 'engd')} | {ratio('lbfgs', 'kfac-cg-layer')} | "
+            f"{ratio('kfac-cg-layer', 'engd')} |"
         )
     return out
+
+
+def merge_rows(
+    path: Path, rows: list[dict[str, Any]], methods: tuple[str, ...], meta: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """With a subset of the methods: the new rows in place of (or after) the same problem's
+    and method's rows of the results at ``path``, the others kept (same budget and seeds only;
+    a mismatch raises). All methods or no file: ``rows``."""
+    if set(methods) == set(METHODS) or not path.exists():
+        return rows
+    old = json.loads(path.read_text())
+    for key in ("budget", "seeds"):
+        if old["meta"].get(key, 1) != meta[key]:
+            raise SystemExit(f"{path}: {key} {old['meta'].get(key, 1)} != {meta[key]}; rerun all")
+    meta["command"] = f"{old['meta']['command']}`, then `{meta['command']}"
+    new = {(r["problem"], r["method"].split(" ")[0]): r for r in rows}
+    merged = [new.pop((r["problem"], r["method"].split(" ")[0]), r) for r in old["rows"]]
+    for r in new.values():  # rows the old file did not have: after their problem's rows
+        last = max((i for i, m in enumerate(merged) if m["problem"] == r["problem"]), default=-1)
+        if last >= 0:
+            merged.insert(last + 1, r)
+        else:
+            merged.append(r)
+    return merged
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -262,6 +305,10 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--out", type=Path, default=None, help="markdown output (JSON next to it)")
     p.add_argument("--problems", nargs="*", default=None, help="substrings of problem names")
     p.add_argument("--seeds", type=int, default=1, help="runs per method (median reported)")
+    p.add_argument(
+        "--methods", nargs="*", default=list(METHODS), choices=METHODS,
+        help="methods to run; the rows of the others are kept from an existing JSON at --out",
+    )  # fmt: skip
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
@@ -279,7 +326,9 @@ def main(argv: list[str] | None = None) -> Path:
         "machine": platform.processor() or platform.machine(),
         "command": "python benchmarks/pinn.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
-    rows = [r for case in cases for r in run_case(case, budget, args.quick, args.seeds)]
+    methods = tuple(args.methods)
+    rows = [r for case in cases for r in run_case(case, budget, args.quick, args.seeds, methods)]
+    rows = merge_rows(out.with_suffix(".json"), rows, methods, meta)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     out.write_text(render(meta, rows))

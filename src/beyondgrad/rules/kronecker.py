@@ -84,8 +84,8 @@ def gram_into(out: Tensor, flat: Tensor) -> Tensor:
     Elsewhere (small sizes, CUDA) it is one product.
     """
     D = flat.shape[-1]
-    if not _blocked(flat):
-        out.copy_(flat.T @ flat)
+    if not _blocked(flat):  # straight into ``out`` (a strided view is fine for gemm)
+        out.addmm_(flat.T, flat, beta=0)
         return out
     step = _block_size(D)
     for lo in range(0, D, step):
