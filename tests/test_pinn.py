@@ -436,6 +436,6 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.with_suffix(".json").read_text())
     methods = [r["method"].split(" ")[0] for r in data["rows"]]
-    assert methods == ["adam", "lbfgs", "engd", "kfac", "kfac-auto", "kfac-cg"]
+    assert methods == ["adam", "lbfgs", "engd", "kfac", "kfac-auto", "kfac-cg", "kfac-cg-layer"]
     assert all(r["status"] == "ok" and r["steps"] >= 1 for r in data["rows"]), data["rows"]
     assert out.read_text().startswith("# ") and "|---|" in out.read_text()

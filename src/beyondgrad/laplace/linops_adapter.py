@@ -301,20 +301,16 @@ def build_curvature(
     batches = list(data)
     named = dict(model.named_parameters())
     shapes = [named[n].shape for n in names]
-    if structure == "kfac":  # the factors alone: no operator (block indices) is built
-        fitted = fit_blocks(
-            model, loss_sum, batches, fisher_type, kfac_approx, mc_samples,
-            generator=generator, params=list(names), process_group=process_group,
-        )  # fmt: skip
+    if structure in ("kfac", "ekfac"):
+        args = (model, loss_sum, batches, fisher_type, kfac_approx, mc_samples)
+        kw = {"generator": generator, "params": list(names), "process_group": process_group}
+        if structure == "ekfac":
+            op = linops.EKFAC(*args, **kw)
+            return _kronecker(op.blocks, op.tied_params, names, shapes, op)
+        fitted = fit_blocks(*args, **kw)  # the factors alone: no operator is built
         if totals is not None:
             totals.append((float(fitted.loss), fitted.num_rows, fitted.num_outputs))
         return _kronecker(fitted.blocks, fitted.tied_params, names, shapes)
-    if structure == "ekfac":
-        op = linops.EKFAC(
-            model, loss_sum, batches, fisher_type, kfac_approx, mc_samples,
-            generator=generator, params=list(names), process_group=process_group,
-        )  # fmt: skip
-        return _kronecker(op.blocks, op.tied_params, names, shapes, op)
     rows = structure == "full" and dist_group.resolve_group(process_group) is None
     H = dense_from_rows(model, loss_sum, batches, names, fisher_type) if rows else None
     if H is not None:
@@ -322,6 +318,18 @@ def build_curvature(
     op = _operator(
         model, loss_sum, batches, names, fisher_type, mc_samples, generator, process_group
     )
+    return _from_operator(op, structure, names, shapes, rank, generator)
+
+
+def _from_operator(
+    op: linops.LinearOperator,
+    structure: str,
+    names: Sequence[str],
+    shapes: Sequence[torch.Size],
+    rank: int,
+    generator: torch.Generator | None,
+) -> DenseCurvature | DiagonalCurvature | LowRankCurvature:
+    """The dense, diagonal or low-rank structure from the curvature operator."""
     if structure == "full":
         return DenseCurvature(names, shapes, op.to_dense().detach())
     if structure == "diag":
