@@ -461,9 +461,23 @@ def test_last_layer_functional_variance_in_closed_form(loss, monkeypatch):
     for la in fitted:
         J = columns(la.names)
         var = torch.einsum("nkp,pq,nlq->nkl", J, la.posterior_covariance(), J)
-        torch.testing.assert_close(la.functional_variance(Xt), var, atol=1e-12, rtol=1e-10)
-        chunked = la.functional_variance(Xt, max_vectors=4)
-        torch.testing.assert_close(chunked, var, atol=1e-12, rtol=1e-10)
+        with monkeypatch.context() as m:
+            if la.structure != "full":  # diag, kfac: from the structure, no Jacobians formed
+                m.setattr(laplace_module, "last_layer_jacobians", engine)
+            torch.testing.assert_close(la.functional_variance(Xt), var, atol=1e-12, rtol=1e-10)
+            chunked = la.functional_variance(Xt, max_vectors=4)
+            torch.testing.assert_close(chunked, var, atol=1e-12, rtol=1e-10)
+    # a last layer without bias: the Kronecker block of the weight alone
+    torch.manual_seed(1)
+    K = J_all.shape[1]
+    free = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, K, bias=False)).double()
+    for structure in ("diag", "kfac"):
+        la = Laplace(free, loss_fn, data, structure, "last_layer", prior_precision=0.8)
+        J = ggn(free, summed(loss_fn), Xt, y[:5])["J"][:, :, -4 * K :]
+        var = torch.einsum("nkp,pq,nlq->nkl", J, la.posterior_covariance(), J)
+        with monkeypatch.context() as m:
+            m.setattr(laplace_module, "last_layer_jacobians", engine)
+            torch.testing.assert_close(la.functional_variance(Xt), var, atol=1e-12, rtol=1e-10)
     monkeypatch.undo()
 
     class Scaled(nn.Module):

@@ -53,6 +53,7 @@ from .last_layer import (
     last_linear,
     output_hessian,
     select,
+    structured_variance,
 )
 from .linops_adapter import (
     FISHER_TYPES,
@@ -483,10 +484,11 @@ class Laplace:
     def functional_variance(self, X: Any, max_vectors: int | None = None) -> Tensor:
         """``J(x) P^{-1} J(x)^T`` per input, ``[N, K, K]`` (``K`` outputs per sample, the
         output flattened after the sample axis), on chunks of inputs with at most
-        ``max_vectors`` outputs (``[P, chunk K]`` is held). The per-sample Jacobians come
-        in closed form from one forward's features where the parameters are a last linear
-        layer's (``last_layer.last_layer_jacobians``), else from one engine backward per
-        chunk (``linops_adapter.output_jacobians``;
+        ``max_vectors`` outputs (``[P, chunk K]`` is held). Where the parameters are a last
+        linear layer's, everything comes from one forward's features: the variance straight
+        from a diagonal or Kronecker structure (``last_layer.structured_variance``), else the
+        closed-form Jacobians (``last_layer.last_layer_jacobians``). Otherwise the per-sample
+        Jacobians come from one engine backward per chunk (``linops_adapter.output_jacobians``;
         ``bg.linops.Jacobian`` where the model couples its samples); the quadratic form is
         ``W^T W`` with ``W = T^T J^T`` (:meth:`Curvature.whiten`: one triangular solve for
         the dense structure).
@@ -511,11 +513,10 @@ class Laplace:
             step = max(1, max_vectors // last[0].out_features)
             forms = []
             for start in range(0, N, step):
-                chunk = sample_rows(X, start, min(N, start + step))
-                Jt = self._last_layer_jacobians(chunk, last)
-                if Jt is None:
+                var = self._last_layer_variance(sample_rows(X, start, min(N, start + step)), last)
+                if var is None:
                     break
-                forms.append(self._quadratic_form(curv, scale, prior, Jt))
+                forms.append(var)
             else:
                 return torch.cat(forms)
         with torch.no_grad():
@@ -542,9 +543,11 @@ class Laplace:
         W = curv.whiten(scale, prior, Jt.reshape(P, n * K)).reshape(-1, n, K).permute(1, 2, 0)
         return W @ W.mT
 
-    def _last_layer_jacobians(self, X: Any, last: tuple[nn.Linear, bool, bool]) -> Tensor | None:
-        """``J^T`` ``[P, N, K]`` in closed form from one forward without a graph when the
-        selected parameters are those of a last linear layer whose output is the model's
+    def _last_layer_variance(self, X: Any, last: tuple[nn.Linear, bool, bool]) -> Tensor | None:
+        """``J P^{-1} J^T`` ``[N, K, K]`` from one forward without a graph when the selected
+        parameters are those of a last linear layer whose output is the model's: from the
+        structure (:func:`~beyondgrad.laplace.last_layer.structured_variance`: diagonal, one
+        Kronecker block) or the closed-form Jacobians
         (:func:`~beyondgrad.laplace.last_layer.last_layer_jacobians`); else ``None``."""
         layer, has_weight, has_bias = last
         with torch.no_grad(), FeatureRecorder(layer) as recorder:
@@ -552,7 +555,13 @@ class Laplace:
             phi = recorder.take(out)
         if phi is None:
             return None
-        return last_layer_jacobians(phi, out.shape[1], has_weight, has_bias)
+        curv, K = self._fitted(), out.shape[1]
+        prior, scale = self.prior_vector(), self._scale(self.sigma_noise)
+        var = structured_variance(curv, scale, prior, phi, K, has_weight, has_bias)
+        if var is not None:
+            return var
+        Jt = last_layer_jacobians(phi, K, has_weight, has_bias)
+        return self._quadratic_form(curv, scale, prior, Jt)
 
     # -- predictives -----------------------------------------------------------------------------
     def predictive(

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .curvature import KroneckerBlock, KroneckerCurvature
+from .curvature import DiagonalCurvature, KroneckerBlock, KroneckerCurvature
 
 #: the fisher types with a closed form (the MC Fisher draws labels: the engine serves it)
 CLOSED_FORM_FISHERS = ("type-2", "empirical")
@@ -121,6 +121,48 @@ def last_layer_jacobians(phi: Tensor, K: int, has_weight: bool, has_bias: bool) 
     if has_bias:
         parts.append(eye[:, None, :].expand(K, N, K))
     return torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
+
+
+def structured_variance(
+    curv: Any, scale: Tensor, prior: Tensor, phi: Tensor, K: int, has_weight: bool, has_bias: bool
+) -> Tensor | None:
+    """``J_n P^{-1} J_n^T`` ``[N, K, K]`` for ``J_n = I_K kron u_n^T`` from the structure of
+    ``P = scale H + diag(prior)`` without forming ``J``, or ``None`` where the structure gives no
+    shortcut (then whiten the explicit Jacobians of :func:`last_layer_jacobians`):
+
+    * diagonal ``d``: ``diag_k(sum_j u_{nj}^2 / d_{kj})``, ``O(N K D)``;
+    * one Kronecker block ``B kron A`` (weight rows, the bias as ``A``'s last input) with
+      eigenvalues ``lambda_{ba}`` in the bases ``Q_B``, ``Q_A``: ``Q_B diag(c_n) Q_B^T`` with
+      ``c_{nb} = sum_a (Q_A^T u_n)_a^2 / (scale lambda_{ba} + delta)``, ``O(N (D^2 + K D + K^2))``.
+
+    Args:
+        curv: the fitted structure (:mod:`beyondgrad.laplace.curvature`).
+        scale, prior: the likelihood scale and the prior precision vector ``[P]``.
+        phi: the layer's input features ``[N, D]``.
+        K: the layer's outputs.
+        has_weight, has_bias: which of the layer's parameters are selected.
+    """
+    ones = phi.new_ones(len(phi), 1)
+    if isinstance(curv, DiagonalCurvature):
+        d = scale * curv.values + prior
+        diag = phi.new_zeros(len(phi), K)
+        if has_weight:
+            diag = diag + (phi**2) @ (1.0 / d[: K * phi.shape[1]].reshape(K, -1)).T
+        if has_bias:
+            diag = diag + (1.0 / d[-K:])[None]
+        return torch.diag_embed(diag)
+    if not isinstance(curv, KroneckerCurvature) or len(curv.blocks) != 1 or not has_weight:
+        return None
+    block = curv.blocks[0]
+    if not isinstance(block, KroneckerBlock) or block.order != "B kron A":
+        return None
+    if block.weight_perm is not None or block.values.shape[0] != 1 or block.joint_bias != has_bias:
+        return None
+    left, right = block.eigenbases()
+    d = scale * block.values[0] + curv._block_prior(block, prior)  # [K, D(+1)]
+    u = torch.cat([phi, ones], 1) if has_bias else phi
+    c = ((u @ right[0]) ** 2) @ (1.0 / d).T  # [N, K] in the output eigenbasis
+    return (left[0] * c[:, None, :]) @ left[0].T
 
 
 def output_hessian(likelihood: str, fisher_type: str, f: Tensor, y: Tensor) -> tuple[str, Tensor]:
