@@ -19,7 +19,8 @@ precision 1, the same ``sigma_noise``). Columns: the log marginal likelihood of 
 and their relative difference; the largest relative difference of the GLM functional variance
 ``J P^{-1} J^T`` on the held-out inputs (and of the predictive mean, and for classification of
 the probit probabilities); the time of fit + evidence and of the GLM predictive on the held-out
-split (medians of ``--reps``, the libraries alternating rep by rep), and the peak memory of one
+split (medians of at least ``--reps`` calls, more for calls of milliseconds: about 0.5 s of
+bg's, at most 300; the libraries alternating rep by rep), and the peak memory of one
 fit + evidence + predictive in a forked child (``harness.forked_peak_mib``: VmHWM above
 the level before the call, after gc + ``malloc_trim``). A second
 table: held-out NLL and ECE of the MAP and of each library's GLM predictive (``kfac``, the
@@ -58,6 +59,7 @@ import itertools
 import json
 import platform
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +233,15 @@ def agreement(la: Any, pl: Any, X: Tensor) -> dict[str, float]:
     return out
 
 
+def _reps(fn: Any, reps: int, seconds: float = 0.5, cap: int = 300) -> int:
+    """At least ``reps``, more for calls of milliseconds: about ``seconds`` of bg's calls
+    (at most ``cap``), so that the medians of short calls are not a handful of noisy ones."""
+    start = time.perf_counter()
+    fn()
+    once = time.perf_counter() - start
+    return max(reps, min(cap, int(seconds / max(once, 1e-9))))
+
+
 def compare(p: dict[str, Any], case: tuple[str, str, bool], reps: int,
             peer: bool) -> dict[str, Any]:  # fmt: skip
     subset, structure, bias = case
@@ -250,7 +261,8 @@ def compare(p: dict[str, Any], case: tuple[str, str, bool], reps: int,
         fits["peer"] = lambda: peer_fit(p, case)
         preds["peer"] = lambda: peer_predict(pl, X)
         both["peer"] = lambda: peer_predict(peer_fit(p, case), X)
-    fit_s, predict_s = interleaved_medians(fits, reps), interleaved_medians(preds, reps)
+    fit_s = interleaved_medians(fits, _reps(fits["bg"], reps))
+    predict_s = interleaved_medians(preds, _reps(preds["bg"], reps))
     for key in fits:
         row[f"fit_s_{key}"], row[f"predict_s_{key}"] = fit_s[key], predict_s[key]
         row[f"peak_mib_{key}"] = forked_peak_mib(both[key])
@@ -320,7 +332,7 @@ def write(
     versions = ", ".join(f"{k} {_version(k)}" for k in ("laplace-torch", "curvlinops-for-pytorch"))
     head = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, device "
             f"{args.device}, {platform.processor() or platform.machine()}; {versions}; "
-            f"{args.reps} reps")  # fmt: skip
+            f"at least {args.reps} reps (about 0.5 s of bg's calls, at most 300)")  # fmt: skip
     lines = ["# bg.laplace vs laplace-torch", "", head, "",
              "Relative differences: largest entry of the difference over the largest entry of "
              "laplace-torch's value; `probs`: largest absolute difference of the probit "
