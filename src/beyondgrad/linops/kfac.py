@@ -220,6 +220,7 @@ def fit_blocks(
     (:func:`covered_blocks`), without the operator built on them: for callers that read the
     factors only (``bg.laplace``). Arguments as for :class:`KFAC`; ``passes`` and ``who`` as
     for :class:`~beyondgrad.linops.data.DataSet`."""
+    _engine.check_loss_fn(loss_fn)
     q = _engine.KFACQuantity(
         fisher_type=fisher_type, kfac_approx=kfac_approx, mc_samples=mc_samples
     )
@@ -291,7 +292,6 @@ class KFAC(BlockDiagonal):
         process_group: Any = None,
         tied_inverse: str = "exact",
     ):
-        _engine.check_loss_fn(loss_fn)
         if tied_inverse not in METHODS:
             raise ValueError(f"tied_inverse must be one of {METHODS}, got {tied_inverse!r}")
         self.tied_inverse = tied_inverse
