@@ -452,8 +452,8 @@ def test_last_layer_functional_variance_in_closed_form(loss, monkeypatch):
 
     fitted = []
     for subset in ("last_layer", ["2.weight"], ["2.bias"]):
-        for structure in ("full", "diag", "kfac"):
-            if structure == "kfac" and subset != "last_layer":
+        for structure in ("full", "diag", "kfac", "ekfac"):
+            if structure in ("kfac", "ekfac") and subset != "last_layer":
                 continue
             la = Laplace(model, loss_fn, data, structure, subset, prior_precision=0.8)
             fitted.append(la)

@@ -133,7 +133,8 @@ def structured_variance(
     * diagonal ``d``: ``diag_k(sum_j u_{nj}^2 / d_{kj})``, ``O(N K D)``;
     * one Kronecker block ``B kron A`` (weight rows, the bias as ``A``'s last input) with
       eigenvalues ``lambda_{ba}`` in the bases ``Q_B``, ``Q_A``: ``Q_B diag(c_n) Q_B^T`` with
-      ``c_{nb} = sum_a (Q_A^T u_n)_a^2 / (scale lambda_{ba} + delta)``, ``O(N (D^2 + K D + K^2))``.
+      ``c_{nb} = sum_a (Q_A^T u_n)_a^2 / (scale lambda_{ba} + delta)``, ``O(N (D^2 + K D + K^2))``
+      (KFAC's products of factor eigenvalues or EKFAC's corrected eigenvalues alike).
 
     Args:
         curv: the fitted structure (:mod:`beyondgrad.laplace.curvature`).
