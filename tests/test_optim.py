@@ -1213,3 +1213,42 @@ def test_singd_batches_dense_layers_of_one_shape():
     assert opt.layers["2"]["K"]._base is not None  # the factor updates kept the views
     for p, q in zip(batched.parameters(), alone.parameters()):
         torch.testing.assert_close(p, q)
+
+
+def test_kfac_pi_inverse_by_cholesky_and_its_eigen_fallback(monkeypatch):
+    """Pi damping keeps each side's damped inverse from a Cholesky factorization (marked by
+    the values EXPLICIT_INVERSE); where that fails the eigendecomposition gives the same steps."""
+    import beyondgrad.optim.kfac as kfac_module
+
+    X, y = _data(32)
+    batches = [(X[:16], y[:16]), (X[16:], y[16:]), (X[:16], y[:16])]
+
+    def run():
+        model, loss_fn = _mlp().double(), nn.CrossEntropyLoss()
+        opt = KFAC(model, loss_fn, lr=0.2, damping=0.03, damping_mode="pi", refresh_every=1,
+                   kl_clip=None)  # fmt: skip
+        _train(opt, model, loss_fn, [(a.double(), b) for a, b in batches])
+        return model, opt
+
+    model, opt = run()
+    state = opt.layers["0"]  # gradient [6, 5 + bias] = B-side rows, A-side columns
+    assert state["order"] == "B kron A"
+    for values in state["eig"][0::2]:
+        assert bool((values == kfac_module.EXPLICIT_INVERSE).all())
+    A, B = state["A"], state["B"]
+    pi = (torch.diagonal(A).mean() / torch.diagonal(B).mean()).sqrt()
+    eye = torch.eye(6, dtype=torch.float64)
+    torch.testing.assert_close(state["eig"][3][0], torch.linalg.inv(A + pi * 0.03**0.5 * eye))
+    torch.testing.assert_close(state["eig"][1][0], torch.linalg.inv(B + 0.03**0.5 / pi * eye))
+
+    real_cholesky = torch.linalg.cholesky_ex
+
+    def failing(M):
+        chol, info = real_cholesky(M)
+        return chol, torch.ones_like(info)
+
+    monkeypatch.setattr(kfac_module.torch.linalg, "cholesky_ex", failing)
+    fallback_model, fallback_opt = run()
+    assert bool((fallback_opt.layers["0"]["eig"][0] > 0).all())  # eigenvalues this time
+    for p, q in zip(model.parameters(), fallback_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q)

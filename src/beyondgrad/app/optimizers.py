@@ -20,8 +20,10 @@ torch with ``torch.optim.Muon``)."""
 SETTINGS: dict[str, dict[str, Any]] = {
     "adamw": {},
     "sgd": {"momentum": 0.9},
-    "kfac": {"damping": 5e-2, "stats_every": 2},
-    "singd": {"damping": 1e-2, "refresh_every": 5},
+    # amortized: statistics every 10 steps, a refresh every 20, pi damping (one Cholesky
+    # inverse per side): ~1.2 AdamW steps per step on char-GPT (benchmarks/results/optim_*)
+    "kfac": {"damping": 5e-2, "stats_every": 10, "refresh_every": 20, "damping_mode": "pi"},
+    "singd": {"damping": 1e-2, "refresh_every": 20},
     "sirfshampoo": {"max_dense": 512},
     "muon": {"adam_lr": 1e-3},
     "soap": {},

@@ -18,9 +18,11 @@ float32 at least) and preconditions the gradient ``G`` (``[O, I(+1)]``) with
 Per step the solve costs a few matrix products, prepared once per refresh
 (:mod:`~beyondgrad.optim.products`): with eigenvalue damping four (rotate into the eigenbases,
 scale, rotate back); with pi damping, whose inverse is a product of one inverse per side, each
-side of size ``d`` is applied as one product with its explicit inverse ``Q diag(1/l) Q^T`` when
-``d < refresh_every * (other side's size)`` (forming it costs ``d^3`` per refresh), else as two
-products with ``Q`` -- about half the products of the eigenbasis route on wide layers.
+side is applied as one product with its explicit inverse, computed at the refresh by a Cholesky
+factorization (no eigendecomposition: a fifth of its time, e.g. 33 vs 161 ms for a 1001 x 1001
+factor with its explicit inverse, one CPU thread) -- half the products of the eigenbasis route.
+Where the factorization fails the side is eigendecomposed, and applied as ``Q diag(1/l) Q^T``
+explicitly when ``d < refresh_every * (other side's size)``, else as two products with ``Q``.
 ``preconditioner_dtype=torch.bfloat16`` keeps and applies the prepared preconditioner in
 bfloat16 (opt-in approximation).
 
@@ -66,6 +68,10 @@ from .kronecker import KroneckerOptimizer
 from .ownership import defer_eigen_refresh, make_ownership
 from .products import Side, explicit_is_cheaper, make_side
 from .schedule import check_every, is_due
+
+EXPLICIT_INVERSE = -1.0
+"""The stored "eigenvalues" of a pi-damped side kept as its explicit inverse (see
+:meth:`KFAC._decompose_stacked`); never an eigenvalue of a damped factor."""
 
 KFAC_RULES = ("linear", "transposed_linear", "conv", "conv_transpose", "embedding")
 
@@ -317,9 +323,8 @@ class KFAC(KroneckerOptimizer):
                 right = make_side(q_right, None, False, dtype)
                 return left, right, values.to(dtype)
             r, c = q_left.shape[-1], q_right.shape[-1]
-            left = make_side(q_left, 1.0 / l_left, explicit_is_cheaper(r, c, every), dtype)
-            right = make_side(q_right, 1.0 / l_right, explicit_is_cheaper(c, r, every), dtype)
-            return left, right, None
+            left = _pi_side(l_left, q_left, c, every, dtype)
+            return left, _pi_side(l_right, q_right, r, every, dtype), None
 
         return self._products.get(key, sources, (delta, every, dtype), build)
 
@@ -352,7 +357,11 @@ class KFAC(KroneckerOptimizer):
         self, A: Tensor, B: Tensor, order: str, damping: float
     ) -> tuple[Tensor, ...]:
         """Eigenpairs of the (pi-damped) factors ``A [L, a, a]``, ``B [L, b, b]`` (batched),
-        ``[L, d]`` and ``[L, d, d]``, in the order (left, right) of the gradient matrix."""
+        ``[L, d]`` and ``[L, d, d]``, in the order (left, right) of the gradient matrix.
+
+        With pi damping only the damped inverses are needed: they come from a Cholesky
+        factorization (:func:`_damped_inverse`, values :data:`EXPLICIT_INVERSE`), and the
+        eigendecomposition only where that fails."""
         work = torch.promote_types(A.dtype, torch.float32)
         A, B = A.to(work), B.to(work)
         if self.damping_mode == "pi":
@@ -365,12 +374,41 @@ class KFAC(KroneckerOptimizer):
             eye_b = torch.eye(dim_b, dtype=work, device=B.device)
             A = A + (pi * root)[:, None, None] * eye_a
             B = B + (root / pi)[:, None, None] * eye_b
+            inverse = (_damped_inverse(A), _damped_inverse(B))
+            if inverse[0] is not None and inverse[1] is not None:
+                (la, qa), (lb, qb) = inverse
+                return (la, qa, lb, qb) if order == "A kron B" else (lb, qb, la, qa)
         la, qa = symmetric_eigh(A)
         lb, qb = symmetric_eigh(B)
         la, lb = la.clamp(min=0), lb.clamp(min=0)
         if order == "A kron B":
             return (la, qa, lb, qb)
         return (lb, qb, la, qa)
+
+
+def _damped_inverse(M: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(-1 [L, d], M^{-1} [L, d, d])`` for positive definite ``M`` ``[L, d, d]`` by Cholesky
+    (about a fifth of an eigendecomposition's time, and no ``Q diag(1/l) Q^T`` to form
+    afterwards), or None where the factorization fails (the caller then eigendecomposes).
+    The values ``-1`` (:data:`EXPLICIT_INVERSE`; a damped factor's eigenvalues are positive)
+    mark the matrix as the inverse itself (:func:`_pi_side`)."""
+    if not bool(torch.isfinite(M).all()):
+        return None
+    chol, info = torch.linalg.cholesky_ex((M + M.mT) / 2)
+    if bool((info != 0).any()):
+        return None
+    marker = torch.full(M.shape[:-1], EXPLICIT_INVERSE, dtype=M.dtype, device=M.device)
+    return marker, torch.cholesky_inverse(chol)
+
+
+def _pi_side(values: Tensor, matrix: Tensor, other: int, every: int, dtype: torch.dtype) -> Side:
+    """One side of the pi-damped solve from its stored pair: the explicit inverse as is
+    (:func:`_damped_inverse`), or eigenpairs ``(l, Q)`` as ``Q diag(1/l) Q^T``, explicit when
+    that is cheaper over the refresh period (:func:`~.products.explicit_is_cheaper`)."""
+    if bool((values[..., :1] == EXPLICIT_INVERSE).all()):
+        return matrix.to(dtype), None, False
+    explicit = explicit_is_cheaper(matrix.shape[-1], other, every)
+    return make_side(matrix, 1.0 / values, explicit, dtype)
 
 
 def _version(t: Tensor) -> object:
