@@ -1,7 +1,7 @@
 """Where an optimizer step's time goes, over one refresh period (issue 12).
 
 Per task and optimizer (``name`` or ``name:key=value,...`` as in ``benchmarks/optim.py``): the
-task's model, a few untimed warm-up steps, then ``--steps`` steps (default 10: one refresh
+task's model, a few untimed warm-up steps, then ``--steps`` steps (default 20: one refresh
 period of the factory's settings) split into phases by CPU time (``time.process_time``, one
 torch thread by default: load on a shared machine disturbs it less than wall time):
 
@@ -122,7 +122,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", nargs="+", choices=list(SUITE), default=list(SUITE))
     p.add_argument("--optimizers", nargs="+", default=["adamw", "kfac", "singd"])
-    p.add_argument("--steps", type=int, default=10, help="steps per pass (a refresh period)")
+    p.add_argument("--steps", type=int, default=20, help="steps per pass (a refresh period)")
     p.add_argument("--warmup", type=int, default=12, help="untimed steps first")
     p.add_argument("--batch-size", type=int, default=None, help="(default: the task's)")
     p.add_argument("--threads", type=int, default=1)
