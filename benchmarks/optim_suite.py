@@ -36,6 +36,7 @@ Usage (``--quick``: a smoke run of seconds, written to a temporary directory)::
     python benchmarks/optim_suite.py calibrate --task gpt --budget 40 --seeds 3
     python benchmarks/optim_suite.py tune --task gpt --budget 60
     python benchmarks/optim_suite.py timed --seeds 3 --budget 60
+    python benchmarks/optim_suite.py report --task gpt autoencoder --task-budget autoencoder=20
     python benchmarks/optim_suite.py all --quick
 """
 
@@ -712,6 +713,13 @@ def parser() -> argparse.ArgumentParser:
                    help=f"seconds of training per run (default per task: {BUDGET}; "
                    f"calibrate: {CALIBRATE_BUDGET})")  # fmt: skip
     p.add_argument(
+        "--task-budget",
+        nargs="+",
+        default=[],
+        metavar="TASK=SECONDS",
+        help="per-task budgets that replace --budget (e.g. report tables tuned at other budgets)",
+    )
+    p.add_argument(
         "--calibrate-budget",
         type=float,
         default=None,
@@ -749,7 +757,24 @@ def budget_for(args: argparse.Namespace, task: str, calibrating: bool = False) -
     if calibrating:
         given = args.calibrate_budget if args.step == "all" else args.budget
         return given or CALIBRATE_BUDGET[task]
-    return args.budget or BUDGET[task]
+    return task_budgets(args).get(task) or args.budget or BUDGET[task]
+
+
+def task_budgets(args: argparse.Namespace) -> dict[str, float]:
+    """``--task-budget TASK=SECONDS ...`` as a dict (checked: known tasks, positive seconds)."""
+    out = {}
+    for item in args.task_budget:
+        task, _, seconds = item.partition("=")
+        try:
+            value = float(seconds)
+        except ValueError:
+            value = -1.0
+        if task not in SUITE or not value > 0:
+            raise SystemExit(
+                f"--task-budget {item!r}: expected TASK=SECONDS, TASK in {list(SUITE)}"
+            )
+        out[task] = value
+    return out
 
 
 def main(argv: list[str] | None = None, objective: Objective = train_run) -> int:

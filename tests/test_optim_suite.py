@@ -210,6 +210,19 @@ def test_calibrate_timed_and_report_with_a_minimized_metric(tmp_path, monkeypatc
     assert data["geomeans"]["adamw"]["geomean"] == 1.0
 
 
+def test_task_budgets_replace_the_budget_per_task_and_refuse_bad_input():
+    args = suite.parser().parse_args(
+        ["report", "--task", "gpt", "autoencoder", "--budget", "60",
+         "--task-budget", "autoencoder=20"]
+    )  # fmt: skip
+    assert suite.budget_for(args, "autoencoder") == 20.0 and suite.budget_for(args, "gpt") == 60.0
+    assert suite.budget_for(args, "gpt", calibrating=True) == 60.0
+    for bad in ("autoencoder", "cifar=3", "gpt=-1", "gpt=x"):
+        args = suite.parser().parse_args(["report", "--task-budget", bad])
+        with pytest.raises(SystemExit, match="TASK=SECONDS"):
+            suite.budget_for(args, "gpt")
+
+
 def test_outcome_rescores_a_stored_history():
     rec = {"history": [[10, 1.0, 0.5], [20, 2.0, 0.7], [30, 3.0, 0.9]], "steps": 30}
     assert suite.outcome(rec, 0.6, True, 10.0) == {"reached": True, "seconds": 2.0, "steps": 20}
