@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..optim import KFAC, SINGD, SIRFShampoo
+from ..optim import KFAC, SINGD, KFACAdam, SIRFShampoo
 
-OPTIMIZERS = ("adamw", "sgd", "kfac", "singd", "sirfshampoo", "muon", "soap")
+OPTIMIZERS = ("adamw", "sgd", "kfac", "kfac-adam", "singd", "sirfshampoo", "muon", "soap")
 """Every optimizer the factory builds (``soap`` needs the ``heavyball`` package, ``muon`` a
 torch with ``torch.optim.Muon``)."""
 
@@ -23,6 +23,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # amortized: statistics every 10 steps, a refresh every 20, pi damping (one Cholesky
     # inverse per side): ~1.2 AdamW steps per step on char-GPT (benchmarks/results/optim_*)
     "kfac": {"damping": 5e-2, "stats_every": 10, "refresh_every": 20, "damping_mode": "pi"},
+    # Adam in KFAC's eigenbasis: the same amortized statistics and refreshes (eigh)
+    "kfac-adam": {"stats_every": 10, "refresh_every": 20},
     "singd": {"damping": 1e-2, "refresh_every": 20},
     "sirfshampoo": {"max_dense": 512},
     "muon": {"adam_lr": 1e-3},
@@ -34,6 +36,7 @@ DEFAULT_LR = {
     "adamw": 3e-3,
     "sgd": 0.05,
     "kfac": 0.05,
+    "kfac-adam": 5e-3,  # Adam-like
     "singd": 3e-3,  # Adam-like: SINGD and SIRFShampoo graft to Adam's step norm
     "sirfshampoo": 3e-3,
     "muon": 0.02,
@@ -111,7 +114,8 @@ def make_optimizer(
 
     Args:
         name: one of :data:`OPTIMIZERS`.
-        model: the model (KFAC and SINGD also read its layers, SIRFShampoo its parameters).
+        model: the model (KFAC, KFACAdam and SINGD also read its layers, SIRFShampoo its
+            parameters).
         loss_fn: the loss (KFAC, SINGD: the curvature's loss).
         lr: learning rate (default: :data:`DEFAULT_LR`).
         weight_decay: decoupled weight decay (SGD: L2 added to the gradient, as torch's).
@@ -133,6 +137,8 @@ def make_optimizer(
         return torch.optim.SGD(params, **kw)
     if name == "kfac":
         return KFAC(model, loss_fn, **kw)
+    if name == "kfac-adam":
+        return KFACAdam(model, loss_fn, **kw)
     if name == "singd":
         return SINGD(model, loss_fn, preconditioner_dtype=dtype, **kw)
     if name == "sirfshampoo":

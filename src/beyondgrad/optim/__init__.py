@@ -1,6 +1,6 @@
 """Second-order optimizers that consume the engine's statistics (:class:`KFAC`,
 :class:`SINGD`) or only gradients (:class:`SIRFShampoo`); all are ``torch.optim.Optimizer``
-subclasses composed from small shared components:
+subclasses (:class:`KFACAdam`: Adam in KFAC's eigenbasis) composed from small shared components:
 
 - :mod:`.base`: the shell (param groups read at every step, ``capture()``, the step
   pipeline, ``state_dict`` that resumes bit-identically and refuses a foreign state);
@@ -18,6 +18,7 @@ See ``docs/optim.md``.
 
 from .base import CurvatureOptimizer
 from .kfac import KFAC
+from .kfac_adam import KFACAdam
 from .ownership import Ownership
 from .singd import SINGD
 from .sirfshampoo import SIRFShampoo
@@ -28,6 +29,7 @@ __all__ = [
     "SINGD",
     "STRUCTURES",
     "CurvatureOptimizer",
+    "KFACAdam",
     "Ownership",
     "SIRFShampoo",
     "Structure",

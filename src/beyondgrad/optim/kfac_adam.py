@@ -1,0 +1,189 @@
+"""KFACAdam: Adam in the eigenbasis of KFAC's Kronecker factors.
+
+KFAC keeps moving averages of the factors ``A`` and ``B`` of each layer (as :class:`~.KFAC`:
+the engine's statistics every ``stats_every`` steps, eigendecompositions every
+``refresh_every``), but instead of dividing by the Kronecker eigenvalues ``l_B l_A^T +
+damping`` it divides by a running second moment of the gradient *in the factors' eigenbasis*:
+for the gradient ``G`` (``[G, rows, cols]`` in the layout of the factors, eigenbases ``Q_L``,
+``Q_R`` of the left and right factor)
+
+    R = Q_L^T G Q_R,    v <- beta2 v + (1 - beta2) R * R   (v = R * R at the first step),
+    D = Q_L [R / (sqrt(v) + eps)] Q_R^T,
+
+and the step is Adam's: ``m <- momentum m + (1 - momentum) D``, ``p <- p (1 - lr wd) - lr m``.
+This is the eigenvalue correction of EKFAC (George et al., 2018: the diagonal of the curvature
+in KFAC's eigenbasis re-estimated, there from per-sample gradients) estimated from the
+mini-batch gradient with a moving average, as SOAP (Vyas et al., 2024) does in Shampoo's
+eigenbasis. The Kronecker eigenvalues only choose the basis; the scale of each direction is
+Adam's, so the learning rate is Adam-like (default 3e-3) and no KL clip is needed (off by
+default). When a refresh changes the basis, ``v`` is kept (SOAP's choice): it is re-estimated
+within ``1 / (1 - beta2)`` steps.
+
+Cost per step: four products per layer (rotate, rotate back) and elementwise work, as KFAC with
+eigenvalue damping; layers of one shape refreshed together are rotated in one batched product
+and keep their second moments stacked. Statistics and refreshes as KFAC's (the factory's
+amortized settings: statistics every 10 steps, a refresh every 20). Measured on the suite's
+char-GPT (``benchmarks/results/optim_suite_cpu.md``).
+
+Everything else is KFAC's: routing (AdamW fallback for parameters without a Kronecker rule and
+tied weights), grafting, clipping, warm-up, ownership, ``state_dict`` (the second moments are
+part of each layer's state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._engine import from_factor_layout, to_factor_layout
+from .kfac import KFAC
+
+Item = tuple[str, dict[str, Any], dict[str, Any], list[Tensor]]
+
+
+def eigen_adam(
+    M: Tensor, q_left: Tensor, q_right: Tensor, v: Tensor | None, beta2: float, eps: float
+) -> tuple[Tensor, Tensor]:
+    """One step of Adam's second moment in a Kronecker eigenbasis.
+
+    Args:
+        M: gradients ``[L, r, c]``.
+        q_left: orthonormal eigenbases ``[L, r, r]``.
+        q_right: ``[L, c, c]``.
+        v: the second moments ``[L, r, c]`` in the eigenbasis (updated in place), or None at
+            the first step.
+        beta2: their decay per step.
+        eps: added to ``sqrt(v)``.
+
+    Returns:
+        ``(D, v)``: the direction ``Q_L [R / (sqrt(v) + eps)] Q_R^T`` (``[L, r, c]``, in
+        ``M``'s dtype) and the second moments.
+    """
+    R = q_left.mT @ M.to(q_left.dtype) @ q_right
+    if v is None:
+        v = R.square().to(torch.promote_types(R.dtype, torch.float32))
+    else:
+        v.mul_(beta2).addcmul_(R, R, value=1 - beta2)
+    scaled = R / (v.sqrt() + eps).to(R.dtype)
+    return (q_left @ scaled @ q_right.mT).to(M.dtype), v
+
+
+class KFACAdam(KFAC):
+    """``KFACAdam(model, loss_fn, params=None, lr=3e-3, ...)``; see the module docstring.
+
+    Args:
+        model: the network.
+        loss_fn: the loss module (called inside ``capture()``).
+        params: parameters or param groups (default: all trainable parameters of ``model``).
+        lr: learning rate (per group; Adam-like).
+        momentum: Adam's first-moment decay ``beta1`` (per group).
+        beta2: the second moments' decay per step, in ``[0, 1)``.
+        eps: added to their square root, positive.
+        weight_decay: decoupled weight decay (per group).
+        kl_clip: KL trust-region bound as KFAC's, or None (default: off).
+        **kfac: every other :class:`~.KFAC` setting (``fisher_type``, ``kfac_approx``,
+            ``ema``, ``stats_every``, ``refresh_every``, ``grafting``, ``warmup``,
+            ``ownership``, ``preconditioner_dtype``, ``seed``, ``max_update_norm``, the
+            fallback's ``adam_*``; ``adam_lr`` defaults to ``lr``); ``damping`` and
+            ``damping_mode`` do not apply (the eigenvalues only choose the basis).
+    """
+
+    method = "kfac-adam"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        params: Iterable[Any] | None = None,
+        lr: float = 3e-3,
+        momentum: float = 0.9,
+        beta2: float = 0.95,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        kl_clip: float | None = None,
+        **kfac: Any,
+    ):
+        for key in ("damping", "damping_mode"):
+            if key in kfac:
+                raise TypeError(
+                    f"KFACAdam takes no {key!r}: the factors' eigenvalues only choose the basis "
+                    "(Adam's second moments scale it); see eps"
+                )
+        if not 0 <= beta2 < 1:
+            raise ValueError(f"beta2 must be in [0, 1), got {beta2}")
+        if not eps > 0:
+            raise ValueError(f"eps must be positive, got {eps}")
+        self.beta2, self.eps = beta2, eps
+        kfac.setdefault("adam_lr", lr)  # the fallback is Adam too: the same step size
+        super().__init__(
+            model,
+            loss_fn,
+            params,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            kl_clip=kl_clip,
+            damping_mode="eigen",
+            **kfac,
+        )
+
+    def _solve_layers(self, items: list[Item]) -> list[list[Tensor]]:
+        """Adam in the eigenbasis for one layer, or for several of one shape refreshed
+        together in one batched product (their second moments kept stacked)."""
+        group = items[0][2]
+        states = [s for _, s, _, _ in items]
+        layouts = [(s["order"], s["weight_perm"], self._groups(s)) for s in states]
+        Ms = [
+            to_factor_layout(ps[0].grad, ps[1].grad if len(ps) > 1 else None, *layout)
+            for (_, _, _, ps), layout in zip(items, layouts)
+        ]
+        left, right, _ = self._operator(states, group)
+        M = Ms[0] if len(Ms) == 1 else torch.cat(Ms)
+        step = self.__dict__.get("_compiled_eigen_adam")
+        if step is None:
+            step = self._compiled_eigen_adam = self.compiled(eigen_adam)
+        D, v = step(M, left[0], right[0], _stacked(states), self.beta2, self.eps)
+        D = D * (1 - group["momentum"])  # Adam's first moment (descend_ keeps the sum)
+        sizes = [m.shape[0] for m in Ms]
+        out = []
+        for state, (_, _, _, ps), layout, Di, vi in zip(
+            states, items, layouts, D.split(sizes), v.split(sizes)
+        ):
+            state["second_moment"] = vi
+            bias_shape = tuple(ps[1].shape) if len(ps) > 1 else None
+            W, b = from_factor_layout(Di, tuple(ps[0].shape), bias_shape, *layout)
+            out.append([W] if b is None else [W, b])
+        return out
+
+
+def _stacked(states: list[dict[str, Any]]) -> Tensor | None:
+    """The layers' second moments as one ``[L, r, c]`` tensor: the stack they are views of
+    when they are all of it, in order (updated in place), else a concatenation; None before
+    the first step (any layer without one starts every layer afresh)."""
+    vs = [s.get("second_moment") for s in states]
+    if any(v is None for v in vs):
+        return None
+    if len(vs) == 1:
+        return vs[0]
+    base = vs[0]._base
+    if base is not None and base.shape[0] == sum(v.shape[0] for v in vs):
+        offsets = [v.storage_offset() for v in vs]
+        stride = base.stride(0)
+        expected = [base.storage_offset() + stride * k for k in _starts(vs)]
+        if all(v._base is base for v in vs) and offsets == expected:
+            return base
+    return torch.cat(vs)
+
+
+def _starts(vs: list[Tensor]) -> list[int]:
+    starts, k = [], 0
+    for v in vs:
+        starts.append(k)
+        k += v.shape[0]
+    return starts
+
+
+__all__ = ["KFACAdam", "eigen_adam"]
