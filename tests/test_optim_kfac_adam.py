@@ -55,19 +55,30 @@ def _matrix(tensors: dict[str, torch.Tensor], state: dict) -> torch.Tensor:
     return torch.cat([_in_layout(tensors[n], state, i == 1) for i, n in enumerate(names)], -1)
 
 
+def _reference_basis(M: torch.Tensor, Q: torch.Tensor | None, mode: str):
+    """The basis of one side after a refresh and the order of the old basis' columns in it."""
+    if Q is None or mode == "eigh":
+        return torch.linalg.eigh(M)[1], None
+    order = torch.argsort(torch.diagonal(Q.T @ M @ Q), descending=True)
+    return torch.linalg.qr(M @ Q[:, order])[0], order
+
+
+@pytest.mark.parametrize("mode", ["eigh", "power"])
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
-def test_kfac_adam_is_adam_in_the_eigenbasis_of_the_factors(kind):
-    """Three steps with a refresh at each (the basis changes; the second moments are kept),
-    Adam's first moment, against ``kron(Q_L, Q_R)`` applied densely to ``vec(G)``."""
+def test_kfac_adam_is_adam_in_the_eigenbasis_of_the_factors(kind, mode):
+    """Three steps with a refresh at each (the basis changes; the second moments are kept,
+    with ``"power"`` reordered with the basis' columns), Adam's first moment, against
+    ``kron(Q_L, Q_R)`` applied densely to ``vec(G)``."""
     model, loss_fn = _model(kind), nn.CrossEntropyLoss()
     lr, mu, beta2, eps = 0.05, 0.5, 0.8, 1e-6
     opt = KFACAdam(
         model, loss_fn, lr=lr, momentum=mu, beta2=beta2, eps=eps, fisher_type="type-2",
-        refresh_every=1, ema=0.7,
+        refresh_every=1, ema=0.7, basis_update=mode,
     )  # fmt: skip
     params = dict(model.named_parameters())
     v: dict[str, torch.Tensor] = {}
     m: dict[str, torch.Tensor] = {}
+    bases: dict[str, tuple] = {}
     for X, y in _batches(kind, 3):
         before = {n: p.detach().clone() for n, p in params.items()}
         _step(opt, model, loss_fn, X, y)
@@ -79,9 +90,15 @@ def test_kfac_adam_is_adam_in_the_eigenbasis_of_the_factors(kind):
             G = _matrix(grads, state)
             expected = []
             for k in range(G.shape[0]):
-                Q = torch.kron(torch.linalg.eigh(left[k])[1], torch.linalg.eigh(right[k])[1])
-                r = Q.T @ G[k].reshape(-1)
                 key = f"{name}/{k}"
+                old = bases.get(key, (None, None))
+                q_left, rows = _reference_basis(left[k], old[0], mode)
+                q_right, cols = _reference_basis(right[k], old[1], mode)
+                bases[key] = (q_left, q_right)
+                Q = torch.kron(q_left, q_right)
+                r = Q.T @ G[k].reshape(-1)
+                if key in v and rows is not None:  # the moments follow the basis' columns
+                    v[key] = v[key].reshape(G[k].shape)[rows][:, cols].reshape(-1)
                 v[key] = r**2 if key not in v else beta2 * v[key] + (1 - beta2) * r**2
                 d = Q @ (r / (v[key].sqrt() + eps))
                 m[key] = (1 - mu) * d if key not in m else mu * m[key] + (1 - mu) * d
@@ -89,6 +106,27 @@ def test_kfac_adam_is_adam_in_the_eigenbasis_of_the_factors(kind):
             torch.testing.assert_close(_matrix(delta, state), torch.stack(expected))
     if kind == "mlp":  # the LayerNorm goes to the AdamW fallback (not in opt.layers)
         assert opt.routes["4.weight"][0] == "kfac-adam" and opt.routes["6.weight"][0] == "adamw"
+
+
+def test_power_basis_converges_to_the_eigenvectors():
+    from beyondgrad.optim.kfac_adam import power_basis
+
+    g = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(2, 6, 6, generator=g, dtype=torch.float64))[0]
+    M = (
+        U
+        @ torch.diag_embed(
+            torch.tensor([[9.0, 5, 3, 2, 1, 0.5], [4, 3.5, 3, 1, 0.2, 0.1]], dtype=torch.float64)
+        )
+        @ U.mT
+    )
+    Q = torch.linalg.qr(torch.randn(2, 6, 6, generator=g, dtype=torch.float64))[0]
+    for _ in range(200):
+        quotients, Q, order = power_basis(M, Q)
+        assert sorted(order[0].tolist()) == list(range(6))
+    torch.testing.assert_close(Q.mT @ Q, torch.eye(6, dtype=torch.float64).expand(2, 6, 6))
+    torch.testing.assert_close(Q.mT @ M @ Q, torch.diag_embed(quotients), atol=1e-8, rtol=0)
+    torch.testing.assert_close(quotients, torch.linalg.eigvalsh(M).flip(-1))
 
 
 def test_kfac_adam_batches_layers_of_one_shape_and_keeps_their_moments_stacked():
@@ -137,6 +175,8 @@ def test_kfac_adam_rejects_what_does_not_apply():
         KFACAdam(model, loss_fn, beta2=1.0)
     with pytest.raises(ValueError, match="eps"):
         KFACAdam(model, loss_fn, eps=0.0)
+    with pytest.raises(ValueError, match="basis_update"):
+        KFACAdam(model, loss_fn, basis_update="qr")
     with pytest.raises(ValueError, match="not a KFACAdam"):
         KFACAdam(model, loss_fn).load_state_dict(
             __import__("beyondgrad").optim.KFAC(model, loss_fn).state_dict()
