@@ -57,8 +57,10 @@ def _matrix(tensors: dict[str, torch.Tensor], state: dict) -> torch.Tensor:
 
 def _reference_basis(M: torch.Tensor, Q: torch.Tensor | None, mode: str):
     """The basis of one side after a refresh and the order of the old basis' columns in it."""
-    if Q is None or mode == "eigh":
+    if mode == "eigh":
         return torch.linalg.eigh(M)[1], None
+    if Q is None:  # "power" starts from the coordinate axes
+        Q = torch.eye(M.shape[-1], dtype=M.dtype)
     order = torch.argsort(torch.diagonal(Q.T @ M @ Q), descending=True)
     return torch.linalg.qr(M @ Q[:, order])[0], order
 
@@ -97,7 +99,7 @@ def test_kfac_adam_is_adam_in_the_eigenbasis_of_the_factors(kind, mode):
                 bases[key] = (q_left, q_right)
                 Q = torch.kron(q_left, q_right)
                 r = Q.T @ G[k].reshape(-1)
-                if key in v and rows is not None:  # the moments follow the basis' columns
+                if key in v and mode == "power":  # the moments follow the basis' columns
                     v[key] = v[key].reshape(G[k].shape)[rows][:, cols].reshape(-1)
                 v[key] = r**2 if key not in v else beta2 * v[key] + (1 - beta2) * r**2
                 d = Q @ (r / (v[key].sqrt() + eps))
