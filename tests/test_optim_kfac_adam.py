@@ -179,6 +179,8 @@ def test_kfac_adam_rejects_what_does_not_apply():
         KFACAdam(model, loss_fn, eps=0.0)
     with pytest.raises(ValueError, match="basis_update"):
         KFACAdam(model, loss_fn, basis_update="qr")
+    with pytest.raises(ValueError, match="ownership"):
+        KFACAdam(model, loss_fn, basis_update="power", ownership="owner")
     with pytest.raises(ValueError, match="not a KFACAdam"):
         KFACAdam(model, loss_fn).load_state_dict(
             __import__("beyondgrad").optim.KFAC(model, loss_fn).state_dict()

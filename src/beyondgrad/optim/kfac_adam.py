@@ -21,7 +21,8 @@ within ``1 / (1 - beta2)`` steps; with ``basis_update="power"`` the basis moves 
 orthogonal iteration and ``v`` follows its columns (:func:`power_basis`). Moving ``v`` into the
 new basis (``(P_L * P_L) v (P_R * P_R)^T``, ``P = Q_new^T Q_old``) was tried and trained worse
 on char-GPT (2.78 vs 2.58 validation loss after 100 steps, one seed): not offered.
-Under ``ownership`` the refreshes are KFAC's (eigendecompositions on the owner rank).
+Under ``ownership`` the refreshes are KFAC's (eigendecompositions on the owner rank; only with
+``basis_update="eigh"``).
 
 Cost per step: four products per layer (rotate, rotate back) and elementwise work, as KFAC with
 eigenvalue damping; layers of one shape refreshed together are rotated in one batched product
@@ -129,6 +130,11 @@ class KFACAdam(KFAC):
             raise ValueError(f"eps must be positive, got {eps}")
         if basis_update not in ("power", "eigh"):
             raise ValueError(f"basis_update must be 'power' or 'eigh', got {basis_update!r}")
+        if basis_update == "power" and kfac.get("ownership") is not None:
+            raise ValueError(
+                "basis_update='power' needs every rank's previous basis; with ownership= the "
+                "owner ranks eigendecompose (use basis_update='eigh')"
+            )
         self.basis_update = basis_update
         self.beta2, self.eps = beta2, eps
         kfac.setdefault("adam_lr", lr)  # the fallback is Adam too: the same step size
