@@ -32,7 +32,7 @@ its first steps (and, through ``initial_lr``, beyondgrad's AdamW fallback).
 
 Usage (``--quick``: a smoke run of seconds, written to a temporary directory)::
 
-    python benchmarks/optim_suite.py tune --task gpt --optimizer adamw --budget 40
+    python benchmarks/optim_suite.py tune --task gpt --optimizer adamw --budget 40 --no-target
     python benchmarks/optim_suite.py calibrate --task gpt --budget 40 --seeds 3
     python benchmarks/optim_suite.py tune --task gpt --budget 60
     python benchmarks/optim_suite.py timed --seeds 3 --budget 60
@@ -438,10 +438,15 @@ def _rung_values(rec: dict[str, Any], monitor: Monitor, task: str) -> list[float
     return values
 
 
-def tune(plan: Plan, task: str, optimizer: str, budget: float, trials: int) -> dict[str, Any]:
+def tune(
+    plan: Plan, task: str, optimizer: str, budget: float, trials: int, use_target: bool = True
+) -> dict[str, Any]:
     """``trials`` quasi-random configurations of ``optimizer`` on ``task`` (seed 0) with
-    successive halving; stored runs are reused. Records and returns the chosen trial."""
-    target = plan.store.configs().get(task, {}).get("target")
+    successive halving; stored runs are reused. Records and returns the chosen trial.
+
+    ``use_target=False`` (``--no-target``; ``all`` for AdamW's calibration tuning): the runs
+    ignore the stored target (a calibration defines it; an older one would stop them early)."""
+    target = plan.store.configs().get(task, {}).get("target") if use_target else None
     times = rung_times(budget, ETA, RUNGS)
     earlier: list[list[float]] = [[] for _ in times]
     done = []
@@ -449,11 +454,14 @@ def tune(plan: Plan, task: str, optimizer: str, budget: float, trials: int) -> d
         key = {"kind": "trial", "task": task, "optimizer": optimizer, "index": i,
                "budget": budget, "device": plan.device, "hp": hp}  # fmt: skip
         rec = plan.store.find(**key)
+        if rec is not None and not use_target and rec.get("reached_target"):
+            rec = None  # stopped at a target: not a run for the whole budget
         if rec is None:
             monitor = Monitor(times, earlier, ETA)
             out = plan.objective(task, optimizer, hp, 0, budget, plan.every(task), plan.device,
                                  target, monitor)  # fmt: skip
             rec = {**key, **out, "rungs": _rung_values(out, monitor, task)}
+            rec["reached_target"] = target is not None and _reached(out, target, task)
             plan.store.add(rec)
         for k, v in enumerate(rec["rungs"]):
             earlier[k].append(v)
@@ -464,6 +472,16 @@ def tune(plan: Plan, task: str, optimizer: str, budget: float, trials: int) -> d
              "target": target}  # fmt: skip
     plan.store.update_configs(task, tuned={tuned_key(optimizer, budget): entry})
     return entry
+
+
+def _reached(out: dict[str, Any], target: float, task: str) -> bool:
+    """Whether a run's history reached ``target``."""
+    return any(signed_value(h[2], task) >= signed_value(target, task) for h in out["history"])
+
+
+def signed_value(metric: float, task: str) -> float:
+    """``metric`` with higher = better for ``task``."""
+    return metric if MAXIMIZE[task] else -metric
 
 
 def tuned_key(optimizer: str, budget: float) -> str:
@@ -736,6 +754,11 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="results directory (default benchmarks/results; --quick: a temp dir)",
     )
+    p.add_argument(
+        "--no-target",
+        action="store_true",
+        help="tune: ignore the stored target (AdamW's tuning for a calibration)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: seconds, numbers mean nothing")
     return p
 
@@ -791,11 +814,11 @@ def main(argv: list[str] | None = None, objective: Objective = train_run) -> int
     for task in args.task:
         if args.step == "all":
             cal = budget_for(args, task, calibrating=True)
-            tune(plan, task, "adamw", cal, args.trials)
+            tune(plan, task, "adamw", cal, args.trials, use_target=False)
             calibrate(plan, task, cal, args.seeds)
         if args.step in ("tune", "all"):
             for name in optimizers:
-                tune(plan, task, name, budget_for(args, task), args.trials)
+                tune(plan, task, name, budget_for(args, task), args.trials, not args.no_target)
         if args.step == "calibrate":
             calibrate(plan, task, budget_for(args, task, calibrating=True), args.seeds)
         if args.step in ("timed", "all"):

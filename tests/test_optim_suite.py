@@ -323,3 +323,23 @@ def test_profile_script_splits_the_step_into_phases(capsys):
     assert "statistics" in text and "eigh" in text and "host syncs" in text
     parsed = prof.build("autoencoder", "kfac:stats_every=3", 8)[1]
     assert parsed.stats_every == 3
+
+
+def test_tuning_for_a_calibration_ignores_an_older_target(tmp_path):
+    """``tune --no-target`` (and ``all`` for AdamW's calibration tuning) runs for the whole
+    budget whatever target an older calibration stored; runs stopped at a target are redone."""
+    calls: list[Any] = []
+    plan = suite.Plan(suite.Store(tmp_path), objective=fake_objective(calls), progress=print)
+    plan.store.update_configs("kron-lsq", target=0.0)  # an older calibration's, easy to reach
+    suite.tune(plan, "kron-lsq", "adamw", 9.0, 12)
+    stopped_at_target = [r for r in plan.store.select(kind="trial") if r["reached_target"]]
+    assert stopped_at_target and all(r["train_s"] < 1.0 for r in stopped_at_target)
+    again: list[Any] = []
+    plan = suite.Plan(suite.Store(tmp_path), objective=fake_objective(again), progress=print)
+    suite.tune(plan, "kron-lsq", "adamw", 9.0, 12, use_target=False)
+    assert len(again) == len(stopped_at_target)  # those stopped at the target are redone
+    latest = plan.store.select(kind="trial")[-len(again) :]
+    assert not any(r["reached_target"] for r in latest)
+    assert all(r["train_s"] >= 1.0 for r in latest)  # ran on (to the budget or a rung)
+    args = suite.parser().parse_args(["tune", "--task", "kron-lsq", "--no-target"])
+    assert args.no_target
