@@ -286,15 +286,23 @@ class KFAC(KroneckerOptimizer):
             to_factor_layout(ps[0].grad, ps[1].grad if len(ps) > 1 else None, *layout)
             for (_, _, _, ps), layout in zip(items, layouts)
         ]
-        left, right, values = self._operator([s for _, s, _, _ in items], group)
         M = Ms[0] if len(Ms) == 1 else torch.cat(Ms)
-        D = self._solver()(M, left, right, values).split([M.shape[0] for M in Ms])
+        states = [s for _, s, _, _ in items]
+        D = self._solve_stacked(M, states, group).split([m.shape[0] for m in Ms])
         out = []
         for (_, _, _, ps), layout, Di in zip(items, layouts, D):
             bias_shape = tuple(ps[1].shape) if len(ps) > 1 else None
             W, b = from_factor_layout(Di, tuple(ps[0].shape), bias_shape, *layout)
             out.append([W] if b is None else [W, b])
         return out
+
+    def _solve_stacked(
+        self, M: Tensor, states: list[dict[str, Any]], group: dict[str, Any]
+    ) -> Tensor:
+        """The directions of the layers ``states`` from their stacked gradients ``M``
+        (``[L, r, c]`` in the layout of their factors): the damped solve."""
+        left, right, values = self._operator(states, group)
+        return self._solver()(M, left, right, values)
 
     def _operator(
         self, states: list[dict[str, Any]], group: dict[str, Any]

@@ -44,10 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._engine import from_factor_layout, to_factor_layout
-from .kfac import KFAC
-
-Item = tuple[str, dict[str, Any], dict[str, Any], list[Tensor]]
+from .kfac import KFAC, _grouped
 
 
 def eigen_adam(
@@ -178,33 +175,19 @@ class KFACAdam(KFAC):
                 _permute_(state.get("second_moment"), rows[i], cols[i])
         super()._decompose_batches(fresh)
 
-    def _solve_layers(self, items: list[Item]) -> list[list[Tensor]]:
-        """Adam in the eigenbasis for one layer, or for several of one shape refreshed
-        together in one batched product (their second moments kept stacked)."""
-        group = items[0][2]
-        states = [s for _, s, _, _ in items]
-        layouts = [(s["order"], s["weight_perm"], self._groups(s)) for s in states]
-        Ms = [
-            to_factor_layout(ps[0].grad, ps[1].grad if len(ps) > 1 else None, *layout)
-            for (_, _, _, ps), layout in zip(items, layouts)
-        ]
+    def _solve_stacked(
+        self, M: Tensor, states: list[dict[str, Any]], group: dict[str, Any]
+    ) -> Tensor:
+        """Adam in the eigenbasis for the layers ``states`` (one, or several of one shape
+        refreshed together, in one batched product; their second moments kept stacked)."""
         left, right, _ = self._operator(states, group)
-        M = Ms[0] if len(Ms) == 1 else torch.cat(Ms)
         step = self.__dict__.get("_compiled_eigen_adam")
         if step is None:
             step = self._compiled_eigen_adam = self.compiled(eigen_adam)
         D, v = step(M, left[0], right[0], _stacked(states), self.beta2, self.eps)
-        D = D * (1 - group["momentum"])  # Adam's first moment (descend_ keeps the sum)
-        sizes = [m.shape[0] for m in Ms]
-        out = []
-        for state, (_, _, _, ps), layout, Di, vi in zip(
-            states, items, layouts, D.split(sizes), v.split(sizes)
-        ):
+        for state, vi in zip(states, v.split([self._groups(s) for s in states])):
             state["second_moment"] = vi
-            bias_shape = tuple(ps[1].shape) if len(ps) > 1 else None
-            W, b = from_factor_layout(Di, tuple(ps[0].shape), bias_shape, *layout)
-            out.append([W] if b is None else [W, b])
-        return out
+        return D * (1 - group["momentum"])  # Adam's first moment (descend_ keeps the sum)
 
 
 def power_basis(M: Tensor, Q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -237,10 +220,6 @@ def _identity(M: Tensor) -> Tensor:
     """Identity matrices shaped and typed like ``M`` ``[L, d, d]``."""
     eye = torch.eye(M.shape[-1], dtype=torch.promote_types(M.dtype, torch.float32), device=M.device)
     return eye.expand(M.shape).contiguous()
-
-
-def _grouped(t: Tensor) -> Tensor:
-    return t if t.ndim == 3 else t[None]
 
 
 def _stacked(states: list[dict[str, Any]]) -> Tensor | None:
