@@ -55,8 +55,10 @@ def _matrix(tensors: dict[str, torch.Tensor], state: dict) -> torch.Tensor:
     return torch.cat([_in_layout(tensors[n], state, i == 1) for i, n in enumerate(names)], -1)
 
 
-def _reference_basis(M: torch.Tensor, Q: torch.Tensor | None, mode: str):
+def _reference_basis(M: torch.Tensor, Q: torch.Tensor | None, mode: str, max_dim=None):
     """The basis of one side after a refresh and the order of the old basis' columns in it."""
+    if max_dim is not None and M.shape[-1] > max_dim:  # too wide: the coordinate axes
+        return torch.eye(M.shape[-1], dtype=M.dtype), torch.arange(M.shape[-1])
     if mode == "eigh":
         return torch.linalg.eigh(M)[1], None
     if Q is None:  # "power" starts from the coordinate axes
@@ -65,17 +67,19 @@ def _reference_basis(M: torch.Tensor, Q: torch.Tensor | None, mode: str):
     return torch.linalg.qr(M @ Q[:, order])[0], order
 
 
+@pytest.mark.parametrize("max_dim", [None, 6])
 @pytest.mark.parametrize("mode", ["eigh", "power"])
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
-def test_kfac_adam_is_adam_in_the_eigenbasis_of_the_factors(kind, mode):
+def test_kfac_adam_is_adam_in_the_eigenbasis_of_the_factors(kind, mode, max_dim):
     """Three steps with a refresh at each (the basis changes; the second moments are kept,
     with ``"power"`` reordered with the basis' columns), Adam's first moment, against
-    ``kron(Q_L, Q_R)`` applied densely to ``vec(G)``."""
+    ``kron(Q_L, Q_R)`` applied densely to ``vec(G)``; with ``max_basis_dim=6`` the sides
+    wider than 6 (the biased 7- and 19-, 49-wide inputs) keep the coordinate axes."""
     model, loss_fn = _model(kind), nn.CrossEntropyLoss()
     lr, mu, beta2, eps = 0.05, 0.5, 0.8, 1e-6
     opt = KFACAdam(
         model, loss_fn, lr=lr, momentum=mu, beta2=beta2, eps=eps, fisher_type="type-2",
-        refresh_every=1, ema=0.7, basis_update=mode,
+        refresh_every=1, ema=0.7, basis_update=mode, max_basis_dim=max_dim,
     )  # fmt: skip
     params = dict(model.named_parameters())
     v: dict[str, torch.Tensor] = {}
@@ -94,10 +98,10 @@ def test_kfac_adam_is_adam_in_the_eigenbasis_of_the_factors(kind, mode):
             for k in range(G.shape[0]):
                 key = f"{name}/{k}"
                 old = bases.get(key, (None, None))
-                q_left, rows = _reference_basis(left[k], old[0], mode)
-                q_right, cols = _reference_basis(right[k], old[1], mode)
+                q_left, rows = _reference_basis(left[k], old[0], mode, max_dim)
+                q_right, cols = _reference_basis(right[k], old[1], mode, max_dim)
                 bases[key] = (q_left, q_right)
-                Q = torch.kron(q_left, q_right)
+                Q = torch.kron(q_left.contiguous(), q_right.contiguous())
                 r = Q.T @ G[k].reshape(-1)
                 if key in v and mode == "power":  # the moments follow the basis' columns
                     v[key] = v[key].reshape(G[k].shape)[rows][:, cols].reshape(-1)
@@ -143,11 +147,13 @@ def test_kfac_adam_batches_layers_of_one_shape_and_keeps_their_moments_stacked()
     assert opt.layers["2"]["second_moment"]._base.data_ptr() == ptr
 
 
-def test_kfac_adam_resumes_bit_identically():
+@pytest.mark.parametrize("max_dim", [None, 6])
+def test_kfac_adam_resumes_bit_identically(max_dim):
     loss_fn = nn.CrossEntropyLoss()
     batches = _batches("mlp", 4)
     model = _model("mlp")
-    opt = KFACAdam(model, loss_fn, refresh_every=3, stats_every=2)
+    settings = {"refresh_every": 3, "stats_every": 2, "max_basis_dim": max_dim}
+    opt = KFACAdam(model, loss_fn, **settings)
     for X, y in batches[:2]:
         _step(opt, model, loss_fn, X, y)
     buf = io.BytesIO()
@@ -159,7 +165,7 @@ def test_kfac_adam_resumes_bit_identically():
     saved = torch.load(buf, weights_only=False)
     resumed = _model("mlp", seed=1)
     resumed.load_state_dict(saved["model"])
-    opt2 = KFACAdam(resumed, loss_fn, refresh_every=3, stats_every=2)
+    opt2 = KFACAdam(resumed, loss_fn, **settings)
     opt2.load_state_dict(saved["opt"])
     for X, y in batches[2:]:
         _step(opt2, resumed, loss_fn, X, y)
@@ -181,6 +187,11 @@ def test_kfac_adam_rejects_what_does_not_apply():
         KFACAdam(model, loss_fn, basis_update="qr")
     with pytest.raises(ValueError, match="ownership"):
         KFACAdam(model, loss_fn, basis_update="power", ownership="owner")
+    for bad in (0, 2.5, True, "64"):
+        with pytest.raises(ValueError, match="max_basis_dim"):
+            KFACAdam(model, loss_fn, max_basis_dim=bad)
+    with pytest.raises(ValueError, match="max_basis_dim with ownership"):
+        KFACAdam(model, loss_fn, max_basis_dim=4, ownership="owner")
     with pytest.raises(ValueError, match="not a KFACAdam"):
         KFACAdam(model, loss_fn).load_state_dict(
             __import__("beyondgrad").optim.KFAC(model, loss_fn).state_dict()
