@@ -343,3 +343,18 @@ def test_tuning_for_a_calibration_ignores_an_older_target(tmp_path):
     assert all(r["train_s"] >= 1.0 for r in latest)  # ran on (to the budget or a rung)
     args = suite.parser().parse_args(["tune", "--task", "kron-lsq", "--no-target"])
     assert args.no_target
+
+
+def test_geometric_means_with_and_without_the_sanity_problem():
+    def entry(adamw: float, kfac: float) -> dict:
+        return {"cells": {"adamw": {"median_seconds": adamw}, "kfac": {"median_seconds": kfac}}}
+
+    results = {"gpt": entry(10.0, 20.0), "autoencoder": entry(10.0, 5.0), "kron-lsq": entry(2, 0.5)}
+    every = suite.geometric_means(results)
+    assert every["kfac"]["tasks"] == 3
+    assert every["kfac"]["geomean"] == pytest.approx((2.0 * 0.5 * 0.25) ** (1 / 3))
+    real = suite.geometric_means(results, exclude=("kron-lsq",))
+    assert real["kfac"] == {"geomean": pytest.approx(1.0), "tasks": 2}
+    table = "\n".join(suite._geomean_table(results))
+    assert "without kron-lsq" in table and "| kfac | 0.63 | 3 | 1.00 | 2 |" in table
+    assert suite._fmt_hp({"batch_size": 1024.0, "lr": 0.00123456}) == "batch_size=1024, lr=0.00123"
