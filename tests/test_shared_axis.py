@@ -158,6 +158,28 @@ def test_probe_failure_falls_back_with_a_warning():
     assert_close(res[bg.BatchGrad()], ref["BatchGrad"], "BatchGrad")
 
 
+def test_a_model_that_flattens_its_batch_is_named_not_run_quadratically():
+    """Logits flattened to ``[N*T, V]`` (``view(-1, V)``) do not keep the samples of the
+    ``[N, T]`` input: the probe would run the same batch and every layer would look shared (a
+    masked pass over ``N*T`` copies: seconds per step on a small GPT-2). Said, with the fix."""
+
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(7, 4), nn.Linear(4, 7)
+
+        def forward(self, ids):
+            return self.head(self.emb(ids)).reshape(-1, 7)
+
+    model, loss_fn = Flat().double(), nn.CrossEntropyLoss()
+    ids = torch.randint(0, 7, (2, 3))
+    opt = bg.optim.KFAC(model, loss_fn)  # capture() sees no X, y to compare (bg.compute does)
+    flat = r"none of its tensor arguments \[\(2, 3\)\].*flatten"
+    with pytest.warns(RuntimeWarning, match=flat), pytest.raises(RuntimeError, match="sample axis"):
+        with opt.capture():
+            loss_fn(model(ids), ids.reshape(-1))
+
+
 def test_diag_hessian_refuses_shared_layers():
     """DiagHessian's residual passes start inside the network, where a shared output's
     per-sample gradients cannot be separated: a clear refusal, not a wrong number."""

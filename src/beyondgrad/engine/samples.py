@@ -340,7 +340,21 @@ def _probe_forward(
 
 
 def _run_probe(model: nn.Module, layers: list[Layer], args: tuple, kwargs: dict, N: int):
-    """Shapes of every call of every layer on a batch of another size, without side effects."""
+    """Shapes of every call of every layer on a batch of another size, without side effects.
+    Raises ``ValueError`` when no tensor argument has the leading length ``N``: the probe
+    would run the same batch, and every layer would look shared across the samples."""
+    if not any(
+        isinstance(t, Tensor) and t.ndim > 0 and t.shape[0] == N
+        for t in tree_flatten((args, kwargs))[0]
+    ):
+        shapes = [tuple(t.shape) for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+        raise ValueError(
+            f"the model's output has {N} rows (samples), but none of its tensor arguments "
+            f"{shapes} has a leading axis of length {N}: does the model flatten its batch "
+            "(e.g. logits.view(-1, V) over [N, T] tokens)? Keep the samples first (for a "
+            "sequence loss: logits [N, V, T] with targets [N, T], as nn.CrossEntropyLoss "
+            "takes them)"
+        )
     args_m, kwargs_m, M = _probe_batch(args, kwargs, N)
     return Probe(_probe_forward(model, layers, args_m, kwargs_m)[0], M)
 
