@@ -242,6 +242,28 @@ def test_kfac_routes_tied_and_unsupported_to_adamw():
     assert "adamw" in opt.routing() and "LayerNorm" in opt.routing()
 
 
+def test_kronecker_sums_are_formed_only_for_the_preconditioned_layers(monkeypatch):
+    """The tied output layer goes to the fallback: its Kronecker sums (an output factor
+    ``[V, V]``, the costliest of a language model) are not formed at all."""
+    from beyondgrad.app.tasks import make_problem
+    from beyondgrad.optim import _engine
+
+    formed: list[str] = []
+    real = _engine._sample_sums
+
+    def spy(stats, module, quantity):
+        formed.append(module)
+        return real(stats, module, quantity)
+
+    monkeypatch.setattr(_engine, "_sample_sums", spy)
+    p, loss_fn = make_problem("transformer"), nn.CrossEntropyLoss()
+    opt = KFAC(p.model, loss_fn)
+    tied_modules = {n.rsplit(".", 1)[0] for n, (_, why) in opt.routes.items() if "tied" in why}
+    _train(opt, p.model, loss_fn, [(p.X, p.y)])
+    assert tied_modules and formed
+    assert set(formed) == set(opt.layers) and not tied_modules & set(formed)
+
+
 def test_adamw_fallback_matches_torch_adamw():
     model, (X, y) = _mlp(), _data()
     twin = _mlp()

@@ -15,7 +15,7 @@ capture blocks (gradient accumulation) and over ranks before they divide once by
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -120,6 +120,7 @@ def record_kronecker_sums(
     quantity: KFACQuantity,
     generator: torch.Generator,
     owner: str,
+    modules: Collection[str] | None = None,
 ) -> Iterator[KroneckerRecording]:
     """Record the forward pass in the block; on exit backpropagate the curvature vectors (the
     forward graph is kept for the user's ``loss.backward()``) and fill the recording.
@@ -130,6 +131,9 @@ def record_kronecker_sums(
         quantity: from :func:`kronecker_quantity`.
         generator: for Monte-Carlo sampling.
         owner: the optimizer's class name, for error messages.
+        modules: the layers whose sums are wanted (default: every layer with a Kronecker
+            rule); the others' are not formed (e.g. a tied output layer that the optimizer's
+            fallback serves: its ``[V, V]`` output factor would cost more than the step).
 
     Yields:
         A :class:`KroneckerRecording`, filled after the block.
@@ -144,7 +148,7 @@ def record_kronecker_sums(
         )
     stats = session.statistics(session.loss_calls[-1][2], retain_graph=True)
     for name in stats.modules:
-        if stats.has_kronecker(name):
+        if (modules is None or name in modules) and stats.has_kronecker(name):
             sums = _sample_sums(stats, name, quantity)
             if sums is not None:
                 recording.sums[name] = sums

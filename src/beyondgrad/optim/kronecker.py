@@ -99,7 +99,7 @@ class KroneckerOptimizer(CurvatureOptimizer):
         )
         owner = type(self).__name__
         with record_kronecker_sums(
-            self.model, self.loss_fn, self.quantity, generator, owner
+            self.model, self.loss_fn, self.quantity, generator, owner, self.layers
         ) as recording:
             yield
         self._add_statistics(recording.sums)
