@@ -1274,3 +1274,26 @@ def test_kfac_pi_inverse_by_cholesky_and_its_eigen_fallback(monkeypatch):
     assert bool((fallback_opt.layers["0"]["eig"][0] > 0).all())  # eigenvalues this time
     for p, q in zip(model.parameters(), fallback_model.parameters(), strict=True):
         torch.testing.assert_close(p, q)
+
+
+def test_layers_with_too_wide_factors_go_to_the_fallback_and_train():
+    from beyondgrad.optim import KFACAdam
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 4), nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 40))
+    loss_fn = nn.CrossEntropyLoss()
+    X, y = torch.randint(0, 50, (8,)), torch.randint(0, 40, (8,))
+    opt = KFAC(model, loss_fn, max_factor_dim=32)
+    assert set(opt.layers) == {"1"}  # 50 (embedding rows) and 40 (outputs) are wider than 32
+    for name in ("0.weight", "3.weight", "3.bias"):
+        target, why = opt.routes[name]
+        assert target == "adamw" and "max_factor_dim=32" in why
+    assert "up to 50 x 50" in opt.routes["0.weight"][1]
+    before = model[3].weight.detach().clone()
+    _train(opt, model, loss_fn, [(X, y)])
+    assert not torch.equal(before, model[3].weight)  # the fallback trains it
+    assert set(KFAC(model, loss_fn, max_factor_dim=None).layers) == {"0", "1", "3"}
+    assert set(KFACAdam(model, loss_fn, max_factor_dim=40).layers) == {"1", "3"}
+    for bad in (0, -3, 2.5, True, "64"):
+        with pytest.raises(ValueError, match="max_factor_dim"):
+            KFAC(model, loss_fn, max_factor_dim=bad)

@@ -67,6 +67,7 @@ from .damping import check_damping
 from .kronecker import KroneckerOptimizer
 from .ownership import defer_eigen_refresh, make_ownership
 from .products import Side, explicit_is_cheaper, make_side
+from .routing import MAX_FACTOR_DIM, check_max_factor_dim, factor_width_refusal
 from .schedule import check_every, is_due
 
 EXPLICIT_INVERSE = -1.0
@@ -117,6 +118,10 @@ class KFAC(KroneckerOptimizer):
             has them, an approximation of about 3 significant digits); default ``None``: the
             eigendecomposition's (float32 at least). The factors and their eigenpairs stay in
             float32 at least.
+        max_factor_dim: a layer with a factor side wider than this (default 8192) goes to the
+            AdamW fallback, with the reason in ``routing()``: an untied language-model head over
+            a 32,000-token vocabulary would need a 4 GB factor and its eigendecomposition; None:
+            no limit.
         **adamw: the fallback's ``adam_lr``, ``adam_betas``, ``adam_eps`` and ``precondition``
             (per group).
     """
@@ -148,8 +153,10 @@ class KFAC(KroneckerOptimizer):
         warmup: int = 0,
         compile_update: bool | str = False,
         preconditioner_dtype: torch.dtype | None = None,
+        max_factor_dim: int | None = MAX_FACTOR_DIM,
         **adamw: Any,
     ):
+        self.max_factor_dim = check_max_factor_dim(max_factor_dim)
         if preconditioner_dtype is not None and not (
             isinstance(preconditioner_dtype, torch.dtype) and preconditioner_dtype.is_floating_point
         ):
@@ -175,6 +182,10 @@ class KFAC(KroneckerOptimizer):
         self._eig_stamps: dict[int, tuple[Any, ...]] = {}  # id(state) -> _factor_stamp
         self.ownership = make_ownership(ownership)
         self._set_compile(compile_update)
+
+    def _accept(self, module: nn.Module) -> str | None:  # type: ignore[override]
+        """Refuse layers whose factors would be wider than ``max_factor_dim``."""
+        return factor_width_refusal(module, self.max_factor_dim)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from ._engine import layer_units
 
@@ -80,6 +80,38 @@ def kronecker_layers(
             for p in u.params.values():
                 refused.setdefault(names[id(p)], reason)
     return layers, refused
+
+
+def factor_width_refusal(module: nn.Module, limit: int | None) -> str | None:
+    """A reason to refuse ``module`` when a side of its Kronecker factors (the larger of
+    ``weight.shape[0]`` and the rest of the weight's size plus one for a bias: exact for
+    ``[out, in, ...]`` weights, within one for a transposed ``[in, out]`` one) is wider than
+    ``limit`` (None: no limit), else None. A ``[d, d]`` factor costs ``4 d^2`` bytes in
+    float32 and an ``O(d^3)`` decomposition per refresh: a 50,000-token vocabulary's would be
+    10 GB."""
+    weight = getattr(module, "weight", None)
+    if limit is None or not isinstance(weight, Tensor) or weight.ndim < 2:
+        return None
+    bias = getattr(module, "bias", None) is not None
+    width = max(weight.shape[0], weight[0].numel() + bias)
+    if width <= limit:
+        return None
+    return (
+        f"a Kronecker factor up to {width} x {width} (> max_factor_dim={limit}: "
+        f"{4 * width**2 / 2**30:.1f} GiB in float32, an O(d^3) decomposition per refresh)"
+    )
+
+
+MAX_FACTOR_DIM = 8192
+"""KFAC's default ``max_factor_dim``: layers with a wider factor side go to the fallback."""
+
+
+def check_max_factor_dim(limit: int | None) -> int | None:
+    """``limit`` if it is None or a positive int, else ``ValueError``."""
+    valid = isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1
+    if limit is not None and not valid:
+        raise ValueError(f"max_factor_dim must be a positive int or None, got {limit!r}")
+    return limit
 
 
 def transposed_layers(model: nn.Module) -> set[str]:
