@@ -343,11 +343,9 @@ def _run_probe(model: nn.Module, layers: list[Layer], args: tuple, kwargs: dict,
     """Shapes of every call of every layer on a batch of another size, without side effects.
     Raises ``ValueError`` when no tensor argument has the leading length ``N``: the probe
     would run the same batch, and every layer would look shared across the samples."""
-    if not any(
-        isinstance(t, Tensor) and t.ndim > 0 and t.shape[0] == N
-        for t in tree_flatten((args, kwargs))[0]
-    ):
-        shapes = [tuple(t.shape) for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+    tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+    if not any(t.ndim > 0 and t.shape[0] == N for t in tensors):
+        shapes = [tuple(t.shape) for t in tensors]
         raise ValueError(
             f"the model's output has {N} rows (samples), but none of its tensor arguments "
             f"{shapes} has a leading axis of length {N}: does the model flatten its batch "

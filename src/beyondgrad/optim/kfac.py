@@ -67,7 +67,7 @@ from .damping import check_damping
 from .kronecker import KroneckerOptimizer
 from .ownership import defer_eigen_refresh, make_ownership
 from .products import Side, explicit_is_cheaper, make_side
-from .routing import MAX_FACTOR_DIM, check_max_factor_dim, factor_width_refusal
+from .routing import MAX_FACTOR_DIM, factor_width_refusal
 from .schedule import check_every, is_due
 
 EXPLICIT_INVERSE = -1.0
@@ -156,7 +156,9 @@ class KFAC(KroneckerOptimizer):
         max_factor_dim: int | None = MAX_FACTOR_DIM,
         **adamw: Any,
     ):
-        self.max_factor_dim = check_max_factor_dim(max_factor_dim)
+        if max_factor_dim is not None:
+            check_every("max_factor_dim", max_factor_dim)
+        self.max_factor_dim = max_factor_dim
         if preconditioner_dtype is not None and not (
             isinstance(preconditioner_dtype, torch.dtype) and preconditioner_dtype.is_floating_point
         ):

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from ..linalg.eigenbasis import symmetric_eigh
 from .kfac import KFAC, _grouped
+from .schedule import check_every
 
 
 def eigen_adam(
@@ -153,9 +154,8 @@ class KFACAdam(KFAC):
                 "basis_update='power' needs every rank's previous basis; with ownership= the "
                 "owner ranks eigendecompose (use basis_update='eigh')"
             )
-        valid = isinstance(max_basis_dim, int) and not isinstance(max_basis_dim, bool)
-        if max_basis_dim is not None and not (valid and max_basis_dim >= 1):
-            raise ValueError(f"max_basis_dim must be a positive int or None, got {max_basis_dim!r}")
+        if max_basis_dim is not None:
+            check_every("max_basis_dim", max_basis_dim)
         if max_basis_dim is not None and kfac.get("ownership") is not None:
             raise ValueError(
                 "max_basis_dim with ownership= is not supported: the owner ranks broadcast full "

@@ -106,14 +106,6 @@ MAX_FACTOR_DIM = 8192
 """KFAC's default ``max_factor_dim``: layers with a wider factor side go to the fallback."""
 
 
-def check_max_factor_dim(limit: int | None) -> int | None:
-    """``limit`` if it is None or a positive int, else ``ValueError``."""
-    valid = isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1
-    if limit is not None and not valid:
-        raise ValueError(f"max_factor_dim must be a positive int or None, got {limit!r}")
-    return limit
-
-
 def transposed_layers(model: nn.Module) -> set[str]:
     """Names of the modules served by the engine's transposed-Linear rule (Hugging Face
     ``Conv1D``: weight ``[in, out]``), whose gradient the Kronecker methods transpose."""
