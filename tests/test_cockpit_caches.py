@@ -68,3 +68,29 @@ def test_loss_changes_between_steps():
         expected = nn.CrossEntropyLoss(reduction="none", label_smoothing=smoothing)(out, y)
         torch.testing.assert_close(terms, expected)
         assert loss_fn.reduction == "mean"
+
+
+def test_pooled_convolution_rows_are_reused_and_each_step_equals_a_fresh_cockpit():
+    """The unfolded inputs and materialized rows of a convolution live in the Cockpit's buffer
+    pool: from the second tracked step on the same memory, no growth, and every step's
+    per-sample instruments equal a fresh Cockpit's (which allocates its own)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 5, 3), nn.Tanh(), nn.Conv2d(5, 4, 3, stride=2), nn.Flatten(), nn.Linear(36, 3)
+    ).double()
+    loss_fn = nn.CrossEntropyLoss()
+    config = ["Loss", "GradNorm", "NormTest", "InnerTest", "OrthoTest", "MeanGSNR", "GradHist1d"]
+    keys = config[:-1]
+    cockpit = bg.cockpit.Cockpit(model, loss_fn, config=config)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    g = torch.Generator().manual_seed(1)
+    held = []
+    for step in range(3):
+        X = torch.randn(6, 2, 9, 9, generator=g, dtype=torch.float64)
+        y = torch.randint(3, (6,), generator=g)
+        record = _step(cockpit, model, loss_fn, X, y, step)
+        _same(record, _fresh(model, loss_fn, X, y, config), keys)
+        held.append(cockpit._pool.nbytes)
+        opt.step()
+    # two unfolded inputs and two materialized convolution rows, once each
+    assert held[0] > 0 and held[0] == held[1] == held[2]

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..buffers import BufferPool, pooled
 from ..engine import GRAD, SamplesCoupledError, capture, check_samples_independent
 from ..engine.losses import is_internal_loss_call
 from ..forms import OuterForm
@@ -54,8 +55,8 @@ class Rows:
     """The per-sample gradient rows ``g_n`` of one parameter (as the engine's loss defines
     them: they sum to the gradient of the mini-batch loss), read through reductions only."""
 
-    def __init__(self, form: Any):
-        self._form = form
+    def __init__(self, form: Any, pool: BufferPool | None = None):
+        self._form, self._pool = form, pool
 
     def provide_grad(self, grad: Tensor) -> None:
         """Hand over the already computed sum of the rows (the parameter's gradient)."""
@@ -63,9 +64,16 @@ class Rows:
 
     def prepare(self, reductions: int) -> None:
         """Materialize the rows once (one GEMM for convolutions) when ``reductions`` per-row
-        reductions will read them and they fit :data:`MATERIALIZE_BUDGET`."""
-        if reductions > 1 and self._form.worth_materializing(MATERIALIZE_BUDGET):
-            self._form.batch_grad()
+        reductions will read them and they fit :data:`MATERIALIZE_BUDGET`, into a buffer of
+        the step's pool when there is one (a fresh allocation of this size costs page faults,
+        and its release an unmapping, every step)."""
+        form = self._form
+        if reductions <= 1 or not form.worth_materializing(MATERIALIZE_BUDGET):
+            return
+        if self._pool is None or not (isinstance(form, OuterForm) and form.A.dtype == form.G.dtype):
+            form.batch_grad()
+            return
+        form.batch_grad(out=self._pool.empty((form.rows, *form.shape), form.G.dtype, form.G.device))
 
     def grad(self) -> Tensor:
         """``sum_n g_n``, parameter-shaped."""
@@ -125,8 +133,8 @@ class StepWatch:
     requested, the per-sample rows (computed from the ordinary backward's layer-output
     gradients, with no backward pass of their own)."""
 
-    def __init__(self, session: Any, rows: bool):
-        self._session, self._rows = session, rows
+    def __init__(self, session: Any, rows: bool, pool: BufferPool | None = None):
+        self._session, self._rows, self._pool = session, rows, pool
 
     def loss_call(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(output, target, loss)`` of the step's (last) ``loss_fn`` call."""
@@ -153,11 +161,14 @@ class StepWatch:
         if not self._rows:
             raise RuntimeError("this step was watched without per-sample rows")
         loss = self.loss_call()[2]
+        pool = BufferPool() if self._pool is None else self._pool
+        pool.new_round()  # the previous step's rows are no longer read
         try:
-            forms = self._session.statistics(loss).forms(GRAD, per_sample=True)
+            with pooled(pool):
+                forms = self._session.statistics(loss).forms(GRAD, per_sample=True)
         except SamplesCoupledError as err:
             raise SamplesCoupled(str(err)) from err
-        return {name: Rows(form) for name, form in forms.items()}
+        return {name: Rows(form, pool) for name, form in forms.items()}
 
 
 class _LightSession:
@@ -178,13 +189,18 @@ class _LightSession:
 
 
 @contextmanager
-def watch_step(model: nn.Module, loss_fn: nn.Module, rows: bool) -> Iterator[StepWatch]:
+def watch_step(
+    model: nn.Module, loss_fn: nn.Module, rows: bool, pool: BufferPool | None = None
+) -> Iterator[StepWatch]:
     """Watch the forward pass and the ordinary ``loss.backward()`` of one step.
 
     Args:
         model: the monitored model.
         loss_fn: its loss module.
         rows: also keep what per-sample rows need (layer inputs and output gradients).
+        pool: scratch buffers for the rows' large intermediates (unfolded convolution inputs,
+            materialized rows), reused from step to step: reading the rows starts a new round
+            of it, so the rows of the previous step must no longer be read by then.
 
     Yields:
         The :class:`StepWatch`, readable once the block has run.
@@ -207,7 +223,7 @@ def watch_step(model: nn.Module, loss_fn: nn.Module, rows: bool) -> Iterator[Ste
             )
         except SamplesCoupledError as err:
             raise SamplesCoupled(str(err)) from err
-        yield StepWatch(session, True)
+        yield StepWatch(session, True, pool)
 
 
 @dataclass

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..buffers import BufferPool
 from ..distributed import group as dist_group
 from ..distributed.fsdp import refuse_sharded
 from . import curvature as cv
@@ -181,6 +182,7 @@ class Cockpit:
         self._drawer = Drawer()
         self._distance_buffer: list[Tensor] | None = None
         self._workspace = Workspace()  # model-sized temporaries reused across steps
+        self._pool = BufferPool()  # the rows' large intermediates, reused across steps
         self._unreduced_fn: nn.Module | None = None
 
     # -- schedule -----------------------------------------------------------------------------
@@ -230,7 +232,7 @@ class Cockpit:
                     self.curvature, self.generator,
                 )  # fmt: skip
             rows = bool(plan.needs & _ROW_NEEDS) or (r.GRAD in plan.needs and not plan.coupled)
-            watch = stack.enter_context(watch_step(self.model, self.loss_fn, rows))
+            watch = stack.enter_context(watch_step(self.model, self.loss_fn, rows, self._pool))
             yield record
         self._measure(record, plan, watch, before, pending, optimizer)
         self.records.append(record)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..buffers import contiguous
 from .patterns import Padding, _pair_padding, as_paddings, as_tuple, conv_transpose_output_size
 
 
@@ -59,10 +60,12 @@ def _patches(
 
 
 def _to_columns(u: Tensor, d: int) -> Tensor:
+    """The one copy: ``[N, C, O.., K..]`` patches to columns ``[N, C prod(K), prod(O)]`` (into
+    a pooled buffer inside :func:`beyondgrad.buffers.pooled`)."""
     N, C = u.shape[:2]
     out_sizes, taps = u.shape[2 : 2 + d], u.shape[2 + d :]
-    u = u.permute(0, 1, *range(2 + d, 2 + 2 * d), *range(2, 2 + d))
-    return u.reshape(N, C * math.prod(taps), math.prod(out_sizes))
+    u = contiguous(u.permute(0, 1, *range(2 + d, 2 + 2 * d), *range(2, 2 + d)))
+    return u.view(N, C * math.prod(taps), math.prod(out_sizes))
 
 
 def unfold(
