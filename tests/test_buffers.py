@@ -34,12 +34,14 @@ def test_contiguous_pools_only_copies_outside_autograd():
     pool = BufferPool()
     with pooled(pool):
         first = contiguous(x)
-        assert torch.equal(first, x) and pool.nbytes == x.numel() * 4
+        assert torch.equal(first, x) and pool.nbytes == x.numel() * x.element_size()
         ready = torch.randn(5)
         assert contiguous(ready) is ready  # already contiguous: no copy
         w = torch.randn(2, 3, 4, requires_grad=True)
         y = contiguous(w.permute(2, 0, 1))
-        assert y.requires_grad and pool.nbytes == x.numel() * 4  # recorded copy: not pooled
+        assert (
+            y.requires_grad and pool.nbytes == x.numel() * x.element_size()
+        )  # recorded copy: not pooled
         y.sum().backward()
         assert torch.equal(w.grad, torch.ones_like(w))
     pool.new_round()
@@ -60,3 +62,15 @@ def test_unfold_in_a_pool_equals_torch_and_reuses_its_columns():
         again = unfold(2 * x, 3, dilation=1, padding=1, stride=2)
     assert again.data_ptr() == cols.data_ptr()
     torch.testing.assert_close(again, F.unfold(2 * x, 3, dilation=1, padding=1, stride=2))
+
+
+def test_sum_of_squares_row_by_row_equals_the_plain_reduction():
+    from beyondgrad.forms.base import ROW_BY_ROW_MIN, sum_of_squares
+
+    rows = torch.randn(5, 2, ROW_BY_ROW_MIN, dtype=torch.float64)  # long rows: row by row
+    torch.testing.assert_close(sum_of_squares(rows), rows.pow(2).sum(0), rtol=1e-14, atol=0)
+    short = torch.randn(5, 7, dtype=torch.float64)
+    torch.testing.assert_close(sum_of_squares(short), short.pow(2).sum(0), rtol=1e-14, atol=0)
+    tracked = rows.clone().requires_grad_()
+    sum_of_squares(tracked).sum().backward()  # under autograd: differentiable
+    torch.testing.assert_close(tracked.grad, 2 * rows)

@@ -229,7 +229,7 @@ class Cockpit:
             if plan.needs & r.CURVATURE:  # first: runs before the ordinary backward is watched
                 pending = cv.attach(
                     stack, self.model, self.loss_fn, self.params, plan.needs & r.CURVATURE,
-                    self.curvature, self.generator,
+                    self.curvature, self.generator, self._pool,
                 )  # fmt: skip
             rows = bool(plan.needs & _ROW_NEEDS) or (r.GRAD in plan.needs and not plan.coupled)
             watch = stack.enter_context(watch_step(self.model, self.loss_fn, rows, self._pool))

@@ -8,13 +8,14 @@ cannot be formed exactly is left out and its reason kept in :attr:`Pending.dropp
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..buffers import BufferPool, pooled
 from . import reductions as r
 from ._engine import CurvatureResult, SamplesCoupled, curvature_session
 from .hessian import HessianUnavailable, Warm, largest_eigenvalue, twice_differentiable_kernels
@@ -59,6 +60,7 @@ def attach(
     needs: frozenset[str],
     settings: CurvatureSettings,
     generator: torch.Generator,
+    pool: BufferPool | None = None,
 ) -> Pending:
     """Arrange for the curvature ``needs`` to be computed when ``loss_fn`` returns.
 
@@ -70,6 +72,9 @@ def attach(
         needs: among :data:`~beyondgrad.cockpit.reductions.CURVATURE`.
         settings: the curvature knobs.
         generator: for Monte-Carlo draws and Lanczos.
+        pool: scratch buffers for the large intermediates (unfolded convolution inputs), taken
+            in the round of the step's rows (nothing of them is read once the curvature is
+            reduced).
 
     Returns:
         The :class:`Pending` results, filled once the loss has been computed.
@@ -92,7 +97,8 @@ def attach(
         pending.done = True
         if session is not None:
             try:
-                pending.result = session.compute(loss)
+                with pooled(pool) if pool is not None else nullcontext():
+                    pending.result = session.compute(loss)
             except SamplesCoupled as err:
                 pending.dropped.update(dict.fromkeys(needs & r.PER_SAMPLE, str(err)))
         if r.HESS_MAX_EV in needs:

@@ -216,7 +216,7 @@ class Form(ABC):
         return flat @ flat.T
 
     def _sum_grad_squared(self) -> Tensor:
-        return self.batch_grad().pow(2).sum(0)
+        return sum_of_squares(self.batch_grad())
 
     def _batch_sum_grad_squared(self) -> Tensor:
         squares = self.batch_grad().pow(2)
@@ -224,6 +224,22 @@ class Form(ABC):
 
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+#: rows at least this long are squared and summed row by row on the CPU
+ROW_BY_ROW_MIN = 1 << 12
+
+
+def sum_of_squares(rows: Tensor) -> Tensor:
+    """``rows.pow(2).sum(0)``; on the CPU for long rows one fused ``addcmul_`` per row into
+    the result instead of a temporary the size of ``rows`` (whose fresh pages cost more than
+    the arithmetic: 0.7 vs 2.3 ms for ``[64, 55296]`` float32 rows)."""
+    if rows.device.type != "cpu" or rows.shape[0] < 2 or rows[0].numel() < ROW_BY_ROW_MIN:
+        return rows.pow(2).sum(0)
+    if torch.is_grad_enabled() and rows.requires_grad:
+        return rows.pow(2).sum(0)
+    total = torch.zeros_like(rows[0])
+    for row in rows:
+        total.addcmul_(row, row)
+    return total
 
 
 def _tensors(form: Form) -> list[Tensor]:

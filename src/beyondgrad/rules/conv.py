@@ -51,12 +51,14 @@ class ConvOuterForm(OuterForm):
                     accumulate(a + i, row)
 
     def _fused(self) -> bool:
-        """Blocks for ``K > 1`` vectors and ``S > 1`` positions on the CPU (the cache argument;
-        elsewhere one kernel per row would cost more launches than it saves), outside autograd
-        (products into a reused buffer are not differentiable)."""
-        K, _N, S, _I, _O = self._sizes
+        """Blocks for ``S > 1`` positions on the CPU (the cache argument; elsewhere one kernel
+        per row would cost more launches than it saves), outside autograd (products into a
+        reused buffer are not differentiable). Also for one vector (``K = 1``, e.g. a
+        one-sample Monte-Carlo diagonal): the cnn's ``DiagGGN(mc_samples=1)`` 117 -> 109 ms
+        against whole-chunk products (fresh ``[n, O, I]`` chunks)."""
+        _K, _N, S, _I, _O = self._sizes
         tracked = torch.is_grad_enabled() and (self.A.requires_grad or self.G.requires_grad)
-        return K > 1 and S > 1 and self.A.device.type == "cpu" and not tracked
+        return S > 1 and self.A.device.type == "cpu" and not tracked
 
     def _sum_grad_squared(self) -> Tensor:
         if not self._fused():
