@@ -168,13 +168,17 @@ def test_alpha_end_point_by_the_gram_trick_matches_the_oracle(monkeypatch):
     update ``-lr * sum_m h_m`` come from the rows kept at the start (``sum_m (G_n.H_m)
     (A_n.B_m)``), not from a projection on the measured update; Alpha equals the oracle's
     on the measured update. A batch modified in place in between falls back to projecting."""
-    from beyondgrad.cockpit._engine import Rows
+    from beyondgrad.cockpit._engine import DenseLayer
 
-    used = []
-    original = Rows.dots_with_sum_of
-    monkeypatch.setattr(
-        Rows, "dots_with_sum_of", lambda self, e: used.append(r := original(self, e)) or r
-    )
+    used = []  # the earlier layers read by the Gram trick (inner products across steps)
+    original = DenseLayer.inner
+
+    def spy(self, other=None):
+        if other is not None:
+            used.append(other.names)
+        return original(self, other)
+
+    monkeypatch.setattr(DenseLayer, "inner", spy)
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(24, 40), nn.Tanh(), nn.Linear(40, 30), nn.Tanh(), nn.Linear(30, 3)
@@ -188,7 +192,7 @@ def test_alpha_end_point_by_the_gram_trick_matches_the_oracle(monkeypatch):
     f0, G0 = _per_sample(model, loss_fn, X, y)
     used.clear()
     _step(cockpit, model, loss_fn, X, y, 1, opt)
-    assert sum(u is not None for u in used) == 2  # the two wide layers (not the 30 -> 3 one)
+    assert used == [("0.weight", "0.bias"), ("2.weight", "2.bias")]  # not the 30 -> 3 one
     s = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(model.parameters(), before)])
     f1, G1 = _per_sample(model, loss_fn, X, y)
     rec = _step(cockpit, model, loss_fn, X, y, 2, opt)
@@ -196,4 +200,4 @@ def test_alpha_end_point_by_the_gram_trick_matches_the_oracle(monkeypatch):
     used.clear()
     X.mul_(1.0)  # an in-place change of the kept layer input: the Gram trick is refused
     _step(cockpit, model, loss_fn, X, y, 3, opt)
-    assert used and used[0] is None
+    assert used == [("2.weight", "2.bias")]  # the first layer's kept input changed: projected

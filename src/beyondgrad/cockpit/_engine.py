@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..buffers import BufferPool, pooled
 from ..engine import GRAD, SamplesCoupledError, capture, check_samples_independent
 from ..engine.losses import is_internal_loss_call
-from ..forms import OuterForm
+from ..forms import OuterForm, SampleForm
 from ..quantities import DiagGGN, GGNEigen
 
 #: per-sample gradients of a layer with positions (convolutions) are materialized once for all
@@ -99,33 +99,76 @@ class Rows:
         """``g_n . direction`` (``direction`` parameter-shaped), ``[N]``."""
         return self._form.project(direction[None])[:, 0]
 
-    def kept(self) -> Rows | None:
-        """These rows, to be read again at a later step by :meth:`dots_with_sum_of`, when that
-        is cheap (a dense layer's factors without positions: two ``[N, I]`` / ``[N, O]``
-        tensors); None otherwise (keeping them would hold large tensors)."""
-        form = self._form
-        if not (isinstance(form, OuterForm) and form.vectors == 1 and form.A.shape[1] == 1):
-            return None
-        self._versions = (form.A._version, form.G._version)
+
+@dataclass(eq=False)
+class DenseLayer:
+    """The rows of a dense layer applied once per sample (no positions): the weight's rows
+    ``g_n = G_n a_n^T`` and, when the bias's rows are the very tensor ``G`` (a plain
+    ``nn.Linear``), the bias's rows ``G_n``. All inner products of the layer's rows come from
+    two Gram matrices: ``<g_n, h_m> = (a_n . b_m + [bias]) (G_n . H_m)``.
+
+    Attributes:
+        names: the weight's parameter name, then the bias's if it is included.
+        A: the layer inputs ``[N, I]``.
+        G: the output gradients ``[N, O]``.
+        versions: ``(A._version, G._version)`` when :meth:`keep` was called.
+    """
+
+    names: tuple[str, ...]
+    A: Tensor
+    G: Tensor
+    versions: tuple[int, int] | None = None
+
+    def gram_is_cheaper(self, rows: int) -> bool:
+        """Whether inner products with ``rows`` other rows cost less by the Gram matrices
+        (``N rows (I + O)``) than by projecting on their sum (``N I O``)."""
+        return rows * (self.A.shape[1] + self.G.shape[1]) < self.A.shape[1] * self.G.shape[1]
+
+    def inner(self, other: DenseLayer | None = None) -> Tensor:
+        """``[N, M]``: inner products of this layer's rows (weight and bias together) with
+        those of ``other``, the same layer at another step (default: itself)."""
+        o = self if other is None else other
+        gram = self.A @ o.A.T
+        if len(self.names) > 1:
+            gram += 1
+        return gram.mul_(self.G @ o.G.T)
+
+    def keep(self) -> DenseLayer:
+        """This layer, to be read again at a later step (its tensors' versions recorded)."""
+        self.versions = (self.A._version, self.G._version)
         return self
 
-    def dots_with_sum_of(self, earlier: Rows) -> Tensor | None:
-        """``g_n . sum_m h_m`` with ``h_m`` the rows ``earlier`` (the same parameter at an
-        earlier step, from :meth:`kept`), ``[N]``, by the Gram trick
-        ``sum_m (G_n . H_m)(A_n . B_m)`` when that is cheaper than projecting on the sum;
-        None otherwise, or when a tensor of ``earlier`` changed in place since."""
-        a, b = self._form, earlier._form
-        if not (isinstance(a, OuterForm) and a.vectors == 1 and a.A.shape[1] == 1):
-            return None
-        if (b.A._version, b.G._version) != getattr(earlier, "_versions", None):
-            return None
-        N, _, I = a.A.shape
-        M, O = b.A.shape[0], a.G.shape[2]
-        if b.A.shape[2] != I or b.G.shape[2] != O or M * (I + O) >= I * O:
-            return None
-        gram_a = a.A.reshape(N, I) @ b.A.reshape(M, I).T
-        gram_g = a.G.reshape(N, O) @ b.G.reshape(M, O).T
-        return gram_a.mul_(gram_g).sum(1)
+    def unchanged(self) -> bool:
+        """Whether no tensor of a kept layer was modified in place since :meth:`keep`."""
+        return self.versions == (self.A._version, self.G._version)
+
+
+def dense_layers(rows: dict[str, Rows]) -> list[DenseLayer]:
+    """The dense layers without positions among ``rows`` (one vector per sample, float32 or
+    float64, not materialized), each with its bias when the bias's rows are the layer's
+    output gradients themselves."""
+    biases: dict[tuple[int, tuple[int, ...], tuple[int, ...]], str] = {}
+    for name, r in rows.items():
+        f = r._form
+        if isinstance(f, SampleForm) and f.vectors == 1 and f.values.ndim == 2:
+            biases[(f.values.data_ptr(), tuple(f.values.shape), f.values.stride())] = name
+    layers = []
+    for name, r in rows.items():
+        f = r._form
+        if not (
+            isinstance(f, OuterForm)
+            and f.vectors == 1
+            and f.A.shape[1] == 1
+            and f.A.dtype == f.G.dtype
+            and f.A.dtype in (torch.float32, torch.float64)
+            and not f.materialized
+        ):
+            continue
+        N, _, I = f.A.shape
+        A, G = f.A.reshape(N, I), f.G.reshape(N, f.G.shape[2])
+        bias = biases.pop((G.data_ptr(), tuple(G.shape), G.stride()), None)
+        layers.append(DenseLayer((name,) if bias is None else (name, bias), A, G))
+    return layers
 
 
 class StepWatch:
@@ -308,10 +351,12 @@ __all__ = [
     "MATERIALIZE_BUDGET",
     "CurvatureResult",
     "CurvatureSession",
+    "DenseLayer",
     "Rows",
     "SamplesCoupled",
     "StepWatch",
     "curvature_session",
+    "dense_layers",
     "samples_coupled",
     "watch_step",
 ]

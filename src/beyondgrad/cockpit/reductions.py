@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._engine import Rows
+from ._engine import DenseLayer, Rows, dense_layers
 from .workspace import Workspace
 
 LOSS = "loss"  #: the mini-batch loss (always available)
@@ -119,7 +119,7 @@ def sample_entries(
 def directional(
     rows: dict[str, Rows],
     direction: dict[str, Tensor],
-    earlier: dict[str, Rows] | None = None,
+    earlier: list[DenseLayer] | None = None,
     lr: float | None = None,
 ) -> Tensor:
     """``sum over layers of g_n . direction`` (unscaled rows), ``[B]`` float64 on the CPU.
@@ -128,21 +128,23 @@ def directional(
         rows: this step's rows per parameter.
         direction: per parameter the update ``s``.
         earlier: when ``s = -lr * sum_m h_m`` exactly (a plain gradient step on the rows
-            ``h`` of an earlier step, kept by :meth:`Rows.kept`): those rows, read by the
-            Gram trick where that is cheaper than projecting on ``s``.
+            ``h`` of an earlier step): that step's dense layers (:meth:`DenseLayer.keep`),
+            read by their Gram matrices where that is cheaper than projecting on ``s``.
         lr: that step's learning rate.
     """
-    total = None
-    for name, r in rows.items():
-        part = None
-        if earlier is not None and lr is not None and name in earlier:
-            part = r.dots_with_sum_of(earlier[name])
-            part = None if part is None else part * -lr
-        if part is None:
-            part = r.project(direction[name])
-        part = part.double()
-        total = part if total is None else total + part
-    assert total is not None
+    parts: list[Tensor] = []
+    done: set[str] = set()
+    if earlier is not None and lr is not None:
+        before = {layer.names: layer for layer in earlier}
+        for layer in dense_layers(rows):
+            old = before.get(layer.names)
+            if old is None or not old.unchanged() or not layer.gram_is_cheaper(len(old.A)):
+                continue
+            parts.append(layer.inner(old).sum(1).mul_(-lr))
+            done.update(layer.names)
+    parts += [r.project(direction[name]) for name, r in rows.items() if name not in done]
+    total = _layer_sum([p.double() for p in parts], 1.0)
+    assert isinstance(total, Tensor)
     return total.cpu()
 
 
@@ -169,6 +171,14 @@ def gather_rows(
     reads = sum(key in needs for key in ROW_READS)
     l2: list[Tensor] = []
     dots: list[Tensor] = []
+    fused: set[str] = set()
+    if BATCH_L2 in needs or DOTS in needs:  # dense layers: norms and dots from one Gram pair
+        for layer in dense_layers(rows):
+            if layer.gram_is_cheaper(B):
+                inner = layer.inner()
+                l2.append(inner.diagonal())
+                dots.append(inner.sum(1))
+                fused.update(layer.names)
     sgs, values, thetas = [], [], []
     for name, r in rows.items():
         if name in grad_of_loss:  # the ordinary backward already formed it
@@ -179,9 +189,9 @@ def gather_rows(
             g = g * (c / B)
         data.layers.append(name)
         data.grads.append(g.reshape(-1))
-        if BATCH_L2 in needs:
+        if BATCH_L2 in needs and name not in fused:
             l2.append(r.batch_l2())
-        if DOTS in needs:
+        if DOTS in needs and name not in fused:
             dots.append(r.dots_with_sum())
         if SGS in needs:
             sgs.append(r.sum_grad_squared())
@@ -191,6 +201,8 @@ def gather_rows(
             values.append(v.detach())  # moved to the host together in _finish
             if ENTRY_PARAMS in needs:
                 thetas.append(params[name].detach().reshape(-1)[flat])
+    l2 = l2 if BATCH_L2 in needs else []
+    dots = dots if DOTS in needs else []
     _finish(data, needs, _layer_sum(l2, c**2), _layer_sum(dots, c * c / B), sgs, values, thetas)
 
 

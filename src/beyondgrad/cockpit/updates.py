@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._engine import Rows
+from ._engine import Rows, dense_layers
 from .reductions import directional
 
 
@@ -158,7 +158,7 @@ class UpdateTracker:
                 "derivatives": derivatives,
             }
             if shortcut is not None and shortcut.lr is not None:  # delta = -lr * sum of rows
-                kept = {n: k for n, r in armed.rows.items() if (k := r.kept()) is not None}
+                kept = [layer.keep() for layer in dense_layers(armed.rows)]
                 start.update(rows=kept, lr=shortcut.lr)
         return Update(armed.record, delta, dict(zip(names, sizes.tolist())), start)
 
