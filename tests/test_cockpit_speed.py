@@ -108,7 +108,7 @@ def _dense_max_ev(model, loss_fn, X, y) -> float:
 def test_warm_started_hess_max_ev_matches_the_dense_hessian_and_survives_a_restart():
     model, X, y, loss_fn = CASES["mlp"]()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    cockpit = Cockpit(model, loss_fn, config=["Loss", "HessMaxEV"], hess_iters=200)
+    cockpit = Cockpit(model, loss_fn, config=["Loss", "HessMaxEV"], hess_iters=200, hess_tol=1e-4)
     assert cockpit.curvature.warm.vector is None
     for step in range(2):
         _step(cockpit, model, loss_fn, X, y, step, opt)
@@ -117,9 +117,36 @@ def test_warm_started_hess_max_ev_matches_the_dense_hessian_and_survives_a_resta
     rec = _step(cockpit, model, loss_fn, X, y, 2, opt)
     assert rec["HessMaxEV"] == pytest.approx(expected, rel=1e-6)
     assert not torch.equal(cockpit.curvature.warm.vector, warm)  # carried to the next step
-    again = Cockpit(model, loss_fn, config=["Loss", "HessMaxEV"], hess_iters=200)
+    again = Cockpit(model, loss_fn, config=["Loss", "HessMaxEV"], hess_iters=200, hess_tol=1e-4)
     again.load_state_dict(cockpit.state_dict())
     torch.testing.assert_close(again.curvature.warm.vector, cockpit.curvature.warm.vector)
+
+
+def test_hess_max_ev_default_tolerance_is_close_and_takes_fewer_products(monkeypatch):
+    """The default residual tolerance (1e-2) stops Lanczos early; the eigenvalue stays within
+    1e-3 of the dense Hessian's (quadratic accuracy in the residual). Bad values are refused."""
+    from beyondgrad.cockpit.hessian import HessianOfGraph
+
+    products = []
+    original = HessianOfGraph._matmat
+    monkeypatch.setattr(
+        HessianOfGraph, "_matmat", lambda self, M: products.append(M.shape[1]) or original(self, M)
+    )
+    model, X, y, loss_fn = CASES["mlp"]()
+    expected = _dense_max_ev(model, loss_fn, X, y)
+    counts = {}
+    for tol in (1e-2, 1e-6):
+        products.clear()
+        cockpit = Cockpit(
+            model, loss_fn, config=["Loss", "HessMaxEV"], hess_iters=200, hess_tol=tol
+        )
+        rec = _step(cockpit, model, loss_fn, X, y, 0, torch.optim.SGD(model.parameters(), lr=0.0))
+        counts[tol] = sum(products)
+        assert rec["HessMaxEV"] == pytest.approx(expected, rel=1e-3 if tol == 1e-2 else 1e-9)
+    assert counts[1e-2] < counts[1e-6]
+    for bad in (0.0, 1.0, -1e-3):
+        with pytest.raises(ValueError, match="hess_tol"):
+            Cockpit(model, loss_fn, config=["HessMaxEV"], hess_tol=bad)
 
 
 @pytest.mark.parametrize("quantile", [0.0, 0.25, 0.5, 0.9, 0.99, 0.999])

@@ -33,12 +33,14 @@ class Pending:
 
 @dataclass
 class CurvatureSettings:
-    """``spectra_k`` eigenvalues per layer, ``hess_iters`` Lanczos iterations,
-    ``mc_samples`` Monte-Carlo samples of the GGN diagonal and spectra (None: exact)."""
+    """``spectra_k`` eigenvalues per layer, at most ``hess_iters`` Lanczos iterations to the
+    relative residual ``hess_tol``, ``mc_samples`` Monte-Carlo samples of the GGN diagonal and
+    spectra (None: exact)."""
 
     spectra_k: int = 4
     hess_iters: int = 20
     mc_samples: int | None = 1
+    hess_tol: float = 1e-2
     #: HessMaxEV's warm start, carried from one tracked step to the next
     warm: Warm = field(default_factory=Warm)
 
@@ -118,7 +120,7 @@ def _hess_max_ev(
 ) -> None:
     try:
         pending.hess_max_ev = largest_eigenvalue(
-            loss, params, settings.hess_iters, generator, settings.warm
+            loss, params, settings.hess_iters, generator, settings.warm, settings.hess_tol
         )
     except HessianUnavailable as err:
         pending.dropped[r.HESS_MAX_EV] = str(err)
