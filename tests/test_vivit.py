@@ -112,3 +112,35 @@ def test_outer_form_reductions_from_materialized_rows_agree(S):
         torch.testing.assert_close(form.entries(r_idx, flat), flat_rows[r_idx, flat])
         torch.testing.assert_close(form.dots_with_sum(), flat_rows @ flat_rows.sum(0))
         torch.testing.assert_close(form.batch_l2(), flat_rows.pow(2).sum(1))
+
+
+@pytest.mark.parametrize("case", ["mlp", "resnet", "gpt"])
+def test_spectrum_is_the_dense_ggn_top_eigenvalues_without_the_gradient_pass(case):
+    """GGNSpectrum: per group the leading eigenvalues of the dense float64 GGN (block), equal
+    to GGNEigen's, from the curvature vectors alone (its needs hold no loss gradient)."""
+    model, X, y, loss_fn = CASES[case]()
+    ref = ggn(model, loss_fn, X, y)
+    names, shapes = ref["names"], ref["shapes"]
+    groups = (tuple(names[:2]), tuple(names[2:]))
+    q = bg.GGNSpectrum(top_k=3, param_groups=groups)
+    assert q.needs().kinds == (q.vectors,)
+    res = bg.compute(model, loss_fn, X, y, q)[q]
+    assert set(res) == {"group0", "group1"}
+    start = 0
+    for key, group in zip(("group0", "group1"), groups):
+        size = sum(shapes[names.index(n)].numel() for n in group)
+        block = ref["full"][start : start + size, start : start + size]
+        start += size
+        expected = torch.linalg.eigvalsh(block).flip(0)[:3]
+        torch.testing.assert_close(res[key], expected, rtol=1e-8, atol=1e-10)
+    eig = bg.GGNEigen(top_k=3, param_groups=groups)
+    both = bg.compute(model, loss_fn, X, y, eig)[eig]
+    for key in res:
+        torch.testing.assert_close(res[key], both[key].eigenvalues, rtol=1e-10, atol=1e-12)
+    whole = bg.compute(model, loss_fn, X, y, bg.GGNSpectrum())[bg.GGNSpectrum]["model"]
+    dense = torch.linalg.eigvalsh(ref["full"]).flip(0)
+    torch.testing.assert_close(whole, dense[: whole.numel()], rtol=1e-8, atol=1e-10)
+    with pytest.raises(ValueError, match="top_k"):
+        bg.GGNSpectrum(top_k=0)
+    with pytest.raises(KeyError, match="GGNSpectrum: unknown parameter"):
+        bg.compute(model, loss_fn, X, y, bg.GGNSpectrum(param_groups=(("nope",),)))

@@ -22,7 +22,7 @@ from ..buffers import BufferPool, pooled
 from ..engine import GRAD, SamplesCoupledError, capture, check_samples_independent
 from ..engine.losses import is_internal_loss_call
 from ..forms import OuterForm, SampleForm
-from ..quantities import DiagGGN, GGNEigen
+from ..quantities import DiagGGN, GGNSpectrum
 
 #: per-sample gradients of a layer with positions (convolutions) are materialized once for all
 #: statistics when they take at most this many elements (64 MiB in float32)
@@ -285,7 +285,7 @@ class CurvatureSession:
         self,
         session: Any,
         diag: DiagGGN | None,
-        eigen: GGNEigen | None,
+        eigen: GGNSpectrum | None,
         groups: tuple[str, ...],
     ):
         self._session, self._diag, self._eigen, self._groups = session, diag, eigen, groups
@@ -306,7 +306,7 @@ class CurvatureSession:
         if self._eigen is not None:
             eig = res[self._eigen]
             out.spectra = (
-                {self._groups[i]: r.eigenvalues.tolist() for i, r in enumerate(eig.values())}
+                {self._groups[i]: ev.tolist() for i, ev in enumerate(eig.values())}
                 if isinstance(eig, dict)
                 else {}
             )
@@ -341,7 +341,9 @@ def curvature_session(
     if spectra is not None:
         top_k, by_group = spectra
         groups = tuple(by_group)
-        eigen = GGNEigen(mc_samples=mc_samples, top_k=top_k, param_groups=tuple(by_group.values()))
+        eigen = GGNSpectrum(
+            mc_samples=mc_samples, top_k=top_k, param_groups=tuple(by_group.values())
+        )
     quantities = [q for q in (diag, eigen) if q is not None]
     with capture(model, loss_fn, *quantities, generator=generator) as session:
         yield CurvatureSession(session, diag, eigen, groups)

@@ -132,7 +132,7 @@ def all_reduce_result(res: Result, process_group: Any = None) -> Result:
 
     Raises:
         NotImplementedError: a quantity that is no sum over samples (per-sample quantities
-            such as ``BatchGrad``, ``Variance``, ``SqrtGGN``, ``GGNEigen``).
+            such as ``BatchGrad``, ``Variance``, ``SqrtGGN``, ``GGNEigen``, ``GGNSpectrum``).
         RuntimeError: ranks computed different quantities, names or shapes, or with
             different reductions.
     """

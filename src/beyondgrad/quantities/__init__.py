@@ -7,7 +7,7 @@ module                     quantities                                    vectors
 ``first_order``            Grad, BatchGrad, BatchL2, BatchDot,           loss gradient
                            SumGradSquared, Variance
 ``curvature``              DiagGGN, BatchDiagGGN                         exact / MC
-``vivit``                  SqrtGGN, GGNEigen                             exact / MC (+ grad)
+``vivit``                  SqrtGGN, GGNEigen, GGNSpectrum                exact / MC (+ grad)
 ``kfac``                   KFAC                                          by fisher_type
 ``hessian``                DiagHessian (exact, HesScale)                 exact + residuals
 =========================  ============================================  ==================
@@ -18,7 +18,7 @@ from .curvature import BatchDiagGGN, Curvature, DiagGGN
 from .first_order import BatchDot, BatchGrad, BatchL2, Grad, SumGradSquared, Variance
 from .hessian import DiagHessian, hesscale, residual_sites
 from .kfac import FISHER_TYPES, KFAC, KFAC_APPROX
-from .vivit import GGNEigen, GGNEigenResult, SqrtGGN, ggn_eigen
+from .vivit import GGNEigen, GGNEigenResult, GGNSpectrum, SqrtGGN, ggn_eigen
 
 FIRST_ORDER: tuple[type[Quantity], ...] = (
     Grad,
@@ -28,7 +28,14 @@ FIRST_ORDER: tuple[type[Quantity], ...] = (
     SumGradSquared,
     Variance,
 )
-SECOND_ORDER: tuple[type[Quantity], ...] = (DiagGGN, BatchDiagGGN, SqrtGGN, KFAC, GGNEigen)
+SECOND_ORDER: tuple[type[Quantity], ...] = (
+    DiagGGN,
+    BatchDiagGGN,
+    SqrtGGN,
+    KFAC,
+    GGNEigen,
+    GGNSpectrum,
+)
 
 __all__ = [
     "FIRST_ORDER",
@@ -45,6 +52,7 @@ __all__ = [
     "DiagHessian",
     "GGNEigen",
     "GGNEigenResult",
+    "GGNSpectrum",
     "Grad",
     "Needs",
     "Quantity",

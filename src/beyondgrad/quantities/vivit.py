@@ -65,14 +65,10 @@ class GGNEigenResult:
         return {n: torch.tensordot(coeff, e, dims=1) for n, e in self.eigenvectors.items()}
 
 
-def ggn_eigen(
-    curvature: dict[str, Form],
-    gradient: dict[str, Form],
-    top_k: int | None,
-) -> GGNEigenResult:
-    """Eigen-decomposition for the parameters in ``curvature`` (name -> form of the curvature
-    vectors) with per-sample gradient forms ``gradient`` (same names, one vector)."""
-    forms = list(curvature.values())
+def _gram_eigen(forms: list[Form], top_k: int | None) -> tuple[Tensor, Tensor]:
+    """Eigenpairs of the Gram matrix ``sum_f V_f^T V_f`` of ``forms`` (the rows of one
+    parameter group): eigenvalues descending and above round-off (``eps R max|lambda|``),
+    at most ``top_k`` of them, ``[k]``, and their eigenvectors ``[R, k]``."""
     gram = sum((f.batch_dot() for f in forms[1:]), forms[0].batch_dot())
     lam, U = torch.linalg.eigh(gram)
     lam, U = lam.flip(0), U.flip(1)
@@ -84,7 +80,19 @@ def ggn_eigen(
     keep = int((lam > tol).sum())
     if top_k is not None:
         keep = min(keep, top_k)
-    lam, U = lam[:keep], U[:, :keep]
+    return lam[:keep], U[:, :keep]
+
+
+def ggn_eigen(
+    curvature: dict[str, Form],
+    gradient: dict[str, Form],
+    top_k: int | None,
+) -> GGNEigenResult:
+    """Eigen-decomposition for the parameters in ``curvature`` (name -> form of the curvature
+    vectors) with per-sample gradient forms ``gradient`` (same names, one vector)."""
+    forms = list(curvature.values())
+    lam, U = _gram_eigen(forms, top_k)
+    keep = len(lam)
     scaled = U / lam.sqrt()
     vectors = {n: f.combine(scaled) for n, f in curvature.items()}
     K, N = forms[0].vectors, forms[0].num_samples
@@ -143,8 +151,7 @@ class GGNEigen(Curvature):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise ValueError(f"top_k must be None or a positive int, got {self.top_k!r}")
+        _check_top_k(self.top_k)
 
     def needs(self) -> Needs:
         """The curvature vectors and the loss gradient (for the directional derivatives)."""
@@ -167,21 +174,94 @@ class GGNEigen(Curvature):
             KeyError: a group names an unknown parameter.
             ValueError: no parameter of a group reaches the loss.
         """
-        served = set(stats.parameters)
-        known = {name for name, _ in stats.model.named_parameters()}
-        groups = self.param_groups or (tuple(stats.parameters),)
         result: dict[str, GGNEigenResult] = {}
-        for i, group in enumerate(groups):
-            curvature, gradient = {}, {}
-            for name in group:
-                if name not in known:
-                    raise KeyError(f"GGNEigen: unknown parameter {name!r}")
-                c = stats.form(name, self.vectors, True) if name in served else None
-                g = stats.form(name, GRAD, True) if name in served else None
-                if c is not None and g is not None:
-                    curvature[name], gradient[name] = c, g
-            if not curvature:
-                raise ValueError(f"GGNEigen: no parameter of group {i} reaches the loss")
-            key = "model" if self.param_groups is None else f"group{i}"
+        for key, group in _groups(stats, self.param_groups, (self.vectors, GRAD), "GGNEigen"):
+            curvature = {name: forms[0] for name, forms in group.items()}
+            gradient = {name: forms[1] for name, forms in group.items()}
             result[key] = ggn_eigen(curvature, gradient, self.top_k)
         return result
+
+
+@dataclass(frozen=True)
+class GGNSpectrum(Curvature):
+    """The leading eigenvalues of the GGN (or MC Fisher) per parameter group, from the Gram
+    matrix of its factor alone: :class:`GGNEigen`'s eigenvalues without its eigenvectors and
+    directional derivatives, so the loss gradient is not backpropagated with the curvature
+    vectors and nothing parameter-sized is formed from the Gram's eigenvectors (the Cockpit's
+    per-layer spectra).
+
+    Args:
+        mc_samples: ``None`` for the exact GGN, else sampled labels per sample (MC Fisher).
+        max_vectors: exact mode refuses samples with more model outputs than this.
+        top_k: number of leading eigenvalues kept (default: all above round-off).
+        param_groups: the parameter-name groups, one eigenproblem each (keys as
+            :class:`GGNEigen`'s: ``"model"``, or ``"group0"``, ...).
+    """
+
+    top_k: int | None = None
+    param_groups: tuple[tuple[str, ...], ...] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_top_k(self.top_k)
+
+    def needs(self) -> Needs:
+        """The curvature vectors only."""
+        return Needs(kinds=(self.vectors,), max_vectors=self.max_vectors)
+
+    def compute(
+        self, stats: Statistics, prepared: Any = None, out: dict | None = None
+    ) -> dict[str, Tensor]:
+        """Per parameter group the eigenvalues, descending and positive, ``[k]``.
+
+        Args:
+            stats: the engine's statistics (curvature forms).
+            prepared: unused.
+            out: unused.
+
+        Returns:
+            ``{"model": eigenvalues}``, or ``{"group0": ..., ...}`` with ``param_groups``.
+
+        Raises:
+            KeyError: a group names an unknown parameter.
+            ValueError: no parameter of a group reaches the loss.
+        """
+        return {
+            key: _gram_eigen([forms[0] for forms in group.values()], self.top_k)[0]
+            for key, group in _groups(stats, self.param_groups, (self.vectors,), "GGNSpectrum")
+        }
+
+
+def _check_top_k(top_k: int | None) -> None:
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
+
+
+def _groups(
+    stats: Statistics,
+    param_groups: tuple[tuple[str, ...], ...] | None,
+    kinds: tuple[Any, ...],
+    owner: str,
+) -> list[tuple[str, dict[str, list[Form]]]]:
+    """Per group (key ``"model"`` or ``"group<i>"``) the per-sample forms of each of its
+    served parameters, one per vector kind in ``kinds``.
+
+    Raises:
+        KeyError: a group names an unknown parameter.
+        ValueError: no parameter of a group reaches the loss.
+    """
+    served = set(stats.parameters)
+    known = {name for name, _ in stats.model.named_parameters()}
+    out = []
+    for i, group in enumerate(param_groups or (tuple(stats.parameters),)):
+        forms: dict[str, list[Form]] = {}
+        for name in group:
+            if name not in known:
+                raise KeyError(f"{owner}: unknown parameter {name!r}")
+            found = [stats.form(name, kind, True) if name in served else None for kind in kinds]
+            if all(f is not None for f in found):
+                forms[name] = found  # type: ignore[assignment]
+        if not forms:
+            raise ValueError(f"{owner}: no parameter of group {i} reaches the loss")
+        out.append(("model" if param_groups is None else f"group{i}", forms))
+    return out
