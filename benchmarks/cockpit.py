@@ -4,12 +4,12 @@ training step (SGD, same model and batch) measured in the same process.
 Rows: presets ``economy``, ``business``, ``full`` tracked every step, and ``full`` every 16
 steps. Each sample times a block of 16 consecutive steps (so schedules average correctly),
 plain and tracked blocks alternated rep by rep (the protocol of ``harness.py``, one block per
-call); the median of the per-rep ratios is reported. Problems: ``mlp`` and ``cnn`` (the original
-Cockpit, 3C3D on CPU: economy 5.7x, business 12.4x, full 100x every step; 1.34x / 1.76x / 7.2x
-every 16 steps).
+call); the median of the per-rep ratios is reported. Problems: ``mlp``, ``cnn`` and
+``transformer`` (the built-in sorting task's pre-norm encoder). The original Cockpit, 3C3D on
+CPU: economy 5.7x, business 12.4x, full 100x every step; 1.34x / 1.76x / 7.2x every 16 steps.
 
-    python benchmarks/cockpit.py [--problems mlp cnn] [--reps 5] [--threads 2] [--device cpu]
-                                 [--rows economy:1 business:1 full:1 full:16]
+    python benchmarks/cockpit.py [--problems mlp cnn transformer] [--reps 5] [--threads 2]
+                                 [--device cpu] [--rows economy:1 business:1 full:1 full:16]
     python benchmarks/cockpit.py --smoke       # does it run (tiny, to a temp dir)
 
 Writes ``benchmarks/results/cockpit_<device>.md`` and ``.json``.
@@ -32,7 +32,7 @@ from harness import Config
 SCRIPT = h.Script(
     name="cockpit",
     doc=__doc__,
-    problems=("mlp", "cnn"),
+    problems=("mlp", "cnn", "transformer"),
     reps=5,
     max_cell_s=(1e6, 1e6),  # every rep is kept
 )
