@@ -118,3 +118,24 @@ def test_first_order_quantities_for_every_loss(name):
     for q in qs:
         for k, v in ref[q.key].items():
             torch.testing.assert_close(res[q][k], v, rtol=1e-9, atol=1e-13, msg=f"{q.key}[{k}]")
+
+
+def test_sampled_classes_follow_the_probabilities_and_skip_impossible_ones():
+    """Inverse-CDF class draws (the MC loss vectors' labels): ``[P, M]`` long, the empirical
+    frequencies within 4 standard errors of the probabilities, classes of probability 0 never
+    drawn, and the same draws for the same generator state."""
+    from beyondgrad.engine.losses import sample_classes
+
+    probs = torch.tensor(
+        [[0.5, 0.0, 0.3, 0.2], [0.0, 0.0, 1.0, 0.0], [0.25, 0.25, 0.25, 0.25]],
+        dtype=torch.float32,
+    )
+    M = 20000
+    draws = sample_classes(probs, M, torch.Generator().manual_seed(0))
+    assert draws.shape == (3, M) and draws.dtype == torch.long
+    freq = torch.nn.functional.one_hot(draws, 4).double().mean(1)
+    se = (probs.double() * (1 - probs.double()) / M).sqrt()
+    assert bool(((freq - probs.double()).abs() <= 4 * se + 1e-12).all())
+    assert not bool((draws[0] == 1).any()) and bool((draws[1] == 2).all())
+    again = sample_classes(probs, M, torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)
