@@ -228,3 +228,25 @@ def test_alpha_end_point_by_the_gram_trick_matches_the_oracle(monkeypatch):
     X.mul_(1.0)  # an in-place change of the kept layer input: the Gram trick is refused
     _step(cockpit, model, loss_fn, X, y, 3, opt)
     assert used == [("2.weight", "2.bias")]  # the first layer's kept input changed: projected
+
+
+def test_gradient_only_instruments_watch_no_per_sample_rows(monkeypatch):
+    """GradNorm, Distance and UpdateSize come from autograd's gradient and the parameters:
+    such a configuration captures no per-sample rows (no layer hooks, no forms)."""
+    from beyondgrad.cockpit import _engine
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("per-sample rows were captured")
+
+    monkeypatch.setattr(_engine.StepWatch, "rows", refuse)
+    monkeypatch.setattr(_engine, "capture", refuse)
+    model, X, y, loss_fn = CASES["mlp"]()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cockpit = Cockpit(model, loss_fn, config=["Loss", "GradNorm", "Distance", "UpdateSize"])
+    rec = _step(cockpit, model, loss_fn, X, y, 0, opt)
+    rec1 = _step(cockpit, model, loss_fn, X, y, 1, opt)
+    rec1 = cockpit.output()[1]  # with step 1's update size
+    norms = {n: float(p.grad.norm()) for n, p in model.named_parameters()}  # step 1's gradient
+    assert rec1["GradNorm"] == pytest.approx(sum(v**2 for v in norms.values()) ** 0.5, rel=1e-10)
+    assert rec1["GradNorm_layers"] == pytest.approx(norms, rel=1e-10)
+    assert rec["UpdateSize"] > 0 and rec1["Distance"] > 0

@@ -239,7 +239,7 @@ class Cockpit:
                     stack, self.model, self.loss_fn, self.params, plan.needs & r.CURVATURE,
                     self.curvature, self.generator, self._pool,
                 )  # fmt: skip
-            rows = bool(plan.needs & _ROW_NEEDS) or (r.GRAD in plan.needs and not plan.coupled)
+            rows = bool(plan.needs & _ROW_NEEDS)  # the gradient alone comes from autograd
             watch = stack.enter_context(watch_step(self.model, self.loss_fn, rows, self._pool))
             yield record
         self._measure(record, plan, watch, before, pending, optimizer)
@@ -321,7 +321,7 @@ class Cockpit:
     ) -> dict[str, Any] | None:
         """Fill ``data`` with the step's reductions; returns the per-sample rows (or None)."""
         rows = None
-        if plan.needs & _ROW_NEEDS or (r.GRAD in plan.needs and not plan.coupled):
+        if plan.needs & _ROW_NEEDS:
             try:
                 rows = watch.rows()
             except SamplesCoupled as err:
