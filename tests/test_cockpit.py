@@ -86,8 +86,8 @@ def test_first_order_instruments_match_per_sample_loops(case):
 def test_full_preset_hessian_eigenvalue_spectra_and_histograms():
     model, X, y, loss_fn = CASES["mlp"]()
     cockpit = Cockpit(
-        model, loss_fn, config="full", curvature_mc=None, hess_iters=200, hess_tol=1e-4, spectra_k=3,
-        hist_samples=100, hist_entries=500,
+        model, loss_fn, config="full", curvature_mc=None, hess_iters=200, hess_tol=1e-4,
+        spectra_k=3, hist_samples=100, hist_entries=500,
     )  # fmt: skip
     rec = _track(cockpit, model, loss_fn, X, y)
     params = dict(model.named_parameters())

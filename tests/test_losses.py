@@ -131,7 +131,12 @@ def test_sampled_classes_follow_the_probabilities_and_skip_impossible_ones():
         dtype=torch.float32,
     )
     M = 20000
+    given = probs.clone()
     draws = sample_classes(probs, M, torch.Generator().manual_seed(0))
+    assert torch.equal(probs, given)  # the probabilities are not modified
+    as64 = probs.double()
+    sample_classes(as64, 2, None)
+    assert torch.equal(as64, given.double())  # not even when no dtype conversion copies them
     assert draws.shape == (3, M) and draws.dtype == torch.long
     freq = torch.nn.functional.one_hot(draws, 4).double().mean(1)
     se = (probs.double() * (1 - probs.double()) / M).sqrt()
@@ -139,3 +144,20 @@ def test_sampled_classes_follow_the_probabilities_and_skip_impossible_ones():
     assert not bool((draws[0] == 1).any()) and bool((draws[1] == 2).all())
     again = sample_classes(probs, M, torch.Generator().manual_seed(0))
     assert torch.equal(draws, again)
+    for bad in ([[0.5, float("nan")]], [[0.0, 0.0]], [[1.5, -0.5]], [[float("inf"), 1.0]]):
+        with pytest.raises(ValueError, match="non-negative"):
+            sample_classes(torch.tensor(bad), 1, None)
+
+
+def test_sampled_classes_in_blocks_of_rows(monkeypatch):
+    """Rows are sampled block by block (bounded float64 temporaries): the same frequencies."""
+    import beyondgrad.engine.losses as losses
+
+    monkeypatch.setattr(losses, "SAMPLE_BLOCK", 8)  # two rows of four classes per block
+    probs = torch.tensor([[0.1, 0.2, 0.3, 0.4]]).repeat(5, 1)
+    M = 20000
+    draws = losses.sample_classes(probs, M, torch.Generator().manual_seed(1))
+    assert draws.shape == (5, M)
+    freq = torch.nn.functional.one_hot(draws, 4).double().mean(1)
+    se = (probs.double() * (1 - probs.double()) / M).sqrt()
+    assert bool(((freq - probs.double()).abs() <= 4 * se).all())

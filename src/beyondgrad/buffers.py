@@ -72,10 +72,13 @@ def pooled(pool: BufferPool) -> Iterator[BufferPool]:
 
 def contiguous(t: Tensor) -> Tensor:
     """``t.contiguous()``, written into a buffer of the active :class:`BufferPool` when there is
-    one, ``t`` is not contiguous, and the copy will not be part of an autograd graph (a pooled
-    tensor written in place in a later round would invalidate a graph that saved it)."""
+    one, ``t`` is a CPU tensor that is not contiguous, and the copy will not be part of an
+    autograd graph (a pooled tensor written in place in a later round would invalidate a graph
+    that saved it). On accelerators the caching allocator already reuses memory: no pool."""
     pool = _POOL.get()
     if pool is None or t.is_contiguous() or (torch.is_grad_enabled() and t.requires_grad):
+        return t.contiguous()
+    if t.device.type != "cpu":  # accelerators' caching allocators already reuse memory
         return t.contiguous()
     return pool.empty(t.shape, t.dtype, t.device).copy_(t)
 

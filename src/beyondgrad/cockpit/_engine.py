@@ -11,7 +11,7 @@ forms, only this file changes.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,7 +70,11 @@ class Rows:
         form = self._form
         if reductions <= 1 or not form.worth_materializing(MATERIALIZE_BUDGET):
             return
-        if self._pool is None or not (isinstance(form, OuterForm) and form.A.dtype == form.G.dtype):
+        if (
+            self._pool is None
+            or not (isinstance(form, OuterForm) and form.A.dtype == form.G.dtype)
+            or form.G.device.type != "cpu"  # accelerators' caching allocators reuse memory
+        ):
             form.batch_grad()
             return
         form.batch_grad(out=self._pool.empty((form.rows, *form.shape), form.G.dtype, form.G.device))
@@ -156,7 +160,7 @@ def dense_layers(rows: dict[str, Rows]) -> list[DenseLayer]:
     for name, r in rows.items():
         f = r._form
         if not (
-            isinstance(f, OuterForm)
+            type(f) is OuterForm  # not a convolution's (its inputs are pooled unfold buffers)
             and f.vectors == 1
             and f.A.shape[1] == 1
             and f.A.dtype == f.G.dtype
@@ -204,10 +208,9 @@ class StepWatch:
         if not self._rows:
             raise RuntimeError("this step was watched without per-sample rows")
         loss = self.loss_call()[2]
-        pool = BufferPool() if self._pool is None else self._pool
-        pool.new_round()  # the previous step's rows are no longer read
+        pool = self._pool
         try:
-            with pooled(pool):
+            with pooled(pool) if pool is not None else nullcontext():
                 forms = self._session.statistics(loss).forms(GRAD, per_sample=True)
         except SamplesCoupledError as err:
             raise SamplesCoupled(str(err)) from err
@@ -241,9 +244,9 @@ def watch_step(
         model: the monitored model.
         loss_fn: its loss module.
         rows: also keep what per-sample rows need (layer inputs and output gradients).
-        pool: scratch buffers for the rows' large intermediates (unfolded convolution inputs,
-            materialized rows), reused from step to step: reading the rows starts a new round
-            of it, so the rows of the previous step must no longer be read by then.
+        pool: scratch buffers for the rows' large intermediates on the CPU (unfolded
+            convolution inputs, materialized rows), reused from step to step: the caller starts
+            a new round of it once the previous step's rows are no longer read.
 
     Yields:
         The :class:`StepWatch`, readable once the block has run.

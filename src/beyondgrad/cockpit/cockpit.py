@@ -227,6 +227,7 @@ class Cockpit:
             yield None
             return
         record: dict[str, Any] = {"step": step, **info}
+        self._pool.new_round()  # the last tracked step's rows and curvature are read no more
         if optimizer is not None:
             record["lr"] = optimizer.param_groups[0]["lr"]
             self._hook_optimizer(optimizer)

@@ -275,12 +275,14 @@ def gather_grads(
     Args:
         data: the step's data (``B`` and ``c`` set); filled in place.
         grad_of_loss: the ordinary backward's gradients (per unit of loss).
-        params: the model's trainable parameters by name (order of the layers).
+        params: the model's trainable parameters by name (order of the layers); those the
+            loss did not reach (no gradient) are left out, as the per-sample rows leave them.
     """
     scale = data.c / data.B
-    for name, p in params.items():
+    for name in params:
         g = grad_of_loss.get(name)
-        g = torch.zeros_like(p) if g is None else g
+        if g is None:
+            continue
         data.layers.append(name)
         data.grads.append((g * scale if scale != 1 else g).reshape(-1))
     _finish(data, frozenset({GRAD}), 0.0, 0.0, [], [], [])

@@ -222,16 +222,37 @@ def _bce_vectors(
     return (prob - sample) * (R * weight / M).sqrt()
 
 
+#: float64 entries of the cumulative sums formed at once when sampling classes
+SAMPLE_BLOCK = 1 << 22
+
+
 def sample_classes(probs: Tensor, M: int, generator: torch.Generator | None) -> Tensor:
     """``M`` class draws per row of the probabilities ``probs`` ``[P, C]`` (with replacement),
-    ``[P, M]`` long: inverse-CDF sampling (a float64 cumulative sum per row and one
-    ``searchsorted`` of ``M`` uniforms), distributed as ``torch.multinomial`` but without its
-    per-row sampling loop on the CPU (30 ms vs 0.9 ms for 256 rows of 5,000 classes; 1.6 vs
-    0.09 ms for 1,024 rows of 64). Classes of probability 0 are never drawn."""
-    cdf = probs.to(torch.float64).cumsum(-1)
-    u = torch.rand(probs.shape[0], M, generator=generator, dtype=torch.float64, device=probs.device)
-    draws = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
-    return draws.clamp_max_(probs.shape[-1] - 1)
+    ``[P, M]`` long, distributed as ``torch.multinomial``'s. On the CPU by inverse-CDF sampling
+    (float64 cumulative sums per block of rows, one ``searchsorted`` of ``M`` uniforms): torch's
+    CPU multinomial loops over rows, 30 ms for 256 rows of 5,000 classes against 0.9 ms here
+    (1.6 vs 0.09 ms for 1,024 rows of 64). Elsewhere ``torch.multinomial``.
+
+    Raises:
+        ValueError: a row with a negative or non-finite entry, or summing to 0 (as
+            ``torch.multinomial`` refuses).
+    """
+    if probs.device.type != "cpu":
+        return torch.multinomial(probs, M, replacement=True, generator=generator)
+    P, C = probs.shape
+    out = torch.empty(P, M, dtype=torch.long)
+    step = max(1, SAMPLE_BLOCK // max(1, C))
+    for lo in range(0, P, step):
+        block = probs[lo : lo + step]
+        cdf = block.to(torch.float64, copy=True).cumsum_(-1)  # never the caller's tensor
+        total = cdf[:, -1:]
+        if not (bool(((total > 0) & total.isfinite()).all()) and float(block.min()) >= 0):
+            raise ValueError(
+                "class probabilities must be finite, non-negative and not all zero in a row"
+            )
+        u = torch.rand(cdf.shape[0], M, generator=generator, dtype=torch.float64)
+        torch.searchsorted(cdf, u * total, right=True, out=out[lo : lo + step])
+    return out.clamp_max_(C - 1)
 
 
 def _ce_vectors(

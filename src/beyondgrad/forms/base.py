@@ -224,8 +224,9 @@ class Form(ABC):
 
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-#: rows at least this long are squared and summed row by row on the CPU
-ROW_BY_ROW_MIN = 1 << 12
+#: rows at least this long are squared and summed row by row on the CPU (shorter ones cost
+#: more in per-row dispatch than their temporary)
+ROW_BY_ROW_MIN = 1 << 14
 
 
 def sum_of_squares(rows: Tensor) -> Tensor:
@@ -236,7 +237,7 @@ def sum_of_squares(rows: Tensor) -> Tensor:
         return rows.pow(2).sum(0)
     if torch.is_grad_enabled() and rows.requires_grad:
         return rows.pow(2).sum(0)
-    total = torch.zeros_like(rows[0])
+    total = torch.zeros(rows.shape[1:], dtype=rows.dtype, device=rows.device)
     for row in rows:
         total.addcmul_(row, row)
     return total
