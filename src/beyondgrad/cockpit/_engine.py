@@ -209,6 +209,8 @@ class StepWatch:
             raise RuntimeError("this step was watched without per-sample rows")
         loss = self.loss_call()[2]
         pool = self._pool
+        if pool is not None:  # the previous step's rows and this step's curvature are read
+            pool.new_round()  # no more
         try:
             with pooled(pool) if pool is not None else nullcontext():
                 forms = self._session.statistics(loss).forms(GRAD, per_sample=True)
@@ -245,8 +247,9 @@ def watch_step(
         loss_fn: its loss module.
         rows: also keep what per-sample rows need (layer inputs and output gradients).
         pool: scratch buffers for the rows' large intermediates on the CPU (unfolded
-            convolution inputs, materialized rows), reused from step to step: the caller starts
-            a new round of it once the previous step's rows are no longer read.
+            convolution inputs, materialized rows), reused from step to step: reading the rows
+            starts a new round of it, so the previous step's rows (and this step's curvature
+            intermediates) must no longer be read by then.
 
     Yields:
         The :class:`StepWatch`, readable once the block has run.

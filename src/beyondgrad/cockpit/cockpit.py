@@ -227,7 +227,6 @@ class Cockpit:
             yield None
             return
         record: dict[str, Any] = {"step": step, **info}
-        self._pool.new_round()  # the last tracked step's rows and curvature are read no more
         if optimizer is not None:
             record["lr"] = optimizer.param_groups[0]["lr"]
             self._hook_optimizer(optimizer)
@@ -241,6 +240,8 @@ class Cockpit:
                     self.curvature, self.generator, self._pool,
                 )  # fmt: skip
             rows = bool(plan.needs & _ROW_NEEDS)  # the gradient alone comes from autograd
+            if not rows:  # else reading the rows starts the pool's next round
+                self._pool.new_round()
             watch = stack.enter_context(watch_step(self.model, self.loss_fn, rows, self._pool))
             yield record
         self._measure(record, plan, watch, before, pending, optimizer)
