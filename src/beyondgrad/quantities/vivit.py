@@ -128,7 +128,21 @@ class SqrtGGN(Curvature):
 
 
 @dataclass(frozen=True)
-class GGNEigen(Curvature):
+class _GroupedEigen(Curvature):
+    """The fields both eigen-quantities share: ``top_k`` leading eigenvalues kept (None: all
+    above round-off) of each group in ``param_groups`` (None: the whole model)."""
+
+    top_k: int | None = None
+    param_groups: tuple[tuple[str, ...], ...] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"top_k must be None or a positive int, got {self.top_k!r}")
+
+
+@dataclass(frozen=True)
+class GGNEigen(_GroupedEigen):
     """ViViT: exact eigenpairs of the GGN (or MC Fisher) from the Gram matrix of its factor,
     with per-sample first/second directional derivatives and the damped Newton step along
     them (:class:`GGNEigenResult`).
@@ -145,13 +159,6 @@ class GGNEigen(Curvature):
         top_k: number of leading eigenpairs kept.
         param_groups: the parameter-name groups, one eigenproblem each.
     """
-
-    top_k: int | None = None
-    param_groups: tuple[tuple[str, ...], ...] | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_top_k(self.top_k)
 
     def needs(self) -> Needs:
         """The curvature vectors and the loss gradient (for the directional derivatives)."""
@@ -183,7 +190,7 @@ class GGNEigen(Curvature):
 
 
 @dataclass(frozen=True)
-class GGNSpectrum(Curvature):
+class GGNSpectrum(_GroupedEigen):
     """The leading eigenvalues of the GGN (or MC Fisher) per parameter group, from the Gram
     matrix of its factor alone: :class:`GGNEigen`'s eigenvalues without its eigenvectors and
     directional derivatives, so the loss gradient is not backpropagated with the curvature
@@ -197,13 +204,6 @@ class GGNSpectrum(Curvature):
         param_groups: the parameter-name groups, one eigenproblem each (keys as
             :class:`GGNEigen`'s: ``"model"``, or ``"group0"``, ...).
     """
-
-    top_k: int | None = None
-    param_groups: tuple[tuple[str, ...], ...] | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_top_k(self.top_k)
 
     def needs(self) -> Needs:
         """The curvature vectors only."""
@@ -230,11 +230,6 @@ class GGNSpectrum(Curvature):
             key: _gram_eigen([forms[0] for forms in group.values()], self.top_k)[0]
             for key, group in _groups(stats, self.param_groups, (self.vectors,), "GGNSpectrum")
         }
-
-
-def _check_top_k(top_k: int | None) -> None:
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
 
 
 def _groups(
