@@ -8,12 +8,15 @@ merging and pruning, measured by test accuracy (no timing).
     set (all ten digits), mean and standard deviation over the seeds; the two source models and
     the same initialization trained on all digits are the references.
 (b) Pruning without retraining: an MLP (64-128-128-10) and a small CNN (conv 1-8-16, 3x3, max
-    pool, linear) trained on all training digits are pruned at 50/70/90% of their weights
+    pool, linear), three of each (seeds 0-2, ``--prune-seeds``) trained on all training digits,
+    are pruned at 50/70/90% of their weights
     (biases kept) by magnitude, OBD (type-2 GGN diagonal), OBS/WoodFisher (damped empirical
     Fisher, blocks of 128, 8 rounds; damping 1e-4, and the damping of a grid with the least
     loss on held-out training examples) and layer-wise OBS (damped input Gram, per layer). The
     curvature comes from 1024 training examples (calibration); each method's curvature is
-    computed once per model and reused for every sparsity.
+    computed once per model and reused for every sparsity. Reported: test accuracy and test
+    cross-entropy, each the mean over the trained models (the loss separates methods whose
+    accuracies on 540 test digits round to the same value).
 
     python benchmarks/surgery.py [--seeds 5] [--threads 2]
     python benchmarks/surgery.py --smoke      # does it run (tiny, to a temp dir)
@@ -88,6 +91,12 @@ def train(model: nn.Module, X: Tensor, y: Tensor, steps: int, seed: int) -> nn.M
 def accuracy(model: nn.Module, X: Tensor, y: Tensor) -> float:
     with torch.no_grad():
         return float((model(X).argmax(1) == y).float().mean())
+
+
+def test_loss(model: nn.Module, X: Tensor, y: Tensor) -> float:
+    """Mean cross-entropy: resolves differences that 540 test digits' accuracy rounds away."""
+    with torch.no_grad():
+        return float(LOSS(model(X), y))
 
 
 def merging_run(seed: int, steps: int, split: tuple[Tensor, ...]) -> dict[str, float]:
@@ -193,16 +202,39 @@ def pruning_rows(
     Xtr, ytr, Xte, yte = split
     n, sparsities = sizes["calibration"], sizes["sparsities"]
     calib = [(Xtr[i : min(i + 256, n)], ytr[i : min(i + 256, n)]) for i in range(0, n, 256)]
-    dense = accuracy(model, Xte, yte)
+    dense, dense_loss = accuracy(model, Xte, yte), test_loss(model, Xte, yte)
     rows = []
     methods, chosen = pruners(model, calib, (Xtr[n:], ytr[n:]), sizes["rounds"])
     for (method, scope), prune in methods.items():
-        accs = {}
+        accs, losses = {}, {}
         for s in sparsities:
             pruned = prune(s)
-            accs[str(s)] = accuracy(pruned, Xte, yte)
-        rows.append({"model": name, "dense": dense, "method": method, "scope": scope, **accs})
+            accs[str(s)], losses[f"loss {s}"] = (
+                accuracy(pruned, Xte, yte),
+                test_loss(pruned, Xte, yte),
+            )
+        rows.append(
+            {"model": name, "dense": dense, "dense_loss": dense_loss, "method": method,
+             "scope": scope, **accs, **losses}
+        )  # fmt: skip
     rows[0]["chosen_damping"] = chosen
+    return rows
+
+
+def mean_rows(per_seed: list[list[dict[str, Any]]], sparsities: list[float]) -> list[dict]:
+    """One row per method and scope: accuracies and test losses averaged over the trained
+    models (one per seed), each seed's accuracies kept under ``"runs"``."""
+    rows = []
+    for i, first in enumerate(per_seed[0]):
+        runs = [seed_rows[i] for seed_rows in per_seed]
+        keys = ["dense", "dense_loss", *(str(s) for s in sparsities)]
+        keys += [f"loss {s}" for s in sparsities]
+        row = {k: first[k] for k in ("model", "method", "scope")}
+        row |= {k: statistics.mean(r[k] for r in runs) for k in keys}
+        row["runs"] = {str(s): [r[str(s)] for r in runs] for s in sparsities}
+        if "chosen_damping" in first:
+            row["chosen_damping"] = [r["chosen_damping"] for r in runs]
+        rows.append(row)
     return rows
 
 
@@ -217,8 +249,7 @@ def render(meta: dict[str, Any], merging: list[dict], pruning: list[dict]) -> st
         "",
         f"Command: `{meta['command']}`; {meta['date']}; torch {meta['torch']}, "
         f"{meta['threads']} threads, {meta['machine']}; beyondgrad commit {meta['git']}; "
-        f"wall time {meta['wall_s']:.0f} s, CPU time {meta.get('cpu_s', float('nan')):.0f} s "
-        "(the machine was shared with other jobs).",
+        f"wall time {meta['wall_s']:.0f} s, CPU time {meta.get('cpu_s', float('nan')):.0f} s.",
         "",
         f"## Merging (test accuracy on all ten digits, %, {meta['seeds']} seeds)",
         "",
@@ -244,26 +275,29 @@ def render(meta: dict[str, Any], merging: list[dict], pruning: list[dict]) -> st
             f"{r['wins']}/{len(r['runs'])} | {100 * r['worst_vs_average']:+.1f} | {runs} |"
         )
     sp = meta["sparsities"]
+    seeds = meta.get("prune_seeds", 1)
     for model in dict.fromkeys(r["model"] for r in pruning):
         rows = [r for r in pruning if r["model"] == model]
         lines += [
             "",
-            f"## Pruning {model} without retraining (test accuracy, %; dense "
-            f"{fmt(rows[0]['dense'])})",
+            f"## Pruning {model} without retraining (test accuracy %, and test cross-entropy "
+            f"in parentheses; mean of {seeds} trained models; dense {fmt(rows[0]['dense'])} "
+            f"({rows[0].get('dense_loss', float('nan')):.3f}))",
             "",
             "| method | scope | " + " | ".join(f"{int(100 * s)}% sparse" for s in sp) + " |",
             "|---|---|" + "---|" * len(sp),
         ]
         for r in rows:
-            accs = " | ".join(fmt(r[str(s)]) for s in sp)
-            lines.append(f"| {r['method']} | {r['scope']} | {accs} |")
+            cells = " | ".join(
+                fmt(r[str(s)]) + (f" ({r[f'loss {s}']:.3f})" if f"loss {s}" in r else "")
+                for s in sp
+            )
+            lines.append(f"| {r['method']} | {r['scope']} | {cells} |")
         chosen = rows[0].get("chosen_damping", {})
-        if chosen:
-            picks = ", ".join(f"{k}: {v:g}" for k, v in chosen.items())
-            lines += [
-                "",
-                f"Dampings chosen by the held-out rule (scope sparsity: damping): {picks}.",
-            ]
+        for i, picked in enumerate(chosen if isinstance(chosen, list) else [chosen]):
+            picks = ", ".join(f"{k}: {v:g}" for k, v in picked.items())
+            lines += ["", f"Dampings chosen by the held-out rule, model {i} (scope sparsity: "
+                      f"damping): {picks}."]  # fmt: skip
     return "\n".join([*lines, "", *meta["notes"], ""])
 
 
@@ -308,6 +342,7 @@ NOTES = [
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--seeds", type=int, default=10, help="merging seeds")
+    p.add_argument("--prune-seeds", type=int, default=3, help="trained models per pruned family")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None, help="markdown path (JSON next to it)")
     p.add_argument("--smoke", action="store_true", help="tiny run, to a temp dir unless --out")
@@ -337,6 +372,7 @@ def meta_data(args: argparse.Namespace, argv: list[str] | None, sizes: dict) -> 
         "git": git,
         "smoke": args.smoke,
         "seeds": args.seeds,
+        "prune_seeds": args.prune_seeds,
         **sizes,
         "notes": NOTES,
     }
@@ -350,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
     sizes = {"steps_merge": 300, "steps_prune": 800, "sparsities": list(SPARSITIES)}
     sizes.update(calibration=1024, rounds=8, hidden=128)
     if args.smoke:
-        args.seeds = 1
+        args.seeds = args.prune_seeds = 1
         sizes = {"steps_merge": 5, "steps_prune": 5, "sparsities": [0.5]}
         sizes.update(calibration=64, rounds=1, hidden=16)
     reused = None
@@ -361,14 +397,21 @@ def main(argv: list[str] | None = None) -> None:
         merging = merging_rows(args.seeds, sizes["steps_merge"], split)
     pruning: list[dict] = []
     hidden = sizes["hidden"]
-    models = ((f"an MLP (64-{hidden}-{hidden}-10)", mlp(0, hidden)), ("a CNN (conv 8, 16)", cnn(0)))
-    for name, model in models:
-        train(model, split[0], split[1], sizes["steps_prune"], 0)
-        pruning += pruning_rows(name, model, split, sizes)
+    models = (
+        (f"an MLP (64-{hidden}-{hidden}-10)", lambda seed: mlp(seed, hidden)),
+        ("a CNN (conv 8, 16)", cnn),
+    )
+    for name, make in models:
+        per_seed = []
+        for seed in range(args.prune_seeds):
+            model = train(make(seed), split[0], split[1], sizes["steps_prune"], seed)
+            per_seed.append(pruning_rows(name, model, split, sizes))
+        pruning += mean_rows(per_seed, sizes["sparsities"])
     meta = meta_data(args, argv, sizes)
     if reused is not None:
         old = reused["meta"]
-        meta["reused_merging"] = f"{old['git']}, {old['date']}"
+        # a reused file may itself have reused its merging section: name the run that made it
+        meta["reused_merging"] = old.get("reused_merging") or f"{old['git']}, {old['date']}"
     meta["wall_s"] = time.perf_counter() - start
     meta["cpu_s"] = time.process_time()
     out = args.out
