@@ -141,6 +141,47 @@ def test_variance_is_centred():
     torch.testing.assert_close(res["weight"].double(), expected[None], rtol=2e-2, atol=0)
 
 
+def _variance_paths(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Record, per reduced parameter, whether ``Variance`` kept the uncentred form."""
+    from beyondgrad.quantities import first_order
+
+    taken: list[bool] = []
+    original = first_order._uncentred_variance
+
+    def spy(form, c, S):  # type: ignore[no-untyped-def]
+        out = original(form, c, S)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(first_order, "_uncentred_variance", spy)
+    return taken
+
+
+def test_variance_uncentred_where_safe_centred_where_not(monkeypatch: pytest.MonkeyPatch):
+    """Noisy per-sample gradients (the usual case) take the squared-sums path (no rows) and
+    match a float64 per-sample loop to float32 round-off; a tiny spread around a large mean
+    sends the parameter to the centred form (checked against the oracle above)."""
+    taken = _variance_paths(monkeypatch)
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(16, 5, generator=g), torch.randn(16, 2, generator=g)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
+    res = bg.compute(model, nn.MSELoss(), X, y, bg.Variance())[bg.Variance()]
+    assert taken == [True] * 4
+    twin = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    twin.load_state_dict(model.state_dict())
+    rows = []
+    for n in range(16):  # gradients of the per-sample losses (c g_n for reduction="mean")
+        loss = nn.MSELoss()(twin(X[n : n + 1].double()), y[n : n + 1].double())
+        rows.append(torch.autograd.grad(loss, list(twin.parameters())))
+    for i, name in enumerate(dict(model.named_parameters())):
+        per_sample = torch.stack([r[i] for r in rows])
+        expected = (per_sample - per_sample.mean(0)).pow(2).mean(0)
+        torch.testing.assert_close(res[name].double(), expected, rtol=1e-4, atol=1e-9)
+    taken.clear()
+    test_variance_is_centred()
+    assert taken == [False, False]  # weight: tiny spread; bias: identical rows (variance 0)
+
+
 def test_mc_vectors_that_cannot_fit_in_memory_are_refused(monkeypatch):
     """All sampled vectors are held at every layer output at once: an estimate above the
     memory available is refused before the backward pass (instead of the process being

@@ -134,21 +134,29 @@ class SumGradSquared(Quantity):
         return form.sum_grad_squared()
 
 
+#: the uncentred variance is kept where it exceeds this many times its typical round-off
+#: (``eps * sqrt(S)`` of the second moment): a relative error of about 1e-3 at most
+CANCELLATION_MARGIN = 2.0**10
+
+
 @dataclass(frozen=True)
 class Variance(Quantity):
     """Element-wise variance of the individual gradients across the samples, parameter-shaped.
 
     The individual gradient of sample ``n`` is ``c * g_n`` with ``c = N`` for
     ``reduction="mean"`` (so it is the gradient of the per-sample loss, and their mean is the
-    batch gradient) and ``c = 1`` for ``"sum"``. Biased (1/S) estimator over the S (sub)samples, in
-    the centred form ``c^2 / S * sum_n (g_n - gbar)^2`` with ``gbar = sum_n g_n / S`` (no
-    cancellation when the spread is tiny compared with the mean). The rows are formed in chunks
-    of samples (at most about ``2^24`` elements at a time).
+    batch gradient) and ``c = 1`` for ``"sum"``. Biased (1/S) estimator over the S (sub)samples.
+    Computed as ``c^2 sum_n g_n^2 / S - (c gbar)^2`` with ``gbar = sum_n g_n / S`` from the
+    squared sums (no per-sample rows: about the cost of ``SumGradSquared``) where that is
+    accurate; where the spread is tiny against the mean (an entry below
+    ``CANCELLATION_MARGIN * eps * sqrt(S)`` times the second moment, or negative from
+    round-off) the parameter is recomputed in the centred form ``c^2 / S sum_n (g_n - gbar)^2``
+    from its rows, formed in chunks of samples (at most about ``2^24`` elements at a time).
     """
 
     def reduce(self, form: Form, ctx: ReduceContext, out: Tensor | None = None) -> Tensor:
-        """Centred second moment of the rows (one vector per sample), computed from the
-        rows minus their mean (no cancellation; in chunks when the rows are not materialized).
+        """The variance from the squared sums, or centred from the rows where cancellation
+        could dominate (see the class docstring).
 
         Args:
             form: the parameter's form (restricted to the subsample).
@@ -160,6 +168,10 @@ class Variance(Quantity):
         """
         c = float(ctx.num_samples) if ctx.reduction == "mean" else 1.0
         S = form.num_samples
+        if not form.materialized:
+            uncentred = _uncentred_variance(form, c, S)
+            if uncentred is not None:
+                return uncentred
         mean = form.grad() / S
         if form.materialized:
             return (form.batch_grad() - mean).square_().sum(0).mul_(c * c / S)
@@ -169,3 +181,16 @@ class Variance(Quantity):
             index = torch.arange(start, min(S, start + step), device=mean.device)
             total += (form.select(index).batch_grad() - mean).square_().sum(0)
         return total.mul_(c * c / S)
+
+
+def _uncentred_variance(form: Form, c: float, S: int) -> Tensor | None:
+    """``c^2 sum g^2 / S - (c sum g / S)^2`` in the form's dtype, or ``None`` where an entry is
+    below the round-off margin (one host synchronization; no temporary beyond the result)."""
+    grad = form.grad()
+    second = form.sum_grad_squared().to(grad.dtype)  # memoized by the form: read only
+    var = torch.addcmul(second, grad, grad, value=-1.0 / S)  # sum g^2 - (sum g)^2 / S
+    margin = CANCELLATION_MARGIN * torch.finfo(grad.dtype).eps * S**0.5
+    low = bool(var.sub_(second, alpha=margin).min() < 0) if var.numel() else False
+    if low:
+        return None
+    return var.add_(second, alpha=margin).mul_(c * c / S)
