@@ -94,6 +94,24 @@ def test_raw_kronecker_sums_normalize_to_kfac():
         assert stats.module_parameters(module)["weight"] == block.params[0]
 
 
+def test_kfac_normalizes_its_own_copy_of_the_raw_sums():
+    """KFAC divides the sums in place: the statistics' own sums stay raw (recomputed when asked
+    for after the quantity took them), for every Fisher type, and the factors do not share
+    storage with them."""
+    model, X, y, loss_fn = CASES["mlp"]()
+    for fisher, kind in (("empirical", ("grad", 1)), ("type-2", ("exact", 0))):
+        q = bg.KFAC(fisher_type=fisher)
+        res = bg.compute(model, loss_fn, X, y, q)
+        stats = res.stats
+        R = stats.reduction_factor
+        for module in (m for m in stats.modules if stats.has_kronecker(m)):
+            raw, block = stats.kronecker(module, kind), res[q][module]
+            assert raw.A_sum.data_ptr() != block.A.data_ptr()
+            assert_close(raw.A_sum[0] / raw.count, block.A)
+            assert_close(raw.B_sum[0] / (R if fisher == "empirical" else 1), block.B)
+            assert float(raw.A_sum[0][-1, -1]) == raw.count  # the bias column's raw count
+
+
 def test_unknown_object_is_not_a_quantity():
     model, X, y, loss_fn = CASES["mlp"]()
     with pytest.raises(TypeError, match="not a beyondgrad quantity"):

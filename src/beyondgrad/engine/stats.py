@@ -233,6 +233,27 @@ class Statistics:
             self._kron[key] = self._kronecker_sums(module, kind, kfac_approx)
         return self._kron[key]
 
+    def take_kronecker(
+        self, module: str, kind: VectorKind, kfac_approx: str = "expand"
+    ) -> KronStats | None:
+        """:meth:`kronecker` for a consumer that normalizes the sums in place (no second copy
+        of every factor): the cached sums are handed over and dropped from the cache, or
+        computed without caching; a later :meth:`kronecker` recomputes them from the batch.
+
+        Args:
+            module: the module name.
+            kind: the vector kind.
+            kfac_approx: ``"expand"`` or ``"reduce"``.
+
+        Returns:
+            The module's :class:`~beyondgrad.rules.kronecker.KronStats` (the caller's to
+            modify), or ``None``.
+        """
+        key = (module, kind, kfac_approx)
+        if key in self._kron:
+            return self._kron.pop(key)
+        return self._kronecker_sums(module, kind, kfac_approx)
+
     def _kronecker_sums(self, module: str, kind: VectorKind, approx: str) -> KronStats | None:
         if not self.has_kronecker(module):
             raise ValueError(f"module '{module}' has no Kronecker statistics")

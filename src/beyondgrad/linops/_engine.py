@@ -138,23 +138,18 @@ def batch_kronecker(
         outputs.append((res.loss, res.output.shape[0], res.output.numel()))
     stats = res.stats
     assert stats is not None
+    # the blocks' B are on the loss's scale already (the empirical Fisher's extra R removed)
     b_scale = float(num_samples) if loss_fn.reduction == "mean" else 1.0  # type: ignore[union-attr]
-    if quantity.fisher_type == "empirical":  # the loss-gradient vectors carry R twice
-        b_scale /= stats.reduction_factor
     out: dict[str, KroneckerFactors | DiagonalFactors] = {}
     for name, block in res[quantity].items():
         if isinstance(block, KroneckerFactors):
             if block.bias == "separate":
                 raise NotImplementedError("linops: Kronecker blocks with bias='separate'")
-            raw = stats.kronecker(name, quantity.vectors, quantity.kfac_approx)
-            assert raw is not None
-            A = raw.A_sum * (num_samples / raw.count)
-            B = raw.B_sum * b_scale
-            if A.shape[0] == 1:  # no groups
-                A, B = A[0], B[0]
+            # this call's blocks own their storage (KFAC normalized the sums in place)
             out[name] = KroneckerFactors(
-                A, B, raw.order, block.params, block.bias, block.fisher_type,
-                block.kfac_approx, block.R, block.num_data, None, raw.weight_perm,
+                block.A.mul_(num_samples), block.B.mul_(b_scale), block.order, block.params,
+                block.bias, block.fisher_type, block.kfac_approx, block.R, block.num_data,
+                None, block.weight_perm,
             )  # fmt: skip
         else:
             scale = float(num_samples) if loss_fn.reduction == "mean" else 1.0  # type: ignore[union-attr]

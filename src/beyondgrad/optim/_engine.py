@@ -159,14 +159,14 @@ def _sample_sums(stats: Statistics, module: str, quantity: KFACQuantity) -> Kron
     ``A = N A_sum / count`` (the per-sample mean over shared positions, summed), ``B = N B_sum``
     (the vectors carry ``sqrt(R)``; the empirical Fisher's loss gradients carry ``R``, so its
     ``B_sum`` is divided by ``R`` once more)."""
-    raw = stats.kronecker(module, quantity.vectors, quantity.kfac_approx)
+    raw = stats.take_kronecker(module, quantity.vectors, quantity.kfac_approx)  # scaled in place
     if raw is None:
         return None
     N = stats.num_samples
-    A = raw.A_sum * (N / raw.count)
-    B = raw.B_sum * N
+    A = raw.A_sum.mul_(N / raw.count)
+    B = raw.B_sum.mul_(N)
     if quantity.fisher_type == "empirical":
-        B = B / stats.reduction_factor
+        B = B.div_(stats.reduction_factor)
     if A.shape[0] == 1:  # no groups
         A, B = A[0], B[0]
     return KroneckerSums(A, B, N, raw.order, raw.weight_perm)

@@ -93,14 +93,18 @@ class KFAC(Quantity):
         blocks: dict[str, Any] = {}
         for module in stats.modules:
             if stats.has_kronecker(module):
-                sums = stats.kronecker(module, self.vectors, self.kfac_approx)
+                # the sums are ours: normalized in place (a copy of each factor is a fresh
+                # allocation, page-faulted in on every call for the large ones)
+                sums = stats.take_kronecker(module, self.vectors, self.kfac_approx)
                 if sums is not None:
-                    blocks[module] = self.factors(sums, stats, module)
+                    blocks[module] = self.factors(sums, stats, module, in_place=True)
             elif self.diagonal_fallback:
                 blocks[module] = self._diagonal(stats, module)
         return blocks
 
-    def factors(self, sums: KronStats, stats: Statistics, module: str) -> KroneckerFactors:
+    def factors(
+        self, sums: KronStats, stats: Statistics, module: str, in_place: bool = False
+    ) -> KroneckerFactors:
         """Normalize raw Kronecker sums into this quantity's factors for ``module``.
 
         Args:
@@ -108,6 +112,7 @@ class KFAC(Quantity):
                 the backpropagated vectors.
             stats: the batch's statistics (reduction factor ``R``, sample count, parameters).
             module: the module name.
+            in_place: normalize ``sums``' tensors in place (they become the factors' storage).
 
         Returns:
             The factors: ``A = A_sum / count``; ``B = B_sum`` on the loss's scale (divided
@@ -115,10 +120,10 @@ class KFAC(Quantity):
         """
         R, N = stats.reduction_factor, stats.num_samples
         local = stats.module_parameters(module)
-        A = sums.A_sum / sums.count
+        A = sums.A_sum.div_(sums.count) if in_place else sums.A_sum / sums.count
         B = sums.B_sum
         if self.fisher_type == "empirical":  # the loss-gradient vectors carry R twice
-            B = B / R
+            B = B.div_(R) if in_place else B / R
         elif self.fisher_type == "forward-only":
             B = torch.eye(B.shape[-1], dtype=B.dtype, device=B.device).expand_as(B).clone()
         bias_mode: str | None = self.bias if "bias" in local else None
