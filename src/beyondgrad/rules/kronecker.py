@@ -146,7 +146,7 @@ def _augmented_gram(rows: Tensor, bias: bool) -> Tensor:
 def _stats(A_in: Tensor, G: Tensor, approx: str, bias: bool) -> KronStats:
     """``A_in`` ``[N, S, I]``, ``G`` ``[K, N, S, O]`` (one group)."""
     N, S, _ = A_in.shape
-    if approx == "expand":
+    if approx == "expand" or S == 1:  # one position: reduce is expand (no mean/sum copies)
         return KronStats(_augmented_gram(A_in, bias)[None], N * S, _gram(G)[None])
     return KronStats(_augmented_gram(A_in.mean(1), bias)[None], N, _gram(G.sum(2))[None])
 
