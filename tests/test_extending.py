@@ -110,6 +110,11 @@ def test_kfac_normalizes_its_own_copy_of_the_raw_sums():
             assert_close(raw.A_sum[0] / raw.count, block.A)
             assert_close(raw.B_sum[0] / (R if fisher == "empirical" else 1), block.B)
             assert float(raw.A_sum[0][-1, -1]) == raw.count  # the bias column's raw count
+        again = q.compute(stats)  # sums already served to a reader: KFAC works on a copy
+        for module, block in again.items():
+            raw = stats.kronecker(module, kind)
+            assert float(raw.A_sum[0][-1, -1]) == raw.count
+            assert_close(raw.A_sum[0] / raw.count, block.A)
 
 
 def test_unknown_object_is_not_a_quantity():

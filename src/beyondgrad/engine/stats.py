@@ -10,7 +10,7 @@ Kronecker sums never builds forms.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -237,8 +237,9 @@ class Statistics:
         self, module: str, kind: VectorKind, kfac_approx: str = "expand"
     ) -> KronStats | None:
         """:meth:`kronecker` for a consumer that normalizes the sums in place (no second copy
-        of every factor): the cached sums are handed over and dropped from the cache, or
-        computed without caching; a later :meth:`kronecker` recomputes them from the batch.
+        of every factor): sums computed for the caller alone, not cached (a later
+        :meth:`kronecker` computes them again); where :meth:`kronecker` already served them,
+        a copy (whoever holds those keeps raw sums).
 
         Args:
             module: the module name.
@@ -249,10 +250,10 @@ class Statistics:
             The module's :class:`~beyondgrad.rules.kronecker.KronStats` (the caller's to
             modify), or ``None``.
         """
-        key = (module, kind, kfac_approx)
-        if key in self._kron:
-            return self._kron.pop(key)
-        return self._kronecker_sums(module, kind, kfac_approx)
+        cached = self._kron.get((module, kind, kfac_approx))
+        if cached is None:
+            return self._kronecker_sums(module, kind, kfac_approx)
+        return replace(cached, A_sum=cached.A_sum.clone(), B_sum=cached.B_sum.clone())
 
     def _kronecker_sums(self, module: str, kind: VectorKind, approx: str) -> KronStats | None:
         if not self.has_kronecker(module):
