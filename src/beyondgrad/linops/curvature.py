@@ -73,8 +73,10 @@ def _fingerprint(data: Iterable[tuple[Any, Tensor]]) -> list[float]:
 
 
 def _check_finite(op: Any, out: Tensor, what: str) -> None:
-    """Raise (as :func:`beyondgrad.compute` does) instead of returning non-finite values."""
-    if bool(torch.isfinite(out).all()):
+    """Raise (as :func:`beyondgrad.compute` does) instead of returning non-finite values. One
+    reduction (a sum is non-finite if any entry is; no mask of ``out``'s size), element-wise
+    only when the sum is not finite (it can overflow)."""
+    if bool(torch.isfinite(out.sum())) or bool(torch.isfinite(out).all()):
         return
     raise FloatingPointError(
         f"{type(op).__name__}: non-finite {what} (inf/nan in the data, the model's outputs "
