@@ -110,6 +110,13 @@ def test_kfac_normalizes_its_own_copy_of_the_raw_sums():
             assert_close(raw.A_sum[0] / raw.count, block.A)
             assert_close(raw.B_sum[0] / (R if fisher == "empirical" else 1), block.B)
             assert float(raw.A_sum[0][-1, -1]) == raw.count  # the bias column's raw count
+        kept = bg.KFAC(fisher_type=fisher, keep_sums=True)
+        res_kept = bg.compute(model, loss_fn, X, y, kept)
+        for module, block in res_kept[kept].items():  # the cached raw sums, served as they are
+            raw = res_kept.stats.kronecker(module, kind)
+            assert raw is res_kept.stats.kronecker(module, kind)
+            assert float(raw.A_sum[0][-1, -1]) == raw.count
+            assert_close(raw.A_sum[0] / raw.count, block.A)
         again = q.compute(stats)  # sums already served to a reader: KFAC works on a copy
         for module, block in again.items():
             raw = stats.kronecker(module, kind)

@@ -145,7 +145,7 @@ def input_grams(model: nn.Module, loss_fn: nn.Module, data: Any) -> dict[str, Gr
         ``[O, I]`` with a conv weight ``[O, C, *K]`` as ``[O, C * prod(K)]``).
     """
     dist_group.refuse_rank_local("bg.merging.input_grams")
-    quantity = KFAC(fisher_type="forward-only", diagonal_fallback=False)
+    quantity = KFAC(fisher_type="forward-only", diagonal_fallback=False, keep_sums=True)
     sums: dict[str, tuple[Tensor, int, tuple[str, ...]]] = {}
     for X, y in as_batches(data):
         res = compute(model, sum_loss(loss_fn), X, y, quantity)
@@ -215,7 +215,7 @@ def kronecker_fisher(
     if fisher not in FISHERS:
         raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
     dist_group.refuse_rank_local("bg.merging.kronecker_fisher")
-    quantity = KFAC(fisher_type=fisher, mc_samples=mc_samples)
+    quantity = KFAC(fisher_type=fisher, mc_samples=mc_samples, keep_sums=True)  # read below
     sums: dict[str, list[Any]] = {}
     diag: dict[str, Tensor] = {}
     count = 0

@@ -37,6 +37,10 @@ class KFAC(Quantity):
         max_vectors: limit on exact vectors per sample (``"type-2"``).
         diagonal_fallback: ``False`` skips layers without Kronecker structure (no block, and
             no backward work for them).
+        keep_sums: ``True`` leaves the raw sums cached in the result's statistics
+            (``res.stats.kronecker`` then costs nothing) at one copy per factor; by default the
+            factors are normalized in the sums' own storage and a later ``kronecker`` call
+            recomputes the sums.
 
     Scales: ``A`` is the mean of the (bias-augmented) inputs' outer products over the
     ``count`` rows; ``B`` the sum over the backpropagated vectors' output-gradient outer
@@ -49,6 +53,7 @@ class KFAC(Quantity):
     bias: str = "joint"
     max_vectors: int = 256
     diagonal_fallback: bool = True
+    keep_sums: bool = False
 
     per_sample: ClassVar[bool] = False
 
@@ -95,9 +100,11 @@ class KFAC(Quantity):
             if stats.has_kronecker(module):
                 # the sums are ours: normalized in place (a copy of each factor is a fresh
                 # allocation, page-faulted in on every call for the large ones)
-                sums = stats.take_kronecker(module, self.vectors, self.kfac_approx)
+                own = not self.keep_sums
+                key = (module, self.vectors, self.kfac_approx)
+                sums = stats.take_kronecker(*key) if own else stats.kronecker(*key)
                 if sums is not None:
-                    blocks[module] = self.factors(sums, stats, module, in_place=True)
+                    blocks[module] = self.factors(sums, stats, module, in_place=own)
             elif self.diagonal_fallback:
                 blocks[module] = self._diagonal(stats, module)
         return blocks
