@@ -33,6 +33,8 @@ def _check_closed_forms(op: StructuredOperator, dense: torch.Tensor, k: int = 3)
     n = dense.shape[0]
     eye = torch.eye(n, dtype=dense.dtype)
     torch.testing.assert_close(op.to_dense(), dense)
+    v = torch.linspace(-1.0, 2.0, n, dtype=dense.dtype)  # one vector (its own product path)
+    torch.testing.assert_close(op @ v, dense @ v)
     inv = op.inverse(damping)
     assert isinstance(inv, StructuredOperator)
     torch.testing.assert_close(inv.to_dense(), torch.linalg.inv(dense + damping * eye))
