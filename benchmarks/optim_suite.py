@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import math
 import platform
@@ -59,7 +60,7 @@ from typing import Any
 import torch
 
 from beyondgrad.app.bench import state_bytes
-from beyondgrad.app.optimizers import DEFAULT_LR, available, make_optimizer
+from beyondgrad.app.optimizers import DEFAULT_LR, SETTINGS, available, make_optimizer
 from beyondgrad.app.tasks import Task, make_task
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -98,6 +99,33 @@ CALIBRATE_BUDGET: dict[str, float] = {k: round(v * 2 / 3) for k, v in BUDGET.ite
 that AdamW at its tuned configuration has room to reach the target in the timed runs)."""
 MAXIMIZE: dict[str, bool] = {"gpt": False, "autoencoder": False, "resnet": True, "kron-lsq": True}
 """Whether the task's metric is maximized (as its ``Task.maximize``; tested)."""
+LEGACY_SETTINGS: dict[str, dict[str, Any]] = {
+    "adamw": {},
+    "kfac": {"damping": 5e-2, "stats_every": 10, "refresh_every": 20, "damping_mode": "pi"},
+    "kfac-adam": {"stats_every": 10, "refresh_every": 20},
+    "singd": {"damping": 1e-2, "refresh_every": 20},
+    "sirfshampoo": {"max_dense": 512},
+    "muon": {"adam_lr": 1e-3},
+    "soap": {},
+}
+"""The factory's fixed settings (``beyondgrad.app.optimizers.SETTINGS``) of the runs and tuned
+configurations stored before they were recorded with each run (2026-12-05)."""
+
+
+def settings(optimizer: str) -> dict[str, Any]:
+    """The factory's current fixed settings of ``optimizer``, JSON-able: part of every run's
+    key, so that a changed default reruns (and retunes) that optimizer alone."""
+    return json.loads(json.dumps(SETTINGS[optimizer]))
+
+
+def _run_settings(rec: dict[str, Any]) -> dict[str, Any] | None:
+    """The settings a stored run or tuned entry was made with (:data:`LEGACY_SETTINGS` for
+    those stored before runs recorded them)."""
+    if "settings" in rec:
+        return rec["settings"]
+    return LEGACY_SETTINGS.get(rec.get("optimizer", ""))
+
+
 QUICK = {"budget": 1.0, "trials": 3, "seeds": 1, "eval_every": 5}
 """``--quick``: what a smoke run uses instead."""
 ETA, RUNGS = 3, 2
@@ -370,9 +398,14 @@ class Store:
                     self.runs.append(json.loads(line))
 
     def select(self, **key: Any) -> list[dict[str, Any]]:
-        """The stored runs whose fields equal ``key`` (and this store's quick flag)."""
+        """The stored runs whose fields equal ``key`` (and this store's quick flag); a run's
+        ``settings`` are :func:`_run_settings` (the legacy ones where it has none)."""
         key = {**key, "quick": self.quick}
-        return [r for r in self.runs if all(r.get(k) == v for k, v in key.items())]
+
+        def field(r: dict[str, Any], k: str) -> Any:
+            return _run_settings(r) if k == "settings" else r.get(k)
+
+        return [r for r in self.runs if all(field(r, k) == v for k, v in key.items())]
 
     def find(self, **key: Any) -> dict[str, Any] | None:
         """The first stored run whose fields equal ``key``, ``None`` without one."""
@@ -380,8 +413,9 @@ class Store:
         return found[0] if found else None
 
     def add(self, rec: dict[str, Any]) -> None:
-        """Append a run (flushed at once)."""
-        rec = {**rec, "quick": self.quick}
+        """Append a run (flushed at once), stamped with the UTC time it was recorded."""
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        rec = {**rec, "quick": self.quick, "recorded": now}
         self.runs.append(rec)
         with self.runs_path.open("a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -421,10 +455,25 @@ class Plan:
     eval_every: int | None = None  # None: the task's own (EVAL_EVERY)
     objective: Objective = train_run
     progress: Callable[[str], None] = print
+    since: str | None = None  # timed runs recorded before (ISO UTC) are not used
+
+    def current(self, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``runs`` recorded at or after :attr:`since` (all without one; a run stored before
+        runs were stamped counts as older than any ``since``)."""
+        if self.since is None:
+            return runs
+        since = _utc(self.since)
+        return [r for r in runs if "recorded" in r and _utc(r["recorded"]) >= since]
 
     def every(self, task: str) -> int:
         """Steps between evaluations on ``task``."""
         return self.eval_every or EVAL_EVERY[task]
+
+
+def _utc(stamp: str) -> datetime.datetime:
+    """An ISO date or time as an aware UTC time (a naive one is taken as UTC)."""
+    t = datetime.datetime.fromisoformat(stamp)
+    return t if t.tzinfo else t.replace(tzinfo=datetime.timezone.utc)
 
 
 def _rung_values(rec: dict[str, Any], monitor: Monitor, task: str) -> list[float]:
@@ -452,7 +501,8 @@ def tune(
     done = []
     for i, hp in enumerate(sample_configs(search_space(optimizer, task), trials)):
         key = {"kind": "trial", "task": task, "optimizer": optimizer, "index": i,
-               "budget": budget, "device": plan.device, "hp": hp}  # fmt: skip
+               "budget": budget, "device": plan.device, "hp": hp,
+               "settings": settings(optimizer)}  # fmt: skip
         rec = plan.store.find(**key)
         if rec is not None and not use_target and rec.get("reached_target"):
             rec = None  # stopped at a target: not a run for the whole budget
@@ -469,7 +519,7 @@ def tune(
         plan.progress(f"{task} {optimizer} trial {i}: {_fmt_hp(hp)} -> {_fmt_rec(rec, task)}")
     best = min(done, key=lambda r: rank_key(r, target, MAXIMIZE[task], budget))
     entry = {"hp": best["hp"], "trial": best["index"], "trials": trials, "device": plan.device,
-             "target": target}  # fmt: skip
+             "target": target, "settings": settings(optimizer)}  # fmt: skip
     plan.store.update_configs(task, tuned={tuned_key(optimizer, budget): entry})
     return entry
 
@@ -490,8 +540,12 @@ def tuned_key(optimizer: str, budget: float) -> str:
 
 
 def tuned(store: Store, task: str, optimizer: str, budget: float) -> dict[str, Any] | None:
-    """The configuration recorded by ``tune`` for ``optimizer`` at ``budget``, or ``None``."""
-    return store.configs().get(task, {}).get("tuned", {}).get(tuned_key(optimizer, budget))
+    """The configuration recorded by ``tune`` for ``optimizer`` at ``budget`` with the
+    factory's current settings, or ``None``."""
+    entry = store.configs().get(task, {}).get("tuned", {}).get(tuned_key(optimizer, budget))
+    if entry is None or _run_settings({"optimizer": optimizer, **entry}) != settings(optimizer):
+        return None
+    return entry
 
 
 def seeded_runs(
@@ -502,8 +556,11 @@ def seeded_runs(
     runs = []
     for seed in range(1, seeds + 1):
         key = {"kind": kind, "task": task, "optimizer": optimizer, "seed": seed,
-               "budget": budget, "device": plan.device, "hp": hp, "target": target}  # fmt: skip
-        rec = plan.store.find(**key)
+               "budget": budget, "device": plan.device, "hp": hp, "target": target,
+               "settings": settings(optimizer)}  # fmt: skip
+        found = plan.store.select(**key)
+        found = plan.current(found) if kind == "timed" else found
+        rec = found[-1] if found else None
         if rec is None:
             out = plan.objective(task, optimizer, hp, seed, budget, plan.every(task),
                                  plan.device, target, None)  # fmt: skip
@@ -608,11 +665,13 @@ def collect(plan: Plan, budgets: dict[str, float], optimizers: list[str]) -> dic
         record = configs.get(task, {})
         target, cells = record.get("target"), {}
         for name in optimizers:
-            entry = record.get("tuned", {}).get(tuned_key(name, budget))
+            entry = tuned(plan.store, task, name, budget)
             if target is None or entry is None:
                 continue
             runs = plan.store.select(kind="timed", task=task, optimizer=name, hp=entry["hp"],
-                                     target=target, budget=budget, device=plan.device)  # fmt: skip
+                                     target=target, budget=budget, device=plan.device,
+                                     settings=settings(name))  # fmt: skip
+            runs = list({r["seed"]: r for r in plan.current(runs)}.values())  # latest per seed
             if runs:
                 cells[name] = cell(runs, target, MAXIMIZE[task], budget, entry["hp"])
         out[task] = {"zoo": SUITE[task], "target": target, "maximize": MAXIMIZE[task],
@@ -666,6 +725,15 @@ def render(meta: dict[str, Any], results: dict[str, Any], skipped: list[str]) ->
         "* **Targets**: the median over seeds of AdamW's final validation metric after the "
         "calibration budget, AdamW at its configuration tuned for that budget.",
     ]
+    if meta.get("since"):
+        lines.append(f"* **Timed runs** recorded since {meta['since']} UTC only (every cell "
+                     "measured on the same day's machine).")  # fmt: skip
+    fixed = "; ".join(
+        f"{n}: " + (", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                              for k, v in settings(n).items()) or "-")
+        for n in OPTIMIZERS
+    )  # fmt: skip
+    lines.append(f"* **Fixed settings** (`beyondgrad.app.optimizers.SETTINGS`): {fixed}.")
     if skipped:
         lines.append(f"* **Not installed, skipped**: {', '.join(skipped)}.")
     for task, entry in results.items():
@@ -729,7 +797,7 @@ def report(plan: Plan, args: argparse.Namespace, skipped: list[str]) -> Path:
     """Write ``optim_suite_<device>.md`` and ``.json`` into the results directory."""
     meta = environment(plan.device, "python " + " ".join(sys.argv))
     budgets = {task: budget_for(args, task) for task in args.task}
-    meta |= {"trials": args.trials, "seeds": args.seeds, "quick": args.quick,
+    meta |= {"trials": args.trials, "seeds": args.seeds, "quick": args.quick, "since": plan.since,
              "budgets": budgets, "calibrate_budgets": {
                  t: budget_for(args, t, calibrating=True) for t in args.task}}  # fmt: skip
     results = collect(plan, budgets, args.optimizer)
@@ -785,6 +853,13 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="tune: ignore the stored target (AdamW's tuning for a calibration)",
     )
+    p.add_argument(
+        "--since",
+        default=None,
+        metavar="ISO_UTC",
+        help="timed/report: use only timed runs recorded at or after this UTC time (rerun the "
+        "older ones; e.g. all optimizers again on one day's machine)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: seconds, numbers mean nothing")
     return p
 
@@ -833,6 +908,7 @@ def main(argv: list[str] | None = None, objective: Objective = train_run) -> int
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     plan = Plan(Store(args.results, args.quick), args.device, args.eval_every, objective)
+    plan.since = args.since
     skipped = [o for o in args.optimizer if not available(o)]
     if skipped:
         plan.progress(f"not installed, skipped: {', '.join(skipped)}")

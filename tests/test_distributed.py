@@ -277,6 +277,9 @@ OPTIMIZERS: dict[str, Callable[..., Any]] = {
     "KFAC": lambda m, **kw: bg.optim.KFAC(
         m, nn.CrossEntropyLoss(), fisher_type="type-2", refresh_every=1, **kw
     ),
+    "KFAC, blocks of 4": lambda m, **kw: bg.optim.KFAC(  # block-diagonal sides broadcast
+        m, nn.CrossEntropyLoss(), fisher_type="type-2", refresh_every=1, max_block=4, **kw
+    ),
     "SINGD": lambda m, **kw: bg.optim.SINGD(  # warm start: once, on the owner
         m, nn.CrossEntropyLoss(), fisher_type="type-2", refresh_every=1, warm_start=True, **kw
     ),

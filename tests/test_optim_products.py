@@ -12,6 +12,8 @@ import beyondgrad as bg
 from beyondgrad.optim import KFAC, SINGD, SIRFShampoo
 from beyondgrad.optim.products import (
     ProductCache,
+    block_shape,
+    diagonal_blocks,
     explicit_is_cheaper,
     kronecker_solve,
     make_side,
@@ -252,3 +254,96 @@ def test_a_state_saved_before_the_warm_start_counts_as_started_once_stepped(kind
     _, other = make()
     other.load_state_dict(fresh_sd)
     assert not any(s["started"] for s in other.layers.values())
+
+
+def _block_diagonal(M: torch.Tensor, max_block: int) -> torch.Tensor:
+    """The block-diagonal part of ``M`` ``[G, d, d]`` with the blocks of ``diagonal_blocks``."""
+    d = M.shape[-1]
+    n, b = block_shape(d, max_block)
+    out = torch.zeros_like(M)
+    for i in range(n):
+        out[:, i * b : (i + 1) * b, i * b : (i + 1) * b] = M[
+            :, i * b : (i + 1) * b, i * b : (i + 1) * b
+        ]
+    return out
+
+
+def test_diagonal_blocks_pad_the_last_block_with_the_identity():
+    g = torch.Generator().manual_seed(6)
+    M = _spd(7, g)
+    assert block_shape(7, 3) == (3, 3) and block_shape(513, 256) == (3, 171)
+    assert block_shape(6, 3) == (2, 3) and block_shape(3, 8) == (1, 3)
+    blocks = diagonal_blocks(M, 3)
+    assert blocks.shape == (2, 3, 3, 3)
+    torch.testing.assert_close(blocks[:, 1], M[:, 3:6, 3:6])
+    torch.testing.assert_close(blocks[:, 2, 0, 0], M[:, 6, 6])
+    torch.testing.assert_close(blocks[:, 2, 1:, 1:], torch.eye(2, dtype=F64).expand(2, 2, 2))
+    assert bool((blocks[:, 2, 0, 1:] == 0).all())
+
+
+@pytest.mark.parametrize("explicit", [(True, False), (False, True)])
+def test_kronecker_solve_with_block_diagonal_sides_is_the_block_diagonal_inverse(explicit):
+    """Sides of 7 (blocks of at most 3: 3 + 3 + 1 padded) and 5 (one dense side, or blocks of
+    at most 2), explicit or factored, and with joint values: the solve with the
+    block-diagonal factors, sizes unpadded."""
+    g = torch.Generator().manual_seed(7)
+    L, R = _spd(7, g), _spd(5, g)
+    M = torch.randn(2, 7, 5, generator=g, dtype=F64)
+    for right_block in (None, 2):
+        Lb = diagonal_blocks(L, 3)
+        Rb = R if right_block is None else diagonal_blocks(R, right_block)
+        R_ref = R if right_block is None else _block_diagonal(R, right_block)
+        (ll, ql), (lr, qr) = torch.linalg.eigh(Lb), torch.linalg.eigh(Rb)
+        left = make_side(ql, 1 / ll, explicit[0], F64)
+        right = make_side(qr, 1 / lr, explicit[1], F64)
+        expected = _dense_solve(_block_diagonal(L, 3), R_ref, M)
+        torch.testing.assert_close(kronecker_solve(M, left, right), expected)
+        values = 1 / (ll.flatten(-2)[:, :, None] * lr.reshape(2, -1)[:, None, :] + 0.3)
+        left, right = make_side(ql, None, False, F64), make_side(qr, None, False, F64)
+        torch.testing.assert_close(
+            kronecker_solve(M, left, right, values),
+            _dense_solve(_block_diagonal(L, 3), R_ref, M, 0.3),
+        )
+
+
+@pytest.mark.parametrize("mode", ["eigen", "pi"])
+def test_kfac_max_block_is_the_block_diagonal_solve(mode):
+    """``max_block=4`` on a layer 2 -> 9 (A 3 x 3 whole, B 9 x 9 as three 3 x 3 blocks) and
+    9 -> 3 (A 10 x 10 as three blocks of 4, padded): the step is the damped solve with the
+    block-diagonal factors; pi comes from the whole factors' traces."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 9), nn.Tanh(), nn.Linear(9, 3)).double()
+    g = torch.Generator().manual_seed(3)
+    X, y = torch.randn(11, 2, generator=g, dtype=F64), torch.randint(0, 3, (11,), generator=g)
+    loss_fn, lr, damping = nn.CrossEntropyLoss(), 0.2, 0.04
+    quantity = bg.KFAC(fisher_type="type-2")
+    res = bg.compute(model, loss_fn, X, y, bg.Grad(), quantity)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = KFAC(model, loss_fn, lr=lr, momentum=0.0, damping=damping, fisher_type="type-2",
+               kl_clip=None, damping_mode=mode, max_block=4)  # fmt: skip
+    opt.zero_grad()
+    with opt.capture():
+        loss = loss_fn(model(X), y)
+    loss.backward()
+    opt.step()
+    assert opt.layers["0"]["eig"][1].shape == (1, 3, 3, 3)  # B: three blocks of 3
+    assert opt.layers["2"]["eig"][3].shape == (1, 3, 4, 4)  # A: 10 -> blocks of 4, padded
+    params = dict(model.named_parameters())
+    for name in ("0", "2"):
+        block = res[quantity][name]
+        A, B = block.A[None], block.B[None]
+        if mode == "pi":
+            pi = (torch.diagonal(block.A).mean() / torch.diagonal(block.B).mean()).sqrt()
+            A = A + pi * damping**0.5 * torch.eye(A.shape[-1], dtype=F64)
+            B = B + damping**0.5 / pi * torch.eye(B.shape[-1], dtype=F64)
+        A = _block_diagonal(A, 4) if A.shape[-1] > 4 else A
+        B = _block_diagonal(B, 4) if B.shape[-1] > 4 else B
+        grad = torch.cat([res.grad[f"{name}.weight"], res.grad[f"{name}.bias"][:, None]], 1)
+        delta = damping if mode == "eigen" else 0.0
+        step = -lr * _dense_solve(B, A, grad[None], delta)[0]
+        torch.testing.assert_close(
+            params[f"{name}.weight"] - before[f"{name}.weight"], step[:, :-1]
+        )
+        torch.testing.assert_close(params[f"{name}.bias"] - before[f"{name}.bias"], step[:, -1])
+    with pytest.raises(ValueError, match="max_block"):
+        KFAC(model, loss_fn, max_block=0)

@@ -358,3 +358,68 @@ def test_geometric_means_with_and_without_the_sanity_problem():
     table = "\n".join(suite._geomean_table(results))
     assert "without kron-lsq" in table and "| kfac | 0.63 | 3 | 1.00 | 2 |" in table
     assert suite._fmt_hp({"batch_size": 1024.0, "lr": 0.00123456}) == "batch_size=1024, lr=0.00123"
+
+
+def test_changed_factory_settings_retune_and_rerun_that_optimizer_alone(tmp_path, monkeypatch):
+    """Runs and tuned entries carry the factory's settings (stored ones without: the legacy
+    settings); a changed setting of one optimizer makes its tuning and timed runs stale, the
+    others' stay reused."""
+    calls: list[Any] = []
+    plan = suite.Plan(suite.Store(tmp_path), objective=fake_objective(calls))
+    for name in ("adamw", "kfac"):
+        suite.tune(plan, "kron-lsq", name, 3.0, 4)
+    plan.store.update_configs("kron-lsq", target=1.0)
+    for name in ("adamw", "kfac"):
+        suite.timed(plan, "kron-lsq", name, 3.0, 2)
+    assert all(r["settings"] == suite.settings(r["optimizer"]) for r in plan.store.runs)
+    # a run stored before runs recorded their settings counts as made with the legacy ones
+    legacy = {k: v for k, v in plan.store.runs[0].items() if k != "settings"}
+    assert suite.Store(tmp_path).select(**{**legacy, "settings": suite.LEGACY_SETTINGS["adamw"]})
+    changed = {**suite.SETTINGS["kfac"], "max_block": 7}
+    monkeypatch.setitem(suite.SETTINGS, "kfac", changed)
+    plan = suite.Plan(suite.Store(tmp_path), objective=fake_objective(calls))
+    assert suite.tuned(plan.store, "kron-lsq", "kfac", 3.0) is None  # stale entry
+    args = suite.parser().parse_args(["report", "--task", "kron-lsq", "--budget", "3"])
+    suite._defaults(args)
+    assert set(suite.collect(plan, {"kron-lsq": 3.0}, ["adamw", "kfac"])["kron-lsq"]["cells"]) == {
+        "adamw"
+    }
+    before = len(calls)
+    suite.timed(plan, "kron-lsq", "adamw", 3.0, 2)  # reused
+    assert len(calls) == before
+    with pytest.raises(SystemExit, match="tune"):
+        suite.timed(plan, "kron-lsq", "kfac", 3.0, 2)
+    suite.tune(plan, "kron-lsq", "kfac", 3.0, 4)
+    assert len(calls) == before + 4  # retuned under the new settings
+    suite.timed(plan, "kron-lsq", "kfac", 3.0, 2)
+    assert len(calls) == before + 6
+    assert plan.store.select(optimizer="kfac", kind="timed", settings=changed)
+
+
+def test_since_reruns_the_older_timed_runs_and_reports_the_latest(tmp_path):
+    """``--since``: timed runs recorded before it are rerun (seeds 1..S again), the report
+    uses the latest run per seed; runs stored before runs were stamped count as older."""
+    calls: list[Any] = []
+    plan = suite.Plan(suite.Store(tmp_path), objective=fake_objective(calls))
+    suite.tune(plan, "kron-lsq", "adamw", 3.0, 4)
+    plan.store.update_configs("kron-lsq", target=1.0)
+    suite.timed(plan, "kron-lsq", "adamw", 3.0, 2)
+    runs = tmp_path / "optim_suite_runs.jsonl"
+    lines = [json.loads(line) for line in runs.read_text().splitlines()]
+    lines[-1].pop("recorded")  # as stored before the stamps
+    lines[-2]["recorded"] = "2026-01-01T00:00:00+00:00"
+    runs.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    before = len(calls)
+    plan = suite.Plan(suite.Store(tmp_path), objective=fake_objective(calls))
+    suite.timed(plan, "kron-lsq", "adamw", 3.0, 2)
+    assert len(calls) == before  # no since: reused
+    plan.since = "2026-06-01"
+    suite.timed(plan, "kron-lsq", "adamw", 3.0, 2)
+    assert len(calls) == before + 2  # both older: rerun
+    suite.timed(plan, "kron-lsq", "adamw", 3.0, 2)
+    assert len(calls) == before + 2  # now current: reused
+    cells = suite.collect(plan, {"kron-lsq": 3.0}, ["adamw"])["kron-lsq"]["cells"]
+    assert cells["adamw"]["seeds"] == 2
+    args = suite.parser().parse_args(["report", "--task", "kron-lsq", "--budget", "3",
+                                      "--since", "2026-06-01"])  # fmt: skip
+    assert args.since == "2026-06-01"

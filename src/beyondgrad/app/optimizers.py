@@ -21,8 +21,15 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "adamw": {},
     "sgd": {"momentum": 0.9},
     # amortized: statistics every 10 steps, a refresh every 20, pi damping (one Cholesky
-    # inverse per side): ~1.2 AdamW steps per step on char-GPT (benchmarks/results/optim_*)
-    "kfac": {"damping": 5e-2, "stats_every": 10, "refresh_every": 20, "damping_mode": "pi"},
+    # inverse per side), factor sides wider than 256 block-diagonal (char-GPT: the solve
+    # 7.2 -> 4.2-5.0 ms per step, steps to target unchanged; benchmarks/results/optim_suite_*)
+    "kfac": {
+        "damping": 5e-2,
+        "stats_every": 10,
+        "refresh_every": 20,
+        "damping_mode": "pi",
+        "max_block": 256,
+    },
     # Adam in KFAC's eigenbasis: the same amortized statistics and refreshes (eigh)
     "kfac-adam": {"stats_every": 10, "refresh_every": 20},
     "singd": {"damping": 1e-2, "refresh_every": 20},

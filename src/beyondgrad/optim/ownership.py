@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..distributed import group as dist_group
+from .products import block_shape
 
 Refresh = Callable[[], tuple[Tensor, ...]]
 Store = Callable[[tuple[Tensor, ...]], None]
@@ -201,6 +202,7 @@ def defer_eigen_refresh(
     state: dict[str, Any],
     decompose: Callable[[dict[str, Any], float], tuple[Tensor, ...]],
     damping: float,
+    max_block: int | None = None,
 ) -> None:
     """Defer a KFAC layer's eigendecompositions (``state["eig"]``) to its owner.
 
@@ -210,12 +212,17 @@ def defer_eigen_refresh(
         decompose: ``(state, damping) -> (values, vectors, values, vectors)`` of the left and
             right factors of the gradient matrix, ``[G, d]`` and ``[G, d, d]``.
         damping: the layer's damping.
+        max_block: KFAC's ``max_block`` (sides wider than it come as diagonal blocks,
+            ``[G, n, b]`` and ``[G, n, b, b]``).
     """
     A, B = state["A"], state["B"]
     groups = A.shape[0] if A.ndim == 3 else 1
     work = torch.promote_types(A.dtype, torch.float32)
 
     def like(d: int) -> list[tuple[tuple[int, ...], Any]]:
+        if max_block is not None and d > max_block:
+            n, b = block_shape(d, max_block)
+            return [((groups, n, b), work), ((groups, n, b, b), work)]
         return [((groups, d), work), ((groups, d, d), work)]
 
     da, db = A.shape[-1], B.shape[-1]

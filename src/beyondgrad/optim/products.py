@@ -15,6 +15,14 @@ and saves ``d^2 o`` per step (``o``: the other side's size, times ``G``): it is 
 damping (``values = 1 / (l_L l_R^T + damping)``, not a product of two sides) both sides stay
 eigenbases and :func:`kronecker_solve` rotates, scales and rotates back (four products).
 
+A side may also be **block-diagonal** (KFAC's ``max_block``): its matrix is ``[..., n, b, b]``,
+one more axis than the gradient ``M``, the ``n`` diagonal blocks of a ``d x d`` side with
+``d <= n b`` (:func:`diagonal_blocks`: the last block padded with identity rows and columns);
+its scale, if any, ``[..., n, b]``. :func:`kronecker_solve` pads ``M`` with zeros to ``n b``,
+applies each block to its rows (or columns) in one batched product and drops the padding: the
+padded coordinates are decoupled from the others, so the result is that of the block-diagonal
+``d x d`` matrix, at ``d b`` instead of ``d^2`` per column.
+
 The result equals the factored products up to round-off (the same matrices, associated
 differently). :class:`ProductCache` keeps what a refresh prepared until the tensors it was
 built from are replaced or written in place (their version counters), so the work is done once
@@ -54,20 +62,82 @@ def make_side(matrix: Tensor, scale: Tensor | None, explicit: bool, dtype: torch
     return matrix.to(dtype), None if scale is None else scale.to(dtype), True
 
 
+def block_shape(dim: int, max_block: int) -> tuple[int, int]:
+    """``(n, b)``: the number and the size of the diagonal blocks of a ``dim``-wide side with
+    blocks of at most ``max_block`` (``n = ceil(dim / max_block)`` blocks of equal size
+    ``b = ceil(dim / n)``; ``n b - dim < n`` padded coordinates)."""
+    n = -(-dim // max_block)
+    return n, -(-dim // n)
+
+
+def diagonal_blocks(matrix: Tensor, max_block: int) -> Tensor:
+    """The diagonal blocks of ``matrix`` ``[..., d, d]`` as ``[..., n, b, b]``
+    (:func:`block_shape`); the padding of the last block is the identity (a positive
+    definite ``matrix`` gives positive definite blocks).
+
+    Args:
+        matrix: square matrices, batched over the leading axes.
+        max_block: the largest block size.
+    """
+    d = matrix.shape[-1]
+    n, b = block_shape(d, max_block)
+    pad = n * b - d
+    if pad:
+        matrix = torch.nn.functional.pad(matrix, (0, pad, 0, pad))
+        matrix.diagonal(dim1=-2, dim2=-1)[..., d:] = 1.0
+    blocks = [matrix[..., i * b : (i + 1) * b, i * b : (i + 1) * b] for i in range(n)]
+    return torch.stack(blocks, -3)
+
+
+def side_size(matrix: Tensor, ndim: int) -> int:
+    """The (padded) size of a side's matrix that multiplies an ``ndim``-dimensional gradient:
+    ``d`` of ``[..., d, d]``, ``n b`` of a block-diagonal ``[..., n, b, b]``."""
+    if matrix.ndim == ndim + 1:
+        return matrix.shape[-3] * matrix.shape[-1]
+    return matrix.shape[-1]
+
+
+def _mm_left(P: Tensor, X: Tensor, transpose: bool = False) -> Tensor:
+    """``P X`` (``P^T X``), ``P`` dense ``[..., d, d]`` or block-diagonal ``[..., n, b, b]``."""
+    P = P.mT if transpose else P
+    if P.ndim == X.ndim:
+        return P @ X
+    n, b = P.shape[-3], P.shape[-1]
+    return (P @ X.unflatten(-2, (n, b))).flatten(-3, -2)
+
+
+def _mm_right(X: Tensor, P: Tensor, transpose: bool = False) -> Tensor:
+    """``X P`` (``X P^T``), ``P`` dense or block-diagonal (see :func:`_mm_left`)."""
+    P = P.mT if transpose else P
+    if P.ndim == X.ndim:
+        return X @ P
+    n, b = P.shape[-3], P.shape[-1]
+    return (X.unflatten(-1, (n, b)).transpose(-3, -2) @ P).transpose(-3, -2).flatten(-2)
+
+
+def _flat_scale(scale: Tensor, matrix: Tensor, ndim: int) -> Tensor:
+    """A side's scale over the (padded) coordinates, ``[..., d]`` (blocks flattened)."""
+    return scale.flatten(-2) if matrix.ndim == ndim + 1 else scale
+
+
 def _left(M: Tensor, side: Side) -> Tensor:
     matrix, scale, factored = side
     if not factored:
-        return matrix @ M
-    inner = matrix.mT @ M
-    return matrix @ (inner if scale is None else inner * scale.unsqueeze(-1))
+        return _mm_left(matrix, M)
+    inner = _mm_left(matrix, M, transpose=True)
+    if scale is not None:
+        inner = inner * _flat_scale(scale, matrix, M.ndim).unsqueeze(-1)
+    return _mm_left(matrix, inner)
 
 
 def _right(M: Tensor, side: Side) -> Tensor:
     matrix, scale, factored = side
     if not factored:
-        return M @ matrix
-    inner = M @ matrix
-    return (inner if scale is None else inner * scale.unsqueeze(-2)) @ matrix.mT
+        return _mm_right(M, matrix)
+    inner = _mm_right(M, matrix)
+    if scale is not None:
+        inner = inner * _flat_scale(scale, matrix, M.ndim).unsqueeze(-2)
+    return _mm_right(inner, matrix, transpose=True)
 
 
 def kronecker_solve(M: Tensor, left: Side, right: Side, values: Tensor | None = None) -> Tensor:
@@ -76,20 +146,28 @@ def kronecker_solve(M: Tensor, left: Side, right: Side, values: Tensor | None = 
 
     Args:
         M: ``[..., r, c]``.
-        left: a :data:`Side` of size ``r``.
+        left: a :data:`Side` of size ``r`` (block-diagonal: ``n b >= r``).
         right: a :data:`Side` of size ``c``.
-        values: ``[..., r, c]`` scales in the joint eigenbasis, or None.
+        values: ``[..., r, c]`` scales in the joint eigenbasis (padded sizes where a side
+            is block-diagonal), or None.
 
     Returns:
         ``[..., r, c]`` in ``M``'s dtype (computed in the left side's dtype).
     """
     work = left[0].dtype
+    r, c = M.shape[-2:]
+    rows, cols = side_size(left[0], M.ndim), side_size(right[0], M.ndim)
     X = M.to(work)
+    if rows > r or cols > c:
+        X = torch.nn.functional.pad(X, (0, cols - c, 0, rows - r))
     if values is not None:
         q_left, q_right = left[0], right[0]
-        X = q_left @ (((q_left.mT @ X) @ q_right) * values) @ q_right.mT
+        X = _mm_right(_mm_left(q_left, X, transpose=True), q_right) * values
+        X = _mm_right(_mm_left(q_left, X), q_right, transpose=True)
     else:
         X = _right(_left(X, left), right)
+    if rows > r or cols > c:
+        X = X[..., :r, :c]
     return X.to(M.dtype)
 
 
@@ -164,4 +242,13 @@ def _nbytes(value: Any) -> int:
     return 0
 
 
-__all__ = ["ProductCache", "Side", "explicit_is_cheaper", "kronecker_solve", "make_side"]
+__all__ = [
+    "ProductCache",
+    "Side",
+    "block_shape",
+    "diagonal_blocks",
+    "explicit_is_cheaper",
+    "kronecker_solve",
+    "make_side",
+    "side_size",
+]
