@@ -23,8 +23,11 @@ AlgoPerf's rules, scaled down to 2 CPU cores:
   ms per step, optimizer-state MiB, reached and diverged counts, the ratio to AdamW and the
   geometric mean of the ratios over the tasks.
 
-Every run is appended to ``results/optim_suite_runs.jsonl`` as it finishes; a rerun skips the
-runs found there (same kind, task, optimizer, index, budget, device). A run stores its
+Every run is appended to ``results/optim_suite_runs.jsonl`` as it finishes, stamped with the
+time; a rerun skips the runs found there (same kind, task, optimizer, index, budget, device
+and the factory's fixed settings of the optimizer: a changed default retunes that optimizer;
+``--since`` reruns the timed runs recorded before a time, so that a table compares one day's
+machine). A run stores its
 evaluation history, so a later target rescores it without retraining. Training time counts the
 optimizer's steps only (forward, backward, update; the first step included), not evaluation or
 batch assembly. Warm-up (a search dimension) scales every parameter group's ``lr`` linearly over
@@ -36,6 +39,7 @@ Usage (``--quick``: a smoke run of seconds, written to a temporary directory)::
     python benchmarks/optim_suite.py calibrate --task gpt --budget 40 --seeds 3
     python benchmarks/optim_suite.py tune --task gpt --budget 60
     python benchmarks/optim_suite.py timed --seeds 3 --budget 60
+    python benchmarks/optim_suite.py timed --since 2026-12-05T04:47:03   # every cell again
     python benchmarks/optim_suite.py report --task gpt autoencoder --task-budget autoencoder=20
     python benchmarks/optim_suite.py all --quick
 """
