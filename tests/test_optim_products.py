@@ -347,3 +347,47 @@ def test_kfac_max_block_is_the_block_diagonal_solve(mode):
         torch.testing.assert_close(params[f"{name}.bias"] - before[f"{name}.bias"], step[:, -1])
     with pytest.raises(ValueError, match="max_block"):
         KFAC(model, loss_fn, max_block=0)
+
+
+@pytest.mark.parametrize("grafting", [None, "adam"])
+def test_batched_updates_equal_the_per_parameter_ones(grafting):
+    """``descend_many_`` and ``adamw_many_`` (``torch._foreach``) give bit for bit the
+    per-parameter ``descend_`` / ``adamw_`` over three steps: weight decay, momentum (first
+    buffers created, then updated; Adam grafting's first moment), mixed step counts."""
+    from beyondgrad.optim.fallback import adamw_, adamw_many_
+    from beyondgrad.optim.update import descend_, descend_many_
+
+    g = torch.Generator().manual_seed(8)
+    shapes = [(3, 4), (5,), (2, 2, 2)]
+    group = {"lr": 0.3, "weight_decay": 0.1, "momentum": 0.9, "grafting": grafting,
+             "adam_lr": 0.01, "adam_betas": (0.9, 0.99), "adam_eps": 1e-8}  # fmt: skip
+    ps = [torch.randn(s, generator=g, dtype=F64) for s in shapes]
+    qs = [p.clone() for p in ps]
+    one: list[dict] = [{} for _ in ps]
+    many: list[dict] = [{} for _ in ps]
+    for state in (one[2], many[2]):  # a parameter at another step count
+        state["adam_step"] = 5
+        state["exp_avg"] = torch.full(shapes[2], 0.1, dtype=F64)
+        state["exp_avg_sq"] = torch.full(shapes[2], 0.2, dtype=F64)
+    for _ in range(3):
+        ds = [torch.randn(s, generator=g, dtype=F64) for s in shapes]
+        for p, d, st in zip(ps, ds, one):
+            descend_(p, d, group, st, 0.5)
+        descend_many_(qs, ds, group, many, 0.5)
+        for p, q in zip(ps, qs):
+            p.grad, q.grad = ds[0].new_ones(p.shape) * 0.3, ds[0].new_ones(q.shape) * 0.3
+        fallback_one = [{**st} for st in one]
+        for p, st in zip(ps, fallback_one):
+            adamw_(p, p.grad, group, st, 0.5)
+        fallback_many = [{**st} for st in many]
+        adamw_many_(qs, group, fallback_many, 0.5)
+        for st, new in zip(one, fallback_one):
+            st.update(new)
+        for st, new in zip(many, fallback_many):
+            st.update(new)
+        for p, q in zip(ps, qs):
+            assert torch.equal(p, q)
+        for a, b in zip(one, many):
+            assert a.keys() == b.keys() and a["adam_step"] == b["adam_step"]
+            for k in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+                assert torch.equal(a[k], b[k]), k

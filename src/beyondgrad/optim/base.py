@@ -11,8 +11,8 @@ It composes the components of this package into one step::
         precondition the gradients                      subclass: _preconditioned_gradients
         graft                                            grafting.graft
     one scale for all directions                         clipping.clip_scale
-    momentum, decoupled weight decay, learning rate      update.descend_
-    AdamW for every other parameter                      fallback.adamw_
+    momentum, decoupled weight decay, learning rate      update.descend_many_
+    AdamW for every other parameter                      fallback.adamw_many_
 
 The training loop is the ordinary one plus one ``with`` line around the forward pass (which
 records what the method needs: the layer inputs and, on statistics steps, the curvature
@@ -46,7 +46,7 @@ from torch.optim import Optimizer
 
 from ..distributed import fsdp
 from .clipping import check_clip, clip_factor
-from .fallback import ADAMW_DEFAULTS, adamw_, check_adamw, step_counter_as_int
+from .fallback import ADAMW_DEFAULTS, adamw_many_, check_adamw, step_counter_as_int
 from .fsdp import full_parameters
 from .grafting import check_grafting, graft
 from .products import ProductCache, kronecker_solve
@@ -68,7 +68,7 @@ from .schedule import (
     warmup_factor,
 )
 from .statistics import average_gradients_over_ranks, distributed_world, finite_flags
-from .update import descend_
+from .update import descend_many_
 
 Directions = list[tuple[Tensor, Tensor, dict[str, Any]]]
 """``(parameter, direction, param group)`` per preconditioned parameter of a step."""
@@ -312,9 +312,14 @@ class CurvatureOptimizer(Optimizer):
             self.kl_clip,
             self.max_update_norm,
         )  # a 0-d tensor when clipping is on: no host synchronization
-        for p, d, group in directions:
-            d = d if scale is None else d * scale.to(d.dtype)
-            descend_(p, d, group, self.state[p], scales[id(group)])
+        by_group: dict[int, tuple[dict[str, Any], list[Tensor], list[Tensor]]] = {}
+        for p, d, group in directions:  # one batched update per param group
+            _, ps, ds = by_group.setdefault(id(group), (group, [], []))
+            ps.append(p)
+            ds.append(d if scale is None else d * scale.to(d.dtype))
+        for group, ps, ds in by_group.values():
+            states = [self.state[p] for p in ps]
+            descend_many_(ps, ds, group, states, scales[id(group)])
         self._fallback_step(scales)
         self.steps += 1
 
@@ -365,9 +370,9 @@ class CurvatureOptimizer(Optimizer):
     def _fallback_step(self, scales: dict[int, float]) -> None:
         """AdamW for every parameter routed to the fallback (see :mod:`.fallback`)."""
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and not self._preconditioned(p):
-                    adamw_(p, p.grad, group, self.state[p], scales[id(group)])
+            ps = [p for p in group["params"] if p.grad is not None and not self._preconditioned(p)]
+            if ps:
+                adamw_many_(ps, group, [self.state[p] for p in ps], scales[id(group)])
 
     # -- state --------------------------------------------------------------------------------
     def _signature(self) -> Signature:

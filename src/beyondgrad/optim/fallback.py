@@ -60,6 +60,47 @@ def adamw_(
     p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**t))
 
 
+def adamw_many_(
+    params: list[Tensor],
+    group: dict[str, Any],
+    states: list[dict[str, Any]],
+    lr_scale: float = 1.0,
+) -> None:
+    """:func:`adamw_` for several parameters of one param group (their ``.grad``), with
+    ``torch._foreach`` operations per step count (the same arithmetic element by element).
+
+    Args:
+        params: the parameters (with gradients).
+        group: their param group.
+        states: their optimizer states (created on the first call).
+        lr_scale: multiplies the learning rate (the warm-up factor).
+    """
+    lr = fallback_lr(group) * lr_scale
+    beta1, beta2 = group["adam_betas"]
+    by_step: dict[int, list[int]] = {}
+    for i, (p, state) in enumerate(zip(params, states)):
+        if "exp_avg" not in state:
+            state["adam_step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["adam_step"] = t = int(state["adam_step"]) + 1
+        by_step.setdefault(t, []).append(i)
+    for t, members in by_step.items():
+        ps = [params[i] for i in members]
+        grads = [p.grad for p in ps]
+        avg = [states[i]["exp_avg"] for i in members]
+        avg_sq = [states[i]["exp_avg_sq"] for i in members]
+        torch._foreach_lerp_(avg, grads, 1 - beta1)
+        torch._foreach_mul_(avg_sq, beta2)
+        torch._foreach_addcmul_(avg_sq, grads, grads, value=1 - beta2)
+        denom = torch._foreach_div(avg_sq, 1 - beta2**t)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, group["adam_eps"])
+        if group["weight_decay"]:
+            torch._foreach_mul_(ps, 1 - lr * group["weight_decay"])
+        torch._foreach_addcdiv_(ps, avg, denom, value=-lr / (1 - beta1**t))
+
+
 def step_counter_as_int(state: dict[str, Any]) -> dict[str, Any]:
     """A copy of a saved per-parameter state whose step counters are Python ints (older
     checkpoints stored tensors, which ``load_state_dict`` would cast to the parameter dtype)."""
@@ -76,4 +117,11 @@ def check_adamw(group: dict[str, Any]) -> None:
         raise ValueError(f"adam_lr must be non-negative, got {group['adam_lr']}")
 
 
-__all__ = ["ADAMW_DEFAULTS", "adamw_", "check_adamw", "fallback_lr", "step_counter_as_int"]
+__all__ = [
+    "ADAMW_DEFAULTS",
+    "adamw_",
+    "adamw_many_",
+    "check_adamw",
+    "fallback_lr",
+    "step_counter_as_int",
+]

@@ -14,8 +14,10 @@ diverged on the deep autoencoder task.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .averages import decayed_sum_
@@ -49,4 +51,45 @@ def descend_(
     p.add_(direction.to(p.dtype), alpha=-lr)
 
 
-__all__ = ["descend_"]
+def descend_many_(
+    params: Sequence[Tensor],
+    directions: Sequence[Tensor],
+    group: dict[str, Any],
+    states: Sequence[dict[str, Any]],
+    lr_scale: float = 1.0,
+) -> None:
+    """:func:`descend_` for several parameters of one param group, with ``torch._foreach``
+    operations (a few kernel launches for all of them instead of a few per parameter; the
+    same arithmetic element by element).
+
+    Args:
+        params: the parameters.
+        directions: their directions, in the same order.
+        group: their param group.
+        states: their optimizer states.
+        lr_scale: multiplies the group's ``lr`` (the warm-up factor).
+    """
+    if not params:
+        return
+    lr, wd, mu = group["lr"] * lr_scale, group["weight_decay"], group["momentum"]
+    params = list(params)
+    if wd:
+        torch._foreach_mul_(params, 1 - lr * wd)
+    steps = list(directions)
+    if mu:
+        if group.get("grafting") == "adam":  # Adam's first moment (see the module docstring)
+            steps = torch._foreach_mul(steps, 1 - mu)
+        old = [(s["momentum_buffer"], d) for s, d in zip(states, steps) if "momentum_buffer" in s]
+        if old:
+            buffers = [b for b, _ in old]
+            torch._foreach_mul_(buffers, mu)
+            torch._foreach_add_(buffers, [d for _, d in old])
+        for s, d in zip(states, steps):
+            if "momentum_buffer" not in s:
+                s["momentum_buffer"] = d.clone()
+        steps = [s["momentum_buffer"] for s in states]
+    steps = [d if d.dtype == p.dtype else d.to(p.dtype) for p, d in zip(params, steps)]
+    torch._foreach_add_(params, steps, alpha=-lr)
+
+
+__all__ = ["descend_", "descend_many_"]
