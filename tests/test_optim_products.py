@@ -124,28 +124,41 @@ def _pi_reference(block, damping):
     )
 
 
-@pytest.mark.parametrize("refresh_every", [1, 30])
-def test_kfac_pi_damping_with_explicit_and_factored_sides_is_exact(refresh_every):
-    """A layer 2 -> 12: with refresh_every=1 the 12-side stays factored (12 >= 1 * 3) and the
-    3-side is explicit; with 30 both are explicit. The step is the pi-damped solve."""
+def _one_type2_kfac_step(hidden: int, n: int, **kwargs):
+    """One step of ``KFAC(type-2, momentum 0, no KL clip, **kwargs)`` on ``2 -> hidden -> 3``
+    (float64, ``n`` samples): ``(model, optimizer, {layer: the engine's KFAC block},
+    {layer: [O, I + 1] gradient with the bias last}, parameters before the step)``."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(2, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+    model = nn.Sequential(nn.Linear(2, hidden), nn.Tanh(), nn.Linear(hidden, 3)).double()
     g = torch.Generator().manual_seed(3)
-    X, y = torch.randn(9, 2, generator=g, dtype=F64), torch.randint(0, 3, (9,), generator=g)
-    loss_fn, lr, damping = nn.CrossEntropyLoss(), 0.2, 0.04
-    quantity = bg.KFAC(fisher_type="type-2")
+    X, y = torch.randn(n, 2, generator=g, dtype=F64), torch.randint(0, 3, (n,), generator=g)
+    loss_fn, quantity = nn.CrossEntropyLoss(), bg.KFAC(fisher_type="type-2")
     res = bg.compute(model, loss_fn, X, y, bg.Grad(), quantity)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = KFAC(model, loss_fn, lr=lr, momentum=0.0, damping=damping, fisher_type="type-2",
-               kl_clip=None, damping_mode="pi", refresh_every=refresh_every)  # fmt: skip
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    opt = KFAC(model, loss_fn, momentum=0.0, fisher_type="type-2", kl_clip=None, **kwargs)
     opt.zero_grad()
     with opt.capture():
         loss = loss_fn(model(X), y)
     loss.backward()
     opt.step()
+    blocks = {k: res[quantity][k] for k in ("0", "2")}
+    grads = {
+        k: torch.cat([res.grad[f"{k}.weight"], res.grad[f"{k}.bias"][:, None]], 1)
+        for k in ("0", "2")
+    }
+    return model, opt, blocks, grads, before
+
+
+@pytest.mark.parametrize("refresh_every", [1, 30])
+def test_kfac_pi_damping_with_explicit_and_factored_sides_is_exact(refresh_every):
+    """A layer 2 -> 12: with refresh_every=1 the 12-side stays factored (12 >= 1 * 3) and the
+    3-side is explicit; with 30 both are explicit. The step is the pi-damped solve."""
+    lr, damping = 0.2, 0.04
+    model, _, blocks, grads, before = _one_type2_kfac_step(
+        12, 9, lr=lr, damping=damping, damping_mode="pi", refresh_every=refresh_every
+    )
     for name in ("0", "2"):
-        block = res[quantity][name]
-        grad = torch.cat([res.grad[f"{name}.weight"], res.grad[f"{name}.bias"][:, None]], 1)
+        block, grad = blocks[name], grads[name]
         step = -lr * torch.linalg.solve(_pi_reference(block, damping), grad.reshape(-1))
         step = step.reshape(grad.shape)
         params = dict(model.named_parameters())
@@ -311,26 +324,15 @@ def test_kfac_max_block_is_the_block_diagonal_solve(mode):
     """``max_block=4`` on a layer 2 -> 9 (A 3 x 3 whole, B 9 x 9 as three 3 x 3 blocks) and
     9 -> 3 (A 10 x 10 as three blocks of 4, padded): the step is the damped solve with the
     block-diagonal factors; pi comes from the whole factors' traces."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(2, 9), nn.Tanh(), nn.Linear(9, 3)).double()
-    g = torch.Generator().manual_seed(3)
-    X, y = torch.randn(11, 2, generator=g, dtype=F64), torch.randint(0, 3, (11,), generator=g)
-    loss_fn, lr, damping = nn.CrossEntropyLoss(), 0.2, 0.04
-    quantity = bg.KFAC(fisher_type="type-2")
-    res = bg.compute(model, loss_fn, X, y, bg.Grad(), quantity)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = KFAC(model, loss_fn, lr=lr, momentum=0.0, damping=damping, fisher_type="type-2",
-               kl_clip=None, damping_mode=mode, max_block=4)  # fmt: skip
-    opt.zero_grad()
-    with opt.capture():
-        loss = loss_fn(model(X), y)
-    loss.backward()
-    opt.step()
+    lr, damping = 0.2, 0.04
+    model, opt, blocks, grads, before = _one_type2_kfac_step(
+        9, 11, lr=lr, damping=damping, damping_mode=mode, max_block=4
+    )
     assert opt.layers["0"]["eig"][1].shape == (1, 3, 3, 3)  # B: three blocks of 3
     assert opt.layers["2"]["eig"][3].shape == (1, 3, 4, 4)  # A: 10 -> blocks of 4, padded
     params = dict(model.named_parameters())
     for name in ("0", "2"):
-        block = res[quantity][name]
+        block, grad = blocks[name], grads[name]
         A, B = block.A[None], block.B[None]
         if mode == "pi":
             pi = (torch.diagonal(block.A).mean() / torch.diagonal(block.B).mean()).sqrt()
@@ -338,7 +340,6 @@ def test_kfac_max_block_is_the_block_diagonal_solve(mode):
             B = B + damping**0.5 / pi * torch.eye(B.shape[-1], dtype=F64)
         A = _block_diagonal(A, 4) if A.shape[-1] > 4 else A
         B = _block_diagonal(B, 4) if B.shape[-1] > 4 else B
-        grad = torch.cat([res.grad[f"{name}.weight"], res.grad[f"{name}.bias"][:, None]], 1)
         delta = damping if mode == "eigen" else 0.0
         step = -lr * _dense_solve(B, A, grad[None], delta)[0]
         torch.testing.assert_close(
@@ -346,7 +347,7 @@ def test_kfac_max_block_is_the_block_diagonal_solve(mode):
         )
         torch.testing.assert_close(params[f"{name}.bias"] - before[f"{name}.bias"], step[:, -1])
     with pytest.raises(ValueError, match="max_block"):
-        KFAC(model, loss_fn, max_block=0)
+        KFAC(model, nn.CrossEntropyLoss(), max_block=0)
 
 
 @pytest.mark.parametrize("grafting", [None, "adam"])
