@@ -392,3 +392,62 @@ def test_batched_updates_equal_the_per_parameter_ones(grafting):
             assert a.keys() == b.keys() and a["adam_step"] == b["adam_step"]
             for k in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
                 assert torch.equal(a[k], b[k]), k
+
+
+class _MaskedKFAC(KFAC):
+    """KFAC whose factors are replaced by their block-diagonal parts (as whole matrices, the
+    other entries zero) before the refresh: the reference of ``max_block``."""
+
+    block = 4
+
+    def _decompose_stacked(self, A, B, order, damping):
+        return super()._decompose_stacked(self._mask(A), self._mask(B), order, damping)
+
+    @classmethod
+    def _mask(cls, M):
+        if M.shape[-1] <= cls.block:
+            return M
+        n, b = block_shape(M.shape[-1], cls.block)
+        keep = torch.zeros(M.shape[-2:], dtype=torch.bool)
+        for i in range(n):
+            keep[i * b : (i + 1) * b, i * b : (i + 1) * b] = True
+        return torch.where(keep, M, torch.zeros((), dtype=M.dtype))
+
+
+class _TokensConv(nn.Module):
+    """Embedding (factors in ``A kron B`` order) -> grouped Conv1d -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 6)
+        self.conv = nn.Conv1d(6, 6, 3, padding=1, groups=2)
+        self.out = nn.Linear(6 * 5, 4)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.conv(self.emb(x).transpose(1, 2))).flatten(1))
+
+
+@pytest.mark.parametrize("mode", ["eigen", "pi"])
+def test_kfac_max_block_on_embeddings_and_grouped_convolutions(mode):
+    """Three steps with ``max_block=4`` equal KFAC on the factors' block-diagonal parts for an
+    embedding (``A kron B``: a 10-wide input side), a grouped convolution (per group 3 x 3 + 1
+    = 10) and a linear layer (31 -> 4 and 4 -> 1 blocks, padded)."""
+    g = torch.Generator().manual_seed(9)
+    X, y = torch.randint(0, 10, (12, 5), generator=g), torch.randint(0, 4, (12,), generator=g)
+    finals = []
+    for make, extra in ((KFAC, {"max_block": 4}), (_MaskedKFAC, {})):
+        torch.manual_seed(0)
+        model, loss_fn = _TokensConv().double(), nn.CrossEntropyLoss()
+        opt = make(model, loss_fn, lr=0.1, fisher_type="type-2", kl_clip=None,
+                   damping_mode=mode, refresh_every=1, **extra)  # fmt: skip
+        assert set(opt.layers) == {"emb", "conv", "out"}
+        for _ in range(3):
+            opt.zero_grad()
+            with opt.capture():
+                loss = loss_fn(model(X), y)
+            loss.backward()
+            opt.step()
+        finals.append([p.detach().clone() for p in model.parameters()])
+    assert opt.layers["emb"]["order"] == "A kron B"
+    for blocked, masked in zip(*finals, strict=True):
+        torch.testing.assert_close(blocked, masked)
