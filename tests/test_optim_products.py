@@ -4,6 +4,8 @@ preconditioner, and the legacy ``started`` rule of ``load_state_dict``."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -451,3 +453,38 @@ def test_kfac_max_block_on_embeddings_and_grouped_convolutions(mode):
     assert opt.layers["emb"]["order"] == "A kron B"
     for blocked, masked in zip(*finals, strict=True):
         torch.testing.assert_close(blocked, masked)
+
+
+def test_a_blocked_kfac_state_loads_into_kfac_without_blocks():
+    """A state saved with ``max_block=4`` loads into ``KFAC()`` (no blocks): the step solves
+    with the saved blocks (the same step as the saving optimizer's) until the next refresh,
+    which decomposes the whole factors."""
+    g = torch.Generator().manual_seed(10)
+    X, y = torch.randn(16, 3, generator=g, dtype=F64), torch.randint(0, 2, (16,), generator=g)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def run(opt, model, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            with opt.capture():
+                loss = loss_fn(model(X), y)
+            loss.backward()
+            opt.step()
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 9), nn.Tanh(), nn.Linear(9, 2)).double()
+    saving = KFAC(model, loss_fn, max_block=4, refresh_every=5, kl_clip=None)
+    run(saving, model, 2)
+    state = copy.deepcopy(saving.state_dict())  # the live tensors change in place
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    run(saving, model, 1)
+    expected = [p.detach().clone() for p in model.parameters()]
+    model.load_state_dict(start)
+    loading = KFAC(model, loss_fn, refresh_every=5, kl_clip=None)
+    loading.load_state_dict(state)
+    run(loading, model, 1)  # step 2: no refresh due, the saved blocks solve
+    assert loading.layers["0"]["eig"][1].shape == (1, 3, 3, 3)
+    for p, q in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p, q)
+    run(loading, model, 3)  # step 5 refreshes: whole factors
+    assert loading.layers["0"]["eig"][1].shape == (1, 9, 9)
