@@ -21,6 +21,7 @@ from beyondgrad.optim.products import (
     make_side,
 )
 from beyondgrad.optim.statistics import finite_flags
+from loops import train_losses
 
 F64 = torch.float64
 
@@ -464,12 +465,7 @@ def test_a_blocked_kfac_state_loads_into_kfac_without_blocks():
     loss_fn = nn.CrossEntropyLoss()
 
     def run(opt, model, steps):
-        for _ in range(steps):
-            opt.zero_grad()
-            with opt.capture():
-                loss = loss_fn(model(X), y)
-            loss.backward()
-            opt.step()
+        train_losses(opt, model, loss_fn, X, y, steps)
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 9), nn.Tanh(), nn.Linear(9, 2)).double()
