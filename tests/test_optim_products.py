@@ -356,10 +356,32 @@ def test_kfac_max_block_is_the_block_diagonal_solve(mode):
 @pytest.mark.parametrize("grafting", [None, "adam"])
 def test_batched_updates_equal_the_per_parameter_ones(grafting):
     """``descend_many_`` and ``adamw_many_`` (``torch._foreach``) give bit for bit the
-    per-parameter ``descend_`` / ``adamw_`` over three steps: weight decay, momentum (first
-    buffers created, then updated; Adam grafting's first moment), mixed step counts."""
-    from beyondgrad.optim.fallback import adamw_, adamw_many_
-    from beyondgrad.optim.update import descend_, descend_many_
+    per-parameter updates written with plain operations, over three steps: weight decay,
+    momentum (first buffers created, then updated; Adam grafting's first moment), mixed step
+    counts."""
+    from beyondgrad.optim.fallback import adamw_many_, fallback_lr
+    from beyondgrad.optim.update import descend_many_
+
+    def descend_(p, direction, group, state, lr_scale):  # one parameter, plain ops
+        lr, wd, mu = group["lr"] * lr_scale, group["weight_decay"], group["momentum"]
+        p.mul_(1 - lr * wd)
+        direction = direction * (1 - mu) if group["grafting"] == "adam" else direction
+        if "momentum_buffer" in state:
+            state["momentum_buffer"].mul_(mu).add_(direction)
+        else:
+            state["momentum_buffer"] = direction.clone()
+        p.add_(state["momentum_buffer"], alpha=-lr)
+
+    def adamw_(p, grad, group, state, lr_scale):  # one parameter, plain ops
+        lr, (beta1, beta2) = fallback_lr(group) * lr_scale, group["adam_betas"]
+        if "exp_avg" not in state:
+            state.update(adam_step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        state["adam_step"] = t = state["adam_step"] + 1
+        state["exp_avg"].lerp_(grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (state["exp_avg_sq"] / (1 - beta2**t)).sqrt_().add_(group["adam_eps"])
+        p.mul_(1 - lr * group["weight_decay"])
+        p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**t))
 
     g = torch.Generator().manual_seed(8)
     shapes = [(3, 4), (5,), (2, 2, 2)]

@@ -33,41 +33,15 @@ def fallback_lr(group: dict[str, Any]) -> float:
     return group["adam_lr"] * scale
 
 
-def adamw_(
-    p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any], lr_scale: float = 1.0
-) -> None:
-    """One AdamW step of ``p`` in place.
-
-    Args:
-        p: the parameter.
-        grad: its gradient.
-        group: its param group.
-        state: its optimizer state (created on the first call).
-        lr_scale: multiplies the learning rate (the warm-up factor).
-    """
-    lr = fallback_lr(group) * lr_scale
-    beta1, beta2 = group["adam_betas"]
-    if "exp_avg" not in state:
-        state["adam_step"] = 0
-        state["exp_avg"] = torch.zeros_like(p)
-        state["exp_avg_sq"] = torch.zeros_like(p)
-    state["adam_step"] = t = int(state["adam_step"]) + 1
-    state["exp_avg"].lerp_(grad, 1 - beta1)
-    state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    denom = (state["exp_avg_sq"] / (1 - beta2**t)).sqrt_().add_(group["adam_eps"])
-    if group["weight_decay"]:
-        p.mul_(1 - lr * group["weight_decay"])
-    p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**t))
-
-
 def adamw_many_(
     params: list[Tensor],
     group: dict[str, Any],
     states: list[dict[str, Any]],
     lr_scale: float = 1.0,
 ) -> None:
-    """:func:`adamw_` for several parameters of one param group (their ``.grad``), with
-    ``torch._foreach`` operations per step count (the same arithmetic element by element).
+    """One AdamW step (decoupled weight decay, bias correction) of the parameters of one
+    param group, in place, from their ``.grad``, with ``torch._foreach`` operations per step
+    count.
 
     Args:
         params: the parameters (with gradients).
@@ -119,7 +93,6 @@ def check_adamw(group: dict[str, Any]) -> None:
 
 __all__ = [
     "ADAMW_DEFAULTS",
-    "adamw_",
     "adamw_many_",
     "check_adamw",
     "fallback_lr",

@@ -244,7 +244,7 @@ class KFACAdam(KFAC):
         D, v = step(M, left[0], right[0], _stacked(states), self.beta2, self.eps)
         for state, vi in zip(states, v.split([self._groups(s) for s in states])):
             state["second_moment"] = vi
-        return D * (1 - group["momentum"])  # Adam's first moment (descend_ keeps the sum)
+        return D * (1 - group["momentum"])  # Adam's first moment (descend_many_ keeps the sum)
 
 
 def power_basis(M: Tensor, Q: Tensor) -> tuple[Tensor, Tensor, Tensor]:

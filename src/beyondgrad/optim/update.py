@@ -20,36 +20,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .averages import decayed_sum_
-
-
-def descend_(
-    p: Tensor,
-    direction: Tensor,
-    group: dict[str, Any],
-    state: dict[str, Any],
-    lr_scale: float = 1.0,
-) -> None:
-    """Move ``p`` (in place) against ``direction``: decoupled weight decay, momentum, step.
-
-    Args:
-        p: the parameter.
-        direction: the (preconditioned, grafted, clipped) direction, shaped like ``p``.
-        group: its param group (``lr``, ``weight_decay``, ``momentum``).
-        state: its optimizer state (the momentum keeps ``momentum_buffer`` there).
-        lr_scale: multiplies the group's ``lr`` (the warm-up factor).
-    """
-    lr, wd, mu = group["lr"] * lr_scale, group["weight_decay"], group["momentum"]
-    if wd:
-        p.mul_(1 - lr * wd)
-    if mu:
-        if group.get("grafting") == "adam":  # Adam's first moment (see the module docstring)
-            direction = direction * (1 - mu)
-        direction = state["momentum_buffer"] = decayed_sum_(
-            state.get("momentum_buffer"), direction, mu
-        )
-    p.add_(direction.to(p.dtype), alpha=-lr)
-
 
 def descend_many_(
     params: Sequence[Tensor],
@@ -58,9 +28,9 @@ def descend_many_(
     states: Sequence[dict[str, Any]],
     lr_scale: float = 1.0,
 ) -> None:
-    """:func:`descend_` for several parameters of one param group, with ``torch._foreach``
-    operations (a few kernel launches for all of them instead of a few per parameter; the
-    same arithmetic element by element).
+    """Move the parameters of one param group (in place) against their directions: decoupled
+    weight decay, momentum, step (see the module docstring), with ``torch._foreach``
+    operations (a few kernel launches for all of them instead of a few per parameter).
 
     Args:
         params: the parameters.
@@ -92,4 +62,4 @@ def descend_many_(
     torch._foreach_add_(params, steps, alpha=-lr)
 
 
-__all__ = ["descend_", "descend_many_"]
+__all__ = ["descend_many_"]
