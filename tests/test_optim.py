@@ -302,17 +302,20 @@ def test_param_group_routed_to_adamw_is_trained():
 # -- SINGD -----------------------------------------------------------------------------------
 
 
-def _singd_dense_reference(A, B, G, K, C, mK, mC, damping, alpha1, lr_cov, kfac_like):
-    """One SINGD factor update and direction with dense matrices, written from the paper."""
+def _singd_dense_reference(
+    A, B, G, K, C, mK, mC, damping, alpha1, lr_cov, kfac_like, mask_K=1.0, mask_C=1.0
+):
+    """One SINGD factor update and direction with dense matrices, written from the paper
+    (``mask_K``, ``mask_C``: the structures' patterns, projections by masking)."""
     dk, dc = K.shape[0], C.shape[0]
-    HK, HC = K.T @ A @ K, C.T @ B @ C
+    HK, HC = mask_K * (K.T @ A @ K), mask_C * (C.T @ B @ C)
     if kfac_like:
         cC = cK = dC = dK = 1.0
     else:
         cC, cK = torch.trace(HC) / dc, torch.trace(HK) / dk
         dC, dK = torch.trace(C.T @ C) / dc, torch.trace(K.T @ K) / dk
-    mK = alpha1 * mK + 0.5 * (cC * HK + damping * dC * K.T @ K - torch.eye(dk))
-    mC = alpha1 * mC + 0.5 * (cK * HC + damping * dK * C.T @ C - torch.eye(dc))
+    mK = alpha1 * mK + 0.5 * (cC * HK + damping * dC * mask_K * (K.T @ K) - torch.eye(dk))
+    mC = alpha1 * mC + 0.5 * (cK * HC + damping * dK * mask_C * (C.T @ C) - torch.eye(dc))
     K, C = K @ (torch.eye(dk) - lr_cov * mK), C @ (torch.eye(dc) - lr_cov * mC)
     return K, C, mK, mC, C @ C.T @ G @ K @ K.T
 
@@ -336,6 +339,49 @@ def test_singd_dense_matches_reference(kfac_like):
         torch.testing.assert_close(opt.layers["0"]["K"], K)
         torch.testing.assert_close(opt.layers["0"]["C"], C)
         torch.testing.assert_close(model[0].weight - w_before, -0.1 * D[:, :-1])
+
+
+@pytest.mark.parametrize("kfac_like", [False, True])
+def test_singd_max_block_matches_block_diagonal_reference(kfac_like):
+    """``max_block=4``: the 10-wide K (9 inputs and the bias) becomes three blocks of 4 (the
+    last padded), the 6-wide C two blocks of 3, a 3-wide side stays dense; factors and steps
+    equal the paper's update with the factors projected onto those block-diagonal patterns."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(9, 6), nn.Tanh(), nn.Linear(6, 3))
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    X, y = _data(16, 9, 3)
+    kw = dict(damping=0.1, alpha1=0.5, lr_cov=0.05, kfac_like=kfac_like)
+    opt = SINGD(model, loss_fn, lr=0.1, momentum=0.0, refresh_every=1, fisher_type="type-2",
+                max_block=4, **kw, **SINGD_PAPER)  # fmt: skip
+    assert opt.layers["0"]["structures"] == ("block4diagonal", "block3diagonal")
+    assert opt.layers["2"]["structures"] == ("block4diagonal", "dense")  # 7 -> 4 + 3
+    masks = {
+        "0": (torch.block_diag(*[torch.ones(b, b) for b in (4, 4, 2)]),
+              torch.block_diag(torch.ones(3, 3), torch.ones(3, 3))),
+        "2": (torch.block_diag(torch.ones(4, 4), torch.ones(3, 3)), torch.ones(3, 3)),
+    }  # fmt: skip
+    ref = {n: [torch.eye(k), torch.eye(c), torch.zeros(k, k), torch.zeros(c, c)]
+           for n, (k, c) in (("0", (10, 6)), ("2", (7, 3)))}  # fmt: skip
+    q = bg.KFAC(fisher_type="type-2")
+    for _ in range(3):
+        res = bg.compute(model, loss_fn, X, y, bg.Grad(), q)
+        before = [model[i].weight.detach().clone() for i in (0, 2)]
+        steps = {}
+        for n in ("0", "2"):
+            G = torch.cat([res.grad[f"{n}.weight"], res.grad[f"{n}.bias"][:, None]], 1)
+            *ref[n], D = _singd_dense_reference(
+                res[q][n].A, res[q][n].B, G, *ref[n], **kw, mask_K=masks[n][0], mask_C=masks[n][1]
+            )
+            steps[n] = D
+        _train(opt, model, loss_fn, [(X, y)])
+        for i, n in ((0, "0"), (1, "2")):
+            state, (K, C) = opt.layers[n], ref[n][:2]
+            sk, sc = (structure(s) for s in state["structures"])
+            torch.testing.assert_close(sk.to_dense(state["K"], K.shape[0]), K)
+            torch.testing.assert_close(sc.to_dense(state["C"], C.shape[0]), C)
+            torch.testing.assert_close(model[2 * i].weight - before[i], -0.1 * steps[n][:, :-1])
+    with pytest.raises(ValueError, match="max_block"):
+        SINGD(model, loss_fn, max_block=0)
 
 
 def test_ikfac_fixed_point_is_damped_inverse():
@@ -1209,9 +1255,11 @@ def test_compiled_update_equals_eager(kind):
         _make(kind, _mlp(), loss_fn, compile_update=1)
 
 
-def test_singd_batches_dense_layers_of_one_shape():
-    """Three Linear layers of one shape keep their dense factors as views of one stack and
-    are preconditioned in one batched product: the same parameters as one by one."""
+@pytest.mark.parametrize("max_block", [None, 3])
+def test_singd_batches_dense_layers_of_one_shape(max_block):
+    """Three Linear layers of one shape keep their dense (or block-diagonal: ``max_block=3``)
+    factors as views of one stack and are preconditioned in one batched product: the same
+    parameters as one by one."""
 
     loss_fn = nn.CrossEntropyLoss()
 
@@ -1220,7 +1268,7 @@ def test_singd_batches_dense_layers_of_one_shape():
         model = nn.Sequential(
             nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Linear(4, 3)
         )
-        opt = SINGD(model, loss_fn, refresh_every=1, lr=0.05)
+        opt = SINGD(model, loss_fn, refresh_every=1, lr=0.05, max_block=max_block)
         if not batched:  # break the stacks: every layer alone
             for state in opt.layers.values():
                 state["K"], state["C"] = state["K"].clone(), state["C"].clone()
@@ -1228,6 +1276,8 @@ def test_singd_batches_dense_layers_of_one_shape():
 
     (batched, opt), (alone, opt_alone) = model_and_opt(True), model_and_opt(False)
     assert len({opt.layers[n]["K"]._base for n in ("0", "2", "4")}) == 1
+    blocked = ("block3diagonal", "block2diagonal")
+    assert opt.layers["0"]["structures"] == (blocked if max_block else ("dense", "dense"))
     assert opt.layers["0"]["K"]._base is not None and opt.layers["5"]["K"]._base is None
     batches = [_data(16, 4, 3, seed=s) for s in range(4)]
     _train(opt, batched, loss_fn, batches)

@@ -61,7 +61,7 @@ from .products import Side, explicit_is_cheaper, make_side
 from .routing import transposed_layers
 from .schedule import check_every, deprecated_alias, is_due
 from .statistics import finite_flags
-from .structures import Structure, structure
+from .structures import BlockDiagonal, Structure, structure
 
 SINGD_RULES = ("linear", "transposed_linear", "conv")
 ORDER = "B kron A"
@@ -99,6 +99,10 @@ class SINGD(KroneckerOptimizer):
             roughly ``1.11 + 1.8 / refresh_every`` (measured interleaved: 1.47 at 5, 1.22 at
             20; ``benchmarks/optim.py``).
         warm_start: start the factors from the first statistics' diagonals (per group).
+        max_block: a ``dense`` factor wider than this is block-diagonal instead, with
+            ``ceil(d / max_block)`` equal blocks of at most ``max_block`` rows (e.g. 1001 ->
+            ``block251diagonal``): its update costs ``d b^2`` instead of ``d^3`` and its
+            products ``d b`` instead of ``d^2`` per column (per group; None: whole factors).
         warmup: learning-rate warm-up steps (per group; 0: none).
         compile_update: ``torch.compile`` the preconditioning product (True, or a backend
             name); off by default.
@@ -146,6 +150,7 @@ class SINGD(KroneckerOptimizer):
         warm_start: bool = False,
         warmup: int = 5,
         compile_update: bool | str = False,
+        max_block: int | None = None,
         *,
         T: int | None = None,
         ownership: Any = None,
@@ -165,6 +170,7 @@ class SINGD(KroneckerOptimizer):
             "grafting": grafting,
             "warm_start": warm_start,
             "warmup": warmup,
+            "max_block": max_block,
             **adamw,
         }
         super().__init__(
@@ -212,6 +218,8 @@ class SINGD(KroneckerOptimizer):
             raise ValueError(f"alpha1 must be in [0, 1), got {group['alpha1']}")
         if group["lr_cov"] <= 0:
             raise ValueError(f"lr_cov must be positive, got {group['lr_cov']}")
+        if group.get("max_block") is not None:
+            check_every("max_block", group["max_block"])
 
     def _init_factors(
         self,
@@ -229,7 +237,11 @@ class SINGD(KroneckerOptimizer):
         oriented = weight.permute(perm) if perm is not None else weight
         dim_k = oriented[0].numel() + (len(state["params"]) - 1)
         dim_c = oriented.shape[0] // groups
-        sk, sc = (structure(n) for n in group["structures"])
+        names = tuple(
+            side_structure(n, d, group.get("max_block"))
+            for n, d in zip(group["structures"], (dim_k, dim_c))
+        )
+        sk, sc = (structure(n) for n in names)
         dk, dc = (d or weight.dtype for d in group["preconditioner_dtype"])
 
         def eye(s: Structure, n: int, dtype: torch.dtype) -> Tensor:
@@ -237,7 +249,7 @@ class SINGD(KroneckerOptimizer):
             return one if groups == 1 else one.expand(groups, *one.shape).clone()
 
         state.update(
-            structures=tuple(group["structures"]),
+            structures=names,
             dims=(dim_k, dim_c),
             groups=groups,
             layout=perm,
@@ -249,7 +261,7 @@ class SINGD(KroneckerOptimizer):
         )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As :meth:`CurvatureOptimizer.load_state_dict`, then the dense factors of one shape
+        """As :meth:`CurvatureOptimizer.load_state_dict`, then the factors of one shape
         are stacked again (:meth:`_stack_factors`).
 
         Args:
@@ -259,14 +271,15 @@ class SINGD(KroneckerOptimizer):
         self._stack_factors()
 
     def _stack_factors(self) -> None:
-        """Layers with dense ``K`` and ``C`` of the same sizes, dtypes and layout keep their
+        """Layers with dense or block-diagonal ``K`` and ``C`` (:func:`_plain_sides`) of the
+        same sizes, structures, dtypes and layout keep their
         factors as views of one stacked tensor each (the factor updates write in place, so
         the views stay valid): :meth:`_precondition_all` applies them in one batched product."""
         batches: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
         for state in self.layers.values():
-            if state["structures"] == ("dense", "dense") and state.get("groups", 1) == 1:
-                key = (state["dims"], state["K"].dtype, state["C"].dtype, state.get("layout"))
-                batches.setdefault(key, []).append(state)
+            if _plain_sides(state):
+                key = (state["dims"], state["structures"], state["K"].dtype, state["C"].dtype)
+                batches.setdefault((*key, state.get("layout")), []).append(state)
         for members in batches.values():
             if len(members) > 1:
                 for key in ("K", "C"):
@@ -277,14 +290,15 @@ class SINGD(KroneckerOptimizer):
     def _precondition_all(
         self, items: list[tuple[str, dict[str, Any], dict[str, Any], list[Tensor]]]
     ) -> list[list[Tensor]]:
-        """Layers with dense ``K`` and ``C``: ``C C^T G K K^T`` from sides prepared once per
+        """Layers with dense or block-diagonal ``K`` and ``C``: ``C C^T G K K^T`` from sides
+        prepared once per
         refresh (:meth:`_dense_sides`), several layers whose factors are views of one stack
         (and whose gradients have one shape) in one batched product; the others one by one
         with their structures' products."""
         out: list[list[Tensor] | None] = [None] * len(items)
         batches: dict[tuple[Any, ...], list[int]] = {}
         for i, (_, state, group, params) in enumerate(items):
-            if state["structures"] != ("dense", "dense") or state.get("groups", 1) != 1:
+            if not _plain_sides(state):
                 continue
             K, C = state["K"], state["C"]
             shapes = tuple(p.shape for p in params)
@@ -302,7 +316,7 @@ class SINGD(KroneckerOptimizer):
     def _dense_products(
         self, items: list[tuple[str, dict[str, Any], dict[str, Any], list[Tensor]]]
     ) -> list[list[Tensor]]:
-        """``C C^T G K K^T`` of one layer, or of several with dense factors of one shape
+        """``C C^T G K K^T`` of one layer, or of several with factors of one shape
         (batched), with the sides of :meth:`_dense_sides`."""
         layouts = [(ORDER, s.get("layout"), 1) for _, s, _, _ in items]
         Gs = [
@@ -333,8 +347,9 @@ class SINGD(KroneckerOptimizer):
 
         def build() -> tuple[Side, Side]:
             K, C = (_from_stack([s[k] for s in states]).to(dtype) for k in ("K", "C"))
-            left = make_side(C, None, explicit_is_cheaper(dim_c, dim_k, every), dtype)
-            return left, make_side(K, None, explicit_is_cheaper(dim_k, dim_c, every), dtype)
+            # a block-diagonal side: b^2 per column and step vs n b^3 per refresh
+            left = make_side(C, None, explicit_is_cheaper(C.shape[-1], dim_k, every), dtype)
+            return left, make_side(K, None, explicit_is_cheaper(K.shape[-1], dim_c, every), dtype)
 
         return self._products.get(key, sources, (every, dtype), build)
 
@@ -469,6 +484,26 @@ class SINGD(KroneckerOptimizer):
 
 
 FACTOR_KEYS = ("K", "C", "m_K", "m_C")
+
+
+def side_structure(name: str, dim: int, max_block: int | None) -> str:
+    """The structure of a ``dim``-wide factor asked to be ``name``: a ``dense`` one wider than
+    ``max_block`` becomes block-diagonal with ``ceil(dim / max_block)`` blocks of equal size
+    (the last one padded; e.g. 1001 with 256 -> ``block251diagonal``); others stay."""
+    if name != "dense" or max_block is None or dim <= max_block:
+        return name
+    blocks = -(-dim // max_block)
+    return f"block{-(-dim // blocks)}diagonal"
+
+
+def _plain_sides(state: dict[str, Any]) -> bool:
+    """Whether a layer's ``K`` and ``C`` are dense or block-diagonal (one product per side
+    and step through :func:`~.products.kronecker_solve`, batched with layers of one shape) and
+    ungrouped; other structures apply their own products."""
+    return state.get("groups", 1) == 1 and all(
+        name == "dense" or isinstance(structure(name), BlockDiagonal)
+        for name in state["structures"]
+    )
 
 
 def _group_views(state: dict[str, Any]) -> list[dict[str, Any]]:
