@@ -7,6 +7,11 @@ the preconditioner is ``(C C^T) kron (K K^T)`` with ``K`` (``[I(+1), I(+1)]``) a
 A convolution with ``groups=G`` (depthwise included) is ``G`` independent blocks, one pair of
 factors per group (``K``: ``[G, I/G*k(+1), ...]``, ``C``: ``[G, O/G, ...]``, the structure's
 storage stacked over the groups), updated and applied group by group.
+``max_block=b`` turns a ``dense`` factor wider than ``b`` into a block-diagonal one
+(``ceil(d / b)`` equal diagonal blocks: the structure ``block{b'}diagonal``), whose update costs
+``d b'^2`` instead of ``d^3``. Dense and block-diagonal factors are applied through
+:func:`~.products.kronecker_solve`, one product per side (``C C^T`` and ``K K^T`` formed once per
+refresh where that is cheaper), batched over layers of one shape.
 Every ``refresh_every`` steps (a param-group setting; ``T`` is its deprecated spelling),
 statistics are collected and, from the engine's Kronecker statistics ``A`` (inputs) and
 ``B`` (output gradients; the curvature of the loss is ``B kron A``, see :class:`~beyondgrad.KFAC`)::
