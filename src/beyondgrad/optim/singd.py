@@ -277,9 +277,9 @@ class SINGD(KroneckerOptimizer):
 
     def _stack_factors(self) -> None:
         """Layers with dense or block-diagonal ``K`` and ``C`` (:func:`_plain_sides`) of the
-        same sizes, structures, dtypes and layout keep their
-        factors as views of one stacked tensor each (the factor updates write in place, so
-        the views stay valid): :meth:`_precondition_all` applies them in one batched product."""
+        same sizes, structures, dtypes and layout keep their factors as views of one stacked
+        tensor each (the factor updates write in place, so the views stay valid):
+        :meth:`_precondition_all` applies them in one batched product."""
         batches: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
         for state in self.layers.values():
             if _plain_sides(state):
@@ -296,10 +296,9 @@ class SINGD(KroneckerOptimizer):
         self, items: list[tuple[str, dict[str, Any], dict[str, Any], list[Tensor]]]
     ) -> list[list[Tensor]]:
         """Layers with dense or block-diagonal ``K`` and ``C``: ``C C^T G K K^T`` from sides
-        prepared once per
-        refresh (:meth:`_dense_sides`), several layers whose factors are views of one stack
-        (and whose gradients have one shape) in one batched product; the others one by one
-        with their structures' products."""
+        prepared once per refresh (:meth:`_dense_sides`), several layers whose factors are
+        views of one stack (and whose gradients have one shape) in one batched product; the
+        others one by one with their structures' products."""
         out: list[list[Tensor] | None] = [None] * len(items)
         batches: dict[tuple[Any, ...], list[int]] = {}
         for i, (_, state, group, params) in enumerate(items):
@@ -377,7 +376,9 @@ class SINGD(KroneckerOptimizer):
         if self.ownership is None:
             self._refresh_factors(state, group, stats)
             return
-        cost = sum(d**3 for d in state["dims"]) * state.get("groups", 1)
+        # a side's update costs d b^2 (b = d when dense): the owners' balance
+        sides = zip(state["dims"], (state["K"], state["C"]))
+        cost = sum(d * t.shape[-1] ** 2 for d, t in sides) * state.get("groups", 1)
         keys = ("K", "C", "m_K", "m_C")
         refresh = partial(self._refresh_factors, group=group, stats=stats)
         defer_state_refresh(self.ownership, ",".join(state["params"]), state, keys, refresh, cost)
