@@ -162,22 +162,13 @@ class SINGD(KroneckerOptimizer):
         **adamw: Any,
     ):
         refresh_every = deprecated_alias("SINGD", "refresh_every", refresh_every, 10, "T", T)
-        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
-        defaults |= {
-            "damping": damping,
-            "alpha1": alpha1,
-            "lr_cov": lr_cov,
-            "structures": structures,
-            "preconditioner_dtype": preconditioner_dtype,
-            "kfac_like": kfac_like,
-            "normalize_lr_cov": normalize_lr_cov,
-            "refresh_every": refresh_every,
-            "grafting": grafting,
-            "warm_start": warm_start,
-            "warmup": warmup,
-            "max_block": max_block,
+        defaults = dict(
+            lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping, alpha1=alpha1,
+            lr_cov=lr_cov, structures=structures, preconditioner_dtype=preconditioner_dtype,
+            kfac_like=kfac_like, normalize_lr_cov=normalize_lr_cov, refresh_every=refresh_every,
+            grafting=grafting, warm_start=warm_start, warmup=warmup, max_block=max_block,
             **adamw,
-        }
+        )  # fmt: skip
         super().__init__(
             model, loss_fn, params, defaults, fisher_type, kfac_approx, mc_samples, seed
         )
