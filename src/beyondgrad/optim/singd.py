@@ -62,7 +62,7 @@ from .averages import decayed_sum
 from .damping import check_damping, trace_coupled
 from .kronecker import KroneckerOptimizer
 from .ownership import defer_state_refresh, make_ownership
-from .products import Side, explicit_is_cheaper, make_side
+from .products import Side, block_shape, explicit_is_cheaper, make_side
 from .routing import transposed_layers
 from .schedule import check_every, deprecated_alias, is_due
 from .statistics import finite_flags
@@ -489,8 +489,7 @@ def side_structure(name: str, dim: int, max_block: int | None) -> str:
     (the last one padded; e.g. 1001 with 256 -> ``block251diagonal``); others stay."""
     if name != "dense" or max_block is None or dim <= max_block:
         return name
-    blocks = -(-dim // max_block)
-    return f"block{-(-dim // blocks)}diagonal"
+    return f"block{block_shape(dim, max_block)[1]}diagonal"
 
 
 def _plain_sides(state: dict[str, Any]) -> bool:
