@@ -283,6 +283,9 @@ OPTIMIZERS: dict[str, Callable[..., Any]] = {
     "SINGD": lambda m, **kw: bg.optim.SINGD(  # warm start: once, on the owner
         m, nn.CrossEntropyLoss(), fisher_type="type-2", refresh_every=1, warm_start=True, **kw
     ),
+    "SINGD, blocks of 4": lambda m, **kw: bg.optim.SINGD(  # block-diagonal K, C broadcast
+        m, nn.CrossEntropyLoss(), fisher_type="type-2", refresh_every=1, max_block=4, **kw
+    ),
     "SIRFShampoo": lambda m, **kw: bg.optim.SIRFShampoo(m, refresh_every=1, warm_start=True, **kw),
 }
 

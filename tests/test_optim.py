@@ -523,6 +523,8 @@ def _make(kind, model, loss_fn, **kw):
             fisher_type="mc",
             **kw,
         )
+    if kind == "singd-blocks":  # dense factors wider than 4 block-diagonal (6 -> 3 + 3)
+        return SINGD(model, loss_fn, refresh_every=2, fisher_type="mc", max_block=4, **kw)
     return SIRFShampoo(model, refresh_every=2, **kw)
 
 
@@ -544,7 +546,7 @@ def _scheduled_run(kind, batches, model=None, opt_state=None, sched_state=None):
     return fresh, opt, sched
 
 
-@pytest.mark.parametrize("kind", ["kfac", "singd", "sirf"])
+@pytest.mark.parametrize("kind", ["kfac", "singd", "singd-blocks", "sirf"])
 def test_resume_with_lr_scheduler_is_bit_identical(kind):
     """Stop after 3 steps, save model, optimizer and scheduler, build everything afresh, load,
     continue: exactly the parameters of the uninterrupted run (the preconditioned layers
