@@ -33,8 +33,17 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # Adam in KFAC's eigenbasis: the same amortized statistics and refreshes (eigh)
     "kfac-adam": {"stats_every": 10, "refresh_every": 20},
     # factors wider than 128 block-diagonal (autoencoder step at batch 128: 4.6 -> 2.1 AdamW
-    # steps; char-GPT 1.18 -> 1.16; digits-resnet 1.44 -> 1.26; benchmarks/optim.py)
-    "singd": {"damping": 1e-2, "refresh_every": 20, "max_block": 128},
+    # steps; char-GPT 1.18 -> 1.16; digits-resnet 1.44 -> 1.26; benchmarks/optim.py); the
+    # IKFAC update with MC-Fisher statistics: at the suite's tuned configurations (seed 1,
+    # 60 s) char-GPT's validation loss at 56 s 2.17 -> 2.05 (IKFAC alone), the autoencoder's
+    # error at 50 s 0.0024 -> 0.0020 (IKFAC + MC)
+    "singd": {
+        "damping": 1e-2,
+        "refresh_every": 20,
+        "max_block": 128,
+        "kfac_like": True,
+        "fisher_type": "mc",
+    },
     "sirfshampoo": {"max_dense": 512},
     "muon": {"adam_lr": 1e-3},
     "soap": {},
