@@ -145,3 +145,41 @@ def test_linops_products_through_convolutions(monkeypatch):
     H2, G2 = Hessian(model, loss_fn, data), GGN(model, loss_fn, data)
     torch.testing.assert_close(H2 @ M, H @ M)
     torch.testing.assert_close(G2 @ M, G @ M)
+
+
+def test_hessian_measures_the_faster_pass_once_and_keeps_the_column_order(monkeypatch):
+    """Without a known slow vmap rule the first product with at least MEASURED_COLUMNS columns
+    runs the first half vectorized and the rest one by one (columns in order), then every
+    product takes the faster way; both ways equal the dense float64 Hessian."""
+    import beyondgrad.linops.curvature as curvature
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.LayerNorm(4), nn.Linear(4, 2)).double()
+    X, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    data, loss_fn = [(X, y)], nn.MSELoss()
+    dense = dense_hessian(model, loss_fn, X, y)
+    seen: list[tuple[bool, int]] = []
+    batched_grad = curvature._batched_grad
+
+    def spy(outputs, inputs, vectors, per_vector=False, **kwargs):
+        seen.append((per_vector, vectors[0].shape[0]))
+        return batched_grad(outputs, inputs, vectors, per_vector, **kwargs)
+
+    monkeypatch.setattr(curvature, "_batched_grad", spy)
+    H = Hessian(model, loss_fn, data)
+    M = torch.randn(H.shape[0], 5, dtype=torch.float64)
+    torch.testing.assert_close(H @ M, dense @ M)
+    assert seen == [(False, 2), (True, 3)] and isinstance(H._per_column, bool)
+    for choice in (False, True):
+        seen.clear()
+        H._per_column = choice
+        torch.testing.assert_close(H @ M, dense @ M)
+        assert seen == [(choice, 5)]
+    few = Hessian(model, loss_fn, data)
+    torch.testing.assert_close(few @ M[:, :3], dense @ M[:, :3])
+    assert few._per_column is None  # too few columns to measure: vectorized
+    cnn_model, Xc, yc, cnn_loss = cnn_problem(3)
+    cnn = Hessian(cnn_model, cnn_loss, [(Xc, yc)])
+    seen.clear()
+    cnn @ torch.randn(cnn.shape[0], 5, dtype=torch.float64)
+    assert seen == [(True, 5)] and cnn._per_column is None  # convolutions: one by one, always
