@@ -147,10 +147,10 @@ def test_linops_products_through_convolutions(monkeypatch):
     torch.testing.assert_close(G2 @ M, G @ M)
 
 
-def test_hessian_measures_the_faster_pass_once_and_keeps_the_column_order(monkeypatch):
-    """Without a known slow vmap rule the first product with at least MEASURED_COLUMNS columns
-    runs the first half vectorized and the rest one by one (columns in order), then every
-    product takes the faster way; both ways equal the dense float64 Hessian."""
+def test_hessian_measures_the_faster_pass_and_keeps_it(monkeypatch):
+    """Without a known slow vmap rule the first MEASURED_PRODUCTS products with at least
+    MEASURED_COLUMNS columns alternate between one vectorized pass and one pass per column,
+    then every product takes the faster way; both ways equal the dense float64 Hessian."""
     import beyondgrad.linops.curvature as curvature
 
     torch.manual_seed(0)
@@ -169,17 +169,50 @@ def test_hessian_measures_the_faster_pass_once_and_keeps_the_column_order(monkey
     H = Hessian(model, loss_fn, data)
     M = torch.randn(H.shape[0], 5, dtype=torch.float64)
     torch.testing.assert_close(H @ M, dense @ M)
-    assert seen == [(False, 2), (True, 3)] and isinstance(H._per_column, bool)
+    assert seen == [(False, 5)] and H._passes.per_column is None
+    for way in (True, False):  # whole products, alternating ways
+        seen.clear()
+        torch.testing.assert_close(H @ M, dense @ M)
+        assert seen == [(way, 5)]
+    assert isinstance(H._passes.per_column, bool)
     for choice in (False, True):
         seen.clear()
-        H._per_column = choice
+        H._passes.per_column = choice
         torch.testing.assert_close(H @ M, dense @ M)
         assert seen == [(choice, 5)]
     few = Hessian(model, loss_fn, data)
     torch.testing.assert_close(few @ M[:, :3], dense @ M[:, :3])
-    assert few._per_column is None  # too few columns to measure: vectorized
+    assert seen[-1] == (False, 3) and few._passes.per_column is None  # too few: vectorized
     cnn_model, Xc, yc, cnn_loss = cnn_problem(3)
     cnn = Hessian(cnn_model, cnn_loss, [(Xc, yc)])
     seen.clear()
     cnn @ torch.randn(cnn.shape[0], 5, dtype=torch.float64)
-    assert seen == [(True, 5)] and cnn._per_column is None  # convolutions: one by one, always
+    assert (
+        seen == [(True, 5)] and cnn._passes.per_column is None
+    )  # convolutions: one by one, always
+
+
+def test_hessian_keeps_the_way_that_was_faster(monkeypatch):
+    """The choice follows the measured times: a vectorized pass made slow is dropped, and one
+    made fast is kept."""
+    import time
+
+    import beyondgrad.linops.curvature as curvature
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    X, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    batched_grad = curvature._batched_grad
+    for slow_way in (False, True):
+
+        def slowed(outputs, inputs, vectors, per_vector=False, _slow=slow_way, **kwargs):
+            if per_vector == _slow:
+                time.sleep(0.05)
+            return batched_grad(outputs, inputs, vectors, per_vector, **kwargs)
+
+        monkeypatch.setattr(curvature, "_batched_grad", slowed)
+        H = Hessian(model, nn.MSELoss(), [(X, y)])
+        M = torch.randn(H.shape[0], 4, dtype=torch.float64)
+        for _ in range(curvature.MEASURED_PRODUCTS):
+            H @ M
+        assert H._passes.per_column is (not slow_way)

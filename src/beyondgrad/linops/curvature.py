@@ -34,6 +34,7 @@ exact (one pass, from the engine) for all four operators where the engine covers
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -398,32 +399,49 @@ def _batched_grad(
 
 MEASURED_COLUMNS = 4
 """Products with at least this many columns through a graph without a known slow vmap rule
-measure, once per operator, whether one vectorized pass or one pass per column is faster."""
+measure whether one vectorized pass or one pass per column is faster (:class:`PassTimer`)."""
+MEASURED_PRODUCTS = 3
+"""How many such products an operator times (whole products, alternating: vectorized, per
+column, vectorized; the faster of each way counts) before it keeps the faster way."""
 
 
-def _measured_grad(
-    outputs: Any, inputs: Any, vectors: list[Tensor], **kwargs: Any
-) -> tuple[tuple[Tensor | None, ...], bool]:
-    """:func:`_batched_grad` with the first half of the columns in one vectorized pass and the
-    rest one by one, each timed (the device synchronized around it).
+class PassTimer:
+    """Chooses, per operator, between one vectorized backward over ``k`` columns and ``k``
+    plain ones: its first :data:`MEASURED_PRODUCTS` products with at least
+    :data:`MEASURED_COLUMNS` columns alternate between the two ways, timed (the device
+    synchronized around each); then the way with the lower best time per column is kept (a
+    whole product each, since a pass's fixed cost is spread over its columns; the best of each
+    way, since the first vectorized call also pays its set-up). Both ways give the same columns
+    up to rounding.
 
-    Returns:
-        The gradients of all columns (in order) and whether one pass per column was faster per
-        column (the choice for the operator's later products)."""
-    half = vectors[0].shape[0] // 2
-    sync = torch.cuda.synchronize if vectors[0].is_cuda else (lambda: None)
-    parts, seconds = [], []
-    for chunk, per_vector in (
-        ([v[:half] for v in vectors], False),
-        ([v[half:] for v in vectors], True),
-    ):
+    Attributes:
+        per_column: the choice, None while measuring.
+    """
+
+    def __init__(self) -> None:
+        self.per_column: bool | None = None
+        self._best = {False: math.inf, True: math.inf}
+        self._products = 0
+
+    def grad(
+        self, outputs: Any, inputs: Any, vectors: list[Tensor], per_vector: bool, **kwargs: Any
+    ) -> tuple[Tensor | None, ...]:
+        """:func:`_batched_grad` (``per_vector``: a graph with a known slow vmap rule)."""
+        k = vectors[0].shape[0]
+        if per_vector or self.per_column is not None or k < MEASURED_COLUMNS:
+            per_column = per_vector or bool(self.per_column)
+            return _batched_grad(outputs, inputs, vectors, per_column, **kwargs)
+        way = self._products % 2 == 1
+        sync = torch.cuda.synchronize if vectors[0].is_cuda else (lambda: None)
         sync()
         start = time.perf_counter()
-        parts.append(_batched_grad(outputs, inputs, chunk, per_vector, **kwargs))
+        out = _batched_grad(outputs, inputs, vectors, way, **kwargs)
         sync()
-        seconds.append((time.perf_counter() - start) / chunk[0].shape[0])
-    grads = tuple(None if a is None or b is None else torch.cat([a, b]) for a, b in zip(*parts))
-    return grads, seconds[1] < seconds[0]
+        self._best[way] = min(self._best[way], (time.perf_counter() - start) / k)
+        self._products += 1
+        if self._products == MEASURED_PRODUCTS:
+            self.per_column = self._best[True] < self._best[False]
+        return out
 
 
 def _needs_second_derivative(err: RuntimeError) -> bool:
@@ -539,9 +557,8 @@ class Hessian(CurvatureOperator):
     def __init__(self, *args: Any, reuse_graph: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.reuse_graph = reuse_graph
-        # one vectorized double backward or one per column: None until measured (the faster
-        # differs by model: 1.4x either way on CPU, see _batch_products)
-        self._per_column: bool | None = None
+        # one vectorized double backward or one per column, measured (see _double_backward)
+        self._passes = PassTimer()
         if reuse_graph:
             self.cache_batches = None
             self._cache = {}
@@ -577,18 +594,12 @@ class Hessian(CurvatureOperator):
     ) -> tuple[Tensor | None, ...]:
         """``[k, *shape]`` per parameter: the Hessian's columns for ``k`` stacked vectors. A
         graph with a known slow vmap rule (convolutions, batch norm) goes one column at a time;
-        otherwise the operator's first product with at least :data:`MEASURED_COLUMNS` columns
-        times both ways (half the columns each) and keeps the faster: the vectorized double
+        otherwise :class:`PassTimer` measures which way is faster: the vectorized double
         backward's batching rules copy operands, which costs more than it saves on
-        compute-bound models (CPU, 16 columns: char-level transformer 44 -> 31 fwd+bwd, an MLP
+        compute-bound models (CPU, 16 columns: char-level transformer 1570 -> 1190 ms, an MLP
         on [1024, 128] rows 331 -> 187 ms) and less on dispatch-bound ones (the benchmarks'
-        small MLP: 31 vs 34). Both ways give the same columns up to rounding."""
-        k = vectors[0].shape[0]
-        if per_vector or self._per_column is not None or k < MEASURED_COLUMNS:
-            per_column = per_vector or bool(self._per_column)
-            return _batched_grad(grads, self.params, vectors, per_column, allow_unused=True)
-        hv, self._per_column = _measured_grad(grads, self.params, vectors, allow_unused=True)
-        return hv
+        small MLP: vectorized 1.1x faster)."""
+        return self._passes.grad(grads, self.params, vectors, per_vector, allow_unused=True)
 
     def _batch_diagonal(self, position: int, X: Any, y: Tensor) -> list[Tensor]:
         try:
