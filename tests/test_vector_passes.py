@@ -180,6 +180,10 @@ def test_hessian_measures_the_faster_pass_and_keeps_it(monkeypatch):
         H._passes.per_column = choice
         torch.testing.assert_close(H @ M, dense @ M)
         assert seen == [(choice, 5)]
+    G, dense_g = GGN(model, loss_fn, data), ggn(model, loss_fn, X, y)["full"]
+    for _ in range(3):  # the GGN's J^T backward is measured the same way
+        torch.testing.assert_close(G @ M, dense_g @ M)
+    assert isinstance(G._passes.per_column, bool)
     few = Hessian(model, loss_fn, data)
     torch.testing.assert_close(few @ M[:, :3], dense @ M[:, :3])
     assert seen[-1] == (False, 3) and few._passes.per_column is None  # too few: vectorized

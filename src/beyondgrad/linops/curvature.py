@@ -626,6 +626,10 @@ class GGN(_JacobianProducts, CurvatureOperator):
     where a layer's backward has no derivative (``nn.Hardsigmoid``), ``J V`` switches to
     forward-mode AD."""
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._passes = PassTimer()  # the J^T backward: vectorized or per column, measured
+
     def _prepare(self, position: int, X: Any, y: Tensor) -> dict[str, Any]:
         with torch.enable_grad():
             _, out = self._loss(X, y)
@@ -638,7 +642,7 @@ class GGN(_JacobianProducts, CurvatureOperator):
         with torch.enable_grad():
             # loss Hessian (reduction included) times J V, by double backward on the output
             (hjv,) = _batched_grad([state["g_o"]], [state["o"]], [jv])
-            res = _batched_grad(
+            res = self._passes.grad(
                 [state["out"]], self.params, [hjv], state["per_vector"], allow_unused=True
             )
         return [r if r is not None else torch.zeros_like(v) for r, v in zip(res, V)]
