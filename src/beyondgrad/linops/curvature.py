@@ -412,7 +412,12 @@ class PassTimer:
     synchronized around each); then the way with the lower best time per column is kept (a
     whole product each, since a pass's fixed cost is spread over its columns; the best of each
     way, since the first vectorized call also pays its set-up). Both ways give the same columns
-    up to rounding.
+    up to rounding. Why measure: vmap's double-backward rules copy operands, which costs more
+    than it saves on compute-bound models (CPU, Hessian @ V with 16 columns: the benchmarks'
+    char-level transformer 1570 ms vectorized vs 1190 per column, an MLP on [1024, 128] rows
+    331 vs 187 ms) and less on dispatch-bound ones (the benchmarks' small MLP: vectorized 1.1x
+    faster). Graphs with convolutions or batch/group norm always go per column
+    (``per_vector``).
 
     Attributes:
         per_column: the choice, None while measuring.
@@ -557,8 +562,7 @@ class Hessian(CurvatureOperator):
     def __init__(self, *args: Any, reuse_graph: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.reuse_graph = reuse_graph
-        # one vectorized double backward or one per column, measured (see _double_backward)
-        self._passes = PassTimer()
+        self._passes = PassTimer()  # the double backward: vectorized or per column, measured
         if reuse_graph:
             self.cache_batches = None
             self._cache = {}
@@ -578,7 +582,13 @@ class Hessian(CurvatureOperator):
             return [torch.zeros_like(v) for v in V]
         try:
             with torch.enable_grad():
-                hv = self._double_backward([g for g, _ in used], [v for _, v in used], per_vector)
+                hv = self._passes.grad(
+                    [g for g, _ in used],
+                    self.params,
+                    [v for _, v in used],
+                    per_vector,
+                    allow_unused=True,
+                )
         except RuntimeError as err:
             if not _needs_second_derivative(err):
                 raise
@@ -588,18 +598,6 @@ class Hessian(CurvatureOperator):
                 "derivatives only: use bg.linops.GGN"
             ) from err
         return [h if h is not None else torch.zeros_like(v) for h, v in zip(hv, V)]
-
-    def _double_backward(
-        self, grads: list[Tensor], vectors: list[Tensor], per_vector: bool
-    ) -> tuple[Tensor | None, ...]:
-        """``[k, *shape]`` per parameter: the Hessian's columns for ``k`` stacked vectors. A
-        graph with a known slow vmap rule (convolutions, batch norm) goes one column at a time;
-        otherwise :class:`PassTimer` measures which way is faster: the vectorized double
-        backward's batching rules copy operands, which costs more than it saves on
-        compute-bound models (CPU, 16 columns: char-level transformer 1570 -> 1190 ms, an MLP
-        on [1024, 128] rows 331 -> 187 ms) and less on dispatch-bound ones (the benchmarks'
-        small MLP: vectorized 1.1x faster)."""
-        return self._passes.grad(grads, self.params, vectors, per_vector, allow_unused=True)
 
     def _batch_diagonal(self, position: int, X: Any, y: Tensor) -> list[Tensor]:
         try:
