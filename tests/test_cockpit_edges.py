@@ -277,11 +277,16 @@ def test_gradient_histograms_count_the_sampled_per_sample_entries():
     N = y.shape[0]
     g = torch.Generator().manual_seed(3)
     values, thetas = [], []
-    for name, v in per_sample_grads(model, loss_fn, X, y).items():
+    per = per_sample_grads(model, loss_fn, X, y)
+    L = len(per)  # all layers drawn at once: samples, then rows among them, then entries
+    chosen = torch.rand(L, N, generator=g).argsort(1)[:, :samples]
+    picks = chosen.gather(1, torch.randint(samples, (L, entries), generator=g))
+    uniform = torch.rand(L, entries, generator=g, dtype=torch.float64)
+    for i, (name, v) in enumerate(per.items()):
         D = v[0].numel()
-        chosen = torch.randperm(N, generator=g)[:samples]
-        rows = chosen[torch.randint(len(chosen), (min(entries, samples * D),), generator=g)]
-        flat = torch.randint(D, (len(rows),), generator=g)
+        E = min(entries, samples * D)
+        rows, flat = picks[i, :E], (uniform[i, :E] * D).floor().long()
+        assert len(set(rows.tolist())) <= samples and int(flat.max()) < D
         values.append(v.reshape(N, -1)[rows, flat] * N)
         thetas.append(model.get_parameter(name).detach().reshape(-1)[flat])
     values, thetas = torch.cat(values), torch.cat(thetas)
@@ -313,9 +318,20 @@ def test_shared_reductions_are_computed_once_per_step(monkeypatch):
             return _f(self, *args)
 
         monkeypatch.setattr(_engine.Rows, method, counted)
+    grouped: list[list[str]] = []
+    small_layers = red._small_layers
+
+    def small_counted(small, *args):
+        grouped.append(list(small))
+        return small_layers(small, *args)
+
+    monkeypatch.setattr(red, "_small_layers", small_counted)
     cockpit = Cockpit(model, loss_fn, config="business")  # 4 tests share l2/dots, 5 share sgs
     _track(cockpit, model, loss_fn, X, y)
-    layers = len(list(model.parameters()))
+    names = [n for n, _ in model.named_parameters()]
+    biases = [n for n in names if n.endswith("bias")]  # held as rows: read as one matrix
+    assert grouped == [biases]
+    layers = len(names) - len(biases)
     assert calls == {"batch_l2": layers, "dots_with_sum": layers, "sum_grad_squared": layers}
 
 

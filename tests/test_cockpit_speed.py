@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from beyondgrad.cockpit import Cockpit, formulas
+from beyondgrad.cockpit import Cockpit, _engine, formulas
 from beyondgrad.cockpit import reductions as red
 from beyondgrad.integrations.base import CockpitCallbackBase
 from models import CASES
@@ -37,22 +37,45 @@ def _per_sample(model, loss_fn, X, y):
 
 
 @pytest.mark.parametrize(
-    "options, projections",
-    [({}, 2), ({"momentum": 0.9}, 4), ({"weight_decay": 0.1}, 4)],
+    "case, options, projections",
+    [
+        ("mlp", {}, 2),
+        ("mlp", {"momentum": 0.9}, 4),
+        ("mlp", {"weight_decay": 0.1}, 4),
+        ("gpt", {}, 2),
+        ("gpt", {"momentum": 0.9}, 4),
+    ],
 )
 def test_alpha_matches_the_oracle_with_and_without_the_sgd_shortcut(
-    monkeypatch, options, projections
+    monkeypatch, case, options, projections
 ):
     """Plain SGD: the start point's slopes come from the dot products (one projection per
     Alpha, at its end point); momentum or weight decay: projected on the update (two).
-    Counted over steps 1 and 2 (each the end of one Alpha and the start of the next)."""
+    Counted over steps 1 and 2 (each the end of one Alpha and the start of the next). On the
+    GPT (positions: rows materialized) the end point's slopes and the gradient tests' dot
+    products come from one product per layer with the two vectors stacked."""
+    fused = []
+    both = _engine.Rows.projections
+
+    def projections_counted(self, direction, dots):
+        fused.extend([1] if direction is not None and dots and self._form.materialized else [])
+        return both(self, direction, dots)
+
+    monkeypatch.setattr(_engine.Rows, "projections", projections_counted)
     calls = []
     original = red.directional
     monkeypatch.setattr(red, "directional", lambda *a: calls.append(1) or original(*a))
+    gather = red.gather_rows
+
+    def gather_counted(*a):  # the end point's slopes: formed with the step's other reductions
+        calls.extend([1] if a[6] is not None else [])
+        return gather(*a)
+
+    monkeypatch.setattr(red, "gather_rows", gather_counted)
     import beyondgrad.cockpit.updates as upd
 
     monkeypatch.setattr(upd, "directional", red.directional)
-    model, X, y, loss_fn = CASES["mlp"]()
+    model, X, y, loss_fn = CASES[case]()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, **options)
     cockpit = Cockpit(model, loss_fn, config="economy")
     _step(cockpit, model, loss_fn, X, y, 0, opt)  # momentum buffers exist from here on
@@ -65,6 +88,12 @@ def test_alpha_matches_the_oracle_with_and_without_the_sgd_shortcut(
     rec = _step(cockpit, model, loss_fn, X, y, 2, opt)
     assert len(calls) == projections
     assert rec["Alpha"] == pytest.approx(formulas.alpha(f0, G0 @ s, f1, G1 @ s), rel=1e-8)
+    assert len(fused) > 0 or case == "mlp"  # the GPT's rows: the fused product ran
+    g = G1.mean(0)
+    assert rec["InnerTest"] == pytest.approx(
+        float(((G1 @ g - g @ g) ** 2).sum() / (len(G1) * (len(G1) - 1))) ** 0.5 / float(g @ g),
+        rel=1e-8,
+    )
 
 
 def test_clipped_gradients_take_the_general_path(monkeypatch):

@@ -99,6 +99,32 @@ class Rows:
         """``g_{rows[i]}[flat[i]]`` (flat parameter index), ``[E]``."""
         return self._form.entries(rows, flat)
 
+    def small_matrix(self, limit: int) -> Tensor | None:
+        """The rows as a ``[N, D]`` matrix when the engine holds them materialized (biases,
+        normalization layers: no computation), float32/64, with ``D <= limit``; else None."""
+        form = self._form
+        if not isinstance(form, SampleForm) or form.vectors != 1 or form.low_precision:
+            return None
+        if form.values[0].numel() > limit or not form.values.is_floating_point():
+            return None
+        return form.values.reshape(form.num_samples, -1)
+
+    def projections(
+        self, direction: Tensor | None, dots: bool
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """``(g_n . sum_m g_m if dots, g_n . direction if direction is given)``, ``[N]`` each
+        (None where not asked for). Materialized rows are read once for both: one product
+        with the two vectors stacked (two products read the rows twice from memory)."""
+        form = self._form
+        if dots and direction is not None and (form.materialized or isinstance(form, SampleForm)):
+            both = form.project(torch.stack([form.grad(), direction.to(form.grad().dtype)]))
+            form.provide("dots_with_sum", both[:, 0])
+            return both[:, 0], both[:, 1]
+        return (
+            self.dots_with_sum() if dots else None,
+            None if direction is None else self.project(direction),
+        )
+
     def project(self, direction: Tensor) -> Tensor:
         """``g_n . direction`` (``direction`` parameter-shaped), ``[N]``."""
         return self._form.project(direction[None])[:, 0]

@@ -335,19 +335,21 @@ class Cockpit:
                 _individual_losses(self._unreduced(), output.detach(), target, loss.detach())
                 * data.c
             )
+        start = self._alpha_start  # Alpha's start point, when this step is its end point
+        if rows is None or start is None or start["step"] != data.step - 1:
+            start = None
+        if start is not None and r.DIRECTIONAL in plan.needs:
+            data.alpha_start, self._alpha_start = start, None
+        else:
+            start = None
         if rows is not None and plan.needs & _LAYER_NEEDS:
-            r.gather_rows(data, plan.needs, rows, grad_of_loss, self.params, self.generator)
+            r.gather_rows(data, plan.needs, rows, grad_of_loss, self.params, self.generator, start)
         elif r.GRAD in plan.needs:
             r.gather_grads(data, grad_of_loss, self.params)
-        start = self._alpha_start  # after gather_rows: it may have materialized the rows
-        if rows is not None and start is not None and start["step"] == data.step - 1:
-            if r.DIRECTIONAL in plan.needs:
-                data.alpha_start = start
-                data.directional = (
-                    r.directional(rows, start["direction"], start.get("rows"), start.get("lr"))
-                    * data.c
-                )
-                self._alpha_start = None
+        if start is not None and data.directional is None:  # no per-layer reduction needed
+            data.directional = (
+                r.directional(rows, start["direction"], start.get("rows"), start.get("lr")) * data.c
+            )
         return rows
 
     def _unreduced(self) -> nn.Module:

@@ -105,15 +105,21 @@ class StepData:
 
 
 def sample_entries(
-    generator: torch.Generator, settings: Settings, B: int, D: int, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """Random ``(row, flat index)`` pairs: ``hist_entries`` entries of one layer (``D``
-    entries per row) from ``hist_samples`` random samples."""
-    samples = torch.randperm(B, generator=generator)[: settings.hist_samples]
-    E = min(settings.hist_entries, len(samples) * D)
-    rows = samples[torch.randint(len(samples), (E,), generator=generator)]
-    flat = torch.randint(D, (E,), generator=generator)
-    return rows.to(device), flat.to(device)
+    generator: torch.Generator, settings: Settings, B: int, sizes: list[int], device: torch.device
+) -> list[tuple[Tensor, Tensor]]:
+    """Random ``(row, flat index)`` pairs per layer: for a layer of ``D`` entries per row,
+    ``min(hist_entries, k D)`` entries from ``k = min(hist_samples, B)`` distinct random samples
+    (each layer its own samples). Drawn for all layers at once (four random calls per step
+    instead of four per layer: on models with many small tensors the draws cost more than the
+    entries)."""
+    L, k, E = len(sizes), min(settings.hist_samples, B), settings.hist_entries
+    samples = torch.rand(L, B, generator=generator).argsort(1)[:, :k]  # distinct, per layer
+    rows = samples.gather(1, torch.randint(k, (L, E), generator=generator))
+    D = torch.tensor(sizes, dtype=torch.float64)[:, None]
+    u = torch.rand(L, E, generator=generator, dtype=torch.float64)
+    flat = torch.minimum((u * D).long(), D.long() - 1)  # uniform on 0..D-1
+    rows, flat = rows.to(device), flat.to(device)
+    return [(rows[i, : min(E, k * D)], flat[i, : min(E, k * D)]) for i, D in enumerate(sizes)]
 
 
 def directional(
@@ -132,20 +138,30 @@ def directional(
             read by their Gram matrices where that is cheaper than projecting on ``s``.
         lr: that step's learning rate.
     """
-    parts: list[Tensor] = []
-    done: set[str] = set()
-    if earlier is not None and lr is not None:
-        before = {layer.names: layer for layer in earlier}
-        for layer in dense_layers(rows):
-            old = before.get(layer.names)
-            if old is None or not old.unchanged() or not layer.gram_is_cheaper(len(old.A)):
-                continue
-            parts.append(layer.inner(old).sum(1).mul_(-lr))
-            done.update(layer.names)
+    parts, done = _directional_by_gram(rows, earlier, lr)
     parts += [r.project(direction[name]) for name, r in rows.items() if name not in done]
     total = _layer_sum([p.double() for p in parts], 1.0)
     assert isinstance(total, Tensor)
     return total.cpu()
+
+
+def _directional_by_gram(
+    rows: dict[str, Rows], earlier: list[DenseLayer] | None, lr: float | None
+) -> tuple[list[Tensor], set[str]]:
+    """The parts of :func:`directional` read from the Gram matrices of dense layers with an
+    earlier step (where cheaper), and the parameter names they cover."""
+    parts: list[Tensor] = []
+    done: set[str] = set()
+    if earlier is None or lr is None:
+        return parts, done
+    before = {layer.names: layer for layer in earlier}
+    for layer in dense_layers(rows):
+        old = before.get(layer.names)
+        if old is None or not old.unchanged() or not layer.gram_is_cheaper(len(old.A)):
+            continue
+        parts.append(layer.inner(old).sum(1).mul_(-lr))
+        done.update(layer.names)
+    return parts, done
 
 
 def gather_rows(
@@ -155,8 +171,14 @@ def gather_rows(
     grad_of_loss: dict[str, Tensor],
     params: dict[str, Tensor],
     generator: torch.Generator,
+    start: dict[str, Any] | None = None,
 ) -> None:
     """Fill ``data``'s per-layer reductions from the per-sample rows, one pass over layers.
+
+    Layers whose rows are held as a small matrix (biases, normalization layers) are read
+    together, as one concatenated matrix (per-layer reductions of many small tensors cost
+    more in dispatch than in arithmetic); dense layers without positions by their Gram
+    matrices where cheaper; the others layer by layer.
 
     Args:
         data: the step's data (``B`` and ``c`` set); filled in place.
@@ -166,44 +188,143 @@ def gather_rows(
             rows so that ``g`` is not formed twice.
         params: the model's parameters by name (values for the 2-d histogram).
         generator: draws the sampled entries.
+        start: Alpha's start point (the previous step's update ``direction``, and for a
+            gradient step its dense layers ``rows`` and ``lr``) when ``DIRECTIONAL`` is
+            needed: ``data.directional`` is then filled too, each materialized layer
+            projected on ``g`` and on the update in one product.
     """
     B, c = data.B, data.c
-    reads = sum(key in needs for key in ROW_READS)
-    l2: list[Tensor] = []
-    dots: list[Tensor] = []
-    fused: set[str] = set()
-    if BATCH_L2 in needs or DOTS in needs:  # dense layers: norms and dots from one Gram pair
-        for layer in dense_layers(rows):
-            if layer.gram_is_cheaper(B):
-                inner = layer.inner()
-                l2.append(inner.diagonal())
-                dots.append(inner.sum(1))
-                fused.update(layer.names)
-    sgs, values, thetas = [], [], []
+    reads = sum(key in needs for key in ROW_READS) + (start is not None)
+    acc = _Sums(l2=[], dots=[], along=[], sgs={})
+    fused = _dense_grams(rows, needs, B, acc)
+    projected: set[str] = set()
+    if start is not None:
+        acc.along, projected = _directional_by_gram(rows, start.get("rows"), start.get("lr"))
+    small: dict[str, Tensor] = {}
     for name, r in rows.items():
         if name in grad_of_loss:  # the ordinary backward already formed it
             r.provide_grad(grad_of_loss[name])
-        r.prepare(reads)
         g = r.grad()  # mean_n g_n (scaled below only for sum losses: no copy)
-        if c != B:
-            g = g * (c / B)
         data.layers.append(name)
-        data.grads.append(g.reshape(-1))
+        data.grads.append((g * (c / B) if c != B else g).reshape(-1))
+        matrix = None if name in fused or name in projected else r.small_matrix(SMALL_ROWS)
+        if matrix is not None and (not small or matrix.dtype == next(iter(small.values())).dtype):
+            small[name] = matrix
+            continue
+        r.prepare(reads)
         if BATCH_L2 in needs and name not in fused:
-            l2.append(r.batch_l2())
-        if DOTS in needs and name not in fused:
-            dots.append(r.dots_with_sum())
+            acc.l2.append(r.batch_l2())
+        direction = None if start is None or name in projected else start["direction"][name]
+        dot, derivative = r.projections(direction, DOTS in needs and name not in fused)
+        acc.dots.extend([] if dot is None else [dot])
+        acc.along.extend([] if derivative is None else [derivative])
         if SGS in needs:
-            sgs.append(r.sum_grad_squared())
-        if ENTRIES in needs:
-            sel_rows, flat = sample_entries(generator, data.settings, B, g.numel(), g.device)
-            v = r.entries(sel_rows, flat) * c
-            values.append(v.detach())  # moved to the host together in _finish
-            if ENTRY_PARAMS in needs:
-                thetas.append(params[name].detach().reshape(-1)[flat])
-    l2 = l2 if BATCH_L2 in needs else []
-    dots = dots if DOTS in needs else []
-    _finish(data, needs, _layer_sum(l2, c**2), _layer_sum(dots, c * c / B), sgs, values, thetas)
+            acc.sgs[name] = r.sum_grad_squared()
+    grouped = _small_layers(small, data, needs, start, acc)
+    values, thetas = (
+        _entries(data, needs, rows, params, generator, grouped) if ENTRIES in needs else ([], [])
+    )
+    sgs = [acc.sgs[name] for name in data.layers] if SGS in needs else []
+    sums = (_layer_sum(acc.l2 if BATCH_L2 in needs else [], c**2),
+            _layer_sum(acc.dots if DOTS in needs else [], c * c / B))  # fmt: skip
+    derivatives = None if start is None else _layer_sum([p.double() for p in acc.along], c)
+    _finish(data, needs, *sums, sgs, values, thetas, derivatives)
+
+
+#: layers whose rows are held as a matrix with at most this many entries per row are reduced
+#: together, as one concatenated matrix
+SMALL_ROWS = 1 << 12
+
+
+@dataclass
+class _Sums:
+    """The per-layer parts of one step's reductions, summed over layers at the end."""
+
+    l2: list[Tensor]
+    dots: list[Tensor]
+    along: list[Tensor]
+    sgs: dict[str, Tensor]
+
+
+def _dense_grams(rows: dict[str, Rows], needs: frozenset[str], B: int, acc: _Sums) -> set[str]:
+    """Norms and dots of the dense layers (no positions) whose Gram matrices are cheaper than
+    their rows, into ``acc``; returns the parameter names they cover."""
+    fused: set[str] = set()
+    if BATCH_L2 in needs or DOTS in needs:
+        for layer in dense_layers(rows):
+            if layer.gram_is_cheaper(B):
+                inner = layer.inner()
+                acc.l2.append(inner.diagonal())
+                acc.dots.append(inner.sum(1))
+                fused.update(layer.names)
+    return fused
+
+
+def _small_layers(
+    small: dict[str, Tensor],
+    data: StepData,
+    needs: frozenset[str],
+    start: dict[str, Any] | None,
+    acc: _Sums,
+) -> tuple[Tensor, dict[str, int]] | None:
+    """The reductions of the layers held as small row matrices ``[B, D_i]``, from one
+    concatenated ``[B, sum D_i]`` matrix: norms, one product with ``g`` and the update
+    stacked, the sums of squares split back per layer. Returns that matrix and each layer's
+    column offset in it (None without such layers)."""
+    if not small:
+        return None
+    names = list(small)
+    R = torch.cat(list(small.values()), 1) if len(small) > 1 else small[names[0]]
+    grads = {n: g for n, g in zip(data.layers, data.grads)}
+    scale = data.B / data.c  # data.grads are mean_n g_n: back to the rows' sum
+    vectors = []
+    if DOTS in needs:
+        vectors.append(torch.cat([grads[n] for n in names]).to(R.dtype) * scale)
+    if start is not None:
+        vectors.append(torch.cat([start["direction"][n].reshape(-1) for n in names]).to(R.dtype))
+    if vectors:
+        both = R @ torch.stack(vectors, 1)
+        acc.dots.extend([both[:, 0]] if DOTS in needs else [])
+        acc.along.extend([both[:, -1]] if start is not None else [])
+    if BATCH_L2 in needs:
+        acc.l2.append(torch.linalg.vector_norm(R, dim=1).square())
+    if SGS in needs:
+        squares = R.square().sum(0).split([small[n].shape[1] for n in names])
+        acc.sgs.update((n, q.reshape(grads[n].shape)) for n, q in zip(names, squares))
+    widths = [small[n].shape[1] for n in names]
+    offsets = [sum(widths[:i]) for i in range(len(names))]
+    return R, dict(zip(names, offsets))
+
+
+def _entries(
+    data: StepData,
+    needs: frozenset[str],
+    rows: dict[str, Rows],
+    params: dict[str, Tensor],
+    generator: torch.Generator,
+    small: tuple[Tensor, dict[str, int]] | None,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The sampled per-sample gradient entries of every layer (scaled as ``g_n``) and, when
+    ``ENTRY_PARAMS`` is needed, the parameter values at them (in the same order). ``small``:
+    the concatenated matrix of the small layers and each one's column offset in it (their
+    entries are gathered from it in one indexing)."""
+    sizes = [g.numel() for g in data.grads]
+    picks = sample_entries(generator, data.settings, data.B, sizes, data.grads[0].device)
+    values, thetas, together, small_thetas = [], [], [], []
+    offsets = {} if small is None else small[1]
+    for (sel_rows, flat), name in zip(picks, data.layers):
+        if name in offsets:
+            together.append((sel_rows, flat + offsets[name]))
+        else:
+            values.append(rows[name].entries(sel_rows, flat).detach() * data.c)
+        if ENTRY_PARAMS in needs:
+            theta = params[name].detach().reshape(-1)[flat]
+            (small_thetas if name in offsets else thetas).append(theta)
+    if together:
+        assert small is not None
+        at_rows, at_cols = (torch.cat(t) for t in zip(*together))
+        values.append(small[0][at_rows, at_cols] * data.c)
+    return values, thetas + small_thetas
 
 
 def _layer_sum(parts: list[Tensor], scale: float) -> Tensor | float:
@@ -223,6 +344,7 @@ def _finish(
     sgs: list[Tensor],
     values: list[Tensor],
     thetas: list[Tensor],
+    derivatives: Tensor | float | None = None,
 ) -> None:
     norms = torch.stack(torch._foreach_norm(data.grads)) if data.grads else None
     host = _to_host(
@@ -230,9 +352,10 @@ def _finish(
             norms,
             torch.as_tensor(l2) if BATCH_L2 in needs else None,
             torch.as_tensor(dots) if DOTS in needs else None,
+            None if derivatives is None else torch.as_tensor(derivatives),
         ]
     )
-    data.grad_norms, batch_l2, batch_dots = host
+    data.grad_norms, batch_l2, batch_dots, data.directional = host
     if BATCH_L2 in needs:
         data.batch_l2 = batch_l2
     if DOTS in needs:

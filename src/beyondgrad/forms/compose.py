@@ -27,6 +27,12 @@ class SumForm(Form):
     def select(self, index: Tensor) -> SumForm:
         return SumForm([p.select(index) for p in self.parts])
 
+    def worth_materializing(self, budget: int) -> bool:
+        """When a part is (a weight tied between an embedding and a head applied at every
+        position): the cross terms of its norms and the projections of every part each cost
+        about what materializing the sum once does."""
+        return any(p.worth_materializing(budget) for p in self.parts)
+
     def _grad(self) -> Tensor:
         return sum((p.grad() for p in self.parts[1:]), self.parts[0].grad())
 
