@@ -37,12 +37,17 @@ class SumForm(Form):
         return sum((p.grad() for p in self.parts[1:]), self.parts[0].grad())
 
     def _batch_grad(self, out: Tensor | None = None) -> Tensor:
-        first = self.parts[0]._batch_grad(out)
-        if out is None:
-            first = first.clone()
-        for p in self.parts[1:]:
-            first += p.batch_grad()
-        return first
+        # scatter parts (embeddings) last: added into the others' rows in place
+        first, *rest = sorted(self.parts, key=lambda p: isinstance(p, ScatterForm))
+        rows = first._batch_grad(out)
+        if out is None and not isinstance(first, (OuterForm, ScatterForm)):
+            rows = rows.clone()  # may be the part's own tensor (a SampleForm's values)
+        for p in rest:
+            if isinstance(p, ScatterForm) and rows.is_contiguous():
+                p.add_rows_to(rows)
+            else:
+                rows += p.batch_grad()
+        return rows
 
     def _combine(self, coefficients: Tensor) -> Tensor:
         return sum(

@@ -39,16 +39,19 @@ class ScatterForm(Form):
         return G.new_zeros(self.shape).index_add_(0, idx, G)
 
     def _batch_grad(self, out: Tensor | None = None) -> Tensor:
+        R = self.rows
+        res = self.G.new_zeros(R, *self.shape) if out is None else out.zero_()
+        return self.add_rows_to(res)
+
+    def add_rows_to(self, rows: Tensor) -> Tensor:
+        """``rows += g`` in place for ``rows`` ``[K N, num, d]`` (contiguous): the scatter
+        added to rows formed elsewhere (a tied weight's other use) without materializing
+        its own. Returns ``rows``."""
         R, S = self.rows, self.index.shape[1]
         idx, G = self._flat()
         row = torch.arange(R, device=idx.device).repeat_interleave(S)
-        res = (
-            G.new_zeros(R * self.num, G.shape[1])
-            if out is None
-            else out.view(R * self.num, -1).zero_()
-        )
-        res.index_add_(0, row * self.num + idx, G)
-        return res.reshape(R, *self.shape)
+        rows.view(R * self.num, -1).index_add_(0, row * self.num + idx, G)
+        return rows
 
     def _batch_l2(self) -> Tensor:
         """Squared norms of the rows: by the Gram trick over positions (``S^2 d`` per row)
