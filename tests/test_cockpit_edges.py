@@ -350,3 +350,37 @@ def test_a_custom_instrument_is_one_object():
     )
     assert "NormTest" in rec and not custom.per_sample
     assert all(name in bg.cockpit.REGISTRY for name in bg.cockpit.INSTRUMENTS)
+
+
+class _MixedPrecisionNet(nn.Module):
+    """A float32 layer (and norm) feeding a float64 one: held rows of two dtypes."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(5, 4)
+        self.norm = nn.LayerNorm(4)
+        self.second = nn.Linear(4, 3, dtype=torch.float64)
+
+    def forward(self, x):
+        h = torch.tanh(self.norm(self.first(x.to(self.first.weight.dtype))))
+        return self.second(h.to(self.second.weight.dtype))
+
+
+def test_held_rows_of_two_dtypes_are_reduced_apart_and_match_float64():
+    """Biases and norm parameters are read as one concatenated matrix per dtype: a float32
+    and a float64 group give the gradient tests and histogram of the all-float64 twin."""
+    g = torch.Generator().manual_seed(0)
+    X, y = (
+        torch.randn(12, 5, generator=g, dtype=torch.float64),
+        torch.randint(3, (12,), generator=g),
+    )
+    mixed = _MixedPrecisionNet()
+    twin = _MixedPrecisionNet().double()
+    twin.load_state_dict({k: v.double() for k, v in mixed.state_dict().items()})
+    loss_fn = nn.CrossEntropyLoss()
+    config = ["NormTest", "InnerTest", "OrthoTest", "GradNorm", "GradHist1d"]
+    rec = _track(Cockpit(mixed, loss_fn, config=config, seed=1), mixed, loss_fn, X, y)
+    ref = _track(Cockpit(twin, loss_fn, config=config, seed=1), twin, loss_fn, X, y)
+    for key in ("NormTest", "InnerTest", "OrthoTest", "GradNorm"):
+        assert rec[key] == pytest.approx(ref[key], rel=1e-5)
+    assert rec["GradHist1d"]["counts"] == ref["GradHist1d"]["counts"]

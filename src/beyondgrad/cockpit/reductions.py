@@ -208,7 +208,7 @@ def gather_rows(
         data.layers.append(name)
         data.grads.append((g * (c / B) if c != B else g).reshape(-1))
         matrix = None if name in fused or name in projected else r.small_matrix(SMALL_ROWS)
-        if matrix is not None and (not small or matrix.dtype == next(iter(small.values())).dtype):
+        if matrix is not None and _joins(small, matrix):
             small[name] = matrix
             continue
         r.prepare(reads)
@@ -244,6 +244,13 @@ class _Sums:
     dots: list[Tensor]
     along: list[Tensor]
     sgs: dict[str, Tensor]
+
+
+def _joins(small: dict[str, Tensor], matrix: Tensor) -> bool:
+    """Whether ``matrix`` can be concatenated with the small matrices gathered so far (same
+    dtype and device as the first)."""
+    first = next(iter(small.values()), matrix)
+    return matrix.dtype == first.dtype and matrix.device == first.device
 
 
 def _dense_grams(rows: dict[str, Rows], needs: frozenset[str], B: int, acc: _Sums) -> set[str]:
