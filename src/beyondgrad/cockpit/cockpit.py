@@ -578,8 +578,8 @@ def _individual_losses(
     with torch.no_grad():
         per = unreduced_fn(output, target)
     per = per.reshape(per.shape[0], -1).sum(1).double() if per.ndim > 0 else per.double()
-    total = float(per.sum())
-    scale = float(loss) / total if total != 0 else 1.0
+    total = per.sum()
+    scale = torch.where(total != 0, loss.double() / total, 1.0)  # on the device: one sync
     return (per * scale).cpu()
 
 

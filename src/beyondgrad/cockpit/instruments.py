@@ -203,10 +203,10 @@ def _limit(data: StepData) -> float:
 
 def _hess_trace(data: StepData) -> dict[str, Any]:
     assert data.ggn_diag is not None
-    return {
-        "HessTrace": float(_diag(data).sum(dtype=torch.float64)),
-        "HessTrace_layers": {n: float(data.ggn_diag[n].sum()) for n in data.layers},
-    }
+    diag = data.ggn_diag
+    per_layer = torch.stack([diag[n].sum(dtype=torch.float64) for n in data.layers])
+    total, *layers = torch.cat([_diag(data).sum(dtype=torch.float64)[None], per_layer]).tolist()
+    return {"HessTrace": total, "HessTrace_layers": dict(zip(data.layers, layers))}  # one sync
 
 
 def _hess_max_ev(data: StepData) -> dict[str, float]:
