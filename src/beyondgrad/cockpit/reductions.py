@@ -115,11 +115,12 @@ def sample_entries(
     L, k, E = len(sizes), min(settings.hist_samples, B), settings.hist_entries
     samples = torch.rand(L, B, generator=generator).argsort(1)[:, :k]  # distinct, per layer
     rows = samples.gather(1, torch.randint(k, (L, E), generator=generator))
-    D = torch.tensor(sizes, dtype=torch.float64)[:, None]
+    per_row = torch.tensor(sizes, dtype=torch.float64)[:, None]
     u = torch.rand(L, E, generator=generator, dtype=torch.float64)
-    flat = torch.minimum((u * D).long(), D.long() - 1)  # uniform on 0..D-1
+    flat = torch.minimum((u * per_row).long(), per_row.long() - 1)  # uniform on 0..D-1
     rows, flat = rows.to(device), flat.to(device)
-    return [(rows[i, : min(E, k * D)], flat[i, : min(E, k * D)]) for i, D in enumerate(sizes)]
+    counts = [min(E, k * D) for D in sizes]
+    return [(rows[i, :n], flat[i, :n]) for i, n in enumerate(counts)]
 
 
 def directional(
@@ -315,6 +316,8 @@ def _entries(
     ``ENTRY_PARAMS`` is needed, the parameter values at them (in the same order). ``small``:
     the concatenated matrix of the small layers and each one's column offset in it (their
     entries are gathered from it in one indexing)."""
+    if not data.grads:
+        return [], []
     sizes = [g.numel() for g in data.grads]
     picks = sample_entries(generator, data.settings, data.B, sizes, data.grads[0].device)
     values, thetas, together, small_thetas = [], [], [], []
