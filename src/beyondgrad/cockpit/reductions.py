@@ -212,15 +212,8 @@ def gather_rows(
         if matrix is not None and _joins(small, matrix):
             small[name] = matrix
             continue
-        r.prepare(reads)
-        if BATCH_L2 in needs and name not in fused:
-            acc.l2.append(r.batch_l2())
         direction = None if start is None or name in projected else start["direction"][name]
-        dot, derivative = r.projections(direction, DOTS in needs and name not in fused)
-        acc.dots.extend([] if dot is None else [dot])
-        acc.along.extend([] if derivative is None else [derivative])
-        if SGS in needs:
-            acc.sgs[name] = r.sum_grad_squared()
+        _layer(r, name, needs, reads, name in fused, direction, acc)
     grouped = _small_layers(small, data, needs, start, acc)
     values, thetas = (
         _entries(data, needs, rows, params, generator, grouped) if ENTRIES in needs else ([], [])
@@ -245,6 +238,28 @@ class _Sums:
     dots: list[Tensor]
     along: list[Tensor]
     sgs: dict[str, Tensor]
+
+
+def _layer(
+    r: Rows,
+    name: str,
+    needs: frozenset[str],
+    reads: int,
+    fused: bool,
+    direction: Tensor | None,
+    acc: _Sums,
+) -> None:
+    """The reductions of one layer read on its own (its rows materialized first when
+    ``reads`` reductions read them); ``fused``: its norms and dots came from Gram matrices;
+    ``direction``: the last update, when Alpha's end-point slopes are formed here."""
+    r.prepare(reads)
+    if BATCH_L2 in needs and not fused:
+        acc.l2.append(r.batch_l2())
+    dot, derivative = r.projections(direction, DOTS in needs and not fused)
+    acc.dots.extend([] if dot is None else [dot])
+    acc.along.extend([] if derivative is None else [derivative])
+    if SGS in needs:
+        acc.sgs[name] = r.sum_grad_squared()
 
 
 def _joins(small: dict[str, Tensor], matrix: Tensor) -> bool:
