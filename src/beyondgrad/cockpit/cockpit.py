@@ -338,10 +338,10 @@ class Cockpit:
         start = self._alpha_start  # Alpha's start point, when this step is its end point
         if rows is None or start is None or start["step"] != data.step - 1:
             start = None
-        if start is not None and r.DIRECTIONAL in plan.needs:
-            data.alpha_start, self._alpha_start = start, None
-        else:
+        elif r.DIRECTIONAL not in plan.needs:
             start = None
+        else:
+            data.alpha_start, self._alpha_start = start, None
         if rows is not None and plan.needs & _LAYER_NEEDS:
             r.gather_rows(data, plan.needs, rows, grad_of_loss, self.params, self.generator, start)
         elif r.GRAD in plan.needs:
