@@ -278,9 +278,9 @@ def test_gradient_histograms_count_the_sampled_per_sample_entries():
     g = torch.Generator().manual_seed(3)
     values, thetas = [], []
     per = per_sample_grads(model, loss_fn, X, y)
-    L = len(per)  # all layers drawn at once: samples, then rows among them, then entries
+    L = len(per)  # all layers drawn at once: samples (taken in turn), then entries
     chosen = torch.rand(L, N, generator=g).argsort(1)[:, :samples]
-    picks = chosen.gather(1, torch.randint(samples, (L, entries), generator=g))
+    picks = chosen[:, torch.arange(entries) % samples]
     uniform = torch.rand(L, entries, generator=g, dtype=torch.float64)
     for i, (name, v) in enumerate(per.items()):
         D = v[0].numel()
