@@ -373,15 +373,20 @@ def _finish(
     derivatives: Tensor | float | None = None,
 ) -> None:
     norms = torch.stack(torch._foreach_norm(data.grads)) if data.grads else None
-    host = _to_host(
+    entries = ENTRIES in needs and bool(values)
+    host = _to_host(  # one transfer for all (float64)
         [
             norms,
             torch.as_tensor(l2) if BATCH_L2 in needs else None,
             torch.as_tensor(dots) if DOTS in needs else None,
             None if derivatives is None else torch.as_tensor(derivatives),
+            torch.cat(values) if entries else None,
+            torch.cat(thetas) if entries and thetas else None,
         ]
     )
-    data.grad_norms, batch_l2, batch_dots, data.directional = host
+    data.grad_norms, batch_l2, batch_dots, data.directional = host[:4]
+    if entries:
+        data.hist_values, data.hist_params = host[4:]
     if BATCH_L2 in needs:
         data.batch_l2 = batch_l2
     if DOTS in needs:
@@ -390,9 +395,6 @@ def _finish(
         data.sgs = data.workspace.flat("sgs", sgs)
         if data.c != 1:
             data.sgs.mul_(data.c**2)
-    if ENTRIES in needs and values:
-        data.hist_values = torch.cat(values).cpu()
-        data.hist_params = torch.cat(thetas).cpu() if thetas else None
 
 
 def _to_host(parts: list[Tensor | None]) -> list[Tensor | None]:
