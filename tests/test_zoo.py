@@ -67,7 +67,7 @@ def test_cockpit_first_order_instruments(name):
     N = y.shape[0]
     per = reference(model, loss_fn, X, y)["BatchGrad"]
     G = torch.cat([v.reshape(N, -1) for v in per.values()], 1) * N  # individual gradients
-    cockpit = Cockpit(model, loss_fn, config=["GradNorm", "NormTest"])
+    cockpit = Cockpit(model, loss_fn, config=["GradNorm", "NormTest", "InnerTest", "GradHist1d"])
     with cockpit(0):
         loss = loss_fn(model(X), y)
         loss.backward()
@@ -77,3 +77,8 @@ def test_cockpit_first_order_instruments(name):
     assert rec["GradNorm"] == pytest.approx(g2**0.5, rel=1e-9)
     dev = float(((G - g) ** 2).sum())
     assert rec["NormTest"] == pytest.approx((dev / (N * (N - 1))) ** 0.5 / g2**0.5, rel=1e-8)
+    # the dots read biases and norms as one matrix and the tied embedding's rows at once
+    inner = float(((G @ g - g2) ** 2).sum()) / (N * (N - 1))
+    assert rec["InnerTest"] == pytest.approx(inner**0.5 / g2, rel=1e-8)
+    sampled = sum(min(2048, min(8, N) * v[0].numel()) for v in per.values())  # the defaults
+    assert sum(rec["GradHist1d"]["counts"]) == sampled
