@@ -144,3 +144,30 @@ def test_spectrum_is_the_dense_ggn_top_eigenvalues_without_the_gradient_pass(cas
         bg.GGNSpectrum(top_k=0)
     with pytest.raises(KeyError, match="GGNSpectrum: unknown parameter"):
         bg.compute(model, loss_fn, X, y, bg.GGNSpectrum(param_groups=(("nope",),)))
+
+
+def test_spectrum_first_leaves_conv_rows_for_the_diagonal(monkeypatch):
+    """DiagGGN and GGNSpectrum in one call: the spectrum's Gram matrix materializes the
+    convolutions' rows first (where that is cheaper than the Gram trick) and the diagonal
+    reads them, instead of forming them a second time block by block; both equal the dense
+    float64 GGN."""
+    from beyondgrad.rules.conv import ConvOuterForm
+
+    blocks = []
+    original = ConvOuterForm._blocks
+    monkeypatch.setattr(
+        ConvOuterForm, "_blocks", lambda self, fn: blocks.append(1) or original(self, fn)
+    )
+    model, X, y, loss_fn = CASES["resnet"]()
+    ref = ggn(model, loss_fn, X, y)
+    diag, spectrum = bg.DiagGGN(), bg.GGNSpectrum(top_k=2)
+    res = bg.compute(model, loss_fn, X, y, diag, spectrum)
+    assert blocks == []
+    flat = torch.cat([res[diag][n].reshape(-1) for n in ref["names"]])
+    torch.testing.assert_close(flat, ref["full"].diagonal(), rtol=1e-9, atol=1e-12)
+    top = torch.linalg.eigvalsh(ref["full"]).flip(0)[:2]
+    torch.testing.assert_close(res[spectrum]["model"], top, rtol=1e-8, atol=1e-10)
+    alone = bg.compute(model, loss_fn, X, y, bg.DiagGGN())[bg.DiagGGN()]
+    assert blocks  # without the spectrum: block by block
+    for name in ref["names"]:
+        torch.testing.assert_close(res[diag][name], alone[name], rtol=1e-12, atol=1e-15)

@@ -15,7 +15,7 @@ rows of the forms) the nonzero eigenvalues of the GGN are those of the ``R x R``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -134,6 +134,10 @@ class _GroupedEigen(Curvature):
 
     top_k: int | None = None
     param_groups: tuple[tuple[str, ...], ...] | None = None
+    #: before the other curvature reductions of the same vectors: where the Gram matrix is
+    #: cheaper from materialized rows (convolutions), those rows stay for e.g. DiagGGN's
+    #: sums of squares, which would otherwise materialize them again chunk by chunk
+    order: ClassVar[int] = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
