@@ -298,6 +298,7 @@ def _small_layers(
     if not small:
         return None
     names = list(small)
+    widths = [small[n].shape[1] for n in names]
     R = torch.cat(list(small.values()), 1) if len(small) > 1 else small[names[0]]
     grads = {n: g for n, g in zip(data.layers, data.grads)}
     scale = data.B / data.c  # data.grads are mean_n g_n: back to the rows' sum
@@ -313,9 +314,7 @@ def _small_layers(
     if BATCH_L2 in needs:
         acc.l2.append(torch.linalg.vector_norm(R, dim=1).square())
     if SGS in needs:
-        squares = R.square().sum(0).split([small[n].shape[1] for n in names])
-        acc.sgs.update((n, q.reshape(grads[n].shape)) for n, q in zip(names, squares))
-    widths = [small[n].shape[1] for n in names]
+        acc.sgs.update(zip(names, R.square().sum(0).split(widths)))  # flat, as data.grads
     offsets = [sum(widths[:i]) for i in range(len(names))]
     return R, dict(zip(names, offsets))
 
