@@ -29,9 +29,14 @@ def dense_jacobian(model, X):
 
 @pytest.fixture
 def routes(monkeypatch):
-    """Counts of forward-mode and reverse ``J V`` calls."""
-    counts = {"forward": 0, "reverse": 0}
+    """Counts of forward-mode, reverse and fused (one dual forward pass) ``J V`` calls."""
+    counts = {"forward": 0, "reverse": 0, "dual": 0}
     forward, reverse = curvature._forward_jv, curvature._JacobianProducts._reverse_jv
+    dual = curvature._dual_forward
+
+    def spy_dual(*args, **kwargs):
+        counts["dual"] += 1
+        return dual(*args, **kwargs)
 
     def spy_forward(*args, **kwargs):
         counts["forward"] += 1
@@ -42,6 +47,7 @@ def routes(monkeypatch):
         return reverse(self, *args, **kwargs)
 
     monkeypatch.setattr(curvature, "_forward_jv", spy_forward)
+    monkeypatch.setattr(curvature, "_dual_forward", spy_dual)
     monkeypatch.setattr(curvature._JacobianProducts, "_reverse_jv", spy_reverse)
     return counts
 
@@ -56,10 +62,11 @@ def test_forward_mode_products_match_dense(case, routes):
         M = torch.randn(G.shape[0], k, dtype=torch.float64)
         torch.testing.assert_close(G @ M, dense_ggn @ M)
         torch.testing.assert_close(J @ M, dense_j @ M)
+    # one vector: the GGN runs one dual forward pass (graph and J v together)
     if case == "gpt":  # nn.MultiheadAttention's fast path (taken under jvp) has no forward AD
-        assert routes == {"forward": 2, "reverse": 4}  # one attempt per operator, remembered
+        assert routes == {"forward": 2, "reverse": 3, "dual": 1}  # one attempt each, remembered
     else:
-        assert routes == {"forward": 4, "reverse": 0}
+        assert routes == {"forward": 3, "reverse": 0, "dual": 1}
 
 
 def test_kept_batches_go_reverse(routes):
@@ -73,7 +80,7 @@ def test_kept_batches_go_reverse(routes):
     with G.repeated_products():
         torch.testing.assert_close(G @ v, dense @ v)
         torch.testing.assert_close(G @ M, dense @ M)
-    assert routes == {"forward": 2, "reverse": 2}
+    assert routes == {"forward": 1, "reverse": 2, "dual": 1}
 
 
 def test_training_batch_norm_keeps_one_forward_pass(routes):
@@ -89,7 +96,10 @@ def test_training_batch_norm_keeps_one_forward_pass(routes):
     before = model[1].num_batches_tracked.item()
     first = G @ M
     assert model[1].num_batches_tracked.item() == before + 1
-    assert routes == {"forward": 0, "reverse": 1}
+    assert routes == {"forward": 0, "reverse": 1, "dual": 0}
+    single = G @ M[:, :1]  # no dual pass either: a failed one would have moved the buffers
+    assert model[1].num_batches_tracked.item() == before + 2
+    assert routes == {"forward": 0, "reverse": 2, "dual": 0}
     dense = torch.autograd.functional.jacobian(
         lambda *p: torch.func.functional_call(
             model, dict(zip([n for n, _ in model.named_parameters()], p)), (X,)
@@ -100,6 +110,7 @@ def test_training_batch_norm_keeps_one_forward_pass(routes):
     out = model(X).detach()
     H = torch.autograd.functional.hessian(lambda o: loss_fn(o.view(6, 2), y), out.reshape(-1))
     torch.testing.assert_close(first, J.T @ H @ J @ M)
+    torch.testing.assert_close(single, J.T @ H @ J @ M[:, :1])
 
 
 class NoForwardSquare(torch.autograd.Function):
@@ -141,4 +152,9 @@ def test_missing_forward_derivative_falls_back_to_reverse(routes):
     H = torch.eye(10, dtype=torch.float64) * 2 / 10  # MSE (mean over 10 entries)
     torch.testing.assert_close(G @ M, J.T @ H @ J @ M)
     torch.testing.assert_close(G @ M, J.T @ H @ J @ M)  # remembered: no second attempt
-    assert routes == {"forward": 1, "reverse": 2}
+    assert routes == {"forward": 1, "reverse": 2, "dual": 0}
+    G = GGN(model, loss_fn, [(X, y)])  # one vector: the dual pass fails, then reverse
+    v = M[:, 0]
+    torch.testing.assert_close(G @ v, J.T @ H @ J @ v)
+    torch.testing.assert_close(G @ v, J.T @ H @ J @ v)  # remembered
+    assert routes == {"forward": 1, "reverse": 4, "dual": 1}
