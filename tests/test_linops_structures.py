@@ -80,6 +80,32 @@ def test_building_blocks_match_dense_matrices():
         BlockDiagonal([(perm[:24], K), (perm[:5], Diagonal(d))], 29)
 
 
+def test_block_with_a_weight_and_its_bias_column_is_read_through_views():
+    """A Kronecker block laid out ``[rows, cols + 1]`` over a weight range and a bias range
+    (KFAC's joint bias) is gathered and scattered by views, for row- and column-major blocks
+    of vectors, equal to the dense matrix; other orders keep the index."""
+    g = torch.Generator().manual_seed(1)
+    L, R = _spd((1, 3, 3), g), _spd((1, 5, 5), g)  # rows 3, cols 4 + the bias column
+    K = Kronecker(L, R)
+    weight = 2 + torch.arange(12).view(3, 4)  # entries 2..13 of a 20-vector; bias 16..18
+    index = torch.cat([weight, (16 + torch.arange(3))[:, None]], 1).reshape(-1)
+    rest = torch.tensor([0, 1, 14, 15, 19])
+    d = torch.rand(5, generator=g, dtype=torch.float64) + 0.5
+    B = BlockDiagonal([(index, K), (rest, Diagonal(d))], 20)
+    assert type(B._where[0]).__name__ == "_RowsWithLastColumn"
+    dense = torch.zeros(20, 20, dtype=torch.float64)
+    dense[index[:, None], index[None, :]] = torch.kron(L[0], R[0])
+    dense[rest, rest] = d
+    _check_closed_forms(B, dense)
+    M = torch.randn(20, 3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(B @ M, dense @ M)
+    torch.testing.assert_close(B @ M.T.contiguous().T, dense @ M)  # column-major
+    shuffled = index.clone()
+    shuffled[[0, 1]] = shuffled[[1, 0]]
+    other = BlockDiagonal([(shuffled, K), (rest, Diagonal(d))], 20)
+    assert isinstance(other._where[0], torch.Tensor)
+
+
 def test_every_inverse_is_a_linear_operator():
     model, X, y, loss_fn = CASES["mlp"]()
     data = [(X, y)]

@@ -21,6 +21,7 @@ Sums of operators (``A + B``, :class:`~beyondgrad.linops.base.Sum`) have no clos
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -300,13 +301,62 @@ class Kronecker(StructuredOperator):
         return self.eigen().eigenvectors(index)
 
 
-def _as_slice(index: Tensor) -> Tensor | slice:
-    """A contiguous ascending index as a slice (views instead of gathers), else the index."""
+@dataclass(frozen=True)
+class _RowsWithLastColumn:
+    """A block index of the layout ``[rows, cols + 1]`` read from two contiguous ranges of the
+    vector: a row-major ``[rows, cols]`` range starting at ``first`` (a weight) and a column of
+    ``rows`` entries starting at ``last`` (its bias): the layout of a Kronecker block with a
+    joint bias. Read and written through views (one copy each way) instead of a gather and a
+    scatter by an index tensor (measured, ``[512, 1153]``, one vector: 0.1 vs 1.2 ms each)."""
+
+    first: int
+    last: int
+    rows: int
+    cols: int
+
+    def gather(self, M: Tensor) -> Tensor:
+        """``M[index]`` (``M`` ``[n, k]``, any strides), as a new ``[rows * (cols + 1), k]``
+        tensor."""
+        weight = M[self.first : self.first + self.rows * self.cols].unflatten(0, self.shape)
+        bias = M[self.last : self.last + self.rows].unsqueeze(1)
+        return torch.cat([weight, bias], 1).flatten(0, 1)
+
+    def scatter(self, out: Tensor, values: Tensor) -> None:
+        """``out[index] = values`` (``values`` ``[rows * (cols + 1), k]``; the targets are
+        views of ``out`` whatever its strides: ``unflatten`` of the leading axis always is)."""
+        V = values.unflatten(0, (self.rows, self.cols + 1))
+        weight = out[self.first : self.first + self.rows * self.cols].unflatten(0, self.shape)
+        weight.copy_(V[:, : self.cols])
+        out[self.last : self.last + self.rows].copy_(V[:, self.cols])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(rows, cols)`` of the first range."""
+        return (self.rows, self.cols)
+
+    def index(self, device: torch.device) -> Tensor:
+        """The flat index this layout stands for."""
+        weight = self.first + torch.arange(self.rows * self.cols, device=device)
+        bias = self.last + torch.arange(self.rows, device=device)
+        return torch.cat([weight.view(self.shape), bias[:, None]], 1).view(-1)
+
+
+def _as_slice(index: Tensor) -> Tensor | slice | _RowsWithLastColumn:
+    """A contiguous ascending index as a slice (views instead of gathers), the layout of
+    :class:`_RowsWithLastColumn` as such, else the index."""
     if index.numel() == 0:
         return index
-    start = int(index[0])
-    ramp = torch.arange(start, start + index.numel(), device=index.device)
-    return slice(start, start + index.numel()) if bool((index == ramp).all()) else index
+    start, n = int(index[0]), index.numel()
+    ramp = torch.arange(start, start + n, device=index.device)
+    same = index == ramp
+    if bool(same.all()):
+        return slice(start, start + n)
+    cols = int(same.long().argmin())  # the first entry off the ramp: the last column's first
+    if cols == 0 or n % (cols + 1):
+        return index
+    rows = n // (cols + 1)
+    pattern = _RowsWithLastColumn(start, int(index[cols]), rows, cols)
+    return pattern if bool((pattern.index(index.device) == index).all()) else index
 
 
 class BlockDiagonal(StructuredOperator):
@@ -342,7 +392,10 @@ class BlockDiagonal(StructuredOperator):
     def _matmat(self, M: Tensor) -> Tensor:
         out = torch.empty_like(M)
         for where, op in zip(self._where, self.operators):
-            out[where] = op._matmat(M[where])
+            if isinstance(where, _RowsWithLastColumn):
+                where.scatter(out, op._matmat(where.gather(M)))
+            else:
+                out[where] = op._matmat(M[where])
         return out
 
     def inverse(self, damping: float = 0.0) -> BlockDiagonal:  # type: ignore[override]
