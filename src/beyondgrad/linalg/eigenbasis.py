@@ -114,6 +114,8 @@ def rotate(q_left: Tensor, M: Tensor, q_right: Tensor) -> Tensor:
     Returns:
         ``[G, r, c, k]``.
     """
+    if M.shape[-1] == 1:  # two batched products: no copies into the einsum's layouts
+        return (q_left.mT @ M[..., 0] @ q_right).unsqueeze(-1)
     return torch.einsum("gji,gjkc,gkl->gilc", q_left, M, q_right)
 
 
@@ -128,6 +130,8 @@ def unrotate(q_left: Tensor, C: Tensor, q_right: Tensor) -> Tensor:
     Returns:
         ``[G, r, c, k]``.
     """
+    if C.shape[-1] == 1:
+        return (q_left @ C[..., 0] @ q_right.mT).unsqueeze(-1)
     return torch.einsum("gij,gjkc,glk->gilc", q_left, C, q_right)
 
 
@@ -144,7 +148,8 @@ def eigenbasis_apply(q_left: Tensor, values: Tensor, q_right: Tensor, M: Tensor)
     Returns:
         ``[G, r, c, k]``.
     """
-    return unrotate(q_left, rotate(q_left, M, q_right) * values.unsqueeze(-1), q_right)
+    coords = rotate(q_left, M, q_right).mul_(values.unsqueeze(-1))  # a new tensor: in place
+    return unrotate(q_left, coords, q_right)
 
 
 def damped_inverse(values: Tensor, damping: float) -> Tensor:
