@@ -37,6 +37,14 @@ def test_first_order_and_ggn_match_oracle(name):
     ref = ggn(model, loss_fn, X, y)
     _close(res[exact], diag_ggn(ref), f"{name}/DiagGGN", loose)
     _close(res[per_sample], batch_diag_ggn(ref), f"{name}/BatchDiagGGN", loose)
+    # the data-set operator's one-vector product (one dual forward pass where every operation
+    # has a forward-mode rule) against the dense GGN
+    G = bg.linops.GGN(model, loss_fn, [(X, y)])
+    v = torch.linspace(-1.0, 1.0, G.shape[0], dtype=torch.float64)
+    expected = ref["full"] @ v
+    error = float((G @ v - expected).norm() / expected.norm())
+    assert error < (1e-6 if loose else 1e-12), f"{name}: GGN @ v relative error {error:.1e}"
+    assert not G._reverse_mode  # the dual pass served it (no fallback)
 
 
 def test_gpt2_rules_and_kfac_routing():
