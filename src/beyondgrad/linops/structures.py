@@ -341,7 +341,7 @@ class _RowsWithLastColumn:
         return torch.cat([weight.view(self.shape), bias[:, None]], 1).view(-1)
 
 
-def _as_slice(index: Tensor) -> Tensor | slice | _RowsWithLastColumn:
+def _view_or_index(index: Tensor) -> Tensor | slice | _RowsWithLastColumn:
     """A contiguous ascending index as a slice (views instead of gathers), the layout of
     :class:`_RowsWithLastColumn` as such, else the index."""
     if index.numel() == 0:
@@ -384,7 +384,7 @@ class BlockDiagonal(StructuredOperator):
         super().__init__((size, size), first.dtype, first.device)
         self.indices = [index.to(first.device) for index, _ in blocks]
         self.operators = [op for _, op in blocks]
-        self._where = [_as_slice(index) for index in self.indices]
+        self._where = [_view_or_index(index) for index in self.indices]
 
     def _children(self) -> Sequence[LinearOperator]:
         return self.operators
