@@ -494,8 +494,9 @@ def _dual_forward(
     per parameter ``[1, *shape]``): forward-mode AD on the parameters themselves, so the
     primal pass records the graph a backward needs. The tangent's own operations are recorded
     too (the parameters require gradients): until it is detached they hold their saved
-    tensors, so the peak memory is higher than a plain forward's (measured: GGN @ v on the
-    transformer 2.5x a forward+backward's peak, 1.5x by two passes; the cnn 1.1x vs 1.9x)."""
+    tensors, so the peak memory is higher than a plain forward's (measured in two runs: GGN @ v
+    on the transformer 2.5-2.9x a forward+backward's peak, 1.5x by two passes; on the cnn
+    1.1-1.6x against 1.9x, the second pass's own operands gone)."""
     with torch.enable_grad(), fwAD.dual_level(), sdpa_kernel([SDPBackend.MATH]):
         duals = {n: fwAD.make_dual(p, v[0]) for n, p, v in zip(names, params, V)}
         out = _engine.call_model_with(model, duals, X)
