@@ -27,6 +27,7 @@ reductions it needs; per tracked step the Cockpit computes the union of those on
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -244,9 +245,28 @@ class Cockpit:
                 self._pool.new_round()
             watch = stack.enter_context(watch_step(self.model, self.loss_fn, rows, self._pool))
             yield record
-        self._measure(record, plan, watch, before, pending, optimizer)
+        given = dict(record)
+        try:
+            self._measure(record, plan, watch, before, pending, optimizer)
+            if _loss_scaled(watch) and not _all_finite(record):
+                raise FloatingPointError("non-finite values from the loss-scaled gradients")
+        except FloatingPointError as err:
+            if not _loss_scaled(watch):
+                raise
+            record.clear()
+            record.update(given)
+            self._overflowed(record, watch, err)
         self.records.append(record)
         self._emit(record)
+
+    def _overflowed(self, record: dict[str, Any], watch: StepWatch, err: Exception) -> None:
+        """A step whose loss-scaled gradients overflowed (``torch.amp.GradScaler`` skips its
+        update and lowers the scale): logged with its loss and ``overflow`` (the reason), no
+        instrument value, no update measured. Without a loss scale the error is raised."""
+        record["Loss"] = float(watch.loss_call()[2].detach())
+        record["overflow"] = str(err)
+        self._updates.armed = None
+        self._alpha_start = None
 
     def _plan(self, scheduled: bool) -> _Plan:
         """The instruments of this step; per-sample ones left out if the samples are coupled."""
@@ -544,6 +564,25 @@ class Cockpit:
             self._drawer.close()
         if self._log is not None:
             self._log.close()
+
+
+def _all_finite(value: Any) -> bool:
+    """Whether every number in a record (nested dicts and lists included) is finite."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_all_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_all_finite(v) for v in value)
+    return True
+
+
+def _loss_scaled(watch: StepWatch) -> bool:
+    """Whether the step's backward was seeded with a loss scale (a ``GradScaler``)."""
+    try:
+        return not bool((watch.loss_scale() == 1).all())
+    except RuntimeError:  # no backward was watched
+        return False
 
 
 def _grad_of_loss(
