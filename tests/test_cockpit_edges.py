@@ -431,6 +431,15 @@ def test_loss_scaled_steps_match_unscaled_and_overflows_are_logged_not_raised():
     # (later: finite layer gradients, overflowing parameter gradients: the values are checked)
     assert any("loss-scaled" in rec["overflow"] for rec in overflowed)
     assert all(math.isfinite(rec["NormTest"]) for rec in measured)
+    # a user's non-finite info number is logged as given, not taken for an overflow
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).float()
+    loss_fn, scaler = nn.CrossEntropyLoss(), torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    cockpit = Cockpit(model, loss_fn, config="economy")
+    X, y = torch.randn(16, 4, dtype=torch.float32), torch.randint(0, 3, (16,))
+    with cockpit(0, val_loss=float("nan")) as record:
+        scaler.scale(loss_fn(model(X), y)).backward()
+    assert "overflow" not in record and math.isfinite(record["NormTest"])
+    assert math.isnan(record["val_loss"])
     # without a loss scale (the backward seeded with 1) the engine's error is raised
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).float()
     loss_fn = nn.CrossEntropyLoss()

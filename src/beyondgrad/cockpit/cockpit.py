@@ -248,7 +248,8 @@ class Cockpit:
         given = dict(record)
         try:
             self._measure(record, plan, watch, before, pending, optimizer)
-            if _loss_scaled(watch) and not _all_finite(record):
+            measured = {k: v for k, v in record.items() if k not in given}  # not the info
+            if _loss_scaled(watch) and not _all_finite(measured):
                 raise FloatingPointError("non-finite values from the loss-scaled gradients")
         except FloatingPointError as err:
             if not _loss_scaled(watch):
