@@ -254,16 +254,19 @@ class Cockpit:
         except FloatingPointError as err:
             if not _loss_scaled(watch):
                 raise
-            record.clear()
-            record.update(given)
-            self._overflowed(record, watch, err)
+            self._overflowed(record, given, watch, err)
         self.records.append(record)
         self._emit(record)
 
-    def _overflowed(self, record: dict[str, Any], watch: StepWatch, err: Exception) -> None:
+    def _overflowed(
+        self, record: dict[str, Any], given: dict[str, Any], watch: StepWatch, err: Exception
+    ) -> None:
         """A step whose loss-scaled gradients overflowed (``torch.amp.GradScaler`` skips its
-        update and lowers the scale): logged with its loss and ``overflow`` (the reason), no
-        instrument value, no update measured. Without a loss scale the error is raised."""
+        update and lowers the scale): ``record`` back to what it held before the measurement
+        (``given``), with the loss and ``overflow`` (the reason); no instrument value, no
+        update measured. Without a loss scale the error is raised."""
+        record.clear()
+        record.update(given)
         record["Loss"] = float(watch.loss_call()[2].detach())
         record["overflow"] = str(err)
         self._updates.armed = None
