@@ -682,7 +682,9 @@ class GGN(_JacobianProducts, CurvatureOperator):
             return super()._batch_result(position, X, y, V)
         try:
             out, jv = _dual_forward(self.model, self.names, self.params, X, V)
-        except (RuntimeError, NotImplementedError):  # an operation without a forward-mode rule
+        except (RuntimeError, NotImplementedError) as err:  # no forward-mode rule somewhere
+            if "out of memory" in str(err):
+                raise
             self._reverse_mode = True
             return super()._batch_result(position, X, y, V)
         _engine.check_target(self.loss_fn, out, y)
