@@ -5,6 +5,8 @@ the trainer callbacks' shared base."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -176,6 +178,50 @@ def test_hess_max_ev_default_tolerance_is_close_and_takes_fewer_products(monkeyp
     for bad in (0.0, 1.0, -1e-3):
         with pytest.raises(ValueError, match="hess_tol"):
             Cockpit(model, loss_fn, config=["HessMaxEV"], hess_tol=bad)
+
+
+def _dense_hessian_eigenvalues(model, loss_fn, X, y) -> torch.Tensor:
+    params = dict(model.named_parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params.values()])
+    shapes = [p.shape for p in params.values()]
+
+    def loss_of(theta):
+        chunks, start = {}, 0
+        for n, shape in zip(params, shapes):
+            chunks[n] = theta[start : start + shape.numel()].view(shape)
+            start += shape.numel()
+        return loss_fn(torch.func.functional_call(model, chunks, (X,)), y)
+
+    return torch.linalg.eigvalsh(torch.func.hessian(loss_of)(flat))
+
+
+def test_hess_max_ev_residual_bounds_its_error_and_an_early_stop_is_said():
+    """HessMaxEVResidual is ``||H v - value v|| / |value|``: a dense eigenvalue lies within
+    ``residual * |value|`` of the logged value, at most ``hess_tol`` once Lanczos converged;
+    stopped after ``hess_iters`` products it is larger and the Cockpit warns (once)."""
+    model, X, y, loss_fn = CASES["mlp"]()
+    eigenvalues = _dense_hessian_eigenvalues(model, loss_fn, X, y)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.0)  # the Hessian stays that of step 0
+    cockpit = Cockpit(model, loss_fn, config=["Loss", "HessMaxEV"], hess_iters=200, hess_tol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a converged run does not warn
+        rec = _step(cockpit, model, loss_fn, X, y, 0, sgd)
+    assert 0 <= rec["HessMaxEVResidual"] <= 1e-6
+    assert rec["HessMaxEV"] == pytest.approx(float(eigenvalues[-1]), rel=1e-9)
+
+    early = Cockpit(model, loss_fn, config=["Loss", "HessMaxEV"], hess_iters=2, hess_tol=1e-6)
+    with pytest.warns(RuntimeWarning, match=r"HessMaxEV stopped after hess_iters=2 .*residual"):
+        first = _step(early, model, loss_fn, X, y, 0, sgd)
+    value, residual = first["HessMaxEV"], first["HessMaxEVResidual"]
+    assert residual > 1e-6
+    assert value < float(eigenvalues[-1]) * (1 - 1e-6)  # a lower bound, not converged
+    nearest = float((eigenvalues - value).abs().min())
+    assert nearest <= residual * abs(value) * (1 + 1e-9)
+    # a residual 10x too small would not bound the error
+    assert nearest > residual * abs(value) / 10
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _step(early, model, loss_fn, X, y, 1, sgd)  # warned once
 
 
 @pytest.mark.parametrize("quantile", [0.0, 0.25, 0.5, 0.9, 0.99, 0.999])

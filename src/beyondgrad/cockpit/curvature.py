@@ -8,6 +8,7 @@ cannot be formed exactly is left out and its reason kept in :attr:`Pending.dropp
 
 from __future__ import annotations
 
+import warnings
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,7 @@ class Pending:
 
     result: CurvatureResult = field(default_factory=CurvatureResult)
     hess_max_ev: float | None = None
+    hess_residual: float | None = None
     dropped: dict[str, str] = field(default_factory=dict)
     done: bool = False
 
@@ -43,6 +45,8 @@ class CurvatureSettings:
     hess_tol: float = 1e-2
     #: HessMaxEV's warm start, carried from one tracked step to the next
     warm: Warm = field(default_factory=Warm)
+    #: whether the Cockpit has warned that Lanczos stopped at ``hess_iters`` unconverged
+    warned_unconverged: bool = False
 
 
 def layer_groups(params: dict[str, Tensor]) -> dict[str, tuple[str, ...]]:
@@ -119,11 +123,25 @@ def _hess_max_ev(
     generator: torch.Generator,
 ) -> None:
     try:
-        pending.hess_max_ev = largest_eigenvalue(
+        value, residual = largest_eigenvalue(
             loss, params, settings.hess_iters, generator, settings.warm, settings.hess_tol
         )
     except HessianUnavailable as err:
         pending.dropped[r.HESS_MAX_EV] = str(err)
+        return
+    pending.hess_max_ev, pending.hess_residual = value, residual
+    if residual > settings.hess_tol and not settings.warned_unconverged:
+        settings.warned_unconverged = True
+        warnings.warn(
+            f"Cockpit: HessMaxEV stopped after hess_iters={settings.hess_iters} "
+            f"Hessian-vector products with relative residual {residual:.2g} > hess_tol="
+            f"{settings.hess_tol:g}: the logged value is a lower bound within that residual "
+            "of some eigenvalue, perhaps not the largest (HessMaxEVResidual logs it at every "
+            "step; raise hess_iters, or expect the warm start to converge on later steps). "
+            "Warned once.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
 def fill(data: Any, pending: Pending) -> None:
@@ -131,6 +149,7 @@ def fill(data: Any, pending: Pending) -> None:
     data.ggn_diag = pending.result.diag
     data.ggn_spectra = pending.result.spectra
     data.hess_max_ev = pending.hess_max_ev
+    data.hess_residual = pending.hess_residual
 
 
 __all__ = ["CurvatureSettings", "Pending", "attach", "fill", "layer_groups"]

@@ -47,6 +47,8 @@ TICDiag            ``sum_j (mean_n g_nj^2) / (h_j + eps)`` with ``h`` that diago
 TICTrace           ``sum_j mean_n g_nj^2 / tr(h)`` (times ``D``: the TIC if ``h`` is   business
                    flat)
 HessMaxEV          largest Hessian eigenvalue (Lanczos on Hessian-vector products)    full
+                   and its relative residual ``HessMaxEVResidual`` (above
+                   ``hess_tol`` where Lanczos stopped at ``hess_iters``)
 GradHist2d         2-d histogram of (parameter value, per-sample gradient entry)      full
 LayerSpectra       per layer: top GGN eigenvalues (MC, ViViT) and their effective     full
                    rank ``(sum l)^2 / sum l^2``
@@ -210,7 +212,9 @@ def _hess_trace(data: StepData) -> dict[str, Any]:
 
 
 def _hess_max_ev(data: StepData) -> dict[str, float]:
-    return {} if data.hess_max_ev is None else {"HessMaxEV": data.hess_max_ev}
+    if data.hess_max_ev is None:
+        return {}
+    return {"HessMaxEV": data.hess_max_ev, "HessMaxEVResidual": data.hess_residual or 0.0}
 
 
 def _spectra(data: StepData) -> dict[str, Any]:

@@ -88,6 +88,7 @@ class StepData:
     ggn_diag: dict[str, Tensor] | None = None
     ggn_spectra: dict[str, list[float]] | None = None
     hess_max_ev: float | None = None
+    hess_residual: float | None = None
     workspace: Workspace = field(default_factory=Workspace)
     _memo: dict[str, Any] = field(default_factory=dict)
 

@@ -59,7 +59,25 @@ def eigsh(
         return _lobpcg(A, k, which, tol, max_iter or 200, generator, n, dtype, device)
     if method != "lanczos":
         raise ValueError(f"method must be 'lanczos' or 'lobpcg', got {method!r}")
-    return _lanczos(A, k, which, tol, max_iter, generator, reorthogonalize, dtype, device, v0)
+    values, vectors, _ = _lanczos(
+        A, k, which, tol, max_iter, generator, reorthogonalize, dtype, device, v0
+    )
+    return values, vectors
+
+
+def top_eigenpair(
+    A: Any, tol: float, max_iter: int, v0: Tensor
+) -> tuple[float, Tensor, float]:
+    """Lanczos for the largest (algebraic) eigenpair of the symmetric ``A`` from ``v0``
+    (``[n]``), stopped at the relative residual ``tol`` (of the largest Ritz value in magnitude)
+    or after ``max_iter`` products, without a warning when it stops unconverged:
+    ``(value, vector [n], residual)`` with ``residual = ||A vector - value vector||`` (an
+    eigenvalue of ``A`` lies within it of ``value``)."""
+    _, dtype, device = _like(A)
+    values, vectors, residuals = _lanczos(
+        A, 1, "largest", tol, max_iter, None, "partial", dtype, device, v0, warn=False
+    )
+    return float(values[0]), vectors[:, 0], float(residuals[0])
 
 
 def _lanczos(
@@ -73,8 +91,10 @@ def _lanczos(
     dtype: torch.dtype,
     device: torch.device,
     v0: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """The Lanczos branch of :func:`eigsh` (arguments checked there)."""
+    warn: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The Lanczos branch of :func:`eigsh` (arguments checked there); also returns the wanted
+    pairs' residual norms ``|beta_m s_mi| = ||A x_i - theta_i x_i||`` (``[k]``)."""
     n = A.shape[0]
     m_max = min(n, max_iter or max(100, 20 * k))
     if v0 is None:
@@ -86,7 +106,7 @@ def _lanczos(
     eps = torch.finfo(dtype).eps
     lanczos = Lanczos(A, q / q.norm(), m_max, reorthogonalize, min(eps**0.5, max(tol, eps)))
     m, theta, S, converged = 0, None, None, False
-    order = torch.arange(k)
+    order, residual = torch.arange(k), torch.full((k,), float("inf"), dtype=dtype)
     while True:
         more = lanczos.step()
         m = lanczos.m
@@ -105,14 +125,14 @@ def _lanczos(
             f"only {m} distinct eigenvalues along it); ask for fewer pairs or use "
             "method='lobpcg'"
         )
-    if not converged and m < n:
+    if warn and not converged and m < n:
         warnings.warn(
             f"eigsh: {k} Ritz pair(s) not converged to tol={tol} after {m} products; raise "
             "max_iter or tol",
             RuntimeWarning,
             stacklevel=3,
         )
-    return theta[order], lanczos.basis(m).T @ S[:, order]
+    return theta[order], lanczos.basis(m).T @ S[:, order], residual
 
 
 def _rayleigh_ritz(S: Tensor, AS: Tensor, b: int) -> Tensor:
