@@ -65,9 +65,7 @@ def eigsh(
     return values, vectors
 
 
-def top_eigenpair(
-    A: Any, tol: float, max_iter: int, v0: Tensor
-) -> tuple[float, Tensor, float]:
+def top_eigenpair(A: Any, tol: float, max_iter: int, v0: Tensor) -> tuple[float, Tensor, float]:
     """Lanczos for the largest (algebraic) eigenpair of the symmetric ``A`` from ``v0``
     (``[n]``), stopped at the relative residual ``tol`` (of the largest Ritz value in magnitude)
     or after ``max_iter`` products, without a warning when it stops unconverged:
