@@ -65,12 +65,14 @@ def eigsh(
     return values, vectors
 
 
+@with_repeated_products
 def top_eigenpair(A: Any, tol: float, max_iter: int, v0: Tensor) -> tuple[float, Tensor, float]:
     """Lanczos for the largest (algebraic) eigenpair of the symmetric ``A`` from ``v0``
     (``[n]``), stopped at the relative residual ``tol`` (of the largest Ritz value in magnitude)
     or after ``max_iter`` products, without a warning when it stops unconverged:
     ``(value, vector [n], residual)`` with ``residual = ||A vector - value vector||`` (an
     eigenvalue of ``A`` lies within it of ``value``)."""
+    require_square(A, "top_eigenpair")
     _, dtype, device = _like(A)
     values, vectors, residuals = _lanczos(
         A, 1, "largest", tol, max_iter, None, "partial", dtype, device, v0, warn=False
