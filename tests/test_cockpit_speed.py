@@ -121,7 +121,7 @@ def test_clipped_gradients_take_the_general_path(monkeypatch):
     assert calls == []  # plain steps: the shortcut
 
 
-def _dense_max_ev(model, loss_fn, X, y) -> float:
+def _dense_hessian_eigenvalues(model, loss_fn, X, y) -> torch.Tensor:
     params = dict(model.named_parameters())
     flat = torch.cat([p.detach().reshape(-1) for p in params.values()])
     shapes = [p.shape for p in params.values()]
@@ -133,7 +133,11 @@ def _dense_max_ev(model, loss_fn, X, y) -> float:
             start += shape.numel()
         return loss_fn(torch.func.functional_call(model, chunks, (X,)), y)
 
-    return float(torch.linalg.eigvalsh(torch.func.hessian(loss_of)(flat))[-1])
+    return torch.linalg.eigvalsh(torch.func.hessian(loss_of)(flat))
+
+
+def _dense_max_ev(model, loss_fn, X, y) -> float:
+    return float(_dense_hessian_eigenvalues(model, loss_fn, X, y)[-1])
 
 
 def test_warm_started_hess_max_ev_matches_the_dense_hessian_and_survives_a_restart():
@@ -178,21 +182,6 @@ def test_hess_max_ev_default_tolerance_is_close_and_takes_fewer_products(monkeyp
     for bad in (0.0, 1.0, -1e-3):
         with pytest.raises(ValueError, match="hess_tol"):
             Cockpit(model, loss_fn, config=["HessMaxEV"], hess_tol=bad)
-
-
-def _dense_hessian_eigenvalues(model, loss_fn, X, y) -> torch.Tensor:
-    params = dict(model.named_parameters())
-    flat = torch.cat([p.detach().reshape(-1) for p in params.values()])
-    shapes = [p.shape for p in params.values()]
-
-    def loss_of(theta):
-        chunks, start = {}, 0
-        for n, shape in zip(params, shapes):
-            chunks[n] = theta[start : start + shape.numel()].view(shape)
-            start += shape.numel()
-        return loss_fn(torch.func.functional_call(model, chunks, (X,)), y)
-
-    return torch.linalg.eigvalsh(torch.func.hessian(loss_of)(flat))
 
 
 def test_hess_max_ev_residual_bounds_its_error_and_an_early_stop_is_said():
