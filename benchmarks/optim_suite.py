@@ -26,8 +26,8 @@ AlgoPerf's rules, scaled down to 2 CPU cores:
 Every run is appended to ``results/optim_suite_runs.jsonl`` as it finishes, stamped with the
 time; a rerun skips the runs found there (same kind, task, optimizer, index, budget, device
 and the factory's fixed settings of the optimizer: a changed default retunes that optimizer;
-``--since`` reruns the timed runs recorded before a time, so that a table compares one day's
-machine). A run stores its
+``--since`` reruns the trials and timed runs recorded before a time, so that a table compares
+one day's machine; every run records the CPU it ran on, as the table's header does). A run stores its
 evaluation history, so a later target rescores it without retraining. Training time counts the
 optimizer's steps only (forward, backward, update; the first step included), not evaluation or
 batch assembly. Warm-up (a search dimension) scales every parameter group's ``lr`` linearly over
@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import math
 import platform
@@ -114,6 +115,25 @@ LEGACY_SETTINGS: dict[str, dict[str, Any]] = {
 }
 """The factory's fixed settings (``beyondgrad.app.optimizers.SETTINGS``) of the runs and tuned
 configurations stored before they were recorded with each run (2026-12-05)."""
+
+
+@functools.cache
+def cpu_description() -> str:
+    """The CPU's model name and whether it computes in bfloat16 natively (``bf16``: the
+    ``avx512_bf16`` or ``amx_bf16`` flag). Peers that compute in bfloat16 (``torch.optim.Muon``
+    orthogonalizes in it) ran ~100x slower per step on a CPU without it (2026-12-04: 3.3 s per
+    autoencoder step against 25 ms on one with it), so a table names the CPU it ran on."""
+    model, flags = platform.processor() or "unknown CPU", set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    bf16 = "native bf16" if flags & {"avx512_bf16", "amx_bf16"} else "no native bf16"
+    return f"{model} ({bf16})"
 
 
 def settings(optimizer: str) -> dict[str, Any]:
@@ -419,7 +439,7 @@ class Store:
     def add(self, rec: dict[str, Any]) -> None:
         """Append a run (flushed at once), stamped with the UTC time it was recorded."""
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        rec = {**rec, "quick": self.quick, "recorded": now}
+        rec = {**rec, "quick": self.quick, "recorded": now, "cpu": cpu_description()}
         self.runs.append(rec)
         with self.runs_path.open("a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -459,7 +479,7 @@ class Plan:
     eval_every: int | None = None  # None: the task's own (EVAL_EVERY)
     objective: Objective = train_run
     progress: Callable[[str], None] = print
-    since: str | None = None  # timed runs recorded before (ISO UTC) are not used
+    since: str | None = None  # timed runs and trials recorded before (ISO UTC) are not used
 
     def current(self, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """``runs`` recorded at or after :attr:`since` (all without one; a run stored before
@@ -507,7 +527,8 @@ def tune(
         key = {"kind": "trial", "task": task, "optimizer": optimizer, "index": i,
                "budget": budget, "device": plan.device, "hp": hp,
                "settings": settings(optimizer)}  # fmt: skip
-        rec = plan.store.find(**key)
+        found = plan.current(plan.store.select(**key))
+        rec = found[-1] if found else None
         if rec is not None and not use_target and rec.get("reached_target"):
             rec = None  # stopped at a target: not a run for the whole budget
         if rec is None:
@@ -650,7 +671,7 @@ def environment(device: str, command: str) -> dict[str, Any]:
     return {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": command,
-        "machine": f"{platform.machine()}, {platform.processor() or platform.system()}",
+        "machine": f"{platform.machine()}, {platform.system()}, {cpu_description()}",
         "python": platform.python_version(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -861,8 +882,8 @@ def parser() -> argparse.ArgumentParser:
         "--since",
         default=None,
         metavar="ISO_UTC",
-        help="timed/report: use only timed runs recorded at or after this UTC time (rerun the "
-        "older ones; e.g. all optimizers again on one day's machine)",
+        help="tune/timed/report: use only trials and timed runs recorded at or after this UTC "
+        "time (rerun the older ones; e.g. all optimizers again on one day's machine)",
     )
     p.add_argument("--quick", action="store_true", help="smoke run: seconds, numbers mean nothing")
     return p

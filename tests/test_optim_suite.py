@@ -423,3 +423,27 @@ def test_since_reruns_the_older_timed_runs_and_reports_the_latest(tmp_path):
     args = suite.parser().parse_args(["report", "--task", "kron-lsq", "--budget", "3",
                                       "--since", "2026-06-01"])  # fmt: skip
     assert args.since == "2026-06-01"
+
+
+def test_since_reruns_the_older_trials_and_every_run_names_its_cpu(tmp_path):
+    """``tune --since``: trials recorded before it are rerun (a machine change retunes), the
+    current ones reused; every stored run records the CPU it ran on."""
+    calls: list[Any] = []
+    plan = suite.Plan(suite.Store(tmp_path), objective=fake_objective(calls))
+    suite.tune(plan, "kron-lsq", "adamw", 3.0, 4)
+    assert len(calls) == 4
+    runs = tmp_path / "optim_suite_runs.jsonl"
+    lines = [json.loads(line) for line in runs.read_text().splitlines()]
+    assert all(r["cpu"] == suite.cpu_description() for r in lines)
+    assert "bf16" in suite.cpu_description()
+    lines[0]["recorded"] = "2026-01-01T00:00:00+00:00"
+    runs.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    plan = suite.Plan(suite.Store(tmp_path), objective=fake_objective(calls))
+    plan.since = "2026-06-01"
+    suite.tune(plan, "kron-lsq", "adamw", 3.0, 4)
+    assert len(calls) == 5  # the older trial alone
+    suite.tune(plan, "kron-lsq", "adamw", 3.0, 4)
+    assert len(calls) == 5  # now current: reused
+    plan.since = None
+    suite.tune(plan, "kron-lsq", "adamw", 3.0, 4)
+    assert len(calls) == 5
