@@ -28,10 +28,11 @@ time; a rerun skips the runs found there (same kind, task, optimizer, index, bud
 and the factory's fixed settings of the optimizer: a changed default retunes that optimizer;
 ``--since`` reruns the trials and timed runs recorded before a time, so that a table compares
 one day's machine; every run records the CPU it ran on, as the table's header does). A run
-stores its evaluation history, so a later target rescores it without retraining. Training time counts the
-optimizer's steps only (forward, backward, update; the first step included), not evaluation or
-batch assembly. Warm-up (a search dimension) scales every parameter group's ``lr`` linearly over
-its first steps (and, through ``initial_lr``, beyondgrad's AdamW fallback).
+stores its evaluation history, so a later target rescores it without retraining. Training
+time counts the optimizer's steps only (forward, backward, update; the first step included),
+not evaluation or batch assembly. Warm-up (a search dimension) scales every parameter group's
+``lr`` linearly over its first steps (and, through ``initial_lr``, beyondgrad's AdamW
+fallback).
 
 Usage (``--quick``: a smoke run of seconds, written to a temporary directory)::
 
