@@ -402,6 +402,21 @@ def test_bench_uses_the_one_factory():
     assert "| adamw |" in table
 
 
+def test_bench_search_spaces_follow_the_factory_defaults():
+    """``beyondgrad bench optim`` samples ``lr`` within 1/20..5x of the factory's default (a
+    space fixed by hand went stale when KFAC's default moved from 0.2 to an Adam-grafted 3e-3,
+    and the benchmark then tried KFAC at 10-300x its learning rate)."""
+    from beyondgrad.app import bench
+    from beyondgrad.app.optimizers import DEFAULT_LR
+
+    for name, space in bench.SEARCH_SPACES.items():
+        g = torch.Generator().manual_seed(0)
+        lrs = [space["lr"](g) for _ in range(200)]
+        base = DEFAULT_LR[name]
+        assert base / 20 <= min(lrs) < base / 10 and base * 2.5 < max(lrs) <= base * 5, name
+        assert ("damping" in space) == (name in ("kfac", "singd", "sirfshampoo"))
+
+
 @pytest.mark.parametrize("old, name", [("problems", "make_problem"), ("tasks", "make_task"),
                                        ("cli", "main")])  # fmt: skip
 def test_old_module_paths_still_work_with_a_deprecation_warning(old, name):

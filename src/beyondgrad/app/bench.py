@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .optimizers import available, make_optimizer
+from .optimizers import DEFAULT_LR, available, make_optimizer
 from .tasks import SMALL_TASKS, make_task
 
 
@@ -45,25 +45,20 @@ def _log_uniform(lo: float, hi: float) -> Callable[[torch.Generator], float]:
     return sample
 
 
+def _search_space(name: str) -> dict[str, Callable[[torch.Generator], float]]:
+    """``lr`` from 1/20 to 5 times the factory's default (:data:`~.optimizers.DEFAULT_LR`: a
+    changed default, e.g. KFAC's Adam grafting, moves the range with it, as in the optimizer
+    suite), ``weight_decay`` 1e-5..1e-1, and for the curvature optimizers ``damping``
+    1e-4..1e-1."""
+    base = DEFAULT_LR[name]
+    space = {"lr": _log_uniform(base / 20, base * 5), "weight_decay": _log_uniform(1e-5, 1e-1)}
+    if name in ("kfac", "singd", "sirfshampoo"):
+        space["damping"] = _log_uniform(1e-4, 1e-1)
+    return space
+
+
 SEARCH_SPACES: dict[str, dict[str, Callable[[torch.Generator], float]]] = {
-    "adamw": {"lr": _log_uniform(3e-4, 1e-2), "weight_decay": _log_uniform(1e-5, 1e-1)},
-    "kfac": {
-        "lr": _log_uniform(3e-2, 1.0),
-        "damping": _log_uniform(1e-3, 1e-1),
-        "weight_decay": _log_uniform(1e-5, 1e-1),
-    },
-    "singd": {
-        "lr": _log_uniform(3e-3, 3e-1),
-        "damping": _log_uniform(1e-3, 1e-1),
-        "weight_decay": _log_uniform(1e-5, 1e-1),
-    },
-    "sirfshampoo": {
-        "lr": _log_uniform(3e-4, 3e-2),
-        "damping": _log_uniform(1e-4, 1e-1),
-        "weight_decay": _log_uniform(1e-5, 1e-1),
-    },
-    "muon": {"lr": _log_uniform(3e-3, 1e-1), "weight_decay": _log_uniform(1e-5, 1e-1)},
-    "soap": {"lr": _log_uniform(3e-4, 1e-2), "weight_decay": _log_uniform(1e-5, 1e-1)},
+    name: _search_space(name) for name in ("adamw", "kfac", "singd", "sirfshampoo", "muon", "soap")
 }
 """The random-search space per optimizer (fixed hyperparameters are in :func:`build`)."""
 
