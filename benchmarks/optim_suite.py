@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import functools
 import json
 import math
 import platform
@@ -65,7 +64,7 @@ from typing import Any
 
 import torch
 
-from beyondgrad.app.bench import state_bytes
+from beyondgrad.app.bench import cpu_description, state_bytes
 from beyondgrad.app.optimizers import DEFAULT_LR, SETTINGS, available, make_optimizer
 from beyondgrad.app.tasks import Task, make_task
 
@@ -116,25 +115,6 @@ LEGACY_SETTINGS: dict[str, dict[str, Any]] = {
 }
 """The factory's fixed settings (``beyondgrad.app.optimizers.SETTINGS``) of the runs and tuned
 configurations stored before they were recorded with each run (2026-12-05)."""
-
-
-@functools.cache
-def cpu_description() -> str:
-    """The CPU's model name and whether it computes in bfloat16 natively (``bf16``: the
-    ``avx512_bf16`` or ``amx_bf16`` flag). Peers that compute in bfloat16 (``torch.optim.Muon``
-    orthogonalizes in it) ran ~100x slower per step on a CPU without it (2026-12-04: 3.3 s per
-    autoencoder step against 25 ms on one with it), so a table names the CPU it ran on."""
-    model, flags = platform.processor() or "unknown CPU", set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    bf16 = "native bf16" if flags & {"avx512_bf16", "amx_bf16"} else "no native bf16"
-    return f"{model} ({bf16})"
 
 
 def settings(optimizer: str) -> dict[str, Any]:

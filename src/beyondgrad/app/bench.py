@@ -22,12 +22,14 @@ peers) is included. SINGD and SIRFShampoo are also rerun with bfloat16 precondit
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import platform
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +37,25 @@ from torch import nn
 
 from .optimizers import DEFAULT_LR, available, make_optimizer
 from .tasks import SMALL_TASKS, make_task
+
+
+@functools.cache
+def cpu_description() -> str:
+    """The CPU's model name and whether it computes in bfloat16 natively (``bf16``: the
+    ``avx512_bf16`` or ``amx_bf16`` flag). Peers that compute in bfloat16 (``torch.optim.Muon``
+    orthogonalizes in it) ran ~100x slower per step on a CPU without it (2026-12-04: 3.3 s per
+    autoencoder step against 25 ms on one with it), so a table names the CPU it ran on."""
+    model, flags = platform.processor() or "unknown CPU", set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    bf16 = "native bf16" if flags & {"avx512_bf16", "amx_bf16"} else "no native bf16"
+    return f"{model} ({bf16})"
 
 
 def _log_uniform(lo: float, hi: float) -> Callable[[torch.Generator], float]:
@@ -255,7 +276,7 @@ def benchmark(
             "torch": torch.__version__,
             "device": device if device == "cpu" else torch.cuda.get_device_name(),
             "threads": torch.get_num_threads(),
-            "machine": platform.machine(),
+            "machine": f"{platform.machine()}, {cpu_description()}",
             "trials": trials,
             "seeds": seeds,
             "max_seconds": max_seconds,
@@ -287,7 +308,9 @@ def render(results: dict[str, Any]) -> str:
     lines = [
         "# Optimizers: time to target (AlgoPerf-style)",
         "",
-        f"torch {meta['torch']}, {meta['device']}, {meta['threads']} threads; random search "
+        f"torch {meta['torch']}, {meta['device']}, {meta['threads']} threads"
+        + (f" ({meta['machine']})" if meta.get("machine") else "")
+        + "; random search "
         f"with {meta['trials']} trials per optimizer, then {meta['seeds']} seeds of the best "
         f"configuration; budget {meta['max_seconds']:.0f} s of training per run (a run that "
         "misses the target counts as budget + 1 s). Regenerate: `beyondgrad bench optim`.",
@@ -327,4 +350,13 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["OPTIMIZERS", "SEARCH_SPACES", "available", "benchmark", "build", "render", "run"]
+__all__ = [
+    "OPTIMIZERS",
+    "SEARCH_SPACES",
+    "available",
+    "benchmark",
+    "build",
+    "cpu_description",
+    "render",
+    "run",
+]
