@@ -41,10 +41,11 @@ from .tasks import SMALL_TASKS, make_task
 
 @functools.cache
 def cpu_description() -> str:
-    """The CPU's model name and whether it computes in bfloat16 natively (``bf16``: the
-    ``avx512_bf16`` or ``amx_bf16`` flag). Peers that compute in bfloat16 (``torch.optim.Muon``
-    orthogonalizes in it) ran ~100x slower per step on a CPU without it (2026-12-04: 3.3 s per
-    autoencoder step against 25 ms on one with it), so a table names the CPU it ran on."""
+    """The CPU's model name and whether it computes in bfloat16 natively (the ``avx512_bf16``
+    or ``amx_bf16`` flag of ``/proc/cpuinfo``; "unknown" without it). Peers that compute in
+    bfloat16 (``torch.optim.Muon`` orthogonalizes in it) ran ~100x slower per step on a CPU
+    without it (2026-12-04: 3.3 s per autoencoder step against 25 ms on one with it), so a
+    table names the CPU it ran on."""
     model, flags = platform.processor() or "unknown CPU", set()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -54,6 +55,8 @@ def cpu_description() -> str:
             elif key.strip() == "flags":
                 flags = set(value.split())
                 break
+    if not flags:
+        return f"{model} (bf16 support unknown)"
     bf16 = "native bf16" if flags & {"avx512_bf16", "amx_bf16"} else "no native bf16"
     return f"{model} ({bf16})"
 
