@@ -681,6 +681,23 @@ def test_non_finite_gradients_raise_and_keep_state():
     assert torch.equal(opt.layers["3"]["A"], A)
 
 
+def test_sirfshampoo_refuses_a_factor_step_that_cannot_shrink():
+    """``lr_cov`` in (0, 2): the normalized step ``K (I - lr_cov m / ||m||_F)`` scales a
+    factor's dominant direction by ``|1 - lr_cov|`` (kron-lsq at 2.0: the factors grew to 5e15
+    and the loss turned NaN after 16k steps)."""
+    model = _mlp()
+    for bad in (0.0, -0.1, 2.0, 3.0):
+        with pytest.raises(ValueError, match=r"lr_cov must be in \(0, 2\)"):
+            SIRFShampoo(model, lr_cov=bad)
+    opt = SIRFShampoo(model, lr_cov=1.9)
+    assert opt.param_groups[0]["lr_cov"] == 1.9
+    m = torch.tensor([[1.0, 0.0], [0.0, 0.0]])  # rank-1, unit Frobenius norm
+    K = torch.diag(torch.tensor([1e3, 1.0]))
+    for lr_cov, shrinks in ((1.9, True), (2.0, False), (2.5, False)):
+        scale = float((K @ (torch.eye(2) - lr_cov * m))[0, 0].abs() / K[0, 0])
+        assert (scale < 1) == shrinks
+
+
 def test_errors_are_clear():
     model = _mlp()
     loss_fn = nn.CrossEntropyLoss()

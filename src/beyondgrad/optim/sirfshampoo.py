@@ -89,7 +89,8 @@ class SIRFShampoo(CurvatureOptimizer):
         lr, momentum, weight_decay: the parameter update (per group; decoupled decay).
         damping: non-negative (per group).
         alpha2: Riemannian momentum of the factor updates, in ``[0, 1)`` (per group).
-        lr_cov: learning rate of the factor updates, positive (per group).
+        lr_cov: learning rate of the factor updates, in ``(0, 2)`` (per group; the step is
+            normalized by ``max(1, ||m||_F)``, so from 2 on it cannot shrink a factor).
         structures: one name for all factors, or a dict ``{order: name or tuple of names}``
             (per group).
         preconditioner_dtype: the factors' dtype (default: the parameter's; per group).
@@ -170,8 +171,14 @@ class SIRFShampoo(CurvatureOptimizer):
         if not 0 <= group["alpha2"] < 1:
             raise ValueError(f"alpha2 must be in [0, 1), got {group['alpha2']}")
         check_damping(group["damping"], positive=False, owner="SIRFShampoo")
-        if group["lr_cov"] <= 0:
-            raise ValueError(f"lr_cov must be positive, got {group['lr_cov']}")
+        if not 0 < group["lr_cov"] < 2:
+            # the step K (I - lr_cov m / ||m||_F) scales a factor's dominant direction (m rank-1
+            # in it once damping K^T K dominates) by |1 - lr_cov|: no shrinking from 2 on, and
+            # the factors grow without bound (kron-lsq at 2.0: max |K| 1e3 -> 5e15 in 16k steps)
+            raise ValueError(
+                f"lr_cov must be in (0, 2) (the normalized factor step cannot shrink a factor "
+                f"at 2 or above), got {group['lr_cov']}"
+            )
 
     def _take_parameters(self) -> None:
         """One factor per dimension for every parameter of a group with ``precondition=True``
