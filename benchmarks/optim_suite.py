@@ -64,7 +64,7 @@ from typing import Any
 
 import torch
 
-from beyondgrad.app.bench import cpu_description, state_bytes
+from beyondgrad.app.bench import DAMPED, LR_SPAN, cpu_description, state_bytes
 from beyondgrad.app.optimizers import DEFAULT_LR, SETTINGS, available, make_optimizer
 from beyondgrad.app.tasks import Task, make_task
 
@@ -165,11 +165,11 @@ def search_space(optimizer: str, task: str | None = None) -> dict[str, Dim]:
     (:data:`BATCH_RANGE`, powers of two). Every other setting is the factory's."""
     base = DEFAULT_LR[optimizer]
     space = {
-        "lr": Dim(base / 20, base * 5),
+        "lr": Dim(base / LR_SPAN[0], base * LR_SPAN[1]),
         "weight_decay": Dim(1e-5, 1e-1),
         "warmup": Dim(1, 200, integer=True),
     }
-    if optimizer in ("kfac", "singd", "sirfshampoo"):
+    if optimizer in DAMPED:
         space["damping"] = Dim(1e-4, 1e-1)
     if task is not None:
         space["batch_size"] = Dim(*BATCH_RANGE[task], integer=True, power_of_two=True)

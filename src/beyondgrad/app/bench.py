@@ -69,14 +69,22 @@ def _log_uniform(lo: float, hi: float) -> Callable[[torch.Generator], float]:
     return sample
 
 
+LR_SPAN = (20, 5)
+"""``lr`` is searched from the factory's default (:data:`~.optimizers.DEFAULT_LR`) divided by
+``LR_SPAN[0]`` to the default times ``LR_SPAN[1]``: a changed default (e.g. KFAC's Adam
+grafting) moves the range with it. Shared with the optimizer suite
+(``benchmarks/optim_suite.py``)."""
+DAMPED = ("kfac", "singd", "sirfshampoo")
+"""The optimizers whose ``damping`` is searched too (1e-4..1e-1, here and in the suite)."""
+
+
 def _search_space(name: str) -> dict[str, Callable[[torch.Generator], float]]:
-    """``lr`` from 1/20 to 5 times the factory's default (:data:`~.optimizers.DEFAULT_LR`: a
-    changed default, e.g. KFAC's Adam grafting, moves the range with it, as in the optimizer
-    suite), ``weight_decay`` 1e-5..1e-1, and for the curvature optimizers ``damping``
-    1e-4..1e-1."""
+    """``lr`` over :data:`LR_SPAN` of the default, ``weight_decay`` 1e-5..1e-1, ``damping``
+    1e-4..1e-1 for :data:`DAMPED`."""
     base = DEFAULT_LR[name]
-    space = {"lr": _log_uniform(base / 20, base * 5), "weight_decay": _log_uniform(1e-5, 1e-1)}
-    if name in ("kfac", "singd", "sirfshampoo"):
+    lr = _log_uniform(base / LR_SPAN[0], base * LR_SPAN[1])
+    space = {"lr": lr, "weight_decay": _log_uniform(1e-5, 1e-1)}
+    if name in DAMPED:
         space["damping"] = _log_uniform(1e-4, 1e-1)
     return space
 
@@ -354,6 +362,8 @@ def render(results: dict[str, Any]) -> str:
 
 
 __all__ = [
+    "DAMPED",
+    "LR_SPAN",
     "OPTIMIZERS",
     "SEARCH_SPACES",
     "available",
