@@ -133,3 +133,39 @@ def test_exact_diagonals_refuse_coupled_samples():
             op.diagonal()
         with pytest.raises(RuntimeError, match="xdiag"):
             op.trace()
+
+
+@pytest.mark.parametrize("shape", [(37, 3), (64, 8), (5, 1), (1, 4)])
+def test_blocked_transpose_equals_the_plain_one(monkeypatch, shape):
+    """``columns_first`` (the cache-blocked transposing copy of the ``[P, k]`` block) equals
+    ``B.T.contiguous()`` with several ragged blocks, and is a view where no copy is needed."""
+    from beyondgrad.linops import curvature
+
+    monkeypatch.setattr(curvature, "TRANSPOSE_CHUNK_BYTES", 40)  # 10 float32 entries a block
+    B = torch.randn(shape)
+    T = curvature.columns_first(B)
+    assert T.is_contiguous()
+    assert torch.equal(T, B.T.contiguous())
+    C = torch.randn(shape[1], shape[0]).T  # already column-major: no copy
+    assert curvature.columns_first(C).data_ptr() == C.data_ptr()
+    strided = torch.randn(shape[0], 2 * shape[1])[:, ::2]  # a strided slice of a wider block
+    assert torch.equal(curvature.columns_first(strided), strided.T.contiguous())
+
+
+@pytest.mark.parametrize("kind", ["Hessian", "GGN"])
+def test_products_of_row_major_blocks_use_the_blocked_transpose(monkeypatch, kind):
+    """A row-major ``[P, k]`` block, transposed in many small blocks, gives the dense
+    product (float64)."""
+    from beyondgrad.linops import curvature
+
+    monkeypatch.setattr(curvature, "TRANSPOSE_CHUNK_BYTES", 64)
+    model, X, y, loss_fn = CASES["mlp"]()
+    from test_linops import dense_hessian
+
+    if kind == "Hessian":
+        dense = dense_hessian(model, loss_fn, X, y)
+    else:
+        dense = ggn(model, loss_fn, X, y)["full"]
+    op = getattr(bg.linops, kind)(model, loss_fn, [(X, y)])
+    M = torch.randn(op.shape[1], 5, dtype=torch.float64)
+    torch.testing.assert_close(op @ M, dense @ M, rtol=1e-10, atol=1e-12)

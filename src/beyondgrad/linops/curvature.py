@@ -268,6 +268,11 @@ class CurvatureOperator(_KeptBatchState, LinearOperator):
         blocks = torch.split(M, self.sizes, 0)
         return [b.T.reshape(M.shape[1], *p.shape) for b, p in zip(blocks, self.params)]
 
+    def split_contiguous(self, M: Tensor) -> list[Tensor]:
+        """``[P, k]`` -> per parameter contiguous ``[k, *shape]`` (:func:`columns_first`)."""
+        blocks = torch.split(M, self.sizes, 0)
+        return [columns_first(b).view(M.shape[1], *p.shape) for b, p in zip(blocks, self.params)]
+
     def _accumulate(self, out: Tensor | None, blocks: Sequence[Tensor], weight: float) -> Tensor:
         """``out += weight * blocks`` (per parameter ``[k, *shape]``), parameter by parameter,
         into ``out`` ``[P, k]`` (allocated on the first batch). ``out`` is column-major (the
@@ -293,7 +298,7 @@ class CurvatureOperator(_KeptBatchState, LinearOperator):
         dist_group.check_same_tensor(M, "the vectors of a product", self.group)
         # contiguous per-parameter blocks: one copy here is cheaper than the strided reads
         # of every batch's vmapped products (free for a single vector)
-        V = [v.contiguous() for v in self.split(M)]
+        V = self.split_contiguous(M)
         out = None
         for position, (X, y, N) in enumerate(self._batches()):
             out = self._accumulate(
@@ -374,6 +379,30 @@ class CurvatureOperator(_KeptBatchState, LinearOperator):
                 f"{type(self).__name__}: the loss of a batch is not finite ({loss.item()})"
             )
         return loss
+
+
+TRANSPOSE_CHUNK_BYTES = 512 * 1024
+"""Bytes of the source read per step of :func:`columns_first`'s blocked transpose: measured on
+this project's CPU (2 threads), ``[401408, 16]`` float32 -> ``[16, 401408]`` takes 10.5 ms as
+one ``.T.contiguous()``, 2.1 ms in blocks of 512 KiB (256 KiB: 3.0, 1 MiB: 2.3); ``[131072,
+16]`` 1.8 vs 0.5 ms; ``[10^6, 2]`` 3.6 vs 0.3 ms (the strided copy of a whole tall block
+misses the cache on every row)."""
+
+
+def columns_first(B: Tensor) -> Tensor:
+    """``B.T`` ``[k, n]`` as a contiguous tensor, for ``B`` ``[n, k]`` (a view where it already
+    is; else a transposing copy in cache-sized row blocks, :data:`TRANSPOSE_CHUNK_BYTES`)."""
+    T = B.T
+    if T.is_contiguous():
+        return T
+    n, k = B.shape
+    rows = max(1, TRANSPOSE_CHUNK_BYTES // max(1, k * B.element_size()))
+    if n <= rows or B.device.type != "cpu":
+        return T.contiguous()
+    out = torch.empty(k, n, dtype=B.dtype, device=B.device)
+    for start in range(0, n, rows):
+        out[:, start : start + rows].copy_(B[start : start + rows].T)
+    return out
 
 
 def _batched_grad(
@@ -854,7 +883,7 @@ class Jacobian(_JacobianProducts, _KeptBatchState, LinearOperator):
     def _matmat(self, M: Tensor) -> Tensor:
         k = M.shape[1]
         V = [
-            b.T.reshape(k, *p.shape).contiguous()
+            columns_first(b).view(k, *p.shape)
             for b, p in zip(torch.split(M, self.sizes, 0), self.params)
         ]
         rows = []
