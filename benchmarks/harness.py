@@ -11,7 +11,7 @@ everything else lives here, once:
   ``--target-ms``), then ``reps`` samples of both, alternated rep by rep in ABBA order. Reported:
   the median candidate time, median candidate / median baseline, and the median of the per-rep
   ratios ("paired"). A cell is re-timed while the machine looks disturbed (samples spread more
-  than 1.5x, its baseline 1.5x slower than the problem's fastest so far, or other processes
+  than 1.5x, its baseline 1.2x slower than the problem's fastest so far, or other processes
   using more than 20 % of the CPUs); the attempt with the fastest baseline is kept, NOISY where
   it was still disturbed.
 * **Isolation and memory.** On CPU each cell runs in its own forked child; its peak memory is
@@ -85,6 +85,10 @@ class Config:
     smoke: bool = False
     batch_size: int | None = None  # None: the problem's own batch
     noise_spread: float = 1.5
+    # a cell's baseline this much slower than the problem's fastest so far: disturbed (1.5
+    # until 2026-12-06 let a 1.31x slower baseline through, in the linops table of 2026-12-05:
+    # PyHessian's cnn Hessian @ V 2218 ms against our 2318 ms read 23.6x against 32.4x)
+    base_drift: float = 1.2
     noise_retries: int = 2
     max_foreign_load: float = 0.2
     retry_wait_s: float = 2.0
@@ -554,7 +558,7 @@ class Timing:
         out = []
         if self.spread > cfg.noise_spread:
             out.append(f"samples spread {self.spread:.2g}x (max/min)")
-        if ref_base_s is not None and self.base_median > cfg.noise_spread * ref_base_s:
+        if ref_base_s is not None and self.base_median > cfg.base_drift * ref_base_s:
             out.append(
                 f"baseline {self.base_median / ref_base_s:.2g}x slower than the problem's fastest"
             )
@@ -1094,6 +1098,7 @@ def environment(
         "max_cell_s": cfg.max_cell_s,
         "tol": cfg.tol,
         "noise_spread": cfg.noise_spread,
+        "base_drift": cfg.base_drift,
         "noise_retries": cfg.noise_retries,
         "max_foreign_load": cfg.max_foreign_load,
         "quick": cfg.quick,
@@ -1328,6 +1333,7 @@ def protocol_lines(
 ) -> list[str]:
     """The timing, memory and isolation bullets of a header (the protocol of this module)."""
     spread = meta.get("noise_spread", 1.5)
+    drift = meta.get("base_drift", spread)
     return [
         f"* **Timing** (`benchmarks/harness.py`): {meta['warmup']} warm-up call(s); each sample "
         f"averages k calls so that it lasts >= {meta['target_ms']:g} ms; {meta['reps']} samples "
@@ -1337,7 +1343,7 @@ def protocol_lines(
         f"median / the {base}'s median, the {base} re-measured in the same process. *paired x*: "
         f"median of the per-rep ratios. A cell is re-timed (recalibrated) up to "
         f"{meta.get('noise_retries', 2)} more times while the machine looks disturbed: samples "
-        f"spread more than {spread:g}x (max/min), its {base} median {spread:g}x slower than the "
+        f"spread more than {spread:g}x (max/min), its {base} median {drift:g}x slower than the "
         f"problem's fastest so far, or other processes using more than "
         f"{meta.get('max_foreign_load', 0.2):.0%} of the CPUs (CPU only). The attempt with the "
         f"fastest {base} is kept; NOISY says it was still disturbed.",
