@@ -161,3 +161,20 @@ def test_sampled_classes_in_blocks_of_rows(monkeypatch):
     freq = torch.nn.functional.one_hot(draws, 4).double().mean(1)
     se = (probs.double() * (1 - probs.double()) / M).sqrt()
     assert bool(((freq - probs.double()).abs() <= 4 * se).all())
+
+
+@pytest.mark.parametrize("C", [1, 2, 3, 10])
+@pytest.mark.parametrize("peak", [None, 0, 1])
+def test_cross_entropy_exact_vectors_have_the_hessians_rank(C, peak):
+    """Cross-entropy's Hessian ``diag p - p p^T`` has rank ``C - 1``: the exact vectors are
+    ``C - 1`` per position (one zero vector for one class) and factor it exactly, also for
+    near one-hot probabilities (on the Householder pivot class 0 or another)."""
+    torch.manual_seed(C)
+    f = torch.randn(5, C, 3, dtype=torch.float64)
+    if peak is not None and peak < C:
+        f[:, peak] += 40.0  # p_peak = 1 - O(e^-40)
+    y = torch.randint(0, C, (5, 3))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    V = bg.loss_vectors(loss_fn, f, y, "exact")
+    assert V.shape == (3 * max(C - 1, 1), 5, C, 3)
+    torch.testing.assert_close(vv(V), per_sample_hessians(loss_fn, f, y), rtol=1e-10, atol=1e-15)

@@ -29,7 +29,12 @@ def test_exact_ggn_quantities(case):
     # V V^T is the GGN
     V = torch.cat([v.flatten(2) for v in res[bg.SqrtGGN].values()], 2)  # [K, N, P]
     K, N, P = V.shape
-    assert K == ref["J"].shape[1]
+    outputs = ref["J"].shape[1]  # per sample
+    if isinstance(loss_fn, torch.nn.CrossEntropyLoss):  # C - 1 vectors per position (rank)
+        C = model(X).shape[1]
+        assert K == outputs - outputs // C
+    else:
+        assert K == outputs
     flat = V.reshape(K * N, P)
     torch.testing.assert_close(flat.T @ flat, ref["full"], rtol=1e-9, atol=1e-12)
     # first-order quantities computed in the same backward stay right

@@ -4,7 +4,8 @@ For ``L = sum_n l_n(f_n)`` (the reduction factor ``R`` folded into ``l_n``) the 
 shape ``[K, *f.shape]`` and satisfy, per sample ``n``:
 
 * ``kind="grad"`` (K = 1): ``V[0] = dL/df``.
-* ``kind="exact"`` (K = outputs per sample, e.g. C): ``sum_k V[k, n] V[k, n]^T = d^2 L / df_n^2``
+* ``kind="exact"`` (K = outputs per sample; cross-entropy: ``C - 1`` per position, the rank of
+  the softmax Hessian): ``sum_k V[k, n] V[k, n]^T = d^2 L / df_n^2``
   (a symmetric square-root factor of the loss Hessian, reduction included).
 * ``kind="mc"`` (K = M samples): ``V[m, n] = sqrt(1/M) * (-d log p(y~ | f_n) / df_n)`` scaled like
   the loss, with ``y~ ~ p(. | f_n)`` the model's predictive distribution; the expectation of
@@ -138,7 +139,8 @@ def loss_vectors(
         output: the model output ``f``, ``[N, ...]`` (detached here).
         target: the targets, as ``loss_fn`` takes them.
         kind: ``"grad"`` (``K = 1``, ``dL/df``), ``"exact"`` (``K`` = outputs per sample, a
-            square-root factor of the loss Hessian) or ``"mc"`` (``K = mc_samples`` sampled
+            square-root factor of the loss Hessian; cross-entropy: ``C - 1`` per position,
+            the Hessian's rank) or ``"mc"`` (``K = mc_samples`` sampled
             label gradients, scaled by ``sqrt(1/M)``).
         mc_samples: ``M``, the labels drawn per sample for ``"mc"``.
         generator: the random generator for ``"mc"`` (``None``: torch's global one).
@@ -255,6 +257,29 @@ def sample_classes(probs: Tensor, M: int, generator: torch.Generator | None) -> 
     return out.clamp_max_(C - 1)
 
 
+def _softmax_hessian_sqrt(prob: Tensor) -> Tensor:
+    """``S`` ``[..., R, C]`` with ``S^T S = diag p - p p^T`` for probabilities ``p`` ``[..., C]``
+    (rows: the vectors), with ``R = C - 1`` rows: the matrix has rank ``C - 1`` (``sqrt p`` is
+    in its null space), so one vector per class would backpropagate a redundant one (10 % of
+    the exact curvature's passes for 10 classes, half for 2).
+
+    ``S = Q^T diag(sqrt p)``, ``Q`` ``[C, C - 1]`` orthonormal columns orthogonal to the unit
+    vector ``s = sqrt p``: columns ``1..C-1`` of the Householder reflection ``H = I - u u^T /
+    (1 + s_0)``, ``u = s + e_0``, which maps ``s`` to ``-e_0`` (the denominator is at least 1:
+    stable for every ``p``). Then ``S^T S = diag(s) (I - s s^T) diag(s) = diag p - p p^T``.
+    Row ``i`` of ``S`` is ``s_i e_i - s_i / (1 + s_0) (p + s_0 e_0)``. One class (``C = 1``,
+    a zero Hessian): one zero row."""
+    C = prob.shape[-1]
+    if C == 1:
+        return torch.zeros_like(prob).unsqueeze(-2)
+    s = prob.sqrt()
+    base = prob.clone()
+    base[..., 0] += s[..., 0]  # p + s_0 e_0
+    t = s[..., 1:] / (1 + s[..., :1])  # [..., C - 1]
+    eye = torch.eye(C, dtype=prob.dtype, device=prob.device)[1:]  # e_1 .. e_{C-1}: [C - 1, C]
+    return eye * s[..., 1:, None] - t[..., :, None] * base[..., None, :]
+
+
 def _ce_vectors(
     loss_fn: nn.CrossEntropyLoss,
     output: Tensor,
@@ -286,18 +311,14 @@ def _ce_vectors(
         denom = float(denom_t) if denom_t is not None else 1.0
     scale = alpha / denom  # [N, *d]: Hessian of L w.r.t. the logits = scale * (diag p - p p^T)
     if kind == "exact":
-        # S = diag(sqrt p) - p sqrt(p)^T satisfies S S^T = diag p - p p^T; column c is
-        # sqrt(p_c) (e_c - p).
-        eye = torch.eye(C, dtype=prob.dtype, device=prob.device)
-        sqrt_p = prob.sqrt()
-        V = sqrt_p.unsqueeze(-1) * (eye - prob.unsqueeze(-2))  # [N, *d, c(vector), C]
+        V = _softmax_hessian_sqrt(prob)  # [N, *d, R (vector), C]
         V = V * scale.clamp_min(0).sqrt()[..., None, None]
         # positions of one sample need their own vectors (no cross-position terms):
-        # vector (q, c) is non-zero at position q only -> [P * C, N, C, *d]
-        N, P = V.shape[0], scale[0].numel()
-        V = V.reshape(N, P, C, C)
+        # vector (q, r) is non-zero at position q only -> [P * R, N, C, *d]
+        N, P, R = V.shape[0], scale[0].numel(), V.shape[-2]
+        V = V.reshape(N, P, R, C)
         eye_p = torch.eye(P, dtype=V.dtype, device=V.device)
-        V = torch.einsum("npvc,pq->pvncq", V, eye_p).reshape(P * C, N, C, *logits.shape[1:-1])
+        V = torch.einsum("npvc,pq->pvncq", V, eye_p).reshape(P * R, N, C, *logits.shape[1:-1])
         return V
     flat = prob.reshape(-1, C)
     draws = sample_classes(flat, M, generator)  # [P, M]

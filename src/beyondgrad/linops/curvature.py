@@ -269,7 +269,15 @@ class CurvatureOperator(_KeptBatchState, LinearOperator):
         return [b.T.reshape(M.shape[1], *p.shape) for b, p in zip(blocks, self.params)]
 
     def split_contiguous(self, M: Tensor) -> list[Tensor]:
-        """``[P, k]`` -> per parameter contiguous ``[k, *shape]`` (:func:`columns_first`)."""
+        """Per parameter contiguous blocks of a block of vectors.
+
+        Args:
+            M: ``[P, k]``, any strides (a row-major block is transposed by
+                :func:`columns_first`'s cache-sized blocks, a column-major one is not copied).
+
+        Returns:
+            One contiguous ``[k, *shape]`` tensor per parameter.
+        """
         blocks = torch.split(M, self.sizes, 0)
         return [columns_first(b).view(M.shape[1], *p.shape) for b, p in zip(blocks, self.params)]
 

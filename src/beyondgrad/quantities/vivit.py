@@ -105,7 +105,8 @@ def ggn_eigen(
 @dataclass(frozen=True)
 class SqrtGGN(Curvature):
     """The GGN factor ``V`` with ``GGN = V V^T`` (the basis of ViViT), per parameter
-    ``[K, N, *shape]``: K = outputs per sample (exact) or ``mc_samples`` (MC). Flattening the
+    ``[K, N, *shape]``: K = outputs per sample (exact; cross-entropy: ``C - 1`` per position, the
+    rank of the softmax Hessian) or ``mc_samples`` (MC). Flattening the
     first two axes and the parameters, ``V^T V`` is the Gram matrix of the GGN.
 
     Args:
