@@ -115,3 +115,45 @@ def test_embedding_count_and_sums(padding_idx):
     torch.testing.assert_close(stats.A_sum[0], torch.diag(counts))
     rows = g[0][keep]
     torch.testing.assert_close(stats.B_sum[0], rows.T @ rows)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 21])
+def test_conv_output_gram_by_batched_products_matches_the_definition(groups, chunk, monkeypatch):
+    """The conv rule's ``B_sum`` by per-sample batched products (forced here: the position
+    threshold lowered to 1, chunks of 1, 7 or all samples) equals ``sum g g^T`` over vectors,
+    samples and positions, per group (float64)."""
+    monkeypatch.setattr(kronecker, "CHANNEL_GRAM_MIN_POSITIONS", 1)
+    monkeypatch.setattr(kronecker, "CHANNEL_GRAM_CHUNK", chunk * 36)  # F = 6 per group: F^2 = 36
+    gen = torch.Generator().manual_seed(groups)
+    conv = nn.Conv2d(4, 6 * groups, 3, groups=groups).double()
+    x = torch.randn(5, 4, 7, 7, dtype=torch.float64, generator=gen)
+    K = 3
+    g = torch.randn(K * 5, 6 * groups, 5, 5, dtype=torch.float64, generator=gen)
+    stats = kronecker.conv_kron(conv, x, g, K, "expand")
+    rows = g.reshape(K * 5, groups, 6, 25).permute(1, 0, 3, 2).reshape(groups, -1, 6)
+    expected = torch.einsum("gri,grj->gij", rows, rows)
+    torch.testing.assert_close(stats.B_sum, expected, rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr(kronecker, "CHANNEL_GRAM_MIN_POSITIONS", 10**9)  # the transposed copy
+    torch.testing.assert_close(kronecker.conv_kron(conv, x, g, K, "expand").B_sum, expected)
+
+
+def test_conv_type2_kfac_is_unchanged_by_the_batched_output_gram(monkeypatch):
+    """Type-2 KFAC of a small CNN with every conv's output Gram by batched products equals the
+    one by the transposed copy (float64)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1), nn.Flatten(),
+        nn.Linear(3 * 6 * 6, 4),
+    ).double()  # fmt: skip
+    X, y = torch.randn(6, 2, 8, 8, dtype=torch.float64), torch.randint(0, 4, (6,))
+    loss_fn = nn.CrossEntropyLoss()
+    q = bg.KFAC(fisher_type="type-2")
+    monkeypatch.setattr(kronecker, "CHANNEL_GRAM_MIN_POSITIONS", 10**9)
+    ref = bg.compute(model, loss_fn, X, y, q)[q]
+    monkeypatch.setattr(kronecker, "CHANNEL_GRAM_MIN_POSITIONS", 1)
+    got = bg.compute(model, loss_fn, X, y, q)[q]
+    assert ref.keys() == got.keys()
+    for name in ref:
+        torch.testing.assert_close(got[name].A, ref[name].A, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(got[name].B, ref[name].B, rtol=1e-12, atol=1e-14)
