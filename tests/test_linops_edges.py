@@ -139,26 +139,26 @@ def test_exact_diagonals_refuse_coupled_samples():
 def test_blocked_transpose_equals_the_plain_one(monkeypatch, shape):
     """``columns_first`` (the cache-blocked transposing copy of the ``[P, k]`` block) equals
     ``B.T.contiguous()`` with several ragged blocks, and is a view where no copy is needed."""
-    from beyondgrad.linops import curvature
+    from beyondgrad.linops import base
 
-    monkeypatch.setattr(curvature, "TRANSPOSE_CHUNK_BYTES", 40)  # 10 float32 entries a block
+    monkeypatch.setattr(base, "TRANSPOSE_CHUNK_BYTES", 40)  # 10 float32 entries a block
     B = torch.randn(shape)
-    T = curvature.columns_first(B)
+    T = base.columns_first(B)
     assert T.is_contiguous()
     assert torch.equal(T, B.T.contiguous())
     C = torch.randn(shape[1], shape[0]).T  # already column-major: no copy
-    assert curvature.columns_first(C).data_ptr() == C.data_ptr()
+    assert base.columns_first(C).data_ptr() == C.data_ptr()
     strided = torch.randn(shape[0], 2 * shape[1])[:, ::2]  # a strided slice of a wider block
-    assert torch.equal(curvature.columns_first(strided), strided.T.contiguous())
+    assert torch.equal(base.columns_first(strided), strided.T.contiguous())
 
 
 @pytest.mark.parametrize("kind", ["Hessian", "GGN"])
 def test_products_of_row_major_blocks_use_the_blocked_transpose(monkeypatch, kind):
     """A row-major ``[P, k]`` block, transposed in many small blocks, gives the dense
     product (float64)."""
-    from beyondgrad.linops import curvature
+    from beyondgrad.linops import base
 
-    monkeypatch.setattr(curvature, "TRANSPOSE_CHUNK_BYTES", 64)
+    monkeypatch.setattr(base, "TRANSPOSE_CHUNK_BYTES", 64)
     model, X, y, loss_fn = CASES["mlp"]()
     from test_linops import dense_hessian
 

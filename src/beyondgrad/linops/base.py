@@ -18,6 +18,29 @@ from torch import Tensor
 
 from ..linalg.solve import InverseOperator
 
+TRANSPOSE_CHUNK_BYTES = 512 * 1024
+"""Bytes of the source read per step of :func:`columns_first`'s blocked transpose: measured on
+this project's CPU (2 threads), ``[401408, 16]`` float32 -> ``[16, 401408]`` takes 10.5 ms as
+one ``.T.contiguous()``, 2.1 ms in blocks of 512 KiB (256 KiB: 3.0, 1 MiB: 2.3); ``[131072,
+16]`` 1.8 vs 0.5 ms; ``[10^6, 2]`` 3.6 vs 0.3 ms (the strided copy of a whole tall block
+misses the cache on every row)."""
+
+
+def columns_first(B: Tensor) -> Tensor:
+    """``B.T`` ``[k, n]`` as a contiguous tensor, for ``B`` ``[n, k]`` (a view where it already
+    is; else a transposing copy in cache-sized row blocks, :data:`TRANSPOSE_CHUNK_BYTES`)."""
+    T = B.T
+    if T.is_contiguous():
+        return T
+    n, k = B.shape
+    rows = max(1, TRANSPOSE_CHUNK_BYTES // max(1, k * B.element_size()))
+    if n <= rows or B.device.type != "cpu":
+        return T.contiguous()
+    out = torch.empty(k, n, dtype=B.dtype, device=B.device)
+    for start in range(0, n, rows):
+        out[:, start : start + rows].copy_(B[start : start + rows].T)
+    return out
+
 
 class LinearOperator:
     """A linear map ``R^n -> R^m`` of shape ``(m, n)`` acting on ``dtype``/``device`` tensors."""

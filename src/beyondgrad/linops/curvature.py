@@ -49,7 +49,7 @@ from torch.utils._pytree import tree_flatten
 from ..distributed import group as dist_group
 from ..distributed.fsdp import refuse_sharded
 from . import _engine
-from .base import LinearOperator
+from .base import LinearOperator, columns_first
 from .data import DataSet, require_reiterable
 from .structures import Diagonal  # noqa: F401 (its former home)
 
@@ -387,30 +387,6 @@ class CurvatureOperator(_KeptBatchState, LinearOperator):
                 f"{type(self).__name__}: the loss of a batch is not finite ({loss.item()})"
             )
         return loss
-
-
-TRANSPOSE_CHUNK_BYTES = 512 * 1024
-"""Bytes of the source read per step of :func:`columns_first`'s blocked transpose: measured on
-this project's CPU (2 threads), ``[401408, 16]`` float32 -> ``[16, 401408]`` takes 10.5 ms as
-one ``.T.contiguous()``, 2.1 ms in blocks of 512 KiB (256 KiB: 3.0, 1 MiB: 2.3); ``[131072,
-16]`` 1.8 vs 0.5 ms; ``[10^6, 2]`` 3.6 vs 0.3 ms (the strided copy of a whole tall block
-misses the cache on every row)."""
-
-
-def columns_first(B: Tensor) -> Tensor:
-    """``B.T`` ``[k, n]`` as a contiguous tensor, for ``B`` ``[n, k]`` (a view where it already
-    is; else a transposing copy in cache-sized row blocks, :data:`TRANSPOSE_CHUNK_BYTES`)."""
-    T = B.T
-    if T.is_contiguous():
-        return T
-    n, k = B.shape
-    rows = max(1, TRANSPOSE_CHUNK_BYTES // max(1, k * B.element_size()))
-    if n <= rows or B.device.type != "cpu":
-        return T.contiguous()
-    out = torch.empty(k, n, dtype=B.dtype, device=B.device)
-    for start in range(0, n, rows):
-        out[:, start : start + rows].copy_(B[start : start + rows].T)
-    return out
 
 
 def _batched_grad(

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..distributed import group as dist_group
 from ..linalg import eigenbasis as eb
 from . import _engine
-from .base import LinearOperator
+from .base import LinearOperator, columns_first
 from .data import DataSet
 
 
@@ -264,10 +264,15 @@ class Kronecker(StructuredOperator):
 
     def _matmat(self, M: Tensor) -> Tensor:
         G, r, c = self.left.shape[0], self.left.shape[-1], self.right.shape[-1]
-        if M.shape[1] == 1:  # two batched products: ~15% faster than the einsum's layouts
+        k = M.shape[1]
+        if k == 1:  # two batched products: ~15% faster than the einsum's layouts
             return (self.left @ M.reshape(G, r, c) @ self.right.mT).reshape(M.shape)
-        X = M.reshape(G, r, c, M.shape[1])
-        return torch.einsum("gij,gjkc,glk->gilc", self.left, X, self.right).reshape(M.shape)
+        # the k vectors first (a blocked transpose, a view for a column-major M), then batched
+        # products; the result is column-major. Measured (2 threads, k = 16) against one
+        # einsum on [G, r, c, k]: [1, 512, 785] 84 -> 76 ms, [1, 256, 513] 17.0 -> 15.1 ms
+        X = columns_first(M).view(k, G, r, c).transpose(0, 1)  # [G, k, r, c]
+        Y = self.left.unsqueeze(1) @ X @ self.right.mT.unsqueeze(1)
+        return Y.transpose(0, 1).reshape(k, -1).T
 
     def eigen(self) -> KroneckerEigen:
         """The same operator in its eigenbasis (computed once)."""
@@ -390,7 +395,8 @@ class BlockDiagonal(StructuredOperator):
         return self.operators
 
     def _matmat(self, M: Tensor) -> Tensor:
-        out = torch.empty_like(M)
+        # column-major for a block (the blocks' products are): no transposing copy per block
+        out = torch.empty_like(M) if M.shape[1] == 1 else M.new_empty(M.shape[1], M.shape[0]).T
         for where, op in zip(self._where, self.operators):
             if isinstance(where, _RowsWithLastColumn):
                 where.scatter(out, op._matmat(where.gather(M)))
