@@ -210,8 +210,16 @@ class KroneckerEigen(StructuredOperator):
         super().__init__((n, n), values.dtype, values.device)
 
     def _matmat(self, M: Tensor) -> Tensor:
-        X = M.reshape(*self.values.shape, M.shape[1])
-        return eb.eigenbasis_apply(self.q_left, self.values, self.q_right, X).reshape(M.shape)
+        k = M.shape[1]
+        if k == 1:
+            X = M.reshape(*self.values.shape, 1)
+            return eb.eigenbasis_apply(self.q_left, self.values, self.q_right, X).reshape(M.shape)
+        # as Kronecker's: the vectors first, batched products, a column-major result
+        G, r, c = self.values.shape
+        X = columns_first(M).view(k, G, r, c).transpose(0, 1)  # [G, k, r, c]
+        ql, qr = self.q_left.unsqueeze(1), self.q_right.unsqueeze(1)
+        coords = (ql.mT @ X @ qr).mul_(self.values.unsqueeze(1))
+        return (ql @ coords @ qr.mT).transpose(0, 1).reshape(k, -1).T
 
     def inverse(self, damping: float = 0.0) -> KroneckerEigen:  # type: ignore[override]
         """The same basis with eigenvalues ``1 / (values + damping)`` (raises unless all
