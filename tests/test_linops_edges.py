@@ -169,3 +169,27 @@ def test_products_of_row_major_blocks_use_the_blocked_transpose(monkeypatch, kin
     op = getattr(bg.linops, kind)(model, loss_fn, [(X, y)])
     M = torch.randn(op.shape[1], 5, dtype=torch.float64)
     torch.testing.assert_close(op @ M, dense @ M, rtol=1e-10, atol=1e-12)
+
+
+def test_block_diagonal_of_ranges_assembles_column_major_blocks(monkeypatch):
+    """A KFAC-like ``BlockDiagonal`` over consecutive ranges (a Kronecker block, a large
+    diagonal) multiplies row- and column-major blocks of vectors like its dense matrix, with the
+    row-block copies (``copy_rows_``) forced into many small steps (float64)."""
+    from beyondgrad.linops import base
+    from beyondgrad.linops.structures import BlockDiagonal, Diagonal, Kronecker
+
+    monkeypatch.setattr(base, "TRANSPOSE_CHUNK_BYTES", 48)  # 6 float64 entries a step
+    g = torch.Generator().manual_seed(3)
+    L = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    R = torch.randn(4, 4, generator=g, dtype=torch.float64)
+    d = torch.rand(17, generator=g, dtype=torch.float64)
+    B = BlockDiagonal(
+        [(torch.arange(12), Kronecker(L @ L.T, R @ R.T)), (12 + torch.arange(17), Diagonal(d))], 29
+    )
+    assert all(isinstance(w, slice) for w in B._where)
+    dense = torch.block_diag(torch.kron(L @ L.T, R @ R.T), torch.diag(d))
+    M = torch.randn(29, 5, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(B @ M, dense @ M, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(B @ M.T.contiguous().T, dense @ M, rtol=1e-12, atol=1e-12)
+    dst = torch.empty(5, 29, dtype=torch.float64).T  # column-major
+    assert torch.equal(base.copy_rows_(dst, M), M)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..distributed import group as dist_group
 from ..linalg import eigenbasis as eb
 from . import _engine
-from .base import LinearOperator, columns_first
+from .base import LinearOperator, columns_first, copy_rows_
 from .data import DataSet
 
 
@@ -417,6 +417,8 @@ class BlockDiagonal(StructuredOperator):
         for where, op in zip(self._where, self.operators):
             if isinstance(where, _RowsWithLastColumn):
                 where.scatter(out, op._matmat(where.gather(M)))
+            elif isinstance(where, slice):  # a row-major result (a diagonal's) into `out`
+                copy_rows_(out[where], op._matmat(M[where]))
             else:
                 out[where] = op._matmat(M[where])
         return out

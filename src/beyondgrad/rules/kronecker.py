@@ -140,10 +140,12 @@ CHANNEL_GRAM_CHUNK = 1 << 21
 def _channel_gram(G: Tensor) -> Tensor:
     """``sum_b G_b G_b^T`` ``[F, F]`` for ``G`` ``[B, F, P]`` (channels first, as a
     convolution's output gradients come; any batch stride): batched products summed in chunks
-    where the positions are many (:data:`CHANNEL_GRAM_MIN_POSITIONS`), else :func:`_gram` of
-    the transposed ``[B P, F]`` rows."""
+    where the positions are many (:data:`CHANNEL_GRAM_MIN_POSITIONS`; CPU, float32/64), else
+    :func:`_gram` of the transposed ``[B P, F]`` rows."""
     B, F, P = G.shape
-    if P < CHANNEL_GRAM_MIN_POSITIONS or F >= SYMMETRIC_MIN or G.device.type != "cpu":
+    small = P < CHANNEL_GRAM_MIN_POSITIONS or F >= SYMMETRIC_MIN
+    # float32/64 only: half-precision per-sample products would be rounded before the sum
+    if small or G.device.type != "cpu" or G.dtype not in (torch.float32, torch.float64):
         return _gram(G.transpose(1, 2))
     chunk = max(1, CHANNEL_GRAM_CHUNK // (F * F))
     out = G.new_zeros(F, F)
