@@ -48,7 +48,7 @@ from ..distributed import fsdp
 from .clipping import check_clip, clip_factor
 from .fallback import ADAMW_DEFAULTS, adamw_many_, check_adamw, step_counter_as_int
 from .fsdp import full_parameters
-from .grafting import check_grafting, graft
+from .grafting import check_grafting, graft_many
 from .products import ProductCache, kronecker_solve
 from .routing import (
     NO_STATISTICS,
@@ -339,9 +339,14 @@ class CurvatureOptimizer(Optimizer):
         directions: Directions = []
         preconditioned = self._precondition_all(items)
         self._products.end_step()  # drop what no layer used this step
+        by_group: dict[int, tuple[dict[str, Any], list[Tensor], list[Tensor]]] = {}
         for (_, _, group, params), ds in zip(items, preconditioned):
-            for p, d in zip(params, ds):
-                directions.append((p, graft(d, p.grad, group, self.state[p]), group))
+            _, ps, dirs = by_group.setdefault(id(group), (group, [], []))
+            ps.extend(params)
+            dirs.extend(ds)
+        for group, ps, dirs in by_group.values():  # grafted per param group, batched
+            grafted = graft_many(dirs, [p.grad for p in ps], group, [self.state[p] for p in ps])
+            directions += [(p, d, group) for p, d in zip(ps, grafted)]
         return directions
 
     def _finish_refresh(self) -> None:

@@ -73,4 +73,51 @@ def graft(direction: Tensor, grad: Tensor, group: dict[str, Any], state: dict[st
     return torch.where(norm > 0, direction * ratio.to(direction.dtype), direction)
 
 
-__all__ = ["GRAFTING", "check_grafting", "graft", "grafted_direction"]
+def graft_many(
+    directions: list[Tensor],
+    grads: list[Tensor],
+    group: dict[str, Any],
+    states: list[dict[str, Any]],
+) -> list[Tensor]:
+    """:func:`graft` for every parameter of one param group at once (batched ``torch._foreach``
+    operations and norms: a KFAC step on char-GPT grafts 35 tensors, one by one ~2.9 ms of
+    Python and small kernels per step on one thread). Same values and state as :func:`graft`.
+
+    Args:
+        directions: the preconditioned directions.
+        grads: the parameters' gradients, in the same order.
+        group: their param group.
+        states: their optimizer states.
+
+    Returns:
+        The grafted directions.
+    """
+    if group.get("grafting") is None or not directions:
+        return directions
+    if group["grafting"] == "sgd":
+        references = grads
+    else:
+        beta2, eps = group["adam_betas"][1], group["adam_eps"]
+        vs, corrections = [], []
+        for grad, state in zip(grads, states):
+            if state.get("graft_exp_avg_sq") is None:
+                state["graft_exp_avg_sq"] = torch.zeros_like(grad)
+            state["graft_step"] = int(state.get("graft_step", 0)) + 1
+            vs.append(state["graft_exp_avg_sq"])
+            corrections.append(1 - beta2 ** state["graft_step"])
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
+        denominators = torch._foreach_div(vs, corrections)
+        torch._foreach_sqrt_(denominators)
+        torch._foreach_add_(denominators, eps)
+        references = torch._foreach_div(grads, denominators)
+    work = torch.float32  # norms in float32 at least
+    for d in directions:
+        work = torch.promote_types(work, d.dtype)
+    norms = torch.stack(torch._foreach_norm(directions, 2, dtype=work))
+    ratios = torch.stack(torch._foreach_norm(references, 2, dtype=work)) / norms
+    ratios = torch.where(norms > 0, ratios, torch.ones_like(ratios))
+    return torch._foreach_mul(directions, [r.to(d.dtype) for r, d in zip(ratios, directions)])
+
+
+__all__ = ["GRAFTING", "check_grafting", "graft", "graft_many", "grafted_direction"]
