@@ -20,6 +20,7 @@ from . import (
     pinn,
     pruning,
 )
+from .allocator import retain_freed_memory
 from .engine import (
     SUPPORTED_LOSSES,
     Coverage,
@@ -95,4 +96,5 @@ __all__ = [
     "optim",
     "pinn",
     "pruning",
+    "retain_freed_memory",
 ]

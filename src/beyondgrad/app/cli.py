@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..allocator import retain_freed_memory
 from ..engine import compute, coverage
 from ..quantities import (
     KFAC,
@@ -411,6 +412,9 @@ _RESUME_KEEPS = {"steps", "quiet", "resume", "command"}
 
 
 def _train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    # a training loop repeats the same CPU allocations: keep freed blocks for the next step
+    # instead of faulting fresh pages in every step (process-wide; see bg.retain_freed_memory)
+    retain_freed_memory()
     try:
         if args.resume is not None:
             defaults = vars(parser.parse_args(["train"]))
