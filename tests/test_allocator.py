@@ -22,14 +22,16 @@ import beyondgrad as bg
 torch.set_num_threads(1)
 if sys.argv[1] == "retain":  # the defaults: keep up to 1 GiB of free heap top
     assert bg.retain_freed_memory()
+elif sys.argv[1] == "retain-large":  # no block in a mapping of its own
+    assert bg.retain_freed_memory(large_blocks=False)
 else:  # the smallest thresholds: every block of 1 MiB or more is returned when freed
     assert bg.retain_freed_memory(trim_threshold_mib=1, mmap_threshold_mib=1)
 
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
-def round_trip():  # three 8 MiB blocks freed together: 24 MiB of free heap top at once
-    blocks = [torch.empty(2 << 20) for _ in range(3)]
+def round_trip():  # three blocks freed together (8 MiB each: 24 MiB of free heap top at once)
+    blocks = [torch.empty(int(sys.argv[2]) << 18) for _ in range(3)]
     for t in blocks:
         t.fill_(1.0)
     del blocks, t
@@ -46,9 +48,9 @@ print((faults() - start) / 10)
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
-def _faults_per_round(mode: str) -> float:
+def _faults_per_round(mode: str, mib: int = 8) -> float:
     out = subprocess.run(
-        [sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, check=True
+        [sys.executable, "-c", SCRIPT, mode, str(mib)], capture_output=True, text=True, check=True
     )
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -59,6 +61,14 @@ def test_retained_blocks_are_not_faulted_in_again():
     released, retained = _faults_per_round("release"), _faults_per_round("retain")
     assert released > 0.9 * pages  # returned when freed: faulted in again every round
     assert retained < pages / 16  # kept: later rounds reuse the mapped pages
+
+
+@pytest.mark.skipif(not GLIBC, reason="the thresholds are glibc's")
+def test_blocks_above_the_mmap_limit_are_kept_only_without_large_blocks():
+    pages = 3 * (40 << 20) // 4096  # 40 MiB each: above glibc's 32 MiB limit of the threshold
+    mapped, kept = _faults_per_round("retain", 40), _faults_per_round("retain-large", 40)
+    assert mapped > 0.9 * pages  # each block its own mapping, unmapped when freed
+    assert kept < pages / 16
 
 
 @pytest.mark.parametrize(
