@@ -14,9 +14,10 @@ everything else lives here, once:
   than 1.5x, its baseline 1.2x slower than the problem's fastest so far, or other processes
   using more than 20 % of the CPUs); the attempt with the fastest baseline is kept, NOISY where
   it was still disturbed.
-* **Isolation and memory.** On CPU each cell runs in its own forked child; its peak memory is
-  the resident-set high-water mark (``VmHWM`` after a ``clear_refs`` reset) above the resident
-  set before the call, after ``gc`` and ``malloc_trim``. On CUDA the cells run in the main
+* **Isolation and memory.** On CPU each cell runs in its own forked child, whose glibc malloc
+  thresholds are first settled as a long-running process has them (:func:`settle_malloc`); its
+  peak memory is the resident-set high-water mark (``VmHWM`` after a ``clear_refs`` reset)
+  above the resident set before the call, after ``gc`` and ``malloc_trim``. On CUDA the cells run in the main
   process and the peak is ``torch.cuda.max_memory_allocated`` above ``memory_allocated``. The
   call's outputs are alive when the peak is read.
 * **Peers** (BackPACK, Opacus, curvlinops, PyHessian) are optional: :func:`peer_spec` turns a
