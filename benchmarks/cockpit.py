@@ -4,7 +4,8 @@ training step (SGD, same model and batch) measured in the same process.
 Rows: presets ``economy``, ``business``, ``full`` tracked every step, and ``full`` every 16
 steps. Each sample times a block of 16 consecutive steps (so schedules average correctly),
 plain and tracked blocks alternated rep by rep (the protocol of ``harness.py``, one block per
-call); the median of the per-rep ratios is reported. Problems: ``mlp``, ``cnn`` and
+call); the median of the per-rep ratios is reported. On CPU, glibc's malloc thresholds are
+settled first (``harness.settle_malloc``), as in the other scripts' cells. Problems: ``mlp``, ``cnn`` and
 ``transformer`` (the built-in sorting task's pre-norm encoder). The original Cockpit, 3C3D on
 CPU: economy 5.7x, business 12.4x, full 100x every step; 1.34x / 1.76x / 7.2x every 16 steps.
 
@@ -145,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     cfg, _, meta = SCRIPT.start(args, argv)
+    if cfg.device == "cpu":  # one process for every row: settled as the other scripts' cells
+        h.settle_malloc()
     jobs = [partial(run_row, p, c, e, cfg) for p in args.problems for c, e in args.rows]
     rows = h.timed_runs(meta, jobs)
     h.write_results(SCRIPT.output(args), rows, lambda: render(rows, cfg))
