@@ -126,13 +126,17 @@ class OuterForm(Form):
         )
         return (gram_g * gram_a).sum((2, 5)).reshape(R1, R2)
 
+    def _A_matrix(self) -> Tensor:
+        """The inputs as one ``[N S, I]`` matrix, copied once per form if they are a strided
+        view (conv patches), shared by :meth:`project` and :meth:`combine`."""
+        _K, N, S, I, _O = self._sizes
+        return self._memo("A_matrix", lambda: self.A.reshape(N * S, I))
+
     def _project(self, vectors: Tensor) -> Tensor:
         # <G_r^T A_n, V_c> = sum_s G[r, s] . (V_c A[n, s]): never forms the rows
         K, N, S, I, O = self._sizes
         V = vectors.reshape(-1, I)  # [c O, I]
-        # the inputs as a matrix, copied once if they are a strided view (conv patches)
-        A = self._memo("A_matrix", lambda: self.A.reshape(N * S, I))
-        AV = (A @ V.T).view(1, N, S, -1, O)  # one GEMM
+        AV = (self._A_matrix() @ V.T).view(1, N, S, -1, O)  # one GEMM
         return (self.G.view(K, N, S, 1, O) * AV).sum((2, 4)).reshape(K * N, -1)
 
     def _combine(self, coefficients: Tensor) -> Tensor:
@@ -140,7 +144,10 @@ class OuterForm(Form):
         weighted = torch.einsum(
             "knc,knso->cnso", coefficients.view(K, N, -1), self.G.view(K, N, S, O)
         )
-        return torch.einsum("cnso,nsi->coi", weighted, self.A).reshape(-1, *self.shape)
+        # sum over (n, s) as one GEMM per vector with the shared input matrix (an einsum
+        # with the strided conv patches copied them again: cnn EmpiricalFisher @ v ~5 ms)
+        out = torch.matmul(self._A_matrix().T, weighted.reshape(-1, N * S, O))  # [c, I, O]
+        return out.transpose(1, 2).reshape(-1, *self.shape)
 
     def _chunks(self) -> list[tuple[int, int]]:
         """Sample ranges whose rows of one vector (``[n, O, I]``) stay within the chunk bound."""
