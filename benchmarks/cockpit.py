@@ -5,9 +5,10 @@ Rows: presets ``economy``, ``business``, ``full`` tracked every step, and ``full
 steps. Each sample times a block of 16 consecutive steps (so schedules average correctly),
 plain and tracked blocks alternated rep by rep (the protocol of ``harness.py``, one block per
 call); the median of the per-rep ratios is reported. On CPU, glibc's malloc thresholds are
-settled first (``harness.settle_malloc``), as in the other scripts' cells. Problems: ``mlp``, ``cnn`` and
-``transformer`` (the built-in sorting task's pre-norm encoder). The original Cockpit, 3C3D on
-CPU: economy 5.7x, business 12.4x, full 100x every step; 1.34x / 1.76x / 7.2x every 16 steps.
+settled first (``harness.settle_malloc``), as in the other scripts' cells. Problems: ``mlp``,
+``cnn`` and ``transformer`` (the built-in sorting task's pre-norm encoder). The original
+Cockpit, 3C3D on CPU: economy 5.7x, business 12.4x, full 100x every step; 1.34x / 1.76x / 7.2x
+every 16 steps.
 
     python benchmarks/cockpit.py [--problems mlp cnn transformer] [--reps 5] [--threads 2]
                                  [--device cpu] [--rows economy:1 business:1 full:1 full:16]

@@ -17,9 +17,9 @@ everything else lives here, once:
 * **Isolation and memory.** On CPU each cell runs in its own forked child, whose glibc malloc
   thresholds are first settled as a long-running process has them (:func:`settle_malloc`); its
   peak memory is the resident-set high-water mark (``VmHWM`` after a ``clear_refs`` reset)
-  above the resident set before the call, after ``gc`` and ``malloc_trim``. On CUDA the cells run in the main
-  process and the peak is ``torch.cuda.max_memory_allocated`` above ``memory_allocated``. The
-  call's outputs are alive when the peak is read.
+  above the resident set before the call, after ``gc`` and ``malloc_trim``. On CUDA the cells
+  run in the main process and the peak is ``torch.cuda.max_memory_allocated`` above
+  ``memory_allocated``. The call's outputs are alive when the peak is read.
 * **Peers** (BackPACK, Opacus, curvlinops, PyHessian) are optional: :func:`peer_spec` turns a
   cell whose peer does not import into an "n/a" row with the reason.
 * **Environment and output.** Every table states torch version, thread count, device, machine
@@ -361,13 +361,19 @@ def curvlinops_params(model: nn.Module) -> tuple[list[nn.Parameter], int]:
 # --------------------------------------------------------------------------------------------
 
 
+def _libc() -> Any:
+    """glibc (``libc.so.6``), or None where it does not load."""
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 class CpuMemory:
     """Resident-set high-water mark above the level before a call (Linux ``/proc``)."""
 
     def __init__(self) -> None:
-        self._libc: Any = None
-        with contextlib.suppress(OSError):
-            self._libc = ctypes.CDLL("libc.so.6")
+        self._libc: Any = _libc()
         self.resettable = self._try_reset()
 
     @staticmethod
@@ -778,14 +784,6 @@ def measure_cell(
         return row
     row.note = "; ".join(notes)
     return row
-
-
-def _libc() -> Any:
-    """glibc (``libc.so.6``), or None where it does not load."""
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
 
 
 #: bytes of the block :func:`settle_malloc` maps and frees: just under glibc's 32 MiB ceiling for
