@@ -171,3 +171,22 @@ def test_spectrum_first_leaves_conv_rows_for_the_diagonal(monkeypatch):
     assert blocks  # without the spectrum: block by block
     for name in ref["names"]:
         torch.testing.assert_close(res[diag][name], alone[name], rtol=1e-12, atol=1e-15)
+
+
+def test_outer_form_products_with_strided_inputs_share_one_input_matrix():
+    """Conv patches are a transposed view ``[N, S, I]`` of ``[N, I, S]``: ``project`` and
+    ``combine`` (two vectors per sample, three coefficient columns) agree with the rows, and
+    read the inputs through one memoized ``[N S, I]`` copy."""
+    from beyondgrad.forms import OuterForm
+
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(3, 5, 4, generator=g, dtype=torch.float64).transpose(1, 2)  # [N, S=4, I=5]
+    G = torch.randn(6, 4, 2, generator=g, dtype=torch.float64)
+    rows = torch.einsum("knso,nsi->knoi", G.view(2, 3, 4, 2), A).reshape(6, -1)
+    form = OuterForm(A, G, (2, 5), vectors=2)
+    C = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    V = torch.randn(3, 2, 5, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(form.combine(C), (C.T @ rows).reshape(3, 2, 5))
+    matrix = form._cache["A_matrix"]
+    torch.testing.assert_close(form.project(V), rows @ V.reshape(3, -1).T)
+    assert form._cache["A_matrix"] is matrix

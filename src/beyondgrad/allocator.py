@@ -7,10 +7,13 @@ that allocates and frees the same large temporaries every call touches fresh pag
 a page fault per 4 KiB, each about a microsecond or more, on top of the arithmetic. beyondgrad's
 per-step work keeps more tensors alive than a plain backward pass (captured output gradients,
 per-sample rows, Kronecker factors), so its peak lies above the plain step's and that extra
-memory is the part trimmed and faulted in again. Measured on this project's 2-core CPU
-(same process, the previous call's results dropped): ``bg.compute(..., bg.KFAC("mc"))`` on the
-benchmarks' MLP 5.19 -> 3.71 ms (1,108 -> 6 page faults per call); the Cockpit's economy preset
-on the built-in transformer task 1.86x -> 1.72x a plain SGD step.
+memory is the part trimmed and faulted in again. Measured on this project's 2-core CPU in
+fresh processes (``benchmarks/allocator.py``, ``benchmarks/results/allocator_cpu.md``), glibc's
+defaults -> :func:`retain_freed_memory`: the benchmarks' cnn, a plain forward+backward 43.0 ->
+32.6 ms (8,285 -> 0 page faults per call), ``bg.compute(..., bg.KFAC(fisher_type="mc"))`` 90 ->
+81 ms, a Cockpit economy step 59.8 -> 55.4 ms; the transformer task unchanged (its blocks are
+reused anyway). How much a process pays depends on its allocation history (the thresholds
+adapt), so the same call can cost more in one program than in another.
 
 :func:`retain_freed_memory` raises both thresholds for the whole process, so freed blocks stay
 in the heap for the next call: the resident set then stays near the largest peak so far instead
@@ -66,12 +69,12 @@ def retain_freed_memory(
         large_blocks: False: no block gets its own mapping, whatever its size (glibc's
             ``M_MMAP_MAX = 0``), so that blocks above 32 MiB are kept and reused too, e.g. the
             ``[K, ...]`` output gradients of exact curvature (the cnn's exact ``DiagGGN``
-            268 -> 227 ms, ``KFAC(fisher_type="type-2")`` 229 -> 179 ms, 2 threads, against
-            268 / 203 ms with the default True). The heap then grows to the largest peak and
+            288 -> 266 ms with the default True, 230 ms with False; ``KFAC(fisher_type=
+            "type-2")`` 226 -> 205 / 176 ms). The heap then grows to the largest peak and
             keeps up to ``trim_threshold_mib`` of it free.
 
     Returns:
-        True if both thresholds were set; False where the C library is not glibc (macOS,
+        True if glibc accepted every setting; False where the C library is not glibc (macOS,
         Windows, musl), where it has no effect to offer.
 
     Raises:
