@@ -158,8 +158,9 @@ def build_ours(p: Problem, kind: str) -> Any:
     return cls(p.model, p.loss_fn, data)
 
 
-def ours_setup(kind: str, k: int) -> Setup:
-    """``A @ v`` / ``A @ V`` of a beyondgrad operator built in set-up (not timed)."""
+def ours_setup(kind: str, k: int, layout: str = "flat") -> Setup:
+    """``A @ v`` / ``A @ V`` of a beyondgrad operator built in set-up (not timed), on a flat
+    ``[P, k]`` block or (``layout="params"``) on per-parameter ``[k, *shape]`` tensors."""
 
     def setup(p: Problem) -> Candidate:
         notes = []
@@ -179,6 +180,10 @@ def ours_setup(kind: str, k: int) -> Setup:
         if kind == "EF" and p.y[0].numel() > 1:
             notes.append(EF_NOTE.format(ours="per-sequence", other="curvlinops: per-token"))
         v = probe(op.shape[1], k, p.X.device)
+        if layout == "params":
+            parts = split_flat(v, op.params)  # the layout torch.func and double backward take
+            notes.append("vectors and result as per-parameter [k, *shape] tensors (a list)")
+            return Candidate(lambda: op @ parts, notes=notes)
         return Candidate(lambda: op @ v, notes=notes)
 
     return setup
@@ -378,9 +383,10 @@ def pyhessian_setup(mode: str) -> Setup:
 # --------------------------------------------------------------------------------------------
 
 
-def ours(group: str, kind: str, k: int) -> CellSpec:
-    """beyondgrad's product cell."""
-    return CellSpec(group, "beyondgrad", ours_setup(kind, k), OURS[kind][1], False)
+def ours(group: str, kind: str, k: int, layout: str = "flat") -> CellSpec:
+    """beyondgrad's product cell (``layout="params"``: the per-parameter row)."""
+    library = "beyondgrad" if layout == "flat" else "beyondgrad (per-parameter)"
+    return CellSpec(group, library, ours_setup(kind, k, layout), OURS[kind][1], False)
 
 
 def cl(group: str, kind: str, k: int) -> CellSpec:
@@ -402,15 +408,17 @@ def cell_specs(problem: str, smoke: bool = False) -> list[CellSpec]:
         (1, ("hvp", "ggnvp", "efvp", "kfacvp", "ekfacvp")),
         (K, ("hmp", "ggnmp", "efmp", "kfacmp", "ekfacmp")),
     )[: 1 if smoke else 2]:
+        # blocks also in the per-parameter layout (the one torch.func and double backward take)
+        layouts = ("flat", "params") if k > 1 else ("flat",)
         specs += [
-            ours(hv, "H", k),
+            *(ours(hv, "H", k, layout) for layout in layouts),
             cl(hv, "H", k),
             CellSpec(hv, "torch.func", func_setup("hvp", k)),
             CellSpec(hv, "double backward", double_backward_setup(k)),
         ]
         specs += [ph(hv, "build+1"), ph(hv, "cached")] if k == 1 else [ph(hv, "build+k")]
         specs += [
-            ours(gv, "GGN", k),
+            *(ours(gv, "GGN", k, layout) for layout in layouts),
             cl(gv, "GGN", k),
             CellSpec(gv, "torch.func", func_setup("ggnvp", k)),
             ours(ev, "EF", k),

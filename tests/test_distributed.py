@@ -78,6 +78,9 @@ def _operators(check: _Checks, model, loss_fn, shard, full, all_ops: bool) -> No
         A, ref = cls(model, loss_fn, shard), cls(model, loss_fn, full, process_group="local")
         check.close(f"{name} num_data", A.num_data, N)
         check.close(f"{name} @ V", A @ V, ref @ V)
+        per_parameter = A @ dict(zip(A.names, A.split(V)))  # summed over the ranks alike
+        expected = dict(zip(A.names, ref.split(ref @ V)))
+        check.close(f"{name} @ V per parameter", per_parameter, expected)
         if cls is not linops.Hessian:  # the engine's DiagHessian does not cover LayerNorm
             check.close(f"{name} diagonal", A.diagonal(), ref.diagonal())
             check.close(f"{name} trace", A.trace(), ref.trace())

@@ -97,6 +97,69 @@ def test_empirical_fisher_fisher_and_sum_reduction():
     )
 
 
+class _SummedShift(nn.Module):
+    """``x + p.sum()``: autograd's gradient of ``p`` is an expanded (stride-0) tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.linspace(0.1, 0.4, 4, dtype=torch.float64))
+
+    def forward(self, x):
+        return x + self.p.sum()
+
+
+@pytest.mark.parametrize("case", ["mlp", "gpt", "resnet"])
+def test_products_in_the_parameters_layout_equal_the_dense_matrix(case):
+    """Lists, tuples and dicts of ``[*shape]`` / ``[k, *shape]`` tensors give the dense
+    matrix's products in the same layout (uneven batches: weights != 1, sums in place)."""
+    model, X, y, loss_fn = CASES[case]()
+    if case == "mlp":
+        model = nn.Sequential(model, _SummedShift())
+    data = batches(X, y, [3, 2])
+    g = torch.Generator().manual_seed(1)
+    for cls in (Hessian, GGN, EmpiricalFisher):
+        A = cls(model, loss_fn, data)
+        dense = A.to_dense()
+        V = torch.randn(A.shape[1], 3, generator=g, dtype=torch.float64)
+        want = [t.contiguous() for t in A.split(dense @ V)]
+        parts = [t.contiguous() for t in A.split(V)]
+        got = A @ parts
+        assert isinstance(got, list) and len(got) == len(parts)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+        got = A @ dict(zip(A.names, parts))
+        assert list(got) == A.names
+        torch.testing.assert_close(list(got.values()), want, rtol=1e-9, atol=1e-11)
+        single = A @ tuple(t[1] for t in parts)  # one vector: parameter-shaped tensors
+        assert isinstance(single, tuple)
+        torch.testing.assert_close(list(single), [t[1] for t in want], rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(
+            torch.cat([t.reshape(-1) for t in single]), dense @ V[:, 1], rtol=1e-9, atol=1e-11
+        )
+
+
+def test_fisher_products_in_the_parameters_layout_and_bad_vectors():
+    model, X, y, loss_fn = CASES["mlp"]()
+    data = batches(X, y, [3, 2])
+    F = Fisher(model, loss_fn, data, generator=torch.Generator().manual_seed(0))
+    V = torch.randn(F.shape[1], 2, dtype=torch.float64)
+    torch.testing.assert_close(
+        F @ [t.contiguous() for t in F.split(V)], [t.contiguous() for t in F.split(F @ V)]
+    )
+    parts = [t.contiguous() for t in F.split(V)]
+    with pytest.raises(ValueError, match=f"expected {len(parts)} tensors"):
+        F @ parts[:-1]
+    with pytest.raises(ValueError, match=r"0.weight: expected a tensor of shape \(2, "):
+        F @ [parts[0][:, :1], *parts[1:]]
+    with pytest.raises(ValueError, match="tensors only"):
+        F @ [p.tolist() for p in parts]
+    with pytest.raises(KeyError, match=rf"missing \['{F.names[-1]}'\], unknown \['x'\]"):
+        F @ {**dict(zip(F.names[:-1], parts)), "x": parts[-1]}
+    shuffled = [data[1], data[0]]
+    data[:] = shuffled  # the MC labels were fixed for the first order
+    with pytest.raises(RuntimeError, match="fixed order"):
+        F @ parts
+
+
 def test_parameter_subsets_composition_and_scipy():
     model, X, y, loss_fn = CASES["mlp"]()
     data = [(X, y)]

@@ -9,8 +9,9 @@ last batches are handled, ``num_data`` defaults to the number of samples seen in
 (For a mean over tokens or class weights, the batch weight assumes equal normalizers per
 sample.) ``batch_size_fn(X)`` gives a batch's number of samples when its first tensor leaf
 does not lead with the sample axis. Products act on flat vectors over the chosen parameters
-(``params``: names, default all trainable ones, in ``model.named_parameters()`` order) and take
-a block of ``k`` vectors in one pass over the data.
+(``params``: names, default all trainable ones, in ``model.named_parameters()`` order), or on
+per-parameter tensors (a list, tuple or dict, see :meth:`CurvatureOperator.__matmul__`), and
+take a block of ``k`` vectors in one pass over the data.
 
 * :class:`Hessian` -- Hessian-vector products by reverse-over-reverse AD (double backward; the
   forward-over-reverse ``jvp(jacrev)`` route gives wrong products for ``nn.LayerNorm`` weights
@@ -36,7 +37,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -85,6 +86,12 @@ def _check_finite(op: Any, out: Tensor, what: str) -> None:
         f"{type(op).__name__}: non-finite {what} (inf/nan in the data, the model's outputs "
         "or the vectors); nothing is returned"
     )
+
+
+def _owned(block: Tensor) -> Tensor:
+    """``block`` where it may be updated in place (a dense, fresh product), else a copy (an
+    expanded gradient, e.g. of a sum, shares one element among many entries)."""
+    return block if block.is_contiguous() else block.contiguous()
 
 
 class _KeptBatchState:
@@ -294,27 +301,108 @@ class CurvatureOperator(_KeptBatchState, LinearOperator):
         for b, size in zip(blocks, self.sizes):
             target, src = out[start : start + size].T, b.reshape(k, size)
             start += size
-            if first:
+            if first and weight != 1.0:
+                torch.mul(src, weight, out=target)  # one pass, where copy + scale take two
+            elif first:
                 target.copy_(src)
-                if weight != 1.0:
-                    target.mul_(weight)
             else:
                 target.add_(src, alpha=weight)
         return out
+
+    def _weighted_batch_results(self, V: list[Tensor]) -> Iterator[tuple[list[Tensor], float]]:
+        """Each batch's products with ``V`` (per parameter ``[k, *shape]``) and its weight."""
+        for position, (X, y, N) in enumerate(self._batches()):
+            yield self._batch_result(position, X, y, V), self.data_set.weight(N)
 
     def _matmat(self, M: Tensor) -> Tensor:
         dist_group.check_same_tensor(M, "the vectors of a product", self.group)
         # contiguous per-parameter blocks: one copy here is cheaper than the strided reads
         # of every batch's vmapped products (free for a single vector)
-        V = self.split_contiguous(M)
         out = None
-        for position, (X, y, N) in enumerate(self._batches()):
-            out = self._accumulate(
-                out, self._batch_result(position, X, y, V), self.data_set.weight(N)
-            )
+        for blocks, weight in self._weighted_batch_results(self.split_contiguous(M)):
+            out = self._accumulate(out, blocks, weight)
         out = self._reduced(out, (M.shape[1], self.shape[0]), True)
         _check_finite(self, out, "product")
         return out
+
+    def __matmul__(self, other: Any) -> Any:
+        """``A @ v`` / ``A @ V`` on flat vectors (:class:`LinearOperator`), or on vectors in the
+        parameters' layout: a list or tuple (in ``names`` order) or a dict keyed by the
+        parameter names, each entry ``[*shape]`` (one vector) or ``[k, *shape]`` (a block of
+        ``k``, leading like ``vmap``'s and ``is_grads_batched``'s); the result comes in the same
+        form. The parameter layout saves the flat layout's two copies of the block (into the
+        per-parameter blocks every pass works on, and back into ``[P, k]``): on the benchmarks'
+        mlp (535,818 parameters, 16 columns) about 11 ms of a 45 ms ``GGN @ V``.
+
+        Raises:
+            KeyError: a dict whose keys are not the operator's parameter names.
+            ValueError: a wrong number of tensors, or a tensor of the wrong shape or device.
+        """
+        if isinstance(other, (list, tuple, Mapping)):
+            return self._parameter_product(other)
+        return super().__matmul__(other)
+
+    def _parameter_product(self, other: Sequence[Tensor] | Mapping[str, Tensor]) -> Any:
+        V, single = self._parameter_block(other)
+        if self.group is not None:
+            flat = torch.cat([v.reshape(-1) for v in V])
+            dist_group.check_same_tensor(flat, "the vectors of a product", self.group)
+        out: list[Tensor] | None = None
+        for blocks, weight in self._weighted_batch_results(V):
+            if out is None:  # a batch's products are fresh tensors: the sum may own them
+                out = [_owned(b) for b in blocks]
+                if weight != 1.0:
+                    out = [t.mul_(weight) for t in out]
+            else:
+                out = [t.add_(b, alpha=weight) for t, b in zip(out, blocks)]
+        if out is None:
+            if self.group is None:
+                raise ValueError("the data set is empty")
+            out = [torch.zeros_like(v) for v in V]
+        for t in out:
+            dist_group.all_reduce_sum_(t, self.group)
+            _check_finite(self, t, "product")
+        out = [t[0] for t in out] if single else out
+        if isinstance(other, Mapping):
+            return dict(zip(self.names, out))
+        return type(other)(out) if isinstance(other, tuple) else out
+
+    def _parameter_block(
+        self, other: Sequence[Tensor] | Mapping[str, Tensor]
+    ) -> tuple[list[Tensor], bool]:
+        """Per parameter ``[k, *shape]`` blocks (``self.dtype``, contiguous) from vectors in
+        the parameters' layout, and whether they were single vectors (``k = 1``)."""
+        if isinstance(other, Mapping):
+            if set(other) != set(self.names):
+                raise KeyError(
+                    "a product in the parameters' layout needs one tensor per parameter name: "
+                    f"missing {sorted(set(self.names) - set(other))}, "
+                    f"unknown {sorted(set(other) - set(self.names))}"
+                )
+            values = [other[n] for n in self.names]
+        else:
+            values = list(other)
+            if len(values) != len(self.names):
+                raise ValueError(
+                    f"expected {len(self.names)} tensors (one per parameter, in the order of "
+                    f"{self.names[:3]}...), got {len(values)}"
+                )
+        if not all(isinstance(v, Tensor) for v in values):
+            raise ValueError("a product in the parameters' layout takes tensors only")
+        single = values[0].ndim == self.params[0].ndim
+        k = 1 if single else int(values[0].shape[0])
+        V = []
+        for name, p, v in zip(self.names, self.params, values):
+            want = tuple(p.shape) if single else (k, *p.shape)
+            if tuple(v.shape) != want or v.device != self.device:
+                raise ValueError(
+                    f"{name}: expected a tensor of shape {want} on {self.device} (the "
+                    f"parameter's shape{'' if single else ', after the k vectors'}), got "
+                    f"{tuple(v.shape)} on {v.device}"
+                )
+            v = v.to(self.dtype).contiguous()
+            V.append(v.unsqueeze(0) if single else v)
+        return V, single
 
     def _reduced(self, out: Tensor | None, shape: tuple[int, ...], transpose: bool) -> Tensor:
         """This rank's sum over its batches, summed over the ranks (zeros for an empty shard;
@@ -801,14 +889,11 @@ class Fisher(_RowsOperator):
                 "passes (a shuffled loader?). Use a fixed-order loader."
             )
 
-    def _matmat(self, M: Tensor) -> Tensor:
+    def _batches(self) -> Iterable[tuple[Any, Tensor, int]]:
+        """The batches, after checking that their order is the one the seeds were fixed for
+        (every product and :meth:`diagonal` pass through here)."""
         self._check_order()
-        return super()._matmat(M)
-
-    def diagonal(self) -> Tensor:
-        """The diagonal ``[P]`` of the fixed MC sample (checks the data order first)."""
-        self._check_order()
-        return super().diagonal()
+        return super()._batches()
 
     def _prepare(self, position: int, X: Any, y: Tensor) -> tuple[dict[str, Any], float]:
         # one stream per (rank, batch position): seed + position for one process
