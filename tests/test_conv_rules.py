@@ -219,3 +219,51 @@ def test_conv_called_twice_and_subsampling():
     res = bg.compute(model, loss_fn, x, y, *QUANTITIES, subsampling=[2, 0])
     for q in QUANTITIES:
         assert_close(res[q], ref[q.key], f"twice/{q.key}")
+
+
+LAZY_CASES = {
+    "2d groups stride": (nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), (2, 4, 7, 6)),
+    "1d dilation reflect": (
+        nn.Conv1d(3, 2, 3, dilation=2, padding=2, padding_mode="reflect"),
+        (2, 3, 9),
+    ),
+    "3d same": (nn.Conv3d(2, 3, (2, 3, 1), padding="same", bias=False), (2, 2, 4, 5, 3)),
+}
+
+
+@pytest.mark.parametrize("case", list(LAZY_CASES))
+def test_lazy_conv_forms_products_by_convolution_equal_the_rows(case):
+    """``project``/``combine``/``grad`` of a convolution's weight form, computed by
+    convolutions without unfolding, equal the per-sample weight gradients (autograd per
+    sample and vector), float64; the unfolding happens only when a reduction needs it."""
+    from beyondgrad.rules.conv import LazyConvForm, conv_forms
+
+    torch.manual_seed(0)
+    module, x_shape = LAZY_CASES[case]
+    module = module.double()
+    x = torch.randn(x_shape, dtype=torch.float64)
+    K, N = 2, x_shape[0]
+    out_shape = module(x).shape
+    g = torch.randn(K * N, *out_shape[1:], dtype=torch.float64)
+    rows = torch.stack(
+        [
+            torch.autograd.grad(module(x[n : n + 1]), module.weight, g[k * N + n : k * N + n + 1])[
+                0
+            ]
+            for k in range(K)
+            for n in range(N)
+        ]
+    )  # [K N, *weight.shape]
+    form = conv_forms(module, x, g, vectors=K)["weight"]
+    parts = form.parts if hasattr(form, "parts") else [form]
+    assert all(isinstance(p, LazyConvForm) and p._A is None for p in parts)
+    V = torch.randn(3, *module.weight.shape, dtype=torch.float64)
+    C = torch.randn(K * N, 3, dtype=torch.float64)
+    flat = rows.reshape(K * N, -1)
+    torch.testing.assert_close(form.project(V), flat @ V.reshape(3, -1).T)
+    torch.testing.assert_close(form.combine(C), (C.T @ flat).reshape(3, *module.weight.shape))
+    torch.testing.assert_close(form.grad(), rows.sum(0))
+    assert all(p._A is None for p in parts)  # none of them unfolded the input
+    torch.testing.assert_close(form.batch_l2(), flat.square().sum(1))  # needs the rows' factors
+    assert all(p._A is not None for p in parts)
+    torch.testing.assert_close(form.project(V), flat @ V.reshape(3, -1).T)  # the GEMM path

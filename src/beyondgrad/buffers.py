@@ -70,6 +70,12 @@ def pooled(pool: BufferPool) -> Iterator[BufferPool]:
         _POOL.reset(token)
 
 
+def active_pool() -> BufferPool | None:
+    """The pool :func:`contiguous` writes into here, if any (to run later work in it:
+    ``with pooled(pool):``, within the same round)."""
+    return _POOL.get()
+
+
 def contiguous(t: Tensor) -> Tensor:
     """``t.contiguous()``, written into a buffer of the active :class:`BufferPool` when there is
     one, ``t`` is a CPU tensor that is not contiguous, and the copy will not be part of an
@@ -83,4 +89,4 @@ def contiguous(t: Tensor) -> Tensor:
     return pool.empty(t.shape, t.dtype, t.device).copy_(t)
 
 
-__all__ = ["BufferPool", "contiguous", "pooled"]
+__all__ = ["BufferPool", "active_pool", "contiguous", "pooled"]

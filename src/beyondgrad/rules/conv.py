@@ -4,7 +4,9 @@ groups, bias, and padding mode).
 The weight gradient of sample ``n`` is ``G_n^T U_n`` per group, with ``U_n`` the unfolded
 input ``[O, C_in/G * prod(K)]`` (one row per output position: the shared axis) and ``G_n`` the
 output gradient ``[O, C_out/G]``, i.e. an :class:`~beyondgrad.forms.OuterForm`; the form
-chooses between the Gram trick and materializing per-sample gradients by their costs.
+chooses between the Gram trick and materializing per-sample gradients by their costs. For
+``Conv{1,2,3}d`` the form (:class:`LazyConvForm`) unfolds only when such a reduction needs
+``U``: products with vectors, their combination and the gradient run as convolutions.
 Non-zero padding modes (``reflect``, ``replicate``, ``circular``) and ``padding="same"`` are
 handled exactly by padding the input first, as the layer itself does, and unfolding without
 padding.
@@ -12,12 +14,16 @@ padding.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..buffers import BufferPool, active_pool, pooled
 from ..conv import unfold, unfold_transpose
 from ..forms import ConcatForm, Form, OuterForm, PermutedForm, SampleForm
 
@@ -85,6 +91,128 @@ class ConvOuterForm(OuterForm):
         out = self.A.new_zeros(self.num_samples, self.G.shape[2], self.A.shape[2])
         self._blocks(lambda n, row: out[n].addcmul_(row, row))
         return out.reshape(self.num_samples, *self.shape)
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A convolution without padding (the input is padded already), as the unfolding and the
+    convolutions of :class:`LazyConvForm` need it."""
+
+    kernel: tuple[int, ...]
+    dilation: tuple[int, ...]
+    stride: tuple[int, ...]
+    out_sizes: tuple[int, ...]
+
+    def convolve(self, x: Tensor, weight: Tensor) -> Tensor:
+        """``conv(x, weight)`` ``[N, F, *out_sizes]`` for ``weight`` ``[F, C, *kernel]``."""
+        d = len(self.kernel)
+        zeros = [0] * d
+        return torch.convolution(
+            x, weight, None, list(self.stride), zeros, list(self.dilation), False, zeros, 1
+        )
+
+    def weight_grad(self, x: Tensor, grad_out: Tensor) -> Tensor:
+        """The weight gradient ``[F, C, *kernel]`` of ``conv(x, weight)`` for the output
+        gradient ``grad_out`` ``[N, F, *out_sizes]``, summed over the samples (the layer's
+        own backward kernel: no unfolded copy of ``x``)."""
+        d = len(self.kernel)
+        zeros = [0] * d
+        shape = (grad_out.shape[1], x.shape[1], *self.kernel)
+        weight = x.new_empty(shape)  # its shape is what the kernel reads
+        return torch.ops.aten.convolution_backward(
+            grad_out.contiguous(), x, weight, None, list(self.stride), zeros,
+            list(self.dilation), False, zeros, 1, [False, True, False],
+        )[1]  # fmt: skip
+
+
+class LazyConvForm(ConvOuterForm):
+    """:class:`ConvOuterForm` that keeps the (padded) layer input ``x`` ``[N, C, *spatial]``
+    and unfolds it into ``A`` only when a reduction needs the rows' factors (norms, Gram
+    matrices, squared sums, per-sample rows). Products with vectors (:meth:`project`), their
+    combination (:meth:`combine`) and the sum of the rows (:meth:`grad`) run as
+    convolutions instead: a forward of ``x`` with the vectors as weights, and the layer's
+    weight-gradient kernel, both on the output gradients in their own layout. That skips the
+    unfolded copy of the input and its transposed ``[N S, I]`` copy, the dominant extra cost of
+    matrix-free products through convolutions (``EmpiricalFisher @ v``, the Cockpit's
+    ``Alpha``). The unfolding, when it comes, writes into the buffer pool that was active
+    when the form was made (the same round).
+
+    Args:
+        x: the padded input ``[N, C, *spatial]`` (one group's channels).
+        G: the output gradients ``[K N, S, O]`` (a transposed view of ``[K N, O, S]``).
+        shape: the weight's shape per group.
+        vectors: ``K``.
+        geometry: the convolution.
+    """
+
+    def __init__(
+        self, x: Tensor, G: Tensor, shape: tuple[int, ...], vectors: int, geometry: ConvGeometry
+    ):
+        N, S = x.shape[0], math.prod(geometry.out_sizes)
+        if G.shape[0] != vectors * N or G.shape[1] != S:
+            raise ValueError(f"LazyConvForm: x {tuple(x.shape)} and G {tuple(G.shape)} disagree")
+        self._x, self._A, self.G = x, None, G
+        self.shape, self.vectors, self.num_samples = torch.Size(shape), vectors, N
+        self._geometry = geometry
+        self._pool: BufferPool | None = active_pool()
+
+    @property  # type: ignore[override]
+    def A(self) -> Tensor:
+        """The unfolded input ``[N, S, I]`` (a transposed view of ``[N, I, S]``), formed on
+        first use."""
+        if self._A is None:
+            g = self._geometry
+            with pooled(self._pool) if self._pool is not None else nullcontext():
+                U = unfold(self._x, g.kernel, g.dilation, 0, g.stride)
+            self._A = U.transpose(1, 2)
+        return self._A
+
+    @property
+    def _sizes(self) -> tuple[int, int, int, int, int]:
+        g = self._geometry
+        I = self._x.shape[1] * math.prod(g.kernel)
+        return self.vectors, self.num_samples, math.prod(g.out_sizes), I, self.G.shape[2]
+
+    def _by_convolution(self) -> bool:
+        """Whether the products go through convolutions: while ``A`` is not unfolded (once it
+        is, the GEMMs on it cost less than the convolutions' own input handling)."""
+        return self._A is None
+
+    def _output_gradients(self) -> Tensor:
+        """``[K, N, O, S]``: the output gradients in their own layout (a view)."""
+        K, N, S, _I, O = self._sizes
+        return self.G.transpose(1, 2).reshape(K, N, O, S)
+
+    def _project(self, vectors: Tensor) -> Tensor:
+        if not self._by_convolution():
+            return super()._project(vectors)
+        K, N, S, _I, O = self._sizes
+        c = vectors.shape[0]
+        weight = vectors.reshape(c * O, self._x.shape[1], *self._geometry.kernel)
+        AV = self._geometry.convolve(self._x, weight).reshape(N, c, O * S)  # [N, c, O S]
+        G = self._output_gradients().reshape(K, N, O * S).transpose(0, 1)  # [N, K, O S]
+        return torch.bmm(G, AV.transpose(1, 2)).transpose(0, 1).reshape(K * N, c)
+
+    def _combine(self, coefficients: Tensor) -> Tensor:
+        if not self._by_convolution():
+            return super()._combine(coefficients)
+        K, N, _S, _I, O = self._sizes
+        c = coefficients.shape[1]
+        weighted = torch.einsum(
+            "knc,knos->cnos", coefficients.view(K, N, c), self._output_gradients()
+        )
+        sizes = self._geometry.out_sizes
+        out = [self._geometry.weight_grad(self._x, w.reshape(N, O, *sizes)) for w in weighted]
+        return torch.stack(out).reshape(c, *self.shape)
+
+    def _grad(self) -> Tensor:
+        if not self._by_convolution():
+            return super()._grad()
+        K, N, _S, _I, O = self._sizes
+        G = self._output_gradients()
+        G = G.sum(0) if K > 1 else G[0]
+        grad = self._geometry.weight_grad(self._x, G.reshape(N, O, *self._geometry.out_sizes))
+        return grad.reshape(self.shape)
 
 
 def _check_batched(module: nn.Module, x: Tensor, d: int) -> None:
@@ -158,11 +286,25 @@ def conv_forms(
     x = padded_input(module, x)
     forms = _bias_form(module, g, vectors)
     if module.weight.requires_grad:
-        U = unfold(x, module.kernel_size, module.dilation, 0, module.stride)
         R, F_out = g.shape[:2]
+        geometry = ConvGeometry(
+            tuple(module.kernel_size), tuple(module.dilation), tuple(module.stride),
+            tuple(g.shape[2:]),
+        )  # fmt: skip
         shape = (F_out // module.groups, *module.weight.shape[1:])
         G = g.reshape(R, F_out, -1)
-        forms["weight"] = _grouped_outer(U, G, module.groups, shape, None, vectors)
+        C, groups = x.shape[1], module.groups
+        parts: list[Form] = [
+            LazyConvForm(
+                x[:, gr * C // groups : (gr + 1) * C // groups],
+                G[:, gr * F_out // groups : (gr + 1) * F_out // groups].transpose(1, 2),
+                shape,
+                vectors,
+                geometry,
+            )
+            for gr in range(groups)
+        ]
+        forms["weight"] = parts[0] if groups == 1 else ConcatForm(parts)
     return forms
 
 
