@@ -160,6 +160,32 @@ def test_fisher_products_in_the_parameters_layout_and_bad_vectors():
         F @ parts
 
 
+def test_kfac_operators_and_composites_with_the_parameters_layout():
+    """KFAC/EKFAC take the parameters' layout too (packed and split); operators that know no
+    parameters refuse it with a TypeError naming the ones that do."""
+    model, X, y, loss_fn = CASES["mlp"]()
+    data = batches(X, y, [3, 2])
+    g = torch.Generator().manual_seed(3)
+    for cls in (bg.linops.KFAC, bg.linops.EKFAC):
+        A = cls(model, loss_fn, data, fisher_type="type-2")
+        shapes = dict(model.named_parameters())
+        V = torch.randn(A.shape[1], 2, generator=g, dtype=torch.float64)
+        sizes = [shapes[n].numel() for n in A.names]
+        parts = [
+            b.T.reshape(2, *shapes[n].shape) for b, n in zip(torch.split(V, sizes), A.names)
+        ]
+        want = [
+            b.T.reshape(2, *shapes[n].shape)
+            for b, n in zip(torch.split(A.to_dense() @ V, sizes), A.names)
+        ]
+        got = A @ {n: t for n, t in zip(A.names, parts)}
+        torch.testing.assert_close(list(got.values()), want)
+        single = A @ tuple(t[0] for t in parts)
+        torch.testing.assert_close(list(single), [t[0] for t in want])
+    with pytest.raises(TypeError, match="acts on flat vectors"):
+        (2.0 * A) @ parts
+
+
 def test_parameter_subsets_composition_and_scipy():
     model, X, y, loss_fn = CASES["mlp"]()
     data = [(X, y)]

@@ -90,6 +90,13 @@ class LinearOperator:
     def __matmul__(self, other: Tensor | LinearOperator) -> Tensor | LinearOperator:
         if isinstance(other, LinearOperator):
             return _Product(self, other)
+        if not isinstance(other, Tensor):
+            raise TypeError(
+                f"{type(self).__name__} acts on flat vectors [n] and blocks [n, k] (or other "
+                f"operators), got a {type(other).__name__}; vectors in the parameters' layout "
+                "(lists, tuples, dicts of per-parameter tensors) are taken by the data-set "
+                "operators (Hessian, GGN, EmpiricalFisher, Fisher) and KFAC/EKFAC"
+            )
         if other.ndim not in (1, 2) or other.shape[0] != self.shape[1]:
             n = self.shape[1]
             raise ValueError(f"expected a vector [{n}] or block [{n}, k], got {tuple(other.shape)}")

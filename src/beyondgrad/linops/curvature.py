@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -49,7 +49,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..distributed import group as dist_group
 from ..distributed.fsdp import refuse_sharded
-from . import _engine
+from . import _engine, layout
 from .base import LinearOperator, columns_first
 from .data import DataSet, require_reiterable
 from .structures import Diagonal  # noqa: F401 (its former home)
@@ -338,12 +338,13 @@ class CurvatureOperator(_KeptBatchState, LinearOperator):
             KeyError: a dict whose keys are not the operator's parameter names.
             ValueError: a wrong number of tensors, or a tensor of the wrong shape or device.
         """
-        if isinstance(other, (list, tuple, Mapping)):
+        if layout.is_parameter_layout(other):
             return self._parameter_product(other)
         return super().__matmul__(other)
 
-    def _parameter_product(self, other: Sequence[Tensor] | Mapping[str, Tensor]) -> Any:
-        V, single = self._parameter_block(other)
+    def _parameter_product(self, other: layout.ParameterVectors) -> Any:
+        shapes = [p.shape for p in self.params]
+        V, single = layout.parameter_block(other, self.names, shapes, self.dtype, self.device)
         if self.group is not None:
             flat = torch.cat([v.reshape(-1) for v in V])
             dist_group.check_same_tensor(flat, "the vectors of a product", self.group)
@@ -362,47 +363,7 @@ class CurvatureOperator(_KeptBatchState, LinearOperator):
         for t in out:
             dist_group.all_reduce_sum_(t, self.group)
             _check_finite(self, t, "product")
-        out = [t[0] for t in out] if single else out
-        if isinstance(other, Mapping):
-            return dict(zip(self.names, out))
-        return type(other)(out) if isinstance(other, tuple) else out
-
-    def _parameter_block(
-        self, other: Sequence[Tensor] | Mapping[str, Tensor]
-    ) -> tuple[list[Tensor], bool]:
-        """Per parameter ``[k, *shape]`` blocks (``self.dtype``, contiguous) from vectors in
-        the parameters' layout, and whether they were single vectors (``k = 1``)."""
-        if isinstance(other, Mapping):
-            if set(other) != set(self.names):
-                raise KeyError(
-                    "a product in the parameters' layout needs one tensor per parameter name: "
-                    f"missing {sorted(set(self.names) - set(other))}, "
-                    f"unknown {sorted(set(other) - set(self.names))}"
-                )
-            values = [other[n] for n in self.names]
-        else:
-            values = list(other)
-            if len(values) != len(self.names):
-                raise ValueError(
-                    f"expected {len(self.names)} tensors (one per parameter, in the order of "
-                    f"{self.names[:3]}...), got {len(values)}"
-                )
-        if not all(isinstance(v, Tensor) for v in values):
-            raise ValueError("a product in the parameters' layout takes tensors only")
-        single = values[0].ndim == self.params[0].ndim
-        k = 1 if single else int(values[0].shape[0])
-        V = []
-        for name, p, v in zip(self.names, self.params, values):
-            want = tuple(p.shape) if single else (k, *p.shape)
-            if tuple(v.shape) != want or v.device != self.device:
-                raise ValueError(
-                    f"{name}: expected a tensor of shape {want} on {self.device} (the "
-                    f"parameter's shape{'' if single else ', after the k vectors'}), got "
-                    f"{tuple(v.shape)} on {v.device}"
-                )
-            v = v.to(self.dtype).contiguous()
-            V.append(v.unsqueeze(0) if single else v)
-        return V, single
+        return layout.in_layout_of(other, self.names, out, single)
 
     def _reduced(self, out: Tensor | None, shape: tuple[int, ...], transpose: bool) -> Tensor:
         """This rank's sum over its batches, summed over the ranks (zeros for an empty shard;

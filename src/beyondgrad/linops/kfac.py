@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..distributed import group as dist_group
 from ..factors import DiagonalFactors, KroneckerFactors, to_block_layout
-from . import _engine
+from . import _engine, layout
 from .data import DataSet
 from .structures import BlockDiagonal, Diagonal, Kronecker, StructuredOperator
 from .tied import METHODS, KroneckerSum
@@ -310,6 +310,18 @@ class KFAC(BlockDiagonal):
         self.num_data = ds.total()
         parts = self._structure(model, loss_fn, ds, generator, fisher_type, mc_samples)
         super().__init__(parts, sum(self.sizes))
+
+    def __matmul__(self, other: Any) -> Any:
+        """Flat ``A @ v`` / ``A @ V``, or vectors in the parameters' layout (a list, tuple or
+        dict of ``[*shape]`` or ``[k, *shape]`` tensors over ``names``, returned alike; see
+        :mod:`beyondgrad.linops.layout`): packed into a flat block and split again (two
+        copies)."""
+        if not layout.is_parameter_layout(other):
+            return super().__matmul__(other)
+        shapes = [self.params[n].shape for n in self.names]
+        V, single = layout.parameter_block(other, self.names, shapes, self.dtype, self.device)
+        out = layout.split_block(self._matmat(layout.flat_block(V)), shapes)
+        return layout.in_layout_of(other, self.names, out, single)
 
     def block_index(self, block: Block) -> Tensor:
         """Positions in the flat vector of the block's entries, in the block's layout
