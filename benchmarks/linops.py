@@ -12,7 +12,9 @@ Sections (per problem: ``mlp``, ``cnn``, ``transformer``; data ``[(X, y)]``, one
 
 * **products**: one matvec ``A @ v`` and one 16-column block ``A @ V`` of ``bg.linops``
   ``Hessian``, ``GGN``, ``EmpiricalFisher``, ``KFAC`` and ``EKFAC`` (MC, one sample; the product
-  only, construction time in the notes), as ratios to one plain forward+backward. Peers:
+  only, construction time in the notes), as ratios to one plain forward+backward; the Hessian
+  and GGN blocks also with the vectors in the parameters' layout (``A @ [t_1, ..., t_p]``, each
+  ``[16, *shape]``, as torch.func and double backward take them). Peers:
   curvlinops (``HessianLinearOperator``, ``GGNLinearOperator``, ``EFLinearOperator``,
   ``KFACLinearOperator``, ``EKFACLinearOperator``), torch.func (HVP as ``jvp(grad)``; GGN as
   ``jvp`` -> loss Hessian -> ``vjp``), plain double backward, PyHessian. The protocol is that of
@@ -1378,7 +1380,9 @@ def render(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
         "Operators are built in set-up (not timed); KFAC/EKFAC construction (one pass over the "
         "data) is in the notes. Each library takes its native vector format (flat tensor: "
         "beyondgrad, curvlinops; per-parameter list/dict: double backward, torch.func, "
-        "PyHessian), prepared in set-up.",
+        "PyHessian), prepared in set-up; beyondgrad's Hessian and GGN blocks also run on "
+        "per-parameter `[k, *shape]` tensors (rows `beyondgrad (per-parameter)`), and the "
+        "summary shows beyondgrad's faster row, named when it is that one.",
         "* **Eigenvalue / trace**: one process per problem and section; the fwd+bwd baseline is "
         "sampled there before and after the runs (its median is the denominator). Time of a "
         "run: from before the operator (beyondgrad) or `hessian()` (PyHessian, which builds "

@@ -228,6 +228,7 @@ LAZY_CASES = {
         (2, 3, 9),
     ),
     "3d same": (nn.Conv3d(2, 3, (2, 3, 1), padding="same", bias=False), (2, 2, 4, 5, 3)),
+    "2d unpadded": (nn.Conv2d(3, 4, 2), (2, 3, 5, 5)),
 }
 
 
@@ -235,7 +236,8 @@ LAZY_CASES = {
 def test_lazy_conv_forms_products_by_convolution_equal_the_rows(case):
     """``project``/``combine``/``grad`` of a convolution's weight form, computed by
     convolutions without unfolding, equal the per-sample weight gradients (autograd per
-    sample and vector), float64; the unfolding happens only when a reduction needs it."""
+    sample and vector), float64; the unfolding happens only when a reduction needs it, and
+    changing the input in place afterwards changes nothing."""
     from beyondgrad.rules.conv import LazyConvForm, conv_forms
 
     torch.manual_seed(0)
@@ -255,6 +257,7 @@ def test_lazy_conv_forms_products_by_convolution_equal_the_rows(case):
         ]
     )  # [K N, *weight.shape]
     form = conv_forms(module, x, g, vectors=K)["weight"]
+    x.add_(1.0)  # e.g. a loader refilling its buffer: the form holds its own copy
     parts = form.parts if hasattr(form, "parts") else [form]
     assert all(isinstance(p, LazyConvForm) and p._A is None for p in parts)
     V = torch.randn(3, *module.weight.shape, dtype=torch.float64)

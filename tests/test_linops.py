@@ -97,6 +97,33 @@ def test_empirical_fisher_fisher_and_sum_reduction():
     )
 
 
+class _SplitWeight(nn.Module):
+    """``W = base + delta``: autograd gives both parameters one and the same gradient tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(4)
+        self.base = nn.Parameter(torch.randn(3, 4, generator=g, dtype=torch.float64))
+        self.delta = nn.Parameter(0.1 * torch.randn(3, 4, generator=g, dtype=torch.float64))
+
+    def forward(self, x):
+        return nn.functional.linear(torch.tanh(x), self.base + self.delta)
+
+
+def test_parameter_layout_products_of_parameters_sharing_one_gradient():
+    """Two parameters whose products are one tensor are summed over batches separately."""
+    model = _SplitWeight().eval()
+    X = torch.randn(5, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    y = torch.tensor([0, 2, 1, 1, 0])
+    data = batches(X, y, [3, 2])
+    for cls in (Hessian, GGN, EmpiricalFisher):
+        A = cls(model, nn.CrossEntropyLoss(), data)
+        V = torch.randn(A.shape[1], 2, dtype=torch.float64)
+        got = A @ [t.contiguous() for t in A.split(V)]
+        torch.testing.assert_close(got, [t.contiguous() for t in A.split(A.to_dense() @ V)])
+        assert got[0].data_ptr() != got[1].data_ptr()
+
+
 class _SummedShift(nn.Module):
     """``x + p.sum()``: autograd's gradient of ``p`` is an expanded (stride-0) tensor."""
 
@@ -150,7 +177,7 @@ def test_fisher_products_in_the_parameters_layout_and_bad_vectors():
         F @ parts[:-1]
     with pytest.raises(ValueError, match=r"0.weight: expected a tensor of shape \(2, "):
         F @ [parts[0][:, :1], *parts[1:]]
-    with pytest.raises(ValueError, match="tensors only"):
+    with pytest.raises(TypeError, match="tensors only"):
         F @ [p.tolist() for p in parts]
     with pytest.raises(KeyError, match=rf"missing \['{F.names[-1]}'\], unknown \['x'\]"):
         F @ {**dict(zip(F.names[:-1], parts)), "x": parts[-1]}
@@ -171,9 +198,7 @@ def test_kfac_operators_and_composites_with_the_parameters_layout():
         shapes = dict(model.named_parameters())
         V = torch.randn(A.shape[1], 2, generator=g, dtype=torch.float64)
         sizes = [shapes[n].numel() for n in A.names]
-        parts = [
-            b.T.reshape(2, *shapes[n].shape) for b, n in zip(torch.split(V, sizes), A.names)
-        ]
+        parts = [b.T.reshape(2, *shapes[n].shape) for b, n in zip(torch.split(V, sizes), A.names)]
         want = [
             b.T.reshape(2, *shapes[n].shape)
             for b, n in zip(torch.split(A.to_dense() @ V, sizes), A.names)

@@ -76,6 +76,16 @@ def active_pool() -> BufferPool | None:
     return _POOL.get()
 
 
+def private_copy(t: Tensor) -> Tensor:
+    """A contiguous copy of ``t`` that nothing else aliases: into a buffer of the active pool
+    under the conditions of :func:`contiguous`, else ``t.clone()``."""
+    pool = _POOL.get()
+    usable = pool is not None and t.device.type == "cpu"
+    if not usable or (torch.is_grad_enabled() and t.requires_grad):
+        return t.clone(memory_format=torch.contiguous_format)
+    return pool.empty(t.shape, t.dtype, t.device).copy_(t)  # type: ignore[union-attr]
+
+
 def contiguous(t: Tensor) -> Tensor:
     """``t.contiguous()``, written into a buffer of the active :class:`BufferPool` when there is
     one, ``t`` is a CPU tensor that is not contiguous, and the copy will not be part of an
@@ -89,4 +99,4 @@ def contiguous(t: Tensor) -> Tensor:
     return pool.empty(t.shape, t.dtype, t.device).copy_(t)
 
 
-__all__ = ["BufferPool", "active_pool", "contiguous", "pooled"]
+__all__ = ["BufferPool", "active_pool", "contiguous", "pooled", "private_copy"]

@@ -95,7 +95,8 @@ class LinearOperator:
                 f"{type(self).__name__} acts on flat vectors [n] and blocks [n, k] (or other "
                 f"operators), got a {type(other).__name__}; vectors in the parameters' layout "
                 "(lists, tuples, dicts of per-parameter tensors) are taken by the data-set "
-                "operators (Hessian, GGN, EmpiricalFisher, Fisher) and KFAC/EKFAC"
+                "operators (Hessian, GGN, EmpiricalFisher, Fisher) and by KFAC/EKFAC "
+                "themselves, not by their inverses or compositions"
             )
         if other.ndim not in (1, 2) or other.shape[0] != self.shape[1]:
             n = self.shape[1]

@@ -88,10 +88,17 @@ def _check_finite(op: Any, out: Tensor, what: str) -> None:
     )
 
 
-def _owned(block: Tensor) -> Tensor:
-    """``block`` where it may be updated in place (a dense, fresh product), else a copy (an
-    expanded gradient, e.g. of a sum, shares one element among many entries)."""
-    return block if block.is_contiguous() else block.contiguous()
+def _owned(blocks: Sequence[Tensor]) -> list[Tensor]:
+    """``blocks`` where each may be updated in place (dense, and no other block shares its
+    memory), else copies: an expanded gradient (e.g. of a sum) shares one element among many
+    entries, and autograd hands the same tensor to both inputs of an addition (``W = base +
+    delta``: one product for ``base`` and ``delta``)."""
+    out, seen = [], set()
+    for b in blocks:
+        ptr = b.untyped_storage().data_ptr()
+        out.append(b if b.is_contiguous() and ptr not in seen else b.clone())
+        seen.add(ptr)
+    return out
 
 
 class _KeptBatchState:
@@ -351,7 +358,7 @@ class CurvatureOperator(_KeptBatchState, LinearOperator):
         out: list[Tensor] | None = None
         for blocks, weight in self._weighted_batch_results(V):
             if out is None:  # a batch's products are fresh tensors: the sum may own them
-                out = [_owned(b) for b in blocks]
+                out = _owned(blocks)
                 if weight != 1.0:
                     out = [t.mul_(weight) for t in out]
             else:
@@ -360,8 +367,10 @@ class CurvatureOperator(_KeptBatchState, LinearOperator):
             if self.group is None:
                 raise ValueError("the data set is empty")
             out = [torch.zeros_like(v) for v in V]
+        if self.group is not None:  # one all-reduce for all parameters
+            flat = dist_group.all_reduce_sum_(torch.cat([t.reshape(-1) for t in out]), self.group)
+            out = [f.view_as(t) for f, t in zip(torch.split(flat, [t.numel() for t in out]), out)]
         for t in out:
-            dist_group.all_reduce_sum_(t, self.group)
             _check_finite(self, t, "product")
         return layout.in_layout_of(other, self.names, out, single)
 

@@ -3,8 +3,9 @@
 ``A @ [t_1, ..., t_p]`` (in the operator's ``names`` order), ``A @ (t_1, ..., t_p)`` or
 ``A @ {name: t}``: each ``t`` has its parameter's shape (one vector) or ``[k, *shape]`` (a block
 of ``k``, leading like ``vmap``'s and ``autograd.grad(is_grads_batched=True)``'s); the product
-comes back in the same container and layout. :func:`parameter_block` checks and normalizes
-the input, :func:`in_layout_of` packs the result.
+comes back in the same kind of container (a list, a plain tuple, a dict) and layout, in the
+operator's dtype and on its device (where the vectors must be). :func:`parameter_block` checks
+and normalizes the input, :func:`in_layout_of` packs the result.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ def parameter_block(
 
     Raises:
         KeyError: a dict whose keys are not ``names``.
-        ValueError: a wrong number of tensors, something else than tensors, or a tensor of
-            the wrong shape or device.
+        TypeError: an entry that is not a tensor.
+        ValueError: a wrong number of tensors, or a tensor of the wrong shape or device (the
+            vectors must be on the operator's device; they are cast to its dtype).
     """
     if isinstance(other, Mapping):
         if set(other) != set(names):
@@ -64,7 +66,7 @@ def parameter_block(
                 f"{list(names[:3])}...), got {len(values)}"
             )
     if not all(isinstance(v, Tensor) for v in values):
-        raise ValueError("a product in the parameters' layout takes tensors only")
+        raise TypeError("a product in the parameters' layout takes tensors only")
     single = values[0].ndim == len(shapes[0])
     k = 1 if single else int(values[0].shape[0])
     blocks = []

@@ -15,15 +15,15 @@ padding.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..buffers import BufferPool, active_pool, pooled
+from ..buffers import BufferPool, active_pool, pooled, private_copy
 from ..conv import unfold, unfold_transpose
 from ..forms import ConcatForm, Form, OuterForm, PermutedForm, SampleForm
 
@@ -107,9 +107,10 @@ class ConvGeometry:
         """``conv(x, weight)`` ``[N, F, *out_sizes]`` for ``weight`` ``[F, C, *kernel]``."""
         d = len(self.kernel)
         zeros = [0] * d
-        return torch.convolution(
-            x, weight, None, list(self.stride), zeros, list(self.dilation), False, zeros, 1
-        )
+        with _gemm_precision(x):
+            return torch.convolution(
+                x, weight, None, list(self.stride), zeros, list(self.dilation), False, zeros, 1
+            )
 
     def weight_grad(self, x: Tensor, grad_out: Tensor) -> Tensor:
         """The weight gradient ``[F, C, *kernel]`` of ``conv(x, weight)`` for the output
@@ -119,10 +120,29 @@ class ConvGeometry:
         zeros = [0] * d
         shape = (grad_out.shape[1], x.shape[1], *self.kernel)
         weight = x.new_empty(shape)  # its shape is what the kernel reads
-        return torch.ops.aten.convolution_backward(
-            grad_out.contiguous(), x, weight, None, list(self.stride), zeros,
-            list(self.dilation), False, zeros, 1, [False, True, False],
-        )[1]  # fmt: skip
+        with _gemm_precision(x):
+            return torch.ops.aten.convolution_backward(
+                grad_out.contiguous(), x, weight, None, list(self.stride), zeros,
+                list(self.dilation), False, zeros, 1, [False, True, False],
+            )[1]  # fmt: skip
+
+
+@contextmanager
+def _gemm_precision(x: Tensor) -> Iterator[None]:
+    """cuDNN convolutions at the precision of float32 matrix products: cuDNN runs float32
+    convolutions in TF32 by default where matrix products do not, so products that the
+    unfolded path forms by GEMMs would otherwise lose about 13 bits (CUDA only; the user's
+    TF32 setting for matrix products is followed)."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if x.device.type != "cuda" or x.dtype != torch.float32 or conv is None:
+        yield
+        return
+    before = conv.fp32_precision
+    conv.fp32_precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision = before
 
 
 class LazyConvForm(ConvOuterForm):
@@ -138,7 +158,9 @@ class LazyConvForm(ConvOuterForm):
     when the form was made (the same round).
 
     Args:
-        x: the padded input ``[N, C, *spatial]`` (one group's channels).
+        x: the padded input ``[N, C, *spatial]`` (one group's channels; the rule passes its
+            own copy, never the caller's tensor, which a data loader or an optimizer step may
+            overwrite before a later product reads it).
         G: the output gradients ``[K N, S, O]`` (a transposed view of ``[K N, O, S]``).
         shape: the weight's shape per group.
         vectors: ``K``.
@@ -283,7 +305,7 @@ def conv_forms(
 ) -> dict[str, Form]:
     d = len(module.kernel_size)
     _check_batched(module, x, d)
-    x = padded_input(module, x)
+    padded = padded_input(module, x)
     forms = _bias_form(module, g, vectors)
     if module.weight.requires_grad:
         R, F_out = g.shape[:2]
@@ -293,6 +315,9 @@ def conv_forms(
         )  # fmt: skip
         shape = (F_out // module.groups, *module.weight.shape[1:])
         G = g.reshape(R, F_out, -1)
+        if padded is x:  # the caller's tensor: a copy, as the unfolded input was one
+            padded = private_copy(x)
+        x = padded
         C, groups = x.shape[1], module.groups
         parts: list[Form] = [
             LazyConvForm(
