@@ -12,9 +12,9 @@ Sections (per problem: ``mlp``, ``cnn``, ``transformer``; data ``[(X, y)]``, one
 
 * **products**: one matvec ``A @ v`` and one 16-column block ``A @ V`` of ``bg.linops``
   ``Hessian``, ``GGN``, ``EmpiricalFisher``, ``KFAC`` and ``EKFAC`` (MC, one sample; the product
-  only, construction time in the notes), as ratios to one plain forward+backward; the Hessian
-  and GGN blocks also with the vectors in the parameters' layout (``A @ [t_1, ..., t_p]``, each
-  ``[16, *shape]``, as torch.func and double backward take them). Peers:
+  only, construction time in the notes), as ratios to one plain forward+backward; the Hessian,
+  GGN and empirical Fisher blocks also with the vectors in the parameters' layout (``A @ [t_1,
+  ..., t_p]``, each ``[16, *shape]``, as torch.func and double backward take them). Peers:
   curvlinops (``HessianLinearOperator``, ``GGNLinearOperator``, ``EFLinearOperator``,
   ``KFACLinearOperator``, ``EKFACLinearOperator``), torch.func (HVP as ``jvp(grad)``; GGN as
   ``jvp`` -> loss Hessian -> ``vjp``), plain double backward, PyHessian. The protocol is that of
@@ -423,7 +423,7 @@ def cell_specs(problem: str, smoke: bool = False) -> list[CellSpec]:
             *(ours(gv, "GGN", k, layout) for layout in layouts),
             cl(gv, "GGN", k),
             CellSpec(gv, "torch.func", func_setup("ggnvp", k)),
-            ours(ev, "EF", k),
+            *(ours(ev, "EF", k, layout) for layout in layouts),
             cl(ev, "EF", k),
             ours(kv, "KFAC", k),
             cl(kv, "KFAC", k),
@@ -1380,8 +1380,9 @@ def render(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
         "Operators are built in set-up (not timed); KFAC/EKFAC construction (one pass over the "
         "data) is in the notes. Each library takes its native vector format (flat tensor: "
         "beyondgrad, curvlinops; per-parameter list/dict: double backward, torch.func, "
-        "PyHessian), prepared in set-up; beyondgrad's Hessian and GGN blocks also run on "
-        "per-parameter `[k, *shape]` tensors (rows `beyondgrad (per-parameter)`), and the "
+        "PyHessian), prepared in set-up; beyondgrad's Hessian, GGN and empirical Fisher "
+        "blocks also run on per-parameter `[k, *shape]` tensors (rows `beyondgrad "
+        "(per-parameter)`), and the "
         "summary shows beyondgrad's faster row, named when it is that one.",
         "* **Eigenvalue / trace**: one process per problem and section; the fwd+bwd baseline is "
         "sampled there before and after the runs (its median is the denominator). Time of a "
