@@ -343,6 +343,7 @@ class CurvatureOperator(_KeptBatchState, LinearOperator):
 
         Raises:
             KeyError: a dict whose keys are not the operator's parameter names.
+            TypeError: an entry that is not a tensor.
             ValueError: a wrong number of tensors, or a tensor of the wrong shape or device.
         """
         if layout.is_parameter_layout(other):

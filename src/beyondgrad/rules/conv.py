@@ -197,7 +197,8 @@ class LazyConvForm(ConvOuterForm):
 
     def _by_convolution(self) -> bool:
         """Whether the products go through convolutions: while ``A`` is not unfolded (once it
-        is, the GEMMs on it cost less than the convolutions' own input handling)."""
+        is, they read it as the eager form does; in the Cockpit's economy step on the cnn the
+        rows are materialized by then, and forcing convolutions measured the same)."""
         return self._A is None
 
     def _output_gradients(self) -> Tensor:
