@@ -13,8 +13,9 @@ Sections (per problem: ``mlp``, ``cnn``, ``transformer``; data ``[(X, y)]``, one
 * **products**: one matvec ``A @ v`` and one 16-column block ``A @ V`` of ``bg.linops``
   ``Hessian``, ``GGN``, ``EmpiricalFisher``, ``KFAC`` and ``EKFAC`` (MC, one sample; the product
   only, construction time in the notes), as ratios to one plain forward+backward; the Hessian,
-  GGN and empirical Fisher blocks also with the vectors in the parameters' layout (``A @ [t_1,
-  ..., t_p]``, each ``[16, *shape]``, as torch.func and double backward take them). Peers:
+  GGN and empirical Fisher products also with the vectors in the parameters' layout (``A @
+  [t_1, ..., t_p]``, each ``[*shape]`` or ``[16, *shape]``, as torch.func and double backward
+  take them). Peers:
   curvlinops (``HessianLinearOperator``, ``GGNLinearOperator``, ``EFLinearOperator``,
   ``KFACLinearOperator``, ``EKFACLinearOperator``), torch.func (HVP as ``jvp(grad)``; GGN as
   ``jvp`` -> loss Hessian -> ``vjp``), plain double backward, PyHessian. The protocol is that of
@@ -410,8 +411,8 @@ def cell_specs(problem: str, smoke: bool = False) -> list[CellSpec]:
         (1, ("hvp", "ggnvp", "efvp", "kfacvp", "ekfacvp")),
         (K, ("hmp", "ggnmp", "efmp", "kfacmp", "ekfacmp")),
     )[: 1 if smoke else 2]:
-        # blocks also in the per-parameter layout (the one torch.func and double backward take)
-        layouts = ("flat", "params") if k > 1 else ("flat",)
+        # also in the per-parameter layout (the one torch.func and double backward take)
+        layouts = ("flat", "params")
         specs += [
             *(ours(hv, "H", k, layout) for layout in layouts),
             cl(hv, "H", k),
@@ -1381,7 +1382,7 @@ def render(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
         "data) is in the notes. Each library takes its native vector format (flat tensor: "
         "beyondgrad, curvlinops; per-parameter list/dict: double backward, torch.func, "
         "PyHessian), prepared in set-up; beyondgrad's Hessian, GGN and empirical Fisher "
-        "blocks also run on per-parameter `[k, *shape]` tensors (rows `beyondgrad "
+        "products also run on per-parameter tensors (rows `beyondgrad "
         "(per-parameter)`), and the "
         "summary shows beyondgrad's faster row, named when it is that one.",
         "* **Eigenvalue / trace**: one process per problem and section; the fwd+bwd baseline is "
