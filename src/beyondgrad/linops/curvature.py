@@ -50,7 +50,7 @@ from torch.utils._pytree import tree_flatten
 from ..distributed import group as dist_group
 from ..distributed.fsdp import refuse_sharded
 from . import _engine, layout
-from .base import LinearOperator, columns_first
+from .base import LinearOperator
 from .data import DataSet, require_reiterable
 from .structures import Diagonal  # noqa: F401 (its former home)
 
@@ -286,14 +286,14 @@ class CurvatureOperator(_KeptBatchState, LinearOperator):
         """Per parameter contiguous blocks of a block of vectors.
 
         Args:
-            M: ``[P, k]``, any strides (a row-major block is transposed by
-                :func:`columns_first`'s cache-sized blocks, a column-major one is not copied).
+            M: ``[P, k]``, any strides (a row-major block is transposed in cache-sized
+                blocks, :func:`~beyondgrad.linops.base.columns_first`; a column-major one is
+                not copied).
 
         Returns:
             One contiguous ``[k, *shape]`` tensor per parameter.
         """
-        blocks = torch.split(M, self.sizes, 0)
-        return [columns_first(b).view(M.shape[1], *p.shape) for b, p in zip(blocks, self.params)]
+        return layout.split_block(M, [p.shape for p in self.params])
 
     def _accumulate(self, out: Tensor | None, blocks: Sequence[Tensor], weight: float) -> Tensor:
         """``out += weight * blocks`` (per parameter ``[k, *shape]``), parameter by parameter,
@@ -941,10 +941,7 @@ class Jacobian(_JacobianProducts, _KeptBatchState, LinearOperator):
 
     def _matmat(self, M: Tensor) -> Tensor:
         k = M.shape[1]
-        V = [
-            columns_first(b).view(k, *p.shape)
-            for b, p in zip(torch.split(M, self.sizes, 0), self.params)
-        ]
+        V = layout.split_block(M, [p.shape for p in self.params])
         rows = []
         for state in self._states():
             out = state["out"]

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .base import columns_first
+
 ParameterVectors = Sequence[Tensor] | Mapping[str, Tensor]
 
 
@@ -101,10 +103,12 @@ def flat_block(blocks: list[Tensor]) -> Tensor:
 
 
 def split_block(M: Tensor, shapes: Sequence[torch.Size]) -> list[Tensor]:
-    """A ``[P, k]`` block as per parameter ``[k, *shape]`` tensors (contiguous copies)."""
+    """A ``[P, k]`` block (any strides) as per parameter contiguous ``[k, *shape]`` tensors:
+    views where ``M`` is column-major, else transposing copies in cache-sized blocks
+    (:func:`~beyondgrad.linops.base.columns_first`)."""
     k = M.shape[1]
     sizes = [int(torch.Size(s).numel()) for s in shapes]
-    return [b.T.reshape(k, *s).contiguous() for b, s in zip(torch.split(M, sizes, 0), shapes)]
+    return [columns_first(b).view(k, *s) for b, s in zip(torch.split(M, sizes, 0), shapes)]
 
 
 __all__ = [
