@@ -129,10 +129,13 @@ def _kfac_cases():
 
 @pytest.mark.parametrize("case", ["mlp", "conv", "convT", "embedding"])
 @pytest.mark.parametrize("mode", ["eigen", "pi"])
-def test_kfac_step_is_damped_natural_gradient(case, mode):
+@pytest.mark.parametrize("fisher", ["type-2", "empirical"])
+def test_kfac_step_is_damped_natural_gradient(case, mode, fisher):
+    """The empirical Fisher's statistics come from the ordinary backward (no pass of their
+    own); the reference factors from ``bg.compute``'s own backward."""
     model, X, y = _kfac_cases()[case]
     loss_fn, lr, damping = nn.CrossEntropyLoss(), 0.3, 0.05
-    res = bg.compute(model, loss_fn, X, y, bg.Grad(), bg.KFAC(fisher_type="type-2"))
+    res = bg.compute(model, loss_fn, X, y, bg.Grad(), bg.KFAC(fisher_type=fisher))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = KFAC(
         model,
@@ -140,14 +143,14 @@ def test_kfac_step_is_damped_natural_gradient(case, mode):
         lr=lr,
         momentum=0.0,
         damping=damping,
-        fisher_type="type-2",
+        fisher_type=fisher,
         kl_clip=None,
         damping_mode=mode,
     )
     _train(opt, model, loss_fn, [(X, y)])
     blocks = {
         n: b
-        for n, b in res[bg.KFAC(fisher_type="type-2")].items()
+        for n, b in res[bg.KFAC(fisher_type=fisher)].items()
         if isinstance(b, bg.KroneckerFactors)
     }
     assert blocks and set(blocks) == set(opt.layers)
@@ -251,9 +254,9 @@ def test_kronecker_sums_are_formed_only_for_the_preconditioned_layers(monkeypatc
     formed: list[str] = []
     real = _engine._sample_sums
 
-    def spy(stats, module, quantity):
+    def spy(stats, module, quantity, dtype):
         formed.append(module)
-        return real(stats, module, quantity)
+        return real(stats, module, quantity, dtype)
 
     monkeypatch.setattr(_engine, "_sample_sums", spy)
     p, loss_fn = make_problem("transformer"), nn.CrossEntropyLoss()
@@ -839,6 +842,68 @@ def test_no_hook_is_left_on_the_model(kind):
         assert _hooks(model)  # hooks exist while recording
         raise ZeroDivisionError
     assert _hooks(model) == []
+
+
+@pytest.mark.parametrize("kind", ["kfac", "singd"])
+def test_empirical_statistics_come_from_the_ordinary_backward(kind, monkeypatch):
+    """No backward pass of their own: gradient accumulation over two blocks, a scaled
+    backward (GradScaler-like) and a block without a backward (dropped; a step with no
+    backward at all raises) give the factors of the plain engine computation."""
+    from beyondgrad.engine.session import Session
+
+    loss_fn, (X, y) = nn.CrossEntropyLoss(), _data(16)
+    ref = bg.compute(_mlp(), loss_fn, X, y, bg.KFAC(fisher_type="empirical"))
+    ref = ref[bg.KFAC(fisher_type="empirical")]
+
+    def no_own_pass(*args, **kwargs):
+        raise AssertionError("the empirical statistics ran a backward pass of their own")
+
+    monkeypatch.setattr(Session, "_first_order_backward", no_own_pass)
+    Opt = KFAC if kind == "kfac" else SINGD
+    model = _mlp()
+    opt = Opt(model, loss_fn, fisher_type="empirical", refresh_every=1)
+    opt.zero_grad()
+    with opt.capture():  # no backward for this block: its statistics are dropped
+        loss_fn(model(X), y)
+    for half, scale in ((slice(0, 8), 1.0), (slice(8, 16), 1024.0)):
+        with opt.capture():
+            loss = loss_fn(model(X[half]), y[half]) / 2
+        (scale * loss).backward()
+    stats = opt._collect_statistics()
+    assert set(stats) == {"0", "3"}
+    for name, (A, B) in stats.items():
+        torch.testing.assert_close(A, ref[name].A, msg=name)
+        torch.testing.assert_close(B, ref[name].B, msg=name)  # per-sample averages
+    assert _hooks(model) == []
+    opt.zero_grad()
+    with opt.capture():
+        loss = loss_fn(model(X), y)
+    with pytest.raises(RuntimeError, match=r"no loss\.backward"):
+        opt.step()
+
+
+@pytest.mark.parametrize("case", ["mlp", "conv", "embedding"])
+def test_bfloat16_statistics_approximate_the_exact_factors(case):
+    """``statistics_dtype=torch.bfloat16``: the sums from bf16 copies, kept in the gradients'
+    dtype, within bf16's rounding of the exact factors (integer embedding inputs stay)."""
+    model, X, y = _kfac_cases()[case]
+    loss_fn = nn.CrossEntropyLoss()
+    ref = bg.compute(model, loss_fn, X, y, bg.KFAC(fisher_type="type-2"))
+    ref = ref[bg.KFAC(fisher_type="type-2")]
+    opt = KFAC(model, loss_fn, fisher_type="type-2", statistics_dtype=torch.bfloat16)
+    with opt.capture():
+        loss = loss_fn(model(X), y)
+    loss.backward()
+    stats = opt._collect_statistics()
+    assert stats and set(stats) == set(opt.layers)
+    for name, (A, B) in stats.items():
+        for got, want in ((A, ref[name].A), (B, ref[name].B)):
+            want = want.reshape(got.shape)
+            assert got.dtype == want.dtype == next(model.parameters()).dtype
+            err = (got - want).abs().max() / want.abs().max()
+            assert 0 < err < 2e-2, (name, err)  # rounded, not exact, and close
+    with pytest.raises(ValueError, match="statistics_dtype"):
+        KFAC(model, loss_fn, statistics_dtype=torch.int32)
 
 
 def test_sirfshampoo_factor_update_needs_a_counted_batch():

@@ -166,6 +166,9 @@ def make_optimizer(
         raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
     lr = DEFAULT_LR[name] if lr is None else lr
     kw = {**SETTINGS[name], **options, "lr": lr, "weight_decay": weight_decay}
+    for key in ("statistics_dtype", "preconditioner_dtype"):  # JSON-able settings: a name
+        if isinstance(kw.get(key), str):
+            kw[key] = _dtype(kw[key])
     params = [p for p in model.parameters() if p.requires_grad]
     dtype = torch.bfloat16 if bf16 else None
     if name == "adamw":
@@ -187,6 +190,14 @@ def make_optimizer(
     heavyball.utils.compile_mode = None  # eager, like every other optimizer here
     heavyball.utils.compile_mode_recommended_to_none = None
     return heavyball.SOAP(params, **kw)
+
+
+def _dtype(name: str) -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16`` (a floating dtype, else ValueError)."""
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"not a floating torch dtype: {name!r}")
+    return dtype
 
 
 def _muon(params: list[nn.Parameter], kw: dict[str, Any]) -> Chain:

@@ -221,6 +221,9 @@ class Session:
         self.loss_calls: list[tuple[Tensor, Tensor, Tensor]] = []
         self._loss_handle: Any = None
         self.watch_backward = False
+        # keep the watch on the graph after the block exits, until the statistics are read
+        # (optimizers: the ordinary backward runs after their capture block)
+        self.watch_outlives_block = False
         self._seen: dict[tuple[int, int], Tensor] = {}
         self.loss_scale: Tensor | None = None  # d(backpropagated)/d(loss), watched backward
         self._node_kinds: set[str] | None = None
@@ -308,12 +311,22 @@ class Session:
     def __exit__(self, *exc: object) -> None:
         self.recorder.remove()
         self.model_calls.__exit__()
-        for handle in self._node_handles:
-            handle.remove()
-        self._node_handles.clear()
+        if not self.watch_outlives_block:
+            self.release_watch()
         if self._loss_handle is not None:
             self._loss_handle.remove()
             self._loss_handle = None
+
+    def release_watch(self) -> None:
+        """Remove the watched backward's hooks from the graph (idempotent)."""
+        for handle in self._node_handles:
+            handle.remove()
+        self._node_handles.clear()
+
+    @property
+    def backward_seen(self) -> bool:
+        """Whether a watched ordinary backward reached the loss."""
+        return self.loss_scale is not None
 
     def _call_key(self, args: tuple, kwargs: dict) -> tuple:
         """The :func:`signature` of the model's recorded call ``(args, kwargs)``, formed once
@@ -382,6 +395,7 @@ class Session:
 
     def _run(self, loss: Tensor, retain_graph: bool) -> tuple[Statistics, dict[Any, Any]]:
         self.__exit__()
+        self.release_watch()
         if not loss.requires_grad:
             raise RuntimeError(
                 "the loss does not require grad (computed under torch.no_grad() or "

@@ -234,7 +234,11 @@ class Statistics:
         return self._kron[key]
 
     def take_kronecker(
-        self, module: str, kind: VectorKind, kfac_approx: str = "expand"
+        self,
+        module: str,
+        kind: VectorKind,
+        kfac_approx: str = "expand",
+        compute_dtype: torch.dtype | None = None,
     ) -> KronStats | None:
         """:meth:`kronecker` for a consumer that normalizes the sums in place (no second copy
         of every factor): sums computed for the caller alone, not cached (a later
@@ -245,17 +249,29 @@ class Statistics:
             module: the module name.
             kind: the vector kind.
             kfac_approx: ``"expand"`` or ``"reduce"``.
+            compute_dtype: form the sums from copies of the layer inputs and output gradients
+                in this dtype (e.g. ``torch.bfloat16``: several times faster products on
+                hardware with bf16 units, entries rounded to about 3 significant digits),
+                returned in the gradients' dtype; ``None``: in their own dtype (exact).
 
         Returns:
             The module's :class:`~beyondgrad.rules.kronecker.KronStats` (the caller's to
             modify), or ``None``.
         """
         cached = self._kron.get((module, kind, kfac_approx))
+        if compute_dtype is not None:
+            return self._kronecker_sums(module, kind, kfac_approx, compute_dtype)
         if cached is None:
             return self._kronecker_sums(module, kind, kfac_approx)
         return replace(cached, A_sum=cached.A_sum.clone(), B_sum=cached.B_sum.clone())
 
-    def _kronecker_sums(self, module: str, kind: VectorKind, approx: str) -> KronStats | None:
+    def _kronecker_sums(
+        self,
+        module: str,
+        kind: VectorKind,
+        approx: str,
+        compute_dtype: torch.dtype | None = None,
+    ) -> KronStats | None:
         if not self.has_kronecker(module):
             raise ValueError(f"module '{module}' has no Kronecker statistics")
         unit, N = self._layers[module], self.num_samples
@@ -269,6 +285,12 @@ class Statistics:
             if g is None:
                 continue
             K = g.shape[0]
-            part = kron(unit.module, rule_input(call, N), g.reshape(K * N, *g.shape[2:]), K, approx)
+            x, g = rule_input(call, N), g.reshape(K * N, *g.shape[2:])
+            if compute_dtype is not None and compute_dtype != g.dtype:
+                x = x.to(compute_dtype) if x.is_floating_point() else x  # not indices
+                part = kron(unit.module, x, g.to(compute_dtype), K, approx)
+                part = replace(part, A_sum=part.A_sum.to(g.dtype), B_sum=part.B_sum.to(g.dtype))
+            else:
+                part = kron(unit.module, x, g, K, approx)
             total = part if total is None else total + part
         return total

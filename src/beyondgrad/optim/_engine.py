@@ -15,7 +15,7 @@ capture blocks (gradient accumulation) and over ranks before they divide once by
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -107,10 +107,33 @@ def kronecker_quantity(fisher_type: str, kfac_approx: str, mc_samples: int) -> K
 
 @dataclass
 class KroneckerRecording:
-    """Filled when a :func:`record_kronecker_sums` block exits: module name -> sums; modules
-    the engine gave no Kronecker block (e.g. applied functionally) are absent."""
+    """Filled when a :func:`record_kronecker_sums` block exits (or, where the statistics come
+    from the ordinary backward, when :meth:`resolve` is called after it): module name -> sums;
+    modules the engine gave no Kronecker block (e.g. applied functionally) are absent."""
 
     sums: dict[str, KroneckerSums] = field(default_factory=dict)
+    _deferred: Callable[[], dict[str, KroneckerSums] | None] | None = None
+
+    @property
+    def deferred(self) -> bool:
+        """Whether the sums wait for the ordinary backward (:meth:`resolve`)."""
+        return self._deferred is not None
+
+    def resolve(self) -> bool:
+        """Form deferred sums from the layer-output gradients of the ordinary backward.
+
+        Returns:
+            False where no backward pass reached the recorded loss (no sums, the watch is
+            removed), else True. Without deferral: True.
+        """
+        if self._deferred is None:
+            return True
+        make, self._deferred = self._deferred, None
+        sums = make()
+        if sums is None:
+            return False
+        self.sums = sums
+        return True
 
 
 @contextmanager
@@ -121,9 +144,16 @@ def record_kronecker_sums(
     generator: torch.Generator,
     owner: str,
     modules: Collection[str] | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> Iterator[KroneckerRecording]:
     """Record the forward pass in the block; on exit backpropagate the curvature vectors (the
     forward graph is kept for the user's ``loss.backward()``) and fill the recording.
+
+    The empirical Fisher's vectors are the loss gradient itself: for ``fisher_type=
+    "empirical"`` nothing is backpropagated here. The block watches the ordinary
+    ``loss.backward()`` that follows it (``(c * loss).backward()`` too, e.g. a gradient
+    scaler's) and :meth:`KroneckerRecording.resolve`, called after it, forms the sums from
+    that pass's layer-output gradients: a statistics step then costs the Kronecker sums alone.
 
     Args:
         model: the network.
@@ -134,32 +164,70 @@ def record_kronecker_sums(
         modules: the layers whose sums are wanted (default: every layer with a Kronecker
             rule); the others' are not formed (e.g. a tied output layer that the optimizer's
             fallback serves: its ``[V, V]`` output factor would cost more than the step).
+        compute_dtype: the dtype the sums are formed in (``None``: the gradients'; see
+            :meth:`~beyondgrad.engine.Statistics.take_kronecker`).
 
     Yields:
-        A :class:`KroneckerRecording`, filled after the block.
+        A :class:`KroneckerRecording`, filled after the block (deferred: by ``resolve``).
     """
     recording = KroneckerRecording()
-    with capture(model, loss_fn, quantity, generator=generator) as session:
-        yield recording
+    from_backward = quantity.fisher_type == "empirical"
+    with capture(
+        model, loss_fn, quantity, generator=generator, from_backward=from_backward
+    ) as session:
+        session.watch_outlives_block = from_backward
+        try:
+            yield recording
+        except BaseException:
+            session.release_watch()
+            raise
     if not session.loss_calls:
+        session.release_watch()
         raise RuntimeError(
             f"{owner}.capture(): loss_fn was not called inside the block; "
             "compute the loss there (loss = loss_fn(model(X), y))"
         )
-    stats = session.statistics(session.loss_calls[-1][2], retain_graph=True)
+    loss = session.loss_calls[-1][2]
+    if not from_backward:
+        stats = session.statistics(loss, retain_graph=True)
+        recording.sums = _layer_sums(stats, quantity, modules, compute_dtype)
+        return
+
+    def after_backward() -> dict[str, KroneckerSums] | None:
+        if not session.backward_seen:
+            session.release_watch()
+            return None
+        return _layer_sums(session.statistics(loss), quantity, modules, compute_dtype)
+
+    recording._deferred = after_backward
+
+
+def _layer_sums(
+    stats: Statistics,
+    quantity: KFACQuantity,
+    modules: Collection[str] | None,
+    compute_dtype: torch.dtype | None,
+) -> dict[str, KroneckerSums]:
+    """The sums over samples of every wanted layer with a Kronecker block."""
+    out: dict[str, KroneckerSums] = {}
     for name in stats.modules:
         if (modules is None or name in modules) and stats.has_kronecker(name):
-            sums = _sample_sums(stats, name, quantity)
+            sums = _sample_sums(stats, name, quantity, compute_dtype)
             if sums is not None:
-                recording.sums[name] = sums
+                out[name] = sums
+    return out
 
 
-def _sample_sums(stats: Statistics, module: str, quantity: KFACQuantity) -> KroneckerSums | None:
+def _sample_sums(
+    stats: Statistics, module: str, quantity: KFACQuantity, compute_dtype: torch.dtype | None
+) -> KroneckerSums | None:
     """The engine's raw Kronecker sums of ``module`` as sums over the batch's ``N`` samples:
     ``A = N A_sum / count`` (the per-sample mean over shared positions, summed), ``B = N B_sum``
     (the vectors carry ``sqrt(R)``; the empirical Fisher's loss gradients carry ``R``, so its
     ``B_sum`` is divided by ``R`` once more)."""
-    raw = stats.take_kronecker(module, quantity.vectors, quantity.kfac_approx)  # scaled in place
+    raw = stats.take_kronecker(  # scaled in place
+        module, quantity.vectors, quantity.kfac_approx, compute_dtype
+    )
     if raw is None:
         return None
     N = stats.num_samples

@@ -274,7 +274,10 @@ class CurvatureOptimizer(Optimizer):
         """Wrap the forward pass (model call and ``loss_fn`` call) of every training step.
 
         KFAC and SINGD: on statistics steps this backpropagates the curvature vectors when the
-        block exits (the forward graph is kept for the ordinary ``loss.backward()``).
+        block exits (the forward graph is kept for the ordinary ``loss.backward()``); with
+        ``fisher_type="empirical"`` nothing is backpropagated: the statistics come from the
+        layer-output gradients of the ordinary ``loss.backward()`` after the block, read at
+        ``step()``.
         SIRFShampoo: counts the batch size. Hooks are removed when the block exits.
         """
         with self._record():

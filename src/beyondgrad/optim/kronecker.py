@@ -22,7 +22,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._engine import KroneckerSums, kronecker_quantity, record_kronecker_sums
+from ._engine import (
+    KroneckerRecording,
+    KroneckerSums,
+    kronecker_quantity,
+    record_kronecker_sums,
+)
 from .base import CurvatureOptimizer
 from .routing import NO_STATISTICS, kronecker_layers
 from .statistics import KroneckerAccumulator
@@ -36,6 +41,10 @@ class KroneckerOptimizer(CurvatureOptimizer):
         fisher_type: ``"type-2"``, ``"mc"`` or ``"empirical"`` curvature statistics.
         kfac_approx: ``"expand"`` or ``"reduce"`` for layers with a shared axis.
         mc_samples: Monte-Carlo samples per data point (``"mc"``).
+        statistics_dtype: form the Kronecker sums from copies of the layer inputs and output
+            gradients in this floating dtype (e.g. ``torch.bfloat16``), kept in the
+            gradients' dtype; ``None``: exact (see :meth:`beyondgrad.engine.Statistics.
+            take_kronecker`).
 
     Attributes:
         quantity: the engine quantity that produces the statistics.
@@ -54,10 +63,19 @@ class KroneckerOptimizer(CurvatureOptimizer):
         kfac_approx: str,
         mc_samples: int,
         seed: int,
+        statistics_dtype: torch.dtype | None = None,
     ):
+        if statistics_dtype is not None and not (
+            isinstance(statistics_dtype, torch.dtype) and statistics_dtype.is_floating_point
+        ):
+            raise ValueError(
+                f"statistics_dtype must be None or a floating dtype, got {statistics_dtype!r}"
+            )
+        self.statistics_dtype = statistics_dtype
         self.quantity = kronecker_quantity(fisher_type, kfac_approx, mc_samples)
         super().__init__(model, params, defaults, loss_fn, seed)
         self._accumulator = KroneckerAccumulator()
+        self._pending: list[KroneckerRecording] = []  # empirical: waiting for the backward
         self._take_layers(*kronecker_layers(self.model, self.rules, self._accept))
 
     @staticmethod
@@ -99,10 +117,19 @@ class KroneckerOptimizer(CurvatureOptimizer):
         )
         owner = type(self).__name__
         with record_kronecker_sums(
-            self.model, self.loss_fn, self.quantity, generator, owner, self.layers
+            self.model,
+            self.loss_fn,
+            self.quantity,
+            generator,
+            owner,
+            self.layers,
+            self.statistics_dtype,
         ) as recording:
             yield
-        self._add_statistics(recording.sums)
+        if recording.deferred:  # empirical Fisher: from the ordinary backward, at the step
+            self._pending.append(recording)
+        else:
+            self._add_statistics(recording.sums)
 
     def _add_statistics(self, sums: dict[str, KroneckerSums]) -> None:
         if self.steps == 0 and self._accumulator.calls == 0:
@@ -115,6 +142,16 @@ class KroneckerOptimizer(CurvatureOptimizer):
             self.layers[name].setdefault("weight_perm", s.weight_perm)
 
     def _collect_statistics(self) -> dict[str, tuple[Tensor, Tensor]]:
+        pending, self._pending = self._pending, []
+        resolved = [r for r in pending if r.resolve()]  # blocks whose loss was backpropagated
+        if pending and not resolved:
+            raise RuntimeError(
+                f"{type(self).__name__}(fisher_type='empirical') takes its statistics from the "
+                "ordinary backward pass, but no loss.backward() reached the loss of the "
+                "capture() block(s) before step()"
+            )
+        for recording in resolved:
+            self._add_statistics(recording.sums)
         return self._accumulator.consume(self.layers, type(self).__name__)
 
 

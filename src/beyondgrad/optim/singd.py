@@ -123,6 +123,8 @@ class SINGD(KroneckerOptimizer):
             :class:`~beyondgrad.optim.Ownership`: under ``torch.distributed`` each layer's
             factor update runs on one owner rank (cost-balanced) and ``K``, ``C`` and their
             momenta are broadcast (see :mod:`~beyondgrad.optim.ownership`).
+        statistics_dtype: form the Kronecker statistics in this dtype (e.g.
+            ``torch.bfloat16``; as :class:`~beyondgrad.optim.KFAC`); ``None``: exact.
         **adamw: the fallback's ``adam_lr``, ``adam_betas``, ``adam_eps`` and ``precondition``.
     """
 
@@ -159,6 +161,7 @@ class SINGD(KroneckerOptimizer):
         *,
         T: int | None = None,
         ownership: Any = None,
+        statistics_dtype: torch.dtype | None = None,
         **adamw: Any,
     ):
         refresh_every = deprecated_alias("SINGD", "refresh_every", refresh_every, 10, "T", T)
@@ -170,7 +173,15 @@ class SINGD(KroneckerOptimizer):
             **adamw,
         )  # fmt: skip
         super().__init__(
-            model, loss_fn, params, defaults, fisher_type, kfac_approx, mc_samples, seed
+            model,
+            loss_fn,
+            params,
+            defaults,
+            fisher_type,
+            kfac_approx,
+            mc_samples,
+            seed,
+            statistics_dtype,
         )
         self._transposed = transposed_layers(self.model)
         self._set_compile(compile_update)
