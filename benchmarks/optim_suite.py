@@ -93,7 +93,7 @@ BATCH_RANGE: dict[str, tuple[int, int]] = {
 """Per task the batch-size search range (log-uniform, rounded to a power of two): curvature
 methods pay their per-step preconditioning once per batch, so their best batch may be larger
 than AdamW's. The autoencoder's 1,437 training images make 1024 one batch per epoch."""
-OPTIMIZERS = ("adamw", "kfac", "kfac-adam", "singd", "sirfshampoo", "muon", "soap")
+OPTIMIZERS = ("adamw", "kfac", "kfac-bf16", "kfac-adam", "singd", "sirfshampoo", "muon", "soap")
 """torch.optim.AdamW, beyondgrad's three, torch.optim.Muon (AdamW for the non-matrices),
 heavyball's SOAP; built by ``beyondgrad.app.optimizers.make_optimizer``."""
 BUDGET: dict[str, float] = {"gpt": 60.0, "autoencoder": 60.0, "resnet": 60.0, "kron-lsq": 15.0}

@@ -74,7 +74,7 @@ LR_SPAN = (20, 5)
 ``LR_SPAN[0]`` to the default times ``LR_SPAN[1]``: a changed default (e.g. KFAC's Adam
 grafting) moves the range with it. Shared with the optimizer suite
 (``benchmarks/optim_suite.py``)."""
-DAMPED = ("kfac", "singd", "sirfshampoo")
+DAMPED = ("kfac", "kfac-bf16", "singd", "sirfshampoo")
 """The optimizers whose ``damping`` is searched too (1e-4..1e-1, here and in the suite)."""
 
 

@@ -38,7 +38,7 @@ from .rundir import (
 )
 from .tasks import TASKS, make_task
 
-OPTIMIZERS = ("adamw", "sgd", "kfac", "kfac-adam", "singd", "sirfshampoo")
+OPTIMIZERS = ("adamw", "sgd", "kfac", "kfac-bf16", "kfac-adam", "singd", "sirfshampoo")
 """The optimizers ``beyondgrad train`` offers."""
 SCHEDULES = ("constant", "cosine")
 """Learning-rate schedules: constant, or cosine decay to zero over the run; both after

@@ -317,6 +317,11 @@ class Session:
             self._loss_handle.remove()
             self._loss_handle = None
 
+    def close(self) -> None:
+        """Remove every hook: the recording's and the watched backward's (idempotent)."""
+        self.watch_outlives_block = False
+        self.__exit__()
+
     def release_watch(self) -> None:
         """Remove the watched backward's hooks from the graph (idempotent)."""
         for handle in self._node_handles:
@@ -394,8 +399,7 @@ class Session:
         return Result(stats.loss, stats.output, values, stats.rules, stats.subsampling, stats)
 
     def _run(self, loss: Tensor, retain_graph: bool) -> tuple[Statistics, dict[Any, Any]]:
-        self.__exit__()
-        self.release_watch()
+        self.close()
         if not loss.requires_grad:
             raise RuntimeError(
                 "the loss does not require grad (computed under torch.no_grad() or "

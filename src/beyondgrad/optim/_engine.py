@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..engine import Statistics, capture
 from ..engine.capture import plan_layers
+from ..engine.session import Session
 from ..factors import from_block_layout, to_block_layout
 from ..quantities import KFAC as KFACQuantity
 
@@ -188,18 +189,29 @@ def record_kronecker_sums(
             "compute the loss there (loss = loss_fn(model(X), y))"
         )
     loss = session.loss_calls[-1][2]
-    if not from_backward:
+    if from_backward:
+        recording._deferred = _after_backward(session, loss, quantity, modules, compute_dtype)
+    else:
         stats = session.statistics(loss, retain_graph=True)
         recording.sums = _layer_sums(stats, quantity, modules, compute_dtype)
-        return
 
-    def after_backward() -> dict[str, KroneckerSums] | None:
+
+def _after_backward(
+    session: Session,
+    loss: Tensor,
+    quantity: KFACQuantity,
+    modules: Collection[str] | None,
+    compute_dtype: torch.dtype | None,
+) -> Callable[[], dict[str, KroneckerSums] | None]:
+    """The deferred sums of a watched block: ``None`` where no backward reached ``loss``."""
+
+    def sums() -> dict[str, KroneckerSums] | None:
         if not session.backward_seen:
             session.release_watch()
             return None
         return _layer_sums(session.statistics(loss), quantity, modules, compute_dtype)
 
-    recording._deferred = after_backward
+    return sums
 
 
 def _layer_sums(

@@ -198,17 +198,8 @@ class KFAC(KroneckerOptimizer):
         defaults |= {"damping": damping, "refresh_every": refresh_every, "grafting": grafting}
         defaults |= {"warmup": warmup}
         self.ema, self.stats_every, self.damping_mode = ema, stats_every, damping_mode
-        super().__init__(
-            model,
-            loss_fn,
-            params,
-            defaults | adamw,
-            fisher_type,
-            kfac_approx,
-            mc_samples,
-            seed,
-            statistics_dtype,
-        )
+        engine = (fisher_type, kfac_approx, mc_samples, seed, statistics_dtype)
+        super().__init__(model, loss_fn, params, defaults | adamw, *engine)
         self._set_clipping(kl_clip, max_update_norm)
         self._stale: dict[int, tuple[dict[str, Any], float, int]] = {}
         self._eig_stamps: dict[int, tuple[Any, ...]] = {}  # id(state) -> _factor_stamp

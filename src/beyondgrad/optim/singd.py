@@ -172,17 +172,8 @@ class SINGD(KroneckerOptimizer):
             grafting=grafting, warm_start=warm_start, warmup=warmup, max_block=max_block,
             **adamw,
         )  # fmt: skip
-        super().__init__(
-            model,
-            loss_fn,
-            params,
-            defaults,
-            fisher_type,
-            kfac_approx,
-            mc_samples,
-            seed,
-            statistics_dtype,
-        )
+        engine = (fisher_type, kfac_approx, mc_samples, seed, statistics_dtype)
+        super().__init__(model, loss_fn, params, defaults, *engine)
         self._transposed = transposed_layers(self.model)
         self._set_compile(compile_update)
         self._product = self.compiled(self._precondition_matrix)
