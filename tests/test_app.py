@@ -377,6 +377,23 @@ def test_every_task_trains_at_the_defaults(tmp_path, task, optimizer):
     assert train_mod.train(config)["status"] == "finished"
 
 
+def test_factory_names_dtypes_by_string():
+    """``kfac-bf16`` is KFAC with bf16 statistics and preconditioner; settings name dtypes as
+    strings (JSON-able) and a name that is no floating dtype is refused."""
+    from beyondgrad.app.optimizers import SETTINGS, make_optimizer
+    from beyondgrad.optim import KFAC
+
+    task = make_task("kron-lsq")
+    opt = make_optimizer("kfac-bf16", task.model, task.loss_fn)
+    assert isinstance(opt, KFAC)
+    assert opt.statistics_dtype == opt.preconditioner_dtype == torch.bfloat16
+    assert {k: v for k, v in SETTINGS["kfac-bf16"].items() if "dtype" not in k} == SETTINGS["kfac"]
+    plain = make_optimizer("kfac", task.model, task.loss_fn)
+    assert plain.statistics_dtype is None and plain.preconditioner_dtype is None
+    with pytest.raises(ValueError, match="floating torch dtype"):
+        make_optimizer("kfac", task.model, task.loss_fn, statistics_dtype="int32")
+
+
 def test_bench_uses_the_one_factory():
     from beyondgrad.app import bench
     from beyondgrad.app.optimizers import available, make_optimizer
