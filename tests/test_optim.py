@@ -882,6 +882,48 @@ def test_empirical_statistics_come_from_the_ordinary_backward(kind, monkeypatch)
         opt.step()
 
 
+def test_empirical_statistics_edges():
+    """A non-finite (skipped) iteration adds no statistics; a finished block lets its graph
+    go before the step; ``statistics_from_backward=False`` keeps ``loss_fn``'s
+    own gradients when an auxiliary loss is added; ``loss_fn`` twice in a block is refused."""
+    import gc
+    import weakref
+
+    loss_fn, (X, y) = nn.CrossEntropyLoss(), _data(16)
+    q = bg.KFAC(fisher_type="empirical")
+    ref = bg.compute(_mlp(), loss_fn, X[8:], y[8:], q)[q]
+    model = _mlp()
+    opt = KFAC(model, loss_fn, fisher_type="empirical", refresh_every=1)
+    with opt.capture():  # an overflowing iteration: its step is skipped (GradScaler)
+        loss = loss_fn(model(X[:8]), y[:8])
+    (loss * float("inf")).backward()
+    assert opt._pending[0].backpropagated and opt._accumulator.calls == 0  # nothing added
+    opt.zero_grad()
+    with opt.capture():
+        loss = loss_fn(model(X[8:]), y[8:])
+    loss.backward()
+    held = weakref.ref(loss)
+    del loss
+    gc.collect()
+    assert held() is None  # nothing held until the step (gradient accumulation's memory)
+    stats = opt._collect_statistics()
+    for name, (A, B) in stats.items():
+        torch.testing.assert_close(A, ref[name].A)
+        torch.testing.assert_close(B, ref[name].B)
+    for own, close in ((False, True), (True, False)):
+        model = _mlp()
+        opt = KFAC(model, loss_fn, fisher_type="empirical", statistics_from_backward=own)
+        with opt.capture():
+            out = model(X[8:])
+            loss = loss_fn(out, y[8:])
+        (loss + 10 * out.pow(2).mean()).backward()  # an auxiliary loss
+        B = opt._collect_statistics()["3"][1]
+        assert torch.allclose(B, ref["3"].B) == close
+    with pytest.raises(RuntimeError, match="more than once"), opt.capture():
+        loss_fn(model(X), y)
+        loss_fn(model(X), y)
+
+
 @pytest.mark.parametrize("case", ["mlp", "conv", "embedding"])
 def test_bfloat16_statistics_approximate_the_exact_factors(case):
     """``statistics_dtype=torch.bfloat16``: the sums from bf16 copies, kept in the gradients'
@@ -904,6 +946,21 @@ def test_bfloat16_statistics_approximate_the_exact_factors(case):
             assert 0 < err < 2e-2, (name, err)  # rounded, not exact, and close
     with pytest.raises(ValueError, match="statistics_dtype"):
         KFAC(model, loss_fn, statistics_dtype=torch.int32)
+
+
+def test_statistics_dtype_never_narrows_under_autocast():
+    """Under bf16 autocast, ``statistics_dtype=torch.float32`` keeps float32 sums."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3)).float()
+    X, y = _data(32)
+    loss_fn = nn.CrossEntropyLoss()
+    for dtype, want in ((torch.float32, {torch.float32}), (None, {torch.float32, torch.bfloat16})):
+        opt = KFAC(model, loss_fn, fisher_type="empirical", statistics_dtype=dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16), opt.capture():
+            loss = loss_fn(model(X.float()), y)
+        loss.backward()
+        got = {t.dtype for pair in opt._collect_statistics().values() for t in pair}
+        assert got == want, (dtype, got)
 
 
 def test_sirfshampoo_factor_update_needs_a_counted_batch():

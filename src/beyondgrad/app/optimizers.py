@@ -72,13 +72,13 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "muon": {"adam_lr": 1e-3},
     "soap": {},
 }
+"""Fixed settings per optimizer (what :func:`make_optimizer`'s ``options`` override; dtypes
+by name, so that the settings stay JSON-able)."""
 SETTINGS["kfac-bf16"] = {
     **SETTINGS["kfac"],
     "statistics_dtype": "bfloat16",
     "preconditioner_dtype": "bfloat16",
 }
-"""Fixed settings per optimizer (what :func:`make_optimizer`'s ``options`` override; dtypes
-by name, so that the settings stay JSON-able)."""
 
 DEFAULT_LR = {
     "adamw": 3e-3,

@@ -224,6 +224,8 @@ class Session:
         # keep the watch on the graph after the block exits, until the statistics are read
         # (optimizers: the ordinary backward runs after their capture block)
         self.watch_outlives_block = False
+        # called once the watched backward has finished (queued on the autograd engine)
+        self.on_backward_end: Any = None
         self._seen: dict[tuple[int, int], Tensor] = {}
         self.loss_scale: Tensor | None = None  # d(backpropagated)/d(loss), watched backward
         self._node_kinds: set[str] | None = None
@@ -301,6 +303,9 @@ class Session:
         self._node_kinds = attribute(loss, self.layers, names)
         self._check_graph(loss, self._node_kinds)
         self._watched_shared = self._early_shared(loss)
+        if self.on_backward_end is not None:  # once, after this backward pass
+            callback, self.on_backward_end = self.on_backward_end, None
+            torch.autograd.Variable._execution_engine.queue_callback(callback)
 
     def __enter__(self) -> Session:
         self.recorder.__enter__()

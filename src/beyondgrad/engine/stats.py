@@ -287,9 +287,14 @@ class Statistics:
             K = g.shape[0]
             x, g = rule_input(call, N), g.reshape(K * N, *g.shape[2:])
             if compute_dtype is not None and compute_dtype != g.dtype:
+                # kept in the wider of the data's and the compute dtype (never narrowed)
+                a_dtype = torch.promote_types(
+                    x.dtype if x.is_floating_point() else g.dtype, compute_dtype
+                )
+                b_dtype = torch.promote_types(g.dtype, compute_dtype)
                 x = x.to(compute_dtype) if x.is_floating_point() else x  # not indices
                 part = kron(unit.module, x, g.to(compute_dtype), K, approx)
-                part = replace(part, A_sum=part.A_sum.to(g.dtype), B_sum=part.B_sum.to(g.dtype))
+                part = replace(part, A_sum=part.A_sum.to(a_dtype), B_sum=part.B_sum.to(b_dtype))
             else:
                 part = kron(unit.module, x, g, K, approx)
             total = part if total is None else total + part

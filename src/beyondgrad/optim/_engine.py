@@ -108,33 +108,32 @@ def kronecker_quantity(fisher_type: str, kfac_approx: str, mc_samples: int) -> K
 
 @dataclass
 class KroneckerRecording:
-    """Filled when a :func:`record_kronecker_sums` block exits (or, where the statistics come
-    from the ordinary backward, when :meth:`resolve` is called after it): module name -> sums;
-    modules the engine gave no Kronecker block (e.g. applied functionally) are absent."""
+    """Filled when a :func:`record_kronecker_sums` block exits, or, where the statistics come
+    from the ordinary backward, as soon as that backward pass has finished: module name ->
+    sums; modules the engine gave no Kronecker block (e.g. applied functionally) are absent.
+
+    Attributes:
+        deferred: the sums come from the ordinary backward after the block.
+        backpropagated: (deferred) that backward has finished; the sums are then final,
+            empty where its layer-output gradients were not finite (e.g. an overflowing
+            ``GradScaler`` iteration, whose step the scaler skips).
+        sink: (deferred) where the sums go when that backward has finished, instead of
+            ``sums`` (an optimizer's accumulator: one set of sums for many blocks).
+    """
 
     sums: dict[str, KroneckerSums] = field(default_factory=dict)
-    _deferred: Callable[[], dict[str, KroneckerSums] | None] | None = None
+    deferred: bool = False
+    backpropagated: bool = False
+    sink: Callable[[dict[str, KroneckerSums]], None] | None = None
+    _session: Session | None = None
 
-    @property
-    def deferred(self) -> bool:
-        """Whether the sums wait for the ordinary backward (:meth:`resolve`)."""
-        return self._deferred is not None
-
-    def resolve(self) -> bool:
-        """Form deferred sums from the layer-output gradients of the ordinary backward.
-
-        Returns:
-            False where no backward pass reached the recorded loss (no sums, the watch is
-            removed), else True. Without deferral: True.
-        """
-        if self._deferred is None:
-            return True
-        make, self._deferred = self._deferred, None
-        sums = make()
-        if sums is None:
-            return False
-        self.sums = sums
-        return True
+    def discard(self) -> None:
+        """Drop a deferred recording: its hooks leave the graph, its sums are emptied."""
+        if self._session is not None:
+            self._session.on_backward_end = None
+            self._session.release_watch()
+            self._session = None
+        self.sums = {}
 
 
 @contextmanager
@@ -146,19 +145,21 @@ def record_kronecker_sums(
     owner: str,
     modules: Collection[str] | None = None,
     compute_dtype: torch.dtype | None = None,
+    from_backward: bool = True,
 ) -> Iterator[KroneckerRecording]:
     """Record the forward pass in the block; on exit backpropagate the curvature vectors (the
     forward graph is kept for the user's ``loss.backward()``) and fill the recording.
 
     The empirical Fisher's vectors are the loss gradient itself: for ``fisher_type=
-    "empirical"`` nothing is backpropagated here. The block watches the ordinary
-    ``loss.backward()`` that follows it (``(c * loss).backward()`` too, e.g. a gradient
-    scaler's) and :meth:`KroneckerRecording.resolve`, called after it, forms the sums from
-    that pass's layer-output gradients: a statistics step then costs the Kronecker sums alone.
+    "empirical"`` with ``from_backward`` nothing is backpropagated here. The block watches the
+    ordinary backward that follows it and forms the sums from its layer-output gradients when
+    that pass has finished (divided by ``d(backpropagated)/d(loss)``, e.g. a gradient scaler's
+    scale; terms added to the loss before ``backward()``, such as an auxiliary loss, are part
+    of those gradients). A statistics step then costs the Kronecker sums alone.
 
     Args:
         model: the network.
-        loss_fn: the loss module, which must be called inside the block.
+        loss_fn: the loss module, which must be called inside the block (once).
         quantity: from :func:`kronecker_quantity`.
         generator: for Monte-Carlo sampling.
         owner: the optimizer's class name, for error messages.
@@ -167,51 +168,65 @@ def record_kronecker_sums(
             fallback serves: its ``[V, V]`` output factor would cost more than the step).
         compute_dtype: the dtype the sums are formed in (``None``: the gradients'; see
             :meth:`~beyondgrad.engine.Statistics.take_kronecker`).
+        from_backward: the empirical Fisher from the ordinary backward (else its own pass).
 
     Yields:
-        A :class:`KroneckerRecording`, filled after the block (deferred: by ``resolve``).
+        A :class:`KroneckerRecording`, filled after the block (deferred: after the backward).
     """
     recording = KroneckerRecording()
-    from_backward = quantity.fisher_type == "empirical"
-    with capture(
-        model, loss_fn, quantity, generator=generator, from_backward=from_backward
-    ) as session:
-        session.watch_outlives_block = from_backward
+    watch = from_backward and quantity.fisher_type == "empirical"
+    with capture(model, loss_fn, quantity, generator=generator, from_backward=watch) as session:
+        session.watch_outlives_block = watch
         try:
             yield recording
         except BaseException:
             session.release_watch()
             raise
-    if not session.loss_calls:
+    if len(session.loss_calls) != 1:
         session.release_watch()
         raise RuntimeError(
-            f"{owner}.capture(): loss_fn was not called inside the block; "
-            "compute the loss there (loss = loss_fn(model(X), y))"
+            f"{owner}.capture(): loss_fn was not called inside the block; compute the loss "
+            "there (loss = loss_fn(model(X), y))"
+            if not session.loss_calls
+            else f"{owner}.capture(): loss_fn was called more than once inside the block"
         )
     loss = session.loss_calls[-1][2]
-    if from_backward:
-        recording._deferred = _after_backward(session, loss, quantity, modules, compute_dtype)
+    if watch:
+        recording.deferred, recording._session = True, session
+        session.on_backward_end = _after_backward(recording, loss, quantity, modules, compute_dtype)
     else:
         stats = session.statistics(loss, retain_graph=True)
         recording.sums = _layer_sums(stats, quantity, modules, compute_dtype)
 
 
 def _after_backward(
-    session: Session,
+    recording: KroneckerRecording,
     loss: Tensor,
     quantity: KFACQuantity,
     modules: Collection[str] | None,
     compute_dtype: torch.dtype | None,
-) -> Callable[[], dict[str, KroneckerSums] | None]:
-    """The deferred sums of a watched block: ``None`` where no backward reached ``loss``."""
+) -> Callable[[], None]:
+    """Runs when the watched backward has finished: the recording's sums from its gradients
+    (none where they are not finite), then the session and its tensors are let go."""
 
-    def sums() -> dict[str, KroneckerSums] | None:
-        if not session.backward_seen:
+    def finish() -> None:
+        session, recording._session = recording._session, None
+        if session is None:  # discarded meanwhile
+            return
+        recording.backpropagated = True
+        try:
+            stats = session.statistics(loss)
+        except FloatingPointError:  # e.g. an overflowing GradScaler iteration
+            return
+        finally:
             session.release_watch()
-            return None
-        return _layer_sums(session.statistics(loss), quantity, modules, compute_dtype)
+        sums = _layer_sums(stats, quantity, modules, compute_dtype)
+        if recording.sink is None:
+            recording.sums = sums
+        else:
+            recording.sink(sums)
 
-    return sums
+    return finish
 
 
 def _layer_sums(

@@ -73,7 +73,7 @@ from ..linalg.eigenbasis import kronecker_eigenvalues, symmetric_eigh
 from ._engine import from_factor_layout, to_factor_layout
 from .averages import ema_
 from .damping import check_damping
-from .kronecker import KroneckerOptimizer
+from .kronecker import KroneckerOptimizer, check_dtype
 from .ownership import defer_eigen_refresh, make_ownership
 from .products import Side, diagonal_blocks, explicit_is_cheaper, make_side, side_size
 from .routing import MAX_FACTOR_DIM, factor_width_refusal
@@ -139,6 +139,10 @@ class KFAC(KroneckerOptimizer):
             ``torch.bfloat16``: on char-GPT's statistics step the products are about 4x
             faster on a CPU with bf16 units, the factors' entries rounded to about 3
             significant digits before the moving average); default ``None``: exact.
+        statistics_from_backward: with ``fisher_type="empirical"``, the statistics come from the
+            ordinary ``loss.backward()`` (no pass of their own; everything backpropagated
+            counts, e.g. an auxiliary loss added to ``loss``); ``False``: from ``loss_fn``'s
+            output alone, by a backward pass of their own.
         **adamw: the fallback's ``adam_lr``, ``adam_betas``, ``adam_eps`` and ``precondition``
             (per group).
     """
@@ -173,6 +177,7 @@ class KFAC(KroneckerOptimizer):
         max_block: int | None = None,
         max_factor_dim: int | None = MAX_FACTOR_DIM,
         statistics_dtype: torch.dtype | None = None,
+        statistics_from_backward: bool = True,
         **adamw: Any,
     ):
         if max_factor_dim is not None:
@@ -181,14 +186,7 @@ class KFAC(KroneckerOptimizer):
             check_every("max_block", max_block)
         self.max_block = max_block
         self.max_factor_dim = max_factor_dim
-        if preconditioner_dtype is not None and not (
-            isinstance(preconditioner_dtype, torch.dtype) and preconditioner_dtype.is_floating_point
-        ):
-            raise ValueError(
-                "preconditioner_dtype must be None or a floating dtype, got "
-                f"{preconditioner_dtype!r}"
-            )
-        self.preconditioner_dtype = preconditioner_dtype
+        self.preconditioner_dtype = check_dtype("preconditioner_dtype", preconditioner_dtype)
         if damping_mode not in ("eigen", "pi"):
             raise ValueError(f"damping_mode must be 'eigen' or 'pi', got {damping_mode!r}")
         if not 0 <= ema < 1:
@@ -198,7 +196,8 @@ class KFAC(KroneckerOptimizer):
         defaults |= {"damping": damping, "refresh_every": refresh_every, "grafting": grafting}
         defaults |= {"warmup": warmup}
         self.ema, self.stats_every, self.damping_mode = ema, stats_every, damping_mode
-        engine = (fisher_type, kfac_approx, mc_samples, seed, statistics_dtype)
+        engine = (fisher_type, kfac_approx, mc_samples, seed)
+        engine += (statistics_dtype, statistics_from_backward)
         super().__init__(model, loss_fn, params, defaults | adamw, *engine)
         self._set_clipping(kl_clip, max_update_norm)
         self._stale: dict[int, tuple[dict[str, Any], float, int]] = {}

@@ -45,6 +45,10 @@ class KroneckerOptimizer(CurvatureOptimizer):
             gradients in this floating dtype (e.g. ``torch.bfloat16``), kept in the
             gradients' dtype; ``None``: exact (see :meth:`beyondgrad.engine.Statistics.
             take_kronecker`).
+        statistics_from_backward: the empirical Fisher's statistics from the ordinary
+            ``loss.backward()`` (no pass of their own; the gradients of everything
+            backpropagated, an auxiliary loss added to ``loss`` included); ``False``: from
+            ``loss_fn``'s output alone, by a backward pass of their own.
 
     Attributes:
         quantity: the engine quantity that produces the statistics.
@@ -64,14 +68,10 @@ class KroneckerOptimizer(CurvatureOptimizer):
         mc_samples: int,
         seed: int,
         statistics_dtype: torch.dtype | None = None,
+        statistics_from_backward: bool = True,
     ):
-        if statistics_dtype is not None and not (
-            isinstance(statistics_dtype, torch.dtype) and statistics_dtype.is_floating_point
-        ):
-            raise ValueError(
-                f"statistics_dtype must be None or a floating dtype, got {statistics_dtype!r}"
-            )
-        self.statistics_dtype = statistics_dtype
+        self.statistics_from_backward = statistics_from_backward
+        self.statistics_dtype = check_dtype("statistics_dtype", statistics_dtype)
         self.quantity = kronecker_quantity(fisher_type, kfac_approx, mc_samples)
         super().__init__(model, params, defaults, loss_fn, seed)
         self._accumulator = KroneckerAccumulator()
@@ -124,9 +124,11 @@ class KroneckerOptimizer(CurvatureOptimizer):
             owner,
             self.layers,
             self.statistics_dtype,
+            self.statistics_from_backward,
         ) as recording:
             yield
-        if recording.deferred:  # empirical Fisher: from the ordinary backward, at the step
+        if recording.deferred:  # empirical Fisher: added when the ordinary backward ends
+            recording.sink = self._add_statistics
             self._pending.append(recording)
         else:
             self._add_statistics(recording.sums)
@@ -143,16 +145,24 @@ class KroneckerOptimizer(CurvatureOptimizer):
 
     def _collect_statistics(self) -> dict[str, tuple[Tensor, Tensor]]:
         pending, self._pending = self._pending, []
-        resolved = [r for r in pending if r.resolve()]  # blocks whose loss was backpropagated
-        if pending and not resolved:
+        done = [r for r in pending if r.backpropagated]
+        for recording in pending:  # never backpropagated: no gradient, no statistics
+            if not recording.backpropagated:
+                recording.discard()
+        if pending and not done:
             raise RuntimeError(
                 f"{type(self).__name__}(fisher_type='empirical') takes its statistics from the "
                 "ordinary backward pass, but no loss.backward() reached the loss of the "
                 "capture() block(s) before step()"
             )
-        for recording in resolved:
-            self._add_statistics(recording.sums)
         return self._accumulator.consume(self.layers, type(self).__name__)
 
 
-__all__ = ["KroneckerOptimizer"]
+def check_dtype(name: str, dtype: torch.dtype | None) -> torch.dtype | None:
+    """``dtype`` if it is None or a floating torch dtype, else a ValueError naming ``name``."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"{name} must be None or a floating dtype, got {dtype!r}")
+    return dtype
+
+
+__all__ = ["KroneckerOptimizer", "check_dtype"]

@@ -125,6 +125,10 @@ class SINGD(KroneckerOptimizer):
             momenta are broadcast (see :mod:`~beyondgrad.optim.ownership`).
         statistics_dtype: form the Kronecker statistics in this dtype (e.g.
             ``torch.bfloat16``; as :class:`~beyondgrad.optim.KFAC`); ``None``: exact.
+        statistics_from_backward: with ``fisher_type="empirical"``, the statistics come from the
+            ordinary ``loss.backward()`` (no pass of their own; everything backpropagated
+            counts, e.g. an auxiliary loss added to ``loss``); ``False``: from ``loss_fn``'s
+            output alone, by a backward pass of their own.
         **adamw: the fallback's ``adam_lr``, ``adam_betas``, ``adam_eps`` and ``precondition``.
     """
 
@@ -162,6 +166,7 @@ class SINGD(KroneckerOptimizer):
         T: int | None = None,
         ownership: Any = None,
         statistics_dtype: torch.dtype | None = None,
+        statistics_from_backward: bool = True,
         **adamw: Any,
     ):
         refresh_every = deprecated_alias("SINGD", "refresh_every", refresh_every, 10, "T", T)
@@ -172,7 +177,8 @@ class SINGD(KroneckerOptimizer):
             grafting=grafting, warm_start=warm_start, warmup=warmup, max_block=max_block,
             **adamw,
         )  # fmt: skip
-        engine = (fisher_type, kfac_approx, mc_samples, seed, statistics_dtype)
+        engine = (fisher_type, kfac_approx, mc_samples, seed)
+        engine += (statistics_dtype, statistics_from_backward)
         super().__init__(model, loss_fn, params, defaults, *engine)
         self._transposed = transposed_layers(self.model)
         self._set_compile(compile_update)
