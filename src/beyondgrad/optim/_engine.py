@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..engine import Statistics, capture
+from ..engine import Session, Statistics, capture
 from ..engine.capture import plan_layers
-from ..engine.session import Session
 from ..factors import from_block_layout, to_block_layout
 from ..quantities import KFAC as KFACQuantity
 
