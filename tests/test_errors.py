@@ -143,6 +143,35 @@ def test_functional_use_of_a_tied_weight_is_refused():
         bg.compute(model, nn.CrossEntropyLoss(), idx, torch.randint(0, 7, (N,)), bg.BatchGrad())
 
 
+def test_flattened_language_model_logits_get_a_hint():
+    """Logits flattened to ``[N*T, V]`` before the loss (the usual language-model code)
+    put N*T rows where the layers see N samples: refused, with the layout that works."""
+
+    class TinyLM(nn.Module):
+        def __init__(self, flat: bool):
+            super().__init__()
+            self.emb, self.pos = nn.Embedding(7, 4), nn.Embedding(5, 4)
+            self.head, self.flat = nn.Linear(4, 7), flat
+
+        def forward(self, idx):
+            pos = torch.arange(idx.shape[1])[None]  # broadcast over the batch
+            logits = self.head(self.emb(idx) + self.pos(pos))
+            return logits.reshape(-1, 7) if self.flat else logits.transpose(1, 2)
+
+    idx = torch.randint(0, 7, (N, 5))
+    y = torch.randint(0, 7, (N, 5))
+    loss_fn = nn.CrossEntropyLoss()
+    for flat in (True, False):
+        model = TinyLM(flat).double()
+        with bg.capture(model, loss_fn, bg.KFAC()) as session:
+            loss = loss_fn(model(idx), y.reshape(-1) if flat else y)
+        if flat:
+            with pytest.raises(RuntimeError, match=r"logits\.transpose\(1, 2\)"):
+                session.compute(loss)
+        else:
+            assert session.compute(loss)[bg.KFAC()]["head"].A.shape == (5, 5)
+
+
 def test_sample_axis_not_first_is_refused():
     class SeqFirst(nn.Module):
         def __init__(self):

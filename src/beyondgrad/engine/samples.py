@@ -625,5 +625,8 @@ def _not_first(call: Call, x: Tensor, N: int) -> Tensor:
     raise RuntimeError(
         f"expected the sample axis (length {N}) first, got input {tuple(x.shape)} and output "
         f"{tuple(out.shape) if isinstance(out, Tensor) else '?'}. beyondgrad's fast rules read "
-        "the samples on the leading axis of a layer's input (or no sample axis at all)."
+        "the samples on the leading axis of a layer's input (or no sample axis at all), and "
+        "the loss's input must keep that axis first: a language model whose logits "
+        "[N, T, V] are flattened to [N*T, V] before the loss should hand nn.CrossEntropyLoss "
+        "logits.transpose(1, 2) ([N, V, T]) and targets [N, T] instead."
     )
