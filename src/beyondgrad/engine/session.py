@@ -333,11 +333,6 @@ class Session:
             handle.remove()
         self._node_handles.clear()
 
-    @property
-    def backward_seen(self) -> bool:
-        """Whether a watched ordinary backward reached the loss."""
-        return self.loss_scale is not None
-
     def _call_key(self, args: tuple, kwargs: dict) -> tuple:
         """The :func:`signature` of the model's recorded call ``(args, kwargs)``, formed once
         per pass (the expansion, the coupling and the sample-axis probes read it)."""
