@@ -388,7 +388,7 @@ def small_problem(n: int = 30, n_b: int = 20) -> pinn.PINNLoss:
     "make",
     [
         lambda loss: pinn.KFACPINN(loss, damping=1e-4),
-        lambda loss: pinn.KFACPINN(loss, damping=1.0, step_rule="auto", factor_damping=1.0),
+        lambda loss: pinn.KFACPINN(loss, damping=1.0, step_rule="auto"),
         lambda loss: pinn.ENGD(loss, damping=1e-8),
     ],
     ids=["kfac", "kfac-auto", "engd"],
@@ -407,7 +407,7 @@ def test_a_short_run_decreases_the_loss(make) -> None:
 def test_auto_step_minimizes_the_quadratic_model() -> None:
     """The first auto step ``alpha Delta`` has ``alpha = -g.Delta / Delta^T (G + lambda) Delta``."""
     loss = small_problem()
-    opt = pinn.KFACPINN(loss, damping=1e-3, step_rule="auto", adapt=1.0, factor_damping=1e-3)
+    opt = pinn.KFACPINN(loss, damping=1e-3, step_rule="auto", adapt=1.0)
     ev = loss.evaluate()
     g = pinn.flatten(ev.gradient())
     delta = pinn.flatten(pinn.KFACPINN(loss, damping=1e-3).natural_gradient(ev))

@@ -1,6 +1,5 @@
 """KFACPINN's options (float64): the lazy Levenberg-Marquardt check takes the same steps as the
-eager one, factors refreshed every k steps, a fixed factor damping and its default per step
-rule, KFAC-reduce factors."""
+eager one, factors refreshed every k steps, a fixed factor damping, KFAC-reduce factors."""
 
 from __future__ import annotations
 
@@ -79,21 +78,6 @@ def test_factors_refresh_every_k_steps_and_fixed_factor_damping() -> None:
     inverses = [pinn.damped_kronecker_sum_inverse(*f, damping=1e-2) for f in opt.factors]
     for d, inv, g in zip(direction, inverses, ev.gradient()):
         torch.testing.assert_close(d, -(inv @ g))
-
-
-@pytest.mark.parametrize("step_rule", ["auto", "line_search"])
-def test_default_factor_damping_follows_the_step_rule(step_rule: str) -> None:
-    """Unless ``factor_damping`` is given, the factors are damped by ``AUTO_FACTOR_DAMPING`` with
-    the auto rule (not by its adapted damping) and by ``damping`` with the line search."""
-    loss = problem()
-    opt = pinn.KFACPINN(loss, damping=1e-2, step_rule=step_rule)
-    ev = loss.evaluate()
-    direction = opt.natural_gradient(ev)
-    expected = pinn.AUTO_FACTOR_DAMPING if step_rule == "auto" else 1e-2
-    for d, f, g in zip(direction, opt.factors, ev.gradient()):
-        torch.testing.assert_close(d, -(pinn.damped_kronecker_sum_inverse(*f, expected) @ g))
-        other = pinn.damped_kronecker_sum_inverse(*f, 1e-2 + pinn.AUTO_FACTOR_DAMPING - expected)
-        assert not torch.allclose(d, -(other @ g))
 
 
 def test_reduce_runs_and_options_are_checked() -> None:

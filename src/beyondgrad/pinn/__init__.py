@@ -28,7 +28,7 @@ from .kron import (
     simultaneous_diagonalization,
 )
 from .loss import Evaluation, PINNLoss, dot, flatten, unflatten
-from .optim import AUTO_FACTOR_DAMPING, ENGD, KFACPINN, LOG_GRID, line_search
+from .optim import ENGD, KFACPINN, LOG_GRID, line_search
 from .problems import PDE, heat, poisson, relative_l2_error
 from .taylor import (
     ACTIVATIONS,
@@ -43,7 +43,6 @@ from .taylor import (
 
 __all__ = [
     "ACTIVATIONS",
-    "AUTO_FACTOR_DAMPING",
     "ENGD",
     "KFACPINN",
     "LOG_GRID",

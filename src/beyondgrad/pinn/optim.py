@@ -23,13 +23,6 @@ from .loss import Blocks, Evaluation, PINNLoss, dot, flatten, unflatten
 #: the default step sizes of the line search: 2^0, 2^-1, ..., 2^-30
 LOG_GRID: tuple[float, ...] = tuple(2.0**-k for k in range(31))
 
-#: the Kronecker factors' damping of :class:`KFACPINN`'s auto rule unless ``factor_damping`` is
-#: given: the adapted damping of the quadratic model falls to its floor within seconds, and
-#: factors damped by it leave the preconditioner (and its conjugate gradients) ill-conditioned
-#: (``benchmarks/pinn.py``: 2-18x lower errors at 25 s than factors damped by the adapted value,
-#: or by the adapted value floored at this one)
-AUTO_FACTOR_DAMPING = 1e-5
-
 
 def line_search(loss: PINNLoss, start: Blocks, direction: Blocks, grid: Sequence[float]) -> float:
     """Pick the step size of the grid with the smallest loss and move the model there.
@@ -60,8 +53,7 @@ class KFACPINN:
     Per linear layer the Gramian block is approximated by ``B kron A + B_b kron A_b`` (interior:
     KFAC-expand (or -reduce) over the Taylor axis; boundary: standard KFAC; see
     :meth:`Evaluation.kfac_factors`), the factors are averaged over steps (exponential moving
-    average) and damped each (by ``damping`` with the line-search rule, by ``factor_damping``
-    with the auto rule); the preconditioned gradient
+    average) and damped by ``damping`` each; the preconditioned gradient
     ``Delta = -(B~ kron A~ + B~_b kron A~_b)^{-1} grad`` uses the exact inverse of the Kronecker
     sum (:class:`~beyondgrad.pinn.KroneckerSumInverse`), recomputed every ``update_every``
     steps.
@@ -78,8 +70,7 @@ class KFACPINN:
 
     Args:
         loss: the :class:`~beyondgrad.pinn.PINNLoss` to minimize.
-        damping: added to every Kronecker factor (line-search rule) or, as the initial
-            adapted damping, to the Gramian of the auto rule's quadratic model.
+        damping: added to every Kronecker factor (and to the Gramian of the auto rule).
         ema: weight of the old factors in the moving average (``0``: current factors only).
         momentum: momentum of the line-search rule.
         step_rule: ``"line_search"`` or ``"auto"``.
@@ -91,9 +82,8 @@ class KFACPINN:
         approx: ``"expand"`` or ``"reduce"``, the interior factors' treatment of the Taylor axis.
         update_every: recompute the factors and their inverse every this many steps.
         lazy: judge an auto step with the next step's loss evaluation (see above).
-        factor_damping: a fixed damping of the Kronecker factors (``None``: ``damping`` with
-            the line-search rule, :data:`AUTO_FACTOR_DAMPING` with the auto rule, whose
-            ``damping`` is the adapted damping of the quadratic model only).
+        factor_damping: a fixed damping of the Kronecker factors (``None``: the current,
+            possibly adapted, ``damping``).
         cg_steps: with the auto rule and ``cg_steps > 1``, the direction is ``cg_steps``
             iterations of conjugate gradients on the damped Gauss-Newton system
             ``(G + damping I) x = -grad`` with the exact Gramian (one Jacobian-vector and one
@@ -153,9 +143,7 @@ class KFACPINN:
                 [self.ema * old + (1 - self.ema) * cur for old, cur in zip(olds, curs)]
                 for olds, curs in zip(self.factors, new)
             ]
-        damping = self.factor_damping
-        if damping is None:
-            damping = AUTO_FACTOR_DAMPING if self.step_rule == "auto" else self.damping
+        damping = self.damping if self.factor_damping is None else self.factor_damping
         self.inverses = [damped_kronecker_sum_inverse(*f, damping=damping) for f in self.factors]
         return self.inverses
 
