@@ -225,3 +225,59 @@ def test_clear_errors():
         bg.merging.fisher_merge([mlp(0), mlp(1)], loss, [data(0), data(1)], fisher="hessian")
     with pytest.raises(ValueError, match="no batch"):
         bg.merging.diagonal_fisher(mlp(0), loss, [])
+
+
+# ---- choosing the merge weights on data -------------------------------------------------------
+
+
+def test_weight_candidates_cover_the_shares_once() -> None:
+    two = bg.merging.weight_candidates(2)
+    assert two[0] == (0.5, 0.5)
+    assert sorted(w[0] for w in two) == pytest.approx([0.1 * k for k in range(1, 10)])
+    three = bg.merging.weight_candidates(3, shares=(0.5, 0.2))
+    assert three[0] == pytest.approx((1 / 3,) * 3)
+    assert (0.5, 0.25, 0.25) in three and (0.4, 0.4, 0.2) in three and len(three) == 7
+    assert all(sum(w) == pytest.approx(1.0) for w in two + three)
+    with pytest.raises(ValueError, match="two models"):
+        bg.merging.weight_candidates(1)
+    with pytest.raises(ValueError, match="shares"):
+        bg.merging.weight_candidates(2, shares=(1.0,))
+
+
+def test_select_weights_is_the_argmin_of_the_merged_losses() -> None:
+    """Every candidate's loss equals the merged parameters' mean cross-entropy written out by
+    hand, and the choice is their argmin (Fisher merging with the diagonal Fisher)."""
+    A, B = mlp(0), mlp(1)
+    dA, dB, val = data(0), data(1), data(2, n=11)
+    loss = nn.CrossEntropyLoss()
+
+    def merge(w: list[float]) -> nn.Module:
+        return bg.merging.fisher_merge([A, B], loss, [dA, dB], structure="diagonal", weights=w)
+
+    weights, losses = bg.merging.select_weights(merge, loss, val, count=2)
+    fishers = [bg.merging.diagonal_fisher(m, loss, d) for m, d in ((A, dA), (B, dB))]
+    for cand, value in losses.items():
+        state = {}
+        for (name, a), b in zip(A.named_parameters(), B.parameters()):
+            fa, fb = (cand[i] * f[name].clamp_min(1e-8) for i, f in enumerate(fishers))
+            state[name] = (fa * a + fb * b) / (fa + fb)
+        with torch.no_grad():
+            logits = torch.func.functional_call(A, state, (val[0],))
+        assert value == pytest.approx(float(F.cross_entropy(logits, val[1])), rel=1e-10)
+    assert tuple(weights) == min(losses, key=losses.__getitem__)
+    assert len(losses) == 9 and len(set(losses.values())) > 1
+
+
+def test_select_weights_keeps_equal_weights_on_a_tie_and_checks_candidates() -> None:
+    A = mlp(0)
+    loss, val = nn.CrossEntropyLoss(), data(2)
+    weights, losses = bg.merging.select_weights(lambda w: A, loss, val, count=2)
+    assert weights == [0.5, 0.5] and len(set(losses.values())) == 1
+    weights, _ = bg.merging.select_weights(
+        lambda w: A, loss, val, count=2, candidates=[(3.0, 1.0), (1.0, 3.0)]
+    )
+    assert weights == [0.75, 0.25]  # normalized, the first of equal losses
+    with pytest.raises(ValueError, match="candidate"):
+        bg.merging.select_weights(lambda w: A, loss, val, count=2, candidates=[])
+    with pytest.raises(ValueError, match="weights"):
+        bg.merging.select_weights(lambda w: A, loss, val, count=2, candidates=[(1.0, 1.0, 1.0)])

@@ -1,6 +1,7 @@
 """Merging models of one architecture with curvature: weighted averaging, Fisher merging
 (diagonal or Kronecker-factored Fishers from the engine) and RegMean (per-layer input Gram
-matrices, the KFAC ``A`` factors). See :mod:`beyondgrad.merging.merge` for the conventions."""
+matrices, the KFAC ``A`` factors), and the merge weights chosen on data
+(:func:`select_weights`). See :mod:`beyondgrad.merging.merge` for the conventions."""
 
 from .curvature import (
     FISHERS,
@@ -25,9 +26,11 @@ from .merge import (
     regmean_average,
     regmean_layer,
 )
+from .select import SHARES, select_weights, weight_candidates
 
 __all__ = [
     "FISHERS",
+    "SHARES",
     "Gram",
     "KroneckerFisher",
     "as_batches",
@@ -45,5 +48,7 @@ __all__ = [
     "regmean",
     "regmean_average",
     "regmean_layer",
+    "select_weights",
     "sum_loss",
+    "weight_candidates",
 ]

@@ -1,0 +1,93 @@
+"""Choosing the per-model merge weights ``lambda_i`` on data.
+
+Matena & Raffel (2022) tune the weights of Fisher merging on held-out data; with equal weights a
+diagonal Fisher tilts every layer towards the model whose Fisher is larger. The rule here: try
+a set of weight vectors, merge with each, and keep the one whose merged model has the smallest
+mean loss on ``validation`` (any data of the merged task that is not the test set: the union
+of the models' training sets is the natural choice when no held-out split exists).
+
+The default candidates for ``k`` models are the equal weights and, for every model ``i`` and
+share ``s`` in :data:`SHARES`, ``lambda_i = s`` with the rest split equally (for two models:
+``(s, 1 - s)``, ``s = 0.1, ..., 0.9``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import nn
+
+from ..distributed import group as dist_group
+from .merge import merge_weights
+
+#: the shares of one model in the default candidates
+SHARES: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def weight_candidates(count: int, shares: Sequence[float] = SHARES) -> list[tuple[float, ...]]:
+    """The default candidate weight vectors (normalized, without duplicates, equal first).
+
+    Args:
+        count: the number of models, at least 2.
+        shares: the shares in ``(0, 1)`` one model gets while the others split the rest.
+
+    Returns:
+        Weight vectors of length ``count``, each summing to 1.
+
+    Raises:
+        ValueError: fewer than two models, or a share outside ``(0, 1)``.
+    """
+    if count < 2:
+        raise ValueError(f"need at least two models to weigh, got {count}")
+    if any(not 0 < s < 1 for s in shares):
+        raise ValueError(f"shares must lie in (0, 1), got {list(shares)}")
+    out = [tuple([1.0 / count] * count)]
+    for i in range(count):
+        for s in shares:
+            w = tuple(round(s if j == i else (1 - s) / (count - 1), 12) for j in range(count))
+            if all(max(abs(a - b) for a, b in zip(w, c)) > 1e-12 for c in out):
+                out.append(w)
+    return out
+
+
+def select_weights(
+    merge: Callable[[list[float]], nn.Module],
+    loss_fn: nn.Module,
+    validation: Any,
+    count: int,
+    candidates: Sequence[Sequence[float]] | None = None,
+) -> tuple[list[float], dict[tuple[float, ...], float]]:
+    """The merge weights whose merged model has the smallest mean loss on ``validation``.
+
+    Args:
+        merge: ``weights -> merged model`` (e.g. ``lambda w: bg.merging.fisher_merge(models,
+            loss_fn, data, structure="diagonal", weights=w)``; to compute the Fishers once,
+            merge with :func:`~beyondgrad.merging.fisher_average` from precomputed
+            :func:`~beyondgrad.merging.diagonal_fisher` values).
+        loss_fn: the loss the merged models are scored with (mean over examples).
+        validation: ``(X, y)`` tensors or an iterable of ``(X, y)`` batches; never the test set.
+        count: the number of models.
+        candidates: weight vectors to try (normalized here; default
+            :func:`weight_candidates`).
+
+    Returns:
+        ``(weights, {candidate: mean loss})``: the chosen normalized weights (the first of
+        equal losses, so the equal weights on a tie) and every candidate's loss.
+
+    Raises:
+        ValueError: no candidates, or a candidate that is not ``count`` non-negative weights.
+    """
+    from ..pruning.select import mean_loss  # here: pruning imports merging
+
+    dist_group.refuse_rank_local("bg.merging.select_weights")  # no reduction over ranks
+    tried = weight_candidates(count) if candidates is None else candidates
+    if not tried:
+        raise ValueError("need at least one candidate weight vector")
+    losses: dict[tuple[float, ...], float] = {}
+    for c in tried:
+        w = tuple(merge_weights(c, count))
+        if w not in losses:
+            losses[w] = mean_loss(merge(list(w)), loss_fn, validation)
+    best = min(losses, key=losses.__getitem__)  # the first minimum: insertion order
+    return list(best), losses
