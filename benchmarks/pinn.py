@@ -40,7 +40,8 @@ CG_STEPS = 6
 #: KFAC-CG-layer's fixed Kronecker-factor damping (the other auto rows damp the factors by the
 #: adapted damping, KFACPINN's default). Seed 0 at 25 s, errors with the adapted damping over
 #: this one: per-layer coefficients 19x (Poisson 2d, D=257), 5.6x (D=9873), 1.6x (heat 1+1d),
-#: 0.9x (heat 4+1d); one global coefficient on Poisson D=9873 0.07x with CG, 0.26x without
+#: 0.9x (heat 4+1d); one global coefficient on Poisson D=9873 0.07x with CG (0.03x seed 1),
+#: 0.26x without
 LAYER_FACTOR_DAMPING = 1e-5
 
 

@@ -187,9 +187,6 @@ def _data_set_loops(check: _Checks, model, loss_fn, shard, full) -> None:
         "merging.diagonal_fisher": lambda: bg.merging.diagonal_fisher(model, loss_fn, shard),
         "merging.input_grams": lambda: bg.merging.input_grams(model, loss_fn, shard),
         "merging.kronecker_fisher": lambda: bg.merging.kronecker_fisher(model, loss_fn, shard),
-        "merging.select_weights": lambda: bg.merging.select_weights(
-            lambda w: model, loss_fn, shard, 2
-        ),
         "pruning.obd": lambda: bg.pruning.obd(model, loss_fn, shard, 0.5),
         "pruning.woodfisher": lambda: bg.pruning.woodfisher(model, loss_fn, shard, 0.5),
         "pruning.layerwise_obs": lambda: bg.pruning.layerwise_obs(model, loss_fn, shard, 0.5),
@@ -199,6 +196,11 @@ def _data_set_loops(check: _Checks, model, loss_fn, shard, full) -> None:
     }
     for name, call in refused.items():
         check.raises(name, NotImplementedError, call, "rank_local")
+    check.raises(  # its own refusal, not mean_loss's
+        "merging.select_weights", NotImplementedError,
+        lambda: bg.merging.select_weights(lambda w: model, loss_fn, shard, 2),
+        "bg.merging.select_weights",
+    )  # fmt: skip
     with bg.distributed.rank_local():  # explicitly this rank's data: allowed
         bg.cockpit.Cockpit(model, loss_fn)
         local = bg.merging.diagonal_fisher(model, loss_fn, shard, fisher="type-2")

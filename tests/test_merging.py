@@ -281,3 +281,47 @@ def test_select_weights_keeps_equal_weights_on_a_tie_and_checks_candidates() -> 
         bg.merging.select_weights(lambda w: A, loss, val, count=2, candidates=[])
     with pytest.raises(ValueError, match="weights"):
         bg.merging.select_weights(lambda w: A, loss, val, count=2, candidates=[(1.0, 1.0, 1.0)])
+
+
+def test_select_weights_reads_the_data_once_and_merges_each_distinct_candidate_once() -> None:
+    """A one-shot generator of unequal batches works (the loss is the mean over all
+    examples); repeated candidates (equal after normalization) are merged once."""
+    A, B = mlp(0), mlp(1)
+    X, y = data(3, n=10)
+    loss = nn.CrossEntropyLoss()
+    calls: list[list[float]] = []
+
+    def merge(w: list[float]) -> nn.Module:
+        calls.append(w)
+        return bg.merging.average([A, B], weights=w)
+
+    batches = ((X[a:b], y[a:b]) for a, b in ((0, 3), (3, 10)))  # a generator: one pass only
+    cands = [(1.0, 1.0), (2.0, 2.0), (1.0, 3.0)]
+    weights, losses = bg.merging.select_weights(merge, loss, batches, count=2, candidates=cands)
+    assert calls == [[0.5, 0.5], [0.25, 0.75]]
+    assert set(losses) == set(cands) and losses[(1.0, 1.0)] == losses[(2.0, 2.0)]
+    for c, w in (((1.0, 1.0), [0.5, 0.5]), ((1.0, 3.0), [0.25, 0.75])):
+        with torch.no_grad():
+            assert losses[c] == pytest.approx(float(F.cross_entropy(merge(w)(X), y)), rel=1e-12)
+    assert weights == ([0.5, 0.5] if losses[(1.0, 1.0)] <= losses[(1.0, 3.0)] else [0.25, 0.75])
+
+
+def test_select_weights_skips_non_finite_losses_and_scores_in_eval_mode() -> None:
+    """A NaN loss never wins; Dropout is off while scoring (identical models tie) and the
+    merged model's training flag is restored."""
+    good = mlp(0)
+    bad = mlp(0)
+    with torch.no_grad():
+        bad[0].weight.fill_(float("nan"))
+    loss, val = nn.CrossEntropyLoss(), data(2)
+    weights, losses = bg.merging.select_weights(
+        lambda w: bad if w[0] == 0.5 else good, loss, val, count=2
+    )
+    assert losses[(0.5, 0.5)] != losses[(0.5, 0.5)] and weights == [0.1, 0.9]
+    with pytest.raises(ValueError, match="finite"):
+        bg.merging.select_weights(lambda w: bad, loss, val, count=2)
+    dropout = nn.Sequential(nn.Linear(4, 5), nn.Dropout(0.5), nn.Linear(5, 3)).to(DT).train()
+    weights, losses = bg.merging.select_weights(lambda w: dropout, loss, val, count=2)
+    assert weights == [0.5, 0.5] and len(set(losses.values())) == 1 and dropout.training
+    with pytest.raises(ValueError, match="finite"):
+        bg.merging.merge_weights([float("nan"), 1.0], 2)

@@ -11,6 +11,7 @@ from .curvature import (
     diagonal_fisher,
     input_grams,
     kronecker_fisher,
+    mean_loss,
     sum_loss,
 )
 from .merge import (
@@ -44,6 +45,7 @@ __all__ = [
     "kfac_fisher_average",
     "kfac_merge_layer",
     "kronecker_fisher",
+    "mean_loss",
     "merge_weights",
     "regmean",
     "regmean_average",

@@ -63,6 +63,35 @@ def sum_loss(loss_fn: nn.Module) -> nn.Module:
     return out
 
 
+def mean_loss(model: nn.Module, loss_fn: nn.Module, data: Any) -> float:
+    """The mean per-example loss of ``model`` over ``data``, in evaluation mode, no gradients
+    (the scoring rule of :func:`~beyondgrad.pruning.select_damping` and
+    :func:`~beyondgrad.merging.select_weights`).
+
+    Args:
+        model: the model (scored under ``model.eval()``; its training flags are restored
+            afterwards, so Dropout is off and BatchNorm reads and keeps its running statistics).
+        loss_fn: its loss (applied with reduction ``"sum"``, divided by the example count).
+        data: ``(X, y)`` tensors or an iterable of ``(X, y)`` batches.
+
+    Returns:
+        The mean loss, a float.
+    """
+    dist_group.refuse_rank_local("bg.pruning.mean_loss")  # no reduction over ranks
+    total, count, fn = 0.0, 0, sum_loss(loss_fn)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            for X, y in as_batches(data):
+                total += float(fn(model(X), y))
+                count += y.shape[0]
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return total / count
+
+
 def _fisher_quantity(fisher: str, mc_samples: int) -> Any:
     if fisher == "empirical":
         return SumGradSquared()

@@ -11,6 +11,7 @@ BatchNorm's ``num_batches_tracked``) are taken from ``models[0]``; floating-poin
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -63,15 +64,15 @@ def merge_weights(weights: Sequence[float] | None, count: int) -> list[float]:
         The normalized weights.
 
     Raises:
-        ValueError: wrong length, a negative weight, or all zero.
+        ValueError: wrong length, a negative or non-finite weight, or all zero.
     """
     if weights is None:
         return [1.0 / count] * count
     w = [float(v) for v in weights]
     if len(w) != count:
         raise ValueError(f"got {len(w)} weights for {count} models")
-    if min(w) < 0 or sum(w) <= 0:
-        raise ValueError(f"weights must be non-negative and not all zero, got {w}")
+    if not all(math.isfinite(v) for v in w) or min(w) < 0 or sum(w) <= 0:
+        raise ValueError(f"weights must be finite, non-negative and not all zero, got {w}")
     return [v / sum(w) for v in w]
 
 
@@ -176,8 +177,8 @@ def fisher_merge(
     """Fisher merging (Matena & Raffel, 2022): the minimizer of
     ``sum_i lambda_i (theta - theta_i)^T F_i (theta - theta_i)`` with Fishers from the engine.
 
-    ``structure="kfac"`` (default; earlier revisions: ``"diagonal"``; chosen because it beat
-    plain averaging on 10/10 digit seeds, the diagonal on 5/10, see ``docs/merging.md``): per
+    ``structure="kfac"`` (default; it beat averaging on 10/10 digit seeds, the diagonal on
+    5-6/10, 8-9/10 with :func:`~beyondgrad.merging.select_weights`; ``docs/merging.md``): per
     Linear / convolution layer ``F_i = B_i kron A_i`` (:func:`kronecker_fisher`), which keeps
     the correlations of a layer's inputs and of its outputs; the merged layer solves
     ``sum_i lambda_i B~_i W A~_i = sum_i lambda_i B~_i W_i A~_i`` (:func:`kfac_merge_layer`,

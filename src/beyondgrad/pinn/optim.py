@@ -92,7 +92,9 @@ class KFACPINN:
             learning rate and momentum then combine it with the previous update.
         per_layer: the auto rule's learning rate and momentum per layer (``2 L`` coefficients
             from the exact Gramian restricted to the span of the layers' parts of the
-            direction and the previous update; the same Jacobian-vector products).
+            direction and the previous update; the same Jacobian-vector products). Pair it
+            with a fixed ``factor_damping`` (``benchmarks/pinn.py`` uses ``1e-5``; see
+            ``docs/pinn.md``).
     """
 
     def __init__(

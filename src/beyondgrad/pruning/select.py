@@ -14,36 +14,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
-from ..distributed import group as dist_group
-from ..merging import as_batches, sum_loss
+from ..merging import mean_loss
 from .masks import check_sparsity, masked_copy, prunable_parameters
 from .obs import BlockFisherInverse, fisher_inverse, obs_prune_blocks
 
 #: the candidate dampings of :func:`select_damping`: 1e-9, 1e-8, ..., 1e-2
 DAMPING_GRID: tuple[float, ...] = tuple(10.0**-k for k in range(9, 1, -1))
-
-
-def mean_loss(model: nn.Module, loss_fn: nn.Module, data: Any) -> float:
-    """The mean per-example loss of ``model`` over ``data`` (no gradients).
-
-    Args:
-        model: the model.
-        loss_fn: its loss (applied with reduction ``"sum"``, divided by the example count).
-        data: ``(X, y)`` tensors or an iterable of ``(X, y)`` batches.
-
-    Returns:
-        The mean loss, a float.
-    """
-    dist_group.refuse_rank_local("bg.pruning.mean_loss")  # no reduction over ranks
-    total, count, fn = 0.0, 0, sum_loss(loss_fn)
-    with torch.no_grad():
-        for X, y in as_batches(data):
-            total += float(fn(model(X), y))
-            count += y.shape[0]
-    return total / count
 
 
 def pruned_losses(
