@@ -14,7 +14,7 @@ share ``s`` in :data:`SHARES`, ``lambda_i = s`` with the rest split equally (for
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from torch import nn
@@ -53,7 +53,7 @@ def weight_candidates(count: int, shares: Sequence[float] = SHARES) -> list[tupl
     return _distinct(tuple(merge_weights(w, count)) for w in raw)
 
 
-def _distinct(vectors: Any, tol: float = 1e-9) -> list[tuple[float, ...]]:
+def _distinct(vectors: Iterable[tuple[float, ...]], tol: float = 1e-9) -> list[tuple[float, ...]]:
     """The vectors in order, each dropped that is within ``tol`` of an earlier one."""
     out: list[tuple[float, ...]] = []
     for v in vectors:
@@ -89,8 +89,8 @@ def select_weights(
     Returns:
         ``(weights, {candidate: mean loss})``: the chosen normalized weights (the first
         candidate with the least finite loss: the equal weights on a tie among the default
-        candidates) and each distinct candidate's loss, keyed by the candidate as given
-        (a tuple of floats).
+        candidates) and each candidate's loss, keyed by the candidate as given (a tuple of
+        floats; candidates equal after normalization share one merge and one loss).
 
     Raises:
         ValueError: no candidates, a candidate that is not ``count`` finite non-negative
