@@ -203,7 +203,7 @@ def test_the_factory_builds_kfac_adam_at_its_amortized_settings():
 
     model, loss_fn = _model("mlp"), nn.CrossEntropyLoss()
     opt = make_optimizer("kfac-adam", model, loss_fn)
-    assert isinstance(opt, KFACAdam) and opt.stats_every == 10
+    assert isinstance(opt, KFACAdam) and opt.stats_every == 20
     group = opt.param_groups[0]
     assert group["refresh_every"] == 20 and group["lr"] == DEFAULT_LR["kfac-adam"]
     assert group["adam_lr"] == group["lr"] and opt.kl_clip is None

@@ -27,7 +27,7 @@ Under ``ownership`` the refreshes are KFAC's (eigendecompositions on the owner r
 Cost per step: four products per layer (rotate, rotate back) and elementwise work, as KFAC with
 eigenvalue damping; layers of one shape refreshed together are rotated in one batched product
 and keep their second moments stacked. Statistics and refreshes as KFAC's (the factory's
-amortized settings: statistics every 10 steps, a refresh every 20). Measured on the suite's
+amortized settings: statistics and a refresh every 20 steps). Measured on the suite's
 char-GPT (``benchmarks/results/optim_suite_cpu.md``; ``optim_profile_gpt_cpu.md``: at batch 8 the
 step's extra time is the rotations, ~1.4 GFLOP per step, and the refresh's ``eigh``).
 
