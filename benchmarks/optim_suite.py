@@ -39,7 +39,7 @@ Usage (``--quick``: a smoke run of seconds, written to a temporary directory)::
     python benchmarks/optim_suite.py tune --task gpt --optimizer adamw --budget 40 --no-target
     python benchmarks/optim_suite.py calibrate --task gpt --budget 40 --seeds 3
     python benchmarks/optim_suite.py tune --task gpt --budget 60
-    python benchmarks/optim_suite.py timed --seeds 3 --budget 60
+    python benchmarks/optim_suite.py timed --seeds 5 --budget 60   # the committed table
     python benchmarks/optim_suite.py timed --since 2026-12-05T04:47:03   # every cell again
     python benchmarks/optim_suite.py report --task gpt autoencoder --task-budget autoencoder=20
     python benchmarks/optim_suite.py all --quick
