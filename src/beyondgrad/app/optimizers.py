@@ -38,13 +38,14 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # inverse per side), factor sides wider than 256 block-diagonal (char-GPT: the solve
     # 7.2 -> 4.2-5.0 ms per step, steps to target unchanged; benchmarks/results/optim_suite_*)
     # step lengths grafted to Adam's (per tensor, as Distributed Shampoo does), the KL clip
-    # (1e-3) kept as a trust region: seed 1, 60 s of training, time to the suite's targets at
-    # hand-picked rates (clipped only -> grafted without the clip): char-GPT 45.9 -> 36.1 s
-    # (lr 4e-3), digits-resnet 37.6 -> 28.5 s (4e-3), the autoencoder 22.2 -> 18.5 s (3e-3,
-    # damping 1e-3), kron-lsq 0.40 -> 0.15 s (1e-2). Grafting alone, tuned, stalled on the
-    # autoencoder's 0.07 plateau for seeds 1-3 at lr 3.1e-3 (seed 2: 24.8 s at 2e-3); with the
-    # clip kept, 23.5 s at 3.1e-3, char-GPT 28.5 -> 31.8 s (its tuned config, seed 1). Without
-    # either control KFAC diverges on char-GPT above lr ~0.02. The clip at 3e-3 since
+    # kept as a trust region (at 1e-3 in these runs): seed 1, 60 s of training, time to the
+    # suite's targets at hand-picked rates (clipped only -> grafted without the clip):
+    # char-GPT 45.9 -> 36.1 s (lr 4e-3), digits-resnet 37.6 -> 28.5 s (4e-3), the autoencoder
+    # 22.2 -> 18.5 s (3e-3, damping 1e-3), kron-lsq 0.40 -> 0.15 s (1e-2). Grafting alone,
+    # tuned, stalled on the autoencoder's 0.07 plateau for seeds 1-3 at lr 3.1e-3 (seed 2:
+    # 24.8 s at 2e-3); with the clip kept, 23.5 s at 3.1e-3, char-GPT 28.5 -> 31.8 s (its
+    # tuned config, seed 1). Without either control KFAC diverges on char-GPT above lr
+    # ~0.02. The clip at 3e-3 since
     # 2026-12-06 (the library's default 1e-3): at the suite's tuned configurations, seeds 1-3,
     # time to target 1e-3 -> 3e-3: char-GPT 21.1/20.3/22.3 -> 18.0/18.0/19.6 s, digits-resnet
     # 16.3/13.7/14.2 -> 12.0/8.4/7.5 s, kron-lsq 1375 -> 825 steps, the autoencoder
