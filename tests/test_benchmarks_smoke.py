@@ -83,6 +83,7 @@ def test_smoke(script: str, tmp_path: Path) -> None:
             ("business", 1),
             ("full", 1),
             ("full", 16),
+            ("floor", 1),  # the mlp is made of nn.Linear layers only
         ]
         assert all(r["ratio"] > 0 for r in data)
         return
