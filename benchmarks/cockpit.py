@@ -81,17 +81,30 @@ def floor_block(p: h.Problem, opt: torch.optim.Optimizer, steps: int) -> Callabl
         out.register_hook(lambda g: kept[module].append(g) and None)
 
     def products() -> Tensor:
-        total = torch.zeros(())
+        """Per layer the cheaper of the two ways to its norms, dots with ``g`` and slopes
+        along the last SGD step (``-lr`` times the last gradient), summed into a scalar."""
+        parts = []
         for m in layers:
             X, G = kept[m]
             X = torch.cat([X, X.new_ones(X.shape[0], 1)], 1) if m.bias is not None else X
-            inner = (X @ X.T) * (G @ G.T)  # norms (diagonal) and dots with g (row sums)
-            total = total + inner.diagonal().sum() + inner.sum()
-            if m in previous:  # slopes along the last SGD step (cross-Gram matrices)
-                Xp, Gp = previous[m]
-                total = total + ((X @ Xp.T) * (G @ Gp.T)).sum()
-            previous[m] = (X, G)
-        return total
+            N, I, O = X.shape[0], X.shape[1], G.shape[1]
+            parts.append(X.square().sum(1) * G.square().sum(1))  # norms: rows are rank-1
+            last = previous.get(m)
+            if N * (I + O) < I * O:  # Gram and cross-Gram matrices
+                parts.append(((X @ X.T) * (G @ G.T)).sum(1))
+                if last is not None:
+                    parts.append(((X @ last[0].T) * (G @ last[1].T)).sum(1))
+                previous[m] = (X, G)
+            else:  # projections of the rows on g and the last step, in one product
+                W = (
+                    m.weight.grad
+                    if m.bias is None
+                    else torch.cat([m.weight.grad, m.bias.grad[:, None]], 1)
+                )
+                V = torch.stack([W, W if last is None else last[0]], 1).reshape(O, 2 * I)
+                parts.append(((G @ V).view(N, 2, I) * X[:, None]).sum(2).sum(1))
+                previous[m] = (W, W)
+        return torch.stack(parts).sum()
 
     def block(_: Any, start: int) -> None:
         handles = [m.register_forward_hook(keep) for m in layers]
