@@ -40,6 +40,28 @@ def test_curvature_operators_raise_on_non_finite_values(kind):
         G @ v
 
 
+def test_parameter_layout_products_check_finiteness_without_false_alarms():
+    """Products in the parameter layout raise on a non-finite entry, and not where every
+    entry is finite but the products' norms overflow (float32, entries ~1e30)."""
+    model, X, y, loss_fn = CASES["mlp"]()
+    H = bg.linops.Hessian(model, loss_fn, [(X, y)])
+    vs = [torch.ones_like(p) for p in H.params]
+    vs[-1][0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite product"):
+        H @ vs
+    torch.manual_seed(0)
+    small = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    Xs, ys = torch.randn(5, 3), torch.randint(0, 2, (5,))
+    Hs = bg.linops.Hessian(small, nn.CrossEntropyLoss(), [(Xs, ys)])
+    unit = [torch.ones_like(p) for p in Hs.params]
+    big = [v * 1e30 for v in unit]
+    out_big, out_unit = Hs @ big, Hs @ unit
+    assert all(torch.isfinite(t).all() for t in out_big)
+    assert not torch.isfinite(torch.stack(torch._foreach_norm(out_big))).all()  # overflowed
+    for b, u in zip(out_big, out_unit):
+        torch.testing.assert_close(b, u * 1e30, rtol=1e-4, atol=0)
+
+
 def _warns(fn, match):
     with pytest.warns(RuntimeWarning, match=match):
         return fn()
