@@ -220,3 +220,44 @@ def test_hessian_keeps_the_way_that_was_faster(monkeypatch):
         for _ in range(curvature.MEASURED_PRODUCTS):
             H @ M
         assert H._passes.per_column is (not slow_way)
+
+
+def test_ggn_forward_mode_measures_the_columns_per_pass_and_keeps_the_fastest(monkeypatch):
+    """``J V`` by forward mode: the first products with at least MEASURED_COLUMNS columns
+    try every size of :data:`JV_CHUNKS` below the column count (the first one again at the
+    end), then keep the size with the lowest time per column (here made slow on purpose for
+    all but one); every size gives the dense float64 GGN's columns, and so do products with
+    fewer columns (one pass) and more columns than the chosen size."""
+    import time
+
+    import beyondgrad.linops.curvature as curvature
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.LayerNorm(4), nn.Linear(4, 2)).double()
+    X, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    dense = ggn(model, nn.MSELoss(), X, y)["full"]
+    forward_jv = curvature._forward_jv
+    sizes: list[int | None] = []
+
+    def slowed(model_, names, params, X_, V, chunk=None):
+        sizes.append(chunk)
+        if chunk != 4:
+            time.sleep(0.03)
+        return forward_jv(model_, names, params, X_, V, chunk)
+
+    monkeypatch.setattr(curvature, "_forward_jv", slowed)
+    G = GGN(model, nn.MSELoss(), [(X, y)])
+    M = torch.randn(G.shape[0], 9, dtype=torch.float64)
+    expected = [c for c in curvature.JV_CHUNKS if c is None or c < 9]
+    for _ in range(len(expected) + 1):
+        torch.testing.assert_close(G @ M, dense @ M)
+    assert sizes == [*expected, expected[0]]
+    assert G._jv_chunks.chosen and G._jv_chunks.chunk == 4
+    sizes.clear()
+    torch.testing.assert_close(G @ M, dense @ M)
+    torch.testing.assert_close(G @ M[:, :3], dense @ M[:, :3])  # fewer columns: one pass
+    assert sizes == [4, None]
+    fresh = GGN(model, nn.MSELoss(), [(X, y)])
+    sizes.clear()
+    torch.testing.assert_close(fresh @ M[:, :3], dense @ M[:, :3])
+    assert sizes == [None] and not fresh._jv_chunks.chosen  # too few columns to measure
