@@ -50,8 +50,8 @@ def test_parameter_layout_products_check_finiteness_without_false_alarms():
     with pytest.raises(FloatingPointError, match="non-finite product"):
         H @ vs
     torch.manual_seed(0)
-    small = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
-    Xs, ys = torch.randn(5, 3), torch.randint(0, 2, (5,))
+    small = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).float()
+    Xs, ys = torch.randn(5, 3, dtype=torch.float32), torch.randint(0, 2, (5,))
     Hs = bg.linops.Hessian(small, nn.CrossEntropyLoss(), [(Xs, ys)])
     unit = [torch.ones_like(p) for p in Hs.params]
     big = [v * 1e30 for v in unit]
