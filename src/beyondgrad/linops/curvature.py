@@ -505,6 +505,16 @@ MEASURED_PRODUCTS = 3
 column, vectorized; the faster of each way counts) before it keeps the faster way."""
 
 
+def _timed_per_column(call: Callable[[], Any], k: int, device: torch.device) -> tuple[Any, float]:
+    """``call()`` and its wall time per column (of ``k``), the device synchronized around it."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    out = call()
+    sync()
+    return out, (time.perf_counter() - start) / k
+
+
 class PassTimer:
     """Chooses, per operator, between one vectorized backward over ``k`` columns and ``k``
     plain ones: its first :data:`MEASURED_PRODUCTS` products with at least
@@ -537,12 +547,10 @@ class PassTimer:
             per_column = per_vector or bool(self.per_column)
             return _batched_grad(outputs, inputs, vectors, per_column, **kwargs)
         way = self._products % 2 == 1
-        sync = torch.cuda.synchronize if vectors[0].is_cuda else (lambda: None)
-        sync()
-        start = time.perf_counter()
-        out = _batched_grad(outputs, inputs, vectors, way, **kwargs)
-        sync()
-        self._best[way] = min(self._best[way], (time.perf_counter() - start) / k)
+        out, per_column = _timed_per_column(
+            lambda: _batched_grad(outputs, inputs, vectors, way, **kwargs), k, vectors[0].device
+        )
+        self._best[way] = min(self._best[way], per_column)
         self._products += 1
         if self._products == MEASURED_PRODUCTS:
             self.per_column = self._best[True] < self._best[False]
@@ -586,12 +594,8 @@ class ChunkTimer:
             sizes = [c for c in self.candidates if c is None or c < k]
             self._queue = [*sizes, sizes[0]] if len(sizes) > 1 else sizes
         size = self._queue.pop(0)
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        sync()
-        start = time.perf_counter()
-        out = columns(size)
-        sync()
-        self._best[size] = min(self._best.get(size, math.inf), (time.perf_counter() - start) / k)
+        out, per_column = _timed_per_column(lambda: columns(size), k, device)
+        self._best[size] = min(self._best.get(size, math.inf), per_column)
         if not self._queue:
             self.chunk, self.chosen = min(self._best, key=self._best.__getitem__), True
         return out
