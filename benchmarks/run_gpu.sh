@@ -20,6 +20,7 @@ timeout 200 python3 benchmarks/first_order.py --device cuda --reps 5 --out "$out
 timeout 200 python3 benchmarks/second_order.py --device cuda --reps 5 --out "$out/second_order_cuda.md"
 timeout 110 python3 benchmarks/conv_toolkit.py --device cuda --reps 5 --out "$out/conv_toolkit_cuda.md"
 timeout ${LINOPS_S:-240} python3 benchmarks/linops.py --device cuda --reps 5 --out "$out/linops_cuda.md"
+timeout ${COCKPIT_S:-150} python3 benchmarks/cockpit.py --device cuda --out "$out/cockpit_cuda.md"
 ls -la "$out"
 timeout 120 python3 benchmarks/distributed.py --backend nccl 2>&1 | tee "$out/distributed_cuda.txt"
 fi
