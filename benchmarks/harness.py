@@ -905,6 +905,69 @@ def run_cells(
     return rows
 
 
+#: a beyondgrad cell within this factor of the fastest peer's (either way) is timed once more
+#: head to head with that peer (:func:`head_to_heads`)
+CLOSE_CALL = 1.3
+
+
+def head_to_head(problem: str, ours: CellSpec, peer: CellSpec, cfg: Config) -> dict[str, Any]:
+    """beyondgrad's call against a peer's, each set up on a fresh copy of the problem in one
+    process, warmed up, then timed alternately (:func:`timed_reps`, ABBA): the ratio of the
+    median times (ours / the peer's) and the median of the per-rep ratios. Each cell's own
+    ratio divides by a baseline timed at another moment; this one needs no baseline."""
+    assert ours.setup is not None and peer.setup is not None
+    theirs = peer.setup(fresh_problem(problem, cfg))
+    mine = ours.setup(fresh_problem(problem, cfg))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(max(1, cfg.warmup)):
+            theirs.call()
+            mine.call()
+        t = timed_reps(theirs.call, mine.call, cfg)
+    return {
+        "ours": ours.library,
+        "peer": peer.library,
+        "ratio": statistics.median(t.cand) / statistics.median(t.base),
+        "paired": statistics.median(c / b for c, b in zip(t.cand, t.base)),
+        "reps": t.reps,
+    }
+
+
+def head_to_heads(
+    problem: str,
+    specs: list[CellSpec],
+    rows: list[Row],
+    cfg: Config,
+    exclude: tuple[str, ...] = (),
+) -> dict[str, dict[str, Any]]:
+    """Per group where beyondgrad's fastest row and the fastest peer row are within
+    :data:`CLOSE_CALL` of each other: the two timed head to head (:func:`head_to_head`, in a
+    child of its own); ``{"error": ...}`` where that failed. ``specs`` and ``rows`` are
+    :func:`run_cells`' input and output (same order); libraries in ``exclude`` are not
+    candidates for the peer (as in :func:`summary_table`)."""
+    out: dict[str, dict[str, Any]] = {}
+    for group in dict.fromkeys(spec.group for spec in specs):
+        ok = [(s, r) for s, r in zip(specs, rows) if s.group == group and r.status == "ok"]
+        mine = [(s, r) for s, r in ok if is_ours(s.library)]
+        theirs = [
+            (s, r) for s, r in ok if not is_ours(s.library) and s.library not in (*exclude, "torch")
+        ]
+        if not mine or not theirs:
+            continue
+        (ours, r_ours), (peer, r_peer) = (
+            min(x, key=lambda sr: sr[1].ratio) for x in (mine, theirs)
+        )
+        if not 1 / CLOSE_CALL <= r_ours.ratio / r_peer.ratio <= CLOSE_CALL:
+            continue
+        job = partial(head_to_head, problem, ours, peer, cfg)
+        try:
+            out[group] = run_isolated(job, cfg.cell_timeout_s, cfg.isolate)
+        except Exception as exc:
+            out[group] = {"error": first_line(exc)}
+        log(f"[{problem}] {group} head to head: {out[group]}")
+    return out
+
+
 def run_problem(
     problem: str,
     specs: list[CellSpec],
@@ -919,6 +982,7 @@ def run_problem(
     return {
         "problem": problem,
         "rows": [asdict(r) for r in rows],
+        "head_to_head": head_to_heads(problem, specs, rows, cfg),
         "agreement": run_agreement(problem, agreement, cfg),
         "wall_s": time.perf_counter() - t0,
     }
@@ -1416,7 +1480,9 @@ def _ours_cell(res: dict[str, Any], group: str, with_mem: bool) -> str:
     best = min(ok, key=lambda x: x["ratio"]) if ok else rows[0]
     cell = ratio_cell(best, with_mem)
     variant = best["library"][len("beyondgrad (") : -1] if best["library"] != "beyondgrad" else ""
-    return f"{cell} ({variant})" if variant else cell
+    cell = f"{cell} ({variant})" if variant else cell
+    duel = res.get("head_to_head", {}).get(group, {})
+    return f"{cell} [{fmt(duel['ratio'])}x]" if "ratio" in duel else cell
 
 
 def _best_peer_cell(
@@ -1461,6 +1527,12 @@ def summary_table(
     results = [r for r in results if "rows" in r]
     if not results:
         return []
+    if any("ratio" in d for r in results for d in r.get("head_to_head", {}).values()):
+        intro += (
+            f" [r x] after beyondgrad's cell (where it is within {CLOSE_CALL}x of the best "
+            "peer's either way): beyondgrad's time over that peer's, the two timed alternately "
+            "in one process (no baseline in between; below 1: beyondgrad is faster)."
+        )
     head = " | ".join(f"{r['problem']}: beyondgrad | {r['problem']}: best peer" for r in results)
     lines = [f"## {title}", "", intro, "", f"| quantity | {head} |"]
     lines.append("|---|" + "---:|---|" * len(results))
