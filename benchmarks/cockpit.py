@@ -3,10 +3,11 @@ training step (SGD, same model and batch) measured in the same process.
 
 Rows: presets ``economy``, ``business``, ``full`` tracked every step, and ``full`` every 16
 steps; on models whose parameters all belong to ``nn.Linear`` layers (the mlp) also ``floor``:
-the plain step plus only the products that economy's per-sample instruments cannot avoid (each
-layer's two Gram matrices ``X X^T`` and ``G G^T``, bias column included, and the two cross-Gram
-matrices with the previous step's for Alpha's slopes along an SGD step; with fewer samples than
-inputs and outputs no way to these norms and dots is cheaper), in bare torch with no
+the plain step plus only the products that economy's per-sample instruments cannot avoid (per
+layer the cheaper of the Gram matrices ``X X^T``, ``G G^T`` (bias column included) with their
+cross-Gram matrices with the previous step's, for the dots with ``g`` and Alpha's slopes along
+an SGD step, and one product of the rows with ``g`` and the last step stacked; norms from the
+rank-1 rows), in bare torch with no
 bookkeeping: a lower bound on economy's ratio there. Each sample times a block of 16
 consecutive steps (so schedules average correctly), plain and tracked blocks alternated rep by
 rep (the protocol of ``harness.py``, one block per call); the median of the per-rep ratios is
@@ -74,7 +75,7 @@ def floor_block(p: h.Problem, opt: torch.optim.Optimizer, steps: int) -> Callabl
     forward hook and a tensor hook; the hooks are removed after the block."""
     layers = [m for m in p.model.modules() if isinstance(m, nn.Linear)]
     kept: dict[nn.Module, list[Tensor]] = {}
-    previous: dict[nn.Module, tuple[Tensor, Tensor]] = {}
+    previous: dict[nn.Module, tuple[Tensor, ...]] = {}  # (X, G), or the gradient (W,)
 
     def keep(module: nn.Module, args: tuple, out: Tensor) -> None:
         kept[module] = [args[0]]
@@ -103,7 +104,7 @@ def floor_block(p: h.Problem, opt: torch.optim.Optimizer, steps: int) -> Callabl
                 )
                 V = torch.stack([W, W if last is None else last[0]], 1).reshape(O, 2 * I)
                 parts.append(((G @ V).view(N, 2, I) * X[:, None]).sum(2).sum(1))
-                previous[m] = (W, W)
+                previous[m] = (W,)
         return torch.stack(parts).sum()
 
     def block(_: Any, start: int) -> None:
@@ -137,16 +138,16 @@ def measure(problem: str, config: str, every: int, cfg: Config) -> dict[str, Any
         if not dense_only(p.model):
             return None
         cockpit, block = None, training_block(p, opt, steps)
-        floor = floor_block(p, opt, steps)
+        tracked_block = floor_block(p, opt, steps)
     else:
         cockpit = bg.cockpit.Cockpit(
             p.model, p.loss_fn, config=config, schedule=bg.cockpit.every(every)
         )
-        block = floor = training_block(p, opt, steps)
+        block = tracked_block = training_block(p, opt, steps)
     step = [0]
 
     def tracked() -> None:
-        floor(cockpit, step[0])
+        tracked_block(cockpit, step[0])
         step[0] += steps
 
     for _ in range(1 if cfg.smoke else 2):  # warm-up both paths
@@ -179,9 +180,10 @@ def render(rows: list[dict[str, Any]], cfg: Config) -> str:
         "economy <= 1.5x, business <= 2x; full every 16 steps <= 1.5x. Original Cockpit on "
         "CPU (3C3D): 5.7x / 12.4x / 100x every step, full every 16: 7.2x. Row *floor* (models "
         "of nn.Linear layers only): the plain step plus only the products economy cannot avoid "
-        "(per layer the Gram matrices of inputs and output gradients, and their cross-Gram "
-        "matrices with the previous step's for Alpha), in bare torch: a lower bound on "
-        "economy's ratio. Regenerate: `python benchmarks/cockpit.py`.",
+        "(per layer the cheaper of the Gram matrices of inputs and output gradients with their "
+        "cross-Gram matrices with the previous step's, and one stacked projection on g and the "
+        "last step), in bare torch: a lower bound on economy's ratio. Regenerate: "
+        "`python benchmarks/cockpit.py`.",
         "",
         "| problem | preset | tracked every | ratio | ms/step tracked | ms/step plain |",
         "|---|---|---|---|---|---|",
