@@ -1,11 +1,13 @@
-"""CPU time and page faults per call with glibc's default malloc thresholds and with
-``bg.retain_freed_memory`` (freed blocks kept for the next call).
+"""CPU time and page faults per call: beyondgrad's large tensors on 4 KiB pages
+(``bg.use_huge_pages(None)``) or on transparent huge pages (the default), with glibc's default
+malloc thresholds and with ``bg.retain_freed_memory`` (freed blocks kept for the next call).
 
 Each setting runs in a fresh interpreter (the thresholds are process-wide and cannot be
-undone), the three settings one after the other, ``--rounds`` times; reported are the medians
+undone), the settings one after the other, ``--rounds`` times; reported are the medians
 over the rounds of each process's median call time, and the page faults per call. Rows: a plain
-forward+backward, exact ``DiagGGN``, KFAC type-2 / MC (``bg.compute``), on the built-in
-problems; the Cockpit's economy preset (a tracked SGD step) where asked.
+forward+backward, per-sample gradients, per-sample MC ``DiagGGN``, exact ``DiagGGN`` and
+``SqrtGGN``, KFAC type-2 / MC (``bg.compute``), on the built-in problems; the Cockpit's economy
+preset (a tracked SGD step).
 
     python benchmarks/allocator.py [--problems mlp cnn transformer] [--rounds 3] [--threads 2]
 
@@ -33,11 +35,21 @@ import beyondgrad as bg
 from beyondgrad.app.tasks import make_problem
 
 MODES = {
-    "default": "glibc's defaults",
+    "small-pages": "glibc's defaults, `bg.use_huge_pages(None)`",
+    "default": "glibc's defaults (huge pages from 16 MiB: beyondgrad's default)",
     "retain": "`bg.retain_freed_memory()`",
     "retain-large": "`bg.retain_freed_memory(large_blocks=False)`",
 }
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def thp_setting() -> str:
+    """The kernel's transparent-huge-page modes (``enabled``; ``defrag``)."""
+    base = Path("/sys/kernel/mm/transparent_hugepage")
+    try:
+        return "; ".join(f"{f}: " + (base / f).read_text().strip() for f in ("enabled", "defrag"))
+    except OSError:
+        return "unavailable"
 
 
 def _faults() -> int:
@@ -69,19 +81,24 @@ def _cells(problem: str) -> dict[str, tuple[Callable[[], Any], int]]:
 
     cells: dict[str, tuple[Callable[[], Any], int]] = {
         "forward+backward": (plain, 10),
+        "per-sample gradients": (compute(bg.BatchGrad()), 2),
+        "per-sample MC DiagGGN": (compute(bg.BatchDiagGGN(mc_samples=1)), 2),
         "KFAC (MC)": (compute(bg.KFAC(fisher_type="mc")), 5),
         "Cockpit economy step (SGD)": (tracked, 5),
     }
     if problem != "transformer":  # the exact rows refuse its per-position outputs
         cells["exact DiagGGN"] = (compute(bg.DiagGGN()), 2)
         cells["KFAC type-2 (KFLR)"] = (compute(bg.KFAC(fisher_type="type-2")), 2)
+        cells["exact SqrtGGN"] = (compute(bg.SqrtGGN()), 1)
     return cells
 
 
 def child(mode: str, problems: list[str], threads: int) -> dict[str, Any]:
     """One process: the setting, then every cell (3 warm-up calls, 5 timed samples)."""
     torch.set_num_threads(threads)
-    if mode != "default" and not bg.retain_freed_memory(large_blocks=mode != "retain-large"):
+    if mode == "small-pages":
+        bg.use_huge_pages(None)
+    elif mode != "default" and not bg.retain_freed_memory(large_blocks=mode != "retain-large"):
         raise SystemExit("not glibc: retain_freed_memory has nothing to set")
     out: dict[str, Any] = {}
     for problem in problems:
@@ -118,7 +135,7 @@ def render(found: dict[str, dict[str, list[tuple[float, float]]]], args: argpars
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     head = " | ".join(f"{MODES[m]}: ms (faults/call)" for m in MODES)
     lines = [
-        "# CPU memory between calls: glibc's thresholds (CPU)",
+        "# CPU memory: huge pages and glibc's thresholds (CPU)",
         "",
         f"Command: `python benchmarks/allocator.py --problems {' '.join(args.problems)} "
         f"--rounds {args.rounds} --threads {args.threads}`; {stamp}; torch {torch.__version__}, "
@@ -127,7 +144,8 @@ def render(found: dict[str, dict[str, list[tuple[float, float]]]], args: argpars
         "Each setting in its own fresh process, the settings alternating round by round; per "
         "cell the median over the rounds of each process's median call (3 warm-up calls, 5 "
         "samples), and the minor page faults per call. KFAC/DiagGGN: `bg.compute` of the whole "
-        "quantity; the Cockpit row: one tracked SGD step with the economy preset.",
+        "quantity; the Cockpit row: one tracked SGD step with the economy preset. Huge pages: "
+        f"the kernel's THP setting here is `{thp_setting()}`.",
         "",
         f"| problem | call | {head} |",
         "|---|---|" + "---:|" * len(MODES),

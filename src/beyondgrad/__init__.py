@@ -20,7 +20,7 @@ from . import (
     pinn,
     pruning,
 )
-from .allocator import retain_freed_memory
+from .allocator import retain_freed_memory, use_huge_pages
 from .engine import (
     SUPPORTED_LOSSES,
     Coverage,
@@ -97,4 +97,5 @@ __all__ = [
     "pinn",
     "pruning",
     "retain_freed_memory",
+    "use_huge_pages",
 ]

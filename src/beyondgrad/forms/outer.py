@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .. import allocator
 from .base import CHUNK_ELEMENTS, Form, row_index
 
 
@@ -61,10 +62,10 @@ class OuterForm(Form):
         measured 1.3-2x slower on the cnn's convolutions)."""
         k, n, S, O = G.shape
         I = A.shape[2]
+        if out is None:
+            out = allocator.empty((k, n, O, I), G)
         if S == 1:
             return torch.mul(G.reshape(k, n, O, 1), A.reshape(1, n, 1, I), out=out)
-        if out is None:
-            out = G.new_empty(k, n, O, I)
         for j in range(k):
             torch.bmm(G[j].transpose(1, 2), A, out=out[j])
         return out
@@ -188,8 +189,9 @@ class OuterForm(Form):
             g2 = self.G.reshape(K, N, O).pow(2)
             g2 = g2.sum(0) if K > 1 else g2[0]
             a2 = self.A.reshape(N, I).pow(2)
-            return (g2.unsqueeze(2) * a2.unsqueeze(1)).reshape(N, *self.shape)
-        out = self.A.new_zeros(N, O, I)
+            out = allocator.empty((N, O, I), a2)
+            return torch.mul(g2.unsqueeze(2), a2.unsqueeze(1), out=out).reshape(N, *self.shape)
+        out = allocator.zeros((N, O, I), self.A)
         for a, b in self._chunks():
             for k in range(K):
                 out[a:b] += self._vector_rows(k, a, b).square_()

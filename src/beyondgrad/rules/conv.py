@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import allocator
 from ..buffers import BufferPool, active_pool, pooled, private_copy
 from ..conv import unfold, unfold_transpose
 from ..forms import ConcatForm, Form, OuterForm, PermutedForm, SampleForm
@@ -88,7 +89,7 @@ class ConvOuterForm(OuterForm):
     def _batch_sum_grad_squared(self) -> Tensor:
         if not self._fused():
             return super()._batch_sum_grad_squared()
-        out = self.A.new_zeros(self.num_samples, self.G.shape[2], self.A.shape[2])
+        out = allocator.zeros((self.num_samples, self.G.shape[2], self.A.shape[2]), self.A)
         self._blocks(lambda n, row: out[n].addcmul_(row, row))
         return out.reshape(self.num_samples, *self.shape)
 
