@@ -112,13 +112,18 @@ def child(mode: str, problems: list[str], threads: int) -> dict[str, Any]:
                     call()
                 samples.append(((time.perf_counter() - t0) / n * 1e3, (_faults() - f0) / n))
             samples.sort()
-            out[f"{problem}|{name}"] = samples[len(samples) // 2]
+            ms, faults = samples[len(samples) // 2]
+            out[f"{problem}|{name}"] = (ms, faults, samples[-1][0])
     return out
 
 
-def run(args: argparse.Namespace) -> dict[str, dict[str, list[tuple[float, float]]]]:
-    """``{cell: {mode: [(ms, faults) per round]}}``, the modes alternating round by round."""
-    found: dict[str, dict[str, list[tuple[float, float]]]] = {}
+Runs = dict[str, dict[str, list[tuple[float, ...]]]]
+
+
+def run(args: argparse.Namespace) -> Runs:
+    """``{cell: {mode: [(ms, faults, worst ms) per round]}}``, the modes alternating round by
+    round."""
+    found: Runs = {}
     for r in range(args.rounds):
         for mode in MODES:
             cmd = [sys.executable, __file__, "--child", mode, "--threads", str(args.threads)]
@@ -130,10 +135,10 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, list[tuple[float, float
     return found
 
 
-def render(found: dict[str, dict[str, list[tuple[float, float]]]], args: argparse.Namespace) -> str:
+def render(found: Runs, args: argparse.Namespace) -> str:
     """The markdown table."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    head = " | ".join(f"{MODES[m]}: ms (faults/call)" for m in MODES)
+    head = " | ".join(f"{MODES[m]}: ms (faults/call; worst)" for m in MODES)
     lines = [
         "# CPU memory: huge pages and glibc's thresholds (CPU)",
         "",
@@ -143,9 +148,10 @@ def render(found: dict[str, dict[str, list[tuple[float, float]]]], args: argpars
         "",
         "Each setting in its own fresh process, the settings alternating round by round; per "
         "cell the median over the rounds of each process's median call (3 warm-up calls, 5 "
-        "samples), and the minor page faults per call. KFAC/DiagGGN: `bg.compute` of the whole "
-        "quantity; the Cockpit row: one tracked SGD step with the economy preset. Huge pages: "
-        f"the kernel's THP setting here is `{thp_setting()}`.",
+        "samples), the minor page faults per call, and the slowest sample over all rounds "
+        "(where the kernel compacts memory for huge pages, a call can stall). KFAC/DiagGGN: "
+        "`bg.compute` of the whole quantity; the Cockpit row: one tracked SGD step with the "
+        f"economy preset. Huge pages: the kernel's THP setting here is `{thp_setting()}`.",
         "",
         f"| problem | call | {head} |",
         "|---|---|" + "---:|" * len(MODES),
@@ -156,7 +162,8 @@ def render(found: dict[str, dict[str, list[tuple[float, float]]]], args: argpars
         for m in MODES:
             ms = statistics.median(v[0] for v in modes[m])
             faults = statistics.median(v[1] for v in modes[m])
-            parts.append(f"{ms:.2f} ({faults:,.0f})")
+            worst = max(v[-1] for v in modes[m])
+            parts.append(f"{ms:.2f} ({faults:,.0f}; {worst:,.1f})")
         lines.append(f"| {problem} | {name} | " + " | ".join(parts) + " |")
     return "\n".join(lines) + "\n"
 

@@ -208,5 +208,5 @@ def test_allocator_script_writes_a_row_per_call_and_setting(tmp_path):
     assert calls >= {"forward+backward", "KFAC (MC)", "exact DiagGGN", "per-sample gradients"}
     for modes in found.values():
         assert set(modes) == {"small-pages", "default", "retain", "retain-large"}
-        assert all(ms > 0 and f >= 0 for runs in modes.values() for ms, f in runs)
+        assert all(0 < ms <= w and f >= 0 for runs in modes.values() for ms, f, w in runs)
     assert out.read_text().count("| mlp |") == len(found)

@@ -1,19 +1,25 @@
 """CPU memory: large results on transparent huge pages, and freed memory kept in the process.
 
-Large tensors that beyondgrad allocates for its results and intermediates (per-sample rows,
-the ``[K, ...]`` output gradients of exact curvature) come from :func:`empty`: on Linux, a
+Large tensors that beyondgrad allocates for its results (per-sample rows and gradients, their
+per-sample squares, the GGN factor's rows) come from :func:`empty`: on Linux, a
 CPU tensor of at least :func:`huge_page_threshold` bytes is advised to the kernel as a
 candidate for transparent huge pages (``madvise(MADV_HUGEPAGE)`` on its 2 MiB-aligned
 interior) before anything is written to it. The kernel then maps it in 2 MiB pages: one page
 fault per 2 MiB instead of per 4 KiB on first touch, and a cheap unmapping when it is freed.
 Measured on this project's 2-core CPU (``benchmarks/allocator.py``): the mlp's exact
 ``SqrtGGN`` (2.4 GB of rows) 440 ms + 175 ms to free -> 77 ms + 8 ms; per-sample gradients of
-the mlp 78 -> 12 ms. Where the kernel has no free huge page at hand, it compacts memory on
-the fault, so the first calls of a process can be slower than with small pages (seen: one
-2.4 GB result 0.46 s -> 2.2 s once, then 55 ms per call). :func:`use_huge_pages` changes the
-threshold or switches it off (also ``BEYONDGRAD_HUGE_PAGES=0`` in the environment); with the
-kernel's huge pages disabled (``/sys/kernel/mm/transparent_hugepage/enabled`` ``never``), on
-other systems and on other devices :func:`empty` is ``torch.empty``.
+the mlp 72 -> 16 ms, of the cnn 113 -> 69 ms. Where the kernel has no free huge page at hand,
+it compacts memory on the fault (with THP ``defrag`` set to ``madvise``, the common default),
+so the first calls of a process can be slower than with small pages (the mlp's ``SqrtGGN``
+0.8 s -> 1.8-2.9 s on the first call, then 0.11 s), and a result of gigabytes can stall again
+now and then (the cnn's ``SqrtGGN``: 0.79 s per call -> 0.34 s, with one call in five at
+1.7-2.0 s). Temporaries freed within the call (the ``[K, ...]`` output gradients of exact
+curvature) stay on small pages: interleaved with autograd's own allocations they made the
+cnn's exact ``DiagGGN`` stall every few calls (270 ms -> 240-540 ms).
+:func:`use_huge_pages` changes the threshold or switches it off (also
+``BEYONDGRAD_HUGE_PAGES=0`` in the environment); with the kernel's huge pages disabled
+(``/sys/kernel/mm/transparent_hugepage/enabled``: ``never``), on other systems and on other
+devices :func:`empty` is ``torch.empty``.
 
 Keeping freed CPU memory in the process (glibc's malloc thresholds), opt-in.
 

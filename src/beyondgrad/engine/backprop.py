@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import allocator
 from ..forms import Form, merge_forms
 from .attribution import region
 from .capture import Call, Layer
@@ -131,7 +130,8 @@ def _per_vector(
         if K == 1:  # one pass: its contiguous gradients as they are, no copy
             return tuple(None if g is None else g.contiguous().unsqueeze(0) for g in grads)
         if k == 0:
-            buffers = [None if g is None else allocator.empty((K, *g.shape), g) for g in grads]
+            # small pages on purpose: freed within the call (see allocator's docstring)
+            buffers = [None if g is None else g.new_empty(K, *g.shape) for g in grads]
         for buffer, g in zip(buffers, grads):
             if buffer is not None and g is not None:
                 buffer[k].copy_(g)
