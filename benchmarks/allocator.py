@@ -1,6 +1,7 @@
-"""CPU time and page faults per call: beyondgrad's large tensors on 4 KiB pages
-(``bg.use_huge_pages(None)``) or on transparent huge pages (the default), with glibc's default
-malloc thresholds and with ``bg.retain_freed_memory`` (freed blocks kept for the next call).
+"""CPU time and page faults per call: beyondgrad's large results from ``torch.empty``
+(``bg.configure_result_pool(None)``), from its pool of recycled mappings (the default), the
+pool's mappings advised for transparent huge pages, and the pool with
+``bg.retain_freed_memory`` (glibc keeps PyTorch's freed blocks for the next call).
 
 Each setting runs in a fresh interpreter (the thresholds are process-wide and cannot be
 undone), the settings one after the other, ``--rounds`` times; reported are the medians
@@ -35,10 +36,11 @@ import beyondgrad as bg
 from beyondgrad.app.tasks import make_problem
 
 MODES = {
-    "small-pages": "glibc's defaults, `bg.use_huge_pages(None)`",
-    "default": "glibc's defaults (huge pages from 16 MiB: beyondgrad's default)",
-    "retain": "`bg.retain_freed_memory()`",
-    "retain-large": "`bg.retain_freed_memory(large_blocks=False)`",
+    "no-pool": "`bg.configure_result_pool(None)`",
+    "default": "result pool (beyondgrad's default)",
+    "huge-pages": "result pool, `huge_pages=True`",
+    "retain": "result pool + `bg.retain_freed_memory()`",
+    "retain-large": "result pool + `bg.retain_freed_memory(large_blocks=False)`",
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -96,10 +98,13 @@ def _cells(problem: str) -> dict[str, tuple[Callable[[], Any], int]]:
 def child(mode: str, problems: list[str], threads: int) -> dict[str, Any]:
     """One process: the setting, then every cell (3 warm-up calls, 5 timed samples)."""
     torch.set_num_threads(threads)
-    if mode == "small-pages":
-        bg.use_huge_pages(None)
-    elif mode != "default" and not bg.retain_freed_memory(large_blocks=mode != "retain-large"):
-        raise SystemExit("not glibc: retain_freed_memory has nothing to set")
+    if mode == "no-pool":
+        bg.configure_result_pool(None)
+    elif mode == "huge-pages":
+        bg.configure_result_pool(huge_pages=True)
+    elif mode.startswith("retain"):
+        if not bg.retain_freed_memory(large_blocks=mode != "retain-large"):
+            raise SystemExit("not glibc: retain_freed_memory has nothing to set")
     out: dict[str, Any] = {}
     for problem in problems:
         for name, (call, n) in _cells(problem).items():
@@ -140,7 +145,7 @@ def render(found: Runs, args: argparse.Namespace) -> str:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     head = " | ".join(f"{MODES[m]}: ms (faults/call; worst)" for m in MODES)
     lines = [
-        "# CPU memory: huge pages and glibc's thresholds (CPU)",
+        "# CPU memory: the result pool, huge pages and glibc's thresholds (CPU)",
         "",
         f"Command: `python benchmarks/allocator.py --problems {' '.join(args.problems)} "
         f"--rounds {args.rounds} --threads {args.threads}`; {stamp}; torch {torch.__version__}, "

@@ -195,7 +195,7 @@ def test_optim_suite_quick(tmp_path: Path) -> None:
 
 def test_allocator_script_writes_a_row_per_call_and_setting(tmp_path):
     """``allocator.py`` (fresh processes per malloc setting) on the mlp, one round: every call
-    has a time and a page-fault count under each of the four settings."""
+    has a time and a page-fault count under each of the five settings."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(BENCH)]))
     out = tmp_path / "allocator.md"
     cmd = [sys.executable, str(BENCH / "allocator.py"), "--problems", "mlp", "--rounds", "1"]
@@ -207,6 +207,6 @@ def test_allocator_script_writes_a_row_per_call_and_setting(tmp_path):
     calls = {c.split("|")[1] for c in found}
     assert calls >= {"forward+backward", "KFAC (MC)", "exact DiagGGN", "per-sample gradients"}
     for modes in found.values():
-        assert set(modes) == {"small-pages", "default", "retain", "retain-large"}
+        assert set(modes) == {"no-pool", "default", "huge-pages", "retain", "retain-large"}
         assert all(0 < ms <= w and f >= 0 for runs in modes.values() for ms, f, w in runs)
     assert out.read_text().count("| mlp |") == len(found)

@@ -20,7 +20,7 @@ from . import (
     pinn,
     pruning,
 )
-from .allocator import retain_freed_memory, use_huge_pages
+from .allocator import retain_freed_memory
 from .engine import (
     SUPPORTED_LOSSES,
     Coverage,
@@ -52,6 +52,8 @@ from .quantities import (
     SumGradSquared,
     Variance,
 )
+from .result_pool import configure as configure_result_pool
+from .result_pool import release as release_result_pool
 
 __version__ = "0.1.0"
 
@@ -84,6 +86,7 @@ __all__ = [
     "capture",
     "cockpit",
     "compute",
+    "configure_result_pool",
     "conv",
     "coverage",
     "distributed",
@@ -96,6 +99,6 @@ __all__ = [
     "optim",
     "pinn",
     "pruning",
+    "release_result_pool",
     "retain_freed_memory",
-    "use_huge_pages",
 ]

@@ -130,7 +130,7 @@ def _per_vector(
         if K == 1:  # one pass: its contiguous gradients as they are, no copy
             return tuple(None if g is None else g.contiguous().unsqueeze(0) for g in grads)
         if k == 0:
-            # small pages on purpose: freed within the call (see allocator's docstring)
+            # PyTorch's allocator on purpose: freed within the call (see result_pool's docstring)
             buffers = [None if g is None else g.new_empty(K, *g.shape) for g in grads]
         for buffer, g in zip(buffers, grads):
             if buffer is not None and g is not None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor, nn
 
-from .. import allocator
+from .. import result_pool
 from ..forms import Form, SampleForm, merge_forms
 from ..rules.kronecker import KronStats
 from .backprop import GRAD, Backprop, CallGradients, VectorKind
@@ -162,7 +162,7 @@ class Statistics:
         S = self.num_samples
         if per_sample and self.subsampling is not None:
             S = len(self.subsampling)
-        return SampleForm(allocator.zeros((S, *p.shape), p))
+        return SampleForm(result_pool.zeros((S, *p.shape), p))
 
     def gradient(self, name: str) -> Tensor:
         """The batch gradient of the loss w.r.t. parameter ``name`` (zeros if unreached)."""

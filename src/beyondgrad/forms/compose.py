@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .. import allocator
+from .. import result_pool
 from .base import Form
 from .outer import OuterForm
 from .sample import SampleForm
@@ -80,7 +80,7 @@ class ConcatForm(Form):
 
     def _batch_grad(self, out: Tensor | None = None) -> Tensor:
         if out is None:
-            out = allocator.empty((self.rows, *self.shape), self.parts[0].batch_grad())
+            out = result_pool.empty((self.rows, *self.shape), self.parts[0].batch_grad())
         return torch.cat([p.batch_grad() for p in self.parts], 1, out=out)
 
     def _grad(self) -> Tensor:

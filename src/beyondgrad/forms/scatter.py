@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import allocator
+from .. import result_pool
 from .base import Form, row_index
 
 
@@ -41,7 +41,7 @@ class ScatterForm(Form):
 
     def _batch_grad(self, out: Tensor | None = None) -> Tensor:
         R = self.rows
-        res = allocator.zeros((R, *self.shape), self.G) if out is None else out.zero_()
+        res = result_pool.zeros((R, *self.shape), self.G) if out is None else out.zero_()
         return self.add_rows_to(res)
 
     def add_rows_to(self, rows: Tensor) -> Tensor:

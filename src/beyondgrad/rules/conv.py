@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import allocator
+from .. import result_pool
 from ..buffers import BufferPool, active_pool, pooled, private_copy
 from ..conv import unfold, unfold_transpose
 from ..forms import ConcatForm, Form, OuterForm, PermutedForm, SampleForm
@@ -89,7 +89,7 @@ class ConvOuterForm(OuterForm):
     def _batch_sum_grad_squared(self) -> Tensor:
         if not self._fused():
             return super()._batch_sum_grad_squared()
-        out = allocator.zeros((self.num_samples, self.G.shape[2], self.A.shape[2]), self.A)
+        out = result_pool.zeros((self.num_samples, self.G.shape[2], self.A.shape[2]), self.A)
         self._blocks(lambda n, row: out[n].addcmul_(row, row))
         return out.reshape(self.num_samples, *self.shape)
 
