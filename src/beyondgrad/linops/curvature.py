@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten
 
+from .. import result_pool
 from ..distributed import group as dist_group
 from ..distributed.fsdp import refuse_sharded
 from . import _engine, layout
@@ -315,7 +316,7 @@ class CurvatureOperator(_KeptBatchState, LinearOperator):
         k = blocks[0].shape[0]
         first = out is None
         if out is None:
-            out = torch.empty(k, self.shape[0], dtype=blocks[0].dtype, device=blocks[0].device).T
+            out = result_pool.empty((k, self.shape[0]), blocks[0]).T
         start = 0
         for b, size in zip(blocks, self.sizes):
             target, src = out[start : start + size].T, b.reshape(k, size)
