@@ -227,8 +227,9 @@ def empty(shape: Sequence[int], like: Tensor, dtype: torch.dtype | None = None) 
     m = _POOL.take(size)
     view = memoryview(m)
     out = torch.frombuffer(view, dtype=dtype, count=numel).view(shape)
-    # the storage holds the memoryview; when the last tensor on it dies, so does the view
-    weakref.finalize(view, _POOL.give_back, m)
+    # the storage holds the memoryview; when the last tensor on it dies, so does the view.
+    # Not at exit: tensors still alive then keep their mapping (closing it would fail).
+    weakref.finalize(view, _POOL.give_back, m).atexit = False
     return out
 
 
