@@ -202,3 +202,29 @@ def test_a_result_alive_at_exit_leaves_no_error():
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0 and "Error" not in done.stderr, done.stderr
+
+
+@POOL
+def test_under_memory_pressure_the_pool_keeps_nothing(pool, monkeypatch):
+    kept = result_pool.empty((MIB // 2,), F32)  # 2 MiB
+    del kept
+    assert result_pool.settings()["free_bytes"] == 2 * MIB
+    monkeypatch.setattr(result_pool, "_available_bytes", lambda: 0)
+    other = result_pool.empty((MIB,), F32)  # a miss (4 MiB) under pressure: the rest unmapped
+    assert result_pool.settings()["free_bytes"] == 0
+    del other  # freed under pressure: unmapped, not kept
+    assert result_pool.settings()["free_bytes"] == 0
+
+
+@POOL
+def test_the_vector_memory_guard_releases_the_pool_before_refusing(pool, monkeypatch):
+    from beyondgrad.engine import memory
+
+    monkeypatch.setattr(memory, "available_memory", lambda device: 1 * MIB)
+    out = torch.zeros(1, 5, dtype=torch.float32)  # 2 x 5 floats per vector: 40 B
+    kept = result_pool.empty((4 * MIB,), F32)  # 16 MiB kept once freed
+    del kept
+    memory.check_vector_memory(MIB // 4, [], out, "test")  # 10 MiB: fits once released
+    assert result_pool.settings()["free_bytes"] == 0
+    with pytest.raises(MemoryError, match="test"):  # 40 MiB: does not fit even then
+        memory.check_vector_memory(MIB, [], out, "test")

@@ -7,7 +7,10 @@ per-sample squares, the GGN factor's rows) come from :func:`empty` instead: a pr
 mapping that, once every tensor viewing it is gone, is kept for the next result of the same
 size, already mapped (no page fault at all), as the CUDA caching allocator does on GPUs. The
 pool keeps at most ``keep_mib`` of free mappings (default: a quarter of the physical memory),
-the least recently freed unmapped first; :func:`release` unmaps them all. Tensors from the pool
+the least recently freed unmapped first, and nothing while less than an eighth of the physical
+memory is available (a freed mapping is then unmapped, and a miss unmaps the rest; the
+engine's memory guard for many backpropagated vectors releases the pool before it refuses);
+:func:`release` unmaps them all. Tensors from the pool
 are ordinary tensors in every respect but one: their storage cannot be resized (``resize_`` to
 a larger size raises).
 
@@ -73,12 +76,41 @@ def _huge_pages_from_environment() -> bool:
     return os.environ.get("BEYONDGRAD_HUGE_PAGES", "").strip().lower() in ("1", "on", "true")
 
 
+def _physical_bytes() -> int | None:
+    """The physical memory, or None where the system does not say."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _available_bytes() -> int | None:
+    """The memory available now without swapping (Linux ``MemAvailable``: free pages plus the
+    page cache the kernel can drop; the free pages alone elsewhere), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def _default_keep_bytes() -> int:
     """A quarter of the physical memory (1 GiB where the system does not say)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
-    except (ValueError, OSError, AttributeError):
-        return 1 << 30
+    total = _physical_bytes()
+    return 1 << 30 if total is None else total // 4
+
+
+def _memory_is_short(extra: int) -> bool:
+    """Whether mapping ``extra`` more bytes would leave less than an eighth of the physical
+    memory available: then the pool keeps nothing (it must not hold memory others need)."""
+    total, available = _physical_bytes(), _available_bytes()
+    return total is not None and available is not None and available - extra < total // 8
 
 
 def _huge_pages_offered() -> bool:
@@ -112,6 +144,8 @@ class _Pool:
                     del self._free[key]
                     self._free_bytes -= size
                     return m
+        if self._free and _memory_is_short(size):  # a miss under pressure: drop the rest
+            self.release()
         m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)  # shared memory would get no huge
         # pages (shmem) and would be shared with forked children
         if self.advise and hasattr(mmap, "MADV_HUGEPAGE") and _huge_pages_offered():
@@ -119,8 +153,9 @@ class _Pool:
         return m
 
     def give_back(self, m: mmap.mmap) -> None:
-        """Keep ``m`` for reuse (unmapped at once if it alone exceeds ``keep_bytes``)."""
-        if len(m) > self.keep_bytes:
+        """Keep ``m`` for reuse; unmapped at once if it alone exceeds ``keep_bytes`` or memory
+        is short (less than an eighth of the physical memory available)."""
+        if len(m) > self.keep_bytes or _memory_is_short(0):
             m.close()
             return
         with self._lock:

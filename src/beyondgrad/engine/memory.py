@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from .. import result_pool
+
 
 def available_memory(device: torch.device) -> int | None:
     """Bytes free on ``device`` now (CUDA: the allocator's free memory; CPU on Linux: the
@@ -49,6 +51,8 @@ def check_vector_memory(
             if edge is not None and isinstance(out, torch.Tensor):
                 per_vector += out.numel()
     need = 2 * vectors * per_vector * output.element_size()
+    if need > free and output.device.type == "cpu":  # the result pool's kept mappings
+        free += result_pool.release()
     if need > free:
         raise MemoryError(
             f"{what}: backpropagating {vectors} vectors per sample at once holds about "
