@@ -35,6 +35,7 @@ and devices :func:`empty` is ``torch.empty``.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import platform
@@ -251,9 +252,7 @@ def empty(shape: Sequence[int], like: Tensor, dtype: torch.dtype | None = None) 
     ``torch.empty``."""
     dtype = dtype or like.dtype
     shape = tuple(int(s) for s in shape)
-    numel = 1
-    for s in shape:
-        numel *= s
+    numel = math.prod(shape)
     nbytes = numel * dtype.itemsize
     limit = _POOL.min_bytes
     if limit is None or not _POOL.supported or like.device.type != "cpu" or nbytes < limit:
