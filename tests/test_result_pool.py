@@ -209,7 +209,7 @@ def test_under_memory_pressure_the_pool_keeps_nothing(pool, monkeypatch):
     kept = result_pool.empty((MIB // 2,), F32)  # 2 MiB
     del kept
     assert result_pool.settings()["free_bytes"] == 2 * MIB
-    monkeypatch.setattr(result_pool, "_available_bytes", lambda: 0)
+    monkeypatch.setattr(result_pool, "available_bytes", lambda: 0)
     other = result_pool.empty((MIB,), F32)  # a miss (4 MiB) under pressure: the rest unmapped
     assert result_pool.settings()["free_bytes"] == 0
     del other  # freed under pressure: unmapped, not kept
@@ -228,3 +228,16 @@ def test_the_vector_memory_guard_releases_the_pool_before_refusing(pool, monkeyp
     assert result_pool.settings()["free_bytes"] == 0
     with pytest.raises(MemoryError, match="test"):  # 40 MiB: does not fit even then
         memory.check_vector_memory(MIB, [], out, "test")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="Linux only")
+def test_available_memory_counts_the_page_cache_the_kernel_can_drop():
+    """The memory guard reads ``MemAvailable``, not the free pages alone (on a machine whose
+    page cache fills the RAM, free pages would refuse work that fits)."""
+    from beyondgrad.engine import memory
+
+    with open("/proc/meminfo") as f:
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    got = memory.available_memory(torch.device("cpu"))
+    assert got is not None and abs(got - info["MemAvailable"]) <= 0.05 * info["MemAvailable"]
+    assert got >= info["MemFree"] - 0.05 * info["MemAvailable"]

@@ -85,7 +85,7 @@ def _physical_bytes() -> int | None:
         return None
 
 
-def _available_bytes() -> int | None:
+def available_bytes() -> int | None:
     """The memory available now without swapping (Linux ``MemAvailable``: free pages plus the
     page cache the kernel can drop; the free pages alone elsewhere), or None where unknown."""
     try:
@@ -110,7 +110,7 @@ def _default_keep_bytes() -> int:
 def _memory_is_short(extra: int) -> bool:
     """Whether mapping ``extra`` more bytes would leave less than an eighth of the physical
     memory available: then the pool keeps nothing (it must not hold memory others need)."""
-    total, available = _physical_bytes(), _available_bytes()
+    total, available = _physical_bytes(), available_bytes()
     return total is not None and available is not None and available - extra < total // 8
 
 
@@ -275,6 +275,7 @@ def zeros(shape: Sequence[int], like: Tensor, dtype: torch.dtype | None = None) 
 __all__ = [
     "DEFAULT_MIN_MIB",
     "HUGE_PAGE_BYTES",
+    "available_bytes",
     "configure",
     "empty",
     "release",

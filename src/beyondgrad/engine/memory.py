@@ -9,7 +9,6 @@ refuses before the backward pass instead of letting the process be killed.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,15 +18,13 @@ from .. import result_pool
 
 
 def available_memory(device: torch.device) -> int | None:
-    """Bytes free on ``device`` now (CUDA: the allocator's free memory; CPU on Linux: the
-    available physical pages), or ``None`` where unknown."""
+    """Bytes free on ``device`` now (CUDA: the allocator's free memory; CPU: the memory
+    available without swapping, page cache the kernel can drop included), or ``None`` where
+    unknown."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
     if device.type == "cpu":
-        try:
-            return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-        except (ValueError, OSError, AttributeError):
-            return None
+        return result_pool.available_bytes()
     return None
 
 
