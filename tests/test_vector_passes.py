@@ -261,3 +261,78 @@ def test_ggn_forward_mode_measures_the_columns_per_pass_and_keeps_the_fastest(mo
     sizes.clear()
     torch.testing.assert_close(fresh @ M[:, :3], dense @ M[:, :3])
     assert sizes == [None] and not fresh._jv_chunks.chosen  # too few columns to measure
+
+
+def test_hessian_single_vectors_by_forward_over_reverse_equal_the_dense_hessian():
+    """One vector on a batch whose state is not kept: the first 2 MEASURED_PRODUCTS products
+    alternate between double backward and forward over reverse, both equal to the dense
+    float64 Hessian (LayerNorm, convolution, attention), then the faster way is kept."""
+    import beyondgrad.linops.curvature as curvature
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.LayerNorm(4), nn.Linear(4, 2)).double()
+    X, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+    cnn_model, Xc, yc, cnn_loss = cnn_problem(3)
+    for model, loss_fn, X_, y_ in (
+        (mlp, nn.CrossEntropyLoss(), X, y),
+        (cnn_model, cnn_loss, Xc, yc),
+    ):
+        dense = dense_hessian(model, loss_fn, X_, y_)
+        H = Hessian(model, loss_fn, [(X_, y_)])
+        v = torch.randn(H.shape[0], dtype=torch.float64)
+        routes = []
+        for _ in range(2 * curvature.MEASURED_PRODUCTS):
+            routes.append(H._route._calls % 2 == 1)
+            torch.testing.assert_close(H @ v, dense @ v)
+        assert routes == [False, True] * curvature.MEASURED_PRODUCTS
+        assert isinstance(H._route.second, bool)
+        H._route.second = True  # forward over reverse from here on, still exact
+        torch.testing.assert_close(H @ v, dense @ v)
+
+
+def test_hessian_route_choice_follows_the_times_and_a_failing_route_is_dropped(monkeypatch):
+    import time
+
+    import beyondgrad.linops.curvature as curvature
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    X, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+    loss_fn = nn.CrossEntropyLoss()  # (MSELoss has no forward-over-reverse rule: refused)
+    dense = dense_hessian(model, loss_fn, X, y)
+    for slow_dual in (True, False):
+        H = Hessian(model, loss_fn, [(X, y)])
+        route = H._dual_products if slow_dual else H._reverse_products
+
+        def slowed(*args, _route=route):
+            time.sleep(0.05)
+            return _route(*args)
+
+        monkeypatch.setattr(H, "_dual_products" if slow_dual else "_reverse_products", slowed)
+        v = torch.randn(H.shape[0], dtype=torch.float64)
+        for _ in range(2 * curvature.MEASURED_PRODUCTS):
+            torch.testing.assert_close(H @ v, dense @ v)
+        assert H._route.second is (not slow_dual)
+    H = Hessian(model, loss_fn, [(X, y)])
+
+    def no_forward_rule(*args):
+        raise NotImplementedError("Trying to use forward AD with an op that does not support it")
+
+    monkeypatch.setattr(H, "_dual_products", no_forward_rule)
+    v = torch.randn(H.shape[0], dtype=torch.float64)
+    for _ in range(3):  # the second product tries the dual route, falls back, drops it
+        torch.testing.assert_close(H @ v, dense @ v)
+    assert H._route.second is False
+
+
+def test_hessian_single_vectors_of_a_model_that_updates_buffers_stay_reverse():
+    """Batch norm in training mode: one forward pass per product, never the timed dual one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).double()
+    X, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    H = Hessian(model, nn.MSELoss(), [(X, y)], allow_train_mode=True)
+    before = model[1].num_batches_tracked.item()
+    for _ in range(4):
+        H @ torch.randn(H.shape[0], dtype=torch.float64)
+    assert H._route._calls == 0 and H._route.second is None
+    assert model[1].num_batches_tracked.item() == before + 4

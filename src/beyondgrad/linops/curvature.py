@@ -558,6 +558,38 @@ class PassTimer:
         return out
 
 
+class RouteTimer:
+    """Chooses, per operator, between two routes to the same product: its first
+    2 :data:`MEASURED_PRODUCTS` calls alternate between them, timed (the device synchronized
+    around each); then the route with the lower best time is kept. A route that fails
+    (``refuse``) is not tried again.
+
+    Attributes:
+        second: the choice (True: the second route), None while measuring.
+    """
+
+    def __init__(self) -> None:
+        self.second: bool | None = None
+        self._best = {False: math.inf, True: math.inf}
+        self._calls = 0
+
+    def run(self, first: Callable[[], Any], second: Callable[[], Any], device: torch.device) -> Any:
+        """The product by the chosen route, or by the next one to time."""
+        if self.second is not None:
+            return second() if self.second else first()
+        way = self._calls % 2 == 1
+        out, seconds = _timed_per_column(second if way else first, 1, device)
+        self._best[way] = min(self._best[way], seconds)
+        self._calls += 1
+        if self._calls == 2 * MEASURED_PRODUCTS:
+            self.second = self._best[True] < self._best[False]
+        return out
+
+    def refuse(self, second: bool) -> None:
+        """Never take the given route again (it raised)."""
+        self.second = not second
+
+
 JV_CHUNKS: tuple[int | None, ...] = (None, 8, 4, 2)
 """The columns per forward-mode pass that :class:`ChunkTimer` tries (``None``: all)."""
 
@@ -758,6 +790,7 @@ class Hessian(CurvatureOperator):
         super().__init__(*args, **kwargs)
         self.reuse_graph = reuse_graph
         self._passes = PassTimer()  # the double backward: vectorized or per column, measured
+        self._route = RouteTimer()  # one vector: reverse over reverse, or forward over reverse
         if reuse_graph:
             self.cache_batches = None
             self._cache = {}
@@ -774,9 +807,46 @@ class Hessian(CurvatureOperator):
 
     def _batch_result(self, position: int, X: Any, y: Tensor, V: list[Tensor]) -> list[Tensor]:
         """The products on the batch's state; a state that is not kept frees its graph
-        during a single column's pass."""
+        during a single column's pass. One vector on a batch whose state is not kept goes
+        the measured faster way (:class:`RouteTimer`): a forward pass, backward and double
+        backward, or forward over reverse (:meth:`_dual_products`: the gradient of a forward
+        pass on dual parameters carries ``H v`` as its tangent). Measured on the benchmark
+        problems (CPU, 2 threads, same process): cnn 88.5 -> 83.3 ms by forward over reverse,
+        while the mlp (5.2 vs 8.1 ms) and the transformer (66 vs 86 ms) keep double backward."""
+        single = V[0].shape[0] == 1 and not self._kept(position) and self._route.second is not False
+        if not single or _updates_buffers(self.model):  # a failed dual pass would move them
+            return self._reverse_products(position, X, y, V)
+        return self._route.run(
+            lambda: self._reverse_products(position, X, y, V),
+            lambda: self._dual_or_reverse(position, X, y, V),
+            self.device,
+        )
+
+    def _reverse_products(self, position: int, X: Any, y: Tensor, V: list[Tensor]) -> list[Tensor]:
         state = self._state(position, X, y)
         return self._batch_products(state, y, V, keep_graph=self._kept(position))
+
+    def _dual_or_reverse(self, position: int, X: Any, y: Tensor, V: list[Tensor]) -> list[Tensor]:
+        """:meth:`_dual_products`, or where PyTorch lacks a forward-mode derivative of some
+        backward formula, the reverse route (then for good)."""
+        try:
+            return self._dual_products(X, y, V)
+        except (RuntimeError, NotImplementedError) as err:
+            if "out of memory" in str(err):
+                raise
+            self._route.refuse(second=True)
+            return self._reverse_products(position, X, y, V)
+
+    def _dual_products(self, X: Any, y: Tensor, V: list[Tensor]) -> list[Tensor]:
+        """``H v`` (one vector, per parameter ``[1, *shape]``) by forward over reverse."""
+        with torch.enable_grad(), fwAD.dual_level(), sdpa_kernel([SDPBackend.MATH]):
+            duals = {n: fwAD.make_dual(p, v[0]) for n, p, v in zip(self.names, self.params, V)}
+            out = _engine.call_model_with(self.model, duals, X)
+            _engine.check_target(self.loss_fn, out, y)
+            loss = self._finite(self.loss_fn(out, y))
+            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+            tangents = [None if g is None else fwAD.unpack_dual(g).tangent for g in grads]
+        return [torch.zeros_like(v) if t is None else t.detach()[None] for t, v in zip(tangents, V)]
 
     def _batch_products(
         self,
