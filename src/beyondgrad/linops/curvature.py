@@ -516,6 +516,45 @@ def _timed_per_column(call: Callable[[], Any], k: int, device: torch.device) -> 
     return out, (time.perf_counter() - start) / k
 
 
+class RouteTimer:
+    """Chooses, per operator, between two routes to the same product: its first ``calls``
+    calls (default 2 :data:`MEASURED_PRODUCTS`) alternate between them, first route first,
+    timed (the device synchronized around each) per column; then the route with the lower best
+    time is kept. A route that fails (``refuse``) is not tried again.
+
+    Attributes:
+        second: the choice (True: the second route), None while measuring.
+    """
+
+    def __init__(self, calls: int = 2 * MEASURED_PRODUCTS) -> None:
+        self.second: bool | None = None
+        self.calls = calls
+        self._best = {False: math.inf, True: math.inf}
+        self._calls = 0
+
+    def run(
+        self,
+        first: Callable[[], Any],
+        second: Callable[[], Any],
+        device: torch.device,
+        k: int = 1,
+    ) -> Any:
+        """The product (of ``k`` columns) by the chosen route, or by the next one to time."""
+        if self.second is not None:
+            return second() if self.second else first()
+        way = self._calls % 2 == 1
+        out, per_column = _timed_per_column(second if way else first, k, device)
+        self._best[way] = min(self._best[way], per_column)
+        self._calls += 1
+        if self._calls == self.calls:
+            self.second = self._best[True] < self._best[False]
+        return out
+
+    def refuse(self, second: bool) -> None:
+        """Never take the given route again (it raised)."""
+        self.second = not second
+
+
 class PassTimer:
     """Chooses, per operator, between one vectorized backward over ``k`` columns and ``k``
     plain ones: its first :data:`MEASURED_PRODUCTS` products with at least
@@ -535,9 +574,16 @@ class PassTimer:
     """
 
     def __init__(self) -> None:
-        self.per_column: bool | None = None
-        self._best = {False: math.inf, True: math.inf}
-        self._products = 0
+        self._timer = RouteTimer(calls=MEASURED_PRODUCTS)  # first vectorized, then per column
+
+    @property
+    def per_column(self) -> bool | None:
+        """The choice (True: one pass per column), None while measuring."""
+        return self._timer.second
+
+    @per_column.setter
+    def per_column(self, value: bool | None) -> None:
+        self._timer.second = value
 
     def grad(
         self, outputs: Any, inputs: Any, vectors: list[Tensor], per_vector: bool, **kwargs: Any
@@ -547,47 +593,12 @@ class PassTimer:
         if per_vector or self.per_column is not None or k < MEASURED_COLUMNS:
             per_column = per_vector or bool(self.per_column)
             return _batched_grad(outputs, inputs, vectors, per_column, **kwargs)
-        way = self._products % 2 == 1
-        out, per_column = _timed_per_column(
-            lambda: _batched_grad(outputs, inputs, vectors, way, **kwargs), k, vectors[0].device
+        return self._timer.run(
+            lambda: _batched_grad(outputs, inputs, vectors, False, **kwargs),
+            lambda: _batched_grad(outputs, inputs, vectors, True, **kwargs),
+            vectors[0].device,
+            k,
         )
-        self._best[way] = min(self._best[way], per_column)
-        self._products += 1
-        if self._products == MEASURED_PRODUCTS:
-            self.per_column = self._best[True] < self._best[False]
-        return out
-
-
-class RouteTimer:
-    """Chooses, per operator, between two routes to the same product: its first
-    2 :data:`MEASURED_PRODUCTS` calls alternate between them, timed (the device synchronized
-    around each); then the route with the lower best time is kept. A route that fails
-    (``refuse``) is not tried again.
-
-    Attributes:
-        second: the choice (True: the second route), None while measuring.
-    """
-
-    def __init__(self) -> None:
-        self.second: bool | None = None
-        self._best = {False: math.inf, True: math.inf}
-        self._calls = 0
-
-    def run(self, first: Callable[[], Any], second: Callable[[], Any], device: torch.device) -> Any:
-        """The product by the chosen route, or by the next one to time."""
-        if self.second is not None:
-            return second() if self.second else first()
-        way = self._calls % 2 == 1
-        out, seconds = _timed_per_column(second if way else first, 1, device)
-        self._best[way] = min(self._best[way], seconds)
-        self._calls += 1
-        if self._calls == 2 * MEASURED_PRODUCTS:
-            self.second = self._best[True] < self._best[False]
-        return out
-
-    def refuse(self, second: bool) -> None:
-        """Never take the given route again (it raised)."""
-        self.second = not second
 
 
 JV_CHUNKS: tuple[int | None, ...] = (None, 8, 4, 2)
