@@ -90,14 +90,15 @@ def _check_finite(op: Any, out: Tensor, what: str) -> None:
 
 
 def _check_all_finite(op: Any, tensors: Sequence[Tensor], what: str) -> None:
-    """:func:`_check_finite` for several tensors: one norm per tensor in one call and one
-    host read for all (per-tensor sums and reads cost ~5% of the mlp's Hessian @ v)."""
+    """:func:`_check_finite` for several tensors: one sum per tensor and one host read for all
+    (a read per tensor cost ~5% of the mlp's Hessian @ v; ``torch._foreach_norm`` in place of
+    the sums, 2-3x the sums' time: 5 of the mlp's 55 ms Hessian @ V with 16 columns)."""
     if not tensors:
         return
     alike = len({(t.dtype, t.device) for t in tensors}) == 1
-    if alike and bool(torch.isfinite(torch.stack(torch._foreach_norm(list(tensors))).sum())):
+    if alike and bool(torch.isfinite(torch.stack([t.sum() for t in tensors]).sum())):
         return
-    for t in tensors:  # the norms can overflow where every entry is finite
+    for t in tensors:  # the sums can overflow where every entry is finite
         _check_finite(op, t, what)
 
 
