@@ -259,6 +259,21 @@ def test_infinite_input_raises_like_grad(quantity, generic):
         bg.compute(model, nn.MSELoss(), X, y, quantity)
 
 
+def test_results_keyed_by_module_are_checked_by_their_parameters_rules():
+    """Module-keyed results (Kronecker blocks) of fast-rule layers skip the result check (their
+    inputs and output gradients are checked); anything the generic rule serves does not."""
+    from beyondgrad.engine.session import _served_generically
+
+    rules = {"0.weight": "linear", "0.bias": "linear", "2.scale": "generic", "4.w": "mixed"}
+    assert not _served_generically("0", rules)
+    assert not _served_generically("0.weight", rules)
+    assert _served_generically("2", rules) and _served_generically("2.scale", rules)
+    assert _served_generically("4", rules)
+    assert _served_generically("", rules)  # the whole model: a generic parameter in it
+    assert not _served_generically("", {"0.weight": "linear"})
+    assert _served_generically("unknown", rules)
+
+
 def test_half_precision_norms_accumulate_in_float32():
     model = nn.Linear(3, 4).half()
     with torch.no_grad():

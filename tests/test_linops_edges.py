@@ -61,11 +61,13 @@ def test_parameter_layout_products_check_finiteness_without_false_alarms():
     for b, u in zip(out_big, out_unit):
         torch.testing.assert_close(b, u * 1e30, rtol=1e-4, atol=0)
     # the one cheap reduction over all entries overflows: the entry-wise check decides
-    huge = [torch.full((4,), 3e38), torch.ones(2)]
+    huge = [torch.full((4,), 3e38, dtype=torch.float32), torch.ones(2, dtype=torch.float32)]
     assert not torch.isfinite(torch.stack([t.sum() for t in huge]).sum())
     _check_all_finite(Hs, huge, "product")  # no false alarm
     with pytest.raises(FloatingPointError, match="non-finite product"):
-        _check_all_finite(Hs, [*huge, torch.tensor([1.0, float("inf")])], "product")
+        _check_all_finite(
+            Hs, [*huge, torch.tensor([1.0, float("inf")], dtype=torch.float32)], "product"
+        )
 
 
 def _warns(fn, match):

@@ -722,12 +722,24 @@ def _check_results_finite(values: dict[Any, dict[str, Any]], rules: dict[str, st
     tensors, where = [], []
     for q, per_name in values.items():
         for name, value in per_name.items():
-            generic = rules.get(name, "generic") in ("generic", "mixed")
+            generic = _served_generically(name, rules)
             for t in _result_tensors(value):
                 if generic or t.dtype in (torch.float16, torch.bfloat16):
                     tensors.append(t)
                     where.append(f"{q!r} of '{name}'")
     check_finite(tensors, where, "non-finite values in {} (overflow, or inf/nan in the data)")
+
+
+def _served_generically(name: str, rules: dict[str, str]) -> bool:
+    """Whether the result under ``name`` (a parameter's, or a module's such as a Kronecker
+    block, keyed by the module name) comes, in whole or in part, from the generic rule or
+    from several rules; a name that matches no parameter counts as generic."""
+    rule = rules.get(name)
+    if rule is not None:
+        return rule in ("generic", "mixed")
+    prefix = f"{name}." if name else ""
+    found = [r for n, r in rules.items() if n.startswith(prefix)]
+    return not found or any(r in ("generic", "mixed") for r in found)
 
 
 def _result_tensors(value: Any) -> list[Tensor]:
