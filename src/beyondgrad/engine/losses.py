@@ -228,12 +228,17 @@ def _bce_vectors(
 SAMPLE_BLOCK = 1 << 22
 
 
-def sample_classes(probs: Tensor, M: int, generator: torch.Generator | None) -> Tensor:
+def sample_classes(
+    probs: Tensor, M: int, generator: torch.Generator | None, softmax: bool = False
+) -> Tensor:
     """``M`` class draws per row of the probabilities ``probs`` ``[P, C]`` (with replacement),
     ``[P, M]`` long, distributed as ``torch.multinomial``'s. On the CPU by inverse-CDF sampling
     (float64 cumulative sums per block of rows, one ``searchsorted`` of ``M`` uniforms): torch's
     CPU multinomial loops over rows, 30 ms for 256 rows of 5,000 classes against 0.9 ms here
     (1.6 vs 0.09 ms for 1,024 rows of 64). Elsewhere ``torch.multinomial``.
+
+    ``softmax=True``: ``probs`` is a softmax, non-negative with rows summing to 1 wherever it
+    is finite, so only finiteness is checked (fewer operations per call).
 
     Raises:
         ValueError: a row with a negative or non-finite entry, or summing to 0 (as
@@ -248,7 +253,11 @@ def sample_classes(probs: Tensor, M: int, generator: torch.Generator | None) -> 
         block = probs[lo : lo + step]
         cdf = block.to(torch.float64, copy=True).cumsum_(-1)  # never the caller's tensor
         total = cdf[:, -1:]
-        if not (bool(((total > 0) & total.isfinite()).all()) and float(block.min()) >= 0):
+        if softmax:
+            valid = bool(total.isfinite().all())
+        else:
+            valid = bool(((total > 0) & total.isfinite()).all()) and float(block.min()) >= 0
+        if not valid:
             raise ValueError(
                 "class probabilities must be finite, non-negative and not all zero in a row"
             )
@@ -280,6 +289,20 @@ def _softmax_hessian_sqrt(prob: Tensor) -> Tensor:
     return eye * s[..., 1:, None] - t[..., :, None] * base[..., None, :]
 
 
+def _ce_mc_vectors(
+    prob: Tensor, scale: Tensor, M: int, generator: torch.Generator | None
+) -> Tensor:
+    """``M`` sampled gradients ``sqrt(scale / M) (p - e_c)``, ``c ~ p``, of the logits'
+    probabilities ``prob`` ``[N, *d, C]`` (class axis last), as ``[M, N, C, *d]``."""
+    C = prob.shape[-1]
+    flat = prob.reshape(-1, C)
+    draws = sample_classes(flat, M, generator, softmax=True)  # [P, M]
+    V = flat.unsqueeze(0).repeat(M, 1, 1)  # [M, P, C]: p - e_c in place
+    V.scatter_add_(-1, draws.T.unsqueeze(-1), V.new_full((M, flat.shape[0], 1), -1.0))
+    V.mul_((scale.reshape(1, -1, 1) / M).clamp_min_(0).sqrt_())
+    return V.reshape(M, *prob.shape).movedim(-1, 2)
+
+
 def _ce_vectors(
     loss_fn: nn.CrossEntropyLoss,
     output: Tensor,
@@ -301,6 +324,10 @@ def _ce_vectors(
             probs_t = probs_t * (1 - eps) + eps / C
         alpha = (probs_t * (w if w is not None else 1.0)).sum(-1)  # [N, *d]
         denom = float(alpha.numel()) if loss_fn.reduction == "mean" else 1.0
+    elif w is None and eps == 0:  # the common case, in fewer operations
+        keep = target != loss_fn.ignore_index
+        alpha = keep.to(prob.dtype)
+        denom = float(keep.sum()) if loss_fn.reduction == "mean" else 1.0
     else:
         keep = target != loss_fn.ignore_index
         safe = torch.where(keep, target, torch.zeros_like(target))
@@ -310,6 +337,8 @@ def _ce_vectors(
         denom_t = (w_y * keep).sum() if loss_fn.reduction == "mean" else None
         denom = float(denom_t) if denom_t is not None else 1.0
     scale = alpha / denom  # [N, *d]: Hessian of L w.r.t. the logits = scale * (diag p - p p^T)
+    if kind == "mc":
+        return _ce_mc_vectors(prob, scale, M, generator)
     if kind == "exact":
         V = _softmax_hessian_sqrt(prob)  # [N, *d, R (vector), C]
         V = V * scale.clamp_min(0).sqrt()[..., None, None]
@@ -320,8 +349,4 @@ def _ce_vectors(
         eye_p = torch.eye(P, dtype=V.dtype, device=V.device)
         V = torch.einsum("npvc,pq->pvncq", V, eye_p).reshape(P * R, N, C, *logits.shape[1:-1])
         return V
-    flat = prob.reshape(-1, C)
-    draws = sample_classes(flat, M, generator)  # [P, M]
-    onehot = torch.nn.functional.one_hot(draws.T, C).to(prob.dtype)  # [M, P, C]
-    V = (flat.unsqueeze(0) - onehot) * (scale.reshape(1, -1, 1) / M).clamp_min(0).sqrt()
-    return V.reshape(M, *logits.shape).movedim(-1, 2)  # [M, N, C, *d]
+    raise ValueError(f"unknown vector kind {kind!r}")
