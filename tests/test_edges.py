@@ -262,16 +262,20 @@ def test_infinite_input_raises_like_grad(quantity, generic):
 def test_results_keyed_by_module_are_checked_by_their_parameters_rules():
     """Module-keyed results (Kronecker blocks) of fast-rule layers skip the result check (their
     inputs and output gradients are checked); anything the generic rule serves does not."""
-    from beyondgrad.engine.session import _served_generically
+    from beyondgrad.engine.session import _rules_by_owner, _served_generically
+
+    def generic(name, rules):
+        return _served_generically(name, rules, _rules_by_owner(rules))
 
     rules = {"0.weight": "linear", "0.bias": "linear", "2.scale": "generic", "4.w": "mixed"}
-    assert not _served_generically("0", rules)
-    assert not _served_generically("0.weight", rules)
-    assert _served_generically("2", rules) and _served_generically("2.scale", rules)
-    assert _served_generically("4", rules)
-    assert _served_generically("", rules)  # the whole model: a generic parameter in it
-    assert not _served_generically("", {"0.weight": "linear"})
-    assert _served_generically("unknown", rules)
+    assert not generic("0", rules) and not generic("0.weight", rules)
+    assert generic("2", rules) and generic("2.scale", rules)
+    assert generic("4", rules)
+    assert generic("", rules)  # the whole model: a generic parameter in it
+    assert not generic("", {"0.weight": "linear"})
+    assert not generic("block", {"block.fc.weight": "linear", "block.ln.weight": "norm"})
+    assert generic("block", {"block.fc.weight": "linear", "block.act.a": "generic"})
+    assert generic("unknown", rules)
 
 
 def test_half_precision_norms_accumulate_in_float32():

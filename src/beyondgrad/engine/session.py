@@ -720,9 +720,10 @@ def _check_results_finite(values: dict[Any, dict[str, Any]], rules: dict[str, st
     output gradients do not suffice: parameters served by the generic rule (its per-sample
     recomputation) and half-precision results (overflow)."""
     tensors, where = [], []
+    owners = _rules_by_owner(rules)
     for q, per_name in values.items():
         for name, value in per_name.items():
-            generic = _served_generically(name, rules)
+            generic = _served_generically(name, rules, owners)
             for t in _result_tensors(value):
                 if generic or t.dtype in (torch.float16, torch.bfloat16):
                     tensors.append(t)
@@ -730,16 +731,25 @@ def _check_results_finite(values: dict[Any, dict[str, Any]], rules: dict[str, st
     check_finite(tensors, where, "non-finite values in {} (overflow, or inf/nan in the data)")
 
 
-def _served_generically(name: str, rules: dict[str, str]) -> bool:
+def _rules_by_owner(rules: dict[str, str]) -> dict[str, set[str]]:
+    """The rules of each module's own parameters, by the module's name (``"a.b"`` for
+    ``"a.b.weight"``)."""
+    owners: dict[str, set[str]] = {}
+    for name, rule in rules.items():
+        owners.setdefault(name.rpartition(".")[0], set()).add(rule)
+    return owners
+
+
+def _served_generically(name: str, rules: dict[str, str], owners: dict[str, set[str]]) -> bool:
     """Whether the result under ``name`` (a parameter's, or a module's such as a Kronecker
     block, keyed by the module name) comes, in whole or in part, from the generic rule or
-    from several rules; a name that matches no parameter counts as generic."""
-    rule = rules.get(name)
-    if rule is not None:
-        return rule in ("generic", "mixed")
-    prefix = f"{name}." if name else ""
-    found = [r for n, r in rules.items() if n.startswith(prefix)]
-    return not found or any(r in ("generic", "mixed") for r in found)
+    from several rules; a name that matches no parameter counts as generic. ``owners``:
+    :func:`_rules_by_owner` of ``rules``."""
+    found = {rules[name]} if name in rules else owners.get(name)
+    if found is None:  # a module without parameters of its own: those of its submodules
+        prefix = f"{name}." if name else ""
+        found = {r for n, r in rules.items() if n.startswith(prefix)}
+    return not found or bool(found & {"generic", "mixed"})
 
 
 def _result_tensors(value: Any) -> list[Tensor]:
