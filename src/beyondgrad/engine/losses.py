@@ -339,14 +339,11 @@ def _ce_vectors(
     scale = alpha / denom  # [N, *d]: Hessian of L w.r.t. the logits = scale * (diag p - p p^T)
     if kind == "mc":
         return _ce_mc_vectors(prob, scale, M, generator)
-    if kind == "exact":
-        V = _softmax_hessian_sqrt(prob)  # [N, *d, R (vector), C]
-        V = V * scale.clamp_min(0).sqrt()[..., None, None]
-        # positions of one sample need their own vectors (no cross-position terms):
-        # vector (q, r) is non-zero at position q only -> [P * R, N, C, *d]
-        N, P, R = V.shape[0], scale[0].numel(), V.shape[-2]
-        V = V.reshape(N, P, R, C)
-        eye_p = torch.eye(P, dtype=V.dtype, device=V.device)
-        V = torch.einsum("npvc,pq->pvncq", V, eye_p).reshape(P * R, N, C, *logits.shape[1:-1])
-        return V
-    raise ValueError(f"unknown vector kind {kind!r}")
+    V = _softmax_hessian_sqrt(prob)  # "exact": [N, *d, R (vector), C]
+    V = V * scale.clamp_min(0).sqrt()[..., None, None]
+    # positions of one sample need their own vectors (no cross-position terms):
+    # vector (q, r) is non-zero at position q only -> [P * R, N, C, *d]
+    N, P, R = V.shape[0], scale[0].numel(), V.shape[-2]
+    V = V.reshape(N, P, R, C)
+    eye_p = torch.eye(P, dtype=V.dtype, device=V.device)
+    return torch.einsum("npvc,pq->pvncq", V, eye_p).reshape(P * R, N, C, *logits.shape[1:-1])
