@@ -211,3 +211,65 @@ def test_structured_constructors_stream_the_data_without_extra_passes():
     data = _CountingPasses(batches)
     Diagonal.from_engine(model, loss_fn, data, bg.DiagGGN())
     assert data.passes == 1
+
+
+def _subnormals(t: torch.Tensor) -> int:
+    a = t.abs()
+    return int(((a > 0) & (a < torch.finfo(t.dtype).tiny)).sum())
+
+
+def _tiny_factor(n: int, g: torch.Generator, scale: float) -> torch.Tensor:
+    """An SPD float32 factor of largest entry ~``scale`` with rows and columns a further
+    ``1e-18`` smaller (a confident classifier's output-gradient factor: rare classes)."""
+    F = _spd((1, n, n), g) * scale
+    rare = torch.ones(n, dtype=torch.float64)
+    rare[n // 2 :] = 1e-18
+    return (F * rare[:, None] * rare[None, :]).float()
+
+
+def test_products_with_tiny_kronecker_factors_stay_out_of_the_subnormal_range():
+    """float32 factors whose products reach below 1.2e-38 (largest entry 1e-23, entries down
+    to the subnormal range): the products are computed from copies scaled into the normal
+    range, the scale applied once, and agree with float64 dense products to float32 rounding;
+    Kronecker and KroneckerEigen, one vector and a block."""
+    from beyondgrad.linalg import normal_range
+
+    g = torch.Generator().manual_seed(3)
+    L, R = _tiny_factor(6, g, 1e-23), _tiny_factor(5, g, 1e-5)
+    assert _subnormals(L) > 0 and normal_range.needs_scaling(L, R)
+    K = Kronecker(L, R)
+    left, right, scale = K.product_factors()
+    assert scale is not None and _subnormals(left) == 0 and _subnormals(right) == 0
+    torch.testing.assert_close(scale, (L.abs().amax() * R.abs().amax()).reshape(1))
+    dense = torch.kron(L[0].double(), R[0].double())
+    V = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    for M in (V[:, :1], V):
+        ref = dense @ M
+        got = (K @ M.float()).double()
+        assert (got - ref).norm() <= 1e-6 * ref.norm()
+    q_left, q_right = torch.linalg.qr(_spd((1, 6, 6), g))[0], torch.linalg.qr(_spd((1, 5, 5), g))[0]
+    values = torch.logspace(-25, -42, 30, dtype=torch.float64).reshape(1, 6, 5)
+    E32 = KroneckerEigen(q_left.float(), values.float(), q_right.float())
+    assert _subnormals(E32.values) > 0 and E32.product_values()[1] is not None
+    Q = torch.kron(q_left[0].float().double(), q_right[0].float().double())
+    dense_e = Q @ torch.diag(values.float().double().reshape(-1)) @ Q.T
+    for M in (V[:, :1], V):
+        ref = dense_e @ M
+        assert ((E32 @ M.float()).double() - ref).norm() <= 1e-5 * ref.norm()
+
+
+def test_factors_in_the_normal_range_are_used_as_they_are():
+    """No copies where products cannot come near the subnormal range: float32 factors of
+    ordinary size, and float64 whatever their size."""
+    from beyondgrad.linalg import normal_range
+
+    g = torch.Generator().manual_seed(4)
+    L, R = _spd((1, 4, 4), g).float(), _spd((1, 3, 3), g).float()
+    K = Kronecker(L, R)
+    left, right, scale = K.product_factors()
+    assert scale is None and left is K.left and right is K.right
+    tiny64 = _spd((1, 4, 4), g) * 1e-200
+    assert not normal_range.needs_scaling(tiny64, tiny64)
+    assert Kronecker(tiny64, tiny64).product_factors()[2] is None
+    zero = torch.zeros(1, 3, 3)
+    assert normal_range.scaled(zero)[1].item() == 1.0  # a zero factor keeps scale 1
