@@ -210,3 +210,23 @@ def test_allocator_script_writes_a_row_per_call_and_setting(tmp_path):
         assert set(modes) == {"no-pool", "default", "huge-pages", "retain", "retain-large"}
         assert all(0 < ms <= w and f >= 0 for runs in modes.values() for ms, f, w in runs)
     assert out.read_text().count("| mlp |") == len(found)
+
+
+def test_subnormal_script_times_each_call_in_both_modes(tmp_path):
+    """``subnormal.py`` on the mlp, one round: every call timed with the default mode and with
+    flush-to-zero, in fresh processes; the mlp's softmax has no subnormal probabilities."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(BENCH)]))
+    out = tmp_path / "subnormal.md"
+    cmd = [sys.executable, str(BENCH / "subnormal.py"), "--problems", "mlp", "--rounds", "1"]
+    done = subprocess.run(
+        [*cmd, "--threads", "1", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = json.loads(out.with_suffix(".json").read_text())
+    assert found["shares"] == {"mlp": 0.0}
+    assert {c.split("|")[1] for c in found["runs"]} >= {"forward+backward", "KFAC (MC)"}
+    for modes in found["runs"].values():
+        assert set(modes) == {"default", "flush-to-zero"}
+        assert all(len(v) == 1 and v[0] > 0 for v in modes.values())
+    assert out.read_text().count("| mlp |") == len(found["runs"])
