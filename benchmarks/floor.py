@@ -75,8 +75,8 @@ class Layer:
     input_grad: bool  # whether its input needs a gradient (a layer after a parameter)
 
     @property
-    def mac(self) -> int:
-        """Flops of one pass of the layer (forward, weight or input gradient)."""
+    def pass_flops(self) -> int:
+        """Flops of one pass of the layer (forward, weight or input gradient): ``2 N L O I``."""
         return 2 * self.N * self.L * self.O * self.I
 
 
@@ -104,12 +104,12 @@ def layers_of(model: nn.Module, X: Tensor) -> list[Layer]:
 def floors(layers: list[Layer], K: int) -> dict[str, int]:
     """The floor flops (see the module's docstring) of a forward+backward and of each
     quantity with ``K`` backpropagated vectors per sample."""
-    F = sum(la.mac for la in layers)
-    B = sum(la.mac for la in layers if la.input_grad)
+    F = sum(la.pass_flops for la in layers)
+    B = sum(la.pass_flops for la in layers if la.input_grad)
     diag = sum(
         2 * la.N * la.O * la.I
         if la.L == 1
-        else min(K * la.mac, 2 * la.N * la.L**2 * la.O * (K + la.I))
+        else min(K * la.pass_flops, 2 * la.N * la.L**2 * la.O * (K + la.I))
         for la in layers
     )
     kflr = sum(
@@ -126,7 +126,10 @@ def floors(layers: list[Layer], K: int) -> dict[str, int]:
 
 class FlopCount(TorchDispatchMode):
     """Sums PyTorch's FLOP formulas over the ops dispatched inside (``total``, per op name in
-    ``by_op``); ops without a formula (element-wise, reductions) count zero."""
+    ``by_op``); ops without a formula (element-wise, reductions) count zero. Not
+    ``torch.utils.flop_counter.FlopCounterMode``: it tracks modules with global hooks, which
+    change the model's state as beyondgrad's per-model caches see it, so that
+    ``bg.compute`` probes the model again inside the count (its forward counted twice)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -157,7 +160,8 @@ def measure(name: str, reps: int) -> list[dict[str, Any]]:
     """One problem's rows: floors, executed flops and times of each quantity."""
     p = make_problem(name)
     model, loss_fn, X, y = p.model, p.loss_fn, p.X, p.y
-    K = p.model(X).shape[-1] - 1  # cross-entropy: the rank of its Hessian
+    with torch.no_grad():
+        K = p.model(X).shape[1] - 1  # cross-entropy (classes on axis 1): its Hessian's rank
 
     def fwd_bwd() -> None:
         model.zero_grad(set_to_none=True)

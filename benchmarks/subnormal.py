@@ -47,7 +47,7 @@ def subnormal_share(problem: str) -> float:
 
 
 def _cells(problem: str) -> dict[str, tuple[Callable[[], Any], int]]:
-    """``name -> (call, calls per sample)`` on a fresh instance of ``problem``."""
+    """``name -> (call, calls per timing sample)`` on a fresh instance of ``problem``."""
     p = make_problem(problem)
     gen = torch.Generator().manual_seed(0)
 
@@ -97,7 +97,10 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
         for mode in MODES if r % 2 == 0 else MODES[::-1]:
             cmd = [sys.executable, __file__, "--child", mode, "--threads", str(args.threads)]
             cmd += ["--problems", *args.problems]
-            text = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"the {mode} process failed:\n{done.stderr[-3000:]}")
+            text = done.stdout
             for cell, ms in json.loads(text.strip().splitlines()[-1]).items():
                 found.setdefault(cell, {}).setdefault(mode, []).append(ms)
             h.log(f"round {r + 1}/{args.rounds}: {mode} done")

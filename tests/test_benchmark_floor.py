@@ -58,11 +58,17 @@ def test_convolution_diagonal_takes_the_cheaper_of_direct_and_gram() -> None:
     (``2 N L^2 O (K + I)``) is not cheaper than the direct one (``K`` times a pass); with few
     positions and many inputs per output, it is."""
     la = floor.Layer(N=2, L=16, O=3, I=4, bias=True, input_grad=False)
-    direct, gram = 5 * la.mac, 2 * 2 * 16**2 * 3 * (5 + 4)
-    assert floor.floors([la], K=5)["exact DiagGGN"] == la.mac + min(direct, gram) == la.mac + direct
+    direct, gram = 5 * la.pass_flops, 2 * 2 * 16**2 * 3 * (5 + 4)
+    assert (
+        floor.floors([la], K=5)["exact DiagGGN"]
+        == la.pass_flops + min(direct, gram)
+        == la.pass_flops + direct
+    )
     la = floor.Layer(N=2, L=2, O=3, I=400, bias=False, input_grad=False)
-    direct, gram = 50 * la.mac, 2 * 2 * 2**2 * 3 * (50 + 400)
-    assert floor.floors([la], K=50)["exact DiagGGN"] == la.mac + gram < la.mac + direct
+    direct, gram = 50 * la.pass_flops, 2 * 2 * 2**2 * 3 * (50 + 400)
+    assert (
+        floor.floors([la], K=50)["exact DiagGGN"] == la.pass_flops + gram < la.pass_flops + direct
+    )
 
 
 def test_script_writes_the_table(tmp_path: Path) -> None:

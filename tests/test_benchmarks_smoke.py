@@ -214,7 +214,7 @@ def test_allocator_script_writes_a_row_per_call_and_setting(tmp_path):
 
 def test_subnormal_script_times_each_call_in_both_modes(tmp_path):
     """``subnormal.py`` on the mlp, one round: every call timed with the default mode and with
-    flush-to-zero, in fresh processes; the mlp's softmax has no subnormal probabilities."""
+    flush-to-zero, in fresh processes; the mlp's softmax has (almost) no subnormal probabilities."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(BENCH)]))
     out = tmp_path / "subnormal.md"
     cmd = [sys.executable, str(BENCH / "subnormal.py"), "--problems", "mlp", "--rounds", "1"]
@@ -224,7 +224,7 @@ def test_subnormal_script_times_each_call_in_both_modes(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     found = json.loads(out.with_suffix(".json").read_text())
-    assert found["shares"] == {"mlp": 0.0}
+    assert set(found["shares"]) == {"mlp"} and 0.0 <= found["shares"]["mlp"] < 0.01
     assert {c.split("|")[1] for c in found["runs"]} >= {"forward+backward", "KFAC (MC)"}
     for modes in found["runs"].values():
         assert set(modes) == {"default", "flush-to-zero"}

@@ -7,8 +7,10 @@ import itertools
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import beyondgrad as bg
+from beyondgrad.linalg import normal_range
 from beyondgrad.linops import (
     BlockDiagonal,
     Diagonal,
@@ -218,58 +220,95 @@ def _subnormals(t: torch.Tensor) -> int:
     return int(((a > 0) & (a < torch.finfo(t.dtype).tiny)).sum())
 
 
-def _tiny_factor(n: int, g: torch.Generator, scale: float) -> torch.Tensor:
-    """An SPD float32 factor of largest entry ~``scale`` with rows and columns a further
-    ``1e-18`` smaller (a confident classifier's output-gradient factor: rare classes)."""
-    F = _spd((1, n, n), g) * scale
+class _MatmulOperands(TorchDispatchMode):
+    """Counts the subnormal entries of every matrix product's operands and result."""
+
+    def __init__(self):
+        super().__init__()
+        self.subnormal, self.products = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func._overloadpacket in (torch.ops.aten.mm, torch.ops.aten.bmm):
+            self.products += 1
+            self.subnormal += sum(_subnormals(t) for t in (*args[:2], out))
+        return out
+
+
+def _tiny_factors(n: int, g: torch.Generator, scales: list[float]) -> torch.Tensor:
+    """SPD float32 factors ``[G, n, n]`` of largest entry ~``scales[g]``, with rows and
+    columns a further ``1e-18`` smaller (a confident classifier's output-gradient factor:
+    rare classes)."""
+    F = _spd((len(scales), n, n), g) * torch.tensor(scales, dtype=torch.float64)[:, None, None]
     rare = torch.ones(n, dtype=torch.float64)
     rare[n // 2 :] = 1e-18
     return (F * rare[:, None] * rare[None, :]).float()
 
 
 def test_products_with_tiny_kronecker_factors_stay_out_of_the_subnormal_range():
-    """float32 factors whose products reach below 1.2e-38 (largest entry 1e-23, entries down
-    to the subnormal range): the products are computed from copies scaled into the normal
-    range, the scale applied once, and agree with float64 dense products to float32 rounding;
-    Kronecker and KroneckerEigen, one vector and a block."""
-    from beyondgrad.linalg import normal_range
-
+    """float32 factors whose products reach below 1.2e-38 (three groups of different
+    scales, entries down to the subnormal range): every matrix product runs on normal numbers
+    (copies scaled to unit maximum, the float64 scale applied once) and agrees with float64
+    dense products to float32 rounding; Kronecker and KroneckerEigen, one vector and a block."""
     g = torch.Generator().manual_seed(3)
-    L, R = _tiny_factor(6, g, 1e-23), _tiny_factor(5, g, 1e-5)
+    L, R = _tiny_factors(6, g, [1e-23, 1.0, 1e-10]), _tiny_factors(5, g, [1e-5, 1e-20, 1.0])
     assert _subnormals(L) > 0 and normal_range.needs_scaling(L, R)
     K = Kronecker(L, R)
     left, right, scale = K.product_factors()
-    assert scale is not None and _subnormals(left) == 0 and _subnormals(right) == 0
-    torch.testing.assert_close(scale, (L.abs().amax() * R.abs().amax()).reshape(1))
-    dense = torch.kron(L[0].double(), R[0].double())
-    V = torch.randn(30, 4, generator=g, dtype=torch.float64)
-    for M in (V[:, :1], V):
-        ref = dense @ M
-        got = (K @ M.float()).double()
-        assert (got - ref).norm() <= 1e-6 * ref.norm()
-    q_left, q_right = torch.linalg.qr(_spd((1, 6, 6), g))[0], torch.linalg.qr(_spd((1, 5, 5), g))[0]
-    values = torch.logspace(-25, -42, 30, dtype=torch.float64).reshape(1, 6, 5)
-    E32 = KroneckerEigen(q_left.float(), values.float(), q_right.float())
-    assert _subnormals(E32.values) > 0 and E32.product_values()[1] is not None
-    Q = torch.kron(q_left[0].float().double(), q_right[0].float().double())
+    assert scale.dtype == torch.float32 and _subnormals(left) == _subnormals(right) == 0
+    torch.testing.assert_close(scale, L.abs().amax((1, 2)) * R.abs().amax((1, 2)))
+    dense = torch.block_diag(*(torch.kron(a.double(), b.double()) for a, b in zip(L, R)))
+    q_left, q_right = torch.linalg.qr(_spd((3, 6, 6), g))[0], torch.linalg.qr(_spd((3, 5, 5), g))[0]
+    values = torch.logspace(-25, -42, 90, dtype=torch.float64).reshape(3, 6, 5)
+    E = KroneckerEigen(q_left.float(), values.float(), q_right.float())
+    assert _subnormals(E.values) > 0 and E.product_values()[1] is not None
+    Q = torch.block_diag(
+        *(torch.kron(a, b) for a, b in zip(q_left.float().double(), q_right.float().double()))
+    )
     dense_e = Q @ torch.diag(values.float().double().reshape(-1)) @ Q.T
-    for M in (V[:, :1], V):
-        ref = dense_e @ M
-        assert ((E32 @ M.float()).double() - ref).norm() <= 1e-5 * ref.norm()
+    V = torch.randn(90, 4, generator=g, dtype=torch.float64)
+    for op, ref_op, tol in ((K, dense, 1e-6), (E, dense_e, 1e-5)):
+        for M in (V[:, :1], V):
+            with _MatmulOperands() as seen:
+                got = (op @ M.float()).double()
+            assert seen.products > 0 and seen.subnormal == 0
+            for b in range(3):  # each group to its own float32 rounding
+                rows = slice(30 * b, 30 * (b + 1))
+                ref = ref_op[rows] @ M
+                assert (got[rows] - ref).norm() <= tol * ref.norm()
 
 
-def test_factors_in_the_normal_range_are_used_as_they_are():
-    """No copies where products cannot come near the subnormal range: float32 factors of
-    ordinary size, and float64 whatever their size."""
-    from beyondgrad.linalg import normal_range
-
+def test_scaling_keeps_results_that_the_plain_products_get_right():
+    """No copies where products cannot come near the subnormal range (ordinary float32
+    factors, float64 whatever their size, float16, where scaling cannot help); combined
+    scales that float32 could not hold (1e40, 1.4e-45) kept in float64; a factor with an inf
+    entry multiplied as it is (scaling would spread NaN); a factor changed in place after a
+    product gives a new scaled copy."""
     g = torch.Generator().manual_seed(4)
     L, R = _spd((1, 4, 4), g).float(), _spd((1, 3, 3), g).float()
-    K = Kronecker(L, R)
-    left, right, scale = K.product_factors()
-    assert scale is None and left is K.left and right is K.right
-    tiny64 = _spd((1, 4, 4), g) * 1e-200
-    assert not normal_range.needs_scaling(tiny64, tiny64)
-    assert Kronecker(tiny64, tiny64).product_factors()[2] is None
-    zero = torch.zeros(1, 3, 3)
-    assert normal_range.scaled(zero)[1].item() == 1.0  # a zero factor keeps scale 1
+    left, right, scale = Kronecker(L, R).product_factors()
+    assert scale is None and left is L and right is R
+    for dtype, size in ((torch.float64, 1e-200), (torch.float16, 1e-3)):
+        F = (_spd((1, 3, 3), g) * size).to(dtype)
+        assert Kronecker(F, F).product_factors()[2] is None
+    F16 = (300 * torch.eye(3) + 0.1).half()[None]
+    x = torch.full((9, 1), 1e-3, dtype=torch.float16)
+    assert torch.isfinite(Kronecker(F16, F16) @ x).all()
+    for s_left, s_right, x_size in ((1e20, 1e20, 1e-10), (1e-23, 1e-22, 1e12)):
+        eye = torch.eye(3, dtype=torch.float64)
+        Lx, Rx = eye * s_left + 1e-60 * s_left, eye * s_right + 1e-60 * s_right
+        K = Kronecker(Lx.float(), Rx.float())
+        M = torch.full((9, 2), x_size, dtype=torch.float64)
+        ref = torch.kron(Lx.float().double(), Rx.float().double()) @ M
+        got = (K @ M.float()).double()
+        assert K.product_factors()[2].dtype == torch.float64 and torch.isfinite(got).all()
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=0)
+    Linf = _tiny_factors(3, g, [1e-23])
+    Linf[0, 0, 0] = float("inf")
+    assert not normal_range.needs_scaling(Linf, Linf)
+    K = Kronecker(L.clone() * 1e-30, R.clone() * 1e-12)
+    v = torch.ones(12, 1)
+    before = K @ v
+    K.left.mul_(2.0)
+    torch.testing.assert_close(K @ v, 2 * before)
+    assert normal_range.scaled_to_unit_max(torch.zeros(1, 3, 3))[1].item() == 1.0

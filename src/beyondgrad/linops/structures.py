@@ -193,6 +193,11 @@ def _grouped(t: Tensor) -> Tensor:
     return t if t.ndim == 3 else t[None]
 
 
+def _identity(*tensors: Tensor) -> tuple[Any, ...]:
+    """Which tensors these are and how often each was changed in place (a cache key)."""
+    return tuple((id(t), t._version) for t in tensors)
+
+
 class KroneckerEigen(StructuredOperator):
     """``(Q_L kron Q_R) diag(values) (Q_L kron Q_R)^T`` per group, on vectors laid out
     ``[G, r, c]`` row-major.
@@ -209,16 +214,19 @@ class KroneckerEigen(StructuredOperator):
         self.values = _grouped(values)
         n = self.values.numel()
         super().__init__((n, n), values.dtype, values.device)
-        self._scaled: tuple[Tensor, Tensor | None] | None = None
+        self._scaled: tuple[tuple[Any, ...], tuple[Tensor, Tensor | None]] | None = None
 
     def product_values(self) -> tuple[Tensor, Tensor | None]:
         """``(values, None)``, or where products would run through subnormal numbers (tiny
         eigenvalues, :mod:`~beyondgrad.linalg.normal_range`), the eigenvalues scaled into the
-        normal range and the scales ``[G]`` to multiply a product by."""
-        if self._scaled is None:
+        normal range and the scales ``[G]`` (float64 where the dtype cannot hold them) to
+        multiply a product by. Made again when the values were replaced or changed in place."""
+        key = _identity(self.values)
+        if self._scaled is None or self._scaled[0] != key:
             found = normal_range.scaled_factors(self.values)
-            self._scaled = (self.values, None) if found is None else (found[0][0], found[1])
-        return self._scaled
+            made = (self.values, None) if found is None else (found[0][0], found[1])
+            self._scaled = (key, made)
+        return self._scaled[1]
 
     def _matmat(self, M: Tensor) -> Tensor:
         values, scale = self.product_values()
@@ -296,18 +304,21 @@ class Kronecker(StructuredOperator):
         G, r, c = self.left.shape[0], self.left.shape[-1], self.right.shape[-1]
         super().__init__((G * r * c,) * 2, left.dtype, left.device)  # type: ignore[arg-type]
         self._eigen: KroneckerEigen | None = None
-        self._factors: tuple[Tensor, Tensor, Tensor | None] | None = None
+        self._factors: tuple[tuple[Any, ...], tuple[Tensor, Tensor, Tensor | None]] | None = None
 
     def product_factors(self) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``(L, R, scale)`` with ``L kron R = scale * (self.left kron self.right)`` per group:
-        the factors themselves and ``None``, or where products with them would reach the
-        subnormal range, copies scaled into the normal range and the scales ``[G]``."""
-        if self._factors is None:
+        """``(L, R, scale)`` with ``self.left kron self.right = scale * (L kron R)`` per group
+        (up to the entries below :func:`~beyondgrad.linalg.normal_range.zeroed_below` of the
+        largest): the factors themselves and ``None``, or where products with them would reach
+        the subnormal range, copies scaled into the normal range and the scales ``[G]`` (float64
+        where the dtype cannot hold them). Made again when a factor was replaced or changed in
+        place."""
+        key = _identity(self.left, self.right)
+        if self._factors is None or self._factors[0] != key:
             found = normal_range.scaled_factors(self.left, self.right)
-            self._factors = (
-                (self.left, self.right, None) if found is None else (*found[0], found[1])
-            )
-        return self._factors
+            made = (self.left, self.right, None) if found is None else (*found[0], found[1])
+            self._factors = (key, made)
+        return self._factors[1]
 
     def _matmat(self, M: Tensor) -> Tensor:
         G, r, c = self.left.shape[0], self.left.shape[-1], self.right.shape[-1]
