@@ -23,7 +23,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -80,12 +79,7 @@ def child(mode: str, problems: list[str], threads: int) -> dict[str, float]:
         for name, (call, n) in _cells(problem).items():
             for _ in range(2):
                 call()
-            samples = []
-            for _ in range(5):
-                t0 = time.perf_counter()
-                for _ in range(n):
-                    call()
-                samples.append((time.perf_counter() - t0) / n * 1e3)
+            samples = [h.time_sample(call, n, "cpu") * 1e3 for _ in range(5)]
             out[f"{problem}|{name}"] = statistics.median(samples)
     return out
 

@@ -193,9 +193,24 @@ def _grouped(t: Tensor) -> Tensor:
     return t if t.ndim == 3 else t[None]
 
 
-def _identity(*tensors: Tensor) -> tuple[Any, ...]:
-    """Which tensors these are and how often each was changed in place (a cache key)."""
-    return tuple((id(t), t._version) for t in tensors)
+_Stamp = tuple[tuple[Tensor, ...], tuple[object, ...]]
+
+
+def _stamp(*tensors: Tensor) -> _Stamp:
+    """The tensors and their in-place version counters: a cache key for what is derived from
+    them (an inference tensor has no counter: a fresh object, equal to nothing)."""
+    versions: list[object] = []
+    for t in tensors:
+        try:
+            versions.append(t._version)
+        except RuntimeError:
+            versions.append(object())
+    return tensors, tuple(versions)
+
+
+def _same_stamp(a: _Stamp, b: _Stamp) -> bool:
+    """Whether two stamps name the same tensors, unchanged in between."""
+    return all(x is y for x, y in zip(a[0], b[0])) and a[1] == b[1]
 
 
 class KroneckerEigen(StructuredOperator):
@@ -214,15 +229,15 @@ class KroneckerEigen(StructuredOperator):
         self.values = _grouped(values)
         n = self.values.numel()
         super().__init__((n, n), values.dtype, values.device)
-        self._scaled: tuple[tuple[Any, ...], tuple[Tensor, Tensor | None]] | None = None
+        self._scaled: tuple[_Stamp, tuple[Tensor, Tensor | None]] | None = None
 
     def product_values(self) -> tuple[Tensor, Tensor | None]:
         """``(values, None)``, or where products would run through subnormal numbers (tiny
         eigenvalues, :mod:`~beyondgrad.linalg.normal_range`), the eigenvalues scaled into the
         normal range and the scales ``[G]`` (float64 where the dtype cannot hold them) to
         multiply a product by. Made again when the values were replaced or changed in place."""
-        key = _identity(self.values)
-        if self._scaled is None or self._scaled[0] != key:
+        key = _stamp(self.values)
+        if self._scaled is None or not _same_stamp(self._scaled[0], key):
             found = normal_range.scaled_factors(self.values)
             made = (self.values, None) if found is None else (found[0][0], found[1])
             self._scaled = (key, made)
@@ -304,7 +319,7 @@ class Kronecker(StructuredOperator):
         G, r, c = self.left.shape[0], self.left.shape[-1], self.right.shape[-1]
         super().__init__((G * r * c,) * 2, left.dtype, left.device)  # type: ignore[arg-type]
         self._eigen: KroneckerEigen | None = None
-        self._factors: tuple[tuple[Any, ...], tuple[Tensor, Tensor, Tensor | None]] | None = None
+        self._factors: tuple[_Stamp, tuple[Tensor, Tensor, Tensor | None]] | None = None
 
     def product_factors(self) -> tuple[Tensor, Tensor, Tensor | None]:
         """``(L, R, scale)`` with ``self.left kron self.right = scale * (L kron R)`` per group
@@ -313,8 +328,8 @@ class Kronecker(StructuredOperator):
         the subnormal range, copies scaled into the normal range and the scales ``[G]`` (float64
         where the dtype cannot hold them). Made again when a factor was replaced or changed in
         place."""
-        key = _identity(self.left, self.right)
-        if self._factors is None or self._factors[0] != key:
+        key = _stamp(self.left, self.right)
+        if self._factors is None or not _same_stamp(self._factors[0], key):
             found = normal_range.scaled_factors(self.left, self.right)
             made = (self.left, self.right, None) if found is None else (*found[0], found[1])
             self._factors = (key, made)
