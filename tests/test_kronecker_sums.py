@@ -157,3 +157,69 @@ def test_conv_type2_kfac_is_unchanged_by_the_batched_output_gram(monkeypatch):
     for name in ref:
         torch.testing.assert_close(got[name].A, ref[name].A, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(got[name].B, ref[name].B, rtol=1e-12, atol=1e-14)
+
+
+def _subnormals(t: torch.Tensor) -> int:
+    a = t.abs()
+    return int(((a > 0) & (a < torch.finfo(t.dtype).tiny)).sum())
+
+
+def test_tiny_output_gradients_are_scaled_by_a_power_of_two_before_their_gram():
+    """float32 output gradients of largest magnitude ~1e-13 (a confident classifier's): the
+    Gram is formed from the gradients scaled by a power of two and scaled back. Where no
+    product underflows the result is bit-identical to the plain Gram (powers of two round
+    nothing); entries down to 1e-30, whose plain products are subnormal, give a product on
+    normal numbers only; entries down to the subnormal range agree with float64."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Operands(TorchDispatchMode):
+        seen = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func._overloadpacket in (torch.ops.aten.mm, torch.ops.aten.bmm):
+                Operands.seen += sum(_subnormals(t) for t in (*args[:2], out)) + 1
+            return out
+
+    gen = torch.Generator().manual_seed(0)
+    clean = (torch.rand(64, 40, generator=gen, dtype=torch.float64) + 0.5) * 1e-13
+    plain = kronecker._gram(clean.float())
+    assert torch.equal(kronecker._output_gram(kronecker._gram, clean.float()), plain)
+    G = (clean * torch.logspace(0, -17, 40, dtype=torch.float64)).float()  # down to 1e-30
+    with Operands():
+        kronecker._gram(G)
+    assert Operands.seen > 1  # the plain product runs through subnormal results
+    Operands.seen = 0
+    with Operands():
+        B = kronecker._output_gram(kronecker._gram, G)
+    assert Operands.seen == 1  # one product, no subnormal operand or result
+    ref = G.double().T @ G.double()
+    assert (B.double() - ref).norm() <= 1e-6 * ref.norm()
+    G = (clean * torch.logspace(0, -32, 40, dtype=torch.float64)).float()  # down to 1e-45
+    assert _subnormals(G) > 0
+    B = kronecker._output_gram(kronecker._gram, G)
+    ref = G.double().T @ G.double()
+    assert (B.double() - ref).norm() <= 1e-6 * ref.norm()
+    ordinary = torch.randn(8, 5, generator=gen)
+    assert kronecker._output_gram(lambda t: t, ordinary) is ordinary  # no copy, no scaling
+    bad = torch.full((4, 3), 1e-30)
+    bad[0, 0] = float("nan")
+    assert kronecker._output_gram(kronecker._gram, bad).isnan().any()  # left to the checks
+
+
+def test_kfac_of_a_confident_classifier_in_float32_matches_float64():
+    """End to end: KFAC (type-2) of a classifier whose softmax puts probabilities below
+    1e-38, computed in float32 (its output-gradient Grams scaled), agrees with float64."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 5))
+    with torch.no_grad():
+        model[2].weight.mul_(400.0)
+    X, y = torch.randn(32, 6), torch.randint(0, 5, (32,))
+    prob = model(X).softmax(1)
+    assert bool(((prob > 0) & (prob < torch.finfo(prob.dtype).tiny)).any())
+    q = bg.KFAC(fisher_type="type-2")
+    r32 = bg.compute(model, nn.CrossEntropyLoss(), X, y, q)
+    r64 = bg.compute(model.double(), nn.CrossEntropyLoss(), X.double(), y, q)
+    for name in ("0", "2"):
+        B32, B64 = r32[q][name].B, r64[q][name].B
+        assert (B32.double() - B64).norm() <= 1e-5 * B64.norm()

@@ -14,6 +14,8 @@ trainable bias (the last row/column of ``A``).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -155,6 +157,40 @@ def _channel_gram(G: Tensor) -> Tensor:
     return out
 
 
+TINY_GRADIENTS = 2.0**-20
+"""Output gradients whose largest magnitude is below this (CPU, float32/bfloat16) are scaled
+by a power of two before their Gram matrix is formed (:func:`_output_gram`)."""
+
+
+def _times_power_of_two_(t: Tensor, exponent: int) -> Tensor:
+    """``t *= 2**exponent`` in place, in steps whose factor is a normal float32 number."""
+    while exponent:
+        step = max(-100, min(100, exponent))
+        t.mul_(2.0**step)
+        exponent -= step
+    return t
+
+
+def _output_gram(gram: Callable[[Tensor], Tensor], G: Tensor) -> Tensor:
+    """``gram(G)`` for output gradients ``G``; on CPU in float32/bfloat16, where ``G``'s
+    largest magnitude ``m`` is below :data:`TINY_GRADIENTS`, ``gram(2^-k G) 4^k`` with ``2^k
+    <= m < 2^(k+1)``. Scaling by a power of two rounds nothing, so the result is the same but
+    for products that would otherwise underflow into subnormal floats, which x86 CPUs compute
+    in microcode: the output gradients of a confident classifier (the benchmarks'
+    transformer, largest entries ~1e-13: its fc1 output-gradient Gram 71.9 -> 2.2 ms, qkv 35.6
+    -> 0.9 ms; Intel Xeon, 2 threads)."""
+    if G.device.type != "cpu" or G.dtype not in (torch.float32, torch.bfloat16) or not G.numel():
+        return gram(G)
+    if float(G[(0,) * (G.ndim - 1)].abs().amax()) >= TINY_GRADIENTS:  # one row: not tiny
+        return gram(G)  # (the common case decided for ~5 us, not a pass over G)
+    low, high = torch.aminmax(G)  # one pass, no |G| copy (a third of abs().amax()'s time)
+    m = max(-float(low), float(high))
+    if not 0.0 < m < TINY_GRADIENTS:  # also inf and NaN: left to the finiteness checks
+        return gram(G)
+    k = math.floor(math.log2(m))
+    return _times_power_of_two_(gram(_times_power_of_two_(G.clone(), -k)), 2 * k)
+
+
 def _augmented_gram(rows: Tensor, bias: bool) -> Tensor:
     """The Gram matrix of ``rows`` ``[..., D]`` augmented by a constant 1 column when ``bias``,
     without forming the augmented copy: the Gram matrix is written into the top-left block of
@@ -176,8 +212,9 @@ def _stats(A_in: Tensor, G: Tensor, approx: str, bias: bool) -> KronStats:
     """``A_in`` ``[N, S, I]``, ``G`` ``[K, N, S, O]`` (one group)."""
     N, S, _ = A_in.shape
     if approx == "expand" or S == 1:  # one position: reduce is expand (no mean/sum copies)
-        return KronStats(_augmented_gram(A_in, bias)[None], N * S, _gram(G)[None])
-    return KronStats(_augmented_gram(A_in.mean(1), bias)[None], N, _gram(G.sum(2))[None])
+        return KronStats(_augmented_gram(A_in, bias)[None], N * S, _output_gram(_gram, G)[None])
+    B = _output_gram(_gram, G.sum(2))
+    return KronStats(_augmented_gram(A_in.mean(1), bias)[None], N, B[None])
 
 
 def linear_kron_sums(
@@ -215,14 +252,14 @@ def conv_kron(
         G_first = g.reshape(vectors * N, Gr, F_out // Gr, -1)  # channels first: [K N, Gr, F, P]
         for gr in range(Gr):
             A_sums.append(_augmented_gram(U[:, gr], bias))
-            B_sums.append(_channel_gram(G_first[:, gr]))
+            B_sums.append(_output_gram(_channel_gram, G_first[:, gr]))
     else:  # index patterns summed over the output axis: the unfolded input is never formed
         abar = averaged_patches(x, module.kernel_size, module.stride, 0, module.dilation)
         abar = abar.reshape(N, Gr, -1)
         count = N
         for gr in range(Gr):
             A_sums.append(_augmented_gram(abar[:, gr], bias))
-            B_sums.append(_gram(G[gr].sum(2)))
+            B_sums.append(_output_gram(_gram, G[gr].sum(2)))
     return KronStats(torch.stack(A_sums), count, torch.stack(B_sums))
 
 
@@ -270,9 +307,10 @@ def embedding_kron(
         count = index.numel() if keep is None else int(keep.sum())
         used = index.reshape(-1) if keep is None else index[keep]
         counts = torch.bincount(used, minlength=V).to(g.dtype)
-        return KronStats(torch.diag(counts)[None], count, _gram(G)[None], "A kron B")
+        return KronStats(torch.diag(counts)[None], count, _output_gram(_gram, G)[None], "A kron B")
     onehot = F.one_hot(index, V).to(g.dtype)
     if keep is not None:
         onehot = onehot * keep.unsqueeze(-1).to(g.dtype)
     onehot_mean = onehot.mean(1)  # [N, V]
-    return KronStats(_gram(onehot_mean)[None], N, _gram(G.sum(2))[None], "A kron B")
+    B = _output_gram(_gram, G.sum(2))
+    return KronStats(_gram(onehot_mean)[None], N, B[None], "A kron B")
