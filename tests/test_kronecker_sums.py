@@ -200,9 +200,9 @@ def test_tiny_output_gradients_are_scaled_by_a_power_of_two_before_their_gram():
     B = kronecker._output_gram(kronecker._gram, G)
     ref = G.double().T @ G.double()
     assert (B.double() - ref).norm() <= 1e-6 * ref.norm()
-    ordinary = torch.randn(8, 5, generator=gen)
+    ordinary = torch.randn(8, 5, generator=gen, dtype=torch.float32)
     assert kronecker._output_gram(lambda t: t, ordinary) is ordinary  # no copy, no scaling
-    bad = torch.full((4, 3), 1e-30)
+    bad = torch.full((4, 3), 1e-30, dtype=torch.float32)
     bad[0, 0] = float("nan")
     assert kronecker._output_gram(kronecker._gram, bad).isnan().any()  # left to the checks
 
@@ -211,10 +211,10 @@ def test_kfac_of_a_confident_classifier_in_float32_matches_float64():
     """End to end: KFAC (type-2) of a classifier whose softmax puts probabilities below
     1e-38, computed in float32 (its output-gradient Grams scaled), agrees with float64."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 5))
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 5)).float()
     with torch.no_grad():
         model[2].weight.mul_(400.0)
-    X, y = torch.randn(32, 6), torch.randint(0, 5, (32,))
+    X, y = torch.randn(32, 6, dtype=torch.float32), torch.randint(0, 5, (32,))
     prob = model(X).softmax(1)
     assert bool(((prob > 0) & (prob < torch.finfo(prob.dtype).tiny)).any())
     q = bg.KFAC(fisher_type="type-2")

@@ -307,8 +307,10 @@ def test_scaling_keeps_results_that_the_plain_products_get_right():
     Linf[0, 0, 0] = float("inf")
     assert not normal_range.needs_scaling(Linf, Linf)
     K = Kronecker(L.clone() * 1e-30, R.clone() * 1e-12)
-    v = torch.ones(12, 1)
+    v = torch.ones(12, 1, dtype=torch.float32)
     before = K @ v
     K.left.mul_(2.0)
     torch.testing.assert_close(K @ v, 2 * before)
-    assert normal_range.scaled_to_unit_max(torch.zeros(1, 3, 3))[1].item() == 1.0
+    assert (
+        normal_range.scaled_to_unit_max(torch.zeros(1, 3, 3, dtype=torch.float32))[1].item() == 1.0
+    )
